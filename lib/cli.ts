@@ -1,0 +1,356 @@
+/**
+ * shoal's command line: parse flags into a validated config, then start one role or run
+ * one admin command. `main` is exported so a team's own entry file can register its
+ * tasks and compile its own binary (see examples/).
+ *
+ * @module
+ */
+import {
+  COMMON,
+  CONSUMER,
+  type OptionName,
+  OPTIONS,
+  type OptionValue,
+  parseCommandLine,
+  type ParsedArgs,
+  resolveOptions,
+  UsageError,
+} from "./config.ts";
+import { runConsumer } from "./consumer.ts";
+import { connect, isConnectionError, redactUrl, type Sql } from "./db.ts";
+import { listDead, purgeDead, retryDead } from "./dead.ts";
+import { runDev } from "./dev.ts";
+import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
+import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
+import { enqueue } from "./queue.ts";
+import { formatStatus, status } from "./status.ts";
+import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
+
+export interface MainOptions {
+  /** Tasks to register beside the built-ins. */
+  tasks?: AnyTask[];
+}
+
+const USAGE = `shoal: a Postgres-native task queue
+
+Usage:
+  shoal --role consumer|all [--queues a,b] [--concurrency N] [--migrate] ...
+  shoal migrate
+  shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
+  shoal status [--json]
+  shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D]
+  shoal dev [--dir .shoal]
+
+Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
+`;
+
+function usage(): string {
+  const lines = Object.entries(OPTIONS).map(([name, spec]) => {
+    const def = "default" in spec ? ` (default ${spec.default})` : "";
+    return `  --${name.padEnd(20)} ${spec.help}${def}`;
+  });
+  return USAGE + lines.join("\n") + "\n";
+}
+
+const out = (text: string) => Deno.stdout.writeSync(new TextEncoder().encode(text));
+const err = (text: string) => Deno.stderr.writeSync(new TextEncoder().encode(text));
+
+/** Run shoal with these arguments; resolves to the process exit code. */
+export async function main(args: string[], options: MainOptions = {}): Promise<number> {
+  let parsed: ParsedArgs;
+  try {
+    parsed = parseCommandLine(args);
+    if (parsed.flags.help) {
+      out(usage());
+      return 0;
+    }
+    return await dispatch(parsed, new TaskRegistry([...builtinTasks(), ...(options.tasks ?? [])]));
+  } catch (error) {
+    if (error instanceof UsageError) {
+      err(`shoal: ${error.message}\n`);
+      return 2;
+    }
+    err(`shoal: ${describeFailure(error)}\n`);
+    return 1;
+  }
+}
+
+function describeFailure(error: unknown): string {
+  if (error instanceof Error && !(error as { code?: string }).code) return error.message;
+  return describeError(error);
+}
+
+async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
+  const [command, ...rest] = parsed.positionals;
+  if (command === undefined) {
+    if (parsed.flags.role === undefined) {
+      throw new UsageError("Nothing to do: give --role or a command (shoal --help lists them)");
+    }
+    return await roleCommand(parsed, tasks);
+  }
+  switch (command) {
+    case "migrate":
+      noExtra(command, rest);
+      return await withDb(command, parsed, [], async (sql) => {
+        const applied = await migrate(sql, await loadMigrations());
+        out(
+          applied.length ? `Applied migrations: ${applied.join(", ")}\n` : "Schema is up to date\n",
+        );
+        return 0;
+      });
+    case "enqueue":
+      noExtra(command, rest);
+      return await enqueueCommand(parsed, tasks);
+    case "status":
+      noExtra(command, rest);
+      return await withDb(command, parsed, ["json"], async (sql, opts) => {
+        await checkSchema(sql, await loadMigrations());
+        const s = await status(sql);
+        out(opts.json ? JSON.stringify(s, null, 2) + "\n" : formatStatus(s));
+        return 0;
+      });
+    case "dead":
+      return await deadCommand(parsed, rest);
+    case "dev":
+      noExtra(command, rest);
+      return await devCommand(parsed, tasks);
+    default:
+      throw new UsageError(`Unknown command "${command}" (shoal --help lists them)`);
+  }
+}
+
+function noExtra(command: string, rest: string[]): void {
+  if (rest.length > 0) throw new UsageError(`shoal ${command} takes no argument "${rest[0]}"`);
+}
+
+type Resolved = Record<string, OptionValue>;
+
+async function setup(command: string, parsed: ParsedArgs, extra: readonly OptionName[]) {
+  const opts: Resolved = resolveOptions(command, parsed, [...COMMON, ...extra]);
+  await setupLogging({
+    level: opts["log-level"] as "info",
+    format: opts["log-format"] as LogFormat,
+  });
+  return opts;
+}
+
+/** Open the database for one command, turning connection failures into one clear line. */
+async function withDb(
+  command: string,
+  parsed: ParsedArgs,
+  extra: readonly OptionName[],
+  run: (sql: Sql, opts: Resolved) => Promise<number>,
+  applicationName = `shoal ${command}`,
+): Promise<number> {
+  const opts = await setup(command, parsed, extra);
+  const url = opts["database-url"];
+  if (typeof url !== "string") {
+    throw new UsageError("No database: set DATABASE_URL or pass --database-url");
+  }
+  const sql = connect(url, {
+    applicationName,
+    prepare: opts.prepare as boolean,
+    max: typeof opts.concurrency === "number" ? Math.min(20, opts.concurrency + 2) : 4,
+  });
+  try {
+    return await run(sql, opts);
+  } catch (error) {
+    if (isConnectionError(error)) {
+      throw new Error(`Cannot reach the database at ${redactUrl(url)}: ${describeError(error)}`, {
+        cause: error,
+      });
+    }
+    throw error;
+  } finally {
+    await sql.end({ timeout: 5 });
+  }
+}
+
+async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
+  const extra = [
+    "task",
+    "queue",
+    "payload",
+    "run-at",
+    "priority",
+    "key",
+    "fairness-key",
+    "max-attempts",
+    "max-payload",
+  ] as const;
+  return await withDb("enqueue", parsed, extra, async (sql, opts) => {
+    const name = opts.task as string | undefined;
+    if (!name) throw new UsageError("shoal enqueue needs --task");
+    let payload: unknown;
+    try {
+      payload = JSON.parse(opts.payload as string);
+    } catch (error) {
+      throw new UsageError(`Invalid --payload: not JSON: ${(error as Error).message}`);
+    }
+    let runAt: Date | undefined;
+    if (opts["run-at"] !== undefined) {
+      runAt = new Date(opts["run-at"] as string);
+      if (Number.isNaN(runAt.getTime())) {
+        throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
+      }
+    }
+    const task = tasks.get(name);
+    let id: string;
+    try {
+      id = await enqueue(sql, name, payload as Record<string, unknown>, {
+        queue: (opts.queue as string | undefined) ?? task?.queue,
+        runAt,
+        priority: opts.priority as number,
+        key: opts.key as string | undefined,
+        fairnessKey: opts["fairness-key"] as string | undefined,
+        maxAttempts: (opts["max-attempts"] as number | undefined) ?? task?.maxAttempts,
+        maxPayloadBytes: opts["max-payload"] as number,
+      });
+    } catch (error) {
+      if (error instanceof TypeError || error instanceof RangeError) {
+        throw new UsageError(error.message);
+      }
+      throw error;
+    }
+    out(`${id}\n`);
+    return 0;
+  });
+}
+
+async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
+  const [sub, ...args] = rest;
+  switch (sub) {
+    case "list":
+      noExtra("dead list", args);
+      return await withDb("dead list", parsed, ["queue", "limit", "json"], async (sql, opts) => {
+        const rows = await listDead(sql, {
+          queue: opts.queue as string | undefined,
+          limit: opts.limit as number,
+        });
+        if (opts.json) out(JSON.stringify(rows, null, 2) + "\n");
+        else if (rows.length === 0) out("No dead jobs\n");
+        else {
+          for (const r of rows) {
+            out(
+              `${r.id}  ${r.queue}  ${r.task}  attempts ${r.attempts}  died ${r.died_at.toISOString()}  ${r.reason}\n`,
+            );
+          }
+        }
+        return 0;
+      });
+    case "retry": {
+      if (args.length !== 1 || !/^\d+$/.test(args[0]!)) {
+        throw new UsageError("shoal dead retry takes one job id");
+      }
+      return await withDb("dead retry", parsed, [], async (sql) => {
+        const outcome = await retryDead(sql, args[0]!);
+        if (outcome === "not_found") {
+          err(`shoal: No dead job ${args[0]}\n`);
+          return 1;
+        }
+        if (outcome === "duplicate") {
+          err(`shoal: Dead job ${args[0]} not retried: a live job holds its dedupe key\n`);
+          return 1;
+        }
+        out(`Retried job ${args[0]}\n`);
+        return 0;
+      });
+    }
+    case "purge":
+      noExtra("dead purge", args);
+      return await withDb("dead purge", parsed, ["queue", "older-than"], async (sql, opts) => {
+        const n = await purgeDead(sql, {
+          queue: opts.queue as string | undefined,
+          olderThanMs: opts["older-than"] as number | undefined,
+        });
+        out(`Purged ${n} dead jobs\n`);
+        return 0;
+      });
+    default:
+      throw new UsageError("shoal dead takes list, retry ID or purge");
+  }
+}
+
+/** Install SIGTERM/SIGINT handlers: the first aborts `stop`, the second exits at once. */
+function trapSignals(stop: AbortController): () => void {
+  const log = logger("signals");
+  const handlers: [Deno.Signal, () => void][] = (["SIGTERM", "SIGINT"] as const).map((sig) => [
+    sig,
+    () => {
+      if (!stop.signal.aborted) {
+        log.info("Received {signal}: shutting down (send it again to exit at once)", {
+          signal: sig,
+        });
+        stop.abort();
+      } else {
+        log.warn("Received {signal} again: exiting now", { signal: sig });
+        Deno.exit(sig === "SIGINT" ? 130 : 143);
+      }
+    },
+  ]);
+  for (const [sig, fn] of handlers) Deno.addSignalListener(sig, fn);
+  return () => {
+    for (const [sig, fn] of handlers) Deno.removeSignalListener(sig, fn);
+  };
+}
+
+/** Consumer options from resolved flags. */
+function consumerOptions(opts: Resolved) {
+  return {
+    queues: opts.queues as string[],
+    concurrency: opts.concurrency as number,
+    visibilityTimeoutMs: opts["visibility-timeout"] as number,
+    pollIntervalMs: opts["poll-interval"] as number,
+    listen: opts.listen as boolean,
+    shutdownGraceMs: opts["shutdown-grace"] as number,
+    taskTimeoutMs: opts["task-timeout"] as number,
+    maxPayloadBytes: opts["max-payload"] as number,
+  };
+}
+
+async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
+  const role = resolveOptions("--role", { positionals: [], flags: { role: parsed.flags.role } }, [
+    "role",
+  ]).role as string;
+  if (role === "reaper" || role === "scheduler") {
+    throw new UsageError(`The ${role} role is not available in this version of shoal yet`);
+  }
+  return await withDb(
+    `--role ${role}`,
+    parsed,
+    ["role", "migrate", ...CONSUMER],
+    async (sql, opts) => {
+      const migrations = await loadMigrations();
+      if (opts.migrate) await migrate(sql, migrations);
+      await checkSchema(sql, migrations);
+      const stop = new AbortController();
+      const untrap = trapSignals(stop);
+      try {
+        await runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
+      } finally {
+        untrap();
+      }
+      return 0;
+    },
+    `shoal ${role}`,
+  );
+}
+
+async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
+  const opts = await setup("dev", parsed, ["dir", ...CONSUMER]);
+  const stop = new AbortController();
+  const untrap = trapSignals(stop);
+  try {
+    await runDev({
+      tasks,
+      databaseUrl: opts["database-url"] as string | undefined,
+      dir: opts.dir as string,
+      prepare: opts.prepare as boolean,
+      consumer: consumerOptions(opts),
+      print: out,
+    }, stop.signal);
+  } finally {
+    untrap();
+  }
+  return 0;
+}

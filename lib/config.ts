@@ -1,0 +1,269 @@
+/**
+ * Command-line and environment configuration. Every option has one spec: its type,
+ * default and range. A value comes from the flag, else from `SHOAL_<NAME>` in the
+ * environment, else the default; the database from `--database-url` or `DATABASE_URL`.
+ * Anything malformed is a UsageError: one line on stderr and exit code 2.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { checkDatabaseUrl } from "./db.ts";
+import { parseDuration } from "./duration.ts";
+import { LOG_LEVELS } from "./log.ts";
+import { NAME_PATTERN } from "./names.ts";
+
+/** A bad flag, value or environment variable: reported in one line, exit code 2. */
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+type Kind = "string" | "int" | "duration" | "list" | "boolean" | "name" | "names";
+
+interface OptionSpec {
+  kind: Kind;
+  /** The default as a user would write it. */
+  default?: string;
+  min?: number;
+  max?: number;
+  choices?: readonly string[];
+  /** Read from this variable instead of SHOAL_<NAME>; null: flag only. */
+  env?: string | null;
+  help: string;
+}
+
+export const OPTIONS = {
+  "database-url": { kind: "string", env: "DATABASE_URL", help: "postgres:// URL of the database" },
+  role: {
+    kind: "string",
+    choices: ["consumer", "reaper", "scheduler", "all"],
+    help: "what this process does",
+  },
+  queues: { kind: "names", default: "default", help: "comma-separated queues to consume" },
+  concurrency: { kind: "int", default: "10", min: 1, max: 10_000, help: "jobs run at once" },
+  "visibility-timeout": {
+    kind: "duration",
+    default: "30s",
+    min: 100,
+    help: "a claimed job is redelivered after this unless heartbeated",
+  },
+  "poll-interval": {
+    kind: "duration",
+    default: "2s",
+    min: 10,
+    help: "look for jobs at least this often (LISTEN wakes sooner)",
+  },
+  listen: {
+    kind: "boolean",
+    default: "true",
+    help: "LISTEN for new jobs (--no-listen for PgBouncer)",
+  },
+  prepare: {
+    kind: "boolean",
+    default: "true",
+    help: "named prepared statements (--no-prepare for PgBouncer transaction mode)",
+  },
+  "shutdown-grace": {
+    kind: "duration",
+    default: "25s",
+    min: 0,
+    help: "on SIGTERM, wait this long for running jobs before releasing them",
+  },
+  "task-timeout": {
+    kind: "duration",
+    default: "15m",
+    min: 1,
+    help: "abort a handler after this long unless its task sets a timeout",
+  },
+  "max-payload": {
+    kind: "int",
+    default: "1048576",
+    min: 2,
+    max: 256 * 1024 * 1024,
+    help: "largest payload in bytes accepted at enqueue",
+  },
+  migrate: { kind: "boolean", default: "false", help: "apply pending migrations at start" },
+  "log-level": {
+    kind: "string",
+    default: "info",
+    choices: LOG_LEVELS,
+    help: "least severe level logged",
+  },
+  "log-format": {
+    kind: "string",
+    default: "json",
+    choices: ["json", "pretty"],
+    help: "log line format",
+  },
+  json: { kind: "boolean", default: "false", env: null, help: "print JSON for scripts" },
+  task: { kind: "name", env: null, help: "task name" },
+  queue: { kind: "name", env: null, help: "queue name" },
+  payload: { kind: "string", default: "{}", env: null, help: "JSON object passed to the handler" },
+  "run-at": {
+    kind: "string",
+    env: null,
+    help: "ISO 8601 instant before which the job does not run",
+  },
+  priority: {
+    kind: "int",
+    default: "0",
+    min: -32767,
+    max: 32767,
+    env: null,
+    help: "higher runs first",
+  },
+  key: { kind: "string", env: null, help: "dedupe key" },
+  "fairness-key": { kind: "string", env: null, help: "share the queue fairly across these" },
+  "max-attempts": { kind: "int", min: 1, max: 1000, env: null, help: "runs before dead-lettering" },
+  limit: { kind: "int", default: "100", min: 1, max: 100_000, env: null, help: "rows to show" },
+  "older-than": { kind: "duration", env: null, help: "only rows older than this" },
+  dir: { kind: "string", default: ".shoal", help: "where shoal dev keeps its database" },
+  help: { kind: "boolean", default: "false", env: null, help: "show help" },
+} as const satisfies Record<string, OptionSpec>;
+
+export type OptionName = keyof typeof OPTIONS;
+export type OptionValue = string | number | boolean | string[] | undefined;
+
+function envName(name: OptionName): string | null {
+  const spec: OptionSpec = OPTIONS[name];
+  if (spec.env === null) return null;
+  return spec.env ?? `SHOAL_${name.toUpperCase().replaceAll("-", "_")}`;
+}
+
+function convert(name: OptionName, raw: string, source: string): OptionValue {
+  const spec: OptionSpec = OPTIONS[name];
+  const bad = (why: string) => new UsageError(`Invalid ${source}: ${why}`);
+  switch (spec.kind) {
+    case "string":
+      if (spec.choices && !spec.choices.includes(raw)) {
+        throw bad(`"${raw}" is not one of ${spec.choices.join(", ")}`);
+      }
+      return raw;
+    case "boolean": {
+      const v = raw.toLowerCase();
+      if (["1", "true", "yes", "on"].includes(v)) return true;
+      if (["0", "false", "no", "off"].includes(v)) return false;
+      throw bad(`"${raw}" is not true or false`);
+    }
+    case "int": {
+      if (!/^-?\d+$/.test(raw.trim())) throw bad(`"${raw}" is not an integer`);
+      const n = Number(raw);
+      if (spec.min !== undefined && n < spec.min) throw bad(`${n} is below ${spec.min}`);
+      if (spec.max !== undefined && n > spec.max) throw bad(`${n} is above ${spec.max}`);
+      return n;
+    }
+    case "duration": {
+      let ms: number;
+      try {
+        ms = parseDuration(raw);
+      } catch (error) {
+        throw bad((error as Error).message);
+      }
+      if (spec.min !== undefined && ms < spec.min) throw bad(`${raw} is too short`);
+      return ms;
+    }
+    case "name":
+      if (!NAME_PATTERN.test(raw)) {
+        throw bad(`"${raw.slice(0, 140)}" is not a name (1 to 128 of letters, digits, _.:-)`);
+      }
+      return raw;
+    case "names":
+    case "list": {
+      const items = raw.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
+      if (items.length === 0) throw bad("the list is empty");
+      if (spec.kind === "names") {
+        for (const item of items) {
+          if (!NAME_PATTERN.test(item)) throw bad(`"${item.slice(0, 140)}" is not a name`);
+        }
+      }
+      return items;
+    }
+  }
+}
+
+export interface ParsedArgs {
+  positionals: string[];
+  /** Values given on the command line, unconverted. */
+  flags: Partial<Record<OptionName, string | boolean>>;
+}
+
+/** Split argv strictly: an unknown flag or a flag missing its value is a UsageError. */
+export function parseCommandLine(args: string[]): ParsedArgs {
+  const options: Record<string, { type: "string" | "boolean" }> = {};
+  for (const [name, spec] of Object.entries(OPTIONS) as [OptionName, OptionSpec][]) {
+    options[name] = { type: spec.kind === "boolean" ? "boolean" : "string" };
+    if (spec.kind === "boolean" && spec.default === "true") {
+      options[`no-${name}`] = { type: "boolean" };
+    }
+  }
+  let parsed;
+  try {
+    parsed = parseArgs({ args, options, strict: true, allowPositionals: true });
+  } catch (error) {
+    throw new UsageError((error as Error).message.split("\n")[0]!.replace(/\. To specify.*$/, ""));
+  }
+  const flags: ParsedArgs["flags"] = {};
+  for (const [key, value] of Object.entries(parsed.values)) {
+    if (key.startsWith("no-") && !(key in OPTIONS)) {
+      flags[key.slice(3) as OptionName] = !value;
+    } else flags[key as OptionName] = value as string | boolean;
+  }
+  return { positionals: parsed.positionals, flags };
+}
+
+/**
+ * Resolve the options a command accepts: flag, else environment, else default. A flag
+ * the command does not take is a UsageError; irrelevant environment variables are ignored.
+ */
+export function resolveOptions<N extends OptionName>(
+  command: string,
+  parsed: ParsedArgs,
+  accepted: readonly N[],
+  env: { get(name: string): string | undefined } = Deno.env,
+): Record<N, OptionValue> {
+  for (const name of Object.keys(parsed.flags) as OptionName[]) {
+    if (name !== "help" && !(accepted as readonly string[]).includes(name)) {
+      throw new UsageError(`Invalid flag --${name}: shoal ${command} does not take it`);
+    }
+  }
+  const result = {} as Record<N, OptionValue>;
+  for (const name of accepted) {
+    const spec: OptionSpec = OPTIONS[name];
+    const flag = parsed.flags[name];
+    const variable = envName(name);
+    const fromEnv = variable ? env.get(variable) : undefined;
+    if (flag !== undefined) {
+      result[name] = typeof flag === "boolean"
+        ? (spec.kind === "boolean" ? flag : undefined)
+        : convert(name, flag, `--${name}`);
+      if (typeof flag === "boolean" && spec.kind !== "boolean") {
+        throw new UsageError(`Invalid --${name}: a value is required`);
+      }
+    } else if (fromEnv !== undefined && fromEnv !== "") {
+      result[name] = convert(name, fromEnv, variable!);
+    } else if (spec.default !== undefined) {
+      result[name] = convert(name, spec.default, `default of --${name}`);
+    } else result[name] = undefined;
+  }
+  if ("database-url" in result && typeof result["database-url" as N] === "string") {
+    try {
+      checkDatabaseUrl(result["database-url" as N] as string);
+    } catch (error) {
+      throw new UsageError((error as Error).message);
+    }
+  }
+  return result;
+}
+
+/** The flags every command that talks to the database takes. */
+export const COMMON = ["database-url", "log-level", "log-format", "prepare"] as const;
+/** The consumer's flags. */
+export const CONSUMER = [
+  "queues",
+  "concurrency",
+  "visibility-timeout",
+  "poll-interval",
+  "listen",
+  "shutdown-grace",
+  "task-timeout",
+  "max-payload",
+] as const;

@@ -1,0 +1,394 @@
+/**
+ * The consumer role: claim jobs from named queues into free slots, run their handlers,
+ * ack, retry, dead-letter; heartbeat what runs; hand everything back on shutdown.
+ *
+ * The loop claims as many jobs as it has free slots in one statement, then sleeps until
+ * a NOTIFY for one of its queues, a freed slot (when the last claim was full), the poll
+ * interval, or the stop signal.
+ *
+ * @module
+ */
+import type { Sql } from "./db.ts";
+import { retryOnce } from "./db.ts";
+import { formatDuration } from "./duration.ts";
+import { describeError, logger } from "./log.ts";
+import {
+  ack,
+  backoffMs,
+  claim,
+  enqueue,
+  extend,
+  fail,
+  type Job,
+  type JobRef,
+  release,
+} from "./queue.ts";
+import { PermanentError, type TaskContext, type TaskRegistry } from "./tasks.ts";
+
+export interface ConsumerOptions {
+  queues: string[];
+  concurrency: number;
+  visibilityTimeoutMs: number;
+  pollIntervalMs: number;
+  /** LISTEN for enqueue notifications (off behind PgBouncer in transaction mode). */
+  listen: boolean;
+  shutdownGraceMs: number;
+  /** Timeout for tasks that do not set their own. */
+  taskTimeoutMs: number;
+  /** Who holds claims, for status and pg_stat_activity; host:pid by default. */
+  workerId?: string;
+  /** Backoff base for retries (attempt n waits about base × 2^(n-1)). */
+  retryBaseMs?: number;
+  maxPayloadBytes?: number;
+}
+
+export interface ConsumerDeps {
+  sql: Sql;
+  tasks: TaskRegistry;
+}
+
+/** One job in flight. */
+interface Running {
+  job: Job;
+  controller: AbortController;
+  /** Handed back at shutdown, or no longer ours: its outcome is discarded. */
+  settled: "running" | "released" | "lost";
+  done: Promise<void>;
+}
+
+/** Sleeps until woken, a timeout, or an abort. */
+class Waker {
+  #wake: (() => void) | null = null;
+  #pending = false;
+
+  wake(): void {
+    if (this.#wake) this.#wake();
+    else this.#pending = true;
+  }
+
+  wait(ms: number, signal: AbortSignal): Promise<void> {
+    if (this.#pending || signal.aborted) {
+      this.#pending = false;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", done);
+        this.#wake = null;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      signal.addEventListener("abort", done, { once: true });
+      this.#wake = done;
+    });
+  }
+}
+
+/**
+ * Acks finished jobs in batches: while one ack statement is in flight, the jobs that
+ * finish meanwhile wait and go together in the next one.
+ */
+class AckBatcher {
+  #pending: JobRef[] = [];
+  #flushing: Promise<void> | null = null;
+
+  constructor(private readonly sql: Sql) {}
+
+  add(ref: JobRef): void {
+    this.#pending.push(ref);
+    this.#flushing ??= this.#flush();
+  }
+
+  async #flush(): Promise<void> {
+    while (this.#pending.length > 0) {
+      const batch = this.#pending.splice(0);
+      try {
+        await retryOnce("ack", () => ack(this.sql, batch));
+      } catch (error) {
+        // The jobs stay claimed and are redelivered after their deadline (at-least-once).
+        logger("consumer").error("Cannot ack {count} jobs, they will be redelivered: {error}", {
+          count: batch.length,
+          error: describeError(error),
+        });
+      }
+    }
+    this.#flushing = null;
+  }
+
+  /** Resolves once every ack handed in so far has been sent. */
+  async drain(): Promise<void> {
+    while (this.#flushing) await this.#flushing;
+  }
+}
+
+class TimeoutError extends Error {
+  override name = "TimeoutError";
+}
+class ShutdownError extends Error {
+  override name = "ShutdownError";
+}
+class LeaseLostError extends Error {
+  override name = "LeaseLostError";
+}
+
+/** Settle with the handler, or reject as soon as the signal aborts (even if it never settles). */
+function raceAbort<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  work.catch(() => {}); // a rejection after the abort won the race is already accounted for
+  return new Promise<T>((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason);
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    work.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+export function defaultWorkerId(): string {
+  return `${Deno.hostname()}:${Deno.pid}`;
+}
+
+/**
+ * Run the consumer until `stop` aborts, then shut down gracefully: stop claiming, give
+ * in-flight handlers `shutdownGraceMs` to finish, abort and release the rest (visible
+ * now, attempt not burned), flush acks. The caller closes the pool.
+ */
+export async function runConsumer(
+  deps: ConsumerDeps,
+  options: ConsumerOptions,
+  stop: AbortSignal,
+): Promise<void> {
+  const { sql, tasks } = deps;
+  const log = logger("consumer");
+  const workerId = options.workerId ?? defaultWorkerId();
+  const queues = new Set(options.queues);
+  const running = new Map<string, Running>();
+  const acks = new AckBatcher(sql);
+  const waker = new Waker();
+  let lastClaimFull = false;
+
+  const finish = (r: Running) => {
+    running.delete(r.job.id);
+    if (lastClaimFull) waker.wake();
+  };
+
+  async function settle(r: Running, error: unknown | null): Promise<void> {
+    if (r.settled !== "running") return;
+    const ref = { id: r.job.id, token: r.job.token };
+    if (error === null) {
+      acks.add(ref);
+      return;
+    }
+    const permanent = error instanceof PermanentError;
+    const message = error instanceof TimeoutError ? error.message : describeError(error);
+    try {
+      const outcome = await retryOnce(
+        "fail",
+        () =>
+          fail(sql, ref, {
+            error: message,
+            permanent,
+            retryInMs: backoffMs(r.job.attempts, options.retryBaseMs),
+          }),
+      );
+      const level = outcome === "dead" ? "error" : "warn";
+      log[level]("Job {job_id} ({task}) failed on attempt {attempt}, {outcome}: {error}", {
+        job_id: r.job.id,
+        task: r.job.task,
+        attempt: r.job.attempts,
+        outcome: outcome === "dead" ? "dead-lettered" : outcome,
+        error: message,
+      });
+    } catch (failError) {
+      log.error("Cannot record failure of job {job_id}, it will be redelivered: {error}", {
+        job_id: r.job.id,
+        error: describeError(failError),
+      });
+    }
+  }
+
+  function start(job: Job): void {
+    const controller = new AbortController();
+    const task = tasks.get(job.task);
+    const timeoutMs = task?.timeoutMs ?? options.taskTimeoutMs;
+    const jobLog = log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
+    const ctx: TaskContext = {
+      job,
+      signal: controller.signal,
+      log: jobLog,
+      db: sql,
+      enqueue: (name, payload = {}, opts = {}) =>
+        enqueue(sql, name, payload, { maxPayloadBytes: options.maxPayloadBytes, ...opts }),
+    };
+    const r: Running = { job, controller, settled: "running", done: Promise.resolve() };
+    running.set(job.id, r);
+    const timer = setTimeout(
+      () => controller.abort(new TimeoutError(`Task timed out after ${formatDuration(timeoutMs)}`)),
+      timeoutMs,
+    );
+    const work = (async () => {
+      if (!task) {
+        throw new Error(`Unknown task "${job.task}": no handler is registered in this consumer`);
+      }
+      let payload: unknown = job.payload;
+      if (task.parse) {
+        try {
+          payload = task.parse(job.payload);
+        } catch (cause) {
+          throw new PermanentError(
+            `Invalid payload for task ${job.task}: ${
+              cause instanceof Error ? cause.message : describeError(cause)
+            }`,
+            { cause },
+          );
+        }
+      }
+      return await task.handler(payload, ctx);
+    })();
+    r.done = raceAbort(work, controller.signal)
+      .then(() => settle(r, null), (error) => settle(r, error))
+      .finally(() => {
+        clearTimeout(timer);
+        finish(r);
+      });
+  }
+
+  async function heartbeat(): Promise<void> {
+    const live = [...running.values()].filter((r) => r.settled === "running");
+    if (live.length === 0) return;
+    const refs = live.map((r) => ({ id: r.job.id, token: r.job.token }));
+    try {
+      const kept = new Set(
+        await retryOnce("extend", () => extend(sql, refs, options.visibilityTimeoutMs)),
+      );
+      for (const r of live) {
+        if (!kept.has(r.job.id) && running.get(r.job.id) === r && r.settled === "running") {
+          r.settled = "lost";
+          r.controller.abort(
+            new LeaseLostError("The job's claim was lost (redelivered elsewhere)"),
+          );
+          log.warn("Lost the claim on job {job_id}: aborted its handler", { job_id: r.job.id });
+        }
+      }
+    } catch (error) {
+      log.error("Cannot extend {count} running jobs: {error}", {
+        count: refs.length,
+        error: describeError(error),
+      });
+    }
+  }
+
+  const heartbeatEvery = Math.max(50, Math.floor(options.visibilityTimeoutMs / 3));
+  let beating: Promise<void> | null = null;
+  const heartbeatTimer = setInterval(() => {
+    beating ??= heartbeat().finally(() => (beating = null));
+  }, heartbeatEvery);
+
+  let unlisten: (() => Promise<void>) | null = null;
+  if (options.listen) {
+    try {
+      const sub = await sql.listen(
+        "shoal_jobs",
+        (queue) => {
+          if (queues.has(queue)) waker.wake();
+        },
+        () => waker.wake(), // (re)connected: catch up on anything missed
+      );
+      unlisten = sub.unlisten;
+    } catch (error) {
+      log.warn("Cannot LISTEN, polling every {interval}: {error}", {
+        interval: formatDuration(options.pollIntervalMs),
+        error: describeError(error),
+      });
+    }
+  }
+
+  log.info("Consumer {worker} started on {queues} with concurrency {concurrency}", {
+    worker: workerId,
+    queues: options.queues.join(","),
+    concurrency: options.concurrency,
+  });
+
+  let errorStreak = 0;
+  while (!stop.aborted) {
+    const free = options.concurrency - running.size;
+    if (free > 0) {
+      try {
+        const { jobs, poisoned } = await claim(sql, {
+          queues: options.queues,
+          limit: free,
+          workerId,
+          visibilityMs: options.visibilityTimeoutMs,
+        });
+        errorStreak = 0;
+        for (const p of poisoned) {
+          log.error(
+            "Job {job_id} ({task}) dead-lettered unrun: claimed {attempt} times without finishing",
+            { job_id: p.id, task: p.task, attempt: p.attempts },
+          );
+        }
+        for (const job of jobs) start(job);
+        lastClaimFull = jobs.length + poisoned.length === free;
+        if (lastClaimFull && !stop.aborted && options.concurrency - running.size > 0) continue;
+      } catch (error) {
+        errorStreak++;
+        const wait = Math.min(30_000, 500 * 2 ** Math.min(errorStreak, 6));
+        log.error("Cannot claim jobs, retrying in {wait}: {error}", {
+          wait: formatDuration(wait),
+          error: describeError(error),
+        });
+        await waker.wait(wait, stop);
+        continue;
+      }
+    } else {
+      lastClaimFull = true;
+    }
+    await waker.wait(options.pollIntervalMs, stop);
+  }
+
+  await shutdown();
+
+  async function shutdown(): Promise<void> {
+    log.info("Consumer stopping: {count} jobs in flight, grace {grace}", {
+      count: running.size,
+      grace: formatDuration(options.shutdownGraceMs),
+    });
+    if (running.size > 0) {
+      let graceTimer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        Promise.allSettled([...running.values()].map((r) => r.done)),
+        new Promise((resolve) => (graceTimer = setTimeout(resolve, options.shutdownGraceMs))),
+      ]);
+      clearTimeout(graceTimer);
+    }
+    const left = [...running.values()].filter((r) => r.settled === "running");
+    for (const r of left) {
+      r.settled = "released";
+      r.controller.abort(new ShutdownError("The consumer is shutting down"));
+    }
+    clearInterval(heartbeatTimer);
+    if (left.length > 0) {
+      try {
+        const released = await retryOnce(
+          "release",
+          () => release(sql, left.map((r) => ({ id: r.job.id, token: r.job.token }))),
+        );
+        log.info("Released {count} unfinished jobs for immediate redelivery", {
+          count: released.length,
+        });
+      } catch (error) {
+        log.error("Cannot release {count} jobs, they return after their deadline: {error}", {
+          count: left.length,
+          error: describeError(error),
+        });
+      }
+    }
+    await acks.drain();
+    await beating;
+    if (unlisten) {
+      await unlisten().catch((error) =>
+        log.warn("Cannot UNLISTEN: {error}", { error: describeError(error) })
+      );
+    }
+    log.info("Consumer stopped");
+  }
+}

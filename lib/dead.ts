@@ -1,0 +1,96 @@
+/**
+ * The dead-letter table, `shoal.dead_jobs`: jobs whose attempts ran out, that failed
+ * permanently, or that crashed their workers every time. Listing, retrying (back onto
+ * the queue with a fresh budget, same id) and purging.
+ *
+ * @module
+ */
+import type { Db } from "./db.ts";
+
+export interface DeadJob {
+  id: string;
+  queue: string;
+  task: string;
+  payload: Record<string, unknown>;
+  priority: number;
+  fairness_key: string;
+  attempts: number;
+  max_attempts: number;
+  key: string | null;
+  execution_id: string | null;
+  errors: { attempt: number; at: string; error: string }[];
+  reason: string;
+  created_at: Date;
+  died_at: Date;
+}
+
+export interface ListDeadOptions {
+  queue?: string;
+  limit?: number;
+}
+
+/** Newest dead jobs first. */
+export async function listDead(db: Db, options: ListDeadOptions = {}): Promise<DeadJob[]> {
+  return await db<DeadJob[]>`
+    select id, queue, task, payload, priority, fairness_key, attempts, max_attempts, key,
+      execution_id, errors, reason, created_at, died_at
+    from shoal.dead_jobs
+    where ${options.queue ?? null}::text is null or queue = ${options.queue ?? null}::text
+    order by died_at desc, id desc
+    limit ${options.limit ?? 100}::integer`;
+}
+
+export type RetryDeadOutcome = "retried" | "not_found" | "duplicate";
+
+/**
+ * Put a dead job back on its queue, runnable now, with its attempts reset. "duplicate"
+ * means a live job holds its dedupe key; the dead row is kept.
+ */
+export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
+  const [row] = await db<{ outcome: RetryDeadOutcome }[]>`
+    with dead as (
+      select * from shoal.dead_jobs where id = ${id}::bigint for update
+    ),
+    revived as (
+      insert into shoal.jobs (id, queue, task, payload, priority, fairness_key, fair_seq,
+        max_attempts, key, execution_id, barrier_id, child_index, errors, created_at)
+      overriding system value
+      select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
+        coalesce((select max(j.fair_seq) from shoal.jobs j
+                  where j.queue = d.queue and j.fairness_key = d.fairness_key), 0) + 1,
+        d.max_attempts, d.key, d.execution_id, d.barrier_id, d.child_index, d.errors,
+        d.created_at
+      from dead d
+      on conflict (queue, key) where key is not null do nothing
+      returning id
+    ),
+    removed as (
+      delete from shoal.dead_jobs where id in (select id from revived) returning id
+    )
+    select case when not exists (select 1 from dead) then 'not_found'
+                when exists (select 1 from removed) then 'retried'
+                else 'duplicate' end as outcome`;
+  if (row!.outcome === "retried") {
+    const [job] = await db<
+      { queue: string }[]
+    >`select queue from shoal.jobs where id = ${id}::bigint`;
+    if (job) await db`select pg_notify('shoal_jobs', ${job.queue}::text)`;
+  }
+  return row!.outcome;
+}
+
+export interface PurgeDeadOptions {
+  queue?: string;
+  /** Only those that died more than this long ago. */
+  olderThanMs?: number;
+}
+
+/** Delete dead jobs; returns how many. */
+export async function purgeDead(db: Db, options: PurgeDeadOptions = {}): Promise<number> {
+  const rows = await db`
+    delete from shoal.dead_jobs
+    where (${options.queue ?? null}::text is null or queue = ${options.queue ?? null}::text)
+      and died_at < now() - ${options.olderThanMs ?? 0}::bigint * interval '1 ms'
+    returning id`;
+  return rows.length;
+}

@@ -1,0 +1,59 @@
+/**
+ * Validation of the names and payloads that enter shoal, shared by TypeScript enqueue,
+ * the CLI and task definitions. The SQL functions check the same rules again.
+ *
+ * @module
+ */
+
+/** Queue and task names: 1 to 128 of letters, digits and `_.:-`, starting with a letter or digit. */
+export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
+/** The default payload size limit; Postgres reads its own from `shoal.max_payload_bytes`. */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576;
+const MAX_KEY_LENGTH = 512;
+const MAX_FAIRNESS_KEY_LENGTH = 256;
+
+/** Throw unless `name` is a valid queue or task name. */
+export function checkName(kind: "queue" | "task", name: unknown): string {
+  if (typeof name !== "string" || !NAME_PATTERN.test(name)) {
+    const shown = typeof name === "string" ? JSON.stringify(name.slice(0, 140)) : typeof name;
+    throw new TypeError(
+      `Invalid ${kind} name ${shown}: use 1 to 128 letters, digits or _.:- starting with a letter or digit`,
+    );
+  }
+  return name;
+}
+
+/** Throw unless `key` is a usable dedupe or fairness key. */
+export function checkKey(kind: "key" | "fairness key", key: unknown): string {
+  const max = kind === "key" ? MAX_KEY_LENGTH : MAX_FAIRNESS_KEY_LENGTH;
+  if (typeof key !== "string" || key.length === 0 || key.length > max) {
+    throw new TypeError(`Invalid ${kind}: expected a string of 1 to ${max} characters`);
+  }
+  return key;
+}
+
+/** Throw unless `payload` is a plain JSON object within the size limit; returns its JSON. */
+export function checkPayload(
+  payload: unknown,
+  maxBytes: number = DEFAULT_MAX_PAYLOAD_BYTES,
+): string {
+  if (
+    payload === null || typeof payload !== "object" || Array.isArray(payload) ||
+    (Object.getPrototypeOf(payload) !== Object.prototype &&
+      Object.getPrototypeOf(payload) !== null)
+  ) {
+    const kind = payload === null ? "null" : Array.isArray(payload) ? "array" : typeof payload;
+    throw new TypeError(`Invalid payload: expected a JSON object, got ${kind}`);
+  }
+  let json: string;
+  try {
+    json = JSON.stringify(payload);
+  } catch (cause) {
+    throw new TypeError("Invalid payload: cannot be serialised as JSON", { cause });
+  }
+  const bytes = new TextEncoder().encode(json).length;
+  if (bytes > maxBytes) {
+    throw new RangeError(`Invalid payload: ${bytes} bytes, over the limit of ${maxBytes} bytes`);
+  }
+  return json;
+}

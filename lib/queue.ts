@@ -1,0 +1,333 @@
+/**
+ * The job queue: every statement on `shoal.jobs` and `shoal.dead_jobs` that the roles
+ * run. Each function takes the database (a pool or the caller's transaction) first and
+ * an options object second. The table's DDL and the `shoal.enqueue*` SQL functions live
+ * in `sql/001_queue.sql`.
+ *
+ * Fencing: a claim hands out `token`; ack, fail, extend and release only touch a row
+ * whose token still matches, so a worker whose job was redelivered changes nothing.
+ *
+ * @module
+ */
+import type { Db } from "./db.ts";
+import { checkKey, checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
+
+/** A claimed job, as a handler sees it. Bigint ids and tokens are strings. */
+export interface Job {
+  id: string;
+  queue: string;
+  task: string;
+  payload: Record<string, unknown>;
+  priority: number;
+  fairness_key: string;
+  /** Attempts so far, this one included (1 on the first run). */
+  attempts: number;
+  max_attempts: number;
+  /** The fencing token of this claim. */
+  token: string;
+  key: string | null;
+  execution_id: string | null;
+  created_at: Date;
+  /** The visibility deadline: redelivered after this unless extended. */
+  deadline: Date;
+}
+
+/** Where and how a job runs; every field optional. */
+export interface EnqueueOptions {
+  /** Queue name; `default` unless given. */
+  queue?: string;
+  /** Earliest start; now unless given. */
+  runAt?: Date;
+  /** Higher runs first within a queue; default 0. */
+  priority?: number;
+  /** Dedupe key: while a job with this key is pending or running on the queue, enqueue returns its id. */
+  key?: string;
+  /** Jobs sharing a queue are served fairly across fairness keys (a tenant id, say). */
+  fairnessKey?: string;
+  /** Runs before the job is dead-lettered; default 25. */
+  maxAttempts?: number;
+}
+
+/** One job to enqueue. */
+export interface JobSpec extends EnqueueOptions {
+  task: string;
+  payload?: Record<string, unknown>;
+}
+
+export interface Enqueued {
+  id: string;
+  /** False when a job holding the same dedupe key was found instead. */
+  inserted: boolean;
+}
+
+export const DEFAULT_QUEUE = "default";
+export const DEFAULT_MAX_ATTEMPTS = 25;
+/** Keep this many entries of a job's error history. */
+const ERROR_HISTORY = 25;
+/** Longest error message stored per attempt. */
+const MAX_ERROR_LENGTH = 4000;
+
+export interface EnqueueManyOptions {
+  /** Wake idle consumers with NOTIFY (default true). */
+  notify?: boolean;
+  /** Refuse payloads larger than this before sending (Postgres checks its own limit too). */
+  maxPayloadBytes?: number;
+}
+
+function toRow(spec: JobSpec, maxPayloadBytes: number): Record<string, unknown> {
+  const row: Record<string, unknown> = {
+    queue: checkName("queue", spec.queue ?? DEFAULT_QUEUE),
+    task: checkName("task", spec.task),
+  };
+  row.payload = JSON.parse(checkPayload(spec.payload ?? {}, maxPayloadBytes));
+  if (spec.runAt !== undefined) {
+    if (!(spec.runAt instanceof Date) || Number.isNaN(spec.runAt.getTime())) {
+      throw new TypeError("Invalid runAt: expected a valid Date");
+    }
+    row.run_at = spec.runAt.toISOString();
+  }
+  if (spec.priority !== undefined) {
+    if (!Number.isInteger(spec.priority) || Math.abs(spec.priority) > 32767) {
+      throw new RangeError("Invalid priority: expected an integer from -32767 to 32767");
+    }
+    row.priority = spec.priority;
+  }
+  if (spec.maxAttempts !== undefined) {
+    if (!Number.isInteger(spec.maxAttempts) || spec.maxAttempts < 1 || spec.maxAttempts > 1000) {
+      throw new RangeError("Invalid maxAttempts: expected an integer from 1 to 1000");
+    }
+    row.max_attempts = spec.maxAttempts;
+  }
+  if (spec.key !== undefined) row.key = checkKey("key", spec.key);
+  if (spec.fairnessKey !== undefined) row.fairness_key = checkKey("fairness key", spec.fairnessKey);
+  return row;
+}
+
+/**
+ * Enqueue many jobs in one statement (inside the caller's transaction when `db` is one).
+ * Results are in input order.
+ */
+export async function enqueueMany(
+  db: Db,
+  jobs: JobSpec[],
+  options: EnqueueManyOptions = {},
+): Promise<Enqueued[]> {
+  if (jobs.length === 0) return [];
+  const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  const rows = jobs.map((spec) => toRow(spec, maxBytes));
+  const result = await db<{ id: string; inserted: boolean }[]>`
+    select id, inserted
+    from shoal.enqueue_many(${JSON.stringify(rows)}::text::jsonb, ${
+    options.notify ?? true
+  }::boolean)`;
+  return result.map((r) => ({ id: r.id, inserted: r.inserted }));
+}
+
+/** Enqueue one job; returns its id (or the id of the job already holding its dedupe key). */
+export async function enqueue(
+  db: Db,
+  task: string,
+  payload: Record<string, unknown> = {},
+  options: EnqueueOptions & EnqueueManyOptions = {},
+): Promise<string> {
+  const [result] = await enqueueMany(db, [{ ...options, task, payload }], options);
+  return result!.id;
+}
+
+export interface ClaimOptions {
+  queues: string[];
+  /** At most this many jobs (the consumer's free slots). */
+  limit: number;
+  /** Who holds the claim, shown in status (host:pid). */
+  workerId: string;
+  /** How long the claim hides the job before it is redelivered. */
+  visibilityMs: number;
+}
+
+export interface ClaimResult {
+  jobs: Job[];
+  /** Jobs found with their attempts already spent (a crash loop), dead-lettered unrun. */
+  poisoned: { id: string; task: string; queue: string; attempts: number }[];
+}
+
+/**
+ * Claim up to `limit` visible jobs in one round trip: priority first, then fair across
+ * fairness keys, then oldest. A job claimed `max_attempts` times without ever finishing
+ * is moved to the dead-letter table instead of being run again.
+ */
+export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult> {
+  const rows = await db<(Job & { poisoned: boolean })[]>`
+    with picked as (
+      select c.id from unnest(${options.queues}::text[]) as q(name)
+      cross join lateral (
+        select j.id, j.priority, j.fair_seq from shoal.jobs j
+        where j.queue = q.name and j.run_at <= now()
+        order by j.priority desc, j.fair_seq, j.id
+        limit ${options.limit}::integer
+        for update skip locked
+      ) c
+      order by c.priority desc, c.fair_seq, c.id
+      limit ${options.limit}::integer
+    ),
+    poison as (
+      delete from shoal.jobs j using picked
+      where j.id = picked.id and j.attempts >= j.max_attempts
+      returning j.*
+    ),
+    buried as (
+      insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
+        max_attempts, key, execution_id, barrier_id, child_index, errors, reason, created_at)
+      select p.id, p.queue, p.task, p.payload, p.priority, p.fairness_key, p.attempts,
+        p.max_attempts, p.key, p.execution_id, p.barrier_id, p.child_index, p.errors,
+        format('Claimed %s times without finishing: its worker crashed or was killed every time',
+          p.attempts),
+        p.created_at
+      from poison p
+      returning id
+    ),
+    claimed as (
+      update shoal.jobs j
+      set attempts = j.attempts + 1, token = j.token + 1, locked_by = ${options.workerId}::text,
+          locked_at = now(), run_at = now() + ${options.visibilityMs}::integer * interval '1 ms'
+      from picked
+      where j.id = picked.id and j.attempts < j.max_attempts
+      returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.attempts,
+        j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at as deadline
+    )
+    select id, queue, task, payload, priority, fairness_key, attempts, max_attempts, token, key,
+      execution_id, created_at, deadline, false as poisoned
+    from claimed
+    union all
+    select p.id, p.queue, p.task, '{}'::jsonb, p.priority, p.fairness_key, p.attempts,
+      p.max_attempts, p.token, p.key, p.execution_id, p.created_at, now(), true
+    from poison p where p.id in (select id from buried)`;
+  const jobs: Job[] = [];
+  const poisoned: ClaimResult["poisoned"] = [];
+  for (const { poisoned: isPoison, ...job } of rows) {
+    if (isPoison) {
+      poisoned.push({ id: job.id, task: job.task, queue: job.queue, attempts: job.attempts });
+    } else jobs.push(job);
+  }
+  return { jobs, poisoned };
+}
+
+/** A claimed job's identity and fencing token. */
+export interface JobRef {
+  id: string;
+  token: string;
+}
+
+function unzip(refs: JobRef[]): [string[], string[]] {
+  return [refs.map((r) => r.id), refs.map((r) => r.token)];
+}
+
+/** Ack (delete) finished jobs in one statement. Returns the ids that were still ours. */
+export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
+  if (refs.length === 0) return [];
+  const [ids, tokens] = unzip(refs);
+  const rows = await db<{ id: string }[]>`
+    delete from shoal.jobs j
+    using unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
+    where j.id = a.id and j.token = a.token
+    returning j.id`;
+  return rows.map((r) => r.id);
+}
+
+/** Push the visibility deadline of running jobs. Returns the ids that are still ours. */
+export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Promise<string[]> {
+  if (refs.length === 0) return [];
+  const [ids, tokens] = unzip(refs);
+  const rows = await db<{ id: string }[]>`
+    update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms'
+    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
+    where j.id = a.id and j.token = a.token
+    returning j.id`;
+  return rows.map((r) => r.id);
+}
+
+/**
+ * Hand jobs back without burning an attempt (graceful shutdown): visible now, ownership
+ * revoked (token bumped). Returns the ids that were still ours.
+ */
+export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
+  if (refs.length === 0) return [];
+  const [ids, tokens] = unzip(refs);
+  const rows = await db<{ id: string }[]>`
+    update shoal.jobs j
+    set locked_by = null, locked_at = null, run_at = now(), token = j.token + 1,
+        attempts = greatest(j.attempts - 1, 0)
+    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
+    where j.id = a.id and j.token = a.token
+    returning j.id`;
+  return rows.map((r) => r.id);
+}
+
+export interface FailOptions {
+  /** Recorded on the row and in the error history; truncated to 4,000 characters. */
+  error: string;
+  /** Wait this long before the next attempt. */
+  retryInMs: number;
+  /** Dead-letter now whatever the attempts left (for example an invalid payload). */
+  permanent?: boolean;
+}
+
+export type FailOutcome = "retried" | "dead" | "stale";
+
+/**
+ * Record a failed attempt: retry after `retryInMs`, or move the job to the dead-letter
+ * table when its attempts are spent (or the failure is permanent). "stale" means the job
+ * was no longer ours and nothing changed.
+ */
+export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<FailOutcome> {
+  const message = options.error.length > MAX_ERROR_LENGTH
+    ? options.error.slice(0, MAX_ERROR_LENGTH - 1) + "…"
+    : options.error;
+  const [row] = await db<{ outcome: FailOutcome }[]>`
+    with target as (
+      select j.id, (j.attempts >= j.max_attempts or ${
+    options.permanent ?? false
+  }::boolean) as final,
+        jsonb_path_query_array(
+          j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'error', ${message}::text)),
+          ${`$[last-${ERROR_HISTORY - 1} to last]`}::jsonpath) as errors
+      from shoal.jobs j
+      where j.id = ${ref.id}::bigint and j.token = ${ref.token}::bigint
+      for update
+    ),
+    dead as (
+      delete from shoal.jobs j using target t where j.id = t.id and t.final
+      returning j.*, t.errors as new_errors
+    ),
+    buried as (
+      insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
+        max_attempts, key, execution_id, barrier_id, child_index, errors, reason, created_at)
+      select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key, d.attempts,
+        d.max_attempts, d.key, d.execution_id, d.barrier_id, d.child_index, d.new_errors,
+        ${message}::text, d.created_at
+      from dead d
+      returning id
+    ),
+    retried as (
+      update shoal.jobs j
+      set locked_by = null, locked_at = null, token = j.token + 1, last_error = ${message}::text,
+          errors = t.errors, run_at = now() + ${
+    Math.round(options.retryInMs)
+  }::bigint * interval '1 ms'
+      from target t where j.id = t.id and not t.final
+      returning j.id
+    )
+    select case when exists (select 1 from buried) then 'dead'
+                when exists (select 1 from retried) then 'retried'
+                else 'stale' end as outcome`;
+  return row!.outcome;
+}
+
+/**
+ * The delay before attempt `attempts + 1`: exponential from `baseMs`, capped at `maxMs`,
+ * with ±25% jitter so a burst of failures does not retry in lockstep.
+ */
+export function backoffMs(attempts: number, baseMs = 1000, maxMs = 3_600_000): number {
+  const exponential = Math.min(maxMs, baseMs * 2 ** Math.max(0, attempts - 1));
+  return Math.round(exponential * (0.75 + Math.random() * 0.5));
+}

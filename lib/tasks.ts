@@ -1,0 +1,150 @@
+/**
+ * Task definitions: what a consumer knows how to run. A task has a name, a default
+ * queue, a handler, a retry budget, a timeout and an optional payload check. The stock
+ * binary registers the built-ins below; a team's own entry file registers its tasks and
+ * calls shoal's `main` (see examples/).
+ *
+ * @module
+ */
+import type { Db } from "./db.ts";
+import type { Logger } from "./log.ts";
+import { checkName } from "./names.ts";
+import type { EnqueueOptions, Job } from "./queue.ts";
+
+/** What a handler gets besides its payload. */
+export interface TaskContext {
+  job: Job;
+  /** Aborted on timeout, shutdown, lost lease or (later) cancellation: stop promptly. */
+  signal: AbortSignal;
+  /** A logger that tags every line with the job id, task and attempt. */
+  log: Logger;
+  /** Enqueue another job (outside this job's ack; at-least-once like everything else). */
+  enqueue(
+    task: string,
+    payload?: Record<string, unknown>,
+    options?: EnqueueOptions,
+  ): Promise<string>;
+  /** The pool, for handlers that do their own database work. */
+  db: Db;
+}
+
+export interface TaskDefinition<P = Record<string, unknown>> {
+  /** Unique task name: letters, digits and `_.:-`. */
+  name: string;
+  /** Queue its jobs go to unless the enqueue says otherwise (default `default`). */
+  queue?: string;
+  /** Attempts before dead-lettering, for jobs enqueued through this definition (default 25). */
+  maxAttempts?: number;
+  /** Abort the handler and count a failure after this long (default: the consumer's --task-timeout). */
+  timeoutMs?: number;
+  /** Check and convert the payload; throw to reject it (a permanent failure, no retry). */
+  parse?: (payload: Record<string, unknown>) => P;
+  /** Do the work. A returned value is ignored for plain jobs (fan-in results use it later). */
+  handler: (payload: P, ctx: TaskContext) => unknown | Promise<unknown>;
+}
+
+/** A task with its payload type erased, as the registry stores it. */
+// deno-lint-ignore no-explicit-any
+export type AnyTask = TaskDefinition<any>;
+
+/** Throw from a handler to dead-letter the job at once, without retries. */
+export class PermanentError extends Error {
+  override name = "PermanentError";
+}
+
+/** Define a task (validates its name and limits at definition time). */
+export function defineTask<P = Record<string, unknown>>(
+  definition: TaskDefinition<P>,
+): TaskDefinition<P> {
+  checkName("task", definition.name);
+  if (definition.queue !== undefined) checkName("queue", definition.queue);
+  if (
+    definition.maxAttempts !== undefined &&
+    (!Number.isInteger(definition.maxAttempts) || definition.maxAttempts < 1 ||
+      definition.maxAttempts > 1000)
+  ) {
+    throw new RangeError(`Invalid maxAttempts for task ${definition.name}: expected 1 to 1000`);
+  }
+  if (
+    definition.timeoutMs !== undefined &&
+    (!Number.isFinite(definition.timeoutMs) || definition.timeoutMs <= 0)
+  ) {
+    throw new RangeError(
+      `Invalid timeoutMs for task ${definition.name}: expected a positive number`,
+    );
+  }
+  return definition;
+}
+
+/** The tasks one process knows, by name. */
+export class TaskRegistry {
+  #tasks = new Map<string, AnyTask>();
+
+  constructor(tasks: AnyTask[] = []) {
+    for (const task of tasks) this.add(task);
+  }
+
+  /** Register a task; a second task with the same name is an error. */
+  add(task: AnyTask): this {
+    if (this.#tasks.has(task.name)) throw new Error(`Task ${task.name} is defined twice`);
+    this.#tasks.set(task.name, task);
+    return this;
+  }
+
+  get(name: string): AnyTask | undefined {
+    return this.#tasks.get(name);
+  }
+
+  names(): string[] {
+    return [...this.#tasks.keys()].sort();
+  }
+}
+
+function abortableDelay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason);
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** `shoal.noop`: does nothing; for benchmarks and smoke tests. */
+export const noopTask: AnyTask = defineTask({ name: "shoal.noop", handler: () => {} });
+
+/** `shoal.sleep` `{ms}`: waits, honouring the abort signal; for demos and tests. */
+export const sleepTask: AnyTask = defineTask<{ ms: number }>({
+  name: "shoal.sleep",
+  parse(payload) {
+    const ms = payload.ms;
+    if (typeof ms !== "number" || !Number.isFinite(ms) || ms < 0 || ms > 86_400_000) {
+      throw new TypeError("ms must be a number of milliseconds from 0 to 86400000");
+    }
+    return { ms };
+  },
+  handler: ({ ms }, ctx) => abortableDelay(ms, ctx.signal),
+});
+
+/** `shoal.fail` `{message, permanent?}`: throws; for demos and tests of retries and dead letters. */
+export const failTask: AnyTask = defineTask<{ message: string; permanent: boolean }>({
+  name: "shoal.fail",
+  parse(payload) {
+    const message = payload.message ?? "shoal.fail was asked to fail";
+    if (typeof message !== "string") throw new TypeError("message must be a string");
+    return { message, permanent: payload.permanent === true };
+  },
+  handler({ message, permanent }) {
+    throw permanent ? new PermanentError(message) : new Error(message);
+  },
+});
+
+/** The tasks every stock shoal binary knows. */
+export function builtinTasks(): AnyTask[] {
+  return [noopTask, sleepTask, failTask];
+}

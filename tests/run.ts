@@ -1,0 +1,41 @@
+/**
+ * `deno task test`: run the suite against DATABASE_URL when set, otherwise against a
+ * throwaway Postgres started here and stopped at the end. Migrates a template database
+ * once; each test file clones it (see helpers.ts). Extra arguments go to `deno test`.
+ */
+import postgres from "postgres";
+import { startLocalPg } from "../lib/local_pg.ts";
+import { loadMigrations, migrate } from "../lib/migrate.ts";
+import { TEMPLATE_DB } from "./helpers.ts";
+
+const given = Deno.env.get("DATABASE_URL");
+const pg = given ? null : await startLocalPg({ fast: true });
+const url = given ?? pg!.url;
+let code = 1;
+try {
+  const admin = postgres(url, { max: 1, onnotice: () => {} });
+  try {
+    await admin`drop database if exists ${admin(TEMPLATE_DB)}`;
+    await admin`create database ${admin(TEMPLATE_DB)}`;
+  } finally {
+    await admin.end();
+  }
+  const templateUrl = new URL(url);
+  templateUrl.pathname = `/${TEMPLATE_DB}`;
+  const template = postgres(templateUrl.toString(), { max: 1, onnotice: () => {} });
+  try {
+    // deno-lint-ignore no-explicit-any
+    await migrate(template as any, await loadMigrations());
+  } finally {
+    await template.end();
+  }
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["test", "-A", ...Deno.args],
+    env: { DATABASE_URL: url, SHOAL_TEST_TEMPLATE: TEMPLATE_DB },
+    stdin: "null",
+  }).spawn();
+  code = (await child.status).code;
+} finally {
+  await pg?.stop();
+}
+Deno.exit(code);
