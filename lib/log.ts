@@ -26,7 +26,7 @@ function stderrSink(format: LogFormat): Sink {
   const encoder = new TextEncoder();
   const formatter = format === "json"
     ? getJsonLinesFormatter({ properties: "flatten", message: "rendered" })
-    : getTextFormatter({ timestamp: "date-time-tz" });
+    : getTextFormatter({ timestamp: "date-time-tz", value: "bare" });
   return (record) => {
     let line = formatter(record);
     if (!line.endsWith("\n")) line += "\n";

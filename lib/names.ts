@@ -11,6 +11,8 @@ export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576;
 const MAX_KEY_LENGTH = 512;
 const MAX_FAIRNESS_KEY_LENGTH = 256;
+/** A `\u0000` escape in JSON text (not an escaped backslash followed by "u0000"). */
+const JSON_NUL = /(?:^|[^\\])(?:\\\\)*\\u0000/;
 
 /** Throw unless `name` is a valid queue or task name. */
 export function checkName(kind: "queue" | "task", name: unknown): string {
@@ -29,7 +31,26 @@ export function checkKey(kind: "key" | "fairness key", key: unknown): string {
   if (typeof key !== "string" || key.length === 0 || key.length > max) {
     throw new TypeError(`Invalid ${kind}: expected a string of 1 to ${max} characters`);
   }
+  // Postgres text cannot hold NUL; refuse here rather than fail the whole batch there.
+  if (key.includes("\0")) throw new TypeError(`Invalid ${kind}: contains a NUL character`);
   return key;
+}
+
+/** Number of ":" and "," separators in the JSON form of `value`. */
+function separators(value: unknown): number {
+  if (value === null || typeof value !== "object") return 0;
+  if (Array.isArray(value)) {
+    return Math.max(0, value.length - 1) +
+      value.reduce((n: number, v) => n + separators(v === undefined ? null : v), 0);
+  }
+  let count = 0;
+  let keys = 0;
+  for (const [, v] of Object.entries(value)) {
+    if (v === undefined || typeof v === "function" || typeof v === "symbol") continue;
+    keys++;
+    count += 1 + separators(v);
+  }
+  return count + Math.max(0, keys - 1);
 }
 
 /** Throw unless `payload` is a plain JSON object within the size limit; returns its JSON. */
@@ -51,7 +72,15 @@ export function checkPayload(
   } catch (cause) {
     throw new TypeError("Invalid payload: cannot be serialised as JSON", { cause });
   }
-  const bytes = new TextEncoder().encode(json).length;
+  // jsonb cannot store NUL (Postgres rejects the whole statement): refuse it here, clearly.
+  if (JSON_NUL.test(json)) {
+    throw new TypeError(
+      "Invalid payload: contains a NUL character (\\u0000), which Postgres cannot store",
+    );
+  }
+  // Postgres measures its own text form of jsonb, which puts a space after every ":" and
+  // ",": count those too, so both sides agree on what "over the limit" means.
+  const bytes = new TextEncoder().encode(json).length + separators(payload);
   if (bytes > maxBytes) {
     throw new RangeError(`Invalid payload: ${bytes} bytes, over the limit of ${maxBytes} bytes`);
   }

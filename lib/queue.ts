@@ -74,12 +74,19 @@ export interface EnqueueManyOptions {
   maxPayloadBytes?: number;
 }
 
-function toRow(spec: JobSpec, maxPayloadBytes: number): Record<string, unknown> {
+/**
+ * Validate a job at the boundary and return the row `shoal.enqueue_many` takes; throws
+ * a TypeError or RangeError with one clear line.
+ */
+export function checkJobSpec(spec: JobSpec, maxPayloadBytes: number): Record<string, unknown> {
   const row: Record<string, unknown> = {
     queue: checkName("queue", spec.queue ?? DEFAULT_QUEUE),
     task: checkName("task", spec.task),
   };
-  row.payload = JSON.parse(checkPayload(spec.payload ?? {}, maxPayloadBytes));
+  // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
+  row.payload = JSON.parse(
+    checkPayload(spec.payload === undefined ? {} : spec.payload, maxPayloadBytes),
+  );
   if (spec.runAt !== undefined) {
     if (!(spec.runAt instanceof Date) || Number.isNaN(spec.runAt.getTime())) {
       throw new TypeError("Invalid runAt: expected a valid Date");
@@ -114,7 +121,7 @@ export async function enqueueMany(
 ): Promise<Enqueued[]> {
   if (jobs.length === 0) return [];
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
-  const rows = jobs.map((spec) => toRow(spec, maxBytes));
+  const rows = jobs.map((spec) => checkJobSpec(spec, maxBytes));
   const result = await db<{ id: string; inserted: boolean }[]>`
     select id, inserted
     from shoal.enqueue_many(${JSON.stringify(rows)}::text::jsonb, ${
@@ -156,9 +163,11 @@ export interface ClaimResult {
  * is moved to the dead-letter table instead of being run again.
  */
 export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult> {
+  // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
+  const queues = [...new Set(options.queues)];
   const rows = await db<(Job & { poisoned: boolean })[]>`
     with picked as (
-      select c.id from unnest(${options.queues}::text[]) as q(name)
+      select c.id from unnest(${queues}::text[]) as q(name)
       cross join lateral (
         select j.id, j.priority, j.fair_seq from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
@@ -176,9 +185,10 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
     ),
     buried as (
       insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
-        max_attempts, key, execution_id, barrier_id, child_index, errors, reason, created_at)
+        max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
+        created_at)
       select p.id, p.queue, p.task, p.payload, p.priority, p.fairness_key, p.attempts,
-        p.max_attempts, p.key, p.execution_id, p.barrier_id, p.child_index, p.errors,
+        p.max_attempts, p.token, p.key, p.execution_id, p.barrier_id, p.child_index, p.errors,
         format('Claimed %s times without finishing: its worker crashed or was killed every time',
           p.attempts),
         p.created_at
@@ -301,9 +311,10 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     ),
     buried as (
       insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
-        max_attempts, key, execution_id, barrier_id, child_index, errors, reason, created_at)
+        max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
+        created_at)
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key, d.attempts,
-        d.max_attempts, d.key, d.execution_id, d.barrier_id, d.child_index, d.new_errors,
+        d.max_attempts, d.token, d.key, d.execution_id, d.barrier_id, d.child_index, d.new_errors,
         ${message}::text, d.created_at
       from dead d
       returning id
@@ -324,10 +335,11 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
 }
 
 /**
- * The delay before attempt `attempts + 1`: exponential from `baseMs`, capped at `maxMs`,
- * with ±25% jitter so a burst of failures does not retry in lockstep.
+ * The delay before attempt `attempts + 1`: exponential from `baseMs` with ±25% jitter so a
+ * burst of failures does not retry in lockstep, and never more than `maxMs`.
  */
 export function backoffMs(attempts: number, baseMs = 1000, maxMs = 3_600_000): number {
   const exponential = Math.min(maxMs, baseMs * 2 ** Math.max(0, attempts - 1));
-  return Math.round(exponential * (0.75 + Math.random() * 0.5));
+  // Cap after the jitter too: maxMs is a promise to the caller, not a midpoint.
+  return Math.min(maxMs, Math.round(exponential * (0.75 + Math.random() * 0.5)));
 }

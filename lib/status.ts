@@ -5,6 +5,8 @@
  * @module
  */
 import type { Db } from "./db.ts";
+import { listLeases } from "./lease.ts";
+import { listSchedules, type ScheduleRow } from "./schedule.ts";
 
 export interface QueueStatus {
   queue: string;
@@ -19,8 +21,25 @@ export interface QueueStatus {
   oldest_ready_age_s: number;
 }
 
+export interface LeaseStatus {
+  name: string;
+  holder: string;
+  expires_at: Date;
+}
+
+export interface ScheduleStatus {
+  name: string;
+  cron: string;
+  enabled: boolean;
+  next_run_at: Date | null;
+  last_run_at: Date | null;
+  last_error: string | null;
+}
+
 export interface Status {
   queues: QueueStatus[];
+  leases: LeaseStatus[];
+  schedules: ScheduleStatus[];
 }
 
 export async function queueStatus(db: Db): Promise<QueueStatus[]> {
@@ -61,11 +80,62 @@ export async function queueStatus(db: Db): Promise<QueueStatus[]> {
 }
 
 export async function status(db: Db): Promise<Status> {
-  return { queues: await queueStatus(db) };
+  const leases = (await listLeases(db)).map((l) => ({
+    name: l.name,
+    holder: l.holder,
+    expires_at: l.expires_at,
+  }));
+  const schedules = (await listSchedules(db)).map((s) => ({
+    name: s.name,
+    cron: s.cron,
+    enabled: s.enabled,
+    next_run_at: s.next_run_at,
+    last_run_at: s.last_run_at,
+    last_error: s.last_error,
+  }));
+  return { queues: await queueStatus(db), leases, schedules };
+}
+
+/** A plain table: first column left-aligned, the rest right-aligned. */
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]) =>
+    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ");
+  return [line(header), ...rows.map(line)].join("\n") + "\n";
+}
+
+const iso = (d: Date | null) => (d ? d.toISOString() : "-");
+
+/** The human-readable form of `shoal schedule list`. */
+export function formatSchedules(rows: (ScheduleStatus | ScheduleRow)[]): string {
+  if (rows.length === 0) return "No schedules\n";
+  return table(
+    ["schedule", "cron", "enabled", "next run", "last run", "last error"],
+    rows.map((s) => [
+      s.name,
+      s.cron,
+      s.enabled ? "yes" : "no",
+      iso(s.next_run_at),
+      iso(s.last_run_at),
+      s.last_error ?? "-",
+    ]),
+  );
+}
+
+function formatLeases(rows: LeaseStatus[]): string {
+  if (rows.length === 0) return "No leases\n";
+  return table(
+    ["lease", "holder", "expires"],
+    rows.map((l) => [l.name, l.holder, iso(l.expires_at)]),
+  );
 }
 
 /** The human-readable form of `shoal status`. */
 export function formatStatus(s: Status): string {
+  return [formatQueues(s), formatLeases(s.leases), formatSchedules(s.schedules)].join("\n");
+}
+
+function formatQueues(s: Status): string {
   const header = ["queue", "ready", "scheduled", "running", "dead", "oldest ready"];
   const rows = s.queues.map((q) => [
     q.queue,

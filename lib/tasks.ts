@@ -7,6 +7,7 @@
  * @module
  */
 import type { Db } from "./db.ts";
+import { MAX_TIMER_MS } from "./duration.ts";
 import type { Logger } from "./log.ts";
 import { checkName } from "./names.ts";
 import type { EnqueueOptions, Job } from "./queue.ts";
@@ -67,10 +68,11 @@ export function defineTask<P = Record<string, unknown>>(
   }
   if (
     definition.timeoutMs !== undefined &&
-    (!Number.isFinite(definition.timeoutMs) || definition.timeoutMs <= 0)
+    (!Number.isFinite(definition.timeoutMs) || definition.timeoutMs <= 0 ||
+      definition.timeoutMs > MAX_TIMER_MS)
   ) {
     throw new RangeError(
-      `Invalid timeoutMs for task ${definition.name}: expected a positive number`,
+      `Invalid timeoutMs for task ${definition.name}: expected a positive number up to ${MAX_TIMER_MS} (24 days)`,
     );
   }
   return definition;

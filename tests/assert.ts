@@ -40,3 +40,8 @@ export async function assertRejects(
   }
   return caught as Error;
 }
+
+/** Check `value` is neither null nor undefined (and narrow its type). */
+export function assertExists<T>(value: T, message?: string): asserts value is NonNullable<T> {
+  assert.ok(value !== null && value !== undefined, message ?? "Expected a value, got " + value);
+}

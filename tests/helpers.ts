@@ -183,3 +183,238 @@ export function logLines(output: string): Record<string, unknown>[] {
   }
   return lines;
 }
+
+/** The user-style entry file whose test tasks record their runs (tests/fixtures/test_main.ts). */
+export const TEST_MAIN: string = new URL("fixtures/test_main.ts", import.meta.url).pathname;
+
+/** Create `test_runs`, where the tasks of tests/fixtures/test_main.ts record what they saw. */
+export async function createRunsTable(sql: Sql): Promise<void> {
+  await sql`
+    create table test_runs (
+      id bigint generated always as identity primary key,
+      job_id bigint not null,
+      token bigint not null,
+      attempt integer not null,
+      pid integer not null,
+      note text,
+      started_at timestamptz not null default clock_timestamp(),
+      finished_at timestamptz
+    )`;
+}
+
+/** Wait until the process has written `text` (stdout or stderr); fails early if it exits. */
+export async function waitForOutput(
+  proc: ShoalProcess,
+  text: string,
+  timeoutMs = 20_000,
+): Promise<void> {
+  let exited = false;
+  proc.exited().then(() => (exited = true));
+  await waitFor(`output "${text}"`, () => {
+    if (proc.output().includes(text)) return true;
+    if (exited) throw new Error(`The process exited before writing "${text}":\n${proc.output()}`);
+    return false;
+  }, timeoutMs);
+}
+
+/**
+ * Wait for the process to exit within `timeoutMs`; if it does not, SIGKILL it and throw
+ * (with its output), so a hung shutdown fails the test instead of hanging the suite.
+ */
+export async function exitWithin(
+  proc: ShoalProcess,
+  timeoutMs: number,
+): Promise<{ code: number; signal: Deno.Signal | null; output: string; elapsedMs: number }> {
+  const started = Date.now();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timedOut = new Promise<null>((
+    resolve,
+  ) => (timer = setTimeout(() => resolve(null), timeoutMs)));
+  try {
+    const result = await Promise.race([proc.exited(), timedOut]);
+    if (result === null) {
+      proc.kill("SIGKILL");
+      const { output } = await proc.exited();
+      throw new Error(`The process did not exit within ${timeoutMs} ms:\n${output}`);
+    }
+    return { ...result, elapsedMs: Date.now() - started };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Run a short shoal command to completion, keeping stdout and stderr apart. */
+export async function runShoal(
+  args: string[],
+  options: { url?: string; env?: Record<string, string>; mainModule?: string } = {},
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const env: Record<string, string> = { ...options.env };
+  if (options.url) env.DATABASE_URL = options.url;
+  const result = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", options.mainModule ?? new URL("main.ts", ROOT).pathname, ...args],
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  return {
+    code: result.code,
+    stdout: decoder.decode(result.stdout),
+    stderr: decoder.decode(result.stderr),
+  };
+}
+
+/** A loopback port nobody listens on (bound, then closed at once). */
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr as Deno.NetAddr;
+  listener.close();
+  return port;
+}
+
+/**
+ * `url` with its sessions named `name` in `application_name` (postgres.js passes URL query
+ * parameters on as startup parameters, over the role's own name), so a test can tell which
+ * process ran a statement: triggers read `current_setting('application_name')`.
+ */
+export function withApplicationName(url: string, name: string): string {
+  const u = new URL(url);
+  u.searchParams.set("application_name", name);
+  return u.toString();
+}
+
+/** The lease holder id a shoal process uses (`hostname:pid`, see defaultWorkerId). */
+export function holderOf(proc: ShoalProcess): string {
+  return `${Deno.hostname()}:${proc.child.pid}`;
+}
+
+/** How many times `text` occurs in `output`. */
+export function countOf(output: string, text: string): number {
+  return output.split(text).length - 1;
+}
+
+/** Wait `ms` (for letting processes run; never for correctness). */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** One change the schedule audit recorded: a baseline or a fire of a schedule row. */
+export interface FireEvent {
+  kind: "baseline" | "fire";
+  schedule: string;
+  /** The slot fired (the row's next_run_at before the change); null for a first baseline. */
+  slot: Date | null;
+  /** The row's next_run_at after the change. */
+  next: Date | null;
+  /** last_run_at after a fire: the database clock of the tick that fired it. */
+  at: Date | null;
+  /** application_name of the session that made the change. */
+  proc: string;
+}
+
+/** One job insert attempt the audit recorded (a deduplicated insert is recorded too). */
+export interface EnqueueEvent {
+  job_id: string;
+  queue: string;
+  key: string | null;
+  proc: string;
+}
+
+/** One write to shoal.leases the audit recorded. */
+export interface LeaseEvent {
+  kind: "acquire" | "renew" | "release";
+  name: string;
+  holder: string;
+  token: string;
+  acquired_at: Date;
+  expires_at: Date;
+  /** Transaction time of the write. */
+  at: Date;
+}
+
+/**
+ * Record, from inside the database, every baseline and fire of a schedule row, every job
+ * insert attempt (BEFORE INSERT fires even for a row ON CONFLICT then skips, so a slot
+ * fired twice is seen even though the dedupe index keeps one job), and every lease write.
+ * The audit rows commit or roll back with the statement they record, and carry the
+ * session's application_name (see withApplicationName).
+ */
+export async function installAudit(sql: Sql): Promise<void> {
+  await sql.begin(async (tx) => {
+    await tx`
+      create table test_fires (
+        id bigint generated always as identity primary key,
+        kind text not null, schedule text not null, slot timestamptz, next timestamptz,
+        at timestamptz, proc text not null)`;
+    await tx`
+      create function test_audit_schedule() returns trigger language plpgsql as $$
+      begin
+        if new.next_run_at is distinct from old.next_run_at
+           or new.last_run_at is distinct from old.last_run_at then
+          insert into test_fires (kind, schedule, slot, next, at, proc)
+          values (case when new.last_run_at is distinct from old.last_run_at
+                       then 'fire' else 'baseline' end,
+                  new.name, old.next_run_at, new.next_run_at, new.last_run_at,
+                  current_setting('application_name'));
+        end if;
+        return null;
+      end $$`;
+    await tx`
+      create trigger test_audit_schedule after update on shoal.schedules
+      for each row execute function test_audit_schedule()`;
+    await tx`
+      create table test_enqueues (
+        id bigint generated always as identity primary key,
+        job_id bigint not null, queue text not null, key text, proc text not null)`;
+    await tx`
+      create function test_audit_enqueue() returns trigger language plpgsql as $$
+      begin
+        insert into test_enqueues (job_id, queue, key, proc)
+        values (new.id, new.queue, new.key, current_setting('application_name'));
+        return new;
+      end $$`;
+    await tx`
+      create trigger test_audit_enqueue before insert on shoal.jobs
+      for each row execute function test_audit_enqueue()`;
+    await tx`
+      create table test_leases (
+        id bigint generated always as identity primary key,
+        kind text not null, name text not null, holder text not null, token bigint not null,
+        acquired_at timestamptz not null, expires_at timestamptz not null,
+        at timestamptz not null default now())`;
+    await tx`
+      create function test_audit_lease() returns trigger language plpgsql as $$
+      begin
+        insert into test_leases (kind, name, holder, token, acquired_at, expires_at)
+        values (case when tg_op = 'INSERT' or new.token <> old.token then 'acquire'
+                     when new.expires_at <= now() then 'release'
+                     else 'renew' end,
+                new.name, new.holder, new.token, new.acquired_at, new.expires_at);
+        return null;
+      end $$`;
+    await tx`
+      create trigger test_audit_lease after insert or update on shoal.leases
+      for each row execute function test_audit_lease()`;
+  });
+}
+
+/** The schedule audit of `schedule`, in slot order (the first baseline first). */
+export async function fireEvents(sql: Sql, schedule: string): Promise<FireEvent[]> {
+  return await sql<FireEvent[]>`
+    select kind, schedule, slot, next, at, proc from test_fires
+    where schedule = ${schedule}::text order by slot nulls first, id`;
+}
+
+/** Every job insert attempt, in the order they were made. */
+export async function enqueueEvents(sql: Sql): Promise<EnqueueEvent[]> {
+  return await sql<EnqueueEvent[]>`
+    select job_id, queue, key, proc from test_enqueues order by id`;
+}
+
+/** Every acquire and release of lease `name` (renewals left out), in order. */
+export async function leaseEvents(sql: Sql, name: string): Promise<LeaseEvent[]> {
+  return await sql<LeaseEvent[]>`
+    select kind, name, holder, token, acquired_at, expires_at, at from test_leases
+    where name = ${name}::text and kind <> 'renew' order by id`;
+}

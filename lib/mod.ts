@@ -1,0 +1,48 @@
+/**
+ * shoal's TypeScript API: enqueue (inside your own transaction if you like), define
+ * tasks, and run shoal's command line from your own entry file so your tasks compile
+ * into your own binary.
+ *
+ * ```ts
+ * import { defineTask, main } from "./lib/mod.ts";
+ *
+ * const sendWelcome = defineTask<{ userId: number }>({
+ *   name: "send_welcome",
+ *   queue: "emails",
+ *   parse: (p) => ({ userId: Number(p.userId) }),
+ *   handler: async ({ userId }, ctx) => { ctx.log.info("Welcoming {userId}", { userId }); },
+ * });
+ *
+ * if (import.meta.main) Deno.exit(await main(Deno.args, { tasks: [sendWelcome] }));
+ * ```
+ *
+ * @module
+ */
+export { main, type MainOptions } from "./cli.ts";
+export { connect, type ConnectOptions, type Db, type Sql } from "./db.ts";
+export { type ConsumerOptions, runConsumer } from "./consumer.ts";
+export { type DeadJob, listDead, purgeDead, retryDead } from "./dead.ts";
+export { checkSchema, loadMigrations, migrate } from "./migrate.ts";
+export {
+  ack,
+  claim,
+  enqueue,
+  type Enqueued,
+  enqueueMany,
+  type EnqueueOptions,
+  extend,
+  fail,
+  type Job,
+  type JobSpec,
+  release,
+} from "./queue.ts";
+export { type QueueStatus, type Status, status } from "./status.ts";
+export {
+  type AnyTask,
+  builtinTasks,
+  defineTask,
+  PermanentError,
+  type TaskContext,
+  type TaskDefinition,
+  TaskRegistry,
+} from "./tasks.ts";

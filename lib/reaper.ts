@@ -1,0 +1,153 @@
+/**
+ * The reaper role: under its lease, a thin loop over sweep functions. Recovery sweeps
+ * run before housekeeping. Each sweep runs in its own transaction that first checks the
+ * lease (fencing), is capped per tick, is isolated (a failing sweep rolls back its own
+ * transaction and never stops the others), and logs only when it did something.
+ *
+ * @module
+ */
+import type { Db, Sql } from "./db.ts";
+import { formatDuration } from "./duration.ts";
+import { holdLease, type LeaseTerm } from "./lease.ts";
+import { runLeaderLoop } from "./leader.ts";
+import { describeError, logger } from "./log.ts";
+
+export const REAPER_LEASE = "reaper";
+/** Most rows one sweep touches per tick. */
+export const SWEEP_LIMIT = 10_000;
+
+export interface ReaperOptions {
+  holder: string;
+  leaseMs: number;
+  intervalMs: number;
+  /** Dead jobs older than this are purged. */
+  deadRetentionMs: number;
+  /** A claimed job this many attempts in with an expired deadline is reported as stuck. */
+  stuckAttempts?: number;
+}
+
+/** One sweep: does its work in `tx` and returns how many rows it handled. */
+export interface Sweep {
+  name: string;
+  kind: "recovery" | "housekeeping";
+  run(tx: Db, options: ReaperOptions, limit: number): Promise<number>;
+}
+
+/** Purge dead-letter rows past their retention, oldest first. */
+export const deadRetentionSweep: Sweep = {
+  name: "dead-retention",
+  kind: "housekeeping",
+  async run(tx, options, limit) {
+    const rows = await tx`
+      delete from shoal.dead_jobs
+      where id in (
+        select id from shoal.dead_jobs
+        where died_at < now() - ${options.deadRetentionMs}::bigint * interval '1 ms'
+        order by died_at limit ${limit}::integer)
+      returning id`;
+    return rows.length;
+  },
+};
+
+/** Ids already reported as stuck, so each is reported once, not on every tick. */
+const reportedStuck = new Set<string>();
+
+/**
+ * Report jobs that keep outliving their deadline: claimed several times, and claimed now
+ * by a worker whose deadline passed (it crashed, or its handler blocks its event loop).
+ * Report only: the next claim redelivers them, and poison handling dead-letters them.
+ */
+export const stuckReportSweep: Sweep = {
+  name: "stuck-report",
+  kind: "housekeeping",
+  async run(tx, options, limit) {
+    const rows = await tx<{ id: string; queue: string; task: string; attempts: number }[]>`
+      select id, queue, task, attempts from shoal.jobs
+      where locked_by is not null and run_at < now()
+        and attempts >= ${options.stuckAttempts ?? 3}::integer
+      order by run_at limit ${limit}::integer`;
+    const fresh = rows.filter((r) => !reportedStuck.has(r.id));
+    const live = new Set(rows.map((r) => r.id));
+    for (const id of reportedStuck) if (!live.has(id)) reportedStuck.delete(id);
+    for (const r of fresh) {
+      reportedStuck.add(r.id);
+      logger("reaper").warn(
+        "Job {job_id} ({task} on {queue}) is past its deadline after {attempt} attempts: its workers keep dying or stalling",
+        { job_id: r.id, task: r.task, queue: r.queue, attempt: r.attempts },
+      );
+    }
+    return fresh.length;
+  },
+};
+
+/** Every sweep, recovery first. Later issues add barrier and execution sweeps. */
+export function defaultSweeps(): Sweep[] {
+  const sweeps = [stuckReportSweep, deadRetentionSweep];
+  return [
+    ...sweeps.filter((s) => s.kind === "recovery"),
+    ...sweeps.filter((s) => s.kind !== "recovery"),
+  ];
+}
+
+export interface SweepReport {
+  [sweep: string]: number | { error: string };
+}
+
+/** Run each sweep once, each in its own fenced transaction. */
+export async function reapOnce(
+  sql: Sql,
+  options: ReaperOptions,
+  context: { term?: LeaseTerm; sweeps?: Sweep[]; limit?: number } = {},
+): Promise<SweepReport> {
+  const log = logger("reaper");
+  const report: SweepReport = {};
+  for (const sweep of context.sweeps ?? defaultSweeps()) {
+    try {
+      const count = await sql.begin(async (tx) => {
+        if (context.term) await holdLease(tx, context.term);
+        return await sweep.run(tx, options, context.limit ?? SWEEP_LIMIT);
+      });
+      report[sweep.name] = count;
+      if (count > 0 && sweep.name !== stuckReportSweep.name) {
+        log.info("Sweep {sweep} handled {count} rows", { sweep: sweep.name, count });
+      }
+    } catch (error) {
+      if ((error as Error).name === "LeaseLostError") throw error;
+      report[sweep.name] = { error: describeError(error) };
+      log.error("Sweep {sweep} failed: {error}", {
+        sweep: sweep.name,
+        error: describeError(error),
+      });
+    }
+  }
+  return report;
+}
+
+/** Run the reaper role until `stop` aborts; releases its lease on the way out. */
+export async function runReaper(
+  sql: Sql,
+  options: ReaperOptions,
+  stop: AbortSignal,
+): Promise<void> {
+  const log = logger("reaper");
+  log.info("Reaper {holder} started (interval {interval}, dead retention {retention})", {
+    holder: options.holder,
+    interval: formatDuration(options.intervalMs),
+    retention: formatDuration(options.deadRetentionMs),
+  });
+  await runLeaderLoop(
+    sql,
+    {
+      lease: REAPER_LEASE,
+      holder: options.holder,
+      leaseMs: options.leaseMs,
+      intervalMs: options.intervalMs,
+      log,
+    },
+    async (term) => {
+      await reapOnce(sql, options, { term });
+    },
+    stop,
+  );
+  log.info("Reaper stopped");
+}

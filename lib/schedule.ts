@@ -1,0 +1,197 @@
+/**
+ * The schedules table, `shoal.schedules`: every statement on it except the scheduler's
+ * tick (lib/scheduler.ts). Adding, listing, pausing, resuming, removing, and syncing a
+ * declarative schedules file.
+ *
+ * @module
+ */
+import type { Db, Sql } from "./db.ts";
+import { checkCron, checkTimeZone } from "./cron.ts";
+import { checkName, checkPayload } from "./names.ts";
+
+/** A schedule as a user declares it. */
+export interface ScheduleSpec {
+  name: string;
+  cron: string;
+  task: string;
+  queue?: string;
+  payload?: Record<string, unknown>;
+  /** IANA time zone the cron is read in (default UTC). */
+  tz?: string;
+  priority?: number;
+}
+
+export interface ScheduleRow {
+  name: string;
+  cron: string;
+  tz: string;
+  task: string;
+  queue: string;
+  payload: Record<string, unknown>;
+  priority: number;
+  enabled: boolean;
+  source: "manual" | "file";
+  next_run_at: Date | null;
+  last_run_at: Date | null;
+  last_error: string | null;
+  created_at: Date;
+  updated_at: Date;
+}
+
+/** Validate a spec at the boundary; returns it normalised (defaults filled in). */
+export function checkSchedule(spec: ScheduleSpec): Required<ScheduleSpec> {
+  if (spec === null || typeof spec !== "object") {
+    throw new TypeError("Invalid schedule: expected an object with name, cron and task");
+  }
+  const name = checkName("schedule" as "task", spec.name);
+  const tz = checkTimeZone(spec.tz ?? "UTC");
+  const cron = checkCron(spec.cron, tz);
+  const priority = spec.priority ?? 0;
+  if (!Number.isInteger(priority) || Math.abs(priority) > 32767) {
+    throw new RangeError(
+      `Invalid priority for schedule ${name}: expected an integer from -32767 to 32767`,
+    );
+  }
+  const payload = spec.payload ?? {};
+  checkPayload(payload);
+  return {
+    name,
+    cron,
+    tz,
+    task: checkName("task", spec.task),
+    queue: checkName("queue", spec.queue ?? "default"),
+    payload,
+    priority,
+  };
+}
+
+/**
+ * Create or update a schedule. A changed cron or time zone resets next_run_at (the
+ * scheduler records a fresh baseline, never a burst) and re-enables a row that was
+ * disabled by an error; a paused row stays paused.
+ */
+export async function upsertSchedule(
+  db: Db,
+  spec: ScheduleSpec,
+  source: "manual" | "file" = "manual",
+): Promise<"created" | "updated" | "unchanged"> {
+  const s = checkSchedule(spec);
+  const [row] = await db<{ created: boolean; changed: boolean }[]>`
+    with before as (select * from shoal.schedules where name = ${s.name}::text for update),
+    upserted as (
+      insert into shoal.schedules as t (name, cron, tz, task, queue, payload, priority, source)
+      values (${s.name}::text, ${s.cron}::text, ${s.tz}::text, ${s.task}::text, ${s.queue}::text,
+        ${JSON.stringify(s.payload)}::text::jsonb, ${s.priority}::integer, ${source}::text)
+      on conflict (name) do update
+      set cron = excluded.cron, tz = excluded.tz, task = excluded.task, queue = excluded.queue,
+          payload = excluded.payload, priority = excluded.priority, source = excluded.source,
+          next_run_at = case when (t.cron, t.tz) is distinct from (excluded.cron, excluded.tz)
+                             then null else t.next_run_at end,
+          enabled = case when (t.cron, t.tz) is distinct from (excluded.cron, excluded.tz)
+                              and t.last_error is not null
+                         then true else t.enabled end,
+          last_error = case when (t.cron, t.tz) is distinct from (excluded.cron, excluded.tz)
+                            then null else t.last_error end,
+          updated_at = now()
+      where (t.cron, t.tz, t.task, t.queue, t.payload, t.priority, t.source)
+        is distinct from (excluded.cron, excluded.tz, excluded.task, excluded.queue,
+                          excluded.payload, excluded.priority, excluded.source)
+      returning 1
+    )
+    select not exists (select 1 from before) as created, exists (select 1 from upserted) as changed`;
+  return row!.created ? "created" : row!.changed ? "updated" : "unchanged";
+}
+
+export async function listSchedules(db: Db): Promise<ScheduleRow[]> {
+  return await db<ScheduleRow[]>`
+    select name, cron, tz, task, queue, payload, priority, enabled, source, next_run_at,
+      last_run_at, last_error, created_at, updated_at
+    from shoal.schedules order by name`;
+}
+
+/**
+ * Pause or resume. Resuming clears next_run_at so the scheduler records a baseline and
+ * does not fire the slots missed while paused. Returns false when no such schedule.
+ */
+export async function setScheduleEnabled(db: Db, name: string, enabled: boolean): Promise<boolean> {
+  const rows = await db`
+    update shoal.schedules
+    set enabled = ${enabled}::boolean, updated_at = now(),
+        next_run_at = case when ${enabled}::boolean and not enabled then null else next_run_at end,
+        last_error = case when ${enabled}::boolean then null else last_error end
+    where name = ${name}::text
+    returning name`;
+  return rows.length === 1;
+}
+
+/** Remove a schedule; false when there was none. */
+export async function removeSchedule(db: Db, name: string): Promise<boolean> {
+  const rows = await db`delete from shoal.schedules where name = ${name}::text returning name`;
+  return rows.length === 1;
+}
+
+export interface SyncResult {
+  created: string[];
+  updated: string[];
+  removed: string[];
+}
+
+/**
+ * Make the file-managed schedules exactly `specs`, in one transaction: create and update
+ * those named, remove file-managed rows no longer named. Rows added with
+ * `shoal schedule add` are left alone (unless the file names them: then the file owns them).
+ */
+export async function syncSchedules(sql: Sql, specs: ScheduleSpec[]): Promise<SyncResult> {
+  const checked = specs.map(checkSchedule);
+  const names = checked.map((s) => s.name);
+  const duplicate = names.find((n, i) => names.indexOf(n) !== i);
+  if (duplicate) throw new RangeError(`Invalid schedules: "${duplicate}" is named twice`);
+  return await sql.begin(async (tx) => {
+    const result: SyncResult = { created: [], updated: [], removed: [] };
+    for (const spec of checked) {
+      const outcome = await upsertSchedule(tx, spec, "file");
+      if (outcome === "created") result.created.push(spec.name);
+      if (outcome === "updated") result.updated.push(spec.name);
+    }
+    const removed = await tx<{ name: string }[]>`
+      delete from shoal.schedules
+      where source = 'file' and not (name = any(${names}::text[]))
+      returning name`;
+    result.removed = removed.map((r) => r.name).sort();
+    return result;
+  });
+}
+
+/** Read a schedules file: a JSON array of schedules, or `{"schedules": [...]}`. */
+export async function loadSchedulesFile(path: string): Promise<ScheduleSpec[]> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (cause) {
+    throw new Error(`Cannot read schedules file ${path}: ${(cause as Error).message}`, { cause });
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (cause) {
+    throw new Error(`Cannot parse schedules file ${path}: ${(cause as Error).message}`, { cause });
+  }
+  const list = Array.isArray(parsed)
+    ? parsed
+    : (parsed as { schedules?: unknown } | null)?.schedules;
+  if (!Array.isArray(list)) {
+    throw new Error(`Cannot use schedules file ${path}: expected a JSON array of schedules`);
+  }
+  return list.map((item, i) => {
+    try {
+      return checkSchedule(item as ScheduleSpec);
+    } catch (cause) {
+      throw new Error(
+        `Cannot use schedules file ${path}: entry ${i + 1}: ${(cause as Error).message}`,
+        {
+          cause,
+        },
+      );
+    }
+  });
+}

@@ -1,0 +1,217 @@
+/**
+ * The scheduler role: under its lease, fire due schedules onto their queues, never twice.
+ *
+ * Each due row is handled in its own transaction: lock our lease row (fencing), claim
+ * the schedule row with SKIP LOCKED, enqueue its job with the dedupe key
+ * `schedule:<name>:<slot>`, and advance next_run_at, then commit. A crash anywhere
+ * rolls all of it back; a second scheduler skips the locked row and then finds it no
+ * longer due. A row with no next_run_at records a baseline without firing; missed slots
+ * fire once (the due slot) and the row moves to the next future slot. An invalid cron or
+ * time zone disables its row and records the error once. Times come from `now()`.
+ *
+ * @module
+ */
+import { nextSlot } from "./cron.ts";
+import type { Sql } from "./db.ts";
+import { formatDuration } from "./duration.ts";
+import { holdLease, type LeaseTerm } from "./lease.ts";
+import { runLeaderLoop, Sleeper } from "./leader.ts";
+import { describeError, logger } from "./log.ts";
+import { enqueue } from "./queue.ts";
+import { loadSchedulesFile, type ScheduleRow, syncSchedules } from "./schedule.ts";
+
+export const SCHEDULER_LEASE = "scheduler";
+/** Most rows one tick handles; the rest wait for the next tick (which comes at once). */
+const TICK_LIMIT = 500;
+
+export interface TickOptions {
+  /** The leader's term; every row's transaction checks it (omit only in tests). */
+  term?: LeaseTerm;
+  /** Override the database clock (tests). */
+  now?: Date;
+  limit?: number;
+}
+
+export interface TickResult {
+  fired: number;
+  baselined: number;
+  disabled: number;
+  failed: number;
+  /** Milliseconds until the earliest enabled schedule is due (0: now), null when none. */
+  nextDueInMs: number | null;
+}
+
+type RowOutcome = "fired" | "baselined" | "disabled" | "failed" | "none";
+
+/** Errors that will recur on every try: bad data, constraint or limit violations. */
+function isPermanent(error: unknown): boolean {
+  const code = (error as { code?: unknown })?.code;
+  return error instanceof RangeError || error instanceof TypeError ||
+    (typeof code === "string" && /^(22|23|54)/.test(code));
+}
+
+/**
+ * Handle one due schedule row (the first not in `skip`) in one transaction. A failure to
+ * fire rolls back to a savepoint, so the error is recorded on the row itself (once per
+ * distinct message) while the row lock is still held.
+ */
+async function fireOne(
+  sql: Sql,
+  options: TickOptions,
+  skip: string[],
+): Promise<{ outcome: RowOutcome; name?: string }> {
+  const log = logger("scheduler");
+  const now = options.now ?? null;
+  return await sql.begin(async (tx) => {
+    if (options.term) await holdLease(tx, options.term, { now: options.now });
+    const [row] = await tx<(ScheduleRow & { db_now: Date })[]>`
+      select s.*, coalesce(${now}::timestamptz, now()) as db_now from shoal.schedules s
+      where s.enabled
+        and (s.next_run_at is null or s.next_run_at <= coalesce(${now}::timestamptz, now()))
+        and not (s.name = any(${skip}::text[]))
+      order by s.next_run_at nulls first, s.name
+      limit 1
+      for update skip locked`;
+    if (!row) return { outcome: "none" };
+    let next: Date;
+    try {
+      next = nextSlot(row.cron, row.tz, row.db_now);
+    } catch (error) {
+      await tx`
+        update shoal.schedules
+        set enabled = false, next_run_at = null, last_error = ${(error as Error).message}::text,
+            updated_at = now()
+        where name = ${row.name}::text`;
+      log.error("Schedule {schedule} disabled: {error}", {
+        schedule: row.name,
+        error: (error as Error).message,
+      });
+      return { outcome: "disabled", name: row.name };
+    }
+    if (row.next_run_at === null) {
+      await tx`
+        update shoal.schedules set next_run_at = ${next}::timestamptz
+        where name = ${row.name}::text`;
+      return { outcome: "baselined", name: row.name };
+    }
+    const slot = row.next_run_at;
+    try {
+      await tx.savepoint(async (sp) => {
+        await enqueue(sp, row.task, row.payload, {
+          queue: row.queue,
+          priority: row.priority,
+          key: `schedule:${row.name}:${slot.toISOString()}`,
+        });
+        await sp`
+          update shoal.schedules
+          set next_run_at = ${next}::timestamptz, last_run_at = ${row.db_now}::timestamptz,
+              last_error = null
+          where name = ${row.name}::text`;
+      });
+      return { outcome: "fired", name: row.name };
+    } catch (error) {
+      const permanent = isPermanent(error);
+      const message = describeError(error).slice(0, 2000);
+      const changed = await tx`
+        update shoal.schedules
+        set last_error = ${message}::text, enabled = not ${permanent}::boolean, updated_at = now()
+        where name = ${row.name}::text and last_error is distinct from ${message}::text
+        returning name`;
+      if (changed.length > 0) {
+        log.error("Schedule {schedule} failed to fire{disabled}: {error}", {
+          schedule: row.name,
+          disabled: permanent ? " and was disabled" : "",
+          error: message,
+        });
+      }
+      return { outcome: "failed", name: row.name };
+    }
+  });
+}
+
+/**
+ * Fire every due schedule once (up to the tick limit). Each row is isolated: a row that
+ * fails is recorded and skipped for the rest of the tick, and never stops the others.
+ * A lost lease or a lost connection ends the tick (thrown to the leader loop).
+ */
+export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<TickResult> {
+  const result: TickResult = { fired: 0, baselined: 0, disabled: 0, failed: 0, nextDueInMs: null };
+  const skip: string[] = [];
+  for (let i = 0; i < (options.limit ?? TICK_LIMIT); i++) {
+    const done = await fireOne(sql, options, skip);
+    if (done.outcome === "none") break;
+    result[done.outcome]++;
+    if (done.outcome === "failed") skip.push(done.name!);
+  }
+  const now = options.now ?? null;
+  const [due] = await sql<{ ms: number | null }[]>`
+    select (extract(epoch from min(coalesce(next_run_at, coalesce(${now}::timestamptz, now())))
+             - coalesce(${now}::timestamptz, now())) * 1000)::float8 as ms
+    from shoal.schedules where enabled and not (name = any(${skip}::text[]))`;
+  result.nextDueInMs = due?.ms === null || due?.ms === undefined ? null : Math.max(0, due.ms);
+  return result;
+}
+
+export interface SchedulerOptions {
+  holder: string;
+  leaseMs: number;
+  /** Longest sleep between ticks; must be shorter than the lease. */
+  intervalMs: number;
+  /** LISTEN for schedule changes (off behind PgBouncer in transaction mode). */
+  listen: boolean;
+  /** A declarative schedules file synced at start. */
+  schedulesFile?: string;
+}
+
+/** Run the scheduler role until `stop` aborts; releases its lease on the way out. */
+export async function runScheduler(
+  sql: Sql,
+  options: SchedulerOptions,
+  stop: AbortSignal,
+): Promise<void> {
+  const log = logger("scheduler");
+  if (options.schedulesFile) {
+    const specs = await loadSchedulesFile(options.schedulesFile);
+    const synced = await syncSchedules(sql, specs);
+    log.info("Synced {file}: {created} created, {updated} updated, {removed} removed", {
+      file: options.schedulesFile,
+      created: synced.created.length,
+      updated: synced.updated.length,
+      removed: synced.removed.length,
+    });
+  }
+  const sleeper = new Sleeper();
+  let unlisten: (() => Promise<void>) | null = null;
+  if (options.listen) {
+    try {
+      unlisten = (await sql.listen("shoal_schedules", () => sleeper.wake(), () => sleeper.wake()))
+        .unlisten;
+    } catch (error) {
+      log.warn("Cannot LISTEN for schedule changes, checking every {interval}: {error}", {
+        interval: formatDuration(options.intervalMs),
+        error: describeError(error),
+      });
+    }
+  }
+  log.info("Scheduler {holder} started", { holder: options.holder });
+  try {
+    await runLeaderLoop(
+      sql,
+      {
+        lease: SCHEDULER_LEASE,
+        holder: options.holder,
+        leaseMs: options.leaseMs,
+        intervalMs: options.intervalMs,
+        log,
+      },
+      async (term) => (await tickOnce(sql, { term })).nextDueInMs ?? undefined,
+      stop,
+      sleeper,
+    );
+  } finally {
+    await unlisten?.().catch((error) =>
+      log.warn("Cannot UNLISTEN: {error}", { error: describeError(error) })
+    );
+  }
+  log.info("Scheduler stopped");
+}

@@ -1,0 +1,253 @@
+/**
+ * runConsumer() in-process against a real database: the behaviours that are awkward to
+ * see from outside a process (what a handler's signal says, how many handlers run at
+ * once, a claim lost mid-run, retries into the dead-letter table).
+ */
+import { assert, assertEquals } from "./assert.ts";
+import { testDb, waitFor } from "./helpers.ts";
+import type { Sql } from "../lib/db.ts";
+import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
+import { enqueue, enqueueMany } from "../lib/queue.ts";
+import { type AnyTask, defineTask, TaskRegistry } from "../lib/tasks.ts";
+
+const FAST: ConsumerOptions = {
+  queues: ["default"],
+  concurrency: 4,
+  visibilityTimeoutMs: 2000,
+  pollIntervalMs: 50,
+  listen: false,
+  shutdownGraceMs: 1000,
+  taskTimeoutMs: 10_000,
+  retryBaseMs: 10,
+};
+
+interface RunningConsumer {
+  /** Abort the consumer (as SIGTERM would) and wait for its shutdown to finish. */
+  stop(): Promise<void>;
+}
+
+function startConsumer(
+  sql: Sql,
+  tasks: AnyTask[],
+  options: Partial<ConsumerOptions> = {},
+): RunningConsumer {
+  const stop = new AbortController();
+  const done = runConsumer(
+    { sql, tasks: new TaskRegistry(tasks) },
+    { ...FAST, ...options },
+    stop.signal,
+  );
+  return {
+    async stop() {
+      stop.abort();
+      await done;
+    },
+  };
+}
+
+/** Resolves with "finished" after `ms`, or with the signal's reason as soon as it aborts. */
+function sleepOrAbort(ms: number, signal: AbortSignal): Promise<unknown> {
+  return new Promise((resolve) => {
+    const onAbort = () => {
+      clearTimeout(timer);
+      resolve(signal.reason);
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve("finished");
+    }, ms);
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** Resolves when the signal aborts, with its reason. */
+function aborted(signal: AbortSignal): Promise<unknown> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve(signal.reason);
+    signal.addEventListener("abort", () => resolve(signal.reason), { once: true });
+  });
+}
+
+async function count(sql: Sql, table: "jobs" | "dead_jobs"): Promise<number> {
+  const [row] = table === "jobs"
+    ? await sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`
+    : await sql<{ n: number }[]>`select count(*)::int as n from shoal.dead_jobs`;
+  return row!.n;
+}
+
+Deno.test("runConsumer() never runs more handlers at once than its concurrency", async () => {
+  await using db = await testDb();
+  let now = 0;
+  let peak = 0;
+  let ran = 0;
+  const task = defineTask({
+    name: "t.count",
+    async handler() {
+      peak = Math.max(peak, ++now);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      now--;
+      ran++;
+    },
+  });
+  await enqueueMany(db.sql, Array.from({ length: 40 }, () => ({ task: "t.count" })));
+  const consumer = startConsumer(db.sql, [task], { concurrency: 3 });
+  try {
+    await waitFor("the queue to drain", async () => (await count(db.sql, "jobs")) === 0);
+  } finally {
+    await consumer.stop();
+  }
+  assertEquals(ran, 40);
+  assertEquals(peak, 3);
+});
+
+Deno.test("runConsumer() wakes on NOTIFY long before its poll interval", async () => {
+  await using db = await testDb();
+  let ran = false;
+  const task = defineTask({ name: "t.wake", handler: () => void (ran = true) });
+  const consumer = startConsumer(db.sql, [task], { listen: true, pollIntervalMs: 600_000 });
+  try {
+    // Let the first (empty) claim pass so only a NOTIFY can wake the loop.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    await enqueue(db.sql, "t.wake");
+    await waitFor("the notified job to run", () => ran, 10_000);
+  } finally {
+    await consumer.stop();
+  }
+});
+
+Deno.test("runConsumer() aborts a handler's signal on its task timeout and records the failure", async () => {
+  await using db = await testDb();
+  let reason: unknown;
+  const task = defineTask({
+    name: "t.timeout",
+    timeoutMs: 100,
+    async handler(_payload, ctx) {
+      reason = await aborted(ctx.signal);
+    },
+  });
+  const id = await enqueue(db.sql, "t.timeout", {}, { maxAttempts: 1 });
+  const consumer = startConsumer(db.sql, [task], { taskTimeoutMs: 60_000 });
+  try {
+    await waitFor(
+      "the job to be dead-lettered",
+      async () => (await count(db.sql, "dead_jobs")) === 1,
+    );
+  } finally {
+    await consumer.stop();
+  }
+  assert(
+    reason instanceof Error && reason.message === "Task timed out after 100ms",
+    String(reason),
+  );
+  const [dead] = await db.sql<{ id: string; reason: string }[]>`
+    select id, reason from shoal.dead_jobs`;
+  assertEquals(dead, { id, reason: "Task timed out after 100ms" });
+});
+
+Deno.test("runConsumer() retries a failing job with backoff, then dead-letters it with its history", async () => {
+  await using db = await testDb();
+  let calls = 0;
+  const task = defineTask({
+    name: "t.flaky",
+    handler() {
+      calls++;
+      throw new Error(`failure ${calls}`);
+    },
+  });
+  const id = await enqueue(db.sql, "t.flaky", {}, { maxAttempts: 3 });
+  const consumer = startConsumer(db.sql, [task]);
+  try {
+    await waitFor(
+      "the job to be dead-lettered",
+      async () => (await count(db.sql, "dead_jobs")) === 1,
+    );
+  } finally {
+    await consumer.stop();
+  }
+  assertEquals(calls, 3);
+  const [dead] = await db.sql<
+    { id: string; attempts: number; reason: string; errors: { attempt: number; error: string }[] }[]
+  >`select id, attempts, reason, errors from shoal.dead_jobs`;
+  assertEquals(dead?.id, id);
+  assertEquals(dead?.attempts, 3);
+  assertEquals(dead?.reason, "Error: failure 3");
+  assertEquals(dead?.errors.map((e) => [e.attempt, e.error]), [
+    [1, "Error: failure 1"],
+    [2, "Error: failure 2"],
+    [3, "Error: failure 3"],
+  ]);
+  assertEquals(await count(db.sql, "jobs"), 0);
+});
+
+Deno.test("runConsumer() aborts a handler whose claim was lost and discards its outcome", async () => {
+  await using db = await testDb();
+  let reason: unknown;
+  let started = false;
+  const task = defineTask({
+    name: "t.lost",
+    async handler(_payload, ctx) {
+      started = true;
+      reason = await aborted(ctx.signal);
+      // Finishing "successfully" now must not ack the job: it is someone else's.
+    },
+  });
+  const id = await enqueue(db.sql, "t.lost");
+  const consumer = startConsumer(db.sql, [task], { visibilityTimeoutMs: 300 });
+  try {
+    await waitFor("the handler to start", () => started);
+    // Another consumer redelivered it meanwhile: the token moved on.
+    await db.sql`
+      update shoal.jobs set token = token + 1, run_at = now() + interval '1 hour'
+      where id = ${id}::bigint`;
+    await waitFor("the handler to be aborted", () => reason !== undefined);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  } finally {
+    await consumer.stop();
+  }
+  assert(reason instanceof Error && reason.name === "LeaseLostError", String(reason));
+  const [row] = await db.sql<
+    { attempts: number; token: string; last_error: string | null; far: boolean }[]
+  >`
+    select attempts, token, last_error, run_at > now() + interval '50 minutes' as far
+    from shoal.jobs where id = ${id}::bigint`;
+  // Not acked, failed, extended or released: the new owner's claim is untouched.
+  assertEquals(row, { attempts: 1, token: "2", last_error: null, far: true });
+  assertEquals(await count(db.sql, "dead_jobs"), 0);
+});
+
+Deno.test("runConsumer() shutdown finishes what fits in the grace and releases the rest", async () => {
+  await using db = await testDb();
+  const reasons = new Map<string, unknown>();
+  const started = new Set<string>();
+  const task = defineTask<{ ms: number }>({
+    name: "t.sleep",
+    parse: (payload) => ({ ms: payload.ms as number }),
+    async handler({ ms }, ctx) {
+      started.add(ctx.job.id);
+      reasons.set(ctx.job.id, await sleepOrAbort(ms, ctx.signal));
+    },
+  });
+  const [short, long] = (await enqueueMany(db.sql, [
+    { task: "t.sleep", payload: { ms: 100 } },
+    { task: "t.sleep", payload: { ms: 1500 } },
+  ])).map((e) => e.id) as [string, string];
+  const consumer = startConsumer(db.sql, [task], { shutdownGraceMs: 500 });
+  await waitFor("both handlers to start", () => started.size === 2);
+  await consumer.stop();
+
+  assertEquals(reasons.get(short), "finished");
+  const longReason = reasons.get(long);
+  assert(longReason instanceof Error && longReason.name === "ShutdownError", String(longReason));
+  const rows = await db.sql<{ id: string; attempts: number; locked_by: string | null }[]>`
+    select id, attempts, locked_by from shoal.jobs`;
+  assertEquals([...rows], [{ id: long, attempts: 0, locked_by: null }]);
+});
+
+Deno.test("defineTask() refuses a timeout longer than a timer can wait", () => {
+  // setTimeout fires after 1 ms for anything above 2^31 - 1 ms: every run would time out.
+  assert.throws(
+    () => defineTask({ name: "t.forever", timeoutMs: 30 * 86_400_000, handler: () => {} }),
+    /Invalid timeoutMs for task t\.forever/,
+  );
+  defineTask({ name: "t.long", timeoutMs: 24 * 86_400_000, handler: () => {} });
+});

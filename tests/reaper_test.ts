@@ -1,0 +1,87 @@
+import { assertEquals, assertRejects } from "./assert.ts";
+import { acquire, LeaseLostError } from "../lib/lease.ts";
+import { claim, enqueue, fail } from "../lib/queue.ts";
+import { deadRetentionSweep, REAPER_LEASE, reapOnce, type Sweep } from "../lib/reaper.ts";
+import { testDb } from "./helpers.ts";
+
+const OPTIONS = { holder: "test", leaseMs: 30_000, intervalMs: 1000, deadRetentionMs: 60_000 };
+
+/** Enqueue and dead-letter one job; returns its id. */
+async function deadJob(
+  sql: Parameters<typeof enqueue>[0],
+  diedSecondsAgo: number,
+): Promise<string> {
+  const id = await enqueue(sql, "t", {}, {
+    maxAttempts: 1,
+    queue: `q${crypto.randomUUID().slice(0, 8)}`,
+  });
+  const queue = (await sql`select queue from shoal.jobs where id = ${id}`)[0]!.queue as string;
+  const { jobs } = await claim(sql, {
+    queues: [queue],
+    limit: 1,
+    workerId: "w",
+    visibilityMs: 1000,
+  });
+  await fail(sql, jobs[0]!, { error: "boom", retryInMs: 0 });
+  await sql`update shoal.dead_jobs set died_at = now() - ${diedSecondsAgo} * interval '1 second' where id = ${id}`;
+  return id;
+}
+
+Deno.test("reapOnce() purges dead jobs past their retention, capped per tick, oldest first", async () => {
+  await using db = await testDb();
+  const old1 = await deadJob(db.sql, 600);
+  const old2 = await deadJob(db.sql, 300);
+  const fresh = await deadJob(db.sql, 10);
+  const first = await reapOnce(db.sql, OPTIONS, { limit: 1 });
+  assertEquals(first["dead-retention"], 1);
+  let left = (await db.sql`select id from shoal.dead_jobs order by id`).map((r) => r.id);
+  assertEquals(left, [old2, fresh], "the oldest goes first");
+  assertEquals((await reapOnce(db.sql, OPTIONS))["dead-retention"], 1);
+  left = (await db.sql`select id from shoal.dead_jobs order by id`).map((r) => r.id);
+  assertEquals(left, [fresh]);
+  assertEquals((await reapOnce(db.sql, OPTIONS))["dead-retention"], 0);
+  assertEquals(left.includes(old1), false);
+});
+
+Deno.test("reapOnce() isolates a failing sweep: its transaction rolls back and the others still run", async () => {
+  await using db = await testDb();
+  await deadJob(db.sql, 600);
+  const broken: Sweep = {
+    name: "broken",
+    kind: "recovery",
+    async run(tx) {
+      await tx`delete from shoal.dead_jobs`; // rolled back with the failure below
+      await tx`select * from no_such_table`;
+      return 0;
+    },
+  };
+  const report = await reapOnce(db.sql, OPTIONS, { sweeps: [broken, deadRetentionSweep] });
+  assertEquals(typeof report.broken, "object");
+  assertEquals(report["dead-retention"], 1, "the next sweep ran on a healthy connection");
+  // The same pool is fine afterwards (no connection left in an aborted transaction).
+  assertEquals((await db.sql`select 1 as one`)[0]?.one, 1);
+});
+
+Deno.test("reapOnce() with a lost lease does nothing", async () => {
+  await using db = await testDb();
+  await deadJob(db.sql, 600);
+  const now = new Date();
+  const term = (await acquire(db.sql, {
+    name: REAPER_LEASE,
+    holder: "a",
+    ttlMs: 1,
+    now: new Date(now.getTime() - 10_000),
+  }))!;
+  await acquire(db.sql, { name: REAPER_LEASE, holder: "b", ttlMs: 60_000 });
+  await assertRejects(() => reapOnce(db.sql, OPTIONS, { term }), LeaseLostError);
+  assertEquals((await db.sql`select count(*)::int as n from shoal.dead_jobs`)[0]?.n, 1);
+});
+
+Deno.test("reapOnce() reports a job stuck past its deadline after many attempts once, not every tick", async () => {
+  await using db = await testDb();
+  const id = await enqueue(db.sql, "t", {}, { queue: "stuck" });
+  await db
+    .sql`update shoal.jobs set attempts = 5, locked_by = 'dead-worker', run_at = now() - interval '1 minute' where id = ${id}`;
+  assertEquals((await reapOnce(db.sql, OPTIONS))["stuck-report"], 1);
+  assertEquals((await reapOnce(db.sql, OPTIONS))["stuck-report"], 0);
+});

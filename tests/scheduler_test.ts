@@ -1,0 +1,302 @@
+import { assert, assertEquals, assertExists, assertRejects } from "./assert.ts";
+import { connect } from "../lib/db.ts";
+import { acquire, LeaseLostError } from "../lib/lease.ts";
+import { checkCron, nextSlot } from "../lib/cron.ts";
+import {
+  checkSchedule,
+  listSchedules,
+  loadSchedulesFile,
+  removeSchedule,
+  setScheduleEnabled,
+  syncSchedules,
+  upsertSchedule,
+} from "../lib/schedule.ts";
+import { SCHEDULER_LEASE, tickOnce } from "../lib/scheduler.ts";
+import { type TestDb, testDb } from "./helpers.ts";
+
+const T0 = new Date("2030-01-01T00:00:00Z");
+const at = (ms: number) => new Date(T0.getTime() + ms);
+
+/** The fired jobs' slots (from their dedupe keys), oldest first. */
+async function firedSlots(db: TestDb, name: string): Promise<string[]> {
+  const rows = await db.sql<{ key: string }[]>`
+    select key from shoal.jobs where key like ${`schedule:${name}:%`} order by key`;
+  return rows.map((r) => r.key.slice(`schedule:${name}:`.length));
+}
+
+Deno.test("checkCron() accepts 5 and 6 fields and rejects what cron-parser would wrongly accept", () => {
+  checkCron("*/5 * * * *");
+  checkCron("0 */10 * * * *");
+  for (const bad of ["", "   ", "* * * *", "* * * * * * *", "61 * * * *", "not cron at all"]) {
+    let caught: unknown;
+    try {
+      checkCron(bad);
+    } catch (error) {
+      caught = error;
+    }
+    assert.ok(caught instanceof RangeError, `"${bad}" should be rejected`);
+    assert.match((caught as Error).message, /^Cannot parse cron expression/);
+  }
+});
+
+Deno.test("checkSchedule() rejects bad names, time zones and payloads with one clear line", () => {
+  const ok = { name: "nightly", cron: "0 3 * * *", task: "t" };
+  assertEquals(checkSchedule(ok).tz, "UTC");
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{ ...ok, name: "bad name" }, /Invalid schedule name/],
+    [{ ...ok, name: "'; drop table shoal.jobs; --" }, /Invalid schedule name/],
+    [{ ...ok, tz: "Mars/Olympus" }, /Invalid time zone "Mars\/Olympus"/],
+    [{ ...ok, payload: [1] }, /Invalid payload/],
+    [{ ...ok, cron: "* * * *" }, /Cannot parse cron expression/],
+    [{ ...ok, task: "" }, /Invalid task name/],
+  ];
+  for (const [spec, pattern] of cases) {
+    let caught: unknown;
+    try {
+      checkSchedule(spec as never);
+    } catch (error) {
+      caught = error;
+    }
+    assertExists(caught, JSON.stringify(spec));
+    assert.match((caught as Error).message, pattern);
+    assert.ok(!(caught as Error).message.includes("\n"));
+  }
+});
+
+Deno.test("nextSlot() fires at the right instants across DST changes in a named time zone", () => {
+  // New York springs forward on 2030-03-10 (02:00 -> 03:00) and falls back on 2030-11-03.
+  const tz = "America/New_York";
+  // 01:30 local daily: unaffected by the jump, always 01:30 local.
+  assertEquals(
+    nextSlot("30 1 * * *", tz, new Date("2030-03-09T12:00:00Z")).toISOString(),
+    "2030-03-10T06:30:00.000Z",
+  );
+  assertEquals(
+    nextSlot("30 1 * * *", tz, new Date("2030-03-10T12:00:00Z")).toISOString(),
+    "2030-03-11T05:30:00.000Z",
+  );
+  // 09:00 local: EST (UTC-5) before, EDT (UTC-4) after.
+  assertEquals(
+    nextSlot("0 9 * * *", tz, new Date("2030-03-09T15:00:00Z")).toISOString(),
+    "2030-03-10T13:00:00.000Z",
+  );
+  assertEquals(
+    nextSlot("0 9 * * *", tz, new Date("2030-11-02T14:00:00Z")).toISOString(),
+    "2030-11-03T14:00:00.000Z",
+  );
+  // Hourly across the fall-back: every real hour fires once, none skipped.
+  let t = new Date("2030-11-03T04:30:00Z"); // 00:30 EDT
+  const fires: string[] = [];
+  for (let i = 0; i < 4; i++) {
+    t = nextSlot("0 * * * *", tz, t);
+    fires.push(t.toISOString());
+  }
+  assertEquals(fires, [
+    "2030-11-03T05:00:00.000Z",
+    "2030-11-03T06:00:00.000Z",
+    "2030-11-03T07:00:00.000Z",
+    "2030-11-03T08:00:00.000Z",
+  ]);
+});
+
+Deno.test("tickOnce() records a baseline for a new schedule without firing, then fires each due slot once", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, {
+    name: "min",
+    cron: "* * * * *",
+    task: "shoal.noop",
+    queue: "cron",
+  });
+  const first = await tickOnce(db.sql, { now: at(10_000) });
+  assertEquals([first.fired, first.baselined], [0, 1]);
+  assertEquals(await firedSlots(db, "min"), []);
+  const [row] = await listSchedules(db.sql);
+  assertEquals(row?.next_run_at?.toISOString(), "2030-01-01T00:01:00.000Z");
+  assertEquals(first.nextDueInMs, 50_000);
+  // Not yet due.
+  assertEquals((await tickOnce(db.sql, { now: at(59_999) })).fired, 0);
+  // Due: fires once, advances in the same transaction.
+  const fired = await tickOnce(db.sql, { now: at(60_000) });
+  assertEquals(fired.fired, 1);
+  assertEquals((await tickOnce(db.sql, { now: at(60_500) })).fired, 0, "never twice");
+  assertEquals(await firedSlots(db, "min"), ["2030-01-01T00:01:00.000Z"]);
+  const [job] = await db.sql`select queue, task from shoal.jobs`;
+  assertEquals([job?.queue, job?.task], ["cron", "shoal.noop"]);
+});
+
+Deno.test("tickOnce() fires missed slots once, coalesced, then moves to the next future slot", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "min", cron: "* * * * *", task: "shoal.noop" });
+  await tickOnce(db.sql, { now: at(0) }); // baseline: next 00:01
+  // The scheduler was down for an hour.
+  const result = await tickOnce(db.sql, { now: at(3_600_000 + 30_000) });
+  assertEquals(result.fired, 1);
+  assertEquals(await firedSlots(db, "min"), ["2030-01-01T00:01:00.000Z"]);
+  const [row] = await listSchedules(db.sql);
+  assertEquals(row?.next_run_at?.toISOString(), "2030-01-01T01:01:00.000Z");
+});
+
+Deno.test("tickOnce() disables a row with an invalid cron or time zone once and keeps firing the others", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "good", cron: "* * * * *", task: "shoal.noop" });
+  // Rows written by hand (or an older binary) can hold what the CLI would refuse.
+  await db
+    .sql`insert into shoal.schedules (name, cron, task) values ('bad-cron', '* * * *', 'shoal.noop')`;
+  await db
+    .sql`insert into shoal.schedules (name, cron, tz, task) values ('bad-tz', '* * * * *', 'Nowhere/Land', 'shoal.noop')`;
+  const first = await tickOnce(db.sql, { now: at(0) });
+  assertEquals([first.baselined, first.disabled], [1, 2]);
+  const rows = Object.fromEntries((await listSchedules(db.sql)).map((r) => [r.name, r]));
+  assertEquals(rows["bad-cron"]?.enabled, false);
+  assert.match(rows["bad-cron"]?.last_error ?? "", /Cannot parse cron expression "\* \* \* \*"/);
+  assert.match(rows["bad-tz"]?.last_error ?? "", /Invalid time zone "Nowhere\/Land"/);
+  const second = await tickOnce(db.sql, { now: at(60_000) });
+  assertEquals([second.fired, second.disabled], [1, 0], "disabled rows are not looked at again");
+});
+
+Deno.test("tickOnce() isolates a row that fails to fire: recorded once, disabled when permanent, others still fire", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "a", cron: "* * * * *", task: "shoal.noop" });
+  await upsertSchedule(db.sql, {
+    name: "big",
+    cron: "* * * * *",
+    task: "shoal.noop",
+    payload: { s: "x".repeat(200) },
+  });
+  await upsertSchedule(db.sql, { name: "z", cron: "* * * * *", task: "shoal.noop" });
+  await tickOnce(db.sql, { now: at(0) });
+  // The payload limit drops below "big"'s payload: enqueue will fail for that row only.
+  await db.sql`alter database ${db.sql(db.name)} set shoal.max_payload_bytes = '100'`;
+  const limited = connect(db.url, { applicationName: "shoal test", max: 2 });
+  try {
+    const tick = await tickOnce(limited, { now: at(60_000) });
+    assertEquals([tick.fired, tick.failed], [2, 1]);
+  } finally {
+    await limited.end();
+  }
+  assertEquals(await firedSlots(db, "a"), ["2030-01-01T00:01:00.000Z"]);
+  assertEquals(await firedSlots(db, "z"), ["2030-01-01T00:01:00.000Z"]);
+  assertEquals(await firedSlots(db, "big"), []);
+  const big = (await listSchedules(db.sql)).find((r) => r.name === "big");
+  assertEquals(big?.enabled, false, "a payload over the limit fails every time: disabled");
+  assert.match(big?.last_error ?? "", /over the limit/);
+});
+
+Deno.test("tickOnce() with a stale lease term fires nothing", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "min", cron: "* * * * *", task: "shoal.noop" });
+  const term =
+    (await acquire(db.sql, { name: SCHEDULER_LEASE, holder: "a", ttlMs: 1000, now: at(0) }))!;
+  await tickOnce(db.sql, { term, now: at(0) });
+  await acquire(db.sql, { name: SCHEDULER_LEASE, holder: "b", ttlMs: 120_000, now: at(2000) });
+  await assertRejects(() => tickOnce(db.sql, { term, now: at(60_000) }), LeaseLostError);
+  assertEquals(await firedSlots(db, "min"), []);
+});
+
+Deno.test("tickOnce() run by two schedulers at once fires every slot exactly once", async () => {
+  await using db = await testDb();
+  for (let i = 0; i < 50; i++) {
+    await upsertSchedule(db.sql, { name: `s${i}`, cron: "* * * * *", task: "shoal.noop" });
+  }
+  await tickOnce(db.sql, { now: at(0) });
+  for (const minute of [1, 2, 3]) {
+    const [a, b] = await Promise.all([
+      tickOnce(db.sql, { now: at(minute * 60_000) }),
+      tickOnce(db.sql, { now: at(minute * 60_000) }),
+    ]);
+    assertEquals(a.fired + b.fired, 50);
+  }
+  const [{ jobs, slots }] = await db.sql`
+    select count(*)::int as jobs, count(distinct key)::int as slots from shoal.jobs` as unknown as [
+    { jobs: number; slots: number },
+  ];
+  assertEquals([jobs, slots], [150, 150]);
+});
+
+Deno.test("schedule management: upsert updates, pause/resume re-baselines, remove", async () => {
+  await using db = await testDb();
+  assertEquals(
+    await upsertSchedule(db.sql, { name: "n", cron: "* * * * *", task: "t" }),
+    "created",
+  );
+  assertEquals(
+    await upsertSchedule(db.sql, { name: "n", cron: "* * * * *", task: "t" }),
+    "unchanged",
+  );
+  await tickOnce(db.sql, { now: at(0) });
+  assertEquals(
+    await upsertSchedule(db.sql, { name: "n", cron: "*/5 * * * *", task: "t" }),
+    "updated",
+  );
+  let [row] = await listSchedules(db.sql);
+  assertEquals(row?.next_run_at, null, "a new cron records a fresh baseline");
+  await tickOnce(db.sql, { now: at(0) });
+  assertEquals(await setScheduleEnabled(db.sql, "n", false), true);
+  assertEquals((await tickOnce(db.sql, { now: at(3_600_000) })).fired, 0, "paused");
+  assertEquals(await setScheduleEnabled(db.sql, "n", true), true);
+  [row] = await listSchedules(db.sql);
+  assertEquals(row?.next_run_at, null, "resuming does not fire the slots missed while paused");
+  const resumed = await tickOnce(db.sql, { now: at(3_600_000) });
+  assertEquals([resumed.fired, resumed.baselined], [0, 1]);
+  assertEquals(await setScheduleEnabled(db.sql, "missing", true), false);
+  assertEquals(await removeSchedule(db.sql, "n"), true);
+  assertEquals(await removeSchedule(db.sql, "n"), false);
+});
+
+Deno.test("syncSchedules() creates, updates and removes file-managed rows, leaving manual rows alone", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "manual", cron: "* * * * *", task: "t" });
+  let result = await syncSchedules(db.sql, [
+    { name: "a", cron: "* * * * *", task: "t" },
+    { name: "b", cron: "0 * * * *", task: "t" },
+  ]);
+  assertEquals(result, { created: ["a", "b"], updated: [], removed: [] });
+  result = await syncSchedules(db.sql, [{ name: "a", cron: "*/2 * * * *", task: "t" }]);
+  assertEquals(result, { created: [], updated: ["a"], removed: ["b"] });
+  assertEquals((await listSchedules(db.sql)).map((r) => `${r.name}:${r.source}`), [
+    "a:file",
+    "manual:manual",
+  ]);
+  await assertRejects(
+    () =>
+      syncSchedules(db.sql, [{ name: "a", cron: "* * * * *", task: "t" }, {
+        name: "a",
+        cron: "* * * * *",
+        task: "t",
+      }]),
+    RangeError,
+    "named twice",
+  );
+});
+
+Deno.test("loadSchedulesFile() reports a malformed file in one clear line", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const cases: [string, RegExp][] = [
+      ["{not json", /Cannot parse schedules file/],
+      ['{"nope": 1}', /expected a JSON array/],
+      ['[{"name": "x", "cron": "* * * *", "task": "t"}]', /entry 1: Cannot parse cron expression/],
+      [
+        '[{"name": "x", "cron": "* * * * *", "task": "t", "tz": "No/Where"}]',
+        /entry 1: Invalid time zone/,
+      ],
+    ];
+    for (const [text, pattern] of cases) {
+      await Deno.writeTextFile(`${dir}/s.json`, text);
+      const error = await assertRejects(() => loadSchedulesFile(`${dir}/s.json`));
+      assert.match(error.message, pattern);
+    }
+    await assertRejects(
+      () => loadSchedulesFile(`${dir}/missing.json`),
+      Error,
+      "Cannot read schedules file",
+    );
+    await Deno.writeTextFile(
+      `${dir}/s.json`,
+      '{"schedules": [{"name": "x", "cron": "0 0 * * *", "task": "t"}]}',
+    );
+    assertEquals((await loadSchedulesFile(`${dir}/s.json`)).map((s) => s.name), ["x"]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

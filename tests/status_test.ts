@@ -1,0 +1,112 @@
+/**
+ * `shoal status` (lib/status.ts) against real Postgres: per-queue ready, scheduled, running
+ * and dead counts and the age of the oldest ready job.
+ */
+import { assert, assertEquals } from "./assert.ts";
+import { testDb, waitFor } from "./helpers.ts";
+import type { Sql } from "../lib/db.ts";
+import { claim, type ClaimOptions, enqueue, fail, type Job } from "../lib/queue.ts";
+import { type QueueStatus, queueStatus } from "../lib/status.ts";
+
+function claimOptions(queue: string, limit: number, visibilityMs = 60_000): ClaimOptions {
+  return { queues: [queue], limit, workerId: "test:1", visibilityMs };
+}
+
+async function claimAll(sql: Sql, queue: string, n: number, visibilityMs = 60_000) {
+  const { jobs } = await claim(sql, claimOptions(queue, n, visibilityMs));
+  assertEquals(jobs.length, n);
+  return jobs;
+}
+
+function byId(jobs: Job[], id: string): Job {
+  const job = jobs.find((j) => j.id === id);
+  if (!job) throw new Error(`Job ${id} was not claimed`);
+  return job;
+}
+
+/** The status rows with the age checked against bounds and then left out. */
+function withoutAge(
+  rows: QueueStatus[],
+  ages: Record<string, [number, number]>,
+): Omit<QueueStatus, "oldest_ready_age_s">[] {
+  return rows.map(({ oldest_ready_age_s: age, ...rest }) => {
+    const [min, max] = ages[rest.queue] ?? [0, 0];
+    assert(
+      age >= min && age <= max,
+      `${rest.queue}: oldest_ready_age_s ${age} not in ${min}..${max}`,
+    );
+    return rest;
+  });
+}
+
+Deno.test("queueStatus() of an empty database is []", async () => {
+  await using db = await testDb();
+  assertEquals(await queueStatus(db.sql), []);
+});
+
+Deno.test("queueStatus() counts ready, scheduled, running and dead jobs per queue", async () => {
+  await using db = await testDb();
+  // Queue a: one running, one waiting out a retry, one dead...
+  const running = await enqueue(db.sql, "t", {}, { queue: "a" });
+  const retrying = await enqueue(db.sql, "t", {}, { queue: "a" });
+  const dying = await enqueue(db.sql, "t", {}, { queue: "a" });
+  const claimed = await claimAll(db.sql, "a", 3);
+  assertEquals(claimed.map((j) => j.id).sort(), [running, retrying, dying].sort());
+  const retry = byId(claimed, retrying);
+  const die = byId(claimed, dying);
+  assertEquals(await fail(db.sql, retry, { error: "later", retryInMs: 600_000 }), "retried");
+  assertEquals(
+    await fail(db.sql, die, { error: "no", retryInMs: 0, permanent: true }),
+    "dead",
+  );
+  // ...two ready (one of them due a minute ago) and one scheduled for later.
+  const [{ past }] = await db.sql<[{ past: Date }]>`select now() - interval '60 s' as past`;
+  await enqueue(db.sql, "t", {}, { queue: "a", runAt: past });
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await enqueue(db.sql, "t", {}, { queue: "a", runAt: new Date(Date.now() + 3_600_000) });
+  // Queue b has only dead jobs.
+  for (let i = 0; i < 2; i++) {
+    await enqueue(db.sql, "t", {}, { queue: "b" });
+    const [job] = await claimAll(db.sql, "b", 1);
+    assertEquals(
+      await fail(db.sql, job!, { error: "x", retryInMs: 0, permanent: true }),
+      "dead",
+    );
+  }
+  // Queue c has only a scheduled job.
+  await enqueue(db.sql, "t", {}, { queue: "c", runAt: new Date(Date.now() + 60_000) });
+
+  const rows = await queueStatus(db.sql);
+  assertEquals(withoutAge(rows, { a: [60, 90] }), [
+    { queue: "a", ready: 2, scheduled: 2, running: 1, dead: 1 },
+    { queue: "b", ready: 0, scheduled: 0, running: 0, dead: 2 },
+    { queue: "c", ready: 0, scheduled: 1, running: 0, dead: 0 },
+  ]);
+});
+
+Deno.test("queueStatus() counts a claim whose deadline passed as ready", async () => {
+  await using db = await testDb();
+  await enqueue(db.sql, "t", {}, { queue: "q" });
+  await enqueue(db.sql, "t", {}, { queue: "q" });
+  // Long enough that the first status cannot race the deadline on a busy box.
+  const [short] = await claimAll(db.sql, "q", 1, 1_500);
+  await claimAll(db.sql, "q", 1, 600_000);
+  const before = await queueStatus(db.sql);
+  assertEquals(withoutAge(before, {}), [
+    { queue: "q", ready: 0, scheduled: 0, running: 2, dead: 0 },
+  ]);
+  await waitFor(
+    "the short claim to expire",
+    async () => {
+      const [row] = await db.sql<{ due: boolean }[]>`
+      select run_at <= now() as due from shoal.jobs where id = ${short!.id}::bigint`;
+      return row!.due;
+    },
+    20_000,
+    20,
+  );
+  const after = await queueStatus(db.sql);
+  assertEquals(withoutAge(after, { q: [0, 20] }), [
+    { queue: "q", ready: 1, scheduled: 0, running: 1, dead: 0 },
+  ]);
+});
