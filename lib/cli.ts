@@ -19,6 +19,7 @@ import {
 } from "./config.ts";
 import { defaultWorkerId, runConsumer } from "./consumer.ts";
 import { checkLeaderTiming } from "./leader.ts";
+import { cancelExecution } from "./execution.ts";
 import { runReaper } from "./reaper.ts";
 import {
   checkSchedule,
@@ -51,6 +52,7 @@ Usage:
   shoal migrate
   shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
   shoal status [--json]
+  shoal cancel EXECUTION
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D]
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
@@ -72,6 +74,12 @@ const err = (text: string) => Deno.stderr.writeSync(new TextEncoder().encode(tex
 
 /** Run shoal with these arguments; resolves to the process exit code. */
 export async function main(args: string[], options: MainOptions = {}): Promise<number> {
+  // A stray rejection (postgres.js can raise one when Postgres ends a session under a
+  // transaction) must not kill a worker with its jobs in flight: log it and keep serving.
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    event.preventDefault();
+    logger("process").error("Unhandled rejection: {error}", { error: describeError(event.reason) });
+  });
   let parsed: ParsedArgs;
   try {
     parsed = parseCommandLine(args);
@@ -98,7 +106,7 @@ function describeFailure(error: unknown): string {
 async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const [command, ...rest] = parsed.positionals;
   if (command === undefined) {
-    if (parsed.flags.role === undefined) {
+    if (parsed.flags.role === undefined && !Deno.env.get("SHOAL_ROLE")) {
       throw new UsageError("Nothing to do: give --role or a command (shoal --help lists them)");
     }
     return await roleCommand(parsed, tasks);
@@ -128,6 +136,19 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       return await deadCommand(parsed, rest);
     case "schedule":
       return await scheduleCommand(parsed, rest);
+    case "cancel": {
+      if (rest.length !== 1 || !/^\d+$/.test(rest[0]!)) {
+        throw new UsageError("shoal cancel takes one execution id");
+      }
+      return await withDb("cancel", parsed, [], async (sql) => {
+        if (!(await cancelExecution(sql, rest[0]!))) {
+          err(`shoal: Execution ${rest[0]} is not pending or running\n`);
+          return 1;
+        }
+        out(`Cancelled execution ${rest[0]}\n`);
+        return 0;
+      });
+    }
     case "dev":
       noExtra(command, rest);
       return await devCommand(parsed, tasks);
@@ -305,17 +326,28 @@ async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> 
   }
 }
 
+/**
+ * A repeat this soon after the first signal is one keypress delivered twice, not a second
+ * request: `deno task` forwards the terminal's SIGINT to its child, which also gets it
+ * from the terminal directly.
+ */
+const SIGNAL_ECHO_MS = 1000;
+
 /** Install SIGTERM/SIGINT handlers: the first aborts `stop`, the second exits at once. */
 function trapSignals(stop: AbortController): () => void {
   const log = logger("signals");
+  let firstAt = 0;
   const handlers: [Deno.Signal, () => void][] = (["SIGTERM", "SIGINT"] as const).map((sig) => [
     sig,
     () => {
       if (!stop.signal.aborted) {
+        firstAt = Date.now();
         log.info("Received {signal}: shutting down (send it again to exit at once)", {
           signal: sig,
         });
         stop.abort();
+      } else if (sig === "SIGINT" && Date.now() - firstAt < SIGNAL_ECHO_MS) {
+        log.debug("Ignored {signal} repeated within a second of the first", { signal: sig });
       } else {
         log.warn("Received {signal} again: exiting now", { signal: sig });
         Deno.exit(sig === "SIGINT" ? 130 : 143);
@@ -339,6 +371,7 @@ function consumerOptions(opts: Resolved) {
     shutdownGraceMs: opts["shutdown-grace"] as number,
     taskTimeoutMs: opts["task-timeout"] as number,
     maxPayloadBytes: opts["max-payload"] as number,
+    maxFanOut: opts["max-fan-out"] as number,
   };
 }
 
@@ -395,14 +428,24 @@ async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<num
       await checkSchema(sql, migrations);
       const stop = new AbortController();
       const untrap = trapSignals(stop);
+      const run = (r: string): Promise<void> => {
+        if (r === "consumer") {
+          return runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
+        }
+        if (r === "reaper") return runReaper(sql, leader!, stop.signal);
+        return runScheduler(sql, leader!, stop.signal);
+      };
       try {
-        await Promise.all(roles.map((r) => {
-          if (r === "consumer") {
-            return runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
-          }
-          if (r === "reaper") return runReaper(sql, leader!, stop.signal);
-          return runScheduler(sql, leader!, stop.signal);
-        }));
+        // A role that fails stops the others gracefully (leases released, running jobs
+        // handed back) before the pool closes, instead of the pool closing under them.
+        const results = await Promise.allSettled(roles.map((r) =>
+          run(r).catch((error) => {
+            stop.abort();
+            throw error;
+          })
+        ));
+        const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+        if (failed) throw failed.reason;
       } finally {
         untrap();
       }

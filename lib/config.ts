@@ -78,6 +78,13 @@ export const OPTIONS = {
     max: MAX_TIMER_MS,
     help: "abort a handler after this long unless its task sets a timeout",
   },
+  "max-fan-out": {
+    kind: "int",
+    default: "100000",
+    min: 0,
+    max: 10_000_000,
+    help: "most children one fan-out may open",
+  },
   "max-payload": {
     kind: "int",
     default: "1048576",
@@ -299,6 +306,7 @@ export const CONSUMER = [
   "shutdown-grace",
   "task-timeout",
   "max-payload",
+  "max-fan-out",
 ] as const;
 /** The flags of the leader-elected roles (reaper and scheduler). */
 export const LEADER = ["lease", "interval", "dead-retention", "schedules"] as const;

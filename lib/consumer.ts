@@ -23,6 +23,7 @@ import {
   type JobRef,
   release,
 } from "./queue.ts";
+import { checkFanOut, completeJobs, type Completion, fanOut, type FanOutSpec } from "./barrier.ts";
 import { PermanentError, type TaskContext, type TaskRegistry } from "./tasks.ts";
 
 export interface ConsumerOptions {
@@ -40,6 +41,19 @@ export interface ConsumerOptions {
   /** Backoff base for retries (attempt n waits about base × 2^(n-1)). */
   retryBaseMs?: number;
   maxPayloadBytes?: number;
+  /** Largest fan-out a handler may open (default 100,000 children). */
+  maxFanOut?: number;
+}
+
+/** A handler's return value as plain JSON (undefined becomes null). */
+function toJson(value: unknown, task: string): unknown {
+  if (value === undefined) return null;
+  try {
+    const text = JSON.stringify(value);
+    return text === undefined ? null : JSON.parse(text);
+  } catch (cause) {
+    throw new TypeError(`Task ${task} returned a result that cannot be stored as JSON`, { cause });
+  }
 }
 
 export interface ConsumerDeps {
@@ -58,6 +72,10 @@ interface Running {
    */
   settled: "running" | "settling" | "released" | "lost";
   done: Promise<void>;
+  /** What the handler returned (jobs of an execution only), as JSON. */
+  result?: unknown;
+  /** A fan-out the handler asked for, opened with its ack. */
+  fanOut?: FanOutSpec;
 }
 
 /** Sleeps until woken, a timeout, or an abort. */
@@ -94,30 +112,48 @@ class Waker {
  * finish meanwhile wait and go together in the next one.
  */
 class AckBatcher {
-  #pending: JobRef[] = [];
+  #plain: JobRef[] = [];
+  #workflow: Completion[] = [];
   #flushing: Promise<void> | null = null;
 
   constructor(private readonly sql: Sql) {}
 
+  /** A plain job: a bare delete. */
   add(ref: JobRef): void {
-    this.#pending.push(ref);
+    this.#plain.push(ref);
+    this.#flushing ??= this.#flush();
+  }
+
+  /** A job of an execution: its result feeds barriers and the execution's completion. */
+  addCompletion(done: Completion): void {
+    this.#workflow.push(done);
     this.#flushing ??= this.#flush();
   }
 
   async #flush(): Promise<void> {
-    while (this.#pending.length > 0) {
-      const batch = this.#pending.splice(0);
-      try {
-        await retryOnce("ack", () => ack(this.sql, batch));
-      } catch (error) {
-        // The jobs stay claimed and are redelivered after their deadline (at-least-once).
-        logger("consumer").error("Cannot ack {count} jobs, they will be redelivered: {error}", {
-          count: batch.length,
-          error: describeError(error),
-        });
-      }
+    while (this.#plain.length > 0 || this.#workflow.length > 0) {
+      const plain = this.#plain.splice(0);
+      const workflow = this.#workflow.splice(0);
+      await Promise.all([
+        this.#send("ack", plain.length, () => ack(this.sql, plain)),
+        this.#send("complete", workflow.length, () => completeJobs(this.sql, workflow)),
+      ]);
     }
     this.#flushing = null;
+  }
+
+  async #send(what: string, count: number, run: () => Promise<unknown>): Promise<void> {
+    if (count === 0) return;
+    try {
+      await retryOnce(what, run);
+    } catch (error) {
+      // The jobs stay claimed and are redelivered after their deadline (at-least-once).
+      logger("consumer").error("Cannot {what} {count} jobs, they will be redelivered: {error}", {
+        what,
+        count,
+        error: describeError(error),
+      });
+    }
   }
 
   /** Resolves once every ack handed in so far has been sent. */
@@ -175,6 +211,31 @@ export async function runConsumer(
     if (lastClaimFull) waker.wake();
   };
 
+  /** The handler finished and asked for a fan-out: ack, barrier and children in one go. */
+  async function openFanOut(r: Running, spec: FanOutSpec): Promise<void> {
+    const ref = { id: r.job.id, token: r.job.token };
+    try {
+      const execution = await retryOnce(
+        "fan-out",
+        () =>
+          fanOut(sql, ref, spec, {
+            maxChildren: options.maxFanOut,
+            maxPayloadBytes: options.maxPayloadBytes,
+          }),
+      );
+      if (execution === null) {
+        log.warn("Job {job_id} lost its claim before its fan-out: nothing enqueued", {
+          job_id: r.job.id,
+        });
+      }
+    } catch (error) {
+      log.error("Cannot fan out from job {job_id}, it will be redelivered: {error}", {
+        job_id: r.job.id,
+        error: describeError(error),
+      });
+    }
+  }
+
   async function settle(r: Running, error: unknown | null): Promise<void> {
     if (r.settled !== "running") return;
     // From here the outcome is ours to record: a heartbeat must not report the claim lost
@@ -182,7 +243,9 @@ export async function runConsumer(
     r.settled = "settling";
     const ref = { id: r.job.id, token: r.job.token };
     if (error === null) {
-      acks.add(ref);
+      if (r.fanOut) await openFanOut(r, r.fanOut);
+      else if (r.job.execution_id !== null) acks.addCompletion({ ...ref, result: r.result });
+      else acks.add(ref);
       return;
     }
     const permanent = error instanceof PermanentError;
@@ -225,8 +288,23 @@ export async function runConsumer(
       db: sql,
       enqueue: (name, payload = {}, opts = {}) =>
         enqueue(sql, name, payload, { maxPayloadBytes: options.maxPayloadBytes, ...opts }),
+      fanOut: () => {}, // replaced below, once the job's slot exists
     };
     const r: Running = { job, controller, settled: "running", done: Promise.resolve() };
+    ctx.fanOut = (spec: FanOutSpec) => {
+      if (r.fanOut) throw new Error("A job can fan out once: combine the children in one call");
+      // Checked now, so a bad fan-out fails the handler before anything is enqueued.
+      try {
+        checkFanOut(spec, {
+          maxChildren: options.maxFanOut,
+          maxPayloadBytes: options.maxPayloadBytes,
+        });
+      } catch (cause) {
+        // The same spec would fail the same way on every retry.
+        throw new PermanentError(`Cannot fan out: ${(cause as Error).message}`, { cause });
+      }
+      r.fanOut = spec;
+    };
     running.set(job.id, r);
     const timer = setTimeout(
       () => controller.abort(new TimeoutError(`Task timed out after ${formatDuration(timeoutMs)}`)),
@@ -249,7 +327,10 @@ export async function runConsumer(
           );
         }
       }
-      return await task.handler(payload, ctx);
+      const value = await task.handler(payload, ctx);
+      // A job of an execution hands its result on (to its barrier's callback, or as the
+      // execution's result): it must survive JSON, or the job fails here, not later.
+      if (job.execution_id !== null && !r.fanOut) r.result = toJson(value, job.task);
     })();
     r.done = raceAbort(work, controller.signal)
       .then(() => settle(r, null), (error) => settle(r, error))

@@ -1,13 +1,18 @@
 /**
  * `shoal dev`: everything on one machine with no setup. Unless a database is configured
  * (`--database-url` or a non-empty DATABASE_URL), starts a local Postgres under
- * `<dir>/pg` (kept for the next run), migrates, runs a consumer in this process, enqueues a
- * small demo and prints its progress. When `stop` aborts (Ctrl-C), the consumer shuts down
+ * `<dir>/pg` (kept for the next run), migrates, runs every role in this process (consumer,
+ * reaper, scheduler), enqueues a small demo (jobs, a fan-out workflow, a schedule every 5
+ * seconds) and prints its progress. When `stop` aborts (Ctrl-C), the roles shut down
  * gracefully and the Postgres this started is stopped.
  *
  * @module
  */
-import { type ConsumerOptions, runConsumer } from "./consumer.ts";
+import { type ConsumerOptions, defaultWorkerId, runConsumer } from "./consumer.ts";
+import { getExecution, listExecutions, startExecution } from "./execution.ts";
+import { runReaper } from "./reaper.ts";
+import { upsertSchedule } from "./schedule.ts";
+import { runScheduler } from "./scheduler.ts";
 import { connect, redactUrl, type Sql } from "./db.ts";
 import { type LocalPg, startLocalPg } from "./local_pg.ts";
 import { describeError } from "./log.ts";
@@ -29,6 +34,11 @@ export interface DevOptions {
 }
 
 export const DEMO_QUEUE = "demo";
+/** The demo schedule fires here, so the demo queue itself drains and says "done". */
+export const DEMO_CRON_QUEUE = "demo-cron";
+/** Leader timing for the single dev process: a quick hand-over, a snappy scheduler. */
+const DEV_LEASE_MS = 10_000;
+const DEV_INTERVAL_MS = 1000;
 /** How often the progress line is refreshed. */
 const PROGRESS_EVERY_MS = 500;
 
@@ -74,13 +84,37 @@ async function demoStatus(sql: Sql): Promise<QueueStatus> {
     { queue: DEMO_QUEUE, ready: 0, scheduled: 0, running: 0, dead: 0, oldest_ready_age_s: 0 };
 }
 
+/** The demo workflow: ten children fanned out, one callback when all have arrived. */
+function demoWorkflow() {
+  return {
+    task: "shoal.chord",
+    queue: DEMO_QUEUE,
+    payload: {
+      children: Array.from({ length: 10 }, (_, i) => ({
+        task: "shoal.sleep",
+        payload: { ms: 300 + 50 * i },
+      })),
+      callback: { task: "shoal.noop", payload: { note: "all ten children arrived" } },
+    },
+  };
+}
+
+/** "workflow 7: running, 4/10 children arrived" */
+async function workflowLine(sql: Sql, id: string): Promise<string> {
+  const execution = await getExecution(sql, id);
+  const summary = (await listExecutions(sql, { limit: 50 })).find((e) => e.id === id);
+  const open = summary?.barriers[0];
+  const progress = open ? `, ${open.arrived}/${open.total} children arrived` : "";
+  return `workflow ${id}: ${execution?.status ?? "gone"}${progress}`;
+}
+
 /** One progress line; `deadBefore` leaves out dead jobs from earlier runs. */
-function progressLine(q: QueueStatus, deadBefore: number, url: string): string {
+function progressLine(q: QueueStatus, deadBefore: number, url: string, workflow: string): string {
   const dead = q.dead - deadBefore;
   if (q.ready + q.scheduled + q.running === 0) {
-    return `demo: done: nothing left to run, ${dead} dead-lettered (list them: DATABASE_URL=${url} deno task shoal dead list --queue ${DEMO_QUEUE})`;
+    return `demo: done: nothing left to run, ${dead} dead-lettered, ${workflow} (list the dead: DATABASE_URL=${url} deno task shoal dead list --queue ${DEMO_QUEUE})`;
   }
-  return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${dead} dead`;
+  return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${dead} dead; ${workflow}`;
 }
 
 /** Run the consumer and the demo on `sql` until `stop` aborts. */
@@ -94,30 +128,56 @@ async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSi
   const onStop = () => halt.abort();
   stop.addEventListener("abort", onStop, { once: true });
   let consumerError: unknown = null;
-  const consumer = runConsumer(
-    { sql, tasks: options.tasks },
-    {
-      ...options.consumer,
-      queues: [...new Set([...options.consumer.queues, DEMO_QUEUE])],
-      retryBaseMs: 500,
-    },
-    halt.signal,
-  ).catch((error) => {
+  const leader = {
+    holder: defaultWorkerId(),
+    leaseMs: DEV_LEASE_MS,
+    intervalMs: DEV_INTERVAL_MS,
+    deadRetentionMs: 14 * 86_400_000,
+    listen: options.consumer.listen,
+  };
+  const failed = (error: unknown) => {
     consumerError = error;
     halt.abort();
-  });
+  };
+  const roles = Promise.all([
+    runConsumer(
+      { sql, tasks: options.tasks },
+      {
+        ...options.consumer,
+        queues: [...new Set([...options.consumer.queues, DEMO_QUEUE, DEMO_CRON_QUEUE])],
+        retryBaseMs: 500,
+      },
+      halt.signal,
+    ).catch(failed),
+    runReaper(sql, leader, halt.signal).catch(failed),
+    runScheduler(sql, leader, halt.signal).catch(failed),
+  ]);
   try {
     const deadBefore = (await demoStatus(sql)).dead;
     const enqueued = await enqueueMany(sql, demoJobs());
+    const workflow = await startExecution(sql, demoWorkflow());
+    await upsertSchedule(sql, {
+      name: "demo-every-5s",
+      cron: "*/5 * * * * *",
+      task: "shoal.noop",
+      queue: DEMO_CRON_QUEUE,
+    });
     options.print(
-      `Enqueued ${enqueued.length} demo jobs on queue "${DEMO_QUEUE}" (one fails on purpose).\n` +
+      `Enqueued ${enqueued.length} demo jobs on queue "${DEMO_QUEUE}" (one fails on purpose), ` +
+        `workflow ${workflow} (a fan-out of 10 children and a callback), ` +
+        `and schedule demo-every-5s (shoal.noop on "${DEMO_CRON_QUEUE}").\n` +
         `Enqueue more from another terminal:\n` +
         `  DATABASE_URL=${url} deno task shoal enqueue --queue ${DEMO_QUEUE} --task shoal.sleep --payload '{"ms":500}'\n` +
         `Press Ctrl-C to stop.\n`,
     );
     let last = "";
     while (!halt.signal.aborted) {
-      const line = progressLine(await demoStatus(sql), deadBefore, url);
+      const line = progressLine(
+        await demoStatus(sql),
+        deadBefore,
+        url,
+        await workflowLine(sql, workflow),
+      );
       if (line !== last) options.print(line + "\n");
       last = line;
       await sleep(PROGRESS_EVERY_MS, halt.signal);
@@ -125,10 +185,10 @@ async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSi
   } finally {
     halt.abort();
     stop.removeEventListener("abort", onStop);
-    await consumer;
+    await roles;
   }
   if (consumerError !== null) {
-    throw new Error(`The dev consumer stopped: ${describeError(consumerError)}`, {
+    throw new Error(`The dev roles stopped: ${describeError(consumerError)}`, {
       cause: consumerError,
     });
   }

@@ -119,8 +119,14 @@ export async function holdLease(
   options: { now?: Date } = {},
 ): Promise<void> {
   const now = options.now ?? null;
+  // A leader frozen inside this transaction (SIGSTOP, a stalled VM, a lost network) would
+  // keep the row locked, and every standby out, until its connection dies. Once the lease
+  // has expired, Postgres ends such a session (rolling its work back) and frees the row.
   const rows = await db`
-    select 1 from shoal.leases
+    select set_config('idle_in_transaction_session_timeout',
+      greatest(1, ceil(extract(epoch from expires_at - coalesce(${now}::timestamptz, now()))
+        * 1000))::bigint::text, true)
+    from shoal.leases
     where name = ${term.name}::text and holder = ${term.holder}::text
       and token = ${term.token}::bigint
       and expires_at > coalesce(${now}::timestamptz, now())

@@ -24,6 +24,33 @@ export { type ConsumerOptions, runConsumer } from "./consumer.ts";
 export { type DeadJob, listDead, purgeDead, retryDead } from "./dead.ts";
 export { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 export {
+  completeJobs,
+  type Completion,
+  DEFAULT_MAX_CHILDREN,
+  fanOut,
+  type FanOutJob,
+  type FanOutSpec,
+} from "./barrier.ts";
+export {
+  cancelExecution,
+  type Execution,
+  type ExecutionStatus,
+  getExecution,
+  listExecutions,
+  startExecution,
+} from "./execution.ts";
+export { acquire, holdLease, type LeaseTerm, releaseLease, renew } from "./lease.ts";
+export { reapOnce, runReaper } from "./reaper.ts";
+export {
+  listSchedules,
+  removeSchedule,
+  type ScheduleSpec,
+  setScheduleEnabled,
+  syncSchedules,
+  upsertSchedule,
+} from "./schedule.ts";
+export { runScheduler, tickOnce } from "./scheduler.ts";
+export {
   ack,
   claim,
   enqueue,

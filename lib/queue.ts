@@ -167,9 +167,9 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
   const queues = [...new Set(options.queues)];
   const rows = await db<(Job & { poisoned: boolean })[]>`
     with picked as (
-      select c.id from unnest(${queues}::text[]) as q(name)
+      select c.id, c.execution_id from unnest(${queues}::text[]) as q(name)
       cross join lateral (
-        select j.id, j.priority, j.fair_seq from shoal.jobs j
+        select j.id, j.priority, j.fair_seq, j.execution_id from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
         order by j.priority desc, j.fair_seq, j.id
         limit ${options.limit}::integer
@@ -178,9 +178,22 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
       order by c.priority desc, c.fair_seq, c.id
       limit ${options.limit}::integer
     ),
+    -- A job whose execution already ended (cancelled, failed, completed) is acked unrun.
+    ended as (
+      delete from shoal.jobs j using picked, shoal.executions e
+      where j.id = picked.id and e.id = picked.execution_id
+        and e.status in ('completed', 'failed', 'cancelled')
+      returning j.id
+    ),
+    live as (
+      select p.id from picked p
+      where p.execution_id is null or not exists (
+        select 1 from shoal.executions e
+        where e.id = p.execution_id and e.status in ('completed', 'failed', 'cancelled'))
+    ),
     poison as (
-      delete from shoal.jobs j using picked
-      where j.id = picked.id and j.attempts >= j.max_attempts
+      delete from shoal.jobs j using live
+      where j.id = live.id and j.attempts >= j.max_attempts
       returning j.*
     ),
     buried as (
@@ -199,10 +212,18 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
       update shoal.jobs j
       set attempts = j.attempts + 1, token = j.token + 1, locked_by = ${options.workerId}::text,
           locked_at = now(), run_at = now() + ${options.visibilityMs}::integer * interval '1 ms'
-      from picked
-      where j.id = picked.id and j.attempts < j.max_attempts
+      from live
+      where j.id = live.id and j.attempts < j.max_attempts
       returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.attempts,
         j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at as deadline
+    ),
+    -- An execution starts running when its first job is claimed.
+    started as (
+      update shoal.executions e
+      set status = 'running', started_at = now(), updated_at = now()
+      where e.id in (select c.execution_id from claimed c where c.execution_id is not null)
+        and e.status = 'pending'
+      returning e.id
     )
     select id, queue, task, payload, priority, fairness_key, attempts, max_attempts, token, key,
       execution_id, created_at, deadline, false as poisoned

@@ -6,6 +6,7 @@
  *
  * @module
  */
+import { expireBarriers } from "./barrier.ts";
 import type { Db, Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { holdLease, type LeaseTerm } from "./lease.ts";
@@ -80,9 +81,19 @@ export const stuckReportSweep: Sweep = {
   },
 };
 
-/** Every sweep, recovery first. Later issues add barrier and execution sweeps. */
+/**
+ * Fail executions whose fan-out expired: the barrier, its arrivals and the execution's
+ * remaining jobs go, and the error callback (if any) is enqueued once.
+ */
+export const expiredBarrierSweep: Sweep = {
+  name: "expired-barriers",
+  kind: "recovery",
+  run: (tx, _options, limit) => expireBarriers(tx, limit),
+};
+
+/** Every sweep, recovery first. */
 export function defaultSweeps(): Sweep[] {
-  const sweeps = [stuckReportSweep, deadRetentionSweep];
+  const sweeps = [expiredBarrierSweep, stuckReportSweep, deadRetentionSweep];
   return [
     ...sweeps.filter((s) => s.kind === "recovery"),
     ...sweeps.filter((s) => s.kind !== "recovery"),

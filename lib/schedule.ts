@@ -182,7 +182,7 @@ export async function loadSchedulesFile(path: string): Promise<ScheduleSpec[]> {
   if (!Array.isArray(list)) {
     throw new Error(`Cannot use schedules file ${path}: expected a JSON array of schedules`);
   }
-  return list.map((item, i) => {
+  const specs = list.map((item, i) => {
     try {
       return checkSchedule(item as ScheduleSpec);
     } catch (cause) {
@@ -194,4 +194,13 @@ export async function loadSchedulesFile(path: string): Promise<ScheduleSpec[]> {
       );
     }
   });
+  // syncSchedules checks this too; checking here refuses the file before any role starts.
+  const names = specs.map((s) => s.name);
+  const twice = names.findIndex((n, i) => names.indexOf(n) !== i);
+  if (twice !== -1) {
+    throw new Error(
+      `Cannot use schedules file ${path}: entry ${twice + 1}: "${names[twice]}" is named twice`,
+    );
+  }
+  return specs;
 }

@@ -172,7 +172,12 @@ export async function runScheduler(
   const log = logger("scheduler");
   if (options.schedulesFile) {
     const specs = await loadSchedulesFile(options.schedulesFile);
-    const synced = await syncSchedules(sql, specs);
+    const synced = await syncSchedules(sql, specs).catch((cause) => {
+      throw new Error(
+        `Cannot sync schedules file ${options.schedulesFile}: ${describeError(cause)}`,
+        { cause },
+      );
+    });
     log.info("Synced {file}: {created} created, {updated} updated, {removed} removed", {
       file: options.schedulesFile,
       created: synced.created.length,

@@ -1,10 +1,11 @@
 /**
- * `shoal status`: one snapshot of the queues (later issues add executions, leases and
- * schedules). The JSON form is a stable contract for scripts.
+ * `shoal status`: one snapshot of the queues, recent executions, leases and schedules.
+ * The JSON form is a stable contract for scripts: keys are only ever added.
  *
  * @module
  */
 import type { Db } from "./db.ts";
+import { listExecutions } from "./execution.ts";
 import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
 
@@ -36,8 +37,20 @@ export interface ScheduleStatus {
   last_error: string | null;
 }
 
+export interface ExecutionStatusRow {
+  id: string;
+  status: string;
+  created_at: Date;
+  updated_at: Date;
+  error: string | null;
+  /** Children of its open fan-outs, and how many have arrived; null with none open. */
+  total: number | null;
+  arrived: number | null;
+}
+
 export interface Status {
   queues: QueueStatus[];
+  executions: ExecutionStatusRow[];
   leases: LeaseStatus[];
   schedules: ScheduleStatus[];
 }
@@ -93,7 +106,19 @@ export async function status(db: Db): Promise<Status> {
     last_run_at: s.last_run_at,
     last_error: s.last_error,
   }));
-  return { queues: await queueStatus(db), leases, schedules };
+  const executions = (await listExecutions(db, { limit: 20 })).map((e) => {
+    const open = e.barriers.length > 0;
+    return {
+      id: e.id,
+      status: e.status,
+      created_at: e.created_at,
+      updated_at: e.updated_at,
+      error: e.error,
+      total: open ? e.barriers.reduce((n, b) => n + b.total, 0) : null,
+      arrived: open ? e.barriers.reduce((n, b) => n + b.arrived, 0) : null,
+    };
+  });
+  return { queues: await queueStatus(db), executions, leases, schedules };
 }
 
 /** A plain table: first column left-aligned, the rest right-aligned. */
@@ -122,6 +147,20 @@ export function formatSchedules(rows: (ScheduleStatus | ScheduleRow)[]): string 
   );
 }
 
+function formatExecutions(rows: ExecutionStatusRow[]): string {
+  if (rows.length === 0) return "No executions\n";
+  return table(
+    ["execution", "status", "fan-out", "updated", "error"],
+    rows.map((e) => [
+      e.id,
+      e.status,
+      e.total === null ? "-" : `${e.arrived}/${e.total}`,
+      iso(e.updated_at),
+      e.error ?? "-",
+    ]),
+  );
+}
+
 function formatLeases(rows: LeaseStatus[]): string {
   if (rows.length === 0) return "No leases\n";
   return table(
@@ -132,7 +171,12 @@ function formatLeases(rows: LeaseStatus[]): string {
 
 /** The human-readable form of `shoal status`. */
 export function formatStatus(s: Status): string {
-  return [formatQueues(s), formatLeases(s.leases), formatSchedules(s.schedules)].join("\n");
+  return [
+    formatQueues(s),
+    formatExecutions(s.executions),
+    formatLeases(s.leases),
+    formatSchedules(s.schedules),
+  ].join("\n");
 }
 
 function formatQueues(s: Status): string {

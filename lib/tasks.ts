@@ -6,6 +6,7 @@
  *
  * @module
  */
+import type { FanOutSpec } from "./barrier.ts";
 import type { Db } from "./db.ts";
 import { MAX_TIMER_MS } from "./duration.ts";
 import type { Logger } from "./log.ts";
@@ -27,6 +28,12 @@ export interface TaskContext {
   ): Promise<string>;
   /** The pool, for handlers that do their own database work. */
   db: Db;
+  /**
+   * Fan out children with a callback (fan-in). Nothing is enqueued unless the handler
+   * then returns normally: the barrier and the children are committed with this job's
+   * ack, in one transaction. The callback gets `payload.results`, in child order.
+   */
+  fanOut(spec: FanOutSpec): void;
 }
 
 export interface TaskDefinition<P = Record<string, unknown>> {
@@ -146,7 +153,40 @@ export const failTask: AnyTask = defineTask<{ message: string; permanent: boolea
   },
 });
 
+/**
+ * `shoal.chord`: a fan-out any language can start with plain SQL. Payload:
+ * `{"children": [{"task", "payload"?, "queue"?}, ...], "callback": {"task", "payload"?,
+ * "queue"?}, "on_error"?: {...}, "expires_in_ms"?: n}`.
+ */
+export const chordTask: AnyTask = defineTask<FanOutSpec>({
+  name: "shoal.chord",
+  parse(payload) {
+    const job = (j: unknown, what: string) => {
+      if (j === null || typeof j !== "object" || Array.isArray(j)) {
+        throw new TypeError(`${what} must be an object with a task`);
+      }
+      const o = j as Record<string, unknown>;
+      return {
+        task: o.task as string,
+        payload: o.payload as Record<string, unknown> | undefined,
+        queue: o.queue as string | undefined,
+        maxAttempts: o.max_attempts as number | undefined,
+      };
+    };
+    if (!Array.isArray(payload.children)) throw new TypeError("children must be an array");
+    return {
+      children: payload.children.map((c, i) => job(c, `children[${i}]`)),
+      callback: job(payload.callback, "callback"),
+      onError: payload.on_error === undefined ? undefined : job(payload.on_error, "on_error"),
+      expiresInMs: payload.expires_in_ms as number | undefined,
+    };
+  },
+  handler(spec, ctx) {
+    ctx.fanOut(spec);
+  },
+});
+
 /** The tasks every stock shoal binary knows. */
 export function builtinTasks(): AnyTask[] {
-  return [noopTask, sleepTask, failTask];
+  return [noopTask, sleepTask, failTask, chordTask];
 }

@@ -289,21 +289,19 @@ export function holderOf(proc: ShoalProcess): string {
   return `${Deno.hostname()}:${proc.child.pid}`;
 }
 
-/** How many times `text` occurs in `output`. */
-export function countOf(output: string, text: string): number {
-  return output.split(text).length - 1;
-}
-
 /** Wait `ms` (for letting processes run; never for correctness). */
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** One change the schedule audit recorded: a baseline or a fire of a schedule row. */
+/**
+ * One change the schedule audit recorded: a fire, a baseline (next_run_at set without
+ * firing), or a reset (next_run_at cleared, by resume or a changed cron).
+ */
 export interface FireEvent {
-  kind: "baseline" | "fire";
+  kind: "baseline" | "fire" | "reset";
   schedule: string;
-  /** The slot fired (the row's next_run_at before the change); null for a first baseline. */
+  /** The row's next_run_at before the change: the slot fired; null for a first baseline. */
   slot: Date | null;
   /** The row's next_run_at after the change. */
   next: Date | null;
@@ -353,8 +351,9 @@ export async function installAudit(sql: Sql): Promise<void> {
         if new.next_run_at is distinct from old.next_run_at
            or new.last_run_at is distinct from old.last_run_at then
           insert into test_fires (kind, schedule, slot, next, at, proc)
-          values (case when new.last_run_at is distinct from old.last_run_at
-                       then 'fire' else 'baseline' end,
+          values (case when new.last_run_at is distinct from old.last_run_at then 'fire'
+                       when new.next_run_at is null then 'reset'
+                       else 'baseline' end,
                   new.name, old.next_run_at, new.next_run_at, new.last_run_at,
                   current_setting('application_name'));
         end if;
@@ -399,11 +398,11 @@ export async function installAudit(sql: Sql): Promise<void> {
   });
 }
 
-/** The schedule audit of `schedule`, in slot order (the first baseline first). */
+/** The schedule audit of `schedule`, in the order the changes were made. */
 export async function fireEvents(sql: Sql, schedule: string): Promise<FireEvent[]> {
   return await sql<FireEvent[]>`
     select kind, schedule, slot, next, at, proc from test_fires
-    where schedule = ${schedule}::text order by slot nulls first, id`;
+    where schedule = ${schedule}::text order by id`;
 }
 
 /** Every job insert attempt, in the order they were made. */

@@ -74,18 +74,42 @@ Deno.test("holdLease() fences leader work: a stale term's transaction fails and 
 
 Deno.test("holdLease() blocks a successor's acquire until the leader's transaction ends", async () => {
   await using db = await testDb();
-  const a = (await acquire(db.sql, { name: "x", holder: "a", ttlMs: 200 }))!;
+  const a = (await acquire(db.sql, { name: "x", holder: "a", ttlMs: 300 }))!;
   let acquired: unknown = "pending";
   let successor: Promise<unknown> | null = null;
   await db.sql.begin(async (tx) => {
     await holdLease(tx, a);
-    await new Promise((r) => setTimeout(r, 300)); // a's lease expires meanwhile
+    // The leader is busy in a statement (not idle) while its lease expires.
+    const busy = tx`select pg_sleep(0.8)`.execute();
+    await new Promise((r) => setTimeout(r, 400));
     successor = acquire(db.sql, { name: "x", holder: "b", ttlMs: 1000 }).then((t) => acquired = t);
-    await new Promise((r) => setTimeout(r, 300));
+    await new Promise((r) => setTimeout(r, 200));
     assertEquals(acquired, "pending", "the successor waits for the leader's transaction");
+    await busy;
   });
   await successor;
   assertEquals((acquired as { holder: string }).holder, "b");
+});
+
+Deno.test("holdLease() ends a leader's session left idle in its transaction past the lease", async () => {
+  await using db = await testDb();
+  const a = (await acquire(db.sql, { name: "x", holder: "a", ttlMs: 300 }))!;
+  let frozen: Promise<unknown> = Promise.resolve();
+  const leader = db.sql.begin(async (tx) => {
+    await holdLease(tx, a);
+    // Frozen (SIGSTOP, a stalled VM): idle in the transaction well past the lease.
+    frozen = new Promise((r) => setTimeout(r, 1500));
+    await frozen;
+    await tx`select 1`;
+  });
+  const settled = leader.then(() => "committed", (error: Error) => error.message);
+  await new Promise((r) => setTimeout(r, 500));
+  const started = Date.now();
+  const b = await acquire(db.sql, { name: "x", holder: "b", ttlMs: 1000 });
+  assertEquals(b?.holder, "b");
+  assert.ok(Date.now() - started < 1000, "the standby did not wait for the frozen leader");
+  assert.match(await settled, /idle-in-transaction|terminat|Connection|CONNECTION/i);
+  await frozen;
 });
 
 Deno.test("checkLeaderTiming() refuses an interval not shorter than the lease", () => {

@@ -34,7 +34,22 @@ try {
     env: { DATABASE_URL: url, SHOAL_TEST_TEMPLATE: TEMPLATE_DB },
     stdin: "null",
   }).spawn();
-  code = (await child.status).code;
+  // Interrupted (Ctrl-C, a CI timeout): end the test run, then still stop our Postgres below,
+  // which pg_ctl detached from this process group.
+  const interrupt = (signal: Deno.Signal) => () => {
+    try {
+      child.kill(signal);
+    } catch (error) {
+      if (!(error instanceof TypeError)) throw error; // it already exited
+    }
+  };
+  const handlers = (["SIGINT", "SIGTERM"] as const).map((s) => [s, interrupt(s)] as const);
+  for (const [signal, handler] of handlers) Deno.addSignalListener(signal, handler);
+  try {
+    code = (await child.status).code;
+  } finally {
+    for (const [signal, handler] of handlers) Deno.removeSignalListener(signal, handler);
+  }
 } finally {
   await pg?.stop();
 }

@@ -1,0 +1,279 @@
+/**
+ * Turning measured runs into the report: medians per metric, the comparison table
+ * (each figure beside its floor), and the markdown and JSON files.
+ *
+ * @module
+ */
+import type { BenchServer } from "./harness.ts";
+import { median } from "./harness.ts";
+import type { StatementProfile } from "./profile.ts";
+import type { Benchmark, Metric, RunResult, Sizes } from "./workloads.ts";
+
+/** One figure beside its floor in the summary table. */
+export interface Comparison {
+  /** The row's workload description. */
+  label: string;
+  /** Benchmark id of the measured system (shoal). */
+  subject: string;
+  /** Benchmark id of the floor, if any. */
+  floor?: string;
+  /** How the floor is named in the table (its title unless given). */
+  floorLabel?: string;
+  metric: string;
+  /** The settings that matter for this row, in a few words (the full ones are under "All figures"). */
+  settings: string;
+}
+
+export interface BenchmarkResult {
+  benchmark: Benchmark;
+  runs: RunResult[];
+  errors: string[];
+}
+
+export interface ReportInput {
+  command: string;
+  startedAt: Date;
+  seconds: number;
+  runs: number;
+  quick: boolean;
+  profile: boolean;
+  sizes: Sizes;
+  server: BenchServer;
+  environment: Record<string, string>;
+  results: BenchmarkResult[];
+  comparisons: Comparison[];
+}
+
+function medianOf(result: BenchmarkResult | undefined, key: string): number {
+  if (!result) return Number.NaN;
+  return median(result.runs.map((r) => r.values[key]).filter((v): v is number => v !== undefined));
+}
+
+function metricOf(result: BenchmarkResult | undefined, key: string): Metric | undefined {
+  return result?.benchmark.metrics.find((m) => m.key === key);
+}
+
+function formatValue(value: number, unit: string): string {
+  if (Number.isNaN(value)) return "n/a";
+  if (unit === "ms") {
+    return `${
+      value < 10 ? value.toFixed(2) : value < 100 ? value.toFixed(1) : value.toFixed(0)
+    } ms`;
+  }
+  return `${Math.round(value).toLocaleString("en-US")} ${unit}`;
+}
+
+function formatRatio(subject: number, floor: number): string {
+  if (Number.isNaN(subject) || Number.isNaN(floor) || floor === 0) return "n/a";
+  return `${(subject / floor).toFixed(2)}×`;
+}
+
+interface Row {
+  label: string;
+  subject: string;
+  floor: string;
+  ratio: string;
+  settings: string;
+}
+
+function comparisonRows(input: ReportInput): Row[] {
+  const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
+  return input.comparisons.map((c) => {
+    const subject = byId.get(c.subject);
+    const floor = c.floor ? byId.get(c.floor) : undefined;
+    const unit = metricOf(subject, c.metric)?.unit ?? "";
+    const floorUnit = metricOf(floor, c.metric)?.unit ?? unit;
+    const s = medianOf(subject, c.metric);
+    const f = medianOf(floor, c.metric);
+    const floorLabel = c.floorLabel ?? floor?.benchmark.title ?? "";
+    return {
+      label: c.metric === "rate" ? c.label : `${c.label}: ${c.metric}`,
+      subject: formatValue(s, unit),
+      floor: floor ? `${formatValue(f, floorUnit)}: ${floorLabel}` : "",
+      ratio: floor ? formatRatio(s, f) : "",
+      settings: c.settings,
+    };
+  });
+}
+
+function escapeCell(text: string): string {
+  return text.replaceAll("|", "\\|").replaceAll("\n", " ");
+}
+
+/** The summary table as markdown (also what goes to stdout). */
+export function summaryTable(input: ReportInput): string {
+  const lines = [
+    "| workload | shoal | floor | ratio (shoal ÷ floor) | settings |",
+    "| --- | ---: | --- | ---: | --- |",
+  ];
+  for (const row of comparisonRows(input)) {
+    lines.push(
+      `| ${escapeCell(row.label)} | ${row.subject} | ${escapeCell(row.floor)} | ${row.ratio} | ${
+        escapeCell(row.settings)
+      } |`,
+    );
+  }
+  return lines.join("\n") + "\n";
+}
+
+function formatDetail(value: number): string {
+  if (Number.isInteger(value)) return value.toLocaleString("en-US");
+  return Math.abs(value) >= 100 ? Math.round(value).toLocaleString("en-US") : value.toFixed(2);
+}
+
+/** Medians of the numeric details every run reported (CPU seconds, call times, ...). */
+function detailMedians(result: BenchmarkResult): string {
+  const keys = new Set<string>();
+  for (const run of result.runs) {
+    for (const [k, v] of Object.entries(run.details)) if (typeof v === "number") keys.add(k);
+  }
+  return [...keys].map((k) => {
+    const values = result.runs.map((r) => r.details[k]).filter((v): v is number =>
+      typeof v === "number"
+    );
+    return `${k} ${formatDetail(median(values))}`;
+  }).join(", ");
+}
+
+function allFiguresTable(input: ReportInput): string {
+  const lines = [
+    "| id | what | metric | median | runs | details (medians) | settings |",
+    "| --- | --- | --- | ---: | --- | --- | --- |",
+  ];
+  for (const result of input.results) {
+    for (const metric of result.benchmark.metrics) {
+      const runs = result.runs.map((r) =>
+        formatValue(r.values[metric.key] ?? Number.NaN, metric.unit)
+      );
+      const errors = result.errors.length > 0 ? ` FAILED: ${result.errors.join("; ")}` : "";
+      lines.push(
+        `| ${result.benchmark.id} | ${escapeCell(result.benchmark.title)} | ${metric.key} | ${
+          formatValue(medianOf(result, metric.key), metric.unit)
+        } | ${runs.join(", ")}${escapeCell(errors)} | ${escapeCell(detailMedians(result))} | ${
+          escapeCell(result.benchmark.settings)
+        } |`,
+      );
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
+function profileSection(input: ReportInput): string {
+  const parts: string[] = [];
+  for (const result of input.results) {
+    const profile = result.runs.at(-1)?.details.profile as StatementProfile | undefined;
+    if (!profile) continue;
+    parts.push(
+      `### ${result.benchmark.id}\n\n` +
+        `${profile.statements_per_job.toFixed(2)} top-level statements per job, ` +
+        `${profile.server_ms_per_job.toFixed(3)} ms server execution per job, ` +
+        `${Math.round(profile.wal_bytes_per_job)} WAL bytes per job (last run).\n\n` +
+        "| statement | top-level | calls | rows | total ms | mean ms | WAL bytes |\n" +
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |\n" +
+        profile.top.map((s) =>
+          `| \`${escapeCell(s.query)}\` | ${s.toplevel ? "yes" : "no"} | ${s.calls} | ${s.rows} | ${
+            s.total_ms.toFixed(1)
+          } | ${s.mean_ms.toFixed(3)} | ${s.wal_bytes} |`
+        ).join("\n") + "\n",
+    );
+  }
+  return parts.length === 0 ? "" : `## Profile (pg_stat_statements)\n\n${parts.join("\n")}`;
+}
+
+/** The whole markdown report. */
+export function markdownReport(input: ReportInput): string {
+  const s = input.sizes;
+  const settings = input.server.settings.map((x) =>
+    `| ${x.name} | ${escapeCell(x.setting)}${x.unit ? ` (${x.unit})` : ""} | ${x.source} |`
+  );
+  const env = Object.entries(input.environment).map(([k, v]) => `- ${k}: ${v}`);
+  return [
+    `# shoal benchmark${input.profile ? " (profile run: figures not comparable)" : ""}`,
+    "",
+    `Run ${input.startedAt.toISOString()}, ${
+      input.seconds.toFixed(0)
+    } s, with \`${input.command}\`.`,
+    `Each figure is the median of ${input.runs} run${input.runs === 1 ? "" : "s"}${
+      input.quick ? " (quick smoke mode: small sizes, not representative)" : ""
+    }; every run starts from a fresh database with the schema installed from empty.`,
+    "",
+    summaryTable(input),
+    "Ratio: shoal's figure divided by the floor's. For throughput, 1.00× means shoal reaches " +
+    "the floor (higher is better); for latency, it is how many times the floor's latency " +
+    "shoal takes (lower is better).",
+    "",
+    "## Workloads",
+    "",
+    `- W1a: enqueue ${s.jobs.toLocaleString("en-US")} no-op jobs, one per call.`,
+    `- W1b: enqueue ${s.jobs.toLocaleString("en-US")} no-op jobs in calls of ${
+      s.bulkBatch.toLocaleString("en-US")
+    }.`,
+    `- W2: drain ${
+      s.jobs.toLocaleString("en-US")
+    } pre-enqueued no-op jobs with one consumer process, ` +
+    "from the moment it logs that its loop started to the moment the bench (polling every 10 ms) " +
+    "sees the queue empty (every job acked). Process boot and schema checks are not counted.",
+    `- W3: ${s.latencyJobs.toLocaleString("en-US")} jobs offered one per call at a steady ` +
+    `${s.latencyRate}/s (open loop) to an idle consumer process; latency = the handler's clock when ` +
+    "it starts minus the producer's clock just before it called enqueue (one machine, one clock). " +
+    "The handler then writes both to an unlogged table, after taking its start.",
+    "- Floors: pgbench on the same server in the same run; the hand-written queue is a minimal " +
+    "SKIP LOCKED queue on the same client (postgres.js in Deno, one process, bench/handwritten*.ts) " +
+    "measured by exactly the same workload code as shoal.",
+    "",
+    "## Environment",
+    "",
+    ...env,
+    `- Postgres: ${input.server.version}`,
+    `- Data directory: ${input.server.storage}`,
+    "",
+    "Server settings that differ from Postgres's built-in defaults (everything else, " +
+    "including fsync, synchronous_commit, full_page_writes and wal_level, is the default):",
+    "",
+    "| setting | value | source |",
+    "| --- | --- | --- |",
+    ...settings,
+    "",
+    "## All figures",
+    "",
+    allFiguresTable(input),
+    profileSection(input),
+  ].join("\n");
+}
+
+/** The JSON beside the markdown: every run's values and details. */
+export function jsonReport(input: ReportInput): unknown {
+  const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
+  return {
+    generated_at: input.startedAt.toISOString(),
+    seconds: input.seconds,
+    command: input.command,
+    runs: input.runs,
+    quick: input.quick,
+    profile: input.profile,
+    sizes: input.sizes,
+    environment: input.environment,
+    server: {
+      version: input.server.version,
+      storage: input.server.storage,
+      owned: input.server.owned,
+      settings: input.server.settings,
+    },
+    benchmarks: input.results.map((r) => ({
+      id: r.benchmark.id,
+      workload: r.benchmark.workload,
+      system: r.benchmark.system,
+      title: r.benchmark.title,
+      settings: r.benchmark.settings,
+      metrics: r.benchmark.metrics,
+      median: Object.fromEntries(r.benchmark.metrics.map((m) => [m.key, medianOf(r, m.key)])),
+      runs: r.runs,
+      errors: r.errors,
+    })),
+    comparisons: input.comparisons.map((c) => {
+      const s = medianOf(byId.get(c.subject), c.metric);
+      const f = c.floor ? medianOf(byId.get(c.floor), c.metric) : null;
+      return { ...c, subject_value: s, floor_value: f, ratio: f ? s / f : null };
+    }),
+  };
+}

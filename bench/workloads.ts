@@ -1,0 +1,363 @@
+/**
+ * The workloads, each written once against the `System` interface so the same code
+ * measures shoal, the hand-written floor and (issue 5) peer queues:
+ *
+ * - W1a enqueue one job per call, N calls in flight over one pool of N;
+ * - W1b enqueue in bulk calls;
+ * - W2  drain pre-enqueued no-op jobs with one real consumer process, from the moment
+ *       it starts working to the moment its queue is empty;
+ * - W3  start latency: jobs offered at a steady rate to an idle consumer process;
+ *       latency = the handler's clock at its start minus the producer's clock just
+ *       before it called enqueue (same machine, same wall clock).
+ *
+ * Every run gets a fresh database with the system's schema installed from empty.
+ *
+ * @module
+ */
+import { connect, type Sql } from "../lib/db.ts";
+import {
+  backendCpuSeconds,
+  type BenchServer,
+  countStarts,
+  cpuSeconds,
+  createStartsTable,
+  epochMs,
+  percentile,
+  pollUntil,
+  readStarts,
+  sleep,
+  withFreshDb,
+} from "./harness.ts";
+import { profileRead, profileReset, type StatementProfile } from "./profile.ts";
+import type { BenchJob, ConsumerProcess, System } from "./systems.ts";
+
+/** How much work each workload does. */
+export interface Sizes {
+  /** Jobs enqueued by W1a and W1b and drained by W2. */
+  jobs: number;
+  /** Jobs per call in W1b (and when W2 pre-enqueues). */
+  bulkBatch: number;
+  /** Jobs offered in W3. */
+  latencyJobs: number;
+  /** W3's offered rate, jobs per second. */
+  latencyRate: number;
+}
+
+export interface BenchContext {
+  server: BenchServer;
+  sizes: Sizes;
+  /** Collect pg_stat_statements per run (the server was started with it preloaded). */
+  profile: boolean;
+}
+
+export interface Metric {
+  key: string;
+  unit: string;
+  better: "higher" | "lower";
+}
+
+export interface RunResult {
+  values: Record<string, number>;
+  /** Anything else worth keeping in the JSON (durations, counts, profiles). */
+  details: Record<string, unknown>;
+}
+
+/** One measured thing: a workload applied to one system, or a floor. */
+export interface Benchmark {
+  /** Unique, stable id: `W2/shoal`, `W2/shoal/c100`, `W1a/pgbench` ... */
+  id: string;
+  workload: "W1a" | "W1b" | "W2" | "W3";
+  /** Which system (or floor) this measures. */
+  system: string;
+  /** What it measures, in a few words. */
+  title: string;
+  /** Every setting that matters to the figure. */
+  settings: string;
+  metrics: Metric[];
+  run(ctx: BenchContext): Promise<RunResult>;
+}
+
+const RATE: Metric[] = [{ key: "rate", unit: "jobs/s", better: "higher" }];
+const LATENCY: Metric[] = [
+  { key: "p50", unit: "ms", better: "lower" },
+  { key: "p95", unit: "ms", better: "lower" },
+  { key: "p99", unit: "ms", better: "lower" },
+];
+
+/** Open `count` connections of a pool now, so connecting is not timed. */
+async function warm(sql: Sql, count: number): Promise<void> {
+  await Promise.all(Array.from({ length: count }, () => sql`select pg_sleep(0.05)`));
+}
+
+async function enqueueAll(system: System, sql: Sql, total: number, batch: number): Promise<void> {
+  for (let done = 0; done < total; done += batch) {
+    const jobs: BenchJob[] = Array.from(
+      { length: Math.min(batch, total - done) },
+      () => ({ kind: "noop" }),
+    );
+    await system.enqueueBatch(sql, jobs, { notify: false });
+  }
+}
+
+async function checkCount(system: System, sql: Sql, expected: number): Promise<void> {
+  const found = await system.count(sql);
+  if (found !== expected) {
+    throw new Error(`${system.name} holds ${found} jobs after enqueueing ${expected}`);
+  }
+}
+
+/** W1a: one job per call, `inFlight` calls at a time over one pool of `inFlight`. */
+export function enqueueOneByOne(
+  system: System,
+  options: { inFlight: number; notify: boolean },
+): Benchmark {
+  return {
+    id: `W1a/${system.name}${options.notify ? "" : "/no-notify"}`,
+    workload: "W1a",
+    system: system.name,
+    title: `enqueue 1 job per call, ${options.inFlight} in flight`,
+    settings: `${options.inFlight} calls in flight over one pool of ${options.inFlight}, NOTIFY ${
+      options.notify ? "on (default)" : "off"
+    }`,
+    metrics: RATE,
+    run: (ctx) =>
+      withFreshDb(ctx.server, "w1a", async (db) => {
+        await system.install(db.sql);
+        const sql = connect(db.url, { applicationName: "bench producer", max: options.inFlight });
+        try {
+          await warm(sql, options.inFlight);
+          if (ctx.profile) await profileReset(db.sql);
+          const total = ctx.sizes.jobs;
+          let next = 0;
+          const t0 = performance.now();
+          await Promise.all(Array.from({ length: options.inFlight }, async () => {
+            while (next < total) {
+              next++;
+              await system.enqueueOne(sql, { kind: "noop" }, { notify: options.notify });
+            }
+          }));
+          const seconds = (performance.now() - t0) / 1000;
+          const profile = ctx.profile ? await profileRead(db.sql, total) : undefined;
+          await checkCount(system, db.sql, total);
+          return { values: { rate: total / seconds }, details: { seconds, jobs: total, profile } };
+        } finally {
+          await sql.end({ timeout: 5 });
+        }
+      }),
+  };
+}
+
+/** W1b: `batch` jobs per call, one call at a time. */
+export function enqueueBulk(system: System, options: { batch: number }): Benchmark {
+  return {
+    id: `W1b/${system.name}`,
+    workload: "W1b",
+    system: system.name,
+    title: `enqueue in bulk, ${options.batch} jobs per call`,
+    settings: `${options.batch} jobs per call, one call at a time, NOTIFY on (default)`,
+    metrics: RATE,
+    run: (ctx) =>
+      withFreshDb(ctx.server, "w1b", async (db) => {
+        await system.install(db.sql);
+        const sql = connect(db.url, { applicationName: "bench producer", max: 1 });
+        try {
+          await warm(sql, 1);
+          if (ctx.profile) await profileReset(db.sql);
+          const total = ctx.sizes.jobs;
+          const t0 = performance.now();
+          for (let done = 0; done < total; done += options.batch) {
+            const jobs: BenchJob[] = Array.from(
+              { length: Math.min(options.batch, total - done) },
+              () => ({ kind: "noop" }),
+            );
+            await system.enqueueBatch(sql, jobs, { notify: true });
+          }
+          const seconds = (performance.now() - t0) / 1000;
+          const profile = ctx.profile ? await profileRead(db.sql, total) : undefined;
+          await checkCount(system, db.sql, total);
+          return { values: { rate: total / seconds }, details: { seconds, jobs: total, profile } };
+        } finally {
+          await sql.end({ timeout: 5 });
+        }
+      }),
+  };
+}
+
+/** W2: drain pre-enqueued no-op jobs with one consumer process. */
+export function drain(system: System, options: { concurrency?: number } = {}): Benchmark {
+  const variant = options.concurrency === undefined ? "" : `/c${options.concurrency}`;
+  return {
+    id: `W2/${system.name}${variant}`,
+    workload: "W2",
+    system: system.name,
+    title: options.concurrency === undefined
+      ? "drain no-op jobs, 1 consumer process, default settings"
+      : `drain no-op jobs, 1 consumer process, concurrency ${options.concurrency}`,
+    settings: options.concurrency === undefined
+      ? system.defaultSettings
+      : `${system.defaultSettings}; but --concurrency ${options.concurrency}`,
+    metrics: RATE,
+    run: (ctx) =>
+      withFreshDb(ctx.server, "w2", async (db) => {
+        await system.install(db.sql);
+        const total = ctx.sizes.jobs;
+        await enqueueAll(system, db.sql, total, ctx.sizes.bulkBatch);
+        await checkCount(system, db.sql, total);
+        if (ctx.profile) await profileReset(db.sql);
+        const consumer = system.spawnConsumer(db.url, {
+          concurrency: options.concurrency,
+          stamp: false,
+        });
+        let profile: StatementProfile | undefined;
+        let startedAt: number;
+        let endedAt: number;
+        let cpu: Record<string, number | null>;
+        try {
+          startedAt = await consumer.started;
+          const consumerCpuAtStart = await cpuSeconds(consumer.pid);
+          endedAt = await pollUntil(
+            `${system.name} to drain ${total} jobs`,
+            stallGuard(system, db.sql, consumer, () => system.isEmpty(db.sql)),
+            { everyMs: 10, timeoutMs: 600_000 },
+          );
+          // Where the time went: the consumer's CPU during the drain, and its server
+          // backends' CPU since they connected (a few ms of that is start-up).
+          const consumerCpuAtEnd = await cpuSeconds(consumer.pid);
+          cpu = {
+            consumer_cpu_s: consumerCpuAtStart === null || consumerCpuAtEnd === null
+              ? null
+              : consumerCpuAtEnd - consumerCpuAtStart,
+            backends_cpu_s: await backendCpuSeconds(db.sql),
+          };
+          if (ctx.profile) profile = await profileRead(db.sql, total);
+        } finally {
+          await consumer.stop();
+        }
+        const seconds = (endedAt - startedAt) / 1000;
+        return {
+          values: { rate: total / seconds },
+          details: { seconds, jobs: total, ...cpu, profile },
+        };
+      }),
+  };
+}
+
+/** A consumer that finishes no job for this long is stuck: fail the run instead of waiting. */
+const STALL_MS = 30_000;
+
+/**
+ * Wrap an emptiness check so that it also counts the jobs left every few seconds and
+ * throws, with the consumer's output, when that count has not moved for STALL_MS.
+ */
+function stallGuard(
+  system: System,
+  sql: Sql,
+  consumer: ConsumerProcess,
+  isEmpty: () => Promise<boolean>,
+): () => Promise<boolean> {
+  let left = Number.POSITIVE_INFINITY;
+  let movedAt = performance.now();
+  let checkedAt = performance.now();
+  return async () => {
+    if (await isEmpty()) return true;
+    const now = performance.now();
+    if (now - checkedAt >= 5_000) {
+      checkedAt = now;
+      const count = await system.count(sql);
+      if (count < left) {
+        left = count;
+        movedAt = now;
+      } else if (now - movedAt >= STALL_MS) {
+        throw new Error(
+          `${system.name} finished no job in ${
+            STALL_MS / 1000
+          } s with ${count} left; consumer output:\n${consumer.output().slice(-3000)}`,
+        );
+      }
+    }
+    return false;
+  };
+}
+
+/** W3: start latency of jobs offered one by one at a steady rate to an idle consumer. */
+export function startLatency(system: System): Benchmark {
+  return {
+    id: `W3/${system.name}`,
+    workload: "W3",
+    system: system.name,
+    title: "start latency at a steady offered rate",
+    settings:
+      `${system.defaultSettings}; producer: 1 job per call over a pool of 4, NOTIFY on, open loop`,
+    metrics: LATENCY,
+    run: (ctx) =>
+      withFreshDb(ctx.server, "w3", async (db) => {
+        await system.install(db.sql);
+        await createStartsTable(db.sql);
+        const consumer = system.spawnConsumer(db.url, { stamp: true });
+        const producer = connect(db.url, { applicationName: "bench producer", max: 4 });
+        let details: Record<string, unknown>;
+        let latencies: number[];
+        try {
+          await consumer.started;
+          await warm(producer, 4);
+          await sleep(500); // let the consumer settle into its idle wait
+          if (ctx.profile) await profileReset(db.sql);
+          const { count, callMs, seconds } = await offer(system, producer, ctx.sizes);
+          await pollUntil(
+            `${count} recorded job starts`,
+            async () => (await countStarts(db.sql)) >= count,
+            { everyMs: 50, timeoutMs: 60_000 },
+          );
+          const rows = await readStarts(db.sql);
+          latencies = rows.map((r) => r.started_at - r.enqueued_at);
+          details = {
+            jobs: count,
+            offered_rate: count / seconds,
+            enqueue_call_p50_ms: percentile(callMs, 50),
+            enqueue_call_p99_ms: percentile(callMs, 99),
+            duplicates: rows.length - new Set(rows.map((r) => r.job_id)).size,
+            max_ms: Math.max(...latencies),
+            min_ms: Math.min(...latencies),
+            profile: ctx.profile ? await profileRead(db.sql, count) : undefined,
+          };
+        } finally {
+          await producer.end({ timeout: 5 });
+          await consumer.stop();
+        }
+        return {
+          values: {
+            p50: percentile(latencies, 50),
+            p95: percentile(latencies, 95),
+            p99: percentile(latencies, 99),
+          },
+          details,
+        };
+      }),
+  };
+}
+
+/** Offer `latencyJobs` stamp jobs at `latencyRate`, open loop: a slow call never delays the next. */
+async function offer(
+  system: System,
+  producer: Sql,
+  sizes: Sizes,
+): Promise<{ count: number; callMs: number[]; seconds: number }> {
+  const count = sizes.latencyJobs;
+  const interval = 1000 / sizes.latencyRate;
+  const callMs: number[] = [];
+  const calls: Promise<void>[] = [];
+  const t0 = performance.now();
+  for (let i = 0; i < count; i++) {
+    const wait = t0 + i * interval - performance.now();
+    if (wait > 0) await sleep(wait);
+    const enqueuedAt = epochMs();
+    calls.push(
+      system.enqueueOne(producer, { kind: "stamp", enqueuedAt }, { notify: true })
+        .then(() => {
+          callMs.push(epochMs() - enqueuedAt);
+        }),
+    );
+  }
+  await Promise.all(calls);
+  return { count, callMs, seconds: (performance.now() - t0) / 1000 };
+}

@@ -1,0 +1,126 @@
+/**
+ * Fan-out / fan-in (the Celery chord, done in one database): `shoal.barriers` and
+ * `shoal.arrivals`. A handler fans out N children with a callback; each child's ack, its
+ * arrival (once per child index, fenced by its job token), the decrement and, for the
+ * last child, the callback's enqueue commit in one transaction (`shoal.complete_jobs`).
+ * The SQL lives in `sql/003_executions.sql`.
+ *
+ * @module
+ */
+import type { Db } from "./db.ts";
+import { checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
+import type { JobRef } from "./queue.ts";
+
+/** One job of a fan-out: a child, the callback, or the error callback. */
+export interface FanOutJob {
+  task: string;
+  payload?: Record<string, unknown>;
+  /** Default: the producer's queue. */
+  queue?: string;
+  maxAttempts?: number;
+}
+
+export interface FanOutSpec {
+  children: FanOutJob[];
+  /** Runs once after the last child, with `payload.results` in child order. */
+  callback: FanOutJob;
+  /** Runs once if a child fails for good or the fan-out expires (`payload.error`). */
+  onError?: FanOutJob;
+  /** Fail the execution if the children have not all arrived by then (default 24 h). */
+  expiresInMs?: number;
+}
+
+export const DEFAULT_MAX_CHILDREN = 100_000;
+
+function toSqlJob(job: FanOutJob, what: string, maxPayloadBytes: number): Record<string, unknown> {
+  if (job === null || typeof job !== "object") {
+    throw new TypeError(`Invalid ${what}: expected an object`);
+  }
+  const row: Record<string, unknown> = { task: checkName("task", job.task) };
+  if (job.queue !== undefined) row.queue = checkName("queue", job.queue);
+  if (job.payload !== undefined) {
+    row.payload = JSON.parse(checkPayload(job.payload, maxPayloadBytes));
+  }
+  if (job.maxAttempts !== undefined) {
+    if (!Number.isInteger(job.maxAttempts) || job.maxAttempts < 1 || job.maxAttempts > 1000) {
+      throw new RangeError(`Invalid ${what} maxAttempts: expected 1 to 1000`);
+    }
+    row.max_attempts = job.maxAttempts;
+  }
+  return row;
+}
+
+/**
+ * Validate a fan-out at the boundary (before anything is enqueued) and return the JSON
+ * `shoal.fan_out` takes. A fan-out larger than `maxChildren` is a RangeError.
+ */
+export function checkFanOut(
+  spec: FanOutSpec,
+  options: { maxChildren?: number; maxPayloadBytes?: number } = {},
+): Record<string, unknown> {
+  const maxChildren = options.maxChildren ?? DEFAULT_MAX_CHILDREN;
+  const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  if (spec === null || typeof spec !== "object" || !Array.isArray(spec.children)) {
+    throw new TypeError("Invalid fan-out: children must be an array");
+  }
+  if (spec.children.length > maxChildren) {
+    throw new RangeError(
+      `Invalid fan-out: ${spec.children.length} children, over the limit of ${maxChildren}`,
+    );
+  }
+  const out: Record<string, unknown> = {
+    children: spec.children.map((c, i) => toSqlJob(c, `child ${i}`, maxBytes)),
+    callback: toSqlJob(spec.callback, "callback", maxBytes),
+  };
+  if (spec.onError !== undefined) out.on_error = toSqlJob(spec.onError, "error callback", maxBytes);
+  if (spec.expiresInMs !== undefined) {
+    if (!Number.isInteger(spec.expiresInMs) || spec.expiresInMs <= 0) {
+      throw new RangeError("Invalid fan-out expiresInMs: expected a positive integer");
+    }
+    out.expires_in_ms = spec.expiresInMs;
+  }
+  return out;
+}
+
+/**
+ * Fan out from a claimed job, in one transaction with its ack. Returns the execution id,
+ * or null when the job's claim was stale (nothing changed).
+ */
+export async function fanOut(
+  db: Db,
+  parent: JobRef,
+  spec: FanOutSpec,
+  options: { maxChildren?: number; maxPayloadBytes?: number } = {},
+): Promise<string | null> {
+  const checked = checkFanOut(spec, options);
+  const [row] = await db<{ execution: string | null }[]>`
+    select shoal.fan_out(${parent.id}::bigint, ${parent.token}::bigint,
+      ${JSON.stringify(checked)}::text::jsonb,
+      ${options.maxChildren ?? DEFAULT_MAX_CHILDREN}::integer) as execution`;
+  return row!.execution;
+}
+
+/** A finished job of an execution, with its handler's result. */
+export interface Completion extends JobRef {
+  result: unknown;
+}
+
+/**
+ * Complete jobs that belong to executions (barrier children, callbacks, plain steps) in
+ * one statement: ack, arrival, decrement, callback, execution completion. Returns the
+ * ids that were still ours.
+ */
+export async function completeJobs(db: Db, done: Completion[]): Promise<string[]> {
+  if (done.length === 0) return [];
+  const rows = await db<{ id: string }[]>`
+    select id from shoal.complete_jobs(
+      ${done.map((d) => d.id)}::bigint[], ${done.map((d) => d.token)}::bigint[],
+      ${JSON.stringify(done.map((d) => d.result ?? null))}::text::jsonb)`;
+  return rows.map((r) => r.id);
+}
+
+/** The reaper's sweep: fail executions whose fan-out expired; returns how many. */
+export async function expireBarriers(db: Db, limit: number): Promise<number> {
+  const [row] = await db<{ n: number }[]>`select shoal.expire_barriers(${limit}::integer) as n`;
+  return row!.n;
+}

@@ -1,0 +1,92 @@
+/**
+ * Executions, `shoal.executions`: the workflow runs users care about. Status moves
+ * pending -> running -> completed | failed | cancelled (the table refuses anything else).
+ * The SQL functions behind these live in `sql/003_executions.sql`.
+ *
+ * @module
+ */
+import type { Db } from "./db.ts";
+import { checkJobSpec, type JobSpec } from "./queue.ts";
+import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
+
+export type ExecutionStatus = "pending" | "running" | "completed" | "failed" | "cancelled";
+
+export interface Execution {
+  id: string;
+  status: ExecutionStatus;
+  label: string | null;
+  error: string | null;
+  result: unknown;
+  created_at: Date;
+  updated_at: Date;
+  started_at: Date | null;
+  finished_at: Date | null;
+}
+
+/** An execution as `shoal status` shows it, with its open fan-outs' progress. */
+export interface ExecutionSummary {
+  id: string;
+  status: ExecutionStatus;
+  label: string | null;
+  created_at: Date;
+  updated_at: Date;
+  error: string | null;
+  /** Open barriers (fan-outs still waiting for children): total children and arrivals. */
+  barriers: { total: number; arrived: number }[];
+}
+
+/** Start an execution with its first job; returns the execution id. */
+export async function startExecution(
+  db: Db,
+  job: JobSpec,
+  options: { maxPayloadBytes?: number } = {},
+): Promise<string> {
+  const row = checkJobSpec(job, options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES);
+  const [result] = await db<{ id: string }[]>`
+    select shoal.start_execution(
+      ${row.queue as string}::text, ${row.task as string}::text,
+      ${JSON.stringify(row.payload)}::text::jsonb,
+      priority => ${(row.priority as number | undefined) ?? 0}::integer,
+      fairness_key => ${(row.fairness_key as string | undefined) ?? null}::text,
+      max_attempts => ${(row.max_attempts as number | undefined) ?? 25}::integer) as id`;
+  return result!.id;
+}
+
+export async function getExecution(db: Db, id: string): Promise<Execution | null> {
+  const [row] = await db<Execution[]>`
+    select id, status, label, error, result, created_at, updated_at, started_at, finished_at
+    from shoal.executions where id = ${id}::bigint`;
+  return row ?? null;
+}
+
+/**
+ * Cancel an execution: it becomes cancelled, its pending jobs go, and its running
+ * handlers are aborted at their next heartbeat. False when it was not pending or running.
+ */
+export async function cancelExecution(db: Db, id: string): Promise<boolean> {
+  const [row] = await db<{ cancelled: boolean }[]>`
+    select shoal.cancel_execution(${id}::bigint) as cancelled`;
+  return row!.cancelled;
+}
+
+/** Mark an execution failed and tear down what it holds (its jobs, barriers, arrivals). */
+export async function failExecution(db: Db, id: string, reason: string): Promise<boolean> {
+  const [row] = await db<{ failed: boolean }[]>`
+    select shoal.fail_execution(${id}::bigint, ${reason}::text) as failed`;
+  return row!.failed;
+}
+
+/** The most recent executions, newest first, with their open barriers' progress. */
+export async function listExecutions(
+  db: Db,
+  options: { limit?: number } = {},
+): Promise<ExecutionSummary[]> {
+  return await db<ExecutionSummary[]>`
+    select e.id, e.status, e.label, e.created_at, e.updated_at, e.error,
+      coalesce((select jsonb_agg(jsonb_build_object(
+                  'total', b.total, 'arrived', b.total - b.remaining) order by b.id)
+                from shoal.barriers b where b.execution_id = e.id), '[]'::jsonb) as barriers
+    from shoal.executions e
+    order by e.created_at desc, e.id desc
+    limit ${options.limit ?? 20}::integer`;
+}

@@ -1,0 +1,83 @@
+import { assert, assertEquals } from "./assert.ts";
+import { spawnShoal, testDb, waitFor } from "./helpers.ts";
+
+/** Fast loops so the demo (52 jobs, one delayed 3 s, one retried then dead) ends quickly. */
+const FAST = ["--poll-interval", "100ms", "--shutdown-grace", "1s"];
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return false;
+    throw error;
+  }
+}
+
+async function canConnect(port: number): Promise<boolean> {
+  try {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+    conn.close();
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.ConnectionRefused) return false;
+    throw error;
+  }
+}
+
+Deno.test("shoal dev without DATABASE_URL runs the demo on its own Postgres and stops it on Ctrl-C", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
+  await Deno.chmod(dir, 0o755); // as root, Postgres runs as the postgres user: let it in
+  try {
+    // The test process carries DATABASE_URL (tests/run.ts sets it) and child processes
+    // inherit the environment: an empty value is how a user unsets it for shoal too.
+    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST], { env: { DATABASE_URL: "" } });
+    const port = Number(
+      (await waitFor(
+        "Postgres to start",
+        () => /Postgres is up on 127\.0\.0\.1:(\d+)/.exec(dev.output()),
+        60_000,
+      ))[1],
+    );
+    const done = await waitFor(
+      "the demo to finish",
+      () => /demo: done: nothing left to run, (\d+) dead-lettered/.exec(dev.output()),
+      60_000,
+    );
+    assertEquals(done[1], "1", dev.output());
+    assert.ok(await exists(`${dir}/pg/data/postmaster.pid`), "Postgres should be running");
+
+    dev.kill("SIGINT");
+    const { code, output } = await dev.exited();
+    assertEquals(code, 0, output);
+    assert.ok(output.includes(`Stopped Postgres`), output);
+    assertEquals(await exists(`${dir}/pg/data/postmaster.pid`), false);
+    assertEquals(await canConnect(port), false);
+    assertEquals(await exists(`${dir}/pg/data/PG_VERSION`), true, "the data is kept");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("shoal dev with DATABASE_URL uses that database and starts no Postgres", async () => {
+  await using db = await testDb();
+  const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
+  try {
+    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST], { url: db.url });
+    await waitFor(
+      "the demo to finish",
+      () => dev.output().includes("demo: done: nothing left to run, 1 dead-lettered"),
+      60_000,
+    );
+    const [dead] = await db.sql<{ count: string }[]>`
+      select count(*)::text as count from shoal.dead_jobs where queue = 'demo'`;
+    assertEquals(dead?.count, "1");
+    dev.kill("SIGINT");
+    const { code, output } = await dev.exited();
+    assertEquals(code, 0, output);
+    assert.ok(output.includes("Using the database at"), output);
+    assertEquals(await exists(`${dir}/pg`), false);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

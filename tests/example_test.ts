@@ -1,0 +1,61 @@
+import { assert, assertEquals } from "./assert.ts";
+import { logLines, spawnShoal, testDb, waitFor } from "./helpers.ts";
+
+const EXAMPLE = new URL("../examples/my_tasks.ts", import.meta.url).pathname;
+
+/** Enqueue through the example entry file's own CLI; returns the job id it printed. */
+async function enqueueVia(url: string, task: string, payload: unknown): Promise<string> {
+  await using proc = spawnShoal(["enqueue", "--task", task, "--payload", JSON.stringify(payload)], {
+    url,
+    mainModule: EXAMPLE,
+  });
+  const { code, output } = await proc.exited();
+  assertEquals(code, 0, output);
+  const id = output.trim().split("\n").pop()!;
+  assert.match(id, /^\d+$/, output);
+  return id;
+}
+
+Deno.test("examples/my_tasks.ts enqueues and runs its own tasks, and exits 0 on SIGTERM", async () => {
+  await using db = await testDb();
+  const welcome = await enqueueVia(db.url, "example.send_welcome", {
+    email: "ada@example.com",
+    name: "Ada",
+  });
+  const report = await enqueueVia(db.url, "example.report_backlog", {});
+  const invalid = await enqueueVia(db.url, "example.send_welcome", { email: "not an address" });
+  const queues = await db.sql<{ id: string; queue: string }[]>`
+    select id::text, queue from shoal.jobs order by id`;
+  assertEquals([...queues], [
+    { id: welcome, queue: "emails" },
+    { id: report, queue: "reports" },
+    { id: invalid, queue: "emails" },
+  ]);
+
+  await using consumer = spawnShoal(
+    ["--role", "consumer", "--queues", "emails,reports", "--poll-interval", "100ms"].concat(
+      ["--shutdown-grace", "1s"],
+    ),
+    { url: db.url, mainModule: EXAMPLE },
+  );
+  await waitFor("the queue to empty", async () => {
+    const [row] = await db.sql<{ n: number }[]>`select count(*)::integer as n from shoal.jobs`;
+    return row?.n === 0;
+  }, 20_000);
+
+  const dead = await db.sql<{ id: string; reason: string }[]>`
+    select id::text, reason from shoal.dead_jobs order by id`;
+  assertEquals(dead.map((d) => d.id), [invalid]);
+  assert.match(dead[0]!.reason, /Invalid payload for task example\.send_welcome: email must be/);
+
+  consumer.kill("SIGTERM");
+  const { code, output } = await consumer.exited();
+  assertEquals(code, 0, output);
+  const lines = logLines(output);
+  const sent = lines.find((l) => String(l.message).startsWith("Sent the welcome mail"));
+  assertEquals(sent?.email, "ada@example.com", output);
+  assertEquals(sent?.job_id, welcome);
+  const backlog = lines.find((l) => String(l.message).startsWith("Email backlog"));
+  assertEquals(backlog?.job_id, report, output);
+  assertEquals(typeof backlog?.waiting, "number");
+});
