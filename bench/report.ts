@@ -20,6 +20,10 @@ export interface Comparison {
   /** How the floor is named in the table (its title unless given). */
   floorLabel?: string;
   metric: string;
+  /** The floor's metric when it differs from the subject's (W4's ms/child beside W2's ms/job). */
+  floorMetric?: string;
+  /** Append the metric's key to the label (default: for every metric but `rate`). */
+  metricInLabel?: boolean;
   /** The settings that matter for this row, in a few words (the full ones are under "All figures"). */
   settings: string;
 }
@@ -53,12 +57,19 @@ function metricOf(result: BenchmarkResult | undefined, key: string): Metric | un
   return result?.benchmark.metrics.find((m) => m.key === key);
 }
 
-function formatValue(value: number, unit: string): string {
+/** A figure with its unit; times (`ms`, `ms/job` ...) keep three significant digits below 1. */
+export function formatValue(value: number, unit: string): string {
   if (Number.isNaN(value)) return "n/a";
-  if (unit === "ms") {
+  if (unit === "ms" || unit.startsWith("ms/")) {
     return `${
-      value < 10 ? value.toFixed(2) : value < 100 ? value.toFixed(1) : value.toFixed(0)
-    } ms`;
+      value < 1
+        ? value.toPrecision(3)
+        : value < 10
+        ? value.toFixed(2)
+        : value < 100
+        ? value.toFixed(1)
+        : value.toFixed(0)
+    } ${unit}`;
   }
   return `${Math.round(value).toLocaleString("en-US")} ${unit}`;
 }
@@ -81,13 +92,14 @@ function comparisonRows(input: ReportInput): Row[] {
   return input.comparisons.map((c) => {
     const subject = byId.get(c.subject);
     const floor = c.floor ? byId.get(c.floor) : undefined;
+    const floorMetric = c.floorMetric ?? c.metric;
     const unit = metricOf(subject, c.metric)?.unit ?? "";
-    const floorUnit = metricOf(floor, c.metric)?.unit ?? unit;
+    const floorUnit = metricOf(floor, floorMetric)?.unit ?? unit;
     const s = medianOf(subject, c.metric);
-    const f = medianOf(floor, c.metric);
+    const f = medianOf(floor, floorMetric);
     const floorLabel = c.floorLabel ?? floor?.benchmark.title ?? "";
     return {
-      label: c.metric === "rate" ? c.label : `${c.label}: ${c.metric}`,
+      label: (c.metricInLabel ?? c.metric !== "rate") ? `${c.label}: ${c.metric}` : c.label,
       subject: formatValue(s, unit),
       floor: floor ? `${formatValue(f, floorUnit)}: ${floorLabel}` : "",
       ratio: floor ? formatRatio(s, f) : "",
@@ -217,6 +229,16 @@ export function markdownReport(input: ReportInput): string {
     `${s.latencyRate}/s (open loop) to an idle consumer process; latency = the handler's clock when ` +
     "it starts minus the producer's clock just before it called enqueue (one machine, one clock). " +
     "The handler then writes both to an unlogged table, after taking its start.",
+    `- W4: one fan-out of ${s.fanOutChildren.toLocaleString("en-US")} no-op children plus one ` +
+    "no-op callback (shoal only), started as a user would with `startExecution` of the built-in " +
+    "`shoal.chord` task before the consumer starts, then drained by one consumer process with " +
+    "W2's default settings, from the moment it logs that its loop started until the bench " +
+    "(polling shoal.executions every 10 ms) sees the execution completed. The time covers the " +
+    "chord job opening the barrier and enqueueing the children, every child's ack and arrival, " +
+    "and the callback; time per child = that time ÷ children, set beside W2's time per plain " +
+    "job from the same run. The details split it as the polls saw it: open_s (until the " +
+    "barrier existed), children_s (while it was open), callback_s (until completed). A run " +
+    "fails unless the execution ends completed with no job, barrier, arrival or dead job left.",
     "- Floors: pgbench on the same server in the same run; the hand-written queue is a minimal " +
     "SKIP LOCKED queue on the same client (postgres.js in Deno, one process, bench/handwritten*.ts) " +
     "measured by exactly the same workload code as shoal.",
@@ -272,7 +294,7 @@ export function jsonReport(input: ReportInput): unknown {
     })),
     comparisons: input.comparisons.map((c) => {
       const s = medianOf(byId.get(c.subject), c.metric);
-      const f = c.floor ? medianOf(byId.get(c.floor), c.metric) : null;
+      const f = c.floor ? medianOf(byId.get(c.floor), c.floorMetric ?? c.metric) : null;
       return { ...c, subject_value: s, floor_value: f, ratio: f ? s / f : null };
     }),
   };

@@ -31,6 +31,7 @@ import { pgbenchClaim, pgbenchInsert } from "./pgbench.ts";
 import {
   type BenchmarkResult,
   type Comparison,
+  formatValue,
   jsonReport,
   markdownReport,
   summaryTable,
@@ -42,12 +43,27 @@ import {
   drain,
   enqueueBulk,
   enqueueOneByOne,
+  fanOutDrain,
   type Sizes,
   startLatency,
 } from "./workloads.ts";
 
-const FULL: Sizes = { jobs: 20_000, bulkBatch: 1_000, latencyJobs: 2_000, latencyRate: 100 };
-const QUICK: Sizes = { jobs: 2_000, bulkBatch: 1_000, latencyJobs: 200, latencyRate: 100 };
+const FULL: Sizes = {
+  jobs: 20_000,
+  bulkBatch: 1_000,
+  latencyJobs: 2_000,
+  latencyRate: 100,
+  fanOutChildren: 10_000,
+};
+const QUICK: Sizes = {
+  jobs: 2_000,
+  bulkBatch: 1_000,
+  latencyJobs: 200,
+  latencyRate: 100,
+  fanOutChildren: 1_000,
+};
+/** Issue 5's W4 target: time per child at most this many times W2's time per job. */
+const FAN_OUT_TARGET = 1.5;
 /** The W2 variant with more slots than the default. */
 const HIGH_CONCURRENCY = 100;
 
@@ -72,6 +88,8 @@ function plan(sizes: Sizes): Plan {
     enqueueBulk(shoal, { batch: sizes.bulkBatch }),
     enqueueBulk(floor, { batch: sizes.bulkBatch }),
     drain(shoal),
+    // Right after W2/shoal, so the figure it is set beside ran in similar conditions.
+    fanOutDrain(shoal),
     drain(shoal, { concurrency: HIGH_CONCURRENCY }),
     drain(floor),
     drain(floorAck),
@@ -88,7 +106,12 @@ function plan(sizes: Sizes): Plan {
   const w3 = `W3 start latency, ${
     sizes.latencyJobs.toLocaleString("en-US")
   } jobs at ${sizes.latencyRate}/s`;
+  const w4 = `W4 fan-out of ${
+    sizes.fanOutChildren.toLocaleString("en-US")
+  } no-op children + 1 callback, 1 consumer process`;
   const defaults = "shoal consumer defaults (concurrency 10, LISTEN, poll 2s)";
+  const w4Settings = `${defaults}, same as W2 · started with startExecution("shoal.chord") ` +
+    `before the consumer · issue 5 target: ≤ ${FAN_OUT_TARGET.toFixed(2)}× W2's time per job`;
   const comparisons: Comparison[] = [
     {
       label: w1a,
@@ -170,6 +193,25 @@ function plan(sizes: Sizes): Plan {
       metric: "rate",
       settings: `shoal defaults but --concurrency ${HIGH_CONCURRENCY} · floor as above`,
     },
+    {
+      label: `${w4}: time per child`,
+      subject: "W4/shoal",
+      metric: "ms_per_child",
+      metricInLabel: false,
+      floor: "W2/shoal",
+      floorMetric: "ms_per_job",
+      floorLabel: `W2 drain, same run: shoal's time per plain job`,
+      settings: w4Settings,
+    },
+    {
+      label: `${w4}: throughput`,
+      subject: "W4/shoal",
+      metric: "rate",
+      floor: "W2/shoal",
+      floorLabel: "W2 drain, same run: shoal's plain jobs/s",
+      settings: `${defaults}, same as W2 · ratio ≥ ${(1 / FAN_OUT_TARGET).toFixed(2)}× meets ` +
+        "the target",
+    },
     ...(["p50", "p95", "p99"] as const).map((metric) => ({
       label: w3,
       subject: "W3/shoal",
@@ -225,9 +267,7 @@ function describe(benchmark: Benchmark, result: BenchmarkResult): string {
   if (!last) return "no result";
   return benchmark.metrics.map((m) => {
     const v = last.values[m.key] ?? Number.NaN;
-    return `${m.key} ${
-      m.unit === "ms" ? v.toFixed(2) : Math.round(v).toLocaleString("en-US")
-    } ${m.unit}`;
+    return `${m.key} ${formatValue(v, m.unit)}`;
   }).join(", ");
 }
 

@@ -6,6 +6,7 @@
  * @module
  */
 import type { Sql } from "../lib/db.ts";
+import { startExecution } from "../lib/execution.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { enqueue, enqueueMany, type JobSpec } from "../lib/queue.ts";
 import { Child, epochMs } from "./harness.ts";
@@ -36,6 +37,37 @@ export interface ConsumerProcess {
   output(): string;
 }
 
+/** Where a fan-out stands, read in one cheap statement (polled every 10 ms). */
+export interface FanOutState {
+  /** The workflow's status in the system's own words (`pending`, `running`, `completed` ...). */
+  status: string;
+  /** True once it has completed (the callback finished): the measured end. */
+  completed: boolean;
+  /** Why it ended without completing (failed, cancelled), or null while it can still complete. */
+  failure: string | null;
+  /** True while the fan-out waits for children (shoal: its barrier row exists). */
+  open: boolean;
+  /** Children arrived so far at the open fan-out (0 when none is open). */
+  arrived: number;
+}
+
+/** A system that can fan out children and fan in to one callback (W4). */
+export interface FanOutDriver {
+  /** How a user starts the fan-out, stated in the report. */
+  how: string;
+  /**
+   * Start a fan-out of `children` no-op children plus one no-op callback on `queue` the
+   * way a user would (nothing runs it yet if no consumer is up). Returns its handle.
+   */
+  start(sql: Sql, options: { children: number; queue: string }): Promise<string>;
+  state(sql: Sql, handle: string): Promise<FanOutState>;
+  /**
+   * What the finished fan-out left behind that it should not have (rows of jobs, barriers,
+   * arrivals, dead jobs, or an execution not completed), one line each; empty when clean.
+   */
+  leftovers(sql: Sql, handle: string): Promise<string[]>;
+}
+
 export interface System {
   /** Short name used in the table and the JSON (`shoal`, later `pg-boss`, ...). */
   name: string;
@@ -58,6 +90,8 @@ export interface System {
   isEmpty(sql: Sql): Promise<boolean>;
   /** Jobs in the benchmark's queue (a correctness check after enqueueing). */
   count(sql: Sql): Promise<number>;
+  /** Fan-out / fan-in, for systems that have it (W4 measures only these). */
+  fanOut?: FanOutDriver;
 }
 
 const ROOT = new URL("../", import.meta.url);
@@ -91,6 +125,72 @@ function isConsumerStarted(line: string): boolean {
     return false;
   }
 }
+
+/** shoal's fan-out: the built-in `shoal.chord` task started as a new execution. */
+const shoalFanOut: FanOutDriver = {
+  how:
+    'startExecution(sql, { task: "shoal.chord", payload: { children: N × {task: "shoal.noop"}, ' +
+    'callback: {task: "shoal.noop"} } }) (lib/execution.ts, the same as select shoal.start_execution(...))',
+  async start(sql, options) {
+    const children = Array.from({ length: options.children }, () => ({ task: "shoal.noop" }));
+    return await startExecution(sql, {
+      task: "shoal.chord",
+      queue: options.queue,
+      payload: { children, callback: { task: "shoal.noop" } },
+    });
+  },
+  async state(sql, handle) {
+    const [row] = await sql<
+      { status: string; error: string | null; open: boolean; arrived: number }[]
+    >`
+      select e.status, e.error,
+        b.id is not null as open, coalesce(b.total - b.remaining, 0)::integer as arrived
+      from shoal.executions e
+      left join lateral (
+        select x.id, x.total, x.remaining from shoal.barriers x
+        where x.execution_id = e.id order by x.id limit 1
+      ) b on true
+      where e.id = ${handle}::bigint`;
+    if (!row) throw new Error(`Execution ${handle} is gone from shoal.executions`);
+    const ended = row.status === "failed" || row.status === "cancelled";
+    return {
+      status: row.status,
+      completed: row.status === "completed",
+      failure: ended
+        ? `execution ${handle} is ${row.status}: ${row.error ?? "no error recorded"}`
+        : null,
+      open: row.open,
+      arrived: row.arrived,
+    };
+  },
+  async leftovers(sql, handle) {
+    const [row] = await sql<
+      {
+        status: string | null;
+        jobs: number;
+        barriers: number;
+        arrivals: number;
+        dead_jobs: number;
+        executions: number;
+      }[]
+    >`
+      select (select status from shoal.executions where id = ${handle}::bigint) as status,
+        (select count(*) from shoal.jobs)::integer as jobs,
+        (select count(*) from shoal.barriers)::integer as barriers,
+        (select count(*) from shoal.arrivals)::integer as arrivals,
+        (select count(*) from shoal.dead_jobs)::integer as dead_jobs,
+        (select count(*) from shoal.executions)::integer as executions`;
+    const found: string[] = [];
+    if (row!.status !== "completed") {
+      found.push(`execution ${handle} is ${row!.status ?? "missing"}, not completed`);
+    }
+    if (row!.executions !== 1) found.push(`${row!.executions} executions instead of 1`);
+    for (const table of ["jobs", "barriers", "arrivals", "dead_jobs"] as const) {
+      if (row![table] !== 0) found.push(`${row![table]} row(s) left in shoal.${table}`);
+    }
+    return found;
+  },
+};
 
 /** shoal itself: lib/queue.ts for enqueue, `main.ts --role consumer` for the consumer. */
 export const shoal: System = {
@@ -146,6 +246,7 @@ export const shoal: System = {
       select count(*)::integer as n from shoal.jobs where queue = 'default'`;
     return row!.n;
   },
+  fanOut: shoalFanOut,
 };
 
 /** Every system the benchmark knows, by name. */

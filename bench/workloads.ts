@@ -8,7 +8,11 @@
  *       it starts working to the moment its queue is empty;
  * - W3  start latency: jobs offered at a steady rate to an idle consumer process;
  *       latency = the handler's clock at its start minus the producer's clock just
- *       before it called enqueue (same machine, same wall clock).
+ *       before it called enqueue (same machine, same wall clock);
+ * - W4  fan-out: one workflow of N no-op children plus one no-op callback, started the
+ *       way a user would before the consumer is up, drained by one real consumer process
+ *       from the moment it starts working until the workflow is completed (systems with
+ *       a `fanOut` driver only).
  *
  * Every run gets a fresh database with the system's schema installed from empty.
  *
@@ -29,7 +33,7 @@ import {
   withFreshDb,
 } from "./harness.ts";
 import { profileRead, profileReset, type StatementProfile } from "./profile.ts";
-import type { BenchJob, ConsumerProcess, System } from "./systems.ts";
+import type { BenchJob, ConsumerProcess, FanOutDriver, System } from "./systems.ts";
 
 /** How much work each workload does. */
 export interface Sizes {
@@ -41,6 +45,8 @@ export interface Sizes {
   latencyJobs: number;
   /** W3's offered rate, jobs per second. */
   latencyRate: number;
+  /** Children of W4's one fan-out. */
+  fanOutChildren: number;
 }
 
 export interface BenchContext {
@@ -66,7 +72,7 @@ export interface RunResult {
 export interface Benchmark {
   /** Unique, stable id: `W2/shoal`, `W2/shoal/c100`, `W1a/pgbench` ... */
   id: string;
-  workload: "W1a" | "W1b" | "W2" | "W3";
+  workload: "W1a" | "W1b" | "W2" | "W3" | "W4";
   /** Which system (or floor) this measures. */
   system: string;
   /** What it measures, in a few words. */
@@ -78,6 +84,12 @@ export interface Benchmark {
 }
 
 const RATE: Metric[] = [{ key: "rate", unit: "jobs/s", better: "higher" }];
+/** W2 also states its time per job, the figure W4's time per child is set beside. */
+const DRAIN: Metric[] = [...RATE, { key: "ms_per_job", unit: "ms/job", better: "lower" }];
+const FAN_OUT: Metric[] = [
+  { key: "ms_per_child", unit: "ms/child", better: "lower" },
+  { key: "rate", unit: "children/s", better: "higher" },
+];
 const LATENCY: Metric[] = [
   { key: "p50", unit: "ms", better: "lower" },
   { key: "p95", unit: "ms", better: "lower" },
@@ -196,7 +208,7 @@ export function drain(system: System, options: { concurrency?: number } = {}): B
     settings: options.concurrency === undefined
       ? system.defaultSettings
       : `${system.defaultSettings}; but --concurrency ${options.concurrency}`,
-    metrics: RATE,
+    metrics: DRAIN,
     run: (ctx) =>
       withFreshDb(ctx.server, "w2", async (db) => {
         await system.install(db.sql);
@@ -217,7 +229,12 @@ export function drain(system: System, options: { concurrency?: number } = {}): B
           const consumerCpuAtStart = await cpuSeconds(consumer.pid);
           endedAt = await pollUntil(
             `${system.name} to drain ${total} jobs`,
-            stallGuard(system, db.sql, consumer, () => system.isEmpty(db.sql)),
+            stallGuard(
+              `${system.name} finished no job`,
+              consumer,
+              () => system.isEmpty(db.sql),
+              () => system.count(db.sql),
+            ),
             { everyMs: 10, timeoutMs: 600_000 },
           );
           // Where the time went: the consumer's CPU during the drain, and its server
@@ -235,47 +252,189 @@ export function drain(system: System, options: { concurrency?: number } = {}): B
         }
         const seconds = (endedAt - startedAt) / 1000;
         return {
-          values: { rate: total / seconds },
+          values: { rate: total / seconds, ms_per_job: (seconds * 1000) / total },
           details: { seconds, jobs: total, ...cpu, profile },
         };
       }),
   };
 }
 
-/** A consumer that finishes no job for this long is stuck: fail the run instead of waiting. */
+/** A consumer that makes no progress for this long is stuck: fail the run instead of waiting. */
 const STALL_MS = 30_000;
 
 /**
- * Wrap an emptiness check so that it also counts the jobs left every few seconds and
- * throws, with the consumer's output, when that count has not moved for STALL_MS.
+ * Wrap a "done yet?" check so that it also reads a progress figure (jobs left, children
+ * arrived) every few seconds and throws, with the consumer's output, when that figure has
+ * not changed for STALL_MS.
  */
 function stallGuard(
-  system: System,
-  sql: Sql,
+  what: string,
   consumer: ConsumerProcess,
-  isEmpty: () => Promise<boolean>,
+  isDone: () => Promise<boolean>,
+  progress: () => Promise<number>,
 ): () => Promise<boolean> {
-  let left = Number.POSITIVE_INFINITY;
+  let last = Number.NaN;
   let movedAt = performance.now();
   let checkedAt = performance.now();
   return async () => {
-    if (await isEmpty()) return true;
+    if (await isDone()) return true;
     const now = performance.now();
     if (now - checkedAt >= 5_000) {
       checkedAt = now;
-      const count = await system.count(sql);
-      if (count < left) {
-        left = count;
+      const figure = await progress();
+      if (figure !== last) {
+        last = figure;
         movedAt = now;
       } else if (now - movedAt >= STALL_MS) {
         throw new Error(
-          `${system.name} finished no job in ${
-            STALL_MS / 1000
-          } s with ${count} left; consumer output:\n${consumer.output().slice(-3000)}`,
+          `${what} in ${STALL_MS / 1000} s (progress stuck at ${figure}); consumer output:\n${
+            consumer.output().slice(-3000)
+          }`,
         );
       }
     }
     return false;
+  };
+}
+
+/** When a polled fan-out was first seen open (children enqueued) and then closed (callback enqueued). */
+interface FanOutPhases {
+  openedAt: number | null;
+  closedAt: number | null;
+}
+
+/** Polls a fan-out: whether it completed, the phases seen, and a progress figure. */
+interface FanOutWatch {
+  /** True once completed; throws, with the consumer's output, once it cannot complete. */
+  completed(): Promise<boolean>;
+  /** Distinct states seen so far (open, each batch of arrivals, close, completion). */
+  progress(): Promise<number>;
+  phases: FanOutPhases;
+}
+
+function watchFanOut(
+  system: string,
+  driver: FanOutDriver,
+  sql: Sql,
+  handle: string,
+  consumer: ConsumerProcess,
+): FanOutWatch {
+  const phases: FanOutPhases = { openedAt: null, closedAt: null };
+  let lastState = "";
+  let statesSeen = 0;
+  return {
+    phases,
+    progress: () => Promise.resolve(statesSeen),
+    async completed() {
+      const state = await driver.state(sql, handle);
+      if (state.failure !== null) {
+        throw new Error(
+          `${system} fan-out did not complete: ${state.failure}; consumer output:\n${
+            consumer.output().slice(-3000)
+          }`,
+        );
+      }
+      if (state.open && phases.openedAt === null) phases.openedAt = epochMs();
+      if (!state.open && phases.openedAt !== null && phases.closedAt === null) {
+        phases.closedAt = epochMs();
+      }
+      const key = `${state.status}/${state.open}/${state.arrived}`;
+      if (key !== lastState) {
+        lastState = key;
+        statesSeen++;
+      }
+      return state.completed;
+    },
+  };
+}
+
+/**
+ * W4: one fan-out of `fanOutChildren` no-op children and a no-op callback, started before
+ * the consumer is up (like W2's pre-enqueued jobs), drained by one consumer process with
+ * default settings. Measured from the consumer's start of work until the workflow is
+ * completed; then the run fails unless nothing is left behind.
+ */
+export function fanOutDrain(system: System): Benchmark {
+  const driver = system.fanOut;
+  if (!driver) throw new Error(`${system.name} has no fan-out: W4 cannot measure it`);
+  return {
+    id: `W4/${system.name}`,
+    workload: "W4",
+    system: system.name,
+    title: "fan-out of no-op children plus one callback, 1 consumer process, default settings",
+    settings: `${system.defaultSettings}; started with ${driver.how} before the consumer starts`,
+    metrics: FAN_OUT,
+    run: (ctx) =>
+      withFreshDb(ctx.server, "w4", async (db) => {
+        await system.install(db.sql);
+        const children = ctx.sizes.fanOutChildren;
+        const handle = await driver.start(db.sql, { children, queue: "default" });
+        if (ctx.profile) await profileReset(db.sql);
+        const consumer = system.spawnConsumer(db.url, { stamp: false });
+        const watch = watchFanOut(system.name, driver, db.sql, handle, consumer);
+        let profile: StatementProfile | undefined;
+        let startedAt: number;
+        let endedAt: number;
+        let cpu: Record<string, number | null>;
+        try {
+          startedAt = await consumer.started;
+          const consumerCpuAtStart = await cpuSeconds(consumer.pid);
+          endedAt = await pollUntil(
+            `${system.name} to complete a fan-out of ${children} children`,
+            stallGuard(
+              `${system.name} fan-out made no progress`,
+              consumer,
+              () => watch.completed(),
+              () => watch.progress(),
+            ),
+            { everyMs: 10, timeoutMs: 600_000 },
+          );
+          const consumerCpuAtEnd = await cpuSeconds(consumer.pid);
+          cpu = {
+            consumer_cpu_s: consumerCpuAtStart === null || consumerCpuAtEnd === null
+              ? null
+              : consumerCpuAtEnd - consumerCpuAtStart,
+            backends_cpu_s: await backendCpuSeconds(db.sql),
+          };
+          if (ctx.profile) profile = await profileRead(db.sql, children);
+        } finally {
+          await consumer.stop();
+        }
+        // Checked after the consumer has exited, so nothing it does late goes unseen.
+        const left = await driver.leftovers(db.sql, handle);
+        if (left.length > 0) {
+          throw new Error(`${system.name} fan-out left rows behind: ${left.join("; ")}`);
+        }
+        const seconds = (endedAt - startedAt) / 1000;
+        return {
+          values: { ms_per_child: (seconds * 1000) / children, rate: children / seconds },
+          details: {
+            seconds,
+            children,
+            ...phaseDetails(startedAt, endedAt, watch.phases),
+            ...cpu,
+            profile,
+          },
+        };
+      }),
+  };
+}
+
+/**
+ * The phases the 10 ms polls saw: until the fan-out was open (the chord job ran and its
+ * children were enqueued), while it was open (children running), and from the callback's
+ * enqueue to the workflow's completion. Missing when a phase fell between two polls.
+ */
+function phaseDetails(
+  startedAt: number,
+  endedAt: number,
+  phases: FanOutPhases,
+): Record<string, number> {
+  if (phases.openedAt === null || phases.closedAt === null) return {};
+  return {
+    open_s: (phases.openedAt - startedAt) / 1000,
+    children_s: (phases.closedAt - phases.openedAt) / 1000,
+    callback_s: (endedAt - phases.closedAt) / 1000,
   };
 }
 

@@ -31,6 +31,8 @@ export interface FanOutSpec {
 }
 
 export const DEFAULT_MAX_CHILDREN = 100_000;
+/** The longest a fan-out may stay open: 10 years (sql/003_executions.sql checks the same). */
+export const MAX_EXPIRES_IN_MS = 315_576_000_000;
 
 function toSqlJob(job: FanOutJob, what: string, maxPayloadBytes: number): Record<string, unknown> {
   if (job === null || typeof job !== "object") {
@@ -74,8 +76,15 @@ export function checkFanOut(
   };
   if (spec.onError !== undefined) out.on_error = toSqlJob(spec.onError, "error callback", maxBytes);
   if (spec.expiresInMs !== undefined) {
-    if (!Number.isInteger(spec.expiresInMs) || spec.expiresInMs <= 0) {
-      throw new RangeError("Invalid fan-out expiresInMs: expected a positive integer");
+    // Bounded, or a huge value would pass here and fail in SQL (timestamp out of range) on
+    // every redelivery of the parent instead of failing its handler once.
+    if (
+      !Number.isInteger(spec.expiresInMs) || spec.expiresInMs <= 0 ||
+      spec.expiresInMs > MAX_EXPIRES_IN_MS
+    ) {
+      throw new RangeError(
+        "Invalid fan-out expiresInMs: expected a positive integer of at most 10 years",
+      );
     }
     out.expires_in_ms = spec.expiresInMs;
   }

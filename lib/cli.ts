@@ -307,6 +307,10 @@ async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> 
           err(`shoal: Dead job ${args[0]} not retried: a live job holds its dedupe key\n`);
           return 1;
         }
+        if (outcome === "execution_ended") {
+          err(`shoal: Dead job ${args[0]} not retried: its execution has ended\n`);
+          return 1;
+        }
         out(`Retried job ${args[0]}\n`);
         return 0;
       });

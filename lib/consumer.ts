@@ -183,6 +183,16 @@ function raceAbort<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
   });
 }
 
+/**
+ * A statement the database refused for what it says (SQLSTATE class 22 data exception,
+ * 23 constraint violation, 54 program limit), not for a transient reason (a lost
+ * connection, a deadlock, a timeout): sending it again would be refused again.
+ */
+function isRefusal(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" && /^(22|23|54)/.test(code);
+}
+
 export function defaultWorkerId(): string {
   return `${Deno.hostname()}:${Deno.pid}`;
 }
@@ -211,8 +221,13 @@ export async function runConsumer(
     if (lastClaimFull) waker.wake();
   };
 
-  /** The handler finished and asked for a fan-out: ack, barrier and children in one go. */
-  async function openFanOut(r: Running, spec: FanOutSpec): Promise<void> {
+  /**
+   * The handler finished and asked for a fan-out: ack, barrier and children in one go.
+   * Returns a PermanentError when the database refused the fan-out itself (a limit or a
+   * rule it checks again, such as its own payload limit): the same spec would be refused
+   * on every redelivery, so the caller fails the job now instead of re-running it.
+   */
+  async function openFanOut(r: Running, spec: FanOutSpec): Promise<PermanentError | null> {
     const ref = { id: r.job.id, token: r.job.token };
     try {
       const execution = await retryOnce(
@@ -229,11 +244,15 @@ export async function runConsumer(
         });
       }
     } catch (error) {
+      if (isRefusal(error)) {
+        return new PermanentError(`Cannot fan out: ${(error as Error).message}`, { cause: error });
+      }
       log.error("Cannot fan out from job {job_id}, it will be redelivered: {error}", {
         job_id: r.job.id,
         error: describeError(error),
       });
     }
+    return null;
   }
 
   async function settle(r: Running, error: unknown | null): Promise<void> {
@@ -243,10 +262,10 @@ export async function runConsumer(
     r.settled = "settling";
     const ref = { id: r.job.id, token: r.job.token };
     if (error === null) {
-      if (r.fanOut) await openFanOut(r, r.fanOut);
+      if (r.fanOut) error = await openFanOut(r, r.fanOut);
       else if (r.job.execution_id !== null) acks.addCompletion({ ...ref, result: r.result });
       else acks.add(ref);
-      return;
+      if (error === null) return;
     }
     const permanent = error instanceof PermanentError;
     const message = error instanceof TimeoutError ? error.message : describeError(error);
@@ -281,17 +300,8 @@ export async function runConsumer(
     const task = tasks.get(job.task);
     const timeoutMs = task?.timeoutMs ?? options.taskTimeoutMs;
     const jobLog = log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
-    const ctx: TaskContext = {
-      job,
-      signal: controller.signal,
-      log: jobLog,
-      db: sql,
-      enqueue: (name, payload = {}, opts = {}) =>
-        enqueue(sql, name, payload, { maxPayloadBytes: options.maxPayloadBytes, ...opts }),
-      fanOut: () => {}, // replaced below, once the job's slot exists
-    };
     const r: Running = { job, controller, settled: "running", done: Promise.resolve() };
-    ctx.fanOut = (spec: FanOutSpec) => {
+    const fanOutOnAck = (spec: FanOutSpec) => {
       if (r.fanOut) throw new Error("A job can fan out once: combine the children in one call");
       // Checked now, so a bad fan-out fails the handler before anything is enqueued.
       try {
@@ -304,6 +314,15 @@ export async function runConsumer(
         throw new PermanentError(`Cannot fan out: ${(cause as Error).message}`, { cause });
       }
       r.fanOut = spec;
+    };
+    const ctx: TaskContext = {
+      job,
+      signal: controller.signal,
+      log: jobLog,
+      db: sql,
+      enqueue: (name, payload = {}, opts = {}) =>
+        enqueue(sql, name, payload, { maxPayloadBytes: options.maxPayloadBytes, ...opts }),
+      fanOut: fanOutOnAck,
     };
     running.set(job.id, r);
     const timer = setTimeout(
@@ -352,7 +371,9 @@ export async function runConsumer(
         if (!kept.has(r.job.id) && running.get(r.job.id) === r && r.settled === "running") {
           r.settled = "lost";
           r.controller.abort(
-            new LeaseLostError("The job's claim was lost (redelivered elsewhere)"),
+            new LeaseLostError(
+              "The job's claim was lost: redelivered elsewhere, or its execution was cancelled or failed",
+            ),
           );
           log.warn("Lost the claim on job {job_id}: aborted its handler", { job_id: r.job.id });
         }

@@ -40,16 +40,23 @@ export async function listDead(db: Db, options: ListDeadOptions = {}): Promise<D
     limit ${options.limit ?? 100}::integer`;
 }
 
-export type RetryDeadOutcome = "retried" | "not_found" | "duplicate";
+export type RetryDeadOutcome = "retried" | "not_found" | "duplicate" | "execution_ended";
 
 /**
  * Put a dead job back on its queue, runnable now, with its attempts reset. "duplicate"
- * means a live job holds its dedupe key; the dead row is kept.
+ * means a live job holds its dedupe key, "execution_ended" that its execution has ended
+ * (the next claim would ack it unrun); either way the dead row is kept.
  */
 export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
   const [row] = await db<{ outcome: RetryDeadOutcome }[]>`
     with dead as (
       select * from shoal.dead_jobs where id = ${id}::bigint for update
+    ),
+    -- A job of an ended execution would be acked unrun by its next claim, its dead row
+    -- gone with it: it stays dead instead.
+    ended as (
+      select 1 from dead d join shoal.executions e on e.id = d.execution_id
+      where e.status in ('completed', 'failed', 'cancelled')
     ),
     revived as (
       insert into shoal.jobs (id, queue, task, payload, priority, fairness_key, fair_seq,
@@ -72,6 +79,7 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
         d.token + 1,
         d.key, d.execution_id, d.barrier_id, d.child_index, d.errors, d.created_at
       from dead d
+      where not exists (select 1 from ended)
       on conflict (queue, key) where key is not null do nothing
       returning id
     ),
@@ -79,6 +87,7 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
       delete from shoal.dead_jobs where id in (select id from revived) returning id
     )
     select case when not exists (select 1 from dead) then 'not_found'
+                when exists (select 1 from ended) then 'execution_ended'
                 when exists (select 1 from removed) then 'retried'
                 else 'duplicate' end as outcome`;
   if (row!.outcome === "retried") {

@@ -35,12 +35,19 @@ export interface ExecutionSummary {
   barriers: { total: number; arrived: number }[];
 }
 
-/** Start an execution with its first job; returns the execution id. */
+/**
+ * Start an execution with its first job; returns the execution id. The job takes every
+ * enqueue option but a dedupe key (a key already held would leave the execution without
+ * its job): that is a TypeError.
+ */
 export async function startExecution(
   db: Db,
   job: JobSpec,
   options: { maxPayloadBytes?: number } = {},
 ): Promise<string> {
+  if (job.key !== undefined) {
+    throw new TypeError("Invalid key: an execution's first job cannot take a dedupe key");
+  }
   const row = checkJobSpec(job, options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES);
   const [result] = await db<{ id: string }[]>`
     select shoal.start_execution(
@@ -48,7 +55,8 @@ export async function startExecution(
       ${JSON.stringify(row.payload)}::text::jsonb,
       priority => ${(row.priority as number | undefined) ?? 0}::integer,
       fairness_key => ${(row.fairness_key as string | undefined) ?? null}::text,
-      max_attempts => ${(row.max_attempts as number | undefined) ?? 25}::integer) as id`;
+      max_attempts => ${(row.max_attempts as number | undefined) ?? 25}::integer,
+      run_at => ${(row.run_at as string | undefined) ?? null}::timestamptz) as id`;
   return result!.id;
 }
 

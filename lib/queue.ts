@@ -248,6 +248,17 @@ export interface JobRef {
   token: string;
 }
 
+/**
+ * Lock these jobs in id order (a fragment for a `with` clause). Cancelling or expiring an
+ * execution takes its jobs in id order too: two statements that each take many jobs of
+ * one execution in their own order deadlock.
+ */
+function lockInIdOrder(db: Db, ids: string[]) {
+  return db`
+    select x.id from shoal.jobs x where x.id = any(${ids}::bigint[])
+    order by x.id for update`;
+}
+
 function unzip(refs: JobRef[]): [string[], string[]] {
   return [refs.map((r) => r.id), refs.map((r) => r.token)];
 }
@@ -264,14 +275,22 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
   return rows.map((r) => r.id);
 }
 
-/** Push the visibility deadline of running jobs. Returns the ids that are still ours. */
+/**
+ * Push the visibility deadline of running jobs. Returns the ids that are still ours: not
+ * a job whose execution has ended (its row can outlive a failure that found it locked),
+ * so its handler is aborted and the next claim acks it unrun.
+ */
 export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Promise<string[]> {
   if (refs.length === 0) return [];
   const [ids, tokens] = unzip(refs);
   const rows = await db<{ id: string }[]>`
+    with locked as (${lockInIdOrder(db, ids)})
     update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms'
-    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
-    where j.id = a.id and j.token = a.token
+    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token), locked l
+    where j.id = a.id and j.token = a.token and l.id = j.id
+      and not exists (
+        select 1 from shoal.executions e
+        where e.id = j.execution_id and e.status in ('completed', 'failed', 'cancelled'))
     returning j.id`;
   return rows.map((r) => r.id);
 }
@@ -284,11 +303,12 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
   if (refs.length === 0) return [];
   const [ids, tokens] = unzip(refs);
   const rows = await db<{ id: string }[]>`
+    with locked as (${lockInIdOrder(db, ids)})
     update shoal.jobs j
     set locked_by = null, locked_at = null, run_at = now(), token = j.token + 1,
         attempts = greatest(j.attempts - 1, 0)
-    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
-    where j.id = a.id and j.token = a.token
+    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token), locked l
+    where j.id = a.id and j.token = a.token and l.id = j.id
     returning j.id`;
   return rows.map((r) => r.id);
 }
