@@ -9,8 +9,9 @@
  * @module
  */
 import type { Sql } from "./db.ts";
-import { retryOnce } from "./db.ts";
+import { isDataError, retryOnce } from "./db.ts";
 import { formatDuration } from "./duration.ts";
+import { Sleeper } from "./sleep.ts";
 import { describeError, logger } from "./log.ts";
 import {
   ack,
@@ -52,7 +53,11 @@ function toJson(value: unknown, task: string): unknown {
     const text = JSON.stringify(value);
     return text === undefined ? null : JSON.parse(text);
   } catch (cause) {
-    throw new TypeError(`Task ${task} returned a result that cannot be stored as JSON`, { cause });
+    // The same handler returns the same kind of value on every retry: fail for good.
+    throw new PermanentError(
+      `Cannot store the result of task ${task} as JSON: ${(cause as Error).message}`,
+      { cause },
+    );
   }
 }
 
@@ -78,35 +83,6 @@ interface Running {
   fanOut?: FanOutSpec;
 }
 
-/** Sleeps until woken, a timeout, or an abort. */
-class Waker {
-  #wake: (() => void) | null = null;
-  #pending = false;
-
-  wake(): void {
-    if (this.#wake) this.#wake();
-    else this.#pending = true;
-  }
-
-  wait(ms: number, signal: AbortSignal): Promise<void> {
-    if (this.#pending || signal.aborted) {
-      this.#pending = false;
-      return Promise.resolve();
-    }
-    return new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        signal.removeEventListener("abort", done);
-        this.#wake = null;
-        resolve();
-      };
-      const timer = setTimeout(done, ms);
-      signal.addEventListener("abort", done, { once: true });
-      this.#wake = done;
-    });
-  }
-}
-
 /**
  * Acks finished jobs in batches: while one ack statement is in flight, the jobs that
  * finish meanwhile wait and go together in the next one.
@@ -114,30 +90,40 @@ class Waker {
 class AckBatcher {
   #plain: JobRef[] = [];
   #workflow: Completion[] = [];
+  #waiters: (() => void)[] = [];
   #flushing: Promise<void> | null = null;
 
   constructor(private readonly sql: Sql) {}
 
   /** A plain job: a bare delete. */
-  add(ref: JobRef): void {
+  add(ref: JobRef): Promise<void> {
     this.#plain.push(ref);
-    this.#flushing ??= this.#flush();
+    return this.#sent();
   }
 
   /** A job of an execution: its result feeds barriers and the execution's completion. */
-  addCompletion(done: Completion): void {
+  addCompletion(done: Completion): Promise<void> {
     this.#workflow.push(done);
+    return this.#sent();
+  }
+
+  /** Resolves once the batch holding what was just added has been sent (or given up). */
+  #sent(): Promise<void> {
+    const sent = new Promise<void>((resolve) => this.#waiters.push(resolve));
     this.#flushing ??= this.#flush();
+    return sent;
   }
 
   async #flush(): Promise<void> {
     while (this.#plain.length > 0 || this.#workflow.length > 0) {
       const plain = this.#plain.splice(0);
       const workflow = this.#workflow.splice(0);
+      const waiters = this.#waiters.splice(0);
       await Promise.all([
         this.#send("ack", plain.length, () => ack(this.sql, plain)),
         this.#send("complete", workflow.length, () => completeJobs(this.sql, workflow)),
       ]);
+      for (const resolve of waiters) resolve();
     }
     this.#flushing = null;
   }
@@ -168,8 +154,8 @@ class TimeoutError extends Error {
 class ShutdownError extends Error {
   override name = "ShutdownError";
 }
-class LeaseLostError extends Error {
-  override name = "LeaseLostError";
+class ClaimLostError extends Error {
+  override name = "ClaimLostError";
 }
 
 /** Settle with the handler, or reject as soon as the signal aborts (even if it never settles). */
@@ -181,16 +167,6 @@ function raceAbort<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
     signal.addEventListener("abort", onAbort, { once: true });
     work.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
   });
-}
-
-/**
- * A statement the database refused for what it says (SQLSTATE class 22 data exception,
- * 23 constraint violation, 54 program limit), not for a transient reason (a lost
- * connection, a deadlock, a timeout): sending it again would be refused again.
- */
-function isRefusal(error: unknown): boolean {
-  const code = (error as { code?: unknown } | null)?.code;
-  return typeof code === "string" && /^(22|23|54)/.test(code);
 }
 
 export function defaultWorkerId(): string {
@@ -212,8 +188,10 @@ export async function runConsumer(
   const workerId = options.workerId ?? defaultWorkerId();
   const queues = new Set(options.queues);
   const running = new Map<string, Running>();
+  /** Finished jobs whose ack has not been sent yet (still heartbeated). */
+  const acking = new Map<string, JobRef>();
   const acks = new AckBatcher(sql);
-  const waker = new Waker();
+  const waker = new Sleeper();
   let lastClaimFull = false;
 
   const finish = (r: Running) => {
@@ -244,7 +222,7 @@ export async function runConsumer(
         });
       }
     } catch (error) {
-      if (isRefusal(error)) {
+      if (isDataError(error)) {
         return new PermanentError(`Cannot fan out: ${(error as Error).message}`, { cause: error });
       }
       log.error("Cannot fan out from job {job_id}, it will be redelivered: {error}", {
@@ -263,8 +241,15 @@ export async function runConsumer(
     const ref = { id: r.job.id, token: r.job.token };
     if (error === null) {
       if (r.fanOut) error = await openFanOut(r, r.fanOut);
-      else if (r.job.execution_id !== null) acks.addCompletion({ ...ref, result: r.result });
-      else acks.add(ref);
+      else {
+        // Until its ack is sent, the job is still heartbeated: a slow ack must not let its
+        // deadline pass and the job run a second time elsewhere.
+        acking.set(ref.id, ref);
+        const sent = r.job.execution_id !== null
+          ? acks.addCompletion({ ...ref, result: r.result })
+          : acks.add(ref);
+        sent.finally(() => acking.delete(ref.id));
+      }
       if (error === null) return;
     }
     const permanent = error instanceof PermanentError;
@@ -320,8 +305,15 @@ export async function runConsumer(
       signal: controller.signal,
       log: jobLog,
       db: sql,
-      enqueue: (name, payload = {}, opts = {}) =>
-        enqueue(sql, name, payload, { maxPayloadBytes: options.maxPayloadBytes, ...opts }),
+      enqueue: (name, payload = {}, opts = {}) => {
+        const definition = tasks.get(name); // its queue and retry budget, like the CLI's
+        return enqueue(sql, name, payload, {
+          queue: definition?.queue,
+          maxAttempts: definition?.maxAttempts,
+          maxPayloadBytes: options.maxPayloadBytes,
+          ...opts,
+        });
+      },
       fanOut: fanOutOnAck,
     };
     running.set(job.id, r);
@@ -361,8 +353,11 @@ export async function runConsumer(
 
   async function heartbeat(): Promise<void> {
     const live = [...running.values()].filter((r) => r.settled === "running");
-    if (live.length === 0) return;
-    const refs = live.map((r) => ({ id: r.job.id, token: r.job.token }));
+    if (live.length === 0 && acking.size === 0) return;
+    const refs = [
+      ...live.map((r) => ({ id: r.job.id, token: r.job.token })),
+      ...acking.values(),
+    ];
     try {
       const kept = new Set(
         await retryOnce("extend", () => extend(sql, refs, options.visibilityTimeoutMs)),
@@ -371,7 +366,7 @@ export async function runConsumer(
         if (!kept.has(r.job.id) && running.get(r.job.id) === r && r.settled === "running") {
           r.settled = "lost";
           r.controller.abort(
-            new LeaseLostError(
+            new ClaimLostError(
               "The job's claim was lost: redelivered elsewhere, or its execution was cancelled or failed",
             ),
           );
@@ -445,13 +440,13 @@ export async function runConsumer(
           wait: formatDuration(wait),
           error: describeError(error),
         });
-        await waker.wait(wait, stop);
+        await waker.sleep(wait, stop);
         continue;
       }
     } else {
       lastClaimFull = true;
     }
-    await waker.wait(options.pollIntervalMs, stop);
+    await waker.sleep(options.pollIntervalMs, stop);
   }
 
   await shutdown();
@@ -491,6 +486,8 @@ export async function runConsumer(
         });
       }
     }
+    // Failures and fan-outs already being recorded finish before the pool closes.
+    await Promise.allSettled([...running.values()].map((r) => r.done));
     await acks.drain();
     await beating;
     if (unlisten) {

@@ -67,6 +67,10 @@ export function redactUrl(url: string): string {
   try {
     const parsed = new URL(url);
     if (parsed.password) parsed.password = "***";
+    // libpq-style URLs may carry the password as a query parameter too.
+    for (const key of [...parsed.searchParams.keys()]) {
+      if (/pass/i.test(key)) parsed.searchParams.set(key, "***");
+    }
     return parsed.toString();
   } catch {
     return "(unparseable URL)";
@@ -100,15 +104,31 @@ export function isConnectionError(error: unknown): boolean {
   return CONNECTION_ERROR_CODES.has(code) || code.startsWith("08");
 }
 
+/** Postgres gave up on the transaction to break a deadlock or a serialization conflict. */
+export function isTransientConflict(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return code === "40P01" || code === "40001";
+}
+
 /**
- * Run an idempotent statement, and once more if the first try lost its connection
- * (PgBouncer or a firewall reaped an idle one). Any other error is not retried.
+ * Refused for what it says (SQLSTATE class 22 data exception, 23 constraint violation,
+ * 54 program limit), not for a transient reason: sending it again is refused again.
+ */
+export function isDataError(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" && /^(22|23|54)/.test(code);
+}
+
+/**
+ * Run an idempotent (token-fenced) statement, and once more if the first try lost its
+ * connection (PgBouncer or a firewall reaped an idle one) or was chosen as a deadlock
+ * victim. Any other error is not retried.
  */
 export async function retryOnce<T>(what: string, run: () => Promise<T>): Promise<T> {
   try {
     return await run();
   } catch (error) {
-    if (!isConnectionError(error)) throw error;
+    if (!isConnectionError(error) && !isTransientConflict(error)) throw error;
     logger("db").warn("Connection lost during {what}, retrying once: {error}", {
       what,
       error: describeError(error),

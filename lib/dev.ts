@@ -13,6 +13,7 @@ import { getExecution, listExecutions, startExecution } from "./execution.ts";
 import { runReaper } from "./reaper.ts";
 import { upsertSchedule } from "./schedule.ts";
 import { runScheduler } from "./scheduler.ts";
+import { delay } from "./sleep.ts";
 import { connect, redactUrl, type Sql } from "./db.ts";
 import { type LocalPg, startLocalPg } from "./local_pg.ts";
 import { describeError } from "./log.ts";
@@ -62,20 +63,6 @@ export function demoJobs(): JobSpec[] {
     maxAttempts: 2,
   });
   return jobs;
-}
-
-/** Resolve after `ms`, or at once when `signal` aborts; never leaves a timer or listener. */
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  if (signal.aborted) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-  });
 }
 
 async function demoStatus(sql: Sql): Promise<QueueStatus> {
@@ -180,7 +167,7 @@ async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSi
       );
       if (line !== last) options.print(line + "\n");
       last = line;
-      await sleep(PROGRESS_EVERY_MS, halt.signal);
+      await delay(PROGRESS_EVERY_MS, halt.signal);
     }
   } finally {
     halt.abort();

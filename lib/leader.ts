@@ -10,6 +10,7 @@ import type { Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { acquire, type LeaseTerm, releaseLease, renew } from "./lease.ts";
 import { describeError, type Logger } from "./log.ts";
+import { Sleeper } from "./sleep.ts";
 
 export interface LeaderLoopOptions {
   /** Lease name, e.g. "reaper". */
@@ -35,35 +36,6 @@ export function checkLeaderTiming(role: string, intervalMs: number, leaseMs: num
         formatDuration(intervalMs)
       } must be shorter than --lease ${formatDuration(leaseMs)}`,
     );
-  }
-}
-
-/** Sleep for `ms`, waking early on `stop` or on `wake()`. */
-export class Sleeper {
-  #wake: (() => void) | null = null;
-  #pending = false;
-
-  wake(): void {
-    if (this.#wake) this.#wake();
-    else this.#pending = true;
-  }
-
-  sleep(ms: number, stop: AbortSignal): Promise<void> {
-    if (this.#pending || stop.aborted) {
-      this.#pending = false;
-      return Promise.resolve();
-    }
-    return new Promise((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        stop.removeEventListener("abort", done);
-        this.#wake = null;
-        resolve();
-      };
-      const timer = setTimeout(done, Math.max(0, ms));
-      stop.addEventListener("abort", done, { once: true });
-      this.#wake = done;
-    });
   }
 }
 

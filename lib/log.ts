@@ -57,9 +57,11 @@ export function logger(...category: string[]): Logger {
 export function describeError(error: unknown): string {
   if (error instanceof Error) {
     const code = (error as { code?: unknown }).code;
-    return typeof code === "string" && !error.message.includes(code)
-      ? `${error.name}: ${error.message} (${code})`
-      : `${error.name}: ${error.message}`;
+    // One line, whatever the message holds.
+    const message = error.message.replace(/\s*\n\s*/g, " ");
+    return typeof code === "string" && !message.includes(code)
+      ? `${error.name}: ${message} (${code})`
+      : `${error.name}: ${message}`;
   }
   try {
     return `non-Error thrown: ${JSON.stringify(error) ?? String(error)}`;

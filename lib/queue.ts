@@ -1,6 +1,7 @@
 /**
- * The job queue: every statement on `shoal.jobs` and `shoal.dead_jobs` that the roles
- * run. Each function takes the database (a pool or the caller's transaction) first and
+ * The job queue: the statements on `shoal.jobs` and `shoal.dead_jobs` that enqueue,
+ * claim, ack, extend, release and fail jobs (the dead-letter admin lives in dead.ts,
+ * workflow completion in barrier.ts). Each function takes the database (a pool or the caller's transaction) first and
  * an options object second. The table's DDL and the `shoal.enqueue*` SQL functions live
  * in `sql/001_queue.sql`.
  *
@@ -214,6 +215,9 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
           locked_at = now(), run_at = now() + ${options.visibilityMs}::integer * interval '1 ms'
       from live
       where j.id = live.id and j.attempts < j.max_attempts
+        -- A poisoned job fails its execution when this statement ends: do not hand out
+        -- its siblings only to abort them at their first heartbeat.
+        and not exists (select 1 from poison p where p.execution_id = j.execution_id)
       returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.attempts,
         j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at as deadline
     ),
@@ -268,9 +272,10 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
   if (refs.length === 0) return [];
   const [ids, tokens] = unzip(refs);
   const rows = await db<{ id: string }[]>`
+    with locked as (${lockInIdOrder(db, ids)})
     delete from shoal.jobs j
-    using unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
-    where j.id = a.id and j.token = a.token
+    using unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token), locked l
+    where j.id = a.id and j.token = a.token and l.id = j.id
     returning j.id`;
   return rows.map((r) => r.id);
 }

@@ -9,13 +9,15 @@
 import { expireBarriers } from "./barrier.ts";
 import type { Db, Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
-import { holdLease, type LeaseTerm } from "./lease.ts";
+import { holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts";
 import { runLeaderLoop } from "./leader.ts";
 import { describeError, logger } from "./log.ts";
 
 export const REAPER_LEASE = "reaper";
 /** Most rows one sweep touches per tick. */
 export const SWEEP_LIMIT = 10_000;
+/** Expired fan-outs failed per tick. */
+const EXPIRED_BARRIERS_PER_TICK = 100;
 
 export interface ReaperOptions {
   holder: string;
@@ -88,7 +90,9 @@ export const stuckReportSweep: Sweep = {
 export const expiredBarrierSweep: Sweep = {
   name: "expired-barriers",
   kind: "recovery",
-  run: (tx, _options, limit) => expireBarriers(tx, limit),
+  // Each expired fan-out locks all of its execution's jobs (up to 100,000 children):
+  // keep one tick's transaction small; the next tick takes the rest.
+  run: (tx, _options, limit) => expireBarriers(tx, Math.min(limit, EXPIRED_BARRIERS_PER_TICK)),
 };
 
 /** Every sweep, recovery first. */
@@ -123,7 +127,7 @@ export async function reapOnce(
         log.info("Sweep {sweep} handled {count} rows", { sweep: sweep.name, count });
       }
     } catch (error) {
-      if ((error as Error).name === "LeaseLostError") throw error;
+      if (error instanceof LeaseLostError) throw error;
       report[sweep.name] = { error: describeError(error) };
       log.error("Sweep {sweep} failed: {error}", {
         sweep: sweep.name,

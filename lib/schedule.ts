@@ -67,8 +67,8 @@ export function checkSchedule(spec: ScheduleSpec): Required<ScheduleSpec> {
 
 /**
  * Create or update a schedule. A changed cron or time zone resets next_run_at (the
- * scheduler records a fresh baseline, never a burst) and re-enables a row that was
- * disabled by an error; a paused row stays paused.
+ * scheduler records a fresh baseline, never a burst). Any change re-enables a row that an
+ * error disabled and clears the error; a paused row stays paused.
  */
 export async function upsertSchedule(
   db: Db,
@@ -87,11 +87,10 @@ export async function upsertSchedule(
           payload = excluded.payload, priority = excluded.priority, source = excluded.source,
           next_run_at = case when (t.cron, t.tz) is distinct from (excluded.cron, excluded.tz)
                              then null else t.next_run_at end,
-          enabled = case when (t.cron, t.tz) is distinct from (excluded.cron, excluded.tz)
-                              and t.last_error is not null
-                         then true else t.enabled end,
-          last_error = case when (t.cron, t.tz) is distinct from (excluded.cron, excluded.tz)
-                            then null else t.last_error end,
+          -- Any change to a row an error disabled is the fix: it runs again. A row the
+          -- user paused (no error) stays paused.
+          enabled = case when t.last_error is not null then true else t.enabled end,
+          last_error = null,
           updated_at = now()
       where (t.cron, t.tz, t.task, t.queue, t.payload, t.priority, t.source)
         is distinct from (excluded.cron, excluded.tz, excluded.task, excluded.queue,

@@ -12,10 +12,11 @@
  * @module
  */
 import { nextSlot } from "./cron.ts";
-import type { Sql } from "./db.ts";
+import { isDataError, type Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { holdLease, type LeaseTerm } from "./lease.ts";
-import { runLeaderLoop, Sleeper } from "./leader.ts";
+import { runLeaderLoop } from "./leader.ts";
+import { Sleeper } from "./sleep.ts";
 import { describeError, logger } from "./log.ts";
 import { enqueue } from "./queue.ts";
 import { loadSchedulesFile, type ScheduleRow, syncSchedules } from "./schedule.ts";
@@ -45,9 +46,7 @@ type RowOutcome = "fired" | "baselined" | "disabled" | "failed" | "none";
 
 /** Errors that will recur on every try: bad data, constraint or limit violations. */
 function isPermanent(error: unknown): boolean {
-  const code = (error as { code?: unknown })?.code;
-  return error instanceof RangeError || error instanceof TypeError ||
-    (typeof code === "string" && /^(22|23|54)/.test(code));
+  return error instanceof RangeError || error instanceof TypeError || isDataError(error);
 }
 
 /**

@@ -16,7 +16,7 @@ import type { EnqueueOptions, Job } from "./queue.ts";
 /** What a handler gets besides its payload. */
 export interface TaskContext {
   job: Job;
-  /** Aborted on timeout, shutdown, lost lease or (later) cancellation: stop promptly. */
+  /** Aborted on timeout, shutdown, a lost claim, or its execution's cancel: stop promptly. */
   signal: AbortSignal;
   /** A logger that tags every line with the job id, task and attempt. */
   log: Logger;
@@ -47,7 +47,10 @@ export interface TaskDefinition<P = Record<string, unknown>> {
   timeoutMs?: number;
   /** Check and convert the payload; throw to reject it (a permanent failure, no retry). */
   parse?: (payload: Record<string, unknown>) => P;
-  /** Do the work. A returned value is ignored for plain jobs (fan-in results use it later). */
+  /**
+   * Do the work. For a job of an execution, the return value (JSON) is its result: a
+   * fan-out child's goes to the callback's `results`, the last job's to the execution.
+   */
   handler: (payload: P, ctx: TaskContext) => unknown | Promise<unknown>;
 }
 

@@ -98,7 +98,11 @@ create type shoal.enqueued as (ord bigint, id bigint, inserted boolean, job json
 -- and task are required). Returns one row per input element, in input order; an
 -- element whose dedupe key is already pending or running on its queue is not inserted
 -- and returns that job's id. notify wakes idle consumers (one NOTIFY per queue).
-create function shoal.enqueue_many(jobs jsonb, notify boolean default true)
+--
+-- shoal.enqueue_jobs is the body, for shoal's own functions: it also takes workflow
+-- membership (execution_id, barrier_id, child_index). The public enqueue_many strips
+-- those keys, so a caller cannot make a job arrive at someone's fan-out.
+create function shoal.enqueue_jobs(jobs jsonb, notify boolean default true)
 returns table (ord bigint, id bigint, inserted boolean)
 language plpgsql volatile as $$
 declare
@@ -254,6 +258,20 @@ begin
 
   return query select r.ord, r.id, r.inserted from unnest(results) as r order by r.ord;
 end
+$$;
+
+create function shoal.enqueue_many(jobs jsonb, notify boolean default true)
+returns table (ord bigint, id bigint, inserted boolean)
+language sql volatile as $$
+  select e.ord, e.id, e.inserted from shoal.enqueue_jobs(
+    case when jsonb_typeof(jobs) = 'array' then (
+      select coalesce(jsonb_agg(
+               case when jsonb_typeof(x.j) = 'object'
+                    then x.j - 'execution_id' - 'barrier_id' - 'child_index' else x.j end
+               order by x.o), '[]'::jsonb)
+      from jsonb_array_elements(jobs) with ordinality as x(j, o))
+    else jobs end,
+    notify) as e
 $$;
 
 -- Enqueue one job: the entry point for any language.

@@ -189,7 +189,7 @@ declare
 begin
   insert into shoal.executions (label) values (task) returning id into execution;
   -- No dedupe key: a key already held would leave the new execution without its job.
-  perform shoal.enqueue_many(jsonb_build_array(
+  perform shoal.enqueue_jobs(jsonb_build_array(
     jsonb_strip_nulls(jsonb_build_object(
       'queue', queue, 'task', task, 'priority', priority, 'fairness_key', fairness_key,
       'max_attempts', max_attempts, 'run_at', run_at, 'execution_id', execution))
@@ -312,7 +312,7 @@ begin
           now() + coalesce((spec->>'expires_in_ms')::bigint, 86400000) * interval '1 ms')
   returning id into barrier;
 
-  perform shoal.enqueue_many((
+  perform shoal.enqueue_jobs((
     select jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
              'queue', coalesce(c.child->>'queue', parent.queue),
              'task', c.child->>'task',
@@ -440,13 +440,18 @@ declare
   current record;
   n integer := 0;
 begin
+  -- Every job of every execution this sweep may fail, locked up front in one id order:
+  -- the same order complete_jobs takes a batch spanning executions in, so never a deadlock.
+  perform 1 from shoal.jobs j
+  where j.execution_id in (select x.execution_id from shoal.barriers x
+                           where x.expires_at < now() order by x.expires_at limit max_rows)
+  order by j.id for update;
   for b in
     select x.id, x.execution_id from shoal.barriers x
     where x.expires_at < now()
     order by x.expires_at
     limit max_rows
   loop
-    perform 1 from shoal.jobs j where j.execution_id = b.execution_id order by j.id for update;
     select x.total, x.remaining into current from shoal.barriers x
     where x.id = b.id and x.expires_at < now()
     for update;

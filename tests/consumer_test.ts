@@ -204,7 +204,7 @@ Deno.test("runConsumer() aborts a handler whose claim was lost and discards its 
   } finally {
     await consumer.stop();
   }
-  assert(reason instanceof Error && reason.name === "LeaseLostError", String(reason));
+  assert(reason instanceof Error && reason.name === "ClaimLostError", String(reason));
   const [row] = await db.sql<
     { attempts: number; token: string; last_error: string | null; far: boolean }[]
   >`

@@ -173,10 +173,13 @@ function expectedResults(n: number): { i: number; sq: number }[] {
   return Array.from({ length: n }, (_, i) => ({ i, sq: i * i }));
 }
 
-/** Insert a job row by hand (as a duplicate delivery would), with workflow membership. */
+/**
+ * Insert a job row by hand (as a duplicate delivery would), with workflow membership:
+ * through shoal's internal enqueue_jobs, since the public enqueue_many drops membership.
+ */
 async function insertJob(sql: Db, job: Record<string, unknown>): Promise<string> {
   const [row] = await sql<{ id: string }[]>`
-    select id from shoal.enqueue_many(${JSON.stringify([job])}::text::jsonb)`;
+    select id from shoal.enqueue_jobs(${JSON.stringify([job])}::text::jsonb)`;
   return row!.id;
 }
 
@@ -1550,4 +1553,29 @@ Deno.test("cancel, expiry, a permanent failure and completions racing end the ex
     await db.sql`delete from shoal.jobs where task = 'on_err'`;
     assertEquals(await leftovers(db.sql), NOTHING);
   }
+});
+
+Deno.test("shoal.enqueue_many() drops workflow membership: a caller cannot forge a child's arrival", async () => {
+  await using db = await testDb();
+  const execution = await startExecution(db.sql, { task: "parent", queue: Q });
+  const parent = await claimOne(db.sql, "parent");
+  await fanOut(db.sql, parent, {
+    children: [{ task: "c" }, { task: "c" }],
+    callback: { task: "cb" },
+  });
+  const [barrier] = await db.sql<{ id: string }[]>`select id from shoal.barriers`;
+  const forged = [0, 1].map((i) => ({
+    queue: "forged",
+    task: "c",
+    execution_id: execution,
+    barrier_id: barrier!.id,
+    child_index: i,
+  }));
+  await db.sql`select * from shoal.enqueue_many(${JSON.stringify(forged)}::text::jsonb)`;
+  const rows = await db.sql<{ execution_id: string | null; barrier_id: string | null }[]>`
+    select execution_id, barrier_id from shoal.jobs where queue = 'forged'`;
+  assertEquals([...rows], [
+    { execution_id: null, barrier_id: null },
+    { execution_id: null, barrier_id: null },
+  ]);
 });
