@@ -163,6 +163,15 @@ function noExtra(command: string, rest: string[]): void {
 
 type Resolved = Record<string, OptionValue>;
 
+/** `--payload` as JSON (its shape is checked where the job or schedule is). */
+function parsePayloadFlag(opts: Resolved): unknown {
+  try {
+    return JSON.parse(opts.payload as string);
+  } catch (error) {
+    throw new UsageError(`Invalid --payload: not JSON: ${(error as Error).message}`);
+  }
+}
+
 async function setup(command: string, parsed: ParsedArgs, extra: readonly OptionName[]) {
   const opts: Resolved = resolveOptions(command, parsed, [...COMMON, ...extra]);
   await setupLogging({
@@ -226,12 +235,7 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
   const check = (opts: Resolved) => {
     const name = opts.task as string | undefined;
     if (name === undefined) throw new UsageError("shoal enqueue needs --task");
-    let payload: unknown;
-    try {
-      payload = JSON.parse(opts.payload as string);
-    } catch (error) {
-      throw new UsageError(`Invalid --payload: not JSON: ${(error as Error).message}`);
-    }
+    const payload = parsePayloadFlag(opts);
     let runAt: Date | undefined;
     if (opts["run-at"] !== undefined) {
       runAt = new Date(opts["run-at"] as string);
@@ -473,12 +477,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
       const check = (opts: Resolved) => {
         if (opts.cron === undefined) throw new UsageError("shoal schedule add needs --cron");
         if (opts.task === undefined) throw new UsageError("shoal schedule add needs --task");
-        let payload: unknown;
-        try {
-          payload = JSON.parse(opts.payload as string);
-        } catch (error) {
-          throw new UsageError(`Invalid --payload: not JSON: ${(error as Error).message}`);
-        }
+        const payload = parsePayloadFlag(opts);
         spec = {
           name,
           cron: opts.cron as string,

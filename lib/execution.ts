@@ -6,7 +6,7 @@
  * @module
  */
 import type { Db } from "./db.ts";
-import { checkJobSpec, type JobSpec } from "./queue.ts";
+import { checkJobSpec, DEFAULT_MAX_ATTEMPTS, type JobSpec } from "./queue.ts";
 import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
 export type ExecutionStatus = "pending" | "running" | "completed" | "failed" | "cancelled";
@@ -55,7 +55,7 @@ export async function startExecution(
       ${JSON.stringify(row.payload)}::text::jsonb,
       priority => ${(row.priority as number | undefined) ?? 0}::integer,
       fairness_key => ${(row.fairness_key as string | undefined) ?? null}::text,
-      max_attempts => ${(row.max_attempts as number | undefined) ?? 25}::integer,
+      max_attempts => ${(row.max_attempts as number | undefined) ?? DEFAULT_MAX_ATTEMPTS}::integer,
       run_at => ${(row.run_at as string | undefined) ?? null}::timestamptz) as id`;
   return result!.id;
 }

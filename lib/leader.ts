@@ -58,7 +58,7 @@ export async function runLeaderLoop(
         const wanted = await work(term);
         if (typeof wanted === "number") sleepMs = Math.min(sleepMs, Math.max(0, wanted));
       } catch (error) {
-        log.error("{lease} leader work failed: {error}", {
+        log.error("Leader work of {lease} failed: {error}", {
           lease: options.lease,
           error: describeError(error),
         });

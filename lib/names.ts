@@ -15,7 +15,7 @@ const MAX_FAIRNESS_KEY_LENGTH = 256;
 const JSON_NUL = /(?:^|[^\\])(?:\\\\)*\\u0000/;
 
 /** Throw unless `name` is a valid queue or task name. */
-export function checkName(kind: "queue" | "task", name: unknown): string {
+export function checkName(kind: "queue" | "task" | "schedule", name: unknown): string {
   if (typeof name !== "string" || !NAME_PATTERN.test(name)) {
     const shown = typeof name === "string" ? JSON.stringify(name.slice(0, 140)) : typeof name;
     throw new TypeError(

@@ -43,7 +43,7 @@ export function checkSchedule(spec: ScheduleSpec): Required<ScheduleSpec> {
   if (spec === null || typeof spec !== "object") {
     throw new TypeError("Invalid schedule: expected an object with name, cron and task");
   }
-  const name = checkName("schedule" as "task", spec.name);
+  const name = checkName("schedule", spec.name);
   const tz = checkTimeZone(spec.tz ?? "UTC");
   const cron = checkCron(spec.cron, tz);
   const priority = spec.priority ?? 0;

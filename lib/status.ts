@@ -190,8 +190,5 @@ function formatQueues(s: Status): string {
     q.ready > 0 ? `${q.oldest_ready_age_s.toFixed(1)}s` : "-",
   ]);
   if (rows.length === 0) return "No queues yet: nothing has been enqueued.\n";
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const line = (cells: string[]) =>
-    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ");
-  return [line(header), ...rows.map(line)].join("\n") + "\n";
+  return table(header, rows);
 }

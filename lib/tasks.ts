@@ -98,7 +98,9 @@ export class TaskRegistry {
 
   /** Register a task; a second task with the same name is an error. */
   add(task: AnyTask): this {
-    if (this.#tasks.has(task.name)) throw new Error(`Task ${task.name} is defined twice`);
+    if (this.#tasks.has(task.name)) {
+      throw new Error(`Cannot register task ${task.name}: it is defined twice`);
+    }
     this.#tasks.set(task.name, task);
     return this;
   }
