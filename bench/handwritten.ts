@@ -12,7 +12,7 @@
  */
 import type { Sql } from "../lib/db.ts";
 import { Child } from "./harness.ts";
-import type { BenchJob, System } from "./systems.ts";
+import { type BenchJob, type SqlEnqueue, sqlProducer, type System } from "./systems.ts";
 
 /** Create the plain floor table. */
 export async function installFloorTable(sql: Sql): Promise<void> {
@@ -38,6 +38,35 @@ export const FLOOR_CHANNEL = "bench_floor";
 /** Rows the hand-written consumer claims per statement unless told otherwise. */
 export const FLOOR_BATCH = 100;
 
+/** How the floor enqueues: one INSERT (with pg_notify when asked), or one INSERT … unnest(). */
+const floorEnqueue: SqlEnqueue = {
+  async enqueueOne(sql, job, { notify }) {
+    const { task, payload } = taskOf(job);
+    // Sent as text and cast: postgres.js would JSON-encode a string parameter typed jsonb again.
+    const json = JSON.stringify(payload);
+    if (notify) {
+      await sql`
+        with ins as (
+          insert into bench_floor.jobs (task, payload)
+          values (${task}::text, ${json}::text::jsonb)
+          returning id
+        )
+        select pg_notify(${FLOOR_CHANNEL}::text, '') from ins`;
+    } else {
+      await sql`
+        insert into bench_floor.jobs (task, payload) values (${task}::text, ${json}::text::jsonb)`;
+    }
+  },
+  async enqueueBatch(sql, jobs, { notify }) {
+    const specs = jobs.map(taskOf);
+    await sql`
+      insert into bench_floor.jobs (task, payload)
+      select * from unnest(${specs.map((s) => s.task)}::text[],
+                           ${specs.map((s) => JSON.stringify(s.payload))}::text[]::jsonb[])`;
+    if (notify) await sql`select pg_notify(${FLOOR_CHANNEL}::text, '')`;
+  },
+};
+
 /**
  * A hand-written queue; `ack` picks claim-then-delete over delete-on-claim, `batch` the
  * rows per claim (100 unless given).
@@ -59,31 +88,8 @@ export function handWritten(options: { ack: boolean; batch?: number }): System {
           create index jobs_claimable_idx on bench_floor.jobs (id) where locked_at is null`;
       }
     },
-    async enqueueOne(sql, job, { notify }) {
-      const { task, payload } = taskOf(job);
-      // Sent as text and cast: postgres.js would JSON-encode a string parameter typed jsonb again.
-      const json = JSON.stringify(payload);
-      if (notify) {
-        await sql`
-          with ins as (
-            insert into bench_floor.jobs (task, payload)
-            values (${task}::text, ${json}::text::jsonb)
-            returning id
-          )
-          select pg_notify(${FLOOR_CHANNEL}::text, '') from ins`;
-      } else {
-        await sql`
-          insert into bench_floor.jobs (task, payload) values (${task}::text, ${json}::text::jsonb)`;
-      }
-    },
-    async enqueueBatch(sql, jobs, { notify }) {
-      const specs = jobs.map(taskOf);
-      await sql`
-        insert into bench_floor.jobs (task, payload)
-        select * from unnest(${specs.map((s) => s.task)}::text[],
-                             ${specs.map((s) => JSON.stringify(s.payload))}::text[]::jsonb[])`;
-      if (notify) await sql`select pg_notify(${FLOOR_CHANNEL}::text, '')`;
-    },
+    openProducer: (url, producerOptions) =>
+      Promise.resolve(sqlProducer(url, producerOptions, floorEnqueue)),
     spawnConsumer(url) {
       const args = [
         "run",

@@ -253,8 +253,14 @@ export class Child {
   readonly #pumped: Promise<void>;
   #status: Promise<Deno.CommandStatus>;
 
-  constructor(readonly label: string, args: string[], env: Record<string, string>) {
-    this.process = new Deno.Command(Deno.execPath(), {
+  /** Runs `command` (Deno itself unless given) with `args`. */
+  constructor(
+    readonly label: string,
+    args: string[],
+    env: Record<string, string>,
+    command: string = Deno.execPath(),
+  ) {
+    this.process = new Deno.Command(command, {
       args,
       env: childEnv(env),
       clearEnv: true,

@@ -28,6 +28,25 @@ export interface Comparison {
   settings: string;
 }
 
+/** shoal beside the best of its peers for one workload and metric (issue 5's targets). */
+export interface PeerComparison {
+  /** The row's workload description. */
+  label: string;
+  metric: string;
+  /** Benchmark id of shoal's figure. */
+  subject: string;
+  /** Benchmark ids of the peers' figures for the same workload. */
+  peers: string[];
+}
+
+/** A peer and every setting it ran with, stated in the report. */
+export interface PeerDescription {
+  name: string;
+  settings: string;
+  /** How the bench enqueues through it. */
+  enqueue: string;
+}
+
 export interface BenchmarkResult {
   benchmark: Benchmark;
   runs: RunResult[];
@@ -46,6 +65,8 @@ export interface ReportInput {
   environment: Record<string, string>;
   results: BenchmarkResult[];
   comparisons: Comparison[];
+  peerComparisons: PeerComparison[];
+  peers: PeerDescription[];
 }
 
 function medianOf(result: BenchmarkResult | undefined, key: string): number {
@@ -106,6 +127,103 @@ function comparisonRows(input: ReportInput): Row[] {
       settings: c.settings,
     };
   });
+}
+
+interface PeerRow {
+  label: string;
+  shoal: string;
+  /** Each peer's figure, in the order of `peerNames`. */
+  peers: string[];
+  best: string;
+  ratio: string;
+  /** For the JSON. */
+  values: { shoal: number; best: number | null; bestPeer: string | null; ratio: number | null };
+}
+
+/** The best peer figure (by the metric's direction) among those measured, if any. */
+function bestPeer(
+  input: ReportInput,
+  c: PeerComparison,
+): { id: string; value: number; system: string } | null {
+  const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
+  let best: { id: string; value: number; system: string } | null = null;
+  for (const id of c.peers) {
+    const result = byId.get(id);
+    const value = medianOf(result, c.metric);
+    if (!result || Number.isNaN(value)) continue;
+    const higher = metricOf(result, c.metric)?.better !== "lower";
+    if (best === null || (higher ? value > best.value : value < best.value)) {
+      best = { id, value, system: result.benchmark.system };
+    }
+  }
+  return best;
+}
+
+function peerRows(input: ReportInput): PeerRow[] {
+  const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
+  const names = input.peers.map((p) => p.name);
+  return input.peerComparisons.map((c) => {
+    const subject = byId.get(c.subject);
+    const measured = [subject, ...c.peers.map((id) => byId.get(id))];
+    const unit = measured.map((r) => metricOf(r, c.metric)?.unit).find((u) => u) ?? "";
+    const s = medianOf(subject, c.metric);
+    const best = bestPeer(input, c);
+    const peers = names.map((name) => {
+      const id = c.peers.find((p) => byId.get(p)?.benchmark.system === name);
+      const result = id ? byId.get(id) : undefined;
+      if (!result) return "not run";
+      if (result.runs.length === 0) return "FAILED";
+      return formatValue(medianOf(result, c.metric), unit);
+    });
+    return {
+      label: c.metric === "rate" ? c.label : `${c.label}: ${c.metric}`,
+      shoal: formatValue(s, unit),
+      peers,
+      best: best ? best.system : "n/a",
+      ratio: best ? formatRatio(s, best.value) : "n/a",
+      values: {
+        shoal: s,
+        best: best?.value ?? null,
+        bestPeer: best?.system ?? null,
+        ratio: best && !Number.isNaN(s) && best.value !== 0 ? s / best.value : null,
+      },
+    };
+  });
+}
+
+/** shoal beside each peer and the ratio to the best of them, as markdown. */
+export function peerTable(input: ReportInput): string {
+  if (input.peerComparisons.length === 0) return "";
+  const names = input.peers.map((p) => p.name);
+  const lines = [
+    `| workload | shoal | ${names.join(" | ")} | best peer | shoal ÷ best peer |`,
+    `| --- | ---: | ${names.map(() => "---:").join(" | ")} | --- | ---: |`,
+  ];
+  for (const row of peerRows(input)) {
+    lines.push(
+      `| ${escapeCell(row.label)} | ${row.shoal} | ${
+        row.peers.join(" | ")
+      } | ${row.best} | ${row.ratio} |`,
+    );
+  }
+  return lines.join("\n") + "\n";
+}
+
+function peerSection(input: ReportInput): string {
+  if (input.peerComparisons.length === 0) return "";
+  return [
+    "## shoal beside its peers",
+    "",
+    peerTable(input),
+    "Ratio: shoal's figure divided by the best peer's (same run, same server, each run in a " +
+    "fresh database). For throughput higher is better, so above 1.00× shoal is faster; for " +
+    "latency lower is better, so below 1.00× shoal starts jobs sooner.",
+    "",
+    "Peer settings:",
+    "",
+    ...input.peers.map((p) => `- ${p.name}: ${p.settings}. Enqueue: ${p.enqueue}.`),
+    "",
+  ].join("\n");
 }
 
 function escapeCell(text: string): string {
@@ -209,6 +327,9 @@ export function markdownReport(input: ReportInput): string {
       input.quick ? " (quick smoke mode: small sizes, not representative)" : ""
     }; every run starts from a fresh database with the schema installed from empty.`,
     "",
+    peerSection(input),
+    "## shoal beside its floors",
+    "",
     summaryTable(input),
     "Ratio: shoal's figure divided by the floor's. For throughput, 1.00× means shoal reaches " +
     "the floor (higher is better); for latency, it is how many times the floor's latency " +
@@ -242,6 +363,13 @@ export function markdownReport(input: ReportInput): string {
     "- Floors: pgbench on the same server in the same run; the hand-written queue is a minimal " +
     "SKIP LOCKED queue on the same client (postgres.js in Deno, one process, bench/handwritten*.ts) " +
     "measured by exactly the same workload code as shoal.",
+    "- Peers (W1a, W1b, W2, W3): graphile-worker and pg-boss at the versions bench/peers/package.json " +
+    "pins, measured by the same workload code as shoal: each run installs the peer's schema in a " +
+    "fresh database, W1a/W1b/W3 enqueue through the peer's own API, W2/W3 run one worker " +
+    "process of the peer on Node.js (bench/peers/*.cjs). W2 ends when no job of the peer is " +
+    "left to do (graphile-worker deletes completed jobs; pg-boss keeps them as completed). The " +
+    "peers' W3 handlers take their clock first, like shoal's (pg-boss's handler gets a batch: " +
+    "one clock for the batch).",
     "",
     "## Environment",
     "",
@@ -292,6 +420,17 @@ export function jsonReport(input: ReportInput): unknown {
       runs: r.runs,
       errors: r.errors,
     })),
+    peers: input.peers,
+    peer_comparisons: input.peerComparisons.map((c, i) => {
+      const row = peerRows(input)[i]!;
+      return {
+        ...c,
+        subject_value: row.values.shoal,
+        best_peer: row.values.bestPeer,
+        best_peer_value: row.values.best,
+        ratio: row.values.ratio,
+      };
+    }),
     comparisons: input.comparisons.map((c) => {
       const s = medianOf(byId.get(c.subject), c.metric);
       const f = c.floor ? medianOf(byId.get(c.floor), c.floorMetric ?? c.metric) : null;

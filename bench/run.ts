@@ -4,7 +4,8 @@
  *   deno task bench                  3 runs of everything, median per figure (several minutes)
  *   deno task bench --runs 5         more runs
  *   deno task bench --quick          1 run at small sizes: a smoke test, under a minute
- *   deno task bench --only W2,W3     only these workloads (or benchmark ids, e.g. W2/shoal)
+ *   deno task bench --only W2,W3     only these workloads, benchmark ids (W2/shoal) or
+ *                                    systems (shoal, graphile-worker, pg-boss, hand-written)
  *   deno task bench --profile        pg_stat_statements per run (preloaded: figures are
  *                                    not comparable; writes results/profile.* instead)
  *
@@ -12,8 +13,10 @@
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
  * latest.json and prints the summary table to stdout; progress goes to stderr.
  *
- * Adding a system (issue 5): implement `System` (systems.ts) and add it to `plan()`;
- * every workload then measures it the same way.
+ * Peers (issue 5): graphile-worker and pg-boss (peers.ts) run W1a, W1b, W2 and W3 beside
+ * shoal; their packages (and the Node.js they need) are installed under bench/peers/ with
+ * `npm ci` when missing. Adding a system: implement `System` (systems.ts) and add it to
+ * `plan()`; every workload then measures it the same way.
  *
  * @module
  */
@@ -27,6 +30,7 @@ import {
   startServer,
   stopAllChildren,
 } from "./harness.ts";
+import { ensurePeersInstalled, PEER_SYSTEMS, PEER_VERSIONS } from "./peers.ts";
 import { pgbenchClaim, pgbenchInsert } from "./pgbench.ts";
 import {
   type BenchmarkResult,
@@ -34,6 +38,8 @@ import {
   formatValue,
   jsonReport,
   markdownReport,
+  type PeerComparison,
+  peerTable,
   summaryTable,
 } from "./report.ts";
 import { shoal } from "./systems.ts";
@@ -70,7 +76,16 @@ const HIGH_CONCURRENCY = 100;
 interface Plan {
   benchmarks: Benchmark[];
   comparisons: Comparison[];
+  peerComparisons: PeerComparison[];
 }
+
+/** How the bench enqueues through each peer, for the report. */
+const PEER_ENQUEUE: Record<string, string> = {
+  "graphile-worker":
+    "its SQL API on the bench's postgres.js pool (the same client as shoal): select graphile_worker.add_job(identifier, payload) per job (W1a, W3), graphile_worker.add_jobs(job_spec[]) per batch (W1b, W2's pre-enqueue); graphile-worker always sends a NOTIFY per call",
+  "pg-boss":
+    "its own client (new PgBoss({ max: pool size }), its own pg pool) in the bench process: boss.send(queue, data) per job (W1a, W3), boss.insert(queue, jobs) per batch (W1b, W2's pre-enqueue); the queue's notify option sends a NOTIFY per job",
+};
 
 /** What to measure and which figure sits beside which floor. */
 function plan(sizes: Sizes): Plan {
@@ -98,6 +113,11 @@ function plan(sizes: Sizes): Plan {
     pgbenchClaim({ batch: 100, clients: 1 }),
     startLatency(shoal),
     startLatency(floor),
+    // The peers last, workload by workload, so a failing peer cannot delay shoal's figures.
+    ...PEER_SYSTEMS.map((peer) => enqueueOneByOne(peer, { inFlight: 10, notify: true })),
+    ...PEER_SYSTEMS.map((peer) => enqueueBulk(peer, { batch: sizes.bulkBatch })),
+    ...PEER_SYSTEMS.map((peer) => drain(peer)),
+    ...PEER_SYSTEMS.map((peer) => startLatency(peer)),
   ];
   const n = sizes.jobs.toLocaleString("en-US");
   const bulk = sizes.bulkBatch.toLocaleString("en-US");
@@ -221,7 +241,24 @@ function plan(sizes: Sizes): Plan {
       settings: `${defaults} · producer: 1 job per call, open loop, NOTIFY on`,
     })),
   ];
-  return { benchmarks, comparisons };
+  const peerIds = (workload: string) => PEER_SYSTEMS.map((p) => `${workload}/${p.name}`);
+  const peerComparisons: PeerComparison[] = [
+    { label: w1a, metric: "rate", subject: "W1a/shoal", peers: peerIds("W1a") },
+    {
+      label: `W1b enqueue ${n} in calls of ${bulk}`,
+      metric: "rate",
+      subject: "W1b/shoal",
+      peers: peerIds("W1b"),
+    },
+    { label: w2, metric: "rate", subject: "W2/shoal", peers: peerIds("W2") },
+    ...(["p50", "p95", "p99"] as const).map((metric) => ({
+      label: w3,
+      metric,
+      subject: "W3/shoal",
+      peers: peerIds("W3"),
+    })),
+  ];
+  return { benchmarks, comparisons, peerComparisons };
 }
 
 interface Args {
@@ -258,7 +295,8 @@ function parse(argv: string[]): Args {
 function selected(benchmark: Benchmark, only: string[]): boolean {
   return only.length === 0 ||
     only.some((o) =>
-      benchmark.workload === o || benchmark.id === o || benchmark.id.startsWith(`${o}/`)
+      benchmark.workload === o || benchmark.system === o || benchmark.id === o ||
+      benchmark.id.startsWith(`${o}/`)
     );
 }
 
@@ -303,6 +341,9 @@ async function environment(server: BenchServer): Promise<Record<string, string>>
     "load average at start": await machineLoad(),
     deno: Deno.version.deno,
     "postgres client": "postgres.js (npm:postgres, pinned in deno.json)",
+    peers: Object.entries(PEER_VERSIONS).map(([name, version]) => `${name} ${version}`).join(
+      ", ",
+    ) + " (pinned in bench/peers/package.json and its lockfile; node is the npm package)",
     "server": server.owned
       ? "throwaway cluster from lib/local_pg.ts startLocalPg() (not fast mode): initdb --auth=trust -E UTF8 --locale=C, run as the postgres OS user, TCP on 127.0.0.1"
       : "DATABASE_URL",
@@ -311,9 +352,11 @@ async function environment(server: BenchServer): Promise<Record<string, string>>
 
 async function runAll(args: Args): Promise<number> {
   const sizes = args.quick ? QUICK : FULL;
-  const { benchmarks, comparisons } = plan(sizes);
+  const { benchmarks, comparisons, peerComparisons } = plan(sizes);
   const chosen = benchmarks.filter((b) => selected(b, args.only));
   if (chosen.length === 0) throw new Error(`--only ${args.only.join(",")} matches no benchmark`);
+  const peersChosen = PEER_SYSTEMS.filter((p) => chosen.some((b) => b.system === p.name));
+  if (peersChosen.length > 0) await ensurePeersInstalled();
   const startedAt = new Date();
   const t0 = performance.now();
   say(Deno.env.get("DATABASE_URL") ? "Using DATABASE_URL..." : "Starting a throwaway Postgres...");
@@ -381,6 +424,14 @@ async function runAll(args: Args): Promise<number> {
         results.some((r) => r.benchmark.id === c.subject) ||
         results.some((r) => r.benchmark.id === c.floor)
       ),
+      peerComparisons: peerComparisons.filter((c) =>
+        results.some((r) => r.benchmark.id === c.subject || c.peers.includes(r.benchmark.id))
+      ),
+      peers: peersChosen.map((p) => ({
+        name: p.name,
+        settings: p.defaultSettings,
+        enqueue: PEER_ENQUEUE[p.name] ?? "not stated",
+      })),
     };
     const dir = new URL("results/", import.meta.url);
     await Deno.mkdir(dir, { recursive: true });
@@ -390,7 +441,8 @@ async function runAll(args: Args): Promise<number> {
       new URL(`${base}.json`, dir),
       JSON.stringify(jsonReport(input), null, 2) + "\n",
     );
-    print("\n" + summaryTable(input));
+    const peers = peerTable(input);
+    print("\n" + (peers ? `${peers}\n` : "") + summaryTable(input));
     say(`Wrote bench/results/${base}.md and ${base}.json (${input.seconds.toFixed(0)} s)`);
   } finally {
     Deno.removeSignalListener("SIGINT", onSignal);

@@ -9,6 +9,7 @@ import type { Sql } from "../lib/db.ts";
 import { startExecution } from "../lib/execution.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { enqueue, enqueueMany, type JobSpec } from "../lib/queue.ts";
+import { connect } from "../lib/db.ts";
 import { Child, epochMs } from "./harness.ts";
 
 /** What a benchmark job does when it runs. */
@@ -68,17 +69,34 @@ export interface FanOutDriver {
   leftovers(sql: Sql, handle: string): Promise<string[]>;
 }
 
+/**
+ * A producer: the client an application enqueues through, opened per measured run. Systems
+ * on postgres.js get one from `sqlProducer`; a peer brings its own client library.
+ */
+export interface Producer {
+  /** Enqueue one job in one call (the way an application enqueues per request). */
+  enqueueOne(job: BenchJob, options: { notify: boolean }): Promise<void>;
+  /** Enqueue many jobs in one call. */
+  enqueueBatch(jobs: BenchJob[], options: { notify: boolean }): Promise<void>;
+  /** Open `count` connections now, so connecting is not timed. */
+  warm(count: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface ProducerOptions {
+  /** Connections in the producer's pool (W1a: one per call in flight). */
+  max: number;
+}
+
 export interface System {
-  /** Short name used in the table and the JSON (`shoal`, later `pg-boss`, ...). */
+  /** Short name used in the table and the JSON (`shoal`, `graphile-worker`, `pg-boss` ...). */
   name: string;
   /** The consumer settings a user gets by default, stated in the report. */
   defaultSettings: string;
-  /** Install the system's schema in an empty database. */
-  install(sql: Sql): Promise<void>;
-  /** Enqueue one job in one call (the way an application enqueues per request). */
-  enqueueOne(sql: Sql, job: BenchJob, options: { notify: boolean }): Promise<void>;
-  /** Enqueue many jobs in one call. */
-  enqueueBatch(sql: Sql, jobs: BenchJob[], options: { notify: boolean }): Promise<void>;
+  /** Install the system's schema in an empty database (`sql` and `url` both point at it). */
+  install(sql: Sql, url: string): Promise<void>;
+  /** Open a producer against `url`. */
+  openProducer(url: string, options: ProducerOptions): Promise<Producer>;
   /** Start one consumer process against `url`. */
   spawnConsumer(url: string, spec: ConsumerSpec): ConsumerProcess;
   /**
@@ -95,6 +113,27 @@ export interface System {
 }
 
 const ROOT = new URL("../", import.meta.url);
+
+/** How a system on postgres.js enqueues, given the producer's pool. */
+export interface SqlEnqueue {
+  enqueueOne(sql: Sql, job: BenchJob, options: { notify: boolean }): Promise<void>;
+  enqueueBatch(sql: Sql, jobs: BenchJob[], options: { notify: boolean }): Promise<void>;
+}
+
+/** A producer over one postgres.js pool of `max` connections. */
+export function sqlProducer(url: string, options: ProducerOptions, how: SqlEnqueue): Producer {
+  const sql = connect(url, { applicationName: "bench producer", max: options.max });
+  return {
+    enqueueOne: (job, o) => how.enqueueOne(sql, job, o),
+    enqueueBatch: (jobs, o) => how.enqueueBatch(sql, jobs, o),
+    async warm(count) {
+      await Promise.all(Array.from({ length: count }, () => sql`select pg_sleep(0.05)`));
+    },
+    async close() {
+      await sql.end({ timeout: 5 });
+    },
+  };
+}
 
 function shoalSpec(job: BenchJob): JobSpec {
   return job.kind === "noop"
@@ -200,13 +239,16 @@ export const shoal: System = {
   async install(sql) {
     await migrate(sql, await loadMigrations());
   },
-  async enqueueOne(sql, job, options) {
-    const spec = shoalSpec(job);
-    await enqueue(sql, spec.task, spec.payload, { notify: options.notify });
-  },
-  async enqueueBatch(sql, jobs, options) {
-    await enqueueMany(sql, jobs.map(shoalSpec), { notify: options.notify });
-  },
+  openProducer: (url, options) =>
+    Promise.resolve(sqlProducer(url, options, {
+      async enqueueOne(sql, job, { notify }) {
+        const spec = shoalSpec(job);
+        await enqueue(sql, spec.task, spec.payload, { notify });
+      },
+      async enqueueBatch(sql, jobs, { notify }) {
+        await enqueueMany(sql, jobs.map(shoalSpec), { notify });
+      },
+    })),
   spawnConsumer(url, spec) {
     // The stock binary for noop throughput; the bench entry (same `main`, one more task)
     // when jobs must record their start.

@@ -18,7 +18,7 @@
  *
  * @module
  */
-import { connect, type Sql } from "../lib/db.ts";
+import type { Sql } from "../lib/db.ts";
 import {
   backendCpuSeconds,
   type BenchServer,
@@ -33,7 +33,7 @@ import {
   withFreshDb,
 } from "./harness.ts";
 import { profileRead, profileReset, type StatementProfile } from "./profile.ts";
-import type { BenchJob, ConsumerProcess, FanOutDriver, System } from "./systems.ts";
+import type { BenchJob, ConsumerProcess, FanOutDriver, Producer, System } from "./systems.ts";
 
 /** How much work each workload does. */
 export interface Sizes {
@@ -96,18 +96,24 @@ const LATENCY: Metric[] = [
   { key: "p99", unit: "ms", better: "lower" },
 ];
 
-/** Open `count` connections of a pool now, so connecting is not timed. */
-async function warm(sql: Sql, count: number): Promise<void> {
-  await Promise.all(Array.from({ length: count }, () => sql`select pg_sleep(0.05)`));
-}
-
-async function enqueueAll(system: System, sql: Sql, total: number, batch: number): Promise<void> {
-  for (let done = 0; done < total; done += batch) {
-    const jobs: BenchJob[] = Array.from(
-      { length: Math.min(batch, total - done) },
-      () => ({ kind: "noop" }),
-    );
-    await system.enqueueBatch(sql, jobs, { notify: false });
+/** Pre-enqueue `total` no-op jobs in calls of `batch` through one producer connection. */
+async function enqueueAll(
+  system: System,
+  url: string,
+  total: number,
+  batch: number,
+): Promise<void> {
+  const producer = await system.openProducer(url, { max: 1 });
+  try {
+    for (let done = 0; done < total; done += batch) {
+      const jobs: BenchJob[] = Array.from(
+        { length: Math.min(batch, total - done) },
+        () => ({ kind: "noop" }),
+      );
+      await producer.enqueueBatch(jobs, { notify: false });
+    }
+  } finally {
+    await producer.close();
   }
 }
 
@@ -134,10 +140,10 @@ export function enqueueOneByOne(
     metrics: RATE,
     run: (ctx) =>
       withFreshDb(ctx.server, "w1a", async (db) => {
-        await system.install(db.sql);
-        const sql = connect(db.url, { applicationName: "bench producer", max: options.inFlight });
+        await system.install(db.sql, db.url);
+        const producer = await system.openProducer(db.url, { max: options.inFlight });
         try {
-          await warm(sql, options.inFlight);
+          await producer.warm(options.inFlight);
           if (ctx.profile) await profileReset(db.sql);
           const total = ctx.sizes.jobs;
           let next = 0;
@@ -145,7 +151,7 @@ export function enqueueOneByOne(
           await Promise.all(Array.from({ length: options.inFlight }, async () => {
             while (next < total) {
               next++;
-              await system.enqueueOne(sql, { kind: "noop" }, { notify: options.notify });
+              await producer.enqueueOne({ kind: "noop" }, { notify: options.notify });
             }
           }));
           const seconds = (performance.now() - t0) / 1000;
@@ -153,7 +159,7 @@ export function enqueueOneByOne(
           await checkCount(system, db.sql, total);
           return { values: { rate: total / seconds }, details: { seconds, jobs: total, profile } };
         } finally {
-          await sql.end({ timeout: 5 });
+          await producer.close();
         }
       }),
   };
@@ -170,10 +176,10 @@ export function enqueueBulk(system: System, options: { batch: number }): Benchma
     metrics: RATE,
     run: (ctx) =>
       withFreshDb(ctx.server, "w1b", async (db) => {
-        await system.install(db.sql);
-        const sql = connect(db.url, { applicationName: "bench producer", max: 1 });
+        await system.install(db.sql, db.url);
+        const producer = await system.openProducer(db.url, { max: 1 });
         try {
-          await warm(sql, 1);
+          await producer.warm(1);
           if (ctx.profile) await profileReset(db.sql);
           const total = ctx.sizes.jobs;
           const t0 = performance.now();
@@ -182,14 +188,14 @@ export function enqueueBulk(system: System, options: { batch: number }): Benchma
               { length: Math.min(options.batch, total - done) },
               () => ({ kind: "noop" }),
             );
-            await system.enqueueBatch(sql, jobs, { notify: true });
+            await producer.enqueueBatch(jobs, { notify: true });
           }
           const seconds = (performance.now() - t0) / 1000;
           const profile = ctx.profile ? await profileRead(db.sql, total) : undefined;
           await checkCount(system, db.sql, total);
           return { values: { rate: total / seconds }, details: { seconds, jobs: total, profile } };
         } finally {
-          await sql.end({ timeout: 5 });
+          await producer.close();
         }
       }),
   };
@@ -211,9 +217,9 @@ export function drain(system: System, options: { concurrency?: number } = {}): B
     metrics: DRAIN,
     run: (ctx) =>
       withFreshDb(ctx.server, "w2", async (db) => {
-        await system.install(db.sql);
+        await system.install(db.sql, db.url);
         const total = ctx.sizes.jobs;
-        await enqueueAll(system, db.sql, total, ctx.sizes.bulkBatch);
+        await enqueueAll(system, db.url, total, ctx.sizes.bulkBatch);
         await checkCount(system, db.sql, total);
         if (ctx.profile) await profileReset(db.sql);
         const consumer = system.spawnConsumer(db.url, {
@@ -366,7 +372,7 @@ export function fanOutDrain(system: System): Benchmark {
     metrics: FAN_OUT,
     run: (ctx) =>
       withFreshDb(ctx.server, "w4", async (db) => {
-        await system.install(db.sql);
+        await system.install(db.sql, db.url);
         const children = ctx.sizes.fanOutChildren;
         const handle = await driver.start(db.sql, { children, queue: "default" });
         if (ctx.profile) await profileReset(db.sql);
@@ -450,18 +456,19 @@ export function startLatency(system: System): Benchmark {
     metrics: LATENCY,
     run: (ctx) =>
       withFreshDb(ctx.server, "w3", async (db) => {
-        await system.install(db.sql);
+        await system.install(db.sql, db.url);
         await createStartsTable(db.sql);
         const consumer = system.spawnConsumer(db.url, { stamp: true });
-        const producer = connect(db.url, { applicationName: "bench producer", max: 4 });
+        let producer: Producer | undefined;
         let details: Record<string, unknown>;
         let latencies: number[];
         try {
+          producer = await system.openProducer(db.url, { max: 4 });
           await consumer.started;
-          await warm(producer, 4);
+          await producer.warm(4);
           await sleep(500); // let the consumer settle into its idle wait
           if (ctx.profile) await profileReset(db.sql);
-          const { count, callMs, seconds } = await offer(system, producer, ctx.sizes);
+          const { count, callMs, seconds } = await offer(producer, ctx.sizes);
           await pollUntil(
             `${count} recorded job starts`,
             async () => (await countStarts(db.sql)) >= count,
@@ -480,7 +487,7 @@ export function startLatency(system: System): Benchmark {
             profile: ctx.profile ? await profileRead(db.sql, count) : undefined,
           };
         } finally {
-          await producer.end({ timeout: 5 });
+          await producer?.close();
           await consumer.stop();
         }
         return {
@@ -497,8 +504,7 @@ export function startLatency(system: System): Benchmark {
 
 /** Offer `latencyJobs` stamp jobs at `latencyRate`, open loop: a slow call never delays the next. */
 async function offer(
-  system: System,
-  producer: Sql,
+  producer: Producer,
   sizes: Sizes,
 ): Promise<{ count: number; callMs: number[]; seconds: number }> {
   const count = sizes.latencyJobs;
@@ -511,7 +517,7 @@ async function offer(
     if (wait > 0) await sleep(wait);
     const enqueuedAt = epochMs();
     calls.push(
-      system.enqueueOne(producer, { kind: "stamp", enqueuedAt }, { notify: true })
+      producer.enqueueOne({ kind: "stamp", enqueuedAt }, { notify: true })
         .then(() => {
           callMs.push(epochMs() - enqueuedAt);
         }),
