@@ -417,3 +417,28 @@ export async function leaseEvents(sql: Sql, name: string): Promise<LeaseEvent[]>
     select kind, name, holder, token, acquired_at, expires_at, at from test_leases
     where name = ${name}::text and kind <> 'renew' order by id`;
 }
+
+/** Record every status change of every execution, in commit order per execution. */
+export async function auditTransitions(sql: Sql): Promise<void> {
+  await sql`
+    create table test_transitions (
+      id bigint generated always as identity primary key,
+      execution_id bigint not null, old text not null, new text not null)`;
+  await sql`
+    create function test_audit_transition() returns trigger language plpgsql as $$
+    begin
+      insert into test_transitions (execution_id, old, new)
+      values (new.id, old.status, new.status);
+      return null;
+    end $$`;
+  await sql`
+    create trigger test_audit_transition after update of status on shoal.executions
+    for each row when (old.status is distinct from new.status)
+    execute function test_audit_transition()`;
+}
+
+export async function transitions(sql: Sql, execution: string): Promise<string[]> {
+  const rows = await sql<{ old: string; new: string }[]>`
+    select old, new from test_transitions where execution_id = ${execution}::bigint order by id`;
+  return rows.map((r) => `${r.old}>${r.new}`);
+}

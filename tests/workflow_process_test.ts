@@ -7,6 +7,7 @@
  */
 import { assert, assertEquals } from "./assert.ts";
 import {
+  auditTransitions,
   createRunsTable,
   exitWithin,
   runShoal,
@@ -15,6 +16,7 @@ import {
   spawnShoal,
   TEST_MAIN,
   testDb,
+  transitions,
   waitFor,
   waitForOutput,
 } from "./helpers.ts";
@@ -75,21 +77,7 @@ async function prepare(sql: Sql): Promise<void> {
   await sql`
     create trigger test_audit_insert after insert on shoal.jobs
     for each row when (new.task = 'test.collect') execute function test_audit_insert()`;
-  await sql`
-    create table test_transitions (
-      id bigint generated always as identity primary key,
-      execution_id bigint not null, old text not null, new text not null)`;
-  await sql`
-    create function test_audit_transition() returns trigger language plpgsql as $$
-    begin
-      insert into test_transitions (execution_id, old, new)
-      values (new.id, old.status, new.status);
-      return null;
-    end $$`;
-  await sql`
-    create trigger test_audit_transition after update of status on shoal.executions
-    for each row when (old.status is distinct from new.status)
-    execute function test_audit_transition()`;
+  await auditTransitions(sql);
   await sql`create table test_redelivered (job_id bigint primary key)`;
   await sql`
     create function test_audit_redelivery() returns trigger language plpgsql as $$
@@ -112,12 +100,6 @@ async function callbackRuns(sql: Sql): Promise<CallbackRun[]> {
   return [
     ...await sql<CallbackRun[]>`select attempt, pid, results from test_callbacks order by id`,
   ];
-}
-
-async function transitions(sql: Sql, execution: string): Promise<string[]> {
-  const rows = await sql<{ old: string; new: string }[]>`
-    select old, new from test_transitions where execution_id = ${execution}::bigint order by id`;
-  return rows.map((r) => `${r.old}>${r.new}`);
 }
 
 async function count(sql: Sql, table: string): Promise<number> {

@@ -5,7 +5,7 @@
  * Every assertion is exact: counts, orders and the full set of rows left behind.
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
-import { testDb, waitFor } from "./helpers.ts";
+import { auditTransitions, testDb, transitions, waitFor } from "./helpers.ts";
 import { connect, type Db, type Sql } from "../lib/db.ts";
 import {
   completeJobs,
@@ -181,31 +181,6 @@ async function insertJob(sql: Db, job: Record<string, unknown>): Promise<string>
   const [row] = await sql<{ id: string }[]>`
     select id from shoal.enqueue_jobs(${JSON.stringify([job])}::text::jsonb)`;
   return row!.id;
-}
-
-/** Record every status change of every execution, in commit order per execution. */
-async function auditTransitions(sql: Sql): Promise<void> {
-  await sql`
-    create table test_transitions (
-      id bigint generated always as identity primary key,
-      execution_id bigint not null, old text not null, new text not null)`;
-  await sql`
-    create function test_audit_transition() returns trigger language plpgsql as $$
-    begin
-      insert into test_transitions (execution_id, old, new)
-      values (new.id, old.status, new.status);
-      return null;
-    end $$`;
-  await sql`
-    create trigger test_audit_transition after update of status on shoal.executions
-    for each row when (old.status is distinct from new.status)
-    execute function test_audit_transition()`;
-}
-
-async function transitions(sql: Sql, execution: string): Promise<string[]> {
-  const rows = await sql<{ old: string; new: string }[]>`
-    select old, new from test_transitions where execution_id = ${execution}::bigint order by id`;
-  return rows.map((r) => `${r.old}>${r.new}`);
 }
 
 /** Count every insert of a job of `task` (a callback enqueued twice would show here). */
