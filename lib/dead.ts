@@ -63,17 +63,7 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at)
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
-        -- Stamped like a new job (sql/001_queue.sql): after its key's last job and no
-        -- earlier than the queue's next job, both at its priority.
-        greatest(
-          (select j.fair_seq from shoal.jobs j
-           where j.queue = d.queue and j.fairness_key = d.fairness_key
-             and j.priority = d.priority
-           order by j.fair_seq desc limit 1),
-          (select j.fair_seq - 1 from shoal.jobs j
-           where j.queue = d.queue and j.priority = d.priority and j.run_at <= now()
-           order by j.fair_seq, j.id limit 1),
-          0) + 1,
+        shoal.fair_seq_base(d.queue, d.fairness_key, d.priority) + 1, -- stamped like a new job
         d.max_attempts,
         -- Past every token of its previous life: a worker still holding one is fenced off.
         d.token + 1,
@@ -103,14 +93,20 @@ export interface PurgeDeadOptions {
   queue?: string;
   /** Only those that died more than this long ago. */
   olderThanMs?: number;
+  /** At most this many, oldest first (the reaper's cap per tick); all when omitted. */
+  limit?: number;
 }
 
-/** Delete dead jobs; returns how many. */
+/** Delete dead jobs, oldest first; returns how many. */
 export async function purgeDead(db: Db, options: PurgeDeadOptions = {}): Promise<number> {
   const rows = await db`
     delete from shoal.dead_jobs
-    where (${options.queue ?? null}::text is null or queue = ${options.queue ?? null}::text)
-      and died_at < now() - ${options.olderThanMs ?? 0}::bigint * interval '1 ms'
+    where id in (
+      select id from shoal.dead_jobs
+      where (${options.queue ?? null}::text is null or queue = ${options.queue ?? null}::text)
+        and died_at < now() - ${options.olderThanMs ?? 0}::bigint * interval '1 ms'
+      order by died_at
+      limit ${options.limit ?? null}::integer)
     returning id`;
   return rows.length;
 }

@@ -8,6 +8,7 @@
  */
 import { expireBarriers } from "./barrier.ts";
 import type { Db, Sql } from "./db.ts";
+import { purgeDead } from "./dead.ts";
 import { formatDuration } from "./duration.ts";
 import { holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts";
 import { runLeaderLoop } from "./leader.ts";
@@ -40,16 +41,7 @@ export interface Sweep {
 export const deadRetentionSweep: Sweep = {
   name: "dead-retention",
   kind: "housekeeping",
-  async run(tx, options, limit) {
-    const rows = await tx`
-      delete from shoal.dead_jobs
-      where id in (
-        select id from shoal.dead_jobs
-        where died_at < now() - ${options.deadRetentionMs}::bigint * interval '1 ms'
-        order by died_at limit ${limit}::integer)
-      returning id`;
-    return rows.length;
-  },
+  run: (tx, options, limit) => purgeDead(tx, { olderThanMs: options.deadRetentionMs, limit }),
 };
 
 /** Ids already reported as stuck, so each is reported once, not on every tick. */

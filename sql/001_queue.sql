@@ -83,6 +83,22 @@ create table shoal.dead_jobs (
 create index dead_jobs_queue_idx on shoal.dead_jobs (queue, died_at);
 create index dead_jobs_died_at_idx on shoal.dead_jobs (died_at);
 
+-- The stamp a key's next job at this priority follows: after the key's own last job, and
+-- no earlier than the job the queue runs next at that priority. Every insert into
+-- shoal.jobs that is not a callback stamps from here (enqueue, dedupe re-insert, dead retry).
+create function shoal.fair_seq_base(queue text, fairness_key text, priority integer)
+returns bigint
+language sql stable as $$
+  select greatest(
+    (select j.fair_seq from shoal.jobs j
+     where j.queue = $1 and j.fairness_key = $2 and j.priority = $3
+     order by j.fair_seq desc limit 1),
+    (select j.fair_seq - 1 from shoal.jobs j
+     where j.queue = $1 and j.priority = $3 and j.run_at <= now()
+     order by j.fair_seq, j.id limit 1),
+    0)
+$$;
+
 -- Limits shared by every way in (TypeScript, SQL, CLI). A database or role may override
 -- the payload limit with: alter database db set shoal.max_payload_bytes = '2097152'.
 create function shoal.max_payload_bytes() returns integer
@@ -177,18 +193,9 @@ begin
     from jsonb_array_elements(jobs) with ordinality as e(j, ord)
   ),
   keyed as materialized (
-    -- One stamp base per (queue, fairness key, priority): after the key's own last job,
-    -- and no earlier than the job the queue runs next, both at that priority.
+    -- One stamp base per (queue, fairness key, priority).
     select k.queue, k.fairness_key, k.priority,
-           greatest(
-             (select j.fair_seq from shoal.jobs j
-              where j.queue = k.queue and j.fairness_key = k.fairness_key
-                and j.priority = k.priority
-              order by j.fair_seq desc limit 1),
-             (select j.fair_seq - 1 from shoal.jobs j
-              where j.queue = k.queue and j.priority = k.priority and j.run_at <= now()
-              order by j.fair_seq, j.id limit 1),
-             0) as base
+           shoal.fair_seq_base(k.queue, k.fairness_key, k.priority) as base
     from (select distinct i.queue, i.fairness_key, i.priority from input i) k
   ),
   stamped as materialized (
@@ -235,11 +242,10 @@ begin
                 coalesce((pending.job->>'run_at')::timestamptz, now()),
                 coalesce((pending.job->>'priority')::integer, 0),
                 coalesce(pending.job->>'fairness_key', ''),
-                -- Rare path (the key's holder finished meanwhile): stamp after the key's
-                -- own jobs so it does not jump the queue.
-                coalesce((select max(x.fair_seq) from shoal.jobs x
-                          where x.queue = pending.job->>'queue'
-                            and x.fairness_key = coalesce(pending.job->>'fairness_key', '')), 0) + 1,
+                -- Rare path (the key's holder finished meanwhile): stamped like any job.
+                shoal.fair_seq_base(pending.job->>'queue',
+                                    coalesce(pending.job->>'fairness_key', ''),
+                                    coalesce((pending.job->>'priority')::integer, 0)) + 1,
                 coalesce((pending.job->>'max_attempts')::integer, 25), pending.job->>'key',
                 (pending.job->>'execution_id')::bigint)
         on conflict (queue, key) where key is not null do nothing

@@ -251,3 +251,30 @@ Deno.test("defineTask() refuses a timeout longer than a timer can wait", () => {
   );
   defineTask({ name: "t.long", timeoutMs: 24 * 86_400_000, handler: () => {} });
 });
+
+Deno.test("runConsumer() ctx.enqueue() applies the enqueued task's queue and retry budget", async () => {
+  await using db = await testDb();
+  const target = defineTask({
+    name: "t.target",
+    queue: "emails",
+    maxAttempts: 3,
+    handler: () => {},
+  });
+  let enqueued = "";
+  const parent = defineTask({
+    name: "t.parent",
+    handler: async (_payload, ctx) => {
+      enqueued = await ctx.enqueue("t.target", { to: "ada" });
+    },
+  });
+  await enqueue(db.sql, "t.parent");
+  const consumer = startConsumer(db.sql, [parent, target]); // consumes "default" only
+  try {
+    await waitFor("the parent to enqueue", () => enqueued !== "");
+  } finally {
+    await consumer.stop();
+  }
+  const [row] = await db.sql<{ queue: string; max_attempts: number }[]>`
+    select queue, max_attempts from shoal.jobs where id = ${enqueued}::bigint`;
+  assertEquals({ ...row }, { queue: "emails", max_attempts: 3 });
+});

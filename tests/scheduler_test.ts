@@ -300,3 +300,27 @@ Deno.test("loadSchedulesFile() reports a malformed file in one clear line", asyn
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("upsertSchedule() re-enables a schedule an error disabled on any change, not a paused one", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "broken", cron: "* * * * *", task: "t" });
+  await upsertSchedule(db.sql, { name: "paused", cron: "* * * * *", task: "t" });
+  await db.sql`
+    update shoal.schedules set enabled = false, last_error = 'payload over the limit'
+    where name = 'broken'`;
+  await setScheduleEnabled(db.sql, "paused", false);
+  // A payload-only fix (same cron) is enough to bring the disabled row back.
+  assertEquals(
+    await upsertSchedule(db.sql, {
+      name: "broken",
+      cron: "* * * * *",
+      task: "t",
+      payload: { a: 1 },
+    }),
+    "updated",
+  );
+  await upsertSchedule(db.sql, { name: "paused", cron: "* * * * *", task: "t", payload: { a: 1 } });
+  const rows = Object.fromEntries((await listSchedules(db.sql)).map((r) => [r.name, r]));
+  assertEquals([rows.broken?.enabled, rows.broken?.last_error], [true, null]);
+  assertEquals(rows.paused?.enabled, false, "a paused schedule stays paused");
+});

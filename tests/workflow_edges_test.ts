@@ -99,3 +99,22 @@ Deno.test("retryDead() keeps a dead job of an ended execution dead", async () =>
   ]);
   assertEquals((await db.sql`select 1 from shoal.jobs`).length, 0);
 });
+
+Deno.test("claim() does not hand out the siblings of a job it dead-letters as poison", async () => {
+  await using db = await testDb();
+  await startExecution(db.sql, { task: "parent" });
+  const claimAll = () =>
+    claim(db.sql, { queues: ["default"], limit: 10, workerId: "w", visibilityMs: 60_000 });
+  const { jobs: [parent] } = await claimAll();
+  await fanOut(db.sql, parent!, {
+    children: [{ task: "c", maxAttempts: 1 }, { task: "c" }, { task: "c" }],
+    callback: { task: "cb" },
+  });
+  // The first child already used its only attempt (its worker crashed): poison.
+  await db.sql`update shoal.jobs set attempts = 1 where child_index = 0`;
+  const { jobs, poisoned } = await claimAll();
+  assertEquals([jobs.length, poisoned.length], [0, 1]);
+  const [e] = await db.sql<{ status: string }[]>`select status from shoal.executions`;
+  assertEquals(e!.status, "failed");
+  assertEquals((await db.sql`select 1 from shoal.jobs`).length, 0, "siblings removed, unrun");
+});
