@@ -373,6 +373,7 @@ function consumerOptions(opts: Resolved) {
   return {
     queues: opts.queues as string[],
     concurrency: opts.concurrency as number,
+    prefetch: opts.prefetch as number,
     visibilityTimeoutMs: opts["visibility-timeout"] as number,
     pollIntervalMs: opts["poll-interval"] as number,
     listen: opts.listen as boolean,

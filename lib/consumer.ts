@@ -2,9 +2,15 @@
  * The consumer role: claim jobs from named queues into free slots, run their handlers,
  * ack, retry, dead-letter; heartbeat what runs; hand everything back on shutdown.
  *
- * The loop claims as many jobs as it has free slots in one statement, then sleeps until
- * a NOTIFY for one of its queues, a freed slot (when the last claim was full), the poll
- * interval, or the stop signal.
+ * The loop claims, in one statement, enough jobs to fill its free slots plus a prefetch
+ * buffer: buffered jobs are claimed (heartbeated, fenced) but not started, and start as
+ * slots free up, so a busy consumer claims in large batches instead of one statement per
+ * freed slot. The buffer holds only what this process finishes in about a quarter of a
+ * second at its recent pace (at most `prefetch`): fast jobs are claimed hundreds at a
+ * time, slow jobs are not hoarded away from idle consumers. The loop claims again once
+ * the buffer is half empty, then sleeps until a NOTIFY
+ * for one of its queues, a drained buffer (when the last claim was full), the poll
+ * interval, or the stop signal. On shutdown the buffer is handed back at once.
  *
  * @module
  */
@@ -30,6 +36,12 @@ import { PermanentError, type TaskContext, type TaskRegistry } from "./tasks.ts"
 export interface ConsumerOptions {
   queues: string[];
   concurrency: number;
+  /**
+   * Most jobs claimed beyond the free slots, started as slots free up (default 0). The
+   * buffer is sized to about a quarter second of this process's recent throughput, up
+   * to this many: fewer, larger claims for fast jobs, none held back for slow ones.
+   */
+  prefetch?: number;
   visibilityTimeoutMs: number;
   pollIntervalMs: number;
   /** LISTEN for enqueue notifications (off behind PgBouncer in transaction mode). */
@@ -148,6 +160,36 @@ class AckBatcher {
   }
 }
 
+/** Seconds of recent throughput the prefetch buffer holds. */
+const BUFFER_SECONDS = 0.25;
+
+/**
+ * Jobs finished per second, smoothed: each window of at least 100 ms folds into a moving
+ * average, so the estimate follows a change of pace within a second or so.
+ */
+class Pace {
+  #windowStart = performance.now();
+  #inWindow = 0;
+  #rate = 0;
+
+  count(): void {
+    this.#inWindow++;
+  }
+
+  perSecond(): number {
+    const now = performance.now();
+    const elapsed = now - this.#windowStart;
+    if (elapsed >= 100) {
+      const windowRate = (this.#inWindow * 1000) / elapsed;
+      // Idle for a long stretch: start from the new window, not from a stale average.
+      this.#rate = elapsed > 2000 ? windowRate : 0.5 * this.#rate + 0.5 * windowRate;
+      this.#windowStart = now;
+      this.#inWindow = 0;
+    }
+    return this.#rate;
+  }
+}
+
 class TimeoutError extends Error {
   override name = "TimeoutError";
 }
@@ -193,10 +235,24 @@ export async function runConsumer(
   const acks = new AckBatcher(sql);
   const waker = new Sleeper();
   let lastClaimFull = false;
+  const prefetch = options.prefetch ?? 0;
+  /** Claimed, not started yet, in claim order. */
+  let buffer: Job[] = [];
+  const pace = new Pace();
+  /** The buffer's size now: a quarter second of recent throughput, at most `prefetch`. */
+  const target = () => Math.min(prefetch, Math.floor(pace.perSecond() * BUFFER_SECONDS));
+  /** Claim again once the buffer is down to this. */
+  const lowWater = () => Math.floor(target() / 2);
+
+  /** Room for a claim: free slots plus the buffer's free space. */
+  const room = () => options.concurrency + target() - running.size - buffer.length;
 
   const finish = (r: Running) => {
     running.delete(r.job.id);
-    if (lastClaimFull) waker.wake();
+    pace.count();
+    // A freed slot takes the next buffered job, unless we are shutting down.
+    if (!stop.aborted && buffer.length > 0) start(buffer.shift()!);
+    if (lastClaimFull && buffer.length <= lowWater()) waker.wake();
   };
 
   /**
@@ -353,15 +409,18 @@ export async function runConsumer(
 
   async function heartbeat(): Promise<void> {
     const live = [...running.values()].filter((r) => r.settled === "running");
-    if (live.length === 0 && acking.size === 0) return;
+    const waiting = [...buffer];
+    if (live.length === 0 && acking.size === 0 && waiting.length === 0) return;
     const refs = [
       ...live.map((r) => ({ id: r.job.id, token: r.job.token })),
       ...acking.values(),
+      ...waiting.map((job) => ({ id: job.id, token: job.token })),
     ];
     try {
       const kept = new Set(
         await retryOnce("extend", () => extend(sql, refs, options.visibilityTimeoutMs)),
       );
+      dropLostFromBuffer(waiting, kept);
       for (const r of live) {
         if (!kept.has(r.job.id) && running.get(r.job.id) === r && r.settled === "running") {
           r.settled = "lost";
@@ -378,6 +437,47 @@ export async function runConsumer(
         count: refs.length,
         error: describeError(error),
       });
+    }
+  }
+
+  /**
+   * Buffered jobs the heartbeat could not extend (their execution ended, or the claim
+   * moved on) leave the buffer unstarted; they are handed back so the next claim acks
+   * an ended execution's job at once instead of after its deadline.
+   */
+  function dropLostFromBuffer(waiting: Job[], kept: Set<string>): void {
+    const asked = new Set(waiting.map((job) => job.id));
+    // Only jobs still buffered: one that started meanwhile is the next heartbeat's.
+    const lost = buffer.filter((job) => asked.has(job.id) && !kept.has(job.id));
+    if (lost.length === 0) return;
+    buffer = buffer.filter((job) => !lost.includes(job));
+    log.warn("Dropped {count} buffered jobs whose claim was lost before they started", {
+      count: lost.length,
+    });
+    const handing = handBack(lost, "lost");
+    handingBack.add(handing);
+    handing.finally(() => handingBack.delete(handing));
+  }
+
+  /** Hand-backs in flight, awaited before the pool closes. */
+  const handingBack = new Set<Promise<void>>();
+
+  /** Release unstarted jobs (attempt not burned): visible at once for any consumer. */
+  async function handBack(jobs: Job[], why: "lost" | "shutdown"): Promise<void> {
+    try {
+      const released = await retryOnce(
+        "release",
+        () => release(sql, jobs.map((job) => ({ id: job.id, token: job.token }))),
+      );
+      log.info("Handed back {count} buffered jobs ({why})", { count: released.length, why });
+    } catch (error) {
+      log.error(
+        "Cannot hand back {count} buffered jobs, they return after their deadline: {error}",
+        {
+          count: jobs.length,
+          error: describeError(error),
+        },
+      );
     }
   }
 
@@ -406,20 +506,24 @@ export async function runConsumer(
     }
   }
 
-  log.info("Consumer {worker} started on {queues} with concurrency {concurrency}", {
-    worker: workerId,
-    queues: options.queues.join(","),
-    concurrency: options.concurrency,
-  });
+  log.info(
+    "Consumer {worker} started on {queues} with concurrency {concurrency}, prefetch {prefetch}",
+    {
+      worker: workerId,
+      queues: options.queues.join(","),
+      concurrency: options.concurrency,
+      prefetch,
+    },
+  );
 
   let errorStreak = 0;
   while (!stop.aborted) {
-    const free = options.concurrency - running.size;
-    if (free > 0) {
+    const limit = room();
+    if (limit > 0 && buffer.length <= lowWater()) {
       try {
         const { jobs, poisoned } = await claim(sql, {
           queues: options.queues,
-          limit: free,
+          limit,
           workerId,
           visibilityMs: options.visibilityTimeoutMs,
         });
@@ -430,9 +534,12 @@ export async function runConsumer(
             { job_id: p.id, task: p.task, attempt: p.attempts },
           );
         }
-        for (const job of jobs) start(job);
-        lastClaimFull = jobs.length + poisoned.length === free;
-        if (lastClaimFull && !stop.aborted && options.concurrency - running.size > 0) continue;
+        for (const job of jobs) {
+          if (running.size < options.concurrency && !stop.aborted) start(job);
+          else buffer.push(job);
+        }
+        lastClaimFull = jobs.length + poisoned.length === limit;
+        if (lastClaimFull && !stop.aborted && room() > 0 && buffer.length <= lowWater()) continue;
       } catch (error) {
         errorStreak++;
         const wait = Math.min(30_000, 500 * 2 ** Math.min(errorStreak, 6));
@@ -456,6 +563,10 @@ export async function runConsumer(
       count: running.size,
       grace: formatDuration(options.shutdownGraceMs),
     });
+    // Buffered jobs never started: hand them back now, not after the grace period.
+    const unstarted = buffer;
+    buffer = [];
+    if (unstarted.length > 0) handingBack.add(handBack(unstarted, "shutdown"));
     if (running.size > 0) {
       let graceTimer: ReturnType<typeof setTimeout> | undefined;
       await Promise.race([
@@ -488,6 +599,7 @@ export async function runConsumer(
     }
     // Failures and fan-outs already being recorded finish before the pool closes.
     await Promise.allSettled([...running.values()].map((r) => r.done));
+    await Promise.all(handingBack);
     await acks.drain();
     await beating;
     if (unlisten) {

@@ -166,76 +166,12 @@ export interface ClaimResult {
 export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult> {
   // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
   const queues = [...new Set(options.queues)];
+  // The statement lives in sql/004_claim.sql, where its plan is pinned to the claim index.
   const rows = await db<(Job & { poisoned: boolean })[]>`
-    with picked as (
-      select c.id, c.execution_id from unnest(${queues}::text[]) as q(name)
-      cross join lateral (
-        select j.id, j.priority, j.fair_seq, j.execution_id from shoal.jobs j
-        where j.queue = q.name and j.run_at <= now()
-        order by j.priority desc, j.fair_seq, j.id
-        limit ${options.limit}::integer
-        for update skip locked
-      ) c
-      order by c.priority desc, c.fair_seq, c.id
-      limit ${options.limit}::integer
-    ),
-    -- A job whose execution already ended (cancelled, failed, completed) is acked unrun.
-    ended as (
-      delete from shoal.jobs j using picked, shoal.executions e
-      where j.id = picked.id and e.id = picked.execution_id
-        and e.status in ('completed', 'failed', 'cancelled')
-      returning j.id
-    ),
-    live as (
-      select p.id from picked p
-      where p.execution_id is null or not exists (
-        select 1 from shoal.executions e
-        where e.id = p.execution_id and e.status in ('completed', 'failed', 'cancelled'))
-    ),
-    poison as (
-      delete from shoal.jobs j using live
-      where j.id = live.id and j.attempts >= j.max_attempts
-      returning j.*
-    ),
-    buried as (
-      insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
-        max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
-        created_at)
-      select p.id, p.queue, p.task, p.payload, p.priority, p.fairness_key, p.attempts,
-        p.max_attempts, p.token, p.key, p.execution_id, p.barrier_id, p.child_index, p.errors,
-        format('Claimed %s times without finishing: its worker crashed or was killed every time',
-          p.attempts),
-        p.created_at
-      from poison p
-      returning id
-    ),
-    claimed as (
-      update shoal.jobs j
-      set attempts = j.attempts + 1, token = j.token + 1, locked_by = ${options.workerId}::text,
-          locked_at = now(), run_at = now() + ${options.visibilityMs}::integer * interval '1 ms'
-      from live
-      where j.id = live.id and j.attempts < j.max_attempts
-        -- A poisoned job fails its execution when this statement ends: do not hand out
-        -- its siblings only to abort them at their first heartbeat.
-        and not exists (select 1 from poison p where p.execution_id = j.execution_id)
-      returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.attempts,
-        j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at as deadline
-    ),
-    -- An execution starts running when its first job is claimed.
-    started as (
-      update shoal.executions e
-      set status = 'running', started_at = now(), updated_at = now()
-      where e.id in (select c.execution_id from claimed c where c.execution_id is not null)
-        and e.status = 'pending'
-      returning e.id
-    )
     select id, queue, task, payload, priority, fairness_key, attempts, max_attempts, token, key,
-      execution_id, created_at, deadline, false as poisoned
-    from claimed
-    union all
-    select p.id, p.queue, p.task, '{}'::jsonb, p.priority, p.fairness_key, p.attempts,
-      p.max_attempts, p.token, p.key, p.execution_id, p.created_at, now(), true
-    from poison p where p.id in (select id from buried)`;
+      execution_id, created_at, deadline, poisoned
+    from shoal.claim_jobs(${queues}::text[], ${options.limit}::integer,
+                          ${options.workerId}::text, ${options.visibilityMs}::integer)`;
   const jobs: Job[] = [];
   const poisoned: ClaimResult["poisoned"] = [];
   for (const { poisoned: isPoison, ...job } of rows) {
@@ -253,29 +189,31 @@ export interface JobRef {
 }
 
 /**
- * Lock these jobs in id order (a fragment for a `with` clause). Cancelling or expiring an
- * execution takes its jobs in id order too: two statements that each take many jobs of
- * one execution in their own order deadlock.
+ * Lock the jobs that are still ours (id and token match) in id order: a fragment for a
+ * `with` clause yielding `id`. Cancelling or expiring an execution takes its jobs in id
+ * order too: two statements that each take many jobs of one execution in their own order
+ * deadlock. A token that moved on while we waited for the lock drops the row (the lock
+ * re-checks the join against the newest version).
+ *
+ * Each side reaches the table through its primary key, never by joining two sets the
+ * planner cannot size: a join filter between them is quadratic in the batch, and a batch
+ * of acks that grows while a slow one runs would feed on itself.
  */
-function lockInIdOrder(db: Db, ids: string[]) {
+function lockOurs(db: Db, refs: JobRef[]) {
+  const ids = refs.map((r) => r.id);
+  const tokens = refs.map((r) => r.token);
   return db`
-    select x.id from shoal.jobs x where x.id = any(${ids}::bigint[])
-    order by x.id for update`;
-}
-
-function unzip(refs: JobRef[]): [string[], string[]] {
-  return [refs.map((r) => r.id), refs.map((r) => r.token)];
+    select x.id from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
+    join shoal.jobs x on x.id = a.id and x.token = a.token
+    order by x.id for update of x`;
 }
 
 /** Ack (delete) finished jobs in one statement. Returns the ids that were still ours. */
 export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
   if (refs.length === 0) return [];
-  const [ids, tokens] = unzip(refs);
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockInIdOrder(db, ids)})
-    delete from shoal.jobs j
-    using unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token), locked l
-    where j.id = a.id and j.token = a.token and l.id = j.id
+    with locked as (${lockOurs(db, refs)})
+    delete from shoal.jobs j using locked l where j.id = l.id
     returning j.id`;
   return rows.map((r) => r.id);
 }
@@ -287,12 +225,11 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
  */
 export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Promise<string[]> {
   if (refs.length === 0) return [];
-  const [ids, tokens] = unzip(refs);
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockInIdOrder(db, ids)})
+    with locked as (${lockOurs(db, refs)})
     update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms'
-    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token), locked l
-    where j.id = a.id and j.token = a.token and l.id = j.id
+    from locked l
+    where j.id = l.id
       and not exists (
         select 1 from shoal.executions e
         where e.id = j.execution_id and e.status in ('completed', 'failed', 'cancelled'))
@@ -306,14 +243,13 @@ export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Prom
  */
 export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
   if (refs.length === 0) return [];
-  const [ids, tokens] = unzip(refs);
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockInIdOrder(db, ids)})
+    with locked as (${lockOurs(db, refs)})
     update shoal.jobs j
     set locked_by = null, locked_at = null, run_at = now(), token = j.token + 1,
         attempts = greatest(j.attempts - 1, 0)
-    from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token), locked l
-    where j.id = a.id and j.token = a.token and l.id = j.id
+    from locked l
+    where j.id = l.id
     returning j.id`;
   return rows.map((r) => r.id);
 }
