@@ -278,3 +278,51 @@ Deno.test("runConsumer() ctx.enqueue() applies the enqueued task's queue and ret
     select queue, max_attempts from shoal.jobs where id = ${enqueued}::bigint`;
   assertEquals({ ...row }, { queue: "emails", max_attempts: 3 });
 });
+
+Deno.test("runConsumer() prefetches while jobs are fast and hands the buffer back at once on shutdown", async () => {
+  await using db = await testDb();
+  const started = new Set<string>();
+  let gateStarted = false;
+  const quick = defineTask({
+    name: "t.quick",
+    handler: (_payload, ctx) => void started.add(ctx.job.id),
+  });
+  const gate = defineTask({
+    name: "t.gate",
+    async handler(_payload, ctx) {
+      gateStarted = true;
+      await aborted(ctx.signal);
+    },
+  });
+  // Fast jobs set the pace (the buffer holds a quarter second of it), then one job that
+  // holds the only slot until shutdown, then more fast jobs to buffer behind it.
+  await enqueueMany(db.sql, Array.from({ length: 400 }, () => ({ task: "t.quick" })));
+  await enqueue(db.sql, "t.gate");
+  await enqueueMany(db.sql, Array.from({ length: 100 }, () => ({ task: "t.quick" })));
+  const stop = new AbortController();
+  const done = runConsumer(
+    { sql: db.sql, tasks: new TaskRegistry([quick, gate]) },
+    { ...FAST, concurrency: 1, prefetch: 50, shutdownGraceMs: 3000 },
+    stop.signal,
+  );
+  await waitFor("the gate job to start", () => gateStarted);
+  const locked = async () => {
+    const [row] = await db.sql<{ n: number }[]>`
+      select count(*)::int as n from shoal.jobs where locked_by is not null`;
+    return row!.n;
+  };
+  assert(await locked() > 1, "jobs should be buffered behind the running one");
+
+  stop.abort();
+  // The buffer goes back while the running job still has its grace period.
+  await waitFor("the buffer to be handed back", async () => await locked() === 1);
+  const left = await db.sql<{ id: string; attempts: number }[]>`
+    select id, attempts from shoal.jobs where task = 't.quick'`;
+  assert(left.length > 0);
+  for (const job of left) {
+    assertEquals(job.attempts, 0, `buffered job ${job.id} must not burn an attempt`);
+    assert(!started.has(job.id), `buffered job ${job.id} must not have started`);
+  }
+  await done;
+  assertEquals(await locked(), 0);
+});
