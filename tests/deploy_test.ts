@@ -6,9 +6,19 @@
  * address `--http` listens on. No Docker engine or cluster runs here: this is what we can
  * check without one.
  */
+import postgres from "postgres";
 import { parseAllDocuments } from "yaml";
-import { assert, assertEquals } from "./assert.ts";
-import { freePort, runShoal } from "./helpers.ts";
+import { assert, assertEquals, assertRejects } from "./assert.ts";
+import {
+  emptyDb,
+  exitWithin,
+  freePort,
+  logLines,
+  runShoal,
+  spawnShoal,
+  waitFor,
+} from "./helpers.ts";
+import { connect } from "../lib/db.ts";
 import { OPTIONS } from "../lib/config.ts";
 import { parseDuration } from "../lib/duration.ts";
 
@@ -500,4 +510,103 @@ Deno.test("deploy/k8s commits no Secret and lists every manifest in its kustomiz
   files.delete("kustomization.yaml");
   assertEquals([...k.resources].sort(), [...files].sort());
   assertEquals(k.images.map((i) => i.name), ["shoal"]);
+});
+
+// ---------------------------------------------------------------------------------------
+// deploy/postgres/roles.sql
+
+/** `url` logging in as `user` (the test cluster trusts loopback logins). */
+function asUser(url: string, user: string): string {
+  const u = new URL(url);
+  u.username = user;
+  u.password = "";
+  return u.toString();
+}
+
+/** Drop the cluster-wide roles a test made (their database must be gone already). */
+async function dropRoles(names: string[]): Promise<void> {
+  const admin = postgres(must(Deno.env.get("DATABASE_URL"), "DATABASE_URL"), {
+    max: 1,
+    onnotice: () => {},
+  });
+  try {
+    for (const name of names) await admin`drop role if exists ${admin(name)}`;
+  } finally {
+    await admin.end();
+  }
+}
+
+Deno.test("deploy/postgres/roles.sql: the owner migrates, the app role runs shoal and no DDL", async () => {
+  // Roles are cluster-wide: unique names, so parallel runs on one cluster never collide.
+  const suffix = crypto.randomUUID().replaceAll("-", "").slice(0, 12);
+  const owner = `shoal_owner_${suffix}`;
+  const app = `shoal_app_${suffix}`;
+  const script = (await readText("deploy/postgres/roles.sql"))
+    .replaceAll("shoal_owner", owner).replaceAll("shoal_app", app);
+  try {
+    await using db = await emptyDb();
+    await db.sql.unsafe(script);
+    const migrated = await runShoal(["migrate"], { url: asUser(db.url, owner) });
+    assertEquals(migrated.code, 0, migrated.stderr);
+
+    const appUrl = asUser(db.url, app);
+    const appSql = connect(appUrl, { applicationName: "shoal test app", max: 1 });
+    try {
+      await assertRejects(() => appSql`create table shoal.not_allowed (id integer)`);
+    } finally {
+      await appSql.end({ timeout: 5 });
+    }
+    const commands = [
+      ["schedule", "add", "every-second", "--cron", "* * * * * *", "--task", "shoal.noop"],
+      ["enqueue", "--task", "shoal.fail", "--max-attempts", "1"],
+      [
+        "enqueue",
+        "--task",
+        "shoal.chord",
+        "--payload",
+        JSON.stringify({
+          children: [{ task: "shoal.noop" }, { task: "shoal.noop" }],
+          callback: { task: "shoal.noop" },
+        }),
+      ],
+    ];
+    for (const args of commands) {
+      const result = await runShoal(args, { url: appUrl });
+      assertEquals(result.code, 0, `shoal ${args[0]} as ${app}: ${result.stderr}`);
+    }
+    await using proc = spawnShoal([
+      "--role",
+      "all",
+      "--poll-interval",
+      "100ms",
+      "--shutdown-grace",
+      "1s",
+      "--lease",
+      "2s",
+      "--interval",
+      "200ms",
+    ], { url: appUrl });
+    await waitFor("the app role to run jobs, the fan-out and the schedule", async () => {
+      const [row] = await db.sql<{ done: boolean }[]>`
+        select (select count(*) from shoal.dead_jobs) = 1
+          and (select count(*) from shoal.executions where status = 'completed') = 1
+          and (select count(*) from shoal.schedules where last_run_at is not null) = 1
+          as done`;
+      return row?.done;
+    }, 20_000);
+    for (const args of [["status", "--json"], ["dead", "list"]]) {
+      const result = await runShoal(args, { url: appUrl });
+      assertEquals(result.code, 0, `shoal ${args[0]} as ${app}: ${result.stderr}`);
+    }
+    proc.kill("SIGTERM");
+    const { code, output } = await exitWithin(proc, 20_000);
+    assertEquals(code, 0, output);
+    // The one expected error is shoal.fail's; anything refused by Postgres shows as 42501.
+    const refused = logLines(output).filter((l) =>
+      /permission denied|42501/.test(JSON.stringify(l))
+    );
+    assertEquals(refused, [], "nothing was refused to the app role");
+  } finally {
+    await dropRoles([owner, app]);
+  }
 });
