@@ -8,6 +8,19 @@
  */
 import type { Db, Sql } from "./db.ts";
 import { logger } from "./log.ts";
+// The migrations are part of the module graph, so `deno bundle` (one JS file, no sql/ beside
+// it) and `deno compile` carry them. A new sql/ file is added here too: tests/bundle_test.ts
+// fails while this list and the directory differ.
+import sql001 from "../sql/001_queue.sql" with { type: "text" };
+import sql002 from "../sql/002_leases_schedules.sql" with { type: "text" };
+import sql003 from "../sql/003_executions.sql" with { type: "text" };
+
+/** The text of every migration file, by file name, as shipped in this module graph. */
+export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
+  "001_queue.sql": sql001,
+  "002_leases_schedules.sql": sql002,
+  "003_executions.sql": sql003,
+};
 
 export interface Migration {
   version: number;
@@ -42,18 +55,17 @@ async function sha256(text: string): Promise<string> {
   return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** Read the migration files (from `sql/` beside this module unless told otherwise). */
-export async function loadMigrations(
-  dir: URL = new URL("../sql/", import.meta.url),
-): Promise<Migration[]> {
+/**
+ * The migrations, in order: the embedded ones, or the `.sql` files of `dir` when given.
+ */
+export async function loadMigrations(dir?: URL): Promise<Migration[]> {
+  const files = dir ? await readMigrationFiles(dir) : Object.entries(EMBEDDED_MIGRATIONS);
   const migrations: Migration[] = [];
-  for await (const entry of Deno.readDir(dir)) {
-    if (!entry.isFile || !entry.name.endsWith(".sql")) continue;
-    const match = FILE_PATTERN.exec(entry.name);
+  for (const [file, sql] of files) {
+    const match = FILE_PATTERN.exec(file);
     if (!match) {
-      throw new Error(`Cannot load migration "${entry.name}": expected a name like 001_queue.sql`);
+      throw new Error(`Cannot load migration "${file}": expected a name like 001_queue.sql`);
     }
-    const sql = await Deno.readTextFile(new URL(entry.name, dir));
     migrations.push({
       version: Number(match[1]),
       name: match[2]!,
@@ -68,6 +80,15 @@ export async function loadMigrations(
     }
   });
   return migrations;
+}
+
+async function readMigrationFiles(dir: URL): Promise<[string, string][]> {
+  const files: [string, string][] = [];
+  for await (const entry of Deno.readDir(dir)) {
+    if (!entry.isFile || !entry.name.endsWith(".sql")) continue;
+    files.push([entry.name, await Deno.readTextFile(new URL(entry.name, dir))]);
+  }
+  return files;
 }
 
 /** The migrations recorded in the database; empty when shoal was never installed. */

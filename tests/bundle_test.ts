@@ -1,0 +1,176 @@
+/**
+ * `deno task bundle`: shoal as one JavaScript file (the artefact we can build without a
+ * Docker engine). The bundle is built once, into a temporary directory, with the task's own
+ * command, then run as real processes: `migrate` and every role, stopped by SIGTERM.
+ */
+import { assert, assertEquals } from "./assert.ts";
+import {
+  emptyDb,
+  exitWithin,
+  holderOf,
+  logLines,
+  runShoal,
+  type ShoalProcess,
+  spawnShoal,
+  testDb,
+  waitFor,
+} from "./helpers.ts";
+import { appliedMigrations, EMBEDDED_MIGRATIONS, loadMigrations } from "../lib/migrate.ts";
+
+const ROOT = new URL("../", import.meta.url);
+const SQL_DIR = new URL("sql/", ROOT);
+const BUNDLE_OUTPUT = "dist/shoal.js";
+
+/** The roles one `--role` value runs. */
+const ROLES: Record<string, string[]> = {
+  consumer: ["consumer"],
+  reaper: ["reaper"],
+  scheduler: ["scheduler"],
+  all: ["consumer", "reaper", "scheduler"],
+};
+
+/** Short timings so a test process starts and stops quickly. */
+const ROLE_FLAGS: Record<string, string[]> = {
+  consumer: ["--poll-interval", "100ms", "--shutdown-grace", "1s"],
+  reaper: ["--lease", "2s", "--interval", "200ms"],
+  scheduler: ["--lease", "2s", "--interval", "200ms"],
+  all: [
+    "--poll-interval",
+    "100ms",
+    "--shutdown-grace",
+    "1s",
+    "--lease",
+    "2s",
+    "--interval",
+    "200ms",
+  ],
+};
+
+/** The `bundle` task from deno.json, split into arguments after `deno`. */
+async function bundleTaskArgs(): Promise<string[]> {
+  const config = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
+  const task: unknown = config.tasks?.bundle;
+  if (typeof task !== "string") throw new Error("deno.json has no bundle task");
+  const words = task.split(/\s+/);
+  assertEquals(words.slice(0, 2), ["deno", "bundle"]);
+  return words.slice(1);
+}
+
+let built: Promise<string> | null = null;
+
+/**
+ * Run the bundle task with its output moved into a fresh temporary directory (removed when
+ * the test module unloads); resolves to the bundle's path. Built once per test module.
+ */
+function buildBundle(): Promise<string> {
+  built ??= (async () => {
+    const dir = await Deno.makeTempDir({ prefix: "shoal_bundle_" });
+    globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
+    const path = `${dir}/shoal.js`;
+    const args = await bundleTaskArgs();
+    const at = args.indexOf(BUNDLE_OUTPUT);
+    assert(at > 0 && args[at - 1] === "--output", `the bundle task writes ${BUNDLE_OUTPUT}`);
+    args[at] = path;
+    const result = await new Deno.Command(Deno.execPath(), {
+      args,
+      cwd: ROOT.pathname,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stderr = new TextDecoder().decode(result.stderr);
+    assert(result.success, `deno bundle failed:\n${stderr}`);
+    return path;
+  })();
+  return built;
+}
+
+/**
+ * Wait for the start line `role` logs once its loop runs (after the schema check and the
+ * signal traps), naming this process as its worker or lease holder.
+ */
+async function waitForStart(proc: ShoalProcess, role: string): Promise<void> {
+  const me = holderOf(proc);
+  await waitFor(`the ${role} start line`, () => {
+    const started = logLines(proc.output()).some((l) =>
+      l.logger === `shoal.${role}` && / started\b/.test(`${l.message}`) &&
+      (l.holder ?? l.worker) === me
+    );
+    if (!started && proc.output().includes("shoal: ")) {
+      throw new Error(`The ${role} failed:\n${proc.output()}`);
+    }
+    return started;
+  }, 20_000);
+}
+
+function role(bundle: string, name: string, url: string): ShoalProcess {
+  return spawnShoal(["--role", name, "--log-format", "json", ...ROLE_FLAGS[name]!], {
+    url,
+    mainModule: bundle,
+  });
+}
+
+Deno.test("loadMigrations() embeds exactly the files in sql/", async () => {
+  const fromDir = await loadMigrations(SQL_DIR);
+  assertEquals(await loadMigrations(), fromDir);
+  const files: string[] = [];
+  for await (const entry of Deno.readDir(SQL_DIR)) files.push(entry.name);
+  assertEquals(Object.keys(EMBEDDED_MIGRATIONS).sort(), files.sort());
+});
+
+Deno.test("deno task bundle writes one file that imports nothing but node built-ins", async () => {
+  const bundle = await buildBundle();
+  const dir = bundle.slice(0, bundle.lastIndexOf("/"));
+  const entries: string[] = [];
+  for await (const entry of Deno.readDir(dir)) entries.push(entry.name);
+  assertEquals(entries, ["shoal.js"]);
+  const text = await Deno.readTextFile(bundle);
+  // Import statements start a line in esbuild's output; __require() is its CommonJS shim.
+  const patterns = [
+    /^import\b[^;]*?["']([^"']+)["'];?$/gm,
+    /\bimport\(\s*["']([^"']+)["']\s*\)/g,
+    /\b__require\(\s*["']([^"']+)["']\s*\)/g,
+  ];
+  const specifiers = patterns.flatMap((p) => [...text.matchAll(p)].map((m) => m[1]!));
+  assert(specifiers.includes("node:net"), "the import patterns no longer match the bundle");
+  assertEquals(specifiers.filter((s) => !s.startsWith("node:")), []);
+});
+
+Deno.test("the bundle migrates an empty database with the embedded migrations", async () => {
+  const bundle = await buildBundle();
+  await using db = await emptyDb();
+  const first = await runShoal(["migrate"], { url: db.url, mainModule: bundle });
+  assertEquals(first.code, 0, first.stderr);
+  const migrations = await loadMigrations(SQL_DIR);
+  assertEquals(
+    first.stdout,
+    `Applied migrations: ${migrations.map((m) => m.version).join(", ")}\n`,
+  );
+  const applied = await appliedMigrations(db.sql);
+  assertEquals(applied.map((m) => m.checksum), migrations.map((m) => m.checksum));
+  const again = await runShoal(["migrate"], { url: db.url, mainModule: bundle });
+  assertEquals([again.code, again.stdout], [0, "Schema is up to date\n"]);
+});
+
+for (const name of Object.keys(ROLES)) {
+  Deno.test(`the bundle runs --role ${name} and exits 0 on SIGTERM`, async () => {
+    const bundle = await buildBundle();
+    await using db = await testDb();
+    await using proc = role(bundle, name, db.url);
+    for (const r of ROLES[name]!) await waitForStart(proc, r);
+    proc.kill("SIGTERM");
+    const { code, output } = await exitWithin(proc, 20_000);
+    assertEquals(code, 0, output);
+    const lines = logLines(output);
+    for (const r of ROLES[name]!) {
+      const stopped = lines.some((l) =>
+        l.logger === `shoal.${r}` && l.message === `${cap(r)} stopped`
+      );
+      assert(stopped, `the ${r} did not log that it stopped:\n${output}`);
+    }
+  });
+}
+
+function cap(word: string): string {
+  return word.charAt(0).toUpperCase() + word.slice(1);
+}
