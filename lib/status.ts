@@ -92,6 +92,33 @@ export async function queueStatus(db: Db): Promise<QueueStatus[]> {
   }));
 }
 
+/** A queue's live jobs, as the /metrics gauges show them. */
+export type QueueDepth = Omit<QueueStatus, "dead">;
+
+/**
+ * Ready, scheduled and running jobs and the oldest ready age per queue: one scan of the
+ * live table only (the dead-letter table can be large and is not read), for /metrics.
+ */
+export async function queueDepths(db: Db): Promise<QueueDepth[]> {
+  const rows = await db<
+    { queue: string; ready: string; scheduled: string; running: string; oldest: number }[]
+  >`
+    select queue,
+      count(*) filter (where run_at <= now()) as ready,
+      count(*) filter (where run_at > now() and locked_by is null) as scheduled,
+      count(*) filter (where run_at > now() and locked_by is not null) as running,
+      coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)::float8
+        as oldest
+    from shoal.jobs group by queue order by queue`;
+  return rows.map((r) => ({
+    queue: r.queue,
+    ready: Number(r.ready),
+    scheduled: Number(r.scheduled),
+    running: Number(r.running),
+    oldest_ready_age_s: r.oldest,
+  }));
+}
+
 export async function status(db: Db): Promise<Status> {
   const leases = (await listLeases(db)).map((l) => ({
     name: l.name,
