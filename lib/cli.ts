@@ -40,7 +40,7 @@ import { runDev } from "./dev.ts";
 import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
 import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
-import { formatSchedules, formatStatus, status } from "./status.ts";
+import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
 
 export interface MainOptions {
@@ -130,8 +130,12 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       return await enqueueCommand(parsed, tasks);
     case "status":
       noExtra(command, rest);
-      return await withDb(command, parsed, ["json"], async (sql, opts) => {
+      return await withDb(command, parsed, ["json", "watch", "interval"], async (sql, opts) => {
         await checkSchema(sql, await loadMigrations());
+        if (opts.watch) return await watchCommand(sql, parsed, opts);
+        if (parsed.flags.interval !== undefined) {
+          throw new UsageError("Invalid --interval: shoal status takes it only with --watch");
+        }
         const s = await status(sql);
         out(opts.json ? JSON.stringify(s, null, 2) + "\n" : formatStatus(s));
         return 0;
@@ -221,6 +225,25 @@ async function withDb(
   } finally {
     await sql.end({ timeout: 5 });
   }
+}
+
+/** How often `shoal status --watch` redraws unless --interval says otherwise. */
+const WATCH_INTERVAL_MS = 2000;
+
+/** `shoal status --watch`: redraw until SIGINT or SIGTERM, then exit 0. */
+async function watchCommand(sql: Sql, parsed: ParsedArgs, opts: Resolved): Promise<number> {
+  // Only the flag counts: SHOAL_INTERVAL is the reaper's tick, not a redraw rate.
+  const intervalMs = parsed.flags.interval === undefined
+    ? WATCH_INTERVAL_MS
+    : opts.interval as number;
+  const stop = new AbortController();
+  const untrap = trapSignals(stop);
+  try {
+    await watchStatus(sql, { intervalMs, json: opts.json as boolean, write: out }, stop.signal);
+  } finally {
+    untrap();
+  }
+  return 0;
 }
 
 async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
