@@ -14,6 +14,7 @@
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Db } from "./db.ts";
 import { describeError, logger } from "./log.ts";
+import { delay } from "./sleep.ts";
 import { queueDepths } from "./status.ts";
 
 /** How a job's attempt ended, as the consumer recorded it. */
@@ -56,6 +57,11 @@ const DURATION_BUCKETS = [
 const LAG_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
 /** A scrape reuses queue gauges read less than this long ago. */
 export const QUEUE_CACHE_MS = 1000;
+/**
+ * A scrape waits this long for the queue read, then answers with the last values (the
+ * read carries on and updates them): a slow or locked table must not time out the scrape.
+ */
+export const QUEUE_WAIT_MS = 2000;
 
 /** The Prometheus text format's content type. */
 export const CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8";
@@ -202,9 +208,16 @@ export class Metrics {
     await this.#queuesReading;
   }
 
-  /** The exposition text; with `db`, queue gauges are refreshed first (see refreshQueues). */
-  async render(db?: Db): Promise<string> {
-    if (db) await this.refreshQueues(db);
+  /**
+   * The exposition text. With `db`, queue gauges are refreshed first (see refreshQueues),
+   * waiting at most {@link QUEUE_WAIT_MS}.
+   */
+  async render(db?: Db, waitMs: number = QUEUE_WAIT_MS): Promise<string> {
+    if (db) {
+      const gaveUp = new AbortController();
+      await Promise.race([this.refreshQueues(db), delay(waitMs, gaveUp.signal)]);
+      gaveUp.abort(); // clears the timer when the read won
+    }
     return await this.registry.metrics();
   }
 }

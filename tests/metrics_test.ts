@@ -130,6 +130,22 @@ Deno.test("Metrics.render() still answers when the queue read fails", async () =
   }
 });
 
+Deno.test("Metrics.render() answers with the last queue values when the read is slow", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await m.refreshQueues(db.sql, 0);
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  let text = "";
+  await db.sql.begin(async (tx) => {
+    await tx`lock table shoal.jobs in access exclusive mode`; // the read waits on this
+    text = await m.render(db.sql, 300);
+  });
+  assertEquals(sample(text, `shoal_queue_depth{queue="a"}`), 1); // the last value, not a hang
+  await m.refreshQueues(db.sql); // joins the read still in flight, now unblocked
+  assertEquals(sample(await m.render(), `shoal_queue_depth{queue="a"}`), 2);
+});
+
 Deno.test("runLeaderLoop() reports the lease it holds as 1, and 0 once stopped", async () => {
   await using db = await testDb();
   const stop = new AbortController();
