@@ -108,7 +108,8 @@ export const OPTIONS = {
     default: "5s",
     min: 10,
     max: MAX_TIMER_MS,
-    help: "reaper tick, and the scheduler's longest sleep; shorter than --lease",
+    help: "reaper tick and the scheduler's longest sleep, shorter than --lease; " +
+      "for status --watch, how often to redraw (2s unless given)",
   },
   "dead-retention": {
     kind: "duration",
