@@ -14,6 +14,7 @@ import {
   type OptionValue,
   parseCommandLine,
   type ParsedArgs,
+  parseListenAddress,
   resolveOptions,
   UsageError,
 } from "./config.ts";
@@ -31,13 +32,15 @@ import {
   upsertSchedule,
 } from "./schedule.ts";
 import { runScheduler } from "./scheduler.ts";
+import { HttpServer } from "./http.ts";
+import { metrics } from "./metrics.ts";
 import { connect, isConnectionError, redactUrl, type Sql } from "./db.ts";
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
 import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
 import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
-import { formatSchedules, formatStatus, status } from "./status.ts";
+import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
 
 export interface MainOptions {
@@ -48,10 +51,11 @@ export interface MainOptions {
 const USAGE = `shoal: a Postgres-native task queue
 
 Usage:
-  shoal --role consumer|reaper|scheduler|all [--queues a,b] [--concurrency N] [--migrate] ...
+  shoal --role consumer|reaper|scheduler|all [--queues a,b] [--concurrency N] [--migrate]
+        [--http [HOST:PORT]] ...
   shoal migrate
   shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
-  shoal status [--json]
+  shoal status [--json] [--watch [--interval 2s]]
   shoal cancel EXECUTION
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D]
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
@@ -126,8 +130,12 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       return await enqueueCommand(parsed, tasks);
     case "status":
       noExtra(command, rest);
-      return await withDb(command, parsed, ["json"], async (sql, opts) => {
+      return await withDb(command, parsed, ["json", "watch", "interval"], async (sql, opts) => {
         await checkSchema(sql, await loadMigrations());
+        if (opts.watch) return await watchCommand(sql, parsed, opts);
+        if (parsed.flags.interval !== undefined) {
+          throw new UsageError("Invalid --interval: shoal status takes it only with --watch");
+        }
         const s = await status(sql);
         out(opts.json ? JSON.stringify(s, null, 2) + "\n" : formatStatus(s));
         return 0;
@@ -217,6 +225,25 @@ async function withDb(
   } finally {
     await sql.end({ timeout: 5 });
   }
+}
+
+/** How often `shoal status --watch` redraws unless --interval says otherwise. */
+const WATCH_INTERVAL_MS = 2000;
+
+/** `shoal status --watch`: redraw until SIGINT or SIGTERM, then exit 0. */
+async function watchCommand(sql: Sql, parsed: ParsedArgs, opts: Resolved): Promise<number> {
+  // Only the flag counts: SHOAL_INTERVAL is the reaper's tick, not a redraw rate.
+  const intervalMs = parsed.flags.interval === undefined
+    ? WATCH_INTERVAL_MS
+    : opts.interval as number;
+  const stop = new AbortController();
+  const untrap = trapSignals(stop);
+  try {
+    await watchStatus(sql, { intervalMs, json: opts.json as boolean, write: out }, stop.signal);
+  } finally {
+    untrap();
+  }
+  return 0;
 }
 
 async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
@@ -386,11 +413,32 @@ function consumerOptions(opts: Resolved) {
 
 /** The flags each role takes (besides the common ones, --role and --migrate). */
 const ROLE_FLAGS: Record<string, readonly OptionName[]> = {
-  consumer: CONSUMER,
-  reaper: ["lease", "interval", "dead-retention"],
-  scheduler: ["lease", "interval", "schedules", "listen"],
-  all: [...CONSUMER, ...LEADER],
+  consumer: [...CONSUMER, "http"],
+  reaper: ["lease", "interval", "dead-retention", "http"],
+  scheduler: ["lease", "interval", "schedules", "listen", "http"],
+  all: [...CONSUMER, ...LEADER, "http"],
 };
+
+/**
+ * /healthz turns 503 once the database has not answered for three of the roles' longest
+ * wait (the consumer's poll interval, the leaders' tick), and never sooner than a second.
+ */
+function healthWindowMs(opts: Resolved, roles: string[]): number {
+  const waits = roles.map((r) =>
+    (r === "consumer" ? opts["poll-interval"] : opts.interval) as number
+  );
+  return Math.max(1000, 3 * Math.max(...waits));
+}
+
+/** Start the `--http` server when asked for; null when not. */
+function startHttp(sql: Sql, opts: Resolved, roles: string[]): HttpServer | null {
+  if (typeof opts.http !== "string") return null;
+  return new HttpServer(parseListenAddress(opts.http), {
+    sql,
+    metrics,
+    healthWindowMs: healthWindowMs(opts, roles),
+  });
+}
 
 /** Leader-role options from resolved flags; refuses an interval not shorter than the lease. */
 function leaderOptions(opts: Resolved, roles: string[]) {
@@ -432,36 +480,57 @@ async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<num
           throw new UsageError((error as Error).message);
         });
       }
-      const migrations = await loadMigrations();
-      if (opts.migrate) await migrate(sql, migrations);
-      await checkSchema(sql, migrations);
-      const stop = new AbortController();
-      const untrap = trapSignals(stop);
-      const run = (r: string): Promise<void> => {
-        if (r === "consumer") {
-          return runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
-        }
-        if (r === "reaper") return runReaper(sql, leader!, stop.signal);
-        return runScheduler(sql, leader!, stop.signal);
-      };
+      // Up before migrations, so /readyz says "starting" while they run.
+      const http = startHttp(sql, opts, roles);
       try {
-        // A role that fails stops the others gracefully (leases released, running jobs
-        // handed back) before the pool closes, instead of the pool closing under them.
-        const results = await Promise.allSettled(roles.map((r) =>
-          run(r).catch((error) => {
-            stop.abort();
-            throw error;
-          })
-        ));
-        const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
-        if (failed) throw failed.reason;
+        return await runRoles(sql, opts, roles, leader, tasks, http);
       } finally {
-        untrap();
+        await http?.close();
       }
-      return 0;
     },
     `shoal ${role}`,
   );
+}
+
+/** Check (or apply) migrations, then run the roles until a signal or a failure stops them. */
+async function runRoles(
+  sql: Sql,
+  opts: Resolved,
+  roles: string[],
+  leader: ReturnType<typeof leaderOptions> | null,
+  tasks: TaskRegistry,
+  http: HttpServer | null,
+): Promise<number> {
+  const migrations = await loadMigrations();
+  if (opts.migrate) await migrate(sql, migrations);
+  await checkSchema(sql, migrations);
+  const stop = new AbortController();
+  stop.signal.addEventListener("abort", () => http?.stopping(), { once: true });
+  const untrap = trapSignals(stop);
+  const run = (r: string): Promise<void> => {
+    if (r === "consumer") {
+      return runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
+    }
+    if (r === "reaper") return runReaper(sql, leader!, stop.signal);
+    return runScheduler(sql, leader!, stop.signal);
+  };
+  try {
+    // A role that fails stops the others gracefully (leases released, running jobs
+    // handed back) before the pool closes, instead of the pool closing under them.
+    const running = roles.map((r) =>
+      run(r).catch((error) => {
+        stop.abort();
+        throw error;
+      })
+    );
+    http?.ready();
+    const results = await Promise.allSettled(running);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+    if (failed) throw failed.reason;
+  } finally {
+    untrap();
+  }
+  return 0;
 }
 
 async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {

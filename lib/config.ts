@@ -17,7 +17,7 @@ export class UsageError extends Error {
   override name = "UsageError";
 }
 
-type Kind = "string" | "int" | "duration" | "list" | "boolean" | "name" | "names";
+type Kind = "string" | "int" | "duration" | "list" | "boolean" | "name" | "names" | "address";
 
 interface OptionSpec {
   kind: Kind;
@@ -30,6 +30,9 @@ interface OptionSpec {
   env?: string | null;
   help: string;
 }
+
+/** Where `--http` listens when given without an address: loopback only, never all interfaces. */
+export const DEFAULT_HTTP = "127.0.0.1:9464";
 
 export const OPTIONS = {
   "database-url": { kind: "string", env: "DATABASE_URL", help: "postgres:// URL of the database" },
@@ -112,7 +115,8 @@ export const OPTIONS = {
     default: "5s",
     min: 10,
     max: MAX_TIMER_MS,
-    help: "reaper tick, and the scheduler's longest sleep; shorter than --lease",
+    help: "reaper tick and the scheduler's longest sleep, shorter than --lease; " +
+      "for status --watch, how often to redraw (2s unless given)",
   },
   "dead-retention": {
     kind: "duration",
@@ -138,6 +142,11 @@ export const OPTIONS = {
     choices: ["json", "pretty"],
     help: "log line format",
   },
+  http: {
+    kind: "address",
+    help: `serve /healthz, /readyz and /metrics on host:port (bare --http: ${DEFAULT_HTTP})`,
+  },
+  watch: { kind: "boolean", default: "false", env: null, help: "redraw status every --interval" },
   json: { kind: "boolean", default: "false", env: null, help: "print JSON for scripts" },
   task: { kind: "name", env: null, help: "task name" },
   queue: { kind: "name", env: null, help: "queue name" },
@@ -208,6 +217,17 @@ function convert(name: OptionName, raw: string, source: string): OptionValue {
       }
       return ms;
     }
+    case "address": {
+      const v = raw.trim().toLowerCase();
+      if (["1", "true", "yes", "on"].includes(v)) return DEFAULT_HTTP; // SHOAL_HTTP=true
+      if (["0", "false", "no", "off"].includes(v)) return undefined;
+      try {
+        const { hostname, port } = parseListenAddress(raw.trim());
+        return hostname.includes(":") ? `[${hostname}]:${port}` : `${hostname}:${port}`;
+      } catch (error) {
+        throw bad((error as Error).message);
+      }
+    }
     case "name":
       if (!NAME_PATTERN.test(raw)) {
         throw bad(`"${raw.slice(0, 140)}" is not a name (1 to 128 of letters, digits, _.:-)`);
@@ -227,6 +247,46 @@ function convert(name: OptionName, raw: string, source: string): OptionValue {
   }
 }
 
+/** Flags whose value may be left out: the value they then take. */
+const OPTIONAL_VALUES: Partial<Record<OptionName, string>> = { http: DEFAULT_HTTP };
+
+/**
+ * Give a bare optional-value flag its default: `--http` at the end or before another flag
+ * becomes `--http=127.0.0.1:9464`; any other next word is its value (and is validated).
+ */
+function withOptionalValues(args: string[]): string[] {
+  const result: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--") return [...result, ...args.slice(i)];
+    const name = arg.startsWith("--") ? arg.slice(2) as OptionName : null;
+    const fallback = name === null ? undefined : OPTIONAL_VALUES[name];
+    const next = args[i + 1];
+    if (fallback !== undefined && (next === undefined || next.startsWith("-"))) {
+      result.push(`${arg}=${fallback}`);
+    } else result.push(arg);
+  }
+  return result;
+}
+
+/**
+ * Parse `host:port` (IPv6 as `[::1]:9464`) for a server to listen on. The host is
+ * required, so exposing the server beyond loopback is always spelled out.
+ */
+export function parseListenAddress(text: string): { hostname: string; port: number } {
+  const match = /^(?:\[([0-9a-fA-F:.]+)\]|([^\s:\[\]/]+)):(\d{1,5})$/.exec(text);
+  if (!match) {
+    throw new Error(`"${text.slice(0, 100)}" is not host:port (e.g. ${DEFAULT_HTTP})`);
+  }
+  const port = Number(match[3]);
+  if (port > 65535) throw new Error(`port ${port} is above 65535`);
+  const hostname = match[1] ?? match[2]!;
+  if (!/^[A-Za-z0-9.-]+$/.test(hostname) && match[1] === undefined) {
+    throw new Error(`"${hostname.slice(0, 100)}" is not a host name or address`);
+  }
+  return { hostname, port };
+}
+
 export interface ParsedArgs {
   positionals: string[];
   /** Values given on the command line, unconverted. */
@@ -244,7 +304,12 @@ export function parseCommandLine(args: string[]): ParsedArgs {
   }
   let parsed;
   try {
-    parsed = parseArgs({ args, options, strict: true, allowPositionals: true });
+    parsed = parseArgs({
+      args: withOptionalValues(args),
+      options,
+      strict: true,
+      allowPositionals: true,
+    });
   } catch (error) {
     throw new UsageError((error as Error).message.split("\n")[0]!.replace(/\. To specify.*$/, ""));
   }

@@ -19,6 +19,7 @@ import { isDataError, retryOnce } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, logger } from "./log.ts";
+import { metrics } from "./metrics.ts";
 import {
   ack,
   backoffMs,
@@ -89,6 +90,8 @@ interface Running {
    */
   settled: "running" | "settling" | "released" | "lost";
   done: Promise<void>;
+  /** performance.now() when the handler started, for the duration histogram. */
+  startedAt: number;
   /** What the handler returned (jobs of an execution only), as JSON. */
   result?: unknown;
   /** A fan-out the handler asked for, opened with its ack. */
@@ -294,6 +297,7 @@ export async function runConsumer(
     // From here the outcome is ours to record: a heartbeat must not report the claim lost
     // when the failure below moves the token on, and shutdown must not release it.
     r.settled = "settling";
+    const ms = performance.now() - r.startedAt;
     const ref = { id: r.job.id, token: r.job.token };
     if (error === null) {
       if (r.fanOut) error = await openFanOut(r, r.fanOut);
@@ -306,7 +310,10 @@ export async function runConsumer(
           : acks.add(ref);
         sent.finally(() => acking.delete(ref.id));
       }
-      if (error === null) return;
+      if (error === null) {
+        metrics.jobFinished(r.job, "completed", ms);
+        return;
+      }
     }
     const permanent = error instanceof PermanentError;
     const message = error instanceof TimeoutError ? error.message : describeError(error);
@@ -320,6 +327,7 @@ export async function runConsumer(
             retryInMs: backoffMs(r.job.attempts, options.retryBaseMs),
           }),
       );
+      metrics.jobFinished(r.job, outcome, ms);
       const level = outcome === "dead" ? "error" : "warn";
       log[level]("Job {job_id} ({task}) failed on attempt {attempt}, {outcome}: {error}", {
         job_id: r.job.id,
@@ -341,7 +349,13 @@ export async function runConsumer(
     const task = tasks.get(job.task);
     const timeoutMs = task?.timeoutMs ?? options.taskTimeoutMs;
     const jobLog = log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
-    const r: Running = { job, controller, settled: "running", done: Promise.resolve() };
+    const r: Running = {
+      job,
+      controller,
+      settled: "running",
+      done: Promise.resolve(),
+      startedAt: performance.now(),
+    };
     const fanOutOnAck = (spec: FanOutSpec) => {
       if (r.fanOut) throw new Error("A job can fan out once: combine the children in one call");
       // Checked now, so a bad fan-out fails the handler before anything is enqueued.
@@ -528,6 +542,8 @@ export async function runConsumer(
           visibilityMs: options.visibilityTimeoutMs,
         });
         errorStreak = 0;
+        metrics.jobsClaimed(jobs);
+        metrics.jobsPoisoned(poisoned);
         for (const p of poisoned) {
           log.error(
             "Job {job_id} ({task}) dead-lettered unrun: claimed {attempt} times without finishing",

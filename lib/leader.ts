@@ -10,6 +10,7 @@ import type { Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { acquire, type LeaseTerm, releaseLease, renew } from "./lease.ts";
 import { describeError, type Logger } from "./log.ts";
+import { metrics } from "./metrics.ts";
 import { Sleeper } from "./sleep.ts";
 
 export interface LeaderLoopOptions {
@@ -52,6 +53,7 @@ export async function runLeaderLoop(
   let term: LeaseTerm | null = null;
   while (!stop.aborted) {
     term = await holdOrTake(sql, options, term);
+    metrics.leaderStatus(options.lease, term !== null);
     let sleepMs = options.intervalMs;
     if (term && !stop.aborted) {
       try {
@@ -66,6 +68,7 @@ export async function runLeaderLoop(
     }
     await sleeper.sleep(sleepMs, stop);
   }
+  metrics.leaderStatus(options.lease, false); // stopping: leader work has ended either way
   if (term) {
     try {
       if (await releaseLease(sql, term)) {

@@ -19,6 +19,7 @@ import { runLeaderLoop } from "./leader.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, logger } from "./log.ts";
 import { enqueue } from "./queue.ts";
+import { metrics } from "./metrics.ts";
 import { loadSchedulesFile, type ScheduleRow, syncSchedules } from "./schedule.ts";
 
 export const SCHEDULER_LEASE = "scheduler";
@@ -58,7 +59,7 @@ async function fireOne(
   sql: Sql,
   options: TickOptions,
   skip: string[],
-): Promise<{ outcome: RowOutcome; name?: string }> {
+): Promise<{ outcome: RowOutcome; name?: string; lagMs?: number }> {
   const log = logger("scheduler");
   const now = options.now ?? null;
   return await sql.begin(async (tx) => {
@@ -107,7 +108,11 @@ async function fireOne(
               last_error = null
           where name = ${row.name}::text`;
       });
-      return { outcome: "fired", name: row.name };
+      return {
+        outcome: "fired",
+        name: row.name,
+        lagMs: row.db_now.getTime() - slot.getTime(),
+      };
     } catch (error) {
       const permanent = isPermanent(error);
       const message = describeError(error).slice(0, 2000);
@@ -140,6 +145,7 @@ export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<Tic
     const done = await fireOne(sql, options, skip);
     if (done.outcome === "none") break;
     result[done.outcome]++;
+    if (done.outcome === "fired") metrics.scheduleFired(done.name!, done.lagMs!); // committed
     if (done.outcome === "failed") skip.push(done.name!);
   }
   const now = options.now ?? null;

@@ -2,9 +2,15 @@
  * `shoal status`: one snapshot of the queues, recent executions, leases and schedules.
  * The JSON form is a stable contract for scripts: keys are only ever added.
  *
+ * `shoal status --watch` redraws it in place every interval, with throughput rates from
+ * successive samples and progress bars for open fan-outs; with `--json`, one line each.
+ *
  * @module
  */
 import type { Db } from "./db.ts";
+import { delay } from "./sleep.ts";
+import { describeError } from "./log.ts";
+import { formatDuration } from "./duration.ts";
 import { listExecutions } from "./execution.ts";
 import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
@@ -92,6 +98,33 @@ export async function queueStatus(db: Db): Promise<QueueStatus[]> {
   }));
 }
 
+/** A queue's live jobs, as the /metrics gauges show them. */
+export type QueueDepth = Omit<QueueStatus, "dead">;
+
+/**
+ * Ready, scheduled and running jobs and the oldest ready age per queue: one scan of the
+ * live table only (the dead-letter table can be large and is not read), for /metrics.
+ */
+export async function queueDepths(db: Db): Promise<QueueDepth[]> {
+  const rows = await db<
+    { queue: string; ready: string; scheduled: string; running: string; oldest: number }[]
+  >`
+    select queue,
+      count(*) filter (where run_at <= now()) as ready,
+      count(*) filter (where run_at > now() and locked_by is null) as scheduled,
+      count(*) filter (where run_at > now() and locked_by is not null) as running,
+      coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)::float8
+        as oldest
+    from shoal.jobs group by queue order by queue`;
+  return rows.map((r) => ({
+    queue: r.queue,
+    ready: Number(r.ready),
+    scheduled: Number(r.scheduled),
+    running: Number(r.running),
+    oldest_ready_age_s: r.oldest,
+  }));
+}
+
 export async function status(db: Db): Promise<Status> {
   const leases = (await listLeases(db)).map((l) => ({
     name: l.name,
@@ -147,14 +180,18 @@ export function formatSchedules(rows: (ScheduleStatus | ScheduleRow)[]): string 
   );
 }
 
-function formatExecutions(rows: ExecutionStatusRow[]): string {
+function formatExecutions(rows: ExecutionStatusRow[], bars: boolean): string {
   if (rows.length === 0) return "No executions\n";
   return table(
     ["execution", "status", "fan-out", "updated", "error"],
     rows.map((e) => [
       e.id,
       e.status,
-      e.total === null ? "-" : `${e.arrived}/${e.total}`,
+      e.total === null
+        ? "-"
+        : bars
+        ? progressBar(e.arrived ?? 0, e.total)
+        : `${e.arrived}/${e.total}`,
       iso(e.updated_at),
       e.error ?? "-",
     ]),
@@ -169,11 +206,11 @@ function formatLeases(rows: LeaseStatus[]): string {
   );
 }
 
-/** The human-readable form of `shoal status`. */
-export function formatStatus(s: Status): string {
+/** The human-readable form of `shoal status` (fan-outs as bars with `bars`). */
+export function formatStatus(s: Status, options: { bars?: boolean } = {}): string {
   return [
     formatQueues(s),
-    formatExecutions(s.executions),
+    formatExecutions(s.executions, options.bars ?? false),
     formatLeases(s.leases),
     formatSchedules(s.schedules),
   ].join("\n");
@@ -191,4 +228,135 @@ function formatQueues(s: Status): string {
   ]);
   if (rows.length === 0) return "No queues yet: nothing has been enqueued.\n";
   return table(header, rows);
+}
+
+/**
+ * Cumulative counts Postgres keeps for the jobs tables (pg_stat_user_tables): rows deleted
+ * from shoal.jobs (acks, dead-letter moves, cancellations) and rows inserted into
+ * shoal.dead_jobs. Each backend reports them within about a second, so rates from two
+ * samples are estimates; they restart at 0 when the statistics are reset.
+ */
+export interface JobTotals {
+  deleted: number;
+  dead: number;
+}
+
+/** One `--watch` sample: the status plus the totals rates are computed from. */
+export interface WatchSample {
+  /** The database clock when the sample was taken. */
+  at: Date;
+  status: Status;
+  totals: JobTotals;
+}
+
+/** Jobs per second between two samples; null on the first sample or after a stats reset. */
+export interface Rates {
+  completed_per_s: number | null;
+  dead_per_s: number | null;
+}
+
+export async function jobTotals(db: Db): Promise<{ at: Date; totals: JobTotals }> {
+  const [row] = await db<{ at: Date; deleted: string | null; dead: string | null }[]>`
+    select clock_timestamp() as at,
+      (select n_tup_del from pg_stat_user_tables
+        where schemaname = 'shoal' and relname = 'jobs') as deleted,
+      (select n_tup_ins from pg_stat_user_tables
+        where schemaname = 'shoal' and relname = 'dead_jobs') as dead`;
+  return {
+    at: row!.at,
+    totals: { deleted: Number(row!.deleted ?? 0), dead: Number(row!.dead ?? 0) },
+  };
+}
+
+/** Take one `--watch` sample. */
+export async function watchSample(db: Db): Promise<WatchSample> {
+  const { at, totals } = await jobTotals(db);
+  return { at, status: await status(db), totals };
+}
+
+/**
+ * Completed and dead-lettered jobs per second from two samples. A job dead-lettered is
+ * deleted from the live table too, so it is taken out of the completed count.
+ */
+export function rates(previous: WatchSample | null, current: WatchSample): Rates {
+  const seconds = previous ? (current.at.getTime() - previous.at.getTime()) / 1000 : 0;
+  if (!previous || seconds <= 0) return { completed_per_s: null, dead_per_s: null };
+  const deleted = current.totals.deleted - previous.totals.deleted;
+  const dead = current.totals.dead - previous.totals.dead;
+  if (deleted < 0 || dead < 0) return { completed_per_s: null, dead_per_s: null }; // reset
+  return {
+    completed_per_s: round(Math.max(0, deleted - dead) / seconds),
+    dead_per_s: round(dead / seconds),
+  };
+}
+
+function round(n: number): number {
+  return Math.round(n * 10) / 10;
+}
+
+/** `[#####-----]  50% 5/10`: `width` cells, clamped to 0..100 %. */
+export function progressBar(done: number, total: number, width = 20): string {
+  const fraction = total > 0 ? Math.min(1, Math.max(0, done / total)) : 1;
+  const filled = Math.round(fraction * width);
+  const percent = `${Math.floor(fraction * 100)}%`.padStart(4);
+  return `[${"#".repeat(filled)}${"-".repeat(width - filled)}] ${percent} ${done}/${total}`;
+}
+
+/** Clear the screen and move the cursor home: each frame redraws in place. */
+export const CLEAR_SCREEN = "\x1b[H\x1b[2J";
+
+/** One `--watch` frame as text (without the clear-screen prefix). */
+export function formatWatchFrame(
+  sample: WatchSample,
+  r: Rates,
+  options: { intervalMs: number },
+): string {
+  const rate = (n: number | null) => (n === null ? "-" : `${n.toFixed(1)}/s`);
+  return [
+    `shoal status at ${sample.at.toISOString()}, every ${
+      formatDuration(options.intervalMs)
+    } (Ctrl-C quits)`,
+    `completed ${rate(r.completed_per_s)}  dead-lettered ${rate(r.dead_per_s)}  (all queues)`,
+    "",
+    formatStatus(sample.status, { bars: true }),
+  ].join("\n");
+}
+
+/** One `--watch --json` line: the status (same keys as `shoal status --json`) plus `at` and `rates`. */
+export function formatWatchJson(sample: WatchSample, r: Rates): string {
+  return JSON.stringify({ at: sample.at, rates: r, ...sample.status }) + "\n";
+}
+
+export interface WatchOptions {
+  intervalMs: number;
+  json: boolean;
+  write(text: string): void;
+}
+
+/**
+ * Redraw the status every interval until `stop` aborts. A failed sample is shown (and
+ * the next one tried) instead of ending the watch: the database may be restarting.
+ */
+export async function watchStatus(db: Db, options: WatchOptions, stop: AbortSignal): Promise<void> {
+  let previous: WatchSample | null = null;
+  while (!stop.aborted) {
+    try {
+      const sample = await watchSample(db);
+      const r = rates(previous, sample);
+      previous = sample;
+      options.write(
+        options.json
+          ? formatWatchJson(sample, r)
+          : CLEAR_SCREEN + formatWatchFrame(sample, r, options),
+      );
+    } catch (error) {
+      const message = `Cannot read status: ${describeError(error)}`;
+      options.write(
+        options.json
+          ? JSON.stringify({ at: new Date(), error: message }) + "\n"
+          : `${CLEAR_SCREEN}${message}\n`,
+      );
+    }
+    await delay(options.intervalMs, stop);
+  }
 }

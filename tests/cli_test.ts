@@ -8,6 +8,7 @@ import {
   emptyDb,
   exitWithin,
   freePort,
+  logLines,
   runShoal,
   spawnShoal,
   testDb,
@@ -288,4 +289,102 @@ Deno.test("shoal --help prints usage on stdout and exits 0", async () => {
   assertEquals([code, stderr], [0, ""]);
   assert(stdout.startsWith("shoal: a Postgres-native task queue"), stdout);
   assert(stdout.includes("--visibility-timeout"), stdout);
+});
+
+/** Start a consumer with these extra flags, wait for `text`, stop it with SIGTERM. */
+async function consumerLog(
+  url: string,
+  flags: string[],
+  text: string,
+  env: Record<string, string> = {},
+): Promise<string> {
+  await using proc = spawnShoal(["--role", "consumer", "--poll-interval", "100ms", ...flags], {
+    url,
+    env,
+  });
+  await waitForOutput(proc, text);
+  proc.kill("SIGTERM");
+  const { code, output } = await exitWithin(proc, 20_000);
+  assertEquals(code, 0, output);
+  return output;
+}
+
+Deno.test("--log-format json writes only JSON lines with the fixed keys", async () => {
+  await using db = await testDb();
+  const output = await consumerLog(db.url, ["--log-format", "json"], "started on");
+  const lines = output.split("\n").filter((l) => l !== "");
+  assert(lines.length >= 3, output);
+  const records = lines.map((line) => JSON.parse(line) as Record<string, unknown>);
+  for (const record of records) {
+    for (const key of ["@timestamp", "level", "logger", "message"]) {
+      assert(key in record, `${key} missing from ${JSON.stringify(record)}`);
+    }
+  }
+  const started = records.find((r) => String(r.message).startsWith("Consumer "))!;
+  assertEquals([started.level, started.logger, started.concurrency], [
+    "INFO",
+    "shoal.consumer",
+    10,
+  ]);
+});
+
+Deno.test("--log-format pretty (or SHOAL_LOG_FORMAT) writes readable lines, not JSON", async () => {
+  await using db = await testDb();
+  for (
+    const [flags, env] of [[["--log-format", "pretty"], {}], [[], {
+      SHOAL_LOG_FORMAT: "pretty",
+    }]] as const
+  ) {
+    const output = await consumerLog(db.url, [...flags], "started on", env);
+    const lines = output.split("\n").filter((l) => l !== "");
+    assert(lines.length >= 3, output);
+    for (const line of lines) assert(!line.startsWith("{"), `JSON in pretty output: ${line}`);
+    const started = lines.find((l) => l.includes("Consumer "))!;
+    assert(
+      /^\d{4}-\d\d-\d\d .*INF.*shoal.consumer: Consumer \S+ started on default/.test(started),
+      started,
+    );
+  }
+});
+
+Deno.test("--log-level (or SHOAL_LOG_LEVEL) drops records below it", async () => {
+  await using db = await testDb();
+  // An unregistered task fails each attempt: a warning, while start and stop are info.
+  await enqueue(db.sql, "no.such.task", {}, { maxAttempts: 5 });
+  for (
+    const [flags, env] of [[["--log-level", "warning"], {}], [[], {
+      SHOAL_LOG_LEVEL: "warning",
+    }]] as const
+  ) {
+    const output = await consumerLog(
+      db.url,
+      ["--log-format", "json", ...flags],
+      "failed on attempt",
+      env,
+    );
+    const levels = new Set(logLines(output).map((r) => r.level));
+    assert(levels.has("WARN"), output);
+    assert(!levels.has("INFO"), output);
+    await db.sql`update shoal.jobs set run_at = now()`; // due again for the second run
+  }
+  const debug = await consumerLog(
+    db.url,
+    ["--log-format", "json", "--log-level", "debug"],
+    "started on",
+  );
+  assert(logLines(debug).some((r) => r.level === "INFO"), debug);
+});
+
+Deno.test("a bad --log-level or --log-format exits 2 naming the choices", async () => {
+  const url = `postgres://u@127.0.0.1:${freePort()}/x`;
+  const format = await runShoal(["--role", "consumer", "--log-format", "xml"], { url });
+  assertEquals([format.code, format.stderr], [
+    2,
+    'shoal: Invalid --log-format: "xml" is not one of json, pretty\n',
+  ]);
+  const level = await runShoal(["status"], { url, env: { SHOAL_LOG_LEVEL: "loud" } });
+  assertEquals([level.code, level.stderr], [
+    2,
+    'shoal: Invalid SHOAL_LOG_LEVEL: "loud" is not one of trace, debug, info, warning, error, fatal\n',
+  ]);
 });

@@ -1,0 +1,173 @@
+/**
+ * The `--http` server every role can run beside its work, for orchestrators and Prometheus:
+ *
+ * - `GET /healthz`: 200 while the process answers and the database answered a `select 1`
+ *   within the health window (a background probe runs every third of it), else 503 with
+ *   a one-line reason. Answering at all shows the event loop is alive.
+ * - `GET /readyz`: 200 once the schema was checked and the roles started, 503 before that
+ *   and while shutting down (so a load balancer or rollout stops counting on it).
+ * - `GET /metrics`: Prometheus text (lib/metrics.ts).
+ *
+ * Responses never carry configuration: no URL, no secret.
+ *
+ * @module
+ */
+import type { Sql } from "./db.ts";
+import { formatDuration } from "./duration.ts";
+import { describeError, logger } from "./log.ts";
+import { CONTENT_TYPE, type Metrics } from "./metrics.ts";
+import { Sleeper } from "./sleep.ts";
+
+/** Where the server listens (see parseListenAddress in config.ts). */
+export interface ListenAddress {
+  hostname: string;
+  /** 0 picks a free port (tests); the bound one is in {@link HttpServer.port}. */
+  port: number;
+}
+
+export interface HttpServerOptions {
+  sql: Sql;
+  metrics: Metrics;
+  /** 503 from /healthz once the database has not answered for this long. */
+  healthWindowMs: number;
+}
+
+type Phase = "starting" | "ready" | "stopping";
+
+/** Milliseconds a database probe may take before it counts as no answer. */
+const PROBE_TIMEOUT_FLOOR_MS = 1000;
+
+/** Keeps asking the database `select 1` and remembers when it last answered. */
+class DbProbe {
+  #lastOkAt: number | null = null;
+  #lastError = "not asked yet";
+  readonly #stop = new AbortController();
+  readonly #running: Promise<void>;
+
+  constructor(private readonly sql: Sql, private readonly windowMs: number) {
+    this.#running = this.#loop();
+  }
+
+  async #loop(): Promise<void> {
+    const every = Math.max(50, Math.floor(this.windowMs / 3));
+    const sleeper = new Sleeper();
+    while (!this.#stop.signal.aborted) {
+      await this.#probe(Math.max(PROBE_TIMEOUT_FLOOR_MS, this.windowMs));
+      await sleeper.sleep(every, this.#stop.signal);
+    }
+  }
+
+  async #probe(timeoutMs: number): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<"timeout">((resolve) => {
+      timer = setTimeout(() => resolve("timeout"), timeoutMs);
+    });
+    const query = this.sql`select 1`.then(() => "ok" as const);
+    try {
+      const result = await Promise.race([query, timedOut]);
+      if (result === "ok") this.#lastOkAt = performance.now();
+      else this.#lastError = `no answer within ${formatDuration(timeoutMs)}`;
+    } catch (error) {
+      this.#lastError = describeError(error);
+    } finally {
+      clearTimeout(timer);
+    }
+    // A probe that timed out still settles later; wait for it so no query outlives close().
+    await query.catch(() => undefined); // its error was recorded above, or came after the timeout
+  }
+
+  /** Null when healthy, else why not (one line). */
+  problem(): string | null {
+    if (this.#lastOkAt === null) return `database not reached yet: ${this.#lastError}`;
+    const silentMs = performance.now() - this.#lastOkAt;
+    if (silentMs <= this.windowMs) return null;
+    return `database silent for ${formatDuration(Math.round(silentMs))}: ${this.#lastError}`;
+  }
+
+  async close(): Promise<void> {
+    this.#stop.abort();
+    await this.#running;
+  }
+}
+
+/** A running `--http` server; tell it when the roles are ready and when they stop. */
+export class HttpServer {
+  #phase: Phase = "starting";
+  readonly #server: Deno.HttpServer<Deno.NetAddr>;
+  readonly #probe: DbProbe;
+  /** The bound port (the one asked for, or the one picked for 0). */
+  readonly port: number;
+  readonly hostname: string;
+
+  constructor(address: ListenAddress, private readonly options: HttpServerOptions) {
+    try {
+      this.#server = Deno.serve({
+        hostname: address.hostname,
+        port: address.port,
+        onListen: () => {}, // logged below, as JSON like every other line
+        onError: (error) => {
+          logger("http").error("HTTP handler failed: {error}", { error: describeError(error) });
+          return text(500, "internal error");
+        },
+      }, (request) => this.#handle(request));
+    } catch (cause) {
+      throw new Error(
+        `Cannot serve HTTP on ${address.hostname}:${address.port}: ${(cause as Error).message}`,
+        { cause },
+      );
+    }
+    // Started once listening: no request can arrive before this constructor returns.
+    this.#probe = new DbProbe(options.sql, options.healthWindowMs);
+    this.port = this.#server.addr.port;
+    this.hostname = this.#server.addr.hostname;
+    logger("http").info("Serving /healthz, /readyz and /metrics on {address}", {
+      address: `${this.hostname}:${this.port}`,
+    });
+  }
+
+  /** The roles started: /readyz answers 200. */
+  ready(): void {
+    if (this.#phase === "starting") this.#phase = "ready";
+  }
+
+  /** Shutting down: /readyz answers 503 from now on. */
+  stopping(): void {
+    this.#phase = "stopping";
+  }
+
+  async #handle(request: Request): Promise<Response> {
+    const path = new URL(request.url).pathname;
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      return text(405, "only GET", { allow: "GET, HEAD" });
+    }
+    switch (path) {
+      case "/healthz": {
+        const problem = this.#probe.problem();
+        return problem === null ? text(200, "ok") : text(503, problem);
+      }
+      case "/readyz":
+        if (this.#phase === "ready") return text(200, "ready");
+        return text(503, this.#phase === "starting" ? "starting" : "shutting down");
+      case "/metrics":
+        return new Response(await this.options.metrics.render(this.options.sql), {
+          headers: { "content-type": CONTENT_TYPE },
+        });
+      default:
+        return text(404, "not found: try /healthz, /readyz or /metrics");
+    }
+  }
+
+  /** Stop listening (in-flight requests finish) and stop the database probe. */
+  async close(): Promise<void> {
+    this.#phase = "stopping";
+    await this.#server.shutdown();
+    await this.#probe.close();
+  }
+}
+
+function text(status: number, body: string, headers: Record<string, string> = {}): Response {
+  return new Response(body + "\n", {
+    status,
+    headers: { "content-type": "text/plain; charset=utf-8", ...headers },
+  });
+}

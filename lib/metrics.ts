@@ -1,0 +1,269 @@
+/**
+ * Prometheus metrics of one shoal process, exposed by `--http` at `/metrics`
+ * (lib/http.ts). Roles report through the small functions of {@link Metrics}
+ * (`jobsClaimed`, `jobFinished`, `leaderStatus`, `scheduleFired`, ...); queue gauges are
+ * read at scrape time by one query, cached for a second so scrapes cannot hammer Postgres.
+ *
+ * The exposition format comes from prom-client (runs under Deno through npm, with no
+ * Node-only dependency on this path: default Node process metrics are not collected).
+ * Labels are bounded by what the operator configures (queues, tasks, leases, schedules),
+ * never by job ids or payloads.
+ *
+ * @module
+ */
+import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import type { Db } from "./db.ts";
+import { describeError, logger } from "./log.ts";
+import { delay } from "./sleep.ts";
+import { queueDepths } from "./status.ts";
+
+/** How a job's attempt ended, as the consumer recorded it. */
+export type JobOutcome =
+  /** Acked (or its fan-out opened). */
+  | "completed"
+  /** Failed and rescheduled with a backoff. */
+  | "retried"
+  /** Failed for good: moved to the dead-letter table. */
+  | "dead"
+  /** Failed, but its claim had moved on (redelivered elsewhere): nothing recorded. */
+  | "stale";
+
+/** What a job metric is labelled by. */
+export interface JobLabels {
+  queue: string;
+  task: string;
+}
+
+/** Seconds: from a fast handler to the default 15 minute task timeout and beyond. */
+const DURATION_BUCKETS = [
+  0.005,
+  0.01,
+  0.025,
+  0.05,
+  0.1,
+  0.25,
+  0.5,
+  1,
+  2.5,
+  5,
+  10,
+  30,
+  60,
+  300,
+  900,
+  3600,
+];
+/** Seconds a schedule fired after its slot (the scheduler sleeps at most --interval). */
+const LAG_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+/** A scrape reuses queue gauges read less than this long ago. */
+export const QUEUE_CACHE_MS = 1000;
+/**
+ * A scrape waits this long for the queue read, then answers with the last values (the
+ * read carries on and updates them): a slow or locked table must not time out the scrape.
+ */
+export const QUEUE_WAIT_MS = 2000;
+
+/** The Prometheus text format's content type. */
+export const CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8";
+
+interface PerTask {
+  claimed: { inc(n?: number): void };
+  completed: { inc(n?: number): void };
+  duration: { observe(seconds: number): void };
+}
+
+/** One registry and its metrics; the process-wide one is {@link metrics}. */
+export class Metrics {
+  readonly registry: Registry = new Registry();
+  readonly #claimed: Counter<"queue" | "task">;
+  readonly #completed: Counter<"queue" | "task">;
+  readonly #failed: Counter<"queue" | "task">;
+  readonly #retried: Counter<"queue" | "task">;
+  readonly #dead: Counter<"queue" | "task">;
+  readonly #duration: Histogram<"queue" | "task">;
+  readonly #depth: Gauge<"queue">;
+  readonly #scheduled: Gauge<"queue">;
+  readonly #running: Gauge<"queue">;
+  readonly #oldest: Gauge<"queue">;
+  readonly #leader: Gauge<"lease">;
+  readonly #fires: Counter<"schedule">;
+  readonly #lag: Histogram<"schedule">;
+  #queuesReadAt = -Infinity;
+  #queuesReading: Promise<void> | null = null;
+
+  constructor() {
+    const registers = [this.registry];
+    const jobCounter = (name: string, help: string) =>
+      new Counter({ name, help, labelNames: ["queue", "task"] as const, registers });
+    const queueGauge = (name: string, help: string) =>
+      new Gauge({ name, help, labelNames: ["queue"] as const, registers });
+    this.#claimed = jobCounter("shoal_jobs_claimed_total", "Jobs claimed by this consumer");
+    this.#completed = jobCounter("shoal_jobs_completed_total", "Jobs that finished and were acked");
+    this.#failed = jobCounter(
+      "shoal_jobs_failed_total",
+      "Attempts that failed (then retried, dead-lettered, or stale when the claim had moved on)",
+    );
+    this.#retried = jobCounter(
+      "shoal_jobs_retried_total",
+      "Failed attempts rescheduled with a backoff",
+    );
+    this.#dead = jobCounter(
+      "shoal_jobs_dead_lettered_total",
+      "Jobs moved to the dead-letter table (failed for good, or poisoned: claimed too often)",
+    );
+    this.#duration = new Histogram({
+      name: "shoal_job_duration_seconds",
+      help: "Handler run time of finished attempts, whatever their outcome",
+      labelNames: ["queue", "task"] as const,
+      buckets: DURATION_BUCKETS,
+      registers,
+    });
+    this.#depth = queueGauge("shoal_queue_depth", "Jobs ready to run now (read at scrape time)");
+    this.#scheduled = queueGauge(
+      "shoal_queue_scheduled",
+      "Jobs waiting for a future run_at: delayed, or backing off before a retry",
+    );
+    this.#running = queueGauge("shoal_queue_running", "Jobs claimed and within their deadline");
+    this.#oldest = queueGauge(
+      "shoal_queue_oldest_ready_age_seconds",
+      "How long the oldest ready job has waited (0 when none)",
+    );
+    this.#leader = new Gauge({
+      name: "shoal_leader",
+      help: "1 while this process holds the lease, else 0",
+      labelNames: ["lease"] as const,
+      registers,
+    });
+    this.#fires = new Counter({
+      name: "shoal_schedule_fires_total",
+      help: "Jobs this scheduler enqueued for a schedule",
+      labelNames: ["schedule"] as const,
+      registers,
+    });
+    this.#lag = new Histogram({
+      name: "shoal_schedule_fire_lag_seconds",
+      help: "How long after its slot a schedule fired",
+      labelNames: ["schedule"] as const,
+      buckets: LAG_BUCKETS,
+      registers,
+    });
+  }
+
+  /**
+   * The labelled children of the hot per-job metrics, by queue and task: looking a child
+   * up by its label object on every job cost a few microseconds a job at full speed.
+   */
+  #perTask = new Map<string, PerTask>();
+
+  #children(job: JobLabels): PerTask {
+    const key = `${job.queue}\u0000${job.task}`;
+    let children = this.#perTask.get(key);
+    if (!children) {
+      const l = labels(job);
+      children = {
+        claimed: this.#claimed.labels(l),
+        completed: this.#completed.labels(l),
+        duration: this.#duration.labels(l),
+      };
+      this.#perTask.set(key, children);
+    }
+    return children;
+  }
+
+  /** The consumer claimed these jobs. */
+  jobsClaimed(jobs: readonly JobLabels[]): void {
+    let last: JobLabels | null = null;
+    let run = 0;
+    // A batch is mostly one task: count runs of equal labels, then add each run once.
+    for (const job of jobs) {
+      if (last && (job.queue !== last.queue || job.task !== last.task)) {
+        this.#children(last).claimed.inc(run);
+        run = 0;
+      }
+      last = job;
+      run++;
+    }
+    if (last) this.#children(last).claimed.inc(run);
+  }
+
+  /** One attempt ended: `ms` is the handler's run time. */
+  jobFinished(job: JobLabels, outcome: JobOutcome, ms: number): void {
+    const children = this.#children(job);
+    children.duration.observe(Math.max(0, ms) / 1000);
+    if (outcome === "completed") {
+      children.completed.inc();
+      return;
+    }
+    const l = labels(job);
+    this.#failed.inc(l);
+    if (outcome === "retried") this.#retried.inc(l);
+    else if (outcome === "dead") this.#dead.inc(l);
+  }
+
+  /** Jobs dead-lettered without running (poisoned: claimed too often without finishing). */
+  jobsPoisoned(jobs: readonly JobLabels[]): void {
+    for (const job of jobs) this.#dead.inc(labels(job));
+  }
+
+  /** Whether this process holds `lease` now. */
+  leaderStatus(lease: string, leading: boolean): void {
+    this.#leader.set({ lease }, leading ? 1 : 0);
+  }
+
+  /** The scheduler enqueued a schedule's job `lagMs` after its slot. */
+  scheduleFired(schedule: string, lagMs: number): void {
+    this.#fires.inc({ schedule });
+    this.#lag.observe({ schedule }, Math.max(0, lagMs) / 1000);
+  }
+
+  /**
+   * Read the queue gauges from the database, unless they were read less than
+   * {@link QUEUE_CACHE_MS} ago; concurrent scrapes share one read. A failed read keeps
+   * the last values (the health check reports the database) and is logged.
+   */
+  async refreshQueues(db: Db, now: number = performance.now()): Promise<void> {
+    if (now - this.#queuesReadAt < QUEUE_CACHE_MS) return;
+    this.#queuesReading ??= (async () => {
+      try {
+        const rows = await queueDepths(db);
+        for (const gauge of [this.#depth, this.#scheduled, this.#running, this.#oldest]) {
+          gauge.reset(); // a queue that emptied out disappears instead of freezing
+        }
+        for (const r of rows) {
+          this.#depth.set({ queue: r.queue }, r.ready);
+          this.#scheduled.set({ queue: r.queue }, r.scheduled);
+          this.#running.set({ queue: r.queue }, r.running);
+          this.#oldest.set({ queue: r.queue }, r.oldest_ready_age_s);
+        }
+        this.#queuesReadAt = now;
+      } catch (error) {
+        logger("metrics").warn("Cannot read queue depths for /metrics: {error}", {
+          error: describeError(error),
+        });
+      } finally {
+        this.#queuesReading = null;
+      }
+    })();
+    await this.#queuesReading;
+  }
+
+  /**
+   * The exposition text. With `db`, queue gauges are refreshed first (see refreshQueues),
+   * waiting at most {@link QUEUE_WAIT_MS}.
+   */
+  async render(db?: Db, waitMs: number = QUEUE_WAIT_MS): Promise<string> {
+    if (db) {
+      const gaveUp = new AbortController();
+      await Promise.race([this.refreshQueues(db), delay(waitMs, gaveUp.signal)]);
+      gaveUp.abort(); // clears the timer when the read won
+    }
+    return await this.registry.metrics();
+  }
+}
+
+function labels(job: JobLabels): JobLabels {
+  return { queue: job.queue, task: job.task };
+}
+
+/** The process-wide metrics every role reports to. */
+export const metrics: Metrics = new Metrics();

@@ -1,0 +1,183 @@
+/**
+ * lib/metrics.ts: the counters the roles report to, the queue gauges read from real
+ * Postgres at scrape time (and their one-second cache), and the leader and scheduler
+ * wiring through the process-wide registry.
+ */
+import { assert, assertEquals } from "./assert.ts";
+import { testDb } from "./helpers.ts";
+import { enqueue } from "../lib/queue.ts";
+import { Metrics, metrics, QUEUE_CACHE_MS } from "../lib/metrics.ts";
+import { runLeaderLoop } from "../lib/leader.ts";
+import { logger } from "../lib/log.ts";
+import { upsertSchedule } from "../lib/schedule.ts";
+import { tickOnce } from "../lib/scheduler.ts";
+
+/** The value of one sample line (`name{labels}`) in exposition text; undefined if absent. */
+export function sample(text: string, series: string): number | undefined {
+  for (const line of text.split("\n")) {
+    if (line.startsWith(series + " ")) return Number(line.slice(series.length + 1));
+  }
+  return undefined;
+}
+
+Deno.test("Metrics.jobFinished() counts each outcome under its queue and task", async () => {
+  const m = new Metrics();
+  const job = { queue: "mail", task: "send" };
+  m.jobsClaimed([job, job, job, job, { queue: "mail", task: "other" }]);
+  m.jobFinished(job, "completed", 120);
+  m.jobFinished(job, "retried", 30);
+  m.jobFinished(job, "dead", 2_000);
+  m.jobFinished(job, "stale", 5);
+  const text = await m.render();
+  const l = `{queue="mail",task="send"}`;
+  assertEquals(sample(text, `shoal_jobs_claimed_total${l}`), 4);
+  assertEquals(sample(text, `shoal_jobs_claimed_total{queue="mail",task="other"}`), 1);
+  assertEquals(sample(text, `shoal_jobs_completed_total${l}`), 1);
+  assertEquals(sample(text, `shoal_jobs_failed_total${l}`), 3);
+  assertEquals(sample(text, `shoal_jobs_retried_total${l}`), 1);
+  assertEquals(sample(text, `shoal_jobs_dead_lettered_total${l}`), 1);
+  assertEquals(sample(text, `shoal_job_duration_seconds_count${l}`), 4);
+  assertEquals(sample(text, `shoal_job_duration_seconds_sum${l}`), 2.155);
+  assertEquals(
+    sample(text, `shoal_job_duration_seconds_bucket{le="0.005",queue="mail",task="send"}`),
+    1,
+  );
+  assertEquals(
+    sample(text, `shoal_job_duration_seconds_bucket{le="0.25",queue="mail",task="send"}`),
+    3,
+  );
+  assertEquals(
+    sample(text, `shoal_job_duration_seconds_bucket{le="+Inf",queue="mail",task="send"}`),
+    4,
+  );
+  assert(text.includes("# TYPE shoal_job_duration_seconds histogram"), text);
+  assert(text.includes("# TYPE shoal_jobs_completed_total counter"), text);
+});
+
+Deno.test("Metrics.jobsPoisoned() counts dead-lettered jobs that never ran", async () => {
+  const m = new Metrics();
+  m.jobsPoisoned([{ queue: "q", task: "t" }, { queue: "q", task: "t" }]);
+  const text = await m.render();
+  assertEquals(sample(text, `shoal_jobs_dead_lettered_total{queue="q",task="t"}`), 2);
+  assertEquals(sample(text, `shoal_jobs_failed_total{queue="q",task="t"}`), undefined);
+});
+
+Deno.test("Metrics.leaderStatus() and scheduleFired() set the leader gauge and fire lag", async () => {
+  const m = new Metrics();
+  m.leaderStatus("reaper", true);
+  m.leaderStatus("scheduler", true);
+  m.leaderStatus("scheduler", false);
+  m.scheduleFired("nightly", 1_500);
+  m.scheduleFired("nightly", -20); // clock noise never shows as negative lag
+  const text = await m.render();
+  assertEquals(sample(text, `shoal_leader{lease="reaper"}`), 1);
+  assertEquals(sample(text, `shoal_leader{lease="scheduler"}`), 0);
+  assertEquals(sample(text, `shoal_schedule_fires_total{schedule="nightly"}`), 2);
+  assertEquals(sample(text, `shoal_schedule_fire_lag_seconds_sum{schedule="nightly"}`), 1.5);
+  assertEquals(
+    sample(text, `shoal_schedule_fire_lag_seconds_bucket{le="0.01",schedule="nightly"}`),
+    1,
+  );
+});
+
+Deno.test("Metrics.refreshQueues() reads depth, running and oldest ready age per queue", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  const [{ past }] = await db.sql<[{ past: Date }]>`select now() - interval '90 s' as past`;
+  await enqueue(db.sql, "t", {}, { queue: "a", runAt: past });
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await enqueue(db.sql, "t", {}, { queue: "b", runAt: new Date(Date.now() + 3_600_000) });
+  await m.refreshQueues(db.sql, 0);
+  const text = await m.render();
+  assertEquals(sample(text, `shoal_queue_depth{queue="a"}`), 2);
+  assertEquals(sample(text, `shoal_queue_depth{queue="b"}`), 0);
+  assertEquals(sample(text, `shoal_queue_scheduled{queue="b"}`), 1);
+  assertEquals(sample(text, `shoal_queue_running{queue="a"}`), 0);
+  const age = sample(text, `shoal_queue_oldest_ready_age_seconds{queue="a"}`)!;
+  assert(age >= 90 && age < 120, `oldest ready age ${age}`);
+  assertEquals(sample(text, `shoal_queue_oldest_ready_age_seconds{queue="b"}`), 0);
+});
+
+Deno.test("Metrics.refreshQueues() reuses a read for a second and drops emptied queues", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await m.refreshQueues(db.sql, 10_000);
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await m.refreshQueues(db.sql, 10_000 + QUEUE_CACHE_MS - 1); // cached: not read again
+  assertEquals(sample(await m.render(), `shoal_queue_depth{queue="a"}`), 1);
+  await m.refreshQueues(db.sql, 10_000 + QUEUE_CACHE_MS);
+  assertEquals(sample(await m.render(), `shoal_queue_depth{queue="a"}`), 2);
+  await db.sql`delete from shoal.jobs`;
+  await m.refreshQueues(db.sql, 20_000);
+  assertEquals(sample(await m.render(), `shoal_queue_depth{queue="a"}`), undefined);
+});
+
+Deno.test("Metrics.render() still answers when the queue read fails", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  m.leaderStatus("reaper", true);
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await m.refreshQueues(db.sql, 0);
+  await db.sql`alter table shoal.jobs rename to jobs_away`;
+  try {
+    await m.refreshQueues(db.sql, 5_000); // logged, last values kept
+    const text = await m.render();
+    assertEquals(sample(text, `shoal_leader{lease="reaper"}`), 1);
+    assertEquals(sample(text, `shoal_queue_depth{queue="a"}`), 1);
+  } finally {
+    await db.sql`alter table shoal.jobs_away rename to jobs`;
+  }
+});
+
+Deno.test("Metrics.render() answers with the last queue values when the read is slow", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  // Read as if long ago (the clock is this worker's: it may be under a second old), so
+  // the render below must read again rather than answer from the cache.
+  await m.refreshQueues(db.sql, performance.now() - 10 * QUEUE_CACHE_MS);
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  let text = "";
+  await db.sql.begin(async (tx) => {
+    await tx`lock table shoal.jobs in access exclusive mode`; // the read waits on this
+    text = await m.render(db.sql, 300);
+  });
+  assertEquals(sample(text, `shoal_queue_depth{queue="a"}`), 1); // the last value, not a hang
+  await m.refreshQueues(db.sql); // joins the read still in flight, now unblocked
+  assertEquals(sample(await m.render(), `shoal_queue_depth{queue="a"}`), 2);
+});
+
+Deno.test("runLeaderLoop() reports the lease it holds as 1, and 0 once stopped", async () => {
+  await using db = await testDb();
+  const stop = new AbortController();
+  let cycles = 0;
+  let seen: number | undefined;
+  await runLeaderLoop(
+    db.sql,
+    { lease: "metrics-test", holder: "me", leaseMs: 5_000, intervalMs: 10, log: logger("test") },
+    async () => {
+      seen = sample(await metrics.render(), `shoal_leader{lease="metrics-test"}`);
+      if (++cycles === 2) stop.abort();
+    },
+    stop.signal,
+  );
+  assertEquals(seen, 1);
+  assertEquals(sample(await metrics.render(), `shoal_leader{lease="metrics-test"}`), 0);
+});
+
+Deno.test("tickOnce() counts a fire and its lag after the fire commits", async () => {
+  await using db = await testDb();
+  const name = `metrics-${crypto.randomUUID().slice(0, 8)}`;
+  await upsertSchedule(db.sql, { name, cron: "* * * * *", task: "t" });
+  const [{ t0 }] = await db.sql<[{ t0: Date }]>`select now() as t0`;
+  // Baseline, then a tick 30 s past the slot the baseline chose.
+  assertEquals((await tickOnce(db.sql, { now: t0 })).baselined, 1);
+  const [row] = await db.sql<{ next_run_at: Date }[]>`
+    select next_run_at from shoal.schedules where name = ${name}::text`;
+  const later = new Date(row!.next_run_at.getTime() + 30_000);
+  assertEquals((await tickOnce(db.sql, { now: later })).fired, 1);
+  const text = await metrics.render();
+  assertEquals(sample(text, `shoal_schedule_fires_total{schedule="${name}"}`), 1);
+  assertEquals(sample(text, `shoal_schedule_fire_lag_seconds_sum{schedule="${name}"}`), 30);
+});
