@@ -8,11 +8,11 @@
  */
 import {
   configure,
-  getJsonLinesFormatter,
   getLogger,
   getTextFormatter,
   type Logger,
   type LogLevel,
+  type LogRecord,
   reset,
   type Sink,
 } from "@logtape/logtape";
@@ -25,13 +25,44 @@ export const LOG_LEVELS = ["trace", "debug", "info", "warning", "error", "fatal"
 function stderrSink(format: LogFormat): Sink {
   const encoder = new TextEncoder();
   const formatter = format === "json"
-    ? getJsonLinesFormatter({ properties: "flatten", message: "rendered" })
+    ? jsonLine
     : getTextFormatter({ timestamp: "date-time-tz", value: "bare" });
   return (record) => {
     let line = formatter(record);
     if (!line.endsWith("\n")) line += "\n";
     Deno.stderr.writeSync(encoder.encode(line));
   };
+}
+
+/**
+ * A record as one JSON line: `@timestamp`, `level`, `message`, `logger`, then the
+ * properties flattened. The message renders string values bare (`Leading reaper as ...`,
+ * not `Leading "reaper" as ...`); the properties keep their types.
+ */
+function jsonLine(record: LogRecord): string {
+  let message = "";
+  for (let i = 0; i < record.message.length; i++) {
+    const part = record.message[i];
+    message += i % 2 === 0 ? String(part) : renderValue(part);
+  }
+  return JSON.stringify({
+    "@timestamp": new Date(record.timestamp).toISOString(),
+    level: record.level === "warning" ? "WARN" : record.level.toUpperCase(),
+    message,
+    logger: record.category.join("."),
+    ...record.properties,
+  }) + "\n";
+}
+
+function renderValue(value: unknown): string {
+  if (typeof value === "string") return value;
+  if (value instanceof Error) return describeError(value);
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    // Circular: the tag is all a log line can carry.
+    return Object.prototype.toString.call(value);
+  }
 }
 
 /** Configure logging once per process (idempotent: a later call replaces the first). */

@@ -35,9 +35,9 @@ import { upsertSchedule } from "../lib/schedule.ts";
 const SCHEDULE = "every-second";
 /** A queue nobody consumes: every fired job stays as a row. */
 const IDLE_QUEUE = "nobody";
-const LEADING = 'Leading "scheduler"';
-const RELEASED = 'Released the "scheduler" lease';
-const LOST = 'Lost the "scheduler" lease';
+const LEADING = "Leading scheduler ";
+const RELEASED = "Released the scheduler lease";
+const LOST = "Lost the scheduler lease";
 
 /** How many log lines of `output` have a message starting with `text`. */
 function logged(output: string, text: string): number {
@@ -549,7 +549,7 @@ Deno.test("two reapers: only the leader purges dead jobs past --dead-retention, 
   await waitFor("the fresh dead job to be purged", () => purged(db.sql, 2), 20_000);
 
   const leaderOutput = await stopGracefully(leader);
-  assertEquals(logged(leaderOutput, 'Released the "reaper" lease'), 1, leaderOutput);
+  assertEquals(logged(leaderOutput, "Released the reaper lease"), 1, leaderOutput);
   await waitFor("the standby to lead", () => leaderOf(db.sql, "reaper", [standby]), 5_000);
   await insertDead(db.sql, 3, 60_000);
   await waitFor("the standby to purge", () => purged(db.sql, 3), 20_000);
@@ -571,9 +571,9 @@ Deno.test("two reapers: only the leader purges dead jobs past --dead-retention, 
   ]);
   const handOverMs = events[2]!.acquired_at.getTime() - events[1]!.at.getTime();
   assert(handOverMs >= 0 && handOverMs < 5000, `the standby led ${handOverMs} ms after release`);
-  assertEquals(logged(leaderOutput, 'Leading "reaper"'), 1, leaderOutput);
-  assertEquals(logged(standbyOutput, 'Leading "reaper"'), 1, standbyOutput);
-  assertEquals(logged(standbyOutput, 'Released the "reaper" lease'), 1, standbyOutput);
+  assertEquals(logged(leaderOutput, "Leading reaper "), 1, leaderOutput);
+  assertEquals(logged(standbyOutput, "Leading reaper "), 1, standbyOutput);
+  assertEquals(logged(standbyOutput, "Released the reaper lease"), 1, standbyOutput);
 });
 
 Deno.test("--role all consumes its own schedule's jobs, reaps, holds both leases and exits 0 on SIGTERM", async () => {
@@ -614,8 +614,8 @@ Deno.test("--role all consumes its own schedule's jobs, reaps, holds both leases
     { name: "scheduler", holder: holderOf(proc) },
   ]);
   const output = await stopGracefully(proc);
-  assertEquals(logged(output, 'Released the "reaper" lease'), 1, output);
-  assertEquals(logged(output, 'Released the "scheduler" lease'), 1, output);
+  assertEquals(logged(output, "Released the reaper lease"), 1, output);
+  assertEquals(logged(output, "Released the scheduler lease"), 1, output);
 
   await checkChain(db.sql, false);
   const runs = await db.sql<{ job_id: string; n: number }[]>`
@@ -667,7 +667,7 @@ Deno.test("--role all: a role failing at start stops the others gracefully, rele
       `acquire ${holderOf(proc)} term 1`,
       `release ${holderOf(proc)} term 1`,
     ]);
-    assertEquals(logged(exit.output, 'Released the "reaper" lease'), 1, exit.output);
+    assertEquals(logged(exit.output, "Released the reaper lease"), 1, exit.output);
     assertEquals(logged(exit.output, "Consumer stopped"), 1, exit.output);
   } finally {
     await locker`rollback`;
