@@ -18,7 +18,7 @@ import type { Sql } from "./db.ts";
 import { isDataError, retryOnce } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { Sleeper } from "./sleep.ts";
-import { describeError, logger } from "./log.ts";
+import { describeError, type Logger, logger } from "./log.ts";
 import { metrics } from "./metrics.ts";
 import {
   ack,
@@ -92,6 +92,9 @@ interface Running {
   done: Promise<void>;
   /** performance.now() when the handler started, for the duration histogram. */
   startedAt: number;
+  /** performance.now() past which the handler is aborted (its task's timeout). */
+  timeoutAt: number;
+  timeoutMs: number;
   /** What the handler returned (jobs of an execution only), as JSON. */
   result?: unknown;
   /** A fan-out the handler asked for, opened with its ack. */
@@ -190,6 +193,31 @@ class Pace {
       this.#inWindow = 0;
     }
     return this.#rate;
+  }
+}
+
+/**
+ * Calls `sweep` often enough for the shortest timeout it was asked to watch: every 5% of
+ * it, between 5 ms and 250 ms, so a timeout fires at most that late. One interval for all
+ * running jobs: a timer set and cleared per job was several percent of a busy consumer.
+ */
+class TimeoutSweep {
+  #everyMs = Infinity;
+  #timer: ReturnType<typeof setInterval> | undefined;
+
+  constructor(private readonly sweep: () => void) {}
+
+  watch(timeoutMs: number): void {
+    const every = Math.min(250, Math.max(5, Math.floor(timeoutMs / 20)));
+    if (every >= this.#everyMs) return;
+    this.#everyMs = every;
+    clearInterval(this.#timer);
+    this.#timer = setInterval(this.sweep, every);
+  }
+
+  stop(): void {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
   }
 }
 
@@ -348,13 +376,16 @@ export async function runConsumer(
     const controller = new AbortController();
     const task = tasks.get(job.task);
     const timeoutMs = task?.timeoutMs ?? options.taskTimeoutMs;
-    const jobLog = log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
+    let jobLog: Logger | undefined;
+    const startedAt = performance.now();
     const r: Running = {
       job,
       controller,
       settled: "running",
       done: Promise.resolve(),
-      startedAt: performance.now(),
+      startedAt,
+      timeoutAt: startedAt + timeoutMs,
+      timeoutMs,
     };
     const fanOutOnAck = (spec: FanOutSpec) => {
       if (r.fanOut) throw new Error("A job can fan out once: combine the children in one call");
@@ -373,7 +404,11 @@ export async function runConsumer(
     const ctx: TaskContext = {
       job,
       signal: controller.signal,
-      log: jobLog,
+      // Made on first use: most handlers never log, and at full speed a child logger per
+      // job is a measurable share of the consumer's time.
+      get log(): Logger {
+        return jobLog ??= log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
+      },
       db: sql,
       enqueue: (name, payload = {}, opts = {}) => {
         const definition = tasks.get(name); // its queue and retry budget, like the CLI's
@@ -387,10 +422,7 @@ export async function runConsumer(
       fanOut: fanOutOnAck,
     };
     running.set(job.id, r);
-    const timer = setTimeout(
-      () => controller.abort(new TimeoutError(`Task timed out after ${formatDuration(timeoutMs)}`)),
-      timeoutMs,
-    );
+    timeouts.watch(timeoutMs);
     const work = (async () => {
       if (!task) {
         throw new Error(`Unknown task "${job.task}": no handler is registered in this consumer`);
@@ -415,10 +447,7 @@ export async function runConsumer(
     })();
     r.done = raceAbort(work, controller.signal)
       .then(() => settle(r, null), (error) => settle(r, error))
-      .finally(() => {
-        clearTimeout(timer);
-        finish(r);
-      });
+      .finally(() => finish(r));
   }
 
   async function heartbeat(): Promise<void> {
@@ -494,6 +523,18 @@ export async function runConsumer(
       );
     }
   }
+
+  /** Task timeouts: one sweep over running jobs, not a timer per job. */
+  const timeouts = new TimeoutSweep(() => {
+    const now = performance.now();
+    for (const r of running.values()) {
+      if (r.settled === "running" && now >= r.timeoutAt && !r.controller.signal.aborted) {
+        r.controller.abort(
+          new TimeoutError(`Task timed out after ${formatDuration(r.timeoutMs)}`),
+        );
+      }
+    }
+  });
 
   const heartbeatEvery = Math.max(50, Math.floor(options.visibilityTimeoutMs / 3));
   let beating: Promise<void> | null = null;
@@ -615,6 +656,7 @@ export async function runConsumer(
     }
     // Failures and fan-outs already being recorded finish before the pool closes.
     await Promise.allSettled([...running.values()].map((r) => r.done));
+    timeouts.stop();
     await Promise.all(handingBack);
     await acks.drain();
     await beating;
