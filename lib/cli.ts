@@ -395,6 +395,17 @@ function trapSignals(stop: AbortController): () => void {
   };
 }
 
+/**
+ * The consumer's idle poll. With LISTEN, enqueues wake it (and a delayed job's NOTIFY
+ * carries its start time), so the poll is only a safety net for what no NOTIFY announces:
+ * a crashed consumer's jobs coming back after their deadline. Without LISTEN the poll is
+ * how it finds work.
+ */
+function pollIntervalMs(opts: Resolved): number {
+  const given = opts["poll-interval"] as number | undefined;
+  return given ?? (opts.listen === false ? 2_000 : 30_000);
+}
+
 /** Consumer options from resolved flags. */
 function consumerOptions(opts: Resolved) {
   return {
@@ -402,7 +413,7 @@ function consumerOptions(opts: Resolved) {
     concurrency: opts.concurrency as number,
     prefetch: opts.prefetch as number,
     visibilityTimeoutMs: opts["visibility-timeout"] as number,
-    pollIntervalMs: opts["poll-interval"] as number,
+    pollIntervalMs: pollIntervalMs(opts),
     listen: opts.listen as boolean,
     shutdownGraceMs: opts["shutdown-grace"] as number,
     taskTimeoutMs: opts["task-timeout"] as number,
@@ -424,9 +435,7 @@ const ROLE_FLAGS: Record<string, readonly OptionName[]> = {
  * wait (the consumer's poll interval, the leaders' tick), and never sooner than a second.
  */
 function healthWindowMs(opts: Resolved, roles: string[]): number {
-  const waits = roles.map((r) =>
-    (r === "consumer" ? opts["poll-interval"] : opts.interval) as number
-  );
+  const waits = roles.map((r) => r === "consumer" ? pollIntervalMs(opts) : opts.interval as number);
   return Math.max(1000, 3 * Math.max(...waits));
 }
 

@@ -59,10 +59,9 @@ export const OPTIONS = {
   },
   "poll-interval": {
     kind: "duration",
-    default: "2s",
     min: 10,
     max: MAX_TIMER_MS,
-    help: "look for jobs at least this often (LISTEN wakes sooner)",
+    help: "look for jobs at least this often (default 30s with LISTEN, 2s without)",
   },
   listen: {
     kind: "boolean",

@@ -16,7 +16,7 @@
  */
 import type { Sql } from "./db.ts";
 import { isDataError, retryOnce } from "./db.ts";
-import { formatDuration } from "./duration.ts";
+import { formatDuration, MAX_TIMER_MS } from "./duration.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, type Logger, logger } from "./log.ts";
 import { metrics } from "./metrics.ts";
@@ -193,6 +193,52 @@ class Pace {
       this.#inWindow = 0;
     }
     return this.#rate;
+  }
+}
+
+/**
+ * Announced start times of delayed jobs, soonest first, with one timer for the soonest.
+ * Bounded: past the cap the latest are dropped and left to the poll.
+ */
+class DueWake {
+  static readonly CAP = 1000;
+  #dues: number[] = [];
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #armedFor = Infinity;
+
+  constructor(private readonly wake: () => void) {}
+
+  at(epochMs: number): void {
+    const i = this.#dues.findIndex((due) => due >= epochMs);
+    if (i >= 0 && this.#dues[i] === epochMs) return;
+    this.#dues.splice(i < 0 ? this.#dues.length : i, 0, epochMs);
+    if (this.#dues.length > DueWake.CAP) this.#dues.pop();
+    this.#arm();
+  }
+
+  #arm(): void {
+    const next = this.#dues[0];
+    if (next === undefined || next === this.#armedFor) return;
+    clearTimeout(this.#timer);
+    this.#armedFor = next;
+    // A few ms late rather than early: the claim compares run_at with the server's clock.
+    const wait = Math.min(MAX_TIMER_MS, Math.max(0, next - Date.now() + 5));
+    this.#timer = setTimeout(() => this.#fire(), wait);
+  }
+
+  #fire(): void {
+    this.#timer = undefined;
+    this.#armedFor = Infinity;
+    const now = Date.now();
+    while (this.#dues.length > 0 && this.#dues[0]! <= now) this.#dues.shift();
+    this.wake();
+    this.#arm();
+  }
+
+  stop(): void {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    this.#dues = [];
   }
 }
 
@@ -542,13 +588,22 @@ export async function runConsumer(
     beating ??= heartbeat().finally(() => (beating = null));
   }, heartbeatEvery);
 
+  /** Wakes the loop when the earliest announced delayed job becomes due. */
+  const dueWake = new DueWake(() => waker.wake());
   let unlisten: (() => Promise<void>) | null = null;
   if (options.listen) {
     try {
       const sub = await sql.listen(
         "shoal_jobs",
-        (queue) => {
-          if (queues.has(queue)) waker.wake();
+        (payload) => {
+          // "queue" (jobs are ready), or "queue@<epoch ms>" (the earliest start of
+          // delayed jobs just enqueued): '@' cannot occur in a queue name.
+          const at = payload.indexOf("@");
+          const queue = at < 0 ? payload : payload.slice(0, at);
+          if (!queues.has(queue)) return;
+          const due = at < 0 ? NaN : Number(payload.slice(at + 1));
+          if (Number.isFinite(due) && due > Date.now()) dueWake.at(due);
+          else waker.wake();
         },
         () => waker.wake(), // (re)connected: catch up on anything missed
       );
@@ -638,6 +693,7 @@ export async function runConsumer(
       r.controller.abort(new ShutdownError("The consumer is shutting down"));
     }
     clearInterval(heartbeatTimer);
+    dueWake.stop();
     if (left.length > 0) {
       try {
         const released = await retryOnce(

@@ -244,13 +244,21 @@ export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Prom
 export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, refs)})
-    update shoal.jobs j
-    set locked_by = null, locked_at = null, run_at = now(), token = j.token + 1,
-        attempts = greatest(j.attempts - 1, 0)
-    from locked l
-    where j.id = l.id
-    returning j.id`;
+    with locked as (${lockOurs(db, refs)}),
+    released as (
+      update shoal.jobs j
+      set locked_by = null, locked_at = null, run_at = now(), token = j.token + 1,
+          attempts = greatest(j.attempts - 1, 0)
+      from locked l
+      where j.id = l.id
+      returning j.id, j.queue
+    ),
+    -- Visible at once: wake idle consumers rather than leave the jobs to their poll.
+    woken as (
+      select pg_notify('shoal_jobs', q.queue) from (select distinct queue from released) q
+    )
+    -- (a plain select in a WITH runs only when referenced: the join makes it run once)
+    select r.id from released r cross join (select count(*) from woken) w`;
   return rows.map((r) => r.id);
 }
 
@@ -308,11 +316,19 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     Math.round(options.retryInMs)
   }::bigint * interval '1 ms'
       from target t where j.id = t.id and not t.final
-      returning j.id
+      returning j.id, j.queue, j.run_at
+    ),
+    -- Announce when the retry is due, so a listening consumer wakes for it on time
+    -- instead of at its next poll.
+    woken as (
+      select pg_notify('shoal_jobs',
+        r.queue || '@' || floor(extract(epoch from r.run_at) * 1000)::bigint::text)
+      from retried r
     )
     select case when exists (select 1 from buried) then 'dead'
                 when exists (select 1 from retried) then 'retried'
-                else 'stale' end as outcome`;
+                else 'stale' end as outcome,
+      (select count(*) from woken) as woken -- referenced, so the notify runs`;
   return row!.outcome;
 }
 

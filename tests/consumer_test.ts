@@ -4,7 +4,7 @@
  * once, a claim lost mid-run, retries into the dead-letter table).
  */
 import { assert, assertEquals } from "./assert.ts";
-import { testDb, waitFor } from "./helpers.ts";
+import { sleep, testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
 import { enqueue, enqueueMany } from "../lib/queue.ts";
@@ -325,4 +325,54 @@ Deno.test("runConsumer() prefetches while jobs are fast and hands the buffer bac
   }
   await done;
   assertEquals(await locked(), 0);
+});
+
+Deno.test("runConsumer() with LISTEN and a long poll runs a retry when it is due, not at its next poll", async () => {
+  await using db = await testDb();
+  const runs: number[] = [];
+  const flaky = defineTask({
+    name: "t.flaky",
+    handler() {
+      runs.push(Date.now());
+      if (runs.length === 1) throw new Error("first attempt fails");
+    },
+  });
+  const consumer = startConsumer(db.sql, [flaky], {
+    listen: true,
+    pollIntervalMs: 60_000,
+    retryBaseMs: 300,
+  });
+  try {
+    await enqueue(db.sql, "t.flaky");
+    await waitFor("the retry to run", () => runs.length === 2, 15_000);
+    const gap = runs[1]! - runs[0]!;
+    // Backoff is 300 ms ± 25%; a retry found only by the poll would come after 60 s.
+    assert(gap >= 200 && gap < 10_000, `retried after ${gap} ms`);
+  } finally {
+    await consumer.stop();
+  }
+});
+
+Deno.test("runConsumer() with LISTEN and a long poll picks up jobs another consumer released at shutdown", async () => {
+  await using db = await testDb();
+  const started: string[] = [];
+  const slow = defineTask({
+    name: "t.slow",
+    async handler(_payload, ctx) {
+      started.push(ctx.job.id);
+      await sleepOrAbort(60_000, ctx.signal);
+    },
+  });
+  const id = await enqueue(db.sql, "t.slow");
+  const first = startConsumer(db.sql, [slow], { shutdownGraceMs: 0, listen: true });
+  await waitFor("the first consumer to start the job", () => started.length === 1);
+  const second = startConsumer(db.sql, [slow], { listen: true, pollIntervalMs: 60_000 });
+  try {
+    await sleep(300); // the second consumer is listening and has done its first claim
+    await first.stop();
+    await waitFor("the second consumer to start the released job", () => started.length === 2);
+    assertEquals(started, [id, id]);
+  } finally {
+    await second.stop();
+  }
 });

@@ -386,7 +386,7 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
     );
     assertEquals(
       await syncWith(db.url, file),
-      `Synced "${file}": 2 created, 0 updated, 0 removed`,
+      `Synced ${file}: 2 created, 0 updated, 0 removed`,
     );
     const first = await listSchedules(db.sql);
     assertEquals(first.map((r) => [r.name, r.source, r.cron, r.tz, r.queue, r.priority]), [
@@ -408,7 +408,7 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
     );
     assertEquals(
       await syncWith(db.url, file),
-      `Synced "${file}": 1 created, 1 updated, 1 removed`,
+      `Synced ${file}: 1 created, 1 updated, 1 removed`,
     );
     const second = await listSchedules(db.sql);
     assertEquals(second.map((r) => [r.name, r.source, r.cron, r.queue]), [
@@ -420,7 +420,7 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
     // The same file again changes nothing.
     assertEquals(
       await syncWith(db.url, file),
-      `Synced "${file}": 0 created, 0 updated, 0 removed`,
+      `Synced ${file}: 0 created, 0 updated, 0 removed`,
     );
     const third = await listSchedules(db.sql);
     assertEquals(
