@@ -133,3 +133,10 @@ export async function expireBarriers(db: Db, limit: number): Promise<number> {
   const [row] = await db<{ n: number }[]>`select shoal.expire_barriers(${limit}::integer) as n`;
   return row!.n;
 }
+
+/** Whether any fan-out is past its deadline (the reaper's cheap check each tick). */
+export async function hasExpiredBarriers(db: Db): Promise<boolean> {
+  const [row] = await db<{ found: boolean }[]>`
+    select exists (select 1 from shoal.barriers where expires_at < now()) as found`;
+  return row!.found;
+}

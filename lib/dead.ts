@@ -110,3 +110,12 @@ export async function purgeDead(db: Db, options: PurgeDeadOptions = {}): Promise
     returning id`;
   return rows.length;
 }
+
+/** Whether any dead job is older than `ms` (the reaper's cheap check before purging). */
+export async function hasDeadOlderThan(db: Db, ms: number): Promise<boolean> {
+  const [row] = await db<{ found: boolean }[]>`
+    select exists (
+      select 1 from shoal.dead_jobs where died_at < now() - ${ms}::bigint * interval '1 ms'
+    ) as found`;
+  return row!.found;
+}

@@ -4,11 +4,16 @@
  * lease (fencing), is capped per tick, is isolated (a failing sweep rolls back its own
  * transaction and never stops the others), and logs only when it did something.
  *
+ * An idle reaper must cost Postgres next to nothing: a sweep with a cheap `pending`
+ * check opens its transaction only when there is work, and housekeeping runs on every
+ * `everyTicks`-th tick only. At the defaults an idle leader sends two statements per
+ * tick (its lease renewal and one check).
+ *
  * @module
  */
-import { expireBarriers } from "./barrier.ts";
+import { expireBarriers, hasExpiredBarriers } from "./barrier.ts";
 import type { Db, Sql } from "./db.ts";
-import { purgeDead } from "./dead.ts";
+import { hasDeadOlderThan, purgeDead } from "./dead.ts";
 import { formatDuration } from "./duration.ts";
 import { holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts";
 import { runLeaderLoop } from "./leader.ts";
@@ -34,13 +39,22 @@ export interface ReaperOptions {
 export interface Sweep {
   name: string;
   kind: "recovery" | "housekeeping";
+  /** Run on every this-many-th tick of the reaper loop (default 1: every tick). */
+  everyTicks?: number;
+  /** A cheap check outside any transaction: false skips the sweep this tick. */
+  pending?(db: Db, options: ReaperOptions): Promise<boolean>;
   run(tx: Db, options: ReaperOptions, limit: number): Promise<number>;
 }
+
+/** Housekeeping cadence: every 12 ticks (a minute at the default 5 s interval). */
+const HOUSEKEEPING_TICKS = 12;
 
 /** Purge dead-letter rows past their retention, oldest first. */
 export const deadRetentionSweep: Sweep = {
   name: "dead-retention",
   kind: "housekeeping",
+  everyTicks: HOUSEKEEPING_TICKS,
+  pending: (db, options) => hasDeadOlderThan(db, options.deadRetentionMs),
   run: (tx, options, limit) => purgeDead(tx, { olderThanMs: options.deadRetentionMs, limit }),
 };
 
@@ -55,6 +69,8 @@ const reportedStuck = new Set<string>();
 export const stuckReportSweep: Sweep = {
   name: "stuck-report",
   kind: "housekeeping",
+  // A report, not a repair, and it reads the whole jobs table: not on every tick.
+  everyTicks: HOUSEKEEPING_TICKS,
   async run(tx, options, limit) {
     const rows = await tx<{ id: string; queue: string; task: string; attempts: number }[]>`
       select id, queue, task, attempts from shoal.jobs
@@ -82,6 +98,7 @@ export const stuckReportSweep: Sweep = {
 export const expiredBarrierSweep: Sweep = {
   name: "expired-barriers",
   kind: "recovery",
+  pending: (db) => hasExpiredBarriers(db),
   // Each expired fan-out locks all of its execution's jobs (up to 100,000 children):
   // keep one tick's transaction small; the next tick takes the rest.
   run: (tx, _options, limit) => expireBarriers(tx, Math.min(limit, EXPIRED_BARRIERS_PER_TICK)),
@@ -104,12 +121,23 @@ export interface SweepReport {
 export async function reapOnce(
   sql: Sql,
   options: ReaperOptions,
-  context: { term?: LeaseTerm; sweeps?: Sweep[]; limit?: number } = {},
+  context: {
+    term?: LeaseTerm;
+    sweeps?: Sweep[];
+    limit?: number;
+    /** The loop's tick number: sweeps not due on it are skipped (none when absent). */
+    tick?: number;
+  } = {},
 ): Promise<SweepReport> {
   const log = logger("reaper");
   const report: SweepReport = {};
   for (const sweep of context.sweeps ?? defaultSweeps()) {
+    if (context.tick !== undefined && context.tick % (sweep.everyTicks ?? 1) !== 0) continue;
     try {
+      if (sweep.pending && !(await sweep.pending(sql, options))) {
+        report[sweep.name] = 0;
+        continue;
+      }
       const count = await sql.begin(async (tx) => {
         if (context.term) await holdLease(tx, context.term);
         return await sweep.run(tx, options, context.limit ?? SWEEP_LIMIT);
@@ -137,6 +165,7 @@ export async function runReaper(
   stop: AbortSignal,
 ): Promise<void> {
   const log = logger("reaper");
+  let tick = 0;
   log.info("Reaper {holder} started (interval {interval}, dead retention {retention})", {
     holder: options.holder,
     interval: formatDuration(options.intervalMs),
@@ -152,7 +181,7 @@ export async function runReaper(
       log,
     },
     async (term) => {
-      await reapOnce(sql, options, { term });
+      await reapOnce(sql, options, { term, tick: tick++ });
     },
     stop,
   );

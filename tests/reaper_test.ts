@@ -85,3 +85,23 @@ Deno.test("reapOnce() reports a job stuck past its deadline after many attempts 
   assertEquals((await reapOnce(db.sql, OPTIONS))["stuck-report"], 1);
   assertEquals((await reapOnce(db.sql, OPTIONS))["stuck-report"], 0);
 });
+
+Deno.test("reapOnce() runs a sweep on its every-N-th tick only, and not at all when its check finds nothing", async () => {
+  await using db = await testDb();
+  const runs: string[] = [];
+  const sweep = (name: string, everyTicks: number, work: boolean): Sweep => ({
+    name,
+    kind: "housekeeping",
+    everyTicks,
+    pending: () => Promise.resolve(work),
+    run: () => {
+      runs.push(name);
+      return Promise.resolve(0);
+    },
+  });
+  const sweeps = [sweep("every-3", 3, true), sweep("idle", 1, false)];
+  for (let tick = 0; tick < 7; tick++) {
+    await reapOnce(db.sql, OPTIONS, { sweeps, tick });
+  }
+  assertEquals(runs, ["every-3", "every-3", "every-3"]); // ticks 0, 3 and 6
+});
