@@ -7,7 +7,13 @@
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { testDb, waitFor } from "./helpers.ts";
 import { connect, type Db, type Sql } from "../lib/db.ts";
-import { completeJobs, fanOut } from "../lib/barrier.ts";
+import {
+  CheckedFanOut,
+  checkFanOut,
+  completeJobs,
+  fanOut,
+  type FanOutSpec,
+} from "../lib/barrier.ts";
 import { getExecution, startExecution } from "../lib/execution.ts";
 import { claim, enqueue, type Job } from "../lib/queue.ts";
 
@@ -318,4 +324,62 @@ Deno.test("completeJobs() of one batch spanning two barriers, a callback and a p
   assertEquals([ended!.status, ended!.result], ["completed", "all"]);
   assertEquals(await remaining(db.sql, two.execution), [2]);
   assertEquals(await counts(db.sql), { jobs: 2, barriers: 1, arrivals: 1 });
+});
+
+Deno.test("checkFanOut() returns the JSON shoal.fan_out takes; fanOut() sends a checked spec as it is", async () => {
+  const checked = checkFanOut({
+    children: [
+      { task: "child", payload: { a: 1, gone: undefined, s: 'q"\n' } },
+      { task: "child", queue: OTHER, maxAttempts: 3 },
+    ],
+    callback: { task: "cb", payload: { x: "y" } },
+    onError: { task: "err" },
+    expiresInMs: 5000,
+  });
+  assert(checked instanceof CheckedFanOut);
+  assertEquals(checked.children, 2);
+  assertEquals(JSON.parse(checked.json), {
+    children: [
+      { task: "child", payload: { a: 1, s: 'q"\n' } },
+      { task: "child", queue: OTHER, max_attempts: 3 },
+    ],
+    callback: { task: "cb", payload: { x: "y" } },
+    on_error: { task: "err" },
+    expires_in_ms: 5000,
+  });
+  const bad: [FanOutSpec, string][] = [
+    [
+      { children: [{ task: "c" }, { task: "c", maxAttempts: 0 }], callback: { task: "cb" } },
+      "Invalid child 1 maxAttempts: expected 1 to 1000",
+    ],
+    [
+      { children: [{ task: "bad name" }], callback: { task: "cb" } },
+      'Invalid task name "bad name"',
+    ],
+    [
+      { children: [{ task: "c", payload: { s: "\u0000" } }], callback: { task: "cb" } },
+      "Invalid payload: contains a NUL",
+    ],
+    [{ children: [], callback: { task: "cb", queue: "" } }, 'Invalid queue name ""'],
+    [{ children: [], callback: { task: "cb" }, expiresInMs: 0 }, "Invalid fan-out expiresInMs"],
+  ];
+  for (const [spec, message] of bad) {
+    let error: unknown = null;
+    try {
+      checkFanOut(spec);
+    } catch (e) {
+      error = e;
+    }
+    assert(error instanceof Error && error.message.startsWith(message), String(error));
+  }
+
+  await using db = await testDb();
+  const { execution, parent } = await startParent(db.sql);
+  assertEquals(await fanOut(db.sql, parent, checked), execution);
+  const rows = await db.sql<{ queue: string; payload: unknown; max_attempts: number }[]>`
+    select queue, payload, max_attempts from shoal.jobs where task = 'child' order by child_index`;
+  assertEquals(rows.map((r) => [r.queue, r.payload, r.max_attempts]), [
+    [Q, { a: 1, s: 'q"\n' }, 25],
+    [OTHER, {}, 3],
+  ]);
 });
