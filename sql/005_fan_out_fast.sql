@@ -203,12 +203,7 @@ create or replace function shoal.complete_jobs(
   ids bigint[], tokens bigint[], results jsonb default '[]'
 )
 returns table (id bigint)
-language plpgsql volatile
--- Batches vary in size (1 to the consumer's slots), and with a custom plan per size the
--- plan cache keeps planning these statements again on every call, which costs more than
--- the statements. Their generic plans (index lookups on primary keys) suit every size.
-set plan_cache_mode = force_generic_plan
-as $$
+language plpgsql volatile as $$
 declare
   finished bigint[];
   steps shoal.completed[];
