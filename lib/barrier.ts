@@ -3,7 +3,7 @@
  * `shoal.arrivals`. A handler fans out N children with a callback; each child's ack, its
  * arrival (once per child index, fenced by its job token), the decrement and, for the
  * last child, the callback's enqueue commit in one transaction (`shoal.complete_jobs`).
- * The SQL lives in `sql/003_executions.sql`.
+ * The SQL lives in `sql/003_executions.sql`, its fast paths in `sql/005_fan_out_fast.sql`.
  *
  * @module
  */
@@ -34,32 +34,46 @@ export const DEFAULT_MAX_CHILDREN = 100_000;
 /** The longest a fan-out may stay open: 10 years (sql/003_executions.sql checks the same). */
 export const MAX_EXPIRES_IN_MS = 315_576_000_000;
 
-function toSqlJob(job: FanOutJob, what: string, maxPayloadBytes: number): Record<string, unknown> {
+/**
+ * One job of a fan-out as the JSON `shoal.fan_out` takes. Built as text: a payload's JSON
+ * comes from checkPayload() and goes into the statement as it is, never parsed back.
+ */
+function jobJson(job: FanOutJob, what: string, maxPayloadBytes: number): string {
   if (job === null || typeof job !== "object") {
     throw new TypeError(`Invalid ${what}: expected an object`);
   }
-  const row: Record<string, unknown> = { task: checkName("task", job.task) };
-  if (job.queue !== undefined) row.queue = checkName("queue", job.queue);
-  if (job.payload !== undefined) {
-    row.payload = JSON.parse(checkPayload(job.payload, maxPayloadBytes));
-  }
+  let json = `{"task":${JSON.stringify(checkName("task", job.task))}`;
+  if (job.queue !== undefined) json += `,"queue":${JSON.stringify(checkName("queue", job.queue))}`;
+  if (job.payload !== undefined) json += `,"payload":${checkPayload(job.payload, maxPayloadBytes)}`;
   if (job.maxAttempts !== undefined) {
     if (!Number.isInteger(job.maxAttempts) || job.maxAttempts < 1 || job.maxAttempts > 1000) {
       throw new RangeError(`Invalid ${what} maxAttempts: expected 1 to 1000`);
     }
-    row.max_attempts = job.maxAttempts;
+    json += `,"max_attempts":${job.maxAttempts}`;
   }
-  return row;
+  return json + "}";
 }
 
 /**
- * Validate a fan-out at the boundary (before anything is enqueued) and return the JSON
- * `shoal.fan_out` takes. A fan-out larger than `maxChildren` is a RangeError.
+ * A fan-out checked by checkFanOut(): the JSON `shoal.fan_out` takes. Handing it to
+ * fanOut() skips checking it again (the database checks what it receives regardless).
+ */
+export class CheckedFanOut {
+  constructor(
+    /** The spec as JSON text: children, callback, on_error, expires_in_ms. */
+    readonly json: string,
+    readonly children: number,
+  ) {}
+}
+
+/**
+ * Validate a fan-out at the boundary (before anything is enqueued) and return it as the
+ * JSON `shoal.fan_out` takes. A fan-out larger than `maxChildren` is a RangeError.
  */
 export function checkFanOut(
   spec: FanOutSpec,
   options: { maxChildren?: number; maxPayloadBytes?: number } = {},
-): Record<string, unknown> {
+): CheckedFanOut {
   const maxChildren = options.maxChildren ?? DEFAULT_MAX_CHILDREN;
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   if (spec === null || typeof spec !== "object" || !Array.isArray(spec.children)) {
@@ -70,11 +84,13 @@ export function checkFanOut(
       `Invalid fan-out: ${spec.children.length} children, over the limit of ${maxChildren}`,
     );
   }
-  const out: Record<string, unknown> = {
-    children: spec.children.map((c, i) => toSqlJob(c, `child ${i}`, maxBytes)),
-    callback: toSqlJob(spec.callback, "callback", maxBytes),
-  };
-  if (spec.onError !== undefined) out.on_error = toSqlJob(spec.onError, "error callback", maxBytes);
+  const children = spec.children.map((c, i) => jobJson(c, `child ${i}`, maxBytes));
+  let json = `{"children":[${children.join(",")}],"callback":${
+    jobJson(spec.callback, "callback", maxBytes)
+  }`;
+  if (spec.onError !== undefined) {
+    json += `,"on_error":${jobJson(spec.onError, "error callback", maxBytes)}`;
+  }
   if (spec.expiresInMs !== undefined) {
     // Bounded, or a huge value would pass here and fail in SQL (timestamp out of range) on
     // every redelivery of the parent instead of failing its handler once.
@@ -86,25 +102,26 @@ export function checkFanOut(
         "Invalid fan-out expiresInMs: expected a positive integer of at most 10 years",
       );
     }
-    out.expires_in_ms = spec.expiresInMs;
+    json += `,"expires_in_ms":${spec.expiresInMs}`;
   }
-  return out;
+  return new CheckedFanOut(json + "}", children.length);
 }
 
 /**
  * Fan out from a claimed job, in one transaction with its ack. Returns the execution id,
- * or null when the job's claim was stale (nothing changed).
+ * or null when the job's claim was stale (nothing changed). A spec already checked by
+ * checkFanOut() is sent as it is.
  */
 export async function fanOut(
   db: Db,
   parent: JobRef,
-  spec: FanOutSpec,
+  spec: FanOutSpec | CheckedFanOut,
   options: { maxChildren?: number; maxPayloadBytes?: number } = {},
 ): Promise<string | null> {
-  const checked = checkFanOut(spec, options);
+  const checked = spec instanceof CheckedFanOut ? spec : checkFanOut(spec, options);
   const [row] = await db<{ execution: string | null }[]>`
     select shoal.fan_out(${parent.id}::bigint, ${parent.token}::bigint,
-      ${JSON.stringify(checked)}::text::jsonb,
+      ${checked.json}::text::jsonb,
       ${options.maxChildren ?? DEFAULT_MAX_CHILDREN}::integer) as execution`;
   return row!.execution;
 }

@@ -31,7 +31,14 @@ import {
   type JobRef,
   release,
 } from "./queue.ts";
-import { checkFanOut, completeJobs, type Completion, fanOut, type FanOutSpec } from "./barrier.ts";
+import {
+  type CheckedFanOut,
+  checkFanOut,
+  completeJobs,
+  type Completion,
+  fanOut,
+  type FanOutSpec,
+} from "./barrier.ts";
 import { PermanentError, type TaskContext, type TaskRegistry } from "./tasks.ts";
 
 export interface ConsumerOptions {
@@ -97,8 +104,8 @@ interface Running {
   timeoutMs: number;
   /** What the handler returned (jobs of an execution only), as JSON. */
   result?: unknown;
-  /** A fan-out the handler asked for, opened with its ack. */
-  fanOut?: FanOutSpec;
+  /** A fan-out the handler asked for, checked, opened with its ack. */
+  fanOut?: CheckedFanOut;
 }
 
 /**
@@ -338,7 +345,7 @@ export async function runConsumer(
    * rule it checks again, such as its own payload limit): the same spec would be refused
    * on every redelivery, so the caller fails the job now instead of re-running it.
    */
-  async function openFanOut(r: Running, spec: FanOutSpec): Promise<PermanentError | null> {
+  async function openFanOut(r: Running, spec: CheckedFanOut): Promise<PermanentError | null> {
     const ref = { id: r.job.id, token: r.job.token };
     try {
       const execution = await retryOnce(
@@ -435,9 +442,11 @@ export async function runConsumer(
     };
     const fanOutOnAck = (spec: FanOutSpec) => {
       if (r.fanOut) throw new Error("A job can fan out once: combine the children in one call");
-      // Checked now, so a bad fan-out fails the handler before anything is enqueued.
+      // Checked now, so a bad fan-out fails the handler before anything is enqueued; sent
+      // as checked (not serialised and checked a second time).
+      let checked: CheckedFanOut;
       try {
-        checkFanOut(spec, {
+        checked = checkFanOut(spec, {
           maxChildren: options.maxFanOut,
           maxPayloadBytes: options.maxPayloadBytes,
         });
@@ -445,7 +454,7 @@ export async function runConsumer(
         // The same spec would fail the same way on every retry.
         throw new PermanentError(`Cannot fan out: ${(cause as Error).message}`, { cause });
       }
-      r.fanOut = spec;
+      r.fanOut = checked;
     };
     const ctx: TaskContext = {
       job,
