@@ -56,6 +56,13 @@ const STEPS: JobSpec[][] = [
   ],
   [{ task: "t", key: "k1", fairnessKey: "a" }],
   [{ task: "t", fairnessKey: "c" }],
+  // One group, no keys: insert_jobs's direct path.
+  [
+    { task: "t", fairnessKey: "c" },
+    { task: "u", fairnessKey: "c", payload: { z: 1 } },
+    { task: "t", fairnessKey: "c", runAt: FUTURE, maxAttempts: 2 },
+  ],
+  [{ task: "t", queue: "other", priority: 5 }, { task: "t", queue: "other", priority: 5 }],
   [{ task: "t", fairnessKey: "a", priority: 5 }],
   [{ task: "t", key: "k3", queue: "other" }],
   [{ task: "t", key: "k3", queue: "other", payload: { again: 1 } }],
