@@ -3,7 +3,8 @@
  * claim, ack, extend, release and fail jobs (the dead-letter admin lives in dead.ts,
  * workflow completion in barrier.ts). Each function takes the database (a pool or the caller's transaction) first and
  * an options object second. The table's DDL and the `shoal.enqueue*` SQL functions live
- * in `sql/001_queue.sql`.
+ * in `sql/001_queue.sql`; the column functions enqueue calls, `shoal.insert_job(s)`, in
+ * `sql/004_enqueue_fast.sql`.
  *
  * Fencing: a claim hands out `token`; ack, fail, extend and release only touch a row
  * whose token still matches, so a worker whose job was redelivered changes nothing.

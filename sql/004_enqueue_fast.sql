@@ -364,3 +364,53 @@ begin
                            notify, cols.execution_ids, cols.barrier_ids, cols.child_indexes) r;
 end
 $$;
+
+-- Enqueue one job: the entry point for any language, with 001's checks and messages in
+-- 001's order, then the same insert as TypeScript's (no jsonb document to build, strip
+-- and unpack on the way).
+--   select shoal.enqueue('emails', 'send_welcome', '{"user": 42}', priority => 5);
+create or replace function shoal.enqueue(
+  queue text,
+  task text,
+  payload jsonb default '{}',
+  run_at timestamptz default null,
+  priority integer default 0,
+  key text default null,
+  fairness_key text default null,
+  max_attempts integer default 25,
+  notify boolean default true
+) returns bigint
+language plpgsql volatile as $$
+#variable_conflict use_variable
+declare
+  limit_bytes integer := shoal.max_payload_bytes();
+  name_pattern constant text := '^[A-Za-z0-9][A-Za-z0-9_.:-]*$';
+begin
+  if jsonb_typeof(payload) is distinct from 'object' then
+    raise exception 'Cannot enqueue job 1: payload must be a JSON object, not %',
+      coalesce(jsonb_typeof(payload), 'null') using errcode = '22023';
+  elsif octet_length(payload::text) > limit_bytes then
+    raise exception 'Cannot enqueue job 1: payload is % bytes, over the limit of % bytes',
+      octet_length(payload::text), limit_bytes using errcode = '54000';
+  elsif length(key) not between 1 and 512 then
+    raise exception 'Cannot enqueue job 1: key must be 1 to 512 characters'
+      using errcode = '22023';
+  elsif length(fairness_key) > 256 then
+    raise exception 'Cannot enqueue job 1: fairness_key must be at most 256 characters'
+      using errcode = '22023';
+  elsif max_attempts not between 1 and 1000 then
+    raise exception 'Cannot enqueue job 1: max_attempts must be from 1 to 1000'
+      using errcode = '22023';
+  elsif priority not between -32767 and 32767 then
+    raise exception 'Cannot enqueue job 1: priority must be from -32767 to 32767'
+      using errcode = '22023';
+  elsif not coalesce(queue ~ name_pattern and length(queue) <= 128
+                     and task ~ name_pattern and length(task) <= 128, false) then
+    raise exception 'Cannot enqueue job 1: queue and task must be names of 1 to 128 letters, digits or _.:- (starting with a letter or digit)'
+      using errcode = '22023';
+  end if;
+  return (select i.id
+          from shoal.insert_job(queue, task, payload, run_at, priority, fairness_key,
+                                max_attempts, key, notify) i);
+end
+$$;

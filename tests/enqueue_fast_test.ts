@@ -247,3 +247,54 @@ Deno.test("enqueue() inside a transaction notifies at its commit, not before", a
   }
   assertEquals([...watch.seen.entries()].sort(), [["tx1", [1]], ["tx2", [1]]]);
 });
+
+/** shoal.enqueue() calls whose outcome (id or error) must not change with 004. */
+const SQL_CALLS: ((sql: Sql) => Promise<unknown>)[] = [
+  (sql) => sql`select shoal.enqueue('q', 't') as id`,
+  (sql) =>
+    sql`select shoal.enqueue('q', 't', '{"a": 1}', priority => null, max_attempts => null) as id`,
+  (sql) =>
+    sql`select shoal.enqueue('q', 't', key => 'k', fairness_key => '',
+                             run_at => '2031-01-01T00:00:00.123456Z') as id`,
+  (sql) => sql`select shoal.enqueue('q', 'u', '{"b": 2}', key => 'k') as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', fairness_key => 'f', priority => 3) as id`,
+  (sql) => sql`select shoal.enqueue('r', 't', key => 'k', notify => false) as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', '[]') as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', null) as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', 'null') as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', key => '') as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', fairness_key => ${"f".repeat(257)}) as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', max_attempts => 0) as id`,
+  (sql) => sql`select shoal.enqueue('q', 't', priority => -32768) as id`,
+  (sql) => sql`select shoal.enqueue(null, 't') as id`,
+  (sql) => sql`select shoal.enqueue('q', 'bad name') as id`,
+  (sql) => sql`select shoal.enqueue(${"q".repeat(129)}, 't') as id`,
+  (sql) => sql`select shoal.enqueue(${"q".repeat(128)}, 't') as id`,
+  // Several faults at once: the first in 001's order is the one reported.
+  (sql) => sql`select shoal.enqueue('bad name', 't', '[]', priority => 40000) as id`,
+  (sql) => sql`select shoal.enqueue('bad name', 't', key => '', priority => 40000) as id`,
+  (sql) => sql`select shoal.enqueue('bad name', 't', max_attempts => 0, priority => 40000) as id`,
+];
+
+async function outcomes(sql: Sql): Promise<unknown[]> {
+  const found: unknown[] = [];
+  for (const call of SQL_CALLS) {
+    try {
+      found.push(await call(sql));
+    } catch (error) {
+      const { code, message } = error as Error & { code?: string };
+      found.push({ code, message });
+    }
+  }
+  return found;
+}
+
+Deno.test("shoal.enqueue() returns, stores and refuses exactly as before 004", async () => {
+  await using before = await emptyDb();
+  await migrate(before.sql, (await loadMigrations()).filter((m) => m.version <= 3));
+  await using after = await testDb();
+  const expected = await outcomes(before.sql);
+  assertEquals(await outcomes(after.sql), expected);
+  assertEquals(await storedJobs(after.sql), await storedJobs(before.sql));
+  assertEquals(expected.filter((o) => Array.isArray(o)).length, 7);
+});
