@@ -233,15 +233,19 @@ async function insertJobs(db: Db, jobs: JobColumns[], notify: boolean): Promise<
         ${job.maxAttempts}::integer, ${job.key}::text, ${notify}::boolean)`;
     return [{ id: rows[0]!.id, inserted: rows[0]!.inserted }];
   }
+  const queues = jobs.map((j) => j.queue);
+  const tasks = jobs.map((j) => j.task);
+  const payloads = jobs.map((j) => j.payload);
+  const runAts = column(jobs, (j) => j.runAt);
+  const priorities = column(jobs, (j) => j.priority);
+  const fairnessKeys = column(jobs, (j) => j.fairnessKey);
+  const maxAttempts = column(jobs, (j) => j.maxAttempts);
+  const keys = column(jobs, (j) => j.key);
   const rows = await db<Enqueued[]>`
     select id, inserted from shoal.insert_jobs(
-      ${jobs.map((j) => j.queue)}::text[], ${jobs.map((j) => j.task)}::text[],
-      ${jobs.map((j) => j.payload)}::text[]::jsonb[], ${
-    column(jobs, (j) => j.runAt)
-  }::timestamptz[],
-      ${column(jobs, (j) => j.priority)}::integer[], ${column(jobs, (j) => j.fairnessKey)}::text[],
-      ${column(jobs, (j) => j.maxAttempts)}::integer[], ${column(jobs, (j) => j.key)}::text[],
-      ${notify}::boolean)`;
+      ${queues}::text[], ${tasks}::text[], ${payloads}::text[]::jsonb[],
+      ${runAts}::timestamptz[], ${priorities}::integer[], ${fairnessKeys}::text[],
+      ${maxAttempts}::integer[], ${keys}::text[], ${notify}::boolean)`;
   return rows.map((r) => ({ id: r.id, inserted: r.inserted }));
 }
 
