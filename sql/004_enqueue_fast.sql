@@ -8,7 +8,7 @@
 -- (shoal.enqueue, shoal.enqueue_many) keep their signatures, checks and messages:
 -- shoal.enqueue_jobs still validates its jsonb, then hands the columns to insert_jobs,
 -- so every insert into shoal.jobs outside callbacks and dead-letter retries goes through
--- the same statement here.
+-- these two functions.
 --
 -- A job without a dedupe key is inserted by a plain INSERT: ON CONFLICT makes every row a
 -- speculative insertion (one more WAL record each), so only keyed jobs pay for it.
@@ -23,9 +23,10 @@ alter domain shoal.name add constraint name_format
   check (value ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]*$' and length(value) <= 128);
 
 -- The stamping index of 001 ran fair_seq descending, so every new job (stamped above its
--- key's last one) went to the far left of its group: no rightmost-page fast path and a
--- page split every few inserts, about 7 us per job. Ascending, new jobs append; the
--- stamp lookup (order by fair_seq desc limit 1) walks it backward just as cheaply.
+-- key's last one) went to the far left of its group: no rightmost-page fast path and
+-- frequent page splits (1,000 rows into a 20,000-row table took about 12 ms instead of
+-- 4 ms). Ascending, new jobs append; the stamp lookup (order by fair_seq desc limit 1)
+-- walks it backward just as cheaply.
 drop index shoal.jobs_fairness_idx;
 create index jobs_fairness_idx on shoal.jobs (queue, fairness_key, priority, fair_seq);
 
