@@ -3,14 +3,16 @@
  * claim, ack, extend, release and fail jobs (the dead-letter admin lives in dead.ts,
  * workflow completion in barrier.ts). Each function takes the database (a pool or the caller's transaction) first and
  * an options object second. The table's DDL and the `shoal.enqueue*` SQL functions live
- * in `sql/001_queue.sql`.
+ * in `sql/001_queue.sql`; the column functions enqueue calls, `shoal.insert_job(s)`, in
+ * `sql/004_enqueue_fast.sql`.
  *
  * Fencing: a claim hands out `token`; ack, fail, extend and release only touch a row
  * whose token still matches, so a worker whose job was redelivered changes nothing.
  *
  * @module
  */
-import type { Db } from "./db.ts";
+import type { Db, Sql } from "./db.ts";
+import { describeError, logger } from "./log.ts";
 import { checkKey, checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
 /** A claimed job, as a handler sees it. Bigint ids and tokens are strings. */
@@ -75,45 +77,207 @@ export interface EnqueueManyOptions {
   maxPayloadBytes?: number;
 }
 
+/** One validated job, as the columns `shoal.insert_job(s)` take (null: the column default). */
+interface JobColumns {
+  queue: string;
+  task: string;
+  /** The payload's JSON text. */
+  payload: string;
+  /** ISO 8601. */
+  runAt: string | null;
+  priority: number | null;
+  fairnessKey: string | null;
+  maxAttempts: number | null;
+  key: string | null;
+}
+
+/** Validate a job at the boundary; throws a TypeError or RangeError with one clear line. */
+function checkColumns(spec: JobSpec, maxPayloadBytes: number): JobColumns {
+  const queue = checkName("queue", spec.queue ?? DEFAULT_QUEUE);
+  const task = checkName("task", spec.task);
+  // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
+  const payload = checkPayload(spec.payload === undefined ? {} : spec.payload, maxPayloadBytes);
+  let runAt: string | null = null;
+  if (spec.runAt !== undefined) {
+    if (!(spec.runAt instanceof Date) || Number.isNaN(spec.runAt.getTime())) {
+      throw new TypeError("Invalid runAt: expected a valid Date");
+    }
+    runAt = spec.runAt.toISOString();
+  }
+  if (
+    spec.priority !== undefined &&
+    (!Number.isInteger(spec.priority) || Math.abs(spec.priority) > 32767)
+  ) {
+    throw new RangeError("Invalid priority: expected an integer from -32767 to 32767");
+  }
+  if (
+    spec.maxAttempts !== undefined &&
+    (!Number.isInteger(spec.maxAttempts) || spec.maxAttempts < 1 || spec.maxAttempts > 1000)
+  ) {
+    throw new RangeError("Invalid maxAttempts: expected an integer from 1 to 1000");
+  }
+  const key = spec.key === undefined ? null : checkKey("key", spec.key);
+  const fairnessKey = spec.fairnessKey === undefined
+    ? null
+    : checkKey("fairness key", spec.fairnessKey);
+  return {
+    queue,
+    task,
+    payload,
+    runAt,
+    priority: spec.priority ?? null,
+    fairnessKey,
+    maxAttempts: spec.maxAttempts ?? null,
+    key,
+  };
+}
+
 /**
  * Validate a job at the boundary and return the row `shoal.enqueue_many` takes; throws
  * a TypeError or RangeError with one clear line.
  */
 export function checkJobSpec(spec: JobSpec, maxPayloadBytes: number): Record<string, unknown> {
+  const columns = checkColumns(spec, maxPayloadBytes);
   const row: Record<string, unknown> = {
-    queue: checkName("queue", spec.queue ?? DEFAULT_QUEUE),
-    task: checkName("task", spec.task),
+    queue: columns.queue,
+    task: columns.task,
+    payload: JSON.parse(columns.payload),
   };
-  // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
-  row.payload = JSON.parse(
-    checkPayload(spec.payload === undefined ? {} : spec.payload, maxPayloadBytes),
-  );
-  if (spec.runAt !== undefined) {
-    if (!(spec.runAt instanceof Date) || Number.isNaN(spec.runAt.getTime())) {
-      throw new TypeError("Invalid runAt: expected a valid Date");
-    }
-    row.run_at = spec.runAt.toISOString();
-  }
-  if (spec.priority !== undefined) {
-    if (!Number.isInteger(spec.priority) || Math.abs(spec.priority) > 32767) {
-      throw new RangeError("Invalid priority: expected an integer from -32767 to 32767");
-    }
-    row.priority = spec.priority;
-  }
-  if (spec.maxAttempts !== undefined) {
-    if (!Number.isInteger(spec.maxAttempts) || spec.maxAttempts < 1 || spec.maxAttempts > 1000) {
-      throw new RangeError("Invalid maxAttempts: expected an integer from 1 to 1000");
-    }
-    row.max_attempts = spec.maxAttempts;
-  }
-  if (spec.key !== undefined) row.key = checkKey("key", spec.key);
-  if (spec.fairnessKey !== undefined) row.fairness_key = checkKey("fairness key", spec.fairnessKey);
+  if (columns.runAt !== null) row.run_at = columns.runAt;
+  if (columns.priority !== null) row.priority = columns.priority;
+  if (columns.maxAttempts !== null) row.max_attempts = columns.maxAttempts;
+  if (columns.key !== null) row.key = columns.key;
+  if (columns.fairnessKey !== null) row.fairness_key = columns.fairnessKey;
   return row;
 }
 
 /**
+ * NOTIFY coalescing for one pool. A NOTIFY takes a database-wide lock from its
+ * transaction's pre-commit to the end of its commit, so concurrent enqueues that each
+ * notify commit one after another, each waiting for its own WAL flush. An enqueue that
+ * runs alone on its pool notifies inline (delivered at its commit: no extra round trip);
+ * one that overlaps others commits without it and then waits for a shared
+ * `select pg_notify(...)` that starts after its commit, so an idle consumer is still woken
+ * for every committed job, and many commits share one notifying transaction.
+ * Only for pools: inside a caller's transaction (or on a reserved connection, which may be
+ * in one) the commit is not ours to see, so the NOTIFY stays inline.
+ */
+class Wakeups {
+  /** Enqueues with NOTIFY on that run on this pool now, their wait for a flush included. */
+  active = 0;
+  /** NOTIFY payloads (see wakePayloads) owed for committed jobs, not yet taken by a flush. */
+  #owed = new Set<string>();
+  /** The flush on the wire, if any. */
+  #sending: Promise<void> | null = null;
+  /** The flush that starts when the one on the wire ends; it takes what is owed then. */
+  #next: Promise<void> | null = null;
+
+  constructor(readonly sql: Sql) {}
+
+  /** Owe these NOTIFY payloads for jobs that have committed; resolves once they are sent. */
+  owe(payloads: Iterable<string>): Promise<void> {
+    for (const payload of payloads) this.#owed.add(payload);
+    this.#next ??= this.#afterSending().then(() => this.#send());
+    return this.#next;
+  }
+
+  async #afterSending(): Promise<void> {
+    // #send never rejects (it logs), so this only orders the flushes.
+    await this.#sending;
+  }
+
+  async #send(): Promise<void> {
+    this.#sending = this.#next;
+    this.#next = null;
+    const queues = [...this.#owed];
+    this.#owed.clear();
+    try {
+      await this.sql`select pg_notify('shoal_jobs', q) from unnest(${queues}::text[]) as q`;
+    } catch (error) {
+      // The jobs are committed: failing the enqueue would invite a duplicate. Consumers
+      // still find them at their next poll.
+      logger("queue").warn(
+        "Cannot wake consumers of {queue} after enqueue, they pick the jobs up at their next poll: {error}",
+        { queue: queues.join(","), error: describeError(error) },
+      );
+    } finally {
+      this.#sending = null;
+    }
+  }
+}
+
+const wakeups = new WeakMap<Sql, Wakeups>();
+
+/** The pool's NOTIFY coalescer, or null when `db` is a transaction or a reserved connection. */
+function wakeupsOf(db: Db): Wakeups | null {
+  // Only a pool has begin() at runtime (postgres.js's transaction and reserved handles
+  // do not), and only a pool commits each statement on its own.
+  if (typeof (db as { begin?: unknown }).begin !== "function") return null;
+  const sql = db as Sql;
+  let found = wakeups.get(sql);
+  if (found === undefined) {
+    found = new Wakeups(sql);
+    wakeups.set(sql, found);
+  }
+  return found;
+}
+
+/** Insert validated jobs; `notify` sends the NOTIFY inside the statement's transaction. */
+async function insertJobs(db: Db, jobs: JobColumns[], notify: boolean): Promise<Enqueued[]> {
+  if (jobs.length === 1) {
+    const job = jobs[0]!;
+    const rows = await db<Enqueued[]>`
+      select id, inserted from shoal.insert_job(
+        ${job.queue}::text, ${job.task}::text, ${job.payload}::text::jsonb,
+        ${job.runAt}::timestamptz, ${job.priority}::integer, ${job.fairnessKey}::text,
+        ${job.maxAttempts}::integer, ${job.key}::text, ${notify}::boolean)`;
+    return [{ id: rows[0]!.id, inserted: rows[0]!.inserted }];
+  }
+  const queues = jobs.map((j) => j.queue);
+  const tasks = jobs.map((j) => j.task);
+  const payloads = jobs.map((j) => j.payload);
+  const runAts = column(jobs, (j) => j.runAt);
+  const priorities = column(jobs, (j) => j.priority);
+  const fairnessKeys = column(jobs, (j) => j.fairnessKey);
+  const maxAttempts = column(jobs, (j) => j.maxAttempts);
+  const keys = column(jobs, (j) => j.key);
+  const rows = await db<Enqueued[]>`
+    select id, inserted from shoal.insert_jobs(
+      ${queues}::text[], ${tasks}::text[], ${payloads}::text[]::jsonb[],
+      ${runAts}::timestamptz[], ${priorities}::integer[], ${fairnessKeys}::text[],
+      ${maxAttempts}::integer[], ${keys}::text[], ${notify}::boolean)`;
+  return rows.map((r) => ({ id: r.id, inserted: r.inserted }));
+}
+
+/**
+ * What the NOTIFY says per queue, like shoal.wake_payload: the queue name when one of its
+ * jobs can run now, else "queue@<epoch ms>" of its soonest job.
+ */
+function wakePayloads(jobs: JobColumns[]): string[] {
+  const soonest = new Map<string, number>();
+  const now = Date.now();
+  for (const job of jobs) {
+    const at = job.runAt === null ? now : Math.max(now, Date.parse(job.runAt));
+    soonest.set(job.queue, Math.min(soonest.get(job.queue) ?? Infinity, at));
+  }
+  return [...soonest].map(([queue, at]) => at <= now ? queue : `${queue}@${at}`);
+}
+
+/** One optional column of a batch, or null (all defaults) when no job sets it. */
+function column<T>(jobs: JobColumns[], pick: (job: JobColumns) => T | null): (T | null)[] | null {
+  let values: (T | null)[] | null = null;
+  for (let i = 0; i < jobs.length; i++) {
+    const value = pick(jobs[i]!);
+    if (value !== null && values === null) values = new Array<T | null>(jobs.length).fill(null);
+    if (values !== null) values[i] = value;
+  }
+  return values;
+}
+
+/**
  * Enqueue many jobs in one statement (inside the caller's transaction when `db` is one).
- * Results are in input order.
+ * Results are in input order. On a pool, the promise resolves once the jobs are committed
+ * and idle consumers have been notified.
  */
 export async function enqueueMany(
   db: Db,
@@ -122,13 +286,18 @@ export async function enqueueMany(
 ): Promise<Enqueued[]> {
   if (jobs.length === 0) return [];
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
-  const rows = jobs.map((spec) => checkJobSpec(spec, maxBytes));
-  const result = await db<{ id: string; inserted: boolean }[]>`
-    select id, inserted
-    from shoal.enqueue_many(${JSON.stringify(rows)}::text::jsonb, ${
-    options.notify ?? true
-  }::boolean)`;
-  return result.map((r) => ({ id: r.id, inserted: r.inserted }));
+  const columns = jobs.map((spec) => checkColumns(spec, maxBytes));
+  const pool = (options.notify ?? true) ? wakeupsOf(db) : null;
+  if (pool === null) return await insertJobs(db, columns, options.notify ?? true);
+  const alone = pool.active === 0;
+  pool.active++;
+  try {
+    const results = await insertJobs(db, columns, alone);
+    if (!alone) await pool.owe(wakePayloads(columns));
+    return results;
+  } finally {
+    pool.active--;
+  }
 }
 
 /** Enqueue one job; returns its id (or the id of the job already holding its dedupe key). */

@@ -15,6 +15,15 @@
 -- ones keep their old fill.
 alter table shoal.jobs set (fillfactor = 50);
 
+-- Every acked job leaves a dead row and dead index entries at the head of the claim index,
+-- which each claim steps over until a vacuum removes them. Vacuum this table by a fixed
+-- count of dead rows, not a fifth of a table that is nearly empty when drained, and at
+-- full speed (its live part is small). How often autovacuum looks is still the server's
+-- autovacuum_naptime (1 min by default; 10s suits a busy queue).
+alter table shoal.jobs set (autovacuum_vacuum_scale_factor = 0,
+                            autovacuum_vacuum_threshold = 10000,
+                            autovacuum_vacuum_cost_delay = 0);
+
 -- The steps are separate statements reaching shoal.jobs by primary key, so each plan
 -- stays simple; plain jobs (no execution, attempts left) take two statements: pick and
 -- lock, then update.

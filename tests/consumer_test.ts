@@ -376,3 +376,21 @@ Deno.test("runConsumer() with LISTEN and a long poll picks up jobs another consu
     await second.stop();
   }
 });
+
+Deno.test("runConsumer() with LISTEN and a long poll starts a delayed job when it is due", async () => {
+  await using db = await testDb();
+  const started: number[] = [];
+  const task = defineTask({ name: "t.later", handler: () => void started.push(Date.now()) });
+  const consumer = startConsumer(db.sql, [task], { listen: true, pollIntervalMs: 60_000 });
+  try {
+    await sleep(300); // listening, first claim done
+    const due = Date.now() + 800;
+    await enqueue(db.sql, "t.later", {}, { runAt: new Date(due) });
+    await waitFor("the delayed job to start", () => started.length === 1, 15_000);
+    const late = started[0]! - due;
+    // The NOTIFY announced its start time; a job found only by the poll would wait 60 s.
+    assert(late >= -50 && late < 5_000, `started ${late} ms after its run_at`);
+  } finally {
+    await consumer.stop();
+  }
+});
