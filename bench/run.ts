@@ -793,7 +793,9 @@ async function runAll(args: Args): Promise<number> {
     };
     // Runs are interleaved (run 1 of everything, then run 2 ...) so a burst of load from
     // elsewhere on this shared machine spreads over all figures instead of sinking one.
-    for (let run = 1; run <= args.runs; run++) {
+    // Only soaks chosen, --runs not given: one run is all there is to do.
+    const runs = !args.runsExplicit && chosen.every((b) => b.once) ? 1 : args.runs;
+    for (let run = 1; run <= runs; run++) {
       for (const result of results) {
         const b = result.benchmark;
         if (b.once && run > 1 && !args.runsExplicit) continue;
@@ -802,12 +804,12 @@ async function runAll(args: Args): Promise<number> {
           // The machine is shared: keep how busy it was, so a noisy run can be told apart.
           measured.details.load_1m = Number((await machineLoad()).split(" ")[0]);
           result.runs.push(measured);
-          say(`[run ${run}/${args.runs}] ${b.id}: ${describe(b, result)}`);
+          say(`[run ${run}/${runs}] ${b.id}: ${describe(b, result)}`);
         } catch (error) {
           failures++;
           const message = error instanceof Error ? error.message : String(error);
           result.errors.push(`run ${run}: ${message.split("\n")[0]}`);
-          say(`[run ${run}/${args.runs}] ${b.id} FAILED: ${message}`);
+          say(`[run ${run}/${runs}] ${b.id} FAILED: ${message}`);
         }
       }
     }
@@ -817,7 +819,7 @@ async function runAll(args: Args): Promise<number> {
       command: ["deno task bench", ...Deno.args].join(" "),
       startedAt,
       seconds: (performance.now() - t0) / 1000,
-      runs: args.runs,
+      runs,
       quick: args.quick,
       profile: args.profile,
       sizes,
