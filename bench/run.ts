@@ -2,7 +2,8 @@
  * `deno task bench`: shoal's benchmark beside its floors and peers, on one Postgres, in one run.
  *
  *   deno task bench                  3 runs of everything, median per figure; the soaks (W8,
- *                                    W9) once: about 30 minutes (1,835 s measured), 10 of them W8's soak
+ *                                    W9) once: about 30 minutes (1,835 s measured), 10 of
+ *                                    them W8's soak
  *   deno task bench --runs 5         more runs (given explicitly, the soaks run that often too)
  *   deno task bench --quick          1 run at small sizes, short soaks: a smoke test of every
  *                                    workload in about 4 minutes
