@@ -4,8 +4,8 @@
  *
  * `bench.stamp` `{t}`: `t` is the enqueuer's clock (epoch ms) just before it called
  * enqueue. The handler takes its own clock first thing, then writes both to the
- * unlogged `bench.starts` table; the write happens after the start is taken, so it
- * does not inflate this job's latency.
+ * unlogged `bench.starts` table with the job's fairness key (W5 tells keys apart by it);
+ * the write happens after the start is taken, so it does not inflate this job's latency.
  *
  * @module
  */
@@ -23,8 +23,9 @@ export const stampTask: AnyTask = defineTask<{ t: number }>({
   async handler({ t }, ctx) {
     const startedAt = performance.timeOrigin + performance.now();
     await ctx.db`
-      insert into bench.starts (job_id, enqueued_at, started_at)
-      values (${ctx.job.id}::text, ${t}::float8, ${startedAt}::float8)`;
+      insert into bench.starts (job_id, fairness_key, enqueued_at, started_at)
+      values (${ctx.job.id}::text, ${ctx.job.fairness_key}::text, ${t}::float8,
+              ${startedAt}::float8)`;
   },
 });
 

@@ -88,6 +88,7 @@ export function handWritten(options: { ack: boolean; batch?: number }): System {
           create index jobs_claimable_idx on bench_floor.jobs (id) where locked_at is null`;
       }
     },
+    jobsTable: "bench_floor.jobs",
     openProducer: (url, producerOptions) =>
       Promise.resolve(sqlProducer(url, producerOptions, floorEnqueue)),
     spawnConsumer(url) {

@@ -124,6 +124,11 @@ async function fileSystemOf(path: string): Promise<string> {
 export interface ServerOptions {
   /** Preload pg_stat_statements to count statements per job (changes the server: figures are not comparable). */
   profile: boolean;
+  /**
+   * pg_stat_statements' `track` when preloaded: `all` (the profile: statements inside
+   * functions too) unless given.
+   */
+  track?: "top" | "all";
 }
 
 /**
@@ -146,7 +151,10 @@ export async function startServer(options: ServerOptions): Promise<BenchServer> 
   }
   const pg = await startLocalPg({
     settings: options.profile
-      ? { shared_preload_libraries: "pg_stat_statements", "pg_stat_statements.track": "all" }
+      ? {
+        shared_preload_libraries: "pg_stat_statements",
+        "pg_stat_statements.track": options.track ?? "all",
+      }
       : {},
   });
   try {
@@ -192,6 +200,15 @@ export async function freshDb(server: BenchServer, label: string): Promise<Bench
   };
 }
 
+/** True when the server behind `url` has pg_stat_statements preloaded (W10 counts with it). */
+export async function hasStatementStats(url: string): Promise<boolean> {
+  return await withAdmin(url, async (sql) => {
+    const [row] = await sql<{ setting: string }[]>`
+      select setting from pg_settings where name = 'shared_preload_libraries'`;
+    return (row?.setting ?? "").split(",").map((s) => s.trim()).includes("pg_stat_statements");
+  });
+}
+
 /** Run `body` with a fresh database, always dropping it afterwards. */
 export async function withFreshDb<T>(
   server: BenchServer,
@@ -215,6 +232,8 @@ export async function createStartsTable(sql: Sql): Promise<void> {
   await sql`
     create unlogged table if not exists bench.starts (
       job_id text not null,
+      -- The job's fairness key where the system has one (W5 tells the two keys apart).
+      fairness_key text not null default '',
       enqueued_at double precision not null,
       started_at double precision not null,
       recorded_at timestamptz not null default clock_timestamp()
@@ -423,6 +442,30 @@ export async function backendCpuSeconds(sql: Sql): Promise<number | null> {
     total += seconds;
   }
   return total;
+}
+
+/** A process's resident memory from /proc/<pid>/status, in MB; null once it is gone. */
+export interface Memory {
+  /** VmRSS: resident now. */
+  rssMb: number;
+  /** VmHWM: the most it has been resident since it started. */
+  hwmMb: number;
+}
+
+export async function memoryOf(pid: number): Promise<Memory | null> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(`/proc/${pid}/status`);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return null;
+    throw error;
+  }
+  const kb = (field: string): number => {
+    const match = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(text);
+    if (!match) throw new Error(`/proc/${pid}/status has no ${field} line`);
+    return Number(match[1]);
+  };
+  return { rssMb: kb("VmRSS") / 1024, hwmMb: kb("VmHWM") / 1024 };
 }
 
 /** Load average and CPU count: the machine is shared, so the report says how busy it was. */

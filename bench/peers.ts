@@ -184,6 +184,7 @@ export const graphileWorker: System = {
     await runNode("graphile-worker migrate", [script("graphile_worker.cjs"), "migrate"], url);
   },
   openProducer: (url, options) => Promise.resolve(sqlProducer(url, options, graphileEnqueue)),
+  jobsTable: "graphile_worker._private_jobs",
   spawnConsumer(url) {
     return spawnNodeWorker(
       "graphile-worker worker",
@@ -277,6 +278,8 @@ export const pgBoss: System = {
     );
   },
   openProducer: (url, options) => pgBossProducer(url, options.max),
+  // The root of its job tables (a partitioned parent in some installs: W8/W9 do not run pg-boss).
+  jobsTable: "pgboss.job",
   spawnConsumer(url) {
     return spawnNodeWorker(
       "pg-boss worker",

@@ -47,6 +47,24 @@ export interface PeerDescription {
   enqueue: string;
 }
 
+/** A figure of this report: the median of a benchmark's metric, NaN when not measured. */
+export type FigureOf = (id: string, key: string) => number;
+
+/** What a target line shows: the figures it was judged on, and whether it is met. */
+export interface TargetCheck {
+  measured: string;
+  /** null when a figure it needs was not measured. */
+  met: boolean | null;
+}
+
+/** One of issue 5's targets, judged on this run's figures. */
+export interface Target {
+  workload: string;
+  /** The target in the issue's words. */
+  target: string;
+  check(figure: FigureOf): TargetCheck;
+}
+
 export interface BenchmarkResult {
   benchmark: Benchmark;
   runs: RunResult[];
@@ -67,6 +85,9 @@ export interface ReportInput {
   comparisons: Comparison[];
   peerComparisons: PeerComparison[];
   peers: PeerDescription[];
+  targets: Target[];
+  /** How W8..W10 ran (soak lengths, rates, the W10 server), one line each. */
+  soakNotes: string[];
 }
 
 function medianOf(result: BenchmarkResult | undefined, key: string): number {
@@ -81,6 +102,10 @@ function metricOf(result: BenchmarkResult | undefined, key: string): Metric | un
 /** A figure with its unit; times (`ms`, `ms/job` ...) keep three significant digits below 1. */
 export function formatValue(value: number, unit: string): string {
   if (Number.isNaN(value)) return "n/a";
+  if (unit === "×") return `${value.toFixed(2)}×`;
+  if (unit === "MB") return `${value.toFixed(1)} MB`;
+  if (unit === "s") return `${value.toFixed(1)} s`;
+  if (unit === "statements/s") return `${value.toFixed(2)} ${unit}`;
   if (unit === "ms" || unit.startsWith("ms/")) {
     return `${
       value < 1
@@ -288,6 +313,108 @@ function allFiguresTable(input: ReportInput): string {
   return lines.join("\n") + "\n";
 }
 
+function figureLookup(input: ReportInput): FigureOf {
+  const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
+  return (id, key) => medianOf(byId.get(id), key);
+}
+
+interface TargetRow {
+  workload: string;
+  target: string;
+  measured: string;
+  met: boolean | null;
+}
+
+function targetRows(input: ReportInput): TargetRow[] {
+  const figure = figureLookup(input);
+  return input.targets.map((t) => ({ workload: t.workload, target: t.target, ...t.check(figure) }));
+}
+
+/** Each target with the figures it was judged on, as markdown (also printed to stdout). */
+export function targetTable(input: ReportInput): string {
+  const rows = targetRows(input);
+  if (rows.length === 0) return "";
+  return [
+    "| workload | target | measured (medians) | met |",
+    "| --- | --- | --- | --- |",
+    ...rows.map((r) =>
+      `| ${r.workload} | ${escapeCell(r.target)} | ${escapeCell(r.measured)} | ${
+        r.met === null ? "not measured" : r.met ? "yes" : "**no**"
+      } |`
+    ),
+  ].join("\n") + "\n";
+}
+
+function targetSection(input: ReportInput): string {
+  const table = targetTable(input);
+  if (!table) return "";
+  return [
+    "## Targets (issue 5)",
+    "",
+    table,
+    "Judged on this run's medians (soaks: one run, the median over their samples). " +
+    "\"not measured\": a figure the target needs (a peer's, a floor's) was not run.",
+    "",
+  ].join("\n");
+}
+
+/** W10's statements, last run of each system, and every W8/W9 sample. */
+function timelineSection(input: ReportInput): string {
+  const parts: string[] = [];
+  for (const result of input.results) {
+    const last = result.runs.at(-1);
+    if (!last) continue;
+    const top = last.details.top as
+      | { query: string; calls: number; per_s: number }[]
+      | undefined;
+    if (result.benchmark.workload === "W10" && top) {
+      parts.push(
+        `### ${result.benchmark.id}: top statements (last run)\n\n` +
+          "| statement | calls | per s |\n| --- | ---: | ---: |\n" +
+          top.map((s) => `| \`${escapeCell(s.query)}\` | ${s.calls} | ${s.per_s.toFixed(2)} |`)
+            .join("\n") +
+          "\n",
+      );
+    }
+    const samples = last.details.samples as
+      | {
+        t: number;
+        rate: number;
+        backlog: number;
+        size_mb: number;
+        live: number;
+        dead: number;
+        autovacuums: number;
+      }[]
+      | undefined;
+    if (samples) {
+      parts.push(
+        `### ${result.benchmark.id}: samples (last run)\n\n` +
+          "| t (s) | done/s | backlog | table+indexes MB | live tuples | dead tuples | autovacuums |\n" +
+          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" +
+          samples.map((s) =>
+            `| ${s.t.toFixed(0)} | ${Math.round(s.rate)} | ${s.backlog} | ${
+              s.size_mb.toFixed(1)
+            } | ${s.live} | ${s.dead} | ${s.autovacuums} |`
+          ).join("\n") + "\n",
+      );
+    }
+    const order = last.details.start_order;
+    if (typeof order === "string") {
+      parts.push(
+        `### ${result.benchmark.id}: start order after B's enqueue (last run)\n\n` +
+          "One letter per job start, in start order, from B's enqueue committing to B's last " +
+          "start. Within one claim batch (up to the consumer's free slots) the order is that " +
+          "of the handlers' dispatch, not of the claim's sort: read it batch by batch " +
+          `(first ${order.length} shown):\n\n\`\`\`\n${
+            order.match(/.{1,100}/g)?.join("\n") ?? ""
+          }\n\`\`\`\n`,
+      );
+    }
+  }
+  return parts.length === 0 ? "" : `## Details of W5, W8, W9 and W10\n\n${parts.join("\n")}`;
+}
+
 function profileSection(input: ReportInput): string {
   const parts: string[] = [];
   for (const result of input.results) {
@@ -327,6 +454,7 @@ export function markdownReport(input: ReportInput): string {
       input.quick ? " (quick smoke mode: small sizes, not representative)" : ""
     }; every run starts from a fresh database with the schema installed from empty.`,
     "",
+    targetSection(input),
     peerSection(input),
     "## shoal beside its floors",
     "",
@@ -360,6 +488,27 @@ export function markdownReport(input: ReportInput): string {
     "job from the same run. The details split it as the polls saw it: open_s (until the " +
     "barrier existed), children_s (while it was open), callback_s (until completed). A run " +
     "fails unless the execution ends completed with no job, barrier, arrival or dead job left.",
+    `- W5 (noisy neighbour): fairness key A's ${s.neighbourJobs.toLocaleString("en-US")} ` +
+    "ready jobs on one queue, one consumer process (defaults) draining them; once 200 of them " +
+    `have started, key B enqueues ${s.newcomerJobs} jobs in one call. Every job records its ` +
+    "start and fairness key (bench.stamp); the figure is how many A jobs started after B's " +
+    "enqueue call returned (committed) and no later than B's last start. Peers are not " +
+    "measured: graphile-worker has no fairness key (its named queues serialise jobs, they do " +
+    "not share a queue fairly), and pg-boss 12's groups cap concurrency per group " +
+    "(groupConcurrency) rather than share slots fairly; measuring that needs its own setup.",
+    `- W6 (consumer RSS): VmRSS of one consumer process from /proc/<pid>/status, sampled ` +
+    `every 250 ms for ${
+      s.idleRssMs / 1000
+    } s on an empty queue (from its started line on), and every 20 ms ` +
+    "while it drains W2's jobs (a fresh database and process for each phase). Peak = the " +
+    "largest sample in the phase, steady = their median; VmHWM (boot included) is in the " +
+    "details. Peers: their worker process, the same way.",
+    `- W7 (consumer processes): 1, 2 and 4 consumer processes (defaults each) started on an ` +
+    `empty queue; once all have logged their start, ${
+      s.scalingJobs.toLocaleString("en-US")
+    } jobs are enqueued in one call (one commit, NOTIFY on); throughput from that call's ` +
+    "return until the queue is empty. Peers: the same, with their worker process.",
+    ...input.soakNotes.map((line) => `- ${line}`),
     "- Floors: pgbench on the same server in the same run; the hand-written queue is a minimal " +
     "SKIP LOCKED queue on the same client (postgres.js in Deno, one process, bench/handwritten*.ts) " +
     "measured by exactly the same workload code as shoal.",
@@ -387,6 +536,7 @@ export function markdownReport(input: ReportInput): string {
     "## All figures",
     "",
     allFiguresTable(input),
+    timelineSection(input),
     profileSection(input),
   ].join("\n");
 }
@@ -431,6 +581,7 @@ export function jsonReport(input: ReportInput): unknown {
         ratio: row.values.ratio,
       };
     }),
+    targets: targetRows(input),
     comparisons: input.comparisons.map((c) => {
       const s = medianOf(byId.get(c.subject), c.metric);
       const f = c.floor ? medianOf(byId.get(c.floor), c.floorMetric ?? c.metric) : null;

@@ -1,13 +1,28 @@
 /**
- * `deno task bench`: shoal's benchmark beside its floors, on one Postgres, in one run.
+ * `deno task bench`: shoal's benchmark beside its floors and peers, on one Postgres, in one run.
  *
- *   deno task bench                  3 runs of everything, median per figure (several minutes)
- *   deno task bench --runs 5         more runs
- *   deno task bench --quick          1 run at small sizes: a smoke test, under a minute
+ *   deno task bench                  3 runs of everything, median per figure; the soaks (W8,
+ *                                    W9) once: about 30 minutes (1,835 s measured), 10 of
+ *                                    them W8's soak
+ *   deno task bench --runs 5         more runs (given explicitly, the soaks run that often too)
+ *   deno task bench --quick          1 run at small sizes, short soaks: a smoke test of every
+ *                                    workload in about 4 minutes
  *   deno task bench --only W2,W3     only these workloads, benchmark ids (W2/shoal) or
  *                                    systems (shoal, graphile-worker, pg-boss, hand-written)
+ *   deno task bench --soak 2m        W8's length (default 10m; 30s with --quick)
+ *   deno task bench --soak-rate 5000 W8/W9's producer rate in jobs/s (default: 70% of W2/shoal's
+ *                                    median in the same run, or of one calibration drain)
  *   deno task bench --profile        pg_stat_statements per run (preloaded: figures are
  *                                    not comparable; writes results/profile.* instead)
+ *
+ * Workloads (bench/workloads.ts and the files it names):
+ *   W1a enqueue one per call, 10 in flight   W1b enqueue in calls of 1,000
+ *   W2  drain 20,000 with one consumer       W3  start latency at 100/s
+ *   W4  fan-out of 10,000 children           W5  noisy neighbour (fairness keys)
+ *   W6  consumer RSS idle and under W2       W7  1, 2 and 4 consumer processes on one queue
+ *   W8  soak at 70% of W2's rate (--soak)    W9  the same with a snapshot held open for 60 s
+ *   W10 statements/s of an idle fleet (4 consumers, 2 reapers, 2 schedulers), on a second
+ *       throwaway cluster with pg_stat_statements preloaded
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
@@ -24,7 +39,9 @@ import { parseArgs } from "node:util";
 import { handWritten } from "./handwritten.ts";
 import {
   type BenchServer,
+  hasStatementStats,
   machineLoad,
+  median,
   print,
   say,
   startServer,
@@ -41,8 +58,15 @@ import {
   type PeerComparison,
   peerTable,
   summaryTable,
+  type Target,
+  targetTable,
 } from "./report.ts";
-import { shoal } from "./systems.ts";
+import { shoal, type System } from "./systems.ts";
+import { noisyNeighbour } from "./fairness.ts";
+import { consumerMemory } from "./memory.ts";
+import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
+import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
+import { FLEET, idleFleet } from "./idle.ts";
 import {
   type BenchContext,
   type Benchmark,
@@ -51,6 +75,7 @@ import {
   enqueueOneByOne,
   fanOutDrain,
   type Sizes,
+  type SoakSizes,
   startLatency,
 } from "./workloads.ts";
 
@@ -60,6 +85,11 @@ const FULL: Sizes = {
   latencyJobs: 2_000,
   latencyRate: 100,
   fanOutChildren: 10_000,
+  neighbourJobs: 20_000,
+  newcomerJobs: 100,
+  idleRssMs: 10_000,
+  scalingJobs: 20_000,
+  idleFleetMs: 30_000,
 };
 const QUICK: Sizes = {
   jobs: 2_000,
@@ -67,7 +97,36 @@ const QUICK: Sizes = {
   latencyJobs: 200,
   latencyRate: 100,
   fanOutChildren: 1_000,
+  neighbourJobs: 2_000,
+  newcomerJobs: 100,
+  idleRssMs: 3_000,
+  scalingJobs: 2_000,
+  idleFleetMs: 5_000,
 };
+/** The soaks: W8 for `--soak`, W9's three phases (issue 5: a minute with the snapshot held). */
+const SOAK_FULL: SoakSizes = {
+  soakMs: 10 * 60_000,
+  soakSampleMs: 10_000,
+  holdBeforeMs: 30_000,
+  holdMs: 60_000,
+  holdAfterMs: 60_000,
+  holdSampleMs: 5_000,
+  rateShare: 0.7,
+  fixedRate: null,
+};
+const SOAK_QUICK: SoakSizes = {
+  soakMs: 30_000,
+  soakSampleMs: 5_000,
+  holdBeforeMs: 10_000,
+  holdMs: 15_000,
+  holdAfterMs: 15_000,
+  holdSampleMs: 2_000,
+  rateShare: 0.7,
+  fixedRate: null,
+};
+/** Issue 5's W6 targets, MB. */
+const RSS_IDLE_TARGET = 60;
+const RSS_W2_TARGET = 120;
 /** Issue 5's W4 target: time per child at most this many times W2's time per job. */
 const FAN_OUT_TARGET = 1.5;
 /** The W2 variant with more slots than the default. */
@@ -77,6 +136,7 @@ interface Plan {
   benchmarks: Benchmark[];
   comparisons: Comparison[];
   peerComparisons: PeerComparison[];
+  targets: Target[];
 }
 
 /** How the bench enqueues through each peer, for the report. */
@@ -88,7 +148,7 @@ const PEER_ENQUEUE: Record<string, string> = {
 };
 
 /** What to measure and which figure sits beside which floor. */
-function plan(sizes: Sizes): Plan {
+function plan(sizes: Sizes, soakSizes: SoakSizes): Plan {
   const floor = handWritten({ ack: false });
   const floorAck = handWritten({ ack: true });
   // The at-least-once floor with shoal's default batch (its claim takes at most its free
@@ -113,11 +173,21 @@ function plan(sizes: Sizes): Plan {
     pgbenchClaim({ batch: 100, clients: 1 }),
     startLatency(shoal),
     startLatency(floor),
+    noisyNeighbour(shoal),
+    consumerMemory(shoal),
+    ...PROCESS_COUNTS.map((n) => processScaling(shoal, n)),
+    idleFleet(shoal),
+    // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
+    soak(shoal),
+    heldSnapshot(shoal),
     // The peers last, workload by workload, so a failing peer cannot delay shoal's figures.
     ...PEER_SYSTEMS.map((peer) => enqueueOneByOne(peer, { inFlight: 10, notify: true })),
     ...PEER_SYSTEMS.map((peer) => enqueueBulk(peer, { batch: sizes.bulkBatch })),
     ...PEER_SYSTEMS.map((peer) => drain(peer)),
     ...PEER_SYSTEMS.map((peer) => startLatency(peer)),
+    ...PEER_SYSTEMS.map((peer) => consumerMemory(peer)),
+    ...PEER_SYSTEMS.flatMap((peer) => PROCESS_COUNTS.map((n) => processScaling(peer, n))),
+    ...PEER_SYSTEMS.map((peer) => idleFleet(peer)),
   ];
   const n = sizes.jobs.toLocaleString("en-US");
   const bulk = sizes.bulkBatch.toLocaleString("en-US");
@@ -258,14 +328,247 @@ function plan(sizes: Sizes): Plan {
       peers: peerIds("W3"),
     })),
   ];
-  return { benchmarks, comparisons, peerComparisons };
+  const w6 = "W6 consumer RSS, 1 process";
+  const w7 = `W7 drain ${sizes.scalingJobs.toLocaleString("en-US")} jobs`;
+  peerComparisons.push(
+    ...(["idle_peak_mb", "w2_peak_mb"] as const).map((metric) => ({
+      label: w6,
+      metric,
+      subject: "W6/shoal",
+      peers: peerIds("W6"),
+    })),
+    ...PROCESS_COUNTS.map((n) => ({
+      label: `${w7}, ${n} consumer process${n === 1 ? "" : "es"}`,
+      metric: "rate",
+      subject: `W7/shoal/p${n}`,
+      peers: PEER_SYSTEMS.map((p) => `W7/${p.name}/p${n}`),
+    })),
+    {
+      label: "W10 idle fleet (peers: 4 workers)",
+      metric: "statements_per_s",
+      subject: "W10/shoal",
+      peers: peerIds("W10"),
+    },
+  );
+  return {
+    benchmarks,
+    comparisons,
+    peerComparisons,
+    targets: targets(sizes, soakSizes, shoal),
+  };
+}
+
+function fmt(value: number, digits = 0): string {
+  return Number.isNaN(value) ? "n/a" : value.toFixed(digits);
+}
+
+/** The best peer's median of `key` for `workload` (by the direction given), NaN when none ran. */
+function bestPeerFigure(
+  figure: (id: string, key: string) => number,
+  workload: string,
+  key: string,
+  better: "higher" | "lower",
+): number {
+  const values = PEER_SYSTEMS.map((p) => figure(`${workload}/${p.name}`, key)).filter((v) =>
+    !Number.isNaN(v)
+  );
+  if (values.length === 0) return Number.NaN;
+  return better === "higher" ? Math.max(...values) : Math.min(...values);
+}
+
+/** True/false when every figure was measured, else null (not measured). */
+function judge(figures: number[], met: () => boolean): boolean | null {
+  return figures.some((f) => Number.isNaN(f)) ? null : met();
+}
+
+/** Issue 5's targets, each judged on this run's medians. */
+function targets(sizes: Sizes, soakSizes: SoakSizes, system: System): Target[] {
+  const s = system.name;
+  const concurrency = 10; // shoal's default --concurrency, which W5's consumer runs with
+  const held = soakSizes.holdMs / 1000;
+  return [
+    {
+      workload: "W1a",
+      target: "≥ 1.5× the best peer",
+      check(figure) {
+        const me = figure(`W1a/${s}`, "rate");
+        const peer = bestPeerFigure(figure, "W1a", "rate", "higher");
+        return {
+          measured: `${fmt(me)} vs best peer ${fmt(peer)} jobs/s: ${fmt(me / peer, 2)}×`,
+          met: judge([me, peer], () => me >= 1.5 * peer),
+        };
+      },
+    },
+    {
+      workload: "W1b",
+      target: "≥ 1.2× the best peer and ≥ 0.8× the hand-written floor",
+      check(figure) {
+        const me = figure(`W1b/${s}`, "rate");
+        const peer = bestPeerFigure(figure, "W1b", "rate", "higher");
+        const floor = figure("W1b/hand-written", "rate");
+        return {
+          measured: `${fmt(me / peer, 2)}× best peer, ${fmt(me / floor, 2)}× floor`,
+          met: judge([me, peer, floor], () => me >= 1.2 * peer && me >= 0.8 * floor),
+        };
+      },
+    },
+    {
+      workload: "W2",
+      target: "≥ 2.0× the best peer and ≥ 25% of the pgbench 100-row claim floor",
+      check(figure) {
+        const me = figure(`W2/${s}`, "rate");
+        const peer = bestPeerFigure(figure, "W2", "rate", "higher");
+        const floor = figure("W2/pgbench/b100", "rate");
+        return {
+          measured: `${fmt(me / peer, 2)}× best peer, ${fmt((100 * me) / floor)}% of the floor`,
+          met: judge([me, peer, floor], () => me >= 2 * peer && me >= 0.25 * floor),
+        };
+      },
+    },
+    {
+      workload: "W3",
+      target: "p50 ≤ the hand-written floor's and ≤ 0.7× the best peer's; p99 ≤ 10 ms",
+      check(figure) {
+        const p50 = figure(`W3/${s}`, "p50");
+        const p99 = figure(`W3/${s}`, "p99");
+        const floor = figure("W3/hand-written", "p50");
+        const peer = bestPeerFigure(figure, "W3", "p50", "lower");
+        return {
+          measured: `p50 ${fmt(p50, 2)} ms (floor ${fmt(floor, 2)}, best peer ${
+            fmt(peer, 2)
+          }), p99 ${fmt(p99, 2)} ms`,
+          met: judge([p50, p99, floor, peer], () => p50 <= floor && p50 <= 0.7 * peer && p99 <= 10),
+        };
+      },
+    },
+    {
+      workload: "W4",
+      target: `time per child ≤ ${FAN_OUT_TARGET}× W2's time per job`,
+      check(figure) {
+        const child = figure(`W4/${s}`, "ms_per_child");
+        const job = figure(`W2/${s}`, "ms_per_job");
+        return {
+          measured: `${fmt(child, 3)} vs ${fmt(job, 3)} ms: ${fmt(child / job, 2)}×`,
+          met: judge([child, job], () => child <= FAN_OUT_TARGET * job),
+        };
+      },
+    },
+    {
+      workload: "W5",
+      target: `B's last job starts before 2 × concurrency (${
+        2 * concurrency
+      }) A jobs have started after B's enqueue`,
+      check(figure) {
+        const a = figure(`W5/${s}`, "a_starts");
+        return {
+          measured: `${fmt(a)} A jobs started (B: ${sizes.newcomerJobs} jobs, A: ${
+            sizes.neighbourJobs.toLocaleString("en-US")
+          } ready)`,
+          met: judge([a], () => a < 2 * concurrency),
+        };
+      },
+    },
+    {
+      workload: "W6",
+      target:
+        `idle RSS ≤ ${RSS_IDLE_TARGET} MB, under W2 ≤ ${RSS_W2_TARGET} MB (judged on the peaks)`,
+      check(figure) {
+        const idle = figure(`W6/${s}`, "idle_peak_mb");
+        const busy = figure(`W6/${s}`, "w2_peak_mb");
+        return {
+          measured: `idle peak ${fmt(idle, 1)} MB, under W2 peak ${fmt(busy, 1)} MB`,
+          met: judge([idle, busy], () => idle <= RSS_IDLE_TARGET && busy <= RSS_W2_TARGET),
+        };
+      },
+    },
+    {
+      workload: "W7",
+      target: "4 processes ≥ 1 process (no convoy on 2 cores)",
+      check(figure) {
+        const one = figure(`W7/${s}/p1`, "rate");
+        const two = figure(`W7/${s}/p2`, "rate");
+        const four = figure(`W7/${s}/p4`, "rate");
+        return {
+          measured: `1: ${fmt(one)}, 2: ${fmt(two)}, 4: ${fmt(four)} jobs/s (4 ÷ 1 = ${
+            fmt(four / one, 2)
+          }×)`,
+          met: judge([one, four], () => four >= one),
+        };
+      },
+    },
+    {
+      workload: "W8",
+      target: `last-minute throughput within 10% of the first minute's; table size flat once ` +
+        `steady (late ≤ ${FLAT_GROWTH}× early)`,
+      check(figure) {
+        const ratio = figure(`W8/${s}`, "last_vs_first");
+        const growth = figure(`W8/${s}`, "size_growth");
+        return {
+          measured: `last ÷ first ${fmt(ratio, 2)}×, table late ÷ early ${fmt(growth, 2)}×`,
+          met: judge(
+            [ratio, growth],
+            () => Math.abs(ratio - 1) <= 0.1 && growth <= FLAT_GROWTH,
+          ),
+        };
+      },
+    },
+    {
+      workload: "W9",
+      target: `throughput while a snapshot is held ${held} s ≥ 80% of W8's; backlog back ` +
+        "to the baseline's within 30 s of its end",
+      check(figure) {
+        const ratio = figure(`W9/${s}`, "held_vs_w8");
+        const recovery = figure(`W9/${s}`, "recovery_s");
+        return {
+          measured: `${fmt(100 * ratio)}% of the reference rate, recovered in ${
+            Number.isNaN(recovery) ? "never (within the after phase)" : `${fmt(recovery, 1)} s`
+          }`,
+          met: Number.isNaN(ratio)
+            ? null
+            : ratio >= 0.8 && !Number.isNaN(recovery) && recovery <= 30,
+        };
+      },
+    },
+    {
+      workload: "W10",
+      target: `≤ 2 statements/s in all from an idle fleet (${FLEET.consumers} consumers, ` +
+        `${FLEET.reapers} reapers, ${FLEET.schedulers} schedulers)`,
+      check(figure) {
+        const rate = figure(`W10/${s}`, "statements_per_s");
+        return {
+          measured: `${fmt(rate, 2)} statements/s`,
+          met: judge([rate], () => rate <= 2),
+        };
+      },
+    },
+  ];
 }
 
 interface Args {
   runs: number;
+  /** --runs was given: the soaks run that many times too. */
+  runsExplicit: boolean;
   quick: boolean;
   profile: boolean;
   only: string[];
+  /** --soak, ms. */
+  soakMs: number | null;
+  /** --soak-rate, jobs/s. */
+  soakRate: number | null;
+}
+
+const DURATION = /^(\d+(?:\.\d+)?)(ms|s|m|h)$/;
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+function parseSoak(text: string): number {
+  const match = DURATION.exec(text.trim());
+  const ms = match ? Number(match[1]) * DURATION_UNITS[match[2]!]! : Number.NaN;
+  if (!(ms >= 10_000 && ms <= 24 * 3_600_000)) {
+    throw new Error(
+      `Invalid --soak "${text}": expected a duration from 10s to 24h, like 90s or 10m`,
+    );
+  }
+  return Math.round(ms);
 }
 
 function parse(argv: string[]): Args {
@@ -276,12 +579,17 @@ function parse(argv: string[]): Args {
       quick: { type: "boolean", default: false },
       profile: { type: "boolean", default: false },
       only: { type: "string" },
+      soak: { type: "string" },
+      "soak-rate": { type: "string" },
       help: { type: "boolean", default: false },
     },
     strict: true,
   });
   if (values.help) {
-    print("Usage: deno task bench [--runs N] [--quick] [--only W1a,W2,...] [--profile]\n");
+    print(
+      "Usage: deno task bench [--runs N] [--quick] [--only W1a,W2,...] [--soak 10m] " +
+        "[--soak-rate JOBS_PER_S] [--profile]\n",
+    );
     Deno.exit(0);
   }
   const runs = values.runs === undefined ? (values.quick ? 1 : 3) : Number(values.runs);
@@ -289,7 +597,62 @@ function parse(argv: string[]): Args {
     throw new Error(`Invalid --runs "${values.runs}": expected an integer from 1 to 50`);
   }
   const only = values.only ? values.only.split(",").map((s) => s.trim()).filter(Boolean) : [];
-  return { runs, quick: values.quick, profile: values.profile, only };
+  const soakRate = values["soak-rate"] === undefined ? null : Number(values["soak-rate"]);
+  if (soakRate !== null && !(Number.isFinite(soakRate) && soakRate >= 1 && soakRate <= 1e6)) {
+    throw new Error(
+      `Invalid --soak-rate "${values["soak-rate"]}": expected jobs per second from 1 to 1000000`,
+    );
+  }
+  return {
+    runs,
+    runsExplicit: values.runs !== undefined,
+    quick: values.quick,
+    profile: values.profile,
+    only,
+    soakMs: values.soak === undefined ? null : parseSoak(values.soak),
+    soakRate,
+  };
+}
+
+function soakSizes(args: Args): SoakSizes {
+  const base = args.quick ? SOAK_QUICK : SOAK_FULL;
+  return { ...base, soakMs: args.soakMs ?? base.soakMs, fixedRate: args.soakRate };
+}
+
+/** How the soaks and W10 ran, for the report's list of workloads. */
+function soakNotes(soakSizes: SoakSizes, statementsServer: string): string[] {
+  const s = (ms: number) => `${ms / 1000} s`;
+  const rate = soakSizes.fixedRate !== null
+    ? `${soakSizes.fixedRate} jobs/s (--soak-rate)`
+    : `${Math.round(soakSizes.rateShare * 100)}% of W2/shoal's median rate measured earlier ` +
+      "in the same bench run (or of one W2 drain run for calibration when W2 is not selected)";
+  return [
+    `W8 (soak): one consumer process (defaults) under a steady producer at ${rate}, for ` +
+    `${s(soakSizes.soakMs)}, sampled every ${s(soakSizes.soakSampleMs)}: jobs done ` +
+    "(committed by the producer minus still in the queue), backlog, pg_total_relation_size " +
+    "of shoal.jobs (indexes and TOAST included), live and dead tuples and autovacuum count " +
+    "(pg_stat_user_tables). Rate = the median of the samples' done/s; last ÷ first compares " +
+    "the first and last minute (quarters when the soak is shorter than 4 minutes); table " +
+    "late ÷ early compares the largest size in the last quarter with the largest in the " +
+    "second quarter. Runs once per bench run unless --runs is given explicitly. Peers are " +
+    "not measured (a 10-minute soak each would triple the full run).",
+    `W9 (snapshot held open): the same producer rate and consumer; a baseline of ` +
+    `${s(soakSizes.holdBeforeMs)}, then another session holds \`begin isolation level ` +
+    "repeatable read; select … from pg_catalog.pg_class\` open (idle in transaction, its " +
+    `backend_xmin recorded) for ${s(soakSizes.holdMs)}, then ${
+      s(soakSizes.holdAfterMs)
+    } after its commit; sampled every ${s(soakSizes.holdSampleMs)}. Held rate = jobs done ` +
+    "per second while it was open, set beside W8's median rate from the same bench run (or " +
+    "W9's own baseline when W8 did not run). Recovery = seconds from its commit until the " +
+    "backlog is back under twice the baseline's largest backlog (at least half a second of " +
+    "jobs), at the sampling resolution; n/a when it never got there within the after phase. " +
+    "Runs once per bench run unless --runs is given explicitly; peers not measured.",
+    `W10 (idle fleet): ${statementsServer}. shoal: ${FLEET.consumers} consumers, ` +
+    `${FLEET.reapers} reapers and ${FLEET.schedulers} schedulers (main.ts --role …, ` +
+    "defaults); peers: 4 worker processes each (their maintenance and cron run inside). " +
+    "Counters reset 3 s after the last process logged its start; top-level statements of " +
+    "the run's database only, the bench's own statements excluded.",
+  ];
 }
 
 function selected(benchmark: Benchmark, only: string[]): boolean {
@@ -352,7 +715,8 @@ async function environment(server: BenchServer): Promise<Record<string, string>>
 
 async function runAll(args: Args): Promise<number> {
   const sizes = args.quick ? QUICK : FULL;
-  const { benchmarks, comparisons, peerComparisons } = plan(sizes);
+  const soaks = soakSizes(args);
+  const { benchmarks, comparisons, peerComparisons, targets } = plan(sizes, soaks);
   const chosen = benchmarks.filter((b) => selected(b, args.only));
   if (chosen.length === 0) throw new Error(`--only ${args.only.join(",")} matches no benchmark`);
   const peersChosen = PEER_SYSTEMS.filter((p) => chosen.some((b) => b.system === p.name));
@@ -361,8 +725,34 @@ async function runAll(args: Args): Promise<number> {
   const t0 = performance.now();
   say(Deno.env.get("DATABASE_URL") ? "Using DATABASE_URL..." : "Starting a throwaway Postgres...");
   const server = await startServer({ profile: args.profile });
+  // W10's server with pg_stat_statements: started on first use, stopped with the rest.
+  let statements: Promise<BenchServer> | null = null;
+  let statementsNote = "not run";
+  const statementsServer = (): Promise<BenchServer> => {
+    statements ??= (async () => {
+      if (args.profile || !server.owned) {
+        if (!await hasStatementStats(server.url)) {
+          throw new Error(
+            "W10 needs pg_stat_statements in shared_preload_libraries of the DATABASE_URL server",
+          );
+        }
+        statementsNote = "on the benchmark's own server (pg_stat_statements already preloaded)";
+        return server;
+      }
+      say("Starting a second throwaway Postgres with pg_stat_statements for W10...");
+      const started = await startServer({ profile: true, track: "top" });
+      statementsNote = "on a second throwaway cluster like the first, plus " +
+        "shared_preload_libraries = pg_stat_statements, pg_stat_statements.track = top";
+      return started;
+    })();
+    return statements;
+  };
   const stopEverything = async () => {
     await stopAllChildren();
+    if (statements) {
+      const second = await statements.catch(() => null); // its failure was reported by W10
+      if (second && second !== server) await second.stop();
+    }
     await server.stop();
   };
   let interrupted = false;
@@ -383,37 +773,54 @@ async function runAll(args: Args): Promise<number> {
   let failures = 0;
   try {
     const env = await environment(server);
-    const ctx: BenchContext = { server, sizes, profile: args.profile };
     const results: BenchmarkResult[] = chosen.map((benchmark) => ({
       benchmark,
       runs: [],
       errors: [],
     }));
+    const ctx: BenchContext = {
+      server,
+      sizes,
+      profile: args.profile,
+      soak: soaks,
+      figure(id, key) {
+        const result = results.find((r) => r.benchmark.id === id);
+        const values = (result?.runs ?? []).map((r) => r.values[key]).filter((v): v is number =>
+          v !== undefined
+        );
+        return median(values);
+      },
+      statementsServer,
+    };
     // Runs are interleaved (run 1 of everything, then run 2 ...) so a burst of load from
     // elsewhere on this shared machine spreads over all figures instead of sinking one.
-    for (let run = 1; run <= args.runs; run++) {
+    // Only soaks chosen, --runs not given: one run is all there is to do.
+    const runs = !args.runsExplicit && chosen.every((b) => b.once) ? 1 : args.runs;
+    for (let run = 1; run <= runs; run++) {
       for (const result of results) {
         const b = result.benchmark;
+        if (b.once && run > 1 && !args.runsExplicit) continue;
         try {
           const measured = await b.run(ctx);
           // The machine is shared: keep how busy it was, so a noisy run can be told apart.
           measured.details.load_1m = Number((await machineLoad()).split(" ")[0]);
           result.runs.push(measured);
-          say(`[run ${run}/${args.runs}] ${b.id}: ${describe(b, result)}`);
+          say(`[run ${run}/${runs}] ${b.id}: ${describe(b, result)}`);
         } catch (error) {
           failures++;
           const message = error instanceof Error ? error.message : String(error);
           result.errors.push(`run ${run}: ${message.split("\n")[0]}`);
-          say(`[run ${run}/${args.runs}] ${b.id} FAILED: ${message}`);
+          say(`[run ${run}/${runs}] ${b.id} FAILED: ${message}`);
         }
       }
     }
     env["load average at end"] = await machineLoad();
+    if (statements) env["W10 server"] = statementsNote;
     const input = {
       command: ["deno task bench", ...Deno.args].join(" "),
       startedAt,
       seconds: (performance.now() - t0) / 1000,
-      runs: args.runs,
+      runs,
       quick: args.quick,
       profile: args.profile,
       sizes,
@@ -424,14 +831,17 @@ async function runAll(args: Args): Promise<number> {
         results.some((r) => r.benchmark.id === c.subject) ||
         results.some((r) => r.benchmark.id === c.floor)
       ),
+      // A row needs a peer's figure: shoal's own are in the other tables.
       peerComparisons: peerComparisons.filter((c) =>
-        results.some((r) => r.benchmark.id === c.subject || c.peers.includes(r.benchmark.id))
+        results.some((r) => c.peers.includes(r.benchmark.id))
       ),
       peers: peersChosen.map((p) => ({
         name: p.name,
         settings: p.defaultSettings,
         enqueue: PEER_ENQUEUE[p.name] ?? "not stated",
       })),
+      targets: targets.filter((t) => results.some((r) => r.benchmark.workload === t.workload)),
+      soakNotes: soakNotes(soaks, statementsNote),
     };
     const dir = new URL("results/", import.meta.url);
     await Deno.mkdir(dir, { recursive: true });
@@ -442,7 +852,7 @@ async function runAll(args: Args): Promise<number> {
       JSON.stringify(jsonReport(input), null, 2) + "\n",
     );
     const peers = peerTable(input);
-    print("\n" + (peers ? `${peers}\n` : "") + summaryTable(input));
+    print("\n" + targetTable(input) + "\n" + (peers ? `${peers}\n` : "") + summaryTable(input));
     say(`Wrote bench/results/${base}.md and ${base}.json (${input.seconds.toFixed(0)} s)`);
   } finally {
     Deno.removeSignalListener("SIGINT", onSignal);

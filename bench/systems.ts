@@ -16,8 +16,11 @@ import { Child, epochMs } from "./harness.ts";
 export type BenchJob =
   /** Nothing (throughput). */
   | { kind: "noop" }
-  /** Record its start time beside `enqueuedAt` in `bench.starts` (start latency). */
-  | { kind: "stamp"; enqueuedAt: number };
+  /**
+   * Record its start time beside `enqueuedAt` in `bench.starts` (start latency, W5's start
+   * order); `fairnessKey` where the system has fairness keys (W5).
+   */
+  | { kind: "stamp"; enqueuedAt: number; fairnessKey?: string };
 
 export interface ConsumerSpec {
   /** Jobs run at once; undefined means the system's default. */
@@ -110,7 +113,17 @@ export interface System {
   count(sql: Sql): Promise<number>;
   /** Fan-out / fan-in, for systems that have it (W4 measures only these). */
   fanOut?: FanOutDriver;
+  /** The table holding its jobs, as a relation name (W8 and W9 sample its size). */
+  jobsTable: string;
+  /**
+   * Start one process of a maintenance role (W10's idle fleet), for systems that run them
+   * apart from their workers.
+   */
+  spawnRole?(url: string, role: MaintenanceRole): ConsumerProcess;
 }
+
+/** shoal's leader-elected roles beside its consumers. */
+export type MaintenanceRole = "reaper" | "scheduler";
 
 const ROOT = new URL("../", import.meta.url);
 
@@ -136,9 +149,10 @@ export function sqlProducer(url: string, options: ProducerOptions, how: SqlEnque
 }
 
 function shoalSpec(job: BenchJob): JobSpec {
-  return job.kind === "noop"
-    ? { task: "shoal.noop", payload: {} }
-    : { task: "bench.stamp", payload: { t: job.enqueuedAt } };
+  if (job.kind === "noop") return { task: "shoal.noop", payload: {} };
+  const spec: JobSpec = { task: "bench.stamp", payload: { t: job.enqueuedAt } };
+  if (job.fairnessKey !== undefined) spec.fairnessKey = job.fairnessKey;
+  return spec;
 }
 
 /** Parse the `@timestamp` of a JSON log line; NaN when it is not one. */
@@ -152,17 +166,55 @@ function logTime(line: string): number {
   }
 }
 
-/** The consumer's "started" line: logged right before its claim loop begins. */
-function isConsumerStarted(line: string): boolean {
+/**
+ * A role's "started" line (the consumer logs it right before its claim loop begins, the
+ * reaper and scheduler before their leader loop).
+ */
+function isStartedLine(role: string, line: string): boolean {
   if (!line.startsWith("{")) return false;
   try {
     const record = JSON.parse(line) as Record<string, unknown>;
-    return String(record.logger ?? "").endsWith("consumer") &&
+    return String(record.logger ?? "").endsWith(role) &&
       /started/i.test(String(record.message ?? ""));
   } catch {
     // A line that looks like JSON but is not a log record: not the one we wait for.
     return false;
   }
+}
+
+/** One `main.ts` process of shoal in `role`, with its defaults plus `extra` flags. */
+function spawnShoal(
+  url: string,
+  role: "consumer" | MaintenanceRole,
+  entry: string,
+  extra: string[],
+): ConsumerProcess {
+  const args = ["run", "-A", new URL(entry, ROOT).pathname, "--role", role, ...extra];
+  const child = new Child(`shoal ${role} (${entry})`, args, { DATABASE_URL: url });
+  const started = child.waitForLine(
+    `its '${role} started' log line`,
+    (line) => isStartedLine(role, line),
+    60_000,
+  ).then((line) => {
+    const at = logTime(line);
+    return Number.isNaN(at) ? epochMs() : at;
+  });
+  started.catch(() => {}); // the workload awaits it; a failure is reported there
+  return {
+    pid: child.process.pid,
+    started,
+    async stop() {
+      const status = await child.stop();
+      if (status.code !== 0) {
+        throw new Error(
+          `shoal ${role} exited with code ${status.code}; its output:\n${
+            child.output().slice(-3000)
+          }`,
+        );
+      }
+    },
+    output: () => child.output(),
+  };
 }
 
 /** shoal's fan-out: the built-in `shoal.chord` task started as a new execution. */
@@ -253,31 +305,11 @@ export const shoal: System = {
     // The stock binary for noop throughput; the bench entry (same `main`, one more task)
     // when jobs must record their start.
     const entry = spec.stamp ? "bench/bench_main.ts" : "main.ts";
-    const args = ["run", "-A", new URL(entry, ROOT).pathname, "--role", "consumer"];
-    if (spec.concurrency !== undefined) args.push("--concurrency", String(spec.concurrency));
-    const child = new Child(`shoal consumer (${entry})`, args, { DATABASE_URL: url });
-    const started = child.waitForLine("its 'Consumer started' log line", isConsumerStarted, 60_000)
-      .then((line) => {
-        const at = logTime(line);
-        return Number.isNaN(at) ? epochMs() : at;
-      });
-    started.catch(() => {}); // the workload awaits it; a failure is reported there
-    return {
-      pid: child.process.pid,
-      started,
-      async stop() {
-        const status = await child.stop();
-        if (status.code !== 0) {
-          throw new Error(
-            `shoal consumer exited with code ${status.code}; its output:\n${
-              child.output().slice(-3000)
-            }`,
-          );
-        }
-      },
-      output: () => child.output(),
-    };
+    const extra = spec.concurrency === undefined ? [] : ["--concurrency", String(spec.concurrency)];
+    return spawnShoal(url, "consumer", entry, extra);
   },
+  spawnRole: (url, role) => spawnShoal(url, role, "main.ts", []),
+  jobsTable: "shoal.jobs",
   async isEmpty(sql) {
     const [row] = await sql<{ empty: boolean }[]>`
       select not exists (select 1 from shoal.jobs order by id limit 1) as empty`;

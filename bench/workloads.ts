@@ -12,7 +12,10 @@
  * - W4  fan-out: one workflow of N no-op children plus one no-op callback, started the
  *       way a user would before the consumer is up, drained by one real consumer process
  *       from the moment it starts working until the workflow is completed (systems with
- *       a `fanOut` driver only).
+ *       a `fanOut` driver only);
+ * - W5..W10 live beside this file: fairness.ts (W5 noisy neighbour), memory.ts (W6 consumer
+ *   RSS), scaling.ts (W7 1, 2 and 4 consumer processes), soak.ts (W8 steady-rate soak, W9
+ *   the same with a transaction held open), idle.ts (W10 statements sent by an idle fleet).
  *
  * Every run gets a fresh database with the system's schema installed from empty.
  *
@@ -47,6 +50,34 @@ export interface Sizes {
   latencyRate: number;
   /** Children of W4's one fan-out. */
   fanOutChildren: number;
+  /** W5: ready jobs of fairness key A when key B arrives. */
+  neighbourJobs: number;
+  /** W5: jobs key B enqueues (in one call). */
+  newcomerJobs: number;
+  /** W6: how long the idle consumer is sampled, ms. */
+  idleRssMs: number;
+  /** W7: jobs drained by 1, 2 and 4 consumer processes. */
+  scalingJobs: number;
+  /** W10: how long the idle fleet is counted, ms. */
+  idleFleetMs: number;
+}
+
+/** The soak workloads' timing (W8, W9). */
+export interface SoakSizes {
+  /** W8's length, ms (`--soak`). */
+  soakMs: number;
+  /** W8's sampling period, ms. */
+  soakSampleMs: number;
+  /** W9's phases, ms: before, while and after another session holds a snapshot open. */
+  holdBeforeMs: number;
+  holdMs: number;
+  holdAfterMs: number;
+  /** W9's sampling period, ms. */
+  holdSampleMs: number;
+  /** The steady producer's rate as a share of W2/shoal's rate in the same run. */
+  rateShare: number;
+  /** `--soak-rate`: a fixed producer rate (jobs/s) instead of the share of W2's. */
+  fixedRate: number | null;
 }
 
 export interface BenchContext {
@@ -54,6 +85,14 @@ export interface BenchContext {
   sizes: Sizes;
   /** Collect pg_stat_statements per run (the server was started with it preloaded). */
   profile: boolean;
+  soak: SoakSizes;
+  /** The median so far in this bench run of a benchmark's metric; NaN when not measured. */
+  figure(id: string, key: string): number;
+  /**
+   * A server with pg_stat_statements preloaded (W10): a second throwaway cluster started
+   * on first use, so the other figures keep a server without it.
+   */
+  statementsServer(): Promise<BenchServer>;
 }
 
 export interface Metric {
@@ -72,7 +111,7 @@ export interface RunResult {
 export interface Benchmark {
   /** Unique, stable id: `W2/shoal`, `W2/shoal/c100`, `W1a/pgbench` ... */
   id: string;
-  workload: "W1a" | "W1b" | "W2" | "W3" | "W4";
+  workload: "W1a" | "W1b" | "W2" | "W3" | "W4" | "W5" | "W6" | "W7" | "W8" | "W9" | "W10";
   /** Which system (or floor) this measures. */
   system: string;
   /** What it measures, in a few words. */
@@ -80,6 +119,8 @@ export interface Benchmark {
   /** Every setting that matters to the figure. */
   settings: string;
   metrics: Metric[];
+  /** Run once per bench run, whatever `--runs` says, unless `--runs` is given explicitly (soaks). */
+  once?: boolean;
   run(ctx: BenchContext): Promise<RunResult>;
 }
 
@@ -97,7 +138,7 @@ const LATENCY: Metric[] = [
 ];
 
 /** Pre-enqueue `total` no-op jobs in calls of `batch` through one producer connection. */
-async function enqueueAll(
+export async function enqueueAll(
   system: System,
   url: string,
   total: number,
@@ -117,7 +158,7 @@ async function enqueueAll(
   }
 }
 
-async function checkCount(system: System, sql: Sql, expected: number): Promise<void> {
+export async function checkCount(system: System, sql: Sql, expected: number): Promise<void> {
   const found = await system.count(sql);
   if (found !== expected) {
     throw new Error(`${system.name} holds ${found} jobs after enqueueing ${expected}`);
@@ -273,7 +314,7 @@ const STALL_MS = 30_000;
  * arrived) every few seconds and throws, with the consumer's output, when that figure has
  * not changed for STALL_MS.
  */
-function stallGuard(
+export function stallGuard(
   what: string,
   consumer: ConsumerProcess,
   isDone: () => Promise<boolean>,
