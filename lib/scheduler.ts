@@ -141,6 +141,13 @@ async function fireOne(
 export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<TickResult> {
   const result: TickResult = { fired: 0, baselined: 0, disabled: 0, failed: 0, nextDueInMs: null };
   const skip: string[] = [];
+  // Nothing due: one cheap read and no fenced transaction, so an idle scheduler costs
+  // Postgres next to nothing (it sleeps until the next slot or its interval).
+  let dueMs = await nextDueInMs(sql, options.now ?? null, skip);
+  if (dueMs === null || dueMs > 0) {
+    result.nextDueInMs = dueMs;
+    return result;
+  }
   for (let i = 0; i < (options.limit ?? TICK_LIMIT); i++) {
     const done = await fireOne(sql, options, skip);
     if (done.outcome === "none") break;
@@ -148,13 +155,21 @@ export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<Tic
     if (done.outcome === "fired") metrics.scheduleFired(done.name!, done.lagMs!); // committed
     if (done.outcome === "failed") skip.push(done.name!);
   }
-  const now = options.now ?? null;
+  dueMs = await nextDueInMs(sql, options.now ?? null, skip);
+  result.nextDueInMs = dueMs === null ? null : Math.max(0, dueMs);
+  return result;
+}
+
+/**
+ * Milliseconds until the soonest enabled schedule is due (at most 0 when one is due now,
+ * or needs its first slot worked out), or null when there is none.
+ */
+async function nextDueInMs(sql: Sql, now: Date | null, skip: string[]): Promise<number | null> {
   const [due] = await sql<{ ms: number | null }[]>`
     select (extract(epoch from min(coalesce(next_run_at, coalesce(${now}::timestamptz, now())))
              - coalesce(${now}::timestamptz, now())) * 1000)::float8 as ms
     from shoal.schedules where enabled and not (name = any(${skip}::text[]))`;
-  result.nextDueInMs = due?.ms === null || due?.ms === undefined ? null : Math.max(0, due.ms);
-  return result;
+  return due?.ms ?? null;
 }
 
 export interface SchedulerOptions {
