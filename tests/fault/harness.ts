@@ -494,16 +494,20 @@ export interface OwnCluster {
   [Symbol.asyncDispose](): Promise<void>;
 }
 
-async function pgCtl(bin: string, args: string[]): Promise<void> {
+/**
+ * Run pg_ctl as the postgres OS user. Its output goes nowhere: the server it starts would
+ * inherit a pipe and hold it open for its whole life (the server logs to `-l` instead).
+ */
+async function pgCtl(bin: string, log: string, args: string[]): Promise<void> {
   const out = await new Deno.Command("runuser", {
     args: ["-u", "postgres", "--", `${bin}/pg_ctl`, ...args],
     stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
+    stdout: "null",
+    stderr: "null",
   }).output();
   if (!out.success) {
-    const text = new TextDecoder().decode(out.stderr) + new TextDecoder().decode(out.stdout);
-    throw new Error(`pg_ctl ${args.at(-1)} failed (exit ${out.code}): ${text.trim()}`);
+    const last = (await Deno.readTextFile(log)).trim().split("\n").slice(-3).join("\n");
+    throw new Error(`pg_ctl ${args.at(-1)} failed (exit ${out.code}): ${last}`);
   }
 }
 
@@ -538,17 +542,18 @@ export async function ownCluster(): Promise<OwnCluster> {
     `-c synchronous_commit=off`,
   ].join(" ");
   let down = false;
+  const log = `${pg.dir}/postgres.log`;
   const start = async () => {
-    const log = `${pg.dir}/postgres.log`;
-    await pgCtl(bin, ["-D", data, "-l", log, "-o", settings, "-w", "-t", "60", "start"]);
+    await pgCtl(bin, log, ["-D", data, "-l", log, "-o", settings, "-w", "-t", "60", "start"]);
     down = false;
   };
   return {
     pg,
     url: url.toString(),
-    restart: () => pgCtl(bin, ["-D", data, "-m", "fast", "-w", "-t", "60", "restart"]),
+    restart: () =>
+      pgCtl(bin, log, ["-D", data, "-l", log, "-m", "fast", "-w", "-t", "60", "restart"]),
     async stop() {
-      await pgCtl(bin, ["-D", data, "-m", "fast", "-w", "-t", "60", "stop"]);
+      await pgCtl(bin, log, ["-D", data, "-m", "fast", "-w", "-t", "60", "stop"]);
       down = true;
     },
     start,
