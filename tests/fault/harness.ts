@@ -57,8 +57,8 @@ export interface MixedRunOptions {
   consumers?: number;
   reapers?: number;
   schedulers?: number;
-  /** Extra flags for every process (e.g. --no-listen --no-prepare). */
-  flags?: string[];
+  /** Extra flags for each role's processes (e.g. --no-listen --no-prepare). */
+  flags?: (role: Role) => string[];
   /** Lease of the leader roles (their interval is a seventh of it). */
   lease?: string;
 }
@@ -204,7 +204,7 @@ export class MixedRun {
     const proc = spawnShoal(
       [
         ...roleFlags(role, this.#options.lease ?? "2s"),
-        ...(this.#options.flags ?? []),
+        ...(this.#options.flags?.(role) ?? []),
         ...extraFlags,
       ],
       { url: withApplicationName(this.url, `shoal ${name}`), mainModule: TEST_MAIN },
