@@ -2,6 +2,12 @@
  * Fault 3: Postgres restarted (`pg_ctl restart -m fast`) in the middle of the mixed run.
  * The test runs its own throwaway cluster (lib/local_pg.ts), so restarting it disturbs no
  * other test. Every session dies at once; shoal reconnects and finishes the run.
+ *
+ * Kept out of the suite (not named *_test.ts) until postgres.js is fixed: in about half
+ * the runs (with or without the nextWrite patch) a consumer never finishes shutting down,
+ * because a statement sent on a connection the restart killed never settles (its error,
+ * 57P01, surfaces on later statements up to 15 s after the restart). Every invariant of
+ * the run itself holds. Run it by name: `deno task test tests/fault/restart_scenario.ts`.
  */
 import { assert } from "../assert.ts";
 import { waitFor } from "../helpers.ts";
