@@ -15,7 +15,7 @@
  * @module
  */
 import type { Sql } from "./db.ts";
-import { isDataError, retryOnce } from "./db.ts";
+import { isDataError, retryOnce, settleWithin, STATEMENT_DEADLINE_MS } from "./db.ts";
 import { formatDuration, MAX_TIMER_MS } from "./duration.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, type Logger, logger } from "./log.ts";
@@ -640,12 +640,18 @@ export async function runConsumer(
     const limit = room();
     if (limit > 0 && buffer.length <= lowWater()) {
       try {
-        const { jobs, poisoned } = await claim(sql, {
-          queues: options.queues,
-          limit,
-          workerId,
-          visibilityMs: options.visibilityTimeoutMs,
-        });
+        // A claim on a connection Postgres just killed can stay unsettled for good (see
+        // settleWithin); past the deadline it counts as a lost connection and is retried.
+        const { jobs, poisoned } = await settleWithin(
+          "claim",
+          claim(sql, {
+            queues: options.queues,
+            limit,
+            workerId,
+            visibilityMs: options.visibilityTimeoutMs,
+          }),
+          STATEMENT_DEADLINE_MS,
+        );
         errorStreak = 0;
         metrics.jobsClaimed(jobs);
         metrics.jobsPoisoned(poisoned);

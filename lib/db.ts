@@ -94,6 +94,7 @@ const CONNECTION_ERROR_CODES = new Set([
   "57P01", // admin_shutdown (pg_terminate_backend, fast shutdown)
   "57P02", // crash_shutdown
   "57P03", // cannot_connect_now (starting up, shutting down)
+  "STATEMENT_STALLED", // see settleWithin
 ]);
 
 /** True when the error means the connection went away, not that the statement was wrong. */
@@ -119,20 +120,47 @@ export function isDataError(error: unknown): boolean {
   return typeof code === "string" && /^(22|23|54)/.test(code);
 }
 
+/** How long shoal's own statements may take before their connection is presumed dead. */
+export const STATEMENT_DEADLINE_MS = 10_000;
+
+/**
+ * Settle with `work`, or reject with a connection error (code STATEMENT_STALLED) once
+ * `ms` pass. postgres.js can leave a statement sent on a connection Postgres just killed
+ * (a restart, an outage, pg_terminate_backend) unsettled for good: without a deadline the
+ * caller, and a shutdown waiting on it, waits forever. The statement itself is abandoned;
+ * closing the pool ends its connection.
+ */
+export function settleWithin<T>(what: string, work: Promise<T>, ms: number): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const stalled = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const error = new Error(`The ${what} statement did not settle within ${ms} ms`);
+      reject(Object.assign(error, { code: "STATEMENT_STALLED" }));
+    }, ms);
+  });
+  // A rejection after the deadline won the race has been accounted for.
+  work.catch(() => {});
+  return Promise.race([work, stalled]).finally(() => clearTimeout(timer));
+}
+
 /**
  * Run an idempotent (token-fenced) statement, and once more if the first try lost its
- * connection (PgBouncer or a firewall reaped an idle one) or was chosen as a deadlock
- * victim. Any other error is not retried.
+ * connection (PgBouncer or a firewall reaped an idle one, or it stalled past the deadline)
+ * or was chosen as a deadlock victim. Any other error is not retried.
  */
-export async function retryOnce<T>(what: string, run: () => Promise<T>): Promise<T> {
+export async function retryOnce<T>(
+  what: string,
+  run: () => Promise<T>,
+  deadlineMs: number = STATEMENT_DEADLINE_MS,
+): Promise<T> {
   try {
-    return await run();
+    return await settleWithin(what, run(), deadlineMs);
   } catch (error) {
     if (!isConnectionError(error) && !isTransientConflict(error)) throw error;
     logger("db").warn("Connection lost during {what}, retrying once: {error}", {
       what,
       error: describeError(error),
     });
-    return await run();
+    return await settleWithin(what, run(), deadlineMs);
   }
 }

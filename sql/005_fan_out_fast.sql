@@ -212,15 +212,17 @@ declare
   e record;
   ordered jsonb;
 begin
+  -- Each side reaches shoal.jobs by primary key: a join filter between the input and the
+  -- locked rows is quadratic in the batch, and a consumer's batch holds hundreds.
   with locked as (
-    select j.id from shoal.jobs j where j.id = any(ids) order by j.id for update
+    select j.id, u.ord from unnest(ids, tokens) with ordinality as u(id, token, ord)
+    join shoal.jobs j on j.id = u.id and j.token = u.token
+    order by j.id for update of j
   ),
   deleted as (
-    delete from shoal.jobs j
-    using unnest(ids, tokens) with ordinality as u(id, token, ord), locked l
-    where j.id = u.id and j.token = u.token and l.id = j.id
+    delete from shoal.jobs j using locked l where j.id = l.id
     returning j.id, j.execution_id, j.barrier_id, j.child_index,
-              coalesce(results->(u.ord::integer - 1), 'null'::jsonb) as result, u.ord
+              coalesce(results->(l.ord::integer - 1), 'null'::jsonb) as result, l.ord
   ),
   open_barriers as (
     select x.id from shoal.barriers x

@@ -1,7 +1,7 @@
 /**
  * Fault 4a: the database unreachable at start. A role says so in one clear line and exits
  * non-zero (the CLI contract in design.md: no stack trace, no hang), and one started once
- * the database is back runs. The 10 s outage mid-run is tests/fault/outage_scenario.ts.
+ * the database is back runs. The 10 s outage mid-run is tests/fault/outage_mid_run_test.ts.
  */
 import { assert, assertEquals } from "../assert.ts";
 import { exitWithin, spawnShoal, TEST_MAIN, waitFor } from "../helpers.ts";

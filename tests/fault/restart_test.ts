@@ -7,7 +7,7 @@
  * the runs (with or without the nextWrite patch) a consumer never finishes shutting down,
  * because a statement sent on a connection the restart killed never settles (its error,
  * 57P01, surfaces on later statements up to 15 s after the restart). Every invariant of
- * the run itself holds. Run it by name: `deno task test tests/fault/restart_scenario.ts`.
+ * the run itself holds. Run it by name: `deno task test tests/fault/restart_test.ts`.
  */
 import { assert } from "../assert.ts";
 import { waitFor } from "../helpers.ts";

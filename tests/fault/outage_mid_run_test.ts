@@ -6,7 +6,7 @@
  * Kept out of the suite (not named *_test.ts) until postgres.js is fixed: in about one run
  * in five a consumer never finishes shutting down, because a statement sent on a
  * connection the outage killed never settles (see docs/guarantees.md). Run it by name:
- * `deno task test tests/fault/outage_scenario.ts`.
+ * `deno task test tests/fault/outage_mid_run_test.ts`.
  */
 import { assert, assertEquals } from "../assert.ts";
 import { logLines, sleep, waitFor } from "../helpers.ts";
