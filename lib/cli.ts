@@ -33,7 +33,7 @@ import {
 } from "./schedule.ts";
 import { runScheduler } from "./scheduler.ts";
 import { HttpServer } from "./http.ts";
-import { metrics } from "./metrics.ts";
+import { enableMetrics } from "./metrics.ts";
 import { connect, isConnectionError, redactUrl, type Sql } from "./db.ts";
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
@@ -439,12 +439,13 @@ function healthWindowMs(opts: Resolved, roles: string[]): number {
   return Math.max(1000, 3 * Math.max(...waits));
 }
 
-/** Start the `--http` server when asked for; null when not. */
-function startHttp(sql: Sql, opts: Resolved, roles: string[]): HttpServer | null {
+/** Start the `--http` server when asked for (and metrics with it); null when not. */
+async function startHttp(sql: Sql, opts: Resolved, roles: string[]): Promise<HttpServer | null> {
   if (typeof opts.http !== "string") return null;
-  return new HttpServer(parseListenAddress(opts.http), {
+  const address = parseListenAddress(opts.http);
+  return new HttpServer(address, {
     sql,
-    metrics,
+    metrics: await enableMetrics(),
     healthWindowMs: healthWindowMs(opts, roles),
   });
 }
@@ -490,7 +491,7 @@ async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<num
         });
       }
       // Up before migrations, so /readyz says "starting" while they run.
-      const http = startHttp(sql, opts, roles);
+      const http = await startHttp(sql, opts, roles);
       try {
         return await runRoles(sql, opts, roles, leader, tasks, http);
       } finally {

@@ -6,16 +6,27 @@
  *
  * The exposition format comes from prom-client (runs under Deno through npm, with no
  * Node-only dependency on this path: default Node process metrics are not collected).
+ * It is loaded only by a process that serves /metrics ({@link enableMetrics}): it holds
+ * about 10 MB of memory, a sixth of an idle consumer. Without it the roles report to a
+ * {@link ProcessMetrics} that does nothing.
  * Labels are bounded by what the operator configures (queues, tasks, leases, schedules),
  * never by job ids or payloads.
  *
  * @module
  */
-import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import type { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Db } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { delay } from "./sleep.ts";
 import { queueDepths } from "./status.ts";
+
+type PromClient = typeof import("prom-client");
+let prom: PromClient | null = null;
+
+/** Load prom-client; {@link Metrics} can be built once this resolved. */
+export async function loadPromClient(): Promise<void> {
+  prom ??= await import("prom-client");
+}
 
 /** How a job's attempt ended, as the consumer recorded it. */
 export type JobOutcome =
@@ -74,7 +85,7 @@ interface PerTask {
 
 /** One registry and its metrics; the process-wide one is {@link metrics}. */
 export class Metrics {
-  readonly registry: Registry = new Registry();
+  readonly registry: Registry;
   readonly #claimed: Counter<"queue" | "task">;
   readonly #completed: Counter<"queue" | "task">;
   readonly #failed: Counter<"queue" | "task">;
@@ -92,6 +103,9 @@ export class Metrics {
   #queuesReading: Promise<void> | null = null;
 
   constructor() {
+    if (prom === null) throw new Error("Metrics needs loadPromClient() first");
+    const { Counter, Gauge, Histogram, Registry } = prom;
+    this.registry = new Registry();
     const registers = [this.registry];
     const jobCounter = (name: string, help: string) =>
       new Counter({ name, help, labelNames: ["queue", "task"] as const, registers });
@@ -265,5 +279,50 @@ function labels(job: JobLabels): JobLabels {
   return { queue: job.queue, task: job.task };
 }
 
+/**
+ * What the roles report to: forwards to a {@link Metrics} once {@link enableMetrics} ran
+ * (a process serving /metrics), and does nothing otherwise.
+ */
+export class ProcessMetrics {
+  #impl: Metrics | null = null;
+
+  attach(impl: Metrics): void {
+    this.#impl = impl;
+  }
+
+  jobsClaimed(jobs: readonly JobLabels[]): void {
+    this.#impl?.jobsClaimed(jobs);
+  }
+
+  jobFinished(job: JobLabels, outcome: JobOutcome, ms: number): void {
+    this.#impl?.jobFinished(job, outcome, ms);
+  }
+
+  jobsPoisoned(jobs: readonly JobLabels[]): void {
+    this.#impl?.jobsPoisoned(jobs);
+  }
+
+  leaderStatus(lease: string, leading: boolean): void {
+    this.#impl?.leaderStatus(lease, leading);
+  }
+
+  scheduleFired(name: string, lagMs: number): void {
+    this.#impl?.scheduleFired(name, lagMs);
+  }
+
+  /** The exposition text, or "" when metrics are not enabled. */
+  render(db?: Db, waitMs?: number): Promise<string> {
+    return this.#impl ? this.#impl.render(db, waitMs) : Promise.resolve("");
+  }
+}
+
 /** The process-wide metrics every role reports to. */
-export const metrics: Metrics = new Metrics();
+export const metrics: ProcessMetrics = new ProcessMetrics();
+
+/** Load prom-client and make the process-wide metrics real; returns the registry's owner. */
+export async function enableMetrics(): Promise<Metrics> {
+  await loadPromClient();
+  const impl = new Metrics();
+  metrics.attach(impl);
+  return impl;
+}

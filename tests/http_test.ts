@@ -24,8 +24,11 @@ import {
   UsageError,
 } from "../lib/config.ts";
 import { HttpServer } from "../lib/http.ts";
-import { Metrics } from "../lib/metrics.ts";
+import { loadPromClient, Metrics } from "../lib/metrics.ts";
 import { enqueue } from "../lib/queue.ts";
+
+// prom-client loads on demand (only a process serving /metrics needs it).
+await loadPromClient();
 
 /** GET a path; the body is always read (no leaked resource). */
 async function get(

@@ -6,11 +6,15 @@
 import { assert, assertEquals } from "./assert.ts";
 import { testDb } from "./helpers.ts";
 import { enqueue } from "../lib/queue.ts";
-import { Metrics, metrics, QUEUE_CACHE_MS } from "../lib/metrics.ts";
+import { enableMetrics, loadPromClient, Metrics, metrics, QUEUE_CACHE_MS } from "../lib/metrics.ts";
 import { runLeaderLoop } from "../lib/leader.ts";
 import { logger } from "../lib/log.ts";
 import { upsertSchedule } from "../lib/schedule.ts";
 import { tickOnce } from "../lib/scheduler.ts";
+
+// prom-client loads on demand (only a process serving /metrics needs it).
+await loadPromClient();
+await enableMetrics();
 
 /** The value of one sample line (`name{labels}`) in exposition text; undefined if absent. */
 export function sample(text: string, series: string): number | undefined {
