@@ -165,8 +165,11 @@ export function checkJobSpec(spec: JobSpec, maxPayloadBytes: number): Record<str
 class Wakeups {
   /** Enqueues with NOTIFY on that run on this pool now, their wait for a flush included. */
   active = 0;
-  /** NOTIFY payloads (see wakePayloads) owed for committed jobs, not yet taken by a flush. */
-  #owed = new Set<string>();
+  /**
+   * Committed jobs owed a NOTIFY, not yet taken by a flush: their queue and start (null:
+   * now), deduplicated; shoal.notify_jobs turns them into payloads.
+   */
+  #owed = new Map<string, { queue: string; runAt: string | null }>();
   /** The flush on the wire, if any. */
   #sending: Promise<void> | null = null;
   /** The flush that starts when the one on the wire ends; it takes what is owed then. */
@@ -174,9 +177,9 @@ class Wakeups {
 
   constructor(readonly sql: Sql) {}
 
-  /** Owe these NOTIFY payloads for jobs that have committed; resolves once they are sent. */
-  owe(payloads: Iterable<string>): Promise<void> {
-    for (const payload of payloads) this.#owed.add(payload);
+  /** Owe a NOTIFY for these committed jobs; resolves once it is sent. */
+  owe(jobs: readonly JobColumns[]): Promise<void> {
+    for (const { queue, runAt } of jobs) this.#owed.set(`${queue} ${runAt}`, { queue, runAt });
     this.#next ??= this.#afterSending().then(() => this.#send());
     return this.#next;
   }
@@ -189,16 +192,18 @@ class Wakeups {
   async #send(): Promise<void> {
     this.#sending = this.#next;
     this.#next = null;
-    const queues = [...this.#owed];
+    const owed = [...this.#owed.values()];
     this.#owed.clear();
+    const queues = owed.map((o) => o.queue);
     try {
-      await this.sql`select pg_notify('shoal_jobs', q) from unnest(${queues}::text[]) as q`;
+      await this.sql`
+        select shoal.notify_jobs(${queues}::text[], ${owed.map((o) => o.runAt)}::timestamptz[])`;
     } catch (error) {
       // The jobs are committed: failing the enqueue would invite a duplicate. Consumers
       // still find them at their next poll.
       logger("queue").warn(
         "Cannot wake consumers of {queue} after enqueue, they pick the jobs up at their next poll: {error}",
-        { queue: queues.join(","), error: describeError(error) },
+        { queue: [...new Set(queues)].join(","), error: describeError(error) },
       );
     } finally {
       this.#sending = null;
@@ -249,20 +254,6 @@ async function insertJobs(db: Db, jobs: JobColumns[], notify: boolean): Promise<
   return rows.map((r) => ({ id: r.id, inserted: r.inserted }));
 }
 
-/**
- * What the NOTIFY says per queue, like shoal.wake_payload: the queue name when one of its
- * jobs can run now, else "queue@<epoch ms>" of its soonest job.
- */
-function wakePayloads(jobs: JobColumns[]): string[] {
-  const soonest = new Map<string, number>();
-  const now = Date.now();
-  for (const job of jobs) {
-    const at = job.runAt === null ? now : Math.max(now, Date.parse(job.runAt));
-    soonest.set(job.queue, Math.min(soonest.get(job.queue) ?? Infinity, at));
-  }
-  return [...soonest].map(([queue, at]) => at <= now ? queue : `${queue}@${at}`);
-}
-
 /** One optional column of a batch, or null (all defaults) when no job sets it. */
 function column<T>(jobs: JobColumns[], pick: (job: JobColumns) => T | null): (T | null)[] | null {
   let values: (T | null)[] | null = null;
@@ -293,7 +284,7 @@ export async function enqueueMany(
   pool.active++;
   try {
     const results = await insertJobs(db, columns, alone);
-    if (!alone) await pool.owe(wakePayloads(columns));
+    if (!alone) await pool.owe(columns);
     return results;
   } finally {
     pool.active--;
@@ -490,9 +481,7 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     -- Announce when the retry is due, so a listening consumer wakes for it on time
     -- instead of at its next poll.
     woken as (
-      select pg_notify('shoal_jobs',
-        r.queue || '@' || floor(extract(epoch from r.run_at) * 1000)::bigint::text)
-      from retried r
+      select pg_notify('shoal_jobs', shoal.wake_payload(r.queue, r.run_at)) from retried r
     )
     select case when exists (select 1 from buried) then 'dead'
                 when exists (select 1 from retried) then 'retried'

@@ -52,6 +52,30 @@ language sql stable as $$
               else queue || '@' || floor(extract(epoch from run_at) * 1000)::bigint::text end
 $$;
 
+-- Wake listening consumers for jobs on these queues starting at these instants (element i
+-- of each array is one job; a null run_at is now): one NOTIFY per distinct payload, so a
+-- consumer sets a timer for every start time it hears of, not only the soonest of a
+-- batch. At most 100 payloads per queue and call, soonest first; later ones are left
+-- to the consumers' poll.
+create function shoal.notify_jobs(queues text[], run_ats timestamptz[]) returns void
+language plpgsql volatile as $$
+begin
+  -- PERFORM runs the whole query (a SQL function returning void would stop at one row).
+  perform pg_notify('shoal_jobs', w.payload)
+  from (
+    select p.payload,
+           row_number() over (partition by p.queue order by p.at) as n
+    from (
+      select u.queue, shoal.wake_payload(u.queue, u.run_at) as payload,
+             min(coalesce(u.run_at, now())) as at
+      from unnest(queues, run_ats) as u(queue, run_at)
+      group by 1, 2
+    ) p
+  ) w
+  where w.n <= 100;
+end
+$$;
+
 -- One job. Returns its id and inserted = true, or, when a job holding the same dedupe key
 -- is pending or running on the queue, that job's id and inserted = false. Nulls take the
 -- column defaults. notify sends NOTIFY shoal_jobs with the queue name (delivered at commit).
@@ -121,7 +145,7 @@ begin
   end if;
   id := new_id;
   if insert_job.notify then
-    perform pg_notify('shoal_jobs', shoal.wake_payload(insert_job.queue, insert_job.run_at));
+    perform shoal.notify_jobs(array[insert_job.queue], array[insert_job.run_at]);
   end if;
 end
 $$;
@@ -279,10 +303,7 @@ begin
   end if;
 
   if insert_jobs.notify then
-    -- One NOTIFY per queue: for its soonest job (run_at null is now).
-    perform pg_notify('shoal_jobs', shoal.wake_payload(u.queue, min(coalesce(u.run_at, now()))))
-    from unnest(queues, run_ats) as u(queue, run_at)
-    group by u.queue;
+    perform shoal.notify_jobs(queues, run_ats);
   end if;
 
   return query

@@ -394,3 +394,30 @@ Deno.test("runConsumer() with LISTEN and a long poll starts a delayed job when i
     await consumer.stop();
   }
 });
+
+Deno.test("runConsumer() with LISTEN and a long poll starts delayed jobs enqueued concurrently (coalesced NOTIFY) when due", async () => {
+  await using db = await testDb();
+  const started = new Map<string, number>();
+  const task = defineTask({
+    name: "t.later",
+    handler: (_payload, ctx) => void started.set(ctx.job.id, Date.now()),
+  });
+  const consumer = startConsumer(db.sql, [task], { listen: true, pollIntervalMs: 60_000 });
+  try {
+    await sleep(300); // listening, first claim done
+    const base = Date.now() + 600;
+    // Calls in flight together share one NOTIFY sent after their commits (lib/queue.ts
+    // Wakeups): it must still announce the soonest start, not "ready now" or nothing.
+    const dues = Array.from({ length: 10 }, (_, i) => base + i * 100);
+    const ids = await Promise.all(
+      dues.map((due) => enqueue(db.sql, "t.later", {}, { runAt: new Date(due) })),
+    );
+    await waitFor("every delayed job to start", () => started.size === ids.length, 15_000);
+    ids.forEach((id, i) => {
+      const late = started.get(id)! - dues[i]!;
+      assert(late >= -50 && late < 5_000, `job ${id} started ${late} ms after its run_at`);
+    });
+  } finally {
+    await consumer.stop();
+  }
+});

@@ -5,7 +5,7 @@
  * every NOTIFY must arrive after its job is committed.
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
-import { emptyDb, testDb, waitFor } from "./helpers.ts";
+import { emptyDb, sleep, testDb, waitFor } from "./helpers.ts";
 import { connect, type Db, type Sql } from "../lib/db.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { checkJobSpec, enqueue, type Enqueued, enqueueMany, type JobSpec } from "../lib/queue.ts";
@@ -297,4 +297,28 @@ Deno.test("shoal.enqueue() returns, stores and refuses exactly as before 004", a
   assertEquals(await outcomes(after.sql), expected);
   assertEquals(await storedJobs(after.sql), await storedJobs(before.sql));
   assertEquals(expected.filter((o) => Array.isArray(o)).length, 7);
+});
+
+Deno.test("shoal.notify_jobs() announces each distinct start of a batch, at most 100 per queue, soonest first", async () => {
+  await using db = await testDb();
+  const heard: string[] = [];
+  const sub = await db.sql.listen("shoal_jobs", (payload) => void heard.push(payload));
+  try {
+    const base = Date.now() + 60_000;
+    const starts = Array.from({ length: 120 }, (_, i) => new Date(base + i * 1000).toISOString());
+    await db.sql`
+      select shoal.notify_jobs(
+        ${[...starts.map(() => "q"), "q", "r", "r"]}::text[],
+        ${[...starts, null, starts[0]!, starts[0]!]}::timestamptz[])`;
+    await waitFor("the notifications", () => heard.length >= 101);
+    await sleep(300); // and nothing more
+    const q = heard.filter((p) => p === "q" || p.startsWith("q@"));
+    assertEquals(q.length, 100, heard.join(" ")); // "q" (a job ready now), then 99 starts
+    assert(q.includes("q"));
+    assert(q.includes(`q@${base}`) && q.includes(`q@${base + 98_000}`));
+    assert(!q.includes(`q@${base + 99_000}`));
+    assertEquals(heard.filter((p) => p.startsWith("r")), [`r@${base}`]); // deduplicated
+  } finally {
+    await sub.unlisten();
+  }
 });
