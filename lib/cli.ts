@@ -196,10 +196,10 @@ async function withDb(
   extra: readonly OptionName[],
   run: (sql: Sql, opts: Resolved) => Promise<number>,
   applicationName = `shoal ${command}`,
-  check?: (opts: Resolved) => void,
+  check?: (opts: Resolved) => void | Promise<void>,
 ): Promise<number> {
   const opts = await setup(command, parsed, extra);
-  check?.(opts); // flag values are checked before the database is touched
+  await check?.(opts); // flag values are checked before the database is touched
   const url = opts["database-url"];
   if (typeof url !== "string") {
     throw new UsageError("No database: set DATABASE_URL or pass --database-url");
@@ -554,7 +554,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
       const name = oneName("add");
       const extra = ["cron", "task", "queue", "payload", "tz", "priority"] as const;
       let spec: ScheduleSpec | null = null;
-      const check = (opts: Resolved) => {
+      const check = async (opts: Resolved) => {
         if (opts.cron === undefined) throw new UsageError("shoal schedule add needs --cron");
         if (opts.task === undefined) throw new UsageError("shoal schedule add needs --task");
         const payload = parsePayloadFlag(opts);
@@ -568,7 +568,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
           priority: opts.priority as number,
         };
         try {
-          checkSchedule(spec);
+          await checkSchedule(spec);
         } catch (error) {
           throw new UsageError((error as Error).message);
         }

@@ -39,13 +39,13 @@ export interface ScheduleRow {
 }
 
 /** Validate a spec at the boundary; returns it normalised (defaults filled in). */
-export function checkSchedule(spec: ScheduleSpec): Required<ScheduleSpec> {
+export async function checkSchedule(spec: ScheduleSpec): Promise<Required<ScheduleSpec>> {
   if (spec === null || typeof spec !== "object") {
     throw new TypeError("Invalid schedule: expected an object with name, cron and task");
   }
   const name = checkName("schedule", spec.name);
   const tz = checkTimeZone(spec.tz ?? "UTC");
-  const cron = checkCron(spec.cron, tz);
+  const cron = await checkCron(spec.cron, tz);
   const priority = spec.priority ?? 0;
   if (!Number.isInteger(priority) || Math.abs(priority) > 32767) {
     throw new RangeError(
@@ -75,7 +75,7 @@ export async function upsertSchedule(
   spec: ScheduleSpec,
   source: "manual" | "file" = "manual",
 ): Promise<"created" | "updated" | "unchanged"> {
-  const s = checkSchedule(spec);
+  const s = await checkSchedule(spec);
   const [row] = await db<{ created: boolean; changed: boolean }[]>`
     with before as (select * from shoal.schedules where name = ${s.name}::text for update),
     upserted as (
@@ -141,7 +141,7 @@ export interface SyncResult {
  * `shoal schedule add` are left alone (unless the file names them: then the file owns them).
  */
 export async function syncSchedules(sql: Sql, specs: ScheduleSpec[]): Promise<SyncResult> {
-  const checked = specs.map(checkSchedule);
+  const checked = await Promise.all(specs.map(checkSchedule));
   const names = checked.map((s) => s.name);
   const duplicate = names.find((n, i) => names.indexOf(n) !== i);
   if (duplicate) throw new RangeError(`Invalid schedules: "${duplicate}" is named twice`);
@@ -181,18 +181,17 @@ export async function loadSchedulesFile(path: string): Promise<ScheduleSpec[]> {
   if (!Array.isArray(list)) {
     throw new Error(`Cannot use schedules file ${path}: expected a JSON array of schedules`);
   }
-  const specs = list.map((item, i) => {
+  const specs: Required<ScheduleSpec>[] = [];
+  for (const [i, item] of list.entries()) {
     try {
-      return checkSchedule(item as ScheduleSpec);
+      specs.push(await checkSchedule(item as ScheduleSpec));
     } catch (cause) {
       throw new Error(
         `Cannot use schedules file ${path}: entry ${i + 1}: ${(cause as Error).message}`,
-        {
-          cause,
-        },
+        { cause },
       );
     }
-  });
+  }
   // syncSchedules checks this too; checking here refuses the file before any role starts.
   const names = specs.map((s) => s.name);
   const twice = names.findIndex((n, i) => names.indexOf(n) !== i);

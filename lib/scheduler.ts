@@ -75,7 +75,7 @@ async function fireOne(
     if (!row) return { outcome: "none" };
     let next: Date;
     try {
-      next = nextSlot(row.cron, row.tz, row.db_now);
+      next = await nextSlot(row.cron, row.tz, row.db_now);
     } catch (error) {
       await tx`
         update shoal.schedules

@@ -24,13 +24,13 @@ async function firedSlots(db: TestDb, name: string): Promise<string[]> {
   return rows.map((r) => r.key.slice(`schedule:${name}:`.length));
 }
 
-Deno.test("checkCron() accepts 5 and 6 fields and rejects what cron-parser would wrongly accept", () => {
-  checkCron("*/5 * * * *");
-  checkCron("0 */10 * * * *");
+Deno.test("checkCron() accepts 5 and 6 fields and rejects what cron-parser would wrongly accept", async () => {
+  await checkCron("*/5 * * * *");
+  await checkCron("0 */10 * * * *");
   for (const bad of ["", "   ", "* * * *", "* * * * * * *", "61 * * * *", "not cron at all"]) {
     let caught: unknown;
     try {
-      checkCron(bad);
+      await checkCron(bad);
     } catch (error) {
       caught = error;
     }
@@ -39,9 +39,9 @@ Deno.test("checkCron() accepts 5 and 6 fields and rejects what cron-parser would
   }
 });
 
-Deno.test("checkSchedule() rejects bad names, time zones and payloads with one clear line", () => {
+Deno.test("checkSchedule() rejects bad names, time zones and payloads with one clear line", async () => {
   const ok = { name: "nightly", cron: "0 3 * * *", task: "t" };
-  assertEquals(checkSchedule(ok).tz, "UTC");
+  assertEquals((await checkSchedule(ok)).tz, "UTC");
   const cases: [Record<string, unknown>, RegExp][] = [
     [{ ...ok, name: "bad name" }, /Invalid schedule name/],
     [{ ...ok, name: "'; drop table shoal.jobs; --" }, /Invalid schedule name/],
@@ -53,7 +53,7 @@ Deno.test("checkSchedule() rejects bad names, time zones and payloads with one c
   for (const [spec, pattern] of cases) {
     let caught: unknown;
     try {
-      checkSchedule(spec as never);
+      await checkSchedule(spec as never);
     } catch (error) {
       caught = error;
     }
@@ -63,32 +63,32 @@ Deno.test("checkSchedule() rejects bad names, time zones and payloads with one c
   }
 });
 
-Deno.test("nextSlot() fires at the right instants across DST changes in a named time zone", () => {
+Deno.test("nextSlot() fires at the right instants across DST changes in a named time zone", async () => {
   // New York springs forward on 2030-03-10 (02:00 -> 03:00) and falls back on 2030-11-03.
   const tz = "America/New_York";
   // 01:30 local daily: unaffected by the jump, always 01:30 local.
   assertEquals(
-    nextSlot("30 1 * * *", tz, new Date("2030-03-09T12:00:00Z")).toISOString(),
+    (await nextSlot("30 1 * * *", tz, new Date("2030-03-09T12:00:00Z"))).toISOString(),
     "2030-03-10T06:30:00.000Z",
   );
   assertEquals(
-    nextSlot("30 1 * * *", tz, new Date("2030-03-10T12:00:00Z")).toISOString(),
+    (await nextSlot("30 1 * * *", tz, new Date("2030-03-10T12:00:00Z"))).toISOString(),
     "2030-03-11T05:30:00.000Z",
   );
   // 09:00 local: EST (UTC-5) before, EDT (UTC-4) after.
   assertEquals(
-    nextSlot("0 9 * * *", tz, new Date("2030-03-09T15:00:00Z")).toISOString(),
+    (await nextSlot("0 9 * * *", tz, new Date("2030-03-09T15:00:00Z"))).toISOString(),
     "2030-03-10T13:00:00.000Z",
   );
   assertEquals(
-    nextSlot("0 9 * * *", tz, new Date("2030-11-02T14:00:00Z")).toISOString(),
+    (await nextSlot("0 9 * * *", tz, new Date("2030-11-02T14:00:00Z"))).toISOString(),
     "2030-11-03T14:00:00.000Z",
   );
   // Hourly across the fall-back: every real hour fires once, none skipped.
   let t = new Date("2030-11-03T04:30:00Z"); // 00:30 EDT
   const fires: string[] = [];
   for (let i = 0; i < 4; i++) {
-    t = nextSlot("0 * * * *", tz, t);
+    t = await nextSlot("0 * * * *", tz, t);
     fires.push(t.toISOString());
   }
   assertEquals(fires, [
