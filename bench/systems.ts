@@ -182,6 +182,17 @@ function isStartedLine(role: string, line: string): boolean {
   }
 }
 
+/**
+ * The V8 flags shoal runs with, taken from `deno task compile` (the compiled binary embeds
+ * them; `deno task shoal` passes the same), so the bench measures what users run.
+ */
+const V8_FLAGS: string = (() => {
+  const config = JSON.parse(Deno.readTextFileSync(new URL("deno.json", ROOT)));
+  const flag = (config.tasks.compile as string).split(" ").find((a) => a.startsWith("--v8-flags="));
+  if (flag === undefined) throw new Error("deno.json: the compile task has no --v8-flags");
+  return flag;
+})();
+
 /** One `main.ts` process of shoal in `role`, with its defaults plus `extra` flags. */
 function spawnShoal(
   url: string,
@@ -189,7 +200,7 @@ function spawnShoal(
   entry: string,
   extra: string[],
 ): ConsumerProcess {
-  const args = ["run", "-A", new URL(entry, ROOT).pathname, "--role", role, ...extra];
+  const args = ["run", "-A", V8_FLAGS, new URL(entry, ROOT).pathname, "--role", role, ...extra];
   const child = new Child(`shoal ${role} (${entry})`, args, { DATABASE_URL: url });
   const started = child.waitForLine(
     `its '${role} started' log line`,
