@@ -24,6 +24,7 @@ import {
   ack,
   backoffMs,
   claim,
+  type ClaimResult,
   enqueue,
   extend,
   fail,
@@ -285,6 +286,15 @@ class ClaimLostError extends Error {
 }
 
 /** Settle with the handler, or reject as soon as the signal aborts (even if it never settles). */
+/**
+ * Whether `a` ranks no later than `b` in claim order (priority first, then fair_seq), the
+ * bound a probe claims within: a job level with `b` counts, whatever its id.
+ */
+function ranksBy(a: Job, b: Job): boolean {
+  if (a.priority !== b.priority) return a.priority > b.priority;
+  return BigInt(a.fair_seq) <= BigInt(b.fair_seq);
+}
+
 function raceAbort<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
   work.catch(() => {}); // a rejection after the abort won the race is already accounted for
   return new Promise<T>((resolve, reject) => {
@@ -330,6 +340,35 @@ export async function runConsumer(
 
   /** Room for a claim: free slots plus the buffer's free space. */
   const room = () => options.concurrency + target() - running.size - buffer.length;
+
+  /**
+   * Set when jobs were announced (a NOTIFY, a delayed job due): they may rank ahead of
+   * jobs already buffered, so the loop probes for them even with a full buffer.
+   */
+  let announced = false;
+  function announce(): void {
+    announced = true;
+    waker.wake();
+  }
+
+  /**
+   * Take claimed jobs in: those that rank no later than the last buffered job arrived after
+   * the buffer was claimed (a higher priority, or a quiet fairness key's burst) and go
+   * first, in their claim order; the rest join the end. Then free slots take jobs from the
+   * front.
+   */
+  const admit = (jobs: Job[]) => {
+    const last = buffer[buffer.length - 1];
+    if (last === undefined) buffer = buffer.concat(jobs);
+    else {
+      const ahead = jobs.filter((job) => ranksBy(job, last));
+      const behind = ahead.length === 0 ? jobs : jobs.filter((job) => !ranksBy(job, last));
+      buffer = ahead.length === 0 ? buffer.concat(behind) : [...ahead, ...buffer, ...behind];
+    }
+    while (running.size < options.concurrency && buffer.length > 0 && !stop.aborted) {
+      start(buffer.shift()!);
+    }
+  };
 
   const finish = (r: Running) => {
     running.delete(r.job.id);
@@ -598,7 +637,7 @@ export async function runConsumer(
   }, heartbeatEvery);
 
   /** Wakes the loop when the earliest announced delayed job becomes due. */
-  const dueWake = new DueWake(() => waker.wake());
+  const dueWake = new DueWake(announce);
   let unlisten: (() => Promise<void>) | null = null;
   if (options.listen) {
     try {
@@ -612,9 +651,9 @@ export async function runConsumer(
           if (!queues.has(queue)) return;
           const due = at < 0 ? NaN : Number(payload.slice(at + 1));
           if (Number.isFinite(due) && due > Date.now()) dueWake.at(due);
-          else waker.wake();
+          else announce();
         },
-        () => waker.wake(), // (re)connected: catch up on anything missed
+        announce, // (re)connected: catch up on anything missed
       );
       unlisten = sub.unlisten;
     } catch (error) {
@@ -637,18 +676,25 @@ export async function runConsumer(
 
   let errorStreak = 0;
   while (!stop.aborted) {
-    const limit = room();
-    if (limit > 0 && buffer.length <= lowWater()) {
+    // A buffer of a few jobs empties soon enough: probe only past the free slots' worth.
+    const probe: boolean = announced && buffer.length > options.concurrency;
+    announced = false;
+    const last = buffer[buffer.length - 1];
+    const limit: number = probe ? Math.max(options.concurrency, target()) : room();
+    if (probe || (limit > 0 && buffer.length <= lowWater())) {
       try {
         // A claim on a connection Postgres just killed can stay unsettled for good (see
         // settleWithin); past the deadline it counts as a lost connection and is retried.
-        const { jobs, poisoned } = await settleWithin(
+        const { jobs, poisoned }: ClaimResult = await settleWithin(
           "claim",
           claim(sql, {
             queues: options.queues,
             limit,
             workerId,
             visibilityMs: options.visibilityTimeoutMs,
+            before: probe && last
+              ? { priority: last.priority, fair_seq: last.fair_seq }
+              : undefined,
           }),
           STATEMENT_DEADLINE_MS,
         );
@@ -661,11 +707,14 @@ export async function runConsumer(
             { job_id: p.id, task: p.task, attempt: p.attempts },
           );
         }
-        for (const job of jobs) {
-          if (running.size < options.concurrency && !stop.aborted) start(job);
-          else buffer.push(job);
+        const full: boolean = jobs.length + poisoned.length === limit;
+        admit(jobs);
+        if (probe) {
+          // A full probe may have left more such jobs behind; then the usual claim.
+          announced = full;
+          continue;
         }
-        lastClaimFull = jobs.length + poisoned.length === limit;
+        lastClaimFull = full;
         if (lastClaimFull && !stop.aborted && room() > 0 && buffer.length <= lowWater()) continue;
       } catch (error) {
         errorStreak++;

@@ -23,6 +23,11 @@ export interface Job {
   payload: Record<string, unknown>;
   priority: number;
   fairness_key: string;
+  /**
+   * Its place among its queue's jobs of the same priority (a virtual-time stamp; claims run
+   * priority first, then fair_seq, then id). A bigint, as a string.
+   */
+  fair_seq: string;
   /** Attempts so far, this one included (1 on the first run). */
   attempts: number;
   max_attempts: number;
@@ -310,6 +315,12 @@ export interface ClaimOptions {
   workerId: string;
   /** How long the claim hides the job before it is redelivered. */
   visibilityMs: number;
+  /**
+   * A probe: claim only jobs ranking no later than this one (a higher priority, or the
+   * same priority and a fair_seq no greater), such as jobs that arrived after a
+   * consumer's buffered ones and rank ahead of them.
+   */
+  before?: { priority: number; fair_seq: string };
 }
 
 export interface ClaimResult {
@@ -328,10 +339,12 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
   const queues = [...new Set(options.queues)];
   // The statement lives in sql/004_claim.sql, where its plan is pinned to the claim index.
   const rows = await db<(Job & { poisoned: boolean })[]>`
-    select id, queue, task, payload, priority, fairness_key, attempts, max_attempts, token, key,
-      execution_id, created_at, deadline, poisoned
+    select id, queue, task, payload, priority, fairness_key, fair_seq, attempts, max_attempts,
+      token, key, execution_id, created_at, deadline, poisoned
     from shoal.claim_jobs(${queues}::text[], ${options.limit}::integer,
-                          ${options.workerId}::text, ${options.visibilityMs}::integer)`;
+                          ${options.workerId}::text, ${options.visibilityMs}::integer,
+                          ${options.before?.priority ?? null}::integer,
+                          ${options.before?.fair_seq ?? null}::bigint)`;
   const jobs: Job[] = [];
   const poisoned: ClaimResult["poisoned"] = [];
   for (const { poisoned: isPoison, ...job } of rows) {

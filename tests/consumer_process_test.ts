@@ -318,3 +318,68 @@ Deno.test("--role consumer on an empty database refuses until migrated, and --mi
   started.kill("SIGTERM");
   assertEquals((await exitWithin(started, 20_000)).code, 0);
 });
+
+/** How many runs of other jobs started after `after` (a test_runs id) and before job `id`'s. */
+async function startedBefore(sql: Sql, id: string, after: number): Promise<number> {
+  const [row] = await sql<{ n: number }[]>`
+    select count(*)::int as n from test_runs r
+    where r.id > ${after}::bigint
+      and r.id < (select min(x.id) from test_runs x where x.job_id = ${id}::bigint)`;
+  return row!.n;
+}
+
+async function lastRunId(sql: Sql): Promise<number> {
+  const [row] = await sql<{ id: number }[]>`select coalesce(max(id), 0)::int as id from test_runs`;
+  return row!.id;
+}
+
+Deno.test("jobs that rank ahead of a full prefetch buffer start first: an urgent job, a quiet key's burst", async () => {
+  await using db = await testDb();
+  await createRunsTable(db.sql);
+  // 4 slots of 10 ms jobs: about 400 jobs/s, so the buffer holds about 100 of key A's jobs
+  // and claims again once it is down to about 50.
+  await enqueueMany(
+    db.sql,
+    Array.from({ length: 1_000 }, () => ({
+      task: "test.record",
+      payload: { ms: 10 },
+      fairnessKey: "A",
+    })),
+  );
+  await using c = consumer(db.url, ["--concurrency", "4", "--poll-interval", "30s"]);
+  await waitFor("the buffer to fill", async () => (await lastRunId(db.sql)) >= 150, 30_000);
+  const [buffered] = await db.sql<{ n: number }[]>`
+    select count(*)::int as n from shoal.jobs j
+    where j.attempts > 0 and not exists (select from test_runs r where r.job_id = j.id)`;
+  assert(buffered!.n >= 25, `only ${buffered!.n} jobs were claimed ahead of their start`);
+
+  const before = await lastRunId(db.sql);
+  const urgent = await enqueue(db.sql, "test.record", { ms: 0 }, { priority: 5, fairnessKey: "A" });
+  await waitFor(
+    "the urgent job to start",
+    async () => (await db.sql`select 1 from test_runs where job_id = ${urgent}::bigint`).length > 0,
+    20_000,
+  );
+  const overtaken = await startedBefore(db.sql, urgent, before);
+  assert(overtaken <= 10, `${overtaken} buffered jobs started before the urgent one`);
+
+  // A quiet key's 30 jobs are stamped ahead of A's next job: they start before the buffer.
+  const mark = await lastRunId(db.sql);
+  const burst = await enqueueMany(
+    db.sql,
+    Array.from(
+      { length: 30 },
+      () => ({ task: "test.record", payload: { ms: 0 }, fairnessKey: "B" }),
+    ),
+  );
+  const lastB = burst[burst.length - 1]!.id;
+  await waitFor(
+    "key B's jobs to start",
+    async () => (await db.sql`select 1 from test_runs where job_id = ${lastB}::bigint`).length > 0,
+    20_000,
+  );
+  const aMeanwhile = await startedBefore(db.sql, lastB, mark) - (burst.length - 1);
+  assert(aMeanwhile <= 10, `${aMeanwhile} of key A's jobs started before key B's last`);
+  c.kill("SIGTERM");
+  assertEquals((await exitWithin(c, 20_000)).code, 0);
+});

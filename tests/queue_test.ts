@@ -723,6 +723,7 @@ Deno.test("claim() counts the attempt, hands out a new token and sets the deadli
       payload: { a: 1 },
       priority: 0,
       fairness_key: "f",
+      fair_seq: "1",
       attempts: 1,
       max_attempts: 25,
       token: "1",
@@ -1037,4 +1038,70 @@ Deno.test("checkPayload() measures a payload exactly as Postgres measures its js
     assert.match(limitError, new RegExp(`^Invalid payload: ${row!.n} bytes`));
     checkPayload(payload, row!.n); // exactly at the limit passes
   }
+});
+
+Deno.test("a quiet fairness key's first shoal.fair_burst() jobs are stamped ahead of the queue's head", async () => {
+  await using db = await testDb();
+  const q = "burst";
+  const many = (n: number, key: string) =>
+    Array.from({ length: n }, () => ({ task: "t", queue: q, fairnessKey: key }));
+  const a = await enqueueMany(db.sql, many(1_000, "A"));
+  const b = await enqueueMany(db.sql, many(150, "B"));
+  // The default burst is 100: B's first 100 run before A's next job, the rest share 1:1.
+  const first = await claim(db.sql, claimOptions([q], 100));
+  assertEquals(first.jobs.map((j) => j.id), b.slice(0, 100).map((r) => r.id));
+  const next = await claim(db.sql, claimOptions([q], 20));
+  assertEquals(
+    next.jobs.map((j) => j.id).sort(),
+    [...a.slice(0, 10), ...b.slice(100, 110)].map((r) => r.id).sort(),
+  );
+  // A key with a backlog gets no burst: A's new job goes after its own backlog.
+  const [late] = await enqueueMany(db.sql, many(1, "A"));
+  const [row] = await db.sql<{ seq: string; max: string }[]>`
+    select (select fair_seq from shoal.jobs where id = ${late!.id}::bigint)::text as seq,
+      (select max(fair_seq) from shoal.jobs where fairness_key = 'A' and id <> ${
+    late!.id
+  }::bigint)::text as max`;
+  assertEquals(BigInt(row!.seq), BigInt(row!.max) + 1n);
+
+  // With shoal.fair_burst = 0 a quiet key starts level with the head, as before 007.
+  const session = await db.sql.reserve();
+  try {
+    await session`set shoal.fair_burst = '0'`;
+    const [head] = await session<{ seq: string }[]>`
+      select min(fair_seq)::text as seq from shoal.jobs where queue = ${q} and attempts = 0`;
+    const c = await enqueueMany(session, many(3, "C"));
+    const stamps = await session<{ seq: string }[]>`
+      select fair_seq::text as seq from shoal.jobs
+      where id = any(${c.map((r) => r.id)}::bigint[]) order by id`;
+    const h = BigInt(head!.seq);
+    assertEquals(stamps.map((r) => BigInt(r.seq)), [h, h + 1n, h + 2n]);
+  } finally {
+    session.release();
+  }
+});
+
+Deno.test("claim() with a bound takes only jobs ranking no later than it, and nothing else", async () => {
+  await using db = await testDb();
+  const q = "probe";
+  const a = await enqueueMany(
+    db.sql,
+    Array.from({ length: 50 }, () => ({ task: "t", queue: q, fairnessKey: "A" })),
+  );
+  const buffered = await claim(db.sql, claimOptions([q], 20));
+  const last = buffered.jobs[buffered.jobs.length - 1]!;
+  assertEquals(last.id, a[19]!.id);
+  const bound = { before: { priority: last.priority, fair_seq: last.fair_seq } };
+  // Nothing new ranks ahead: the probe finds nothing and leaves A's backlog alone.
+  assertEquals((await claim(db.sql, { ...claimOptions([q], 100), ...bound })).jobs, []);
+  const urgent = await enqueue(db.sql, "t", {}, { queue: q, priority: 3 });
+  const quiet = await enqueueMany(
+    db.sql,
+    Array.from({ length: 5 }, () => ({ task: "t", queue: q, fairnessKey: "B" })),
+  );
+  const probed = await claim(db.sql, { ...claimOptions([q], 100), ...bound });
+  assertEquals(probed.jobs.map((j) => j.id), [urgent, ...quiet.map((r) => r.id)]);
+  const [left] = await db.sql<{ n: number }[]>`
+    select count(*)::int as n from shoal.jobs where queue = ${q} and attempts = 0`;
+  assertEquals(left!.n, 30);
 });
