@@ -24,17 +24,7 @@ import {
 } from "../../lib/schedule.ts";
 import { tickOnce } from "../../lib/scheduler.ts";
 import { defineTask } from "../../lib/tasks.ts";
-
-/** Strings that would do harm if any of shoal's SQL were built by joining text. */
-export const INJECTIONS = [
-  "x'); drop table canary; --",
-  "'; delete from shoal.jobs; --",
-  '"; drop table canary; --',
-  "$$; drop table canary; $$",
-  "\\'; drop table canary; --",
-  "1; drop table canary",
-  "' or '1'='1",
-];
+import { INJECTIONS } from "./injections.ts";
 
 /** A canary table the injections above would drop. */
 async function plantCanary(sql: Sql): Promise<void> {
