@@ -100,7 +100,7 @@ export function checkPayload(
     // JSON.stringify recurses: a payload nested tens of thousands deep overflows the stack.
     const why = cause instanceof RangeError
       ? `nested deeper than ${MAX_PAYLOAD_DEPTH} levels`
-      : (cause as Error).message;
+      : String((cause as Error).message).split("\n")[0]; // V8 explains a cycle over lines
     throw new TypeError(`Invalid payload: cannot be serialised as JSON: ${why}`, { cause });
   }
   // Nesting deeper than the limit takes at least two characters per level: short payloads

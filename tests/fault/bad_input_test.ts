@@ -101,6 +101,15 @@ Deno.test("a payload that is not a JSON object is refused from TypeScript and SQ
     assert(error instanceof TypeError, String(error));
     assertOneLine(error, `Invalid payload: expected a JSON object, got ${kind}`);
   }
+  const circular: Record<string, unknown> = { a: 1 };
+  circular.self = circular;
+  for (
+    const [payload, says] of [[circular, "circular structure"], [{ n: 1n }, "BigInt"]] as const
+  ) {
+    const error = await refused(() => enqueue(db.sql, "t", payload));
+    assertOneLine(error, `Invalid payload: cannot be serialised as JSON: `);
+    assertOneLine(error, says);
+  }
   for (const text of ["[1,2]", '"text"', "42", "null", "true"]) {
     for (const call of ["enqueue", "enqueue_many"] as const) {
       const error = await refused(() =>
