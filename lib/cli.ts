@@ -94,12 +94,17 @@ export async function main(args: string[], options: MainOptions = {}): Promise<n
     return await dispatch(parsed, new TaskRegistry([...builtinTasks(), ...(options.tasks ?? [])]));
   } catch (error) {
     if (error instanceof UsageError) {
-      err(`shoal: ${error.message}\n`);
+      err(`shoal: ${oneLine(error.message)}\n`);
       return 2;
     }
-    err(`shoal: ${describeFailure(error)}\n`);
+    err(`shoal: ${oneLine(describeFailure(error))}\n`);
     return 1;
   }
+}
+
+/** One line, whatever it echoes: a flag value or a cron string may hold a newline. */
+function oneLine(text: string): string {
+  return text.replace(/\s*[\r\n]+\s*/g, " ");
 }
 
 function describeFailure(error: unknown): string {

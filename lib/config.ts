@@ -310,7 +310,13 @@ export function parseCommandLine(args: string[]): ParsedArgs {
       allowPositionals: true,
     });
   } catch (error) {
-    throw new UsageError((error as Error).message.split("\n")[0]!.replace(/\. To specify.*$/, ""));
+    const lines = (error as Error).message.split("\n");
+    // "--priority -5" is ambiguous to parseArgs: keep its last line, which says how to
+    // pass a value starting with a dash (--priority=-5).
+    if (lines[0]!.endsWith("argument is ambiguous.")) {
+      throw new UsageError(`${lines[0]} ${lines[lines.length - 1]}`);
+    }
+    throw new UsageError(lines[0]!.replace(/\. To specify.*$/, ""));
   }
   const flags: ParsedArgs["flags"] = {};
   for (const [key, value] of Object.entries(parsed.values)) {

@@ -285,6 +285,17 @@ class ClaimLostError extends Error {
   override name = "ClaimLostError";
 }
 
+/**
+ * A handler threw (or rejected with) `null`, which settle() would read as "no error": it is
+ * a failure like any other non-Error value, and described the same way.
+ */
+class NullThrown extends Error {
+  override name = "non-Error thrown";
+  constructor() {
+    super("null");
+  }
+}
+
 /** Settle with the handler, or reject as soon as the signal aborts (even if it never settles). */
 /**
  * Whether `a` ranks no later than `b` in claim order (priority first, then fair_seq), the
@@ -540,7 +551,7 @@ export async function runConsumer(
       if (job.execution_id !== null && !r.fanOut) r.result = toJson(value, job.task);
     })();
     r.done = raceAbort(work, controller.signal)
-      .then(() => settle(r, null), (error) => settle(r, error))
+      .then(() => settle(r, null), (error) => settle(r, error === null ? new NullThrown() : error))
       .finally(() => finish(r));
   }
 

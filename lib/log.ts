@@ -84,18 +84,34 @@ export function logger(...category: string[]): Logger {
   return getLogger(["shoal", ...category]);
 }
 
+/**
+ * Longest description describeError returns: a handler may reject with a message of
+ * megabytes, which must not become a log line (or a stored error) of megabytes.
+ */
+export const MAX_DESCRIBED_LENGTH = 4000;
+
+/** `text` cut to MAX_DESCRIBED_LENGTH characters, an ellipsis marking the cut. */
+function bounded(text: string): string {
+  return text.length > MAX_DESCRIBED_LENGTH ? text.slice(0, MAX_DESCRIBED_LENGTH - 1) + "…" : text;
+}
+
 /** A short, single-line description of any thrown value, safe to log. */
 export function describeError(error: unknown): string {
   if (error instanceof Error) {
     const code = (error as { code?: unknown }).code;
-    // One line, whatever the message holds.
-    const message = error.message.replace(/\s*\n\s*/g, " ");
-    return typeof code === "string" && !message.includes(code)
-      ? `${error.name}: ${message} (${code})`
-      : `${error.name}: ${message}`;
+    // One line, whatever the message holds (cut first: no need to scan megabytes).
+    const message = String(error.message).slice(0, 2 * MAX_DESCRIBED_LENGTH)
+      .replace(/\s*\n\s*/g, " ");
+    return bounded(
+      typeof code === "string" && !message.includes(code)
+        ? `${error.name}: ${message} (${code})`
+        : `${error.name}: ${message}`,
+    );
   }
   try {
-    return `non-Error thrown: ${JSON.stringify(error) ?? String(error)}`;
+    return bounded(
+      `non-Error thrown: ${JSON.stringify(error) ?? String(error)}`.replace(/\s*\n\s*/g, " "),
+    );
   } catch {
     // Circular or otherwise unserialisable: String() never throws for primitives,
     // and objects fall back to their tag.

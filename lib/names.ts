@@ -11,6 +11,13 @@ export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576;
 const MAX_KEY_LENGTH = 512;
 const MAX_FAIRNESS_KEY_LENGTH = 256;
+/**
+ * Deepest nesting of objects and arrays a payload may have. Postgres parses jsonb
+ * recursively and refuses somewhere past 12,000 levels (it depends on max_stack_depth),
+ * with "stack depth limit exceeded"; real payloads nest a few levels. Refusing far below
+ * that here gives one clear error, never a stack overflow on either side.
+ */
+export const MAX_PAYLOAD_DEPTH = 1000;
 /** A `\u0000` escape in JSON text (not an escaped backslash followed by "u0000"). */
 const JSON_NUL = /(?:^|[^\\])(?:\\\\)*\\u0000/;
 
@@ -53,6 +60,26 @@ function separators(value: unknown): number {
   return count + Math.max(0, keys - 1);
 }
 
+/**
+ * True when the JSON text nests objects and arrays deeper than `max`. Scans the text (no
+ * recursion, so no stack to overflow), skipping brackets inside strings.
+ */
+function nestedDeeperThan(json: string, max: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < json.length; i++) {
+    const c = json.charCodeAt(i);
+    if (inString) {
+      if (c === 92) i++; // a backslash escapes the next character
+      else if (c === 34) inString = false;
+    } else if (c === 34) inString = true;
+    else if (c === 123 || c === 91) {
+      if (++depth > max) return true;
+    } else if (c === 125 || c === 93) depth--;
+  }
+  return false;
+}
+
 /** Throw unless `payload` is a plain JSON object within the size limit; returns its JSON. */
 export function checkPayload(
   payload: unknown,
@@ -70,7 +97,16 @@ export function checkPayload(
   try {
     json = JSON.stringify(payload);
   } catch (cause) {
-    throw new TypeError("Invalid payload: cannot be serialised as JSON", { cause });
+    // JSON.stringify recurses: a payload nested tens of thousands deep overflows the stack.
+    const why = cause instanceof RangeError
+      ? `nested deeper than ${MAX_PAYLOAD_DEPTH} levels`
+      : String((cause as Error).message).split("\n")[0]; // V8 explains a cycle over lines
+    throw new TypeError(`Invalid payload: cannot be serialised as JSON: ${why}`, { cause });
+  }
+  // Nesting deeper than the limit takes at least two characters per level: short payloads
+  // (the common case) need no scan.
+  if (json.length > 2 * MAX_PAYLOAD_DEPTH && nestedDeeperThan(json, MAX_PAYLOAD_DEPTH)) {
+    throw new RangeError(`Invalid payload: nested deeper than ${MAX_PAYLOAD_DEPTH} levels`);
   }
   // jsonb cannot store NUL (Postgres rejects the whole statement): refuse it here, clearly.
   if (json.includes("\\u0000") && JSON_NUL.test(json)) {
