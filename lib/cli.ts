@@ -42,6 +42,8 @@ import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
+import { httpTask } from "./webhook.ts";
+import { sqlTask } from "./sql_task.ts";
 
 export interface MainOptions {
   /** Tasks to register beside the built-ins. */
@@ -422,6 +424,20 @@ function consumerOptions(opts: Resolved) {
   };
 }
 
+/**
+ * The registry with shoal.http and shoal.sql configured from --http-allow and
+ * --sql-schemas (the registry is built before flags are read). A bad entry is a UsageError.
+ */
+function configureBuiltins(tasks: TaskRegistry, opts: Resolved): void {
+  try {
+    // Each checks its list and throws one line on a bad entry.
+    tasks.replace(httpTask({ allow: (opts["http-allow"] as string[] | undefined) ?? [] }));
+    tasks.replace(sqlTask({ schemas: (opts["sql-schemas"] as string[] | undefined) ?? [] }));
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+}
+
 /** The flags each role takes (besides the common ones, --role and --migrate). */
 const ROLE_FLAGS: Record<string, readonly OptionName[]> = {
   consumer: [...CONSUMER, "http"],
@@ -484,6 +500,7 @@ async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<num
       const leader = roles.includes("consumer") && roles.length === 1
         ? null
         : leaderOptions(opts, roles.filter((r) => r !== "consumer"));
+      configureBuiltins(tasks, opts);
       if (opts.schedules !== undefined) {
         // Read the schedules file before anything starts: a bad file is a usage error.
         await loadSchedulesFile(opts.schedules as string).catch((error) => {
@@ -621,6 +638,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
 
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const opts = await setup("dev", parsed, ["dir", ...CONSUMER]);
+  configureBuiltins(tasks, opts);
   const stop = new AbortController();
   const untrap = trapSignals(stop);
   try {

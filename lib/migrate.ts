@@ -17,6 +17,7 @@ import sql003 from "../sql/003_executions.sql" with { type: "text" };
 import sql004 from "../sql/004_claim.sql" with { type: "text" };
 import sql005 from "../sql/005_fan_out_fast.sql" with { type: "text" };
 import sql006 from "../sql/006_enqueue_fast.sql" with { type: "text" };
+import sql007 from "../sql/007_sql_task.sql" with { type: "text" };
 
 /** The text of every migration file, by file name, as shipped in this module graph. */
 export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
@@ -26,6 +27,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "004_claim.sql": sql004,
   "005_fan_out_fast.sql": sql005,
   "006_enqueue_fast.sql": sql006,
+  "007_sql_task.sql": sql007,
 };
 
 export interface Migration {
