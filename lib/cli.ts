@@ -62,7 +62,7 @@ Usage:
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D]
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
-  shoal dev [--dir .shoal]
+  shoal dev [--dir .shoal] [--http [HOST:PORT]]
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
 `;
@@ -637,7 +637,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
 }
 
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  const opts = await setup("dev", parsed, ["dir", ...CONSUMER]);
+  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, "http"]);
   configureBuiltins(tasks, opts);
   const stop = new AbortController();
   const untrap = trapSignals(stop);
@@ -649,6 +649,7 @@ async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<numb
       prepare: opts.prepare as boolean,
       consumer: consumerOptions(opts),
       print: out,
+      serveHttp: (sql) => startHttp(sql, opts, ["consumer"]),
     }, stop.signal);
   } finally {
     untrap();
