@@ -263,7 +263,7 @@ async function requestHeaders(
   const headers = new Headers(request.headers);
   const timestamp = String(Math.floor(Date.now() / 1000));
   headers.set("content-type", "application/json");
-  headers.set("user-agent", "shoal.http");
+  if (!headers.has("user-agent")) headers.set("user-agent", "shoal.http");
   headers.set("x-shoal-job-id", jobId);
   headers.set("x-shoal-attempt", String(attempt));
   headers.set("x-shoal-timestamp", timestamp);
