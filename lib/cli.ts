@@ -42,6 +42,8 @@ import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
+import { httpTask } from "./webhook.ts";
+import { sqlTask } from "./sql_task.ts";
 
 export interface MainOptions {
   /** Tasks to register beside the built-ins. */
@@ -60,7 +62,7 @@ Usage:
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D]
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
-  shoal dev [--dir .shoal]
+  shoal dev [--dir .shoal] [--http [HOST:PORT]]
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
 `;
@@ -427,6 +429,20 @@ function consumerOptions(opts: Resolved) {
   };
 }
 
+/**
+ * The registry with shoal.http and shoal.sql configured from --http-allow and
+ * --sql-schemas (the registry is built before flags are read). A bad entry is a UsageError.
+ */
+function configureBuiltins(tasks: TaskRegistry, opts: Resolved): void {
+  try {
+    // Each checks its list and throws one line on a bad entry.
+    tasks.replace(httpTask({ allow: (opts["http-allow"] as string[] | undefined) ?? [] }));
+    tasks.replace(sqlTask({ schemas: (opts["sql-schemas"] as string[] | undefined) ?? [] }));
+  } catch (error) {
+    throw new UsageError((error as Error).message);
+  }
+}
+
 /** The flags each role takes (besides the common ones, --role and --migrate). */
 const ROLE_FLAGS: Record<string, readonly OptionName[]> = {
   consumer: [...CONSUMER, "http"],
@@ -489,6 +505,7 @@ async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<num
       const leader = roles.includes("consumer") && roles.length === 1
         ? null
         : leaderOptions(opts, roles.filter((r) => r !== "consumer"));
+      configureBuiltins(tasks, opts);
       if (opts.schedules !== undefined) {
         // Read the schedules file before anything starts: a bad file is a usage error.
         await loadSchedulesFile(opts.schedules as string).catch((error) => {
@@ -625,7 +642,8 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
 }
 
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  const opts = await setup("dev", parsed, ["dir", ...CONSUMER]);
+  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, "http"]);
+  configureBuiltins(tasks, opts);
   const stop = new AbortController();
   const untrap = trapSignals(stop);
   try {
@@ -636,6 +654,7 @@ async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<numb
       prepare: opts.prepare as boolean,
       consumer: consumerOptions(opts),
       print: out,
+      serveHttp: (sql) => startHttp(sql, opts, ["consumer"]),
     }, stop.signal);
   } finally {
     untrap();

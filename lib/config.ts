@@ -102,6 +102,16 @@ export const OPTIONS = {
     help: "largest payload in bytes accepted at enqueue",
   },
   migrate: { kind: "boolean", default: "false", help: "apply pending migrations at start" },
+  "http-allow": {
+    kind: "list",
+    help:
+      "hosts the shoal.http task may POST to: host or host:port, comma-separated (default none)",
+  },
+  "sql-schemas": {
+    kind: "list",
+    help: "schemas whose f(jsonb) functions the shoal.sql task may call, comma-separated " +
+      "(default none)",
+  },
   lease: {
     kind: "duration",
     default: "30s",
@@ -385,6 +395,8 @@ export const CONSUMER = [
   "task-timeout",
   "max-payload",
   "max-fan-out",
+  "http-allow",
+  "sql-schemas",
 ] as const;
 /** The flags of the leader-elected roles (reaper and scheduler). */
 export const LEADER = ["lease", "interval", "dead-retention", "schedules"] as const;

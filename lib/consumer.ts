@@ -40,7 +40,7 @@ import {
   fanOut,
   type FanOutSpec,
 } from "./barrier.ts";
-import { PermanentError, type TaskContext, type TaskRegistry } from "./tasks.ts";
+import { PermanentError, RetryLaterError, type TaskContext, type TaskRegistry } from "./tasks.ts";
 
 export interface ConsumerOptions {
   queues: string[];
@@ -455,7 +455,10 @@ export async function runConsumer(
           fail(sql, ref, {
             error: message,
             permanent,
-            retryInMs: backoffMs(r.job.attempts, options.retryBaseMs),
+            // A handler that knows when to come back (a server's Retry-After) says so.
+            retryInMs: error instanceof RetryLaterError
+              ? error.delayMs
+              : backoffMs(r.job.attempts, options.retryBaseMs),
           }),
       );
       metrics.jobFinished(r.job, outcome, ms);

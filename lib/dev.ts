@@ -32,6 +32,17 @@ export interface DevOptions {
   consumer: ConsumerOptions;
   /** Where progress goes (stdout for the CLI). */
   print: (text: string) => void;
+  /** Start the `--http` server on the dev pool once it is open (`shoal dev --http`). */
+  serveHttp?: (sql: Sql) => Promise<DevHttp | null>;
+}
+
+/** What `shoal dev` needs of the `--http` server (lib/http.ts HttpServer). */
+export interface DevHttp {
+  /** The roles started: /readyz answers 200. */
+  ready(): void;
+  /** Shutting down: /readyz answers 503. */
+  stopping(): void;
+  close(): Promise<void>;
 }
 
 export const DEMO_QUEUE = "demo";
@@ -105,13 +116,20 @@ function progressLine(q: QueueStatus, deadBefore: number, url: string, workflow:
 }
 
 /** Run the consumer and the demo on `sql` until `stop` aborts. */
-async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSignal) {
+async function runDemo(
+  sql: Sql,
+  url: string,
+  options: DevOptions,
+  stop: AbortSignal,
+  http: DevHttp | null,
+) {
   const migrated = await migrate(sql, await loadMigrations());
   options.print(
     migrated.length ? `Applied migrations ${migrated.join(", ")}\n` : "Schema is up to date\n",
   );
   // The consumer gets its own signal so a failure here also shuts it down cleanly.
   const halt = new AbortController();
+  halt.signal.addEventListener("abort", () => http?.stopping(), { once: true });
   const onStop = () => halt.abort();
   stop.addEventListener("abort", onStop, { once: true });
   let consumerError: unknown = null;
@@ -139,6 +157,7 @@ async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSi
     runReaper(sql, leader, halt.signal).catch(failed),
     runScheduler(sql, leader, halt.signal).catch(failed),
   ]);
+  http?.ready();
   try {
     const deadBefore = (await demoStatus(sql)).dead;
     const enqueued = await enqueueMany(sql, demoJobs());
@@ -197,9 +216,12 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
     const url = options.databaseUrl || pg!.url;
     if (!pg) options.print(`Using the database at ${redactUrl(url)}\n`);
     const sql = connect(url, { applicationName: "shoal dev", prepare: options.prepare, max: 12 });
+    let http: DevHttp | null = null;
     try {
-      await runDemo(sql, pg ? url : redactUrl(url), options, stop);
+      http = (await options.serveHttp?.(sql)) ?? null;
+      await runDemo(sql, pg ? url : redactUrl(url), options, stop, http);
     } finally {
+      await http?.close();
       await sql.end({ timeout: 5 });
     }
   } finally {

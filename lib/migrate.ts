@@ -17,7 +17,8 @@ import sql003 from "../sql/003_executions.sql" with { type: "text" };
 import sql004 from "../sql/004_claim.sql" with { type: "text" };
 import sql005 from "../sql/005_fan_out_fast.sql" with { type: "text" };
 import sql006 from "../sql/006_enqueue_fast.sql" with { type: "text" };
-import sql007 from "../sql/007_fair_burst.sql" with { type: "text" };
+import sql007 from "../sql/007_sql_task.sql" with { type: "text" };
+import sql008 from "../sql/008_fair_burst.sql" with { type: "text" };
 
 /** The text of every migration file, by file name, as shipped in this module graph. */
 export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
@@ -27,7 +28,8 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "004_claim.sql": sql004,
   "005_fan_out_fast.sql": sql005,
   "006_enqueue_fast.sql": sql006,
-  "007_fair_burst.sql": sql007,
+  "007_sql_task.sql": sql007,
+  "008_fair_burst.sql": sql008,
 };
 
 export interface Migration {

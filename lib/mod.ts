@@ -63,12 +63,23 @@ export {
   type JobSpec,
   release,
 } from "./queue.ts";
+export {
+  checkHttpAllow,
+  httpTask,
+  type HttpTaskSettings,
+  parseRetryAfter,
+  signWebhook,
+} from "./webhook.ts";
+export { checkSqlSchemas, sqlTask, type SqlTaskSettings } from "./sql_task.ts";
 export { type QueueStatus, type Status, status } from "./status.ts";
 export {
   type AnyTask,
+  type BuiltinSettings,
   builtinTasks,
   defineTask,
+  MAX_RETRY_LATER_MS,
   PermanentError,
+  RetryLaterError,
   type TaskContext,
   type TaskDefinition,
   TaskRegistry,

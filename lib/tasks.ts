@@ -12,6 +12,10 @@ import { MAX_TIMER_MS } from "./duration.ts";
 import type { Logger } from "./log.ts";
 import { checkName } from "./names.ts";
 import type { EnqueueOptions, Job } from "./queue.ts";
+// These two import this module back: they only use its exports inside functions, so the
+// cycle is safe whichever module loads first.
+import { sqlTask, type SqlTaskSettings } from "./sql_task.ts";
+import { httpTask, type HttpTaskSettings } from "./webhook.ts";
 
 /** What a handler gets besides its payload. */
 export interface TaskContext {
@@ -63,6 +67,27 @@ export class PermanentError extends Error {
   override name = "PermanentError";
 }
 
+/** The longest delay a RetryLaterError may ask for: one hour, the backoff's own ceiling. */
+export const MAX_RETRY_LATER_MS = 3_600_000;
+
+/**
+ * Throw from a handler to retry after a delay it chooses (say, a server's `Retry-After`)
+ * instead of the exponential backoff. The attempt still counts: a job out of attempts is
+ * dead-lettered. The delay is clamped to 0 to MAX_RETRY_LATER_MS.
+ */
+export class RetryLaterError extends Error {
+  override name = "RetryLaterError";
+  /** Milliseconds until the next attempt. */
+  readonly delayMs: number;
+
+  constructor(message: string, delayMs: number, options?: ErrorOptions) {
+    super(message, options);
+    // NaN (a garbled header, say) means "no preference": retry soon, not never.
+    const ms = Number.isNaN(delayMs) ? 0 : Math.round(delayMs);
+    this.delayMs = Math.min(MAX_RETRY_LATER_MS, Math.max(0, ms));
+  }
+}
+
 /** Define a task (validates its name and limits at definition time). */
 export function defineTask<P = Record<string, unknown>>(
   definition: TaskDefinition<P>,
@@ -107,6 +132,18 @@ export class TaskRegistry {
 
   get(name: string): AnyTask | undefined {
     return this.#tasks.get(name);
+  }
+
+  /**
+   * Swap a registered task for another of the same name: a built-in configured from
+   * flags after the registry was built. A name not registered is an error.
+   */
+  replace(task: AnyTask): this {
+    if (!this.#tasks.has(task.name)) {
+      throw new Error(`Cannot replace task ${task.name}: it is not registered`);
+    }
+    this.#tasks.set(task.name, task);
+    return this;
   }
 
   names(): string[] {
@@ -191,7 +228,22 @@ export const chordTask: AnyTask = defineTask<FanOutSpec>({
   },
 });
 
+/** Settings of the built-in tasks that reach outside shoal; each allows nothing by default. */
+export interface BuiltinSettings {
+  /** `shoal.http`: the hosts it may POST to (see lib/webhook.ts). */
+  http?: HttpTaskSettings;
+  /** `shoal.sql`: the schemas whose functions it may call (see lib/sql_task.ts). */
+  sql?: SqlTaskSettings;
+}
+
 /** The tasks every stock shoal binary knows. */
-export function builtinTasks(): AnyTask[] {
-  return [noopTask, sleepTask, failTask, chordTask];
+export function builtinTasks(settings: BuiltinSettings = {}): AnyTask[] {
+  return [
+    noopTask,
+    sleepTask,
+    failTask,
+    chordTask,
+    httpTask(settings.http ?? {}),
+    sqlTask(settings.sql ?? {}),
+  ];
 }

@@ -1,5 +1,5 @@
 import { assert, assertEquals } from "./assert.ts";
-import { spawnShoal, testDb, waitFor } from "./helpers.ts";
+import { freePort, spawnShoal, testDb, waitFor } from "./helpers.ts";
 
 /** Fast loops so the demo (52 jobs, one delayed 3 s, one retried then dead) ends quickly. */
 const FAST = ["--poll-interval", "100ms", "--shutdown-grace", "1s"];
@@ -77,6 +77,37 @@ Deno.test("shoal dev with DATABASE_URL uses that database and starts no Postgres
     assertEquals(code, 0, output);
     assert.ok(output.includes("Using the database at"), output);
     assertEquals(await exists(`${dir}/pg`), false);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("shoal dev --http serves /readyz and /metrics while the demo runs", async () => {
+  await using db = await testDb();
+  const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
+  const port = freePort();
+  try {
+    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST, "--http", `127.0.0.1:${port}`], {
+      url: db.url,
+    });
+    const get = async (path: string) => {
+      const response = await fetch(`http://127.0.0.1:${port}${path}`);
+      return { status: response.status, text: await response.text() };
+    };
+    await waitFor(
+      "/readyz to answer 200",
+      async () => (await get("/readyz")).status === 200,
+      30_000,
+    );
+    const metrics = await waitFor("the demo's jobs in /metrics", async () => {
+      const { text } = await get("/metrics");
+      return text.includes('shoal_jobs_completed_total{queue="demo"') ? text : null;
+    }, 30_000);
+    assert.ok(metrics.includes("# TYPE"), metrics);
+    dev.kill("SIGINT");
+    const { code, output } = await dev.exited();
+    assertEquals(code, 0, output);
+    assert.ok(output.includes("Serving /healthz, /readyz and /metrics"), output);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -92,7 +92,7 @@ Deno.test("enqueueMany() stores exactly what the jsonb path before 004 stored", 
   await using before = await emptyDb();
   await migrate(before.sql, (await loadMigrations()).filter((m) => m.version <= 3));
   await using after = await testDb();
-  // Without 007's burst for quiet fairness keys, the stamps are those of before.
+  // Without 008's burst for quiet fairness keys, the stamps are those of before.
   const session = await after.sql.reserve();
   try {
     await session`set shoal.fair_burst = '0'`;

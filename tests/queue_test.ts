@@ -1064,7 +1064,7 @@ Deno.test("a quiet fairness key's first shoal.fair_burst() jobs are stamped ahea
   }::bigint)::text as max`;
   assertEquals(BigInt(row!.seq), BigInt(row!.max) + 1n);
 
-  // With shoal.fair_burst = 0 a quiet key starts level with the head, as before 007.
+  // With shoal.fair_burst = 0 a quiet key starts level with the head, as before 008.
   const session = await db.sql.reserve();
   try {
     await session`set shoal.fair_burst = '0'`;

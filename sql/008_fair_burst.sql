@@ -1,4 +1,4 @@
--- shoal 007: a fairness key's burst, and claims that probe for jobs ranking ahead.
+-- shoal 008: a fairness key's burst, and claims that probe for jobs ranking ahead.
 --
 -- A consumer claims ahead of its free slots (its prefetch buffer). A job enqueued after
 -- that, which ranks ahead of buffered jobs (a higher priority, or a quiet fairness key's
