@@ -174,6 +174,12 @@ class AckBatcher {
   }
 }
 
+/**
+ * After a probe that found nothing, the next waits this long (ms): at most 40 empty probes
+ * a second, while a job that ranks ahead of the buffer waits at most this much longer.
+ */
+const PROBE_QUIET_MS = 25;
+
 /** Seconds of recent throughput the prefetch buffer holds. */
 const BUFFER_SECONDS = 0.25;
 
@@ -689,10 +695,14 @@ export async function runConsumer(
   );
 
   let errorStreak = 0;
+  /** No probe before this (performance.now()): set after a probe that found nothing. */
+  let quietUntil = 0;
   while (!stop.aborted) {
     // A buffer of a few jobs empties soon enough: probe only past the free slots' worth.
-    const probe: boolean = announced && buffer.length > options.concurrency;
-    announced = false;
+    const wanted: boolean = announced && buffer.length > options.concurrency;
+    const probe: boolean = wanted && performance.now() >= quietUntil;
+    // A probe put off for quiet keeps the announcement for when the quiet ends.
+    announced = wanted && !probe;
     const last = buffer[buffer.length - 1];
     const limit: number = probe ? Math.max(options.concurrency, target()) : room();
     if (probe || (limit > 0 && buffer.length <= lowWater())) {
@@ -724,8 +734,11 @@ export async function runConsumer(
         const full: boolean = jobs.length + poisoned.length === limit;
         admit(jobs);
         if (probe) {
-          // A full probe may have left more such jobs behind; then the usual claim.
+          // A full probe may have left more such jobs behind; then the usual claim. One
+          // that found nothing keeps the next waiting: under a steady stream of NOTIFYs
+          // (new jobs that rank after the buffer) probes would otherwise run back to back.
           announced = full;
+          if (jobs.length + poisoned.length === 0) quietUntil = performance.now() + PROBE_QUIET_MS;
           continue;
         }
         lastClaimFull = full;
@@ -743,7 +756,8 @@ export async function runConsumer(
     } else {
       lastClaimFull = true;
     }
-    await waker.sleep(options.pollIntervalMs, stop);
+    const untilProbe = announced ? Math.max(1, quietUntil - performance.now()) : Infinity;
+    await waker.sleep(Math.min(options.pollIntervalMs, untilProbe), stop);
   }
 
   await shutdown();
