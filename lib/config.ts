@@ -102,6 +102,13 @@ export const OPTIONS = {
     help: "largest payload in bytes accepted at enqueue",
   },
   migrate: { kind: "boolean", default: "false", help: "apply pending migrations at start" },
+  "startup-wait": {
+    kind: "duration",
+    default: "2m",
+    min: 0,
+    max: MAX_TIMER_MS,
+    help: "a role started before its database waits this long for it (0s: fail at once)",
+  },
   lease: {
     kind: "duration",
     default: "30s",
