@@ -46,14 +46,12 @@ Deno.test("a role started before its database waits with one line per attempt, t
     ["--role", "consumer", "--queues", "q", "--poll-interval", "100ms", "--startup-wait", "60s"],
     { url, mainModule: TEST_MAIN },
   );
-  await using reaper = spawnShoal(["--role", "reaper", "--lease", "2s", "--interval", "300ms"], {
+  const leader = ["--lease", "2s", "--interval", "300ms", "--startup-wait", "60s"];
+  await using reaper = spawnShoal(["--role", "reaper", ...leader], { url, mainModule: TEST_MAIN });
+  await using scheduler = spawnShoal(["--role", "scheduler", ...leader], {
     url,
     mainModule: TEST_MAIN,
   });
-  await using scheduler = spawnShoal(
-    ["--role", "scheduler", "--lease", "2s", "--interval", "300ms"],
-    { url, mainModule: TEST_MAIN },
-  );
   const procs = [consumer, reaper, scheduler];
   await waitFor("two waiting lines from each role", () =>
     procs.every((p) => {
