@@ -34,7 +34,14 @@ import {
 import { runScheduler } from "./scheduler.ts";
 import { HttpServer } from "./http.ts";
 import { enableMetrics } from "./metrics.ts";
-import { connect, isConnectionError, redactUrl, type Sql } from "./db.ts";
+import {
+  connect,
+  isConnectionError,
+  redactUrl,
+  type Sql,
+  tolerateDriverWriteAfterClose,
+  waitForDatabase,
+} from "./db.ts";
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
 import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
@@ -497,10 +504,12 @@ async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<num
     "role",
   ]).role as string;
   const roles = role === "all" ? ["consumer", "reaper", "scheduler"] : [role];
+  // A long-running role rides out postgres.js's write-after-close crash (see lib/db.ts).
+  tolerateDriverWriteAfterClose();
   return await withDb(
     `--role ${role}`,
     parsed,
-    ["role", "migrate", ...ROLE_FLAGS[role]!],
+    ["role", "migrate", "startup-wait", ...ROLE_FLAGS[role]!],
     async (sql, opts) => {
       const leader = roles.includes("consumer") && roles.length === 1
         ? null
@@ -533,12 +542,24 @@ async function runRoles(
   tasks: TaskRegistry,
   http: HttpServer | null,
 ): Promise<number> {
-  const migrations = await loadMigrations();
-  if (opts.migrate) await migrate(sql, migrations);
-  await checkSchema(sql, migrations);
   const stop = new AbortController();
   stop.signal.addEventListener("abort", () => http?.stopping(), { once: true });
   const untrap = trapSignals(stop);
+  // Started before its database: wait for it (--startup-wait); a SIGTERM meanwhile exits 0.
+  try {
+    const url = opts["database-url"] as string;
+    const maxWaitMs = opts["startup-wait"] as number;
+    if (!await waitForDatabase(sql, { url, maxWaitMs, stop: stop.signal })) {
+      untrap();
+      return 0;
+    }
+    const migrations = await loadMigrations();
+    if (opts.migrate) await migrate(sql, migrations);
+    await checkSchema(sql, migrations);
+  } catch (error) {
+    untrap();
+    throw error;
+  }
   const run = (r: string): Promise<void> => {
     if (r === "consumer") {
       return runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
@@ -644,6 +665,8 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const opts = await setup("dev", parsed, ["dir", ...CONSUMER, "http"]);
   configureBuiltins(tasks, opts);
+  // Its roles ride out postgres.js's write-after-close crash like any role (see lib/db.ts).
+  tolerateDriverWriteAfterClose();
   const stop = new AbortController();
   const untrap = trapSignals(stop);
   try {

@@ -112,6 +112,13 @@ export const OPTIONS = {
     help: "schemas whose f(jsonb) functions the shoal.sql task may call, comma-separated " +
       "(default none)",
   },
+  "startup-wait": {
+    kind: "duration",
+    default: "2m",
+    min: 0,
+    max: MAX_TIMER_MS,
+    help: "a role started before its database waits this long for it (0s: fail at once)",
+  },
   lease: {
     kind: "duration",
     default: "30s",

@@ -15,7 +15,13 @@
  * @module
  */
 import type { Sql } from "./db.ts";
-import { isDataError, retryOnce, settleWithin, STATEMENT_DEADLINE_MS } from "./db.ts";
+import {
+  backoffWithJitter,
+  isDataError,
+  retryOnce,
+  settleWithin,
+  STATEMENT_DEADLINE_MS,
+} from "./db.ts";
 import { formatDuration, MAX_TIMER_MS } from "./duration.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, type Logger, logger } from "./log.ts";
@@ -745,7 +751,7 @@ export async function runConsumer(
         if (lastClaimFull && !stop.aborted && room() > 0 && buffer.length <= lowWater()) continue;
       } catch (error) {
         errorStreak++;
-        const wait = Math.min(30_000, 500 * 2 ** Math.min(errorStreak, 6));
+        const wait = backoffWithJitter(errorStreak, 1000, 30_000);
         log.error("Cannot claim jobs, retrying in {wait}: {error}", {
           wait: formatDuration(wait),
           error: describeError(error),

@@ -6,7 +6,9 @@
  * @module
  */
 import postgres from "postgres";
+import { formatDuration } from "./duration.ts";
 import { describeError, logger } from "./log.ts";
+import { delay } from "./sleep.ts";
 
 /** A pool. */
 export type Sql = postgres.Sql<Record<string, never>>;
@@ -163,4 +165,133 @@ export async function retryOnce<T>(
     });
     return await settleWithin(what, run(), deadlineMs);
   }
+}
+
+/**
+ * True for exactly one known postgres.js 3.4.9 failure (porsager/postgres#1154, #1208):
+ * after a connection closes, a statement still sent on it (the ROLLBACK of a transaction
+ * the close interrupted) defers its write with `setImmediate`, and the deferred
+ * `nextWrite` then calls `socket.write` on the `null` socket. The TypeError is thrown from
+ * a timer, where no caller can catch it, and would end the process.
+ */
+export function isDriverWriteAfterClose(error: unknown): boolean {
+  if (!(error instanceof TypeError)) return false;
+  if (!/^Cannot read properties of null \(reading 'write'\)$/.test(error.message)) return false;
+  const frames = (error.stack ?? "").split("\n").slice(1, 3).join("\n");
+  return /\bnextWrite\b/.test(frames) &&
+    /[\\/]postgres[\\/](?:[^\\/]+[\\/])?src[\\/]connection\.js/.test(frames);
+}
+
+let driverFaultsTolerated = false;
+
+/**
+ * Keep the process alive through the postgres.js write-after-close failure
+ * ({@link isDriverWriteAfterClose}); any other uncaught error stays fatal. Safe because
+ * nothing is lost by it: the failed write belongs to a connection already closed, so its
+ * bytes never reach Postgres (on the connection's next session they precede the startup
+ * packet, which the server refuses); the statement is the ROLLBACK (or COMMIT) of a
+ * transaction whose caller has already been rejected with a connection error and which
+ * Postgres rolled back when the session ended; the statement itself is rejected as a lost
+ * connection when that connection next closes. Idempotent; long-running roles install it
+ * at start.
+ */
+export function tolerateDriverWriteAfterClose(): void {
+  if (driverFaultsTolerated) return;
+  driverFaultsTolerated = true;
+  globalThis.addEventListener("error", (event: ErrorEvent) => {
+    if (!isDriverWriteAfterClose(event.error)) return;
+    event.preventDefault();
+    logger("db").warn(
+      "postgres.js wrote to a connection after it closed (porsager/postgres#1154): " +
+        "the write is dropped, its transaction had already failed as a lost connection",
+    );
+  });
+}
+
+/**
+ * Capped exponential backoff with jitter: attempt 1 waits about `baseMs`, each later one
+ * twice as long, never more than `capMs`; each wait is drawn from its upper half so that
+ * processes that lost the database together do not come back in lockstep. Rounded to
+ * 100 ms so log lines read well, and never shorter than that (no busy loop).
+ */
+export function backoffWithJitter(
+  attempt: number,
+  baseMs: number,
+  capMs: number,
+  random: () => number = Math.random,
+): number {
+  const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(Math.max(attempt - 1, 0), 30));
+  const ms = ceiling * (0.5 + random() / 2);
+  return Math.max(100, Math.round(ms / 100) * 100);
+}
+
+/** A backoff wait for a log line: `900ms`, `1.7s`, `15s`. */
+export function formatWait(ms: number): string {
+  return ms < 1000 ? `${ms}ms` : `${Number((ms / 1000).toFixed(1))}s`;
+}
+
+export interface StartupWaitOptions {
+  /** The database URL, shown redacted in messages. */
+  url: string;
+  /** Give up once this long has passed without reaching the database; 0: one attempt. */
+  maxWaitMs: number;
+  /** Shutdown: stop waiting at once (the caller exits 0). */
+  stop: AbortSignal;
+  /** First wait between attempts (doubles up to `capMs`). */
+  baseMs?: number;
+  capMs?: number;
+}
+
+/**
+ * Wait until the database answers, for a long-running role started before its database
+ * (a deploy that brings both up at once, a database restarting). One warn line per failed
+ * attempt says where, why and when the next attempt is; after `maxWaitMs` the role gives up
+ * with one error naming the database and the last failure. Resolves true once the database
+ * answered, false when `stop` aborted first. Errors that are not about reaching the
+ * database (a bad password, a missing database) are not waited on: they are thrown at once.
+ */
+export async function waitForDatabase(sql: Sql, options: StartupWaitOptions): Promise<boolean> {
+  const started = Date.now();
+  const where = redactUrl(options.url);
+  for (let attempt = 1; !options.stop.aborted; attempt++) {
+    try {
+      await settleWithin("startup check", sql`select 1`, STATEMENT_DEADLINE_MS);
+      if (attempt > 1) {
+        logger("db").info("Reached the database at {url} after {attempts} attempts", {
+          url: where,
+          attempts: attempt,
+        });
+      }
+      return true;
+    } catch (error) {
+      if (!isConnectionError(error)) throw error;
+      const waited = Date.now() - started;
+      if (options.stop.aborted) return false;
+      if (waited >= options.maxWaitMs) {
+        const after = options.maxWaitMs > 0
+          ? ` after waiting ${formatDuration(options.maxWaitMs)}`
+          : "";
+        throw new Error(`Cannot reach the database at ${where}${after}: ${describeError(error)}`, {
+          cause: error,
+        });
+      }
+      const wait = Math.min(
+        backoffWithJitter(attempt, options.baseMs ?? 1000, options.capMs ?? 15_000),
+        options.maxWaitMs - waited,
+      );
+      logger("db").warn(
+        "Waiting for the database at {url}: {error}; next attempt in {wait} " +
+          "(giving up {limit} after start)",
+        {
+          url: where,
+          error: describeError(error),
+          wait: formatWait(wait),
+          limit: formatDuration(options.maxWaitMs),
+          attempt,
+        },
+      );
+      await delay(wait, options.stop);
+    }
+  }
+  return false;
 }

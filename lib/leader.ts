@@ -6,7 +6,14 @@
  *
  * @module
  */
-import type { Sql } from "./db.ts";
+import {
+  backoffWithJitter,
+  formatWait,
+  retryOnce,
+  settleWithin,
+  type Sql,
+  STATEMENT_DEADLINE_MS,
+} from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { acquire, type LeaseTerm, releaseLease, renew } from "./lease.ts";
 import { describeError, type Logger } from "./log.ts";
@@ -51,13 +58,21 @@ export async function runLeaderLoop(
   checkLeaderTiming(options.lease, options.intervalMs, options.leaseMs);
   const { log } = options;
   let term: LeaseTerm | null = null;
+  const outage = new Outage(options);
   while (!stop.aborted) {
-    term = await holdOrTake(sql, options, term);
+    const step = await holdOrTake(sql, options, term);
+    term = step.term;
     metrics.leaderStatus(options.lease, term !== null);
-    let sleepMs = options.intervalMs;
+    let sleepMs = outage.next(step);
     if (term && !stop.aborted) {
       try {
-        const wanted = await work(term);
+        // Work stalled on a dead connection must not hold the loop (and shutdown) for good;
+        // its transaction is fenced by the lease, so abandoning it is safe.
+        const wanted = await settleWithin(
+          `${options.lease} leader work`,
+          work(term),
+          Math.max(options.leaseMs, STATEMENT_DEADLINE_MS),
+        );
         if (typeof wanted === "number") sleepMs = Math.min(sleepMs, Math.max(0, wanted));
       } catch (error) {
         log.error("Leader work of {lease} failed: {error}", {
@@ -71,7 +86,8 @@ export async function runLeaderLoop(
   metrics.leaderStatus(options.lease, false); // stopping: leader work has ended either way
   if (term) {
     try {
-      if (await releaseLease(sql, term)) {
+      const release = releaseLease(sql, term);
+      if (await settleWithin(`${options.lease} lease release`, release, deadlineMs(options))) {
         log.info("Released the {lease} lease", { lease: options.lease });
       }
     } catch (error) {
@@ -83,35 +99,101 @@ export async function runLeaderLoop(
   }
 }
 
-/** One election step: renew our term, or try to start one. */
+/** What one election step found: the term held now, and the error if the database failed it. */
+interface Step {
+  term: LeaseTerm | null;
+  failed: boolean;
+  error?: unknown;
+}
+
+/**
+ * The loop's pace while the database is unreachable: the first failed election step waits
+ * the interval, each later one about twice as long (with jitter), capped at the lease, or
+ * 30 s, whichever is shorter (never below the interval), so a standby still tries about
+ * once per lease window. One warn line per failed step says when the next one is; the
+ * first step that succeeds again says how many failed.
+ */
+class Outage {
+  #failures = 0;
+  #options: LeaderLoopOptions;
+
+  constructor(options: LeaderLoopOptions) {
+    this.#options = options;
+  }
+
+  /** How long to sleep after this election step. */
+  next(step: Step): number {
+    const { log, lease, intervalMs, leaseMs } = this.#options;
+    if (!step.failed) {
+      if (this.#failures > 0) {
+        log.info("The {lease} lease statements succeed again after {failures} failed attempts", {
+          lease,
+          failures: this.#failures,
+        });
+      }
+      this.#failures = 0;
+      return intervalMs;
+    }
+    this.#failures++;
+    const capMs = Math.max(intervalMs, Math.min(leaseMs, 30_000));
+    const wait = backoffWithJitter(this.#failures, intervalMs, capMs);
+    log.warn(
+      "The {lease} lease statement failed (attempt {attempt}): {error}; " +
+        "next attempt in {wait}",
+      {
+        lease,
+        attempt: this.#failures,
+        error: describeError(step.error),
+        wait: formatWait(wait),
+      },
+    );
+    return wait;
+  }
+}
+
+/** A lease statement's deadline: a renewal that outlives the lease is moot anyway. */
+function deadlineMs(options: LeaderLoopOptions): number {
+  return Math.min(STATEMENT_DEADLINE_MS, options.leaseMs);
+}
+
+/**
+ * One election step: renew our term, or try to start one. A lease the database refused is
+ * logged here; a failed statement is returned for the loop to log and back off on.
+ */
 async function holdOrTake(
   sql: Sql,
   options: LeaderLoopOptions,
   term: LeaseTerm | null,
-): Promise<LeaseTerm | null> {
+): Promise<Step> {
   const { log } = options;
   if (term) {
     try {
-      const renewed = await renew(sql, term, { ttlMs: options.leaseMs });
-      if (renewed) return renewed;
+      const renewed = await retryOnce(
+        `${options.lease} lease renewal`,
+        () => renew(sql, term, { ttlMs: options.leaseMs }),
+        deadlineMs(options),
+      );
+      if (renewed) return { term: renewed, failed: false };
       log.warn("Lost the {lease} lease (term {token}): leader work stops", {
         lease: options.lease,
         token: term.token,
       });
+      return { term: null, failed: false };
     } catch (error) {
-      log.warn("Cannot renew the {lease} lease, stepping down: {error}", {
+      log.warn("Cannot renew the {lease} lease (term {token}), stepping down", {
         lease: options.lease,
-        error: describeError(error),
+        token: term.token,
       });
+      return { term: null, failed: true, error };
     }
-    return null;
   }
   try {
-    const taken = await acquire(sql, {
-      name: options.lease,
-      holder: options.holder,
-      ttlMs: options.leaseMs,
-    });
+    // Idempotent: taking a lease we already hold keeps its term.
+    const taken = await retryOnce(
+      `${options.lease} lease acquisition`,
+      () => acquire(sql, { name: options.lease, holder: options.holder, ttlMs: options.leaseMs }),
+      deadlineMs(options),
+    );
     if (taken) {
       log.info("Leading {lease} as {holder} (term {token})", {
         lease: options.lease,
@@ -119,12 +201,8 @@ async function holdOrTake(
         token: taken.token,
       });
     }
-    return taken;
+    return { term: taken, failed: false };
   } catch (error) {
-    log.warn("Cannot acquire the {lease} lease: {error}", {
-      lease: options.lease,
-      error: describeError(error),
-    });
-    return null;
+    return { term: null, failed: true, error };
   }
 }

@@ -100,7 +100,9 @@ Deno.test("bad flags and values exit 2 with one line on stderr", async () => {
 Deno.test("an unreachable database is one clear line naming the host, without the password", async () => {
   const port = freePort();
   const url = `postgres://alice:s3cret@127.0.0.1:${port}/nowhere`;
-  for (const args of [["migrate"], ["status", "--json"], ["--role", "consumer"]]) {
+  // A role would first wait for the database (--startup-wait, tests/fault/outage_test.ts).
+  const role = ["--role", "consumer", "--startup-wait", "0s"];
+  for (const args of [["migrate"], ["status", "--json"], role]) {
     const { code, stdout, stderr } = await runShoal(args, { url });
     assertEquals(code, 1, stderr);
     assertEquals(stdout, "");

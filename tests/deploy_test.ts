@@ -204,6 +204,8 @@ async function assertShoalAccepts(inv: Invocation): Promise<void> {
   if (HTTP_PENDING) delete env.SHOAL_HTTP;
   else if (env.SHOAL_HTTP) env.SHOAL_HTTP = `127.0.0.1:${freePort()}`;
   env.DATABASE_URL = `postgres://shoal@127.0.0.1:${freePort()}/shoal`;
+  // A role would wait for the database first (--startup-wait); only the refusal matters here.
+  env.SHOAL_STARTUP_WAIT ??= "0s";
   const result = await runShoal(args, { env });
   assertEquals(
     [result.code, result.stderr.includes("Cannot reach the database")],

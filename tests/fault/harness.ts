@@ -318,7 +318,10 @@ export class MixedRun {
     );
     const live = this.members.filter((m) => !m.killed);
     for (const m of live) m.proc.kill("SIGTERM");
-    const exits = await Promise.all(live.map((m) => exitWithin(m.proc, 20_000)));
+    // Bounded by the statement deadline (lib/db.ts): a consumer may first wait out a claim
+    // stalled on a killed connection (10 s), then hand a job back (10 s, retried once: 20 s),
+    // then close its pool (5 s).
+    const exits = await Promise.all(live.map((m) => exitWithin(m.proc, 40_000)));
     live.forEach((m, i) => {
       assertEquals(
         exits[i]!.code,

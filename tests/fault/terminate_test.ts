@@ -3,11 +3,9 @@
  * the mixed run works. shoal reconnects, retries its idempotent statements once, and
  * finishes the run with nothing lost and nothing promised once done twice.
  *
- * Kept out of the suite (not named *_test.ts) until postgres.js stops failing under this
- * fault: about half the runs end with a role crashed by an uncaught TypeError in
- * postgres.js (`nextWrite` on a closed socket, porsager/postgres#1154, #1208) or a role
- * that never finishes shutting down (a statement on a killed connection that never
- * settles). Run it by name: `deno task test tests/fault/terminate_scenario.ts`.
+ * postgres.js 3.4.9 throws an uncaught TypeError under this fault now and then (a write on
+ * a connection it already closed, porsager/postgres#1154, #1208); the roles ride it out
+ * (`tolerateDriverWriteAfterClose` in lib/db.ts) and the report counts how often.
  */
 import { assert } from "../assert.ts";
 import { sleep, testDb } from "../helpers.ts";
@@ -34,5 +32,13 @@ Deno.test("the mixed run finishes while every shoal session is terminated every 
   await run.finish();
   const retried = run.members.filter((m) => m.proc.output().includes("retrying once"));
   assert(retried.length > 0, "no process logged a retried statement");
-  report("terminate every 200 ms", await run.check(), started);
+  // postgres.js's write-after-close failures the roles rode out (lib/db.ts), for the report.
+  const tolerated = run.members
+    .map((m) => m.proc.output().split("\n").filter((l) => l.includes("porsager/postgres#1154")))
+    .reduce((n, lines) => n + lines.length, 0);
+  report(
+    `terminate every 200 ms (driver faults ridden out: ${tolerated})`,
+    await run.check(),
+    started,
+  );
 });
