@@ -368,17 +368,23 @@ export interface JobRef {
  * deadlock. A token that moved on while we waited for the lock drops the row (the lock
  * re-checks the join against the newest version).
  *
- * Each side reaches the table through its primary key, never by joining two sets the
- * planner cannot size: a join filter between them is quadratic in the batch, and a batch
- * of acks that grows while a slow one runs would feed on itself.
+ * Each row is reached through the primary key, one lookup per id, whatever the planner
+ * believes: a locking subquery is never flattened into a join, so no plan can turn into a
+ * join filter quadratic in the batch, or (a custom plan that sees a large array) a hash
+ * join over a scan of the whole table. Either made a slow ack slower: a batch of acks that
+ * grows while a slow one runs feeds on itself. Callers reach the locked rows again with
+ * `j.id = any(array(select id from locked))`, a primary-key lookup too, not a join.
  */
 function lockOurs(db: Db, refs: JobRef[]) {
   const ids = refs.map((r) => r.id);
   const tokens = refs.map((r) => r.token);
   return db`
-    select x.id from unnest(${ids}::bigint[], ${tokens}::bigint[]) as a(id, token)
-    join shoal.jobs x on x.id = a.id and x.token = a.token
-    order by x.id for update of x`;
+    select x.id
+    from (select u.id, u.token from unnest(${ids}::bigint[], ${tokens}::bigint[]) as u(id, token)
+          order by u.id) a
+    cross join lateral (
+      select j.id from shoal.jobs j where j.id = a.id and j.token = a.token for update of j
+    ) x`;
 }
 
 /** Ack (delete) finished jobs in one statement. Returns the ids that were still ours. */
@@ -386,7 +392,7 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
     with locked as (${lockOurs(db, refs)})
-    delete from shoal.jobs j using locked l where j.id = l.id
+    delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
     returning j.id`;
   return rows.map((r) => r.id);
 }
@@ -401,8 +407,7 @@ export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Prom
   const rows = await db<{ id: string }[]>`
     with locked as (${lockOurs(db, refs)})
     update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms'
-    from locked l
-    where j.id = l.id
+    where j.id = any(array(select l.id from locked l))
       and not exists (
         select 1 from shoal.executions e
         where e.id = j.execution_id and e.status in ('completed', 'failed', 'cancelled'))
@@ -422,8 +427,7 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
       update shoal.jobs j
       set locked_by = null, locked_at = null, run_at = now(), token = j.token + 1,
           attempts = greatest(j.attempts - 1, 0)
-      from locked l
-      where j.id = l.id
+      where j.id = any(array(select l.id from locked l))
       returning j.id, j.queue
     ),
     -- Visible at once: wake idle consumers rather than leave the jobs to their poll.
