@@ -355,6 +355,9 @@ function targetSection(input: ReportInput): string {
     "Judged on this run's medians (soaks: one run, the median over their samples). " +
     "\"not measured\": a figure the target needs (a peer's, a floor's) was not run.",
     "",
+    "What limits each target that is not met, with its profile or plan and how far it is: " +
+    "[docs/performance.md](../../docs/performance.md).",
+    "",
   ].join("\n");
 }
 
