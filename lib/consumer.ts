@@ -365,13 +365,80 @@ export async function runConsumer(
   const room = () => options.concurrency + target() - running.size - buffer.length;
 
   /**
-   * Set when jobs were announced (a NOTIFY, a delayed job due): they may rank ahead of
-   * jobs already buffered, so the loop probes for them even with a full buffer.
+   * Jobs were announced (a NOTIFY, a delayed job due): wake the loop, and probe for any that
+   * rank ahead of jobs already buffered.
    */
-  let announced = false;
   function announce(): void {
-    announced = true;
     waker.wake();
+    probeSoon();
+  }
+
+  // Probes. With more than the free slots' worth buffered (less empties soon enough), an
+  // announcement claims at once the jobs ranking no later than the last buffered one, and
+  // admit() puts them first. A probe runs beside the loop's own claim, which may be in
+  // flight for a while with hundreds of jobs: waiting for it would let that many buffered
+  // jobs start first. One probe at a time; after one that found nothing the next waits
+  // PROBE_QUIET_MS, so a steady stream of NOTIFYs does not become back-to-back probes.
+  let probing: Promise<void> | null = null;
+  let quietUntil = 0;
+  let quietTimer: ReturnType<typeof setTimeout> | undefined;
+  function probeSoon(): void {
+    if (probing || quietTimer || stop.aborted || buffer.length <= options.concurrency) return;
+    const wait = quietUntil - performance.now();
+    if (wait > 0) {
+      quietTimer = setTimeout(() => {
+        quietTimer = undefined;
+        probeSoon();
+      }, wait);
+      return;
+    }
+    probing = probe().then((again) => {
+      probing = null;
+      if (again) probeSoon();
+    });
+  }
+
+  /** One probe; resolves to whether it came back full (more may be waiting). Never throws. */
+  async function probe(): Promise<boolean> {
+    const last = buffer[buffer.length - 1]!;
+    const limit = Math.max(options.concurrency, target());
+    try {
+      const result = await settleWithin(
+        "claim",
+        claim(sql, {
+          queues: options.queues,
+          limit,
+          workerId,
+          visibilityMs: options.visibilityTimeoutMs,
+          before: { priority: last.priority, fair_seq: last.fair_seq },
+        }),
+        STATEMENT_DEADLINE_MS,
+      );
+      claimed(result);
+      const got = result.jobs.length + result.poisoned.length;
+      if (got === 0) quietUntil = performance.now() + PROBE_QUIET_MS;
+      return got === limit;
+    } catch (error) {
+      // The loop's next claim takes these jobs in any case (and reports a lasting fault).
+      log.warn("Cannot probe for jobs ranking ahead of the buffer: {error}", {
+        error: describeError(error),
+      });
+      quietUntil = performance.now() + 1000;
+      return false;
+    }
+  }
+
+  /** Count and report a claim's outcome, then take its jobs in. */
+  function claimed({ jobs, poisoned }: ClaimResult): void {
+    metrics.jobsClaimed(jobs);
+    metrics.jobsPoisoned(poisoned);
+    for (const p of poisoned) {
+      log.error(
+        "Job {job_id} ({task}) dead-lettered unrun: claimed {attempt} times without finishing",
+        { job_id: p.id, task: p.task, attempt: p.attempts },
+      );
+    }
+    admit(jobs);
   }
 
   /**
@@ -701,53 +768,25 @@ export async function runConsumer(
   );
 
   let errorStreak = 0;
-  /** No probe before this (performance.now()): set after a probe that found nothing. */
-  let quietUntil = 0;
   while (!stop.aborted) {
-    // A buffer of a few jobs empties soon enough: probe only past the free slots' worth.
-    const wanted: boolean = announced && buffer.length > options.concurrency;
-    const probe: boolean = wanted && performance.now() >= quietUntil;
-    // A probe put off for quiet keeps the announcement for when the quiet ends.
-    announced = wanted && !probe;
-    const last = buffer[buffer.length - 1];
-    const limit: number = probe ? Math.max(options.concurrency, target()) : room();
-    if (probe || (limit > 0 && buffer.length <= lowWater())) {
+    const limit = room();
+    if (limit > 0 && buffer.length <= lowWater()) {
       try {
         // A claim on a connection Postgres just killed can stay unsettled for good (see
         // settleWithin); past the deadline it counts as a lost connection and is retried.
-        const { jobs, poisoned }: ClaimResult = await settleWithin(
+        const result = await settleWithin(
           "claim",
           claim(sql, {
             queues: options.queues,
             limit,
             workerId,
             visibilityMs: options.visibilityTimeoutMs,
-            before: probe && last
-              ? { priority: last.priority, fair_seq: last.fair_seq }
-              : undefined,
           }),
           STATEMENT_DEADLINE_MS,
         );
         errorStreak = 0;
-        metrics.jobsClaimed(jobs);
-        metrics.jobsPoisoned(poisoned);
-        for (const p of poisoned) {
-          log.error(
-            "Job {job_id} ({task}) dead-lettered unrun: claimed {attempt} times without finishing",
-            { job_id: p.id, task: p.task, attempt: p.attempts },
-          );
-        }
-        const full: boolean = jobs.length + poisoned.length === limit;
-        admit(jobs);
-        if (probe) {
-          // A full probe may have left more such jobs behind; then the usual claim. One
-          // that found nothing keeps the next waiting: under a steady stream of NOTIFYs
-          // (new jobs that rank after the buffer) probes would otherwise run back to back.
-          announced = full;
-          if (jobs.length + poisoned.length === 0) quietUntil = performance.now() + PROBE_QUIET_MS;
-          continue;
-        }
-        lastClaimFull = full;
+        claimed(result);
+        lastClaimFull = result.jobs.length + result.poisoned.length === limit;
         if (lastClaimFull && !stop.aborted && room() > 0 && buffer.length <= lowWater()) continue;
       } catch (error) {
         errorStreak++;
@@ -762,8 +801,7 @@ export async function runConsumer(
     } else {
       lastClaimFull = true;
     }
-    const untilProbe = announced ? Math.max(1, quietUntil - performance.now()) : Infinity;
-    await waker.sleep(Math.min(options.pollIntervalMs, untilProbe), stop);
+    await waker.sleep(options.pollIntervalMs, stop);
   }
 
   await shutdown();
@@ -773,6 +811,9 @@ export async function runConsumer(
       count: running.size,
       grace: formatDuration(options.shutdownGraceMs),
     });
+    // A probe in flight would add to the buffer after it was handed back.
+    clearTimeout(quietTimer);
+    await probing;
     // Buffered jobs never started: hand them back now, not after the grace period.
     const unstarted = buffer;
     buffer = [];
