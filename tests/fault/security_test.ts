@@ -102,7 +102,8 @@ Deno.test("no database password reaches a log line, an error message, shoal stat
   const others = await Promise.all([
     run(["status", "--database-url", wrong], ""),
     run(["status"], unreachable),
-    run(["--role", "scheduler"], unreachable),
+    // A role waits for the database first: its waiting lines are searched too, then it gives up.
+    run(["--role", "scheduler", "--startup-wait", "3s"], unreachable),
     run(["--role", "consumer", "--concurrency", "x"], good),
     run(["enqueue", "--task", "t"], urlFor(pg.port, PASSWORD, "[::1")),
   ]);
