@@ -4,46 +4,11 @@
  * once, a claim lost mid-run, retries into the dead-letter table).
  */
 import { assert, assertEquals } from "./assert.ts";
-import { sleep, testDb, waitFor } from "./helpers.ts";
+import { FAST_CONSUMER, sleep, startConsumer, testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
-import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
+import { runConsumer } from "../lib/consumer.ts";
 import { enqueue, enqueueMany } from "../lib/queue.ts";
-import { type AnyTask, defineTask, TaskRegistry } from "../lib/tasks.ts";
-
-const FAST: ConsumerOptions = {
-  queues: ["default"],
-  concurrency: 4,
-  visibilityTimeoutMs: 2000,
-  pollIntervalMs: 50,
-  listen: false,
-  shutdownGraceMs: 1000,
-  taskTimeoutMs: 10_000,
-  retryBaseMs: 10,
-};
-
-interface RunningConsumer {
-  /** Abort the consumer (as SIGTERM would) and wait for its shutdown to finish. */
-  stop(): Promise<void>;
-}
-
-function startConsumer(
-  sql: Sql,
-  tasks: AnyTask[],
-  options: Partial<ConsumerOptions> = {},
-): RunningConsumer {
-  const stop = new AbortController();
-  const done = runConsumer(
-    { sql, tasks: new TaskRegistry(tasks) },
-    { ...FAST, ...options },
-    stop.signal,
-  );
-  return {
-    async stop() {
-      stop.abort();
-      await done;
-    },
-  };
-}
+import { defineTask, TaskRegistry } from "../lib/tasks.ts";
 
 /** Resolves with "finished" after `ms`, or with the signal's reason as soon as it aborts. */
 function sleepOrAbort(ms: number, signal: AbortSignal): Promise<unknown> {
@@ -302,7 +267,7 @@ Deno.test("runConsumer() prefetches while jobs are fast and hands the buffer bac
   const stop = new AbortController();
   const done = runConsumer(
     { sql: db.sql, tasks: new TaskRegistry([quick, gate]) },
-    { ...FAST, concurrency: 1, prefetch: 50, shutdownGraceMs: 3000 },
+    { ...FAST_CONSUMER, concurrency: 1, prefetch: 50, shutdownGraceMs: 3000 },
     stop.signal,
   );
   await waitFor("the gate job to start", () => gateStarted);

@@ -6,6 +6,8 @@
 import postgres from "postgres";
 import { connect, type Sql } from "../lib/db.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
+import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
+import { type AnyTask, TaskRegistry } from "../lib/tasks.ts";
 
 export const TEMPLATE_DB = "shoal_test_template";
 const ROOT = new URL("../", import.meta.url);
@@ -441,4 +443,41 @@ export async function transitions(sql: Sql, execution: string): Promise<string[]
   const rows = await sql<{ old: string; new: string }[]>`
     select old, new from test_transitions where execution_id = ${execution}::bigint order by id`;
   return rows.map((r) => `${r.old}>${r.new}`);
+}
+
+/** Consumer settings for in-process tests: short waits, polling (no LISTEN), fast retries. */
+export const FAST_CONSUMER: ConsumerOptions = {
+  queues: ["default"],
+  concurrency: 4,
+  visibilityTimeoutMs: 2000,
+  pollIntervalMs: 50,
+  listen: false,
+  shutdownGraceMs: 1000,
+  taskTimeoutMs: 10_000,
+  retryBaseMs: 10,
+};
+
+export interface RunningConsumer {
+  /** Abort the consumer (as SIGTERM would) and wait for its shutdown to finish. */
+  stop(): Promise<void>;
+}
+
+/** runConsumer() in this process with `tasks`, FAST_CONSUMER's settings plus `options`. */
+export function startConsumer(
+  sql: Sql,
+  tasks: AnyTask[],
+  options: Partial<ConsumerOptions> = {},
+): RunningConsumer {
+  const stop = new AbortController();
+  const done = runConsumer(
+    { sql, tasks: new TaskRegistry(tasks) },
+    { ...FAST_CONSUMER, ...options },
+    stop.signal,
+  );
+  return {
+    async stop() {
+      stop.abort();
+      await done;
+    },
+  };
 }

@@ -8,43 +8,21 @@ import { assert, assertEquals } from "./assert.ts";
 import {
   exitWithin,
   freePort,
+  type RunningConsumer,
   runShoal,
   spawnShoal,
+  startConsumer,
   testDb,
   waitFor,
   waitForOutput,
 } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
-import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
 import { getExecution, startExecution } from "../lib/execution.ts";
 import { enqueue } from "../lib/queue.ts";
 import { checkSqlSchemas, sqlTask } from "../lib/sql_task.ts";
-import { TaskRegistry } from "../lib/tasks.ts";
 
-const FAST: ConsumerOptions = {
-  queues: ["default"],
-  concurrency: 4,
-  visibilityTimeoutMs: 2000,
-  pollIntervalMs: 50,
-  listen: false,
-  shutdownGraceMs: 1000,
-  taskTimeoutMs: 10_000,
-  retryBaseMs: 10,
-};
-
-function startConsumer(sql: Sql, schemas: string[]): { stop(): Promise<void> } {
-  const stop = new AbortController();
-  const done = runConsumer(
-    { sql, tasks: new TaskRegistry([sqlTask({ schemas })]) },
-    FAST,
-    stop.signal,
-  );
-  return {
-    async stop() {
-      stop.abort();
-      await done;
-    },
-  };
+function startSqlConsumer(sql: Sql, schemas: string[]): RunningConsumer {
+  return startConsumer(sql, [sqlTask({ schemas })]);
 }
 
 /** Schemas `app` (allowed in the tests) and `other`, their functions, and a canary table. */
@@ -90,7 +68,7 @@ async function canaryAlive(sql: Sql): Promise<boolean> {
 Deno.test("shoal.sql calls schema.name(args) and stores its jsonb return as the result", async () => {
   await using db = await testDb();
   await install(db.sql);
-  const consumer = startConsumer(db.sql, ["app"]);
+  const consumer = startSqlConsumer(db.sql, ["app"]);
   try {
     const added = await startExecution(db.sql, {
       task: "shoal.sql",
@@ -117,7 +95,7 @@ Deno.test("shoal.sql calls schema.name(args) and stores its jsonb return as the 
 Deno.test("shoal.sql fails for good when the schema is not allowed or the function is missing", async () => {
   await using db = await testDb();
   await install(db.sql);
-  const consumer = startConsumer(db.sql, ["app"]);
+  const consumer = startSqlConsumer(db.sql, ["app"]);
   try {
     const cases: [string, string][] = [
       ["other.f", "shoal.sql may not call other.f: schema other is not in --sql-schemas"],
@@ -138,7 +116,7 @@ Deno.test("shoal.sql fails for good when the schema is not allowed or the functi
   } finally {
     await consumer.stop();
   }
-  const stop = startConsumer(db.sql, []);
+  const stop = startSqlConsumer(db.sql, []);
   try {
     const id = await enqueue(db.sql, "shoal.sql", { function: "app.add" });
     const dead = await deadRow(db.sql, id);
@@ -151,7 +129,7 @@ Deno.test("shoal.sql fails for good when the schema is not allowed or the functi
 Deno.test("shoal.sql retries a function that raises, then dead-letters it with its message", async () => {
   await using db = await testDb();
   await install(db.sql);
-  const consumer = startConsumer(db.sql, ["app"]);
+  const consumer = startSqlConsumer(db.sql, ["app"]);
   try {
     const id = await enqueue(db.sql, "shoal.sql", {
       function: "app.boom",
@@ -188,7 +166,7 @@ const INJECTIONS = [
 Deno.test("shoal.sql refuses injection attempts in the name at the boundary, with no effect", async () => {
   await using db = await testDb();
   await install(db.sql);
-  const consumer = startConsumer(db.sql, ["app"]);
+  const consumer = startSqlConsumer(db.sql, ["app"]);
   try {
     for (const fn of INJECTIONS) {
       const id = await enqueue(db.sql, "shoal.sql", { function: fn });

@@ -5,12 +5,20 @@
  * allowed), and a real consumer process that must never print the secret.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { exitWithin, spawnShoal, testDb, waitFor, waitForOutput } from "./helpers.ts";
+import {
+  exitWithin,
+  type RunningConsumer,
+  spawnShoal,
+  startConsumer,
+  testDb,
+  waitFor,
+  waitForOutput,
+} from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
-import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
+import type { ConsumerOptions } from "../lib/consumer.ts";
 import { getExecution, startExecution } from "../lib/execution.ts";
 import { enqueue } from "../lib/queue.ts";
-import { MAX_RETRY_LATER_MS, RetryLaterError, TaskRegistry } from "../lib/tasks.ts";
+import { MAX_RETRY_LATER_MS, RetryLaterError } from "../lib/tasks.ts";
 import {
   checkHttpAllow,
   httpTask,
@@ -20,17 +28,6 @@ import {
 } from "../lib/webhook.ts";
 
 const SECRET = "whsec-7f3a9c1e-never-print-me";
-
-const FAST: ConsumerOptions = {
-  queues: ["default"],
-  concurrency: 4,
-  visibilityTimeoutMs: 2000,
-  pollIntervalMs: 50,
-  listen: false,
-  shutdownGraceMs: 1000,
-  taskTimeoutMs: 10_000,
-  retryBaseMs: 10,
-};
 
 interface Received {
   headers: Headers;
@@ -64,23 +61,12 @@ class Receiver {
   }
 }
 
-function startConsumer(
+function startHttpConsumer(
   sql: Sql,
   settings: HttpTaskSettings,
   options: Partial<ConsumerOptions> = {},
-): { stop(): Promise<void> } {
-  const stop = new AbortController();
-  const done = runConsumer(
-    { sql, tasks: new TaskRegistry([httpTask(settings)]) },
-    { ...FAST, ...options },
-    stop.signal,
-  );
-  return {
-    async stop() {
-      stop.abort();
-      await done;
-    },
-  };
+): RunningConsumer {
+  return startConsumer(sql, [httpTask(settings)], options);
 }
 
 const secretEnv = (name: string) => name === "SHOAL_HTTP_SECRET_BILLING" ? SECRET : undefined;
@@ -130,7 +116,7 @@ Deno.test("shoal.http POSTs the body signed for the receiver and acks on 2xx wit
   await using db = await testDb();
   await using rx = new Receiver();
   rx.respond = () => new Response("thanks", { status: 201 });
-  const consumer = startConsumer(db.sql, { allow: [rx.host], env: secretEnv });
+  const consumer = startHttpConsumer(db.sql, { allow: [rx.host], env: secretEnv });
   try {
     const body = { order: 42, note: "é ü \u2603", nested: { a: [1, 2] } };
     const execution = await startExecution(db.sql, {
@@ -168,7 +154,7 @@ Deno.test("shoal.http retries a 500 with the backoff, then acks the 200", async 
   await using db = await testDb();
   await using rx = new Receiver();
   rx.respond = (n) => n === 1 ? new Response("database down", { status: 500 }) : new Response("ok");
-  const consumer = startConsumer(db.sql, { allow: [rx.host] });
+  const consumer = startHttpConsumer(db.sql, { allow: [rx.host] });
   try {
     const id = await enqueue(db.sql, "shoal.http", { url: rx.url, body: { n: 1 } });
     await waitFor(
@@ -189,7 +175,7 @@ Deno.test("shoal.http honours Retry-After on a 429 as the next attempt's delay",
   await using db = await testDb();
   await using rx = new Receiver();
   rx.respond = () => new Response("slow down", { status: 429, headers: { "retry-after": "30" } });
-  const consumer = startConsumer(db.sql, { allow: [rx.host] });
+  const consumer = startHttpConsumer(db.sql, { allow: [rx.host] });
   try {
     const id = await enqueue(db.sql, "shoal.http", { url: rx.url });
     const row = await waitFor("the retry to be recorded", async () => {
@@ -216,7 +202,7 @@ Deno.test("shoal.http dead-letters a 404 at once, and a redirect without followi
     n === 1
       ? new Response("no such hook", { status: 404 })
       : new Response(null, { status: 302, headers: { location: "http://127.0.0.1:1/" } });
-  const consumer = startConsumer(db.sql, { allow: [rx.host] }, { concurrency: 1 });
+  const consumer = startHttpConsumer(db.sql, { allow: [rx.host] }, { concurrency: 1 });
   try {
     const missing = await enqueue(db.sql, "shoal.http", { url: rx.url });
     const missingDead = await deadRow(db.sql, missing);
@@ -243,7 +229,7 @@ Deno.test("shoal.http counts a timeout as an ordinary failure and retries", asyn
     await released;
     return new Response("too late");
   };
-  const consumer = startConsumer(db.sql, { allow: [rx.host] }, { retryBaseMs: 60_000 });
+  const consumer = startHttpConsumer(db.sql, { allow: [rx.host] }, { retryBaseMs: 60_000 });
   try {
     const id = await enqueue(db.sql, "shoal.http", { url: rx.url, timeout_ms: 200 });
     const row = await waitFor("the timeout to be recorded", async () => {
@@ -272,7 +258,7 @@ Deno.test("shoal.http fails for good, sending nothing, to a host not on the allo
       [["localhost:" + rx.host.split(":")[1]], "its host is not in --http-allow"],
     ] as const
   ) {
-    const consumer = startConsumer(db.sql, { allow: [...allow] });
+    const consumer = startHttpConsumer(db.sql, { allow: [...allow] });
     try {
       const id = await enqueue(db.sql, "shoal.http", { url: rx.url });
       const dead = await deadRow(db.sql, id);
@@ -288,7 +274,7 @@ Deno.test("shoal.http fails for good, sending nothing, to a host not on the allo
 Deno.test("shoal.http refuses bad payloads for good: scheme, user:password, shoal's headers, unknown secret", async () => {
   await using db = await testDb();
   await using rx = new Receiver();
-  const consumer = startConsumer(db.sql, { allow: [rx.host], env: secretEnv });
+  const consumer = startHttpConsumer(db.sql, { allow: [rx.host], env: secretEnv });
   try {
     const cases: [Record<string, unknown>, string][] = [
       [{ url: `ftp://${rx.host}/x` }, 'url scheme "ftp" is not http or https'],
