@@ -272,6 +272,20 @@ export class MixedRun {
     );
   }
 
+  /** Wait until some jobs are claimed (work in flight for a fault to hit); returns how many. */
+  async waitForJobsInFlight(): Promise<number> {
+    return await waitFor(
+      "jobs in flight",
+      async () => {
+        const [row] = await this.sql<{ n: number }[]>`
+          select count(*)::int as n from shoal.jobs where locked_by is not null`;
+        return row!.n;
+      },
+      20_000,
+      20,
+    );
+  }
+
   /** Wait until the schedule has fired at least `n` slots. */
   async waitForSlots(n: number, timeoutMs = 30_000): Promise<void> {
     const fired = async () => {

@@ -4,7 +4,7 @@
  * loop), and resumes; the run finishes with nothing lost.
  */
 import { assert, assertEquals } from "../assert.ts";
-import { logLines, sleep, waitFor } from "../helpers.ts";
+import { logLines, sleep } from "../helpers.ts";
 import { connect } from "../../lib/db.ts";
 import { type Member, MixedRun, ownCluster, report, tail } from "./harness.ts";
 
@@ -22,16 +22,7 @@ Deno.test("every role rides out 10 s without the database and the run finishes",
     await run.start();
     await run.waitForSlots(2);
     await run.enqueueWave(150);
-    await waitFor(
-      "jobs in flight",
-      async () => {
-        const [row] = await sql<{ n: number }[]>`
-        select count(*)::int as n from shoal.jobs where locked_by is not null`;
-        return row!.n > 0;
-      },
-      20_000,
-      20,
-    );
+    await run.waitForJobsInFlight();
     const before = new Map(run.members.map((m) => [m, complaints(m.proc.output()).length]));
     const exited = new Set<Member>();
     for (const m of run.members) m.proc.exited().then(() => exited.add(m));
