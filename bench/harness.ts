@@ -479,7 +479,7 @@ export function errorChain(error: unknown): string {
     parts.push(current instanceof Error ? current.message : String(current));
     current = current instanceof Error ? current.cause : undefined;
   }
-  return parts.join(": caused by: ");
+  return parts.join(": ");
 }
 
 /** Load average and CPU count: the machine is shared, so the report says how busy it was. */
