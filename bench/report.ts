@@ -359,8 +359,10 @@ export function besideTable(input: ReportInput): string {
       : row.withinNoise
       ? "yes"
       : "**no**";
+    // `W2/shoal/c100` → `W2/c100`: the row is about both systems.
+    const figure = row.subject.replace("/shoal", "");
     lines.push(
-      `| ${row.subject} ${row.metric.key} | ${formatSpread(row.shoal, unit)} | ${
+      `| ${figure} ${row.metric.key} | ${formatSpread(row.shoal, unit)} | ${
         formatSpread(row.other, unit)
       } | ${Number.isNaN(row.ratio) ? "n/a" : `${row.ratio.toFixed(3)}×`} | ${band} | ${verdict} |`,
     );

@@ -770,7 +770,10 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
     besideSystem,
   );
   const chosen = benchmarks.filter((b) => selected(b, args.only));
-  if (chosen.length === 0) throw new Error(`--only ${args.only.join(",")} matches no benchmark`);
+  if (chosen.length === 0) {
+    const beside = besideSystem === null ? "" : ` (the other commit is ${besideSystem.name})`;
+    throw new Error(`--only ${args.only.join(",")} matches no benchmark${beside}`);
+  }
   const peersChosen = PEER_SYSTEMS.filter((p) => chosen.some((b) => b.system === p.name));
   if (peersChosen.length > 0) await ensurePeersInstalled();
   const startedAt = new Date();
