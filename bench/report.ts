@@ -302,7 +302,10 @@ interface BesideRow {
   withinNoise: boolean | null;
 }
 
-function besideRows(input: ReportInput): BesideRow[] {
+/** What the beside table reads from the report's input. */
+export type BesideTableInput = Pick<ReportInput, "beside" | "results">;
+
+function besideRows(input: BesideTableInput): BesideRow[] {
   if (input.beside === null) return [];
   const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
   const rows: BesideRow[] = [];
@@ -342,7 +345,7 @@ function formatSpread(spread: Spread, unit: string): string {
 }
 
 /** shoal beside the other commit (`--beside`), one row per figure, as markdown. */
-export function besideTable(input: ReportInput): string {
+export function besideTable(input: BesideTableInput): string {
   const beside = input.beside;
   if (beside === null) return "";
   const lines = [
