@@ -381,8 +381,8 @@ function besideSection(input: ReportInput): string {
     "",
     `\`--beside ${beside.ref}\`: commit ${beside.sha}, checked out into a temporary git ` +
     `worktree and run as ${beside.system} exactly as shoal runs this tree (its own main.ts, ` +
-    "migrations, lib/queue.ts for enqueueing and V8 flags), interleaved with shoal run by " +
-    "run, each run in a fresh database.",
+    "migrations, lib/queue.ts for enqueueing and V8 flags), right beside shoal (after it on " +
+    "odd runs, before it on even ones), each run in a fresh database.",
     "",
     besideTable(input),
     `Ratio: shoal's median ÷ ${beside.system}'s. For throughput above 1.00× this tree is ` +

@@ -25,12 +25,13 @@
  * the V8 flags of its own deno.json compile task; each of its runs gets a fresh database
  * installed by its own `main.ts migrate`, and its producers enqueue through its own
  * lib/queue.ts (loaded into this process, so its deno.json must map imports like ours).
- * It runs right after shoal in every workload but W4 (the fan-out driver is this tree's
- * lib/execution.ts) and the soaks W8, W9 (once per run: no spread to judge; 12 minutes
- * more): W1a, W1b, W2, W3, W5, W6, W7, W10. `--only W2,W3` selects both systems,
- * `--only W2/shoal@abc1234` one figure. The report's first table sets each figure beside
- * the other commit's: both medians with every run's value, shoal ÷ shoal@REF, and whether
- * that ratio lies within the two systems' own run-to-run spread (needs --runs 2 or more).
+ * It runs right beside shoal (after it on odd runs, before it on even ones) in W1a, W1b,
+ * W2, W3, W5, W6, W7 and W10; not in W4 (the fan-out driver is this tree's
+ * lib/execution.ts) nor in the soaks W8, W9 (once per bench run: no spread to judge).
+ * `--only W2,W3` selects both systems, `--only W2/shoal@abc1234` one figure. The report's
+ * first table sets each figure beside the other commit's: both medians with every run's
+ * value, shoal ÷ shoal@REF, and whether that ratio lies within the two systems' own
+ * run-to-run spread (needs --runs 2 or more). docs/performance.md: "Comparing two commits".
  *
  * Workloads (bench/workloads.ts and the files it names):
  *   W1a enqueue one per call, 10 in flight   W1b enqueue in calls of 1,000
@@ -174,7 +175,7 @@ const PEER_ENQUEUE: Record<string, string> = {
 function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
   const besidePairs: { subject: string; beside: string }[] = [];
   // shoal's benchmark, then right after it the same one for the other commit (--beside),
-  // so the two run in like conditions.
+  // so the two run in like conditions (runOrder swaps them on even runs).
   const shoalAndBeside = (make: (system: System) => Benchmark): Benchmark[] => {
     const mine = make(shoal);
     if (beside === null) return [mine];
@@ -857,7 +858,7 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
     // Only soaks chosen, --runs not given: one run is all there is to do.
     const runs = !args.runsExplicit && chosen.every((b) => b.once) ? 1 : args.runs;
     for (let run = 1; run <= runs; run++) {
-      for (const result of results) {
+      for (const result of runOrder(results, besidePairs, run)) {
         const b = result.benchmark;
         if (b.once && run > 1 && !args.runsExplicit) continue;
         try {
@@ -926,6 +927,32 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
     await stopEverything();
   }
   return failures === 0 ? 0 : 1;
+}
+
+/**
+ * The order of run `run` (from 1): the plan's, except that on even runs each shoal
+ * benchmark and the other commit's right after it (`--beside`) swap places, so neither
+ * commit always runs first, right after whatever heavy workload precedes the pair.
+ */
+export function runOrder<T extends { benchmark: { id: string } }>(
+  results: T[],
+  pairs: { subject: string; beside: string }[],
+  run: number,
+): T[] {
+  if (run % 2 === 1) return results;
+  const besideOf = new Map(pairs.map((p) => [p.subject, p.beside]));
+  const order: T[] = [];
+  for (let i = 0; i < results.length; i++) {
+    const current = results[i]!;
+    const next = results[i + 1];
+    if (next !== undefined && besideOf.get(current.benchmark.id) === next.benchmark.id) {
+      order.push(next, current);
+      i++;
+    } else {
+      order.push(current);
+    }
+  }
+  return order;
 }
 
 /** The report's view of `--beside`: the pairs of which both were selected. */

@@ -1,10 +1,12 @@
 /**
- * The `--beside` table of the bench report (bench/report.ts): each figure beside the
- * other commit's with every run, the ratio of the medians, and whether that ratio lies
- * within the two systems' own run-to-run spread. Synthetic runs; nothing is measured.
+ * `deno task bench --beside`'s report and run order: the report's table (bench/report.ts)
+ * sets each figure beside the other commit's with every run, the ratio of the medians,
+ * and whether that ratio lies within the two systems' own run-to-run spread; the runs
+ * alternate which commit goes first (bench/run.ts). Synthetic runs; nothing is measured.
  */
 import { assert, assertEquals } from "./assert.ts";
 import { type BenchmarkResult, besideTable } from "../bench/report.ts";
+import { runOrder } from "../bench/run.ts";
 import type { Benchmark } from "../bench/workloads.ts";
 
 function result(id: string, system: string, rates: number[]): BenchmarkResult {
@@ -61,4 +63,28 @@ Deno.test("beside table: one run has no spread to judge by", () => {
 
 Deno.test("beside table: nothing without --beside", () => {
   assertEquals(besideTable({ beside: null, results: [] }), "");
+});
+
+Deno.test("run order: each pair swaps on even runs, everything else keeps its place", () => {
+  const ids = ["W2/shoal", "W2/shoal@abc1234", "W2/hand-written", "W3/shoal", "W3/shoal@abc1234"];
+  const results = ids.map((id) => ({ benchmark: { id } }));
+  const pairs = [
+    { subject: "W2/shoal", beside: "W2/shoal@abc1234" },
+    { subject: "W3/shoal", beside: "W3/shoal@abc1234" },
+  ];
+  const order = (run: number) => runOrder(results, pairs, run).map((r) => r.benchmark.id);
+  assertEquals(order(1), ids);
+  assertEquals(order(3), ids);
+  assertEquals(order(2), [
+    "W2/shoal@abc1234",
+    "W2/shoal",
+    "W2/hand-written",
+    "W3/shoal@abc1234",
+    "W3/shoal",
+  ]);
+  // Only one of a pair selected (--only W3/shoal): nothing to swap it with.
+  assertEquals(runOrder(results.slice(2, 4), pairs, 2).map((r) => r.benchmark.id), [
+    "W2/hand-written",
+    "W3/shoal",
+  ]);
 });
