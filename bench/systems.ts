@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { pathToFileURL } from "node:url";
 import type { Sql } from "../lib/db.ts";
 import { startExecution } from "../lib/execution.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
@@ -221,15 +222,15 @@ function v8FlagsOf(root: URL): string | null {
   return compile.split(" ").find((a) => a.startsWith("--v8-flags=")) ?? null;
 }
 
+/** This tree's V8 flags: its compile task must have them (the bench measures what users run). */
+function currentV8Flags(): string {
+  const flags = v8FlagsOf(ROOT);
+  if (flags === null) throw new Error("deno.json: the compile task has no --v8-flags");
+  return flags;
+}
+
 /** This tree: the `shoal` system. */
-const CURRENT_TREE: ShoalTree = {
-  name: "shoal",
-  root: ROOT,
-  v8Flags: v8FlagsOf(ROOT) ??
-    (() => {
-      throw new Error("deno.json: the compile task has no --v8-flags");
-    })(),
-};
+const CURRENT_TREE: ShoalTree = { name: "shoal", root: ROOT, v8Flags: currentV8Flags() };
 
 /**
  * One `main.ts` process of shoal from `tree` in `role`, with its defaults plus `extra`
@@ -428,7 +429,7 @@ export const shoal: System = shoalSystem(CURRENT_TREE, { connect, enqueue, enque
  * No W4: the fan-out driver starts executions through this tree's lib/execution.ts.
  */
 export async function shoalAt(checkout: Checkout): Promise<System> {
-  const root = new URL(`file://${checkout.dir}/`);
+  const root = pathToFileURL(`${checkout.dir}/`);
   const tree: ShoalTree = { name: `shoal@${checkout.short}`, root, v8Flags: v8FlagsOf(root) };
   const library = await loadLibrary(tree);
   const v8 = tree.v8Flags === null ? "no --v8-flags (none in its compile task)" : tree.v8Flags;
