@@ -18,7 +18,7 @@ import type { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Db } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { delay } from "./sleep.ts";
-import { queueDepths } from "./status.ts";
+import { countJobs } from "./queue.ts";
 
 type PromClient = typeof import("prom-client");
 let prom: PromClient | null = null;
@@ -239,7 +239,7 @@ export class Metrics {
     if (now - this.#queuesReadAt < QUEUE_CACHE_MS) return;
     this.#queuesReading ??= (async () => {
       try {
-        const rows = await queueDepths(db);
+        const rows = await countJobs(db); // live jobs only: the dead-letter table is not read
         for (const gauge of [this.#depth, this.#scheduled, this.#running, this.#oldest]) {
           gauge.reset(); // a queue that emptied out disappears instead of freezing
         }
