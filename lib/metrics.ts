@@ -1,6 +1,6 @@
 /**
  * Prometheus metrics of one shoal process, exposed by `--http` at `/metrics`
- * (lib/http.ts). Roles report through the small functions of {@link Metrics}
+ * (lib/http_server.ts). Roles report through the small functions of {@link Metrics}
  * (`jobsClaimed`, `jobFinished`, `leaderStatus`, `scheduleFired`, ...); queue gauges are
  * read at scrape time by one query, cached for a second so scrapes cannot hammer Postgres.
  *

@@ -69,7 +69,7 @@ export {
   type HttpTaskSettings,
   parseRetryAfter,
   signWebhook,
-} from "./webhook.ts";
+} from "./http_task.ts";
 export { checkSqlSchemas, sqlTask, type SqlTaskSettings } from "./sql_task.ts";
 export { type QueueStatus, type Status, status } from "./status.ts";
 export {

@@ -15,7 +15,7 @@ import type { EnqueueOptions, Job } from "./queue.ts";
 // These two import this module back: they only use its exports inside functions, so the
 // cycle is safe whichever module loads first.
 import { sqlTask, type SqlTaskSettings } from "./sql_task.ts";
-import { httpTask, type HttpTaskSettings } from "./webhook.ts";
+import { httpTask, type HttpTaskSettings } from "./http_task.ts";
 
 /** What a handler gets besides its payload. */
 export interface TaskContext {
@@ -230,7 +230,7 @@ export const chordTask: AnyTask = defineTask<FanOutSpec>({
 
 /** Settings of the built-in tasks that reach outside shoal; each allows nothing by default. */
 export interface BuiltinSettings {
-  /** `shoal.http`: the hosts it may POST to (see lib/webhook.ts). */
+  /** `shoal.http`: the hosts it may POST to (see lib/http_task.ts). */
   http?: HttpTaskSettings;
   /** `shoal.sql`: the schemas whose functions it may call (see lib/sql_task.ts). */
   sql?: SqlTaskSettings;
