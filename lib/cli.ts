@@ -48,7 +48,8 @@ import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
 import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
-import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
+import { builtinTasks } from "./builtin_tasks.ts";
+import { type AnyTask, TaskRegistry } from "./tasks.ts";
 import { httpTask } from "./http_task.ts";
 import { sqlTask } from "./sql_task.ts";
 

@@ -72,10 +72,9 @@ export {
 } from "./http_task.ts";
 export { checkSqlSchemas, sqlTask, type SqlTaskSettings } from "./sql_task.ts";
 export { type QueueStatus, type Status, status } from "./status.ts";
+export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
 export {
   type AnyTask,
-  type BuiltinSettings,
-  builtinTasks,
   defineTask,
   MAX_RETRY_LATER_MS,
   PermanentError,
