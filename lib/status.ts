@@ -5,6 +5,9 @@
  * `shoal status --watch` redraws it in place every interval, with throughput rates from
  * successive samples and progress bars for open fan-outs; with `--json`, one line each.
  *
+ * It holds no SQL: each section is read by the module that owns its table (queue.ts for
+ * the job counts and totals, execution.ts, lease.ts, schedule.ts).
+ *
  * @module
  */
 import type { Db } from "./db.ts";
@@ -73,7 +76,7 @@ export async function queueStatus(db: Db): Promise<QueueStatus[]> {
  * Seconds to three decimals, halves up (an age is never negative). Through whole
  * microseconds first, the age's own resolution, so a float's error never moves a half.
  */
-export function roundToMs(seconds: number): number {
+function roundToMs(seconds: number): number {
   return Math.round(Math.round(seconds * 1e6) / 1e3) / 1e3;
 }
 
