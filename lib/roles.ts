@@ -169,14 +169,15 @@ export async function runRoles(sql: Sql, roles: Roles, options: RunRolesOptions)
   }
   if (reaper) start(() => runReaper(sql, reaper, stop.signal));
   if (scheduler) start(() => runScheduler(sql, scheduler, stop.signal));
+  // Watched from now on: a role failing while `beside` runs is never an unhandled rejection.
+  const settled = Promise.allSettled(started);
   http?.ready();
-  let results: PromiseSettledResult<void>[];
   try {
     await options.beside?.(stop.signal);
   } finally {
     if (options.beside) stop.abort();
-    results = await Promise.allSettled(started);
+    await settled;
   }
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  const failed = (await settled).find((r): r is PromiseRejectedResult => r.status === "rejected");
   if (failed) throw failed.reason;
 }
