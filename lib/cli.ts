@@ -1,7 +1,8 @@
 /**
- * shoal's command line: parse flags into a validated config, then start one role or run
- * one admin command. `main` is exported so a team's own entry file can register its
- * tasks and compile its own binary (see examples/).
+ * shoal's command line: parse flags into typed options (lib/config.ts), then start one
+ * role (through lib/roles.ts, which `shoal dev` shares) or run one admin command; each
+ * command declares what it needs of the database. `main` is exported so a team's own
+ * entry file can register its tasks and compile its own binary (see examples/).
  *
  * @module
  */
@@ -108,7 +109,7 @@ function oneLine(text: string): string {
 }
 
 function describeFailure(error: unknown): string {
-  if (error instanceof Error && !(error as { code?: string }).code) return error.message;
+  if (error instanceof Error && !("code" in error && error.code)) return error.message;
   return describeError(error);
 }
 
