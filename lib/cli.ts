@@ -537,11 +537,11 @@ function roleCommand<N extends OptionName>(
           throw new UsageError(messageOf(error));
         });
       }
-      // Up before migrations, so /readyz says "starting" while they run.
-      const http = await startHttp(sql, opts.http, roles);
-      try {
-        await untilStopped((stop) =>
-          runRoles(sql, roles, {
+      await untilStopped(async (stop) => {
+        // Up before migrations, so /readyz says "starting" while they run.
+        const http = await startHttp(sql, opts.http, roles);
+        try {
+          await runRoles(sql, roles, {
             stop,
             http,
             prepare: async () => {
@@ -558,11 +558,11 @@ function roleCommand<N extends OptionName>(
               await checkSchema(sql, migrations);
               return true;
             },
-          })
-        );
-      } finally {
-        await http?.close();
-      }
+          });
+        } finally {
+          await http?.close();
+        }
+      });
       return 0;
     });
 }
