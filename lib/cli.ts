@@ -1,7 +1,8 @@
 /**
- * shoal's command line: parse flags into a validated config, then start one role or run
- * one admin command. `main` is exported so a team's own entry file can register its
- * tasks and compile its own binary (see examples/).
+ * shoal's command line: parse flags into typed options (lib/config.ts), then start one
+ * role (through lib/roles.ts, which `shoal dev` shares) or run one admin command; each
+ * command declares what it needs of the database. `main` is exported so a team's own
+ * entry file can register its tasks and compile its own binary (see examples/).
  *
  * @module
  */
@@ -11,17 +12,16 @@ import {
   LEADER,
   type OptionName,
   OPTIONS,
-  type OptionValue,
+  type Options,
   parseCommandLine,
   type ParsedArgs,
-  parseListenAddress,
   resolveOptions,
   UsageError,
 } from "./config.ts";
-import { defaultWorkerId, runConsumer } from "./consumer.ts";
+import { type ConsumerOptions, defaultWorkerId } from "./consumer.ts";
 import { checkLeaderTiming } from "./leader.ts";
 import { cancelExecution } from "./execution.ts";
-import { runReaper } from "./reaper.ts";
+import type { ReaperOptions } from "./reaper.ts";
 import {
   checkSchedule,
   listSchedules,
@@ -31,22 +31,14 @@ import {
   setScheduleEnabled,
   upsertSchedule,
 } from "./schedule.ts";
-import { runScheduler } from "./scheduler.ts";
-import { HttpServer } from "./http_server.ts";
-import { enableMetrics } from "./metrics.ts";
-import {
-  connect,
-  isConnectionError,
-  redactUrl,
-  type Sql,
-  tolerateDriverWriteAfterClose,
-  waitForDatabase,
-} from "./db.ts";
+import type { SchedulerOptions } from "./scheduler.ts";
+import { connect, isConnectionError, redactUrl, type Sql, waitForDatabase } from "./db.ts";
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
-import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
+import { describeError, logger, setupLogging } from "./log.ts";
 import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
+import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { builtinTasks } from "./builtin_tasks.ts";
 import { type AnyTask, TaskRegistry } from "./tasks.ts";
@@ -118,35 +110,47 @@ function oneLine(text: string): string {
 }
 
 function describeFailure(error: unknown): string {
-  if (error instanceof Error && !(error as { code?: string }).code) return error.message;
+  if (error instanceof Error && !("code" in error && error.code)) return error.message;
   return describeError(error);
 }
 
 async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const [command, ...rest] = parsed.positionals;
   if (command === undefined) {
-    if (parsed.flags.role === undefined && !Deno.env.get("SHOAL_ROLE")) {
+    // The role alone first: the flags it takes depend on it.
+    const roleOnly: ParsedArgs = { positionals: [], flags: { role: parsed.flags.role } };
+    const { role } = resolveOptions("--role", roleOnly, ["role"]);
+    if (role === undefined) {
       throw new UsageError("Nothing to do: give --role or a command (shoal --help lists them)");
     }
-    return await roleCommand(parsed, tasks);
+    return await ROLES[role](parsed, tasks);
   }
   switch (command) {
     case "migrate":
       noExtra(command, rest);
-      return await withDb(command, parsed, [], async (sql) => {
-        const applied = await migrate(sql, await loadMigrations());
-        out(
-          applied.length ? `Applied migrations: ${applied.join(", ")}\n` : "Schema is up to date\n",
-        );
-        return 0;
-      });
+      return await withDb(
+        parsed,
+        { name: "migrate", flags: [], needs: "connection" },
+        async (sql) => {
+          const applied = await migrate(sql, await loadMigrations());
+          out(
+            applied.length
+              ? `Applied migrations: ${applied.join(", ")}\n`
+              : "Schema is up to date\n",
+          );
+          return 0;
+        },
+      );
     case "enqueue":
       noExtra(command, rest);
       return await enqueueCommand(parsed, tasks);
     case "status":
       noExtra(command, rest);
-      return await withDb(command, parsed, ["json", "watch", "interval"], async (sql, opts) => {
-        await checkSchema(sql, await loadMigrations());
+      return await withDb(parsed, {
+        name: "status",
+        flags: ["json", "watch", "interval"],
+        needs: "current schema",
+      }, async (sql, opts) => {
         if (opts.watch) return await watchCommand(sql, parsed, opts);
         if (parsed.flags.interval !== undefined) {
           throw new UsageError("Invalid --interval: shoal status takes it only with --watch");
@@ -163,14 +167,18 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       if (rest.length !== 1 || !/^\d+$/.test(rest[0]!)) {
         throw new UsageError("shoal cancel takes one execution id");
       }
-      return await withDb("cancel", parsed, [], async (sql) => {
-        if (!(await cancelExecution(sql, rest[0]!))) {
-          err(`shoal: Execution ${rest[0]} is not pending or running\n`);
-          return 1;
-        }
-        out(`Cancelled execution ${rest[0]}\n`);
-        return 0;
-      });
+      return await withDb(
+        parsed,
+        { name: "cancel", flags: [], needs: "current schema" },
+        async (sql) => {
+          if (!(await cancelExecution(sql, rest[0]!))) {
+            err(`shoal: Execution ${rest[0]} is not pending or running\n`);
+            return 1;
+          }
+          out(`Cancelled execution ${rest[0]}\n`);
+          return 0;
+        },
+      );
     }
     case "dev":
       noExtra(command, rest);
@@ -184,51 +192,81 @@ function noExtra(command: string, rest: string[]): void {
   if (rest.length > 0) throw new UsageError(`shoal ${command} takes no argument "${rest[0]}"`);
 }
 
-type Resolved = Record<string, OptionValue>;
+type CommonFlag = (typeof COMMON)[number];
+type ConsumerFlag = (typeof CONSUMER)[number];
 
-/** `--payload` as JSON (its shape is checked where the job or schedule is). */
-function parsePayloadFlag(opts: Resolved): unknown {
+/**
+ * `--payload` as JSON. Typed as the object a job or a schedule carries; its shape is
+ * checked where the job or schedule is (checkJobSpec, checkSchedule), so no other value
+ * gets through.
+ */
+function parsePayloadFlag(text: string): Record<string, unknown> {
   try {
-    return JSON.parse(opts.payload as string);
+    return JSON.parse(text);
   } catch (error) {
-    throw new UsageError(`Invalid --payload: not JSON: ${(error as Error).message}`);
+    throw new UsageError(`Invalid --payload: not JSON: ${messageOf(error)}`);
   }
 }
 
-async function setup(command: string, parsed: ParsedArgs, extra: readonly OptionName[]) {
-  const opts: Resolved = resolveOptions(command, parsed, [...COMMON, ...extra]);
-  await setupLogging({
-    level: opts["log-level"] as "info",
-    format: opts["log-format"] as LogFormat,
-  });
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** Resolve a command's options (the common ones first) and set up logging from them. */
+async function setup<N extends OptionName>(
+  command: string,
+  parsed: ParsedArgs,
+  flags: readonly N[],
+): Promise<Options<CommonFlag | N>> {
+  const opts = resolveOptions(command, parsed, [...COMMON, ...flags]);
+  await setupLogging({ level: opts["log-level"], format: opts["log-format"] });
   return opts;
 }
 
+/** A command that talks to the database, with what it needs declared. */
+interface DbCommand<N extends OptionName> {
+  /** As typed after `shoal`, for messages: "dead list", "--role consumer". */
+  name: string;
+  /** The flags it takes besides the common ones, in the order their values are checked. */
+  flags: readonly N[];
+  /**
+   * What it needs of the database. "current schema": one whose schema is that of this
+   * binary, checked before the command runs (else: run shoal migrate). "connection": a
+   * connection only, the command sees to the schema itself (migrate applies it; a role
+   * waits for its database and may apply it first).
+   */
+  needs: "current schema" | "connection";
+  /** application_name of its connections (default "shoal <name>"). */
+  applicationName?: string;
+  /** Its pool size (default 4). */
+  poolSize?: (opts: Options<CommonFlag | N>) => number;
+  /** Checks flag values before the database is touched. */
+  check?: (opts: Options<CommonFlag | N>) => void | Promise<void>;
+}
+
+/** The resolved options of a command that has a database. */
+type WithUrl<N extends OptionName> = Options<CommonFlag | N> & { "database-url": string };
+
 /** Open the database for one command, turning connection failures into one clear line. */
-async function withDb(
-  command: string,
+async function withDb<N extends OptionName>(
   parsed: ParsedArgs,
-  extra: readonly OptionName[],
-  run: (sql: Sql, opts: Resolved) => Promise<number>,
-  applicationName = `shoal ${command}`,
-  check?: (opts: Resolved) => void | Promise<void>,
+  command: DbCommand<N>,
+  run: (sql: Sql, opts: WithUrl<N>) => Promise<number>,
 ): Promise<number> {
-  const opts = await setup(command, parsed, extra);
-  await check?.(opts); // flag values are checked before the database is touched
-  const url = opts["database-url"];
-  if (typeof url !== "string") {
+  const resolved = await setup(command.name, parsed, command.flags);
+  await command.check?.(resolved); // flag values are checked before the database is touched
+  const url = resolved["database-url"];
+  if (url === undefined) {
     throw new UsageError("No database: set DATABASE_URL or pass --database-url");
   }
+  const opts: WithUrl<N> = { ...resolved, "database-url": url };
   const sql = connect(url, {
-    applicationName,
-    prepare: opts.prepare as boolean,
-    max: typeof opts.concurrency === "number" ? Math.min(20, opts.concurrency + 2) : 4,
+    applicationName: command.applicationName ?? `shoal ${command.name}`,
+    prepare: opts.prepare,
+    max: command.poolSize?.(opts) ?? 4,
   });
   try {
-    // Admin commands need the schema; roles check it themselves (after --migrate).
-    if (command !== "migrate" && !command.startsWith("--role") && command !== "status") {
-      await checkSchema(sql, await loadMigrations());
-    }
+    if (command.needs === "current schema") await checkSchema(sql, await loadMigrations());
     return await run(sql, opts);
   } catch (error) {
     if (isConnectionError(error)) {
@@ -246,15 +284,17 @@ async function withDb(
 const WATCH_INTERVAL_MS = 2000;
 
 /** `shoal status --watch`: redraw until SIGINT or SIGTERM, then exit 0. */
-async function watchCommand(sql: Sql, parsed: ParsedArgs, opts: Resolved): Promise<number> {
+async function watchCommand(
+  sql: Sql,
+  parsed: ParsedArgs,
+  opts: Options<"interval" | "json">,
+): Promise<number> {
   // Only the flag counts: SHOAL_INTERVAL is the reaper's tick, not a redraw rate.
-  const intervalMs = parsed.flags.interval === undefined
-    ? WATCH_INTERVAL_MS
-    : opts.interval as number;
+  const intervalMs = parsed.flags.interval === undefined ? WATCH_INTERVAL_MS : opts.interval;
   const stop = new AbortController();
   const untrap = trapSignals(stop);
   try {
-    await watchStatus(sql, { intervalMs, json: opts.json as boolean, write: out }, stop.signal);
+    await watchStatus(sql, { intervalMs, json: opts.json, write: out }, stop.signal);
   } finally {
     untrap();
   }
@@ -262,60 +302,54 @@ async function watchCommand(sql: Sql, parsed: ParsedArgs, opts: Resolved): Promi
 }
 
 async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  const extra = [
-    "task",
-    "queue",
-    "payload",
-    "run-at",
-    "priority",
-    "key",
-    "fairness-key",
-    "max-attempts",
-    "max-payload",
-  ] as const;
   let spec: JobSpec | null = null;
-  const check = (opts: Resolved) => {
-    const name = opts.task as string | undefined;
-    if (name === undefined) throw new UsageError("shoal enqueue needs --task");
-    const payload = parsePayloadFlag(opts);
-    let runAt: Date | undefined;
-    if (opts["run-at"] !== undefined) {
-      runAt = new Date(opts["run-at"] as string);
-      if (Number.isNaN(runAt.getTime())) {
-        throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
+  return await withDb(parsed, {
+    name: "enqueue",
+    flags: [
+      "task",
+      "queue",
+      "payload",
+      "run-at",
+      "priority",
+      "key",
+      "fairness-key",
+      "max-attempts",
+      "max-payload",
+    ],
+    needs: "current schema",
+    check: (opts) => {
+      const name = opts.task;
+      if (name === undefined) throw new UsageError("shoal enqueue needs --task");
+      const payload = parsePayloadFlag(opts.payload);
+      let runAt: Date | undefined;
+      if (opts["run-at"] !== undefined) {
+        runAt = new Date(opts["run-at"]);
+        if (Number.isNaN(runAt.getTime())) {
+          throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
+        }
       }
-    }
-    const task = tasks.get(name);
-    spec = {
-      task: name,
-      payload: payload as Record<string, unknown>,
-      queue: (opts.queue as string | undefined) ?? task?.queue,
-      runAt,
-      priority: opts.priority as number,
-      key: opts.key as string | undefined,
-      fairnessKey: opts["fairness-key"] as string | undefined,
-      maxAttempts: (opts["max-attempts"] as number | undefined) ?? task?.maxAttempts,
-    };
-    try {
-      checkJobSpec(spec, opts["max-payload"] as number);
-    } catch (error) {
-      throw new UsageError((error as Error).message);
-    }
-  };
-  return await withDb(
-    "enqueue",
-    parsed,
-    extra,
-    async (sql, opts) => {
-      const [result] = await enqueueMany(sql, [spec!], {
-        maxPayloadBytes: opts["max-payload"] as number,
-      });
-      out(`${result!.id}\n`);
-      return 0;
+      const task = tasks.get(name);
+      spec = {
+        task: name,
+        payload,
+        queue: opts.queue ?? task?.queue,
+        runAt,
+        priority: opts.priority,
+        key: opts.key,
+        fairnessKey: opts["fairness-key"],
+        maxAttempts: opts["max-attempts"] ?? task?.maxAttempts,
+      };
+      try {
+        checkJobSpec(spec, opts["max-payload"]);
+      } catch (error) {
+        throw new UsageError(messageOf(error));
+      }
     },
-    "shoal enqueue",
-    check,
-  );
+  }, async (sql, opts) => {
+    const [result] = await enqueueMany(sql, [spec!], { maxPayloadBytes: opts["max-payload"] });
+    out(`${result!.id}\n`);
+    return 0;
+  });
 }
 
 async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
@@ -323,11 +357,12 @@ async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> 
   switch (sub) {
     case "list":
       noExtra("dead list", args);
-      return await withDb("dead list", parsed, ["queue", "limit", "json"], async (sql, opts) => {
-        const rows = await listDead(sql, {
-          queue: opts.queue as string | undefined,
-          limit: opts.limit as number,
-        });
+      return await withDb(parsed, {
+        name: "dead list",
+        flags: ["queue", "limit", "json"],
+        needs: "current schema",
+      }, async (sql, opts) => {
+        const rows = await listDead(sql, { queue: opts.queue, limit: opts.limit });
         if (opts.json) out(JSON.stringify(rows, null, 2) + "\n");
         else if (rows.length === 0) out("No dead jobs\n");
         else {
@@ -343,31 +378,36 @@ async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> 
       if (args.length !== 1 || !/^\d+$/.test(args[0]!)) {
         throw new UsageError("shoal dead retry takes one job id");
       }
-      return await withDb("dead retry", parsed, [], async (sql) => {
-        const outcome = await retryDead(sql, args[0]!);
-        if (outcome === "not_found") {
-          err(`shoal: No dead job ${args[0]}\n`);
-          return 1;
-        }
-        if (outcome === "duplicate") {
-          err(`shoal: Dead job ${args[0]} not retried: a live job holds its dedupe key\n`);
-          return 1;
-        }
-        if (outcome === "execution_ended") {
-          err(`shoal: Dead job ${args[0]} not retried: its execution has ended\n`);
-          return 1;
-        }
-        out(`Retried job ${args[0]}\n`);
-        return 0;
-      });
+      return await withDb(
+        parsed,
+        { name: "dead retry", flags: [], needs: "current schema" },
+        async (sql) => {
+          const outcome = await retryDead(sql, args[0]!);
+          if (outcome === "not_found") {
+            err(`shoal: No dead job ${args[0]}\n`);
+            return 1;
+          }
+          if (outcome === "duplicate") {
+            err(`shoal: Dead job ${args[0]} not retried: a live job holds its dedupe key\n`);
+            return 1;
+          }
+          if (outcome === "execution_ended") {
+            err(`shoal: Dead job ${args[0]} not retried: its execution has ended\n`);
+            return 1;
+          }
+          out(`Retried job ${args[0]}\n`);
+          return 0;
+        },
+      );
     }
     case "purge":
       noExtra("dead purge", args);
-      return await withDb("dead purge", parsed, ["queue", "older-than"], async (sql, opts) => {
-        const n = await purgeDead(sql, {
-          queue: opts.queue as string | undefined,
-          olderThanMs: opts["older-than"] as number | undefined,
-        });
+      return await withDb(parsed, {
+        name: "dead purge",
+        flags: ["queue", "older-than"],
+        needs: "current schema",
+      }, async (sql, opts) => {
+        const n = await purgeDead(sql, { queue: opts.queue, olderThanMs: opts["older-than"] });
         out(`Purged ${n} dead jobs\n`);
         return 0;
       });
@@ -377,63 +417,28 @@ async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> 
 }
 
 /**
- * A repeat this soon after the first signal is one keypress delivered twice, not a second
- * request: `deno task` forwards the terminal's SIGINT to its child, which also gets it
- * from the terminal directly.
- */
-const SIGNAL_ECHO_MS = 1000;
-
-/** Install SIGTERM/SIGINT handlers: the first aborts `stop`, the second exits at once. */
-function trapSignals(stop: AbortController): () => void {
-  const log = logger("signals");
-  let firstAt = 0;
-  const handlers: [Deno.Signal, () => void][] = (["SIGTERM", "SIGINT"] as const).map((sig) => [
-    sig,
-    () => {
-      if (!stop.signal.aborted) {
-        firstAt = Date.now();
-        log.info("Received {signal}: shutting down (send it again to exit at once)", {
-          signal: sig,
-        });
-        stop.abort();
-      } else if (sig === "SIGINT" && Date.now() - firstAt < SIGNAL_ECHO_MS) {
-        log.debug("Ignored {signal} repeated within a second of the first", { signal: sig });
-      } else {
-        log.warn("Received {signal} again: exiting now", { signal: sig });
-        Deno.exit(sig === "SIGINT" ? 130 : 143);
-      }
-    },
-  ]);
-  for (const [sig, fn] of handlers) Deno.addSignalListener(sig, fn);
-  return () => {
-    for (const [sig, fn] of handlers) Deno.removeSignalListener(sig, fn);
-  };
-}
-
-/**
  * The consumer's idle poll. With LISTEN, enqueues wake it (and a delayed job's NOTIFY
  * carries its start time), so the poll is only a safety net for what no NOTIFY announces:
  * a crashed consumer's jobs coming back after their deadline. Without LISTEN the poll is
  * how it finds work.
  */
-function pollIntervalMs(opts: Resolved): number {
-  const given = opts["poll-interval"] as number | undefined;
-  return given ?? (opts.listen === false ? 2_000 : 30_000);
+function pollIntervalMs(opts: Options<"poll-interval" | "listen">): number {
+  return opts["poll-interval"] ?? (opts.listen === false ? 2_000 : 30_000);
 }
 
 /** Consumer options from resolved flags. */
-function consumerOptions(opts: Resolved) {
+function consumerOptions(opts: Options<ConsumerFlag>): ConsumerOptions {
   return {
-    queues: opts.queues as string[],
-    concurrency: opts.concurrency as number,
-    prefetch: opts.prefetch as number,
-    visibilityTimeoutMs: opts["visibility-timeout"] as number,
+    queues: opts.queues,
+    concurrency: opts.concurrency,
+    prefetch: opts.prefetch,
+    visibilityTimeoutMs: opts["visibility-timeout"],
     pollIntervalMs: pollIntervalMs(opts),
-    listen: opts.listen as boolean,
-    shutdownGraceMs: opts["shutdown-grace"] as number,
-    taskTimeoutMs: opts["task-timeout"] as number,
-    maxPayloadBytes: opts["max-payload"] as number,
-    maxFanOut: opts["max-fan-out"] as number,
+    listen: opts.listen,
+    shutdownGraceMs: opts["shutdown-grace"],
+    taskTimeoutMs: opts["task-timeout"],
+    maxPayloadBytes: opts["max-payload"],
+    maxFanOut: opts["max-fan-out"],
   };
 }
 
@@ -441,151 +446,156 @@ function consumerOptions(opts: Resolved) {
  * The registry with shoal.http and shoal.sql configured from --http-allow and
  * --sql-schemas (the registry is built before flags are read). A bad entry is a UsageError.
  */
-function configureBuiltins(tasks: TaskRegistry, opts: Resolved): void {
+function configureBuiltins(
+  tasks: TaskRegistry,
+  opts: Options<"http-allow" | "sql-schemas">,
+): void {
   try {
     // Each checks its list and throws one line on a bad entry.
-    tasks.replace(httpTask({ allow: (opts["http-allow"] as string[] | undefined) ?? [] }));
-    tasks.replace(sqlTask({ schemas: (opts["sql-schemas"] as string[] | undefined) ?? [] }));
+    tasks.replace(httpTask({ allow: opts["http-allow"] ?? [] }));
+    tasks.replace(sqlTask({ schemas: opts["sql-schemas"] ?? [] }));
   } catch (error) {
-    throw new UsageError((error as Error).message);
+    throw new UsageError(messageOf(error));
   }
 }
 
-/** The flags each role takes (besides the common ones, --role and --migrate). */
-const ROLE_FLAGS: Record<string, readonly OptionName[]> = {
-  consumer: [...CONSUMER, "http"],
-  reaper: ["lease", "interval", "dead-retention", "http"],
-  scheduler: ["lease", "interval", "schedules", "listen", "http"],
-  all: [...CONSUMER, ...LEADER, "http"],
-};
+/** The consumer role: its options, and the built-in tasks configured from its flags. */
+function consumerRole(
+  opts: Options<ConsumerFlag>,
+  tasks: TaskRegistry,
+): NonNullable<Roles["consumer"]> {
+  const options = consumerOptions(opts);
+  configureBuiltins(tasks, opts);
+  return { tasks, options };
+}
+
+/** Refuses a leader role whose interval is not shorter than its lease. */
+function checkTiming(role: "reaper" | "scheduler", opts: Options<"lease" | "interval">): void {
+  try {
+    checkLeaderTiming(role, opts.interval, opts.lease);
+  } catch (error) {
+    throw new UsageError(messageOf(error));
+  }
+}
+
+function reaperRole(
+  opts: Options<"lease" | "interval" | "dead-retention">,
+  holder: string,
+): ReaperOptions {
+  checkTiming("reaper", opts);
+  return {
+    holder,
+    leaseMs: opts.lease,
+    intervalMs: opts.interval,
+    deadRetentionMs: opts["dead-retention"],
+  };
+}
+
+function schedulerRole(
+  opts: Options<"lease" | "interval" | "listen" | "schedules">,
+  holder: string,
+): SchedulerOptions {
+  checkTiming("scheduler", opts);
+  return {
+    holder,
+    leaseMs: opts.lease,
+    intervalMs: opts.interval,
+    listen: opts.listen,
+    schedulesFile: opts.schedules,
+  };
+}
+
+/** The flags of every role, before its own. */
+const ROLE_FLAGS = ["role", "migrate", "startup-wait"] as const;
+type RoleFlag = (typeof ROLE_FLAGS)[number];
+
+type RoleCommand = (parsed: ParsedArgs, tasks: TaskRegistry) => Promise<number>;
 
 /**
- * /healthz turns 503 once the database has not answered for three of the roles' longest
- * wait (the consumer's poll interval, the leaders' tick), and never sooner than a second.
+ * `shoal --role <role>`: the role takes `flags` (then --http), builds its roles from their
+ * values, waits for its database, migrates when asked, checks the schema and runs until a
+ * signal or a failure stops it.
  */
-function healthWindowMs(opts: Resolved, roles: string[]): number {
-  const waits = roles.map((r) => r === "consumer" ? pollIntervalMs(opts) : opts.interval as number);
-  return Math.max(1000, 3 * Math.max(...waits));
-}
-
-/** Start the `--http` server when asked for (and metrics with it); null when not. */
-async function startHttp(sql: Sql, opts: Resolved, roles: string[]): Promise<HttpServer | null> {
-  if (typeof opts.http !== "string") return null;
-  const address = parseListenAddress(opts.http);
-  return new HttpServer(address, {
-    sql,
-    metrics: await enableMetrics(),
-    healthWindowMs: healthWindowMs(opts, roles),
-  });
-}
-
-/** Leader-role options from resolved flags; refuses an interval not shorter than the lease. */
-function leaderOptions(opts: Resolved, roles: string[]) {
-  const leaseMs = opts.lease as number;
-  const intervalMs = opts.interval as number;
-  for (const role of roles) {
-    try {
-      checkLeaderTiming(role, intervalMs, leaseMs);
-    } catch (error) {
-      throw new UsageError((error as Error).message);
-    }
-  }
-  return {
-    holder: defaultWorkerId(),
-    leaseMs,
-    intervalMs,
-    deadRetentionMs: opts["dead-retention"] as number,
-    listen: opts.listen as boolean,
-    schedulesFile: opts.schedules as string | undefined,
-  };
-}
-
-async function roleCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  const role = resolveOptions("--role", { positionals: [], flags: { role: parsed.flags.role } }, [
-    "role",
-  ]).role as string;
-  const roles = role === "all" ? ["consumer", "reaper", "scheduler"] : [role];
-  // A long-running role rides out postgres.js's write-after-close crash (see lib/db.ts).
-  tolerateDriverWriteAfterClose();
-  return await withDb(
-    `--role ${role}`,
-    parsed,
-    ["role", "migrate", "startup-wait", ...ROLE_FLAGS[role]!],
-    async (sql, opts) => {
-      const leader = roles.includes("consumer") && roles.length === 1
-        ? null
-        : leaderOptions(opts, roles.filter((r) => r !== "consumer"));
-      configureBuiltins(tasks, opts);
-      if (opts.schedules !== undefined) {
+function roleCommand<N extends OptionName>(
+  role: string,
+  flags: readonly N[],
+  build: (opts: Options<CommonFlag | RoleFlag | N | "http">, tasks: TaskRegistry) => Roles,
+  poolSize?: (opts: Options<CommonFlag | RoleFlag | N | "http">) => number,
+): RoleCommand {
+  return async (parsed, tasks) =>
+    await withDb(parsed, {
+      name: `--role ${role}`,
+      flags: [...ROLE_FLAGS, ...flags, "http"],
+      needs: "connection",
+      applicationName: `shoal ${role}`,
+      poolSize,
+    }, async (sql, opts) => {
+      const roles = build(opts, tasks);
+      const schedules = roles.scheduler?.schedulesFile;
+      if (schedules !== undefined) {
         // Read the schedules file before anything starts: a bad file is a usage error.
-        await loadSchedulesFile(opts.schedules as string).catch((error) => {
-          throw new UsageError((error as Error).message);
+        await loadSchedulesFile(schedules).catch((error) => {
+          throw new UsageError(messageOf(error));
         });
       }
-      // Up before migrations, so /readyz says "starting" while they run.
-      const http = await startHttp(sql, opts, roles);
-      try {
-        return await runRoles(sql, opts, roles, leader, tasks, http);
-      } finally {
-        await http?.close();
-      }
-    },
-    `shoal ${role}`,
-  );
+      await untilStopped(async (stop) => {
+        // Up before migrations, so /readyz says "starting" while they run.
+        const http = await startHttp(sql, opts.http, roles);
+        try {
+          await runRoles(sql, roles, {
+            stop,
+            http,
+            prepare: async () => {
+              // Started before its database: wait for it (--startup-wait); a SIGTERM
+              // meanwhile exits 0.
+              const ready = await waitForDatabase(sql, {
+                url: opts["database-url"],
+                maxWaitMs: opts["startup-wait"],
+                stop: stop.signal,
+              });
+              if (!ready) return false;
+              const migrations = await loadMigrations();
+              if (opts.migrate) await migrate(sql, migrations);
+              await checkSchema(sql, migrations);
+              return true;
+            },
+          });
+        } finally {
+          await http?.close();
+        }
+      });
+      return 0;
+    });
 }
 
-/** Check (or apply) migrations, then run the roles until a signal or a failure stops them. */
-async function runRoles(
-  sql: Sql,
-  opts: Resolved,
-  roles: string[],
-  leader: ReturnType<typeof leaderOptions> | null,
-  tasks: TaskRegistry,
-  http: HttpServer | null,
-): Promise<number> {
-  const stop = new AbortController();
-  stop.signal.addEventListener("abort", () => http?.stopping(), { once: true });
-  const untrap = trapSignals(stop);
-  // Started before its database: wait for it (--startup-wait); a SIGTERM meanwhile exits 0.
-  try {
-    const url = opts["database-url"] as string;
-    const maxWaitMs = opts["startup-wait"] as number;
-    if (!await waitForDatabase(sql, { url, maxWaitMs, stop: stop.signal })) {
-      untrap();
-      return 0;
-    }
-    const migrations = await loadMigrations();
-    if (opts.migrate) await migrate(sql, migrations);
-    await checkSchema(sql, migrations);
-  } catch (error) {
-    untrap();
-    throw error;
-  }
-  const run = (r: string): Promise<void> => {
-    if (r === "consumer") {
-      return runConsumer({ sql, tasks }, consumerOptions(opts), stop.signal);
-    }
-    if (r === "reaper") return runReaper(sql, leader!, stop.signal);
-    return runScheduler(sql, leader!, stop.signal);
-  };
-  try {
-    // A role that fails stops the others gracefully (leases released, running jobs
-    // handed back) before the pool closes, instead of the pool closing under them.
-    const running = roles.map((r) =>
-      run(r).catch((error) => {
-        stop.abort();
-        throw error;
-      })
-    );
-    http?.ready();
-    const results = await Promise.allSettled(running);
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
-    if (failed) throw failed.reason;
-  } finally {
-    untrap();
-  }
-  return 0;
-}
+/** A consumer's pool: its concurrency and two more (heartbeats, acks), at most 20. */
+const consumerPool = (opts: Options<"concurrency">) => Math.min(20, opts.concurrency + 2);
+
+/** What `--role` starts, and the flags each role takes. */
+const ROLES: Record<Role, RoleCommand> = {
+  consumer: roleCommand(
+    "consumer",
+    CONSUMER,
+    (opts, tasks) => ({ consumer: consumerRole(opts, tasks) }),
+    consumerPool,
+  ),
+  reaper: roleCommand(
+    "reaper",
+    ["lease", "interval", "dead-retention"],
+    (opts) => ({ reaper: reaperRole(opts, defaultWorkerId()) }),
+  ),
+  scheduler: roleCommand(
+    "scheduler",
+    ["lease", "interval", "schedules", "listen"],
+    (opts) => ({ scheduler: schedulerRole(opts, defaultWorkerId()) }),
+  ),
+  all: roleCommand("all", [...CONSUMER, ...LEADER], (opts, tasks) => {
+    const holder = defaultWorkerId();
+    const reaper = reaperRole(opts, holder);
+    const scheduler = schedulerRole(opts, holder);
+    return { consumer: consumerRole(opts, tasks), reaper, scheduler };
+  }, consumerPool),
+};
 
 async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
   const [sub, ...args] = rest;
@@ -596,65 +606,72 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
   switch (sub) {
     case "add": {
       const name = oneName("add");
-      const extra = ["cron", "task", "queue", "payload", "tz", "priority"] as const;
       let spec: ScheduleSpec | null = null;
-      const check = async (opts: Resolved) => {
-        if (opts.cron === undefined) throw new UsageError("shoal schedule add needs --cron");
-        if (opts.task === undefined) throw new UsageError("shoal schedule add needs --task");
-        const payload = parsePayloadFlag(opts);
-        spec = {
-          name,
-          cron: opts.cron as string,
-          task: opts.task as string,
-          queue: opts.queue as string | undefined,
-          payload: payload as Record<string, unknown>,
-          tz: opts.tz as string,
-          priority: opts.priority as number,
-        };
-        try {
-          await checkSchedule(spec);
-        } catch (error) {
-          throw new UsageError((error as Error).message);
-        }
-      };
-      return await withDb(
-        "schedule add",
-        parsed,
-        extra,
-        async (sql) => {
-          const outcome = await upsertSchedule(sql, spec!);
-          out(`Schedule ${name} ${outcome}\n`);
-          return 0;
+      return await withDb(parsed, {
+        name: "schedule add",
+        flags: ["cron", "task", "queue", "payload", "tz", "priority"],
+        needs: "current schema",
+        check: async (opts) => {
+          const { cron, task } = opts;
+          if (cron === undefined) throw new UsageError("shoal schedule add needs --cron");
+          if (task === undefined) throw new UsageError("shoal schedule add needs --task");
+          const payload = parsePayloadFlag(opts.payload);
+          spec = {
+            name,
+            cron,
+            task,
+            queue: opts.queue,
+            payload,
+            tz: opts.tz,
+            priority: opts.priority,
+          };
+          try {
+            await checkSchedule(spec);
+          } catch (error) {
+            throw new UsageError(messageOf(error));
+          }
         },
-        "shoal schedule add",
-        check,
-      );
+      }, async (sql) => {
+        const outcome = await upsertSchedule(sql, spec!);
+        out(`Schedule ${name} ${outcome}\n`);
+        return 0;
+      });
     }
     case "list":
       noExtra("schedule list", args);
-      return await withDb("schedule list", parsed, ["json"], async (sql, opts) => {
-        const rows = await listSchedules(sql);
-        if (opts.json) out(JSON.stringify(rows, null, 2) + "\n");
-        else out(formatSchedules(rows));
-        return 0;
-      });
+      return await withDb(
+        parsed,
+        { name: "schedule list", flags: ["json"], needs: "current schema" },
+        async (sql, opts) => {
+          const rows = await listSchedules(sql);
+          if (opts.json) out(JSON.stringify(rows, null, 2) + "\n");
+          else out(formatSchedules(rows));
+          return 0;
+        },
+      );
     case "pause":
     case "resume":
     case "rm": {
       const name = oneName(sub);
-      return await withDb(`schedule ${sub}`, parsed, [], async (sql) => {
-        const found = sub === "rm"
-          ? await removeSchedule(sql, name)
-          : await setScheduleEnabled(sql, name, sub === "resume");
-        if (!found) {
-          err(`shoal: No schedule named ${name}\n`);
-          return 1;
-        }
-        out(
-          `Schedule ${name} ${sub === "rm" ? "removed" : sub === "pause" ? "paused" : "resumed"}\n`,
-        );
-        return 0;
-      });
+      return await withDb(
+        parsed,
+        { name: `schedule ${sub}`, flags: [], needs: "current schema" },
+        async (sql) => {
+          const found = sub === "rm"
+            ? await removeSchedule(sql, name)
+            : await setScheduleEnabled(sql, name, sub === "resume");
+          if (!found) {
+            err(`shoal: No schedule named ${name}\n`);
+            return 1;
+          }
+          out(
+            `Schedule ${name} ${
+              sub === "rm" ? "removed" : sub === "pause" ? "paused" : "resumed"
+            }\n`,
+          );
+          return 0;
+        },
+      );
     }
     default:
       throw new UsageError(
@@ -663,25 +680,20 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
   }
 }
 
+/** `shoal dev`: a local Postgres (unless one is given), every role and a demo, until a signal. */
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const opts = await setup("dev", parsed, ["dir", ...CONSUMER, "http"]);
   configureBuiltins(tasks, opts);
-  // Its roles ride out postgres.js's write-after-close crash like any role (see lib/db.ts).
-  tolerateDriverWriteAfterClose();
-  const stop = new AbortController();
-  const untrap = trapSignals(stop);
-  try {
+  return await untilStopped(async (stop) => {
     await runDev({
       tasks,
-      databaseUrl: opts["database-url"] as string | undefined,
-      dir: opts.dir as string,
-      prepare: opts.prepare as boolean,
+      databaseUrl: opts["database-url"],
+      dir: opts.dir,
+      prepare: opts.prepare,
       consumer: consumerOptions(opts),
+      http: opts.http,
       print: out,
-      serveHttp: (sql) => startHttp(sql, opts, ["consumer"]),
     }, stop.signal);
-  } finally {
-    untrap();
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -192,6 +192,32 @@ export const OPTIONS = {
 export type OptionName = keyof typeof OPTIONS;
 export type OptionValue = string | number | boolean | string[] | undefined;
 
+/** What each kind of option converts to (see `convert`). */
+interface KindValues {
+  string: string;
+  int: number;
+  duration: number;
+  list: string[];
+  boolean: boolean;
+  name: string;
+  names: string[];
+  address: string;
+}
+
+type SpecOf<N extends OptionName> = (typeof OPTIONS)[N];
+
+/**
+ * The resolved value of option `N`, read from its spec: one of its choices if it has
+ * them, else its kind's type; `undefined` too unless it has a default (an `address` set
+ * to false is undefined as well, and `--http` has no default).
+ */
+export type OptionType<N extends OptionName> =
+  | (SpecOf<N> extends { choices: readonly (infer C)[] } ? C : KindValues[SpecOf<N>["kind"]])
+  | (SpecOf<N> extends { default: string } ? never : undefined);
+
+/** Resolved options, typed by their specs: `Options<"concurrency" | "queues">`. */
+export type Options<N extends OptionName> = { [K in N]: OptionType<K> };
+
 function envName(name: OptionName): string | null {
   const spec: OptionSpec = OPTIONS[name];
   if (spec.env === null) return null;
@@ -353,13 +379,13 @@ export function resolveOptions<N extends OptionName>(
   parsed: ParsedArgs,
   accepted: readonly N[],
   env: { get(name: string): string | undefined } = Deno.env,
-): Record<N, OptionValue> {
+): Options<N> {
   for (const name of Object.keys(parsed.flags) as OptionName[]) {
     if (name !== "help" && !(accepted as readonly string[]).includes(name)) {
       throw new UsageError(`Invalid flag --${name}: shoal ${command} does not take it`);
     }
   }
-  const result = {} as Record<N, OptionValue>;
+  const result: Partial<Record<OptionName, OptionValue>> = {};
   for (const name of accepted) {
     const spec: OptionSpec = OPTIONS[name];
     const flag = parsed.flags[name];
@@ -378,14 +404,17 @@ export function resolveOptions<N extends OptionName>(
       result[name] = convert(name, spec.default, `default of --${name}`);
     } else result[name] = undefined;
   }
-  if ("database-url" in result && typeof result["database-url" as N] === "string") {
+  const url = result["database-url"];
+  if (typeof url === "string") {
     try {
-      checkDatabaseUrl(result["database-url" as N] as string);
+      checkDatabaseUrl(url);
     } catch (error) {
       throw new UsageError((error as Error).message);
     }
   }
-  return result;
+  // The one place values meet their types: convert() returns each kind's type, and the
+  // default of an option with choices is one of them.
+  return result as Options<N>;
 }
 
 /** The flags every command that talks to the database takes. */

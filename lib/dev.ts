@@ -8,11 +8,10 @@
  *
  * @module
  */
-import { type ConsumerOptions, defaultWorkerId, runConsumer } from "./consumer.ts";
+import { type ConsumerOptions, defaultWorkerId } from "./consumer.ts";
 import { getExecution, listExecutions, startExecution } from "./execution.ts";
-import { runReaper } from "./reaper.ts";
+import { type RoleHttp, type Roles, runRoles, startHttp } from "./roles.ts";
 import { upsertSchedule } from "./schedule.ts";
-import { runScheduler } from "./scheduler.ts";
 import { delay } from "./sleep.ts";
 import { connect, redactUrl, type Sql } from "./db.ts";
 import { type LocalPg, startLocalPg } from "./local_pg.ts";
@@ -32,17 +31,8 @@ export interface DevOptions {
   consumer: ConsumerOptions;
   /** Where progress goes (stdout for the CLI). */
   print: (text: string) => void;
-  /** Start the `--http` server on the dev pool once it is open (`shoal dev --http`). */
-  serveHttp?: (sql: Sql) => Promise<DevHttp | null>;
-}
-
-/** What `shoal dev` needs of the `--http` server (lib/http_server.ts HttpServer). */
-export interface DevHttp {
-  /** The roles started: /readyz answers 200. */
-  ready(): void;
-  /** Shutting down: /readyz answers 503. */
-  stopping(): void;
-  close(): Promise<void>;
+  /** Serve /healthz, /readyz and /metrics here on the dev pool (`shoal dev --http`). */
+  http?: string;
 }
 
 export const DEMO_QUEUE = "demo";
@@ -115,88 +105,90 @@ function progressLine(q: QueueStatus, deadBefore: number, url: string, workflow:
   return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${dead} dead; ${workflow}`;
 }
 
-/** Run the consumer and the demo on `sql` until `stop` aborts. */
-async function runDemo(
+/** Every role, for the demo: the consumer also takes the demo queues and retries quickly. */
+function devRoles(options: DevOptions): Roles {
+  const leader = { holder: defaultWorkerId(), leaseMs: DEV_LEASE_MS, intervalMs: DEV_INTERVAL_MS };
+  return {
+    consumer: {
+      tasks: options.tasks,
+      options: {
+        ...options.consumer,
+        queues: [...new Set([...options.consumer.queues, DEMO_QUEUE, DEMO_CRON_QUEUE])],
+        retryBaseMs: 500,
+      },
+    },
+    reaper: { ...leader, deadRetentionMs: 14 * 86_400_000 },
+    scheduler: { ...leader, listen: options.consumer.listen },
+  };
+}
+
+/** Enqueue the demo, then print its progress until `stop` aborts. */
+async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSignal) {
+  const deadBefore = (await demoStatus(sql)).dead;
+  const enqueued = await enqueueMany(sql, demoJobs());
+  const workflow = await startExecution(sql, demoWorkflow());
+  await upsertSchedule(sql, {
+    name: "demo-every-5s",
+    cron: "*/5 * * * * *",
+    task: "shoal.noop",
+    queue: DEMO_CRON_QUEUE,
+  });
+  options.print(
+    `Enqueued ${enqueued.length} demo jobs on queue "${DEMO_QUEUE}" (one fails on purpose), ` +
+      `workflow ${workflow} (a fan-out of 10 children and a callback), ` +
+      `and schedule demo-every-5s (shoal.noop on "${DEMO_CRON_QUEUE}").\n` +
+      `Enqueue more from another terminal:\n` +
+      `  DATABASE_URL=${url} deno task shoal enqueue --queue ${DEMO_QUEUE} --task shoal.sleep --payload '{"ms":500}'\n` +
+      `Press Ctrl-C to stop.\n`,
+  );
+  let last = "";
+  while (!stop.aborted) {
+    const line = progressLine(
+      await demoStatus(sql),
+      deadBefore,
+      url,
+      await workflowLine(sql, workflow),
+    );
+    if (line !== last) options.print(line + "\n");
+    last = line;
+    await delay(PROGRESS_EVERY_MS, stop);
+  }
+}
+
+/** Migrate, then run every role and the demo on `sql` until `stop` aborts. */
+async function runAll(
   sql: Sql,
   url: string,
   options: DevOptions,
   stop: AbortSignal,
-  http: DevHttp | null,
+  http: RoleHttp | null,
 ) {
   const migrated = await migrate(sql, await loadMigrations());
   options.print(
     migrated.length ? `Applied migrations ${migrated.join(", ")}\n` : "Schema is up to date\n",
   );
-  // The consumer gets its own signal so a failure here also shuts it down cleanly.
+  if (stop.aborted) return; // Ctrl-C while migrating: start nothing
+  // The roles get their own controller: one that fails stops the others (and the demo)
+  // gracefully, while a Ctrl-C after that is still a first, graceful one.
   const halt = new AbortController();
-  halt.signal.addEventListener("abort", () => http?.stopping(), { once: true });
   const onStop = () => halt.abort();
   stop.addEventListener("abort", onStop, { once: true });
-  let consumerError: unknown = null;
-  const leader = {
-    holder: defaultWorkerId(),
-    leaseMs: DEV_LEASE_MS,
-    intervalMs: DEV_INTERVAL_MS,
-    deadRetentionMs: 14 * 86_400_000,
-    listen: options.consumer.listen,
-  };
-  const failed = (error: unknown) => {
-    consumerError = error;
-    halt.abort();
-  };
-  const roles = Promise.all([
-    runConsumer(
-      { sql, tasks: options.tasks },
-      {
-        ...options.consumer,
-        queues: [...new Set([...options.consumer.queues, DEMO_QUEUE, DEMO_CRON_QUEUE])],
-        retryBaseMs: 500,
-      },
-      halt.signal,
-    ).catch(failed),
-    runReaper(sql, leader, halt.signal).catch(failed),
-    runScheduler(sql, leader, halt.signal).catch(failed),
-  ]);
-  http?.ready();
+  let demoFailed = false;
   try {
-    const deadBefore = (await demoStatus(sql)).dead;
-    const enqueued = await enqueueMany(sql, demoJobs());
-    const workflow = await startExecution(sql, demoWorkflow());
-    await upsertSchedule(sql, {
-      name: "demo-every-5s",
-      cron: "*/5 * * * * *",
-      task: "shoal.noop",
-      queue: DEMO_CRON_QUEUE,
+    await runRoles(sql, devRoles(options), {
+      stop: halt,
+      http,
+      beside: (stopping) =>
+        runDemo(sql, url, options, stopping).catch((error) => {
+          demoFailed = true;
+          throw error;
+        }),
     });
-    options.print(
-      `Enqueued ${enqueued.length} demo jobs on queue "${DEMO_QUEUE}" (one fails on purpose), ` +
-        `workflow ${workflow} (a fan-out of 10 children and a callback), ` +
-        `and schedule demo-every-5s (shoal.noop on "${DEMO_CRON_QUEUE}").\n` +
-        `Enqueue more from another terminal:\n` +
-        `  DATABASE_URL=${url} deno task shoal enqueue --queue ${DEMO_QUEUE} --task shoal.sleep --payload '{"ms":500}'\n` +
-        `Press Ctrl-C to stop.\n`,
-    );
-    let last = "";
-    while (!halt.signal.aborted) {
-      const line = progressLine(
-        await demoStatus(sql),
-        deadBefore,
-        url,
-        await workflowLine(sql, workflow),
-      );
-      if (line !== last) options.print(line + "\n");
-      last = line;
-      await delay(PROGRESS_EVERY_MS, halt.signal);
-    }
+  } catch (error) {
+    if (demoFailed) throw error;
+    throw new Error(`The dev roles stopped: ${describeError(error)}`, { cause: error });
   } finally {
-    halt.abort();
     stop.removeEventListener("abort", onStop);
-    await roles;
-  }
-  if (consumerError !== null) {
-    throw new Error(`The dev roles stopped: ${describeError(consumerError)}`, {
-      cause: consumerError,
-    });
   }
 }
 
@@ -216,10 +208,11 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
     const url = options.databaseUrl || pg!.url;
     if (!pg) options.print(`Using the database at ${redactUrl(url)}\n`);
     const sql = connect(url, { applicationName: "shoal dev", prepare: options.prepare, max: 12 });
-    let http: DevHttp | null = null;
+    let http: RoleHttp | null = null;
     try {
-      http = (await options.serveHttp?.(sql)) ?? null;
-      await runDemo(sql, pg ? url : redactUrl(url), options, stop, http);
+      // Its health window follows the consumer's poll, as for `--role consumer`.
+      http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer });
+      await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
     } finally {
       await http?.close();
       await sql.end({ timeout: 5 });

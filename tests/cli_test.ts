@@ -165,6 +165,34 @@ Deno.test("shoal status refuses an unmigrated database with run shoal migrate", 
   assertOneLine(stderr, "run shoal migrate");
 });
 
+Deno.test("every admin command that needs the schema refuses an unmigrated database; migrate does not", async () => {
+  await using db = await emptyDb();
+  // Each command declares what it needs of the database (lib/cli.ts DbCommand.needs).
+  const needSchema = [
+    ["enqueue", "--task", "t"],
+    ["cancel", "1"],
+    ["dead", "list"],
+    ["dead", "retry", "1"],
+    ["dead", "purge"],
+    ["schedule", "add", "s", "--cron", "* * * * *", "--task", "t"],
+    ["schedule", "list"],
+    ["schedule", "pause", "s"],
+    ["schedule", "resume", "s"],
+    ["schedule", "rm", "s"],
+  ];
+  for (const args of needSchema) {
+    const { code, stdout, stderr } = await runShoal(args, { url: db.url });
+    assertEquals([code, stdout], [1, ""], `shoal ${args.join(" ")}: ${stderr}`);
+    assertOneLine(stderr, "run shoal migrate (or start with --migrate)");
+  }
+  const [schemas] = await db.sql<{ n: number }[]>`
+    select count(*)::int as n from pg_namespace where nspname = 'shoal'`;
+  assertEquals(schemas?.n, 0, "no command created the schema");
+  const migrated = await runShoal(["migrate"], { url: db.url });
+  assertEquals(migrated.code, 0, migrated.stderr);
+  assert(migrated.stdout.startsWith("Applied migrations: 1, "), migrated.stdout);
+});
+
 Deno.test("shoal enqueue prints the job id, and the same id again for a held dedupe key", async () => {
   await using db = await testDb();
   const plain = await runShoal(
