@@ -63,7 +63,8 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at)
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
-        shoal.fair_seq_base(d.queue, d.fairness_key, d.priority) + 1, -- stamped like a new job
+        -- Stamped like a new job (the stamping rule in sql/functions/queue.sql).
+        shoal.fair_seq_base(d.queue, d.fairness_key, d.priority) + 1,
         d.max_attempts,
         -- Past every token of its previous life: a worker still holding one is fenced off.
         d.token + 1,
@@ -84,7 +85,8 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
     const [job] = await db<
       { queue: string }[]
     >`select queue from shoal.jobs where id = ${id}::bigint`;
-    if (job) await db`select pg_notify('shoal_jobs', ${job.queue}::text)`;
+    // Runnable now: wake idle consumers (sql/functions/wake.sql).
+    if (job) await db`select shoal.notify_jobs(array[${job.queue}::text], null)`;
   }
   return row!.outcome;
 }

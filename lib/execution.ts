@@ -1,7 +1,7 @@
 /**
  * Executions, `shoal.executions`: the workflow runs users care about. Status moves
  * pending -> running -> completed | failed | cancelled (the table refuses anything else).
- * The SQL functions behind these live in `sql/003_executions.sql`.
+ * The SQL functions behind these live in `sql/functions/workflow.sql`.
  *
  * @module
  */

@@ -98,6 +98,13 @@ export interface FunctionSet {
   locked: Readonly<Record<string, string>>;
 }
 
+/**
+ * No function files: `migrate(sql, migrations, NO_FUNCTIONS)` applies numbered migrations
+ * only, as shoal's migrator did before function files existed (tests rebuild the databases
+ * of earlier releases with it).
+ */
+export const NO_FUNCTIONS: FunctionSet = Object.freeze({ revision: 0, files: [], locked: {} });
+
 /** A function file as recorded in the database. */
 export interface AppliedFunctionFile {
   name: string;
