@@ -19,7 +19,7 @@
 -- jobs ranking no later than its last buffered job, and those start first. Each job's
 -- fair_seq is returned so the consumer can tell where it ranks.
 --
--- Lock order: jobs (SKIP LOCKED, in claim order), then executions (see workflow.sql).
+-- It follows the lock order stated at the top of workflow.sql (jobs are taken SKIP LOCKED).
 create or replace function shoal.claim_jobs(_queues text[], _limit integer, _worker text,
                                  _visibility_ms integer,
                                  _before_priority integer default null,

@@ -7,9 +7,11 @@
 --   shoal.insert_job, shoal.insert_jobs             the one insert of new jobs, with its wake
 --   shoal.enqueue_jobs, shoal.enqueue_many,         the SQL entry points (checked, then
 --   shoal.enqueue                                   insert_job(s))
--- Callbacks (workflow.sql) and dead-letter retries (lib/dead.ts) insert their own row,
--- because they carry what a new job has not (a place at the head of the queue; the id,
--- token and history of the job's earlier life), but stamp and wake by the same functions.
+-- Fan-out children go through insert_jobs too. Callbacks (shoal.insert_callback in
+-- workflow.sql) and dead-letter retries (lib/dead.ts) write their own row, because they
+-- carry what a new job has not (a place at the head of the queue; the id, token and history
+-- of the job's earlier life); they follow the stamping rule below and wake through
+-- shoal.notify_jobs like every other path.
 --
 -- THE JOB CHECKS, one rule for every way in (lib/queue.ts checks the same before it calls
 -- insert_job(s), so those check only what TypeScript cannot know, the payload limit). In
