@@ -72,22 +72,20 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
       from dead d
       where not exists (select 1 from ended)
       on conflict (queue, key) where key is not null do nothing
-      returning id
+      returning id, queue
     ),
     removed as (
       delete from shoal.dead_jobs where id in (select id from revived) returning id
+    ),
+    -- Runnable now: wake idle consumers (sql/functions/wake.sql).
+    woken as (
+      select shoal.notify_jobs(array_agg(r.queue::text), null) from revived r
     )
     select case when not exists (select 1 from dead) then 'not_found'
                 when exists (select 1 from ended) then 'execution_ended'
                 when exists (select 1 from removed) then 'retried'
-                else 'duplicate' end as outcome`;
-  if (row!.outcome === "retried") {
-    const [job] = await db<
-      { queue: string }[]
-    >`select queue from shoal.jobs where id = ${id}::bigint`;
-    // Runnable now: wake idle consumers (sql/functions/wake.sql).
-    if (job) await db`select shoal.notify_jobs(array[${job.queue}::text], null)`;
-  }
+                else 'duplicate' end as outcome,
+      (select count(*) from woken) as woken -- referenced, so the notify runs`;
   return row!.outcome;
 }
 

@@ -51,6 +51,23 @@ const LAST_MIGRATION_WITH_FUNCTIONS = 8;
 /** What the CI hook greps for in every non-migration sql file. */
 const DEFINES = /create\s+(?:or\s+replace\s+)?function\s+shoal\.(\w+)/gi;
 
+const ROOT = new URL("../", import.meta.url);
+
+/** The .sql files of the tree, relative to `root`, but the migrations and function files. */
+async function otherSqlFiles(root: URL, prefix = ""): Promise<string[]> {
+  const found: string[] = [];
+  for await (const entry of Deno.readDir(new URL(prefix || ".", root))) {
+    const path = `${prefix}${entry.name}`;
+    if (entry.isDirectory) {
+      if ([".git", "dist", ".shoal", "node_modules", "sql/functions"].includes(path)) continue;
+      found.push(...await otherSqlFiles(root, `${path}/`));
+    } else if (entry.isFile && path.endsWith(".sql") && !/^sql\/\d{3}_/.test(path)) {
+      found.push(path);
+    }
+  }
+  return found;
+}
+
 async function sha256(text: string): Promise<string> {
   const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
   return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
@@ -163,6 +180,13 @@ Deno.test("each shoal function is defined in exactly one function file, and nowh
   }
   const twice = [...homes].filter(([, where]) => where.length > 1);
   assertEquals(twice, [], "functions defined more than once in sql/functions/");
+  // As the CI hook sees it: no other .sql file of the tree (benchmarks, deploy) defines one.
+  const elsewhere: string[] = [];
+  for (const path of await otherSqlFiles(ROOT)) {
+    const text = await Deno.readTextFile(new URL(path, ROOT));
+    for (const [, name] of text.matchAll(DEFINES)) elsewhere.push(`${path}: shoal.${name}`);
+  }
+  assertEquals(elsewhere, [], "shoal functions defined outside sql/functions/");
 
   await using db = await testDb();
   const live = await db.sql<{ proname: string }[]>`
