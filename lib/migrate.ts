@@ -23,7 +23,7 @@
  * @module
  */
 import type { Db, Sql } from "./db.ts";
-import { logger } from "./log.ts";
+import { describeError, logger } from "./log.ts";
 // The migrations are part of the module graph, so `deno bundle` (one JS file, no sql/ beside
 // it) and `deno compile` carry them. A new sql/ file is added here too: tests/bundle_test.ts
 // fails while this list and the directory differ.
@@ -296,7 +296,15 @@ async function applyFunctions(tx: Db, functions: FunctionSet): Promise<Functions
   const applied: string[] = [];
   for (const file of functions.files) {
     if (byName.get(file.name)?.checksum === file.checksum) continue;
-    await tx.unsafe(file.sql);
+    try {
+      await tx.unsafe(file.sql);
+    } catch (error) {
+      // Name the file: the server's message alone does not say which one failed. The whole
+      // migration rolls back, so the database keeps the functions it had.
+      throw new Error(`Cannot apply sql/functions/${file.name}: ${describeError(error)}`, {
+        cause: error,
+      });
+    }
     applied.push(file.name);
   }
   const names = functions.files.map((f) => f.name);

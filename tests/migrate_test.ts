@@ -298,6 +298,31 @@ Deno.test("an older binary neither downgrades a newer binary's functions nor ref
   );
 });
 
+Deno.test("migrate() names a function file that fails, and changes nothing", async () => {
+  await using db = await testDb();
+  const migrations = await loadMigrations();
+  const functions = await loadFunctions();
+  const before = await catalog(db.sql);
+  const broken = await withFile(
+    functions,
+    "workflow.sql",
+    functions.files.find((f) => f.name === "workflow.sql")!.sql + "\ncreate or replace nonsense;\n",
+    functions.revision + 1,
+  );
+  const error = await assertRejects(
+    () => migrate(db.sql, migrations, broken),
+    Error,
+    "Cannot apply sql/functions/workflow.sql: PostgresError: syntax error",
+  );
+  assert(!error.message.includes("\n"), error.message);
+  assert(error.cause instanceof Error, "the server's error is its cause");
+  assertEquals(await catalog(db.sql), before);
+  assertEquals(
+    (await appliedFunctionFiles(db.sql)).map((r) => r.revision),
+    functions.files.map(() => functions.revision),
+  );
+});
+
 Deno.test("checkSchema() asks for shoal migrate when the functions were never installed", async () => {
   await using db = await emptyDb();
   const migrations = await loadMigrations();
