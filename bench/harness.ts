@@ -272,15 +272,17 @@ export class Child {
   readonly #pumped: Promise<void>;
   #status: Promise<Deno.CommandStatus>;
 
-  /** Runs `command` (Deno itself unless given) with `args`. */
+  /** Runs `command` (Deno itself unless given) with `args`, in `cwd` (ours unless given). */
   constructor(
     readonly label: string,
     args: string[],
     env: Record<string, string>,
     command: string = Deno.execPath(),
+    cwd?: string,
   ) {
     this.process = new Deno.Command(command, {
       args,
+      cwd,
       env: childEnv(env),
       clearEnv: true,
       stdin: "null",
@@ -466,6 +468,18 @@ export async function memoryOf(pid: number): Promise<Memory | null> {
     return Number(match[1]);
   };
   return { rssMb: kb("VmRSS") / 1024, hwmMb: kb("VmHWM") / 1024 };
+}
+
+/** An error's message followed by its `cause` chain, on one line. */
+export function errorChain(error: unknown): string {
+  const parts: string[] = [];
+  let current: unknown = error;
+  // Bounded: a cause chain is a few links long; a cycle must not loop forever.
+  for (let depth = 0; current !== undefined && current !== null && depth < 8; depth++) {
+    parts.push(current instanceof Error ? current.message : String(current));
+    current = current instanceof Error ? current.cause : undefined;
+  }
+  return parts.join(": ");
 }
 
 /** Load average and CPU count: the machine is shared, so the report says how busy it was. */

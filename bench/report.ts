@@ -65,6 +65,17 @@ export interface Target {
   check(figure: FigureOf): TargetCheck;
 }
 
+/** `--beside REF`: shoal's figures beside the same workloads run by another commit of shoal. */
+export interface BesideInput {
+  /** The other commit's system name, `shoal@<short sha>`. */
+  system: string;
+  /** The ref as given, and the commit it resolved to. */
+  ref: string;
+  sha: string;
+  /** Benchmark ids measured for both: this tree's (`W2/shoal`) and the other commit's. */
+  pairs: { subject: string; beside: string }[];
+}
+
 export interface BenchmarkResult {
   benchmark: Benchmark;
   runs: RunResult[];
@@ -88,6 +99,8 @@ export interface ReportInput {
   targets: Target[];
   /** How W8..W10 ran (soak lengths, rates, the W10 server), one line each. */
   soakNotes: string[];
+  /** Set with `--beside REF`. */
+  beside: BesideInput | null;
 }
 
 function medianOf(result: BenchmarkResult | undefined, key: string): number {
@@ -247,6 +260,137 @@ function peerSection(input: ReportInput): string {
     "Peer settings:",
     "",
     ...input.peers.map((p) => `- ${p.name}: ${p.settings}. Enqueue: ${p.enqueue}.`),
+    "",
+  ].join("\n");
+}
+
+/** One system's runs of one metric: every run's value, their median, min and max. */
+interface Spread {
+  runs: number[];
+  median: number;
+  min: number;
+  max: number;
+}
+
+function spreadOf(result: BenchmarkResult | undefined, key: string): Spread {
+  const runs = (result?.runs ?? []).map((r) => r.values[key]).filter((v): v is number =>
+    v !== undefined && !Number.isNaN(v)
+  );
+  return {
+    runs,
+    median: median(runs),
+    min: runs.length ? Math.min(...runs) : Number.NaN,
+    max: runs.length ? Math.max(...runs) : Number.NaN,
+  };
+}
+
+/** One figure of shoal beside the same figure of the other commit. */
+interface BesideRow {
+  subject: string;
+  beside: string;
+  metric: Metric;
+  shoal: Spread;
+  other: Spread;
+  /** shoal's median ÷ the other commit's median. */
+  ratio: number;
+  /**
+   * How far each system's own runs strayed from its median (run ÷ own median), the lowest
+   * and highest of both systems; null with fewer than 2 runs of either (no spread to see).
+   */
+  band: { low: number; high: number } | null;
+  /** The ratio lies inside the band; null when there is no band. */
+  withinNoise: boolean | null;
+}
+
+/** What the beside table reads from the report's input. */
+export type BesideTableInput = Pick<ReportInput, "beside" | "results">;
+
+function besideRows(input: BesideTableInput): BesideRow[] {
+  if (input.beside === null) return [];
+  const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
+  const rows: BesideRow[] = [];
+  for (const pair of input.beside.pairs) {
+    const subject = byId.get(pair.subject);
+    const other = byId.get(pair.beside);
+    if (!subject || !other) continue;
+    for (const metric of subject.benchmark.metrics) {
+      const a = spreadOf(subject, metric.key);
+      const b = spreadOf(other, metric.key);
+      const ratio = b.median === 0 ? Number.NaN : a.median / b.median;
+      const band = a.runs.length < 2 || b.runs.length < 2 ? null : {
+        low: Math.min(a.min / a.median, b.min / b.median),
+        high: Math.max(a.max / a.median, b.max / b.median),
+      };
+      rows.push({
+        subject: pair.subject,
+        beside: pair.beside,
+        metric,
+        shoal: a,
+        other: b,
+        ratio,
+        band,
+        withinNoise: band === null || Number.isNaN(ratio)
+          ? null
+          : ratio >= band.low && ratio <= band.high,
+      });
+    }
+  }
+  return rows;
+}
+
+function formatSpread(spread: Spread, unit: string): string {
+  if (spread.runs.length === 0) return "not measured";
+  const runs = spread.runs.map((v) => formatValue(v, unit)).join(", ");
+  return `${formatValue(spread.median, unit)} (runs: ${runs})`;
+}
+
+/** shoal beside the other commit (`--beside`), one row per figure, as markdown. */
+export function besideTable(input: BesideTableInput): string {
+  const beside = input.beside;
+  if (beside === null) return "";
+  const lines = [
+    `| figure | shoal: median (runs) | ${beside.system}: median (runs) | shoal ÷ ${beside.system} | runs ÷ own median, both systems | ratio within noise |`,
+    "| --- | ---: | ---: | ---: | ---: | --- |",
+  ];
+  for (const row of besideRows(input)) {
+    const unit = row.metric.unit;
+    const band = row.band === null
+      ? "n/a"
+      : `${row.band.low.toFixed(2)}–${row.band.high.toFixed(2)}×`;
+    const verdict = row.withinNoise === null
+      ? "n/a (needs 2 runs of each)"
+      : row.withinNoise
+      ? "yes"
+      : "**no**";
+    // `W2/shoal/c100` → `W2/c100`: the row is about both systems.
+    const figure = row.subject.replace("/shoal", "");
+    lines.push(
+      `| ${figure} ${row.metric.key} | ${formatSpread(row.shoal, unit)} | ${
+        formatSpread(row.other, unit)
+      } | ${Number.isNaN(row.ratio) ? "n/a" : `${row.ratio.toFixed(3)}×`} | ${band} | ${verdict} |`,
+    );
+  }
+  return lines.join("\n") + "\n";
+}
+
+function besideSection(input: ReportInput): string {
+  const beside = input.beside;
+  if (beside === null) return "";
+  return [
+    `## shoal beside ${beside.system}`,
+    "",
+    `\`--beside ${beside.ref}\`: commit ${beside.sha}, checked out into a temporary git ` +
+    `worktree and run as ${beside.system} exactly as shoal runs this tree (its own main.ts, ` +
+    "migrations, lib/queue.ts for enqueueing and V8 flags), right beside shoal (after it on " +
+    "odd runs, before it on even ones), each run in a fresh database.",
+    "",
+    besideTable(input),
+    `Ratio: shoal's median ÷ ${beside.system}'s. For throughput above 1.00× this tree is ` +
+    "faster; for latency and time per job below 1.00× it is faster. The noise band is how " +
+    "far any single run of either system strayed from its own system's median (the lowest " +
+    'and the highest run ÷ median of the two): "yes" when the ratio of the medians lies ' +
+    "inside it, that is, the two commits differ by less than their own runs differ among " +
+    "themselves. It needs at least 2 runs of each (3 or more to mean much).",
     "",
   ].join("\n");
 }
@@ -457,6 +601,7 @@ export function markdownReport(input: ReportInput): string {
       input.quick ? " (quick smoke mode: small sizes, not representative)" : ""
     }; every run starts from a fresh database with the schema installed from empty.`,
     "",
+    besideSection(input),
     targetSection(input),
     peerSection(input),
     "## shoal beside its floors",
@@ -585,6 +730,24 @@ export function jsonReport(input: ReportInput): unknown {
       };
     }),
     targets: targetRows(input),
+    beside: input.beside === null ? null : {
+      system: input.beside.system,
+      ref: input.beside.ref,
+      sha: input.beside.sha,
+      rows: besideRows(input).map((row) => ({
+        subject: row.subject,
+        beside: row.beside,
+        metric: row.metric.key,
+        unit: row.metric.unit,
+        subject_median: row.shoal.median,
+        subject_runs: row.shoal.runs,
+        beside_median: row.other.median,
+        beside_runs: row.other.runs,
+        ratio: row.ratio,
+        noise_band: row.band,
+        within_noise: row.withinNoise,
+      })),
+    },
     comparisons: input.comparisons.map((c) => {
       const s = medianOf(byId.get(c.subject), c.metric);
       const f = c.floor ? medianOf(byId.get(c.floor), c.floorMetric ?? c.metric) : null;

@@ -14,6 +14,24 @@
  *                                    median in the same run, or of one calibration drain)
  *   deno task bench --profile        pg_stat_statements per run (preloaded: figures are
  *                                    not comparable; writes results/profile.* instead)
+ *   deno task bench --beside main~1  also measure another commit (any git ref) as the
+ *                                    system shoal@<short sha>, beside shoal, in the same run
+ *
+ * Comparing two commits (`--beside REF`): the ref is resolved with git (an unknown ref
+ * ends the bench with one line on stderr before anything starts) and checked out into a
+ * temporary detached worktree (`git worktree add --detach`), removed at the end, also on
+ * failure or Ctrl-C. The system `shoal@<short sha>` runs that checkout's main.ts (and its
+ * bench/bench_main.ts where jobs record their start) with the same flags as `shoal` and
+ * the V8 flags of its own deno.json compile task; each of its runs gets a fresh database
+ * installed by its own `main.ts migrate`, and its producers enqueue through its own
+ * lib/queue.ts (loaded into this process, so its deno.json must map imports like ours).
+ * It runs right beside shoal (after it on odd runs, before it on even ones) in W1a, W1b,
+ * W2, W3, W5, W6, W7 and W10; not in W4 (the fan-out driver is this tree's
+ * lib/execution.ts) nor in the soaks W8, W9 (once per bench run: no spread to judge).
+ * `--only W2,W3` selects both systems, `--only W2/shoal@abc1234` one figure. The report's
+ * first table sets each figure beside the other commit's: both medians with every run's
+ * value, shoal ÷ shoal@REF, and whether that ratio lies within the two systems' own
+ * run-to-run spread (needs --runs 2 or more). docs/performance.md: "Comparing two commits".
  *
  * Workloads (bench/workloads.ts and the files it names):
  *   W1a enqueue one per call, 10 in flight   W1b enqueue in calls of 1,000
@@ -39,6 +57,7 @@ import { parseArgs } from "node:util";
 import { handWritten } from "./handwritten.ts";
 import {
   type BenchServer,
+  errorChain,
   hasStatementStats,
   machineLoad,
   median,
@@ -47,10 +66,13 @@ import {
   startServer,
   stopAllChildren,
 } from "./harness.ts";
+import { type Checkout, checkOut } from "./checkout.ts";
 import { ensurePeersInstalled, PEER_SYSTEMS, PEER_VERSIONS } from "./peers.ts";
 import { pgbenchClaim, pgbenchInsert } from "./pgbench.ts";
 import {
   type BenchmarkResult,
+  type BesideInput,
+  besideTable,
   type Comparison,
   formatValue,
   jsonReport,
@@ -61,7 +83,7 @@ import {
   type Target,
   targetTable,
 } from "./report.ts";
-import { shoal, type System } from "./systems.ts";
+import { shoal, shoalAt, type System } from "./systems.ts";
 import { noisyNeighbour } from "./fairness.ts";
 import { consumerMemory } from "./memory.ts";
 import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
@@ -134,6 +156,8 @@ const HIGH_CONCURRENCY = 100;
 
 interface Plan {
   benchmarks: Benchmark[];
+  /** With `--beside`: each of shoal's benchmarks beside the other commit's. */
+  besidePairs: { subject: string; beside: string }[];
   comparisons: Comparison[];
   peerComparisons: PeerComparison[];
   targets: Target[];
@@ -147,36 +171,47 @@ const PEER_ENQUEUE: Record<string, string> = {
     "its own client (new PgBoss({ max: pool size }), its own pg pool) in the bench process: boss.send(queue, data) per job (W1a, W3), boss.insert(queue, jobs) per batch (W1b, W2's pre-enqueue); the queue's notify option sends a NOTIFY per job",
 };
 
-/** What to measure and which figure sits beside which floor. */
-function plan(sizes: Sizes, soakSizes: SoakSizes): Plan {
+/** What to measure and which figure sits beside which floor (and which beside `beside`'s). */
+function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
+  const besidePairs: { subject: string; beside: string }[] = [];
+  // shoal's benchmark, then right after it the same one for the other commit (--beside),
+  // so the two run in like conditions (runOrder swaps them on even runs).
+  const shoalAndBeside = (make: (system: System) => Benchmark): Benchmark[] => {
+    const mine = make(shoal);
+    if (beside === null) return [mine];
+    const theirs = make(beside);
+    besidePairs.push({ subject: mine.id, beside: theirs.id });
+    return [mine, theirs];
+  };
   const floor = handWritten({ ack: false });
   const floorAck = handWritten({ ack: true });
   // The at-least-once floor with shoal's default batch (its claim takes at most its free
   // slots, 10 by default): separates the cost of small batches from shoal's own.
   const floorAck10 = handWritten({ ack: true, batch: 10 });
   const benchmarks: Benchmark[] = [
-    enqueueOneByOne(shoal, { inFlight: 10, notify: true }),
-    enqueueOneByOne(shoal, { inFlight: 10, notify: false }),
+    ...shoalAndBeside((s) => enqueueOneByOne(s, { inFlight: 10, notify: true })),
+    ...shoalAndBeside((s) => enqueueOneByOne(s, { inFlight: 10, notify: false })),
     enqueueOneByOne(floor, { inFlight: 10, notify: true }),
     enqueueOneByOne(floor, { inFlight: 10, notify: false }),
     pgbenchInsert({ clients: 10 }),
-    enqueueBulk(shoal, { batch: sizes.bulkBatch }),
+    ...shoalAndBeside((s) => enqueueBulk(s, { batch: sizes.bulkBatch })),
     enqueueBulk(floor, { batch: sizes.bulkBatch }),
-    drain(shoal),
-    // Right after W2/shoal, so the figure it is set beside ran in similar conditions.
+    ...shoalAndBeside((s) => drain(s)),
+    // Right after W2/shoal (and the other commit's W2), so the figure it is set beside ran
+    // in similar conditions.
     fanOutDrain(shoal),
-    drain(shoal, { concurrency: HIGH_CONCURRENCY }),
+    ...shoalAndBeside((s) => drain(s, { concurrency: HIGH_CONCURRENCY })),
     drain(floor),
     drain(floorAck),
     drain(floorAck10),
     pgbenchClaim({ batch: 1, clients: 10 }),
     pgbenchClaim({ batch: 100, clients: 1 }),
-    startLatency(shoal),
+    ...shoalAndBeside((s) => startLatency(s)),
     startLatency(floor),
-    noisyNeighbour(shoal),
-    consumerMemory(shoal),
-    ...PROCESS_COUNTS.map((n) => processScaling(shoal, n)),
-    idleFleet(shoal),
+    ...shoalAndBeside((s) => noisyNeighbour(s)),
+    ...shoalAndBeside((s) => consumerMemory(s)),
+    ...PROCESS_COUNTS.flatMap((n) => shoalAndBeside((s) => processScaling(s, n))),
+    ...shoalAndBeside((s) => idleFleet(s)),
     // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
     soak(shoal),
     heldSnapshot(shoal),
@@ -352,6 +387,7 @@ function plan(sizes: Sizes, soakSizes: SoakSizes): Plan {
   );
   return {
     benchmarks,
+    besidePairs,
     comparisons,
     peerComparisons,
     targets: targets(sizes, soakSizes, shoal),
@@ -555,6 +591,8 @@ interface Args {
   soakMs: number | null;
   /** --soak-rate, jobs/s. */
   soakRate: number | null;
+  /** --beside: a git ref to measure beside this tree. */
+  beside: string | null;
 }
 
 const DURATION = /^(\d+(?:\.\d+)?)(ms|s|m|h)$/;
@@ -581,6 +619,7 @@ function parse(argv: string[]): Args {
       only: { type: "string" },
       soak: { type: "string" },
       "soak-rate": { type: "string" },
+      beside: { type: "string" },
       help: { type: "boolean", default: false },
     },
     strict: true,
@@ -588,7 +627,7 @@ function parse(argv: string[]): Args {
   if (values.help) {
     print(
       "Usage: deno task bench [--runs N] [--quick] [--only W1a,W2,...] [--soak 10m] " +
-        "[--soak-rate JOBS_PER_S] [--profile]\n",
+        "[--soak-rate JOBS_PER_S] [--profile] [--beside GIT_REF]\n",
     );
     Deno.exit(0);
   }
@@ -611,6 +650,7 @@ function parse(argv: string[]): Args {
     only,
     soakMs: values.soak === undefined ? null : parseSoak(values.soak),
     soakRate,
+    beside: values.beside ?? null,
   };
 }
 
@@ -696,9 +736,17 @@ async function sourceState(): Promise<string> {
     : `commit ${head} plus ${changed} uncommitted change(s) in lib/, sql/ or main.ts`;
 }
 
-async function environment(server: BenchServer): Promise<Record<string, string>> {
+async function environment(
+  server: BenchServer,
+  checkout: Checkout | null,
+): Promise<Record<string, string>> {
+  const beside: Record<string, string> = checkout === null ? {} : {
+    beside: `shoal@${checkout.short}: --beside ${checkout.ref} = commit ${checkout.sha}, ` +
+      `a detached git worktree in ${checkout.dir} (removed at the end)`,
+  };
   return {
     source: await sourceState(),
+    ...beside,
     machine:
       `${navigator.hardwareConcurrency} CPUs, ${Deno.build.os} ${Deno.build.arch}, shared with other work`,
     "load average at start": await machineLoad(),
@@ -713,12 +761,20 @@ async function environment(server: BenchServer): Promise<Record<string, string>>
   };
 }
 
-async function runAll(args: Args): Promise<number> {
+async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
   const sizes = args.quick ? QUICK : FULL;
   const soaks = soakSizes(args);
-  const { benchmarks, comparisons, peerComparisons, targets } = plan(sizes, soaks);
+  const besideSystem = checkout === null ? null : await shoalAt(checkout);
+  const { benchmarks, besidePairs, comparisons, peerComparisons, targets } = plan(
+    sizes,
+    soaks,
+    besideSystem,
+  );
   const chosen = benchmarks.filter((b) => selected(b, args.only));
-  if (chosen.length === 0) throw new Error(`--only ${args.only.join(",")} matches no benchmark`);
+  if (chosen.length === 0) {
+    const beside = besideSystem === null ? "" : ` (the other commit is ${besideSystem.name})`;
+    throw new Error(`--only ${args.only.join(",")} matches no benchmark${beside}`);
+  }
   const peersChosen = PEER_SYSTEMS.filter((p) => chosen.some((b) => b.system === p.name));
   if (peersChosen.length > 0) await ensurePeersInstalled();
   const startedAt = new Date();
@@ -761,18 +817,23 @@ async function runAll(args: Args): Promise<number> {
   const onRejection = (event: PromiseRejectionEvent) => {
     if (interrupted) event.preventDefault();
   };
+  // Deno.exit skips `finally` blocks: the checkout (--beside) is removed here too.
+  const removeBeside = () => checkout === null ? Promise.resolve() : removeCheckout(checkout);
   const onSignal = () => {
-    if (interrupted) Deno.exit(130);
+    if (interrupted) {
+      removeBeside().finally(() => Deno.exit(130));
+      return;
+    }
     interrupted = true;
     say("Interrupted: stopping consumers and Postgres (again to exit at once)");
-    stopEverything().finally(() => Deno.exit(130));
+    stopEverything().finally(removeBeside).finally(() => Deno.exit(130));
   };
   globalThis.addEventListener("unhandledrejection", onRejection);
   Deno.addSignalListener("SIGINT", onSignal);
   Deno.addSignalListener("SIGTERM", onSignal);
   let failures = 0;
   try {
-    const env = await environment(server);
+    const env = await environment(server, checkout);
     const results: BenchmarkResult[] = chosen.map((benchmark) => ({
       benchmark,
       runs: [],
@@ -797,7 +858,7 @@ async function runAll(args: Args): Promise<number> {
     // Only soaks chosen, --runs not given: one run is all there is to do.
     const runs = !args.runsExplicit && chosen.every((b) => b.once) ? 1 : args.runs;
     for (let run = 1; run <= runs; run++) {
-      for (const result of results) {
+      for (const result of runOrder(results, besidePairs, run)) {
         const b = result.benchmark;
         if (b.once && run > 1 && !args.runsExplicit) continue;
         try {
@@ -842,6 +903,7 @@ async function runAll(args: Args): Promise<number> {
       })),
       targets: targets.filter((t) => results.some((r) => r.benchmark.workload === t.workload)),
       soakNotes: soakNotes(soaks, statementsNote),
+      beside: besideInput(checkout, besidePairs, results),
     };
     const dir = new URL("results/", import.meta.url);
     await Deno.mkdir(dir, { recursive: true });
@@ -852,7 +914,11 @@ async function runAll(args: Args): Promise<number> {
       JSON.stringify(jsonReport(input), null, 2) + "\n",
     );
     const peers = peerTable(input);
-    print("\n" + targetTable(input) + "\n" + (peers ? `${peers}\n` : "") + summaryTable(input));
+    const beside = besideTable(input);
+    print(
+      "\n" + (beside ? `${beside}\n` : "") + targetTable(input) + "\n" +
+        (peers ? `${peers}\n` : "") + summaryTable(input),
+    );
     say(`Wrote bench/results/${base}.md and ${base}.json (${input.seconds.toFixed(0)} s)`);
   } finally {
     Deno.removeSignalListener("SIGINT", onSignal);
@@ -863,12 +929,106 @@ async function runAll(args: Args): Promise<number> {
   return failures === 0 ? 0 : 1;
 }
 
+/**
+ * The order of run `run` (from 1): the plan's, except that on even runs each shoal
+ * benchmark and the other commit's right after it (`--beside`) swap places, so neither
+ * commit always runs first, right after whatever heavy workload precedes the pair.
+ */
+export function runOrder<T extends { benchmark: { id: string } }>(
+  results: T[],
+  pairs: { subject: string; beside: string }[],
+  run: number,
+): T[] {
+  if (run % 2 === 1) return results;
+  const besideOf = new Map(pairs.map((p) => [p.subject, p.beside]));
+  const order: T[] = [];
+  for (let i = 0; i < results.length; i++) {
+    const current = results[i]!;
+    const next = results[i + 1];
+    if (next !== undefined && besideOf.get(current.benchmark.id) === next.benchmark.id) {
+      order.push(next, current);
+      i++;
+    } else {
+      order.push(current);
+    }
+  }
+  return order;
+}
+
+/** The report's view of `--beside`: the pairs of which both were selected. */
+function besideInput(
+  checkout: Checkout | null,
+  pairs: { subject: string; beside: string }[],
+  results: BenchmarkResult[],
+): BesideInput | null {
+  if (checkout === null) return null;
+  const ran = new Set(results.map((r) => r.benchmark.id));
+  return {
+    system: `shoal@${checkout.short}`,
+    ref: checkout.ref,
+    sha: checkout.sha,
+    pairs: pairs.filter((p) => ran.has(p.subject) && ran.has(p.beside)),
+  };
+}
+
+/** This repository: where `--beside` refs are resolved and checked out from. */
+const REPO = new URL("../", import.meta.url).pathname;
+
+/**
+ * Check `ref` out for `--beside`. A Ctrl-C while git works is held until the checkout
+ * exists, then removes it and exits, so nothing is left behind.
+ */
+async function checkOutBeside(ref: string): Promise<Checkout> {
+  let interrupted = false;
+  const hold = () => {
+    interrupted = true;
+  };
+  Deno.addSignalListener("SIGINT", hold);
+  Deno.addSignalListener("SIGTERM", hold);
+  let checkout: Checkout;
+  try {
+    checkout = await checkOut(REPO, ref);
+  } catch (error) {
+    throw new Error(`Cannot measure --beside ${ref}`, { cause: error });
+  } finally {
+    Deno.removeSignalListener("SIGINT", hold);
+    Deno.removeSignalListener("SIGTERM", hold);
+  }
+  if (interrupted) {
+    await removeCheckout(checkout);
+    Deno.exit(130);
+  }
+  say(`Checked ${ref} out as shoal@${checkout.short} in ${checkout.dir}`);
+  return checkout;
+}
+
+/** Remove the `--beside` checkout; a failure is said (with how to clean up), not thrown. */
+async function removeCheckout(checkout: Checkout): Promise<void> {
+  try {
+    await checkout.remove();
+  } catch (error) {
+    // Called while the bench ends (maybe on another error): say it rather than hide that one.
+    say(`bench: ${errorChain(error)}`);
+  }
+}
+
+async function main(): Promise<number> {
+  const args = parse(Deno.args);
+  // Resolved and checked out before Postgres starts: a bad ref costs nothing.
+  const checkout = args.beside === null ? null : await checkOutBeside(args.beside);
+  try {
+    return await runAll(args, checkout);
+  } finally {
+    if (checkout !== null) await removeCheckout(checkout);
+  }
+}
+
 if (import.meta.main) {
   let code: number;
   try {
-    code = await runAll(parse(Deno.args));
+    code = await main();
   } catch (error) {
-    say(`bench: ${error instanceof Error ? error.message : String(error)}`);
+    say(`bench: ${errorChain(error)}`);
     code = 1;
   }
   Deno.exit(code);

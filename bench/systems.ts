@@ -5,11 +5,13 @@
  *
  * @module
  */
+import { pathToFileURL } from "node:url";
 import type { Sql } from "../lib/db.ts";
 import { startExecution } from "../lib/execution.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { enqueue, enqueueMany, type JobSpec } from "../lib/queue.ts";
 import { connect } from "../lib/db.ts";
+import type { Checkout } from "./checkout.ts";
 import { Child, epochMs } from "./harness.ts";
 
 /** What a benchmark job does when it runs. */
@@ -133,9 +135,17 @@ export interface SqlEnqueue {
   enqueueBatch(sql: Sql, jobs: BenchJob[], options: { notify: boolean }): Promise<void>;
 }
 
-/** A producer over one postgres.js pool of `max` connections. */
-export function sqlProducer(url: string, options: ProducerOptions, how: SqlEnqueue): Producer {
-  const sql = connect(url, { applicationName: "bench producer", max: options.max });
+/** Opens a postgres.js pool (lib/db.ts's `connect`, of this tree or of a checkout). */
+export type Connect = (url: string, options: { applicationName: string; max?: number }) => Sql;
+
+/** A producer over one postgres.js pool of `max` connections, opened by `open`. */
+export function sqlProducer(
+  url: string,
+  options: ProducerOptions,
+  how: SqlEnqueue,
+  open: Connect = connect,
+): Producer {
+  const sql = open(url, { applicationName: "bench producer", max: options.max });
   return {
     enqueueOne: (job, o) => how.enqueueOne(sql, job, o),
     enqueueBatch: (jobs, o) => how.enqueueBatch(sql, jobs, o),
@@ -183,25 +193,66 @@ function isStartedLine(role: string, line: string): boolean {
 }
 
 /**
- * The V8 flags shoal runs with, taken from `deno task compile` (the compiled binary embeds
- * them; `deno task shoal` passes the same), so the bench measures what users run.
+ * A source tree of shoal whose `main.ts` the bench runs: this one, or a checkout of
+ * another commit (`--beside`).
  */
-const V8_FLAGS: string = (() => {
-  const config = JSON.parse(Deno.readTextFileSync(new URL("deno.json", ROOT)));
-  const flag = (config.tasks.compile as string).split(" ").find((a) => a.startsWith("--v8-flags="));
-  if (flag === undefined) throw new Error("deno.json: the compile task has no --v8-flags");
-  return flag;
-})();
+interface ShoalTree {
+  /** The system's name: `shoal`, or `shoal@<short sha>`. */
+  name: string;
+  /** Its root directory, ending in "/" (holds main.ts, deno.json, bench/bench_main.ts). */
+  root: URL;
+  /** The `--v8-flags=...` argument of its `deno task compile`; null when it has none. */
+  v8Flags: string | null;
+}
 
-/** One `main.ts` process of shoal in `role`, with its defaults plus `extra` flags. */
+/**
+ * The V8 flags shoal runs with, taken from `deno task compile` of the tree at `root` (the
+ * compiled binary embeds them; `deno task shoal` passes the same), so the bench measures
+ * what users run.
+ */
+function v8FlagsOf(root: URL): string | null {
+  const path = new URL("deno.json", root);
+  let config: { tasks?: Record<string, string> };
+  try {
+    config = JSON.parse(Deno.readTextFileSync(path));
+  } catch (error) {
+    throw new Error(`Cannot read the V8 flags from ${path.pathname}`, { cause: error });
+  }
+  const compile = config.tasks?.compile ?? "";
+  return compile.split(" ").find((a) => a.startsWith("--v8-flags=")) ?? null;
+}
+
+/** This tree's V8 flags: its compile task must have them (the bench measures what users run). */
+function currentV8Flags(): string {
+  const flags = v8FlagsOf(ROOT);
+  if (flags === null) throw new Error("deno.json: the compile task has no --v8-flags");
+  return flags;
+}
+
+/** This tree: the `shoal` system. */
+const CURRENT_TREE: ShoalTree = { name: "shoal", root: ROOT, v8Flags: currentV8Flags() };
+
+/**
+ * One `main.ts` process of shoal from `tree` in `role`, with its defaults plus `extra`
+ * flags. It runs in the tree's root, so Deno finds that tree's deno.json and lockfile.
+ */
 function spawnShoal(
+  tree: ShoalTree,
   url: string,
   role: "consumer" | MaintenanceRole,
   entry: string,
   extra: string[],
 ): ConsumerProcess {
-  const args = ["run", "-A", V8_FLAGS, new URL(entry, ROOT).pathname, "--role", role, ...extra];
-  const child = new Child(`shoal ${role} (${entry})`, args, { DATABASE_URL: url });
+  const path = new URL(entry, tree.root).pathname;
+  const v8 = tree.v8Flags === null ? [] : [tree.v8Flags];
+  const args = ["run", "-A", ...v8, path, "--role", role, ...extra];
+  const child = new Child(
+    `${tree.name} ${role} (${entry})`,
+    args,
+    { DATABASE_URL: url },
+    Deno.execPath(),
+    tree.root.pathname,
+  );
   const started = child.waitForLine(
     `its '${role} started' log line`,
     (line) => isStartedLine(role, line),
@@ -218,7 +269,7 @@ function spawnShoal(
       const status = await child.stop();
       if (status.code !== 0) {
         throw new Error(
-          `shoal ${role} exited with code ${status.code}; its output:\n${
+          `${tree.name} ${role} exited with code ${status.code}; its output:\n${
             child.output().slice(-3000)
           }`,
         );
@@ -294,45 +345,176 @@ const shoalFanOut: FanOutDriver = {
   },
 };
 
+/**
+ * The library calls a producer makes (lib/db.ts's `connect`, lib/queue.ts's `enqueue` and
+ * `enqueueMany`), from this tree or a checkout.
+ */
+interface ShoalLibrary {
+  connect: Connect;
+  enqueue(
+    db: Sql,
+    task: string,
+    payload: Record<string, unknown> | undefined,
+    options: { notify?: boolean },
+  ): Promise<string>;
+  enqueueMany(db: Sql, jobs: JobSpec[], options: { notify?: boolean }): Promise<unknown[]>;
+}
+
+const DEFAULT_SETTINGS =
+  "consumer defaults: --concurrency 10, --poll-interval 2s, LISTEN on, --visibility-timeout 30s, prepared statements, JSON logs at info";
+
+/**
+ * A shoal system: producers through `library`, consumers and roles as `main.ts` processes
+ * of `tree`, the schema put in place by `install`. Everything else is the same for every
+ * tree, so two commits are measured the same way.
+ */
+function shoalSystem(
+  tree: ShoalTree,
+  library: ShoalLibrary,
+  parts: Pick<System, "defaultSettings" | "install" | "fanOut">,
+): System {
+  return {
+    name: tree.name,
+    ...parts,
+    openProducer: (url, options) =>
+      Promise.resolve(sqlProducer(url, options, {
+        async enqueueOne(sql, job, { notify }) {
+          const spec = shoalSpec(job);
+          await library.enqueue(sql, spec.task, spec.payload, { notify });
+        },
+        async enqueueBatch(sql, jobs, { notify }) {
+          await library.enqueueMany(sql, jobs.map(shoalSpec), { notify });
+        },
+      }, library.connect)),
+    spawnConsumer(url, spec) {
+      // The stock binary for noop throughput; the bench entry (same `main`, one more task)
+      // when jobs must record their start.
+      const entry = spec.stamp ? "bench/bench_main.ts" : "main.ts";
+      const extra = spec.concurrency === undefined
+        ? []
+        : ["--concurrency", String(spec.concurrency)];
+      return spawnShoal(tree, url, "consumer", entry, extra);
+    },
+    spawnRole: (url, role) => spawnShoal(tree, url, role, "main.ts", []),
+    jobsTable: "shoal.jobs",
+    async isEmpty(sql) {
+      const [row] = await sql<{ empty: boolean }[]>`
+        select not exists (select 1 from shoal.jobs order by id limit 1) as empty`;
+      return row!.empty;
+    },
+    async count(sql) {
+      const [row] = await sql<{ n: number }[]>`
+        select count(*)::integer as n from shoal.jobs where queue = 'default'`;
+      return row!.n;
+    },
+  };
+}
+
 /** shoal itself: lib/queue.ts for enqueue, `main.ts --role consumer` for the consumer. */
-export const shoal: System = {
-  name: "shoal",
-  defaultSettings:
-    "consumer defaults: --concurrency 10, --poll-interval 2s, LISTEN on, --visibility-timeout 30s, prepared statements, JSON logs at info",
+export const shoal: System = shoalSystem(CURRENT_TREE, { connect, enqueue, enqueueMany }, {
+  defaultSettings: DEFAULT_SETTINGS,
   async install(sql) {
     await migrate(sql, await loadMigrations());
   },
-  openProducer: (url, options) =>
-    Promise.resolve(sqlProducer(url, options, {
-      async enqueueOne(sql, job, { notify }) {
-        const spec = shoalSpec(job);
-        await enqueue(sql, spec.task, spec.payload, { notify });
-      },
-      async enqueueBatch(sql, jobs, { notify }) {
-        await enqueueMany(sql, jobs.map(shoalSpec), { notify });
-      },
-    })),
-  spawnConsumer(url, spec) {
-    // The stock binary for noop throughput; the bench entry (same `main`, one more task)
-    // when jobs must record their start.
-    const entry = spec.stamp ? "bench/bench_main.ts" : "main.ts";
-    const extra = spec.concurrency === undefined ? [] : ["--concurrency", String(spec.concurrency)];
-    return spawnShoal(url, "consumer", entry, extra);
-  },
-  spawnRole: (url, role) => spawnShoal(url, role, "main.ts", []),
-  jobsTable: "shoal.jobs",
-  async isEmpty(sql) {
-    const [row] = await sql<{ empty: boolean }[]>`
-      select not exists (select 1 from shoal.jobs order by id limit 1) as empty`;
-    return row!.empty;
-  },
-  async count(sql) {
-    const [row] = await sql<{ n: number }[]>`
-      select count(*)::integer as n from shoal.jobs where queue = 'default'`;
-    return row!.n;
-  },
   fanOut: shoalFanOut,
-};
+});
+
+/**
+ * shoal at another commit (`--beside REF`), checked out in `checkout`: its `main.ts`
+ * (and `bench/bench_main.ts` for jobs that record their start) run exactly as the
+ * `shoal` system runs this tree's, with that checkout's V8 flags; `shoal migrate` of the
+ * checkout installs its own schema in each run's fresh database, so the two schemas never
+ * share a database; producers enqueue through the checkout's own lib/queue.ts.
+ *
+ * No W4: the fan-out driver starts executions through this tree's lib/execution.ts.
+ */
+export async function shoalAt(checkout: Checkout): Promise<System> {
+  const root = pathToFileURL(`${checkout.dir}/`);
+  const tree: ShoalTree = { name: `shoal@${checkout.short}`, root, v8Flags: v8FlagsOf(root) };
+  const library = await loadLibrary(tree);
+  const v8 = tree.v8Flags === null ? "no --v8-flags (none in its compile task)" : tree.v8Flags;
+  return shoalSystem(tree, library, {
+    defaultSettings:
+      `${DEFAULT_SETTINGS}; the checkout of ${checkout.ref} (${checkout.sha}), ${v8}`,
+    install: (_sql, url) => migrateWith(tree, url),
+  });
+}
+
+/** `main.ts migrate` of `tree` against `url`: the migrations that tree ships. */
+async function migrateWith(tree: ShoalTree, url: string): Promise<void> {
+  const args = ["run", "-A", new URL("main.ts", tree.root).pathname, "migrate"];
+  const child = new Child(
+    `${tree.name} migrate`,
+    args,
+    { DATABASE_URL: url },
+    Deno.execPath(),
+    tree.root.pathname,
+  );
+  const status = await child.exited();
+  if (status.code !== 0) {
+    throw new Error(
+      `${tree.name} migrate exited with code ${status.code}; its output:\n${
+        child.output().slice(-3000)
+      }`,
+    );
+  }
+}
+
+/**
+ * Load the producer's calls from the checkout's lib/db.ts and lib/queue.ts into this
+ * process. Their bare imports ("postgres" ...) resolve through this tree's deno.json, so
+ * the two must map them alike; otherwise the checkout's producer would run on other
+ * package versions than its consumer, and the figures would not be its own.
+ */
+async function loadLibrary(tree: ShoalTree): Promise<ShoalLibrary> {
+  const theirs = importsOf(new URL("deno.json", tree.root));
+  const ours = importsOf(new URL("deno.json", ROOT));
+  if (theirs !== ours) {
+    throw new Error(
+      `${tree.name}'s deno.json maps its imports differently from this tree's: its producer ` +
+        "(lib/queue.ts, loaded into the bench process) would not run on its own packages",
+    );
+  }
+  const url = (path: string) => new URL(path, tree.root).href;
+  let db: Record<string, unknown>;
+  let queue: Record<string, unknown>;
+  try {
+    db = await import(url("lib/db.ts"));
+    queue = await import(url("lib/queue.ts"));
+  } catch (error) {
+    throw new Error(`Cannot load ${tree.name}'s lib/db.ts and lib/queue.ts`, { cause: error });
+  }
+  for (
+    const [file, module, name] of [
+      ["lib/db.ts", db, "connect"],
+      ["lib/queue.ts", queue, "enqueue"],
+      ["lib/queue.ts", queue, "enqueueMany"],
+    ] as const
+  ) {
+    if (typeof module[name] !== "function") {
+      throw new Error(
+        `${tree.name}'s ${file} exports no function ${name}: its producer cannot run`,
+      );
+    }
+  }
+  return {
+    connect: db.connect as ShoalLibrary["connect"],
+    enqueue: queue.enqueue as ShoalLibrary["enqueue"],
+    enqueueMany: queue.enqueueMany as ShoalLibrary["enqueueMany"],
+  };
+}
+
+/** The `imports` map of a deno.json, as canonical text (sorted keys). */
+function importsOf(path: URL): string {
+  let config: { imports?: Record<string, string> };
+  try {
+    config = JSON.parse(Deno.readTextFileSync(path));
+  } catch (error) {
+    throw new Error(`Cannot read ${path.pathname}`, { cause: error });
+  }
+  const imports = config.imports ?? {};
+  return JSON.stringify(Object.keys(imports).sort().map((k) => [k, imports[k]]));
+}
 
 /** Every system the benchmark knows, by name. */
 export const SYSTEMS: Record<string, System> = { shoal };

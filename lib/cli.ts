@@ -32,7 +32,7 @@ import {
   upsertSchedule,
 } from "./schedule.ts";
 import { runScheduler } from "./scheduler.ts";
-import { HttpServer } from "./http.ts";
+import { HttpServer } from "./http_server.ts";
 import { enableMetrics } from "./metrics.ts";
 import {
   connect,
@@ -48,8 +48,9 @@ import { describeError, type LogFormat, logger, setupLogging } from "./log.ts";
 import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
-import { type AnyTask, builtinTasks, TaskRegistry } from "./tasks.ts";
-import { httpTask } from "./webhook.ts";
+import { builtinTasks } from "./builtin_tasks.ts";
+import { type AnyTask, TaskRegistry } from "./tasks.ts";
+import { httpTask } from "./http_task.ts";
 import { sqlTask } from "./sql_task.ts";
 
 export interface MainOptions {

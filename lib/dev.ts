@@ -36,7 +36,7 @@ export interface DevOptions {
   serveHttp?: (sql: Sql) => Promise<DevHttp | null>;
 }
 
-/** What `shoal dev` needs of the `--http` server (lib/http.ts HttpServer). */
+/** What `shoal dev` needs of the `--http` server (lib/http_server.ts HttpServer). */
 export interface DevHttp {
   /** The roles started: /readyz answers 200. */
   ready(): void;

@@ -1,6 +1,6 @@
 /**
  * Prometheus metrics of one shoal process, exposed by `--http` at `/metrics`
- * (lib/http.ts). Roles report through the small functions of {@link Metrics}
+ * (lib/http_server.ts). Roles report through the small functions of {@link Metrics}
  * (`jobsClaimed`, `jobFinished`, `leaderStatus`, `scheduleFired`, ...); queue gauges are
  * read at scrape time by one query, cached for a second so scrapes cannot hammer Postgres.
  *
@@ -18,7 +18,7 @@ import type { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Db } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { delay } from "./sleep.ts";
-import { queueDepths } from "./status.ts";
+import { countJobs } from "./queue.ts";
 
 type PromClient = typeof import("prom-client");
 let prom: PromClient | null = null;
@@ -239,7 +239,7 @@ export class Metrics {
     if (now - this.#queuesReadAt < QUEUE_CACHE_MS) return;
     this.#queuesReading ??= (async () => {
       try {
-        const rows = await queueDepths(db);
+        const rows = await countJobs(db); // live jobs only: the dead-letter table is not read
         for (const gauge of [this.#depth, this.#scheduled, this.#running, this.#oldest]) {
           gauge.reset(); // a queue that emptied out disappears instead of freezing
         }

@@ -69,13 +69,12 @@ export {
   type HttpTaskSettings,
   parseRetryAfter,
   signWebhook,
-} from "./webhook.ts";
+} from "./http_task.ts";
 export { checkSqlSchemas, sqlTask, type SqlTaskSettings } from "./sql_task.ts";
 export { type QueueStatus, type Status, status } from "./status.ts";
+export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
 export {
   type AnyTask,
-  type BuiltinSettings,
-  builtinTasks,
   defineTask,
   MAX_RETRY_LATER_MS,
   PermanentError,

@@ -11,6 +11,9 @@
  * Fencing: a claim hands out `token`; ack, fail, extend and release only touch a row
  * whose token still matches, so a worker whose job was redelivered changes nothing.
  *
+ * The reads of the jobs tables live here too: per-queue counts (`shoal status`, /metrics),
+ * their cumulative totals (`status --watch` rates) and the stuck-job report (the reaper).
+ *
  * @module
  */
 import type { Db, Sql } from "./db.ts";
@@ -164,8 +167,8 @@ export function checkJobSpec(spec: JobSpec, maxPayloadBytes: number): Record<str
  * notify commit one after another, each waiting for its own WAL flush. An enqueue that
  * runs alone on its pool notifies inline (delivered at its commit: no extra round trip);
  * one that overlaps others commits without it and then waits for a shared
- * `select pg_notify(...)` that starts after its commit, so an idle consumer is still woken
- * for every committed job, and many commits share one notifying transaction.
+ * `select shoal.notify_jobs(...)` that starts after its commit, so an idle consumer is still
+ * woken for every committed job, and many commits share one notifying transaction.
  * Only for pools: inside a caller's transaction (or on a reserved connection, which may be
  * in one) the commit is not ours to see, so the NOTIFY stays inline.
  */
@@ -455,7 +458,8 @@ export type FailOutcome = "retried" | "dead" | "stale";
 /**
  * Record a failed attempt: retry after `retryInMs`, or move the job to the dead-letter
  * table when its attempts are spent (or the failure is permanent). "stale" means the job
- * was no longer ours and nothing changed.
+ * was no longer ours and nothing changed. A dead-lettered job of an execution fails that
+ * execution in the same transaction (a trigger on dead_jobs: see lib/execution.ts).
  */
 export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<FailOutcome> {
   const message = options.error.length > MAX_ERROR_LENGTH
@@ -517,4 +521,118 @@ export function backoffMs(attempts: number, baseMs = 1000, maxMs = 3_600_000): n
   const exponential = Math.min(maxMs, baseMs * 2 ** Math.max(0, attempts - 1));
   // Cap after the jitter too: maxMs is a promise to the caller, not a midpoint.
   return Math.min(maxMs, Math.round(exponential * (0.75 + Math.random() * 0.5)));
+}
+
+/** One queue's jobs by state, as countJobs() reports them. */
+export interface QueueCounts {
+  queue: string;
+  /** Visible now: pending and due, or claimed by a worker whose deadline passed. */
+  ready: number;
+  /** Pending with a future run_at (delayed, or waiting out a retry backoff). */
+  scheduled: number;
+  /** Claimed and within their visibility deadline. */
+  running: number;
+  /** Dead-lettered jobs: counted only with `{ dead: true }`, absent otherwise. */
+  dead?: number;
+  /** Seconds the oldest ready job has been visible (to the microsecond); 0 when none. */
+  oldest_ready_age_s: number;
+}
+
+/**
+ * Ready, scheduled and running jobs and the oldest ready age per queue, in one scan of
+ * the live table, ordered by queue. With `dead`, the dead-letter table is counted too
+ * (`shoal status`), and a queue holding only dead jobs is listed; without it (/metrics,
+ * read every few seconds) the statement does not name that table, which can be large: it
+ * is neither read nor locked.
+ */
+export async function countJobs(
+  db: Db,
+  options: { dead?: boolean } = {},
+): Promise<QueueCounts[]> {
+  const dead = options.dead ?? false;
+  const deadCounts = dead
+    ? db`select queue, count(*) as dead from shoal.dead_jobs group by queue`
+    : db`select null::text as queue, 0::bigint as dead where false`;
+  const rows = await db<
+    {
+      queue: string;
+      ready: string;
+      scheduled: string;
+      running: string;
+      dead: string;
+      oldest_ready_age_s: number;
+    }[]
+  >`
+    with live as (
+      select queue,
+        count(*) filter (where run_at <= now()) as ready,
+        count(*) filter (where run_at > now() and locked_by is null) as scheduled,
+        count(*) filter (where run_at > now() and locked_by is not null) as running,
+        coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)
+          as oldest_ready_age_s
+      from shoal.jobs group by queue
+    ),
+    dead as (${deadCounts})
+    select coalesce(l.queue, d.queue) as queue, coalesce(l.ready, 0) as ready,
+      coalesce(l.scheduled, 0) as scheduled, coalesce(l.running, 0) as running,
+      coalesce(d.dead, 0) as dead, coalesce(l.oldest_ready_age_s, 0)::float8 as oldest_ready_age_s
+    from live l full join dead d on d.queue = l.queue
+    order by 1`;
+  return rows.map((r) => ({
+    queue: r.queue,
+    ready: Number(r.ready),
+    scheduled: Number(r.scheduled),
+    running: Number(r.running),
+    ...(dead ? { dead: Number(r.dead) } : {}),
+    oldest_ready_age_s: r.oldest_ready_age_s,
+  }));
+}
+
+/**
+ * Cumulative counts Postgres keeps for the jobs tables (pg_stat_user_tables): rows deleted
+ * from shoal.jobs (acks, dead-letter moves, cancellations) and rows inserted into
+ * shoal.dead_jobs. Each backend reports them within about a second, so rates from two
+ * samples are estimates; they restart at 0 when the statistics are reset.
+ */
+export interface JobTotals {
+  deleted: number;
+  dead: number;
+}
+
+/** The jobs tables' cumulative totals, with the database clock they were read at. */
+export async function jobTotals(db: Db): Promise<{ at: Date; totals: JobTotals }> {
+  const [row] = await db<{ at: Date; deleted: string | null; dead: string | null }[]>`
+    select clock_timestamp() as at,
+      (select n_tup_del from pg_stat_user_tables
+        where schemaname = 'shoal' and relname = 'jobs') as deleted,
+      (select n_tup_ins from pg_stat_user_tables
+        where schemaname = 'shoal' and relname = 'dead_jobs') as dead`;
+  return {
+    at: row!.at,
+    totals: { deleted: Number(row!.deleted ?? 0), dead: Number(row!.dead ?? 0) },
+  };
+}
+
+/** A claimed job that keeps outliving its deadline. */
+export interface StuckJob {
+  id: string;
+  queue: string;
+  task: string;
+  attempts: number;
+}
+
+/**
+ * Jobs claimed at least `minAttempts` times whose current claim's deadline has passed
+ * (their worker crashed, or its handler blocks its event loop), longest overdue first, at
+ * most `limit`. A read for the reaper's report: the next claim redelivers them.
+ */
+export async function listStuckJobs(
+  db: Db,
+  options: { minAttempts: number; limit: number },
+): Promise<StuckJob[]> {
+  return await db<StuckJob[]>`
+    select id, queue, task, attempts from shoal.jobs
+    where locked_by is not null and run_at < now()
+      and attempts >= ${options.minAttempts}::integer
+    order by run_at limit ${options.limit}::integer`;
 }

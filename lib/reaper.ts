@@ -9,6 +9,9 @@
  * `everyTicks`-th tick only. At the defaults an idle leader sends two statements per
  * tick (its lease renewal and one check).
  *
+ * The sweeps hold no SQL of their own: each calls the module that owns its table
+ * (barrier.ts, dead.ts, queue.ts).
+ *
  * @module
  */
 import { expireBarriers, hasExpiredBarriers } from "./barrier.ts";
@@ -18,6 +21,7 @@ import { formatDuration } from "./duration.ts";
 import { holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts";
 import { runLeaderLoop } from "./leader.ts";
 import { describeError, logger } from "./log.ts";
+import { listStuckJobs } from "./queue.ts";
 
 export const REAPER_LEASE = "reaper";
 /** Most rows one sweep touches per tick. */
@@ -72,11 +76,7 @@ export const stuckReportSweep: Sweep = {
   // A report, not a repair, and it reads the whole jobs table: not on every tick.
   everyTicks: HOUSEKEEPING_TICKS,
   async run(tx, options, limit) {
-    const rows = await tx<{ id: string; queue: string; task: string; attempts: number }[]>`
-      select id, queue, task, attempts from shoal.jobs
-      where locked_by is not null and run_at < now()
-        and attempts >= ${options.stuckAttempts ?? 3}::integer
-      order by run_at limit ${limit}::integer`;
+    const rows = await listStuckJobs(tx, { minAttempts: options.stuckAttempts ?? 3, limit });
     const fresh = rows.filter((r) => !reportedStuck.has(r.id));
     const live = new Set(rows.map((r) => r.id));
     for (const id of reportedStuck) if (!live.has(id)) reportedStuck.delete(id);

@@ -1,7 +1,10 @@
 /**
- * The schedules table, `shoal.schedules`: every statement on it except the scheduler's
- * tick (lib/scheduler.ts). Adding, listing, pausing, resuming, removing, and syncing a
- * declarative schedules file.
+ * The schedules table, `shoal.schedules`: every statement on it. Adding, listing, pausing,
+ * resuming, removing, and syncing a declarative schedules file; and the scheduler's
+ * statements (lib/scheduler.ts runs them in its tick): claiming a due row, recording a
+ * baseline, advancing after a fire, disabling or recording an error, and the time until
+ * the next row is due. A change to a row wakes a listening scheduler: the trigger function
+ * shoal.notify_schedules_changed in sql/functions/.
  *
  * @module
  */
@@ -201,4 +204,103 @@ export async function loadSchedulesFile(path: string): Promise<ScheduleSpec[]> {
     );
   }
   return specs;
+}
+
+/** A due schedule locked for firing, with the clock it was found due by. */
+export interface DueSchedule extends ScheduleRow {
+  /** The database clock (or the test clock) at the claim. */
+  db_now: Date;
+}
+
+export interface DueScheduleOptions {
+  /** Override the database clock (tests). */
+  now?: Date | null;
+  /** Names to pass over (rows that already failed this tick). */
+  skip?: string[];
+}
+
+/**
+ * The scheduler's claim, inside its transaction: lock the next due enabled schedule not
+ * in `skip` (a row with no next_run_at counts as due: it needs its baseline), SKIP LOCKED
+ * so a second scheduler takes another row or none. Null when none is due.
+ */
+export async function claimDueSchedule(
+  tx: Db,
+  options: DueScheduleOptions = {},
+): Promise<DueSchedule | null> {
+  const now = options.now ?? null;
+  const skip = options.skip ?? [];
+  const [row] = await tx<DueSchedule[]>`
+    select s.*, coalesce(${now}::timestamptz, now()) as db_now from shoal.schedules s
+    where s.enabled
+      and (s.next_run_at is null or s.next_run_at <= coalesce(${now}::timestamptz, now()))
+      and not (s.name = any(${skip}::text[]))
+    order by s.next_run_at nulls first, s.name
+    limit 1
+    for update skip locked`;
+  return row ?? null;
+}
+
+/** Disable a schedule whose cron or time zone cannot be read, recording why. */
+export async function disableSchedule(tx: Db, name: string, error: string): Promise<void> {
+  await tx`
+    update shoal.schedules
+    set enabled = false, next_run_at = null, last_error = ${error}::text,
+        updated_at = now()
+    where name = ${name}::text`;
+}
+
+/** Record the first slot of a schedule that had none, without firing it. */
+export async function setScheduleBaseline(tx: Db, name: string, next: Date): Promise<void> {
+  await tx`
+    update shoal.schedules set next_run_at = ${next}::timestamptz
+    where name = ${name}::text`;
+}
+
+/** After a fire: move to the next slot, record when it ran, clear any error. */
+export async function advanceSchedule(
+  tx: Db,
+  name: string,
+  options: { next: Date; ranAt: Date },
+): Promise<void> {
+  await tx`
+    update shoal.schedules
+    set next_run_at = ${options.next}::timestamptz,
+      last_run_at = ${options.ranAt}::timestamptz, last_error = null
+    where name = ${name}::text`;
+}
+
+/**
+ * Record a failure to fire, once per distinct message (an unchanged error is not written
+ * again); `disable` also turns the row off. True when the row changed (a new error).
+ */
+export async function recordScheduleError(
+  tx: Db,
+  name: string,
+  options: { message: string; disable: boolean },
+): Promise<boolean> {
+  const changed = await tx`
+    update shoal.schedules
+    set last_error = ${options.message}::text, enabled = not ${options.disable}::boolean,
+        updated_at = now()
+    where name = ${name}::text and last_error is distinct from ${options.message}::text
+    returning name`;
+  return changed.length > 0;
+}
+
+/**
+ * Milliseconds until the soonest enabled schedule not in `skip` is due (at most 0 when one
+ * is due now, or needs its first slot worked out), or null when there is none.
+ */
+export async function nextScheduleDueInMs(
+  db: Db,
+  options: DueScheduleOptions = {},
+): Promise<number | null> {
+  const now = options.now ?? null;
+  const skip = options.skip ?? [];
+  const [due] = await db<{ ms: number | null }[]>`
+    select (extract(epoch from min(coalesce(next_run_at, coalesce(${now}::timestamptz, now())))
+             - coalesce(${now}::timestamptz, now())) * 1000)::float8 as ms
+    from shoal.schedules where enabled and not (name = any(${skip}::text[]))`;
+  return due?.ms ?? null;
 }

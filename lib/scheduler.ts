@@ -8,6 +8,8 @@
  * longer due. A row with no next_run_at records a baseline without firing; missed slots
  * fire once (the due slot) and the row moves to the next future slot. An invalid cron or
  * time zone disables its row and records the error once. Times come from `now()`.
+ * The statements on `shoal.schedules` live in lib/schedule.ts; this module is the tick
+ * (tickOnce) and the leader loop over it.
  *
  * @module
  */
@@ -20,7 +22,16 @@ import { Sleeper } from "./sleep.ts";
 import { describeError, logger } from "./log.ts";
 import { enqueue } from "./queue.ts";
 import { metrics } from "./metrics.ts";
-import { loadSchedulesFile, type ScheduleRow, syncSchedules } from "./schedule.ts";
+import {
+  advanceSchedule,
+  claimDueSchedule,
+  disableSchedule,
+  loadSchedulesFile,
+  nextScheduleDueInMs,
+  recordScheduleError,
+  setScheduleBaseline,
+  syncSchedules,
+} from "./schedule.ts";
 
 export const SCHEDULER_LEASE = "scheduler";
 /** Most rows one tick handles; the rest wait for the next tick (which comes at once). */
@@ -61,27 +72,15 @@ async function fireOne(
   skip: string[],
 ): Promise<{ outcome: RowOutcome; name?: string; lagMs?: number }> {
   const log = logger("scheduler");
-  const now = options.now ?? null;
   return await sql.begin(async (tx) => {
     if (options.term) await holdLease(tx, options.term, { now: options.now });
-    const [row] = await tx<(ScheduleRow & { db_now: Date })[]>`
-      select s.*, coalesce(${now}::timestamptz, now()) as db_now from shoal.schedules s
-      where s.enabled
-        and (s.next_run_at is null or s.next_run_at <= coalesce(${now}::timestamptz, now()))
-        and not (s.name = any(${skip}::text[]))
-      order by s.next_run_at nulls first, s.name
-      limit 1
-      for update skip locked`;
+    const row = await claimDueSchedule(tx, { now: options.now, skip });
     if (!row) return { outcome: "none" };
     let next: Date;
     try {
       next = await nextSlot(row.cron, row.tz, row.db_now);
     } catch (error) {
-      await tx`
-        update shoal.schedules
-        set enabled = false, next_run_at = null, last_error = ${(error as Error).message}::text,
-            updated_at = now()
-        where name = ${row.name}::text`;
+      await disableSchedule(tx, row.name, (error as Error).message);
       log.error("Schedule {schedule} disabled: {error}", {
         schedule: row.name,
         error: (error as Error).message,
@@ -89,9 +88,7 @@ async function fireOne(
       return { outcome: "disabled", name: row.name };
     }
     if (row.next_run_at === null) {
-      await tx`
-        update shoal.schedules set next_run_at = ${next}::timestamptz
-        where name = ${row.name}::text`;
+      await setScheduleBaseline(tx, row.name, next);
       return { outcome: "baselined", name: row.name };
     }
     const slot = row.next_run_at;
@@ -102,11 +99,7 @@ async function fireOne(
           priority: row.priority,
           key: `schedule:${row.name}:${slot.toISOString()}`,
         });
-        await sp`
-          update shoal.schedules
-          set next_run_at = ${next}::timestamptz, last_run_at = ${row.db_now}::timestamptz,
-              last_error = null
-          where name = ${row.name}::text`;
+        await advanceSchedule(sp, row.name, { next, ranAt: row.db_now });
       });
       return {
         outcome: "fired",
@@ -116,12 +109,7 @@ async function fireOne(
     } catch (error) {
       const permanent = isPermanent(error);
       const message = describeError(error).slice(0, 2000);
-      const changed = await tx`
-        update shoal.schedules
-        set last_error = ${message}::text, enabled = not ${permanent}::boolean, updated_at = now()
-        where name = ${row.name}::text and last_error is distinct from ${message}::text
-        returning name`;
-      if (changed.length > 0) {
+      if (await recordScheduleError(tx, row.name, { message, disable: permanent })) {
         log.error("Schedule {schedule} failed to fire{disabled}: {error}", {
           schedule: row.name,
           disabled: permanent ? " and was disabled" : "",
@@ -143,7 +131,7 @@ export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<Tic
   const skip: string[] = [];
   // Nothing due: one cheap read and no fenced transaction, so an idle scheduler costs
   // Postgres next to nothing (it sleeps until the next slot or its interval).
-  let dueMs = await nextDueInMs(sql, options.now ?? null, skip);
+  let dueMs = await nextScheduleDueInMs(sql, { now: options.now, skip });
   if (dueMs === null || dueMs > 0) {
     result.nextDueInMs = dueMs;
     return result;
@@ -155,21 +143,9 @@ export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<Tic
     if (done.outcome === "fired") metrics.scheduleFired(done.name!, done.lagMs!); // committed
     if (done.outcome === "failed") skip.push(done.name!);
   }
-  dueMs = await nextDueInMs(sql, options.now ?? null, skip);
+  dueMs = await nextScheduleDueInMs(sql, { now: options.now, skip });
   result.nextDueInMs = dueMs === null ? null : Math.max(0, dueMs);
   return result;
-}
-
-/**
- * Milliseconds until the soonest enabled schedule is due (at most 0 when one is due now,
- * or needs its first slot worked out), or null when there is none.
- */
-async function nextDueInMs(sql: Sql, now: Date | null, skip: string[]): Promise<number | null> {
-  const [due] = await sql<{ ms: number | null }[]>`
-    select (extract(epoch from min(coalesce(next_run_at, coalesce(${now}::timestamptz, now())))
-             - coalesce(${now}::timestamptz, now())) * 1000)::float8 as ms
-    from shoal.schedules where enabled and not (name = any(${skip}::text[]))`;
-  return due?.ms ?? null;
 }
 
 export interface SchedulerOptions {

@@ -5,6 +5,9 @@
  * `shoal status --watch` redraws it in place every interval, with throughput rates from
  * successive samples and progress bars for open fan-outs; with `--json`, one line each.
  *
+ * It holds no SQL: each section is read by the module that owns its table (queue.ts for
+ * the job counts and totals, execution.ts, lease.ts, schedule.ts).
+ *
  * @module
  */
 import type { Db } from "./db.ts";
@@ -14,18 +17,11 @@ import { formatDuration } from "./duration.ts";
 import { listExecutions } from "./execution.ts";
 import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
+import { countJobs, type JobTotals, jobTotals, type QueueCounts } from "./queue.ts";
 
-export interface QueueStatus {
-  queue: string;
-  /** Visible now: pending and due, or claimed by a worker whose deadline passed. */
-  ready: number;
-  /** Pending with a future run_at (delayed, or waiting out a retry backoff). */
-  scheduled: number;
-  /** Claimed and within their visibility deadline. */
-  running: number;
+/** A queue's row in `shoal status`: its counts with the dead letters, the age in ms. */
+export interface QueueStatus extends QueueCounts {
   dead: number;
-  /** Seconds the oldest ready job has been visible; 0 when none. */
-  oldest_ready_age_s: number;
 }
 
 export interface LeaseStatus {
@@ -61,68 +57,27 @@ export interface Status {
   schedules: ScheduleStatus[];
 }
 
+/**
+ * The queues section of `shoal status`: countJobs() with the dead letters counted and the
+ * oldest ready age rounded to the millisecond.
+ */
 export async function queueStatus(db: Db): Promise<QueueStatus[]> {
-  const rows = await db<
-    {
-      queue: string;
-      ready: string;
-      scheduled: string;
-      running: string;
-      dead: string;
-      oldest_ready_age_s: number;
-    }[]
-  >`
-    with live as (
-      select queue,
-        count(*) filter (where run_at <= now()) as ready,
-        count(*) filter (where run_at > now() and locked_by is null) as scheduled,
-        count(*) filter (where run_at > now() and locked_by is not null) as running,
-        coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)
-          as oldest_ready_age_s
-      from shoal.jobs group by queue
-    ),
-    dead as (select queue, count(*) as dead from shoal.dead_jobs group by queue)
-    select coalesce(l.queue, d.queue) as queue, coalesce(l.ready, 0) as ready,
-      coalesce(l.scheduled, 0) as scheduled, coalesce(l.running, 0) as running,
-      coalesce(d.dead, 0) as dead,
-      round(coalesce(l.oldest_ready_age_s, 0)::numeric, 3)::float8 as oldest_ready_age_s
-    from live l full join dead d on d.queue = l.queue
-    order by 1`;
-  return rows.map((r) => ({
+  return (await countJobs(db, { dead: true })).map((r) => ({
     queue: r.queue,
-    ready: Number(r.ready),
-    scheduled: Number(r.scheduled),
-    running: Number(r.running),
-    dead: Number(r.dead),
-    oldest_ready_age_s: r.oldest_ready_age_s,
+    ready: r.ready,
+    scheduled: r.scheduled,
+    running: r.running,
+    dead: r.dead ?? 0,
+    oldest_ready_age_s: roundToMs(r.oldest_ready_age_s),
   }));
 }
 
-/** A queue's live jobs, as the /metrics gauges show them. */
-export type QueueDepth = Omit<QueueStatus, "dead">;
-
 /**
- * Ready, scheduled and running jobs and the oldest ready age per queue: one scan of the
- * live table only (the dead-letter table can be large and is not read), for /metrics.
+ * Seconds to three decimals, halves up (an age is never negative). Through whole
+ * microseconds first, the age's own resolution, so a float's error never moves a half.
  */
-export async function queueDepths(db: Db): Promise<QueueDepth[]> {
-  const rows = await db<
-    { queue: string; ready: string; scheduled: string; running: string; oldest: number }[]
-  >`
-    select queue,
-      count(*) filter (where run_at <= now()) as ready,
-      count(*) filter (where run_at > now() and locked_by is null) as scheduled,
-      count(*) filter (where run_at > now() and locked_by is not null) as running,
-      coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)::float8
-        as oldest
-    from shoal.jobs group by queue order by queue`;
-  return rows.map((r) => ({
-    queue: r.queue,
-    ready: Number(r.ready),
-    scheduled: Number(r.scheduled),
-    running: Number(r.running),
-    oldest_ready_age_s: r.oldest,
-  }));
+function roundToMs(seconds: number): number {
+  return Math.round(Math.round(seconds * 1e6) / 1e3) / 1e3;
 }
 
 export async function status(db: Db): Promise<Status> {
@@ -230,17 +185,6 @@ function formatQueues(s: Status): string {
   return table(header, rows);
 }
 
-/**
- * Cumulative counts Postgres keeps for the jobs tables (pg_stat_user_tables): rows deleted
- * from shoal.jobs (acks, dead-letter moves, cancellations) and rows inserted into
- * shoal.dead_jobs. Each backend reports them within about a second, so rates from two
- * samples are estimates; they restart at 0 when the statistics are reset.
- */
-export interface JobTotals {
-  deleted: number;
-  dead: number;
-}
-
 /** One `--watch` sample: the status plus the totals rates are computed from. */
 export interface WatchSample {
   /** The database clock when the sample was taken. */
@@ -253,19 +197,6 @@ export interface WatchSample {
 export interface Rates {
   completed_per_s: number | null;
   dead_per_s: number | null;
-}
-
-export async function jobTotals(db: Db): Promise<{ at: Date; totals: JobTotals }> {
-  const [row] = await db<{ at: Date; deleted: string | null; dead: string | null }[]>`
-    select clock_timestamp() as at,
-      (select n_tup_del from pg_stat_user_tables
-        where schemaname = 'shoal' and relname = 'jobs') as deleted,
-      (select n_tup_ins from pg_stat_user_tables
-        where schemaname = 'shoal' and relname = 'dead_jobs') as dead`;
-  return {
-    at: row!.at,
-    totals: { deleted: Number(row!.deleted ?? 0), dead: Number(row!.dead ?? 0) },
-  };
 }
 
 /** Take one `--watch` sample. */

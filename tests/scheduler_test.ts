@@ -3,10 +3,16 @@ import { connect } from "../lib/db.ts";
 import { acquire, LeaseLostError } from "../lib/lease.ts";
 import { checkCron, nextSlot } from "../lib/cron.ts";
 import {
+  advanceSchedule,
   checkSchedule,
+  claimDueSchedule,
+  disableSchedule,
   listSchedules,
   loadSchedulesFile,
+  nextScheduleDueInMs,
+  recordScheduleError,
   removeSchedule,
+  setScheduleBaseline,
   setScheduleEnabled,
   syncSchedules,
   upsertSchedule,
@@ -323,4 +329,72 @@ Deno.test("upsertSchedule() re-enables a schedule an error disabled on any chang
   const rows = Object.fromEntries((await listSchedules(db.sql)).map((r) => [r.name, r]));
   assertEquals([rows.broken?.enabled, rows.broken?.last_error], [true, null]);
   assertEquals(rows.paused?.enabled, false, "a paused schedule stays paused");
+});
+
+Deno.test("claimDueSchedule() locks the most overdue enabled row not skipped, and passes over a locked one", async () => {
+  await using db = await testDb();
+  for (const name of ["a", "b", "c", "off"]) {
+    await upsertSchedule(db.sql, { name, cron: "* * * * *", task: "t" });
+  }
+  await db.sql`update shoal.schedules set next_run_at = ${
+    at(60_000)
+  }::timestamptz where name = 'a'`;
+  await db.sql`update shoal.schedules set next_run_at = ${at(0)}::timestamptz where name = 'b'`;
+  await db.sql`update shoal.schedules set next_run_at = ${
+    at(600_000)
+  }::timestamptz where name = 'c'`;
+  await setScheduleEnabled(db.sql, "off", false);
+  const now = at(120_000);
+  await db.sql.begin(async (tx) => {
+    const first = await claimDueSchedule(tx, { now });
+    assertEquals([first?.name, first?.db_now.toISOString()], ["b", now.toISOString()]);
+    // Another scheduler skips the locked row and finds the next due one.
+    await db.sql.begin(async (other) => {
+      assertEquals((await claimDueSchedule(other, { now }))?.name, "a");
+    });
+    assertEquals((await claimDueSchedule(tx, { now, skip: ["b", "a"] }))?.name, undefined);
+  });
+  // A row without next_run_at is due at once (it needs its baseline) and comes first.
+  await db.sql`update shoal.schedules set next_run_at = null where name = 'c'`;
+  assertEquals((await claimDueSchedule(db.sql, { now }))?.name, "c");
+});
+
+Deno.test("nextScheduleDueInMs() is the wait for the soonest enabled row not skipped, 0 or less when due, null with none", async () => {
+  await using db = await testDb();
+  assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0) }), null);
+  await upsertSchedule(db.sql, { name: "a", cron: "* * * * *", task: "t" });
+  await upsertSchedule(db.sql, { name: "b", cron: "* * * * *", task: "t" });
+  assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0) }), 0, "no baseline yet: due");
+  await setScheduleBaseline(db.sql, "a", at(30_000));
+  await setScheduleBaseline(db.sql, "b", at(90_000));
+  assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0) }), 30_000);
+  assertEquals(await nextScheduleDueInMs(db.sql, { now: at(40_000) }), -10_000);
+  assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0), skip: ["a"] }), 90_000);
+  await setScheduleEnabled(db.sql, "b", false);
+  assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0), skip: ["a"] }), null);
+});
+
+Deno.test("advanceSchedule(), disableSchedule() and recordScheduleError() write what the tick records", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "s", cron: "* * * * *", task: "t" });
+  const row = async () => (await listSchedules(db.sql))[0]!;
+  await db.sql`update shoal.schedules set last_error = 'old' where name = 's'`;
+  await advanceSchedule(db.sql, "s", { next: at(120_000), ranAt: at(60_000) });
+  let r = await row();
+  assertEquals(
+    [r.next_run_at?.toISOString(), r.last_run_at?.toISOString(), r.last_error],
+    [at(120_000).toISOString(), at(60_000).toISOString(), null],
+  );
+  // An error is written once per distinct message; a permanent one disables the row.
+  assertEquals(await recordScheduleError(db.sql, "s", { message: "boom", disable: false }), true);
+  assertEquals(await recordScheduleError(db.sql, "s", { message: "boom", disable: false }), false);
+  r = await row();
+  assertEquals([r.enabled, r.last_error], [true, "boom"]);
+  assertEquals(await recordScheduleError(db.sql, "s", { message: "bad", disable: true }), true);
+  r = await row();
+  assertEquals([r.enabled, r.last_error], [false, "bad"]);
+  await setScheduleEnabled(db.sql, "s", true);
+  await disableSchedule(db.sql, "s", "Invalid cron");
+  r = await row();
+  assertEquals([r.enabled, r.next_run_at, r.last_error], [false, null, "Invalid cron"]);
 });

@@ -1,7 +1,7 @@
 /**
  * `shoal status --watch` (lib/status.ts, lib/cli.ts): the pure rendering (progress bars,
- * rates from successive samples, frames and JSON lines), the totals read from Postgres,
- * and real processes redrawing until SIGINT.
+ * rates from successive samples, frames and JSON lines) and real processes redrawing until
+ * SIGINT. The totals the rates come from are read by lib/queue.ts (tests/job_counts_test.ts).
  */
 import { assert, assertEquals } from "./assert.ts";
 import { exitWithin, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
@@ -10,7 +10,6 @@ import {
   CLEAR_SCREEN,
   formatWatchFrame,
   formatWatchJson,
-  jobTotals,
   progressBar,
   rates,
   type Status,
@@ -99,26 +98,6 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
   assertEquals(parsed.at, "2026-01-01T00:00:06.000Z");
   assertEquals(parsed.rates, { completed_per_s: 1, dead_per_s: null });
   assertEquals(parsed.executions[0].arrived, 2);
-});
-
-Deno.test("jobTotals() counts rows deleted from the live table once Postgres reports them", async () => {
-  await using db = await testDb();
-  const before = await jobTotals(db.sql);
-  for (let i = 0; i < 3; i++) await enqueue(db.sql, "t", {}, { queue: "q" });
-  await db.sql`delete from shoal.jobs`;
-  // Each backend flushes its table statistics about once a second when idle.
-  const after = await waitFor(
-    "the deletes in pg_stat_user_tables",
-    async () => {
-      const t = await jobTotals(db.sql);
-      return t.totals.deleted >= before.totals.deleted + 3 ? t : null;
-    },
-    20_000,
-    200,
-  );
-  assertEquals(after.totals.deleted, before.totals.deleted + 3);
-  assertEquals(after.totals.dead, before.totals.dead);
-  assert(after.at.getTime() > before.at.getTime());
 });
 
 Deno.test("shoal status --watch redraws in place until SIGINT, then exits 0", async () => {

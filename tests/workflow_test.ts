@@ -18,7 +18,8 @@ import { cancelExecution, getExecution, startExecution } from "../lib/execution.
 import { claim, enqueue, fail, type Job } from "../lib/queue.ts";
 import { reapOnce } from "../lib/reaper.ts";
 import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
-import { builtinTasks, defineTask, TaskRegistry } from "../lib/tasks.ts";
+import { builtinTasks } from "../lib/builtin_tasks.ts";
+import { defineTask, TaskRegistry } from "../lib/tasks.ts";
 
 const Q = "wf";
 const OTHER = "wf.other";

@@ -25,7 +25,7 @@ import {
   type HttpTaskSettings,
   parseHttpPayload,
   parseRetryAfter,
-} from "../lib/webhook.ts";
+} from "../lib/http_task.ts";
 
 const SECRET = "whsec-7f3a9c1e-never-print-me";
 

@@ -1,5 +1,5 @@
 /**
- * `--http` (lib/http.ts, lib/config.ts, lib/cli.ts): the address flag and its validation,
+ * `--http` (lib/http_server.ts, lib/config.ts, lib/cli.ts): the address flag and its validation,
  * /healthz, /readyz and /metrics in process against real Postgres, and real role processes
  * serving them from start to a clean SIGTERM.
  */
@@ -23,7 +23,7 @@ import {
   resolveOptions,
   UsageError,
 } from "../lib/config.ts";
-import { HttpServer } from "../lib/http.ts";
+import { HttpServer } from "../lib/http_server.ts";
 import { loadPromClient, Metrics } from "../lib/metrics.ts";
 import { enqueue } from "../lib/queue.ts";
 
