@@ -3,7 +3,8 @@
  * `shoal.arrivals`. A handler fans out N children with a callback; each child's ack, its
  * arrival (once per child index, fenced by its job token), the decrement and, for the
  * last child, the callback's enqueue commit in one transaction (`shoal.complete_jobs`).
- * The SQL lives in `sql/003_executions.sql`, its fast paths in `sql/005_fan_out_fast.sql`.
+ * The SQL functions (`shoal.fan_out`, `shoal.complete_jobs`, ...) live in
+ * `sql/functions/workflow.sql`; the tables are created by `sql/003_executions.sql`.
  *
  * @module
  */
@@ -31,7 +32,7 @@ export interface FanOutSpec {
 }
 
 export const DEFAULT_MAX_CHILDREN = 100_000;
-/** The longest a fan-out may stay open: 10 years (sql/003_executions.sql checks the same). */
+/** The longest a fan-out may stay open: 10 years (shoal.fan_out in sql/functions/workflow.sql checks the same). */
 export const MAX_EXPIRES_IN_MS = 315_576_000_000;
 
 /**

@@ -63,7 +63,8 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at)
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
-        shoal.fair_seq_base(d.queue, d.fairness_key, d.priority) + 1, -- stamped like a new job
+        -- Stamped like a new job (the stamping rule in sql/functions/queue.sql).
+        shoal.fair_seq_base(d.queue, d.fairness_key, d.priority) + 1,
         d.max_attempts,
         -- Past every token of its previous life: a worker still holding one is fenced off.
         d.token + 1,
@@ -71,21 +72,20 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
       from dead d
       where not exists (select 1 from ended)
       on conflict (queue, key) where key is not null do nothing
-      returning id
+      returning id, queue
     ),
     removed as (
       delete from shoal.dead_jobs where id in (select id from revived) returning id
+    ),
+    -- Runnable now: wake idle consumers (sql/functions/wake.sql).
+    woken as (
+      select shoal.notify_jobs(array_agg(r.queue::text), null) from revived r
     )
     select case when not exists (select 1 from dead) then 'not_found'
                 when exists (select 1 from ended) then 'execution_ended'
                 when exists (select 1 from removed) then 'retried'
-                else 'duplicate' end as outcome`;
-  if (row!.outcome === "retried") {
-    const [job] = await db<
-      { queue: string }[]
-    >`select queue from shoal.jobs where id = ${id}::bigint`;
-    if (job) await db`select pg_notify('shoal_jobs', ${job.queue}::text)`;
-  }
+                else 'duplicate' end as outcome,
+      (select count(*) from woken) as woken -- referenced, so the notify runs`;
   return row!.outcome;
 }
 

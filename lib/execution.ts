@@ -1,17 +1,18 @@
 /**
  * Executions, `shoal.executions`: the workflow runs users care about. Status moves
  * pending -> running -> completed | failed | cancelled (the table refuses anything else:
- * the trigger function shoal.check_execution_transition in sql/functions/). The
- * statements that start, read, cancel, fail and list executions are here (job statements
- * elsewhere only check an execution's status); the SQL functions behind them,
+ * the trigger function shoal.check_execution_transition in sql/functions/workflow.sql).
+ * The statements that start, read, cancel, fail and list executions are here (job
+ * statements elsewhere only check an execution's status); the SQL functions behind them,
  * shoal.start_execution, shoal.cancel_execution and shoal.fail_execution, are in
- * sql/functions/.
+ * sql/functions/workflow.sql.
  *
  * An execution also fails without any call from here: when one of its jobs is
  * dead-lettered (attempts spent, a permanent failure, or a poison job at claim), the
- * trigger function shoal.on_job_dead in sql/functions/ (trigger dead_jobs_fail_execution,
- * after each insert into `shoal.dead_jobs`) calls shoal.fail_execution with the job's
- * reason, in the same transaction as the dead-letter move.
+ * trigger function shoal.on_job_dead in sql/functions/workflow.sql (trigger
+ * dead_jobs_fail_execution, after each insert into `shoal.dead_jobs`) calls
+ * shoal.fail_execution with the job's reason, in the same transaction as the dead-letter
+ * move.
  *
  * @module
  */

@@ -1,13 +1,29 @@
 /**
- * Schema migrations: `sql/NNN_name.sql`, applied in order, each in its own transaction,
- * recorded with a SHA-256 checksum in `shoal.migrations`. Concurrent migrators serialise
- * on a transaction-scoped advisory lock (safe behind PgBouncer in transaction mode): the
- * second one waits, then finds the work done.
+ * Migrations, of two kinds, applied by `migrate()` in ONE transaction:
+ *
+ * - Numbered migrations, `sql/NNN_name.sql`: schema changes only (DDL, backfills), applied
+ *   once each, in order, recorded with a SHA-256 checksum in `shoal.migrations`; an
+ *   applied one is never edited. `sql/001..008` also define functions (applied in the
+ *   wild, so kept byte-identical); from 009 on a numbered migration holds no function.
+ * - Function files, `sql/functions/*.sql`: every shoal function, trigger function and view,
+ *   each with its one live definition, written as idempotent `create or replace`. After the
+ *   pending numbered migrations, a file whose checksum differs from the one recorded in
+ *   `shoal.function_files` is applied again, in the order of `sql/functions.lock`.
+ *
+ * Versions of the function files are ordered by the revision in `sql/functions.lock` (a
+ * test checks that the lock's checksums are the files'; whoever edits a function bumps the
+ * revision). The database records the revision that last applied its functions, so during a
+ * rolling deploy an older binary neither downgrades the functions a newer one installed
+ * (`migrate()` leaves them and logs it) nor refuses to start (`checkSchema()` logs it);
+ * a binary newer than the database's functions is told to run `shoal migrate`.
+ *
+ * Concurrent migrators serialise on a transaction-scoped advisory lock (safe behind
+ * PgBouncer in transaction mode): the second one waits, then finds the work done.
  *
  * @module
  */
 import type { Db, Sql } from "./db.ts";
-import { logger } from "./log.ts";
+import { describeError, logger } from "./log.ts";
 // The migrations are part of the module graph, so `deno bundle` (one JS file, no sql/ beside
 // it) and `deno compile` carry them. A new sql/ file is added here too: tests/bundle_test.ts
 // fails while this list and the directory differ.
@@ -19,6 +35,13 @@ import sql005 from "../sql/005_fan_out_fast.sql" with { type: "text" };
 import sql006 from "../sql/006_enqueue_fast.sql" with { type: "text" };
 import sql007 from "../sql/007_sql_task.sql" with { type: "text" };
 import sql008 from "../sql/008_fair_burst.sql" with { type: "text" };
+// The function files and their lock, embedded for the same reason.
+import functionsLock from "../sql/functions.lock" with { type: "text" };
+import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
+import fnQueue from "../sql/functions/queue.sql" with { type: "text" };
+import fnSqlTask from "../sql/functions/sql_task.sql" with { type: "text" };
+import fnWake from "../sql/functions/wake.sql" with { type: "text" };
+import fnWorkflow from "../sql/functions/workflow.sql" with { type: "text" };
 
 /** The text of every migration file, by file name, as shipped in this module graph. */
 export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
@@ -31,6 +54,18 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "007_sql_task.sql": sql007,
   "008_fair_burst.sql": sql008,
 };
+
+/** The text of every function file, by file name (in `sql/functions/`), as shipped. */
+export const EMBEDDED_FUNCTIONS: Readonly<Record<string, string>> = {
+  "claim.sql": fnClaim,
+  "queue.sql": fnQueue,
+  "sql_task.sql": fnSqlTask,
+  "wake.sql": fnWake,
+  "workflow.sql": fnWorkflow,
+};
+
+/** The text of `sql/functions.lock`, as shipped. */
+export const EMBEDDED_FUNCTIONS_LOCK: string = functionsLock;
 
 export interface Migration {
   version: number;
@@ -46,6 +81,38 @@ export interface AppliedMigration {
   applied_at: Date;
 }
 
+/** One file of `sql/functions/`. */
+export interface FunctionFile {
+  name: string;
+  sql: string;
+  /** SHA-256 of the text, as computed here (not as the lock says). */
+  checksum: string;
+}
+
+/** The function files of one binary, in the order they are applied, with its revision. */
+export interface FunctionSet {
+  /** The revision of `sql/functions.lock`: orders versions of the function files. */
+  revision: number;
+  files: FunctionFile[];
+  /** The checksum the lock records for each file (tests compare it with `files`). */
+  locked: Readonly<Record<string, string>>;
+}
+
+/**
+ * No function files: `migrate(sql, migrations, NO_FUNCTIONS)` applies numbered migrations
+ * only, as shoal's migrator did before function files existed (tests rebuild the databases
+ * of earlier releases with it).
+ */
+export const NO_FUNCTIONS: FunctionSet = Object.freeze({ revision: 0, files: [], locked: {} });
+
+/** A function file as recorded in the database. */
+export interface AppliedFunctionFile {
+  name: string;
+  checksum: string;
+  revision: number;
+  applied_at: Date;
+}
+
 /** Advisory lock key for migrations: "shoal" + 1, fixed for all time. */
 const MIGRATION_LOCK_KEY = 0x73686f616c01;
 const FILE_PATTERN = /^(\d{3})_([a-z0-9_]+)\.sql$/;
@@ -58,6 +125,11 @@ export class MigrationChangedError extends Error {
 /** The database schema is older than this binary. */
 export class SchemaBehindError extends Error {
   override name = "SchemaBehindError";
+}
+
+/** The database's functions are older than this binary's (a kind of schema behind). */
+export class FunctionsBehindError extends SchemaBehindError {
+  override name = "FunctionsBehindError";
 }
 
 async function sha256(text: string): Promise<string> {
@@ -120,51 +192,216 @@ function checkUnchanged(applied: AppliedMigration, file: Migration | undefined):
   }
 }
 
+const LOCK_REVISION = /^revision (\d+)$/;
+const LOCK_FILE = /^([a-z0-9_]+\.sql) ([0-9a-f]{64})$/;
+
 /**
- * Apply every pending migration. Returns the versions this call applied (none when
- * another migrator got there first). Refuses if an applied migration's file changed.
+ * Read `sql/functions.lock`: `revision N`, then one `file.sql <sha256>` line per function
+ * file in the order they are applied; `#` starts a comment line.
  */
-export async function migrate(sql: Sql, migrations: Migration[]): Promise<number[]> {
+function parseLock(
+  text: string,
+): { revision: number; order: string[]; locked: Record<string, string> } {
+  let revision: number | null = null;
+  const order: string[] = [];
+  const locked: Record<string, string> = {};
+  for (const [i, raw] of text.split("\n").entries()) {
+    const line = raw.trim();
+    if (line === "" || line.startsWith("#")) continue;
+    const rev = LOCK_REVISION.exec(line);
+    const file = LOCK_FILE.exec(line);
+    if (rev && revision === null) revision = Number(rev[1]);
+    else if (file && !(file[1]! in locked)) {
+      order.push(file[1]!);
+      locked[file[1]!] = file[2]!;
+    } else {
+      throw new Error(
+        `Cannot read sql/functions.lock line ${
+          i + 1
+        }: expected "revision N" once, then "name.sql <sha256>" once per file`,
+      );
+    }
+  }
+  if (revision === null || revision < 1) {
+    throw new Error('Cannot read sql/functions.lock: no "revision N" line (N from 1)');
+  }
+  return { revision, order, locked };
+}
+
+/**
+ * The function files, in the lock's order, with the lock's revision: the embedded ones, or
+ * those of `dir` (`dir/functions/*.sql` and `dir/functions.lock`) when given. Refuses a file
+ * the lock does not list, or a listed file that is missing.
+ */
+export async function loadFunctions(dir?: URL): Promise<FunctionSet> {
+  const texts = dir
+    ? Object.fromEntries(await readMigrationFiles(new URL("functions/", dir)))
+    : EMBEDDED_FUNCTIONS;
+  const lockText = dir
+    ? await Deno.readTextFile(new URL("functions.lock", dir))
+    : EMBEDDED_FUNCTIONS_LOCK;
+  const { revision, order, locked } = parseLock(lockText);
+  const unlisted = Object.keys(texts).filter((name) => !(name in locked));
+  const missing = order.filter((name) => !(name in texts));
+  if (unlisted.length || missing.length) {
+    throw new Error(
+      `Cannot load sql/functions: ${
+        [
+          ...unlisted.map((n) => `${n} is not in sql/functions.lock`),
+          ...missing.map((n) => `${n} is missing`),
+        ]
+          .join(", ")
+      }`,
+    );
+  }
+  const files: FunctionFile[] = [];
+  for (const name of order) {
+    const sql = texts[name]!;
+    files.push({ name, sql, checksum: await sha256(sql) });
+  }
+  return { revision, files, locked };
+}
+
+/** The function files recorded in the database; empty when none was ever applied. */
+export async function appliedFunctionFiles(db: Db): Promise<AppliedFunctionFile[]> {
+  const [exists] = await db<{ present: boolean }[]>`
+    select to_regclass('shoal.function_files') is not null as present`;
+  if (!exists?.present) return [];
+  return await db<AppliedFunctionFile[]>`
+    select name, checksum, revision, applied_at from shoal.function_files order by name`;
+}
+
+/** The revision that last applied the database's functions: 0 when none was recorded. */
+function recordedRevision(rows: AppliedFunctionFile[]): number {
+  return rows.reduce((max, row) => Math.max(max, row.revision), 0);
+}
+
+interface FunctionsOutcome {
+  /** The files applied by this call. */
+  applied: string[];
+  /** The database's revision when it is newer than this binary's (nothing was applied). */
+  newer: number | null;
+}
+
+/**
+ * Inside the migration transaction: apply the function files whose checksum differs from
+ * the one recorded, unless a newer binary recorded a higher revision (never downgrade), and
+ * record what the database now holds.
+ */
+async function applyFunctions(tx: Db, functions: FunctionSet): Promise<FunctionsOutcome> {
+  const recorded = await appliedFunctionFiles(tx);
+  const current = recordedRevision(recorded);
+  if (current > functions.revision) return { applied: [], newer: current };
+  const byName = new Map(recorded.map((row) => [row.name, row]));
+  const applied: string[] = [];
+  for (const file of functions.files) {
+    if (byName.get(file.name)?.checksum === file.checksum) continue;
+    try {
+      await tx.unsafe(file.sql);
+    } catch (error) {
+      // Name the file: the server's message alone does not say which one failed. The whole
+      // migration rolls back, so the database keeps the functions it had.
+      throw new Error(`Cannot apply sql/functions/${file.name}: ${describeError(error)}`, {
+        cause: error,
+      });
+    }
+    applied.push(file.name);
+  }
+  const names = functions.files.map((f) => f.name);
+  const upToDate = applied.length === 0 && recorded.length === names.length &&
+    recorded.every((row) => row.revision === functions.revision);
+  if (!upToDate) {
+    // An unchanged file keeps its applied_at: it records when its text was last applied.
+    await tx`
+      insert into shoal.function_files as f (name, checksum, revision)
+      select * from unnest(${names}::text[], ${functions.files.map((f) => f.checksum)}::text[],
+                           array_fill(${functions.revision}::integer, array[${names.length}::integer]))
+      on conflict (name) do update
+      set checksum = excluded.checksum, revision = excluded.revision,
+          applied_at = case when f.checksum = excluded.checksum then f.applied_at else now() end`;
+    await tx`delete from shoal.function_files where name <> all(${names}::text[])`;
+  }
+  return { applied, newer: null };
+}
+
+/**
+ * Apply every pending migration, then every function file whose checksum differs from the
+ * recorded one, in one transaction. Returns the migration versions this call applied (none
+ * when another migrator got there first; the function files it applied are logged).
+ * Refuses if an applied migration's file changed. `functions` defaults to the embedded ones.
+ */
+export async function migrate(
+  sql: Sql,
+  migrations: Migration[],
+  functions?: FunctionSet,
+): Promise<number[]> {
   const log = logger("migrate");
-  const applied: number[] = [];
-  for (const migration of migrations) {
-    const didApply = await sql.begin(async (tx) => {
-      await tx`select pg_advisory_xact_lock(${MIGRATION_LOCK_KEY}::bigint)`;
-      await tx.unsafe(`
-        create schema if not exists shoal;
-        create table if not exists shoal.migrations (
-          version integer primary key,
-          name text not null,
-          checksum text not null,
-          applied_at timestamptz not null default now()
-        );`);
-      const done = await appliedMigrations(tx);
-      for (const row of done) checkUnchanged(row, migrations[row.version - 1]);
-      if (done.some((row) => row.version === migration.version)) return false;
+  const fns = functions ?? await loadFunctions();
+  const { applied, outcome } = await sql.begin(async (tx) => {
+    await tx`select pg_advisory_xact_lock(${MIGRATION_LOCK_KEY}::bigint)`;
+    await tx.unsafe(`
+      create schema if not exists shoal;
+      create table if not exists shoal.migrations (
+        version integer primary key,
+        name text not null,
+        checksum text not null,
+        applied_at timestamptz not null default now()
+      );
+      create table if not exists shoal.function_files (
+        name text primary key,
+        checksum text not null,
+        revision integer not null,
+        applied_at timestamptz not null default now()
+      );`);
+    const done = await appliedMigrations(tx);
+    for (const row of done) checkUnchanged(row, migrations[row.version - 1]);
+    const versions = new Set(done.map((row) => row.version));
+    const applied: Migration[] = [];
+    for (const migration of migrations) {
+      if (versions.has(migration.version)) continue;
       await tx.unsafe(migration.sql);
       await tx`
         insert into shoal.migrations (version, name, checksum)
         values (${migration.version}, ${migration.name}, ${migration.checksum})`;
-      return true;
-    });
-    if (didApply) {
-      applied.push(migration.version);
-      log.info("Applied migration {version} {name}", {
-        version: migration.version,
-        name: migration.name,
-      });
+      applied.push(migration);
     }
+    return { applied, outcome: await applyFunctions(tx, fns) };
+  });
+  for (const migration of applied) {
+    log.info("Applied migration {version} {name}", {
+      version: migration.version,
+      name: migration.name,
+    });
   }
-  return applied;
+  for (const file of outcome.applied) {
+    log.info("Applied function file {file} (revision {revision})", {
+      file,
+      revision: fns.revision,
+    });
+  }
+  if (outcome.newer !== null) {
+    log.warn(
+      "Database functions are at revision {current}, newer than this binary's {latest}: left as they are",
+      { current: outcome.newer, latest: fns.revision },
+    );
+  }
+  return applied.map((m) => m.version);
 }
 
 /**
  * Check at role start that the database schema is current. Throws SchemaBehindError
- * ("run shoal migrate") when migrations are pending, MigrationChangedError when a file
- * was edited after it was applied. A schema ahead of this binary is logged and allowed:
- * migrations only add.
+ * ("run shoal migrate") when migrations are pending, FunctionsBehindError (one) when the
+ * database's functions are older than this binary's (a lower revision, or at the same
+ * revision a different text), MigrationChangedError when a file was edited after it was
+ * applied. A schema or functions newer than this binary are logged and allowed: migrations
+ * only add, and a newer binary's functions keep the contract older binaries call.
+ * `functions` defaults to the embedded ones.
  */
-export async function checkSchema(db: Db, migrations: Migration[]): Promise<void> {
+export async function checkSchema(
+  db: Db,
+  migrations: Migration[],
+  functions?: FunctionSet,
+): Promise<void> {
   const done = await appliedMigrations(db);
   for (const row of done) checkUnchanged(row, migrations[row.version - 1]);
   const current = done.length === 0 ? 0 : done[done.length - 1]!.version;
@@ -178,6 +415,34 @@ export async function checkSchema(db: Db, migrations: Migration[]): Promise<void
     logger("migrate").warn(
       "Database schema is at version {current}, newer than this binary's {latest}",
       { current, latest },
+    );
+  }
+  await checkFunctions(db, functions ?? await loadFunctions());
+}
+
+async function checkFunctions(db: Db, functions: FunctionSet): Promise<void> {
+  const recorded = await appliedFunctionFiles(db);
+  const current = recordedRevision(recorded);
+  const latest = functions.revision;
+  if (current > latest) {
+    logger("migrate").warn(
+      "Database functions are at revision {current}, newer than this binary's {latest}",
+      { current, latest },
+    );
+    return;
+  }
+  if (current < latest) {
+    throw new FunctionsBehindError(
+      `Database functions are at revision ${current}, this shoal needs ${latest}: run shoal migrate (or start with --migrate)`,
+    );
+  }
+  const byName = new Map(recorded.map((row) => [row.name, row.checksum]));
+  const differ = functions.files.filter((f) => byName.get(f.name) !== f.checksum);
+  if (differ.length > 0) {
+    throw new FunctionsBehindError(
+      `Database functions differ from this shoal's revision ${latest} (${
+        differ.map((f) => f.name).join(", ")
+      }): run shoal migrate (or start with --migrate)`,
     );
   }
 }

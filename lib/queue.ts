@@ -2,9 +2,11 @@
  * The job queue: the statements on `shoal.jobs` and `shoal.dead_jobs` that enqueue,
  * claim, ack, extend, release and fail jobs (the dead-letter admin lives in dead.ts,
  * workflow completion in barrier.ts). Each function takes the database (a pool or the caller's transaction) first and
- * an options object second. The table's DDL and the `shoal.enqueue*` SQL functions live
- * in `sql/001_queue.sql`; the column functions enqueue calls, `shoal.insert_job(s)`, in
- * `sql/004_enqueue_fast.sql`.
+ * an options object second. The table's DDL is in the numbered migrations
+ * (`sql/001_queue.sql` and later); the SQL functions enqueue calls, `shoal.insert_job(s)`,
+ * and the `shoal.enqueue*` entry points live in `sql/functions/queue.sql`, the claim in
+ * `sql/functions/claim.sql`, and the wake (`shoal.notify_jobs`) that every path making jobs
+ * visible calls in `sql/functions/wake.sql`.
  *
  * Fencing: a claim hands out `token`; ack, fail, extend and release only touch a row
  * whose token still matches, so a worker whose job was redelivered changes nothing.
@@ -165,8 +167,8 @@ export function checkJobSpec(spec: JobSpec, maxPayloadBytes: number): Record<str
  * notify commit one after another, each waiting for its own WAL flush. An enqueue that
  * runs alone on its pool notifies inline (delivered at its commit: no extra round trip);
  * one that overlaps others commits without it and then waits for a shared
- * `select pg_notify(...)` that starts after its commit, so an idle consumer is still woken
- * for every committed job, and many commits share one notifying transaction.
+ * `select shoal.notify_jobs(...)` that starts after its commit, so an idle consumer is still
+ * woken for every committed job, and many commits share one notifying transaction.
  * Only for pools: inside a caller's transaction (or on a reserved connection, which may be
  * in one) the commit is not ours to see, so the NOTIFY stays inline.
  */
@@ -340,7 +342,7 @@ export interface ClaimResult {
 export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult> {
   // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
   const queues = [...new Set(options.queues)];
-  // The statement lives in sql/004_claim.sql, where its plan is pinned to the claim index.
+  // The statement lives in sql/functions/claim.sql, where its plan is pinned to the claim index.
   const rows = await db<(Job & { poisoned: boolean })[]>`
     select id, queue, task, payload, priority, fairness_key, fair_seq, attempts, max_attempts,
       token, key, execution_id, created_at, deadline, poisoned
@@ -435,7 +437,7 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
     ),
     -- Visible at once: wake idle consumers rather than leave the jobs to their poll.
     woken as (
-      select pg_notify('shoal_jobs', q.queue) from (select distinct queue from released) q
+      select shoal.notify_jobs(array_agg(r.queue), null) from released r
     )
     -- (a plain select in a WITH runs only when referenced: the join makes it run once)
     select r.id from released r cross join (select count(*) from woken) w`;
@@ -502,7 +504,7 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     -- Announce when the retry is due, so a listening consumer wakes for it on time
     -- instead of at its next poll.
     woken as (
-      select pg_notify('shoal_jobs', shoal.wake_payload(r.queue, r.run_at)) from retried r
+      select shoal.notify_jobs(array_agg(r.queue), array_agg(r.run_at)) from retried r
     )
     select case when exists (select 1 from buried) then 'dead'
                 when exists (select 1 from retried) then 'retried'

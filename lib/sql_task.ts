@@ -7,7 +7,7 @@
  * Safety: only schemas on the allowlist (`--sql-schemas` / `SHOAL_SQL_SCHEMAS`; empty by
  * default, never `shoal`, `pg_catalog`, `information_schema` or another `pg_` schema).
  * Names are checked here (plain identifiers: a letter or _, then letters, digits or _, at
- * most 63) and again in Postgres, where `shoal.call_sql_task` (sql/007_sql_task.sql)
+ * most 63) and again in Postgres, where `shoal.call_sql_task` (sql/functions/sql_task.sql)
  * finds the function by equality in the catalog and quotes only what it found: no string
  * from a payload is ever part of SQL text.
  *

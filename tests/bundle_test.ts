@@ -15,7 +15,15 @@ import {
   testDb,
   waitFor,
 } from "./helpers.ts";
-import { appliedMigrations, EMBEDDED_MIGRATIONS, loadMigrations } from "../lib/migrate.ts";
+import {
+  appliedFunctionFiles,
+  appliedMigrations,
+  EMBEDDED_FUNCTIONS,
+  EMBEDDED_FUNCTIONS_LOCK,
+  EMBEDDED_MIGRATIONS,
+  loadFunctions,
+  loadMigrations,
+} from "../lib/migrate.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const SQL_DIR = new URL("sql/", ROOT);
@@ -110,12 +118,34 @@ function role(bundle: string, name: string, url: string): ShoalProcess {
   });
 }
 
+/** The names of the `.sql` files in `dir`. */
+async function sqlFiles(dir: URL): Promise<string[]> {
+  const files: string[] = [];
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.isFile && entry.name.endsWith(".sql")) files.push(entry.name);
+  }
+  return files.sort();
+}
+
 Deno.test("loadMigrations() embeds exactly the files in sql/", async () => {
   const fromDir = await loadMigrations(SQL_DIR);
   assertEquals(await loadMigrations(), fromDir);
-  const files: string[] = [];
-  for await (const entry of Deno.readDir(SQL_DIR)) files.push(entry.name);
-  assertEquals(Object.keys(EMBEDDED_MIGRATIONS).sort(), files.sort());
+  assertEquals(Object.keys(EMBEDDED_MIGRATIONS).sort(), await sqlFiles(SQL_DIR));
+});
+
+Deno.test("loadFunctions() embeds exactly the files in sql/functions/ and the lock", async () => {
+  const fromDir = await loadFunctions(SQL_DIR);
+  assertEquals(await loadFunctions(), fromDir);
+  const dir = new URL("functions/", SQL_DIR);
+  assertEquals(Object.keys(EMBEDDED_FUNCTIONS).sort(), await sqlFiles(dir));
+  // Nothing else hides in sql/functions/ (the migrator reads .sql files only).
+  const all: string[] = [];
+  for await (const entry of Deno.readDir(dir)) all.push(entry.name);
+  assertEquals(all.sort(), await sqlFiles(dir));
+  assertEquals(
+    EMBEDDED_FUNCTIONS_LOCK,
+    await Deno.readTextFile(new URL("functions.lock", SQL_DIR)),
+  );
 });
 
 Deno.test("deno task bundle writes one file that imports nothing but node built-ins", async () => {
@@ -136,7 +166,7 @@ Deno.test("deno task bundle writes one file that imports nothing but node built-
   assertEquals(specifiers.filter((s) => !s.startsWith("node:")), []);
 });
 
-Deno.test("the bundle migrates an empty database with the embedded migrations", async () => {
+Deno.test("the bundle migrates an empty database with the embedded migrations and functions", async () => {
   const bundle = await buildBundle();
   await using db = await emptyDb();
   const first = await runShoal(["migrate"], { url: db.url, mainModule: bundle });
@@ -148,6 +178,13 @@ Deno.test("the bundle migrates an empty database with the embedded migrations", 
   );
   const applied = await appliedMigrations(db.sql);
   assertEquals(applied.map((m) => m.checksum), migrations.map((m) => m.checksum));
+  // The function files too, from the bundle's own copy.
+  const functions = await loadFunctions(SQL_DIR);
+  assertEquals(
+    (await appliedFunctionFiles(db.sql)).map((f) => [f.name, f.checksum, f.revision]),
+    functions.files.map((f) => [f.name, f.checksum, functions.revision])
+      .sort((a, b) => `${a[0]}`.localeCompare(`${b[0]}`)),
+  );
   const again = await runShoal(["migrate"], { url: db.url, mainModule: bundle });
   assertEquals([again.code, again.stdout], [0, "Schema is up to date\n"]);
 });

@@ -1,5 +1,5 @@
 /**
- * The fast enqueue (sql/006_enqueue_fast.sql and lib/queue.ts): the same results as the
+ * The fast enqueue (shoal.insert_job(s) in sql/functions/queue.sql, and lib/queue.ts): the same results as the
  * shipped jsonb path, checked against a database migrated only to 003 (the path before
  * 004), plus the column functions' own checks and the NOTIFY coalescing of a pool, whose
  * every NOTIFY must arrive after its job is committed.
@@ -7,7 +7,7 @@
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { emptyDb, sleep, testDb, waitFor } from "./helpers.ts";
 import { connect, type Db, type Sql } from "../lib/db.ts";
-import { loadMigrations, migrate } from "../lib/migrate.ts";
+import { loadMigrations, migrate, NO_FUNCTIONS } from "../lib/migrate.ts";
 import { checkJobSpec, enqueue, type Enqueued, enqueueMany, type JobSpec } from "../lib/queue.ts";
 
 /** What enqueueMany() sent before 004: checkJobSpec rows as one jsonb document. */
@@ -90,7 +90,12 @@ async function applySteps(
 
 Deno.test("enqueueMany() stores exactly what the jsonb path before 004 stored", async () => {
   await using before = await emptyDb();
-  await migrate(before.sql, (await loadMigrations()).filter((m) => m.version <= 3));
+  // The database of a release at 003: its migrations only (not today's function files).
+  await migrate(
+    before.sql,
+    (await loadMigrations()).filter((m) => m.version <= 3),
+    NO_FUNCTIONS,
+  );
   await using after = await testDb();
   // Without 008's burst for quiet fairness keys, the stamps are those of before.
   const session = await after.sql.reserve();
@@ -298,7 +303,12 @@ async function outcomes(sql: Sql): Promise<unknown[]> {
 
 Deno.test("shoal.enqueue() returns, stores and refuses exactly as before 004", async () => {
   await using before = await emptyDb();
-  await migrate(before.sql, (await loadMigrations()).filter((m) => m.version <= 3));
+  // The database of a release at 003: its migrations only (not today's function files).
+  await migrate(
+    before.sql,
+    (await loadMigrations()).filter((m) => m.version <= 3),
+    NO_FUNCTIONS,
+  );
   await using after = await testDb();
   const expected = await outcomes(before.sql);
   assertEquals(await outcomes(after.sql), expected);

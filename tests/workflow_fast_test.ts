@@ -1,8 +1,9 @@
 /**
- * The fast fan-out paths of sql/005_fan_out_fast.sql: fan_out inserting its children
- * itself, complete_jobs doing a barrier child's ack, arrival and count in one statement,
- * the shoal.name domain's faster check, and arrivals removed with their barrier by a
- * trigger instead of a foreign key. Exact values throughout, against a real database.
+ * The fast fan-out paths (first in sql/005_fan_out_fast.sql, now in
+ * sql/functions/workflow.sql): fan_out inserting its children in one statement (through
+ * shoal.insert_jobs), complete_jobs doing a barrier child's ack, arrival and count in one
+ * statement, the shoal.name domain's faster check, and arrivals removed with their barrier
+ * by a trigger instead of a foreign key. Exact values throughout, against a real database.
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { testDb, waitFor } from "./helpers.ts";

@@ -1,0 +1,185 @@
+-- shoal functions: the claim (shoal.claim_jobs), one function whose plan cannot flip.
+--
+-- A queue table's size swings from empty to millions of rows faster than autovacuum
+-- re-analyzes it. With statistics taken while it was small, the planner would read every
+-- ready row of the queue through a bitmap scan and sort them all to return one batch:
+-- cheap for the 100 rows it believes are there, ruinous for the 50,000 that are. Inside
+-- this function sorts and bitmap scans are off, so the claim walks jobs_claim_idx in
+-- claim order and stops after the batch (and JIT, which the disabled sorts' cost would
+-- trigger, is off). The settings hold for its statements only.
+--
+-- The steps are separate statements reaching shoal.jobs by primary key, so each plan
+-- stays simple; plain jobs (no execution, attempts left) take two statements: pick and
+-- lock, then update.
+--
+-- Probes: a consumer claims ahead of its free slots (its prefetch buffer). A job enqueued
+-- after that, which ranks ahead of buffered jobs (a higher priority, or a quiet fairness
+-- key's burst, see the stamping rule in queue.sql), would otherwise wait behind the whole
+-- buffer. On a NOTIFY the consumer probes: with the two bounds given, the claim takes only
+-- jobs ranking no later than its last buffered job, and those start first. Each job's
+-- fair_seq is returned so the consumer can tell where it ranks.
+--
+-- It follows the lock order stated at the top of workflow.sql (jobs are taken SKIP LOCKED).
+create or replace function shoal.claim_jobs(_queues text[], _limit integer, _worker text,
+                                 _visibility_ms integer,
+                                 _before_priority integer default null,
+                                 _before_fair_seq bigint default null)
+returns table (id bigint, queue text, task text, payload jsonb, priority integer,
+               fairness_key text, fair_seq bigint, attempts integer, max_attempts integer, token bigint,
+               key text, execution_id bigint, created_at timestamptz, deadline timestamptz,
+               poisoned boolean)
+language plpgsql volatile
+set enable_sort = off
+set enable_bitmapscan = off
+-- A disabled sort the planner cannot avoid costs 1e10, which would trigger JIT
+-- compilation (hundreds of milliseconds) on every call.
+set jit = off
+-- Plan each statement once per session: the plans do not depend on the values, and
+-- planning three statements on every call tripled the cost of claiming one job.
+set plan_cache_mode = force_generic_plan
+as $$
+#variable_conflict use_column
+declare
+  picked bigint[];
+  in_workflow boolean;
+  spent boolean;
+  ended bigint[];
+  dead_ids bigint[];
+begin
+  if _before_priority is null then
+    -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is
+    -- the caller's to avoid (it would pick the same rows twice).
+    select array_agg(c.id order by c.priority desc, c.fair_seq, c.id),
+           bool_or(c.execution_id is not null), bool_or(c.attempts >= c.max_attempts)
+    into picked, in_workflow, spent
+    from (
+      select c.id, c.priority, c.fair_seq, c.execution_id, c.attempts, c.max_attempts
+      from unnest(_queues) as q(name)
+      cross join lateral (
+        select j.id, j.priority, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+        from shoal.jobs j
+        where j.queue = q.name and j.run_at <= now()
+        order by j.priority desc, j.fair_seq, j.id
+        limit _limit
+        for update skip locked
+      ) c
+      order by c.priority desc, c.fair_seq, c.id
+      limit _limit
+    ) c;
+  else
+    -- A probe: only jobs ranking no later than the caller's last buffered job (a higher
+    -- priority, or a fairness key's burst stamped ahead of the queue's head). Both bounds
+    -- are ranges of jobs_claim_idx, so a probe that finds nothing reads little.
+    select array_agg(c.id order by c.priority desc, c.fair_seq, c.id),
+           bool_or(c.execution_id is not null), bool_or(c.attempts >= c.max_attempts)
+    into picked, in_workflow, spent
+    from (
+      select c.id, c.priority, c.fair_seq, c.execution_id, c.attempts, c.max_attempts
+      from (
+        select h.* from unnest(_queues) as q(name)
+        cross join lateral (
+          select j.id, j.priority, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+          from shoal.jobs j
+          where j.queue = q.name and j.priority > _before_priority and j.run_at <= now()
+          order by j.priority desc, j.fair_seq, j.id
+          limit _limit
+          for update skip locked
+        ) h
+        union all
+        select e.* from unnest(_queues) as q(name)
+        cross join lateral (
+          select j.id, j.priority, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+          from shoal.jobs j
+          where j.queue = q.name and j.priority = _before_priority
+            and j.fair_seq <= _before_fair_seq and j.run_at <= now()
+          order by j.priority desc, j.fair_seq, j.id
+          limit _limit
+          for update skip locked
+        ) e
+      ) c
+      order by c.priority desc, c.fair_seq, c.id
+      limit _limit
+    ) c;
+  end if;
+  if picked is null then
+    return;
+  end if;
+
+  if in_workflow then
+    -- A job whose execution already ended (cancelled, failed, completed) is acked unrun.
+    with gone as (
+      delete from shoal.jobs j
+      using shoal.executions e
+      where j.id = any(picked) and e.id = j.execution_id
+        and e.status in ('completed', 'failed', 'cancelled')
+      returning j.id
+    )
+    select array_agg(gone.id) into ended from gone;
+    if ended is not null then
+      picked := array(select p from unnest(picked) with ordinality as x(p, n)
+                      where p <> all(ended) order by n);
+    end if;
+  end if;
+
+  if spent then
+    -- Claimed max_attempts times without ever finishing (a crash loop): dead-lettered
+    -- unrun. Burying it fails its execution (a trigger on dead_jobs), so its siblings are
+    -- not handed out only to be aborted at their first heartbeat.
+    with poison as (
+      delete from shoal.jobs j
+      where j.id = any(picked) and j.attempts >= j.max_attempts
+      returning j.*
+    ),
+    buried as (
+      insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
+        max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
+        created_at)
+      select p.id, p.queue, p.task, p.payload, p.priority, p.fairness_key, p.attempts,
+        p.max_attempts, p.token, p.key, p.execution_id, p.barrier_id, p.child_index, p.errors,
+        format('Claimed %s times without finishing: its worker crashed or was killed every time',
+          p.attempts),
+        p.created_at
+      from poison p
+      returning dead_jobs.id, dead_jobs.execution_id
+    )
+    select array_agg(b.id) into dead_ids from buried b;
+    return query
+      select d.id, d.queue, d.task, '{}'::jsonb, d.priority, d.fairness_key, 0::bigint,
+        d.attempts,
+        d.max_attempts, d.token, d.key, d.execution_id, d.created_at, now(), true
+      from shoal.dead_jobs d where d.id = any(dead_ids);
+    picked := array(
+      select p from unnest(picked) with ordinality as x(p, n)
+      join shoal.jobs j on j.id = x.p
+      where j.execution_id is null or j.execution_id not in (
+        select d.execution_id from shoal.dead_jobs d
+        where d.id = any(dead_ids) and d.execution_id is not null)
+      order by x.n);
+  end if;
+
+  return query
+    with claimed as (
+      update shoal.jobs j
+      set attempts = j.attempts + 1, token = j.token + 1, locked_by = _worker,
+          locked_at = now(), run_at = now() + _visibility_ms * interval '1 ms'
+      where j.id = any(picked)
+      returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.fair_seq,
+        j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at
+    )
+    -- In claim order, so the caller starts them in that order.
+    select c.id, c.queue::text, c.task::text, c.payload::jsonb, c.priority, c.fairness_key,
+      c.fair_seq, c.attempts, c.max_attempts, c.token, c.key, c.execution_id, c.created_at, c.run_at, false
+    from claimed c
+    order by c.priority desc, c.fair_seq, c.id;
+
+  if in_workflow then
+    -- An execution starts running when its first job is claimed.
+    update shoal.executions e
+    set status = 'running', started_at = now(), updated_at = now()
+    where e.id = any(array(
+        select distinct j.execution_id from shoal.jobs j
+        where j.id = any(picked) and j.execution_id is not null))
+      and e.status = 'pending';
+  end if;
+end
+$$;

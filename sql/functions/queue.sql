@@ -1,0 +1,463 @@
+-- shoal functions: putting jobs on shoal.jobs (the table and its indexes: 001, 004, 006).
+--
+-- Owns the limits, the job checks, the stamping rule and the insert of new jobs:
+--   shoal.max_payload_bytes, shoal.fair_burst       limits, set per database or role
+--   shoal.payload_error, shoal.job_error           the job checks (below)
+--   shoal.fair_seq_base                             the stamping rule (below)
+--   shoal.insert_job, shoal.insert_jobs             the one insert of new jobs, with its wake
+--   shoal.enqueue_jobs, shoal.enqueue_many,         the SQL entry points (checked, then
+--   shoal.enqueue                                   insert_job(s))
+-- Fan-out children go through insert_jobs too. Callbacks (shoal.insert_callback in
+-- workflow.sql) and dead-letter retries (lib/dead.ts) write their own row, because they
+-- carry what a new job has not (a place at the head of the queue; the id, token and history
+-- of the job's earlier life); they follow the stamping rule below and wake through
+-- shoal.notify_jobs like every other path.
+--
+-- THE JOB CHECKS, one rule for every way in (lib/queue.ts checks the same before it calls
+-- insert_job(s), so those check only what TypeScript cannot know, the payload limit). In
+-- this order, the first that fails names the job ("Cannot enqueue job <n>: ..."):
+--   payload      a JSON object (a missing one is {}), at most shoal.max_payload_bytes() bytes
+--                as text (SQLSTATE 54000; every other refusal is 22023)
+--   key          1 to 512 characters, when given
+--   fairness_key at most 256 characters
+--   max_attempts an integer from 1 to 1000
+--   priority     from -32767 to 32767
+--   queue, task  names: a letter or digit, then letters, digits or _.:-, 1 to 128 in all
+-- The domains and check constraints of shoal.jobs stay the last line behind these.
+--
+-- THE STAMPING RULE. fair_seq is a virtual-time stamp per (queue, priority); the claim runs
+-- priority first, then fair_seq, then id. A new job is stamped
+--   shoal.fair_seq_base(queue, fairness_key, priority) + n
+-- where n numbers the call's jobs of that (queue, fairness_key, priority) from 1 in input
+-- order: after its key's own last job, and for a key without a backlog up to fair_burst()
+-- places ahead of the job the queue runs next at that priority. A key that arrives behind
+-- another key's backlog interleaves with it instead of waiting for it. A callback is work
+-- already admitted (its fan-out's children ran): it is stamped level with its queue's next
+-- job, so it runs next.
+
+-- Limits shared by every way in (TypeScript, SQL, CLI). A database or role may override
+-- the payload limit with: alter database db set shoal.max_payload_bytes = '2097152'.
+create or replace function shoal.max_payload_bytes() returns integer
+language sql stable as $$
+  select coalesce(nullif(current_setting('shoal.max_payload_bytes', true), '')::integer, 1048576)
+$$;
+
+-- How many places ahead of its queue's next job a fairness key without a backlog starts.
+-- Change it per database with: alter database db set shoal.fair_burst = '20' (0 turns the
+-- burst off).
+create or replace function shoal.fair_burst() returns integer
+language sql stable as $$
+  select greatest(coalesce(nullif(current_setting('shoal.fair_burst', true), '')::integer, 100), 0)
+$$;
+
+-- The stamp a key's next job at this priority follows (the stamping rule above). Stamps
+-- may go negative: only their order matters. PL/pgSQL, not SQL: a SQL function with
+-- subqueries is never inlined, and would be planned again on every call.
+create or replace function shoal.fair_seq_base(queue text, fairness_key text, priority integer)
+returns bigint
+language plpgsql stable as $$
+begin
+  return coalesce(greatest(
+    (select j.fair_seq from shoal.jobs j
+     where j.queue = $1 and j.fairness_key = $2 and j.priority = $3
+     order by j.fair_seq desc limit 1),
+    (select j.fair_seq - 1 - shoal.fair_burst() from shoal.jobs j
+     where j.queue = $1 and j.priority = $3 and j.run_at <= now()
+     order by j.fair_seq, j.id limit 1)), 0);
+end
+$$;
+
+-- The payload part of the job checks, for job number ord: null when the payload passes,
+-- else {SQLSTATE, message}. A null payload is a missing one ({}).
+--
+-- Both check functions are single-expression SQL functions, so Postgres inlines them into
+-- the statement that calls them: checking a batch of 100,000 fan-out children costs what
+-- the same expressions written out in that statement cost, not a function call per row.
+-- The caller raises the first error it finds:
+--   raise exception using errcode = problem[1], message = problem[2];
+create or replace function shoal.payload_error(ord bigint, payload jsonb) returns text[]
+language sql stable as $$
+  select case
+    when coalesce(jsonb_typeof(payload), 'object') <> 'object' then
+      array['22023', format('Cannot enqueue job %s: payload must be a JSON object, not %s',
+                            ord, jsonb_typeof(payload))]
+    when octet_length(payload::text) > shoal.max_payload_bytes() then
+      array['54000', format('Cannot enqueue job %s: payload is %s bytes, over the limit of %s bytes',
+                            ord, octet_length(payload::text), shoal.max_payload_bytes())]
+  end
+$$;
+
+-- The job checks (above) for job number ord: null when it passes, else {SQLSTATE, message}.
+-- Null arguments are missing values (they take the column defaults), except queue and task.
+create or replace function shoal.job_error(
+  ord bigint, queue text, task text, payload jsonb, priority numeric, fairness_key text,
+  max_attempts numeric, key text
+) returns text[]
+language sql stable as $$
+  select coalesce(shoal.payload_error(ord, payload), case
+    when length(key) not between 1 and 512 then
+      array['22023', format('Cannot enqueue job %s: key must be 1 to 512 characters', ord)]
+    when length(fairness_key) > 256 then
+      array['22023',
+            format('Cannot enqueue job %s: fairness_key must be at most 256 characters', ord)]
+    when max_attempts not between 1 and 1000 or max_attempts <> trunc(max_attempts) then
+      array['22023', format('Cannot enqueue job %s: max_attempts must be from 1 to 1000', ord)]
+    when priority not between -32767 and 32767 then
+      array['22023', format('Cannot enqueue job %s: priority must be from -32767 to 32767', ord)]
+    -- "[A-Za-z0-9_.:-]*" and a length check, not a bounded repeat ({0,127}): Postgres's regex
+    -- engine builds a large automaton for the bounded form and matches ten times slower.
+    when not coalesce(queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]*$' and length(queue) <= 128
+                      and task ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]*$' and length(task) <= 128,
+                      false) then
+      array['22023', format('Cannot enqueue job %s: queue and task must be names of 1 to 128 letters, digits or _.:- (starting with a letter or digit)', ord)]
+  end)
+$$;
+
+-- One job. Returns its id and inserted = true, or, when a job holding the same dedupe key
+-- is pending or running on the queue, that job's id and inserted = false. Nulls take the
+-- column defaults. notify wakes consumers (shoal.notify_jobs, delivered at commit).
+--
+-- A job without a dedupe key is inserted by a plain INSERT: ON CONFLICT makes every row a
+-- speculative insertion (one more WAL record each), so only keyed jobs pay for it.
+create or replace function shoal.insert_job(
+  queue text,
+  task text,
+  payload jsonb,
+  run_at timestamptz default null,
+  priority integer default null,
+  fairness_key text default null,
+  max_attempts integer default null,
+  key text default null,
+  notify boolean default true,
+  execution_id bigint default null,
+  barrier_id bigint default null,
+  child_index integer default null,
+  out id bigint,
+  out inserted boolean
+)
+language plpgsql volatile as $$
+#variable_conflict use_column
+declare
+  p integer := coalesce(insert_job.priority, 0);
+  fk text := coalesce(insert_job.fairness_key, '');
+  problem text[] := shoal.payload_error(1, insert_job.payload);
+  new_id bigint;
+begin
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
+  end if;
+  if insert_job.key is null then
+    insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key, fair_seq,
+                                 max_attempts, execution_id, barrier_id, child_index)
+    values (insert_job.queue, insert_job.task, insert_job.payload,
+            coalesce(insert_job.run_at, now()), p, fk,
+            shoal.fair_seq_base(insert_job.queue, fk, p) + 1,
+            coalesce(insert_job.max_attempts, 25), insert_job.execution_id,
+            insert_job.barrier_id, insert_job.child_index)
+    returning j.id into new_id;
+    inserted := true;
+  else
+    -- Each statement here sees rows committed since the last one: when the insert meets a
+    -- key whose holder then finishes before the lookup, insert again.
+    loop
+      insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
+                                   fair_seq, max_attempts, key, execution_id, barrier_id,
+                                   child_index)
+      values (insert_job.queue, insert_job.task, insert_job.payload,
+              coalesce(insert_job.run_at, now()), p, fk,
+              shoal.fair_seq_base(insert_job.queue, fk, p) + 1,
+              coalesce(insert_job.max_attempts, 25), insert_job.key, insert_job.execution_id,
+              insert_job.barrier_id, insert_job.child_index)
+      on conflict (queue, key) where key is not null do nothing
+      returning j.id into new_id;
+      if found then
+        inserted := true;
+        exit;
+      end if;
+      select j.id into new_id from shoal.jobs j
+      where j.queue = insert_job.queue and j.key = insert_job.key;
+      if found then
+        inserted := false;
+        exit;
+      end if;
+    end loop;
+  end if;
+  id := new_id;
+  if insert_job.notify then
+    perform shoal.notify_jobs(array[insert_job.queue], array[insert_job.run_at]);
+  end if;
+end
+$$;
+
+-- Many jobs: element i of every array is job i (arrays left null mean all nulls: the
+-- column defaults). Returns one row per job in input order, as shoal.insert_job would
+-- for each; ids are drawn in input order. A job whose dedupe key is held (by an older
+-- job or an earlier element of the same call) returns the holder's id. notify wakes
+-- consumers (shoal.notify_jobs). The insert behind every enqueue path and fan-out children.
+create or replace function shoal.insert_jobs(
+  queues text[],
+  tasks text[],
+  payloads jsonb[],
+  run_ats timestamptz[] default null,
+  priorities integer[] default null,
+  fairness_keys text[] default null,
+  max_attempts integer[] default null,
+  keys text[] default null,
+  notify boolean default true,
+  execution_ids bigint[] default null,
+  barrier_ids bigint[] default null,
+  child_indexes integer[] default null
+) returns table (ord bigint, id bigint, inserted boolean)
+language plpgsql volatile as $$
+#variable_conflict use_column
+declare
+  n integer := coalesce(cardinality(queues), 0);
+  seq regclass := pg_get_serial_sequence('shoal.jobs', 'id')::regclass;
+  problem text[];
+  ids bigint[];
+  missed bigint[];
+  held boolean[];
+  o bigint;
+  base bigint;
+  found_id bigint;
+  one record;
+begin
+  if n = 0 then
+    return;
+  end if;
+  if coalesce(cardinality(tasks), -1) <> n or coalesce(cardinality(payloads), -1) <> n
+     or coalesce(cardinality(run_ats), n) <> n or coalesce(cardinality(priorities), n) <> n
+     or coalesce(cardinality(fairness_keys), n) <> n
+     or coalesce(cardinality(insert_jobs.max_attempts), n) <> n
+     or coalesce(cardinality(keys), n) <> n or coalesce(cardinality(execution_ids), n) <> n
+     or coalesce(cardinality(barrier_ids), n) <> n
+     or coalesce(cardinality(child_indexes), n) <> n then
+    raise exception 'Cannot enqueue: every column array must hold one element per job'
+      using errcode = '22023';
+  end if;
+
+  select x.problem into problem
+  from (select shoal.payload_error(u.ord, u.p) as problem
+        from unnest(payloads) with ordinality as u(p, ord)) x
+  where x.problem is not null
+  limit 1;
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
+  end if;
+
+  -- The common batch: no dedupe keys and one (queue, fairness key, priority) group. The
+  -- rows go straight from the arrays, stamped base + position, with ids from the column
+  -- default drawn in input order; no grouping, sorting or conflict handling to pay for.
+  if (keys is null or cardinality(array_remove(keys, null)) = 0)
+     and cardinality(array_remove(queues, queues[1])) = 0
+     and (fairness_keys is null or cardinality(array_remove(fairness_keys, fairness_keys[1])) = 0)
+     and (priorities is null or cardinality(array_remove(priorities, priorities[1])) = 0) then
+    base := shoal.fair_seq_base(queues[1], coalesce(fairness_keys[1], ''),
+                                coalesce(priorities[1], 0));
+    with ins as (
+      insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
+                                   fair_seq, max_attempts, execution_id, barrier_id,
+                                   child_index)
+      select u.queue, u.task, u.payload, coalesce(u.run_at, now()), coalesce(u.priority, 0),
+             coalesce(u.fairness_key, ''), base + u.ord, coalesce(u.max_attempts, 25),
+             u.execution_id, u.barrier_id, u.child_index
+      from unnest(queues, tasks, payloads, run_ats, priorities, fairness_keys,
+                  insert_jobs.max_attempts, execution_ids, barrier_ids, child_indexes)
+        with ordinality as u(queue, task, payload, run_at, priority, fairness_key,
+                             max_attempts, execution_id, barrier_id, child_index, ord)
+      returning j.id
+    )
+    select array_agg(ins.id order by ins.id) into ids from ins;
+  else
+    with input as materialized (
+      -- Ids are drawn here, in input order (stamping below sorts by group).
+      select u.ord, nextval(seq) as new_id, u.queue, u.task, u.payload,
+             coalesce(u.run_at, now()) as run_at, coalesce(u.priority, 0) as priority,
+             coalesce(u.fairness_key, '') as fairness_key,
+             coalesce(u.max_attempts, 25) as max_attempts, u.key, u.execution_id, u.barrier_id,
+             u.child_index
+      from unnest(queues, tasks, payloads, run_ats, priorities, fairness_keys,
+                  insert_jobs.max_attempts, keys, execution_ids, barrier_ids, child_indexes)
+        with ordinality as u(queue, task, payload, run_at, priority, fairness_key, max_attempts,
+                             key, execution_id, barrier_id, child_index, ord)
+    ),
+    groups as materialized (
+      -- One stamp base per (queue, fairness key, priority).
+      select g.queue, g.fairness_key, g.priority,
+             shoal.fair_seq_base(g.queue, g.fairness_key, g.priority) as base
+      from (select distinct i.queue, i.fairness_key, i.priority from input i) g
+    ),
+    stamped as materialized (
+      select i.*, g.base + row_number() over (
+               partition by i.queue, i.fairness_key, i.priority order by i.ord) as fair_seq
+      from input i
+      join groups g on g.queue = i.queue and g.fairness_key = i.fairness_key
+        and g.priority = i.priority
+    ),
+    plain as (
+      insert into shoal.jobs (id, queue, task, payload, run_at, priority, fairness_key, fair_seq,
+                              max_attempts, execution_id, barrier_id, child_index)
+      select s.new_id, s.queue, s.task, s.payload, s.run_at, s.priority, s.fairness_key,
+             s.fair_seq, s.max_attempts, s.execution_id, s.barrier_id, s.child_index
+      from stamped s where s.key is null order by s.ord
+    ),
+    keyed as (
+      insert into shoal.jobs as j (id, queue, task, payload, run_at, priority, fairness_key,
+                                   fair_seq, max_attempts, key, execution_id, barrier_id,
+                                   child_index)
+      select s.new_id, s.queue, s.task, s.payload, s.run_at, s.priority, s.fairness_key,
+             s.fair_seq, s.max_attempts, s.key, s.execution_id, s.barrier_id, s.child_index
+      from stamped s where s.key is not null order by s.ord
+      on conflict (queue, key) where key is not null do nothing
+      returning j.id
+    )
+    select array_agg(s.new_id order by s.ord),
+           array_agg(s.ord order by s.ord) filter (
+             where s.key is not null and s.new_id not in (select k.id from keyed k))
+    into ids, missed
+    from stamped s;
+
+    -- Elements that met a dedupe key were not inserted (their planned id does not exist):
+    -- find the job that holds the key (this statement sees rows committed since the
+    -- insert); if the holder finished meanwhile, insert_job inserts after all.
+    if missed is not null then
+      held := array_fill(false, array[n]);
+      foreach o in array missed loop
+        select j.id into found_id from shoal.jobs j
+        where j.queue = queues[o] and j.key = keys[o];
+        if found then
+          ids[o] := found_id;
+          held[o] := true;
+          continue;
+        end if;
+        select r.id, r.inserted into one
+        from shoal.insert_job(queues[o], tasks[o], payloads[o], run_ats[o], priorities[o],
+                              fairness_keys[o], insert_jobs.max_attempts[o], keys[o], false,
+                              execution_ids[o], barrier_ids[o], child_indexes[o]) r;
+        ids[o] := one.id;
+        held[o] := not one.inserted;
+      end loop;
+    end if;
+  end if;
+
+  if insert_jobs.notify then
+    perform shoal.notify_jobs(queues, run_ats);
+  end if;
+
+  return query
+    select u.ord, u.id, not coalesce(held[u.ord], false)
+    from unnest(ids) with ordinality as u(id, ord);
+end
+$$;
+
+-- Enqueue many jobs from one jsonb document: the body behind shoal.enqueue_many and shoal's
+-- own functions (start_execution). jobs is a JSON array of objects with the keys queue, task,
+-- payload, run_at, priority, fairness_key, max_attempts, key (only queue and task are
+-- required) and, from shoal's own functions only, workflow membership (execution_id,
+-- barrier_id, child_index). Every element is checked before anything is inserted, so one
+-- bad element rejects the whole batch with a message that names it; then the columns go to
+-- insert_jobs. Returns one row per element, in input order.
+create or replace function shoal.enqueue_jobs(jobs jsonb, notify boolean default true)
+returns table (ord bigint, id bigint, inserted boolean)
+language plpgsql volatile as $$
+declare
+  problem text[];
+  cols record;
+begin
+  if jsonb_typeof(jobs) is distinct from 'array' then
+    raise exception 'Cannot enqueue: jobs must be a JSON array' using errcode = '22023';
+  end if;
+
+  -- queue and task count only as JSON strings (a number is not a name).
+  select x.problem into problem
+  from (
+    select case
+             when jsonb_typeof(e.j) <> 'object' then
+               array['22023',
+                     format('Cannot enqueue job %s: each job must be a JSON object', e.ord)]
+             else shoal.job_error(
+               e.ord,
+               case when jsonb_typeof(e.j->'queue') = 'string' then e.j->>'queue' end,
+               case when jsonb_typeof(e.j->'task') = 'string' then e.j->>'task' end,
+               e.j->'payload', (e.j->>'priority')::numeric, e.j->>'fairness_key',
+               (e.j->>'max_attempts')::numeric, e.j->>'key')
+           end as problem
+    from jsonb_array_elements(jobs) with ordinality as e(j, ord)
+  ) x
+  where x.problem is not null
+  limit 1;
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
+  end if;
+
+  select array_agg(e.j->>'queue' order by e.ord) as queues,
+         array_agg(e.j->>'task' order by e.ord) as tasks,
+         array_agg(coalesce(e.j->'payload', '{}'::jsonb) order by e.ord) as payloads,
+         array_agg((e.j->>'run_at')::timestamptz order by e.ord) as run_ats,
+         array_agg((e.j->>'priority')::integer order by e.ord) as priorities,
+         array_agg(e.j->>'fairness_key' order by e.ord) as fairness_keys,
+         array_agg((e.j->>'max_attempts')::integer order by e.ord) as max_attempts,
+         array_agg(e.j->>'key' order by e.ord) as keys,
+         -- Workflow membership (set by shoal's own start_execution).
+         array_agg((e.j->>'execution_id')::bigint order by e.ord) as execution_ids,
+         array_agg((e.j->>'barrier_id')::bigint order by e.ord) as barrier_ids,
+         array_agg((e.j->>'child_index')::integer order by e.ord) as child_indexes
+  into cols
+  from jsonb_array_elements(jobs) with ordinality as e(j, ord);
+
+  return query
+    select r.ord, r.id, r.inserted
+    from shoal.insert_jobs(cols.queues, cols.tasks, cols.payloads, cols.run_ats,
+                           cols.priorities, cols.fairness_keys, cols.max_attempts, cols.keys,
+                           notify, cols.execution_ids, cols.barrier_ids, cols.child_indexes) r;
+end
+$$;
+
+-- Enqueue many jobs in one statement, for any language: shoal.enqueue_jobs without
+-- workflow membership (those keys are stripped, so a caller cannot make a job arrive at
+-- someone's fan-out). Returns one row per input element, in input order; an element whose
+-- dedupe key is already pending or running on its queue is not inserted and returns that
+-- job's id. notify wakes idle consumers.
+create or replace function shoal.enqueue_many(jobs jsonb, notify boolean default true)
+returns table (ord bigint, id bigint, inserted boolean)
+language sql volatile as $$
+  select e.ord, e.id, e.inserted from shoal.enqueue_jobs(
+    case when jsonb_typeof(jobs) = 'array' then (
+      select coalesce(jsonb_agg(
+               case when jsonb_typeof(x.j) = 'object'
+                    then x.j - 'execution_id' - 'barrier_id' - 'child_index' else x.j end
+               order by x.o), '[]'::jsonb)
+      from jsonb_array_elements(jobs) with ordinality as x(j, o))
+    else jobs end,
+    notify) as e
+$$;
+
+-- Enqueue one job: the entry point for any language. The job checks, then the same insert
+-- as TypeScript's (no jsonb document to build, strip and unpack on the way).
+--   select shoal.enqueue('emails', 'send_welcome', '{"user": 42}', priority => 5);
+create or replace function shoal.enqueue(
+  queue text,
+  task text,
+  payload jsonb default '{}',
+  run_at timestamptz default null,
+  priority integer default 0,
+  key text default null,
+  fairness_key text default null,
+  max_attempts integer default 25,
+  notify boolean default true
+) returns bigint
+language plpgsql volatile as $$
+#variable_conflict use_variable
+declare
+  -- A null payload is refused here ("not null"), not taken for a missing one.
+  problem text[] := shoal.job_error(1, queue, task, coalesce(payload, 'null'::jsonb),
+                                    priority, fairness_key, max_attempts, key);
+begin
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
+  end if;
+  return (select i.id
+          from shoal.insert_job(queue, task, payload, run_at, priority, fairness_key,
+                                max_attempts, key, notify) i);
+end
+$$;

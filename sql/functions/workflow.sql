@@ -1,0 +1,472 @@
+-- shoal functions: executions (workflow runs) and barriers (fan-out / fan-in, the chord).
+-- The tables (shoal.executions, shoal.barriers, shoal.arrivals) and the triggers that call
+-- the trigger functions here are created by 003 and 005.
+--
+-- An execution is the unit a user cares about: pending -> running -> completed | failed |
+-- cancelled. Jobs may belong to one (jobs.execution_id). A barrier is an open fan-out:
+-- `remaining` children still to arrive, the callback to enqueue when the last one does,
+-- an optional error callback, and an expiry. Each child's arrival is a row keyed by
+-- (barrier, child index), so a redelivered child can never arrive twice.
+--
+-- THE LOCK ORDER, everywhere (these functions, the claim in claim.sql, and the statements
+-- of lib/queue.ts): jobs, then barriers (by id), then executions. Within jobs, a statement
+-- that locks many jobs of one execution takes them in id order, and failing an execution
+-- never waits for a job: its caller may already hold one (a child failing for good) while
+-- another caller holds the rest (a sibling failing at the same moment).
+
+-- Refuse illegal transitions, whoever writes: terminal states are final (the trigger
+-- executions_transition).
+create or replace function shoal.check_execution_transition() returns trigger
+language plpgsql as $$
+begin
+  if new.status is distinct from old.status and not (
+       (old.status = 'pending' and new.status in ('running', 'completed', 'failed', 'cancelled'))
+    or (old.status = 'running' and new.status in ('completed', 'failed', 'cancelled'))) then
+    raise exception 'Cannot move execution % from % to %', old.id, old.status, new.status
+      using errcode = '22023';
+  end if;
+  return new;
+end
+$$;
+
+-- Insert one callback (or error callback) at the head of its queue (the stamping rule in
+-- queue.sql) and wake its consumers. Callbacks bypass the payload limit: their results
+-- come from shoal, not from a caller.
+create or replace function shoal.insert_callback(
+  spec jsonb, payload jsonb, execution_id bigint, barrier_id bigint, child_index integer
+) returns bigint
+language plpgsql volatile as $$
+declare
+  new_id bigint;
+  q text := spec->>'queue';
+  p integer := coalesce((spec->>'priority')::integer, 0);
+begin
+  insert into shoal.jobs (queue, task, payload, priority, fairness_key, fair_seq, max_attempts,
+                          execution_id, barrier_id, child_index)
+  values (q, spec->>'task', payload, p, coalesce(spec->>'fairness_key', ''),
+          coalesce((select j.fair_seq from shoal.jobs j where j.queue = q and j.priority = p
+                    order by j.fair_seq limit 1), 1),
+          coalesce((spec->>'max_attempts')::integer, 25),
+          execution_id, barrier_id, child_index)
+  returning id into new_id;
+  perform shoal.notify_jobs(array[q], null);
+  return new_id;
+end
+$$;
+
+-- Fail an execution and tear down everything it holds: its jobs, its barriers (firing
+-- each one's error callback once, outside the execution so it still runs) and their
+-- arrivals. A terminal execution is left as it is. Returns whether it was failed here.
+create or replace function shoal.fail_execution(execution bigint, reason text) returns boolean
+language plpgsql volatile as $$
+declare
+  b record;
+begin
+  -- Nothing of a finished execution is torn down again (and no error callback fires twice).
+  if not exists (select 1 from shoal.executions
+                 where id = execution and status in ('pending', 'running')) then
+    return false;
+  end if;
+  -- Skip jobs another transaction holds: whoever holds them is acking, failing, cancelling
+  -- or claiming them. Waiting here would deadlock two siblings that fail at once (each
+  -- holds its own row and wants the other's). A job that survives this way is acked
+  -- unrun by its next claim (its execution has ended) or finds nothing when it finishes.
+  delete from shoal.jobs where id in (
+    select j.id from shoal.jobs j where j.execution_id = execution
+    for update skip locked);
+  for b in
+    delete from shoal.barriers where execution_id = execution returning *
+  loop
+    if b.error_callback is not null then
+      perform shoal.insert_callback(
+        b.error_callback,
+        coalesce(b.error_callback->'payload', '{}'::jsonb)
+          || jsonb_build_object('execution_id', execution, 'error', reason),
+        null, null, null);
+    end if;
+  end loop;
+  update shoal.executions
+  set status = 'failed', error = reason, finished_at = now(), updated_at = now()
+  where id = execution and status in ('pending', 'running');
+  return found;
+end
+$$;
+
+-- A job of an execution that is dead-lettered (failed out, permanent, or poison) fails
+-- its execution with the job's reason, in the same transaction (the trigger
+-- dead_jobs_fail_execution on shoal.dead_jobs).
+create or replace function shoal.on_job_dead() returns trigger
+language plpgsql as $$
+begin
+  perform shoal.fail_execution(new.execution_id,
+    format('Job %s (%s) failed: %s', new.id, new.task, new.reason));
+  return null;
+end
+$$;
+
+-- Cancel an execution: its jobs go (running handlers see their claim vanish at their
+-- next heartbeat and are aborted), its barriers go, no callback runs.
+create or replace function shoal.cancel_execution(execution bigint) returns boolean
+language plpgsql volatile as $$
+begin
+  if not exists (select 1 from shoal.executions
+                 where id = execution and status in ('pending', 'running')) then
+    return false;
+  end if;
+  delete from shoal.jobs where id in (
+    select j.id from shoal.jobs j where j.execution_id = execution order by j.id for update);
+  delete from shoal.barriers where execution_id = execution;
+  update shoal.executions
+  set status = 'cancelled', finished_at = now(), updated_at = now()
+  where id = execution and status in ('pending', 'running');
+  return found;
+end
+$$;
+
+-- Start an execution with its first job: the entry point for any language.
+--   select shoal.start_execution('default', 'shoal.chord', '{"children": [...], ...}');
+create or replace function shoal.start_execution(
+  queue text,
+  task text,
+  payload jsonb default '{}',
+  priority integer default 0,
+  fairness_key text default null,
+  max_attempts integer default 25,
+  run_at timestamptz default null
+) returns bigint
+language plpgsql volatile as $$
+declare
+  execution bigint;
+begin
+  insert into shoal.executions (label) values (task) returning id into execution;
+  -- No dedupe key: a key already held would leave the new execution without its job.
+  perform shoal.enqueue_jobs(jsonb_build_array(
+    jsonb_strip_nulls(jsonb_build_object(
+      'queue', queue, 'task', task, 'priority', priority, 'fairness_key', fairness_key,
+      'max_attempts', max_attempts, 'run_at', run_at, 'execution_id', execution))
+    || jsonb_build_object('payload', payload)));
+  return execution;
+end
+$$;
+
+-- The callback or error callback of a fan-out as the barrier stores it, checked now: a
+-- callback that cannot be enqueued would otherwise fail the last child's ack, over and
+-- over, until the fan-out expired. Children are checked by shoal.job_error.
+create or replace function shoal.fan_out_callback(spec jsonb, what text, parent shoal.jobs)
+returns jsonb
+language plpgsql immutable as $$
+declare
+  name_pattern constant text := '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$';
+begin
+  if jsonb_typeof(spec) is distinct from 'object'
+     or jsonb_typeof(spec->'task') is distinct from 'string'
+     or not (spec->>'task' ~ name_pattern) then
+    raise exception 'Cannot fan out: % must be an object with a task name of 1 to 128 letters, digits or _.:-', what
+      using errcode = '22023';
+  end if;
+  if spec ? 'queue' and (jsonb_typeof(spec->'queue') is distinct from 'string'
+                         or not (spec->>'queue' ~ name_pattern)) then
+    raise exception 'Cannot fan out: % queue must be a name of 1 to 128 letters, digits or _.:-', what
+      using errcode = '22023';
+  end if;
+  if coalesce(jsonb_typeof(spec->'payload'), 'object') <> 'object' then
+    raise exception 'Cannot fan out: % payload must be a JSON object', what using errcode = '22023';
+  end if;
+  if spec ? 'max_attempts' and (jsonb_typeof(spec->'max_attempts') is distinct from 'number'
+       or (spec->>'max_attempts')::numeric not between 1 and 1000
+       or (spec->>'max_attempts')::numeric <> trunc((spec->>'max_attempts')::numeric)) then
+    raise exception 'Cannot fan out: % max_attempts must be an integer from 1 to 1000', what
+      using errcode = '22023';
+  end if;
+  -- Nulls are stripped from the envelope only: the payload is the caller's, kept as given.
+  return jsonb_strip_nulls(jsonb_build_object(
+      'task', spec->>'task',
+      'queue', coalesce(spec->>'queue', parent.queue),
+      'max_attempts', (spec->>'max_attempts')::integer,
+      'priority', parent.priority,
+      'fairness_key', nullif(parent.fairness_key, '')))
+    || jsonb_build_object('payload', coalesce(spec->'payload', '{}'::jsonb));
+end
+$$;
+
+-- Fan out from a running job, in one transaction with that job's ack: remove the parent
+-- (fenced by its token), open a barrier, enqueue the children. The fan-out belongs to the
+-- parent's execution, or to a new one. Zero children enqueue the callback at once with
+-- an empty result list. Returns the execution id, or null when the parent's claim was
+-- stale (nothing changed).
+--
+-- spec: {"children": [{"task", "payload"?, "queue"?, "max_attempts"?}, ...],
+--        "callback": {"task", "payload"?, "queue"?, "max_attempts"?},
+--        "on_error"?: {...same...}, "expires_in_ms"?: integer}
+--
+-- The children are checked with the job checks (a child is "job" n, from 1) and inserted by
+-- shoal.insert_jobs in child order, with the parent's priority and fairness key: ids are
+-- drawn and each queue's children stamped in child order, so they run in child order.
+create or replace function shoal.fan_out(
+  parent_id bigint, parent_token bigint, spec jsonb, max_children integer default 100000
+) returns bigint
+language plpgsql volatile as $$
+declare
+  parent shoal.jobs;
+  execution bigint;
+  n integer;
+  barrier bigint;
+  callback jsonb;
+  error_callback jsonb;
+  problem text[];
+  kids record;
+begin
+  if jsonb_typeof(spec) is distinct from 'object'
+     or jsonb_typeof(spec->'children') is distinct from 'array' then
+    raise exception 'Cannot fan out: children must be a JSON array' using errcode = '22023';
+  end if;
+  if spec ? 'expires_in_ms' and (jsonb_typeof(spec->'expires_in_ms') is distinct from 'number'
+       or (spec->>'expires_in_ms')::numeric <= 0
+       or (spec->>'expires_in_ms')::numeric <> trunc((spec->>'expires_in_ms')::numeric)
+       or (spec->>'expires_in_ms')::numeric > 315576000000) then
+    raise exception 'Cannot fan out: expires_in_ms must be a positive integer of at most 10 years'
+      using errcode = '22023';
+  end if;
+  n := jsonb_array_length(spec->'children');
+  if n > max_children then
+    raise exception 'Cannot fan out % children: the limit is %', n, max_children
+      using errcode = '54000';
+  end if;
+
+  -- Checked before the parent goes, against a row of its shape, so an invalid spec is an
+  -- error even from a stale claim (the parent itself only lends its queue and priority).
+  perform shoal.fan_out_callback(spec->'callback', 'callback', null::shoal.jobs);
+  if spec ? 'on_error' and jsonb_typeof(spec->'on_error') <> 'null' then
+    perform shoal.fan_out_callback(spec->'on_error', 'on_error', null::shoal.jobs);
+  end if;
+
+  -- The children too, read the way the insert below reads them: task and queue as text, a
+  -- missing payload is {}. A child without a queue takes its parent's (a valid name, so
+  -- any valid name stands in for it here); key, fairness key and priority are the parent's.
+  select x.problem into problem
+  from (
+    select shoal.job_error(c.ord, coalesce(c.child->>'queue', 'parent'), c.child->>'task',
+                           c.child->'payload', null, null,
+                           (c.child->>'max_attempts')::numeric, null) as problem
+    from jsonb_array_elements(spec->'children') with ordinality as c(child, ord)
+  ) x
+  where x.problem is not null
+  limit 1;
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
+  end if;
+
+  delete from shoal.jobs where id = parent_id and token = parent_token returning * into parent;
+  if not found then
+    return null;
+  end if;
+
+  execution := parent.execution_id;
+  if execution is null then
+    insert into shoal.executions (status, label, started_at)
+    values ('running', parent.task, now()) returning id into execution;
+  end if;
+
+  callback := shoal.fan_out_callback(spec->'callback', 'callback', parent);
+  if spec ? 'on_error' and jsonb_typeof(spec->'on_error') <> 'null' then
+    error_callback := shoal.fan_out_callback(spec->'on_error', 'on_error', parent);
+  end if;
+
+  if n = 0 then
+    -- The chord with an empty header: the callback runs now, with no results.
+    perform shoal.insert_callback(
+      callback, (callback->'payload') || jsonb_build_object('results', '[]'::jsonb),
+      execution, parent.barrier_id, parent.child_index);
+    return execution;
+  end if;
+
+  insert into shoal.barriers (execution_id, total, remaining, callback, error_callback,
+                              parent_barrier_id, parent_child_index, expires_at)
+  values (execution, n, n, callback, error_callback, parent.barrier_id, parent.child_index,
+          now() + coalesce((spec->>'expires_in_ms')::bigint, 86400000) * interval '1 ms')
+  returning id into barrier;
+
+  select array_agg(coalesce(c.child->>'queue', parent.queue) order by c.ord) as queues,
+         array_agg(c.child->>'task' order by c.ord) as tasks,
+         array_agg(coalesce(c.child->'payload', '{}'::jsonb) order by c.ord) as payloads,
+         array_agg((c.child->>'max_attempts')::integer order by c.ord) as max_attempts,
+         array_agg((c.ord - 1)::integer order by c.ord) as child_indexes
+  into kids
+  from jsonb_array_elements(spec->'children') with ordinality as c(child, ord);
+
+  perform shoal.insert_jobs(
+    kids.queues, kids.tasks, kids.payloads, null,
+    array_fill(parent.priority, array[n]), array_fill(parent.fairness_key, array[n]),
+    kids.max_attempts, null, true,
+    array_fill(execution, array[n]), array_fill(barrier, array[n]), kids.child_indexes);
+  return execution;
+end
+$$;
+
+-- Complete (ack) a batch of claimed jobs, fenced by their tokens, with their results
+-- (a JSON array aligned with ids). In one transaction: the jobs go; a barrier child's
+-- arrival is recorded (once per child index) and its barrier decremented; a barrier that
+-- reaches zero enqueues its callback with the results in child order and is removed; an
+-- execution left with no job and no barrier completes with the result of its last job.
+-- Returns the ids that were still ours.
+--
+-- The first statement does all a barrier child needs: lock the jobs in id order and
+-- delete those whose token still matches, lock their barriers in id order (a child of an
+-- aborted or expired barrier finds none and records nothing), insert the arrivals (once per
+-- child index: a redelivered child that arrived before inserts nothing and subtracts
+-- nothing), subtract them from the counters. The counter is read and written on the
+-- barrier's newest version (a concurrent batch of siblings committed first is waited for),
+-- so no arrival is ever lost from it. Only barriers that filled (the callback fires) and
+-- jobs that may end their execution (callbacks, plain steps) take further statements.
+--
+-- The results of a barrier that filled are read by a later statement, whose snapshot is
+-- taken after its lock was granted: it sees every arrival that counted, its own and those
+-- committed by other batches since this statement began.
+create or replace function shoal.complete_jobs(
+  ids bigint[], tokens bigint[], results jsonb default '[]'
+)
+returns table (id bigint)
+language plpgsql volatile as $$
+declare
+  finished bigint[];
+  steps shoal.completed[];
+  filled bigint[];
+  b record;
+  e record;
+  ordered jsonb;
+begin
+  -- Each side reaches shoal.jobs by primary key: a join filter between the input and the
+  -- locked rows is quadratic in the batch, and a consumer's batch holds hundreds.
+  with locked as (
+    select j.id, u.ord from unnest(ids, tokens) with ordinality as u(id, token, ord)
+    join shoal.jobs j on j.id = u.id and j.token = u.token
+    order by j.id for update of j
+  ),
+  deleted as (
+    delete from shoal.jobs j using locked l where j.id = l.id
+    returning j.id, j.execution_id, j.barrier_id, j.child_index,
+              coalesce(results->(l.ord::integer - 1), 'null'::jsonb) as result, l.ord
+  ),
+  open_barriers as (
+    select x.id from shoal.barriers x
+    where x.id in (select d.barrier_id from deleted d where d.barrier_id is not null)
+    order by x.id
+    for update
+  ),
+  arrived as (
+    insert into shoal.arrivals as a (barrier_id, child_index, result)
+    select d.barrier_id, d.child_index, d.result from deleted d
+    where d.barrier_id in (select o.id from open_barriers o)
+    on conflict do nothing
+    returning a.barrier_id
+  ),
+  counted as (
+    update shoal.barriers x set remaining = x.remaining - c.n
+    from (select a.barrier_id, count(*)::integer as n from arrived a group by a.barrier_id) c
+    where x.id = c.barrier_id
+    returning x.id, x.remaining
+  )
+  select (select array_agg(d.id) from deleted d),
+         (select array_agg(row(d.id, d.execution_id, d.barrier_id, d.child_index, d.result,
+                               d.ord)::shoal.completed)
+          from deleted d where d.execution_id is not null and d.barrier_id is null),
+         (select array_agg(c.id order by c.id) from counted c where c.remaining <= 0)
+  into finished, steps, filled;
+
+  -- The slow path, once per fan-out: enqueue the callback with the results in child
+  -- order and remove the barrier (its arrivals go with it). Already locked, in id order.
+  if filled is not null then
+    for b in
+      select x.* from shoal.barriers x where x.id = any(filled) order by x.id
+    loop
+      select coalesce(jsonb_agg(a.result order by a.child_index), '[]'::jsonb) into ordered
+      from shoal.arrivals a where a.barrier_id = b.id;
+      perform shoal.insert_callback(
+        b.callback, (b.callback->'payload') || jsonb_build_object('results', ordered),
+        b.execution_id, b.parent_barrier_id, b.parent_child_index);
+      delete from shoal.barriers x where x.id = b.id;
+    end loop;
+  end if;
+
+  -- Executions whose last job may just have finished: a callback or a plain step. A
+  -- barrier child never ends its execution: its barrier is still open, or its arrival just
+  -- enqueued the callback (a job of the same execution), or the barrier was torn down with
+  -- the execution. Locked first, then checked by a new statement, so two last jobs
+  -- finishing at once cannot both miss the completion.
+  if steps is not null then
+    for e in
+      select x.id from shoal.executions x
+      where x.id in (select c.execution_id from unnest(steps) c)
+        and x.status in ('pending', 'running')
+      order by x.id
+      for update
+    loop
+      update shoal.executions x
+      set status = 'completed', finished_at = now(), updated_at = now(),
+          result = (select c.result from unnest(steps) c
+                    where c.execution_id = e.id order by c.ord desc limit 1)
+      where x.id = e.id
+        and not exists (select 1 from shoal.jobs j where j.execution_id = e.id)
+        and not exists (select 1 from shoal.barriers y where y.execution_id = e.id);
+    end loop;
+  end if;
+
+  return query select f.id from unnest(finished) as f(id);
+end
+$$;
+
+-- The reaper's recovery sweep: fail executions whose barrier expired (which removes the
+-- barrier, its arrivals and the execution's remaining jobs). Returns how many.
+--
+-- A child may be arriving at that very moment. Following the lock order (jobs, then
+-- barriers), the sweep first locks the execution's jobs, which waits out a completion in
+-- flight, then locks the barrier and re-reads it: a barrier whose last child just arrived
+-- is gone (its callback is enqueued, the execution goes on), and the reason counts the
+-- arrivals as they are now. Either the callback runs or the execution fails, never both.
+create or replace function shoal.expire_barriers(max_rows integer default 1000) returns integer
+language plpgsql volatile as $$
+declare
+  b record;
+  current record;
+  n integer := 0;
+begin
+  -- Every job of every execution this sweep may fail, locked up front in one id order:
+  -- the same order complete_jobs takes a batch spanning executions in, so never a deadlock.
+  perform 1 from shoal.jobs j
+  where j.execution_id in (select x.execution_id from shoal.barriers x
+                           where x.expires_at < now() order by x.expires_at limit max_rows)
+  order by j.id for update;
+  for b in
+    select x.id, x.execution_id from shoal.barriers x
+    where x.expires_at < now()
+    order by x.expires_at
+    limit max_rows
+  loop
+    select x.total, x.remaining into current from shoal.barriers x
+    where x.id = b.id and x.expires_at < now()
+    for update;
+    continue when not found;
+    if shoal.fail_execution(b.execution_id,
+         format('Fan-out expired with %s of %s children arrived',
+                current.total - current.remaining, current.total)) then
+      n := n + 1;
+    else
+      -- Its execution had already ended: the barrier is a leftover, not a failure.
+      delete from shoal.barriers x where x.id = b.id;
+    end if;
+  end loop;
+  return n;
+end
+$$;
+
+-- Remove a barrier's arrivals with it, however the barrier goes (filled, failed, cancelled,
+-- expired, or with its execution): the trigger barriers_delete_arrivals, once per statement.
+-- arrivals has no foreign key to barriers (005): complete_jobs is its only writer, and
+-- records an arrival only for a barrier it holds locked.
+create or replace function shoal.delete_arrivals_of_barriers() returns trigger
+language plpgsql as $$
+begin
+  delete from shoal.arrivals a using gone g where a.barrier_id = g.id;
+  return null;
+end
+$$;
