@@ -36,7 +36,7 @@ import { connect, isConnectionError, redactUrl, type Sql, waitForDatabase } from
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
 import { describeError, logger, setupLogging } from "./log.ts";
-import { checkSchema, loadMigrations, migrate } from "./migrate.ts";
+import { checkSchema, describeMigration, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
@@ -132,12 +132,7 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
         parsed,
         { name: "migrate", flags: [], needs: "connection" },
         async (sql) => {
-          const applied = await migrate(sql, await loadMigrations());
-          out(
-            applied.length
-              ? `Applied migrations: ${applied.join(", ")}\n`
-              : "Schema is up to date\n",
-          );
+          out(`${describeMigration(await migrate(sql, await loadMigrations()))}\n`);
           return 0;
         },
       );

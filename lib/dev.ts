@@ -16,7 +16,7 @@ import { delay } from "./sleep.ts";
 import { connect, redactUrl, type Sql } from "./db.ts";
 import { type LocalPg, startLocalPg } from "./local_pg.ts";
 import { describeError } from "./log.ts";
-import { loadMigrations, migrate } from "./migrate.ts";
+import { describeMigration, loadMigrations, migrate } from "./migrate.ts";
 import { enqueueMany, type JobSpec } from "./queue.ts";
 import { type QueueStatus, queueStatus } from "./status.ts";
 import type { TaskRegistry } from "./tasks.ts";
@@ -163,10 +163,7 @@ async function runAll(
   stop: AbortSignal,
   http: RoleHttp | null,
 ) {
-  const migrated = await migrate(sql, await loadMigrations());
-  options.print(
-    migrated.length ? `Applied migrations ${migrated.join(", ")}\n` : "Schema is up to date\n",
-  );
+  options.print(`${describeMigration(await migrate(sql, await loadMigrations()))}\n`);
   if (stop.aborted) return; // Ctrl-C while migrating: start nothing
   // The roles get their own controller: one that fails stops the others (and the demo)
   // gracefully, while a Ctrl-C after that is still a first, graceful one.

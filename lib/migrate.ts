@@ -324,17 +324,24 @@ async function applyFunctions(tx: Db, functions: FunctionSet): Promise<Functions
   return { applied, newer: null };
 }
 
+/** What one `migrate()` call changed: nothing when another migrator got there first. */
+export interface MigrateResult {
+  /** Versions of the numbered migrations applied, in order. */
+  migrations: number[];
+  /** Function files (re-)applied because their text differed from the recorded one. */
+  functionFiles: string[];
+}
+
 /**
  * Apply every pending migration, then every function file whose checksum differs from the
- * recorded one, in one transaction. Returns the migration versions this call applied (none
- * when another migrator got there first; the function files it applied are logged).
- * Refuses if an applied migration's file changed. `functions` defaults to the embedded ones.
+ * recorded one, in one transaction. Returns what this call applied. Refuses if an applied
+ * migration's file changed. `functions` defaults to the embedded ones.
  */
 export async function migrate(
   sql: Sql,
   migrations: Migration[],
   functions?: FunctionSet,
-): Promise<number[]> {
+): Promise<MigrateResult> {
   const log = logger("migrate");
   const fns = functions ?? await loadFunctions();
   const { applied, outcome } = await sql.begin(async (tx) => {
@@ -385,7 +392,19 @@ export async function migrate(
       { current: outcome.newer, latest: fns.revision },
     );
   }
-  return applied.map((m) => m.version);
+  return { migrations: applied.map((m) => m.version), functionFiles: outcome.applied };
+}
+
+/** For people, a line per kind: what `migrate()` did (`shoal migrate`, `shoal dev`). */
+export function describeMigration(result: MigrateResult): string {
+  const parts: string[] = [];
+  if (result.migrations.length > 0) {
+    parts.push(`Applied migrations: ${result.migrations.join(", ")}`);
+  }
+  if (result.functionFiles.length > 0) {
+    parts.push(`Applied function files: ${result.functionFiles.join(", ")}`);
+  }
+  return parts.length > 0 ? parts.join("\n") : "Schema is up to date";
 }
 
 /**

@@ -172,9 +172,11 @@ Deno.test("the bundle migrates an empty database with the embedded migrations an
   const first = await runShoal(["migrate"], { url: db.url, mainModule: bundle });
   assertEquals(first.code, 0, first.stderr);
   const migrations = await loadMigrations(SQL_DIR);
+  const files = (await loadFunctions(SQL_DIR)).files.map((f) => f.name);
   assertEquals(
     first.stdout,
-    `Applied migrations: ${migrations.map((m) => m.version).join(", ")}\n`,
+    `Applied migrations: ${migrations.map((m) => m.version).join(", ")}\n` +
+      `Applied function files: ${files.join(", ")}\n`,
   );
   const applied = await appliedMigrations(db.sql);
   assertEquals(applied.map((m) => m.checksum), migrations.map((m) => m.checksum));

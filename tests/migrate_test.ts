@@ -19,8 +19,8 @@ Deno.test("migrate() applies every migration once and records checksums", async 
   await using db = await emptyDb();
   const migrations = await loadMigrations();
   await assertRejects(() => checkSchema(db.sql, migrations), SchemaBehindError);
-  assertEquals(await migrate(db.sql, migrations), migrations.map((m) => m.version));
-  assertEquals(await migrate(db.sql, migrations), []);
+  assertEquals((await migrate(db.sql, migrations)).migrations, migrations.map((m) => m.version));
+  assertEquals((await migrate(db.sql, migrations)).migrations, []);
   const applied = await appliedMigrations(db.sql);
   assertEquals(applied.map((m) => m.checksum), migrations.map((m) => m.checksum));
   await checkSchema(db.sql, migrations);
@@ -39,7 +39,7 @@ Deno.test("migrate() run by two migrators at once applies each migration exactly
   await using db = await emptyDb();
   const migrations = await loadMigrations();
   const [a, b] = await Promise.all([migrate(db.sql, migrations), migrate(db.sql, migrations)]);
-  assertEquals([...a, ...b].sort(), migrations.map((m) => m.version));
+  assertEquals([...a.migrations, ...b.migrations].sort(), migrations.map((m) => m.version));
 });
 
 // ---- Function files (sql/functions/, sql/functions.lock) --------------------------------
@@ -231,7 +231,7 @@ Deno.test("migrate() re-applies a changed function file, and only that one", asy
     before.map((r) => [r.name, r.checksum, r.revision]),
     functions.files.map((f) => [f.name, f.checksum, functions.revision]).sort(),
   );
-  assertEquals(await migrate(db.sql, migrations), []);
+  assertEquals((await migrate(db.sql, migrations)).migrations, []);
   assertEquals(await appliedFunctionFiles(db.sql), before, "nothing changed, nothing applied");
 
   const wake = functions.files.find((f) => f.name === "wake.sql")!;
@@ -241,7 +241,7 @@ Deno.test("migrate() re-applies a changed function file, and only that one", asy
   );
   assert(marked !== wake.sql);
   const newer = await withFile(functions, "wake.sql", marked, functions.revision + 1);
-  assertEquals(await migrate(db.sql, migrations, newer), []);
+  assertEquals((await migrate(db.sql, migrations, newer)).migrations, []);
   const [def] = await db.sql<{ text: string }[]>`
     select pg_get_functiondef('shoal.wake_payload(text, timestamptz)'::regprocedure) as text`;
   assert(def!.text.includes("/* revision 2 */"), def!.text);
@@ -274,7 +274,7 @@ Deno.test("an older binary neither downgrades a newer binary's functions nor ref
   const recorded = await appliedFunctionFiles(db.sql);
 
   // The older binary's migrate (say a role started with --migrate mid-deploy) leaves them.
-  assertEquals(await migrate(db.sql, migrations, older), []);
+  assertEquals((await migrate(db.sql, migrations, older)).migrations, []);
   assertEquals(await appliedFunctionFiles(db.sql), recorded);
   const [def] = await db.sql<{ text: string }[]>`
     select pg_get_functiondef('shoal.wake_payload(text, timestamptz)'::regprocedure) as text`;
