@@ -8,7 +8,7 @@
  * makes deletes wait on an advisory lock the test holds (a database that lags).
  */
 import { assert, assertEquals } from "./assert.ts";
-import { testDb, waitFor } from "./helpers.ts";
+import { gateJobDeletes, testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { logger } from "../lib/log.ts";
 import { claim, enqueueMany, type Job } from "../lib/queue.ts";
@@ -16,8 +16,6 @@ import { startExecution } from "../lib/execution.ts";
 import { type AnyTask, defineTask, TaskRegistry } from "../lib/tasks.ts";
 import { JobRun, type RunEnv } from "../lib/run_job.ts";
 import { Completer } from "../lib/completer.ts";
-
-const BLOCK_LOCK = 4242;
 
 /** Log every deleted job with the transaction (statement) that deleted it. */
 async function logDeletes(sql: Sql): Promise<void> {
@@ -33,16 +31,6 @@ async function statementSizes(sql: Sql): Promise<number[]> {
   const rows = await sql<{ n: number }[]>`
     select count(*)::int as n from public.deleted group by xid order by xid`;
   return rows.map((r) => r.n);
-}
-
-/** Make every delete of a job wait while the test holds BLOCK_LOCK. */
-async function gateDeletes(sql: Sql): Promise<void> {
-  await sql`create function public.gate_delete() returns trigger language plpgsql as $$
-    begin perform pg_advisory_xact_lock_shared(${
-    sql.unsafe(String(BLOCK_LOCK))
-  }); return old; end $$`;
-  await sql`create trigger gate_delete before delete on shoal.jobs
-    for each row execute function public.gate_delete()`;
 }
 
 const noop = defineTask({ name: "t.noop", handler: () => {} });
@@ -108,7 +96,7 @@ Deno.test("Completer caps completions of executions per statement too, and compl
 
 Deno.test("Completer is full at its backlog limit, lists unsent jobs for the heartbeat, and calls onRoom once it falls", async () => {
   await using db = await testDb();
-  await gateDeletes(db.sql);
+  await using gate = await gateJobDeletes(db.sql);
   await enqueueMany(db.sql, Array.from({ length: 6 }, () => ({ task: "t.noop" })));
   const runs = await settledRuns(await claimAll(db.sql, 6), env(db.sql));
   let rooms = 0;
@@ -117,27 +105,21 @@ Deno.test("Completer is full at its backlog limit, lists unsent jobs for the hea
     backlogLimit: 4,
     onRoom: () => rooms++,
   });
-  const gate = await db.sql.reserve();
-  try {
-    await gate`select pg_advisory_lock(${BLOCK_LOCK})`;
-    for (const run of runs.slice(0, 3)) completer.record(run);
-    assertEquals(completer.full, false, "3 of 4");
-    for (const run of runs.slice(3)) completer.record(run);
-    assertEquals(completer.backlog, 6);
-    assertEquals(completer.full, true);
-    // The first statement is stuck behind the lock: everything is still unsent.
-    await new Promise((resolve) => setTimeout(resolve, 200));
-    assertEquals(completer.full, true);
-    assertEquals(
-      completer.unsent().map((ref) => ref.id).sort(),
-      runs.map((run) => run.job.id).sort(),
-      "queued and in-flight jobs are heartbeated until acked",
-    );
-    assertEquals(rooms, 0);
-    await gate`select pg_advisory_unlock(${BLOCK_LOCK})`;
-  } finally {
-    gate.release();
-  }
+  for (const run of runs.slice(0, 3)) completer.record(run);
+  assertEquals(completer.full, false, "3 of 4");
+  for (const run of runs.slice(3)) completer.record(run);
+  assertEquals(completer.backlog, 6);
+  assertEquals(completer.full, true);
+  // The first statement is stuck behind the gate: everything is still unsent.
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assertEquals(completer.full, true);
+  assertEquals(
+    completer.unsent().map((ref) => ref.id).sort(),
+    runs.map((run) => run.job.id).sort(),
+    "queued and in-flight jobs are heartbeated until acked",
+  );
+  assertEquals(rooms, 0);
+  await gate.open();
   await waitFor("room in the backlog", () => rooms === 1);
   await completer.drain();
   assertEquals(completer.full, false);

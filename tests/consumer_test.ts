@@ -4,7 +4,7 @@
  * once, a claim lost mid-run, retries into the dead-letter table).
  */
 import { assert, assertEquals } from "./assert.ts";
-import { FAST_CONSUMER, sleep, startConsumer, testDb, waitFor } from "./helpers.ts";
+import { FAST_CONSUMER, gateJobDeletes, sleep, startConsumer, testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { runConsumer } from "../lib/consumer.ts";
 import { enqueue, enqueueMany } from "../lib/queue.ts";
@@ -385,4 +385,33 @@ Deno.test("runConsumer() with LISTEN and a long poll starts delayed jobs enqueue
   } finally {
     await consumer.stop();
   }
+});
+
+Deno.test("runConsumer() stops claiming while its acks are too far behind, and resumes once they catch up", async () => {
+  await using db = await testDb();
+  let ran = 0;
+  const task = defineTask({ name: "t.fast", handler: () => void ran++ });
+  await enqueueMany(db.sql, Array.from({ length: 40 }, () => ({ task: "t.fast" })));
+  await using gate = await gateJobDeletes(db.sql); // the acks lag: none gets through
+  const consumer = startConsumer(db.sql, [task], {
+    concurrency: 2,
+    ackBatchCap: 2,
+    ackBacklogLimit: 5,
+  });
+  try {
+    await waitFor("the backlog to fill", () => ran >= 5);
+    await sleep(300);
+    const paused = ran;
+    // At the limit (5) it stops; what was claimed or running meanwhile (two claims of
+    // two) may still finish. Without backpressure all 40 would run while no ack lands.
+    assert(paused <= 9, `${paused} jobs ran while no ack landed`);
+    await sleep(300);
+    assertEquals(ran, paused, "no claim while the backlog is at its limit");
+    await gate.open();
+    await waitFor("the queue to drain", async () => (await count(db.sql, "jobs")) === 0);
+  } finally {
+    await gate.open();
+    await consumer.stop();
+  }
+  assertEquals(ran, 40);
 });
