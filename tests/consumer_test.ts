@@ -397,6 +397,8 @@ Deno.test("runConsumer() stops claiming while its acks are too far behind, and r
     concurrency: 2,
     ackBatchCap: 2,
     ackBacklogLimit: 5,
+    // Only freed slots and the completer's room wake the loop: no poll hides a missed wake.
+    pollIntervalMs: 60_000,
   });
   try {
     await waitFor("the backlog to fill", () => ran >= 5);
