@@ -164,6 +164,7 @@ Deno.test("JobRun.abortIfOverdue() aborts the handler past its task's timeout, n
   run.abortIfOverdue(run.timeoutAt - 1);
   assertEquals(run.controller.signal.aborted, false);
   run.abortIfOverdue(run.timeoutAt);
+  assertEquals(run.controller.signal.aborted, true, "aborted at its deadline");
   await run.settled;
   assertEquals(run.state, "failed");
   assert(run.error instanceof TimeoutError);
