@@ -417,3 +417,50 @@ Deno.test("runConsumer() stops claiming while its acks are too far behind, and r
   }
   assertEquals(ran, 40);
 });
+
+Deno.test("runConsumer() on a NOTIFY probes for jobs ranking ahead of its buffer, and claims only those", async () => {
+  await using db = await testDb();
+  let gates = 0;
+  const quick = defineTask({ name: "t.quick", handler: () => {} });
+  const gate = defineTask({
+    name: "t.gate",
+    async handler(_payload, ctx) {
+      gates++;
+      await aborted(ctx.signal);
+    },
+  });
+  // Fast jobs set the pace, two jobs hold both slots until shutdown, and more fast jobs
+  // wait in the buffer behind them (more than the slots' worth: a probe is worth it).
+  await enqueueMany(db.sql, Array.from({ length: 400 }, () => ({ task: "t.quick" })));
+  await enqueueMany(db.sql, [{ task: "t.gate" }, { task: "t.gate" }]);
+  await enqueueMany(db.sql, Array.from({ length: 100 }, () => ({ task: "t.quick" })));
+  const consumer = startConsumer(db.sql, [quick, gate], {
+    concurrency: 2,
+    prefetch: 50,
+    listen: true,
+    pollIntervalMs: 60_000,
+  });
+  const locked = async () => {
+    const [row] = await db.sql<{ n: number }[]>`
+      select count(*)::int as n from shoal.jobs where locked_by is not null`;
+    return row!.n;
+  };
+  try {
+    await waitFor("both slots to be held", () => gates === 2);
+    await sleep(300); // the buffer settles: nothing frees a slot, so nothing claims
+    const held = await locked();
+    assert(held > 4, `only ${held} jobs held: the buffer should hold more than the slots`);
+    const urgent = await enqueue(db.sql, "t.quick", {}, { priority: 5 });
+    await waitFor(
+      "the urgent job to be claimed",
+      async () =>
+        (await db.sql`select 1 from shoal.jobs where id = ${urgent} and locked_by is not null`)
+          .length > 0,
+    );
+    await sleep(200);
+    // The probe is bounded by the last buffered job: none of the pending ones comes along.
+    assertEquals(await locked(), held + 1);
+  } finally {
+    await consumer.stop();
+  }
+});
