@@ -464,24 +464,3 @@ Deno.test("runConsumer() on a NOTIFY probes for jobs ranking ahead of its buffer
     await consumer.stop();
   }
 });
-
-Deno.test("runConsumer() keeps extending finished jobs whose ack is stuck, so none runs twice", async () => {
-  await using db = await testDb();
-  let ran = 0;
-  const task = defineTask({ name: "t.once", handler: () => void ran++ });
-  await enqueueMany(db.sql, Array.from({ length: 3 }, () => ({ task: "t.once" })));
-  await using gate = await gateJobDeletes(db.sql);
-  // A visibility of 600 ms: the stuck acks outlast it several times over.
-  const consumer = startConsumer(db.sql, [task], { visibilityTimeoutMs: 600 });
-  try {
-    await waitFor("the jobs to run", () => ran === 3);
-    await sleep(2_000);
-    assertEquals(ran, 3, "a finished job whose ack waits must not be redelivered");
-    await gate.open();
-    await waitFor("the acks to land", async () => (await count(db.sql, "jobs")) === 0);
-  } finally {
-    await gate.open();
-    await consumer.stop();
-  }
-  assertEquals(ran, 3);
-});
