@@ -85,7 +85,11 @@ export class Completer {
     this.#options = options;
     this.#cap = options.batchCap ?? BATCH_CAP;
     this.#limit = options.backlogLimit ?? BACKLOG_LIMIT;
-    if (!(this.#cap >= 1)) throw new RangeError(`Invalid batch cap ${this.#cap}: at least 1`);
+    if (!(this.#cap >= 1) || !(this.#limit >= 1)) {
+      throw new RangeError(
+        `Invalid completer limits (batch cap ${this.#cap}, backlog ${this.#limit}): expected at least 1`,
+      );
+    }
   }
 
   /** Outcomes handed in and not recorded yet. */

@@ -264,7 +264,14 @@ export async function runConsumer(
     maxFanOut: options.maxFanOut,
     onRoom: () => waker.wake(),
   });
-  const env: RunEnv = { ...options, sql, tasks, log };
+  const env: RunEnv = {
+    sql,
+    tasks,
+    log,
+    taskTimeoutMs: options.taskTimeoutMs,
+    maxPayloadBytes: options.maxPayloadBytes,
+    maxFanOut: options.maxFanOut,
+  };
   /** Task timeouts: one sweep over running jobs, not a timer per job. */
   const timeouts = new TimeoutSweep(() => {
     const now = performance.now();
@@ -472,39 +479,47 @@ export async function runConsumer(
     await waker.sleep(options.pollIntervalMs, stop);
   }
 
-  log.info("Consumer stopping: {count} jobs in flight, grace {grace}", {
-    count: running.size,
-    grace: formatDuration(options.shutdownGraceMs),
-  });
-  // A probe in flight would add to the buffer after it was handed back.
-  clearTimeout(quietTimer);
-  await probing;
-  // Buffered jobs never started: hand them back now, not after the grace period.
-  const unstarted = buffer.takeAll();
-  if (unstarted.length > 0) handBackTracked(unstarted, "shutdown");
-  if (running.size > 0) {
-    let graceTimer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      idle(),
-      new Promise((resolve) => (graceTimer = setTimeout(resolve, options.shutdownGraceMs))),
-    ]);
-    clearTimeout(graceTimer);
+  await shutdown();
+
+  /**
+   * Stop claiming; hand the buffer back at once; give running handlers the grace period,
+   * then abort and release the rest; wait for every outcome and hand-back to be recorded.
+   */
+  async function shutdown(): Promise<void> {
+    log.info("Consumer stopping: {count} jobs in flight, grace {grace}", {
+      count: running.size,
+      grace: formatDuration(options.shutdownGraceMs),
+    });
+    // A probe in flight would add to the buffer after it was handed back.
+    clearTimeout(quietTimer);
+    await probing;
+    // Buffered jobs never started: hand them back now, not after the grace period.
+    const unstarted = buffer.takeAll();
+    if (unstarted.length > 0) handBackTracked(unstarted, "shutdown");
+    if (running.size > 0) {
+      let graceTimer: ReturnType<typeof setTimeout> | undefined;
+      await Promise.race([
+        idle(),
+        new Promise((resolve) => (graceTimer = setTimeout(resolve, options.shutdownGraceMs))),
+      ]);
+      clearTimeout(graceTimer);
+    }
+    const left = [...running.values()].filter((run) => run.state === "running");
+    for (const run of left) run.release();
+    clearInterval(heartbeatTimer);
+    dueWake.stop();
+    if (left.length > 0) await handBackTracked(left.map((run) => run.job), "unfinished");
+    // Failures and fan-outs already being recorded finish before the pool closes.
+    await idle();
+    timeouts.stop();
+    await Promise.all(handingBack);
+    await completer.drain();
+    await beating;
+    if (unlisten) {
+      await unlisten().catch((error) =>
+        log.warn("Cannot UNLISTEN: {error}", { error: describeError(error) })
+      );
+    }
+    log.info("Consumer stopped");
   }
-  const left = [...running.values()].filter((run) => run.state === "running");
-  for (const run of left) run.release();
-  clearInterval(heartbeatTimer);
-  dueWake.stop();
-  if (left.length > 0) await handBackTracked(left.map((run) => run.job), "unfinished");
-  // Failures and fan-outs already being recorded finish before the pool closes.
-  await idle();
-  timeouts.stop();
-  await Promise.all(handingBack);
-  await completer.drain();
-  await beating;
-  if (unlisten) {
-    await unlisten().catch((error) =>
-      log.warn("Cannot UNLISTEN: {error}", { error: describeError(error) })
-    );
-  }
-  log.info("Consumer stopped");
 }

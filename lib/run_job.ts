@@ -46,8 +46,6 @@ export interface RunEnv {
   log: Logger;
   /** Timeout for tasks that do not set their own. */
   taskTimeoutMs: number;
-  /** Backoff base for retries (attempt n waits about base × 2^(n-1)). */
-  retryBaseMs?: number;
   maxPayloadBytes?: number;
   /** Largest fan-out a handler may open. */
   maxFanOut?: number;

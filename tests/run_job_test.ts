@@ -32,7 +32,6 @@ function env(sql: Sql, tasks: AnyTask[], taskTimeoutMs = 10_000): RunEnv {
     tasks: new TaskRegistry(tasks),
     log: logger("consumer"),
     taskTimeoutMs,
-    retryBaseMs: 1000,
   };
 }
 
