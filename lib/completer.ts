@@ -135,7 +135,10 @@ export class Completer {
     ];
   }
 
-  /** Resolves once every completion handed in so far has been sent (or given up). */
+  /**
+   * Resolves once every completion handed in so far has been sent (or given up). Failures
+   * and fan-outs are awaited by whoever recorded them (the consumer keeps their slot).
+   */
   async drain(): Promise<void> {
     while (this.#flushing) await this.#flushing;
   }
