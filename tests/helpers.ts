@@ -495,7 +495,7 @@ export interface DeleteGate {
  * so a consumer runs jobs while their acks are stuck, as behind a lagging database.
  */
 export async function gateJobDeletes(sql: Sql): Promise<DeleteGate> {
-  const lock = 4242;
+  const lock = 4242; // the trigger's body names the same key (DDL takes no parameters)
   await sql`create or replace function public.gate_delete() returns trigger language plpgsql
     as $$ begin perform pg_advisory_xact_lock_shared(4242); return old; end $$`;
   await sql`create trigger gate_delete before delete on shoal.jobs
