@@ -4,7 +4,7 @@
  * once, a claim lost mid-run, retries into the dead-letter table).
  */
 import { assert, assertEquals } from "./assert.ts";
-import { FAST_CONSUMER, sleep, startConsumer, testDb, waitFor } from "./helpers.ts";
+import { FAST_CONSUMER, gateJobDeletes, sleep, startConsumer, testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { runConsumer } from "../lib/consumer.ts";
 import { enqueue, enqueueMany } from "../lib/queue.ts";
@@ -382,6 +382,84 @@ Deno.test("runConsumer() with LISTEN and a long poll starts delayed jobs enqueue
       const late = started.get(id)! - dues[i]!;
       assert(late >= -50 && late < 5_000, `job ${id} started ${late} ms after its run_at`);
     });
+  } finally {
+    await consumer.stop();
+  }
+});
+
+Deno.test("runConsumer() stops claiming while its acks are too far behind, and resumes once they catch up", async () => {
+  await using db = await testDb();
+  let ran = 0;
+  const task = defineTask({ name: "t.fast", handler: () => void ran++ });
+  await enqueueMany(db.sql, Array.from({ length: 40 }, () => ({ task: "t.fast" })));
+  await using gate = await gateJobDeletes(db.sql); // the acks lag: none gets through
+  const consumer = startConsumer(db.sql, [task], {
+    concurrency: 2,
+    ackBatchCap: 2,
+    ackBacklogLimit: 5,
+    // Only freed slots and the completer's room wake the loop: no poll hides a missed wake.
+    pollIntervalMs: 60_000,
+  });
+  try {
+    await waitFor("the backlog to fill", () => ran >= 5);
+    await sleep(300);
+    const paused = ran;
+    // At the limit (5) it stops; what was claimed or running meanwhile (two claims of
+    // two) may still finish. Without backpressure all 40 would run while no ack lands.
+    assert(paused <= 9, `${paused} jobs ran while no ack landed`);
+    await sleep(300);
+    assertEquals(ran, paused, "no claim while the backlog is at its limit");
+    await gate.open();
+    await waitFor("the queue to drain", async () => (await count(db.sql, "jobs")) === 0);
+  } finally {
+    await gate.open();
+    await consumer.stop();
+  }
+  assertEquals(ran, 40);
+});
+
+Deno.test("runConsumer() on a NOTIFY probes for jobs ranking ahead of its buffer, and claims only those", async () => {
+  await using db = await testDb();
+  let gates = 0;
+  const quick = defineTask({ name: "t.quick", handler: () => {} });
+  const gate = defineTask({
+    name: "t.gate",
+    async handler(_payload, ctx) {
+      gates++;
+      await aborted(ctx.signal);
+    },
+  });
+  // Fast jobs set the pace, two jobs hold both slots until shutdown, and more fast jobs
+  // wait in the buffer behind them (more than the slots' worth: a probe is worth it).
+  await enqueueMany(db.sql, Array.from({ length: 400 }, () => ({ task: "t.quick" })));
+  await enqueueMany(db.sql, [{ task: "t.gate" }, { task: "t.gate" }]);
+  await enqueueMany(db.sql, Array.from({ length: 100 }, () => ({ task: "t.quick" })));
+  const consumer = startConsumer(db.sql, [quick, gate], {
+    concurrency: 2,
+    prefetch: 50,
+    listen: true,
+    pollIntervalMs: 60_000,
+  });
+  const locked = async () => {
+    const [row] = await db.sql<{ n: number }[]>`
+      select count(*)::int as n from shoal.jobs where locked_by is not null`;
+    return row!.n;
+  };
+  try {
+    await waitFor("both slots to be held", () => gates === 2);
+    await sleep(300); // the buffer settles: nothing frees a slot, so nothing claims
+    const held = await locked();
+    assert(held > 4, `only ${held} jobs held: the buffer should hold more than the slots`);
+    const urgent = await enqueue(db.sql, "t.quick", {}, { priority: 5 });
+    await waitFor(
+      "the urgent job to be claimed",
+      async () =>
+        (await db.sql`select 1 from shoal.jobs where id = ${urgent} and locked_by is not null`)
+          .length > 0,
+    );
+    await sleep(200);
+    // The probe is bounded by the last buffered job: none of the pending ones comes along.
+    assertEquals(await locked(), held + 1);
   } finally {
     await consumer.stop();
   }

@@ -481,3 +481,35 @@ export function startConsumer(
     },
   };
 }
+
+/** A gate on job deletes (acks, completions, dead-lettering): closed until opened. */
+export interface DeleteGate {
+  /** Let the waiting deletes through, and every later one (idempotent). */
+  open(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/**
+ * Make every delete of a job wait until the gate opens: a test-only trigger takes a
+ * shared advisory lock that a reserved connection holds. Claims (updates) pass freely,
+ * so a consumer runs jobs while their acks are stuck, as behind a lagging database.
+ */
+export async function gateJobDeletes(sql: Sql): Promise<DeleteGate> {
+  const lock = 4242; // the trigger's body names the same key (DDL takes no parameters)
+  await sql`create or replace function public.gate_delete() returns trigger language plpgsql
+    as $$ begin perform pg_advisory_xact_lock_shared(4242); return old; end $$`;
+  await sql`create trigger gate_delete before delete on shoal.jobs
+    for each row execute function public.gate_delete()`;
+  const holder = await sql.reserve();
+  await holder`select pg_advisory_lock(${lock})`;
+  let opened: Promise<void> | null = null;
+  const open = () =>
+    opened ??= (async () => {
+      try {
+        await holder`select pg_advisory_unlock(${lock})`;
+      } finally {
+        holder.release();
+      }
+    })();
+  return { open, [Symbol.asyncDispose]: open };
+}

@@ -1,0 +1,284 @@
+/**
+ * The completer: the one place a consumer records what its jobs ended with.
+ *
+ * - Completed plain jobs are acked (deleted) and completed jobs of an execution are
+ *   completed (arrival, decrement, callback, execution result) in batches: while one
+ *   statement is in flight, the jobs that finish meanwhile wait and go together in the
+ *   next, at most BATCH_CAP per statement.
+ * - Failures and fan-outs are one statement each (their SQL takes one job), awaited by
+ *   the run so its slot stays taken until they are recorded.
+ * - Backpressure: once the backlog (outcomes handed in, not yet recorded) reaches
+ *   BACKLOG_LIMIT, `full` is true and the consumer stops claiming; `onRoom` fires when
+ *   the backlog falls below it again.
+ * - Until their statement is done, batched jobs are still claimed and must not reach
+ *   their deadline: `unsent()` lists them for the consumer's one heartbeat statement.
+ *
+ * @module
+ */
+import type { Sql } from "./db.ts";
+import { isDataError, retryOnce } from "./db.ts";
+import { describeError, logger } from "./log.ts";
+import { metrics } from "./metrics.ts";
+import { ack, fail, type JobRef } from "./queue.ts";
+import { type CheckedFanOut, completeJobs, type Completion, fanOut } from "./barrier.ts";
+import { PermanentError } from "./tasks.ts";
+import { failureOf, type JobRun } from "./run_job.ts";
+
+/**
+ * Most jobs per ack or complete statement. River's completer uses the same 5,000. A
+ * batch this large is already about a tenth of a second of a fast consumer's work (W2
+ * finishes some 45,000 no-op jobs a second), so a larger cap would not make fewer round
+ * trips matter; it would only make one statement hold more row locks for longer, send a
+ * larger array, and redo more work when a lost connection retries it. Normal batches
+ * (what finishes during one round trip) stay far below it: the cap only splits the
+ * backlog that builds up while the database is slow or away.
+ */
+export const BATCH_CAP = 5_000;
+
+/**
+ * The backlog at which the consumer stops claiming: four full statements behind (River's
+ * completer also waits at 4 × its cap). Below it, finished jobs keep their slot free
+ * while their ack waits, so a fast consumer is never slowed by one slow statement; above
+ * it, claiming more would only grow a backlog the database cannot keep up with, and the
+ * heartbeat that extends every unsent job would grow with it.
+ */
+export const BACKLOG_LIMIT = 4 * BATCH_CAP;
+
+export interface CompleterOptions {
+  /** Most jobs per statement (default BATCH_CAP). */
+  batchCap?: number;
+  /** Backlog at which `full` turns true (default BACKLOG_LIMIT). */
+  backlogLimit?: number;
+  /** Backoff base for retries (attempt n waits about base × 2^(n-1)). */
+  retryBaseMs?: number;
+  maxPayloadBytes?: number;
+  /** Largest fan-out a handler may open. */
+  maxFanOut?: number;
+  /** Called when the backlog falls below the limit after reaching it. */
+  onRoom?: () => void;
+}
+
+const NONE: readonly never[] = [];
+
+/** Records finished runs; see the module comment. */
+export class Completer {
+  readonly #sql: Sql;
+  readonly #cap: number;
+  readonly #limit: number;
+  readonly #options: CompleterOptions;
+  readonly #log = logger("consumer");
+  /** Plain jobs to ack, not sent yet (the jobs themselves: id and token are their ref). */
+  #acks: JobRef[] = [];
+  /** Jobs of an execution to complete, not sent yet. */
+  #completions: Completion[] = [];
+  /** The batches of the statements in flight. */
+  #sendingAcks: readonly JobRef[] = NONE;
+  #sendingCompletions: readonly Completion[] = NONE;
+  /** Failures and fan-outs being recorded. */
+  #recording = 0;
+  #flushing: Promise<void> | null = null;
+  /** Whether the backlog reached the limit and onRoom has not fired since. */
+  #wasFull = false;
+
+  constructor(sql: Sql, options: CompleterOptions = {}) {
+    this.#sql = sql;
+    this.#options = options;
+    this.#cap = options.batchCap ?? BATCH_CAP;
+    this.#limit = options.backlogLimit ?? BACKLOG_LIMIT;
+    if (!(this.#cap >= 1) || !(this.#limit >= 1)) {
+      throw new RangeError(
+        `Invalid completer limits (batch cap ${this.#cap}, backlog ${this.#limit}): expected at least 1`,
+      );
+    }
+  }
+
+  /** Outcomes handed in and not recorded yet. */
+  get backlog(): number {
+    return this.#acks.length + this.#completions.length + this.#sendingAcks.length +
+      this.#sendingCompletions.length + this.#recording;
+  }
+
+  /** Whether the backlog is at its limit: the consumer claims nothing until it falls. */
+  get full(): boolean {
+    return this.backlog >= this.#limit;
+  }
+
+  /**
+   * Record a settled run. A completion is queued for the next batch and nothing is
+   * returned (no promise per ack: there is nothing to wait for); a failure or a fan-out
+   * returns a promise that resolves once recorded (or given up), never rejects. Lost and
+   * released runs are discarded.
+   */
+  record(run: JobRun): Promise<void> | undefined {
+    // The handler's duration, measured when it settled (not when its outcome is recorded).
+    const ms = performance.now() - run.startedAt;
+    switch (run.state) {
+      case "completed":
+        this.#complete(run, ms);
+        return undefined;
+      case "fan-out":
+        return this.#tracked(() => this.#fanOut(run, run.fanOut!, ms));
+      case "failed":
+        return this.#tracked(() => this.#fail(run, run.error, ms));
+      default: // running (not settled: a caller's bug), lost or released: nothing to record
+        return undefined;
+    }
+  }
+
+  /** The jobs handed in but not acked yet, for the heartbeat. */
+  unsent(): JobRef[] {
+    return [
+      ...this.#acks,
+      ...this.#completions,
+      ...this.#sendingAcks,
+      ...this.#sendingCompletions,
+    ];
+  }
+
+  /**
+   * Resolves once every completion handed in so far has been sent (or given up). Failures
+   * and fan-outs are awaited by whoever recorded them (the consumer keeps their slot).
+   */
+  async drain(): Promise<void> {
+    while (this.#flushing) await this.#flushing;
+  }
+
+  #complete(run: JobRun, ms: number): void {
+    const job = run.job;
+    // Until its ack is sent, the job is still heartbeated (unsent()): a slow ack must not
+    // let its deadline pass and the job run a second time elsewhere.
+    if (job.execution_id !== null) {
+      this.#completions.push({ id: job.id, token: job.token, result: run.result });
+    } else this.#acks.push(job);
+    metrics.jobFinished(job, "completed", ms);
+    this.#noteGrowth();
+    this.#flushing ??= this.#flush();
+  }
+
+  async #flush(): Promise<void> {
+    while (this.#acks.length > 0 || this.#completions.length > 0) {
+      const acks = takeBatch(this.#acks, this.#cap);
+      const completions = takeBatch(this.#completions, this.#cap);
+      this.#sendingAcks = acks;
+      this.#sendingCompletions = completions;
+      await Promise.all([
+        this.#send("ack", acks.length, () => ack(this.#sql, acks)),
+        this.#send("complete", completions.length, () => completeJobs(this.#sql, completions)),
+      ]);
+      this.#sendingAcks = NONE;
+      this.#sendingCompletions = NONE;
+      this.#roomCheck();
+    }
+    this.#flushing = null;
+  }
+
+  async #send(what: string, count: number, run: () => Promise<unknown>): Promise<void> {
+    if (count === 0) return;
+    try {
+      await retryOnce(what, run);
+    } catch (error) {
+      // The jobs stay claimed and are redelivered after their deadline (at-least-once).
+      this.#log.error("Cannot {what} {count} jobs, they will be redelivered: {error}", {
+        what,
+        count,
+        error: describeError(error),
+      });
+    }
+  }
+
+  /** Count a failure or fan-out in the backlog while it is recorded. */
+  async #tracked(record: () => Promise<void>): Promise<void> {
+    this.#recording++;
+    this.#noteGrowth();
+    try {
+      await record();
+    } finally {
+      this.#recording--;
+      this.#roomCheck();
+    }
+  }
+
+  /** The backlog grew: remember when it reached the limit, to call onRoom once it falls. */
+  #noteGrowth(): void {
+    if (this.#wasFull || this.backlog < this.#limit) return;
+    this.#wasFull = true;
+    this.#log.warn("Outcomes are recorded slower than jobs finish: claiming paused at {count}", {
+      count: this.backlog,
+    });
+  }
+
+  /** The backlog shrank: below the limit after reaching it, the consumer may claim again. */
+  #roomCheck(): void {
+    if (this.#wasFull && this.backlog < this.#limit) {
+      this.#wasFull = false;
+      this.#log.info("Outcomes caught up: claiming again at {count}", { count: this.backlog });
+      this.#options.onRoom?.();
+    }
+  }
+
+  /**
+   * The handler finished and asked for a fan-out: ack, barrier and children in one go.
+   * When the database refuses the fan-out itself (a limit or a rule it checks again,
+   * such as its own payload limit), the same spec would be refused on every redelivery:
+   * the job fails for good now instead of running again.
+   */
+  async #fanOut(run: JobRun, spec: CheckedFanOut, ms: number): Promise<void> {
+    const job = run.job;
+    try {
+      const execution = await retryOnce(
+        "fan-out",
+        () =>
+          fanOut(this.#sql, job, spec, {
+            maxChildren: this.#options.maxFanOut,
+            maxPayloadBytes: this.#options.maxPayloadBytes,
+          }),
+      );
+      if (execution === null) {
+        this.#log.warn("Job {job_id} lost its claim before its fan-out: nothing enqueued", {
+          job_id: job.id,
+        });
+      }
+    } catch (error) {
+      if (isDataError(error)) {
+        const refused = new PermanentError(`Cannot fan out: ${(error as Error).message}`, {
+          cause: error,
+        });
+        return await this.#fail(run, refused, ms);
+      }
+      this.#log.error("Cannot fan out from job {job_id}, it will be redelivered: {error}", {
+        job_id: job.id,
+        error: describeError(error),
+      });
+      return;
+    }
+    metrics.jobFinished(job, "completed", ms);
+  }
+
+  /** Record a failure: retry later, or dead-letter when final. */
+  async #fail(run: JobRun, error: unknown, ms: number): Promise<void> {
+    const job = run.job;
+    const failure = failureOf(error, job.attempts, this.#options.retryBaseMs);
+    try {
+      const outcome = await retryOnce("fail", () => fail(this.#sql, job, failure));
+      metrics.jobFinished(job, outcome, ms);
+      const level = outcome === "dead" ? "error" : "warn";
+      this.#log[level]("Job {job_id} ({task}) failed on attempt {attempt}, {outcome}: {error}", {
+        job_id: job.id,
+        task: job.task,
+        attempt: job.attempts,
+        outcome: outcome === "dead" ? "dead-lettered" : outcome,
+        error: failure.error,
+      });
+    } catch (failError) {
+      this.#log.error("Cannot record failure of job {job_id}, it will be redelivered: {error}", {
+        job_id: job.id,
+        error: describeError(failError),
+      });
+    }
+  }
+}
+
+/** The first `cap` items of `queue`, taken out of it (all of them when they fit). */
+function takeBatch<T>(queue: T[], cap: number): T[] {
+  return queue.length <= cap ? queue.splice(0) : queue.splice(0, cap);
+}

@@ -1,0 +1,202 @@
+/**
+ * The consumer's prefetch buffer: jobs claimed (heartbeated, fenced) but not started yet,
+ * in the order they start. It decides how much to claim (its pace), when a probe may look
+ * for jobs ranking ahead of it, and where claimed jobs go (admission order). No database
+ * and no timers: the consumer's loop does the claiming, this class the deciding.
+ *
+ * The buffer holds what this process finishes in about a quarter of a second at its
+ * recent pace (at most `prefetch`): fast jobs are claimed hundreds at a time, slow jobs
+ * are not hoarded away from idle consumers. The loop claims again once the buffer is half
+ * empty.
+ *
+ * @module
+ */
+import type { ClaimOptions, Job } from "./queue.ts";
+
+/** Seconds of recent throughput the buffer holds. */
+export const BUFFER_SECONDS = 0.25;
+
+/**
+ * After a probe that found nothing, the next waits this long (ms): at most 40 empty probes
+ * a second, while a job that ranks ahead of the buffer waits at most this much longer.
+ */
+export const PROBE_QUIET_MS = 25;
+
+/** After a probe that failed, the next waits this long (ms); the loop's claim reports faults. */
+export const PROBE_FAILED_QUIET_MS = 1000;
+
+/** A clock in milliseconds (performance.now() by default; tests pass a fake one). */
+export type Clock = () => number;
+
+/**
+ * Jobs finished per second, smoothed: each window of at least 100 ms folds into a moving
+ * average, so the estimate follows a change of pace within a second or so.
+ */
+export class Pace {
+  readonly #now: Clock;
+  #windowStart: number;
+  #inWindow = 0;
+  #rate = 0;
+
+  constructor(now: Clock = () => performance.now()) {
+    this.#now = now;
+    this.#windowStart = now();
+  }
+
+  count(): void {
+    this.#inWindow++;
+  }
+
+  perSecond(): number {
+    const now = this.#now();
+    const elapsed = now - this.#windowStart;
+    if (elapsed >= 100) {
+      const windowRate = (this.#inWindow * 1000) / elapsed;
+      // Idle for a long stretch: start from the new window, not from a stale average.
+      this.#rate = elapsed > 2000 ? windowRate : 0.5 * this.#rate + 0.5 * windowRate;
+      this.#windowStart = now;
+      this.#inWindow = 0;
+    }
+    return this.#rate;
+  }
+}
+
+/**
+ * Whether `a` ranks no later than `b` in claim order (priority first, then fair_seq), the
+ * bound a probe claims within: a job level with `b` counts, whatever its id.
+ */
+export function ranksBy(a: Job, b: Job): boolean {
+  if (a.priority !== b.priority) return a.priority > b.priority;
+  return BigInt(a.fair_seq) <= BigInt(b.fair_seq);
+}
+
+export interface PrefetchOptions {
+  /** Slots: jobs run at once. */
+  concurrency: number;
+  /** Most jobs held beyond the free slots (0: claim only for free slots). */
+  prefetch: number;
+  /** The clock for pace and probe pauses (ms). */
+  now?: Clock;
+}
+
+/** Claimed jobs waiting for a slot, with the decisions that depend on them. */
+export class PrefetchBuffer {
+  readonly #concurrency: number;
+  readonly #prefetch: number;
+  readonly #now: Clock;
+  readonly #pace: Pace;
+  /** Claimed, not started yet, in start order. */
+  #jobs: Job[] = [];
+  /** No probe before this time (after one that found nothing or failed). */
+  #quietUntil = 0;
+
+  constructor(options: PrefetchOptions) {
+    this.#concurrency = options.concurrency;
+    this.#prefetch = options.prefetch;
+    this.#now = options.now ?? (() => performance.now());
+    this.#pace = new Pace(this.#now);
+  }
+
+  get size(): number {
+    return this.#jobs.length;
+  }
+
+  /** The buffer's size now: a quarter second of recent throughput, at most `prefetch`. */
+  target(): number {
+    return Math.min(this.#prefetch, Math.floor(this.#pace.perSecond() * BUFFER_SECONDS));
+  }
+
+  /** Claim again once the buffer is down to this. */
+  lowWater(): number {
+    return Math.floor(this.target() / 2);
+  }
+
+  /** Room for a claim with `running` jobs in slots: free slots plus the buffer's free space. */
+  room(running: number): number {
+    return this.#concurrency + this.target() - running - this.#jobs.length;
+  }
+
+  /** Whether the loop should claim now: there is room and the buffer is down to low water. */
+  wantsClaim(running: number): boolean {
+    return this.room(running) > 0 && this.#jobs.length <= this.lowWater();
+  }
+
+  /** A job left its slot: it counts towards the pace. */
+  jobFinished(): void {
+    this.#pace.count();
+  }
+
+  /**
+   * Take claimed jobs in: those that rank no later than the last buffered job arrived
+   * after the buffer was claimed (a higher priority, or a quiet fairness key's burst) and
+   * go first, in their claim order; the rest join the end.
+   */
+  admit(jobs: Job[]): void {
+    const last = this.#jobs[this.#jobs.length - 1];
+    if (last === undefined) {
+      this.#jobs = this.#jobs.concat(jobs);
+      return;
+    }
+    const ahead = jobs.filter((job) => ranksBy(job, last));
+    if (ahead.length === 0) {
+      this.#jobs = this.#jobs.concat(jobs);
+      return;
+    }
+    const behind = jobs.filter((job) => !ranksBy(job, last));
+    this.#jobs = [...ahead, ...this.#jobs, ...behind];
+  }
+
+  /** The next job to start, taken out of the buffer. */
+  next(): Job | undefined {
+    return this.#jobs.shift();
+  }
+
+  /** The buffered jobs now (a copy: the heartbeat's view while its statement runs). */
+  snapshot(): Job[] {
+    return this.#jobs.slice();
+  }
+
+  /** Take these jobs out (those still buffered); returns the ones that were. */
+  remove(jobs: readonly Job[]): Job[] {
+    const removed = this.#jobs.filter((job) => jobs.includes(job));
+    if (removed.length > 0) this.#jobs = this.#jobs.filter((job) => !removed.includes(job));
+    return removed;
+  }
+
+  /** Empty the buffer (shutdown): returns what it held. */
+  takeAll(): Job[] {
+    const all = this.#jobs;
+    this.#jobs = [];
+    return all;
+  }
+
+  /**
+   * The bound for a probe, or null when none is worth it: with no more than the slots'
+   * worth buffered, the buffer empties soon enough and the loop's claim finds the rest.
+   */
+  probeBound(): ClaimOptions["before"] | null {
+    if (this.#jobs.length <= this.#concurrency) return null;
+    const last = this.#jobs[this.#jobs.length - 1]!;
+    return { priority: last.priority, fair_seq: last.fair_seq };
+  }
+
+  /** How many jobs a probe claims at most. */
+  probeLimit(): number {
+    return Math.max(this.#concurrency, this.target());
+  }
+
+  /** Milliseconds until a probe may run (0: now). */
+  probeWait(): number {
+    return Math.max(0, this.#quietUntil - this.#now());
+  }
+
+  /** A probe claimed `got` jobs: after an empty one, the next waits PROBE_QUIET_MS. */
+  probed(got: number): void {
+    if (got === 0) this.#quietUntil = this.#now() + PROBE_QUIET_MS;
+  }
+
+  /** A probe failed: the next waits PROBE_FAILED_QUIET_MS. */
+  probeFailed(): void {
+    this.#quietUntil = this.#now() + PROBE_FAILED_QUIET_MS;
+  }
+}

@@ -1,0 +1,260 @@
+/**
+ * Running one claimed job: its context, its payload check, its handler under a timeout and
+ * an abort signal, and the outcome it ends with. Recording the outcome in the database is
+ * the completer's (lib/completer.ts); this module never writes.
+ *
+ * Outcomes: "completed" (with a result for jobs of an execution), "fan-out" (children
+ * to open with the ack), "failed" (permanent, retry later, or retry with backoff), "lost"
+ * (the claim moved on: the outcome is discarded) and "released" (handed back at shutdown:
+ * discarded too).
+ *
+ * @module
+ */
+import type { Sql } from "./db.ts";
+import { formatDuration } from "./duration.ts";
+import { describeError, type Logger } from "./log.ts";
+import { backoffMs, enqueue, type Job } from "./queue.ts";
+import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
+import { PermanentError, RetryLaterError, type TaskContext, type TaskRegistry } from "./tasks.ts";
+
+export class TimeoutError extends Error {
+  override name = "TimeoutError";
+}
+export class ShutdownError extends Error {
+  override name = "ShutdownError";
+}
+export class ClaimLostError extends Error {
+  override name = "ClaimLostError";
+}
+
+/**
+ * A handler threw (or rejected with) `null`, which would read as "no error": it is a
+ * failure like any other non-Error value, and described the same way.
+ */
+class NullThrown extends Error {
+  override name = "non-Error thrown";
+  constructor() {
+    super("null");
+  }
+}
+
+/** What every run of one consumer shares (made once, not per job). */
+export interface RunEnv {
+  sql: Sql;
+  tasks: TaskRegistry;
+  /** The consumer's logger; a job's own is derived from it on first use. */
+  log: Logger;
+  /** Timeout for tasks that do not set their own. */
+  taskTimeoutMs: number;
+  maxPayloadBytes?: number;
+  /** Largest fan-out a handler may open. */
+  maxFanOut?: number;
+}
+
+/**
+ * "running" until the handler settles; then the outcome to record ("completed",
+ * "fan-out", "failed"), or one to discard: "lost" (the heartbeat found the claim gone) or
+ * "released" (shutdown handed the job back).
+ */
+export type RunState = "running" | "completed" | "fan-out" | "failed" | "lost" | "released";
+
+/** How a failed run is recorded (the options of queue.ts's fail()): message, final or not, when. */
+export interface Failure {
+  error: string;
+  permanent: boolean;
+  retryInMs: number;
+}
+
+/**
+ * One job in a slot. The outcome is kept on the run itself (state, result, fan-out,
+ * error) rather than in a separate object: at full speed every allocation per job counts.
+ */
+export class JobRun {
+  readonly job: Job;
+  readonly controller: AbortController = new AbortController();
+  state: RunState = "running";
+  /** performance.now() when the handler started, for the duration histogram. */
+  readonly startedAt: number = performance.now();
+  readonly timeoutMs: number;
+  /** performance.now() past which the handler is aborted (its task's timeout). */
+  readonly timeoutAt: number;
+  /** What the handler returned (jobs of an execution only), as JSON. */
+  result: unknown = undefined;
+  /** A fan-out the handler asked for, checked, opened with its ack. */
+  fanOut: CheckedFanOut | undefined = undefined;
+  /** Why the run failed (state "failed"). */
+  error: unknown = undefined;
+  /** Resolves (never rejects) once the handler settled or was aborted, and `state` says how. */
+  readonly settled: Promise<void>;
+
+  constructor(job: Job, env: RunEnv) {
+    this.job = job;
+    const task = env.tasks.get(job.task);
+    this.timeoutMs = task?.timeoutMs ?? env.taskTimeoutMs;
+    this.timeoutAt = this.startedAt + this.timeoutMs;
+    const work = this.#work(task, this.#context(env));
+    this.settled = raceAbort(work, this.controller.signal).then(
+      () => this.#settle(null),
+      (error) => this.#settle(error === null ? new NullThrown() : error),
+    );
+  }
+
+  /** Abort the handler if it is past its timeout (the consumer's one sweep calls this). */
+  abortIfOverdue(now: number): void {
+    if (this.state === "running" && now >= this.timeoutAt && !this.controller.signal.aborted) {
+      this.controller.abort(
+        new TimeoutError(`Task timed out after ${formatDuration(this.timeoutMs)}`),
+      );
+    }
+  }
+
+  /** The claim is gone: abort the handler and discard whatever it ends with. */
+  lose(): void {
+    this.state = "lost";
+    this.controller.abort(
+      new ClaimLostError(
+        "The job's claim was lost: redelivered elsewhere, or its execution was cancelled or failed",
+      ),
+    );
+  }
+
+  /** Shutdown hands the job back: abort the handler and discard its outcome. */
+  release(): void {
+    this.state = "released";
+    this.controller.abort(new ShutdownError("The consumer is shutting down"));
+  }
+
+  /** Turn a settled handler into an outcome, unless the run was lost or released first. */
+  #settle(error: unknown | null): void {
+    if (this.state !== "running") return;
+    if (error !== null) {
+      this.state = "failed";
+      this.error = error;
+    } else this.state = this.fanOut ? "fan-out" : "completed";
+  }
+
+  async #work(task: ReturnType<TaskRegistry["get"]>, ctx: TaskContext): Promise<void> {
+    const job = this.job;
+    if (!task) {
+      throw new Error(`Unknown task "${job.task}": no handler is registered in this consumer`);
+    }
+    let payload: unknown = job.payload;
+    if (task.parse) {
+      try {
+        payload = task.parse(job.payload);
+      } catch (cause) {
+        throw new PermanentError(
+          `Invalid payload for task ${job.task}: ${
+            cause instanceof Error ? cause.message : describeError(cause)
+          }`,
+          { cause },
+        );
+      }
+    }
+    const value = await task.handler(payload, ctx);
+    // A job of an execution hands its result on (to its barrier's callback, or as the
+    // execution's result): it must survive JSON, or the job fails here, not later.
+    if (job.execution_id !== null && !this.fanOut) this.result = toJson(value, job.task);
+  }
+
+  #context(env: RunEnv): TaskContext {
+    const job = this.job;
+    let jobLog: Logger | undefined;
+    return {
+      job,
+      signal: this.controller.signal,
+      // Made on first use: most handlers never log, and at full speed a child logger per
+      // job is a measurable share of the consumer's time.
+      get log(): Logger {
+        return jobLog ??= env.log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
+      },
+      db: env.sql,
+      enqueue: (name, payload = {}, opts = {}) => {
+        const definition = env.tasks.get(name); // its queue and retry budget, like the CLI's
+        return enqueue(env.sql, name, payload, {
+          queue: definition?.queue,
+          maxAttempts: definition?.maxAttempts,
+          maxPayloadBytes: env.maxPayloadBytes,
+          ...opts,
+        });
+      },
+      fanOut: (spec: FanOutSpec) => this.#askFanOut(spec, env),
+    };
+  }
+
+  #askFanOut(spec: FanOutSpec, env: RunEnv): void {
+    if (this.fanOut) throw new Error("A job can fan out once: combine the children in one call");
+    // Checked now, so a bad fan-out fails the handler before anything is enqueued; sent
+    // as checked (not serialised and checked a second time).
+    try {
+      this.fanOut = checkFanOut(spec, {
+        maxChildren: env.maxFanOut,
+        maxPayloadBytes: env.maxPayloadBytes,
+      });
+    } catch (cause) {
+      // The same spec would fail the same way on every retry.
+      throw new PermanentError(`Cannot fan out: ${(cause as Error).message}`, { cause });
+    }
+  }
+}
+
+/** How a failure is recorded: a PermanentError is final; a RetryLaterError says when. */
+export function failureOf(error: unknown, attempts: number, retryBaseMs?: number): Failure {
+  return {
+    error: error instanceof TimeoutError ? error.message : describeError(error),
+    permanent: error instanceof PermanentError,
+    // A handler that knows when to come back (a server's Retry-After) says so.
+    retryInMs: error instanceof RetryLaterError ? error.delayMs : backoffMs(attempts, retryBaseMs),
+  };
+}
+
+/** A handler's return value as plain JSON (undefined becomes null). */
+function toJson(value: unknown, task: string): unknown {
+  if (value === undefined) return null;
+  try {
+    const text = JSON.stringify(value);
+    return text === undefined ? null : JSON.parse(text);
+  } catch (cause) {
+    // The same handler returns the same kind of value on every retry: fail for good.
+    throw new PermanentError(
+      `Cannot store the result of task ${task} as JSON: ${(cause as Error).message}`,
+      { cause },
+    );
+  }
+}
+
+/** Settle with the handler, or reject as soon as the signal aborts (even if it never settles). */
+function raceAbort<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  work.catch(() => {}); // a rejection after the abort won the race is already accounted for
+  return new Promise<T>((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason);
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    work.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+/**
+ * Calls `sweep` often enough for the shortest timeout it was asked to watch: every 5% of
+ * it, between 5 ms and 250 ms, so a timeout fires at most that late. One interval for all
+ * running jobs: a timer set and cleared per job was several percent of a busy consumer.
+ */
+export class TimeoutSweep {
+  #everyMs = Infinity;
+  #timer: ReturnType<typeof setInterval> | undefined;
+
+  constructor(private readonly sweep: () => void) {}
+
+  watch(timeoutMs: number): void {
+    const every = Math.min(250, Math.max(5, Math.floor(timeoutMs / 20)));
+    if (every >= this.#everyMs) return;
+    this.#everyMs = every;
+    clearInterval(this.#timer);
+    this.#timer = setInterval(this.sweep, every);
+  }
+
+  stop(): void {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
+  }
+}

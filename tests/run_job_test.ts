@@ -1,0 +1,264 @@
+/**
+ * JobRun: one job's handler run to an outcome (completed, fan-out, failed, lost,
+ * released), and failureOf(): how a failure is recorded. Runs write nothing; the database
+ * is real for the context's `db` and `enqueue`, and its jobs come from real claims.
+ */
+import { assert, assertEquals } from "./assert.ts";
+import { testDb } from "./helpers.ts";
+import type { Sql } from "../lib/db.ts";
+import { logger } from "../lib/log.ts";
+import { claim, enqueue, type Job } from "../lib/queue.ts";
+import { startExecution } from "../lib/execution.ts";
+import {
+  type AnyTask,
+  defineTask,
+  PermanentError,
+  RetryLaterError,
+  type TaskContext,
+  TaskRegistry,
+} from "../lib/tasks.ts";
+import {
+  ClaimLostError,
+  failureOf,
+  JobRun,
+  type RunEnv,
+  ShutdownError,
+  TimeoutError,
+} from "../lib/run_job.ts";
+
+function env(sql: Sql, tasks: AnyTask[], taskTimeoutMs = 10_000): RunEnv {
+  return {
+    sql,
+    tasks: new TaskRegistry(tasks),
+    log: logger("consumer"),
+    taskTimeoutMs,
+  };
+}
+
+/** Enqueue (in an execution when asked) and claim one job of `task`. */
+async function claimed(
+  sql: Sql,
+  task: string,
+  options: { execution?: boolean; payload?: Record<string, unknown> } = {},
+): Promise<Job> {
+  if (options.execution) await startExecution(sql, { task, payload: options.payload ?? {} });
+  else await enqueue(sql, task, options.payload ?? {});
+  const { jobs } = await claim(sql, {
+    queues: ["default"],
+    limit: 1,
+    workerId: "w",
+    visibilityMs: 60_000,
+  });
+  return jobs[0]!;
+}
+
+/** A handler that waits for its signal and rethrows its reason (or returns on `release`). */
+function untilAborted(_: unknown, ctx: TaskContext): Promise<void> {
+  return new Promise((_resolve, reject) => {
+    ctx.signal.addEventListener("abort", () => reject(ctx.signal.reason), { once: true });
+  });
+}
+
+Deno.test("JobRun completes with the handler's JSON result for a job of an execution", async () => {
+  await using db = await testDb();
+  const task = defineTask({ name: "t.result", handler: () => ({ n: 1, at: new Date(0) }) });
+  const run = new JobRun(
+    await claimed(db.sql, "t.result", { execution: true }),
+    env(db.sql, [task]),
+  );
+  assertEquals(run.state, "running");
+  await run.settled;
+  assertEquals(run.state, "completed");
+  assertEquals(run.result, { n: 1, at: "1970-01-01T00:00:00.000Z" }, "as it survives JSON");
+});
+
+Deno.test("JobRun keeps no result for a plain job, and passes the parsed payload", async () => {
+  await using db = await testDb();
+  let seen: unknown;
+  const task = defineTask<{ n: number }>({
+    name: "t.plain",
+    parse: (p) => ({ n: Number(p.n) * 2 }),
+    handler: (payload) => {
+      seen = payload;
+      return { ignored: true };
+    },
+  });
+  const run = new JobRun(
+    await claimed(db.sql, "t.plain", { payload: { n: 2 } }),
+    env(db.sql, [task]),
+  );
+  await run.settled;
+  assertEquals(run.state, "completed");
+  assertEquals(run.result, undefined);
+  assertEquals(seen, { n: 4 });
+});
+
+Deno.test("JobRun fails on an unknown task, and for good on a rejected payload or an unstorable result", async () => {
+  await using db = await testDb();
+  const strict = defineTask<{ n: number }>({
+    name: "t.strict",
+    parse: () => {
+      throw new TypeError("n must be a number");
+    },
+    handler: () => {},
+  });
+  const bigint = defineTask({ name: "t.bigint", handler: () => ({ n: 1n }) });
+  const e = env(db.sql, [strict, bigint]);
+
+  const unknown = new JobRun(await claimed(db.sql, "t.unknown"), e);
+  await unknown.settled;
+  assertEquals(unknown.state, "failed");
+  assert(String((unknown.error as Error).message).startsWith('Unknown task "t.unknown"'));
+  assertEquals(failureOf(unknown.error, 1).permanent, false, "another consumer may know it");
+
+  const invalid = new JobRun(await claimed(db.sql, "t.strict"), e);
+  await invalid.settled;
+  assertEquals(invalid.state, "failed");
+  assert(invalid.error instanceof PermanentError);
+  assertEquals(
+    failureOf(invalid.error, 1).error,
+    "PermanentError: Invalid payload for task t.strict: n must be a number",
+  );
+
+  const result = new JobRun(await claimed(db.sql, "t.bigint", { execution: true }), e);
+  await result.settled;
+  assertEquals(result.state, "failed");
+  assert(result.error instanceof PermanentError);
+  assertEquals(failureOf(result.error, 1).permanent, true);
+});
+
+Deno.test("JobRun turns a thrown null into a failure described like any non-Error", async () => {
+  await using db = await testDb();
+  const task = defineTask({
+    name: "t.null",
+    handler: () => {
+      throw null;
+    },
+  });
+  const run = new JobRun(await claimed(db.sql, "t.null"), env(db.sql, [task]));
+  await run.settled;
+  assertEquals(run.state, "failed");
+  assertEquals(failureOf(run.error, 1).error, "non-Error thrown: null");
+});
+
+Deno.test("failureOf() retries with backoff, when a RetryLaterError says, or never for a PermanentError", () => {
+  const plain = failureOf(new Error("boom"), 3, 1000);
+  assertEquals(plain.error, "Error: boom");
+  assertEquals(plain.permanent, false);
+  // Attempt 3 with a base of 1 s: about 4 s, with jitter.
+  assert(plain.retryInMs >= 2000 && plain.retryInMs <= 8000, String(plain.retryInMs));
+  assertEquals(failureOf(new RetryLaterError("busy", 1234), 3, 1000).retryInMs, 1234);
+  assertEquals(failureOf(new PermanentError("no"), 1).permanent, true);
+  assertEquals(
+    failureOf(new TimeoutError("Task timed out after 5s"), 1).error,
+    "Task timed out after 5s",
+  );
+});
+
+Deno.test("JobRun.abortIfOverdue() aborts the handler past its task's timeout, not before", async () => {
+  await using db = await testDb();
+  const task = defineTask({ name: "t.slow", timeoutMs: 5_000, handler: untilAborted });
+  const run = new JobRun(await claimed(db.sql, "t.slow"), env(db.sql, [task]));
+  assertEquals(run.timeoutMs, 5_000, "the task's own timeout over the consumer's");
+  run.abortIfOverdue(run.timeoutAt - 1);
+  assertEquals(run.controller.signal.aborted, false);
+  run.abortIfOverdue(run.timeoutAt);
+  assertEquals(run.controller.signal.aborted, true, "aborted at its deadline");
+  await run.settled;
+  assertEquals(run.state, "failed");
+  assert(run.error instanceof TimeoutError);
+  assertEquals(failureOf(run.error, 1).error, "Task timed out after 5s");
+});
+
+Deno.test("JobRun.lose() and release() abort the handler and discard what it ends with", async () => {
+  await using db = await testDb();
+  const reasons: unknown[] = [];
+  const task = defineTask({
+    name: "t.wait",
+    handler: (_, ctx) =>
+      new Promise<string>((resolve) => {
+        ctx.signal.addEventListener("abort", () => {
+          reasons.push(ctx.signal.reason);
+          resolve("finished anyway"); // a normal return after the abort changes nothing
+        });
+      }),
+  });
+  const e = env(db.sql, [task], 60_000);
+  const lost = new JobRun(await claimed(db.sql, "t.wait"), e);
+  lost.lose();
+  await lost.settled;
+  assertEquals(lost.state, "lost");
+  const released = new JobRun(await claimed(db.sql, "t.wait"), e);
+  released.release();
+  await released.settled;
+  assertEquals(released.state, "released");
+  assert(reasons[0] instanceof ClaimLostError);
+  assert(reasons[1] instanceof ShutdownError);
+});
+
+Deno.test("JobRun settles on abort even when the handler never does", async () => {
+  await using db = await testDb();
+  const task = defineTask({ name: "t.stuck", handler: () => new Promise(() => {}) });
+  const run = new JobRun(await claimed(db.sql, "t.stuck"), env(db.sql, [task]));
+  run.lose();
+  await run.settled;
+  assertEquals(run.state, "lost");
+});
+
+Deno.test("JobRun ends in fan-out when the handler asks for one, once and checked", async () => {
+  await using db = await testDb();
+  let second: unknown;
+  const task = defineTask({
+    name: "t.fan",
+    handler: (_, ctx) => {
+      ctx.fanOut({ children: [{ task: "t.child" }], callback: { task: "t.done" } });
+      try {
+        ctx.fanOut({ children: [{ task: "t.child" }], callback: { task: "t.done" } });
+      } catch (error) {
+        second = error;
+      }
+      return "ignored";
+    },
+  });
+  const bad = defineTask({
+    name: "t.badfan",
+    handler: (_, ctx) =>
+      ctx.fanOut({
+        children: [{ task: "t.child" }, { task: "t.child" }],
+        callback: { task: "t.done" },
+      }),
+  });
+  const e: RunEnv = { ...env(db.sql, [task, bad]), maxFanOut: 1 };
+  const run = new JobRun(await claimed(db.sql, "t.fan", { execution: true }), e);
+  await run.settled;
+  assertEquals(run.state, "fan-out");
+  assertEquals(run.fanOut?.children, 1);
+  assertEquals(run.result, undefined, "a fan-out's callback carries the results, not the parent");
+  assert(String((second as Error).message).startsWith("A job can fan out once"));
+
+  const refused = new JobRun(await claimed(db.sql, "t.badfan"), e);
+  await refused.settled;
+  assertEquals(refused.state, "failed");
+  assert(refused.error instanceof PermanentError, "the same spec fails on every retry");
+});
+
+Deno.test("JobRun's context enqueues with the task's queue and gives the pool as db", async () => {
+  await using db = await testDb();
+  const other = defineTask({ name: "t.other", queue: "elsewhere", handler: () => {} });
+  let enqueued = "";
+  const task = defineTask({
+    name: "t.parent",
+    handler: async (_, ctx) => {
+      assertEquals(ctx.db, db.sql);
+      assertEquals(ctx.job.task, "t.parent");
+      enqueued = await ctx.enqueue("t.other");
+    },
+  });
+  const run = new JobRun(await claimed(db.sql, "t.parent"), env(db.sql, [task, other]));
+  await run.settled;
+  assertEquals(run.state, "completed");
+  const [row] = await db.sql<
+    { queue: string }[]
+  >`select queue from shoal.jobs where id = ${enqueued}`;
+  assertEquals(row?.queue, "elsewhere");
+});
