@@ -217,8 +217,8 @@ async function listenForJobs(
     const sub = await sql.listen(
       "shoal_jobs",
       (payload) => {
-        // "queue" (jobs are ready), or "queue@<epoch ms>" (the earliest start of
-        // delayed jobs just enqueued): '@' cannot occur in a queue name.
+        // The payload is the wake protocol's (sql/functions/wake.sql): "queue" or
+        // "queue@<epoch ms>".
         const at = payload.indexOf("@");
         const queue = at < 0 ? payload : payload.slice(0, at);
         if (!queues.has(queue)) return;
