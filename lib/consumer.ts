@@ -25,7 +25,7 @@ import type { Db, Sql } from "./db.ts";
 import { backoffWithJitter, retryOnce, settleWithin, STATEMENT_DEADLINE_MS } from "./db.ts";
 import { formatDuration, MAX_TIMER_MS } from "./duration.ts";
 import { Sleeper } from "./sleep.ts";
-import { describeError, logger } from "./log.ts";
+import { describeError, type Logger, logger } from "./log.ts";
 import { metrics } from "./metrics.ts";
 import {
   claim,
@@ -238,6 +238,78 @@ async function listenForJobs(
   }
 }
 
+/** What probes use of the consumer. */
+interface ProbeParts {
+  buffer: PrefetchBuffer;
+  completer: Completer;
+  claim: (limit: number, before: ClaimOptions["before"]) => Promise<ClaimResult>;
+  /** Takes claimed jobs in (ranking ahead of the buffer, they go first). */
+  admit: (jobs: Job[]) => void;
+  log: Logger;
+}
+
+/**
+ * Probes. With more than the free slots' worth buffered, an announcement (a NOTIFY, a
+ * delayed job due) claims at once the jobs ranking no later than the last buffered one,
+ * and the buffer's admission order puts them first. A probe runs beside the loop's own
+ * claim, which may be in flight for a while with hundreds of jobs: waiting for it would
+ * let that many buffered jobs start first. One probe at a time; the buffer paces them
+ * (PROBE_QUIET_MS after one that found nothing), and none runs while the completer is full.
+ */
+class Probes {
+  #probing: Promise<void> | null = null;
+  #quietTimer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(private readonly parts: ProbeParts, private readonly stop: AbortSignal) {}
+
+  /** Probe now if one is worth it, or once the buffer's pause is over. */
+  soon(): void {
+    if (this.#probing || this.#quietTimer || this.stop.aborted) return;
+    const { buffer, completer } = this.parts;
+    const before = buffer.probeBound();
+    if (!before || completer.full) return;
+    const wait = buffer.probeWait();
+    if (wait > 0) {
+      this.#quietTimer = setTimeout(() => {
+        this.#quietTimer = undefined;
+        this.soon();
+      }, wait);
+      return;
+    }
+    this.#probing = this.#probe(before).then((again) => {
+      this.#probing = null;
+      if (again) this.soon();
+    });
+  }
+
+  /** After the stop signal: no pending probe starts; resolves once one in flight is in. */
+  async settle(): Promise<void> {
+    clearTimeout(this.#quietTimer);
+    this.#quietTimer = undefined;
+    await this.#probing;
+  }
+
+  /** One probe; resolves to whether it came back full (more may be waiting). Never throws. */
+  async #probe(before: ClaimOptions["before"]): Promise<boolean> {
+    const { buffer, claim, admit, log } = this.parts;
+    const limit = buffer.probeLimit();
+    try {
+      const { jobs, poisoned } = await claim(limit, before);
+      admit(jobs);
+      const got = jobs.length + poisoned.length;
+      buffer.probed(got);
+      return got === limit;
+    } catch (error) {
+      // The loop's next claim takes these jobs in any case (and reports a lasting fault).
+      log.warn("Cannot probe for jobs ranking ahead of the buffer: {error}", {
+        error: describeError(error),
+      });
+      buffer.probeFailed();
+      return false;
+    }
+  }
+}
+
 /**
  * Run the consumer until `stop` aborts, then shut down gracefully: stop claiming, give
  * in-flight handlers `shutdownGraceMs` to finish, abort and release the rest (visible
@@ -292,6 +364,7 @@ export async function runConsumer(
       visibilityMs: options.visibilityTimeoutMs,
       before,
     });
+  const probes = new Probes({ buffer, completer, claim: claimJobs, admit, log }, stop);
 
   /**
    * Jobs were announced (a NOTIFY, a delayed job due): wake the loop, and probe for any that
@@ -299,51 +372,7 @@ export async function runConsumer(
    */
   function announce(): void {
     waker.wake();
-    probeSoon();
-  }
-
-  // Probes. With more than the free slots' worth buffered, an announcement claims at once
-  // the jobs ranking no later than the last buffered one, and admit() puts them first. A
-  // probe runs beside the loop's own claim, which may be in flight for a while with
-  // hundreds of jobs: waiting for it would let that many buffered jobs start first. One
-  // probe at a time; the buffer paces them (PROBE_QUIET_MS after one that found nothing).
-  let probing: Promise<void> | null = null;
-  let quietTimer: ReturnType<typeof setTimeout> | undefined;
-  function probeSoon(): void {
-    if (probing || quietTimer || stop.aborted) return;
-    const before = buffer.probeBound();
-    if (!before || completer.full) return;
-    const wait = buffer.probeWait();
-    if (wait > 0) {
-      quietTimer = setTimeout(() => {
-        quietTimer = undefined;
-        probeSoon();
-      }, wait);
-      return;
-    }
-    probing = probe(before).then((again) => {
-      probing = null;
-      if (again) probeSoon();
-    });
-  }
-
-  /** One probe; resolves to whether it came back full (more may be waiting). Never throws. */
-  async function probe(before: ClaimOptions["before"]): Promise<boolean> {
-    const limit = buffer.probeLimit();
-    try {
-      const { jobs, poisoned } = await claimJobs(limit, before);
-      admit(jobs);
-      const got = jobs.length + poisoned.length;
-      buffer.probed(got);
-      return got === limit;
-    } catch (error) {
-      // The loop's next claim takes these jobs in any case (and reports a lasting fault).
-      log.warn("Cannot probe for jobs ranking ahead of the buffer: {error}", {
-        error: describeError(error),
-      });
-      buffer.probeFailed();
-      return false;
-    }
+    probes.soon();
   }
 
   /** Take claimed jobs into the buffer, then start from its front while slots are free. */
@@ -491,8 +520,7 @@ export async function runConsumer(
       grace: formatDuration(options.shutdownGraceMs),
     });
     // A probe in flight would add to the buffer after it was handed back.
-    clearTimeout(quietTimer);
-    await probing;
+    await probes.settle();
     // Buffered jobs never started: hand them back now, not after the grace period.
     const unstarted = buffer.takeAll();
     if (unstarted.length > 0) handBackTracked(unstarted, "shutdown");

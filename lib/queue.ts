@@ -1,8 +1,8 @@
 /**
  * The job queue: the statements on `shoal.jobs` and `shoal.dead_jobs` that enqueue,
  * claim, ack, extend, release and fail jobs (the dead-letter admin lives in dead.ts,
- * workflow completion in barrier.ts). Each function takes the database (a pool or the caller's transaction) first and
- * an options object second. The table's DDL is in the numbered migrations
+ * workflow completion in barrier.ts). Each function takes the database (a pool or the
+ * caller's transaction) first and an options object second. The table's DDL is in the numbered migrations
  * (`sql/001_queue.sql` and later); the SQL functions enqueue calls, `shoal.insert_job(s)`,
  * and the `shoal.enqueue*` entry points live in `sql/functions/queue.sql`, the claim in
  * `sql/functions/claim.sql`, and the wake (`shoal.notify_jobs`) that every path making jobs
