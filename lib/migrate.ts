@@ -15,7 +15,15 @@
  * revision). The database records the revision that last applied its functions, so during a
  * rolling deploy an older binary neither downgrades the functions a newer one installed
  * (`migrate()` leaves them and logs it) nor refuses to start (`checkSchema()` logs it);
- * a binary newer than the database's functions is told to run `shoal migrate`.
+ * a binary newer than the database's functions is told to run `shoal migrate`. The same
+ * revision with other text (an edit released without a bump) is refused by both: either
+ * side could be the older one.
+ *
+ * Everything pending commits in ONE transaction: the function files never run against a
+ * schema their migrations have not reached, and a failure leaves the database as it was.
+ * A migration therefore cannot depend on an earlier one having committed (an enum value
+ * added by `alter type ... add value` is unusable until commit: add and use it in two
+ * releases), and `create index concurrently` has no place in a migration.
  *
  * Concurrent migrators serialise on a transaction-scoped advisory lock (safe behind
  * PgBouncer in transaction mode): the second one waits, then finds the work done.
@@ -130,6 +138,29 @@ export class SchemaBehindError extends Error {
 /** The database's functions are older than this binary's (a kind of schema behind). */
 export class FunctionsBehindError extends SchemaBehindError {
   override name = "FunctionsBehindError";
+}
+
+/**
+ * The database's functions and this binary's have the same revision and different text: a
+ * function file changed without a revision bump. Neither side can tell which is newer, so
+ * migrate refuses to overwrite (it could be a downgrade) and roles refuse to start.
+ */
+export class FunctionsConflictError extends Error {
+  override name = "FunctionsConflictError";
+}
+
+/** The files whose recorded checksum is not this binary's (missing ones included). */
+function differingFiles(recorded: AppliedFunctionFile[], functions: FunctionSet): string[] {
+  const byName = new Map(recorded.map((row) => [row.name, row.checksum]));
+  return functions.files.filter((f) => byName.get(f.name) !== f.checksum).map((f) => f.name);
+}
+
+function conflict(what: string, revision: number, files: string[]): FunctionsConflictError {
+  return new FunctionsConflictError(
+    `${what}: database functions at revision ${revision} differ from this shoal's revision ${revision} (${
+      files.join(", ")
+    }): a function file changed without a revision bump in sql/functions.lock`,
+  );
 }
 
 async function sha256(text: string): Promise<string> {
@@ -292,6 +323,10 @@ async function applyFunctions(tx: Db, functions: FunctionSet): Promise<Functions
   const recorded = await appliedFunctionFiles(tx);
   const current = recordedRevision(recorded);
   if (current > functions.revision) return { applied: [], newer: current };
+  if (current === functions.revision) {
+    const differ = differingFiles(recorded, functions);
+    if (differ.length > 0) throw conflict("Cannot migrate", current, differ);
+  }
   const byName = new Map(recorded.map((row) => [row.name, row]));
   const applied: string[] = [];
   for (const file of functions.files) {
@@ -410,9 +445,9 @@ export function describeMigration(result: MigrateResult): string {
 /**
  * Check at role start that the database schema is current. Throws SchemaBehindError
  * ("run shoal migrate") when migrations are pending, FunctionsBehindError (one) when the
- * database's functions are older than this binary's (a lower revision, or at the same
- * revision a different text), MigrationChangedError when a file was edited after it was
- * applied. A schema or functions newer than this binary are logged and allowed: migrations
+ * database's functions are older than this binary's (a lower revision),
+ * FunctionsConflictError when they have this binary's revision and other text (migrate
+ * refuses that too), MigrationChangedError when a file was edited after it was applied. A schema or functions newer than this binary are logged and allowed: migrations
  * only add, and a newer binary's functions keep the contract older binaries call.
  * `functions` defaults to the embedded ones.
  */
@@ -455,13 +490,6 @@ async function checkFunctions(db: Db, functions: FunctionSet): Promise<void> {
       `Database functions are at revision ${current}, this shoal needs ${latest}: run shoal migrate (or start with --migrate)`,
     );
   }
-  const byName = new Map(recorded.map((row) => [row.name, row.checksum]));
-  const differ = functions.files.filter((f) => byName.get(f.name) !== f.checksum);
-  if (differ.length > 0) {
-    throw new FunctionsBehindError(
-      `Database functions differ from this shoal's revision ${latest} (${
-        differ.map((f) => f.name).join(", ")
-      }): run shoal migrate (or start with --migrate)`,
-    );
-  }
+  const differ = differingFiles(recorded, functions);
+  if (differ.length > 0) throw conflict("Cannot start", latest, differ);
 }

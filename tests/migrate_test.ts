@@ -4,6 +4,7 @@ import {
   appliedMigrations,
   checkSchema,
   FunctionsBehindError,
+  FunctionsConflictError,
   type FunctionSet,
   loadFunctions,
   loadMigrations,
@@ -282,8 +283,7 @@ Deno.test("an older binary neither downgrades a newer binary's functions nor ref
   // ...and its roles start (a warning is logged).
   await checkSchema(db.sql, migrations, older);
 
-  // A binary newer than the database is told to migrate, and so is one at the same revision
-  // whose text differs (an edit without a revision bump).
+  // A binary newer than the database is told to migrate.
   await assertRejects(
     () => checkSchema(db.sql, migrations, { ...newer, revision: newer.revision + 1 }),
     FunctionsBehindError,
@@ -291,11 +291,23 @@ Deno.test("an older binary neither downgrades a newer binary's functions nor ref
       newer.revision + 1
     }: run shoal migrate`,
   );
+  // One at the same revision whose text differs (an edit released without a revision bump)
+  // may be older or newer: it neither starts nor overwrites the database's functions.
+  const unbumped = { ...older, revision: newer.revision };
   await assertRejects(
-    () => checkSchema(db.sql, migrations, { ...older, revision: newer.revision }),
-    FunctionsBehindError,
-    `Database functions differ from this shoal's revision ${newer.revision} (wake.sql): run shoal migrate`,
+    () => checkSchema(db.sql, migrations, unbumped),
+    FunctionsConflictError,
+    `Cannot start: database functions at revision ${newer.revision} differ from this shoal's revision ${newer.revision} (wake.sql): a function file changed without a revision bump`,
   );
+  await assertRejects(
+    () => migrate(db.sql, migrations, unbumped),
+    FunctionsConflictError,
+    `Cannot migrate: database functions at revision ${newer.revision} differ`,
+  );
+  assertEquals(await appliedFunctionFiles(db.sql), recorded, "nothing was overwritten");
+  const [kept] = await db.sql<{ text: string }[]>`
+    select pg_get_functiondef('shoal.wake_payload(text, timestamptz)'::regprocedure) as text`;
+  assert(kept!.text.includes("/* newer */"), "the newer text stays");
 });
 
 Deno.test("migrate() names a function file that fails, and changes nothing", async () => {
