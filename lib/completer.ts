@@ -149,7 +149,10 @@ export class Completer {
     // let its deadline pass and the job run a second time elsewhere.
     if (job.execution_id !== null) {
       this.#completions.push({ id: job.id, token: job.token, result: run.result });
-    } else this.#acks.push(job);
+    } else {
+      // The ref alone, not the job: a backlog of thousands must not keep their payloads.
+      this.#acks.push({ id: job.id, token: job.token });
+    }
     metrics.jobFinished(job, "completed", ms);
     this.#noteGrowth();
     this.#flushing ??= this.#flush();
