@@ -131,6 +131,13 @@ Deno.test("loadMigrations() embeds exactly the files in sql/", async () => {
   const fromDir = await loadMigrations(SQL_DIR);
   assertEquals(await loadMigrations(), fromDir);
   assertEquals(Object.keys(EMBEDDED_MIGRATIONS).sort(), await sqlFiles(SQL_DIR));
+  // Nothing else lies in sql/: a misnamed migration (say 009_x.sq) would be shipped by no one.
+  const entries: string[] = [];
+  for await (const entry of Deno.readDir(SQL_DIR)) entries.push(entry.name);
+  assertEquals(
+    entries.filter((name) => !name.endsWith(".sql")).sort(),
+    ["functions", "functions.lock"],
+  );
 });
 
 Deno.test("loadFunctions() embeds exactly the files in sql/functions/ and the lock", async () => {
