@@ -4,7 +4,8 @@
  * - Completed plain jobs are acked (deleted) and completed jobs of an execution are
  *   completed (arrival, decrement, callback, execution result) in batches: while one
  *   statement is in flight, the jobs that finish meanwhile wait and go together in the
- *   next, at most BATCH_CAP per statement.
+ *   next, at most BATCH_CAP per statement. Draining at shutdown, the backlog goes in up to
+ *   DRAIN_STATEMENTS statements of each kind at once.
  * - Failures and fan-outs are one statement each (their SQL takes one job), awaited by
  *   the run so its slot stays taken until they are recorded.
  * - Backpressure: once the backlog (outcomes handed in, not yet recorded) reaches
@@ -44,6 +45,15 @@ export const BATCH_CAP = 5_000;
  */
 export const BACKLOG_LIMIT = 4 * BATCH_CAP;
 
+/**
+ * Statements of each kind at once while draining at shutdown. One at a time, a backlog at
+ * its limit takes four statements in a row; against a database that stalls them (each may
+ * take its deadline and a retry, 20 s), a shutdown would wait 80 s instead of the 20 s one
+ * uncapped statement took before the cap. Four at once hand in a full backlog in one
+ * round; the pool has room for them then (no handler runs any more).
+ */
+export const DRAIN_STATEMENTS = 4;
+
 export interface CompleterOptions {
   /** Most jobs per statement (default BATCH_CAP). */
   batchCap?: number;
@@ -72,8 +82,10 @@ export class Completer {
   /** Jobs of an execution to complete, not sent yet. */
   #completions: Completion[] = [];
   /** The batches of the statements in flight. */
-  #sendingAcks: readonly JobRef[] = NONE;
-  #sendingCompletions: readonly Completion[] = NONE;
+  #sendingAcks: readonly (readonly JobRef[])[] = NONE;
+  #sendingCompletions: readonly (readonly Completion[])[] = NONE;
+  /** Draining (shutdown): send up to DRAIN_STATEMENTS batches of each kind at once. */
+  #draining = false;
   /** Failures and fan-outs being recorded. */
   #recording = 0;
   #flushing: Promise<void> | null = null;
@@ -94,8 +106,8 @@ export class Completer {
 
   /** Outcomes handed in and not recorded yet. */
   get backlog(): number {
-    return this.#acks.length + this.#completions.length + this.#sendingAcks.length +
-      this.#sendingCompletions.length + this.#recording;
+    return this.#acks.length + this.#completions.length + total(this.#sendingAcks) +
+      total(this.#sendingCompletions) + this.#recording;
   }
 
   /** Whether the backlog is at its limit: the consumer claims nothing until it falls. */
@@ -130,8 +142,8 @@ export class Completer {
     return [
       ...this.#acks,
       ...this.#completions,
-      ...this.#sendingAcks,
-      ...this.#sendingCompletions,
+      ...this.#sendingAcks.flat(),
+      ...this.#sendingCompletions.flat(),
     ];
   }
 
@@ -140,7 +152,12 @@ export class Completer {
    * and fan-outs are awaited by whoever recorded them (the consumer keeps their slot).
    */
   async drain(): Promise<void> {
-    while (this.#flushing) await this.#flushing;
+    this.#draining = true;
+    try {
+      while (this.#flushing) await this.#flushing;
+    } finally {
+      this.#draining = false;
+    }
   }
 
   #complete(run: JobRun, ms: number): void {
@@ -160,13 +177,16 @@ export class Completer {
 
   async #flush(): Promise<void> {
     while (this.#acks.length > 0 || this.#completions.length > 0) {
-      const acks = takeBatch(this.#acks, this.#cap);
-      const completions = takeBatch(this.#completions, this.#cap);
+      const statements = this.#draining ? DRAIN_STATEMENTS : 1;
+      const acks = takeBatches(this.#acks, this.#cap, statements);
+      const completions = takeBatches(this.#completions, this.#cap, statements);
       this.#sendingAcks = acks;
       this.#sendingCompletions = completions;
       await Promise.all([
-        this.#send("ack", acks.length, () => ack(this.#sql, acks)),
-        this.#send("complete", completions.length, () => completeJobs(this.#sql, completions)),
+        ...acks.map((batch) => this.#send("ack", batch.length, () => ack(this.#sql, batch))),
+        ...completions.map((batch) =>
+          this.#send("complete", batch.length, () => completeJobs(this.#sql, batch))
+        ),
       ]);
       this.#sendingAcks = NONE;
       this.#sendingCompletions = NONE;
@@ -281,7 +301,17 @@ export class Completer {
   }
 }
 
-/** The first `cap` items of `queue`, taken out of it (all of them when they fit). */
-function takeBatch<T>(queue: T[], cap: number): T[] {
-  return queue.length <= cap ? queue.splice(0) : queue.splice(0, cap);
+/** Up to `count` batches of at most `cap` items, taken from the front of `queue`. */
+function takeBatches<T>(queue: T[], cap: number, count: number): T[][] {
+  const batches: T[][] = [];
+  while (queue.length > 0 && batches.length < count) {
+    batches.push(queue.length <= cap ? queue.splice(0) : queue.splice(0, cap));
+  }
+  return batches;
+}
+
+function total(batches: readonly (readonly unknown[])[]): number {
+  let n = 0;
+  for (const batch of batches) n += batch.length;
+  return n;
 }

@@ -200,3 +200,43 @@ Deno.test("Completer discards the outcome of a lost or released run", async () =
   assertEquals(completer.backlog, 0);
   assertEquals(await jobsLeft(db.sql), 2, "neither acked nor failed");
 });
+
+Deno.test("Completer.drain() sends a backlog in several capped statements at once, not one after another", async () => {
+  await using db = await testDb();
+  await enqueueMany(db.sql, Array.from({ length: 7 }, () => ({ task: "t.noop" })));
+  const runs = await settledRuns(await claimAll(db.sql, 7), env(db.sql));
+  // Deletes of every job but the first wait on a lock the test holds: the first ack goes
+  // through, and the statements that follow it stay in flight where the test can count them.
+  const first = runs[0]!.job.id;
+  assert(/^\d+$/.test(first)); // DDL takes no parameters: the id is written into the body
+  await db.sql.unsafe(`create function public.gate_rest() returns trigger language plpgsql as $$
+    begin
+      if old.id <> ${first} then perform pg_advisory_xact_lock_shared(4243); end if;
+      return old;
+    end $$`);
+  await db.sql`create trigger gate_rest before delete on shoal.jobs
+    for each row execute function public.gate_rest()`;
+  const holder = await db.sql.reserve();
+  try {
+    await holder`select pg_advisory_lock(4243)`;
+    const completer = new Completer(db.sql, { batchCap: 2 });
+    completer.record(runs[0]!); // sent at once, alone, and not held
+    for (const run of runs.slice(1)) completer.record(run); // 6 more: 3 statements of 2
+    const drained = completer.drain();
+    const waiting = async () => {
+      const [row] = await db.sql<{ n: number }[]>`
+        select count(*)::int as n from pg_stat_activity
+        where datname = current_database() and wait_event_type = 'Lock'
+          and wait_event = 'advisory'`;
+      return row!.n;
+    };
+    await waitFor("the drained batches to wait on the lock", async () => (await waiting()) === 3);
+    assertEquals(completer.unsent().length, 6, "the held jobs are still heartbeated");
+    await holder`select pg_advisory_unlock(4243)`;
+    await drained;
+    assertEquals(await jobsLeft(db.sql), 0);
+    assertEquals(completer.backlog, 0);
+  } finally {
+    holder.release();
+  }
+});
