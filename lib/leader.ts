@@ -84,10 +84,18 @@ export async function runLeaderLoop(
     await sleeper.sleep(sleepMs, stop);
   }
   metrics.leaderStatus(options.lease, false); // stopping: leader work has ended either way
-  if (term) {
+  const held = term;
+  if (held) {
     try {
-      const release = releaseLease(sql, term);
-      if (await settleWithin(`${options.lease} lease release`, release, deadlineMs(options))) {
+      // Retried once like every idempotent statement: a pooler, a firewall or an operator
+      // may have cut the pool's connections just before the stop, and a release that fails
+      // leaves standbys waiting out the whole lease.
+      const released = await retryOnce(
+        `${options.lease} lease release`,
+        () => releaseLease(sql, held),
+        deadlineMs(options),
+      );
+      if (released) {
         log.info("Released the {lease} lease", { lease: options.lease });
       }
     } catch (error) {

@@ -675,3 +675,23 @@ Deno.test("--role all: a role failing at start stops the others gracefully, rele
     await Deno.remove(file);
   }
 });
+
+Deno.test("a leader whose connections were cut just before SIGTERM still releases its lease: the standby leads at once", async () => {
+  await using db = await testDb();
+  await using a = reaper(db.url, "shoal reaper A");
+  await using b = reaper(db.url, "shoal reaper B");
+  const leader = await waitForLeader(db.sql, "reaper", [a, b]);
+  const standby = leader === a ? b : a;
+  const leaderTag = leader === a ? "shoal reaper A" : "shoal reaper B";
+  // A pooler, a firewall or an operator ends the leader's idle connections; then the
+  // orchestrator stops it. The release's first try meets a dead connection.
+  const pids = await db.sql<{ pid: number }[]>`
+    select pid from pg_stat_activity where application_name = ${leaderTag}`;
+  assert(pids.length > 0, "the leader had no connection to cut");
+  for (const { pid } of pids) await db.sql`select pg_terminate_backend(${pid}::integer)`;
+  const leaderOutput = await stopGracefully(leader);
+  assertEquals(logged(leaderOutput, "Released the reaper lease"), 1, leaderOutput);
+  // The lease is 20 s: leading within 5 s means the release landed, not that it expired.
+  await waitFor("the standby to lead", () => leaderOf(db.sql, "reaper", [standby]), 5_000);
+  await stopGracefully(standby);
+});
