@@ -32,7 +32,14 @@ import {
   upsertSchedule,
 } from "./schedule.ts";
 import type { SchedulerOptions } from "./scheduler.ts";
-import { connect, isConnectionError, redactUrl, type Sql, waitForDatabase } from "./db.ts";
+import {
+  closePool,
+  connect,
+  isConnectionError,
+  redactUrl,
+  type Sql,
+  waitForDatabase,
+} from "./db.ts";
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
 import { describeError, logger, setupLogging } from "./log.ts";
@@ -271,7 +278,7 @@ async function withDb<N extends OptionName>(
     }
     throw error;
   } finally {
-    await sql.end({ timeout: 5 });
+    await closePool(sql);
   }
 }
 

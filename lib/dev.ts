@@ -13,7 +13,7 @@ import { getExecution, listExecutions, startExecution } from "./execution.ts";
 import { type RoleHttp, type Roles, runRoles, startHttp } from "./roles.ts";
 import { upsertSchedule } from "./schedule.ts";
 import { delay } from "./sleep.ts";
-import { connect, redactUrl, type Sql } from "./db.ts";
+import { closePool, connect, redactUrl, type Sql } from "./db.ts";
 import { type LocalPg, startLocalPg } from "./local_pg.ts";
 import { describeError } from "./log.ts";
 import { describeMigration, loadMigrations, migrate } from "./migrate.ts";
@@ -212,7 +212,7 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
       await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
     } finally {
       await http?.close();
-      await sql.end({ timeout: 5 });
+      await closePool(sql);
     }
   } finally {
     if (pg) {
