@@ -558,7 +558,7 @@ function roleCommand<N extends OptionName>(
               if (!ready) return false;
               const migrations = await loadMigrations();
               if (opts.migrate) await migrate(sql, migrations);
-              await checkSchema(sql, migrations);
+              await checkSchema(sql, migrations, { migrateFlag: true });
               return true;
             },
           });

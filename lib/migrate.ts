@@ -442,27 +442,42 @@ export function describeMigration(result: MigrateResult): string {
   return parts.length > 0 ? parts.join("\n") : "Schema is up to date";
 }
 
+/** What `checkSchema()` checks against, and how its error tells the user to catch up. */
+export interface CheckSchemaOptions {
+  /** The function files to expect (default: the embedded ones). */
+  functions?: FunctionSet;
+  /**
+   * The caller accepts `--migrate` (the roles do): the error suggests it beside
+   * `shoal migrate`. Admin commands do not, and their error names only the command.
+   */
+  migrateFlag?: boolean;
+}
+
 /**
- * Check at role start that the database schema is current. Throws SchemaBehindError
- * ("run shoal migrate") when migrations are pending, FunctionsBehindError (one) when the
- * database's functions are older than this binary's (a lower revision),
- * FunctionsConflictError when they have this binary's revision and other text (migrate
- * refuses that too), MigrationChangedError when a file was edited after it was applied. A schema or functions newer than this binary are logged and allowed: migrations
- * only add, and a newer binary's functions keep the contract older binaries call.
- * `functions` defaults to the embedded ones.
+ * Check that the database schema is current before a role or a command uses it. Throws
+ * SchemaBehindError ("run shoal migrate") when migrations are pending,
+ * FunctionsBehindError (one) when the database's functions are older than this binary's
+ * (a lower revision), FunctionsConflictError when they have this binary's revision and
+ * other text (migrate refuses that too), MigrationChangedError when a file was edited
+ * after it was applied. A schema or functions newer than this binary are logged and
+ * allowed: migrations only add, and a newer binary's functions keep the contract older
+ * binaries call.
  */
 export async function checkSchema(
   db: Db,
   migrations: Migration[],
-  functions?: FunctionSet,
+  options: CheckSchemaOptions = {},
 ): Promise<void> {
+  const hint = options.migrateFlag
+    ? "run shoal migrate (or start with --migrate)"
+    : "run shoal migrate";
   const done = await appliedMigrations(db);
   for (const row of done) checkUnchanged(row, migrations[row.version - 1]);
   const current = done.length === 0 ? 0 : done[done.length - 1]!.version;
   const latest = migrations.length;
   if (current < latest) {
     throw new SchemaBehindError(
-      `Database schema is at version ${current}, this shoal needs ${latest}: run shoal migrate (or start with --migrate)`,
+      `Database schema is at version ${current}, this shoal needs ${latest}: ${hint}`,
     );
   }
   if (current > latest) {
@@ -471,10 +486,10 @@ export async function checkSchema(
       { current, latest },
     );
   }
-  await checkFunctions(db, functions ?? await loadFunctions());
+  await checkFunctions(db, options.functions ?? await loadFunctions(), hint);
 }
 
-async function checkFunctions(db: Db, functions: FunctionSet): Promise<void> {
+async function checkFunctions(db: Db, functions: FunctionSet, hint: string): Promise<void> {
   const recorded = await appliedFunctionFiles(db);
   const current = recordedRevision(recorded);
   const latest = functions.revision;
@@ -487,7 +502,7 @@ async function checkFunctions(db: Db, functions: FunctionSet): Promise<void> {
   }
   if (current < latest) {
     throw new FunctionsBehindError(
-      `Database functions are at revision ${current}, this shoal needs ${latest}: run shoal migrate (or start with --migrate)`,
+      `Database functions are at revision ${current}, this shoal needs ${latest}: ${hint}`,
     );
   }
   const differ = differingFiles(recorded, functions);

@@ -308,7 +308,7 @@ Deno.test("--role consumer on an empty database refuses until migrated, and --mi
   assertEquals(code, 1, output);
   const lines = output.trim().split("\n");
   assertEquals(lines.length, 1, output);
-  assert(lines[0]!.includes("run shoal migrate"), output);
+  assert(lines[0]!.includes("run shoal migrate (or start with --migrate)"), output);
 
   await using started = consumer(db.url, ["--migrate"]);
   await waitForOutput(started, STARTED);

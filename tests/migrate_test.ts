@@ -257,7 +257,7 @@ Deno.test("migrate() re-applies a changed function file, and only that one", asy
       assertEquals([row.checksum, row.applied_at], [old.checksum, old.applied_at], row.name);
     }
   }
-  await checkSchema(db.sql, migrations, newer);
+  await checkSchema(db.sql, migrations, { functions: newer });
 });
 
 Deno.test("an older binary neither downgrades a newer binary's functions nor refuses to start", async () => {
@@ -281,11 +281,14 @@ Deno.test("an older binary neither downgrades a newer binary's functions nor ref
     select pg_get_functiondef('shoal.wake_payload(text, timestamptz)'::regprocedure) as text`;
   assert(def!.text.includes("/* newer */"), "the newer text stays");
   // ...and its roles start (a warning is logged).
-  await checkSchema(db.sql, migrations, older);
+  await checkSchema(db.sql, migrations, { functions: older });
 
   // A binary newer than the database is told to migrate.
   await assertRejects(
-    () => checkSchema(db.sql, migrations, { ...newer, revision: newer.revision + 1 }),
+    () =>
+      checkSchema(db.sql, migrations, {
+        functions: { ...newer, revision: newer.revision + 1 },
+      }),
     FunctionsBehindError,
     `Database functions are at revision ${newer.revision}, this shoal needs ${
       newer.revision + 1
@@ -295,7 +298,7 @@ Deno.test("an older binary neither downgrades a newer binary's functions nor ref
   // may be older or newer: it neither starts nor overwrites the database's functions.
   const unbumped = { ...older, revision: newer.revision };
   await assertRejects(
-    () => checkSchema(db.sql, migrations, unbumped),
+    () => checkSchema(db.sql, migrations, { functions: unbumped }),
     FunctionsConflictError,
     `Cannot start: database functions at revision ${newer.revision} differ from this shoal's revision ${newer.revision} (wake.sql): a function file changed without a revision bump`,
   );
