@@ -335,6 +335,35 @@ export interface ParsedArgs {
   flags: Partial<Record<OptionName, string | boolean>>;
 }
 
+/**
+ * The flag a mistyped `given` most likely meant: the known name fewest edits away, when
+ * that is at most 2 edits and at most a third of its length (so `--bogus` suggests nothing).
+ */
+export function nearestOption(given: string, known: readonly string[]): string | undefined {
+  let best: string | undefined;
+  let bestDistance = Infinity;
+  for (const name of known) {
+    const d = editDistance(given, name);
+    if (d < bestDistance) [best, bestDistance] = [name, d];
+  }
+  if (best === undefined || bestDistance > 2 || bestDistance * 3 > best.length) return undefined;
+  return best;
+}
+
+/** Levenshtein distance: insertions, deletions and substitutions of one character. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      const substitution = previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1);
+      current[j] = Math.min(previous[j]! + 1, current[j - 1]! + 1, substitution);
+    }
+    previous = current;
+  }
+  return previous[b.length]!;
+}
+
 /** Split argv strictly: an unknown flag or a flag missing its value is a UsageError. */
 export function parseCommandLine(args: string[]): ParsedArgs {
   const options: Record<string, { type: "string" | "boolean" }> = {};
@@ -359,7 +388,10 @@ export function parseCommandLine(args: string[]): ParsedArgs {
     if (lines[0]!.endsWith("argument is ambiguous.")) {
       throw new UsageError(`${lines[0]} ${lines[lines.length - 1]}`);
     }
-    throw new UsageError(lines[0]!.replace(/\. To specify.*$/, ""));
+    const message = lines[0]!.replace(/\. To specify.*$/, "");
+    const unknown = /^Unknown option '--([^']+)'$/.exec(message)?.[1];
+    const near = unknown === undefined ? undefined : nearestOption(unknown, Object.keys(options));
+    throw new UsageError(near ? `${message}: did you mean --${near}?` : message);
   }
   const flags: ParsedArgs["flags"] = {};
   for (const [key, value] of Object.entries(parsed.values)) {

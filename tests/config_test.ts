@@ -190,3 +190,25 @@ Deno.test("resolveOptions() refuses bad values with one line naming the flag or 
     concurrency: 3,
   });
 });
+
+Deno.test("parseCommandLine() suggests the nearest flag for a mistyped one, and none for a stranger", () => {
+  const said = (args: string[]): string => {
+    try {
+      parseCommandLine(args);
+    } catch (error) {
+      if (!(error instanceof UsageError)) throw error;
+      return error.message;
+    }
+    throw new Error(`${args.join(" ")} was accepted`);
+  };
+  assertEquals(
+    said(["--role", "consumer", "--concurency", "3"]),
+    "Unknown option '--concurency': did you mean --concurrency?",
+  );
+  assertEquals(
+    said(["--visibilty-timeout", "5s"]),
+    "Unknown option '--visibilty-timeout': did you mean --visibility-timeout?",
+  );
+  assertEquals(said(["--bogus"]), "Unknown option '--bogus'");
+  assertEquals(said(["--qu"]), "Unknown option '--qu'");
+});
