@@ -20,7 +20,7 @@ import {
 } from "./config.ts";
 import { type ConsumerOptions, defaultWorkerId } from "./consumer.ts";
 import { checkLeaderTiming } from "./leader.ts";
-import { cancelExecution } from "./execution.ts";
+import { cancelExecution, getExecution } from "./execution.ts";
 import type { ReaperOptions } from "./reaper.ts";
 import {
   checkSchedule,
@@ -66,7 +66,7 @@ Usage:
   shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
   shoal status [--json] [--watch [--interval 2s]]
   shoal cancel EXECUTION
-  shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D]
+  shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D] | purge --all
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
   shoal dev [--dir .shoal] [--http [HOST:PORT]]
@@ -174,7 +174,12 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
         { name: "cancel", flags: [], needs: "current schema" },
         async (sql) => {
           if (!(await cancelExecution(sql, rest[0]!))) {
-            err(`shoal: Execution ${rest[0]} is not pending or running\n`);
+            const execution = await getExecution(sql, rest[0]!);
+            err(
+              execution === null
+                ? `shoal: No execution ${rest[0]}\n`
+                : `shoal: Execution ${rest[0]} is already ${execution.status}\n`,
+            );
             return 1;
           }
           out(`Cancelled execution ${rest[0]}\n`);
@@ -406,8 +411,17 @@ async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> 
       noExtra("dead purge", args);
       return await withDb(parsed, {
         name: "dead purge",
-        flags: ["queue", "older-than"],
+        flags: ["queue", "older-than", "all"],
         needs: "current schema",
+        // Deleting every dead job is asked for by name, never the default of a bare command.
+        check: (opts) => {
+          const filtered = opts.queue !== undefined || opts["older-than"] !== undefined;
+          if (filtered === opts.all) {
+            throw new UsageError(
+              "shoal dead purge takes --queue and/or --older-than, or --all for every dead job",
+            );
+          }
+        },
       }, async (sql, opts) => {
         const n = await purgeDead(sql, { queue: opts.queue, olderThanMs: opts["older-than"] });
         out(`Purged ${n} dead jobs\n`);

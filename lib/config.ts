@@ -185,6 +185,7 @@ export const OPTIONS = {
   "max-attempts": { kind: "int", min: 1, max: 1000, env: null, help: "runs before dead-lettering" },
   limit: { kind: "int", default: "100", min: 1, max: 100_000, env: null, help: "rows to show" },
   "older-than": { kind: "duration", env: null, help: "only rows older than this" },
+  all: { kind: "boolean", default: "false", env: null, help: "dead purge: every dead job" },
   dir: { kind: "string", default: ".shoal", help: "where shoal dev keeps its database" },
   help: { kind: "boolean", default: "false", env: null, help: "show help" },
 } as const satisfies Record<string, OptionSpec>;

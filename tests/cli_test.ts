@@ -178,7 +178,7 @@ Deno.test("every admin command that needs the schema refuses an unmigrated datab
     ["cancel", "1"],
     ["dead", "list"],
     ["dead", "retry", "1"],
-    ["dead", "purge"],
+    ["dead", "purge", "--all"],
     ["schedule", "add", "s", "--cron", "* * * * *", "--task", "t"],
     ["schedule", "list"],
     ["schedule", "pause", "s"],
@@ -315,7 +315,13 @@ Deno.test("shoal dead list, retry and purge work on the dead-letter table", asyn
   assertEquals([kept.code, kept.stdout], [0, "Purged 0 dead jobs\n"], kept.stderr);
   const one = await runShoal(["dead", "purge", "--queue", "other"], { url: db.url });
   assertEquals([one.code, one.stdout], [0, "Purged 1 dead jobs\n"], one.stderr);
-  const rest = await runShoal(["dead", "purge"], { url: db.url });
+  // Every dead job goes only when asked for by name.
+  for (const args of [["dead", "purge"], ["dead", "purge", "--all", "--queue", "later"]]) {
+    const refused = await runShoal(args, { url: db.url });
+    assertEquals([refused.code, refused.stdout], [2, ""], args.join(" "));
+    assertOneLine(refused.stderr, "--all for every dead job");
+  }
+  const rest = await runShoal(["dead", "purge", "--all"], { url: db.url });
   assertEquals([rest.code, rest.stdout], [0, "Purged 1 dead jobs\n"], rest.stderr);
   const [left] = await db.sql<{ n: number }[]>`select count(*)::int as n from shoal.dead_jobs`;
   assertEquals(left!.n, 0);

@@ -358,7 +358,12 @@ Deno.test("shoal cancel EXECUTION aborts its running handlers within a heartbeat
     const again = await runShoal(["cancel", id], { url: db.url, mainModule: TEST_MAIN });
     assertEquals(
       [again.code, again.stdout, again.stderr],
-      [1, "", `shoal: Execution ${id} is not pending or running\n`],
+      [1, "", `shoal: Execution ${id} is already cancelled\n`],
+    );
+    const missing = await runShoal(["cancel", "999999999"], { url: db.url, mainModule: TEST_MAIN });
+    assertEquals(
+      [missing.code, missing.stdout, missing.stderr],
+      [1, "", "shoal: No execution 999999999\n"],
     );
     const bad = await runShoal(["cancel", "x1"], { url: db.url, mainModule: TEST_MAIN });
     assertEquals(
