@@ -58,10 +58,20 @@ export async function runLeaderLoop(
   checkLeaderTiming(options.lease, options.intervalMs, options.leaseMs);
   const { log } = options;
   let term: LeaseTerm | null = null;
+  /** Whether "standing by" was logged since this process last led (once per stretch). */
+  let standingBy = false;
   const outage = new Outage(options);
   while (!stop.aborted) {
     const step = await holdOrTake(sql, options, term);
     term = step.term;
+    if (term) standingBy = false;
+    else if (!step.failed && !standingBy) {
+      standingBy = true;
+      log.info("Standing by: another process leads {lease}; {holder} takes over if it stops", {
+        lease: options.lease,
+        holder: options.holder,
+      });
+    }
     metrics.leaderStatus(options.lease, term !== null);
     let sleepMs = outage.next(step);
     if (term && !stop.aborted) {

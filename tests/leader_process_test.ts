@@ -573,6 +573,9 @@ Deno.test("two reapers: only the leader purges dead jobs past --dead-retention, 
   assert(handOverMs >= 0 && handOverMs < 5000, `the standby led ${handOverMs} ms after release`);
   assertEquals(logged(leaderOutput, "Leading reaper "), 1, leaderOutput);
   assertEquals(logged(standbyOutput, "Leading reaper "), 1, standbyOutput);
+  // A standby says so once for its whole wait (some 20 ticks here), not once per tick.
+  assertEquals(logged(leaderOutput, "Standing by"), 0, leaderOutput);
+  assertEquals(logged(standbyOutput, "Standing by"), 1, standbyOutput);
   assertEquals(logged(standbyOutput, "Released the reaper lease"), 1, standbyOutput);
 });
 
