@@ -18,8 +18,8 @@ export type Db =
   | postgres.TransactionSql<Record<string, never>>;
 
 export interface ConnectOptions {
-  /** Shows in pg_stat_activity, e.g. `shoal consumer`. */
-  applicationName: string;
+  /** Shows in pg_stat_activity, e.g. `shoal consumer` (default `shoal`). */
+  applicationName?: string;
   /** Pool size. */
   max?: number;
   /** Named prepared statements; switch off behind PgBouncer in transaction mode. */
@@ -28,15 +28,20 @@ export interface ConnectOptions {
   connectTimeout?: number;
 }
 
-/** Open a pool. Nothing connects until the first query. */
-export function connect(url: string, options: ConnectOptions): Sql {
+/** Open a pool (`connect(url)` for the defaults). Nothing connects until the first query. */
+export function connect(url: string, options: ConnectOptions = {}): Sql {
+  // `deno run` does not type-check a user's entry file: say what is wrong here, not deep in
+  // the driver at the first query.
+  if (typeof url !== "string" || url === "") {
+    throw new TypeError("Cannot connect: the database URL must be a non-empty string");
+  }
   return postgres(url, {
     max: options.max ?? 10,
     prepare: options.prepare ?? true,
     connect_timeout: options.connectTimeout ?? 10,
     idle_timeout: 0,
     max_lifetime: null,
-    connection: { application_name: options.applicationName },
+    connection: { application_name: options.applicationName ?? "shoal" },
     onnotice: (notice) => {
       logger("db").debug("Postgres notice: {message}", { message: notice.message });
     },
