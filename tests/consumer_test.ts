@@ -438,7 +438,10 @@ Deno.test("runConsumer() on a NOTIFY probes for jobs ranking ahead of its buffer
     concurrency: 2,
     prefetch: 50,
     listen: true,
-    pollIntervalMs: 60_000,
+    // Polls re-check the buffer: on a fast machine the gates can start within the pace's
+    // first 100 ms window, when the buffer's target is still 0 and nothing else wakes the
+    // loop. A poll never claims into a full buffer, so the urgent job can only come by probe.
+    pollIntervalMs: 250,
   });
   const locked = async () => {
     const [row] = await db.sql<{ n: number }[]>`
@@ -447,9 +450,9 @@ Deno.test("runConsumer() on a NOTIFY probes for jobs ranking ahead of its buffer
   };
   try {
     await waitFor("both slots to be held", () => gates === 2);
+    await waitFor("the buffer to hold more than the slots", async () => (await locked()) > 4);
     await sleep(300); // the buffer settles: nothing frees a slot, so nothing claims
     const held = await locked();
-    assert(held > 4, `only ${held} jobs held: the buffer should hold more than the slots`);
     const urgent = await enqueue(db.sql, "t.quick", {}, { priority: 5 });
     await waitFor(
       "the urgent job to be claimed",
