@@ -77,7 +77,7 @@ export class Completer {
   readonly #limit: number;
   readonly #options: CompleterOptions;
   readonly #log = logger("consumer");
-  /** Plain jobs to ack, not sent yet (the jobs themselves: id and token are their ref). */
+  /** Plain jobs to ack, not sent yet: id and token only, so a backlog holds no payloads. */
   #acks: JobRef[] = [];
   /** Jobs of an execution to complete, not sent yet. */
   #completions: Completion[] = [];
