@@ -33,6 +33,10 @@ export interface LeaseStatus {
 export interface ScheduleStatus {
   name: string;
   cron: string;
+  /** The task it enqueues. */
+  task: string;
+  /** The queue it enqueues onto; null would mean its task's own queue, read when it fires. */
+  queue: string | null;
   enabled: boolean;
   next_run_at: Date | null;
   last_run_at: Date | null;
@@ -89,6 +93,8 @@ export async function status(db: Db): Promise<Status> {
   const schedules = (await listSchedules(db)).map((s) => ({
     name: s.name,
     cron: s.cron,
+    task: s.task,
+    queue: s.queue,
     enabled: s.enabled,
     next_run_at: s.next_run_at,
     last_run_at: s.last_run_at,
@@ -119,14 +125,19 @@ function table(header: string[], rows: string[][]): string {
 
 const iso = (d: Date | null) => (d ? d.toISOString() : "-");
 
-/** The human-readable form of `shoal schedule list`. */
+/** What a schedule's queue column shows when it has none of its own. */
+export const TASK_QUEUE = "(task's queue)";
+
+/** The human-readable form of `shoal schedule list` (and the schedules of `shoal status`). */
 export function formatSchedules(rows: (ScheduleStatus | ScheduleRow)[]): string {
   if (rows.length === 0) return "No schedules\n";
   return table(
-    ["schedule", "cron", "enabled", "next run", "last run", "last error"],
+    ["schedule", "cron", "task", "queue", "enabled", "next run", "last run", "last error"],
     rows.map((s) => [
       s.name,
       s.cron,
+      s.task,
+      s.queue ?? TASK_QUEUE,
       s.enabled ? "yes" : "no",
       iso(s.next_run_at),
       iso(s.last_run_at),

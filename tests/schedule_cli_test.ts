@@ -150,6 +150,8 @@ Deno.test("shoal schedule list prints a table, and --json the rows", async () =>
   assertEquals(lines[0]!.split(/\s{2,}/), [
     "schedule",
     "cron",
+    "task",
+    "queue",
     "enabled",
     "next run",
     "last run",
@@ -158,12 +160,23 @@ Deno.test("shoal schedule list prints a table, and --json the rows", async () =>
   assertEquals(lines[1]!.split(/\s{2,}/), [
     "a-paris",
     "*/10 * * * * *",
+    "shoal.sleep",
+    "q1",
     "no",
     "2030-05-01T10:00:10.000Z",
     "2030-05-01T10:00:00.000Z",
     "boom",
   ]);
-  assertEquals(lines[2]!.split(/\s{2,}/), ["b-hourly", "0 * * * *", "yes", "-", "-", "-"]);
+  assertEquals(lines[2]!.split(/\s{2,}/), [
+    "b-hourly",
+    "0 * * * *",
+    "shoal.noop",
+    "default",
+    "yes",
+    "-",
+    "-",
+    "-",
+  ]);
 
   const json = await runShoal(["schedule", "list", "--json"], { url: db.url });
   assertEquals(json.code, 0, json.stderr);
@@ -186,6 +199,29 @@ Deno.test("shoal schedule list prints a table, and --json the rows", async () =>
     row("b-hourly", { cron: "0 * * * *" }),
   ]);
   for (const r of listed) assert(!Number.isNaN(Date.parse(r.created_at as string)), "created_at");
+});
+
+Deno.test("formatSchedules() shows a schedule without a queue of its own as (task's queue)", () => {
+  const slot = new Date("2030-05-01T10:00:00Z");
+  const text = formatSchedules([
+    { ...row("own", {}), next_run_at: slot, created_at: slot, updated_at: slot },
+    {
+      name: "inherits",
+      cron: "0 3 * * *",
+      task: "app.greet",
+      queue: null,
+      enabled: true,
+      next_run_at: null,
+      last_run_at: null,
+      last_error: null,
+    },
+  ]);
+  const lines = text.trimEnd().split("\n").map((l) => l.split(/\s{2,}/).slice(0, 5));
+  assertEquals(lines, [
+    ["schedule", "cron", "task", "queue", "enabled"],
+    ["own", "0 3 * * *", "shoal.noop", "default", "yes"],
+    ["inherits", "0 3 * * *", "app.greet", "(task's queue)", "yes"],
+  ]);
 });
 
 Deno.test("shoal schedule pause, resume and rm change one schedule; an unknown name is exit 1 with one line", async () => {
@@ -314,6 +350,8 @@ Deno.test("shoal status --json lists leases (name, holder, expires_at) and sched
     {
       name: "broken",
       cron: "0 3 * * *",
+      task: "shoal.noop",
+      queue: "default",
       enabled: false,
       next_run_at: null,
       last_run_at: "2030-05-01T10:00:00.000Z",
@@ -322,6 +360,8 @@ Deno.test("shoal status --json lists leases (name, holder, expires_at) and sched
     {
       name: "hourly",
       cron: "0 * * * *",
+      task: "shoal.noop",
+      queue: "default",
       enabled: true,
       next_run_at: "2030-05-01T11:00:00.000Z",
       last_run_at: null,
@@ -331,7 +371,8 @@ Deno.test("shoal status --json lists leases (name, holder, expires_at) and sched
 
   const human = await runShoal(["status"], { url: db.url });
   assertEquals(human.code, 0, human.stderr);
-  for (const text of ["host-a:42", term.expiresAt.toISOString(), "hourly", "broken"]) {
+  const texts = ["host-a:42", term.expiresAt.toISOString(), "hourly", "broken", "shoal.noop"];
+  for (const text of texts) {
     assert(human.stdout.includes(text), `"${text}" missing from:\n${human.stdout}`);
   }
 });
