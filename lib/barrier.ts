@@ -11,13 +11,20 @@
 import type { Db } from "./db.ts";
 import { checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 import type { JobRef } from "./queue.ts";
+import { type AnyTask, taskSettings } from "./tasks.ts";
 
-/** One job of a fan-out: a child, the callback, or the error callback. */
+/**
+ * One job of a fan-out: a child, the callback, or the error callback. Its task is a name,
+ * or a definition (from defineTask) whose queue and attempts apply unless set here. The
+ * payload is not type-checked against a definition: a callback's is completed by shoal
+ * (`results`, `error`), so it is not what its handler receives.
+ */
 export interface FanOutJob {
-  task: string;
+  task: string | AnyTask;
   payload?: Record<string, unknown>;
-  /** Default: the producer's queue. */
+  /** Default: the definition's queue, else the producer's queue. */
   queue?: string;
+  /** Default: the definition's, else 25. */
   maxAttempts?: number;
 }
 
@@ -43,14 +50,18 @@ function jobJson(job: FanOutJob, what: string, maxPayloadBytes: number): string 
   if (job === null || typeof job !== "object") {
     throw new TypeError(`Invalid ${what}: expected an object`);
   }
-  let json = `{"task":${JSON.stringify(checkName("task", job.task))}`;
-  if (job.queue !== undefined) json += `,"queue":${JSON.stringify(checkName("queue", job.queue))}`;
+  // A definition's settings apply where the job does not set its own.
+  const task = taskSettings(job.task);
+  const queue = job.queue ?? task.queue;
+  const maxAttempts = job.maxAttempts ?? task.maxAttempts;
+  let json = `{"task":${JSON.stringify(checkName("task", task.name))}`;
+  if (queue !== undefined) json += `,"queue":${JSON.stringify(checkName("queue", queue))}`;
   if (job.payload !== undefined) json += `,"payload":${checkPayload(job.payload, maxPayloadBytes)}`;
-  if (job.maxAttempts !== undefined) {
-    if (!Number.isInteger(job.maxAttempts) || job.maxAttempts < 1 || job.maxAttempts > 1000) {
+  if (maxAttempts !== undefined) {
+    if (!Number.isInteger(maxAttempts) || maxAttempts < 1 || maxAttempts > 1000) {
       throw new RangeError(`Invalid ${what} maxAttempts: expected 1 to 1000`);
     }
-    json += `,"max_attempts":${job.maxAttempts}`;
+    json += `,"max_attempts":${maxAttempts}`;
   }
   return json + "}";
 }

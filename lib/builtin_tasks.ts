@@ -69,8 +69,10 @@ export const chordTask: AnyTask = defineTask<FanOutSpec>({
         throw new TypeError(`${what} must be an object with a task`);
       }
       const o = j as Record<string, unknown>;
+      // A name only: JSON cannot carry a definition, and an object here must not pass for one.
+      if (typeof o.task !== "string") throw new TypeError(`${what}.task must be a task name`);
       return {
-        task: o.task as string,
+        task: o.task,
         payload: o.payload as Record<string, unknown> | undefined,
         queue: o.queue as string | undefined,
         maxAttempts: o.max_attempts as number | undefined,

@@ -17,7 +17,13 @@
  * @module
  */
 import type { Db } from "./db.ts";
-import { checkJobSpec, DEFAULT_MAX_ATTEMPTS, type JobSpec } from "./queue.ts";
+import {
+  type CheckedJob,
+  checkJobSpec,
+  DEFAULT_MAX_ATTEMPTS,
+  type JobSpec,
+  type TaskJobSpec,
+} from "./queue.ts";
 import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
 export type ExecutionStatus = "pending" | "running" | "completed" | "failed" | "cancelled";
@@ -47,13 +53,14 @@ export interface ExecutionSummary {
 }
 
 /**
- * Start an execution with its first job; returns the execution id. The job takes every
- * enqueue option but a dedupe key (a key already held would leave the execution without
- * its job): that is a TypeError.
+ * Start an execution with its first job; returns the execution id. The job names its task
+ * or carries its definition, as enqueueMany's do, and takes every enqueue option but a
+ * dedupe key (a key already held would leave the execution without its job): that is a
+ * TypeError.
  */
-export async function startExecution(
+export async function startExecution<T extends JobSpec | TaskJobSpec>(
   db: Db,
-  job: JobSpec,
+  job: CheckedJob<T>,
   options: { maxPayloadBytes?: number } = {},
 ): Promise<string> {
   if (job.key !== undefined) {

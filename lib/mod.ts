@@ -52,6 +52,7 @@ export {
 export { runScheduler, tickOnce } from "./scheduler.ts";
 export {
   ack,
+  type CheckedJobs,
   claim,
   enqueue,
   type Enqueued,
@@ -62,6 +63,7 @@ export {
   type Job,
   type JobSpec,
   release,
+  type TaskJobSpec,
 } from "./queue.ts";
 export {
   checkHttpAllow,
@@ -81,5 +83,6 @@ export {
   RetryLaterError,
   type TaskContext,
   type TaskDefinition,
+  type TaskInput,
   TaskRegistry,
 } from "./tasks.ts";

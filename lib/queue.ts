@@ -19,6 +19,7 @@
 import type { Db, Sql } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { checkKey, checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
+import { type AnyTask, type TaskDefinition, taskSettings } from "./tasks.ts";
 
 /** A claimed job, as a handler sees it. Bigint ids and tokens are strings. */
 export interface Job {
@@ -47,7 +48,7 @@ export interface Job {
 
 /** Where and how a job runs; every field optional. */
 export interface EnqueueOptions {
-  /** Queue name; `default` unless given. */
+  /** Queue name; unless given, the definition's queue (enqueued through one), else `default`. */
   queue?: string;
   /** Earliest start; now unless given. */
   runAt?: Date;
@@ -57,15 +58,44 @@ export interface EnqueueOptions {
   key?: string;
   /** Jobs sharing a queue are served fairly across fairness keys (a tenant id, say). */
   fairnessKey?: string;
-  /** Runs before the job is dead-lettered; default 25. */
+  /** Runs before the job is dead-lettered; unless given, the definition's, else 25. */
   maxAttempts?: number;
 }
 
-/** One job to enqueue. */
+/** One job to enqueue by task name: its payload is not type-checked. */
 export interface JobSpec extends EnqueueOptions {
   task: string;
   payload?: Record<string, unknown>;
 }
+
+/**
+ * One job to enqueue through a task definition: the payload is the task's input type `I`
+ * (see TaskDefinition), the queue and attempts the definition's unless set here.
+ */
+// deno-lint-ignore no-explicit-any
+export interface TaskJobSpec<I = any> extends EnqueueOptions {
+  // deno-lint-ignore no-explicit-any
+  task: TaskDefinition<any, I>;
+  payload: I;
+}
+
+/** One job to enqueue: by name, or through its task's definition. */
+type AnyJobSpec = JobSpec | TaskJobSpec;
+
+/**
+ * The jobs enqueueMany() accepts, element by element: a job given a definition must carry
+ * that task's payload type. A list written inline or built by `.map()` is checked; one
+ * declared as `TaskJobSpec[]` is not (its definitions' payload types are erased to `any`).
+ */
+export type CheckedJobs<T extends readonly (JobSpec | TaskJobSpec)[]> = {
+  [K in keyof T]: CheckedJob<T[K]>;
+};
+/**
+ * One job checked like CheckedJobs' (a union of jobs member by member): given a definition,
+ * it must carry that task's payload type.
+ */
+export type CheckedJob<S> = S extends { task: TaskDefinition<infer _P, infer I> } ? TaskJobSpec<I>
+  : S;
 
 export interface Enqueued {
   id: string;
@@ -102,9 +132,12 @@ interface JobColumns {
 }
 
 /** Validate a job at the boundary; throws a TypeError or RangeError with one clear line. */
-function checkColumns(spec: JobSpec, maxPayloadBytes: number): JobColumns {
-  const queue = checkName("queue", spec.queue ?? DEFAULT_QUEUE);
-  const task = checkName("task", spec.task);
+function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number): JobColumns {
+  // A definition's settings apply where the job does not set its own.
+  const settings = taskSettings(spec.task);
+  const queue = checkName("queue", spec.queue ?? settings.queue ?? DEFAULT_QUEUE);
+  const task = checkName("task", settings.name);
+  const maxAttempts = spec.maxAttempts ?? settings.maxAttempts;
   // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
   const payload = checkPayload(spec.payload === undefined ? {} : spec.payload, maxPayloadBytes);
   let runAt: string | null = null;
@@ -121,8 +154,8 @@ function checkColumns(spec: JobSpec, maxPayloadBytes: number): JobColumns {
     throw new RangeError("Invalid priority: expected an integer from -32767 to 32767");
   }
   if (
-    spec.maxAttempts !== undefined &&
-    (!Number.isInteger(spec.maxAttempts) || spec.maxAttempts < 1 || spec.maxAttempts > 1000)
+    maxAttempts !== undefined &&
+    (!Number.isInteger(maxAttempts) || maxAttempts < 1 || maxAttempts > 1000)
   ) {
     throw new RangeError("Invalid maxAttempts: expected an integer from 1 to 1000");
   }
@@ -137,7 +170,7 @@ function checkColumns(spec: JobSpec, maxPayloadBytes: number): JobColumns {
     runAt,
     priority: spec.priority ?? null,
     fairnessKey,
-    maxAttempts: spec.maxAttempts ?? null,
+    maxAttempts: maxAttempts ?? null,
     key,
   };
 }
@@ -146,7 +179,7 @@ function checkColumns(spec: JobSpec, maxPayloadBytes: number): JobColumns {
  * Validate a job at the boundary and return the row `shoal.enqueue_many` takes; throws
  * a TypeError or RangeError with one clear line.
  */
-export function checkJobSpec(spec: JobSpec, maxPayloadBytes: number): Record<string, unknown> {
+export function checkJobSpec(spec: AnyJobSpec, maxPayloadBytes: number): Record<string, unknown> {
   const columns = checkColumns(spec, maxPayloadBytes);
   const row: Record<string, unknown> = {
     queue: columns.queue,
@@ -277,17 +310,20 @@ function column<T>(jobs: JobColumns[], pick: (job: JobColumns) => T | null): (T 
 
 /**
  * Enqueue many jobs in one statement (inside the caller's transaction when `db` is one).
- * Results are in input order. On a pool, the promise resolves once the jobs are committed
- * and idle consumers have been notified.
+ * Each job names its task (`task: "name"`) or carries its definition (`task: sendWelcome`:
+ * its payload type-checked, its queue and attempts the definition's unless the job sets
+ * them). Results are in input order. On a pool, the promise resolves once the jobs are
+ * committed and idle consumers have been notified.
  */
-export async function enqueueMany(
+export async function enqueueMany<T extends readonly (JobSpec | TaskJobSpec)[]>(
   db: Db,
-  jobs: JobSpec[],
+  jobs: CheckedJobs<T>,
   options: EnqueueManyOptions = {},
 ): Promise<Enqueued[]> {
-  if (jobs.length === 0) return [];
+  const specs = jobs as readonly AnyJobSpec[];
+  if (specs.length === 0) return [];
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
-  const columns = jobs.map((spec) => checkColumns(spec, maxBytes));
+  const columns = specs.map((spec) => checkColumns(spec, maxBytes));
   const pool = (options.notify ?? true) ? wakeupsOf(db) : null;
   if (pool === null) return await insertJobs(db, columns, options.notify ?? true);
   const alone = pool.active === 0;
@@ -301,14 +337,41 @@ export async function enqueueMany(
   }
 }
 
-/** Enqueue one job; returns its id (or the id of the job already holding its dedupe key). */
-export async function enqueue(
+/**
+ * Enqueue one job through its task's definition (from defineTask): the payload must be the
+ * task's input type (TaskDefinition's `I`: the handler's payload unless the definition
+ * declares another), and the job goes to the definition's queue with its attempts unless
+ * `options` set them. Returns the job id (or that of the job already holding its dedupe key).
+ *
+ * ```ts
+ * await enqueue(db, sendWelcome, { userId: 1 }); // { userId: "1" } does not compile
+ * ```
+ */
+export function enqueue<P, I>(
+  db: Db,
+  task: TaskDefinition<P, I>,
+  payload: NoInfer<I>,
+  options?: EnqueueOptions & EnqueueManyOptions,
+): Promise<string>;
+/**
+ * Enqueue one job by task name, for producers that do not import the task's code: the
+ * payload is not type-checked, and the job goes to `options.queue` (else `default`).
+ * Returns the job id (or that of the job already holding its dedupe key).
+ */
+export function enqueue(
   db: Db,
   task: string,
-  payload: Record<string, unknown> = {},
+  payload?: Record<string, unknown>,
+  options?: EnqueueOptions & EnqueueManyOptions,
+): Promise<string>;
+export async function enqueue(
+  db: Db,
+  task: string | AnyTask,
+  payload: unknown = {},
   options: EnqueueOptions & EnqueueManyOptions = {},
 ): Promise<string> {
-  const [result] = await enqueueMany(db, [{ ...options, task, payload }], options);
+  const spec = { ...options, task, payload } as AnyJobSpec;
+  const [result] = await enqueueMany(db, [spec], options);
   return result!.id;
 }
 

@@ -13,9 +13,15 @@
 import type { Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { describeError, type Logger } from "./log.ts";
-import { backoffMs, enqueue, type Job } from "./queue.ts";
+import { backoffMs, enqueue, type EnqueueOptions, type Job } from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
-import { PermanentError, RetryLaterError, type TaskContext, type TaskRegistry } from "./tasks.ts";
+import {
+  type AnyTask,
+  PermanentError,
+  RetryLaterError,
+  type TaskContext,
+  type TaskRegistry,
+} from "./tasks.ts";
 
 export class TimeoutError extends Error {
   override name = "TimeoutError";
@@ -169,14 +175,14 @@ export class JobRun {
         return jobLog ??= env.log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
       },
       db: env.sql,
-      enqueue: (name, payload = {}, opts = {}) => {
-        const definition = env.tasks.get(name); // its queue and retry budget, like the CLI's
-        return enqueue(env.sql, name, payload, {
-          queue: definition?.queue,
-          maxAttempts: definition?.maxAttempts,
-          maxPayloadBytes: env.maxPayloadBytes,
-          ...opts,
-        });
+      enqueue: (task: string | AnyTask, payload?: unknown, opts: EnqueueOptions = {}) => {
+        const options = { maxPayloadBytes: env.maxPayloadBytes, ...opts };
+        // By name, a task this consumer knows brings its queue and retry budget, like the
+        // CLI's; a definition brings its own. enqueue() refuses anything else.
+        const definition = typeof task === "string" ? env.tasks.get(task) : task;
+        return definition === undefined
+          ? enqueue(env.sql, task as string, payload as Record<string, unknown>, options)
+          : enqueue(env.sql, definition, payload, options);
       },
       fanOut: (spec: FanOutSpec) => this.#askFanOut(spec, env),
     };

@@ -20,7 +20,20 @@ export interface TaskContext {
   signal: AbortSignal;
   /** A logger that tags every line with the job id, task and attempt. */
   log: Logger;
-  /** Enqueue another job (outside this job's ack; at-least-once like everything else). */
+  /**
+   * Enqueue another job (outside this job's ack; at-least-once like everything else), as
+   * `enqueue()` does: given a definition, its payload is type-checked and the definition's
+   * queue and attempts apply unless `options` set them.
+   */
+  enqueue<P, I>(
+    task: TaskDefinition<P, I>,
+    payload: NoInfer<I>,
+    options?: EnqueueOptions,
+  ): Promise<string>;
+  /**
+   * Enqueue another job by task name; a task this consumer registered goes to its queue
+   * with its attempts unless `options` set them.
+   */
   enqueue(
     task: string,
     payload?: Record<string, unknown>,
@@ -36,7 +49,22 @@ export interface TaskContext {
   fanOut(spec: FanOutSpec): void;
 }
 
-export interface TaskDefinition<P = Record<string, unknown>> {
+/**
+ * A task: its name, settings and handler.
+ *
+ * Two payload types:
+ * - `P`, what the handler gets: the payload as `parse` returns it, or without `parse` the
+ *   payload as enqueued (after a JSON round trip: keep `P` to JSON data, no `Date`s).
+ * - `I`, what a typed producer enqueues, `enqueue(db, thisTask, payload)`, checked at
+ *   compile time; `P` unless given. A `parse` that converts (a string to a `Date`, a renamed
+ *   field, a default filled in) declares the input it reads:
+ *   `defineTask<Parsed, Input>({ parse, handler })`. Without `parse` the handler gets what
+ *   was sent, so `I` must be assignable to `P` (defineTask refuses another at compile time).
+ *
+ * `parse` itself still takes `Record<string, unknown>`, never `I`: jobs also arrive by
+ * name, from SQL, other languages and older producers, which no compiler checked.
+ */
+export interface TaskDefinition<P = Record<string, unknown>, I = P> {
   /** Unique task name: letters, digits and `_.:-`. */
   name: string;
   /** Queue its jobs go to unless the enqueue says otherwise (default `default`). */
@@ -52,11 +80,56 @@ export interface TaskDefinition<P = Record<string, unknown>> {
    * fan-out child's goes to the callback's `results`, the last job's to the execution.
    */
   handler: (payload: P, ctx: TaskContext) => unknown | Promise<unknown>;
+  /**
+   * Type only, never set: the payload type `I` producers enqueue, which is how `enqueue`
+   * reads it back from a definition. Leave it out.
+   */
+  readonly "~input"?: I;
 }
 
-/** A task with its payload type erased, as the registry stores it. */
+/** A task with its payload types erased, as the registry stores it. */
 // deno-lint-ignore no-explicit-any
-export type AnyTask = TaskDefinition<any>;
+export type AnyTask = TaskDefinition<any, any>;
+
+/** The payload a typed producer enqueues for a task: `TaskInput<typeof sendWelcome>`. */
+export type TaskInput<T> = T extends TaskDefinition<infer _P, infer I> ? I : never;
+
+/**
+ * What a definition needs besides TaskDefinition: `parse` when its input type `I` is not
+ * assignable to the handler's `P` (nothing else would turn one into the other).
+ */
+type ParseWhenInputDiffers<P, I> = [I] extends [P] ? unknown
+  : { parse: (payload: Record<string, unknown>) => P };
+
+/** What an enqueue takes from its task argument: a name, with a definition's settings. */
+export interface TaskSettings {
+  name: string;
+  queue?: string;
+  maxAttempts?: number;
+}
+
+/**
+ * Read the task argument of an enqueue: a task name, or a definition (an object with a
+ * string `name`, as defineTask returns), whose queue and attempts come with it. Anything
+ * else is a TypeError. The values themselves are checked where the job is.
+ */
+export function taskSettings(task: unknown): TaskSettings {
+  if (typeof task === "string") return { name: task };
+  if (task !== null && typeof task === "object" && typeof (task as AnyTask).name === "string") {
+    const { name, queue, maxAttempts } = task as AnyTask;
+    return { name, queue, maxAttempts };
+  }
+  const got = task === null
+    ? "null"
+    : Array.isArray(task)
+    ? "an array"
+    : typeof task === "object"
+    ? "an object without a string name"
+    : typeof task;
+  throw new TypeError(
+    `Invalid task: expected a task name or a definition from defineTask, got ${got}`,
+  );
+}
 
 /** Throw from a handler to dead-letter the job at once, without retries. */
 export class PermanentError extends Error {
@@ -84,10 +157,13 @@ export class RetryLaterError extends Error {
   }
 }
 
-/** Define a task (validates its name and limits at definition time). */
-export function defineTask<P = Record<string, unknown>>(
-  definition: TaskDefinition<P>,
-): TaskDefinition<P> {
+/**
+ * Define a task (validates its name and limits at definition time). `P` is the handler's
+ * payload, `I` what producers enqueue (default `P`; see TaskDefinition).
+ */
+export function defineTask<P = Record<string, unknown>, I = P>(
+  definition: TaskDefinition<P, I> & ParseWhenInputDiffers<P, I>,
+): TaskDefinition<P, I> {
   checkName("task", definition.name);
   if (definition.queue !== undefined) checkName("queue", definition.queue);
   if (
