@@ -1,19 +1,36 @@
 /**
- * shoal's TypeScript API: enqueue (inside your own transaction if you like), define
- * tasks, and run shoal's command line from your own entry file so your tasks compile
- * into your own binary.
+ * shoal's TypeScript API: define tasks, enqueue them (inside your own transaction if you
+ * like), and run shoal's command line from your own entry file so your tasks compile into
+ * your own binary.
+ *
+ * The consumer's entry file defines its tasks and hands the command line to `main`
+ * (`deno run -A my_tasks.ts --role consumer --queues emails`):
  *
  * ```ts
  * import { defineTask, main } from "./lib/mod.ts";
  *
- * const sendWelcome = defineTask<{ userId: number }>({
+ * export const sendWelcome = defineTask<{ userId: number }>({
  *   name: "send_welcome",
  *   queue: "emails",
+ *   maxAttempts: 5,
  *   parse: (p) => ({ userId: Number(p.userId) }),
  *   handler: async ({ userId }, ctx) => { ctx.log.info("Welcoming {userId}", { userId }); },
  * });
  *
  * if (import.meta.main) Deno.exit(await main(Deno.args, { tasks: [sendWelcome] }));
+ * ```
+ *
+ * A producer that imports the definition enqueues through it: the payload is type-checked
+ * (`{ userId: "1" }` does not compile) and the job goes to `emails` with 5 attempts. One that
+ * cannot import it enqueues by name, spelling out what it needs:
+ *
+ * ```ts
+ * import { connect, enqueue } from "./lib/mod.ts";
+ * import { sendWelcome } from "./my_tasks.ts";
+ *
+ * const sql = connect(Deno.env.get("DATABASE_URL")!);
+ * await enqueue(sql, sendWelcome, { userId: 1 });
+ * await enqueue(sql, "send_welcome", { userId: 1 }, { queue: "emails", maxAttempts: 5 });
  * ```
  *
  * @module

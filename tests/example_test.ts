@@ -1,5 +1,5 @@
 import { assert, assertEquals } from "./assert.ts";
-import { logLines, spawnShoal, testDb, waitFor } from "./helpers.ts";
+import { logLines, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
 
 const EXAMPLE = new URL("../examples/my_tasks.ts", import.meta.url).pathname;
 
@@ -58,4 +58,36 @@ Deno.test("examples/my_tasks.ts enqueues and runs its own tasks, and exits 0 on 
   const backlog = lines.find((l) => String(l.message).startsWith("Email backlog"));
   assertEquals(backlog?.job_id, report, output);
   assertEquals(typeof backlog?.waiting, "number");
+});
+
+Deno.test("examples/producer.ts enqueues through the imported definition: its queue and attempts, once per email", async () => {
+  await using db = await testDb();
+  const producer = new URL("../examples/producer.ts", import.meta.url).pathname;
+  const signUp = async () => {
+    const result = await runShoal(["ada@example.com", "Ada"], {
+      url: db.url,
+      mainModule: producer,
+    });
+    assertEquals({ code: result.code, stderr: result.stderr }, { code: 0, stderr: "" });
+    assert.match(result.stdout, /^\d+\n$/);
+    return result.stdout.trim();
+  };
+  const id = await signUp();
+  assertEquals(await signUp(), id, "the dedupe key holds a retried signup");
+  const rows = await db.sql<Record<string, unknown>[]>`
+    select id::text, task, queue, max_attempts, payload, key from shoal.jobs`;
+  assertEquals(rows.map((r) => ({ ...r })), [{
+    id,
+    task: "example.send_welcome",
+    queue: "emails",
+    max_attempts: 5,
+    payload: { email: "ada@example.com", name: "Ada" },
+    key: "welcome:ada@example.com",
+  }]);
+  const usage = await runShoal([], { url: db.url, mainModule: producer });
+  assertEquals(usage, {
+    code: 2,
+    stdout: "",
+    stderr: "usage: DATABASE_URL=... producer.ts EMAIL NAME\n",
+  });
 });
