@@ -473,6 +473,44 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
   }
 });
 
+Deno.test("examples/schedules.json, the README's example, syncs into a real database as documented", async () => {
+  const file = new URL("../examples/schedules.json", import.meta.url).pathname;
+  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
+  const section = readme.slice(readme.indexOf("\n## Schedules\n"));
+  const shown = section.match(/```json\n([\s\S]*?)```/)?.[1];
+  assertExists(shown, "no JSON block in the README's Schedules section");
+  assertEquals(
+    JSON.parse(shown),
+    JSON.parse(await Deno.readTextFile(file)),
+    "README and file differ",
+  );
+
+  await using db = await testDb();
+  assertEquals(await syncWith(db.url, file), `Synced ${file}: 2 created, 0 updated, 0 removed`);
+  // (the scheduler led for a moment: it may have recorded each schedule's first slot)
+  const synced = (await rows(db.sql)).map((r) => ({ ...r, next_run_at: null }));
+  assertEquals(synced, [
+    row("backlog-report", {
+      cron: "0 8 * * 1-5",
+      tz: "Europe/Paris",
+      task: "example.report_backlog",
+      queue: "reports",
+      payload: { reason: "morning check" },
+      priority: 5,
+      source: "file",
+    }),
+    row("heartbeat", { cron: "*/30 * * * * *", source: "file" }),
+  ]);
+  const list = await runShoal(["schedule", "list"], { url: db.url });
+  assertEquals(list.code, 0, list.stderr);
+  const columns = list.stdout.trimEnd().split("\n").map((l) => l.split(/\s{2,}/).slice(0, 4));
+  assertEquals(columns, [
+    ["schedule", "cron", "task", "queue"],
+    ["backlog-report", "0 8 * * 1-5", "example.report_backlog", "reports"],
+    ["heartbeat", "*/30 * * * * *", "shoal.noop", "default"],
+  ]);
+});
+
 Deno.test("a malformed --schedules file stops the scheduler at start with exit 2 and one line", async () => {
   await using db = await testDb();
   const dir = await Deno.makeTempDir();
