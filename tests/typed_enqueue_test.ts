@@ -331,7 +331,8 @@ Deno.test("tests/typed_enqueue_types.ts type-checks, and each @ts-expect-error l
     const { code, output } = await denoCheck(copy);
     assertEquals(code, 1, output);
     // Each error's own location is the first line after it that is indented four spaces.
-    const at = new RegExp(`^ {4}at file://${copy}:(\\d+):\\d+$`, "gm");
+    const escaped = copy.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    const at = new RegExp(`^ {4}at file://${escaped}:(\\d+):\\d+$`, "gm");
     const errors = [...new Set([...output.matchAll(at)].map((m) => Number(m[1])))];
     assertEquals(errors.sort((a, b) => a - b), expected, output);
   } finally {
