@@ -8,9 +8,10 @@
  *
  * @module
  */
+import { checkDb, checkInteger, checkOptions, MAX_INT4 } from "./args.ts";
 import type { Db } from "./db.ts";
 import { checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
-import type { JobRef } from "./queue.ts";
+import { checkRef, checkRefs, type JobRef } from "./queue.ts";
 import { type AnyTask, taskSettings } from "./tasks.ts";
 
 /**
@@ -130,6 +131,19 @@ export async function fanOut(
   spec: FanOutSpec | CheckedFanOut,
   options: { maxChildren?: number; maxPayloadBytes?: number } = {},
 ): Promise<string | null> {
+  checkDb("fanOut", db);
+  checkRef("fanOut", "parent", parent);
+  checkOptions("fanOut", options);
+  checkInteger("fanOut", "options.maxChildren", options.maxChildren, {
+    min: 0,
+    max: MAX_INT4,
+    optional: true,
+  });
+  checkInteger("fanOut", "options.maxPayloadBytes", options.maxPayloadBytes, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
   const checked = spec instanceof CheckedFanOut ? spec : checkFanOut(spec, options);
   const [row] = await db<{ execution: string | null }[]>`
     select shoal.fan_out(${parent.id}::bigint, ${parent.token}::bigint,
@@ -149,6 +163,8 @@ export interface Completion extends JobRef {
  * ids that were still ours.
  */
 export async function completeJobs(db: Db, done: Completion[]): Promise<string[]> {
+  checkDb("completeJobs", db);
+  checkRefs("completeJobs", "done", done);
   if (done.length === 0) return [];
   const rows = await db<{ id: string }[]>`
     select id from shoal.complete_jobs(

@@ -7,6 +7,7 @@
  *
  * @module
  */
+import { checkOptions } from "./args.ts";
 import type { FanOutSpec } from "./barrier.ts";
 import { httpTask, type HttpTaskSettings } from "./http_task.ts";
 import { sqlTask, type SqlTaskSettings } from "./sql_task.ts";
@@ -101,6 +102,9 @@ export interface BuiltinSettings {
 
 /** The tasks every stock shoal binary knows. */
 export function builtinTasks(settings: BuiltinSettings = {}): AnyTask[] {
+  checkOptions("builtinTasks", settings, "settings");
+  checkOptions("builtinTasks", settings.http, "settings.http");
+  checkOptions("builtinTasks", settings.sql, "settings.sql");
   return [
     noopTask,
     sleepTask,

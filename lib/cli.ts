@@ -6,6 +6,7 @@
  *
  * @module
  */
+import { checkArray, checkOptions, checkStringList } from "./args.ts";
 import {
   COMMON,
   CONSUMER,
@@ -48,7 +49,7 @@ import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { builtinTasks } from "./builtin_tasks.ts";
-import { type AnyTask, TaskRegistry } from "./tasks.ts";
+import { type AnyTask, checkTask, TaskRegistry } from "./tasks.ts";
 import { httpTask } from "./http_task.ts";
 import { sqlTask } from "./sql_task.ts";
 
@@ -87,6 +88,11 @@ const err = (text: string) => Deno.stderr.writeSync(new TextEncoder().encode(tex
 
 /** Run shoal with these arguments; resolves to the process exit code. */
 export async function main(args: string[], options: MainOptions = {}): Promise<number> {
+  // A mistake in the entry file, not on the command line: thrown, not an exit code.
+  checkStringList("main", "args", args);
+  checkOptions("main", options);
+  checkArray("main", "options.tasks", options.tasks, "an array of tasks", { optional: true });
+  options.tasks?.forEach((task, i) => checkTask("main", `options.tasks[${i}]`, task));
   // A stray rejection (postgres.js can raise one when Postgres ends a session under a
   // transaction) must not kill a worker with its jobs in flight: log it and keep serving.
   globalThis.addEventListener("unhandledrejection", (event) => {

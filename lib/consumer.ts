@@ -21,6 +21,17 @@
  *
  * @module
  */
+import {
+  checkBoolean,
+  checkInteger,
+  checkNameList,
+  checkObject,
+  checkPool,
+  checkSignal,
+  checkString,
+  MAX_INT4,
+  shown,
+} from "./args.ts";
 import type { Db, Sql } from "./db.ts";
 import { backoffWithJitter, retryOnce, settleWithin, STATEMENT_DEADLINE_MS } from "./db.ts";
 import { formatDuration, MAX_TIMER_MS } from "./duration.ts";
@@ -73,6 +84,44 @@ export interface ConsumerOptions {
 export interface ConsumerDeps {
   sql: Sql;
   tasks: TaskRegistry;
+}
+
+/**
+ * Throw unless runConsumer()'s arguments can work: the bounds are what the loop needs,
+ * the flags (lib/config.ts) may be narrower.
+ */
+function checkConsumerArgs(deps: ConsumerDeps, options: ConsumerOptions, stop: AbortSignal): void {
+  const fn = "runConsumer";
+  const ms = (min: number) => ({ min, max: MAX_TIMER_MS });
+  const count = (min: number) => ({ min, max: MAX_INT4, optional: true });
+  checkObject(fn, "deps", deps, { what: "an object ({ sql, tasks })" });
+  checkPool(fn, deps.sql, "deps.sql");
+  // By shape, not instanceof: a registry from another copy of this module works as well.
+  const tasks = deps.tasks as Partial<TaskRegistry> | null | undefined;
+  if (typeof tasks?.get !== "function" || typeof tasks.names !== "function") {
+    throw new TypeError(
+      `Invalid deps.tasks for ${fn}(): expected a TaskRegistry (new TaskRegistry(tasks)), not ${
+        shown(deps.tasks)
+      }`,
+    );
+  }
+  checkObject(fn, "options", options);
+  checkNameList(fn, "options.queues", "queue", options.queues);
+  checkInteger(fn, "options.concurrency", options.concurrency, { min: 1, max: MAX_INT4 });
+  checkInteger(fn, "options.prefetch", options.prefetch, count(0));
+  // Heartbeats come at most every 50 ms: a shorter visibility could not be kept.
+  checkInteger(fn, "options.visibilityTimeoutMs", options.visibilityTimeoutMs, ms(100));
+  checkInteger(fn, "options.pollIntervalMs", options.pollIntervalMs, ms(1));
+  checkBoolean(fn, "options.listen", options.listen);
+  checkInteger(fn, "options.shutdownGraceMs", options.shutdownGraceMs, ms(0));
+  checkInteger(fn, "options.taskTimeoutMs", options.taskTimeoutMs, ms(1));
+  checkString(fn, "options.workerId", options.workerId, { optional: true });
+  checkInteger(fn, "options.retryBaseMs", options.retryBaseMs, { ...ms(0), optional: true });
+  checkInteger(fn, "options.maxPayloadBytes", options.maxPayloadBytes, count(1));
+  checkInteger(fn, "options.maxFanOut", options.maxFanOut, count(0));
+  checkInteger(fn, "options.ackBatchCap", options.ackBatchCap, count(1));
+  checkInteger(fn, "options.ackBacklogLimit", options.ackBacklogLimit, count(1));
+  checkSignal(fn, "stop", stop);
 }
 
 export function defaultWorkerId(): string {
@@ -320,6 +369,7 @@ export async function runConsumer(
   options: ConsumerOptions,
   stop: AbortSignal,
 ): Promise<void> {
+  checkConsumerArgs(deps, options, stop);
   const { sql, tasks } = deps;
   const log = logger("consumer");
   const workerId = options.workerId ?? defaultWorkerId();

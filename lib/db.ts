@@ -6,6 +6,14 @@
  * @module
  */
 import postgres from "postgres";
+import {
+  checkBoolean,
+  checkInteger,
+  checkNumber,
+  checkOptions,
+  checkString,
+  MAX_TIMER_MS,
+} from "./args.ts";
 import { formatDuration } from "./duration.ts";
 import { describeError, logger } from "./log.ts";
 import { delay } from "./sleep.ts";
@@ -35,6 +43,15 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
   if (typeof url !== "string" || url === "") {
     throw new TypeError("Cannot connect: the database URL must be a non-empty string");
   }
+  checkOptions("connect", options);
+  checkString("connect", "options.applicationName", options.applicationName, { optional: true });
+  checkInteger("connect", "options.max", options.max, { min: 1, max: 10_000, optional: true });
+  checkBoolean("connect", "options.prepare", options.prepare, { optional: true });
+  checkNumber("connect", "options.connectTimeout", options.connectTimeout, {
+    min: 0,
+    max: MAX_TIMER_MS / 1000,
+    optional: true,
+  });
   return postgres(url, {
     max: options.max ?? 10,
     prepare: options.prepare ?? true,

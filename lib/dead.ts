@@ -5,6 +5,15 @@
  *
  * @module
  */
+import {
+  checkDb,
+  checkId,
+  checkInteger,
+  checkOptions,
+  checkString,
+  MAX_INT4,
+  MAX_SPAN_MS,
+} from "./args.ts";
 import type { Db } from "./db.ts";
 
 export interface DeadJob {
@@ -31,6 +40,15 @@ export interface ListDeadOptions {
 
 /** Newest dead jobs first. */
 export async function listDead(db: Db, options: ListDeadOptions = {}): Promise<DeadJob[]> {
+  checkDb("listDead", db);
+  checkOptions("listDead", options);
+  // Any text: a queue no job can be on finds nothing.
+  checkString("listDead", "options.queue", options.queue, { optional: true });
+  checkInteger("listDead", "options.limit", options.limit, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
   return await db<DeadJob[]>`
     select id, queue, task, payload, priority, fairness_key, attempts, max_attempts, key,
       execution_id, errors, reason, created_at, died_at
@@ -48,6 +66,8 @@ export type RetryDeadOutcome = "retried" | "not_found" | "duplicate" | "executio
  * (the next claim would ack it unrun); either way the dead row is kept.
  */
 export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
+  checkDb("retryDead", db);
+  checkId("retryDead", "id", id);
   const [row] = await db<{ outcome: RetryDeadOutcome }[]>`
     with dead as (
       select * from shoal.dead_jobs where id = ${id}::bigint for update
@@ -99,6 +119,20 @@ export interface PurgeDeadOptions {
 
 /** Delete dead jobs, oldest first; returns how many. */
 export async function purgeDead(db: Db, options: PurgeDeadOptions = {}): Promise<number> {
+  checkDb("purgeDead", db);
+  // Unknown keys refused: a misspelt filter must not purge every dead job.
+  checkOptions("purgeDead", options, "options", ["queue", "olderThanMs", "limit"]);
+  checkString("purgeDead", "options.queue", options.queue, { optional: true });
+  checkInteger("purgeDead", "options.olderThanMs", options.olderThanMs, {
+    min: 0,
+    max: MAX_SPAN_MS,
+    optional: true,
+  });
+  checkInteger("purgeDead", "options.limit", options.limit, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
   const rows = await db`
     delete from shoal.dead_jobs
     where id in (

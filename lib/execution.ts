@@ -16,6 +16,7 @@
  *
  * @module
  */
+import { checkDb, checkId, checkInteger, checkObject, checkOptions, MAX_INT4 } from "./args.ts";
 import type { Db } from "./db.ts";
 import {
   type CheckedJob,
@@ -63,6 +64,14 @@ export async function startExecution<T extends JobSpec | TaskJobSpec>(
   job: CheckedJob<T>,
   options: { maxPayloadBytes?: number } = {},
 ): Promise<string> {
+  checkDb("startExecution", db);
+  checkObject("startExecution", "job", job, { what: "a job ({ task, payload?, ... })" });
+  checkOptions("startExecution", options);
+  checkInteger("startExecution", "options.maxPayloadBytes", options.maxPayloadBytes, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
   if (job.key !== undefined) {
     throw new TypeError("Invalid key: an execution's first job cannot take a dedupe key");
   }
@@ -79,6 +88,8 @@ export async function startExecution<T extends JobSpec | TaskJobSpec>(
 }
 
 export async function getExecution(db: Db, id: string): Promise<Execution | null> {
+  checkDb("getExecution", db);
+  checkId("getExecution", "id", id);
   const [row] = await db<Execution[]>`
     select id, status, label, error, result, created_at, updated_at, started_at, finished_at
     from shoal.executions where id = ${id}::bigint`;
@@ -90,6 +101,8 @@ export async function getExecution(db: Db, id: string): Promise<Execution | null
  * handlers are aborted at their next heartbeat. False when it was not pending or running.
  */
 export async function cancelExecution(db: Db, id: string): Promise<boolean> {
+  checkDb("cancelExecution", db);
+  checkId("cancelExecution", "id", id);
   const [row] = await db<{ cancelled: boolean }[]>`
     select shoal.cancel_execution(${id}::bigint) as cancelled`;
   return row!.cancelled;
@@ -107,6 +120,13 @@ export async function listExecutions(
   db: Db,
   options: { limit?: number } = {},
 ): Promise<ExecutionSummary[]> {
+  checkDb("listExecutions", db);
+  checkOptions("listExecutions", options);
+  checkInteger("listExecutions", "options.limit", options.limit, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
   return await db<ExecutionSummary[]>`
     select e.id, e.status, e.label, e.created_at, e.updated_at, e.error,
       coalesce((select jsonb_agg(jsonb_build_object(

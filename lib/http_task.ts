@@ -23,6 +23,15 @@
  *
  * @module
  */
+import {
+  checkFunction,
+  checkInteger,
+  checkNumber,
+  checkObject,
+  checkOptions,
+  checkString,
+  checkStringList,
+} from "./args.ts";
 import { formatDuration } from "./duration.ts";
 import { describeError } from "./log.ts";
 import { type AnyTask, defineTask, PermanentError, RetryLaterError } from "./tasks.ts";
@@ -80,6 +89,7 @@ interface AllowedHost {
  * one line naming the first bad entry. Returns them lower-cased.
  */
 export function checkHttpAllow(entries: readonly string[]): string[] {
+  checkStringList("checkHttpAllow", "entries", entries);
   return entries.map((entry) => {
     const e = entry.trim().toLowerCase();
     const match = ALLOW_ENTRY.exec(e);
@@ -201,6 +211,13 @@ export async function signWebhook(
   secret: string,
   parts: { timestamp: string; jobId: string; body: string },
 ): Promise<string> {
+  // Never shown: only a wrong kind or an empty string is refused, and those say nothing.
+  checkString("signWebhook", "secret", secret);
+  checkObject("signWebhook", "parts", parts, { what: "an object ({ timestamp, jobId, body })" });
+  // `${undefined}` would be signed as the text "undefined": a signature nobody can check.
+  checkString("signWebhook", "parts.timestamp", parts.timestamp);
+  checkString("signWebhook", "parts.jobId", parts.jobId);
+  checkString("signWebhook", "parts.body", parts.body, { empty: true });
   const key = await crypto.subtle.importKey(
     "raw",
     encoder.encode(secret),
@@ -222,6 +239,8 @@ export async function signWebhook(
  * absent or unreadable. A date in the past means now.
  */
 export function parseRetryAfter(value: string | null, nowMs: number = Date.now()): number | null {
+  checkString("parseRetryAfter", "value", value, { empty: true, nullable: true });
+  checkNumber("parseRetryAfter", "nowMs", nowMs, { min: 0, max: 8.64e15 });
   if (value === null) return null;
   const text = value.trim();
   if (/^\d{1,10}$/.test(text)) return Number(text) * 1000;
@@ -348,6 +367,15 @@ function outcome(
 
 /** A `shoal.http`-style task; `builtinTasks()` registers the default one. */
 export function httpTask(settings: HttpTaskSettings = {}): AnyTask {
+  checkOptions("httpTask", settings, "settings");
+  checkStringList("httpTask", "settings.allow", settings.allow, { optional: true });
+  checkString("httpTask", "settings.url", settings.url, { optional: true });
+  checkInteger("httpTask", "settings.timeoutMs", settings.timeoutMs, {
+    min: 1,
+    max: MAX_HTTP_TIMEOUT_MS,
+    optional: true,
+  });
+  checkFunction("httpTask", "settings.env", settings.env, { optional: true });
   const name = settings.name ?? "shoal.http";
   const allow = parseAllow(settings.allow ?? []);
   if (settings.url !== undefined) checkUrl(settings.url);

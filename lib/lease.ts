@@ -17,6 +17,16 @@
  *
  * @module
  */
+import {
+  checkDate,
+  checkDb,
+  checkInteger,
+  checkObject,
+  checkOptions,
+  checkString,
+  checkToken,
+  MAX_TIMER_MS,
+} from "./args.ts";
 import type { Db } from "./db.ts";
 
 /** One leadership term. */
@@ -49,8 +59,28 @@ export interface AcquireOptions {
   now?: Date;
 }
 
+/** Throw unless `term` is a lease term (what acquire() and renew() return). */
+export function checkTerm(fn: string, term: unknown, arg = "term"): void {
+  checkObject(fn, arg, term, { what: "a lease term from acquire()" });
+  const { name, holder, token } = term as LeaseTerm;
+  checkString(fn, `${arg}.name`, name);
+  checkString(fn, `${arg}.holder`, holder);
+  checkToken(fn, `${arg}.token`, token);
+}
+
+/** Throw unless `options.ttlMs` (when `ttl`) and `options.now` are usable. */
+function checkClock(fn: string, options: { ttlMs?: number; now?: Date }, ttl: boolean): void {
+  if (ttl) checkInteger(fn, "options.ttlMs", options.ttlMs, { min: 1, max: MAX_TIMER_MS });
+  checkDate(fn, "options.now", options.now, { optional: true });
+}
+
 /** Take the lease if it is free, expired or ours; null when another holder has it. */
 export async function acquire(db: Db, options: AcquireOptions): Promise<LeaseTerm | null> {
+  checkDb("acquire", db);
+  checkObject("acquire", "options", options);
+  checkString("acquire", "options.name", options.name);
+  checkString("acquire", "options.holder", options.holder);
+  checkClock("acquire", options, true);
   const now = options.now ?? null;
   const [row] = await db<{ token: string; expires_at: Date }[]>`
     with clock as (select coalesce(${now}::timestamptz, now()) as now)
@@ -82,6 +112,10 @@ export async function renew(
   term: LeaseTerm,
   options: { ttlMs: number; now?: Date },
 ): Promise<LeaseTerm | null> {
+  checkDb("renew", db);
+  checkTerm("renew", term);
+  checkObject("renew", "options", options);
+  checkClock("renew", options, true);
   const now = options.now ?? null;
   const [row] = await db<{ expires_at: Date }[]>`
     update shoal.leases
@@ -99,6 +133,10 @@ export async function releaseLease(
   term: LeaseTerm,
   options: { now?: Date } = {},
 ): Promise<boolean> {
+  checkDb("releaseLease", db);
+  checkTerm("releaseLease", term);
+  checkOptions("releaseLease", options);
+  checkClock("releaseLease", options, false);
   const now = options.now ?? null;
   const rows = await db`
     update shoal.leases set expires_at = coalesce(${now}::timestamptz, now())
@@ -118,6 +156,10 @@ export async function holdLease(
   term: LeaseTerm,
   options: { now?: Date } = {},
 ): Promise<void> {
+  checkDb("holdLease", db);
+  checkTerm("holdLease", term);
+  checkOptions("holdLease", options);
+  checkClock("holdLease", options, false);
   const now = options.now ?? null;
   // A leader frozen inside this transaction (SIGSTOP, a stalled VM, a lost network) would
   // keep the row locked, and every standby out, until its connection dies. Once the lease

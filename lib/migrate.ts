@@ -30,6 +30,17 @@
  *
  * @module
  */
+import {
+  checkArray,
+  checkBoolean,
+  checkDb,
+  checkDirectoryUrl,
+  checkInteger,
+  checkObject,
+  checkOptions,
+  checkPool,
+  checkString,
+} from "./args.ts";
 import type { Db, Sql } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 // The migrations are part of the module graph, so `deno bundle` (one JS file, no sql/ beside
@@ -168,10 +179,33 @@ async function sha256(text: string): Promise<string> {
   return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** Throw unless `migrations` is what loadMigrations() returns. */
+function checkMigrations(fn: string, migrations: unknown): void {
+  const what = "the migrations loadMigrations() returns";
+  checkArray(fn, "migrations", migrations, what);
+  (migrations as unknown[]).forEach((m, i) => {
+    checkObject(fn, `migrations[${i}]`, m, { what: "a migration from loadMigrations()" });
+    const { version, sql, checksum } = m as Migration;
+    checkInteger(fn, `migrations[${i}].version`, version, { min: 1, max: 999 });
+    checkString(fn, `migrations[${i}].sql`, sql);
+    checkString(fn, `migrations[${i}].checksum`, checksum);
+  });
+}
+
+/** Throw unless `functions` is a function set (or undefined: the embedded one). */
+function checkFunctionSet(fn: string, arg: string, functions: unknown): void {
+  checkObject(fn, arg, functions, { optional: true, what: "a function set, or undefined" });
+  if (functions === undefined) return;
+  const { revision, files } = functions as FunctionSet;
+  checkInteger(fn, `${arg}.revision`, revision, { min: 0, max: Number.MAX_SAFE_INTEGER });
+  checkArray(fn, `${arg}.files`, files, "an array of function files");
+}
+
 /**
  * The migrations, in order: the embedded ones, or the `.sql` files of `dir` when given.
  */
 export async function loadMigrations(dir?: URL): Promise<Migration[]> {
+  checkDirectoryUrl("loadMigrations", "dir", dir, { optional: true });
   const files = dir ? await readMigrationFiles(dir) : Object.entries(EMBEDDED_MIGRATIONS);
   const migrations: Migration[] = [];
   for (const [file, sql] of files) {
@@ -377,6 +411,9 @@ export async function migrate(
   migrations: Migration[],
   functions?: FunctionSet,
 ): Promise<MigrateResult> {
+  checkPool("migrate", sql);
+  checkMigrations("migrate", migrations);
+  checkFunctionSet("migrate", "functions", functions);
   const log = logger("migrate");
   const fns = functions ?? await loadFunctions();
   const { applied, outcome } = await sql.begin(async (tx) => {
@@ -468,6 +505,11 @@ export async function checkSchema(
   migrations: Migration[],
   options: CheckSchemaOptions = {},
 ): Promise<void> {
+  checkDb("checkSchema", db);
+  checkMigrations("checkSchema", migrations);
+  checkOptions("checkSchema", options);
+  checkFunctionSet("checkSchema", "options.functions", options.functions);
+  checkBoolean("checkSchema", "options.migrateFlag", options.migrateFlag, { optional: true });
   const hint = options.migrateFlag
     ? "run shoal migrate (or start with --migrate)"
     : "run shoal migrate";

@@ -7,6 +7,8 @@
 
 /** Queue and task names: 1 to 128 of letters, digits and `_.:-`, starting with a letter or digit. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
+/** NAME_PATTERN in words, for messages. */
+export const NAME_RULE = "1 to 128 letters, digits or _.:- starting with a letter or digit";
 /** The default payload size limit; Postgres reads its own from `shoal.max_payload_bytes`. */
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576;
 const MAX_KEY_LENGTH = 512;
@@ -26,7 +28,7 @@ export function checkName(kind: "queue" | "task" | "schedule", name: unknown): s
   if (typeof name !== "string" || !NAME_PATTERN.test(name)) {
     const shown = typeof name === "string" ? JSON.stringify(name.slice(0, 140)) : typeof name;
     throw new TypeError(
-      `Invalid ${kind} name ${shown}: use 1 to 128 letters, digits or _.:- starting with a letter or digit`,
+      `Invalid ${kind} name ${shown}: use ${NAME_RULE}`,
     );
   }
   return name;

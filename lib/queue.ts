@@ -16,6 +16,22 @@
  *
  * @module
  */
+import {
+  checkArray,
+  checkBigintText,
+  checkBoolean,
+  checkDb,
+  checkId,
+  checkInteger,
+  checkNameList,
+  checkNumber,
+  checkObject,
+  checkString,
+  checkToken,
+  MAX_INT4,
+  MAX_SPAN_MS,
+  MAX_TIMER_MS,
+} from "./args.ts";
 import type { Db, Sql } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { checkKey, checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
@@ -403,6 +419,24 @@ export interface ClaimResult {
  * is moved to the dead-letter table instead of being run again.
  */
 export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult> {
+  checkDb("claim", db);
+  checkObject("claim", "options", options);
+  checkNameList("claim", "options.queues", "queue", options.queues);
+  checkInteger("claim", "options.limit", options.limit, { min: 1, max: MAX_INT4 });
+  checkString("claim", "options.workerId", options.workerId);
+  // 0 hides nothing: the claim is redeliverable at once (tests of redelivery use it).
+  checkInteger("claim", "options.visibilityMs", options.visibilityMs, {
+    min: 0,
+    max: MAX_TIMER_MS,
+  });
+  if (options.before !== undefined) {
+    checkObject("claim", "options.before", options.before);
+    checkInteger("claim", "options.before.priority", options.before.priority, {
+      min: -32767,
+      max: 32767,
+    });
+    checkBigintText("claim", "options.before.fair_seq", options.before.fair_seq);
+  }
   // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
   const queues = [...new Set(options.queues)];
   // The statement lives in sql/functions/claim.sql, where its plan is pinned to the claim index.
@@ -427,6 +461,21 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
 export interface JobRef {
   id: string;
   token: string;
+}
+
+/** Throw unless `ref` is a job ref (a claimed Job will do): an id and a token. */
+export function checkRef(fn: string, arg: string, ref: unknown): void {
+  checkObject(fn, arg, ref, { what: "a job ref ({ id, token })" });
+  checkId(fn, `${arg}.id`, (ref as JobRef).id);
+  checkToken(fn, `${arg}.token`, (ref as JobRef).token);
+}
+
+/** Throw unless `refs` is an array of job refs. */
+export function checkRefs(fn: string, arg: string, refs: unknown): void {
+  checkArray(fn, arg, refs, "an array of job refs ({ id, token })");
+  for (let i = 0; i < (refs as unknown[]).length; i++) {
+    checkRef(fn, `${arg}[${i}]`, (refs as unknown[])[i]);
+  }
 }
 
 /**
@@ -457,6 +506,8 @@ function lockOurs(db: Db, refs: JobRef[]) {
 
 /** Ack (delete) finished jobs in one statement. Returns the ids that were still ours. */
 export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
+  checkDb("ack", db);
+  checkRefs("ack", "refs", refs);
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
     with locked as (${lockOurs(db, refs)})
@@ -471,6 +522,9 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
  * so its handler is aborted and the next claim acks it unrun.
  */
 export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Promise<string[]> {
+  checkDb("extend", db);
+  checkRefs("extend", "refs", refs);
+  checkInteger("extend", "visibilityMs", visibilityMs, { min: 0, max: MAX_TIMER_MS });
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
     with locked as (${lockOurs(db, refs)})
@@ -488,6 +542,8 @@ export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Prom
  * revoked (token bumped). Returns the ids that were still ours.
  */
 export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
+  checkDb("release", db);
+  checkRefs("release", "refs", refs);
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
     with locked as (${lockOurs(db, refs)}),
@@ -525,6 +581,12 @@ export type FailOutcome = "retried" | "dead" | "stale";
  * execution in the same transaction (a trigger on dead_jobs: see lib/execution.ts).
  */
 export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<FailOutcome> {
+  checkDb("fail", db);
+  checkRef("fail", "ref", ref);
+  checkObject("fail", "options", options);
+  checkString("fail", "options.error", options.error, { empty: true });
+  checkNumber("fail", "options.retryInMs", options.retryInMs, { min: 0, max: MAX_SPAN_MS });
+  checkBoolean("fail", "options.permanent", options.permanent, { optional: true });
   const message = options.error.length > MAX_ERROR_LENGTH
     ? options.error.slice(0, MAX_ERROR_LENGTH - 1) + "…"
     : options.error;

@@ -14,11 +14,23 @@
  *
  * @module
  */
+import {
+  checkArray,
+  checkInteger,
+  checkObject,
+  checkOptions,
+  checkPool,
+  checkSignal,
+  checkString,
+  MAX_INT4,
+  MAX_SPAN_MS,
+  MAX_TIMER_MS,
+} from "./args.ts";
 import { expireBarriers, hasExpiredBarriers } from "./barrier.ts";
 import type { Db, Sql } from "./db.ts";
 import { hasDeadOlderThan, purgeDead } from "./dead.ts";
 import { formatDuration } from "./duration.ts";
-import { holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts";
+import { checkTerm, holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts";
 import { runLeaderLoop } from "./leader.ts";
 import { describeError, logger } from "./log.ts";
 import { listStuckJobs } from "./queue.ts";
@@ -113,6 +125,28 @@ export function defaultSweeps(): Sweep[] {
   ];
 }
 
+/**
+ * Throw unless `options` are reaper options: what the sweeps read, and with `loop` what the
+ * leader loop reads too.
+ */
+function checkReaperOptions(fn: string, options: ReaperOptions, loop: boolean): void {
+  checkObject(fn, "options", options);
+  if (loop) {
+    checkString(fn, "options.holder", options.holder);
+    checkInteger(fn, "options.leaseMs", options.leaseMs, { min: 1, max: MAX_TIMER_MS });
+    checkInteger(fn, "options.intervalMs", options.intervalMs, { min: 1, max: MAX_TIMER_MS });
+  }
+  checkInteger(fn, "options.deadRetentionMs", options.deadRetentionMs, {
+    min: 0,
+    max: MAX_SPAN_MS,
+  });
+  checkInteger(fn, "options.stuckAttempts", options.stuckAttempts, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
+}
+
 export interface SweepReport {
   [sweep: string]: number | { error: string };
 }
@@ -129,6 +163,23 @@ export async function reapOnce(
     tick?: number;
   } = {},
 ): Promise<SweepReport> {
+  checkPool("reapOnce", sql);
+  checkReaperOptions("reapOnce", options, false);
+  checkOptions("reapOnce", context, "context");
+  if (context.term !== undefined) checkTerm("reapOnce", context.term, "context.term");
+  checkArray("reapOnce", "context.sweeps", context.sweeps, "an array of sweeps", {
+    optional: true,
+  });
+  checkInteger("reapOnce", "context.limit", context.limit, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
+  checkInteger("reapOnce", "context.tick", context.tick, {
+    min: 0,
+    max: Number.MAX_SAFE_INTEGER,
+    optional: true,
+  });
   const log = logger("reaper");
   const report: SweepReport = {};
   for (const sweep of context.sweeps ?? defaultSweeps()) {
@@ -164,6 +215,9 @@ export async function runReaper(
   options: ReaperOptions,
   stop: AbortSignal,
 ): Promise<void> {
+  checkPool("runReaper", sql);
+  checkReaperOptions("runReaper", options, true);
+  checkSignal("runReaper", "stop", stop);
   const log = logger("reaper");
   let tick = 0;
   log.info("Reaper {holder} started (interval {interval}, dead retention {retention})", {

@@ -8,6 +8,7 @@
  *
  * @module
  */
+import { checkArray, checkBoolean, checkDb, checkOneOf, checkPool, checkString } from "./args.ts";
 import type { Db, Sql } from "./db.ts";
 import { checkCron, checkTimeZone } from "./cron.ts";
 import { checkName, checkPayload } from "./names.ts";
@@ -78,6 +79,8 @@ export async function upsertSchedule(
   spec: ScheduleSpec,
   source: "manual" | "file" = "manual",
 ): Promise<"created" | "updated" | "unchanged"> {
+  checkDb("upsertSchedule", db);
+  checkOneOf("upsertSchedule", "source", source, ["manual", "file"]);
   const s = await checkSchedule(spec);
   const [row] = await db<{ created: boolean; changed: boolean }[]>`
     with before as (select * from shoal.schedules where name = ${s.name}::text for update),
@@ -105,6 +108,7 @@ export async function upsertSchedule(
 }
 
 export async function listSchedules(db: Db): Promise<ScheduleRow[]> {
+  checkDb("listSchedules", db);
   return await db<ScheduleRow[]>`
     select name, cron, tz, task, queue, payload, priority, enabled, source, next_run_at,
       last_run_at, last_error, created_at, updated_at
@@ -116,6 +120,10 @@ export async function listSchedules(db: Db): Promise<ScheduleRow[]> {
  * does not fire the slots missed while paused. Returns false when no such schedule.
  */
 export async function setScheduleEnabled(db: Db, name: string, enabled: boolean): Promise<boolean> {
+  checkDb("setScheduleEnabled", db);
+  // Any text: a name no schedule can have finds nothing.
+  checkString("setScheduleEnabled", "name", name);
+  checkBoolean("setScheduleEnabled", "enabled", enabled);
   const rows = await db`
     update shoal.schedules
     set enabled = ${enabled}::boolean, updated_at = now(),
@@ -128,6 +136,8 @@ export async function setScheduleEnabled(db: Db, name: string, enabled: boolean)
 
 /** Remove a schedule; false when there was none. */
 export async function removeSchedule(db: Db, name: string): Promise<boolean> {
+  checkDb("removeSchedule", db);
+  checkString("removeSchedule", "name", name);
   const rows = await db`delete from shoal.schedules where name = ${name}::text returning name`;
   return rows.length === 1;
 }
@@ -144,6 +154,8 @@ export interface SyncResult {
  * `shoal schedule add` are left alone (unless the file names them: then the file owns them).
  */
 export async function syncSchedules(sql: Sql, specs: ScheduleSpec[]): Promise<SyncResult> {
+  checkPool("syncSchedules", sql);
+  checkArray("syncSchedules", "specs", specs, "an array of schedules");
   const checked = await Promise.all(specs.map(checkSchedule));
   const names = checked.map((s) => s.name);
   const duplicate = names.find((n, i) => names.indexOf(n) !== i);

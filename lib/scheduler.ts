@@ -13,10 +13,22 @@
  *
  * @module
  */
+import {
+  checkBoolean,
+  checkDate,
+  checkInteger,
+  checkObject,
+  checkOptions,
+  checkPool,
+  checkSignal,
+  checkString,
+  MAX_INT4,
+  MAX_TIMER_MS,
+} from "./args.ts";
 import { nextSlot } from "./cron.ts";
 import { isDataError, type Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
-import { holdLease, type LeaseTerm } from "./lease.ts";
+import { checkTerm, holdLease, type LeaseTerm } from "./lease.ts";
 import { runLeaderLoop } from "./leader.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, logger } from "./log.ts";
@@ -127,6 +139,15 @@ async function fireOne(
  * A lost lease or a lost connection ends the tick (thrown to the leader loop).
  */
 export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<TickResult> {
+  checkPool("tickOnce", sql);
+  checkOptions("tickOnce", options);
+  if (options.term !== undefined) checkTerm("tickOnce", options.term, "options.term");
+  checkDate("tickOnce", "options.now", options.now, { optional: true });
+  checkInteger("tickOnce", "options.limit", options.limit, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
   const result: TickResult = { fired: 0, baselined: 0, disabled: 0, failed: 0, nextDueInMs: null };
   const skip: string[] = [];
   // Nothing due: one cheap read and no fenced transaction, so an idle scheduler costs
@@ -165,6 +186,20 @@ export async function runScheduler(
   options: SchedulerOptions,
   stop: AbortSignal,
 ): Promise<void> {
+  checkPool("runScheduler", sql);
+  checkObject("runScheduler", "options", options);
+  checkString("runScheduler", "options.holder", options.holder);
+  checkInteger("runScheduler", "options.leaseMs", options.leaseMs, { min: 1, max: MAX_TIMER_MS });
+  checkInteger("runScheduler", "options.intervalMs", options.intervalMs, {
+    min: 1,
+    max: MAX_TIMER_MS,
+  });
+  checkBoolean("runScheduler", "options.listen", options.listen);
+  checkString("runScheduler", "options.schedulesFile", options.schedulesFile, {
+    optional: true,
+    empty: true, // "": no file, as when omitted
+  });
+  checkSignal("runScheduler", "stop", stop);
   const log = logger("scheduler");
   if (options.schedulesFile) {
     const specs = await loadSchedulesFile(options.schedulesFile);

@@ -18,6 +18,7 @@
  *
  * @module
  */
+import { checkOptions, checkStringList } from "./args.ts";
 import { type AnyTask, defineTask, PermanentError } from "./tasks.ts";
 
 export interface SqlTaskSettings {
@@ -38,6 +39,7 @@ function reserved(schema: string): boolean {
 
 /** Check `--sql-schemas` entries; throws one line naming the first bad one. */
 export function checkSqlSchemas(schemas: readonly string[]): string[] {
+  checkStringList("checkSqlSchemas", "schemas", schemas);
   return schemas.map((schema) => {
     if (!IDENTIFIER.test(schema)) {
       throw new Error(
@@ -81,6 +83,8 @@ export function parseSqlPayload(payload: Record<string, unknown>): SqlCall {
 
 /** The `shoal.sql` task; `builtinTasks()` registers it. */
 export function sqlTask(settings: SqlTaskSettings = {}): AnyTask {
+  checkOptions("sqlTask", settings, "settings");
+  checkStringList("sqlTask", "settings.schemas", settings.schemas, { optional: true });
   const schemas = checkSqlSchemas(settings.schemas ?? []);
   return defineTask<SqlCall>({
     name: "shoal.sql",

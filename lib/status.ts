@@ -10,6 +10,7 @@
  *
  * @module
  */
+import { checkDb } from "./args.ts";
 import type { Db } from "./db.ts";
 import { delay } from "./sleep.ts";
 import { describeError } from "./log.ts";
@@ -85,6 +86,7 @@ function roundToMs(seconds: number): number {
 }
 
 export async function status(db: Db): Promise<Status> {
+  checkDb("status", db);
   const leases = (await listLeases(db)).map((l) => ({
     name: l.name,
     holder: l.holder,

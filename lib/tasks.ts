@@ -6,6 +6,7 @@
  *
  * @module
  */
+import { checkArray, checkFunction, checkNameArg, checkObject, shown } from "./args.ts";
 import type { FanOutSpec } from "./barrier.ts";
 import type { Db } from "./db.ts";
 import { MAX_TIMER_MS } from "./duration.ts";
@@ -151,6 +152,14 @@ export class RetryLaterError extends Error {
 
   constructor(message: string, delayMs: number, options?: ErrorOptions) {
     super(message, options);
+    if (typeof delayMs !== "number") {
+      // Thrown from a handler, this fails the attempt with a message saying why.
+      throw new TypeError(
+        `Invalid delayMs for new RetryLaterError(): expected a number of milliseconds, not ${
+          shown(delayMs)
+        }`,
+      );
+    }
     // NaN (a garbled header, say) means "no preference": retry soon, not never.
     const ms = Number.isNaN(delayMs) ? 0 : Math.round(delayMs);
     this.delayMs = Math.min(MAX_RETRY_LATER_MS, Math.max(0, ms));
@@ -185,16 +194,32 @@ export function defineTask<P = Record<string, unknown>, I = P>(
   return definition;
 }
 
+/**
+ * Throw unless `task` looks like a task definition: a valid name and a handler (and a
+ * parse function if any). defineTask() checks the rest; a task written as a plain object
+ * is refused here, at registration, rather than failing every job it gets.
+ */
+export function checkTask(fn: string, arg: string, task: unknown): void {
+  checkObject(fn, arg, task, { what: "a task from defineTask()" });
+  const { name, handler, parse } = task as AnyTask;
+  checkNameArg(fn, `${arg}.name`, "task", name);
+  checkFunction(fn, `${arg}.handler`, handler);
+  checkFunction(fn, `${arg}.parse`, parse, { optional: true });
+}
+
 /** The tasks one process knows, by name. */
 export class TaskRegistry {
   #tasks = new Map<string, AnyTask>();
 
   constructor(tasks: AnyTask[] = []) {
+    checkArray("new TaskRegistry", "tasks", tasks, "an array of tasks");
+    tasks.forEach((task, i) => checkTask("new TaskRegistry", `tasks[${i}]`, task));
     for (const task of tasks) this.add(task);
   }
 
   /** Register a task; a second task with the same name is an error. */
   add(task: AnyTask): this {
+    checkTask("TaskRegistry.add", "task", task);
     if (this.#tasks.has(task.name)) {
       throw new Error(`Cannot register task ${task.name}: it is defined twice`);
     }
@@ -211,6 +236,7 @@ export class TaskRegistry {
    * flags after the registry was built. A name not registered is an error.
    */
   replace(task: AnyTask): this {
+    checkTask("TaskRegistry.replace", "task", task);
     if (!this.#tasks.has(task.name)) {
       throw new Error(`Cannot replace task ${task.name}: it is not registered`);
     }

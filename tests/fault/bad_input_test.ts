@@ -306,14 +306,20 @@ Deno.test("SQL-injection strings in every name and key are refused or stored lit
     const [stored] = await db.sql<{ key: string; fairness_key: string }[]>`
       select key, fairness_key from shoal.jobs where id = ${sqlRow!.id}::bigint`;
     assertEquals(stored, { key: text, fairness_key: text });
-    // Names are refused (checked above); the admin calls that take a name or an id
-    // either find nothing or refuse the text as a number.
+    // Names are refused (checked above); the admin calls that take a name find nothing,
+    // those that take an id refuse the text before any SQL is sent.
     assertEquals(await setScheduleEnabled(db.sql, text, false), false);
     assertEquals(await removeSchedule(db.sql, text), false);
     assertEquals((await listDead(db.sql, { queue: text })).length, 0);
     assertEquals(await purgeDead(db.sql, { queue: text }), 0);
-    assertOneLine(await refused(() => retryDead(db.sql, text)), "invalid input syntax");
-    assertOneLine(await refused(() => cancelExecution(db.sql, text)), "invalid input syntax");
+    assertOneLine(
+      await refused(() => retryDead(db.sql, text)),
+      "Invalid id for retryDead(): expected a positive integer id",
+    );
+    assertOneLine(
+      await refused(() => cancelExecution(db.sql, text)),
+      "Invalid id for cancelExecution(): expected a positive integer id",
+    );
   }
   await assertCanaryAlive(db.sql);
   assertEquals(await jobCount(db.sql), 2 * INJECTIONS.length);

@@ -1,0 +1,606 @@
+/**
+ * Every function and class lib/mod.ts exports refuses a wrong argument at the call, in one
+ * line naming the function and the argument: `deno run` does not type-check a team's entry
+ * file, and JavaScript callers have no types. Each call below passes a value the type checker
+ * would have refused (cast through `unknown`), against a real database, and must throw exactly
+ * the message given, before any SQL is sent (without the check the same call fails inside
+ * postgres.js or Postgres, with another message, or not at all).
+ *
+ * The first test keeps the rule: a function or class exported from lib/mod.ts without an
+ * entry in CASES fails it.
+ */
+import { assert, assertEquals, assertRejects } from "./assert.ts";
+import { FAST_CONSUMER, testDb } from "./helpers.ts";
+import * as shoal from "../lib/mod.ts";
+import type { LeaseTerm, Sql } from "../lib/mod.ts";
+
+/** What a case's call gets: a pool on a fresh migrated database, and valid values to reuse. */
+interface Env {
+  sql: Sql;
+  migrations: Awaited<ReturnType<typeof shoal.loadMigrations>>;
+  /** Already aborted: a role that started by mistake returns at once instead of hanging. */
+  stopped: AbortSignal;
+}
+
+/** A call that must throw `error` with exactly `message`. */
+interface Refusal {
+  call: (env: Env) => unknown;
+  error: typeof TypeError | typeof RangeError;
+  message: string;
+}
+
+/** Pass anything where a typed argument goes: what untyped JavaScript can do. */
+const x = (value: unknown): never => value as never;
+
+const ref = { id: "1", token: "1" };
+const term: LeaseTerm = { name: "reaper", holder: "h", token: "1", expiresAt: new Date() };
+const reaper = { holder: "h", leaseMs: 30_000, intervalMs: 5000, deadRetentionMs: 1000 };
+const scheduler = { holder: "h", leaseMs: 30_000, intervalMs: 5000, listen: false };
+const spec = { children: [{ task: "c" }], callback: { task: "cb" } };
+const task = shoal.defineTask({ name: "t", handler: () => {} });
+const tasks = new shoal.TaskRegistry([task]);
+const parts = { timestamp: "1700000000", jobId: "1", body: "{}" };
+const DB = "a database handle from connect() (a pool or a transaction)";
+const NAME = "1 to 128 letters, digits or _.:- starting with a letter or digit";
+const NOT_A_POOL = "expected a pool from connect(), not a transaction or a reserved connection";
+const SIGNAL = "expected an AbortSignal (an AbortController's signal), not undefined";
+
+/** Run `call` inside a transaction: for the functions that need a pool. */
+const inTx = (env: Env, call: (tx: Sql) => unknown) =>
+  env.sql.begin((tx) => call(tx as unknown as Sql));
+
+const CASES: Record<string, Refusal[] | { exempt: string }> = {
+  connect: [{
+    call: () => shoal.connect(x(5432)),
+    error: TypeError,
+    message: "Cannot connect: the database URL must be a non-empty string",
+  }, {
+    call: () => shoal.connect("postgres://localhost/x", x({ max: "10" })),
+    error: TypeError,
+    message: 'Invalid options.max for connect(): expected an integer from 1 to 10000, not "10"',
+  }],
+  claim: [{
+    call: () =>
+      shoal.claim(x(undefined), { queues: ["q"], limit: 1, workerId: "w", visibilityMs: 1000 }),
+    error: TypeError,
+    message: `Invalid db for claim(): expected ${DB}, not undefined`,
+  }, {
+    call: ({ sql }) => shoal.claim(sql, x(undefined)),
+    error: TypeError,
+    message: "Invalid options for claim(): expected an object, not undefined",
+  }, {
+    call: ({ sql }) =>
+      shoal.claim(sql, { queues: x("q"), limit: 1, workerId: "w", visibilityMs: 1000 }),
+    error: TypeError,
+    message:
+      'Invalid options.queues for claim(): expected a non-empty array of queue names, not "q"',
+  }, {
+    call: ({ sql }) =>
+      shoal.claim(sql, { queues: ["q"], limit: 0, workerId: "w", visibilityMs: 1000 }),
+    error: RangeError,
+    message: "Invalid options.limit for claim(): expected an integer from 1 to 2147483647, not 0",
+  }, {
+    call: ({ sql }) =>
+      shoal.claim(sql, { queues: ["q"], limit: 1, workerId: "w", visibilityMs: x("30s") }),
+    error: TypeError,
+    message:
+      'Invalid options.visibilityMs for claim(): expected an integer from 0 to 2073600000, not "30s"',
+  }, {
+    call: ({ sql }) =>
+      shoal.claim(sql, {
+        queues: ["q"],
+        limit: 1,
+        workerId: "w",
+        visibilityMs: 1000,
+        before: { priority: 0, fair_seq: x(1.5) },
+      }),
+    error: TypeError,
+    message:
+      "Invalid options.before.fair_seq for claim(): expected an integer as a string, not 1.5",
+  }],
+  ack: [{
+    call: ({ sql }) => shoal.ack(sql, x(ref)),
+    error: TypeError,
+    message: "Invalid refs for ack(): expected an array of job refs ({ id, token }), not an object",
+  }, {
+    call: ({ sql }) => shoal.ack(sql, x([{ id: "1" }])),
+    error: TypeError,
+    message:
+      "Invalid refs[0].token for ack(): expected a non-negative integer token as a string or number, not undefined",
+  }],
+  extend: [{
+    call: ({ sql }) => shoal.extend(sql, [], x(undefined)),
+    error: TypeError,
+    message:
+      "Invalid visibilityMs for extend(): expected an integer from 0 to 2073600000, not undefined",
+  }],
+  release: [{
+    call: ({ sql }) => shoal.release(sql, [{ id: "abc", token: "1" }]),
+    error: TypeError,
+    message:
+      'Invalid refs[0].id for release(): expected a positive integer id as a string or number, not "abc"',
+  }],
+  fail: [{
+    call: ({ sql }) => shoal.fail(sql, ref, { error: x(new Error("boom")), retryInMs: 0 }),
+    error: TypeError,
+    message: "Invalid options.error for fail(): expected a string, not an object",
+  }, {
+    call: ({ sql }) => shoal.fail(sql, ref, { error: "boom", retryInMs: NaN }),
+    error: RangeError,
+    message:
+      "Invalid options.retryInMs for fail(): expected a number from 0 to 3155760000000, not NaN",
+  }, {
+    call: ({ sql }) => shoal.fail(sql, ref, { error: "boom", retryInMs: 0, permanent: x("yes") }),
+    error: TypeError,
+    message: 'Invalid options.permanent for fail(): expected true or false, not "yes"',
+  }],
+  fanOut: [{
+    call: ({ sql }) => shoal.fanOut(sql, x(undefined), spec),
+    error: TypeError,
+    message: "Invalid parent for fanOut(): expected a job ref ({ id, token }), not undefined",
+  }, {
+    call: ({ sql }) => shoal.fanOut(sql, ref, spec, { maxChildren: -1 }),
+    error: RangeError,
+    message:
+      "Invalid options.maxChildren for fanOut(): expected an integer from 0 to 2147483647, not -1",
+  }, {
+    call: ({ sql }) => shoal.fanOut(sql, ref, x(null)),
+    error: TypeError,
+    message: "Invalid fan-out: children must be an array",
+  }],
+  completeJobs: [{
+    call: ({ sql }) => shoal.completeJobs(sql, [{ id: x(5), token: x(-1), result: 1 }]),
+    error: RangeError,
+    message:
+      "Invalid done[0].token for completeJobs(): expected a non-negative integer token as a string or number, not -1",
+  }],
+  startExecution: [{
+    call: ({ sql }) => shoal.startExecution(sql, x("send")),
+    error: TypeError,
+    message:
+      'Invalid job for startExecution(): expected a job ({ task, payload?, ... }), not "send"',
+  }, {
+    call: ({ sql }) => shoal.startExecution(sql, { task: "t" }, { maxPayloadBytes: x("1mb") }),
+    error: TypeError,
+    message:
+      'Invalid options.maxPayloadBytes for startExecution(): expected an integer from 1 to 2147483647, not "1mb"',
+  }],
+  getExecution: [{
+    call: ({ sql }) => shoal.getExecution(sql, "abc"),
+    error: TypeError,
+    message:
+      'Invalid id for getExecution(): expected a positive integer id as a string or number, not "abc"',
+  }, {
+    call: ({ sql }) => shoal.getExecution(sql, x(0)),
+    error: RangeError,
+    message:
+      "Invalid id for getExecution(): expected a positive integer id as a string or number, not 0",
+  }, {
+    call: ({ sql }) => shoal.getExecution(sql, "99999999999999999999"),
+    error: RangeError,
+    message:
+      'Invalid id for getExecution(): expected a positive integer id as a string or number, not "99999999999999999999"',
+  }],
+  cancelExecution: [{
+    call: ({ sql }) => shoal.cancelExecution(sql, x(undefined)),
+    error: TypeError,
+    message:
+      "Invalid id for cancelExecution(): expected a positive integer id as a string or number, not undefined",
+  }],
+  listExecutions: [{
+    call: ({ sql }) => shoal.listExecutions(sql, x(20)),
+    error: TypeError,
+    message: "Invalid options for listExecutions(): expected an object, not 20",
+  }, {
+    call: ({ sql }) => shoal.listExecutions(sql, { limit: x("20") }),
+    error: TypeError,
+    message:
+      'Invalid options.limit for listExecutions(): expected an integer from 1 to 2147483647, not "20"',
+  }],
+  acquire: [{
+    call: ({ sql }) => shoal.acquire(sql, x({ name: "reaper", holder: "h" })),
+    error: TypeError,
+    message:
+      "Invalid options.ttlMs for acquire(): expected an integer from 1 to 2073600000, not undefined",
+  }, {
+    call: ({ sql }) => shoal.acquire(sql, { name: "", holder: "h", ttlMs: 1000 }),
+    error: TypeError,
+    message: 'Invalid options.name for acquire(): expected a non-empty string, not ""',
+  }, {
+    call: ({ sql }) =>
+      shoal.acquire(sql, { name: "reaper", holder: "h", ttlMs: 1000, now: x("2026-01-01") }),
+    error: TypeError,
+    message: 'Invalid options.now for acquire(): expected a valid Date, not "2026-01-01"',
+  }],
+  holdLease: [{
+    call: ({ sql }) => shoal.holdLease(sql, x({ name: "reaper", holder: "h" })),
+    error: TypeError,
+    message:
+      "Invalid term.token for holdLease(): expected a non-negative integer token as a string or number, not undefined",
+  }],
+  releaseLease: [{
+    call: ({ sql }) => shoal.releaseLease(sql, term, { now: new Date(NaN) }),
+    error: TypeError,
+    message: "Invalid options.now for releaseLease(): expected a valid Date, not an invalid Date",
+  }],
+  renew: [{
+    call: ({ sql }) => shoal.renew(sql, term, x(undefined)),
+    error: TypeError,
+    message: "Invalid options for renew(): expected an object, not undefined",
+  }, {
+    call: ({ sql }) => shoal.renew(sql, x(null), { ttlMs: 1000 }),
+    error: TypeError,
+    message: "Invalid term for renew(): expected a lease term from acquire(), not null",
+  }],
+  reapOnce: [{
+    call: (env) => inTx(env, (tx) => shoal.reapOnce(tx, reaper)),
+    error: TypeError,
+    message: `Invalid sql for reapOnce(): ${NOT_A_POOL}`,
+  }, {
+    call: ({ sql }) => shoal.reapOnce(sql, { ...reaper, deadRetentionMs: x("14d") }),
+    error: TypeError,
+    message:
+      'Invalid options.deadRetentionMs for reapOnce(): expected an integer from 0 to 3155760000000, not "14d"',
+  }, {
+    call: ({ sql }) => shoal.reapOnce(sql, reaper, { term: x({}) }),
+    error: TypeError,
+    message: "Invalid context.term.name for reapOnce(): expected a non-empty string, not undefined",
+  }],
+  runReaper: [{
+    call: ({ sql }) => shoal.runReaper(sql, reaper, x(undefined)),
+    error: TypeError,
+    message: `Invalid stop for runReaper(): ${SIGNAL}`,
+  }, {
+    call: ({ sql, stopped }) => shoal.runReaper(sql, { ...reaper, leaseMs: x(undefined) }, stopped),
+    error: TypeError,
+    message:
+      "Invalid options.leaseMs for runReaper(): expected an integer from 1 to 2073600000, not undefined",
+  }],
+  listSchedules: [{
+    call: () => shoal.listSchedules(x({})),
+    error: TypeError,
+    message: `Invalid db for listSchedules(): expected ${DB}, not an object`,
+  }],
+  removeSchedule: [{
+    call: ({ sql }) => shoal.removeSchedule(sql, x(undefined)),
+    error: TypeError,
+    message: "Invalid name for removeSchedule(): expected a non-empty string, not undefined",
+  }],
+  setScheduleEnabled: [{
+    call: ({ sql }) => shoal.setScheduleEnabled(sql, "nightly", x("false")),
+    error: TypeError,
+    message: 'Invalid enabled for setScheduleEnabled(): expected true or false, not "false"',
+  }],
+  syncSchedules: [{
+    call: ({ sql }) => shoal.syncSchedules(sql, x({ schedules: [] })),
+    error: TypeError,
+    message: "Invalid specs for syncSchedules(): expected an array of schedules, not an object",
+  }, {
+    call: (env) => inTx(env, (tx) => shoal.syncSchedules(tx, [])),
+    error: TypeError,
+    message: `Invalid sql for syncSchedules(): ${NOT_A_POOL}`,
+  }],
+  upsertSchedule: [{
+    call: ({ sql }) =>
+      shoal.upsertSchedule(sql, { name: "n", cron: "* * * * *", task: "t" }, x("cli")),
+    error: TypeError,
+    message: 'Invalid source for upsertSchedule(): expected "manual" or "file", not "cli"',
+  }, {
+    call: ({ sql }) => shoal.upsertSchedule(sql, x(null)),
+    error: TypeError,
+    message: "Invalid schedule: expected an object with name, cron and task",
+  }],
+  runScheduler: [{
+    call: ({ sql, stopped }) => shoal.runScheduler(sql, { ...scheduler, listen: x("no") }, stopped),
+    error: TypeError,
+    message: 'Invalid options.listen for runScheduler(): expected true or false, not "no"',
+  }, {
+    call: ({ sql }) => shoal.runScheduler(sql, scheduler, x(undefined)),
+    error: TypeError,
+    message: `Invalid stop for runScheduler(): ${SIGNAL}`,
+  }],
+  tickOnce: [{
+    call: ({ sql }) => shoal.tickOnce(sql, { now: x(0) }),
+    error: TypeError,
+    message: "Invalid options.now for tickOnce(): expected a valid Date, not 0",
+  }, {
+    call: (env) => inTx(env, (tx) => shoal.tickOnce(tx)),
+    error: TypeError,
+    message: `Invalid sql for tickOnce(): ${NOT_A_POOL}`,
+  }],
+  listDead: [{
+    call: ({ sql }) => shoal.listDead(sql, { limit: 0 }),
+    error: RangeError,
+    message:
+      "Invalid options.limit for listDead(): expected an integer from 1 to 2147483647, not 0",
+  }, {
+    call: ({ sql }) => shoal.listDead(sql, { queue: x(5) }),
+    error: TypeError,
+    message: "Invalid options.queue for listDead(): expected a non-empty string, not 5",
+  }],
+  purgeDead: [{
+    call: ({ sql }) => shoal.purgeDead(sql, x({ olderThan: 1000 })),
+    error: TypeError,
+    message:
+      'Invalid options for purgeDead(): unknown option "olderThan" (known: queue, olderThanMs, limit)',
+  }, {
+    call: ({ sql }) => shoal.purgeDead(sql, { olderThanMs: -1 }),
+    error: RangeError,
+    message:
+      "Invalid options.olderThanMs for purgeDead(): expected an integer from 0 to 3155760000000, not -1",
+  }],
+  retryDead: [{
+    call: ({ sql }) => shoal.retryDead(sql, x(12.5)),
+    error: RangeError,
+    message:
+      "Invalid id for retryDead(): expected a positive integer id as a string or number, not 12.5",
+  }],
+  migrate: [{
+    call: ({ sql }) => shoal.migrate(sql, x(undefined)),
+    error: TypeError,
+    message:
+      "Invalid migrations for migrate(): expected the migrations loadMigrations() returns, not undefined",
+  }, {
+    call: (env) => inTx(env, (tx) => shoal.migrate(tx, env.migrations)),
+    error: TypeError,
+    message: `Invalid sql for migrate(): ${NOT_A_POOL}`,
+  }, {
+    call: ({ sql, migrations }) => shoal.migrate(sql, migrations, x([])),
+    error: TypeError,
+    message: "Invalid functions for migrate(): expected a function set, or undefined, not an array",
+  }],
+  checkSchema: [{
+    call: ({ sql }) => shoal.checkSchema(sql, x([{ version: 1 }])),
+    error: TypeError,
+    message:
+      "Invalid migrations[0].sql for checkSchema(): expected a non-empty string, not undefined",
+  }, {
+    call: ({ sql, migrations }) => shoal.checkSchema(sql, migrations, { migrateFlag: x("yes") }),
+    error: TypeError,
+    message: 'Invalid options.migrateFlag for checkSchema(): expected true or false, not "yes"',
+  }],
+  loadMigrations: [{
+    call: () => shoal.loadMigrations(x("sql/")),
+    error: TypeError,
+    message:
+      'Invalid dir for loadMigrations(): expected a URL of a directory, ending in "/", not "sql/"',
+  }, {
+    // Without the slash, files would be read from beside the directory, not from it.
+    call: () => shoal.loadMigrations(new URL("file:///srv/shoal/sql")),
+    error: TypeError,
+    message:
+      'Invalid dir for loadMigrations(): expected a URL of a directory, ending in "/", not "file:///srv/shoal/sql"',
+  }],
+  runConsumer: [{
+    call: ({ sql, stopped }) =>
+      shoal.runConsumer({ sql, tasks: x([task]) }, FAST_CONSUMER, stopped),
+    error: TypeError,
+    message:
+      "Invalid deps.tasks for runConsumer(): expected a TaskRegistry (new TaskRegistry(tasks)), not an array",
+  }, {
+    call: ({ sql, stopped }) =>
+      shoal.runConsumer({ sql, tasks }, { ...FAST_CONSUMER, queues: x("default") }, stopped),
+    error: TypeError,
+    message:
+      'Invalid options.queues for runConsumer(): expected a non-empty array of queue names, not "default"',
+  }, {
+    call: ({ sql, stopped }) =>
+      shoal.runConsumer({ sql, tasks }, { ...FAST_CONSUMER, concurrency: 0 }, stopped),
+    error: RangeError,
+    message:
+      "Invalid options.concurrency for runConsumer(): expected an integer from 1 to 2147483647, not 0",
+  }, {
+    call: ({ sql, stopped }) =>
+      shoal.runConsumer(
+        { sql, tasks },
+        { ...FAST_CONSUMER, pollIntervalMs: x(undefined) },
+        stopped,
+      ),
+    error: TypeError,
+    message:
+      "Invalid options.pollIntervalMs for runConsumer(): expected an integer from 1 to 2073600000, not undefined",
+  }, {
+    call: ({ sql, stopped }) =>
+      shoal.runConsumer({ sql, tasks }, { ...FAST_CONSUMER, visibilityTimeoutMs: 50 }, stopped),
+    error: RangeError,
+    message:
+      "Invalid options.visibilityTimeoutMs for runConsumer(): expected an integer from 100 to 2073600000, not 50",
+  }, {
+    call: ({ sql }) => shoal.runConsumer({ sql, tasks }, FAST_CONSUMER, x(undefined)),
+    error: TypeError,
+    message: `Invalid stop for runConsumer(): ${SIGNAL}`,
+  }],
+  httpTask: [{
+    call: () => shoal.httpTask(x({ allow: "example.com" })),
+    error: TypeError,
+    message:
+      'Invalid settings.allow for httpTask(): expected an array of strings, not "example.com"',
+  }, {
+    call: () => shoal.httpTask({ timeoutMs: 0 }),
+    error: RangeError,
+    message:
+      "Invalid settings.timeoutMs for httpTask(): expected an integer from 1 to 600000, not 0",
+  }, {
+    call: () => shoal.httpTask(x({ env: {} })),
+    error: TypeError,
+    message: "Invalid settings.env for httpTask(): expected a function, not an object",
+  }],
+  checkHttpAllow: [{
+    call: () => shoal.checkHttpAllow(x("a.example,b.example")),
+    error: TypeError,
+    message:
+      'Invalid entries for checkHttpAllow(): expected an array of strings, not "a.example,b.example"',
+  }, {
+    call: () => shoal.checkHttpAllow(x(["a.example", 8080])),
+    error: TypeError,
+    message: "Invalid entries[1] for checkHttpAllow(): expected a string, not 8080",
+  }],
+  signWebhook: [{
+    call: () => shoal.signWebhook(x(undefined), parts),
+    error: TypeError,
+    message: "Invalid secret for signWebhook(): expected a non-empty string, not undefined",
+  }, {
+    // `${1700000000}` would sign the same text, `${undefined}` the word "undefined".
+    call: () => shoal.signWebhook("s", { ...parts, jobId: x(undefined) }),
+    error: TypeError,
+    message: "Invalid parts.jobId for signWebhook(): expected a non-empty string, not undefined",
+  }],
+  parseRetryAfter: [{
+    call: () => shoal.parseRetryAfter(x(undefined)),
+    error: TypeError,
+    message: "Invalid value for parseRetryAfter(): expected a string or null, not undefined",
+  }, {
+    call: () => shoal.parseRetryAfter("5", x("now")),
+    error: TypeError,
+    message:
+      'Invalid nowMs for parseRetryAfter(): expected a number from 0 to 8640000000000000, not "now"',
+  }],
+  checkSqlSchemas: [{
+    call: () => shoal.checkSqlSchemas(x("app")),
+    error: TypeError,
+    message: 'Invalid schemas for checkSqlSchemas(): expected an array of strings, not "app"',
+  }],
+  sqlTask: [{
+    call: () => shoal.sqlTask(x({ schemas: "app" })),
+    error: TypeError,
+    message: 'Invalid settings.schemas for sqlTask(): expected an array of strings, not "app"',
+  }],
+  status: [{
+    call: () => shoal.status(x(undefined)),
+    error: TypeError,
+    message: `Invalid db for status(): expected ${DB}, not undefined`,
+  }],
+  builtinTasks: [{
+    call: () => shoal.builtinTasks(x({ http: "example.com" })),
+    error: TypeError,
+    message: 'Invalid settings.http for builtinTasks(): expected an object, not "example.com"',
+  }],
+  TaskRegistry: [{
+    call: () => new shoal.TaskRegistry(x(task)),
+    error: TypeError,
+    message: "Invalid tasks for new TaskRegistry(): expected an array of tasks, not an object",
+  }, {
+    call: () => new shoal.TaskRegistry([x({ name: "t" })]),
+    error: TypeError,
+    message: "Invalid tasks[0].handler for new TaskRegistry(): expected a function, not undefined",
+  }, {
+    call: () => new shoal.TaskRegistry().add(x(undefined)),
+    error: TypeError,
+    message:
+      "Invalid task for TaskRegistry.add(): expected a task from defineTask(), not undefined",
+  }],
+  main: [{
+    call: () => shoal.main(x("migrate")),
+    error: TypeError,
+    message: 'Invalid args for main(): expected an array of strings, not "migrate"',
+  }, {
+    call: () => shoal.main(["status"], x({ tasks: task })),
+    error: TypeError,
+    message: "Invalid options.tasks for main(): expected an array of tasks, not an object",
+  }, {
+    call: () => shoal.main(["status"], x({ tasks: [undefined] })),
+    error: TypeError,
+    message:
+      "Invalid options.tasks[0] for main(): expected a task from defineTask(), not undefined",
+  }],
+  RetryLaterError: [{
+    call: () => new shoal.RetryLaterError("busy", x("120")),
+    error: TypeError,
+    message:
+      'Invalid delayMs for new RetryLaterError(): expected a number of milliseconds, not "120"',
+  }],
+  PermanentError: { exempt: "an Error subclass: it takes what Error takes" },
+  // enqueue(), enqueueMany() and defineTask() check their own arguments (lib/queue.ts,
+  // lib/tasks.ts); these cases pin what they refuse today.
+  enqueue: [{
+    call: ({ sql }) => shoal.enqueue(sql, "t", x([1])),
+    error: TypeError,
+    message: "Invalid payload: expected a JSON object, got array",
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, "t", {}, { runAt: x("2026-01-01") }),
+    error: TypeError,
+    message: "Invalid runAt: expected a valid Date",
+  }],
+  enqueueMany: [{
+    call: ({ sql }) => shoal.enqueueMany(sql, [{ task: "t", priority: 1.5 }]),
+    error: RangeError,
+    message: "Invalid priority: expected an integer from -32767 to 32767",
+  }],
+  defineTask: [{
+    call: () => shoal.defineTask({ name: "bad name", handler: () => {} }),
+    error: TypeError,
+    message: `Invalid task name "bad name": use ${NAME}`,
+  }],
+};
+
+Deno.test("every function and class lib/mod.ts exports has its argument checks tested here", () => {
+  const exported = Object.entries(shoal)
+    .filter(([, value]) => typeof value === "function")
+    .map(([name]) => name)
+    .sort();
+  assertEquals(
+    exported.filter((name) => !(name in CASES)),
+    [],
+    "exported without a case in CASES: give each a check at its top (lib/args.ts) and a case",
+  );
+  assertEquals(Object.keys(CASES).filter((name) => !exported.includes(name)), []);
+});
+
+for (const [name, cases] of Object.entries(CASES)) {
+  if (!Array.isArray(cases)) continue;
+  Deno.test(`${name}() refuses wrong arguments in one line naming it`, async () => {
+    await using db = await testDb();
+    const stop = new AbortController();
+    stop.abort();
+    const env: Env = {
+      sql: db.sql,
+      migrations: await shoal.loadMigrations(),
+      stopped: stop.signal,
+    };
+    // Every case runs, and every one that does not refuse as expected is reported.
+    const wrong: string[] = [];
+    for (const [i, { call, error, message }] of cases.entries()) {
+      let caught: unknown;
+      try {
+        await call(env);
+      } catch (e) {
+        caught = e;
+      }
+      const got = caught instanceof Error ? `${caught.name}: ${caught.message}` : String(caught);
+      if (!(caught instanceof error) || caught.message !== message) {
+        wrong.push(`case ${i}: expected ${error.name}: ${message}\n  got ${got}`);
+      }
+      assert(!message.includes("\n"), `case ${i}: one line`);
+    }
+    assertEquals(wrong, []);
+  });
+}
+
+Deno.test("the db checks take a transaction and a reserved connection, and ids may be numbers", async () => {
+  await using db = await testDb();
+  const id = await shoal.startExecution(db.sql, { task: "t" });
+  const inTx = await db.sql.begin((tx) => shoal.getExecution(tx as unknown as Sql, x(Number(id))));
+  assertEquals(inTx?.id, id);
+  const reserved = await db.sql.reserve();
+  try {
+    assertEquals((await shoal.getExecution(reserved, id))?.status, "pending");
+  } finally {
+    reserved.release();
+  }
+});
+
+Deno.test("purgeDead() with a misspelt option purges nothing", async () => {
+  await using db = await testDb();
+  await shoal.enqueue(db.sql, "t", {}, { maxAttempts: 1 });
+  const { jobs } = await shoal.claim(db.sql, {
+    queues: ["default"],
+    limit: 1,
+    workerId: "w",
+    visibilityMs: 1000,
+  });
+  await shoal.fail(db.sql, jobs[0]!, { error: "boom", retryInMs: 0 });
+  await db.sql`update shoal.dead_jobs set died_at = now() - interval '2 days'`;
+  const olderThanADay = x({ older_than_ms: 86_400_000 });
+  await assertRejects(() => shoal.purgeDead(db.sql, olderThanADay), TypeError, "older_than_ms");
+  assertEquals((await shoal.listDead(db.sql)).length, 1);
+});
