@@ -111,6 +111,30 @@ export async function waitFor<T>(
   throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`, { cause: last });
 }
 
+/** GET a path of an HTTP server; the body is always read (no leaked resource). */
+export async function httpGet(
+  base: string,
+  path: string,
+  init: RequestInit = {},
+): Promise<{ status: number; body: string; type: string | null }> {
+  const response = await fetch(base + path, init);
+  return {
+    status: response.status,
+    body: await response.text(),
+    type: response.headers.get("content-type"),
+  };
+}
+
+/** The base URL of the `--http` server a role process logged it serves on. */
+export async function servedAt(proc: ShoalProcess): Promise<string> {
+  const address = await waitFor("the HTTP server to start", () => {
+    const line = logLines(proc.output()).find((l) => String(l.message).startsWith("Serving"));
+    if (!line && proc.output().includes("shoal: ")) throw new Error(proc.output());
+    return line?.address as string | undefined;
+  }, 20_000);
+  return `http://${address}`;
+}
+
 export interface ShoalProcess {
   child: Deno.ChildProcess;
   /** Everything written to stdout and stderr so far. */
