@@ -13,6 +13,7 @@ import {
   emptyDb,
   exitWithin,
   freePort,
+  httpGet,
   logLines,
   runShoal,
   spawnShoal,
@@ -21,6 +22,7 @@ import {
 import { connect } from "../lib/db.ts";
 import { OPTIONS } from "../lib/config.ts";
 import { parseDuration } from "../lib/duration.ts";
+import { LIVENESS_PATH, READINESS_PATH } from "../lib/http_server.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const K8S_DIR = new URL("deploy/k8s/", ROOT);
@@ -198,6 +200,10 @@ async function assertShoalAccepts(inv: Invocation): Promise<void> {
       i++;
       // Listen on loopback only, on a free port; or leave it out until shoal has the flag.
       if (!HTTP_PENDING) args.push(arg, `127.0.0.1:${freePort()}`);
+    } else if (arg === "--startup-wait") {
+      // A duration shoal reads, but no wait for it: only the refusal matters here.
+      parseDuration(must(inv.args[++i], `${inv.where}: a value for --startup-wait`));
+      args.push(arg, "0s");
     } else args.push(arg);
   }
   const env = { ...inv.env };
@@ -365,6 +371,9 @@ Deno.test("docker-compose.yml migrates once, then runs two of each role, all fla
 
 interface Probe {
   httpGet?: { path?: string; port?: string | number };
+  periodSeconds?: number;
+  timeoutSeconds?: number;
+  failureThreshold?: number;
 }
 
 interface Container {
@@ -468,13 +477,14 @@ Deno.test("deploy/k8s runs each role as a hardened Deployment probed on its --ht
     // The kubelet and Prometheus connect to the pod IP: loopback would be unreachable.
     assertEquals(http.host, "0.0.0.0", `${where}: --http listens on the pod's addresses`);
     const container = pod.containers[0]!;
-    const probes = { startup: container.startupProbe, liveness: container.livenessProbe };
+    const probes = {
+      startup: container.startupProbe,
+      liveness: container.livenessProbe,
+      readiness: container.readinessProbe,
+    };
     for (const [name, probe] of Object.entries(probes)) {
-      assertEquals(probe?.httpGet?.path, "/healthz", `${where}: ${name} probe path`);
       assertEquals(probePort(container, probe, where), http.port, `${where}: ${name} port`);
     }
-    assertEquals(container.readinessProbe?.httpGet?.path, "/readyz", `${where}: readiness path`);
-    assertEquals(probePort(container, container.readinessProbe, where), http.port);
 
     const labels = manifest.spec.template!.metadata!.labels!;
     const selector = manifest.spec.selector!.matchLabels!;
@@ -486,6 +496,89 @@ Deno.test("deploy/k8s runs each role as a hardened Deployment probed on its --ht
     assertEquals(budgets.length, 1, `${where}: one PodDisruptionBudget covers its pods`);
   }
   assertEquals(seen.sort(), [...ROLES]);
+});
+
+/** Kubernetes' defaults for a probe's timings. */
+const PROBE_DEFAULTS = { periodSeconds: 10, timeoutSeconds: 1, failureThreshold: 3 };
+
+/** How long a probe may fail before the kubelet acts: failureThreshold × periodSeconds. */
+function probeWindowMs(probe: Probe): number {
+  const { periodSeconds, failureThreshold } = { ...PROBE_DEFAULTS, ...probe };
+  return failureThreshold * periodSeconds * 1000;
+}
+
+/** After the database answers at start: the schema check and the roles' start. */
+const START_MARGIN_MS = 10_000;
+/** A liveness probe restarts no pod over less than this (a GC pause, CPU throttling). */
+const MIN_LIVENESS_WINDOW_MS = 30_000;
+
+Deno.test("deploy/k8s probes: liveness is the loop check, readiness the database's, the startup window covers --startup-wait", async () => {
+  const deployments = (await k8sManifests()).filter((m) => m.manifest.kind === "Deployment");
+  assertEquals(deployments.length, ROLES.length);
+  for (const { file, manifest } of deployments) {
+    const where = `${file} ${manifest.metadata.name}`;
+    const inv = checkedContainer(where, manifest.spec.template!.spec);
+    const { startupProbe, livenessProbe, readinessProbe } = manifest.spec.template!.spec
+      .containers[0]!;
+    const startup = must(startupProbe, `${where}: a startupProbe`);
+    const liveness = must(livenessProbe, `${where}: a livenessProbe`);
+    const readiness = must(readinessProbe, `${where}: a readinessProbe`);
+    // The paths by what shoal serves on them (lib/http_server.ts): the loops, the database.
+    assertEquals(liveness.httpGet?.path, LIVENESS_PATH, `${where}: liveness checks the loops`);
+    assertEquals(startup.httpGet?.path, LIVENESS_PATH, `${where}: startup holds off liveness`);
+    assertEquals(readiness.httpGet?.path, READINESS_PATH, `${where}: readiness checks the db`);
+
+    // /healthz is 503 while the role waits for its database: the startup probe must wait
+    // longer, or the kubelet restarts a pod that was only waiting (checked for real below).
+    const startupWait = parseDuration(must(valueOf(inv, "startup-wait"), "--startup-wait"));
+    assert(
+      inv.args.includes("--startup-wait"),
+      `${where}: --startup-wait is given beside the probe that must cover it`,
+    );
+    assert(
+      probeWindowMs(startup) >= startupWait + START_MARGIN_MS,
+      `${where}: the startupProbe allows ${
+        probeWindowMs(startup)
+      } ms, --startup-wait is ${startupWait} ms`,
+    );
+
+    // Liveness tolerant of an outage and of a slow moment: never stricter than readiness
+    // (a pod leaves rotation before it is ever restarted), and a few failures in a row over
+    // half a minute at least.
+    const live = { ...PROBE_DEFAULTS, ...liveness };
+    assert(live.failureThreshold >= 3, `${where}: liveness failureThreshold >= 3`);
+    assert(probeWindowMs(liveness) >= MIN_LIVENESS_WINDOW_MS, `${where}: liveness window`);
+    assert(
+      probeWindowMs(liveness) >= probeWindowMs(readiness),
+      `${where}: liveness gives up no sooner than readiness`,
+    );
+    assert(live.timeoutSeconds >= { ...PROBE_DEFAULTS, ...readiness }.timeoutSeconds);
+  }
+});
+
+Deno.test("deploy/k8s: a role run with its manifest's command line answers 503 on both probes while it waits for its database", async () => {
+  const deployments = (await k8sManifests()).filter((m) => m.manifest.kind === "Deployment");
+  for (const { file, manifest } of deployments) {
+    const where = `${file} ${manifest.metadata.name}`;
+    const inv = checkedContainer(where, manifest.spec.template!.spec);
+    const port = freePort();
+    const args = inv.args.map((arg, i) => inv.args[i - 1] === "--http" ? `127.0.0.1:${port}` : arg);
+    // The database on a port nobody listens on: the role waits (--startup-wait 2m).
+    const env = { ...inv.env, DATABASE_URL: `postgres://shoal@127.0.0.1:${freePort()}/shoal` };
+    await using proc = spawnShoal(args, { env });
+    const base = `http://127.0.0.1:${port}`;
+    await waitFor(`${where}: waiting for its database`, () => {
+      if (/^shoal: /m.test(proc.output())) throw new Error(`${where} gave up:\n${proc.output()}`);
+      return proc.output().includes("Waiting for the database");
+    }, 20_000);
+    for (const path of [LIVENESS_PATH, READINESS_PATH]) {
+      const answer = await httpGet(base, path);
+      assertEquals([answer.status, answer.body], [503, "starting\n"], `${where}: ${path}`);
+    }
+    proc.kill("SIGTERM");
+    const { code, output } = await exitWithin(proc, 20_000);
+    assertEquals(code, 0, output);
+  }
 });
 
 Deno.test("deploy/k8s migrates with a Job running `shoal migrate`", async () => {
