@@ -146,18 +146,34 @@ export interface ShoalProcess {
   [Symbol.asyncDispose](): Promise<void>;
 }
 
+/** How a shoal process is started: its database, environment, entry file and permissions. */
+export interface SpawnOptions {
+  url?: string;
+  env?: Record<string, string>;
+  /** The entry file (default main.ts). */
+  mainModule?: string;
+  /** The flags `deno run` gets before the entry file (default `-A`). */
+  denoFlags?: string[];
+}
+
+/** `deno run` arguments for a shoal command line. */
+function runArgs(args: string[], options: SpawnOptions): string[] {
+  const main = options.mainModule ?? new URL("main.ts", ROOT).pathname;
+  return ["run", ...(options.denoFlags ?? ["-A"]), main, ...args];
+}
+
 /**
  * Start `deno run -A main.ts ...args` as a real process (Deno.execPath(), not a wrapper
  * that would swallow signals), with DATABASE_URL pointing at `url`.
  */
 export function spawnShoal(
   args: string[],
-  options: { url?: string; env?: Record<string, string>; mainModule?: string } = {},
+  options: SpawnOptions = {},
 ): ShoalProcess {
   const env: Record<string, string> = { ...options.env };
   if (options.url) env.DATABASE_URL = options.url;
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", options.mainModule ?? new URL("main.ts", ROOT).pathname, ...args],
+    args: runArgs(args, options),
     env,
     stdin: "null",
     stdout: "piped",
@@ -272,12 +288,12 @@ export async function exitWithin(
 /** Run a short shoal command to completion, keeping stdout and stderr apart. */
 export async function runShoal(
   args: string[],
-  options: { url?: string; env?: Record<string, string>; mainModule?: string } = {},
+  options: SpawnOptions = {},
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const env: Record<string, string> = { ...options.env };
   if (options.url) env.DATABASE_URL = options.url;
   const result = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", options.mainModule ?? new URL("main.ts", ROOT).pathname, ...args],
+    args: runArgs(args, options),
     env,
     stdin: "null",
     stdout: "piped",
