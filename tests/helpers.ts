@@ -154,6 +154,8 @@ export interface SpawnOptions {
   mainModule?: string;
   /** The flags `deno run` gets before the entry file (default `-A`). */
   denoFlags?: string[];
+  /** The working directory, where Deno looks for deno.json (default: this one). */
+  cwd?: string;
 }
 
 /** `deno run` arguments for a shoal command line. */
@@ -174,6 +176,7 @@ export function spawnShoal(
   if (options.url) env.DATABASE_URL = options.url;
   const child = new Deno.Command(Deno.execPath(), {
     args: runArgs(args, options),
+    cwd: options.cwd,
     env,
     stdin: "null",
     stdout: "piped",
@@ -294,6 +297,7 @@ export async function runShoal(
   if (options.url) env.DATABASE_URL = options.url;
   const result = await new Deno.Command(Deno.execPath(), {
     args: runArgs(args, options),
+    cwd: options.cwd,
     env,
     stdin: "null",
     stdout: "piped",
