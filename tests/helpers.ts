@@ -111,6 +111,17 @@ export async function waitFor<T>(
   throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`, { cause: last });
 }
 
+/** Every file under `path` (a file or a directory, relative to the repository), as such paths. */
+export async function filesUnder(path: string): Promise<string[]> {
+  const stat = await Deno.stat(new URL(path, ROOT));
+  if (!stat.isDirectory) return [path];
+  const found: string[] = [];
+  for await (const entry of Deno.readDir(new URL(`${path}/`, ROOT))) {
+    found.push(...await filesUnder(`${path}/${entry.name}`));
+  }
+  return found.sort();
+}
+
 /** GET a path of an HTTP server; the body is always read (no leaked resource). */
 export async function httpGet(
   base: string,

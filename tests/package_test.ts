@@ -8,7 +8,15 @@
  * own task; the `./cli` export migrates too. `.ci/run` adds `deno publish --dry-run`.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { emptyDb, exitWithin, logLines, runShoal, spawnShoal, waitFor } from "./helpers.ts";
+import {
+  emptyDb,
+  exitWithin,
+  filesUnder,
+  logLines,
+  runShoal,
+  spawnShoal,
+  waitFor,
+} from "./helpers.ts";
 import { EMBEDDED_FUNCTIONS, EMBEDDED_MIGRATIONS } from "../lib/migrate.ts";
 
 const ROOT = new URL("../", import.meta.url);
@@ -38,18 +46,12 @@ async function readmeBlocks(heading: string): Promise<{ lang: string; text: stri
   }));
 }
 
-/** Copy `path` (a file or a directory, relative to the repository) to `dir`. */
+/** Copy `path` (a file or a directory, relative to the repository) into `dir`. */
 async function copyInto(dir: string, path: string): Promise<void> {
-  const from = new URL(path.replace(/\/$/, ""), ROOT);
-  const to = `${dir}/${path.replace(/\/$/, "")}`;
-  if ((await Deno.stat(from)).isDirectory) {
-    await Deno.mkdir(to, { recursive: true });
-    for await (const entry of Deno.readDir(from)) {
-      await copyInto(dir, `${path.replace(/\/$/, "")}/${entry.name}`);
-    }
-  } else {
+  for (const file of await filesUnder(path.replace(/\/$/, ""))) {
+    const to = `${dir}/${file}`;
     await Deno.mkdir(to.slice(0, to.lastIndexOf("/")), { recursive: true });
-    await Deno.copyFile(from, to);
+    await Deno.copyFile(new URL(file, ROOT), to);
   }
 }
 

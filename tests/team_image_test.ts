@@ -9,7 +9,15 @@
  * permissions against a real Postgres: it migrates, enqueues and runs the team's tasks.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { emptyDb, exitWithin, logLines, runShoal, spawnShoal, waitFor } from "./helpers.ts";
+import {
+  emptyDb,
+  exitWithin,
+  filesUnder,
+  logLines,
+  runShoal,
+  spawnShoal,
+  waitFor,
+} from "./helpers.ts";
 import {
   buildArgs,
   dockerIgnored,
@@ -21,17 +29,6 @@ import {
 } from "./dockerfile.ts";
 
 const ROOT = new URL("../", import.meta.url);
-
-/** The paths of every file under `path` (relative to the repository), or `path` itself. */
-async function filesUnder(path: string): Promise<string[]> {
-  const stat = await Deno.stat(new URL(path, ROOT));
-  if (!stat.isDirectory) return [path];
-  const found: string[] = [];
-  for await (const entry of Deno.readDir(new URL(`${path}/`, ROOT))) {
-    found.push(...await filesUnder(`${path}/${entry.name}`));
-  }
-  return found;
-}
 
 /** Docker's COPY from the build context (what .dockerignore lets in) into `dir`. */
 async function copy(dir: string, arg: string, patterns: string[]): Promise<void> {
