@@ -201,7 +201,7 @@ interface ShoalTree {
   name: string;
   /** Its root directory, ending in "/" (holds main.ts, deno.json, bench/bench_main.ts). */
   root: URL;
-  /** The `--v8-flags=...` argument of its `deno task compile`; null when it has none. */
+  /** The `--v8-flags=...` argument of its compile task; null when it has none. */
   v8Flags: string | null;
 }
 
@@ -218,7 +218,9 @@ function v8FlagsOf(root: URL): string | null {
   } catch (error) {
     throw new Error(`Cannot read the V8 flags from ${path.pathname}`, { cause: error });
   }
-  const compile = config.tasks?.compile ?? "";
+  // The flags live in compile:entry (`compile` runs it with main.ts); older trees (--beside)
+  // kept them in compile itself.
+  const compile = config.tasks?.["compile:entry"] ?? config.tasks?.compile ?? "";
   return compile.split(" ").find((a) => a.startsWith("--v8-flags=")) ?? null;
 }
 

@@ -77,6 +77,41 @@ export const reportBacklog = defineTask({
   },
 });
 
+/**
+ * A chord's child (see examples/node/ and examples/python/, which start one from SQL): counts
+ * the words of its text. Its return value is its result, handed to the callback.
+ */
+export const countWords = defineTask<{ text: string }>({
+  name: "example.count_words",
+  queue: "reports",
+  parse(payload): { text: string } {
+    if (typeof payload.text !== "string") throw new TypeError("text must be a string");
+    return { text: payload.text };
+  },
+  handler: ({ text }) => ({ words: text.split(/\s+/).filter((w) => w !== "").length }),
+});
+
+/**
+ * A chord's callback: gets its children's results in child order and adds them up. As the
+ * execution's last job, its return value becomes the execution's result.
+ */
+export const sumCounts = defineTask<{ results: { words: number }[] }>({
+  name: "example.sum_counts",
+  queue: "reports",
+  parse(payload): { results: { words: number }[] } {
+    const { results } = payload;
+    if (!Array.isArray(results) || !results.every((r) => typeof r?.words === "number")) {
+      throw new TypeError("results must be the children's {words} counts");
+    }
+    return { results };
+  },
+  handler: ({ results }) => ({
+    parts: results.length,
+    words: results.reduce((sum, r) => sum + r.words, 0),
+  }),
+});
+
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args, { tasks: [sendWelcome, reportBacklog] }));
+  const tasks = [sendWelcome, reportBacklog, countWords, sumCounts];
+  Deno.exit(await main(Deno.args, { tasks }));
 }

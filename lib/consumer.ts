@@ -79,6 +79,20 @@ export interface ConsumerOptions {
   ackBatchCap?: number;
   /** Unrecorded outcomes at which claiming pauses (default BACKLOG_LIMIT, lib/completer.ts). */
   ackBacklogLimit?: number;
+  /** Called on every turn of the loop (the liveness check, lib/liveness.ts). */
+  onTurn?: () => void;
+}
+
+/** The longest wait between claims after failed ones (the backoff's cap). */
+const CLAIM_BACKOFF_CAP_MS = 30_000;
+
+/**
+ * The longest one turn of the consumer's loop takes, database reachable or not: a claim
+ * (bounded by the statement deadline), then a sleep of at most the poll interval or the
+ * claim backoff's cap.
+ */
+export function longestConsumerTurnMs(options: Pick<ConsumerOptions, "pollIntervalMs">): number {
+  return STATEMENT_DEADLINE_MS + Math.max(options.pollIntervalMs, CLAIM_BACKOFF_CAP_MS);
 }
 
 export interface ConsumerDeps {
@@ -534,6 +548,7 @@ export async function runConsumer(
 
   let errorStreak = 0;
   while (!stop.aborted) {
+    options.onTurn?.();
     if (buffer.wantsClaim(running.size) && !completer.full) {
       const limit = buffer.room(running.size);
       try {
@@ -544,7 +559,7 @@ export async function runConsumer(
         if (lastClaimFull && !stop.aborted && buffer.wantsClaim(running.size)) continue;
       } catch (error) {
         errorStreak++;
-        const wait = backoffWithJitter(errorStreak, 1000, 30_000);
+        const wait = backoffWithJitter(errorStreak, 1000, CLAIM_BACKOFF_CAP_MS);
         log.error("Cannot claim jobs, retrying in {wait}: {error}", {
           wait: formatDuration(wait),
           error: describeError(error),

@@ -207,7 +207,7 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
     const sql = connect(url, { applicationName: "shoal dev", prepare: options.prepare, max: 12 });
     let http: RoleHttp | null = null;
     try {
-      // Its health window follows the consumer's poll, as for `--role consumer`.
+      // Its database window (/readyz) follows the consumer's poll, as for `--role consumer`.
       http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer });
       await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
     } finally {

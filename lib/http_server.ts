@@ -1,11 +1,15 @@
 /**
  * The `--http` server every role can run beside its work, for orchestrators and Prometheus:
  *
- * - `GET /healthz`: 200 while the process answers and the database answered a `select 1`
- *   within the health window (a background probe runs every third of it), else 503 with
- *   a one-line reason. Answering at all shows the event loop is alive.
- * - `GET /readyz`: 200 once the schema was checked and the roles started, 503 before that
- *   and while shutting down (so a load balancer or rollout stops counting on it).
+ * - `GET /healthz` (liveness): 200 while every role's loop turns (lib/liveness.ts), and
+ *   while shutting down; 503 with a one-line reason when a loop is stuck, and before the
+ *   roles start (waiting for the database, migrating: a startup probe covers that). The
+ *   database plays no part: an outage must not get the process restarted. Answering at
+ *   all shows the event loop is alive.
+ * - `GET /readyz` (readiness): 200 once the schema was checked and the roles started, while
+ *   the database answered a `select 1` within the database window (a background probe runs
+ *   every third of it); 503 with a one-line reason before that, while the database is
+ *   silent, and while shutting down.
  * - `GET /metrics`: Prometheus text (lib/metrics.ts).
  *
  * Responses never carry configuration: no URL, no secret.
@@ -14,6 +18,7 @@
  */
 import type { Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
+import { LoopWatch } from "./liveness.ts";
 import { describeError, logger } from "./log.ts";
 import { CONTENT_TYPE, type Metrics } from "./metrics.ts";
 import { Sleeper } from "./sleep.ts";
@@ -25,11 +30,16 @@ export interface ListenAddress {
   port: number;
 }
 
+/** The liveness probe's path: the roles' loops turn (no database involved). */
+export const LIVENESS_PATH = "/healthz";
+/** The readiness probe's path: the roles run and the database answers. */
+export const READINESS_PATH = "/readyz";
+
 export interface HttpServerOptions {
   sql: Sql;
   metrics: Metrics;
-  /** 503 from /healthz once the database has not answered for this long. */
-  healthWindowMs: number;
+  /** 503 from /readyz once the database has not answered for this long. */
+  dbWindowMs: number;
 }
 
 type Phase = "starting" | "ready" | "stopping";
@@ -95,6 +105,8 @@ export class HttpServer {
   #phase: Phase = "starting";
   readonly #server: Deno.HttpServer<Deno.NetAddr>;
   readonly #probe: DbProbe;
+  /** The roles' loops, judged by /healthz once they started. */
+  readonly loops: LoopWatch = new LoopWatch();
   /** The bound port (the one asked for, or the one picked for 0). */
   readonly port: number;
   readonly hostname: string;
@@ -117,7 +129,7 @@ export class HttpServer {
       );
     }
     // Started once listening: no request can arrive before this constructor returns.
-    this.#probe = new DbProbe(options.sql, options.healthWindowMs);
+    this.#probe = new DbProbe(options.sql, options.dbWindowMs);
     this.port = this.#server.addr.port;
     this.hostname = this.#server.addr.hostname;
     logger("http").info("Serving /healthz, /readyz and /metrics on {address}", {
@@ -125,12 +137,12 @@ export class HttpServer {
     });
   }
 
-  /** The roles started: /readyz answers 200. */
+  /** The roles started: /healthz judges their loops, /readyz the database. */
   ready(): void {
     if (this.#phase === "starting") this.#phase = "ready";
   }
 
-  /** Shutting down: /readyz answers 503 from now on. */
+  /** Shutting down: /readyz answers 503 from now on, /healthz 200 (the stop is on purpose). */
   stopping(): void {
     this.#phase = "stopping";
   }
@@ -141,13 +153,10 @@ export class HttpServer {
       return text(405, "only GET", { allow: "GET, HEAD" });
     }
     switch (path) {
-      case "/healthz": {
-        const problem = this.#probe.problem();
-        return problem === null ? text(200, "ok") : text(503, problem);
-      }
-      case "/readyz":
-        if (this.#phase === "ready") return text(200, "ready");
-        return text(503, this.#phase === "starting" ? "starting" : "shutting down");
+      case LIVENESS_PATH:
+        return this.#liveness();
+      case READINESS_PATH:
+        return this.#readiness();
       case "/metrics":
         return new Response(await this.options.metrics.render(this.options.sql), {
           headers: { "content-type": CONTENT_TYPE },
@@ -155,6 +164,27 @@ export class HttpServer {
       default:
         return text(404, "not found: try /healthz, /readyz or /metrics");
     }
+  }
+
+  #liveness(): Response {
+    switch (this.#phase) {
+      case "starting":
+        return text(503, "starting");
+      case "stopping":
+        return text(200, "shutting down");
+      case "ready": {
+        const loops = this.loops.check();
+        return text(loops.stuck ? 503 : 200, loops.line);
+      }
+    }
+  }
+
+  #readiness(): Response {
+    if (this.#phase !== "ready") {
+      return text(503, this.#phase === "starting" ? "starting" : "shutting down");
+    }
+    const problem = this.#probe.problem();
+    return problem === null ? text(200, "ready") : text(503, problem);
   }
 
   /** Stop listening (in-flight requests finish) and stop the database probe. */

@@ -28,6 +28,34 @@ export interface LeaderLoopOptions {
   /** Longest sleep between cycles; must be shorter than the lease. */
   intervalMs: number;
   log: Logger;
+  /** Called on every turn of the loop (the liveness check, lib/liveness.ts). */
+  onTurn?: () => void;
+}
+
+/** The longest wait between election steps while the database fails them. */
+const OUTAGE_BACKOFF_CAP_MS = 30_000;
+
+/**
+ * The longest one turn of the leader loop takes, database reachable or not: an election
+ * step (a statement retried once, each within its deadline), leader work (bounded as below),
+ * then a sleep of at most the interval or the outage backoff's cap.
+ */
+export function longestLeaderTurnMs(
+  options: Pick<LeaderLoopOptions, "leaseMs" | "intervalMs">,
+): number {
+  const election = 2 * deadlineMs(options);
+  const sleep = outageCapMs(options);
+  return election + workDeadlineMs(options) + sleep;
+}
+
+/** Leader work stalled on a dead connection is abandoned after this long. */
+function workDeadlineMs(options: Pick<LeaderLoopOptions, "leaseMs">): number {
+  return Math.max(options.leaseMs, STATEMENT_DEADLINE_MS);
+}
+
+/** The outage backoff's cap: the lease or 30 s, whichever is shorter, never below the interval. */
+function outageCapMs(options: Pick<LeaderLoopOptions, "leaseMs" | "intervalMs">): number {
+  return Math.max(options.intervalMs, Math.min(options.leaseMs, OUTAGE_BACKOFF_CAP_MS));
 }
 
 /**
@@ -62,6 +90,7 @@ export async function runLeaderLoop(
   let standingBy = false;
   const outage = new Outage(options);
   while (!stop.aborted) {
+    options.onTurn?.();
     const step = await holdOrTake(sql, options, term);
     term = step.term;
     if (term) standingBy = false;
@@ -81,7 +110,7 @@ export async function runLeaderLoop(
         const wanted = await settleWithin(
           `${options.lease} leader work`,
           work(term),
-          Math.max(options.leaseMs, STATEMENT_DEADLINE_MS),
+          workDeadlineMs(options),
         );
         if (typeof wanted === "number") sleepMs = Math.min(sleepMs, Math.max(0, wanted));
       } catch (error) {
@@ -153,8 +182,11 @@ class Outage {
       return intervalMs;
     }
     this.#failures++;
-    const capMs = Math.max(intervalMs, Math.min(leaseMs, 30_000));
-    const wait = backoffWithJitter(this.#failures, intervalMs, capMs);
+    const wait = backoffWithJitter(
+      this.#failures,
+      intervalMs,
+      outageCapMs({ intervalMs, leaseMs }),
+    );
     log.warn(
       "The {lease} lease statement failed (attempt {attempt}): {error}; " +
         "next attempt in {wait}",
@@ -170,7 +202,7 @@ class Outage {
 }
 
 /** A lease statement's deadline: a renewal that outlives the lease is moot anyway. */
-function deadlineMs(options: LeaderLoopOptions): number {
+function deadlineMs(options: Pick<LeaderLoopOptions, "leaseMs">): number {
   return Math.min(STATEMENT_DEADLINE_MS, options.leaseMs);
 }
 

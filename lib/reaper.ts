@@ -49,6 +49,8 @@ export interface ReaperOptions {
   deadRetentionMs: number;
   /** A claimed job this many attempts in with an expired deadline is reported as stuck. */
   stuckAttempts?: number;
+  /** Called on every turn of the loop (the liveness check, lib/liveness.ts). */
+  onTurn?: () => void;
 }
 
 /** One sweep: does its work in `tx` and returns how many rows it handled. */
@@ -233,6 +235,7 @@ export async function runReaper(
       leaseMs: options.leaseMs,
       intervalMs: options.intervalMs,
       log,
+      onTurn: options.onTurn,
     },
     async (term) => {
       await reapOnce(sql, options, { term, tick: tick++ });

@@ -14,9 +14,11 @@
  *
  * @module
  */
-import { type ConsumerOptions, runConsumer } from "./consumer.ts";
+import { type ConsumerOptions, longestConsumerTurnMs, runConsumer } from "./consumer.ts";
 import { type Sql, tolerateDriverWriteAfterClose } from "./db.ts";
 import { HttpServer } from "./http_server.ts";
+import { longestLeaderTurnMs } from "./leader.ts";
+import type { LoopWatch } from "./liveness.ts";
 import { logger } from "./log.ts";
 import { enableMetrics } from "./metrics.ts";
 import { type OptionType, parseListenAddress } from "./config.ts";
@@ -36,11 +38,13 @@ export interface Roles {
 
 /** What the roles need of the `--http` server (lib/http_server.ts HttpServer). */
 export interface RoleHttp {
-  /** The roles started: /readyz answers 200. */
+  /** The roles started: /healthz judges their loops, /readyz the database. */
   ready(): void;
   /** Shutting down: /readyz answers 503. */
   stopping(): void;
   close(): Promise<void>;
+  /** Each role's loop reports its turns here (/healthz). */
+  readonly loops: LoopWatch;
 }
 
 /**
@@ -94,10 +98,10 @@ export async function untilStopped<T>(body: (stop: AbortController) => Promise<T
 }
 
 /**
- * /healthz turns 503 once the database has not answered for three of the roles' longest
+ * /readyz turns 503 once the database has not answered for three of the roles' longest
  * wait (the consumer's poll interval, the leaders' tick), and never sooner than a second.
  */
-export function healthWindowMs(roles: Roles): number {
+export function dbWindowMs(roles: Roles): number {
   const waits = [
     roles.consumer?.options.pollIntervalMs,
     roles.reaper?.intervalMs,
@@ -107,7 +111,7 @@ export function healthWindowMs(roles: Roles): number {
 }
 
 /**
- * Start the `--http` server on `address` (and metrics with it), its health window
+ * Start the `--http` server on `address` (and metrics with it), its database window
  * following `roles`; null when no address was asked for.
  */
 export async function startHttp(
@@ -119,7 +123,7 @@ export async function startHttp(
   return new HttpServer(parseListenAddress(address), {
     sql,
     metrics: await enableMetrics(),
-    healthWindowMs: healthWindowMs(roles),
+    dbWindowMs: dbWindowMs(roles),
   });
 }
 
@@ -164,11 +168,23 @@ export async function runRoles(sql: Sql, roles: Roles, options: RunRolesOptions)
     );
   };
   const { consumer, reaper, scheduler } = roles;
+  /** What a role's loop calls on each turn, when a server watches the loops. */
+  const watch = (name: string, longestTurnMs: number) => http?.loops.watch(name, longestTurnMs);
   if (consumer) {
-    start(() => runConsumer({ sql, tasks: consumer.tasks }, consumer.options, stop.signal));
+    const options = {
+      ...consumer.options,
+      onTurn: watch("consumer", longestConsumerTurnMs(consumer.options)),
+    };
+    start(() => runConsumer({ sql, tasks: consumer.tasks }, options, stop.signal));
   }
-  if (reaper) start(() => runReaper(sql, reaper, stop.signal));
-  if (scheduler) start(() => runScheduler(sql, scheduler, stop.signal));
+  if (reaper) {
+    const options = { ...reaper, onTurn: watch("reaper", longestLeaderTurnMs(reaper)) };
+    start(() => runReaper(sql, options, stop.signal));
+  }
+  if (scheduler) {
+    const options = { ...scheduler, onTurn: watch("scheduler", longestLeaderTurnMs(scheduler)) };
+    start(() => runScheduler(sql, options, stop.signal));
+  }
   // Watched from now on: a role failing while `beside` runs is never an unhandled rejection.
   const settled = Promise.allSettled(started);
   http?.ready();

@@ -178,6 +178,8 @@ export interface SchedulerOptions {
   listen: boolean;
   /** A declarative schedules file synced at start. */
   schedulesFile?: string;
+  /** Called on every turn of the loop (the liveness check, lib/liveness.ts). */
+  onTurn?: () => void;
 }
 
 /** Run the scheduler role until `stop` aborts; releases its lease on the way out. */
@@ -239,6 +241,7 @@ export async function runScheduler(
         leaseMs: options.leaseMs,
         intervalMs: options.intervalMs,
         log,
+        onTurn: options.onTurn,
       },
       async (term) => (await tickOnce(sql, { term })).nextDueInMs ?? undefined,
       stop,

@@ -54,14 +54,18 @@ const ROLE_FLAGS: Record<string, string[]> = {
   ],
 };
 
-/** The `bundle` task from deno.json, split into arguments after `deno`. */
+/**
+ * What `deno task bundle` runs, split into arguments after `deno`: the `bundle:entry` task
+ * given main.ts (the entry comes last, after the flags).
+ */
 async function bundleTaskArgs(): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(new URL("deno.json", ROOT)));
-  const task: unknown = config.tasks?.bundle;
-  if (typeof task !== "string") throw new Error("deno.json has no bundle task");
+  assertEquals(config.tasks?.bundle, "deno task bundle:entry main.ts");
+  const task: unknown = config.tasks?.["bundle:entry"];
+  if (typeof task !== "string") throw new Error("deno.json has no bundle:entry task");
   const words = task.split(/\s+/);
   assertEquals(words.slice(0, 2), ["deno", "bundle"]);
-  return words.slice(1);
+  return [...words.slice(1), "main.ts"];
 }
 
 let built: Promise<string> | null = null;

@@ -13,6 +13,7 @@ import {
   emptyDb,
   exitWithin,
   freePort,
+  httpGet,
   logLines,
   runShoal,
   spawnShoal,
@@ -21,6 +22,19 @@ import {
 import { connect } from "../lib/db.ts";
 import { OPTIONS } from "../lib/config.ts";
 import { parseDuration } from "../lib/duration.ts";
+import { LIVENESS_PATH, READINESS_PATH } from "../lib/http_server.ts";
+import type { AnyTask } from "../lib/tasks.ts";
+import {
+  buildArgs,
+  dockerIgnored,
+  dockerignorePatterns,
+  EXAMPLE_BUILD,
+  type Instruction,
+  localModules,
+  only,
+  readDockerfile,
+  substitute,
+} from "./dockerfile.ts";
 
 const ROOT = new URL("../", import.meta.url);
 const K8S_DIR = new URL("deploy/k8s/", ROOT);
@@ -56,31 +70,6 @@ async function readYaml(url: URL): Promise<unknown[]> {
   return docs.map((doc) => doc.toJS());
 }
 
-interface Instruction {
-  op: string;
-  arg: string;
-}
-
-/** A Dockerfile's instructions by stage (comments dropped, continued lines joined). */
-function dockerStages(text: string): Instruction[][] {
-  const joined = text.replace(/\\\n/g, " ");
-  const stages: Instruction[][] = [];
-  for (const raw of joined.split("\n")) {
-    const line = raw.trim();
-    if (line === "" || line.startsWith("#")) continue;
-    const [op, ...rest] = line.split(/\s+/);
-    const instruction = { op: op!.toUpperCase(), arg: rest.join(" ") };
-    if (instruction.op === "FROM") stages.push([]);
-    assert(stages.length > 0, `Dockerfile: ${instruction.op} before FROM`);
-    stages[stages.length - 1]!.push(instruction);
-  }
-  return stages;
-}
-
-function only(stage: Instruction[], op: string): string[] {
-  return stage.filter((i) => i.op === op).map((i) => i.arg);
-}
-
 /** An instruction in exec form (a JSON array of strings). */
 function execForm(arg: string, what: string): string[] {
   const value: unknown = JSON.parse(arg);
@@ -89,26 +78,6 @@ function execForm(arg: string, what: string): string[] {
     `${what} must be a JSON array`,
   );
   return value as string[];
-}
-
-/**
- * Whether Docker leaves `path` out of the build context: the last pattern that matches the
- * path or one of its parent directories decides, `!` re-includes (Docker's own rules).
- */
-function dockerIgnored(patterns: string[], path: string): boolean {
-  const parts = path.split("/");
-  const candidates = parts.map((_, i) => parts.slice(0, i + 1).join("/"));
-  let ignored = false;
-  for (const raw of patterns) {
-    const negated = raw.startsWith("!");
-    const pattern = (negated ? raw.slice(1) : raw).replace(/^\/+|\/+$/g, "");
-    const source = pattern.split("**").map((piece) =>
-      piece.split("*").map((s) => s.replace(/[.+^${}()|[\]\\?]/g, "\\$&")).join("[^/]*")
-    ).join(".*");
-    const regex = new RegExp(`^${source}$`);
-    if (candidates.some((c) => regex.test(c))) ignored = !negated;
-  }
-  return ignored;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -198,6 +167,10 @@ async function assertShoalAccepts(inv: Invocation): Promise<void> {
       i++;
       // Listen on loopback only, on a free port; or leave it out until shoal has the flag.
       if (!HTTP_PENDING) args.push(arg, `127.0.0.1:${freePort()}`);
+    } else if (arg === "--startup-wait") {
+      // A duration shoal reads, but no wait for it: only the refusal matters here.
+      parseDuration(must(inv.args[++i], `${inv.where}: a value for --startup-wait`));
+      args.push(arg, "0s");
     } else args.push(arg);
   }
   const env = { ...inv.env };
@@ -223,20 +196,41 @@ interface Image {
 }
 
 async function checkedImage(): Promise<Image> {
-  const stages = dockerStages(await readText("Dockerfile"));
-  assertEquals(stages.length, 2, "Dockerfile: a builder stage and a runtime stage");
-  const [builder, runtime] = stages as [Instruction[], Instruction[]];
+  const stages = await readDockerfile();
+  assertEquals(stages.length, 3, "Dockerfile: the denort context, a builder and a runtime stage");
+  const [denort, builder, runtime] = stages as [Instruction[], Instruction[], Instruction[]];
+  // Empty unless `--build-context denort=DIR` replaces it (BuildKit's named contexts).
+  assertEquals(denort, [{ op: "FROM", arg: "scratch AS denort" }]);
   const ci = /^DENO_VERSION="([^"]+)"$/m.exec(await readText(".ci/run"));
   assertEquals(only(builder, "FROM"), [`denoland/deno:${ci?.[1]} AS builder`]);
   assertEquals(only(runtime, "FROM"), ["gcr.io/distroless/cc-debian12:nonroot"]);
 
-  const config = JSON.parse(await readText("deno.json"));
-  const compile: string = config.tasks.compile;
-  assert(compile.startsWith("deno compile "), "the compile task runs deno compile");
+  const output = await compileOutput();
+  const args = buildArgs(builder);
+  assertEquals(args.get("ENTRY"), "main.ts", "by default the image is `deno task compile`'s");
+  assertEquals(args.get("CODE"), "main.ts");
+  assert(only(builder, "COPY").includes("${CODE} ${CODE}"), "the builder copies CODE");
   const runs = stages.flat().filter((i) => i.op === "RUN").map((i) => i.arg);
-  assertEquals(runs.filter((r) => /\bcompile\b/.test(r)), ["deno task compile"]);
+  const compiles = runs.filter((r) => /\bcompile\b/.test(r));
+  assertEquals(compiles.length, 1, "one RUN compiles");
+  const run = compiles[0]!;
+  assert(
+    run.endsWith(`; deno task compile:entry "\${ENTRY}"`),
+    `the build arg is the entry: ${run}`,
+  );
+  const argsAt = builder.findIndex((i) => i.op === "ARG" && i.arg.startsWith("ENTRY="));
+  assert(argsAt >= 0 && argsAt < builder.findIndex((i) => i.arg === run), "ARG ENTRY before use");
+  // denort: the named context mounted, and DENORT_BIN set only when it holds the file (an
+  // empty DENORT_BIN would stop deno compile from downloading it).
+  const target = must(
+    /--mount=type=bind,from=denort,target=(\S+)/.exec(run),
+    "the denort mount",
+  )[1]!;
+  assert(
+    run.includes(`if [ -f ${target}/denort ]; then export DENORT_BIN=${target}/denort; fi;`),
+    run,
+  );
 
-  const output = /--output (\S+)/.exec(compile)?.[1];
   const [workdir] = only(builder, "WORKDIR");
   const copied = only(runtime, "COPY").map((arg) => arg.split(/\s+/));
   const binary = copied.find((words) => words[0] === "--from=builder");
@@ -254,50 +248,82 @@ async function checkedImage(): Promise<Image> {
   return image;
 }
 
-Deno.test("Dockerfile builds with exactly `deno task compile` and runs the binary with a role", async () => {
+/**
+ * deno.json's compile tasks: `compile` is `compile:entry` given main.ts, so the flags have
+ * one home; compile:entry embeds sql/ and ends with its output (the entry comes after).
+ * Returns the output path.
+ */
+async function compileOutput(): Promise<string> {
+  const { tasks } = JSON.parse(await readText("deno.json"));
+  assertEquals(tasks.compile, "deno task compile:entry main.ts");
+  assertEquals(tasks.bundle, "deno task bundle:entry main.ts");
+  const compile: string = tasks["compile:entry"];
+  assert(compile.startsWith("deno compile "), "compile:entry runs deno compile");
+  assert(/ --include sql\/ /.test(compile), "compile:entry embeds sql/");
+  return must(/ --output (\S+)$/.exec(compile), "compile:entry ending with --output PATH")[1]!;
+}
+
+Deno.test("Dockerfile builds with exactly `deno task compile` by default, ENTRY and CODE for a team's own, and runs the binary with a role", async () => {
   const image = await checkedImage();
   assertEquals(image.cmd.slice(0, 2), ["--role", "consumer"]);
   await assertShoalAccepts({ where: "Dockerfile CMD", args: image.cmd, env: {} });
 });
 
-Deno.test(".dockerignore and the COPY lines hold every file the binary is built from", async () => {
-  const info = await new Deno.Command(Deno.execPath(), {
-    args: ["info", "--json", "main.ts"],
-    cwd: ROOT.pathname,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  assert(info.success, new TextDecoder().decode(info.stderr));
-  const graph = JSON.parse(new TextDecoder().decode(info.stdout));
-  const local: string[] = graph.modules
-    .map((m: { specifier: string }) => m.specifier)
-    .filter((s: string) => s.startsWith(ROOT.href))
-    .map((s: string) => s.slice(ROOT.href.length));
-  assert(local.includes("main.ts") && local.includes("sql/001_queue.sql"));
-  const needed = [...local, "deno.json", "deno.lock"];
-
-  const patterns = (await readText(".dockerignore")).split("\n").map((l) => l.trim())
-    .filter((l) => l !== "" && !l.startsWith("#"));
-  const [builder] = dockerStages(await readText("Dockerfile"));
-  const sources = only(builder!, "COPY").flatMap((arg) => arg.split(/\s+/).slice(0, -1))
-    .map((s) => s.replace(/^\.\/|\/$/g, ""));
-  for (const path of needed) {
-    assert(!dockerIgnored(patterns, path), `.dockerignore leaves out ${path}`);
-    const copied = sources.some((s) => s === "." || path === s || path.startsWith(`${s}/`));
-    assert(copied, `the builder stage copies no ${path}`);
+Deno.test(".dockerignore and the COPY lines hold every file the stock and the example entry are built from", async () => {
+  const patterns = await dockerignorePatterns();
+  const [, builder] = await readDockerfile();
+  const builds = [{ ENTRY: "main.ts", CODE: "main.ts" }, EXAMPLE_BUILD];
+  for (const build of builds) {
+    const local = await localModules(build.ENTRY);
+    assert(local.includes(build.ENTRY) && local.includes("sql/001_queue.sql"));
+    const args = new Map(Object.entries(build));
+    const sources = only(builder!, "COPY").flatMap((arg) => arg.split(/\s+/).slice(0, -1))
+      .map((s) => substitute(s, args).replace(/^\.\/|\/$/g, ""));
+    for (const path of [...local, "deno.json", "deno.lock"]) {
+      assert(!dockerIgnored(patterns, path), `.dockerignore leaves out ${path}`);
+      const copied = sources.some((s) => s === "." || path === s || path.startsWith(`${s}/`));
+      assert(copied, `the builder stage copies no ${path} (ENTRY=${build.ENTRY})`);
+    }
   }
-  for (const path of [".git", ".shoal/db", "dist/shoal", "tests/helpers.ts", ".env"]) {
+  for (
+    const path of [
+      ".git",
+      ".shoal/db",
+      "dist/shoal",
+      "tests/helpers.ts",
+      ".env",
+      "examples/node/node_modules/postgres/package.json",
+    ]
+  ) {
     assert(dockerIgnored(patterns, path), `.dockerignore lets ${path} into the build context`);
   }
 });
+
+/** The queues of the tasks an entry file exports (what its consumers must claim from). */
+async function taskQueues(entry: string): Promise<string[]> {
+  const module: Record<string, unknown> = await import(new URL(entry, ROOT).href);
+  const tasks = Object.values(module).filter((v): v is AnyTask =>
+    typeof v === "object" && v !== null && "handler" in v && "name" in v
+  );
+  assert(tasks.length > 0, `${entry} exports no task`);
+  return [...new Set(tasks.map((t) => t.queue ?? "default"))].sort();
+}
+
+/** Whether some consumer command line claims from every one of `queues`. */
+function claimsAll(invs: Invocation[], queues: string[]): boolean {
+  const claimed = new Set(
+    invs.filter((inv) => ["consumer", "all"].includes(valueOf(inv, "role") ?? ""))
+      .flatMap((inv) => (valueOf(inv, "queues") ?? "").split(",")),
+  );
+  return queues.every((q) => claimed.has(q));
+}
 
 // ---------------------------------------------------------------------------------------
 // docker-compose.yml
 
 interface ComposeService {
   image?: string;
-  build?: unknown;
+  build?: { context?: string; args?: Record<string, string> };
   entrypoint?: unknown;
   command?: string[];
   environment?: Record<string, string>;
@@ -335,11 +361,19 @@ Deno.test("docker-compose.yml migrates once, then runs two of each role, all fla
   assertEquals(migrate.restart, "no");
   assertEquals(migrate.depends_on?.postgres?.condition, "service_healthy");
 
+  // The image is the team entry's: the Dockerfile's build arguments, by default the example.
+  const buildArgs = Object.fromEntries(
+    Object.entries(migrate.build?.args ?? {}).map(([k, v]) => [k, composeDefault(String(v))]),
+  );
+  assertEquals(buildArgs, EXAMPLE_BUILD, "compose builds examples/my_tasks.ts by default");
+  assertEquals(migrate.build?.context, ".");
+
   const replicas: Record<string, number> = {};
+  const invocations: Invocation[] = [];
   for (const [name, service] of Object.entries(services)) {
     if (name === "postgres") continue;
     assertEquals(service.image, migrate.image, `compose ${name} runs the shoal image`);
-    assert(service.build !== undefined, `compose ${name} builds the image`);
+    assertEquals(service.build, migrate.build, `compose ${name} builds the same image`);
     assertEquals(service.entrypoint, undefined, `compose ${name} keeps the image's entrypoint`);
     assert(
       service.environment?.DATABASE_URL?.startsWith("${DATABASE_URL"),
@@ -347,6 +381,7 @@ Deno.test("docker-compose.yml migrates once, then runs two of each role, all fla
     );
     const inv = composeInvocation(name, service);
     await assertShoalAccepts(inv);
+    invocations.push(inv);
     if (name === "migrate") continue;
     const role = must(flagsOf(inv).get("role"), `compose ${name}: --role`);
     replicas[role] = (replicas[role] ?? 0) + (service.deploy?.replicas ?? 1);
@@ -358,6 +393,8 @@ Deno.test("docker-compose.yml migrates once, then runs two of each role, all fla
     );
   }
   assertEquals(replicas, { consumer: 2, reaper: 2, scheduler: 2 });
+  const queues = await taskQueues(EXAMPLE_BUILD.ENTRY);
+  assert(claimsAll(invocations, queues), `the consumers claim from ${queues} (the entry's tasks)`);
 });
 
 // ---------------------------------------------------------------------------------------
@@ -365,6 +402,9 @@ Deno.test("docker-compose.yml migrates once, then runs two of each role, all fla
 
 interface Probe {
   httpGet?: { path?: string; port?: string | number };
+  periodSeconds?: number;
+  timeoutSeconds?: number;
+  failureThreshold?: number;
 }
 
 interface Container {
@@ -468,13 +508,14 @@ Deno.test("deploy/k8s runs each role as a hardened Deployment probed on its --ht
     // The kubelet and Prometheus connect to the pod IP: loopback would be unreachable.
     assertEquals(http.host, "0.0.0.0", `${where}: --http listens on the pod's addresses`);
     const container = pod.containers[0]!;
-    const probes = { startup: container.startupProbe, liveness: container.livenessProbe };
+    const probes = {
+      startup: container.startupProbe,
+      liveness: container.livenessProbe,
+      readiness: container.readinessProbe,
+    };
     for (const [name, probe] of Object.entries(probes)) {
-      assertEquals(probe?.httpGet?.path, "/healthz", `${where}: ${name} probe path`);
       assertEquals(probePort(container, probe, where), http.port, `${where}: ${name} port`);
     }
-    assertEquals(container.readinessProbe?.httpGet?.path, "/readyz", `${where}: readiness path`);
-    assertEquals(probePort(container, container.readinessProbe, where), http.port);
 
     const labels = manifest.spec.template!.metadata!.labels!;
     const selector = manifest.spec.selector!.matchLabels!;
@@ -486,6 +527,89 @@ Deno.test("deploy/k8s runs each role as a hardened Deployment probed on its --ht
     assertEquals(budgets.length, 1, `${where}: one PodDisruptionBudget covers its pods`);
   }
   assertEquals(seen.sort(), [...ROLES]);
+});
+
+/** Kubernetes' defaults for a probe's timings. */
+const PROBE_DEFAULTS = { periodSeconds: 10, timeoutSeconds: 1, failureThreshold: 3 };
+
+/** How long a probe may fail before the kubelet acts: failureThreshold × periodSeconds. */
+function probeWindowMs(probe: Probe): number {
+  const { periodSeconds, failureThreshold } = { ...PROBE_DEFAULTS, ...probe };
+  return failureThreshold * periodSeconds * 1000;
+}
+
+/** After the database answers at start: the schema check and the roles' start. */
+const START_MARGIN_MS = 10_000;
+/** A liveness probe restarts no pod over less than this (a GC pause, CPU throttling). */
+const MIN_LIVENESS_WINDOW_MS = 30_000;
+
+Deno.test("deploy/k8s probes: liveness is the loop check, readiness the database's, the startup window covers --startup-wait", async () => {
+  const deployments = (await k8sManifests()).filter((m) => m.manifest.kind === "Deployment");
+  assertEquals(deployments.length, ROLES.length);
+  for (const { file, manifest } of deployments) {
+    const where = `${file} ${manifest.metadata.name}`;
+    const inv = checkedContainer(where, manifest.spec.template!.spec);
+    const { startupProbe, livenessProbe, readinessProbe } = manifest.spec.template!.spec
+      .containers[0]!;
+    const startup = must(startupProbe, `${where}: a startupProbe`);
+    const liveness = must(livenessProbe, `${where}: a livenessProbe`);
+    const readiness = must(readinessProbe, `${where}: a readinessProbe`);
+    // The paths by what shoal serves on them (lib/http_server.ts): the loops, the database.
+    assertEquals(liveness.httpGet?.path, LIVENESS_PATH, `${where}: liveness checks the loops`);
+    assertEquals(startup.httpGet?.path, LIVENESS_PATH, `${where}: startup holds off liveness`);
+    assertEquals(readiness.httpGet?.path, READINESS_PATH, `${where}: readiness checks the db`);
+
+    // /healthz is 503 while the role waits for its database: the startup probe must wait
+    // longer, or the kubelet restarts a pod that was only waiting (checked for real below).
+    const startupWait = parseDuration(must(valueOf(inv, "startup-wait"), "--startup-wait"));
+    assert(
+      inv.args.includes("--startup-wait"),
+      `${where}: --startup-wait is given beside the probe that must cover it`,
+    );
+    assert(
+      probeWindowMs(startup) >= startupWait + START_MARGIN_MS,
+      `${where}: the startupProbe allows ${
+        probeWindowMs(startup)
+      } ms, --startup-wait is ${startupWait} ms`,
+    );
+
+    // Liveness tolerant of an outage and of a slow moment: never stricter than readiness
+    // (a pod leaves rotation before it is ever restarted), and a few failures in a row over
+    // half a minute at least.
+    const live = { ...PROBE_DEFAULTS, ...liveness };
+    assert(live.failureThreshold >= 3, `${where}: liveness failureThreshold >= 3`);
+    assert(probeWindowMs(liveness) >= MIN_LIVENESS_WINDOW_MS, `${where}: liveness window`);
+    assert(
+      probeWindowMs(liveness) >= probeWindowMs(readiness),
+      `${where}: liveness gives up no sooner than readiness`,
+    );
+    assert(live.timeoutSeconds >= { ...PROBE_DEFAULTS, ...readiness }.timeoutSeconds);
+  }
+});
+
+Deno.test("deploy/k8s: a role run with its manifest's command line answers 503 on both probes while it waits for its database", async () => {
+  const deployments = (await k8sManifests()).filter((m) => m.manifest.kind === "Deployment");
+  for (const { file, manifest } of deployments) {
+    const where = `${file} ${manifest.metadata.name}`;
+    const inv = checkedContainer(where, manifest.spec.template!.spec);
+    const port = freePort();
+    const args = inv.args.map((arg, i) => inv.args[i - 1] === "--http" ? `127.0.0.1:${port}` : arg);
+    // The database on a port nobody listens on: the role waits (--startup-wait 2m).
+    const env = { ...inv.env, DATABASE_URL: `postgres://shoal@127.0.0.1:${freePort()}/shoal` };
+    await using proc = spawnShoal(args, { env });
+    const base = `http://127.0.0.1:${port}`;
+    await waitFor(`${where}: waiting for its database`, () => {
+      if (/^shoal: /m.test(proc.output())) throw new Error(`${where} gave up:\n${proc.output()}`);
+      return proc.output().includes("Waiting for the database");
+    }, 20_000);
+    for (const path of [LIVENESS_PATH, READINESS_PATH]) {
+      const answer = await httpGet(base, path);
+      assertEquals([answer.status, answer.body], [503, "starting\n"], `${where}: ${path}`);
+    }
+    proc.kill("SIGTERM");
+    const { code, output } = await exitWithin(proc, 20_000);
+    assertEquals(code, 0, output);
+  }
 });
 
 Deno.test("deploy/k8s migrates with a Job running `shoal migrate`", async () => {
@@ -512,6 +636,26 @@ Deno.test("deploy/k8s commits no Secret and lists every manifest in its kustomiz
   files.delete("kustomization.yaml");
   assertEquals([...k.resources].sort(), [...files].sort());
   assertEquals(k.images.map((i) => i.name), ["shoal"]);
+});
+
+Deno.test("deploy/k8s runs an image built from examples/my_tasks.ts, its consumers on that entry's queues", async () => {
+  // The build command kustomization.yaml documents: the compose file's build arguments.
+  const text = await Deno.readTextFile(new URL("kustomization.yaml", K8S_DIR));
+  const command = must(
+    /#\s+docker build ((?:.*\\\n#\s+)*.*)$/m.exec(text),
+    "a docker build line",
+  )[1]!
+    .replace(/\\\n#\s+/g, " ");
+  const args = Object.fromEntries(
+    [...command.matchAll(/--build-arg (\w+)=(\S+)/g)].map((m) => [m[1]!, m[2]!]),
+  );
+  assertEquals(args, EXAMPLE_BUILD);
+  const deployments = (await k8sManifests()).filter((m) => m.manifest.kind === "Deployment");
+  const invs = deployments.map(({ file, manifest }) =>
+    checkedContainer(`${file} ${manifest.metadata.name}`, manifest.spec.template!.spec)
+  );
+  const queues = await taskQueues(EXAMPLE_BUILD.ENTRY);
+  assert(claimsAll(invs, queues), `the consumers claim from ${queues} (the entry's tasks)`);
 });
 
 // ---------------------------------------------------------------------------------------

@@ -111,6 +111,41 @@ export async function waitFor<T>(
   throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`, { cause: last });
 }
 
+/** Every file under `path` (a file or a directory, relative to the repository), as such paths. */
+export async function filesUnder(path: string): Promise<string[]> {
+  const stat = await Deno.stat(new URL(path, ROOT));
+  if (!stat.isDirectory) return [path];
+  const found: string[] = [];
+  for await (const entry of Deno.readDir(new URL(`${path}/`, ROOT))) {
+    found.push(...await filesUnder(`${path}/${entry.name}`));
+  }
+  return found.sort();
+}
+
+/** GET a path of an HTTP server; the body is always read (no leaked resource). */
+export async function httpGet(
+  base: string,
+  path: string,
+  init: RequestInit = {},
+): Promise<{ status: number; body: string; type: string | null }> {
+  const response = await fetch(base + path, init);
+  return {
+    status: response.status,
+    body: await response.text(),
+    type: response.headers.get("content-type"),
+  };
+}
+
+/** The base URL of the `--http` server a role process logged it serves on. */
+export async function servedAt(proc: ShoalProcess): Promise<string> {
+  const address = await waitFor("the HTTP server to start", () => {
+    const line = logLines(proc.output()).find((l) => String(l.message).startsWith("Serving"));
+    if (!line && proc.output().includes("shoal: ")) throw new Error(proc.output());
+    return line?.address as string | undefined;
+  }, 20_000);
+  return `http://${address}`;
+}
+
 export interface ShoalProcess {
   child: Deno.ChildProcess;
   /** Everything written to stdout and stderr so far. */
@@ -122,18 +157,37 @@ export interface ShoalProcess {
   [Symbol.asyncDispose](): Promise<void>;
 }
 
+/** How a shoal process is started: its database, environment, entry file and permissions. */
+export interface SpawnOptions {
+  url?: string;
+  env?: Record<string, string>;
+  /** The entry file (default main.ts). */
+  mainModule?: string;
+  /** The flags `deno run` gets before the entry file (default `-A`). */
+  denoFlags?: string[];
+  /** The working directory, where Deno looks for deno.json (default: this one). */
+  cwd?: string;
+}
+
+/** `deno run` arguments for a shoal command line. */
+function runArgs(args: string[], options: SpawnOptions): string[] {
+  const main = options.mainModule ?? new URL("main.ts", ROOT).pathname;
+  return ["run", ...(options.denoFlags ?? ["-A"]), main, ...args];
+}
+
 /**
  * Start `deno run -A main.ts ...args` as a real process (Deno.execPath(), not a wrapper
  * that would swallow signals), with DATABASE_URL pointing at `url`.
  */
 export function spawnShoal(
   args: string[],
-  options: { url?: string; env?: Record<string, string>; mainModule?: string } = {},
+  options: SpawnOptions = {},
 ): ShoalProcess {
   const env: Record<string, string> = { ...options.env };
   if (options.url) env.DATABASE_URL = options.url;
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", options.mainModule ?? new URL("main.ts", ROOT).pathname, ...args],
+    args: runArgs(args, options),
+    cwd: options.cwd,
     env,
     stdin: "null",
     stdout: "piped",
@@ -248,12 +302,13 @@ export async function exitWithin(
 /** Run a short shoal command to completion, keeping stdout and stderr apart. */
 export async function runShoal(
   args: string[],
-  options: { url?: string; env?: Record<string, string>; mainModule?: string } = {},
+  options: SpawnOptions = {},
 ): Promise<{ code: number; stdout: string; stderr: string }> {
   const env: Record<string, string> = { ...options.env };
   if (options.url) env.DATABASE_URL = options.url;
   const result = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", options.mainModule ?? new URL("main.ts", ROOT).pathname, ...args],
+    args: runArgs(args, options),
+    cwd: options.cwd,
     env,
     stdin: "null",
     stdout: "piped",

@@ -7,9 +7,10 @@ import { assert, assertEquals } from "./assert.ts";
 import {
   exitWithin,
   freePort,
-  logLines,
+  httpGet as get,
   runShoal,
-  type ShoalProcess,
+  servedAt,
+  sleep,
   spawnShoal,
   testDb,
   waitFor,
@@ -29,20 +30,6 @@ import { enqueue } from "../lib/queue.ts";
 
 // prom-client loads on demand (only a process serving /metrics needs it).
 await loadPromClient();
-
-/** GET a path; the body is always read (no leaked resource). */
-async function get(
-  base: string,
-  path: string,
-  init: RequestInit = {},
-): Promise<{ status: number; body: string; type: string | null }> {
-  const response = await fetch(base + path, init);
-  return {
-    status: response.status,
-    body: await response.text(),
-    type: response.headers.get("content-type"),
-  };
-}
 
 Deno.test("parseCommandLine() gives a bare --http the loopback default", () => {
   assertEquals(parseCommandLine(["--role", "consumer", "--http"]).flags.http, DEFAULT_HTTP);
@@ -96,7 +83,7 @@ Deno.test("HttpServer answers /healthz, /readyz and /metrics through start, read
   const server = new HttpServer({ hostname: "127.0.0.1", port: 0 }, {
     sql: db.sql,
     metrics,
-    healthWindowMs: 3_000,
+    dbWindowMs: 3_000,
   });
   try {
     assertEquals(server.hostname, "127.0.0.1");
@@ -106,10 +93,16 @@ Deno.test("HttpServer answers /healthz, /readyz and /metrics through start, read
       body: "starting\n",
       type: "text/plain; charset=utf-8",
     });
-    await waitFor("/healthz 200", async () => (await get(base, "/healthz")).status === 200);
-    assertEquals((await get(base, "/healthz")).body, "ok\n");
+    // Not live before the roles run (waiting for the database, migrating): the startup
+    // probe's window covers that.
+    assertEquals(await get(base, "/healthz").then((r) => [r.status, r.body]), [503, "starting\n"]);
+    server.loops.watch("consumer", 60_000);
     server.ready();
-    assertEquals((await get(base, "/readyz")).status, 200);
+    const live = await get(base, "/healthz");
+    assertEquals(live.status, 200);
+    assert.match(live.body, /^ok: consumer \d+ms ago\n$/);
+    await waitFor("/readyz 200", async () => (await get(base, "/readyz")).status === 200);
+    assertEquals((await get(base, "/readyz")).body, "ready\n");
     const scraped = await get(base, "/metrics");
     assertEquals(scraped.status, 200);
     assertEquals(scraped.type, "text/plain; version=0.0.4; charset=utf-8");
@@ -124,29 +117,37 @@ Deno.test("HttpServer answers /healthz, /readyz and /metrics through start, read
       503,
       "shutting down\n",
     ]);
+    // Stopping on purpose: a restart would only cut the shutdown grace short.
+    assertEquals(await get(base, "/healthz").then((r) => [r.status, r.body]), [
+      200,
+      "shutting down\n",
+    ]);
   } finally {
     await server.close();
   }
 });
 
-Deno.test("HttpServer /healthz is 503 with a one-line reason, and no secret, when the database is unreachable", async () => {
+Deno.test("HttpServer /readyz is 503 with a one-line reason, and no secret, while /healthz stays 200, when the database is unreachable", async () => {
   const url = `postgres://alice:s3cret-pw@127.0.0.1:${freePort()}/nowhere`;
   const sql = connect(url, { applicationName: "shoal test", max: 1, connectTimeout: 1 });
   const server = new HttpServer({ hostname: "127.0.0.1", port: 0 }, {
     sql,
     metrics: new Metrics(),
-    healthWindowMs: 1_000,
+    dbWindowMs: 1_000,
   });
   try {
     const base = `http://127.0.0.1:${server.port}`;
-    const health = await waitFor("a probe to fail", async () => {
-      const r = await get(base, "/healthz");
+    server.loops.watch("consumer", 60_000);
+    server.ready();
+    const readiness = await waitFor("a probe to fail", async () => {
+      const r = await get(base, "/readyz");
       return r.body.includes("ECONNREFUSED") ? r : null;
     });
-    assertEquals(health.status, 503);
-    assert(health.body.startsWith("database not reached yet: "), health.body);
-    assertEquals(health.body.split("\n").length, 2, health.body); // one line
-    assert(!health.body.includes("s3cret"), health.body);
+    assertEquals(readiness.status, 503);
+    assert(readiness.body.startsWith("database not reached yet: "), readiness.body);
+    assertEquals(readiness.body.split("\n").length, 2, readiness.body); // one line
+    assert(!readiness.body.includes("s3cret"), readiness.body);
+    assertEquals((await get(base, "/healthz")).status, 200, "liveness never asks the database");
     // /metrics still answers (queue gauges are simply missing).
     const scraped = await get(base, "/metrics");
     assertEquals(scraped.status, 200);
@@ -154,6 +155,38 @@ Deno.test("HttpServer /healthz is 503 with a one-line reason, and no secret, whe
   } finally {
     await server.close();
     await sql.end({ timeout: 1 });
+  }
+});
+
+Deno.test("HttpServer /healthz is 503 naming a loop that stopped turning, and 200 again once it turns", async () => {
+  await using db = await testDb();
+  const server = new HttpServer({ hostname: "127.0.0.1", port: 0 }, {
+    sql: db.sql,
+    metrics: new Metrics(),
+    dbWindowMs: 3_000,
+  });
+  try {
+    const base = `http://127.0.0.1:${server.port}`;
+    // A loop whose longest turn is 100 ms, turning every 20 ms, then not at all.
+    const turned = server.loops.watch("consumer", 100);
+    const turning = setInterval(turned, 20);
+    server.ready();
+    try {
+      await sleep(300);
+      assertEquals((await get(base, "/healthz")).status, 200);
+    } finally {
+      clearInterval(turning);
+    }
+    const stuck = await waitFor("/healthz 503", async () => {
+      const r = await get(base, "/healthz");
+      return r.status === 503 ? r.body : null;
+    });
+    assert.match(stuck, /^stuck: consumer silent for \d+ms \(limit 200ms\)\n$/);
+    await waitFor("/readyz 200", async () => (await get(base, "/readyz")).status === 200);
+    turned();
+    assertEquals((await get(base, "/healthz")).status, 200);
+  } finally {
+    await server.close();
   }
 });
 
@@ -167,7 +200,7 @@ Deno.test("HttpServer refuses a port already in use with one clear error", async
       new HttpServer({ hostname: "127.0.0.1", port }, {
         sql,
         metrics: new Metrics(),
-        healthWindowMs: 1_000,
+        dbWindowMs: 1_000,
       });
     } catch (error) {
       message = (error as Error).message;
@@ -177,16 +210,6 @@ Deno.test("HttpServer refuses a port already in use with one clear error", async
     await sql.end({ timeout: 1 });
   }
 });
-
-/** The address a role process logged it serves on. */
-async function servedAt(proc: ShoalProcess): Promise<string> {
-  const address = await waitFor("the HTTP server to start", () => {
-    const line = logLines(proc.output()).find((l) => String(l.message).startsWith("Serving"));
-    if (!line && proc.output().includes("shoal: ")) throw new Error(proc.output());
-    return line?.address as string | undefined;
-  }, 20_000);
-  return `http://${address}`;
-}
 
 Deno.test("--role all --http serves health, readiness and metrics, and exits 0 on SIGTERM", async () => {
   await using db = await testDb();
@@ -224,7 +247,7 @@ Deno.test("--role all --http serves health, readiness and metrics, and exits 0 o
   assert(output.includes("Consumer stopped"), output);
 });
 
-Deno.test("--http: /healthz turns 503 when the role's database goes away", async () => {
+Deno.test("--http: /readyz turns 503 and /healthz stays 200 when the role's database goes away", async () => {
   await using db = await testDb();
   await using proc = spawnShoal(
     ["--role", "consumer", "--http", "127.0.0.1:0", "--poll-interval", "100ms"],
@@ -238,11 +261,14 @@ Deno.test("--http: /healthz turns 503 when the role's database goes away", async
   } finally {
     await admin.end();
   }
-  const health = await waitFor("/healthz 503", async () => {
-    const r = await get(base, "/healthz");
+  const readiness = await waitFor("/readyz 503", async () => {
+    const r = await get(base, "/readyz");
     return r.status === 503 ? r : null;
   }, 20_000);
-  assert(health.body.startsWith("database silent for "), health.body);
+  assert(readiness.body.startsWith("database silent for "), readiness.body);
+  const health = await get(base, "/healthz");
+  assertEquals(health.status, 200, health.body);
+  assert.match(health.body, /^ok: consumer \d+ms ago\n$/);
   proc.kill("SIGTERM");
   await exitWithin(proc, 20_000);
 });

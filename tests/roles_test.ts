@@ -19,15 +19,17 @@ import {
   waitFor,
   waitForOutput,
 } from "./helpers.ts";
-import { healthWindowMs, type RoleHttp, type Roles, runRoles } from "../lib/roles.ts";
+import { dbWindowMs, type RoleHttp, type Roles, runRoles } from "../lib/roles.ts";
+import { LoopWatch } from "../lib/liveness.ts";
 import { TaskRegistry } from "../lib/tasks.ts";
 import { enqueue } from "../lib/queue.ts";
 
 /** A stand-in for the `--http` server that records what the roles told it. */
-function recordingHttp(): RoleHttp & { calls: string[] } {
+function recordingHttp(loops: LoopWatch = new LoopWatch()): RoleHttp & { calls: string[] } {
   const calls: string[] = [];
   return {
     calls,
+    loops,
     ready: () => void calls.push("ready"),
     stopping: () => void calls.push("stopping"),
     close: () => {
@@ -57,25 +59,51 @@ async function settledWithin<T>(
 
 const LEADER = { holder: "roles-test", leaseMs: 2000, intervalMs: 100 };
 
-Deno.test("healthWindowMs() is three of the roles' longest wait, never under a second", () => {
+Deno.test("dbWindowMs() is three of the roles' longest wait, never under a second", () => {
   const consumer = (pollIntervalMs: number) => ({
     tasks: new TaskRegistry([]),
     options: { ...FAST_CONSUMER, pollIntervalMs },
   });
-  assertEquals(healthWindowMs({ consumer: consumer(100) }), 1000);
-  assertEquals(healthWindowMs({ consumer: consumer(30_000) }), 90_000);
+  assertEquals(dbWindowMs({ consumer: consumer(100) }), 1000);
+  assertEquals(dbWindowMs({ consumer: consumer(30_000) }), 90_000);
   assertEquals(
-    healthWindowMs({ reaper: { ...LEADER, intervalMs: 5000, deadRetentionMs: 1 } }),
+    dbWindowMs({ reaper: { ...LEADER, intervalMs: 5000, deadRetentionMs: 1 } }),
     15_000,
   );
   assertEquals(
-    healthWindowMs({
+    dbWindowMs({
       consumer: consumer(2000),
       reaper: { ...LEADER, intervalMs: 5000, deadRetentionMs: 1 },
       scheduler: { ...LEADER, intervalMs: 7000, listen: false },
     }),
     21_000,
   );
+});
+
+Deno.test("runRoles() has each role's loop report its turns to the server's LoopWatch", async () => {
+  await using db = await testDb();
+  // A clock the test moves: a loop that turns after the jump shows "0ms ago".
+  let now = 0;
+  const http = recordingHttp(new LoopWatch(() => now));
+  const stop = new AbortController();
+  const roles: Roles = {
+    consumer: { tasks: new TaskRegistry([]), options: FAST_CONSUMER },
+    reaper: { ...LEADER, deadRetentionMs: 60_000 },
+    scheduler: { ...LEADER, listen: false },
+  };
+  const running = runRoles(db.sql, roles, { stop, http });
+  try {
+    await waitFor("the three loops to be watched", () => http.calls.includes("ready"));
+    now = 10 * 60_000; // past every loop's limit: stuck unless it turns again
+    const line = await waitFor("each loop to turn again", () => {
+      const { stuck, line } = http.loops.check();
+      return stuck ? null : line;
+    });
+    assertEquals(line, "ok: consumer 0ms ago, reaper 0ms ago, scheduler 0ms ago");
+  } finally {
+    stop.abort();
+    await settledWithin("runRoles", running);
+  }
 });
 
 Deno.test("runRoles() stops every role when one fails, and rejects with the first failure in role order", async () => {
