@@ -127,6 +127,12 @@ export function isDataError(error: unknown): boolean {
   return typeof code === "string" && /^(22|23|54)/.test(code);
 }
 
+/** The database's clock: every time shoal compares is read from it, never the worker's. */
+export async function databaseNow(db: Db): Promise<Date> {
+  const [row] = await db<{ now: Date }[]>`select now() as now`;
+  return row!.now;
+}
+
 /** How long shoal's own statements may take before their connection is presumed dead. */
 export const STATEMENT_DEADLINE_MS = 10_000;
 

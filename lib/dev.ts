@@ -13,7 +13,8 @@ import { getExecution, listExecutions, startExecution } from "./execution.ts";
 import { type RoleHttp, type Roles, runRoles, startHttp } from "./roles.ts";
 import { upsertSchedule } from "./schedule.ts";
 import { delay } from "./sleep.ts";
-import { closePool, connect, redactUrl, type Sql } from "./db.ts";
+import { closePool, connect, databaseNow, redactUrl, type Sql } from "./db.ts";
+import { countDeadSince } from "./dead.ts";
 import { type LocalPg, startLocalPg } from "./local_pg.ts";
 import { describeError } from "./log.ts";
 import { describeMigration, loadMigrations, migrate } from "./migrate.ts";
@@ -96,9 +97,11 @@ async function workflowLine(sql: Sql, id: string): Promise<string> {
   return `workflow ${id}: ${execution?.status ?? "gone"}${progress}`;
 }
 
-/** One progress line; `deadBefore` leaves out dead jobs from earlier runs. */
-function progressLine(q: QueueStatus, deadBefore: number, url: string, workflow: string): string {
-  const dead = q.dead - deadBefore;
+/**
+ * One progress line. `dead` counts the demo queue's jobs dead-lettered during this run (not
+ * its dead-letter total, which holds earlier runs' too).
+ */
+function progressLine(q: QueueStatus, dead: number, url: string, workflow: string): string {
   if (q.ready + q.scheduled + q.running === 0) {
     return `demo: done: nothing left to run, ${dead} dead-lettered, ${workflow} (list the dead: DATABASE_URL=${url} deno task shoal dead list --queue ${DEMO_QUEUE})`;
   }
@@ -124,7 +127,8 @@ function devRoles(options: DevOptions): Roles {
 
 /** Enqueue the demo, then print its progress until `stop` aborts. */
 async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSignal) {
-  const deadBefore = (await demoStatus(sql)).dead;
+  // Earlier runs' dead jobs stay in the table: the line counts those that die from now on.
+  const started = await databaseNow(sql);
   const enqueued = await enqueueMany(sql, demoJobs());
   const workflow = await startExecution(sql, demoWorkflow());
   await upsertSchedule(sql, {
@@ -145,7 +149,7 @@ async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSi
   while (!stop.aborted) {
     const line = progressLine(
       await demoStatus(sql),
-      deadBefore,
+      await countDeadSince(sql, DEMO_QUEUE, started),
       url,
       await workflowLine(sql, workflow),
     );

@@ -112,3 +112,35 @@ Deno.test("shoal dev --http serves /readyz and /metrics while the demo runs", as
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("shoal dev's progress line counts this run's dead jobs: a purge from elsewhere never makes it negative", async () => {
+  await using db = await testDb();
+  // A dead job from an earlier run: the line leaves it out, and a purge takes it away.
+  await db.sql`
+    insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
+      max_attempts, errors, reason, created_at)
+    values (900000001, 'demo', 'shoal.fail', '{}', 0, '', 1, 1, '[]', 'an earlier run', now())`;
+  const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
+  try {
+    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST], { url: db.url });
+    await waitFor(
+      "the demo to finish",
+      () => dev.output().includes("demo: done: nothing left to run, 1 dead-lettered"),
+      60_000,
+    );
+    await using purge = spawnShoal(["dead", "purge", "--all"], { url: db.url });
+    const purged = await purge.exited();
+    assertEquals([purged.code, purged.output.trim()], [0, "Purged 2 dead jobs"]);
+    await waitFor(
+      "the line to count the purge",
+      () => dev.output().includes("demo: done: nothing left to run, 0 dead-lettered"),
+      10_000,
+    );
+    dev.kill("SIGINT");
+    const { code, output } = await dev.exited();
+    assertEquals(code, 0, output);
+    assert.ok(!/-\d+ dead/.test(output), output);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
