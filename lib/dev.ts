@@ -193,11 +193,51 @@ async function runAll(
   }
 }
 
+/** The file that keeps the dev Postgres's port between runs, next to its data. */
+function portFile(dir: string): string {
+  return `${dir}/pg/port`;
+}
+
+/**
+ * The port the dev Postgres in `dir` listened on last time, or null: none stored yet, or
+ * not a port (`warn` says so; the next start writes a good one).
+ */
+export async function storedDevPort(
+  dir: string,
+  warn?: (text: string) => void,
+): Promise<number | null> {
+  let text: string;
+  try {
+    text = (await Deno.readTextFile(portFile(dir))).trim();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return null;
+    throw error;
+  }
+  const port = Number(text);
+  if (/^\d+$/.test(text) && port >= 1024 && port <= 65535) return port;
+  warn?.(`Ignoring ${portFile(dir)}: "${text.slice(0, 20)}" is not a port from 1024 to 65535\n`);
+  return null;
+}
+
+/**
+ * Start the dev Postgres on the port of its last run, so a DATABASE_URL printed then still
+ * works; when another program holds that port, say so and keep the new one for next time.
+ */
 async function startDevPg(options: DevOptions): Promise<LocalPg> {
   const dir = `${options.dir}/pg`;
+  const stored = await storedDevPort(options.dir, options.print);
   options.print(`Starting a local Postgres in ${dir} ...\n`);
-  const pg = await startLocalPg({ dir });
-  options.print(`Postgres is up on 127.0.0.1:${pg.port} (binaries: ${pg.binDir})\n`);
+  const pg = await startLocalPg({ dir, port: stored ?? undefined });
+  if (pg.portTaken !== undefined) {
+    options.print(
+      `Port ${pg.portTaken} of the last run is taken by another program: Postgres listens on ${pg.port} now, and its DATABASE_URL changed\n`,
+    );
+  }
+  await Deno.writeTextFile(portFile(options.dir), `${pg.port}\n`);
+  options.print(
+    `Postgres is up on 127.0.0.1:${pg.port} (binaries: ${pg.binDir}), the same port next run:\n` +
+      `  DATABASE_URL=${pg.url}\n`,
+  );
   return pg;
 }
 
