@@ -13,9 +13,9 @@ import { getExecution, listExecutions, startExecution } from "./execution.ts";
 import { type RoleHttp, type Roles, runRoles, startHttp } from "./roles.ts";
 import { upsertSchedule } from "./schedule.ts";
 import { delay } from "./sleep.ts";
-import { closePool, connect, databaseNow, redactUrl, type Sql } from "./db.ts";
+import { closePool, connect, databaseNow, namingDatabase, redactUrl, type Sql } from "./db.ts";
 import { countDeadSince } from "./dead.ts";
-import { type LocalPg, startLocalPg } from "./local_pg.ts";
+import { type LocalPg, localPgUrl, startLocalPg } from "./local_pg.ts";
 import { describeError } from "./log.ts";
 import { describeMigration, loadMigrations, migrate } from "./migrate.ts";
 import { enqueueMany, type JobSpec } from "./queue.ts";
@@ -219,6 +219,43 @@ export async function storedDevPort(
   return null;
 }
 
+/** How to start the dev Postgres, for messages (in a checkout, or with a compiled binary). */
+const START_DEV = "`deno task dev` (`shoal dev`)";
+
+/**
+ * For a command given no database: where shoal dev's local one is (its URL, once a run
+ * stored its port in `dir`), or how to get one.
+ */
+export async function localDatabaseHint(dir: string): Promise<string> {
+  const port = await storedDevPort(dir);
+  return port === null
+    ? `or run ${START_DEV}, which starts a local one and prints its DATABASE_URL`
+    : `the local one of ${START_DEV} is DATABASE_URL=${localPgUrl(port)} while it runs`;
+}
+
+/**
+ * For a command that cannot reach `url`: when it is shoal dev's local database (the port
+ * stored in `dir`, on 127.0.0.1), how to start it; undefined otherwise.
+ */
+export async function unreachableDevHint(url: string, dir: string): Promise<string | undefined> {
+  const port = await storedDevPort(dir);
+  if (port === null) return undefined;
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return undefined; // checked at the boundary already: not a URL dev printed
+  }
+  const local = ["127.0.0.1", "localhost"].includes(parsed.hostname);
+  return local && Number(parsed.port) === port
+    ? `it is the local database of ${START_DEV}: start that first`
+    : undefined;
+}
+
+/** When the database given to shoal dev fails it: how to use a local one instead. */
+const LOCAL_INSTEAD =
+  "to use a local database instead, leave DATABASE_URL empty and --database-url out (`DATABASE_URL= deno task dev`)";
+
 /**
  * Start the dev Postgres on the port of its last run, so a DATABASE_URL printed then still
  * works; when another program holds that port, say so and keep the new one for next time.
@@ -254,6 +291,9 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
       // Its health window follows the consumer's poll, as for `--role consumer`.
       http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer });
       await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
+    } catch (error) {
+      // A failure of the database given to dev: name it, and offer the local one instead.
+      throw namingDatabase(error, url, pg ? undefined : LOCAL_INSTEAD);
     } finally {
       await http?.close();
       await closePool(sql);

@@ -97,17 +97,118 @@ Deno.test("bad flags and values exit 2 with one line on stderr", async () => {
   });
 });
 
-Deno.test("an unreachable database is one clear line naming the host, without the password", async () => {
+Deno.test("an unreachable database is one clear line naming it, without the password, for every command and role", async () => {
   const port = freePort();
   const url = `postgres://alice:s3cret@127.0.0.1:${port}/nowhere`;
   // A role would first wait for the database (--startup-wait, tests/fault/outage_test.ts).
-  const role = ["--role", "consumer", "--startup-wait", "0s"];
-  for (const args of [["migrate"], ["status", "--json"], role]) {
-    const { code, stdout, stderr } = await runShoal(args, { url });
-    assertEquals(code, 1, stderr);
-    assertEquals(stdout, "");
-    assertOneLine(stderr, `Cannot reach the database at postgres://alice:***@127.0.0.1:${port}`);
-    assert(!stderr.includes("s3cret"), stderr);
+  const now = ["--startup-wait", "0s"];
+  const commands = [
+    ["migrate"],
+    ["status"],
+    ["status", "--json"],
+    ["status", "--watch"],
+    ["enqueue", "--task", "shoal.noop"],
+    ["cancel", "1"],
+    ["dead", "list"],
+    ["dead", "retry", "1"],
+    ["dead", "purge", "--all"],
+    ["schedule", "add", "s", "--cron", "* * * * *", "--task", "shoal.noop"],
+    ["schedule", "list"],
+    ["schedule", "rm", "s"],
+    ["--role", "consumer", ...now],
+    ["--role", "reaper", ...now],
+    ["--role", "scheduler", ...now],
+    ["--role", "all", ...now],
+  ];
+  const results = await Promise.all(commands.map((args) => runShoal(args, { url })));
+  const says =
+    `shoal: Cannot reach the database at postgres://alice:***@127.0.0.1:${port}/nowhere: ` +
+    `Error: connect ECONNREFUSED 127.0.0.1:${port}\n`;
+  results.forEach(({ code, stdout, stderr }, i) => {
+    const what = `shoal ${commands[i]!.join(" ")}`;
+    assertEquals([code, stdout, stderr], [1, "", says], what);
+  });
+
+  // shoal dev given that database: the same line, and how to use a local one instead.
+  const dev = await runShoal(["dev"], { url });
+  assertEquals(dev.code, 1, dev.stderr);
+  assertOneLine(
+    dev.stderr,
+    says.trimEnd() +
+      "; to use a local database instead, leave DATABASE_URL empty and --database-url out (`DATABASE_URL= deno task dev`)",
+  );
+  assert(!(dev.stdout + dev.stderr).includes("s3cret"), dev.stdout);
+});
+
+Deno.test("a refused login or a refused statement is one line naming the database, without the password", async () => {
+  await using db = await testDb();
+  const role = `shoal_nopriv_${crypto.randomUUID().slice(0, 8)}`;
+  await db.sql.unsafe(`create role ${role} login`); // no privilege on the shoal schema
+  try {
+    const as = (user: string, database = db.name) => {
+      const u = new URL(db.url);
+      [u.username, u.password, u.pathname] = [user, "s3cret", `/${database}`];
+      return u.toString();
+    };
+    const where = (user: string, database = db.name) => as(user, database).replace("s3cret", "***");
+    const cases = [
+      {
+        url: as("shoal_no_such_role"),
+        says: `Cannot log in to the database at ${where("shoal_no_such_role")}: ` +
+          `PostgresError: role "shoal_no_such_role" does not exist (28000)`,
+      },
+      {
+        url: as(role, "shoal_no_such_db"),
+        says: `Cannot log in to the database at ${where(role, "shoal_no_such_db")}: ` +
+          `PostgresError: database "shoal_no_such_db" does not exist (3D000)`,
+      },
+      {
+        url: as(role),
+        says: `Database error at ${where(role)}: ` +
+          "PostgresError: permission denied for schema shoal (42501)",
+      },
+    ];
+    for (const args of [["status"], ["--role", "consumer"]]) {
+      for (const c of cases) {
+        const { code, stderr } = await runShoal(args, { url: c.url });
+        assertEquals([code, stderr], [1, `shoal: ${c.says}\n`], `shoal ${args.join(" ")}`);
+      }
+    }
+  } finally {
+    await db.sql.unsafe(`drop role ${role}`);
+  }
+});
+
+Deno.test("with no database or shoal dev's stopped one, a command says where the local one is", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "shoal-cli-test-" });
+  try {
+    // No dev run here yet: how to get a local database.
+    const none = await runShoal(["status"], { env: { DATABASE_URL: "", SHOAL_DIR: dir } });
+    assertEquals(none.code, 2, none.stderr);
+    assertOneLine(
+      none.stderr,
+      "No database: set DATABASE_URL or pass --database-url; or run `deno task dev` (`shoal dev`), which starts a local one and prints its DATABASE_URL",
+    );
+    // After a dev run (which keeps its port in <dir>/pg/port, tests/dev_test.ts): its URL.
+    const port = freePort();
+    await Deno.mkdir(`${dir}/pg`);
+    await Deno.writeTextFile(`${dir}/pg/port`, `${port}\n`);
+    const devUrl = `postgres://postgres@127.0.0.1:${port}/postgres`;
+    const stored = await runShoal(["status"], { env: { DATABASE_URL: "", SHOAL_DIR: dir } });
+    assertEquals(stored.code, 2, stored.stderr);
+    assertOneLine(
+      stored.stderr,
+      `; the local one of \`deno task dev\` (\`shoal dev\`) is DATABASE_URL=${devUrl} while it runs`,
+    );
+    // That URL while dev is stopped: start it.
+    const stopped = await runShoal(["status"], { url: devUrl, env: { SHOAL_DIR: dir } });
+    assertEquals(stopped.code, 1, stopped.stderr);
+    assertOneLine(
+      stopped.stderr,
+      `ECONNREFUSED 127.0.0.1:${port}; it is the local database of \`deno task dev\` (\`shoal dev\`): start that first`,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
 
