@@ -15,6 +15,7 @@ import {
   waitForOutput,
 } from "./helpers.ts";
 import { isConnectionError } from "../lib/db.ts";
+import { defaultLogFormat } from "../lib/log.ts";
 import { claim, enqueue, fail } from "../lib/queue.ts";
 import type { Sql } from "../lib/db.ts";
 
@@ -489,6 +490,74 @@ Deno.test("--log-format pretty (or SHOAL_LOG_FORMAT) writes readable lines, not 
       started,
     );
   }
+});
+
+Deno.test("defaultLogFormat() is pretty on a terminal and json otherwise", () => {
+  assertEquals([defaultLogFormat(true), defaultLogFormat(false)], ["pretty", "json"]);
+});
+
+/**
+ * Run shoal with its stdin, stdout and stderr on a pseudo-terminal (`script` of util-linux,
+ * which every Debian has: missing, the test fails), and return what it wrote, lines ending
+ * in "\n" again.
+ */
+async function runShoalOnTerminal(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ code: number; output: string }> {
+  const quote = (arg: string) => `'${arg.replaceAll("'", `'\\''`)}'`;
+  const command = [Deno.execPath(), "run", "-A", new URL("../main.ts", import.meta.url).pathname]
+    .concat(args).map(quote).join(" ");
+  const result = await new Deno.Command("script", {
+    args: ["--quiet", "--return", "--command", command, "/dev/null"],
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  const output = decoder.decode(result.stdout).replaceAll("\r\n", "\n");
+  assertEquals(decoder.decode(result.stderr), "", "script itself complained");
+  return { code: result.code, output };
+}
+
+Deno.test("logs are pretty on a terminal and JSON elsewhere unless --log-format or SHOAL_LOG_FORMAT says", async () => {
+  // A role that waits for a database nobody serves logs a warning per attempt, then gives up.
+  const args = [
+    "--role",
+    "reaper",
+    "--startup-wait",
+    "1s",
+    "--database-url",
+    `postgres://u:s3cret@127.0.0.1:${freePort()}/x`,
+  ];
+  const waiting = (output: string) =>
+    output.split("\n").filter((line) => line.includes("Waiting for the database"));
+  const pretty = /^\d{4}-\d\d-\d\d \S+ \S+ \[WRN\] shoal.db: Waiting for the database at /;
+  const json = (line: string) => JSON.parse(line).logger === "shoal.db";
+
+  const terminal = await runShoalOnTerminal(args);
+  assertEquals(terminal.code, 1, terminal.output);
+  assert(waiting(terminal.output).length > 0, terminal.output);
+  for (const line of waiting(terminal.output)) assert(pretty.test(line), line);
+  for (
+    const asked of [
+      await runShoalOnTerminal([...args, "--log-format", "json"]),
+      await runShoalOnTerminal(args, { SHOAL_LOG_FORMAT: "json" }),
+    ]
+  ) {
+    assert(waiting(asked.output).length > 0, asked.output);
+    for (const line of waiting(asked.output)) assert(json(line), line);
+  }
+
+  // Not a terminal (a pipe here): JSON lines, or pretty when asked.
+  const piped = await runShoal(args);
+  assertEquals(piped.code, 1, piped.stderr);
+  assert(waiting(piped.stderr).length > 0, piped.stderr);
+  for (const line of waiting(piped.stderr)) assert(json(line), line);
+  const askedPretty = await runShoal([...args, "--log-format", "pretty"]);
+  assert(waiting(askedPretty.stderr).length > 0, askedPretty.stderr);
+  for (const line of waiting(askedPretty.stderr)) assert(pretty.test(line), line);
 });
 
 Deno.test("--log-level (or SHOAL_LOG_LEVEL) drops records below it", async () => {
