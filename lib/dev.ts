@@ -70,7 +70,15 @@ export function demoJobs(): JobSpec[] {
 async function demoStatus(sql: Sql): Promise<QueueStatus> {
   const found = (await queueStatus(sql)).find((q) => q.queue === DEMO_QUEUE);
   return found ??
-    { queue: DEMO_QUEUE, ready: 0, scheduled: 0, running: 0, dead: 0, oldest_ready_age_s: 0 };
+    {
+      queue: DEMO_QUEUE,
+      ready: 0,
+      scheduled: 0,
+      running: 0,
+      prefetched: 0,
+      dead: 0,
+      oldest_ready_age_s: 0,
+    };
 }
 
 /** The demo workflow: ten children fanned out, one callback when all have arrived. */
@@ -102,10 +110,10 @@ async function workflowLine(sql: Sql, id: string): Promise<string> {
  * its dead-letter total, which holds earlier runs' too).
  */
 function progressLine(q: QueueStatus, dead: number, url: string, workflow: string): string {
-  if (q.ready + q.scheduled + q.running === 0) {
+  if (q.ready + q.scheduled + q.running + q.prefetched === 0) {
     return `demo: done: nothing left to run, ${dead} dead-lettered, ${workflow} (list the dead: DATABASE_URL=${url} deno task shoal dead list --queue ${DEMO_QUEUE})`;
   }
-  return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${dead} dead; ${workflow}`;
+  return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${q.prefetched} prefetched, ${dead} dead; ${workflow}`;
 }
 
 /** Every role, for the demo: the consumer also takes the demo queues and retries quickly. */

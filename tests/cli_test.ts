@@ -332,12 +332,29 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
   await enqueue(db.sql, "shoal.noop", {}, { queue: "alpha", runAt: new Date(Date.now() + 3.6e6) });
   await enqueue(db.sql, "shoal.noop", {}, { queue: "beta" });
   await claim(db.sql, { queues: ["beta"], limit: 1, workerId: "test", visibilityMs: 60_000 });
+  // Claimed into a consumer's buffer, not started.
+  await enqueue(db.sql, "shoal.noop", {}, { queue: "beta" });
+  await claim(db.sql, {
+    queues: ["beta"],
+    limit: 1,
+    workerId: "test",
+    visibilityMs: 60_000,
+    starting: 0,
+  });
 
   const { code, stdout, stderr } = await runShoal(["status", "--json"], { url: db.url });
   assertEquals(code, 0, stderr);
   const status = JSON.parse(stdout);
   assertEquals(Object.keys(status), ["queues", "executions", "leases", "schedules"]);
-  const keys = ["queue", "ready", "scheduled", "running", "dead", "oldest_ready_age_s"];
+  const keys = [
+    "queue",
+    "ready",
+    "scheduled",
+    "running",
+    "prefetched",
+    "dead",
+    "oldest_ready_age_s",
+  ];
   for (const q of status.queues) assertEquals(Object.keys(q).sort(), [...keys].sort());
   const [alpha, beta] = status.queues;
   assertEquals({ ...alpha, oldest_ready_age_s: 0 }, {
@@ -345,6 +362,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     ready: 1,
     scheduled: 1,
     running: 0,
+    prefetched: 0,
     dead: 0,
     oldest_ready_age_s: 0,
   });
@@ -355,6 +373,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     ready: 0,
     scheduled: 0,
     running: 1,
+    prefetched: 1,
     dead: 0,
     oldest_ready_age_s: 0,
   });
@@ -363,6 +382,8 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
   assertEquals(human.code, 0, human.stderr);
   assert(human.stdout.startsWith("queue"), human.stdout);
   assert(human.stdout.includes("alpha") && human.stdout.includes("beta"), human.stdout);
+  assert(/^queue\s+ready\s+scheduled\s+running\s+prefetched\s+dead\s/.test(human.stdout));
+  assert(/^beta\s+0\s+0\s+1\s+1\s+0\s/m.test(human.stdout), human.stdout);
 });
 
 /** Enqueue a job and fail it permanently, as a consumer would; returns its id. */
