@@ -37,12 +37,12 @@ import {
   closePool,
   connect,
   isConnectionError,
-  redactUrl,
+  namingDatabase,
   type Sql,
   waitForDatabase,
 } from "./db.ts";
 import { listDead, purgeDead, retryDead } from "./dead.ts";
-import { runDev } from "./dev.ts";
+import { localDatabaseHint, runDev, unreachableDevHint } from "./dev.ts";
 import { describeError, logger, setupLogging } from "./log.ts";
 import { checkSchema, describeMigration, loadMigrations, migrate } from "./migrate.ts";
 import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
@@ -270,7 +270,9 @@ async function withDb<N extends OptionName>(
   await command.check?.(resolved); // flag values are checked before the database is touched
   const url = resolved["database-url"];
   if (url === undefined) {
-    throw new UsageError("No database: set DATABASE_URL or pass --database-url");
+    throw new UsageError(
+      `No database: set DATABASE_URL or pass --database-url; ${await localDatabaseHint(devDir())}`,
+    );
   }
   const opts: WithUrl<N> = { ...resolved, "database-url": url };
   const sql = connect(url, {
@@ -282,15 +284,16 @@ async function withDb<N extends OptionName>(
     if (command.needs === "current schema") await checkSchema(sql, await loadMigrations());
     return await run(sql, opts);
   } catch (error) {
-    if (isConnectionError(error)) {
-      throw new Error(`Cannot reach the database at ${redactUrl(url)}: ${describeError(error)}`, {
-        cause: error,
-      });
-    }
-    throw error;
+    const hint = isConnectionError(error) ? await unreachableDevHint(url, devDir()) : undefined;
+    throw namingDatabase(error, url, hint);
   } finally {
     await closePool(sql);
   }
+}
+
+/** Where `shoal dev` keeps its database (SHOAL_DIR, else the default), for hints. */
+function devDir(): string {
+  return resolveOptions("dev", { positionals: [], flags: {} }, ["dir"]).dir;
 }
 
 /** How often `shoal status --watch` redraws unless --interval says otherwise. */

@@ -154,9 +154,8 @@ export const OPTIONS = {
   },
   "log-format": {
     kind: "string",
-    default: "json",
     choices: ["json", "pretty"],
-    help: "log line format",
+    help: "log line format (default pretty when stderr is a terminal, else json)",
   },
   http: {
     kind: "address",

@@ -179,8 +179,10 @@ export interface HeartbeatLost<R> {
 
 /**
  * Extend the claims of running, buffered and unsent jobs in one statement (retried once
- * on a lost connection), and return the running and buffered ones no longer ours: their
- * claim moved on, or their execution ended. Throws when the statement fails.
+ * on a lost connection), recording the running ones as started (the claim recorded those
+ * that started at once; those started from the buffer since are recorded here), and return
+ * the running and buffered ones no longer ours: their claim moved on, or their execution
+ * ended. Throws when the statement fails.
  */
 export async function heartbeatOnce<R extends { readonly job: Job }>(
   db: Db,
@@ -191,7 +193,10 @@ export async function heartbeatOnce<R extends { readonly job: Job }>(
   for (const r of targets.running) refs.push(r.job);
   for (const job of targets.buffered) refs.push(job);
   for (const ref of targets.unsent) refs.push(ref);
-  const kept = new Set(await retryOnce("extend", () => extend(db, refs, visibilityMs)));
+  const started = targets.running.map((r) => r.job.id);
+  const kept = new Set(
+    await retryOnce("extend", () => extend(db, refs, visibilityMs, started)),
+  );
   return {
     running: targets.running.filter((r) => !kept.has(r.job.id)),
     buffered: targets.buffered.filter((job) => !kept.has(job.id)),
@@ -325,6 +330,11 @@ class Probes {
 
   constructor(private readonly parts: ProbeParts, private readonly stop: AbortSignal) {}
 
+  /** Whether a probe's claim is in flight. */
+  get probing(): boolean {
+    return this.#probing !== null;
+  }
+
   /** Probe now if one is worth it, or once the buffer's pause is over. */
   soon(): void {
     if (this.#probing || this.#quietTimer || this.stop.aborted) return;
@@ -419,14 +429,19 @@ export async function runConsumer(
   let onIdle: (() => void) | null = null;
   let lastClaimFull = false;
 
-  /** The claim, written once: the loop's fills room, a probe's is bounded by `before`. */
-  const claimJobs = (limit: number, before?: ClaimOptions["before"]) =>
+  /**
+   * The claim, written once: the loop's fills room, a probe's is bounded by `before`.
+   * `starting`: how many of the batch (the first, in claim order) start at once, recorded
+   * as started by the claim itself.
+   */
+  const claimJobs = (limit: number, before?: ClaimOptions["before"], starting = 0) =>
     claimOnce(sql, {
       queues: options.queues,
       limit,
       workerId,
       visibilityMs: options.visibilityTimeoutMs,
       before,
+      starting,
     });
   const probes = new Probes({ buffer, completer, claim: claimJobs, admit, log }, stop);
 
@@ -437,6 +452,18 @@ export async function runConsumer(
   function announce(): void {
     waker.wake();
     probes.soon();
+  }
+
+  /**
+   * How many jobs of a claim sent now are sure to start as soon as it returns: the free
+   * slots, when nothing is buffered (a buffered job takes a freed slot first) and no probe
+   * is in flight (its jobs could take them first). Slots only free up meanwhile, so at
+   * least these start: the claim records them as started; any more that start are recorded
+   * by the next heartbeat.
+   */
+  function startingAtOnce(): number {
+    if (buffer.size > 0 || probes.probing) return 0;
+    return Math.max(0, options.concurrency - running.size);
   }
 
   /** Take claimed jobs into the buffer, then start from its front while slots are free. */
@@ -552,7 +579,7 @@ export async function runConsumer(
     if (buffer.wantsClaim(running.size) && !completer.full) {
       const limit = buffer.room(running.size);
       try {
-        const { jobs, poisoned } = await claimJobs(limit);
+        const { jobs, poisoned } = await claimJobs(limit, undefined, startingAtOnce());
         errorStreak = 0;
         admit(jobs);
         lastClaimFull = jobs.length + poisoned.length === limit;

@@ -129,6 +129,35 @@ export function isConnectionError(error: unknown): boolean {
   return CONNECTION_ERROR_CODES.has(code) || code.startsWith("08");
 }
 
+/**
+ * The server answered but would not open a session with the URL's user, password or
+ * database: SQLSTATE class 28 (authentication), 3D000 (no such database), 53300 (too many
+ * connections), or the driver's SCRAM checks.
+ */
+function isLoginRefused(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" &&
+    (code.startsWith("28") || code === "3D000" || code === "53300" ||
+      code === "SASL_SIGNATURE_MISMATCH" || code === "AUTH_TYPE_NOT_IMPLEMENTED");
+}
+
+/**
+ * A failure of the database at `url` as one line that names it (password redacted), with
+ * `hint` after a semicolon and the original as `cause`: `Cannot reach the database at ...`
+ * (no connection), `Cannot log in to the database at ...` (refused user, password or
+ * database) or `Database error at ...` (a statement refused). Anything else (shoal's own
+ * messages, bugs) is returned as it is.
+ */
+export function namingDatabase(error: unknown, url: string, hint?: string): unknown {
+  let what: string;
+  if (isConnectionError(error)) what = "Cannot reach the database at";
+  else if (isLoginRefused(error)) what = "Cannot log in to the database at";
+  else if (error instanceof postgres.PostgresError) what = "Database error at";
+  else return error;
+  const message = `${what} ${redactUrl(url)}: ${describeError(error)}`;
+  return new Error(hint ? `${message}; ${hint}` : message, { cause: error });
+}
+
 /** Postgres gave up on the transaction to break a deadlock or a serialization conflict. */
 export function isTransientConflict(error: unknown): boolean {
   const code = (error as { code?: unknown } | null)?.code;
@@ -142,6 +171,12 @@ export function isTransientConflict(error: unknown): boolean {
 export function isDataError(error: unknown): boolean {
   const code = (error as { code?: unknown } | null)?.code;
   return typeof code === "string" && /^(22|23|54)/.test(code);
+}
+
+/** The database's clock: every time shoal compares is read from it, never the worker's. */
+export async function databaseNow(db: Db): Promise<Date> {
+  const [row] = await db<{ now: Date }[]>`select now() as now`;
+  return row!.now;
 }
 
 /** How long shoal's own statements may take before their connection is presumed dead. */

@@ -145,6 +145,18 @@ export async function purgeDead(db: Db, options: PurgeDeadOptions = {}): Promise
   return rows.length;
 }
 
+/**
+ * Dead jobs of `queue` that died at or after `since` (a time read from the database clock):
+ * what one stretch of work dead-lettered. Counted, never a difference of two totals, so a
+ * purge or a retry from elsewhere can lower it but never below zero.
+ */
+export async function countDeadSince(db: Db, queue: string, since: Date): Promise<number> {
+  const [row] = await db<{ n: number }[]>`
+    select count(*)::integer as n from shoal.dead_jobs
+    where queue = ${queue}::text and died_at >= ${since}::timestamptz`;
+  return row!.n;
+}
+
 /** Whether any dead job is older than `ms` (the reaper's cheap check before purging). */
 export async function hasDeadOlderThan(db: Db, ms: number): Promise<boolean> {
   const [row] = await db<{ found: boolean }[]>`

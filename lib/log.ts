@@ -1,6 +1,6 @@
 /**
- * Structured logging for every role: JSON lines (or a readable form for humans) on
- * stderr, through LogTape. Every record carries the fixed keys `@timestamp`, `level`,
+ * Structured logging for every role: JSON lines (or, on a terminal, a readable form for
+ * humans) on stderr, through LogTape. Every record carries the fixed keys `@timestamp`, `level`,
  * `logger`, `message` and `properties`; properties use fixed names (`role`, `queue`,
  * `job_id`, `task`, `attempt`, `error`). Never pass query parameters or secrets.
  *
@@ -65,13 +65,26 @@ function renderValue(value: unknown): string {
   }
 }
 
-/** Configure logging once per process (idempotent: a later call replaces the first). */
+/**
+ * The log format when none is asked for: readable lines on a terminal, JSON lines for
+ * anything else (a file, a pipe, a container's log collector). Logs go to stderr, so
+ * stderr decides.
+ */
+export function defaultLogFormat(stderrIsTerminal: boolean): LogFormat {
+  return stderrIsTerminal ? "pretty" : "json";
+}
+
+/**
+ * Configure logging once per process (idempotent: a later call replaces the first); with
+ * no format, the default for where stderr goes (defaultLogFormat).
+ */
 export async function setupLogging(
-  options: { level: LogLevel; format: LogFormat },
+  options: { level: LogLevel; format?: LogFormat },
 ): Promise<void> {
+  const format = options.format ?? defaultLogFormat(Deno.stderr.isTerminal());
   await reset();
   await configure({
-    sinks: { stderr: stderrSink(options.format) },
+    sinks: { stderr: stderrSink(format) },
     loggers: [
       { category: ["shoal"], lowestLevel: options.level, sinks: ["stderr"] },
       { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["stderr"] },

@@ -95,6 +95,7 @@ export class Metrics {
   readonly #depth: Gauge<"queue">;
   readonly #scheduled: Gauge<"queue">;
   readonly #running: Gauge<"queue">;
+  readonly #prefetched: Gauge<"queue">;
   readonly #oldest: Gauge<"queue">;
   readonly #leader: Gauge<"lease">;
   readonly #fires: Counter<"schedule">;
@@ -137,7 +138,14 @@ export class Metrics {
       "shoal_queue_scheduled",
       "Jobs waiting for a future run_at: delayed, or backing off before a retry",
     );
-    this.#running = queueGauge("shoal_queue_running", "Jobs claimed and within their deadline");
+    this.#running = queueGauge(
+      "shoal_queue_running",
+      "Jobs claimed within their deadline whose handler started",
+    );
+    this.#prefetched = queueGauge(
+      "shoal_queue_prefetched",
+      "Jobs claimed within their deadline, waiting in a consumer's prefetch buffer",
+    );
     this.#oldest = queueGauge(
       "shoal_queue_oldest_ready_age_seconds",
       "How long the oldest ready job has waited (0 when none)",
@@ -240,13 +248,21 @@ export class Metrics {
     this.#queuesReading ??= (async () => {
       try {
         const rows = await countJobs(db); // live jobs only: the dead-letter table is not read
-        for (const gauge of [this.#depth, this.#scheduled, this.#running, this.#oldest]) {
+        const gauges = [
+          this.#depth,
+          this.#scheduled,
+          this.#running,
+          this.#prefetched,
+          this.#oldest,
+        ];
+        for (const gauge of gauges) {
           gauge.reset(); // a queue that emptied out disappears instead of freezing
         }
         for (const r of rows) {
           this.#depth.set({ queue: r.queue }, r.ready);
           this.#scheduled.set({ queue: r.queue }, r.scheduled);
           this.#running.set({ queue: r.queue }, r.running);
+          this.#prefetched.set({ queue: r.queue }, r.prefetched);
           this.#oldest.set({ queue: r.queue }, r.oldest_ready_age_s);
         }
         this.#queuesReadAt = now;

@@ -405,6 +405,12 @@ export interface ClaimOptions {
    * consumer's buffered ones and rank ahead of them.
    */
   before?: { priority: number; fair_seq: string };
+  /**
+   * How many of the claimed jobs (the first, in claim order) the caller starts at once: the
+   * claim records them as started, the rest as prefetched (claimed, waiting in the caller's
+   * buffer) until `extend` records their start. All when omitted.
+   */
+  starting?: number;
 }
 
 export interface ClaimResult {
@@ -437,6 +443,11 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
     });
     checkBigintText("claim", "options.before.fair_seq", options.before.fair_seq);
   }
+  checkInteger("claim", "options.starting", options.starting, {
+    min: 0,
+    max: MAX_INT4,
+    optional: true,
+  });
   // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
   const queues = [...new Set(options.queues)];
   // The statement lives in sql/functions/claim.sql, where its plan is pinned to the claim index.
@@ -446,7 +457,8 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
     from shoal.claim_jobs(${queues}::text[], ${options.limit}::integer,
                           ${options.workerId}::text, ${options.visibilityMs}::integer,
                           ${options.before?.priority ?? null}::integer,
-                          ${options.before?.fair_seq ?? null}::bigint)`;
+                          ${options.before?.fair_seq ?? null}::bigint,
+                          ${options.starting ?? null}::integer)`;
   const jobs: Job[] = [];
   const poisoned: ClaimResult["poisoned"] = [];
   for (const { poisoned: isPoison, ...job } of rows) {
@@ -517,18 +529,30 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
 }
 
 /**
- * Push the visibility deadline of running jobs. Returns the ids that are still ours: not
- * a job whose execution has ended (its row can outlive a failure that found it locked),
- * so its handler is aborted and the next claim acks it unrun.
+ * Push the visibility deadline of claimed jobs, and record as started those of `started`
+ * (ids among `refs`) not recorded yet: a buffered job's start costs no write of its own.
+ * Returns the ids that are still ours: not a job whose execution has ended (its row can
+ * outlive a failure that found it locked), so its handler is aborted and the next claim
+ * acks it unrun.
  */
-export async function extend(db: Db, refs: JobRef[], visibilityMs: number): Promise<string[]> {
+export async function extend(
+  db: Db,
+  refs: JobRef[],
+  visibilityMs: number,
+  started: string[] = [],
+): Promise<string[]> {
   checkDb("extend", db);
   checkRefs("extend", "refs", refs);
   checkInteger("extend", "visibilityMs", visibilityMs, { min: 0, max: MAX_TIMER_MS });
+  checkArray("extend", "started", started, "an array of job ids");
+  for (const id of started) checkId("extend", "started", id);
   if (refs.length === 0) return [];
+  // `started` holds running handlers only (not the buffer): a search of a few per row.
   const rows = await db<{ id: string }[]>`
     with locked as (${lockOurs(db, refs)})
-    update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms'
+    update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms',
+      started_at = coalesce(j.started_at,
+        case when j.id = any(${started}::bigint[]) then now() end)
     where j.id = any(array(select l.id from locked l))
       and not exists (
         select 1 from shoal.executions e
@@ -549,8 +573,8 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
     with locked as (${lockOurs(db, refs)}),
     released as (
       update shoal.jobs j
-      set locked_by = null, locked_at = null, run_at = now(), token = j.token + 1,
-          attempts = greatest(j.attempts - 1, 0)
+      set locked_by = null, locked_at = null, started_at = null, run_at = now(),
+          token = j.token + 1, attempts = greatest(j.attempts - 1, 0)
       where j.id = any(array(select l.id from locked l))
       returning j.id, j.queue
     ),
@@ -619,7 +643,8 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     ),
     retried as (
       update shoal.jobs j
-      set locked_by = null, locked_at = null, token = j.token + 1, last_error = ${message}::text,
+      set locked_by = null, locked_at = null, started_at = null, token = j.token + 1,
+          last_error = ${message}::text,
           errors = t.errors, run_at = now() + ${
     Math.round(options.retryInMs)
   }::bigint * interval '1 ms'
@@ -655,8 +680,13 @@ export interface QueueCounts {
   ready: number;
   /** Pending with a future run_at (delayed, or waiting out a retry backoff). */
   scheduled: number;
-  /** Claimed and within their visibility deadline. */
+  /** Claimed within their visibility deadline, handler started (see `prefetched`). */
   running: number;
+  /**
+   * Claimed within their visibility deadline, not started: waiting in a consumer's prefetch
+   * buffer. A buffered job that starts counts here until its consumer's next heartbeat.
+   */
+  prefetched: number;
   /** Dead-lettered jobs: counted only with `{ dead: true }`, absent otherwise. */
   dead?: number;
   /** Seconds the oldest ready job has been visible (to the microsecond); 0 when none. */
@@ -684,6 +714,7 @@ export async function countJobs(
       ready: string;
       scheduled: string;
       running: string;
+      prefetched: string;
       dead: string;
       oldest_ready_age_s: number;
     }[]
@@ -692,7 +723,10 @@ export async function countJobs(
       select queue,
         count(*) filter (where run_at <= now()) as ready,
         count(*) filter (where run_at > now() and locked_by is null) as scheduled,
-        count(*) filter (where run_at > now() and locked_by is not null) as running,
+        count(*) filter (
+          where run_at > now() and locked_by is not null and started_at is not null) as running,
+        count(*) filter (
+          where run_at > now() and locked_by is not null and started_at is null) as prefetched,
         coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)
           as oldest_ready_age_s
       from shoal.jobs group by queue
@@ -700,6 +734,7 @@ export async function countJobs(
     dead as (${deadCounts})
     select coalesce(l.queue, d.queue) as queue, coalesce(l.ready, 0) as ready,
       coalesce(l.scheduled, 0) as scheduled, coalesce(l.running, 0) as running,
+      coalesce(l.prefetched, 0) as prefetched,
       coalesce(d.dead, 0) as dead, coalesce(l.oldest_ready_age_s, 0)::float8 as oldest_ready_age_s
     from live l full join dead d on d.queue = l.queue
     order by 1`;
@@ -708,6 +743,7 @@ export async function countJobs(
     ready: Number(r.ready),
     scheduled: Number(r.scheduled),
     running: Number(r.running),
+    prefetched: Number(r.prefetched),
     ...(dead ? { dead: Number(r.dead) } : {}),
     oldest_ready_age_s: r.oldest_ready_age_s,
   }));

@@ -72,6 +72,7 @@ export async function queueStatus(db: Db): Promise<QueueStatus[]> {
     ready: r.ready,
     scheduled: r.scheduled,
     running: r.running,
+    prefetched: r.prefetched,
     dead: r.dead ?? 0,
     oldest_ready_age_s: roundToMs(r.oldest_ready_age_s),
   }));
@@ -185,12 +186,13 @@ export function formatStatus(s: Status, options: { bars?: boolean } = {}): strin
 }
 
 function formatQueues(s: Status): string {
-  const header = ["queue", "ready", "scheduled", "running", "dead", "oldest ready"];
+  const header = ["queue", "ready", "scheduled", "running", "prefetched", "dead", "oldest ready"];
   const rows = s.queues.map((q) => [
     q.queue,
     String(q.ready),
     String(q.scheduled),
     String(q.running),
+    String(q.prefetched),
     String(q.dead),
     q.ready > 0 ? `${q.oldest_ready_age_s.toFixed(1)}s` : "-",
   ]);

@@ -15,6 +15,7 @@ import {
   waitForOutput,
 } from "./helpers.ts";
 import { isConnectionError } from "../lib/db.ts";
+import { defaultLogFormat } from "../lib/log.ts";
 import { claim, enqueue, fail } from "../lib/queue.ts";
 import type { Sql } from "../lib/db.ts";
 
@@ -97,17 +98,118 @@ Deno.test("bad flags and values exit 2 with one line on stderr", async () => {
   });
 });
 
-Deno.test("an unreachable database is one clear line naming the host, without the password", async () => {
+Deno.test("an unreachable database is one clear line naming it, without the password, for every command and role", async () => {
   const port = freePort();
   const url = `postgres://alice:s3cret@127.0.0.1:${port}/nowhere`;
   // A role would first wait for the database (--startup-wait, tests/fault/outage_test.ts).
-  const role = ["--role", "consumer", "--startup-wait", "0s"];
-  for (const args of [["migrate"], ["status", "--json"], role]) {
-    const { code, stdout, stderr } = await runShoal(args, { url });
-    assertEquals(code, 1, stderr);
-    assertEquals(stdout, "");
-    assertOneLine(stderr, `Cannot reach the database at postgres://alice:***@127.0.0.1:${port}`);
-    assert(!stderr.includes("s3cret"), stderr);
+  const now = ["--startup-wait", "0s"];
+  const commands = [
+    ["migrate"],
+    ["status"],
+    ["status", "--json"],
+    ["status", "--watch"],
+    ["enqueue", "--task", "shoal.noop"],
+    ["cancel", "1"],
+    ["dead", "list"],
+    ["dead", "retry", "1"],
+    ["dead", "purge", "--all"],
+    ["schedule", "add", "s", "--cron", "* * * * *", "--task", "shoal.noop"],
+    ["schedule", "list"],
+    ["schedule", "rm", "s"],
+    ["--role", "consumer", ...now],
+    ["--role", "reaper", ...now],
+    ["--role", "scheduler", ...now],
+    ["--role", "all", ...now],
+  ];
+  const results = await Promise.all(commands.map((args) => runShoal(args, { url })));
+  const says =
+    `shoal: Cannot reach the database at postgres://alice:***@127.0.0.1:${port}/nowhere: ` +
+    `Error: connect ECONNREFUSED 127.0.0.1:${port}\n`;
+  results.forEach(({ code, stdout, stderr }, i) => {
+    const what = `shoal ${commands[i]!.join(" ")}`;
+    assertEquals([code, stdout, stderr], [1, "", says], what);
+  });
+
+  // shoal dev given that database: the same line, and how to use a local one instead.
+  const dev = await runShoal(["dev"], { url });
+  assertEquals(dev.code, 1, dev.stderr);
+  assertOneLine(
+    dev.stderr,
+    says.trimEnd() +
+      "; to use a local database instead, leave DATABASE_URL empty and --database-url out (`DATABASE_URL= deno task dev`)",
+  );
+  assert(!(dev.stdout + dev.stderr).includes("s3cret"), dev.stdout);
+});
+
+Deno.test("a refused login or a refused statement is one line naming the database, without the password", async () => {
+  await using db = await testDb();
+  const role = `shoal_nopriv_${crypto.randomUUID().slice(0, 8)}`;
+  await db.sql.unsafe(`create role ${role} login`); // no privilege on the shoal schema
+  try {
+    const as = (user: string, database = db.name) => {
+      const u = new URL(db.url);
+      [u.username, u.password, u.pathname] = [user, "s3cret", `/${database}`];
+      return u.toString();
+    };
+    const where = (user: string, database = db.name) => as(user, database).replace("s3cret", "***");
+    const cases = [
+      {
+        url: as("shoal_no_such_role"),
+        says: `Cannot log in to the database at ${where("shoal_no_such_role")}: ` +
+          `PostgresError: role "shoal_no_such_role" does not exist (28000)`,
+      },
+      {
+        url: as(role, "shoal_no_such_db"),
+        says: `Cannot log in to the database at ${where(role, "shoal_no_such_db")}: ` +
+          `PostgresError: database "shoal_no_such_db" does not exist (3D000)`,
+      },
+      {
+        url: as(role),
+        says: `Database error at ${where(role)}: ` +
+          "PostgresError: permission denied for schema shoal (42501)",
+      },
+    ];
+    for (const args of [["status"], ["--role", "consumer"]]) {
+      for (const c of cases) {
+        const { code, stderr } = await runShoal(args, { url: c.url });
+        assertEquals([code, stderr], [1, `shoal: ${c.says}\n`], `shoal ${args.join(" ")}`);
+      }
+    }
+  } finally {
+    await db.sql.unsafe(`drop role ${role}`);
+  }
+});
+
+Deno.test("with no database or shoal dev's stopped one, a command says where the local one is", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "shoal-cli-test-" });
+  try {
+    // No dev run here yet: how to get a local database.
+    const none = await runShoal(["status"], { env: { DATABASE_URL: "", SHOAL_DIR: dir } });
+    assertEquals(none.code, 2, none.stderr);
+    assertOneLine(
+      none.stderr,
+      "No database: set DATABASE_URL or pass --database-url; or run `deno task dev` (`shoal dev`), which starts a local one and prints its DATABASE_URL",
+    );
+    // After a dev run (which keeps its port in <dir>/pg/port, tests/dev_test.ts): its URL.
+    const port = freePort();
+    await Deno.mkdir(`${dir}/pg`);
+    await Deno.writeTextFile(`${dir}/pg/port`, `${port}\n`);
+    const devUrl = `postgres://postgres@127.0.0.1:${port}/postgres`;
+    const stored = await runShoal(["status"], { env: { DATABASE_URL: "", SHOAL_DIR: dir } });
+    assertEquals(stored.code, 2, stored.stderr);
+    assertOneLine(
+      stored.stderr,
+      `; the local one of \`deno task dev\` (\`shoal dev\`) is DATABASE_URL=${devUrl} while it runs`,
+    );
+    // That URL while dev is stopped: start it.
+    const stopped = await runShoal(["status"], { url: devUrl, env: { SHOAL_DIR: dir } });
+    assertEquals(stopped.code, 1, stopped.stderr);
+    assertOneLine(
+      stopped.stderr,
+      `ECONNREFUSED 127.0.0.1:${port}; it is the local database of \`deno task dev\` (\`shoal dev\`): start that first`,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
   }
 });
 
@@ -230,12 +332,29 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
   await enqueue(db.sql, "shoal.noop", {}, { queue: "alpha", runAt: new Date(Date.now() + 3.6e6) });
   await enqueue(db.sql, "shoal.noop", {}, { queue: "beta" });
   await claim(db.sql, { queues: ["beta"], limit: 1, workerId: "test", visibilityMs: 60_000 });
+  // Claimed into a consumer's buffer, not started.
+  await enqueue(db.sql, "shoal.noop", {}, { queue: "beta" });
+  await claim(db.sql, {
+    queues: ["beta"],
+    limit: 1,
+    workerId: "test",
+    visibilityMs: 60_000,
+    starting: 0,
+  });
 
   const { code, stdout, stderr } = await runShoal(["status", "--json"], { url: db.url });
   assertEquals(code, 0, stderr);
   const status = JSON.parse(stdout);
   assertEquals(Object.keys(status), ["queues", "executions", "leases", "schedules"]);
-  const keys = ["queue", "ready", "scheduled", "running", "dead", "oldest_ready_age_s"];
+  const keys = [
+    "queue",
+    "ready",
+    "scheduled",
+    "running",
+    "prefetched",
+    "dead",
+    "oldest_ready_age_s",
+  ];
   for (const q of status.queues) assertEquals(Object.keys(q).sort(), [...keys].sort());
   const [alpha, beta] = status.queues;
   assertEquals({ ...alpha, oldest_ready_age_s: 0 }, {
@@ -243,6 +362,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     ready: 1,
     scheduled: 1,
     running: 0,
+    prefetched: 0,
     dead: 0,
     oldest_ready_age_s: 0,
   });
@@ -253,6 +373,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     ready: 0,
     scheduled: 0,
     running: 1,
+    prefetched: 1,
     dead: 0,
     oldest_ready_age_s: 0,
   });
@@ -261,6 +382,8 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
   assertEquals(human.code, 0, human.stderr);
   assert(human.stdout.startsWith("queue"), human.stdout);
   assert(human.stdout.includes("alpha") && human.stdout.includes("beta"), human.stdout);
+  assert(/^queue\s+ready\s+scheduled\s+running\s+prefetched\s+dead\s/.test(human.stdout));
+  assert(/^beta\s+0\s+0\s+1\s+1\s+0\s/m.test(human.stdout), human.stdout);
 });
 
 /** Enqueue a job and fail it permanently, as a consumer would; returns its id. */
@@ -388,6 +511,74 @@ Deno.test("--log-format pretty (or SHOAL_LOG_FORMAT) writes readable lines, not 
       started,
     );
   }
+});
+
+Deno.test("defaultLogFormat() is pretty on a terminal and json otherwise", () => {
+  assertEquals([defaultLogFormat(true), defaultLogFormat(false)], ["pretty", "json"]);
+});
+
+/**
+ * Run shoal with its stdin, stdout and stderr on a pseudo-terminal (`script` of util-linux,
+ * which every Debian has: missing, the test fails), and return what it wrote, lines ending
+ * in "\n" again.
+ */
+async function runShoalOnTerminal(
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<{ code: number; output: string }> {
+  const quote = (arg: string) => `'${arg.replaceAll("'", `'\\''`)}'`;
+  const command = [Deno.execPath(), "run", "-A", new URL("../main.ts", import.meta.url).pathname]
+    .concat(args).map(quote).join(" ");
+  const result = await new Deno.Command("script", {
+    args: ["--quiet", "--return", "--command", command, "/dev/null"],
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const decoder = new TextDecoder();
+  const output = decoder.decode(result.stdout).replaceAll("\r\n", "\n");
+  assertEquals(decoder.decode(result.stderr), "", "script itself complained");
+  return { code: result.code, output };
+}
+
+Deno.test("logs are pretty on a terminal and JSON elsewhere unless --log-format or SHOAL_LOG_FORMAT says", async () => {
+  // A role that waits for a database nobody serves logs a warning per attempt, then gives up.
+  const args = [
+    "--role",
+    "reaper",
+    "--startup-wait",
+    "1s",
+    "--database-url",
+    `postgres://u:s3cret@127.0.0.1:${freePort()}/x`,
+  ];
+  const waiting = (output: string) =>
+    output.split("\n").filter((line) => line.includes("Waiting for the database"));
+  const pretty = /^\d{4}-\d\d-\d\d \S+ \S+ \[WRN\] shoal.db: Waiting for the database at /;
+  const json = (line: string) => JSON.parse(line).logger === "shoal.db";
+
+  const terminal = await runShoalOnTerminal(args);
+  assertEquals(terminal.code, 1, terminal.output);
+  assert(waiting(terminal.output).length > 0, terminal.output);
+  for (const line of waiting(terminal.output)) assert(pretty.test(line), line);
+  for (
+    const asked of [
+      await runShoalOnTerminal([...args, "--log-format", "json"]),
+      await runShoalOnTerminal(args, { SHOAL_LOG_FORMAT: "json" }),
+    ]
+  ) {
+    assert(waiting(asked.output).length > 0, asked.output);
+    for (const line of waiting(asked.output)) assert(json(line), line);
+  }
+
+  // Not a terminal (a pipe here): JSON lines, or pretty when asked.
+  const piped = await runShoal(args);
+  assertEquals(piped.code, 1, piped.stderr);
+  assert(waiting(piped.stderr).length > 0, piped.stderr);
+  for (const line of waiting(piped.stderr)) assert(json(line), line);
+  const askedPretty = await runShoal([...args, "--log-format", "pretty"]);
+  assert(waiting(askedPretty.stderr).length > 0, askedPretty.stderr);
+  for (const line of waiting(askedPretty.stderr)) assert(pretty.test(line), line);
 });
 
 Deno.test("--log-level (or SHOAL_LOG_LEVEL) drops records below it", async () => {

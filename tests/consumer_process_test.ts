@@ -9,6 +9,7 @@ import {
   emptyDb,
   exitWithin,
   logLines,
+  runShoal,
   type ShoalProcess,
   spawnShoal,
   TEST_MAIN,
@@ -382,4 +383,77 @@ Deno.test("jobs that rank ahead of a full prefetch buffer start first: an urgent
   assert(aMeanwhile <= 10, `${aMeanwhile} of key A's jobs started before key B's last`);
   c.kill("SIGTERM");
   assertEquals((await exitWithin(c, 20_000)).code, 0);
+});
+
+Deno.test("shoal status tells a consumer's running jobs from those waiting in its prefetch buffer", async () => {
+  await using db = await testDb();
+  // Quick jobs set the pace (the buffer holds a quarter second of it); then two sleepers take
+  // both slots (one for 8 s, one for good) and 100 more wait behind them, some in the buffer.
+  await enqueueMany(db.sql, Array.from({ length: 400 }, () => ({ task: "shoal.noop" })));
+  const short = await enqueue(db.sql, "shoal.sleep", { ms: 8_000 });
+  await enqueue(db.sql, "shoal.sleep", { ms: 600_000 });
+  await enqueueMany(
+    db.sql,
+    Array.from({ length: 100 }, () => ({ task: "shoal.sleep", payload: { ms: 600_000 } })),
+  );
+  // A heartbeat every third of the 2 s visibility timeout records buffered jobs that started.
+  await using proc = consumer(db.url, ["--concurrency", "2", "--prefetch", "50"]);
+  const queue = async () => {
+    const { code, stdout, stderr } = await runShoal(["status", "--json"], { url: db.url });
+    assertEquals(code, 0, stderr);
+    return JSON.parse(stdout).queues.find((q: { queue: string }) => q.queue === "default");
+  };
+  const claimed = async () => {
+    const [row] = await db.sql<{ n: number }[]>`
+      select count(*)::int as n from shoal.jobs where locked_by is not null`;
+    return row!.n;
+  };
+
+  // Both slots run a sleeper; the buffer holds the rest of what the consumer claimed.
+  const first = await waitFor(
+    "two running and some prefetched",
+    async () => {
+      const q = await queue();
+      return q.running === 2 && q.prefetched > 0 ? q : null;
+    },
+    20_000,
+    200,
+  );
+  assertEquals(first.prefetched, (await claimed()) - 2, JSON.stringify(first));
+  assertEquals(first.ready + first.prefetched, 100, JSON.stringify(first));
+  const text = await runShoal(["status"], { url: db.url });
+  assert(text.stdout.includes("running  prefetched  dead"), text.stdout);
+  assert(
+    new RegExp(`^default\\s+${first.ready}\\s+0\\s+2\\s+${first.prefetched}\\s+0\\s`, "m")
+      .test(text.stdout),
+    text.stdout,
+  );
+
+  // The short sleeper ends: a buffered job takes its slot and, at the next heartbeat at
+  // most, counts as running; the buffer is one shorter.
+  await waitFor(
+    "the short sleeper to finish",
+    async () => {
+      const [row] = await db.sql`select 1 from shoal.jobs where id = ${short}::bigint`;
+      return row === undefined;
+    },
+    20_000,
+    200,
+  );
+  await waitFor(
+    "the started job to count as running",
+    async () => {
+      const q = await queue();
+      return q.running === 2 && q.prefetched === first.prefetched - 1;
+    },
+    5_000,
+    200,
+  );
+
+  proc.kill("SIGTERM");
+  const { code, output } = await exitWithin(proc, 20_000);
+  assertEquals(code, 0, output);
+  // Handed back or released: neither running nor prefetched (the 100 and the long sleeper).
+  const after = await queue();
+  assertEquals([after.running, after.prefetched, after.ready], [0, 0, 101], JSON.stringify(after));
 });

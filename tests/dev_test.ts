@@ -1,5 +1,5 @@
 import { assert, assertEquals } from "./assert.ts";
-import { freePort, spawnShoal, testDb, waitFor } from "./helpers.ts";
+import { freePort, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
 
 /** Fast loops so the demo (52 jobs, one delayed 3 s, one retried then dead) ends quickly. */
 const FAST = ["--poll-interval", "100ms", "--shutdown-grace", "1s"];
@@ -108,6 +108,81 @@ Deno.test("shoal dev --http serves /readyz and /metrics while the demo runs", as
     const { code, output } = await dev.exited();
     assertEquals(code, 0, output);
     assert.ok(output.includes("Serving /healthz, /readyz and /metrics"), output);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("shoal dev's progress line counts this run's dead jobs: a purge from elsewhere never makes it negative", async () => {
+  await using db = await testDb();
+  // A dead job from an earlier run: the line leaves it out, and a purge takes it away.
+  await db.sql`
+    insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
+      max_attempts, errors, reason, created_at)
+    values (900000001, 'demo', 'shoal.fail', '{}', 0, '', 1, 1, '[]', 'an earlier run', now())`;
+  const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
+  try {
+    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST], { url: db.url });
+    await waitFor(
+      "the demo to finish",
+      () => dev.output().includes("demo: done: nothing left to run, 1 dead-lettered"),
+      60_000,
+    );
+    await using purge = spawnShoal(["dead", "purge", "--all"], { url: db.url });
+    const purged = await purge.exited();
+    assertEquals([purged.code, purged.output.trim()], [0, "Purged 2 dead jobs"]);
+    await waitFor(
+      "the line to count the purge",
+      () => dev.output().includes("demo: done: nothing left to run, 0 dead-lettered"),
+      10_000,
+    );
+    dev.kill("SIGINT");
+    const { code, output } = await dev.exited();
+    assertEquals(code, 0, output);
+    assert.ok(!/-\d+ dead/.test(output), output);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("shoal dev keeps its port across runs, and says so when another program took it", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
+  await Deno.chmod(dir, 0o755); // as root, Postgres runs as the postgres user: let it in
+  /** One `shoal dev` run until its demo is enqueued: its output and DATABASE_URL. */
+  const run = async (during?: (url: string) => Promise<void>) => {
+    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST], { env: { DATABASE_URL: "" } });
+    const url = (await waitFor(
+      "the dev DATABASE_URL",
+      () => /^ {2}DATABASE_URL=(\S+)$/m.exec(dev.output()),
+      60_000,
+    ))[1]!;
+    await waitFor("the demo", () => dev.output().includes("Enqueued"), 60_000);
+    await during?.(url);
+    dev.kill("SIGINT");
+    const { code, output } = await dev.exited();
+    assertEquals(code, 0, output);
+    return { url, output };
+  };
+  try {
+    const first = await run();
+    const second = await run(async (url) => {
+      // The URL the first run printed works in the second.
+      const status = await runShoal(["status", "--json"], { url: first.url });
+      assertEquals([url, status.code], [first.url, 0], status.stderr);
+    });
+    assert.ok(!second.output.includes("is taken"), second.output);
+
+    // Another program holds the port now: one line says so, and the new port is kept.
+    const port = Number(new URL(first.url).port);
+    using _squatter = Deno.listen({ hostname: "127.0.0.1", port });
+    const third = await run();
+    const moved = Number(new URL(third.url).port);
+    assert.ok(moved !== port, third.output);
+    const said = third.output.split("\n").filter((line) => line.includes("is taken"));
+    assertEquals(said, [
+      `Port ${port} of the last run is taken by another program: Postgres listens on ${moved} now, and its DATABASE_URL changed`,
+    ]);
+    assertEquals((await Deno.readTextFile(`${dir}/pg/port`)).trim(), String(moved));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

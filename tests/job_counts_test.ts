@@ -10,10 +10,12 @@ import {
   claim,
   countJobs,
   enqueue,
+  extend,
   fail,
   jobTotals,
   listStuckJobs,
   type QueueCounts,
+  release,
 } from "../lib/queue.ts";
 import { queueStatus } from "../lib/status.ts";
 
@@ -73,14 +75,14 @@ Deno.test("countJobs() counts live jobs per queue, and dead letters only when as
 
   const live = await countJobs(db.sql);
   assertEquals(withoutAge(live, { a: [60, 90] }), [
-    { queue: "a", ready: 1, scheduled: 1, running: 1 },
+    { queue: "a", ready: 1, scheduled: 1, running: 1, prefetched: 0 },
   ]);
   assert(!("dead" in live[0]!), "no dead count unless asked");
 
   const all = await countJobs(db.sql, { dead: true });
   assertEquals(withoutAge(all, { a: [60, 90] }), [
-    { queue: "a", ready: 1, scheduled: 1, running: 1, dead: 1 },
-    { queue: "b", ready: 0, scheduled: 0, running: 0, dead: 2 },
+    { queue: "a", ready: 1, scheduled: 1, running: 1, prefetched: 0, dead: 1 },
+    { queue: "b", ready: 0, scheduled: 0, running: 0, prefetched: 0, dead: 2 },
   ]);
   // The same key order as `shoal status --json` has always printed.
   assertEquals(Object.keys(all[0]!), [
@@ -88,9 +90,59 @@ Deno.test("countJobs() counts live jobs per queue, and dead letters only when as
     "ready",
     "scheduled",
     "running",
+    "prefetched",
     "dead",
     "oldest_ready_age_s",
   ]);
+});
+
+Deno.test("countJobs() tells running jobs from prefetched ones: claim() records the starting ones, extend() later starts, release() and a retry clear it", async () => {
+  await using db = await testDb();
+  const ids = [];
+  for (let i = 0; i < 5; i++) ids.push(await enqueue(db.sql, "t", { i }, { queue: "q" }));
+  const counts = async () => {
+    const [row] = await countJobs(db.sql);
+    return { running: row!.running, prefetched: row!.prefetched };
+  };
+  const started = async () =>
+    (await db.sql<{ id: string }[]>`
+      select id from shoal.jobs where started_at is not null order by id`).map((r) => r.id);
+
+  // Two of four start at once (the first two in claim order); two wait in a buffer.
+  const { jobs } = await claim(db.sql, {
+    queues: ["q"],
+    limit: 4,
+    workerId: "test:1",
+    visibilityMs: 60_000,
+    starting: 2,
+  });
+  assertEquals(jobs.map((j) => j.id), ids.slice(0, 4));
+  assertEquals(await counts(), { running: 2, prefetched: 2 });
+  assertEquals(await started(), ids.slice(0, 2));
+
+  // A heartbeat extends all four and records the third's start (the first's is kept).
+  const [a, b, c] = jobs;
+  assertEquals((await extend(db.sql, jobs, 60_000, [a!.id, c!.id])).sort(), ids.slice(0, 4));
+  assertEquals(await counts(), { running: 3, prefetched: 1 });
+  assertEquals(await started(), ids.slice(0, 3));
+
+  // A release (shutdown) and a retry clear it: neither job runs any more.
+  assertEquals(await release(db.sql, [c!]), [c!.id]);
+  assertEquals(await fail(db.sql, b!, { error: "later", retryInMs: 600_000 }), "retried");
+  assertEquals(await counts(), { running: 1, prefetched: 1 });
+  assertEquals(await started(), [a!.id]);
+
+  // A claim given no count starts every job it claims; one given 0 none.
+  const all = await claim(db.sql, { queues: ["q"], limit: 1, workerId: "t", visibilityMs: 60_000 });
+  const none = await claim(db.sql, {
+    queues: ["q"],
+    limit: 5,
+    workerId: "t",
+    visibilityMs: 60_000,
+    starting: 0,
+  });
+  assertEquals([all.jobs.length, none.jobs.length], [1, 1]);
+  assertEquals(await started(), [a!.id, all.jobs[0]!.id].sort((x, y) => Number(x) - Number(y)));
 });
 
 Deno.test("countJobs() keeps the oldest ready age to the microsecond; shoal status rounds it to the ms", async () => {

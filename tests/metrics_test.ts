@@ -5,7 +5,7 @@
  */
 import { assert, assertEquals } from "./assert.ts";
 import { testDb } from "./helpers.ts";
-import { enqueue } from "../lib/queue.ts";
+import { claim, enqueue, enqueueMany } from "../lib/queue.ts";
 import { enableMetrics, loadPromClient, Metrics, metrics, QUEUE_CACHE_MS } from "../lib/metrics.ts";
 import { runLeaderLoop } from "../lib/leader.ts";
 import { logger } from "../lib/log.ts";
@@ -84,19 +84,25 @@ Deno.test("Metrics.leaderStatus() and scheduleFired() set the leader gauge and f
   );
 });
 
-Deno.test("Metrics.refreshQueues() reads depth, running and oldest ready age per queue", async () => {
+Deno.test("Metrics.refreshQueues() reads depth, running, prefetched and oldest ready age per queue", async () => {
   await using db = await testDb();
   const m = new Metrics();
   const [{ past }] = await db.sql<[{ past: Date }]>`select now() - interval '90 s' as past`;
   await enqueue(db.sql, "t", {}, { queue: "a", runAt: past });
   await enqueue(db.sql, "t", {}, { queue: "a" });
   await enqueue(db.sql, "t", {}, { queue: "b", runAt: new Date(Date.now() + 3_600_000) });
+  // Queue c: one claimed job started, one waiting in a prefetch buffer.
+  await enqueueMany(db.sql, [{ task: "t", queue: "c" }, { task: "t", queue: "c" }]);
+  const c = { queues: ["c"], limit: 2, workerId: "test:1", visibilityMs: 60_000, starting: 1 };
+  assertEquals((await claim(db.sql, c)).jobs.length, 2);
   await m.refreshQueues(db.sql, 0);
   const text = await m.render();
   assertEquals(sample(text, `shoal_queue_depth{queue="a"}`), 2);
   assertEquals(sample(text, `shoal_queue_depth{queue="b"}`), 0);
   assertEquals(sample(text, `shoal_queue_scheduled{queue="b"}`), 1);
   assertEquals(sample(text, `shoal_queue_running{queue="a"}`), 0);
+  assertEquals(sample(text, `shoal_queue_running{queue="c"}`), 1);
+  assertEquals(sample(text, `shoal_queue_prefetched{queue="c"}`), 1);
   const age = sample(text, `shoal_queue_oldest_ready_age_seconds{queue="a"}`)!;
   assert(age >= 90 && age < 120, `oldest ready age ${age}`);
   assertEquals(sample(text, `shoal_queue_oldest_ready_age_seconds{queue="b"}`), 0);

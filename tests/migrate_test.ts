@@ -40,7 +40,10 @@ Deno.test("migrate() run by two migrators at once applies each migration exactly
   await using db = await emptyDb();
   const migrations = await loadMigrations();
   const [a, b] = await Promise.all([migrate(db.sql, migrations), migrate(db.sql, migrations)]);
-  assertEquals([...a.migrations, ...b.migrations].sort(), migrations.map((m) => m.version));
+  assertEquals(
+    [...a.migrations, ...b.migrations].sort((x, y) => x - y),
+    migrations.map((m) => m.version),
+  );
 });
 
 // ---- Function files (sql/functions/, sql/functions.lock) --------------------------------

@@ -78,9 +78,9 @@ Deno.test("queueStatus() counts ready, scheduled, running and dead jobs per queu
 
   const rows = await queueStatus(db.sql);
   assertEquals(withoutAge(rows, { a: [60, 90] }), [
-    { queue: "a", ready: 2, scheduled: 2, running: 1, dead: 1 },
-    { queue: "b", ready: 0, scheduled: 0, running: 0, dead: 2 },
-    { queue: "c", ready: 0, scheduled: 1, running: 0, dead: 0 },
+    { queue: "a", ready: 2, scheduled: 2, running: 1, prefetched: 0, dead: 1 },
+    { queue: "b", ready: 0, scheduled: 0, running: 0, prefetched: 0, dead: 2 },
+    { queue: "c", ready: 0, scheduled: 1, running: 0, prefetched: 0, dead: 0 },
   ]);
 });
 
@@ -93,7 +93,7 @@ Deno.test("queueStatus() counts a claim whose deadline passed as ready", async (
   await claimAll(db.sql, "q", 1, 600_000);
   const before = await queueStatus(db.sql);
   assertEquals(withoutAge(before, {}), [
-    { queue: "q", ready: 0, scheduled: 0, running: 2, dead: 0 },
+    { queue: "q", ready: 0, scheduled: 0, running: 2, prefetched: 0, dead: 0 },
   ]);
   await waitFor(
     "the short claim to expire",
@@ -107,6 +107,6 @@ Deno.test("queueStatus() counts a claim whose deadline passed as ready", async (
   );
   const after = await queueStatus(db.sql);
   assertEquals(withoutAge(after, { q: [0, 20] }), [
-    { queue: "q", ready: 1, scheduled: 0, running: 1, dead: 0 },
+    { queue: "q", ready: 1, scheduled: 0, running: 1, prefetched: 0, dead: 0 },
   ]);
 });

@@ -44,7 +44,15 @@ Deno.test("rates() are per second between samples, with dead-lettered jobs not c
 });
 
 const BUSY: Status = {
-  queues: [{ queue: "mail", ready: 3, scheduled: 1, running: 2, dead: 0, oldest_ready_age_s: 4.5 }],
+  queues: [{
+    queue: "mail",
+    ready: 3,
+    scheduled: 1,
+    running: 2,
+    prefetched: 7,
+    dead: 0,
+    oldest_ready_age_s: 4.5,
+  }],
   executions: [{
     id: "7",
     status: "running",
@@ -75,7 +83,7 @@ Deno.test("formatWatchFrame() shows the time, interval, rates, queues and fan-ou
   const lines = frame.split("\n");
   assertEquals(lines[0], "shoal status at 2026-01-01T00:00:06.000Z, every 2s (Ctrl-C quits)");
   assertEquals(lines[1], "completed 12.5/s  dead-lettered 0.0/s  (all queues)");
-  assert(lines.some((l) => /^mail\s+3\s+1\s+2\s+0\s+4\.5s$/.test(l)), frame);
+  assert(lines.some((l) => /^mail\s+3\s+1\s+2\s+7\s+0\s+4\.5s$/.test(l)), frame);
   const running = lines.find((l) => l.startsWith("7 "))!;
   assert(running.includes("[#####---------------]  25% 2/8"), running);
   const done = lines.find((l) => l.startsWith("6 "))!;

@@ -19,11 +19,21 @@
 -- jobs ranking no later than its last buffered job, and those start first. Each job's
 -- fair_seq is returned so the consumer can tell where it ranks.
 --
+-- Started or prefetched: the jobs beyond the caller's free slots wait in its prefetch
+-- buffer, claimed but not started. With _starting the caller says how many start at once
+-- (the first, in claim order; null: all): the claim records those as started (started_at,
+-- in the update it makes anyway); the caller's heartbeat records the others once they start.
+--
 -- It follows the lock order stated at the top of workflow.sql (jobs are taken SKIP LOCKED).
+--
+-- The signature before _starting existed is dropped: beside this one, a call with six
+-- arguments would match both. Callers that pass six still reach this one.
+drop function if exists shoal.claim_jobs(text[], integer, text, integer, integer, bigint);
 create or replace function shoal.claim_jobs(_queues text[], _limit integer, _worker text,
                                  _visibility_ms integer,
                                  _before_priority integer default null,
-                                 _before_fair_seq bigint default null)
+                                 _before_fair_seq bigint default null,
+                                 _starting integer default null)
 returns table (id bigint, queue text, task text, payload jsonb, priority integer,
                fairness_key text, fair_seq bigint, attempts integer, max_attempts integer, token bigint,
                key text, execution_id bigint, created_at timestamptz, deadline timestamptz,
@@ -45,6 +55,8 @@ declare
   spent boolean;
   ended bigint[];
   dead_ids bigint[];
+  all_start boolean;
+  starting bigint[];
 begin
   if _before_priority is null then
     -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is
@@ -157,11 +169,17 @@ begin
       order by x.n);
   end if;
 
+  -- The first _starting of the batch start at once (all when null): one comparison per row
+  -- when all or none do, a search of the starting few otherwise.
+  all_start := _starting is null or _starting >= cardinality(picked);
+  starting := case when all_start then '{}' else picked[1:greatest(_starting, 0)] end;
+
   return query
     with claimed as (
       update shoal.jobs j
       set attempts = j.attempts + 1, token = j.token + 1, locked_by = _worker,
-          locked_at = now(), run_at = now() + _visibility_ms * interval '1 ms'
+          locked_at = now(), run_at = now() + _visibility_ms * interval '1 ms',
+          started_at = case when all_start or j.id = any(starting) then now() end
       where j.id = any(picked)
       returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.fair_seq,
         j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at

@@ -88,14 +88,22 @@ Deno.test("no database password reaches a log line, an error message, shoal stat
     ["dead", "list"],
     ["schedule", "list"],
     ["--role", "consumer"],
+    ["--role", "reaper"],
+    ["--role", "scheduler"],
     ["--role", "all"],
+    ["dev"],
   ];
   const refused = await Promise.all(commands.map((args) => run(args, wrong)));
+  const says =
+    `Cannot log in to the database at postgres://${ROLE}:***@127.0.0.1:${pg.port}/sec: ` +
+    `PostgresError: password authentication failed for user "${ROLE}" (28P01)`;
   refused.forEach((r, i) => {
     const what = `shoal ${commands[i]!.join(" ")} with a wrong password`;
     assertEquals(r.code, 1, `${what}: ${r.stderr}`);
-    assertOneLine(r.stderr, `password authentication failed for user "${ROLE}"`, what);
+    assertOneLine(r.stderr, says, what);
   });
+  // shoal dev offers its own database instead.
+  assertOneLine(refused.at(-1)!.stderr, `${says}; to use a local database instead`, "shoal dev");
   // The URL as a flag, on an unreachable port, with the password as a query parameter too,
   // and a bad flag beside the good URL.
   const unreachable = `${urlFor(freePort(), PASSWORD)}?password=${encodeURIComponent(PASSWORD)}`;

@@ -1,0 +1,11 @@
+-- shoal 010: which claimed jobs have started.
+--
+-- A consumer claims ahead of its free slots: the jobs in its prefetch buffer are claimed
+-- (locked_by set, heartbeated, fenced) but their handler has not started. started_at tells
+-- the two apart (`shoal status`: running or prefetched) without a write of its own: the
+-- claim sets it for the jobs that start at once (it updates those rows anyway), and the
+-- consumer's heartbeat for buffered jobs that have started since (it extends them anyway),
+-- so a job started from the buffer counts as prefetched until the next heartbeat at most,
+-- and started_at is then the heartbeat's time, not the handler's. A release or a retry
+-- clears it, the next claim sets it afresh; a pending job has none.
+alter table shoal.jobs add column started_at timestamptz;
