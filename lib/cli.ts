@@ -44,7 +44,14 @@ import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { runDev } from "./dev.ts";
 import { describeError, logger, setupLogging } from "./log.ts";
 import { checkSchema, describeMigration, loadMigrations, migrate } from "./migrate.ts";
-import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
+import {
+  checkJobSpec,
+  DEFAULT_MAX_ATTEMPTS,
+  DEFAULT_QUEUE,
+  enqueueMany,
+  type JobSpec,
+} from "./queue.ts";
+import { listCatalogTasks } from "./catalog.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { builtinTasks } from "./builtin_tasks.ts";
@@ -145,7 +152,7 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       );
     case "enqueue":
       noExtra(command, rest);
-      return await enqueueCommand(parsed, tasks);
+      return await enqueueCommand(parsed);
     case "status":
       noExtra(command, rest);
       return await withDb(parsed, {
@@ -308,7 +315,18 @@ async function watchCommand(
   return 0;
 }
 
-async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
+/** Whether any consumer ever registered `task` in the catalog. */
+async function isRegistered(sql: Sql, task: string): Promise<boolean> {
+  return (await listCatalogTasks(sql, { names: [task] })).length > 0;
+}
+
+/**
+ * `shoal enqueue`: a queue or max attempts not given is the task's in the catalog (the
+ * catalog rule, applied by the insert), never this binary's registry: one rule for every
+ * way in. A task no consumer registered still goes in (to `default`, 25 attempts, unless
+ * given), with a warning on stderr.
+ */
+async function enqueueCommand(parsed: ParsedArgs): Promise<number> {
   let spec: JobSpec | null = null;
   return await withDb(parsed, {
     name: "enqueue",
@@ -335,16 +353,15 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
           throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
         }
       }
-      const task = tasks.get(name);
       spec = {
         task: name,
         payload,
-        queue: opts.queue ?? task?.queue,
+        queue: opts.queue,
         runAt,
         priority: opts.priority,
         key: opts.key,
         fairnessKey: opts["fairness-key"],
-        maxAttempts: opts["max-attempts"] ?? task?.maxAttempts,
+        maxAttempts: opts["max-attempts"],
       };
       try {
         checkJobSpec(spec, opts["max-payload"]);
@@ -353,7 +370,15 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
       }
     },
   }, async (sql, opts) => {
+    const known = await isRegistered(sql, spec!.task);
     const [result] = await enqueueMany(sql, [spec!], { maxPayloadBytes: opts["max-payload"] });
+    if (!known) {
+      err(
+        `Warning: no consumer has registered task "${spec!.task}": the job goes to queue ${
+          spec!.queue ?? DEFAULT_QUEUE
+        } with ${spec!.maxAttempts ?? DEFAULT_MAX_ATTEMPTS} attempts\n`,
+      );
+    }
     out(`${result!.id}\n`);
     return 0;
   });
@@ -649,6 +674,15 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
         },
       }, async (sql) => {
         const outcome = await upsertSchedule(sql, spec!);
+        // Its fires take the task's catalog queue and attempts when they happen; say now
+        // when there is none yet.
+        if (!await isRegistered(sql, spec!.task)) {
+          err(
+            `Warning: no consumer has registered task "${spec!.task}": its jobs go to queue ${
+              spec!.queue ?? DEFAULT_QUEUE
+            } with ${DEFAULT_MAX_ATTEMPTS} attempts until one does\n`,
+          );
+        }
         out(`Schedule ${name} ${outcome}\n`);
         return 0;
       });

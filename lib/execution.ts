@@ -17,7 +17,7 @@
  * @module
  */
 import type { Db } from "./db.ts";
-import { checkJobSpec, DEFAULT_MAX_ATTEMPTS, type JobSpec } from "./queue.ts";
+import { checkJobSpec, type JobSpec } from "./queue.ts";
 import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
 export type ExecutionStatus = "pending" | "running" | "completed" | "failed" | "cancelled";
@@ -49,7 +49,8 @@ export interface ExecutionSummary {
 /**
  * Start an execution with its first job; returns the execution id. The job takes every
  * enqueue option but a dedupe key (a key already held would leave the execution without
- * its job): that is a TypeError.
+ * its job): that is a TypeError. A queue or max attempts not given is the task's in the
+ * catalog, as for enqueue().
  */
 export async function startExecution(
   db: Db,
@@ -62,11 +63,11 @@ export async function startExecution(
   const row = checkJobSpec(job, options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES);
   const [result] = await db<{ id: string }[]>`
     select shoal.start_execution(
-      ${row.queue as string}::text, ${row.task as string}::text,
+      ${(row.queue as string | undefined) ?? null}::text, ${row.task as string}::text,
       ${JSON.stringify(row.payload)}::text::jsonb,
       priority => ${(row.priority as number | undefined) ?? 0}::integer,
       fairness_key => ${(row.fairness_key as string | undefined) ?? null}::text,
-      max_attempts => ${(row.max_attempts as number | undefined) ?? DEFAULT_MAX_ATTEMPTS}::integer,
+      max_attempts => ${(row.max_attempts as number | undefined) ?? null}::integer,
       run_at => ${(row.run_at as string | undefined) ?? null}::timestamptz) as id`;
   return result!.id;
 }

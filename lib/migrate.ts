@@ -43,6 +43,7 @@ import sql005 from "../sql/005_fan_out_fast.sql" with { type: "text" };
 import sql006 from "../sql/006_enqueue_fast.sql" with { type: "text" };
 import sql007 from "../sql/007_sql_task.sql" with { type: "text" };
 import sql008 from "../sql/008_fair_burst.sql" with { type: "text" };
+import sql009 from "../sql/009_task_catalog.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -61,6 +62,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "006_enqueue_fast.sql": sql006,
   "007_sql_task.sql": sql007,
   "008_fair_burst.sql": sql008,
+  "009_task_catalog.sql": sql009,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */

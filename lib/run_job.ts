@@ -169,15 +169,10 @@ export class JobRun {
         return jobLog ??= env.log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
       },
       db: env.sql,
-      enqueue: (name, payload = {}, opts = {}) => {
-        const definition = env.tasks.get(name); // its queue and retry budget, like the CLI's
-        return enqueue(env.sql, name, payload, {
-          queue: definition?.queue,
-          maxAttempts: definition?.maxAttempts,
-          maxPayloadBytes: env.maxPayloadBytes,
-          ...opts,
-        });
-      },
+      // A queue or max attempts not given is the task's in the catalog (the catalog rule),
+      // as for every enqueue: not this process's registry, which may not know the task.
+      enqueue: (name, payload = {}, opts = {}) =>
+        enqueue(env.sql, name, payload, { maxPayloadBytes: env.maxPayloadBytes, ...opts }),
       fanOut: (spec: FanOutSpec) => this.#askFanOut(spec, env),
     };
   }

@@ -17,7 +17,11 @@ export interface ScheduleSpec {
   name: string;
   cron: string;
   task: string;
-  queue?: string;
+  /**
+   * The queue its jobs go to. Not given (or null): its task's queue in the catalog at each
+   * fire (`default` while no consumer registered the task).
+   */
+  queue?: string | null;
   payload?: Record<string, unknown>;
   /** IANA time zone the cron is read in (default UTC). */
   tz?: string;
@@ -29,7 +33,8 @@ export interface ScheduleRow {
   cron: string;
   tz: string;
   task: string;
-  queue: string;
+  /** Null: its task's queue in the catalog, looked up at each fire. */
+  queue: string | null;
   payload: Record<string, unknown>;
   priority: number;
   enabled: boolean;
@@ -62,7 +67,7 @@ export async function checkSchedule(spec: ScheduleSpec): Promise<Required<Schedu
     cron,
     tz,
     task: checkName("task", spec.task),
-    queue: checkName("queue", spec.queue ?? "default"),
+    queue: spec.queue === undefined || spec.queue === null ? null : checkName("queue", spec.queue),
     payload,
     priority,
   };

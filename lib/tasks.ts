@@ -20,7 +20,10 @@ export interface TaskContext {
   signal: AbortSignal;
   /** A logger that tags every line with the job id, task and attempt. */
   log: Logger;
-  /** Enqueue another job (outside this job's ack; at-least-once like everything else). */
+  /**
+   * Enqueue another job (outside this job's ack; at-least-once like everything else). A
+   * queue or max attempts not given is the task's in the catalog.
+   */
   enqueue(
     task: string,
     payload?: Record<string, unknown>,
@@ -39,9 +42,12 @@ export interface TaskContext {
 export interface TaskDefinition<P = Record<string, unknown>> {
   /** Unique task name: letters, digits and `_.:-`. */
   name: string;
-  /** Queue its jobs go to unless the enqueue says otherwise (default `default`). */
+  /**
+   * Queue its jobs go to unless the enqueue says otherwise (default `default`). Consumers
+   * register it in the task catalog, so enqueues by name from anywhere honour it.
+   */
   queue?: string;
-  /** Attempts before dead-lettering, for jobs enqueued through this definition (default 25). */
+  /** Attempts before dead-lettering, unless the enqueue says otherwise (default 25; registered too). */
   maxAttempts?: number;
   /** Abort the handler and count a failure after this long (default: the consumer's --task-timeout). */
   timeoutMs?: number;

@@ -234,7 +234,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
   const { code, stdout, stderr } = await runShoal(["status", "--json"], { url: db.url });
   assertEquals(code, 0, stderr);
   const status = JSON.parse(stdout);
-  assertEquals(Object.keys(status), ["queues", "executions", "leases", "schedules"]);
+  assertEquals(Object.keys(status), ["queues", "executions", "leases", "schedules", "unserved"]);
   const keys = ["queue", "ready", "scheduled", "running", "dead", "oldest_ready_age_s"];
   for (const q of status.queues) assertEquals(Object.keys(q).sort(), [...keys].sort());
   const [alpha, beta] = status.queues;

@@ -8,6 +8,7 @@ import {
   fireEvents,
   installAudit,
   logLines,
+  registerTasks,
   runShoal,
   type ShoalProcess,
   sleep,
@@ -36,7 +37,8 @@ function row(name: string, fields: Partial<Row>): Row {
     cron: "0 3 * * *",
     tz: "UTC",
     task: "shoal.noop",
-    queue: "default",
+    // No --queue: the task's catalog queue at each fire.
+    queue: null,
     payload: {},
     priority: 0,
     enabled: true,
@@ -66,6 +68,8 @@ function assertOneLine(
 
 Deno.test("shoal schedule add creates a schedule, and adding an existing name updates it", async () => {
   await using db = await testDb();
+  // Tasks a consumer registered: no warning on stderr (see the test after this one).
+  await registerTasks(db.sql, ["shoal.noop", "report.build"]);
   const shoal = (args: string[]) => runShoal(["schedule", "add", ...args], { url: db.url });
 
   const created = await shoal(["nightly", "--cron", "0 3 * * *", "--task", "shoal.noop"]);
@@ -390,9 +394,9 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
     );
     const first = await listSchedules(db.sql);
     assertEquals(first.map((r) => [r.name, r.source, r.cron, r.tz, r.queue, r.priority]), [
-      ["file-a", "file", "0 * * * *", "UTC", "default", 0],
+      ["file-a", "file", "0 * * * *", "UTC", null, 0],
       ["file-b", "file", "*/5 * * * *", "Europe/Paris", "q2", 3],
-      ["manual-keep", "manual", "0 5 * * *", "UTC", "default", 0],
+      ["manual-keep", "manual", "0 5 * * *", "UTC", null, 0],
     ]);
     assertEquals(first[1]!.payload, { ms: 1 });
 
@@ -412,9 +416,9 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
     );
     const second = await listSchedules(db.sql);
     assertEquals(second.map((r) => [r.name, r.source, r.cron, r.queue]), [
-      ["file-a", "file", "30 * * * *", "default"],
+      ["file-a", "file", "30 * * * *", null],
       ["file-c", "file", "0 0 1 * *", "monthly"],
-      ["manual-keep", "manual", "0 5 * * *", "default"],
+      ["manual-keep", "manual", "0 5 * * *", null],
     ]);
 
     // The same file again changes nothing.
