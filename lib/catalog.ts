@@ -65,8 +65,9 @@ export interface ConsumerRegistration {
 }
 
 /**
- * A task whose registration replaced different settings that another live consumer had
- * registered (and still runs it): the settings it had, and whose they were.
+ * A task whose registration replaced different settings while other live consumers run it:
+ * the settings it had, who registered them, and the live consumers (this one aside) that
+ * run the task.
  */
 export interface RegistrationConflict {
   name: string;
@@ -74,6 +75,7 @@ export interface RegistrationConflict {
   max_attempts: number | null;
   timeout_ms: number | null;
   registered_by: string;
+  live_workers: string[];
 }
 
 /** The catalog entries of a consumer's tasks, by name (the order rows are locked in). */
@@ -88,39 +90,49 @@ export function registrationsOf(tasks: readonly AnyTask[]): TaskRegistration[] {
     .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
 }
 
-/** The registration's columns, each an array in the registration's order. */
-function columns(consumer: ConsumerRegistration) {
+/**
+ * A registration's tasks as the JSON array the statements read with jsonb_to_recordset, and
+ * its queues as a JSON array. JSON rather than array parameters: postgres.js sends an array
+ * parameter as text when it is the first statement on a new pool and the pool has not yet
+ * learnt the array types (seen in tests: "malformed array literal").
+ */
+function documents(consumer: ConsumerRegistration): { tasks: string; queues: string } {
   return {
-    names: consumer.tasks.map((t) => t.name),
-    queues: consumer.tasks.map((t) => t.queue),
-    attempts: consumer.tasks.map((t) => t.maxAttempts),
-    timeouts: consumer.tasks.map((t) => t.timeoutMs),
+    tasks: JSON.stringify(consumer.tasks.map((t) => ({
+      name: t.name,
+      queue: t.queue,
+      max_attempts: t.maxAttempts,
+      timeout_ms: t.timeoutMs,
+    }))),
+    queues: JSON.stringify(consumer.queues),
   };
 }
 
 /**
  * Register a consumer and its tasks in one statement: its row in `shoal.consumers` (started
  * and seen now), and each task's settings in `shoal.tasks` (the last registration wins).
- * Returns the tasks whose settings differed from those another live consumer registered
- * and still runs: the caller warns about them. Rows are written in name order, so two
+ * Returns the tasks whose settings differed from those registered before while other live
+ * consumers run them: the caller warns about them. Rows are written in name order, so two
  * consumers registering at once never deadlock.
  */
 export async function registerConsumer(
   db: Db,
   consumer: ConsumerRegistration,
 ): Promise<RegistrationConflict[]> {
-  const c = columns(consumer);
+  const doc = documents(consumer);
   // One snapshot for the whole statement: `before` reads the rows as they were before the
   // upsert in the same statement rewrote them.
   return await db<RegistrationConflict[]>`
     with mine as (
-      select u.name, u.queue, u.max_attempts, u.timeout_ms
-      from unnest(${c.names}::text[], ${c.queues}::text[], ${c.attempts}::integer[],
-                  ${c.timeouts}::integer[]) as u(name, queue, max_attempts, timeout_ms)
+      select r.name, r.queue, r.max_attempts, r.timeout_ms
+      from jsonb_to_recordset(${doc.tasks}::text::jsonb)
+        as r(name text, queue text, max_attempts integer, timeout_ms integer)
     ),
     me as (
       insert into shoal.consumers as k (worker_id, queues, tasks)
-      values (${consumer.workerId}::text, ${consumer.queues}::text[], ${c.names}::text[])
+      values (${consumer.workerId}::text,
+              array(select jsonb_array_elements_text(${doc.queues}::text::jsonb)),
+              array(select m.name from mine m order by m.name))
       on conflict (worker_id) do update
       set queues = excluded.queues, tasks = excluded.tasks, started_at = now(),
           last_seen_at = now()
@@ -138,15 +150,18 @@ export async function registerConsumer(
           timeout_ms = excluded.timeout_ms, registered_by = excluded.registered_by,
           registered_at = now(), last_seen_at = now()
     )
-    select b.name, b.queue, b.max_attempts, b.timeout_ms, b.registered_by
-    from before b join mine m on m.name = b.name
+    select b.name, b.queue, b.max_attempts, b.timeout_ms, b.registered_by, w.live_workers
+    from before b
+    join mine m on m.name = b.name
+    cross join lateral (
+      select array_agg(k.worker_id order by k.worker_id) as live_workers
+      from shoal.consumers k
+      where k.worker_id <> ${consumer.workerId}::text and b.name = any(k.tasks)
+        and k.last_seen_at > now() - ${LIVE_WINDOW_MS}::integer * interval '1 ms'
+    ) w
     where (b.queue, b.max_attempts, b.timeout_ms)
         is distinct from (m.queue, m.max_attempts, m.timeout_ms)
-      and b.registered_by <> ${consumer.workerId}::text
-      and exists (
-        select 1 from shoal.consumers k
-        where k.worker_id = b.registered_by and b.name = any(k.tasks)
-          and k.last_seen_at > now() - ${LIVE_WINDOW_MS}::integer * interval '1 ms')
+      and w.live_workers is not null
     order by b.name`;
 }
 
@@ -156,19 +171,24 @@ export async function registerConsumer(
  * consumer registered since are left as they are (the last registration still wins).
  */
 export async function refreshConsumer(db: Db, consumer: ConsumerRegistration): Promise<void> {
-  const c = columns(consumer);
+  const doc = documents(consumer);
   await db`
-    with me as (
+    with mine as (
+      select r.name, r.queue, r.max_attempts, r.timeout_ms
+      from jsonb_to_recordset(${doc.tasks}::text::jsonb)
+        as r(name text, queue text, max_attempts integer, timeout_ms integer)
+    ),
+    me as (
       insert into shoal.consumers as k (worker_id, queues, tasks)
-      values (${consumer.workerId}::text, ${consumer.queues}::text[], ${c.names}::text[])
+      values (${consumer.workerId}::text,
+              array(select jsonb_array_elements_text(${doc.queues}::text::jsonb)),
+              array(select m.name from mine m order by m.name))
       on conflict (worker_id) do update
       set queues = excluded.queues, tasks = excluded.tasks, last_seen_at = now()
     )
     insert into shoal.tasks as t (name, queue, max_attempts, timeout_ms, registered_by)
-    select u.name, u.queue, u.max_attempts, u.timeout_ms, ${consumer.workerId}::text
-    from unnest(${c.names}::text[], ${c.queues}::text[], ${c.attempts}::integer[],
-                ${c.timeouts}::integer[]) as u(name, queue, max_attempts, timeout_ms)
-    order by u.name
+    select m.name, m.queue, m.max_attempts, m.timeout_ms, ${consumer.workerId}::text
+    from mine m order by m.name
     on conflict (name) do update set last_seen_at = now()`;
 }
 
@@ -182,12 +202,13 @@ export async function listCatalogTasks(
   db: Db,
   options: { names?: string[] } = {},
 ): Promise<CatalogTask[]> {
-  const names = options.names ?? null;
+  // The names as JSON, for the reason documents() gives.
+  const where = options.names === undefined
+    ? db`true`
+    : db`name in (select jsonb_array_elements_text(${JSON.stringify(options.names)}::text::jsonb))`;
   return await db<CatalogTask[]>`
     select name, queue, max_attempts, timeout_ms, registered_by, registered_at, last_seen_at
-    from shoal.tasks
-    where ${names}::text[] is null or name = any(${names}::text[])
-    order by name`;
+    from shoal.tasks where ${where} order by name`;
 }
 
 /** Consumers seen within LIVE_WINDOW_MS, by worker id. */

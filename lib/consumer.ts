@@ -128,8 +128,9 @@ function describeSettings(
 
 /**
  * Register a consumer and its tasks in the catalog (retried once on a lost connection), and
- * warn once per task whose settings differ from those another live consumer registered:
- * the last registration wins, and names both. Throws when the statement fails.
+ * warn once per task whose settings differ from those registered before while other live
+ * consumers run it: the warning names both registrations; the last one wins. Throws when
+ * the statement fails.
  */
 export async function registerOnce(db: Db, consumer: ConsumerRegistration): Promise<void> {
   const conflicts = await retryOnce("register", () => registerConsumer(db, consumer));
@@ -142,13 +143,14 @@ export async function registerOnce(db: Db, consumer: ConsumerRegistration): Prom
       timeout_ms: own.timeoutMs,
     });
     logger("catalog").warn(
-      "Task {task} registered by {worker} ({settings}) differs from its registration by live consumer {other_worker} ({other_settings}): the last registration wins, so jobs enqueued without a queue or max attempts now take {worker}'s settings",
+      "Task {task} registered by {worker} ({settings}) differs from its registration by {other_worker} ({other_settings}) while live consumers {live_workers} run it: the last registration wins, so jobs enqueued without a queue or max attempts now take {worker}'s settings",
       {
         task: other.name,
         worker: consumer.workerId,
         settings: ours,
         other_worker: other.registered_by,
         other_settings: describeSettings(other),
+        live_workers: other.live_workers.join(","),
       },
     );
   }

@@ -123,6 +123,35 @@ Deno.test("shoal schedule add creates a schedule, and adding an existing name up
   assertEquals(await rows(db.sql), [updated]);
 });
 
+Deno.test("shoal schedule add warns on one line about a task no consumer registered, and adds it", async () => {
+  await using db = await testDb();
+  const added = await runShoal(
+    ["schedule", "add", "greet", "--cron", "0 9 * * *", "--task", "app.greet"],
+    { url: db.url },
+  );
+  assertEquals(added, {
+    code: 0,
+    stdout: "Schedule greet created\n",
+    stderr:
+      'Warning: no consumer has registered task "app.greet": its jobs go to queue default with 25 attempts until one does\n',
+  });
+  assertEquals(await rows(db.sql), [row("greet", { cron: "0 9 * * *", task: "app.greet" })]);
+  const pinned = await runShoal(
+    ["schedule", "add", "pinned", "--cron", "0 9 * * *", "--task", "app.greet", "--queue", "p"],
+    { url: db.url },
+  );
+  assertEquals(
+    pinned.stderr,
+    'Warning: no consumer has registered task "app.greet": its jobs go to queue p with 25 attempts until one does\n',
+  );
+  await registerTasks(db.sql, ["app.greet"], { queues: ["app"], settings: { queue: "app" } });
+  const known = await runShoal(
+    ["schedule", "add", "greet", "--cron", "0 10 * * *", "--task", "app.greet"],
+    { url: db.url },
+  );
+  assertEquals(known, { code: 0, stdout: "Schedule greet updated\n", stderr: "" });
+});
+
 Deno.test("shoal schedule list prints a table, and --json the rows", async () => {
   await using db = await testDb();
   const empty = await runShoal(["schedule", "list"], { url: db.url });
