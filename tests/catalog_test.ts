@@ -229,12 +229,39 @@ Deno.test("enqueue() by name on a busy pool wakes the consumers of the task's ca
   await withGreet(db.sql);
   const heard: string[] = [];
   const sub = await db.sql.listen("shoal_jobs", (payload) => void heard.push(payload));
+  // An enqueue kept waiting on a dedupe key another transaction holds keeps the pool busy:
+  // the enqueues below then share a NOTIFY sent after their commit (lib/queue.ts Wakeups),
+  // which must find their queue in the catalog, having none of their own.
+  let release = () => {};
+  const held = new Promise<void>((resolve) => (release = resolve));
+  const holding = db.sql.begin(async (tx) => {
+    await tx`select shoal.enqueue('blockq', 'blocker', key => 'k', notify => false)`;
+    await held;
+    throw new Error("rolled back on purpose");
+  }).catch(() => {});
   try {
-    // Enqueues that overlap on one pool share a NOTIFY sent after their commits.
-    await Promise.all(Array.from({ length: 8 }, () => enqueue(db.sql, "app.greet", {})));
+    await waitFor("the key to be held", async () => {
+      const [row] = await db.sql<{ n: number }[]>`
+        select count(*)::integer as n from pg_locks where locktype = 'transactionid'
+          and pid <> pg_backend_pid() and granted`;
+      return row!.n > 0;
+    });
+    const blocked = enqueue(db.sql, "blocker", {}, { queue: "blockq", key: "k" });
+    await waitFor("the blocked enqueue", async () => {
+      const [row] = await db.sql<{ n: number }[]>`
+        select count(*)::integer as n from pg_stat_activity
+        where datname = current_database() and wait_event_type = 'Lock'`;
+      return row!.n > 0;
+    });
+    await Promise.all(Array.from({ length: 3 }, () => enqueue(db.sql, "app.greet", {})));
     await waitFor("a wake for app", () => heard.includes("app"));
     assert(!heard.includes("default"), heard.join(" "));
+    release();
+    await holding;
+    await blocked;
   } finally {
+    release();
+    await holding;
     await sub.unlisten();
   }
 });
