@@ -110,8 +110,11 @@ interface JobColumns {
 
 /** Validate a job at the boundary; throws a TypeError or RangeError with one clear line. */
 function checkColumns(spec: JobSpec, maxPayloadBytes: number): JobColumns {
-  // Not given: null, so the insert takes the task's catalog queue (the catalog rule).
-  const queue = spec.queue === undefined ? null : checkName("queue", spec.queue);
+  // Not given: null, so the insert takes the task's catalog queue (the catalog rule). A null
+  // from plain JavaScript counts as not given, as it always has.
+  const queue = spec.queue === undefined || spec.queue === null
+    ? null
+    : checkName("queue", spec.queue);
   const task = checkName("task", spec.task);
   // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
   const payload = checkPayload(spec.payload === undefined ? {} : spec.payload, maxPayloadBytes);
