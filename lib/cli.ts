@@ -45,7 +45,15 @@ import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { localDatabaseHint, runDev, unreachableDevHint } from "./dev.ts";
 import { describeError, logger, setupLogging } from "./log.ts";
 import { checkSchema, describeMigration, loadMigrations, migrate } from "./migrate.ts";
-import { checkJobSpec, enqueueMany, type JobSpec } from "./queue.ts";
+import {
+  checkJobSpec,
+  DEFAULT_MAX_ATTEMPTS,
+  DEFAULT_QUEUE,
+  enqueueMany,
+  type JobSpec,
+  type TaskJobSpec,
+} from "./queue.ts";
+import { listCatalogTasks } from "./catalog.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
 import { builtinTasks } from "./builtin_tasks.ts";
@@ -317,8 +325,21 @@ async function watchCommand(
   return 0;
 }
 
+/** Whether any consumer ever registered `task` in the catalog. */
+async function isRegistered(sql: Sql, task: string): Promise<boolean> {
+  return (await listCatalogTasks(sql, { names: [task] })).length > 0;
+}
+
+/**
+ * `shoal enqueue`: a queue or max attempts not given is the definition's when this binary
+ * defines the task (as for a typed enqueue: a team's own binary knows its tasks before any
+ * consumer has registered them), else the task's in the catalog (the catalog rule, applied
+ * by the insert). A task neither knows still goes in (to `default`, 25 attempts, unless
+ * given), with a warning on stderr.
+ */
 async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  let spec: JobSpec | null = null;
+  let spec: JobSpec | TaskJobSpec | null = null;
+  let name = "";
   return await withDb(parsed, {
     name: "enqueue",
     flags: [
@@ -334,8 +355,8 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
     ],
     needs: "current schema",
     check: (opts) => {
-      const name = opts.task;
-      if (name === undefined) throw new UsageError("shoal enqueue needs --task");
+      if (opts.task === undefined) throw new UsageError("shoal enqueue needs --task");
+      name = opts.task;
       const payload = parsePayloadFlag(opts.payload);
       let runAt: Date | undefined;
       if (opts["run-at"] !== undefined) {
@@ -344,25 +365,35 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
           throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
         }
       }
-      const task = tasks.get(name);
-      spec = {
-        task: name,
-        payload,
-        queue: opts.queue ?? task?.queue,
+      const definition = tasks.get(name);
+      const options = {
+        queue: opts.queue,
         runAt,
         priority: opts.priority,
         key: opts.key,
         fairnessKey: opts["fairness-key"],
-        maxAttempts: opts["max-attempts"] ?? task?.maxAttempts,
+        maxAttempts: opts["max-attempts"],
       };
+      const job: JobSpec | TaskJobSpec = definition === undefined
+        ? { task: name, payload, ...options }
+        : { task: definition, payload, ...options };
+      spec = job;
       try {
-        checkJobSpec(spec, opts["max-payload"]);
+        checkJobSpec(job, opts["max-payload"]);
       } catch (error) {
         throw new UsageError(messageOf(error));
       }
     },
   }, async (sql, opts) => {
+    const known = tasks.get(name) !== undefined || await isRegistered(sql, name);
     const [result] = await enqueueMany(sql, [spec!], { maxPayloadBytes: opts["max-payload"] });
+    if (!known) {
+      err(
+        `Warning: no consumer has registered task "${name}": the job goes to queue ${
+          spec!.queue ?? DEFAULT_QUEUE
+        } with ${spec!.maxAttempts ?? DEFAULT_MAX_ATTEMPTS} attempts\n`,
+      );
+    }
     out(`${result!.id}\n`);
     return 0;
   });
@@ -658,6 +689,15 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
         },
       }, async (sql) => {
         const outcome = await upsertSchedule(sql, spec!);
+        // Its fires take the task's catalog queue and attempts when they happen; say now
+        // when there is none yet.
+        if (!await isRegistered(sql, spec!.task)) {
+          err(
+            `Warning: no consumer has registered task "${spec!.task}": its jobs go to queue ${
+              spec!.queue ?? DEFAULT_QUEUE
+            } with ${DEFAULT_MAX_ATTEMPTS} attempts until one does\n`,
+          );
+        }
         out(`Schedule ${name} ${outcome}\n`);
         return 0;
       });

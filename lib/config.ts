@@ -164,7 +164,11 @@ export const OPTIONS = {
   watch: { kind: "boolean", default: "false", env: null, help: "redraw status every --interval" },
   json: { kind: "boolean", default: "false", env: null, help: "print JSON for scripts" },
   task: { kind: "name", env: null, help: "task name" },
-  queue: { kind: "name", env: null, help: "queue name" },
+  queue: {
+    kind: "name",
+    env: null,
+    help: "queue name (enqueue, schedule add: the task's registered queue unless given)",
+  },
   payload: { kind: "string", default: "{}", env: null, help: "JSON object passed to the handler" },
   "run-at": {
     kind: "string",
@@ -181,7 +185,13 @@ export const OPTIONS = {
   },
   key: { kind: "string", env: null, help: "dedupe key" },
   "fairness-key": { kind: "string", env: null, help: "share the queue fairly across these" },
-  "max-attempts": { kind: "int", min: 1, max: 1000, env: null, help: "runs before dead-lettering" },
+  "max-attempts": {
+    kind: "int",
+    min: 1,
+    max: 1000,
+    env: null,
+    help: "runs before dead-lettering (the task's registered value unless given)",
+  },
   limit: { kind: "int", default: "100", min: 1, max: 100_000, env: null, help: "rows to show" },
   "older-than": { kind: "duration", env: null, help: "only rows older than this" },
   all: { kind: "boolean", default: "false", env: null, help: "dead purge: every dead job" },

@@ -19,6 +19,10 @@
  * completer's backlog, the poll interval, or the stop signal. On shutdown the buffer is
  * handed back at once.
  *
+ * At start it registers itself and its tasks in the catalog (lib/catalog.ts: where jobs of
+ * its tasks go when an enqueue names no queue), refreshes that about once a minute, and
+ * removes its consumer row on a graceful stop.
+ *
  * @module
  */
 import {
@@ -48,6 +52,15 @@ import {
   release,
 } from "./queue.ts";
 import type { TaskRegistry } from "./tasks.ts";
+import {
+  CATALOG_REFRESH_MS,
+  type ConsumerRegistration,
+  refreshConsumer,
+  registerConsumer,
+  registrationsOf,
+  type TaskRegistration,
+  unregisterConsumer,
+} from "./catalog.ts";
 import { PrefetchBuffer } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
@@ -81,6 +94,8 @@ export interface ConsumerOptions {
   ackBacklogLimit?: number;
   /** Called on every turn of the loop (the liveness check, lib/liveness.ts). */
   onTurn?: () => void;
+  /** How often the catalog hears that this consumer is alive (default CATALOG_REFRESH_MS). */
+  catalogRefreshMs?: number;
 }
 
 /** The longest wait between claims after failed ones (the backoff's cap). */
@@ -159,6 +174,108 @@ export async function claimOnce(db: Db, options: ClaimOptions): Promise<ClaimRes
     );
   }
   return result;
+}
+
+/** A registration's settings as a log line shows them: `queue app, 3 attempts, timeout 30s`. */
+function describeSettings(
+  t: { queue: string | null; max_attempts: number | null; timeout_ms: number | null },
+): string {
+  return [
+    t.queue === null ? "no queue of its own" : `queue ${t.queue}`,
+    t.max_attempts === null ? "no max attempts of its own" : `${t.max_attempts} attempts`,
+    t.timeout_ms === null
+      ? "the consumer's --task-timeout"
+      : `timeout ${formatDuration(t.timeout_ms)}`,
+  ].join(", ");
+}
+
+/**
+ * Register a consumer and its tasks in the catalog (retried once on a lost connection), and
+ * warn once per task whose settings differ from those registered before while other live
+ * consumers run it: the warning names both registrations; the last one wins. Throws when
+ * the statement fails.
+ */
+export async function registerOnce(db: Db, consumer: ConsumerRegistration): Promise<void> {
+  const conflicts = await retryOnce("register", () => registerConsumer(db, consumer));
+  const mine = new Map<string, TaskRegistration>(consumer.tasks.map((t) => [t.name, t]));
+  for (const other of conflicts) {
+    const own = mine.get(other.name)!;
+    const ours = describeSettings({
+      queue: own.queue,
+      max_attempts: own.maxAttempts,
+      timeout_ms: own.timeoutMs,
+    });
+    logger("catalog").warn(
+      "Task {task} registered by {worker} ({settings}) differs from its registration by {other_worker} ({other_settings}) while live consumers {live_workers} run it: the last registration wins, so jobs enqueued without a queue or max attempts now take {worker}'s settings",
+      {
+        task: other.name,
+        worker: consumer.workerId,
+        settings: ours,
+        other_worker: other.registered_by,
+        other_settings: describeSettings(other),
+        live_workers: other.live_workers.join(","),
+      },
+    );
+  }
+}
+
+/**
+ * Keeps a consumer's catalog rows current: registers at start, refreshes every interval
+ * (registering again if the start failed), and unregisters on stop. Never throws: a catalog
+ * write that fails is logged and tried again at the next refresh; the consumer runs on.
+ */
+class CatalogPresence {
+  #registered = false;
+  #timer: ReturnType<typeof setInterval> | undefined;
+  #inFlight: Promise<void> | null = null;
+  #everyMs = CATALOG_REFRESH_MS;
+
+  constructor(private readonly db: Db, private readonly consumer: ConsumerRegistration) {}
+
+  /** Register now, then refresh every `everyMs`. */
+  async start(everyMs: number): Promise<void> {
+    this.#everyMs = everyMs;
+    await this.#beat();
+    this.#timer = setInterval(() => {
+      this.#inFlight ??= this.#beat().finally(() => (this.#inFlight = null));
+    }, everyMs);
+  }
+
+  async #beat(): Promise<void> {
+    try {
+      if (this.#registered) {
+        await retryOnce("refresh", () => refreshConsumer(this.db, this.consumer));
+      } else {
+        await registerOnce(this.db, this.consumer);
+        this.#registered = true;
+      }
+    } catch (error) {
+      logger("catalog").error(
+        "Cannot {what} consumer {worker} in the task catalog, trying again in {wait}: {error}",
+        {
+          what: this.#registered ? "refresh" : "register",
+          worker: this.consumer.workerId,
+          wait: formatDuration(this.#everyMs),
+          error: describeError(error),
+        },
+      );
+    }
+  }
+
+  /** Stop refreshing and remove the consumer's row (its tasks stay in the catalog). */
+  async stop(): Promise<void> {
+    clearInterval(this.#timer);
+    // A refresh landing after the delete would bring the row back.
+    await this.#inFlight;
+    try {
+      await retryOnce("unregister", () => unregisterConsumer(this.db, this.consumer.workerId));
+    } catch (error) {
+      logger("catalog").warn(
+        "Cannot remove consumer {worker} from the task catalog, it counts as live for a few more minutes: {error}",
+        { worker: this.consumer.workerId, error: describeError(error) },
+      );
+    }
+  }
 }
 
 /** What one heartbeat extends: every job this process holds, in one statement. */
@@ -557,6 +674,13 @@ export async function runConsumer(
     beating ??= heartbeat().finally(() => (beating = null));
   }, heartbeatEvery);
 
+  const presence = new CatalogPresence(sql, {
+    workerId,
+    queues: [...queues],
+    tasks: registrationsOf(tasks.names().map((name) => tasks.get(name)!)),
+  });
+  await presence.start(options.catalogRefreshMs ?? CATALOG_REFRESH_MS);
+
   /** Wakes the loop when the earliest announced delayed job becomes due. */
   const dueWake = new DueWake(announce);
   const unlisten = options.listen
@@ -635,6 +759,7 @@ export async function runConsumer(
     await Promise.all(handingBack);
     await completer.drain();
     await beating;
+    await presence.stop();
     if (unlisten) {
       await unlisten().catch((error) =>
         log.warn("Cannot UNLISTEN: {error}", { error: describeError(error) })

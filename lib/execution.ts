@@ -18,13 +18,7 @@
  */
 import { checkDb, checkId, checkInteger, checkObject, checkOptions, MAX_INT4 } from "./args.ts";
 import type { Db } from "./db.ts";
-import {
-  type CheckedJob,
-  checkJobSpec,
-  DEFAULT_MAX_ATTEMPTS,
-  type JobSpec,
-  type TaskJobSpec,
-} from "./queue.ts";
+import { type CheckedJob, checkJobSpec, type JobSpec, type TaskJobSpec } from "./queue.ts";
 import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
 export type ExecutionStatus = "pending" | "running" | "completed" | "failed" | "cancelled";
@@ -57,7 +51,8 @@ export interface ExecutionSummary {
  * Start an execution with its first job; returns the execution id. The job names its task
  * or carries its definition, as enqueueMany's do, and takes every enqueue option but a
  * dedupe key (a key already held would leave the execution without its job): that is a
- * TypeError.
+ * TypeError. A queue or max attempts not given is the definition's, else the task's in the
+ * catalog, as for enqueue().
  */
 export async function startExecution<T extends JobSpec | TaskJobSpec>(
   db: Db,
@@ -78,11 +73,11 @@ export async function startExecution<T extends JobSpec | TaskJobSpec>(
   const row = checkJobSpec(job, options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES);
   const [result] = await db<{ id: string }[]>`
     select shoal.start_execution(
-      ${row.queue as string}::text, ${row.task as string}::text,
+      ${(row.queue as string | undefined) ?? null}::text, ${row.task as string}::text,
       ${JSON.stringify(row.payload)}::text::jsonb,
       priority => ${(row.priority as number | undefined) ?? 0}::integer,
       fairness_key => ${(row.fairness_key as string | undefined) ?? null}::text,
-      max_attempts => ${(row.max_attempts as number | undefined) ?? DEFAULT_MAX_ATTEMPTS}::integer,
+      max_attempts => ${(row.max_attempts as number | undefined) ?? null}::integer,
       run_at => ${(row.run_at as string | undefined) ?? null}::timestamptz) as id`;
   return result!.id;
 }

@@ -62,9 +62,16 @@ export interface Job {
   deadline: Date;
 }
 
-/** Where and how a job runs; every field optional. */
+/**
+ * Where and how a job runs; every field optional. A queue or max attempts not given is the
+ * task's in the catalog (what its consumers registered), else `default` and 25: the
+ * catalog rule, stated in `sql/functions/queue.sql`.
+ */
 export interface EnqueueOptions {
-  /** Queue name; unless given, the definition's queue (enqueued through one), else `default`. */
+  /**
+   * Queue name; unless given, the definition's queue (enqueued through one), else the task's
+   * catalog queue (`default` for a task never registered).
+   */
   queue?: string;
   /** Earliest start; now unless given. */
   runAt?: Date;
@@ -74,7 +81,10 @@ export interface EnqueueOptions {
   key?: string;
   /** Jobs sharing a queue are served fairly across fairness keys (a tenant id, say). */
   fairnessKey?: string;
-  /** Runs before the job is dead-lettered; unless given, the definition's, else 25. */
+  /**
+   * Runs before the job is dead-lettered; unless given, the definition's, else the task's
+   * catalog value (25 for a task never registered).
+   */
   maxAttempts?: number;
 }
 
@@ -133,9 +143,12 @@ export interface EnqueueManyOptions {
   maxPayloadBytes?: number;
 }
 
-/** One validated job, as the columns `shoal.insert_job(s)` take (null: the column default). */
+/**
+ * One validated job, as the columns `shoal.insert_job(s)` take (null: the column default;
+ * for queue and max attempts, the task's in the catalog).
+ */
 interface JobColumns {
-  queue: string;
+  queue: string | null;
   task: string;
   /** The payload's JSON text. */
   payload: string;
@@ -149,9 +162,12 @@ interface JobColumns {
 
 /** Validate a job at the boundary; throws a TypeError or RangeError with one clear line. */
 function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number): JobColumns {
-  // A definition's settings apply where the job does not set its own.
+  // A definition's settings apply where the job does not set its own. Not given at all:
+  // null, so the insert takes the task's catalog queue and attempts (the catalog rule). A
+  // null from plain JavaScript counts as not given, as it always has.
   const settings = taskSettings(spec.task);
-  const queue = checkName("queue", spec.queue ?? settings.queue ?? DEFAULT_QUEUE);
+  const given = spec.queue ?? settings.queue;
+  const queue = given === undefined || given === null ? null : checkName("queue", given);
   const task = checkName("task", settings.name);
   const maxAttempts = spec.maxAttempts ?? settings.maxAttempts;
   // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
@@ -198,10 +214,10 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number): JobColumns {
 export function checkJobSpec(spec: AnyJobSpec, maxPayloadBytes: number): Record<string, unknown> {
   const columns = checkColumns(spec, maxPayloadBytes);
   const row: Record<string, unknown> = {
-    queue: columns.queue,
     task: columns.task,
     payload: JSON.parse(columns.payload),
   };
+  if (columns.queue !== null) row.queue = columns.queue;
   if (columns.runAt !== null) row.run_at = columns.runAt;
   if (columns.priority !== null) row.priority = columns.priority;
   if (columns.maxAttempts !== null) row.max_attempts = columns.maxAttempts;
@@ -225,10 +241,11 @@ class Wakeups {
   /** Enqueues with NOTIFY on that run on this pool now, their wait for a flush included. */
   active = 0;
   /**
-   * Committed jobs owed a NOTIFY, not yet taken by a flush: their queue and start (null:
-   * now), deduplicated; shoal.notify_jobs turns them into payloads.
+   * Committed jobs owed a NOTIFY, not yet taken by a flush: their queue (null: their task's
+   * in the catalog) and start (null: now), deduplicated; shoal.notify_jobs turns them into
+   * payloads.
    */
-  #owed = new Map<string, { queue: string; runAt: string | null }>();
+  #owed = new Map<string, { queue: string | null; task: string; runAt: string | null }>();
   /** The flush on the wire, if any. */
   #sending: Promise<void> | null = null;
   /** The flush that starts when the one on the wire ends; it takes what is owed then. */
@@ -238,7 +255,11 @@ class Wakeups {
 
   /** Owe a NOTIFY for these committed jobs; resolves once it is sent. */
   owe(jobs: readonly JobColumns[]): Promise<void> {
-    for (const { queue, runAt } of jobs) this.#owed.set(`${queue} ${runAt}`, { queue, runAt });
+    for (const { queue, task, runAt } of jobs) {
+      // Without a queue, the task stands for it (a name holds no space).
+      const where = queue === null ? `task ${task}` : queue;
+      this.#owed.set(`${where} ${runAt}`, { queue, task, runAt });
+    }
     this.#next ??= this.#afterSending().then(() => this.#send());
     return this.#next;
   }
@@ -254,15 +275,27 @@ class Wakeups {
     const owed = [...this.#owed.values()];
     this.#owed.clear();
     const queues = owed.map((o) => o.queue);
+    const runAts = owed.map((o) => o.runAt);
     try {
-      await this.sql`
-        select shoal.notify_jobs(${queues}::text[], ${owed.map((o) => o.runAt)}::timestamptz[])`;
+      if (queues.includes(null)) {
+        // Jobs enqueued by task name went to their task's queue: the catalog rule finds it
+        // again (a registration in between sends this wake astray; the poll still finds them).
+        await this.sql`
+          select shoal.notify_jobs(s.queues, ${runAts}::timestamptz[])
+          from shoal.task_settings_many(${owed.map((o) => o.task)}::text[], ${queues}::text[],
+                                        null) s`;
+      } else {
+        await this.sql`select shoal.notify_jobs(${queues}::text[], ${runAts}::timestamptz[])`;
+      }
     } catch (error) {
       // The jobs are committed: failing the enqueue would invite a duplicate. Consumers
       // still find them at their next poll.
       logger("queue").warn(
         "Cannot wake consumers of {queue} after enqueue, they pick the jobs up at their next poll: {error}",
-        { queue: [...new Set(queues)].join(","), error: describeError(error) },
+        {
+          queue: [...new Set(owed.map((o) => o.queue ?? `(the queue of ${o.task})`))].join(","),
+          error: describeError(error),
+        },
       );
     } finally {
       this.#sending = null;
@@ -691,6 +724,11 @@ export interface QueueCounts {
   dead?: number;
   /** Seconds the oldest ready job has been visible (to the microsecond); 0 when none. */
   oldest_ready_age_s: number;
+  /**
+   * The ready jobs by task (tasks with none left out): only with `{ readyByTask: true }`,
+   * absent otherwise.
+   */
+  ready_by_task?: Record<string, number>;
 }
 
 /**
@@ -698,16 +736,50 @@ export interface QueueCounts {
  * the live table, ordered by queue. With `dead`, the dead-letter table is counted too
  * (`shoal status`), and a queue holding only dead jobs is listed; without it (/metrics,
  * read every few seconds) the statement does not name that table, which can be large: it
- * is neither read nor locked.
+ * is neither read nor locked. With `readyByTask` (`shoal status`), the same scan groups by
+ * queue and task, and each queue's ready jobs come back by task too.
  */
 export async function countJobs(
   db: Db,
-  options: { dead?: boolean } = {},
+  options: { dead?: boolean; readyByTask?: boolean } = {},
 ): Promise<QueueCounts[]> {
   const dead = options.dead ?? false;
+  const byTask = options.readyByTask ?? false;
   const deadCounts = dead
     ? db`select queue, count(*) as dead from shoal.dead_jobs group by queue`
     : db`select null::text as queue, 0::bigint as dead where false`;
+  // Grouping by (queue, task) then by queue still reads the table once: the second
+  // grouping runs over the first one's groups, not over the rows.
+  const liveCounts = byTask
+    ? db`
+      select queue, sum(ready) as ready, sum(scheduled) as scheduled, sum(running) as running,
+        sum(prefetched) as prefetched,
+        coalesce(extract(epoch from now() - min(oldest_ready)), 0) as oldest_ready_age_s,
+        jsonb_object_agg(task, ready) filter (where ready > 0) as ready_by_task
+      from (
+        select queue, task,
+          count(*) filter (where run_at <= now()) as ready,
+          count(*) filter (where run_at > now() and locked_by is null) as scheduled,
+          count(*) filter (
+            where run_at > now() and locked_by is not null and started_at is not null) as running,
+          count(*) filter (
+            where run_at > now() and locked_by is not null and started_at is null) as prefetched,
+          min(run_at) filter (where run_at <= now()) as oldest_ready
+        from shoal.jobs group by queue, task
+      ) t
+      group by queue`
+    : db`
+      select queue,
+        count(*) filter (where run_at <= now()) as ready,
+        count(*) filter (where run_at > now() and locked_by is null) as scheduled,
+        count(*) filter (
+          where run_at > now() and locked_by is not null and started_at is not null) as running,
+        count(*) filter (
+          where run_at > now() and locked_by is not null and started_at is null) as prefetched,
+        coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)
+          as oldest_ready_age_s,
+        null::jsonb as ready_by_task
+      from shoal.jobs group by queue`;
   const rows = await db<
     {
       queue: string;
@@ -717,25 +789,16 @@ export async function countJobs(
       prefetched: string;
       dead: string;
       oldest_ready_age_s: number;
+      ready_by_task: Record<string, number> | null;
     }[]
   >`
-    with live as (
-      select queue,
-        count(*) filter (where run_at <= now()) as ready,
-        count(*) filter (where run_at > now() and locked_by is null) as scheduled,
-        count(*) filter (
-          where run_at > now() and locked_by is not null and started_at is not null) as running,
-        count(*) filter (
-          where run_at > now() and locked_by is not null and started_at is null) as prefetched,
-        coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)
-          as oldest_ready_age_s
-      from shoal.jobs group by queue
-    ),
+    with live as (${liveCounts}),
     dead as (${deadCounts})
     select coalesce(l.queue, d.queue) as queue, coalesce(l.ready, 0) as ready,
       coalesce(l.scheduled, 0) as scheduled, coalesce(l.running, 0) as running,
       coalesce(l.prefetched, 0) as prefetched,
-      coalesce(d.dead, 0) as dead, coalesce(l.oldest_ready_age_s, 0)::float8 as oldest_ready_age_s
+      coalesce(d.dead, 0) as dead, coalesce(l.oldest_ready_age_s, 0)::float8 as oldest_ready_age_s,
+      l.ready_by_task
     from live l full join dead d on d.queue = l.queue
     order by 1`;
   return rows.map((r) => ({
@@ -746,6 +809,7 @@ export async function countJobs(
     prefetched: Number(r.prefetched),
     ...(dead ? { dead: Number(r.dead) } : {}),
     oldest_ready_age_s: r.oldest_ready_age_s,
+    ...(byTask ? { ready_by_task: r.ready_by_task ?? {} } : {}),
   }));
 }
 

@@ -10,7 +10,7 @@
  * tick (its lease renewal and one check).
  *
  * The sweeps hold no SQL of their own: each calls the module that owns its table
- * (barrier.ts, dead.ts, queue.ts).
+ * (barrier.ts, dead.ts, queue.ts, catalog.ts).
  *
  * @module
  */
@@ -34,6 +34,7 @@ import { checkTerm, holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts
 import { runLeaderLoop } from "./leader.ts";
 import { describeError, logger } from "./log.ts";
 import { listStuckJobs } from "./queue.ts";
+import { hasStaleConsumers, pruneConsumers, STALE_CONSUMER_MS } from "./catalog.ts";
 
 export const REAPER_LEASE = "reaper";
 /** Most rows one sweep touches per tick. */
@@ -74,6 +75,18 @@ export const deadRetentionSweep: Sweep = {
   everyTicks: HOUSEKEEPING_TICKS,
   pending: (db, options) => hasDeadOlderThan(db, options.deadRetentionMs),
   run: (tx, options, limit) => purgeDead(tx, { olderThanMs: options.deadRetentionMs, limit }),
+};
+
+/**
+ * Remove the catalog rows of consumers not seen for a day: they died without a graceful
+ * stop (which removes its own row). Their tasks stay in the catalog.
+ */
+export const staleConsumerSweep: Sweep = {
+  name: "stale-consumers",
+  kind: "housekeeping",
+  everyTicks: HOUSEKEEPING_TICKS,
+  pending: (db) => hasStaleConsumers(db, STALE_CONSUMER_MS),
+  run: (tx, _options, limit) => pruneConsumers(tx, { olderThanMs: STALE_CONSUMER_MS, limit }),
 };
 
 /** Ids already reported as stuck, so each is reported once, not on every tick. */
@@ -120,7 +133,7 @@ export const expiredBarrierSweep: Sweep = {
 
 /** Every sweep, recovery first. */
 export function defaultSweeps(): Sweep[] {
-  const sweeps = [expiredBarrierSweep, stuckReportSweep, deadRetentionSweep];
+  const sweeps = [expiredBarrierSweep, stuckReportSweep, deadRetentionSweep, staleConsumerSweep];
   return [
     ...sweeps.filter((s) => s.kind === "recovery"),
     ...sweeps.filter((s) => s.kind !== "recovery"),

@@ -177,8 +177,9 @@ export class JobRun {
       db: env.sql,
       enqueue: (task: string | AnyTask, payload?: unknown, opts: EnqueueOptions = {}) => {
         const options = { maxPayloadBytes: env.maxPayloadBytes, ...opts };
-        // By name, a task this consumer knows brings its queue and retry budget, like the
-        // CLI's; a definition brings its own. enqueue() refuses anything else.
+        // A definition brings its own queue and attempts, and so does a name this consumer
+        // defines (as for `shoal enqueue`); any other name takes the task's from the catalog
+        // (the catalog rule). enqueue() refuses anything that is neither.
         const definition = typeof task === "string" ? env.tasks.get(task) : task;
         return definition === undefined
           ? enqueue(env.sql, task as string, payload as Record<string, unknown>, options)

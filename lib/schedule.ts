@@ -18,7 +18,11 @@ export interface ScheduleSpec {
   name: string;
   cron: string;
   task: string;
-  queue?: string;
+  /**
+   * The queue its jobs go to. Not given (or null): its task's queue in the catalog at each
+   * fire (`default` while no consumer registered the task).
+   */
+  queue?: string | null;
   payload?: Record<string, unknown>;
   /** IANA time zone the cron is read in (default UTC). */
   tz?: string;
@@ -30,7 +34,8 @@ export interface ScheduleRow {
   cron: string;
   tz: string;
   task: string;
-  queue: string;
+  /** Null: its task's queue in the catalog, looked up at each fire. */
+  queue: string | null;
   payload: Record<string, unknown>;
   priority: number;
   enabled: boolean;
@@ -42,12 +47,32 @@ export interface ScheduleRow {
   updated_at: Date;
 }
 
+/** The fields a schedule takes; any other is refused, so a misspelt one is not silently lost. */
+const SCHEDULE_FIELDS: readonly string[] = [
+  "name",
+  "cron",
+  "task",
+  "queue",
+  "payload",
+  "tz",
+  "priority",
+] satisfies (keyof ScheduleSpec)[];
+
 /** Validate a spec at the boundary; returns it normalised (defaults filled in). */
 export async function checkSchedule(spec: ScheduleSpec): Promise<Required<ScheduleSpec>> {
-  if (spec === null || typeof spec !== "object") {
+  if (spec === null || typeof spec !== "object" || Array.isArray(spec)) {
     throw new TypeError("Invalid schedule: expected an object with name, cron and task");
   }
   const name = checkName("schedule", spec.name);
+  // A misspelt "timezone" would otherwise quietly mean UTC.
+  const unknown = Object.keys(spec).find((key) => !SCHEDULE_FIELDS.includes(key));
+  if (unknown !== undefined) {
+    throw new TypeError(
+      `Invalid schedule ${name}: unknown field "${unknown}" (the fields are ${
+        SCHEDULE_FIELDS.join(", ")
+      })`,
+    );
+  }
   const tz = checkTimeZone(spec.tz ?? "UTC");
   const cron = await checkCron(spec.cron, tz);
   const priority = spec.priority ?? 0;
@@ -63,7 +88,7 @@ export async function checkSchedule(spec: ScheduleSpec): Promise<Required<Schedu
     cron,
     tz,
     task: checkName("task", spec.task),
-    queue: checkName("queue", spec.queue ?? "default"),
+    queue: spec.queue === undefined || spec.queue === null ? null : checkName("queue", spec.queue),
     payload,
     priority,
   };

@@ -106,8 +106,9 @@ async function fireOne(
     const slot = row.next_run_at;
     try {
       await tx.savepoint(async (sp) => {
+        // Without a queue of its own, the job takes its task's catalog queue as of now.
         await enqueue(sp, row.task, row.payload, {
-          queue: row.queue,
+          queue: row.queue ?? undefined,
           priority: row.priority,
           key: `schedule:${row.name}:${slot.toISOString()}`,
         });

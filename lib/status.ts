@@ -6,7 +6,8 @@
  * successive samples and progress bars for open fan-outs; with `--json`, one line each.
  *
  * It holds no SQL: each section is read by the module that owns its table (queue.ts for
- * the job counts and totals, execution.ts, lease.ts, schedule.ts).
+ * the job counts and totals, execution.ts, lease.ts, schedule.ts, catalog.ts for the live
+ * consumers that tell which ready jobs no consumer runs).
  *
  * @module
  */
@@ -19,6 +20,7 @@ import { listExecutions } from "./execution.ts";
 import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
 import { countJobs, type JobTotals, jobTotals, type QueueCounts } from "./queue.ts";
+import { type ConsumerRow, listLiveConsumers } from "./catalog.ts";
 
 /** A queue's row in `shoal status`: its counts with the dead letters, the age in ms. */
 export interface QueueStatus extends QueueCounts {
@@ -55,11 +57,23 @@ export interface ExecutionStatusRow {
   arrived: number | null;
 }
 
+/**
+ * Ready jobs of one task on one queue that no live consumer runs: none claims from the
+ * queue, or those that do do not know the task. They wait until such a consumer starts.
+ */
+export interface UnservedJobs {
+  queue: string;
+  task: string;
+  ready: number;
+}
+
 export interface Status {
   queues: QueueStatus[];
   executions: ExecutionStatusRow[];
   leases: LeaseStatus[];
   schedules: ScheduleStatus[];
+  /** Ready jobs no live consumer runs, by queue and task (empty when every one is served). */
+  unserved: UnservedJobs[];
 }
 
 /**
@@ -67,7 +81,11 @@ export interface Status {
  * oldest ready age rounded to the millisecond.
  */
 export async function queueStatus(db: Db): Promise<QueueStatus[]> {
-  return (await countJobs(db, { dead: true })).map((r) => ({
+  return (await countJobs(db, { dead: true })).map(toQueueStatus);
+}
+
+function toQueueStatus(r: QueueCounts): QueueStatus {
+  return {
     queue: r.queue,
     ready: r.ready,
     scheduled: r.scheduled,
@@ -75,7 +93,27 @@ export async function queueStatus(db: Db): Promise<QueueStatus[]> {
     prefetched: r.prefetched,
     dead: r.dead ?? 0,
     oldest_ready_age_s: roundToMs(r.oldest_ready_age_s),
-  }));
+  };
+}
+
+/**
+ * The ready jobs (counted by queue and task) that none of `consumers` runs: no consumer
+ * claims from their queue and knows their task. By queue, then task.
+ */
+export function unservedJobs(counts: QueueCounts[], consumers: ConsumerRow[]): UnservedJobs[] {
+  const served = new Set<string>();
+  for (const c of consumers) {
+    for (const queue of c.queues) for (const task of c.tasks) served.add(`${queue} ${task}`);
+  }
+  const found: UnservedJobs[] = [];
+  for (const q of counts) {
+    for (const [task, ready] of Object.entries(q.ready_by_task ?? {}).sort()) {
+      if (ready > 0 && !served.has(`${q.queue} ${task}`)) {
+        found.push({ queue: q.queue, task, ready });
+      }
+    }
+  }
+  return found;
 }
 
 /**
@@ -115,7 +153,9 @@ export async function status(db: Db): Promise<Status> {
       arrived: open ? e.barriers.reduce((n, b) => n + b.arrived, 0) : null,
     };
   });
-  return { queues: await queueStatus(db), executions, leases, schedules };
+  const counts = await countJobs(db, { dead: true, readyByTask: true });
+  const unserved = unservedJobs(counts, await listLiveConsumers(db));
+  return { queues: counts.map(toQueueStatus), executions, leases, schedules, unserved };
 }
 
 /** A plain table: first column left-aligned, the rest right-aligned. */
@@ -178,7 +218,7 @@ function formatLeases(rows: LeaseStatus[]): string {
 /** The human-readable form of `shoal status` (fan-outs as bars with `bars`). */
 export function formatStatus(s: Status, options: { bars?: boolean } = {}): string {
   return [
-    formatQueues(s),
+    formatQueues(s) + formatUnserved(s.unserved),
     formatExecutions(s.executions, options.bars ?? false),
     formatLeases(s.leases),
     formatSchedules(s.schedules),
@@ -198,6 +238,13 @@ function formatQueues(s: Status): string {
   ]);
   if (rows.length === 0) return "No queues yet: nothing has been enqueued.\n";
   return table(header, rows);
+}
+
+/** The jobs no live consumer runs, under the queues; nothing when there are none. */
+function formatUnserved(rows: UnservedJobs[]): string {
+  if (rows.length === 0) return "";
+  return "\nReady jobs no live consumer runs (they wait until one that knows the task claims from the queue):\n" +
+    table(["queue", "task", "ready"], rows.map((r) => [r.queue, r.task, String(r.ready)]));
 }
 
 /** One `--watch` sample: the status plus the totals rates are computed from. */

@@ -32,8 +32,8 @@ export interface TaskContext {
     options?: EnqueueOptions,
   ): Promise<string>;
   /**
-   * Enqueue another job by task name; a task this consumer registered goes to its queue
-   * with its attempts unless `options` set them.
+   * Enqueue another job by task name; a queue or max attempts not given is the definition's
+   * when this consumer defines the task, else the task's in the catalog.
    */
   enqueue(
     task: string,
@@ -68,9 +68,12 @@ export interface TaskContext {
 export interface TaskDefinition<P = Record<string, unknown>, I = P> {
   /** Unique task name: letters, digits and `_.:-`. */
   name: string;
-  /** Queue its jobs go to unless the enqueue says otherwise (default `default`). */
+  /**
+   * Queue its jobs go to unless the enqueue says otherwise (default `default`). Consumers
+   * register it in the task catalog, so enqueues by name from anywhere honour it.
+   */
   queue?: string;
-  /** Attempts before dead-lettering, for jobs enqueued through this definition (default 25). */
+  /** Attempts before dead-lettering, unless the enqueue says otherwise (default 25; registered too). */
   maxAttempts?: number;
   /** Abort the handler and count a failure after this long (default: the consumer's --task-timeout). */
   timeoutMs?: number;

@@ -345,7 +345,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
   const { code, stdout, stderr } = await runShoal(["status", "--json"], { url: db.url });
   assertEquals(code, 0, stderr);
   const status = JSON.parse(stdout);
-  assertEquals(Object.keys(status), ["queues", "executions", "leases", "schedules"]);
+  assertEquals(Object.keys(status), ["queues", "executions", "leases", "schedules", "unserved"]);
   const keys = [
     "queue",
     "ready",

@@ -10,9 +10,13 @@ import { connect, type Db, type Sql } from "../lib/db.ts";
 import { loadMigrations, migrate, NO_FUNCTIONS } from "../lib/migrate.ts";
 import { checkJobSpec, enqueue, type Enqueued, enqueueMany, type JobSpec } from "../lib/queue.ts";
 
-/** What enqueueMany() sent before 004: checkJobSpec rows as one jsonb document. */
+/**
+ * What enqueueMany() sent before 004: checkJobSpec rows as one jsonb document, with the
+ * queue `default` filled in when not given, as checkJobSpec did before the task catalog
+ * (009; these tasks are in no catalog, so the catalog rule gives `default` too).
+ */
 async function enqueueManyBefore004(db: Db, jobs: JobSpec[]): Promise<Enqueued[]> {
-  const rows = jobs.map((spec) => checkJobSpec(spec, 1_048_576));
+  const rows = jobs.map((spec) => ({ queue: "default", ...checkJobSpec(spec, 1_048_576) }));
   const result = await db<Enqueued[]>`
     select id, inserted from shoal.enqueue_many(${JSON.stringify(rows)}::text::jsonb)`;
   return result.map((r) => ({ id: r.id, inserted: r.inserted }));
@@ -278,7 +282,7 @@ const SQL_CALLS: ((sql: Sql) => Promise<unknown>)[] = [
   (sql) => sql`select shoal.enqueue('q', 't', fairness_key => ${"f".repeat(257)}) as id`,
   (sql) => sql`select shoal.enqueue('q', 't', max_attempts => 0) as id`,
   (sql) => sql`select shoal.enqueue('q', 't', priority => -32768) as id`,
-  (sql) => sql`select shoal.enqueue(null, 't') as id`,
+  // (A null queue is no longer refused since 009: it is the task's, by the catalog rule.)
   (sql) => sql`select shoal.enqueue('q', 'bad name') as id`,
   (sql) => sql`select shoal.enqueue(${"q".repeat(129)}, 't') as id`,
   (sql) => sql`select shoal.enqueue(${"q".repeat(128)}, 't') as id`,

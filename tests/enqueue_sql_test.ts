@@ -132,9 +132,13 @@ Deno.test("shoal.enqueue() rejects bad queue and task names", async () => {
     await assertSqlError(() => db.sql`select shoal.enqueue(${name}, 't')`, "22023", message);
     await assertSqlError(() => db.sql`select shoal.enqueue('q', ${name})`, "22023", message);
   }
-  await assertSqlError(() => db.sql`select shoal.enqueue(null, 't')`, "22023", message);
   await assertSqlError(() => db.sql`select shoal.enqueue('q', null)`, "22023", message);
+  await assertSqlError(() => db.sql`select shoal.enqueue(queue => 'q')`, "22023", message);
   assertEquals(await countJobs(db.sql), 0);
+  // A null queue is not a bad name: it is the task's (tests/catalog_test.ts).
+  await db.sql`select shoal.enqueue(null, 't')`;
+  const [row] = await db.sql<{ queue: string }[]>`select queue from shoal.jobs`;
+  assertEquals(row?.queue, "default");
 });
 
 Deno.test("shoal.enqueue() rejects out-of-range priority, max_attempts and keys", async () => {

@@ -1,5 +1,14 @@
 import { assert, assertEquals } from "./assert.ts";
-import { logLines, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
+import {
+  enqueueEvents,
+  installAudit,
+  logLines,
+  runShoal,
+  spawnShoal,
+  testDb,
+  waitFor,
+  waitForOutput,
+} from "./helpers.ts";
 
 const EXAMPLE = new URL("../examples/my_tasks.ts", import.meta.url).pathname;
 
@@ -11,6 +20,8 @@ async function enqueueVia(url: string, task: string, payload: unknown): Promise<
   });
   const { code, output } = await proc.exited();
   assertEquals(code, 0, output);
+  // The consumer registered the task: no warning about an unknown one.
+  assert(!output.includes("Warning"), output);
   const id = output.trim().split("\n").pop()!;
   assert.match(id, /^\d+$/, output);
   return id;
@@ -18,26 +29,27 @@ async function enqueueVia(url: string, task: string, payload: unknown): Promise<
 
 Deno.test("examples/my_tasks.ts enqueues and runs its own tasks, and exits 0 on SIGTERM", async () => {
   await using db = await testDb();
-  const welcome = await enqueueVia(db.url, "example.send_welcome", {
-    email: "ada@example.com",
-    name: "Ada",
-  });
-  const report = await enqueueVia(db.url, "example.report_backlog", {});
-  const invalid = await enqueueVia(db.url, "example.send_welcome", { email: "not an address" });
-  const queues = await db.sql<{ id: string; queue: string }[]>`
-    select id::text, queue from shoal.jobs order by id`;
-  assertEquals([...queues], [
-    { id: welcome, queue: "emails" },
-    { id: report, queue: "reports" },
-    { id: invalid, queue: "emails" },
-  ]);
-
+  await installAudit(db.sql);
+  // The consumer registers its tasks as it starts: the enqueues below go to their queues.
   await using consumer = spawnShoal(
     ["--role", "consumer", "--queues", "emails,reports", "--poll-interval", "100ms"].concat(
       ["--shutdown-grace", "1s"],
     ),
     { url: db.url, mainModule: EXAMPLE },
   );
+  await waitForOutput(consumer, "started on");
+  const welcome = await enqueueVia(db.url, "example.send_welcome", {
+    email: "ada@example.com",
+    name: "Ada",
+  });
+  const report = await enqueueVia(db.url, "example.report_backlog", {});
+  const invalid = await enqueueVia(db.url, "example.send_welcome", { email: "not an address" });
+  assertEquals((await enqueueEvents(db.sql)).map((e) => ({ id: e.job_id, queue: e.queue })), [
+    { id: welcome, queue: "emails" },
+    { id: report, queue: "reports" },
+    { id: invalid, queue: "emails" },
+  ]);
+
   await waitFor("the queue to empty", async () => {
     const [row] = await db.sql<{ n: number }[]>`select count(*)::integer as n from shoal.jobs`;
     return row?.n === 0;

@@ -8,6 +8,7 @@ import { connect, type Sql } from "../lib/db.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
 import { type AnyTask, TaskRegistry } from "../lib/tasks.ts";
+import { registerConsumer, type TaskRegistration } from "../lib/catalog.ts";
 
 export const TEMPLATE_DB = "shoal_test_template";
 const ROOT = new URL("../", import.meta.url);
@@ -498,6 +499,32 @@ export async function transitions(sql: Sql, execution: string): Promise<string[]
   const rows = await sql<{ old: string; new: string }[]>`
     select old, new from test_transitions where execution_id = ${execution}::bigint order by id`;
   return rows.map((r) => `${r.old}>${r.new}`);
+}
+
+/**
+ * Register `names` in the task catalog as a consumer `test:0` on `queues` would, with no
+ * settings of their own (or those given): as if a consumer that runs them had started.
+ */
+export async function registerTasks(
+  sql: Sql,
+  names: string[],
+  options: {
+    queues?: string[];
+    settings?: Partial<Omit<TaskRegistration, "name">>;
+    workerId?: string;
+  } = {},
+): Promise<void> {
+  await registerConsumer(sql, {
+    workerId: options.workerId ?? "test:0",
+    queues: options.queues ?? ["default"],
+    tasks: names.map((name) => ({
+      name,
+      queue: null,
+      maxAttempts: null,
+      timeoutMs: null,
+      ...options.settings,
+    })),
+  });
 }
 
 /** Consumer settings for in-process tests: short waits, polling (no LISTEN), fast retries. */

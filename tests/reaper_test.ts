@@ -2,7 +2,8 @@ import { assertEquals, assertRejects } from "./assert.ts";
 import { acquire, LeaseLostError } from "../lib/lease.ts";
 import { claim, enqueue, fail } from "../lib/queue.ts";
 import { deadRetentionSweep, REAPER_LEASE, reapOnce, type Sweep } from "../lib/reaper.ts";
-import { testDb } from "./helpers.ts";
+import { registerTasks, testDb } from "./helpers.ts";
+import { listCatalogTasks } from "../lib/catalog.ts";
 
 const OPTIONS = { holder: "test", leaseMs: 30_000, intervalMs: 1000, deadRetentionMs: 60_000 };
 
@@ -104,4 +105,21 @@ Deno.test("reapOnce() runs a sweep on its every-N-th tick only, and not at all w
     await reapOnce(db.sql, OPTIONS, { sweeps, tick });
   }
   assertEquals(runs, ["every-3", "every-3", "every-3"]); // ticks 0, 3 and 6
+});
+
+Deno.test("reapOnce() removes consumers not seen for a day, never a live one or the catalog's tasks", async () => {
+  await using db = await testDb();
+  await registerTasks(db.sql, ["app.greet"], { workerId: "gone:1" });
+  await registerTasks(db.sql, ["app.greet"], { workerId: "quiet:2" });
+  await registerTasks(db.sql, ["app.greet"], { workerId: "live:3" });
+  await db.sql`update shoal.consumers set last_seen_at = now() - interval '25 hours'
+               where worker_id = 'gone:1'`;
+  await db.sql`update shoal.consumers set last_seen_at = now() - interval '1 hour'
+               where worker_id = 'quiet:2'`;
+  assertEquals((await reapOnce(db.sql, OPTIONS))["stale-consumers"], 1);
+  const left = await db.sql<{ worker_id: string }[]>`
+    select worker_id from shoal.consumers order by worker_id`;
+  assertEquals(left.map((r) => r.worker_id), ["live:3", "quiet:2"]);
+  assertEquals((await listCatalogTasks(db.sql)).map((t) => t.name), ["app.greet"]);
+  assertEquals((await reapOnce(db.sql, OPTIONS))["stale-consumers"], 0);
 });

@@ -4,7 +4,7 @@
  * is real for the context's `db` and `enqueue`, and its jobs come from real claims.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { testDb } from "./helpers.ts";
+import { registerTasks, testDb } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { logger } from "../lib/log.ts";
 import { claim, enqueue, type Job } from "../lib/queue.ts";
@@ -242,9 +242,13 @@ Deno.test("JobRun ends in fan-out when the handler asks for one, once and checke
   assert(refused.error instanceof PermanentError, "the same spec fails on every retry");
 });
 
-Deno.test("JobRun's context enqueues with the task's queue and gives the pool as db", async () => {
+Deno.test("JobRun's context enqueues with the task's catalog queue and gives the pool as db", async () => {
   await using db = await testDb();
-  const other = defineTask({ name: "t.other", queue: "elsewhere", handler: () => {} });
+  // Registered by some consumer, unknown to this one's registry: the catalog decides.
+  await registerTasks(db.sql, ["t.other"], {
+    queues: ["elsewhere"],
+    settings: { queue: "elsewhere" },
+  });
   let enqueued = "";
   const task = defineTask({
     name: "t.parent",
@@ -254,7 +258,7 @@ Deno.test("JobRun's context enqueues with the task's queue and gives the pool as
       enqueued = await ctx.enqueue("t.other");
     },
   });
-  const run = new JobRun(await claimed(db.sql, "t.parent"), env(db.sql, [task, other]));
+  const run = new JobRun(await claimed(db.sql, "t.parent"), env(db.sql, [task]));
   await run.settled;
   assertEquals(run.state, "completed");
   const [row] = await db.sql<

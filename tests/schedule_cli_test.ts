@@ -8,6 +8,7 @@ import {
   fireEvents,
   installAudit,
   logLines,
+  registerTasks,
   runShoal,
   type ShoalProcess,
   sleep,
@@ -36,7 +37,8 @@ function row(name: string, fields: Partial<Row>): Row {
     cron: "0 3 * * *",
     tz: "UTC",
     task: "shoal.noop",
-    queue: "default",
+    // No --queue: the task's catalog queue at each fire.
+    queue: null,
     payload: {},
     priority: 0,
     enabled: true,
@@ -66,6 +68,8 @@ function assertOneLine(
 
 Deno.test("shoal schedule add creates a schedule, and adding an existing name updates it", async () => {
   await using db = await testDb();
+  // Tasks a consumer registered: no warning on stderr (see the test after this one).
+  await registerTasks(db.sql, ["shoal.noop", "report.build"]);
   const shoal = (args: string[]) => runShoal(["schedule", "add", ...args], { url: db.url });
 
   const created = await shoal(["nightly", "--cron", "0 3 * * *", "--task", "shoal.noop"]);
@@ -117,6 +121,35 @@ Deno.test("shoal schedule add creates a schedule, and adding an existing name up
   assertEquals(await rows(db.sql), [updated]);
   assertEquals(await shoal(args), { code: 0, stdout: "Schedule nightly unchanged\n", stderr: "" });
   assertEquals(await rows(db.sql), [updated]);
+});
+
+Deno.test("shoal schedule add warns on one line about a task no consumer registered, and adds it", async () => {
+  await using db = await testDb();
+  const added = await runShoal(
+    ["schedule", "add", "greet", "--cron", "0 9 * * *", "--task", "app.greet"],
+    { url: db.url },
+  );
+  assertEquals(added, {
+    code: 0,
+    stdout: "Schedule greet created\n",
+    stderr:
+      'Warning: no consumer has registered task "app.greet": its jobs go to queue default with 25 attempts until one does\n',
+  });
+  assertEquals(await rows(db.sql), [row("greet", { cron: "0 9 * * *", task: "app.greet" })]);
+  const pinned = await runShoal(
+    ["schedule", "add", "pinned", "--cron", "0 9 * * *", "--task", "app.greet", "--queue", "p"],
+    { url: db.url },
+  );
+  assertEquals(
+    pinned.stderr,
+    'Warning: no consumer has registered task "app.greet": its jobs go to queue p with 25 attempts until one does\n',
+  );
+  await registerTasks(db.sql, ["app.greet"], { queues: ["app"], settings: { queue: "app" } });
+  const known = await runShoal(
+    ["schedule", "add", "greet", "--cron", "0 10 * * *", "--task", "app.greet"],
+    { url: db.url },
+  );
+  assertEquals(known, { code: 0, stdout: "Schedule greet updated\n", stderr: "" });
 });
 
 Deno.test("shoal schedule list prints a table, and --json the rows", async () => {
@@ -171,7 +204,7 @@ Deno.test("shoal schedule list prints a table, and --json the rows", async () =>
     "b-hourly",
     "0 * * * *",
     "shoal.noop",
-    "default",
+    "(task's queue)",
     "yes",
     "-",
     "-",
@@ -204,7 +237,7 @@ Deno.test("shoal schedule list prints a table, and --json the rows", async () =>
 Deno.test("formatSchedules() shows a schedule without a queue of its own as (task's queue)", () => {
   const slot = new Date("2030-05-01T10:00:00Z");
   const text = formatSchedules([
-    { ...row("own", {}), next_run_at: slot, created_at: slot, updated_at: slot },
+    { ...row("own", { queue: "default" }), next_run_at: slot, created_at: slot, updated_at: slot },
     {
       name: "inherits",
       cron: "0 3 * * *",
@@ -351,7 +384,7 @@ Deno.test("shoal status --json lists leases (name, holder, expires_at) and sched
       name: "broken",
       cron: "0 3 * * *",
       task: "shoal.noop",
-      queue: "default",
+      queue: null,
       enabled: false,
       next_run_at: null,
       last_run_at: "2030-05-01T10:00:00.000Z",
@@ -361,7 +394,7 @@ Deno.test("shoal status --json lists leases (name, holder, expires_at) and sched
       name: "hourly",
       cron: "0 * * * *",
       task: "shoal.noop",
-      queue: "default",
+      queue: null,
       enabled: true,
       next_run_at: "2030-05-01T11:00:00.000Z",
       last_run_at: null,
@@ -431,9 +464,9 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
     );
     const first = await listSchedules(db.sql);
     assertEquals(first.map((r) => [r.name, r.source, r.cron, r.tz, r.queue, r.priority]), [
-      ["file-a", "file", "0 * * * *", "UTC", "default", 0],
+      ["file-a", "file", "0 * * * *", "UTC", null, 0],
       ["file-b", "file", "*/5 * * * *", "Europe/Paris", "q2", 3],
-      ["manual-keep", "manual", "0 5 * * *", "UTC", "default", 0],
+      ["manual-keep", "manual", "0 5 * * *", "UTC", null, 0],
     ]);
     assertEquals(first[1]!.payload, { ms: 1 });
 
@@ -453,9 +486,9 @@ Deno.test("--schedules FILE: the scheduler creates, updates and removes file row
     );
     const second = await listSchedules(db.sql);
     assertEquals(second.map((r) => [r.name, r.source, r.cron, r.queue]), [
-      ["file-a", "file", "30 * * * *", "default"],
+      ["file-a", "file", "30 * * * *", null],
       ["file-c", "file", "0 0 1 * *", "monthly"],
-      ["manual-keep", "manual", "0 5 * * *", "default"],
+      ["manual-keep", "manual", "0 5 * * *", null],
     ]);
 
     // The same file again changes nothing.
@@ -507,7 +540,7 @@ Deno.test("examples/schedules.json, the README's example, syncs into a real data
   assertEquals(columns, [
     ["schedule", "cron", "task", "queue"],
     ["backlog-report", "0 8 * * 1-5", "example.report_backlog", "reports"],
-    ["heartbeat", "*/30 * * * * *", "shoal.noop", "default"],
+    ["heartbeat", "*/30 * * * * *", "shoal.noop", "(task's queue)"],
   ]);
 });
 

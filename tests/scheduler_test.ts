@@ -18,7 +18,7 @@ import {
   upsertSchedule,
 } from "../lib/schedule.ts";
 import { SCHEDULER_LEASE, tickOnce } from "../lib/scheduler.ts";
-import { type TestDb, testDb } from "./helpers.ts";
+import { registerTasks, type TestDb, testDb } from "./helpers.ts";
 
 const T0 = new Date("2030-01-01T00:00:00Z");
 const at = (ms: number) => new Date(T0.getTime() + ms);
@@ -128,6 +128,34 @@ Deno.test("tickOnce() records a baseline for a new schedule without firing, then
   assertEquals(await firedSlots(db, "min"), ["2030-01-01T00:01:00.000Z"]);
   const [job] = await db.sql`select queue, task from shoal.jobs`;
   assertEquals([job?.queue, job?.task], ["cron", "shoal.noop"]);
+});
+
+Deno.test("tickOnce() fires a schedule without a queue into its task's catalog queue as of the fire", async () => {
+  await using db = await testDb();
+  // Added before any consumer registered app.greet; a second one pinned to a queue.
+  await upsertSchedule(db.sql, { name: "greet", cron: "* * * * *", task: "app.greet" });
+  await upsertSchedule(db.sql, {
+    name: "pinned",
+    cron: "* * * * *",
+    task: "app.greet",
+    queue: "p",
+  });
+  await tickOnce(db.sql, { now: at(0) }); // baselines
+  await tickOnce(db.sql, { now: at(60_000) });
+  // A consumer that runs app.greet on queue app registers it.
+  await registerTasks(db.sql, ["app.greet"], {
+    queues: ["app"],
+    settings: { queue: "app", maxAttempts: 3 },
+  });
+  await tickOnce(db.sql, { now: at(120_000) });
+  const jobs = await db.sql<{ key: string; queue: string; max_attempts: number }[]>`
+    select key, queue, max_attempts from shoal.jobs order by key`;
+  assertEquals(jobs.map((j) => [j.key.slice("schedule:".length), j.queue, j.max_attempts]), [
+    ["greet:2030-01-01T00:01:00.000Z", "default", 25],
+    ["greet:2030-01-01T00:02:00.000Z", "app", 3],
+    ["pinned:2030-01-01T00:01:00.000Z", "p", 25],
+    ["pinned:2030-01-01T00:02:00.000Z", "p", 3],
+  ]);
 });
 
 Deno.test("tickOnce() fires missed slots once, coalesced, then moves to the next future slot", async () => {

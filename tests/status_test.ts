@@ -3,10 +3,10 @@
  * and dead counts and the age of the oldest ready job.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { testDb, waitFor } from "./helpers.ts";
+import { registerTasks, runShoal, testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { claim, type ClaimOptions, enqueue, fail, type Job } from "../lib/queue.ts";
-import { type QueueStatus, queueStatus } from "../lib/status.ts";
+import { formatStatus, type QueueStatus, queueStatus, status } from "../lib/status.ts";
 
 function claimOptions(queue: string, limit: number, visibilityMs = 60_000): ClaimOptions {
   return { queues: [queue], limit, workerId: "test:1", visibilityMs };
@@ -109,4 +109,54 @@ Deno.test("queueStatus() counts a claim whose deadline passed as ready", async (
   assertEquals(withoutAge(after, { q: [0, 20] }), [
     { queue: "q", ready: 1, scheduled: 0, running: 1, prefetched: 0, dead: 0 },
   ]);
+});
+
+Deno.test("status() lists ready jobs that no live consumer runs, by queue and task", async () => {
+  await using db = await testDb();
+  await enqueue(db.sql, "app.greet", {}, { queue: "app" });
+  await enqueue(db.sql, "app.greet", {}, { queue: "app" });
+  await enqueue(db.sql, "app.other", {}, { queue: "app" });
+  await enqueue(db.sql, "mail.send", {}, { queue: "mail" });
+  // Delayed and running jobs are not waiting on anyone yet.
+  await enqueue(db.sql, "mail.later", {}, { queue: "mail", runAt: new Date(Date.now() + 3.6e6) });
+  await enqueue(db.sql, "busy", {}, { queue: "busy" });
+  await claimAll(db.sql, "busy", 1);
+
+  // No consumer at all: every ready job waits.
+  assertEquals((await status(db.sql)).unserved, [
+    { queue: "app", task: "app.greet", ready: 2 },
+    { queue: "app", task: "app.other", ready: 1 },
+    { queue: "mail", task: "mail.send", ready: 1 },
+  ]);
+  // A consumer on app that knows app.greet only; one that knows mail.send but claims from
+  // another queue; and one that would run app.other, but died (not seen for 5 minutes).
+  await registerTasks(db.sql, ["app.greet"], { workerId: "a:1", queues: ["app"] });
+  await registerTasks(db.sql, ["mail.send"], { workerId: "b:2", queues: ["other"] });
+  await registerTasks(db.sql, ["app.other"], { workerId: "c:3", queues: ["app"] });
+  await db.sql`update shoal.consumers set last_seen_at = now() - interval '5 minutes'
+               where worker_id = 'c:3'`;
+  const s = await status(db.sql);
+  assertEquals(s.unserved, [
+    { queue: "app", task: "app.other", ready: 1 },
+    { queue: "mail", task: "mail.send", ready: 1 },
+  ]);
+  const text = formatStatus(s);
+  assert(text.includes("Ready jobs no live consumer runs"), text);
+  assert(/app\s+app\.other\s+1\n/.test(text), text);
+  // The queue counts are those queueStatus() reports (the ages moved on meanwhile).
+  const ageless = (rows: QueueStatus[]) => rows.map(({ oldest_ready_age_s: _, ...r }) => r);
+  assertEquals(ageless(s.queues), ageless(await queueStatus(db.sql)));
+
+  const json = await runShoal(["status", "--json"], { url: db.url });
+  assertEquals(json.code, 0, json.stderr);
+  assertEquals(JSON.parse(json.stdout).unserved, s.unserved);
+
+  // Every ready job served: nothing listed, no section.
+  await registerTasks(db.sql, ["app.other", "mail.send"], {
+    workerId: "d:4",
+    queues: ["app", "mail"],
+  });
+  const served = await status(db.sql);
+  assertEquals(served.unserved, []);
+  assert(!formatStatus(served).includes("no live consumer"));
 });

@@ -16,7 +16,7 @@ import {
   type WatchSample,
 } from "../lib/status.ts";
 
-const EMPTY: Status = { queues: [], executions: [], leases: [], schedules: [] };
+const EMPTY: Status = { queues: [], executions: [], leases: [], schedules: [], unserved: [] };
 
 function sampleAt(ms: number, deleted: number, dead: number, status = EMPTY): WatchSample {
   return { at: new Date(ms), status, totals: { deleted, dead } };
@@ -72,6 +72,7 @@ const BUSY: Status = {
   }],
   leases: [],
   schedules: [],
+  unserved: [],
 };
 
 Deno.test("formatWatchFrame() shows the time, interval, rates, queues and fan-out bars", () => {
@@ -102,7 +103,15 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
   });
   assert(line.endsWith("\n") && !line.slice(0, -1).includes("\n"), line);
   const parsed = JSON.parse(line);
-  assertEquals(Object.keys(parsed), ["at", "rates", "queues", "executions", "leases", "schedules"]);
+  assertEquals(Object.keys(parsed), [
+    "at",
+    "rates",
+    "queues",
+    "executions",
+    "leases",
+    "schedules",
+    "unserved",
+  ]);
   assertEquals(parsed.at, "2026-01-01T00:00:06.000Z");
   assertEquals(parsed.rates, { completed_per_s: 1, dead_per_s: null });
   assertEquals(parsed.executions[0].arrived, 2);

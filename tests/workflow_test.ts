@@ -388,9 +388,12 @@ Deno.test("fanOut() children completed in random order and batches enqueue the c
     execution_id: execution,
     total: n,
     remaining: n,
+    // Queue and attempts resolved as the fan-out opens (the catalog rule): these tasks are
+    // in no catalog, so the producer's queue and 25 attempts.
     callback: {
       task: "cb",
       queue: Q,
+      max_attempts: 25,
       payload: { tag: "x", keep: null },
       priority: 7,
       fairness_key: "tenant-a",
@@ -398,6 +401,7 @@ Deno.test("fanOut() children completed in random order and batches enqueue the c
     error_callback: {
       task: "on_err",
       queue: Q,
+      max_attempts: 25,
       payload: {},
       priority: 7,
       fairness_key: "tenant-a",

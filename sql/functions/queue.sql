@@ -1,8 +1,10 @@
 -- shoal functions: putting jobs on shoal.jobs (the table and its indexes: 001, 004, 006).
 --
--- Owns the limits, the job checks, the stamping rule and the insert of new jobs:
+-- Owns the limits, the job checks, the catalog rule, the stamping rule and the insert of
+-- new jobs:
 --   shoal.max_payload_bytes, shoal.fair_burst       limits, set per database or role
 --   shoal.payload_error, shoal.job_error           the job checks (below)
+--   shoal.task_settings, shoal.task_settings_many  the catalog rule (below)
 --   shoal.fair_seq_base                             the stamping rule (below)
 --   shoal.insert_job, shoal.insert_jobs             the one insert of new jobs, with its wake
 --   shoal.enqueue_jobs, shoal.enqueue_many,         the SQL entry points (checked, then
@@ -23,7 +25,21 @@
 --   max_attempts an integer from 1 to 1000
 --   priority     from -32767 to 32767
 --   queue, task  names: a letter or digit, then letters, digits or _.:-, 1 to 128 in all
+--                (a missing queue, null, is the task's: the catalog rule below)
 -- The domains and check constraints of shoal.jobs stay the last line behind these.
+--
+-- THE CATALOG RULE, one for every way a new job comes in (TypeScript, SQL, the CLI,
+-- schedules, fan-out children and callbacks). Consumers register the tasks they run in
+-- shoal.tasks when they start (lib/catalog.ts). A job's queue and max_attempts are
+--   1. the ones given (explicit arguments always win);
+--   2. else (null) its task's in shoal.tasks, where its definition sets one;
+--   3. else (a task the catalog has never seen, or whose definition sets none) queue
+--      'default' (for a fan-out's child or callback: its producer's queue) and 25 attempts.
+-- Applied where the job row is decided: at the insert (insert_job, insert_jobs and the
+-- paths through them), at each fire of a schedule (lib/scheduler.ts enqueues then), and
+-- when a fan-out opens for its callbacks (shoal.fan_out_callback stores them resolved in
+-- the barrier). shoal.task_settings(_many) apply it: one primary-key probe per distinct
+-- task of a call that misses either value, none when both are given.
 --
 -- THE STAMPING RULE. fair_seq is a virtual-time stamp per (queue, priority); the claim runs
 -- priority first, then fair_seq, then id. A new job is stamped
@@ -88,7 +104,8 @@ language sql stable as $$
 $$;
 
 -- The job checks (above) for job number ord: null when it passes, else {SQLSTATE, message}.
--- Null arguments are missing values (they take the column defaults), except queue and task.
+-- Null arguments are missing values (they take the column defaults, or the catalog's for
+-- queue and max_attempts), except task.
 create or replace function shoal.job_error(
   ord bigint, queue text, task text, payload jsonb, priority numeric, fairness_key text,
   max_attempts numeric, key text
@@ -106,16 +123,85 @@ language sql stable as $$
       array['22023', format('Cannot enqueue job %s: priority must be from -32767 to 32767', ord)]
     -- "[A-Za-z0-9_.:-]*" and a length check, not a bounded repeat ({0,127}): Postgres's regex
     -- engine builds a large automaton for the bounded form and matches ten times slower.
-    when not coalesce(queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]*$' and length(queue) <= 128
+    when not coalesce(coalesce(queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]*$' and length(queue) <= 128,
+                               queue is null)
                       and task ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]*$' and length(task) <= 128,
                       false) then
       array['22023', format('Cannot enqueue job %s: queue and task must be names of 1 to 128 letters, digits or _.:- (starting with a letter or digit)', ord)]
   end)
 $$;
 
+-- The catalog rule (above) for one job: queue and max_attempts as given; a null one is the
+-- task's in shoal.tasks, else fallback_queue and 25. PL/pgSQL, so its probe is planned once.
+create or replace function shoal.task_settings(
+  task text,
+  inout queue text,
+  inout max_attempts integer,
+  fallback_queue text default 'default'
+)
+language plpgsql stable as $$
+declare
+  known_queue text;
+  known_attempts integer;
+begin
+  if queue is null or max_attempts is null then
+    select t.queue, t.max_attempts into known_queue, known_attempts
+    from shoal.tasks t where t.name = task_settings.task;
+    queue := coalesce(queue, known_queue, fallback_queue);
+    max_attempts := coalesce(max_attempts, known_attempts, 25);
+  end if;
+end
+$$;
+
+-- The catalog rule (above) for a batch: element i of each array is job i (a null
+-- max_attempts array is all nulls). Returns both arrays complete, in input order. Nothing
+-- is read when no value is missing; a batch of one task (the common case, and any fan-out
+-- of one task) costs one probe and two array replacements; otherwise one probe per
+-- distinct task that misses a value.
+create or replace function shoal.task_settings_many(
+  tasks text[],
+  inout queues text[],
+  inout max_attempts integer[],
+  fallback_queue text default 'default'
+)
+language plpgsql stable as $$
+declare
+  n integer := coalesce(cardinality(tasks), 0);
+  one record;
+  known jsonb;
+begin
+  if n = 0 or (array_position(queues, null) is null and max_attempts is not null
+               and array_position(max_attempts, null) is null) then
+    return;
+  end if;
+  if cardinality(array_remove(tasks, tasks[1])) = 0 then
+    select s.queue, s.max_attempts into one
+    from shoal.task_settings(tasks[1], null, null, fallback_queue) s;
+    queues := array_replace(queues, null, one.queue);
+    max_attempts := coalesce(array_replace(max_attempts, null, one.max_attempts),
+                             array_fill(one.max_attempts, array[n]));
+    return;
+  end if;
+  -- The known tasks as one {name: [queue, max_attempts]} object, then a lookup in it per
+  -- job: no join, whose plan (estimated on arrays of unknown size) could turn quadratic.
+  -- LIMIT keeps the lateral a subquery: one index probe per distinct task, never a scan of
+  -- the catalog.
+  select jsonb_object_agg(w.t, jsonb_build_array(c.queue, c.max_attempts)) into known
+  from (select distinct v.t from unnest(tasks, queues, max_attempts) as v(t, q, m)
+        where v.q is null or v.m is null) w
+  cross join lateral (select k.queue, k.max_attempts from shoal.tasks k
+                      where k.name = w.t limit 1) c;
+  select array_agg(coalesce(u.q, known->u.t->>0, fallback_queue) order by u.ord),
+         array_agg(coalesce(u.m, (known->u.t->>1)::integer, 25) order by u.ord)
+  into queues, max_attempts
+  from unnest(tasks, queues, max_attempts) with ordinality as u(t, q, m, ord);
+end
+$$;
+
 -- One job. Returns its id and inserted = true, or, when a job holding the same dedupe key
--- is pending or running on the queue, that job's id and inserted = false. Nulls take the
--- column defaults. notify wakes consumers (shoal.notify_jobs, delivered at commit).
+-- is pending or running on the queue, that job's id and inserted = false. A null queue or
+-- max_attempts follows the catalog rule; other nulls take the column defaults. notify wakes
+-- consumers (shoal.notify_jobs, delivered at commit).
 --
 -- A job without a dedupe key is inserted by a plain INSERT: ON CONFLICT makes every row a
 -- speculative insertion (one more WAL record each), so only keyed jobs pay for it.
@@ -141,18 +227,23 @@ declare
   p integer := coalesce(insert_job.priority, 0);
   fk text := coalesce(insert_job.fairness_key, '');
   problem text[] := shoal.payload_error(1, insert_job.payload);
+  q text := insert_job.queue;
+  m integer := insert_job.max_attempts;
   new_id bigint;
 begin
   if problem is not null then
     raise exception using errcode = problem[1], message = problem[2];
   end if;
+  if q is null or m is null then
+    select s.queue, s.max_attempts into q, m from shoal.task_settings(insert_job.task, q, m) s;
+  end if;
   if insert_job.key is null then
     insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key, fair_seq,
                                  max_attempts, execution_id, barrier_id, child_index)
-    values (insert_job.queue, insert_job.task, insert_job.payload,
+    values (q, insert_job.task, insert_job.payload,
             coalesce(insert_job.run_at, now()), p, fk,
-            shoal.fair_seq_base(insert_job.queue, fk, p) + 1,
-            coalesce(insert_job.max_attempts, 25), insert_job.execution_id,
+            shoal.fair_seq_base(q, fk, p) + 1,
+            m, insert_job.execution_id,
             insert_job.barrier_id, insert_job.child_index)
     returning j.id into new_id;
     inserted := true;
@@ -163,10 +254,10 @@ begin
       insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, key, execution_id, barrier_id,
                                    child_index)
-      values (insert_job.queue, insert_job.task, insert_job.payload,
+      values (q, insert_job.task, insert_job.payload,
               coalesce(insert_job.run_at, now()), p, fk,
-              shoal.fair_seq_base(insert_job.queue, fk, p) + 1,
-              coalesce(insert_job.max_attempts, 25), insert_job.key, insert_job.execution_id,
+              shoal.fair_seq_base(q, fk, p) + 1,
+              m, insert_job.key, insert_job.execution_id,
               insert_job.barrier_id, insert_job.child_index)
       on conflict (queue, key) where key is not null do nothing
       returning j.id into new_id;
@@ -175,7 +266,7 @@ begin
         exit;
       end if;
       select j.id into new_id from shoal.jobs j
-      where j.queue = insert_job.queue and j.key = insert_job.key;
+      where j.queue = q and j.key = insert_job.key;
       if found then
         inserted := false;
         exit;
@@ -184,13 +275,14 @@ begin
   end if;
   id := new_id;
   if insert_job.notify then
-    perform shoal.notify_jobs(array[insert_job.queue], array[insert_job.run_at]);
+    perform shoal.notify_jobs(array[q], array[insert_job.run_at]);
   end if;
 end
 $$;
 
 -- Many jobs: element i of every array is job i (arrays left null mean all nulls: the
--- column defaults). Returns one row per job in input order, as shoal.insert_job would
+-- column defaults; null queues and max_attempts follow the catalog rule, resolved before
+-- anything else). Returns one row per job in input order, as shoal.insert_job would
 -- for each; ids are drawn in input order. A job whose dedupe key is held (by an older
 -- job or an earlier element of the same call) returns the holder's id. notify wakes
 -- consumers (shoal.notify_jobs). The insert behind every enqueue path and fan-out children.
@@ -243,6 +335,13 @@ begin
   limit 1;
   if problem is not null then
     raise exception using errcode = problem[1], message = problem[2];
+  end if;
+
+  if array_position(queues, null) is not null or insert_jobs.max_attempts is null
+     or array_position(insert_jobs.max_attempts, null) is not null then
+    select s.queues, s.max_attempts into insert_jobs.queues, insert_jobs.max_attempts
+    from shoal.task_settings_many(insert_jobs.tasks, insert_jobs.queues,
+                                  insert_jobs.max_attempts) s;
   end if;
 
   -- The common batch: no dedupe keys and one (queue, fairness key, priority) group. The
@@ -352,8 +451,8 @@ $$;
 
 -- Enqueue many jobs from one jsonb document: the body behind shoal.enqueue_many and shoal's
 -- own functions (start_execution). jobs is a JSON array of objects with the keys queue, task,
--- payload, run_at, priority, fairness_key, max_attempts, key (only queue and task are
--- required) and, from shoal's own functions only, workflow membership (execution_id,
+-- payload, run_at, priority, fairness_key, max_attempts, key (only task is required; queue
+-- and max_attempts follow the catalog rule) and, from shoal's own functions only, workflow membership (execution_id,
 -- barrier_id, child_index). Every element is checked before anything is inserted, so one
 -- bad element rejects the whole batch with a message that names it; then the columns go to
 -- insert_jobs. Returns one row per element, in input order.
@@ -368,7 +467,8 @@ begin
     raise exception 'Cannot enqueue: jobs must be a JSON array' using errcode = '22023';
   end if;
 
-  -- queue and task count only as JSON strings (a number is not a name).
+  -- queue and task count only as JSON strings (a number is not a name); a queue that is
+  -- missing or JSON null is the task's (the catalog rule).
   select x.problem into problem
   from (
     select case
@@ -377,7 +477,8 @@ begin
                      format('Cannot enqueue job %s: each job must be a JSON object', e.ord)]
              else shoal.job_error(
                e.ord,
-               case when jsonb_typeof(e.j->'queue') = 'string' then e.j->>'queue' end,
+               case when coalesce(jsonb_typeof(e.j->'queue'), 'null') in ('string', 'null')
+                    then e.j->>'queue' else '' end,
                case when jsonb_typeof(e.j->'task') = 'string' then e.j->>'task' end,
                e.j->'payload', (e.j->>'priority')::numeric, e.j->>'fairness_key',
                (e.j->>'max_attempts')::numeric, e.j->>'key')
@@ -433,17 +534,22 @@ language sql volatile as $$
 $$;
 
 -- Enqueue one job: the entry point for any language. The job checks, then the same insert
--- as TypeScript's (no jsonb document to build, strip and unpack on the way).
+-- as TypeScript's (no jsonb document to build, strip and unpack on the way). A null queue or
+-- max_attempts (the defaults) follows the catalog rule; every argument may be named:
 --   select shoal.enqueue('emails', 'send_welcome', '{"user": 42}', priority => 5);
+--   select shoal.enqueue(null, 'send_welcome', '{"user": 42}');     -- the task's queue
+--   select shoal.enqueue(task => 'send_welcome', payload => '{"user": 42}');
+-- (queue and task default to null only so that task may be named without a queue; a job
+-- without a task is refused.)
 create or replace function shoal.enqueue(
-  queue text,
-  task text,
+  queue text default null,
+  task text default null,
   payload jsonb default '{}',
   run_at timestamptz default null,
   priority integer default 0,
   key text default null,
   fairness_key text default null,
-  max_attempts integer default 25,
+  max_attempts integer default null,
   notify boolean default true
 ) returns bigint
 language plpgsql volatile as $$

@@ -123,15 +123,18 @@ begin
 end
 $$;
 
--- Start an execution with its first job: the entry point for any language.
+-- Start an execution with its first job: the entry point for any language. A null queue or
+-- max_attempts (the defaults) follows the catalog rule (queue.sql); as in shoal.enqueue,
+-- queue and task default to null only so that task may be named alone.
 --   select shoal.start_execution('default', 'shoal.chord', '{"children": [...], ...}');
+--   select shoal.start_execution(task => 'app.report', payload => '{"day": "2024-05-01"}');
 create or replace function shoal.start_execution(
-  queue text,
-  task text,
+  queue text default null,
+  task text default null,
   payload jsonb default '{}',
   priority integer default 0,
   fairness_key text default null,
-  max_attempts integer default 25,
+  max_attempts integer default null,
   run_at timestamptz default null
 ) returns bigint
 language plpgsql volatile as $$
@@ -151,12 +154,18 @@ $$;
 
 -- The callback or error callback of a fan-out as the barrier stores it, checked now: a
 -- callback that cannot be enqueued would otherwise fail the last child's ack, over and
--- over, until the fan-out expired. Children are checked by shoal.job_error.
+-- over, until the fan-out expired. Children are checked by shoal.job_error. Its queue and
+-- max_attempts follow the catalog rule (queue.sql) as the fan-out opens, falling back to
+-- the producer's queue: the barrier stores them resolved, so the callback lands where its
+-- task was registered then. Without a parent (the check before the parent is locked)
+-- nothing is looked up.
 create or replace function shoal.fan_out_callback(spec jsonb, what text, parent shoal.jobs)
 returns jsonb
-language plpgsql immutable as $$
+language plpgsql stable as $$
 declare
   name_pattern constant text := '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$';
+  q text;
+  m integer;
 begin
   if jsonb_typeof(spec) is distinct from 'object'
      or jsonb_typeof(spec->'task') is distinct from 'string'
@@ -178,11 +187,17 @@ begin
     raise exception 'Cannot fan out: % max_attempts must be an integer from 1 to 1000', what
       using errcode = '22023';
   end if;
+  q := spec->>'queue';
+  m := (spec->>'max_attempts')::integer;
+  if parent.id is not null then
+    select s.queue, s.max_attempts into q, m
+    from shoal.task_settings(spec->>'task', q, m, parent.queue) s;
+  end if;
   -- Nulls are stripped from the envelope only: the payload is the caller's, kept as given.
   return jsonb_strip_nulls(jsonb_build_object(
       'task', spec->>'task',
-      'queue', coalesce(spec->>'queue', parent.queue),
-      'max_attempts', (spec->>'max_attempts')::integer,
+      'queue', q,
+      'max_attempts', m,
       'priority', parent.priority,
       'fairness_key', nullif(parent.fairness_key, '')))
     || jsonb_build_object('payload', coalesce(spec->'payload', '{}'::jsonb));
@@ -201,7 +216,9 @@ $$;
 --
 -- The children are checked with the job checks (a child is "job" n, from 1) and inserted by
 -- shoal.insert_jobs in child order, with the parent's priority and fairness key: ids are
--- drawn and each queue's children stamped in child order, so they run in child order.
+-- drawn and each queue's children stamped in child order, so they run in child order. A
+-- child's queue and max_attempts follow the catalog rule (queue.sql), falling back to the
+-- parent's queue; so do the callbacks' (shoal.fan_out_callback).
 create or replace function shoal.fan_out(
   parent_id bigint, parent_token bigint, spec jsonb, max_children integer default 100000
 ) returns bigint
@@ -215,6 +232,8 @@ declare
   error_callback jsonb;
   problem text[];
   kids record;
+  kid_queues text[];
+  kid_attempts integer[];
 begin
   if jsonb_typeof(spec) is distinct from 'object'
      or jsonb_typeof(spec->'children') is distinct from 'array' then
@@ -241,8 +260,9 @@ begin
   end if;
 
   -- The children too, read the way the insert below reads them: task and queue as text, a
-  -- missing payload is {}. A child without a queue takes its parent's (a valid name, so
-  -- any valid name stands in for it here); key, fairness key and priority are the parent's.
+  -- missing payload is {}. A child without a queue takes its task's or its parent's (a
+  -- valid name, so any valid name stands in for it here); key, fairness key and priority
+  -- are the parent's.
   select x.problem into problem
   from (
     select shoal.job_error(c.ord, coalesce(c.child->>'queue', 'parent'), c.child->>'task',
@@ -286,18 +306,20 @@ begin
           now() + coalesce((spec->>'expires_in_ms')::bigint, 86400000) * interval '1 ms')
   returning id into barrier;
 
-  select array_agg(coalesce(c.child->>'queue', parent.queue) order by c.ord) as queues,
+  select array_agg(c.child->>'queue' order by c.ord) as queues,
          array_agg(c.child->>'task' order by c.ord) as tasks,
          array_agg(coalesce(c.child->'payload', '{}'::jsonb) order by c.ord) as payloads,
          array_agg((c.child->>'max_attempts')::integer order by c.ord) as max_attempts,
          array_agg((c.ord - 1)::integer order by c.ord) as child_indexes
   into kids
   from jsonb_array_elements(spec->'children') with ordinality as c(child, ord);
+  select s.queues, s.max_attempts into kid_queues, kid_attempts
+  from shoal.task_settings_many(kids.tasks, kids.queues, kids.max_attempts, parent.queue) s;
 
   perform shoal.insert_jobs(
-    kids.queues, kids.tasks, kids.payloads, null,
+    kid_queues, kids.tasks, kids.payloads, null,
     array_fill(parent.priority, array[n]), array_fill(parent.fairness_key, array[n]),
-    kids.max_attempts, null, true,
+    kid_attempts, null, true,
     array_fill(execution, array[n]), array_fill(barrier, array[n]), kids.child_indexes);
   return execution;
 end
