@@ -65,7 +65,20 @@ export function shown(value: unknown): string {
   return "an object";
 }
 
-/** The one-line error every checker throws. */
+/**
+ * The one-line error every checker throws, for a value named by `subject` (`options.limit
+ * for listDead()`; the CLI's `--key`): `Invalid <subject>: expected <expected>, not <value>`.
+ */
+export function refusal(
+  subject: string,
+  expected: string,
+  value: unknown,
+  Kind: typeof TypeError | typeof RangeError = TypeError,
+): Error {
+  return new Kind(`Invalid ${subject}: expected ${expected}, not ${shown(value)}`);
+}
+
+/** refusal() for the argument `arg` of the function `fn`. */
 function invalid(
   fn: string,
   arg: string,
@@ -73,7 +86,7 @@ function invalid(
   value: unknown,
   Kind: typeof TypeError | typeof RangeError = TypeError,
 ): Error {
-  return new Kind(`Invalid ${arg} for ${fn}(): expected ${expected}, not ${shown(value)}`);
+  return refusal(`${arg} for ${fn}()`, expected, value, Kind);
 }
 
 /** Whether `value` is a postgres.js handle: a pool, a transaction or a reserved connection. */

@@ -47,6 +47,7 @@ import { describeError, logger, setupLogging } from "./log.ts";
 import { checkSchema, describeMigration, loadMigrations, migrate } from "./migrate.ts";
 import {
   checkJobSpec,
+  CLI_ENQUEUE,
   DEFAULT_MAX_ATTEMPTS,
   DEFAULT_QUEUE,
   enqueueMany,
@@ -379,7 +380,7 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
         : { task: definition, payload, ...options };
       spec = job;
       try {
-        checkJobSpec(job, opts["max-payload"]);
+        checkJobSpec(job, opts["max-payload"], CLI_ENQUEUE);
       } catch (error) {
         throw new UsageError(messageOf(error));
       }

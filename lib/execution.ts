@@ -18,8 +18,11 @@
  */
 import { checkDb, checkId, checkInteger, checkObject, checkOptions, MAX_INT4 } from "./args.ts";
 import type { Db } from "./db.ts";
-import { type CheckedJob, checkJobSpec, type JobSpec, type TaskJobSpec } from "./queue.ts";
+import { type CheckedJob, checkJobSpec, JobArgs, type JobSpec, type TaskJobSpec } from "./queue.ts";
 import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
+
+/** How startExecution()'s messages name its job's fields (`job.payload`). */
+const START = new JobArgs("startExecution");
 
 export type ExecutionStatus = "pending" | "running" | "completed" | "failed" | "cancelled";
 
@@ -68,9 +71,11 @@ export async function startExecution<T extends JobSpec | TaskJobSpec>(
     optional: true,
   });
   if (job.key !== undefined) {
-    throw new TypeError("Invalid key: an execution's first job cannot take a dedupe key");
+    throw new TypeError(
+      "Invalid job.key for startExecution(): an execution's first job cannot take a dedupe key",
+    );
   }
-  const row = checkJobSpec(job, options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES);
+  const row = checkJobSpec(job, options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES, START);
   const [result] = await db<{ id: string }[]>`
     select shoal.start_execution(
       ${(row.queue as string | undefined) ?? null}::text, ${row.task as string}::text,

@@ -11,8 +11,10 @@ export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$/;
 export const NAME_RULE = "1 to 128 letters, digits or _.:- starting with a letter or digit";
 /** The default payload size limit; Postgres reads its own from `shoal.max_payload_bytes`. */
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576;
-const MAX_KEY_LENGTH = 512;
-const MAX_FAIRNESS_KEY_LENGTH = 256;
+/** The longest dedupe key, in characters. */
+export const MAX_KEY_LENGTH = 512;
+/** The longest fairness key, in characters. */
+export const MAX_FAIRNESS_KEY_LENGTH = 256;
 /**
  * Deepest nesting of objects and arrays a payload may have. Postgres parses jsonb
  * recursively and refuses somewhere past 12,000 levels (it depends on max_stack_depth),
@@ -32,17 +34,6 @@ export function checkName(kind: "queue" | "task" | "schedule", name: unknown): s
     );
   }
   return name;
-}
-
-/** Throw unless `key` is a usable dedupe or fairness key. */
-export function checkKey(kind: "key" | "fairness key", key: unknown): string {
-  const max = kind === "key" ? MAX_KEY_LENGTH : MAX_FAIRNESS_KEY_LENGTH;
-  if (typeof key !== "string" || key.length === 0 || key.length > max) {
-    throw new TypeError(`Invalid ${kind}: expected a string of 1 to ${max} characters`);
-  }
-  // Postgres text cannot hold NUL; refuse here rather than fail the whole batch there.
-  if (key.includes("\0")) throw new TypeError(`Invalid ${kind}: contains a NUL character`);
-  return key;
 }
 
 /** Number of ":" and "," separators in the JSON form of `value`. */
@@ -82,10 +73,17 @@ function nestedDeeperThan(json: string, max: number): boolean {
   return false;
 }
 
-/** Throw unless `payload` is a plain JSON object within the size limit; returns its JSON. */
+/** How messages name a payload unless told: `Invalid payload: ...`. */
+const PAYLOAD = (): string => "payload";
+
+/**
+ * Throw unless `payload` is a plain JSON object within the size limit; returns its JSON.
+ * `subject` names it in the message (`payload for enqueue()`), called only on a refusal.
+ */
 export function checkPayload(
   payload: unknown,
   maxBytes: number = DEFAULT_MAX_PAYLOAD_BYTES,
+  subject: () => string = PAYLOAD,
 ): string {
   if (
     payload === null || typeof payload !== "object" || Array.isArray(payload) ||
@@ -93,7 +91,7 @@ export function checkPayload(
       Object.getPrototypeOf(payload) !== null)
   ) {
     const kind = payload === null ? "null" : Array.isArray(payload) ? "array" : typeof payload;
-    throw new TypeError(`Invalid payload: expected a JSON object, got ${kind}`);
+    throw new TypeError(`Invalid ${subject()}: expected a JSON object, got ${kind}`);
   }
   let json: string;
   try {
@@ -103,17 +101,17 @@ export function checkPayload(
     const why = cause instanceof RangeError
       ? `nested deeper than ${MAX_PAYLOAD_DEPTH} levels`
       : String((cause as Error).message).split("\n")[0]; // V8 explains a cycle over lines
-    throw new TypeError(`Invalid payload: cannot be serialised as JSON: ${why}`, { cause });
+    throw new TypeError(`Invalid ${subject()}: cannot be serialised as JSON: ${why}`, { cause });
   }
   // Nesting deeper than the limit takes at least two characters per level: short payloads
   // (the common case) need no scan.
   if (json.length > 2 * MAX_PAYLOAD_DEPTH && nestedDeeperThan(json, MAX_PAYLOAD_DEPTH)) {
-    throw new RangeError(`Invalid payload: nested deeper than ${MAX_PAYLOAD_DEPTH} levels`);
+    throw new RangeError(`Invalid ${subject()}: nested deeper than ${MAX_PAYLOAD_DEPTH} levels`);
   }
   // jsonb cannot store NUL (Postgres rejects the whole statement): refuse it here, clearly.
   if (json.includes("\\u0000") && JSON_NUL.test(json)) {
     throw new TypeError(
-      "Invalid payload: contains a NUL character (\\u0000), which Postgres cannot store",
+      `Invalid ${subject()}: contains a NUL character (\\u0000), which Postgres cannot store`,
     );
   }
   // Postgres measures its own text form of jsonb, which puts a space after every ":" and
@@ -123,7 +121,9 @@ export function checkPayload(
   if (json.length * 4 <= maxBytes) return json;
   const bytes = new TextEncoder().encode(json).length + separators(payload);
   if (bytes > maxBytes) {
-    throw new RangeError(`Invalid payload: ${bytes} bytes, over the limit of ${maxBytes} bytes`);
+    throw new RangeError(
+      `Invalid ${subject()}: ${bytes} bytes, over the limit of ${maxBytes} bytes`,
+    );
   }
   return json;
 }

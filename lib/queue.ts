@@ -26,15 +26,24 @@ import {
   checkNameList,
   checkNumber,
   checkObject,
+  checkOptions,
   checkString,
   checkToken,
   MAX_INT4,
   MAX_SPAN_MS,
   MAX_TIMER_MS,
+  refusal,
 } from "./args.ts";
 import type { Db, Sql } from "./db.ts";
 import { describeError, logger } from "./log.ts";
-import { checkKey, checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
+import {
+  checkPayload,
+  DEFAULT_MAX_PAYLOAD_BYTES,
+  MAX_FAIRNESS_KEY_LENGTH,
+  MAX_KEY_LENGTH,
+  NAME_PATTERN,
+  NAME_RULE,
+} from "./names.ts";
 import { type AnyTask, type TaskDefinition, taskSettings } from "./tasks.ts";
 
 /** A claimed job, as a handler sees it. Bigint ids and tokens are strings. */
@@ -160,41 +169,125 @@ interface JobColumns {
   key: string | null;
 }
 
-/** Validate a job at the boundary; throws a TypeError or RangeError with one clear line. */
-function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number): JobColumns {
+/** The calls a job is checked for, as messages name them. */
+type JobCall = "enqueue" | "ctx.enqueue" | "enqueueMany" | "startExecution" | "shoal enqueue";
+
+/**
+ * How messages name a job's fields, by the call the job came through: `options.runAt for
+ * enqueue()`, `jobs[2].payload for enqueueMany()`, `job.task for startExecution()`, or the
+ * flag of `shoal enqueue` (`--run-at`). A batch moves `index` along; a name is built only
+ * when a check fails, so a valid job costs no string.
+ */
+export class JobArgs {
+  /** The job's place in enqueueMany()'s `jobs`. */
+  index = 0;
+  /** The payload's name, for checkPayload(). */
+  readonly payload = (): string => this.name("payload");
+  /** The task argument's name, for taskSettings(). */
+  readonly task = (): string => this.name("task");
+
+  constructor(readonly fn: JobCall) {}
+
+  /** A field of the job, or with `fromTask` of the definition it was given, as its caller wrote it. */
+  name(field: string, fromTask = false): string {
+    const path = fromTask ? `task.${field}` : field;
+    switch (this.fn) {
+      case "shoal enqueue":
+        return fromTask ? "--task" : `--${field.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+      case "enqueueMany":
+        return `jobs[${this.index}].${path} for enqueueMany()`;
+      case "startExecution":
+        return `job.${path} for startExecution()`;
+      default: // enqueue(db, task, payload, options) and ctx.enqueue(task, payload, options)
+        return `${
+          fromTask || field === "task" || field === "payload" ? path : `options.${path}`
+        } for ${this.fn}()`;
+    }
+  }
+}
+
+/** The names of enqueue()'s, ctx.enqueue()'s and the CLI's jobs: one job a call, no index. */
+const ENQUEUE = new JobArgs("enqueue");
+export const CTX_ENQUEUE: JobArgs = new JobArgs("ctx.enqueue");
+export const CLI_ENQUEUE: JobArgs = new JobArgs("shoal enqueue");
+
+/** A queue or task name, else a TypeError naming the field. */
+function nameField(
+  args: JobArgs,
+  kind: "queue" | "task",
+  value: unknown,
+  field: string,
+  fromTask: boolean,
+): string {
+  if (typeof value === "string" && NAME_PATTERN.test(value)) return value;
+  throw refusal(args.name(field, fromTask), `a ${kind} name (${NAME_RULE})`, value);
+}
+
+/** An integer from `min` to `max`: a TypeError for another kind, a RangeError out of range. */
+function integerField(
+  args: JobArgs,
+  value: number,
+  min: number,
+  max: number,
+  field: string,
+  fromTask = false,
+): number {
+  if (typeof value === "number" && Number.isInteger(value) && value >= min && value <= max) {
+    return value;
+  }
+  const Kind = typeof value === "number" ? RangeError : TypeError;
+  throw refusal(args.name(field, fromTask), `an integer from ${min} to ${max}`, value, Kind);
+}
+
+/** A dedupe or fairness key: a string of 1 to `max` characters without NUL. */
+function keyField(args: JobArgs, value: unknown, max: number, field: string): string {
+  if (typeof value === "string" && value.length > 0 && value.length <= max) {
+    // Postgres text cannot hold NUL; refuse here rather than fail the whole batch there.
+    if (!value.includes("\0")) return value;
+    throw new TypeError(`Invalid ${args.name(field)}: contains a NUL character`);
+  }
+  const Kind = typeof value === "string" && value.length > max ? RangeError : TypeError;
+  throw refusal(args.name(field), `a string of 1 to ${max} characters`, value, Kind);
+}
+
+/**
+ * Validate a job at the boundary; throws a TypeError or RangeError with one line naming
+ * the field and the call (`args`).
+ */
+function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs): JobColumns {
   // A definition's settings apply where the job does not set its own. Not given at all:
   // null, so the insert takes the task's catalog queue and attempts (the catalog rule). A
   // null from plain JavaScript counts as not given, as it always has.
-  const settings = taskSettings(spec.task);
-  const given = spec.queue ?? settings.queue;
-  const queue = given === undefined || given === null ? null : checkName("queue", given);
-  const task = checkName("task", settings.name);
+  const settings = taskSettings(spec.task, args.task);
+  const byTask = typeof spec.task !== "string";
+  const ownQueue = spec.queue !== undefined && spec.queue !== null;
+  const given = ownQueue ? spec.queue : settings.queue;
+  const queue = given === undefined || given === null
+    ? null
+    : nameField(args, "queue", given, "queue", !ownQueue);
+  const task = nameField(args, "task", settings.name, byTask ? "name" : "task", byTask);
   const maxAttempts = spec.maxAttempts ?? settings.maxAttempts;
   // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
-  const payload = checkPayload(spec.payload === undefined ? {} : spec.payload, maxPayloadBytes);
+  const payload = checkPayload(
+    spec.payload === undefined ? {} : spec.payload,
+    maxPayloadBytes,
+    args.payload,
+  );
   let runAt: string | null = null;
   if (spec.runAt !== undefined) {
     if (!(spec.runAt instanceof Date) || Number.isNaN(spec.runAt.getTime())) {
-      throw new TypeError("Invalid runAt: expected a valid Date");
+      throw refusal(args.name("runAt"), "a valid Date", spec.runAt);
     }
     runAt = spec.runAt.toISOString();
   }
-  if (
-    spec.priority !== undefined &&
-    (!Number.isInteger(spec.priority) || Math.abs(spec.priority) > 32767)
-  ) {
-    throw new RangeError("Invalid priority: expected an integer from -32767 to 32767");
+  if (spec.priority !== undefined) integerField(args, spec.priority, -32767, 32767, "priority");
+  if (maxAttempts !== undefined) {
+    integerField(args, maxAttempts, 1, 1000, "maxAttempts", spec.maxAttempts === undefined);
   }
-  if (
-    maxAttempts !== undefined &&
-    (!Number.isInteger(maxAttempts) || maxAttempts < 1 || maxAttempts > 1000)
-  ) {
-    throw new RangeError("Invalid maxAttempts: expected an integer from 1 to 1000");
-  }
-  const key = spec.key === undefined ? null : checkKey("key", spec.key);
+  const key = spec.key === undefined ? null : keyField(args, spec.key, MAX_KEY_LENGTH, "key");
   const fairnessKey = spec.fairnessKey === undefined
     ? null
-    : checkKey("fairness key", spec.fairnessKey);
+    : keyField(args, spec.fairnessKey, MAX_FAIRNESS_KEY_LENGTH, "fairnessKey");
   return {
     queue,
     task,
@@ -209,10 +302,14 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number): JobColumns {
 
 /**
  * Validate a job at the boundary and return the row `shoal.enqueue_many` takes; throws
- * a TypeError or RangeError with one clear line.
+ * a TypeError or RangeError with one clear line, naming the field as `args` says.
  */
-export function checkJobSpec(spec: AnyJobSpec, maxPayloadBytes: number): Record<string, unknown> {
-  const columns = checkColumns(spec, maxPayloadBytes);
+export function checkJobSpec(
+  spec: AnyJobSpec,
+  maxPayloadBytes: number,
+  args: JobArgs,
+): Record<string, unknown> {
+  const columns = checkColumns(spec, maxPayloadBytes, args);
   const row: Record<string, unknown> = {
     task: columns.task,
     payload: JSON.parse(columns.payload),
@@ -357,6 +454,27 @@ function column<T>(jobs: JobColumns[], pick: (job: JobColumns) => T | null): (T 
   return values;
 }
 
+/** What enqueueMany() takes, for messages. */
+const JOBS = "an array of jobs ({ task, payload?, ... })";
+const JOB = "a job ({ task, payload?, ... })";
+
+/**
+ * Throw unless `options` (of an enqueue named `fn`) is an object, or undefined, whose
+ * `notify` and `maxPayloadBytes` are right: "false" would notify here and not in SQL, and
+ * NaN would turn the size limit off.
+ */
+function checkBatchOptions(fn: string, options: unknown): void {
+  checkOptions(fn, options);
+  if (options === undefined) return;
+  const { notify, maxPayloadBytes } = options as EnqueueManyOptions;
+  checkBoolean(fn, "options.notify", notify, { optional: true });
+  checkInteger(fn, "options.maxPayloadBytes", maxPayloadBytes, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
+}
+
 /**
  * Enqueue many jobs in one statement (inside the caller's transaction when `db` is one).
  * Each job names its task (`task: "name"`) or carries its definition (`task: sendWelcome`:
@@ -369,12 +487,34 @@ export async function enqueueMany<T extends readonly (JobSpec | TaskJobSpec)[]>(
   jobs: CheckedJobs<T>,
   options: EnqueueManyOptions = {},
 ): Promise<Enqueued[]> {
+  checkDb("enqueueMany", db);
+  checkArray("enqueueMany", "jobs", jobs, JOBS);
+  checkBatchOptions("enqueueMany", options);
   const specs = jobs as readonly AnyJobSpec[];
   if (specs.length === 0) return [];
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
-  const columns = specs.map((spec) => checkColumns(spec, maxBytes));
-  const pool = (options.notify ?? true) ? wakeupsOf(db) : null;
-  if (pool === null) return await insertJobs(db, columns, options.notify ?? true);
+  const args = new JobArgs("enqueueMany");
+  const columns = new Array<JobColumns>(specs.length);
+  for (let i = 0; i < specs.length; i++) {
+    const spec = specs[i]!;
+    args.index = i;
+    // Tested before the checker is called: its argument's name would be a string per job.
+    if (spec === null || typeof spec !== "object" || Array.isArray(spec)) {
+      checkObject("enqueueMany", `jobs[${i}]`, spec, { what: JOB });
+    }
+    columns[i] = checkColumns(spec, maxBytes, args);
+  }
+  return await insertChecked(db, columns, options.notify ?? true);
+}
+
+/** Insert checked jobs, with the NOTIFY inline or coalesced (see Wakeups). */
+async function insertChecked(
+  db: Db,
+  columns: JobColumns[],
+  notify: boolean,
+): Promise<Enqueued[]> {
+  const pool = notify ? wakeupsOf(db) : null;
+  if (pool === null) return await insertJobs(db, columns, notify);
   const alone = pool.active === 0;
   pool.active++;
   try {
@@ -419,8 +559,29 @@ export async function enqueue(
   payload: unknown = {},
   options: EnqueueOptions & EnqueueManyOptions = {},
 ): Promise<string> {
+  checkDb("enqueue", db);
+  return await enqueueOne(db, task, payload, options, ENQUEUE);
+}
+
+/**
+ * enqueue()'s work, its messages naming the call `args` stands for (enqueue(),
+ * ctx.enqueue()); `db` is checked already.
+ */
+export async function enqueueOne(
+  db: Db,
+  task: string | AnyTask,
+  payload: unknown,
+  options: EnqueueOptions & EnqueueManyOptions,
+  args: JobArgs,
+): Promise<string> {
+  checkBatchOptions(args.fn, options);
   const spec = { ...options, task, payload } as AnyJobSpec;
-  const [result] = await enqueueMany(db, [spec], options);
+  const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  const [result] = await insertChecked(
+    db,
+    [checkColumns(spec, maxBytes, args)],
+    options.notify ?? true,
+  );
   return result!.id;
 }
 

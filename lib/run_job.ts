@@ -13,7 +13,8 @@
 import type { Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { describeError, type Logger } from "./log.ts";
-import { backoffMs, enqueue, type EnqueueOptions, type Job } from "./queue.ts";
+import { checkOptions } from "./args.ts";
+import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import {
   type AnyTask,
@@ -175,15 +176,15 @@ export class JobRun {
         return jobLog ??= env.log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
       },
       db: env.sql,
-      enqueue: (task: string | AnyTask, payload?: unknown, opts: EnqueueOptions = {}) => {
+      enqueue: async (task: string | AnyTask, payload: unknown = {}, opts?: EnqueueOptions) => {
+        // Checked before the spread: a string's characters would spread into options.
+        checkOptions("ctx.enqueue", opts);
         const options = { maxPayloadBytes: env.maxPayloadBytes, ...opts };
         // A definition brings its own queue and attempts, and so does a name this consumer
         // defines (as for `shoal enqueue`); any other name takes the task's from the catalog
-        // (the catalog rule). enqueue() refuses anything that is neither.
+        // (the catalog rule). enqueueOne() refuses anything that is neither.
         const definition = typeof task === "string" ? env.tasks.get(task) : task;
-        return definition === undefined
-          ? enqueue(env.sql, task as string, payload as Record<string, unknown>, options)
-          : enqueue(env.sql, definition, payload, options);
+        return await enqueueOne(env.sql, definition ?? task, payload, options, CTX_ENQUEUE);
       },
       fanOut: (spec: FanOutSpec) => this.#askFanOut(spec, env),
     };
@@ -205,10 +206,16 @@ export class JobRun {
   }
 }
 
-/** How a failure is recorded: a PermanentError is final; a RetryLaterError says when. */
+/**
+ * How a failure is recorded: a PermanentError is final; a RetryLaterError says when. The
+ * error text is stored as it is described, but for NUL characters, which Postgres text
+ * cannot hold: fail() would refuse the whole failure, and the job would run again until
+ * its attempts were spent. Each becomes U+FFFD, the replacement character.
+ */
 export function failureOf(error: unknown, attempts: number, retryBaseMs?: number): Failure {
+  const text = error instanceof TimeoutError ? error.message : describeError(error);
   return {
-    error: error instanceof TimeoutError ? error.message : describeError(error),
+    error: text.includes("\0") ? text.replaceAll("\0", "\uFFFD") : text,
     permanent: error instanceof PermanentError,
     // A handler that knows when to come back (a server's Retry-After) says so.
     retryInMs: error instanceof RetryLaterError ? error.delayMs : backoffMs(attempts, retryBaseMs),

@@ -6,12 +6,19 @@
  *
  * @module
  */
-import { checkArray, checkFunction, checkNameArg, checkObject, shown } from "./args.ts";
+import {
+  checkArray,
+  checkFunction,
+  checkInteger,
+  checkNameArg,
+  checkObject,
+  refusal,
+  shown,
+} from "./args.ts";
 import type { FanOutSpec } from "./barrier.ts";
 import type { Db } from "./db.ts";
 import { MAX_TIMER_MS } from "./duration.ts";
 import type { Logger } from "./log.ts";
-import { checkName } from "./names.ts";
 import type { EnqueueOptions, Job } from "./queue.ts";
 
 /** What a handler gets besides its payload. */
@@ -112,12 +119,16 @@ export interface TaskSettings {
   maxAttempts?: number;
 }
 
+/** How messages name the task argument unless told: `Invalid task: ...`. */
+const TASK = (): string => "task";
+
 /**
  * Read the task argument of an enqueue: a task name, or a definition (an object with a
  * string `name`, as defineTask returns), whose queue and attempts come with it. Anything
- * else is a TypeError. The values themselves are checked where the job is.
+ * else is a TypeError, `subject` naming the argument (`task for enqueue()`). The values
+ * themselves are checked where the job is.
  */
-export function taskSettings(task: unknown): TaskSettings {
+export function taskSettings(task: unknown, subject: () => string = TASK): TaskSettings {
   if (typeof task === "string") return { name: task };
   if (task !== null && typeof task === "object" && typeof (task as AnyTask).name === "string") {
     const { name, queue, maxAttempts } = task as AnyTask;
@@ -131,7 +142,7 @@ export function taskSettings(task: unknown): TaskSettings {
     ? "an object without a string name"
     : typeof task;
   throw new TypeError(
-    `Invalid task: expected a task name or a definition from defineTask, got ${got}`,
+    `Invalid ${subject()}: expected a task name or a definition from defineTask, got ${got}`,
   );
 }
 
@@ -170,30 +181,32 @@ export class RetryLaterError extends Error {
 }
 
 /**
- * Define a task (validates its name and limits at definition time). `P` is the handler's
- * payload, `I` what producers enqueue (default `P`; see TaskDefinition).
+ * Define a task (validates its name, limits and functions at definition time). `P` is the
+ * handler's payload, `I` what producers enqueue (default `P`; see TaskDefinition).
  */
 export function defineTask<P = Record<string, unknown>, I = P>(
   definition: TaskDefinition<P, I> & ParseWhenInputDiffers<P, I>,
 ): TaskDefinition<P, I> {
-  checkName("task", definition.name);
-  if (definition.queue !== undefined) checkName("queue", definition.queue);
+  const fn = "defineTask";
+  checkObject(fn, "definition", definition, { what: "a task definition ({ name, handler, ... })" });
+  const { name, queue, maxAttempts, timeoutMs, handler, parse } = definition;
+  checkNameArg(fn, "definition.name", "task", name);
+  checkNameArg(fn, "definition.queue", "queue", queue, { optional: true });
+  checkInteger(fn, "definition.maxAttempts", maxAttempts, { min: 1, max: 1000, optional: true });
+  // Past MAX_TIMER_MS a timer fires at once; fractions of a millisecond are fine, 0 is not.
   if (
-    definition.maxAttempts !== undefined &&
-    (!Number.isInteger(definition.maxAttempts) || definition.maxAttempts < 1 ||
-      definition.maxAttempts > 1000)
+    timeoutMs !== undefined &&
+    !(typeof timeoutMs === "number" && timeoutMs > 0 && timeoutMs <= MAX_TIMER_MS)
   ) {
-    throw new RangeError(`Invalid maxAttempts for task ${definition.name}: expected 1 to 1000`);
-  }
-  if (
-    definition.timeoutMs !== undefined &&
-    (!Number.isFinite(definition.timeoutMs) || definition.timeoutMs <= 0 ||
-      definition.timeoutMs > MAX_TIMER_MS)
-  ) {
-    throw new RangeError(
-      `Invalid timeoutMs for task ${definition.name}: expected a positive number up to ${MAX_TIMER_MS} (24 days)`,
+    throw refusal(
+      `definition.timeoutMs for ${fn}()`,
+      `a positive number of milliseconds up to ${MAX_TIMER_MS} (24 days)`,
+      timeoutMs,
+      typeof timeoutMs === "number" ? RangeError : TypeError,
     );
   }
+  checkFunction(fn, "definition.handler", handler);
+  checkFunction(fn, "definition.parse", parse, { optional: true });
   return definition;
 }
 
