@@ -226,7 +226,7 @@ function nameField(
 /** An integer from `min` to `max`: a TypeError for another kind, a RangeError out of range. */
 function integerField(
   args: JobArgs,
-  value: number,
+  value: unknown,
   min: number,
   max: number,
   field: string,

@@ -155,6 +155,10 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
       "Invalid done[0].token for completeJobs(): expected a non-negative integer token as a string or number, not -1",
   }],
   startExecution: [{
+    call: () => shoal.startExecution(x(null), { task: "t" }),
+    error: TypeError,
+    message: `Invalid db for startExecution(): expected ${DB}, not null`,
+  }, {
     call: ({ sql }) => shoal.startExecution(sql, x("send")),
     error: TypeError,
     message:
@@ -164,6 +168,14 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     error: TypeError,
     message:
       'Invalid options.maxPayloadBytes for startExecution(): expected an integer from 1 to 2147483647, not "1mb"',
+  }, {
+    call: ({ sql }) => shoal.startExecution(sql, { task: "t", payload: x([1]) }),
+    error: TypeError,
+    message: "Invalid job.payload for startExecution(): expected a JSON object, got array",
+  }, {
+    call: ({ sql }) => shoal.startExecution(sql, { task: "t", runAt: x(1700000000000) }),
+    error: TypeError,
+    message: `Invalid job.runAt for startExecution(): expected a valid Date, not 1700000000000`,
   }],
   getExecution: [{
     call: ({ sql }) => shoal.getExecution(sql, "abc"),
@@ -510,26 +522,126 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
       'Invalid delayMs for new RetryLaterError(): expected a number of milliseconds, not "120"',
   }],
   PermanentError: { exempt: "an Error subclass: it takes what Error takes" },
-  // enqueue(), enqueueMany() and defineTask() check their own arguments (lib/queue.ts,
-  // lib/tasks.ts); these cases pin what they refuse today.
   enqueue: [{
+    call: () => shoal.enqueue(x(undefined), "t"),
+    error: TypeError,
+    message: `Invalid db for enqueue(): expected ${DB}, not undefined`,
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, x(5)),
+    error: TypeError,
+    message:
+      "Invalid task for enqueue(): expected a task name or a definition from defineTask, got number",
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, "bad name"),
+    error: TypeError,
+    message: `Invalid task for enqueue(): expected a task name (${NAME}), not "bad name"`,
+  }, {
     call: ({ sql }) => shoal.enqueue(sql, "t", x([1])),
     error: TypeError,
-    message: "Invalid payload: expected a JSON object, got array",
+    message: "Invalid payload for enqueue(): expected a JSON object, got array",
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, "t", {}, x("emails")),
+    error: TypeError,
+    message: 'Invalid options for enqueue(): expected an object, not "emails"',
   }, {
     call: ({ sql }) => shoal.enqueue(sql, "t", {}, { runAt: x("2026-01-01") }),
     error: TypeError,
-    message: "Invalid runAt: expected a valid Date",
+    message: 'Invalid options.runAt for enqueue(): expected a valid Date, not "2026-01-01"',
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, "t", {}, { queue: "bad name" }),
+    error: TypeError,
+    message: `Invalid options.queue for enqueue(): expected a queue name (${NAME}), not "bad name"`,
+  }, {
+    // "false" is truthy here and false in SQL: the two sides would disagree.
+    call: ({ sql }) => shoal.enqueue(sql, "t", {}, { notify: x("false") }),
+    error: TypeError,
+    message: 'Invalid options.notify for enqueue(): expected true or false, not "false"',
+  }, {
+    // NaN would turn the size limit off.
+    call: ({ sql }) => shoal.enqueue(sql, "t", { s: "x".repeat(100) }, { maxPayloadBytes: NaN }),
+    error: RangeError,
+    message:
+      "Invalid options.maxPayloadBytes for enqueue(): expected an integer from 1 to 2147483647, not NaN",
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, "t", {}, { key: "k".repeat(513) }),
+    error: RangeError,
+    message:
+      'Invalid options.key for enqueue(): expected a string of 1 to 512 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"',
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, x({ name: "t", maxAttempts: 0 }), {}),
+    error: RangeError,
+    message: "Invalid task.maxAttempts for enqueue(): expected an integer from 1 to 1000, not 0",
   }],
   enqueueMany: [{
-    call: ({ sql }) => shoal.enqueueMany(sql, [{ task: "t", priority: 1.5 }]),
+    call: () => shoal.enqueueMany(x(undefined), [{ task: "t" }]),
+    error: TypeError,
+    message: `Invalid db for enqueueMany(): expected ${DB}, not undefined`,
+  }, {
+    call: ({ sql }) => shoal.enqueueMany(sql, x({ task: "t" })),
+    error: TypeError,
+    message:
+      "Invalid jobs for enqueueMany(): expected an array of jobs ({ task, payload?, ... }), not an object",
+  }, {
+    call: ({ sql }) => shoal.enqueueMany(sql, x([{ task: "t" }, "t"])),
+    error: TypeError,
+    message: 'Invalid jobs[1] for enqueueMany(): expected a job ({ task, payload?, ... }), not "t"',
+  }, {
+    call: ({ sql }) => shoal.enqueueMany(sql, [{ task: "t" }], x(true)),
+    error: TypeError,
+    message: "Invalid options for enqueueMany(): expected an object, not true",
+  }, {
+    call: ({ sql }) => shoal.enqueueMany(sql, [{ task: "t" }], { notify: x(0) }),
+    error: TypeError,
+    message: "Invalid options.notify for enqueueMany(): expected true or false, not 0",
+  }, {
+    call: ({ sql }) => shoal.enqueueMany(sql, [{ task: "t" }], { maxPayloadBytes: x("1mb") }),
+    error: TypeError,
+    message:
+      'Invalid options.maxPayloadBytes for enqueueMany(): expected an integer from 1 to 2147483647, not "1mb"',
+  }, {
+    call: ({ sql }) => shoal.enqueueMany(sql, [{ task: "t" }, { task: "t", priority: 1.5 }]),
     error: RangeError,
-    message: "Invalid priority: expected an integer from -32767 to 32767",
+    message:
+      "Invalid jobs[1].priority for enqueueMany(): expected an integer from -32767 to 32767, not 1.5",
+  }, {
+    call: ({ sql }) => shoal.enqueueMany(sql, [{ task: "t", payload: x(null) }]),
+    error: TypeError,
+    message: "Invalid jobs[0].payload for enqueueMany(): expected a JSON object, got null",
+  }, {
+    call: ({ sql }) =>
+      shoal.enqueueMany(sql, [{ task: x({ name: "t", queue: "bad name" }), payload: {} }]),
+    error: TypeError,
+    message:
+      `Invalid jobs[0].task.queue for enqueueMany(): expected a queue name (${NAME}), not "bad name"`,
   }],
   defineTask: [{
+    call: () => shoal.defineTask(x(undefined)),
+    error: TypeError,
+    message:
+      "Invalid definition for defineTask(): expected a task definition ({ name, handler, ... }), not undefined",
+  }, {
     call: () => shoal.defineTask({ name: "bad name", handler: () => {} }),
     error: TypeError,
-    message: `Invalid task name "bad name": use ${NAME}`,
+    message:
+      `Invalid definition.name for defineTask(): expected a task name (${NAME}), not "bad name"`,
+  }, {
+    call: () => shoal.defineTask(x({ name: "t" })),
+    error: TypeError,
+    message: "Invalid definition.handler for defineTask(): expected a function, not undefined",
+  }, {
+    call: () => shoal.defineTask(x({ name: "t", handler: () => {}, parse: { n: "number" } })),
+    error: TypeError,
+    message: "Invalid definition.parse for defineTask(): expected a function, not an object",
+  }, {
+    call: () => shoal.defineTask({ name: "t", handler: () => {}, maxAttempts: 0 }),
+    error: RangeError,
+    message:
+      "Invalid definition.maxAttempts for defineTask(): expected an integer from 1 to 1000, not 0",
+  }, {
+    call: () => shoal.defineTask({ name: "t", handler: () => {}, timeoutMs: x("30s") }),
+    error: TypeError,
+    message:
+      'Invalid definition.timeoutMs for defineTask(): expected a positive number of milliseconds up to 2073600000 (24 days), not "30s"',
   }],
 };
 

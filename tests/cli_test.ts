@@ -79,7 +79,10 @@ Deno.test("bad flags and values exit 2 with one line on stderr", async () => {
       says: 'scheme "mysql" is not postgres',
     },
     { args: ["enqueue"], says: "shoal enqueue needs --task" },
-    { args: ["enqueue", "--task", "shoal.noop", "--payload", "[1]"], says: "Invalid payload" },
+    {
+      args: ["enqueue", "--task", "shoal.noop", "--payload", "[1]"],
+      says: "Invalid --payload: expected a JSON object, got array",
+    },
     { args: ["enqueue", "--task", "shoal.noop", "--payload", "{"], says: "Invalid --payload" },
     { args: ["enqueue", "--task", "bad name"], says: 'Invalid --task: "bad name"' },
     { args: ["dead", "retry", "abc"], says: "shoal dead retry takes one job id" },

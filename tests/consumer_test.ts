@@ -212,7 +212,7 @@ Deno.test("defineTask() refuses a timeout longer than a timer can wait", () => {
   // setTimeout fires after 1 ms for anything above 2^31 - 1 ms: every run would time out.
   assert.throws(
     () => defineTask({ name: "t.forever", timeoutMs: 30 * 86_400_000, handler: () => {} }),
-    /Invalid timeoutMs for task t\.forever/,
+    /^RangeError: Invalid definition\.timeoutMs for defineTask\(\): expected a positive number of milliseconds up to 2073600000 \(24 days\), not 2592000000$/,
   );
   defineTask({ name: "t.long", timeoutMs: 24 * 86_400_000, handler: () => {} });
 });

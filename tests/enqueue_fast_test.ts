@@ -8,7 +8,14 @@ import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { emptyDb, sleep, testDb, waitFor } from "./helpers.ts";
 import { connect, type Db, type Sql } from "../lib/db.ts";
 import { loadMigrations, migrate, NO_FUNCTIONS } from "../lib/migrate.ts";
-import { checkJobSpec, enqueue, type Enqueued, enqueueMany, type JobSpec } from "../lib/queue.ts";
+import {
+  checkJobSpec,
+  enqueue,
+  type Enqueued,
+  enqueueMany,
+  JobArgs,
+  type JobSpec,
+} from "../lib/queue.ts";
 
 /**
  * What enqueueMany() sent before 004: checkJobSpec rows as one jsonb document, with the
@@ -16,7 +23,11 @@ import { checkJobSpec, enqueue, type Enqueued, enqueueMany, type JobSpec } from 
  * (009; these tasks are in no catalog, so the catalog rule gives `default` too).
  */
 async function enqueueManyBefore004(db: Db, jobs: JobSpec[]): Promise<Enqueued[]> {
-  const rows = jobs.map((spec) => ({ queue: "default", ...checkJobSpec(spec, 1_048_576) }));
+  const args = new JobArgs("enqueueMany");
+  const rows = jobs.map((spec) => ({
+    queue: "default",
+    ...checkJobSpec(spec, 1_048_576, args),
+  }));
   const result = await db<Enqueued[]>`
     select id, inserted from shoal.enqueue_many(${JSON.stringify(rows)}::text::jsonb)`;
   return result.map((r) => ({ id: r.id, inserted: r.inserted }));

@@ -252,15 +252,19 @@ Deno.test("enqueue() rejects invalid queue and task names before anything is wri
     await assertRejects(
       () => enqueue(db.sql, "task", {}, { queue: name }),
       TypeError,
-      "Invalid queue name",
+      "Invalid options.queue for enqueue(): expected a queue name",
     );
-    await assertRejects(() => enqueue(db.sql, name), TypeError, "Invalid task name");
+    await assertRejects(
+      () => enqueue(db.sql, name),
+      TypeError,
+      "Invalid task for enqueue(): expected a task name",
+    );
   }
   // One bad job rejects the whole batch.
   await assertRejects(
     () => enqueueMany(db.sql, [{ task: "ok" }, { task: "bad name" }, { task: "ok" }]),
     TypeError,
-    'Invalid task name "bad name"',
+    'Invalid jobs[1].task for enqueueMany(): expected a task name (1 to 128 letters, digits or _.:- starting with a letter or digit), not "bad name"',
   );
   // The longest legal name is accepted.
   await enqueue(db.sql, "t".repeat(128), {}, { queue: "Q0_.:-".padEnd(128, "q") });
@@ -297,18 +301,18 @@ Deno.test("enqueue() rejects NUL characters, which Postgres cannot store", async
     await assertRejects(
       () => enqueue(db.sql, "task", payload),
       TypeError,
-      "Invalid payload: contains a NUL character",
+      "Invalid payload for enqueue(): contains a NUL character",
     );
   }
   await assertRejects(
     () => enqueue(db.sql, "task", {}, { key: "a\0" }),
     TypeError,
-    "Invalid key: contains a NUL character",
+    "Invalid options.key for enqueue(): contains a NUL character",
   );
   await assertRejects(
     () => enqueue(db.sql, "task", {}, { fairnessKey: "\0" }),
     TypeError,
-    "Invalid fairness key: contains a NUL character",
+    "Invalid options.fairnessKey for enqueue(): contains a NUL character",
   );
   assertEquals(await countJobs(db.sql), 0);
   // A backslash followed by "u0000" is ordinary text.
@@ -347,31 +351,40 @@ Deno.test("enqueue() rejects bad priority, maxAttempts, runAt and keys", async (
     await assertRejects(
       () => enqueue(db.sql, "task", {}, { priority }),
       RangeError,
-      "Invalid priority",
+      "Invalid options.priority for enqueue(): expected an integer from -32767 to 32767",
     );
   }
+  await assertRejects(
+    () => enqueue(db.sql, "task", {}, { priority: "1" as unknown as number }),
+    TypeError,
+    "Invalid options.priority for enqueue()",
+  );
   for (const maxAttempts of [0, -1, 1001, 2.5, Number.NaN]) {
     await assertRejects(
       () => enqueue(db.sql, "task", {}, { maxAttempts }),
       RangeError,
-      "Invalid maxAttempts",
+      "Invalid options.maxAttempts for enqueue(): expected an integer from 1 to 1000",
     );
   }
   await assertRejects(
     () => enqueue(db.sql, "task", {}, { runAt: new Date(Number.NaN) }),
     TypeError,
-    "Invalid runAt",
+    "Invalid options.runAt for enqueue(): expected a valid Date, not an invalid Date",
   );
-  await assertRejects(() => enqueue(db.sql, "task", {}, { key: "" }), TypeError, "Invalid key");
+  await assertRejects(
+    () => enqueue(db.sql, "task", {}, { key: "" }),
+    TypeError,
+    'Invalid options.key for enqueue(): expected a string of 1 to 512 characters, not ""',
+  );
   await assertRejects(
     () => enqueue(db.sql, "task", {}, { key: "k".repeat(513) }),
-    TypeError,
-    "Invalid key",
+    RangeError,
+    "Invalid options.key for enqueue(): expected a string of 1 to 512 characters",
   );
   await assertRejects(
     () => enqueue(db.sql, "task", {}, { fairnessKey: "f".repeat(257) }),
-    TypeError,
-    "Invalid fairness key",
+    RangeError,
+    "Invalid options.fairnessKey for enqueue(): expected a string of 1 to 256 characters",
   );
   assertEquals(await countJobs(db.sql), 0);
   // The bounds themselves are accepted.

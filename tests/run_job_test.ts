@@ -7,7 +7,7 @@ import { assert, assertEquals } from "./assert.ts";
 import { registerTasks, testDb } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { logger } from "../lib/log.ts";
-import { claim, enqueue, type Job } from "../lib/queue.ts";
+import { claim, enqueue, type EnqueueOptions, type Job } from "../lib/queue.ts";
 import { startExecution } from "../lib/execution.ts";
 import {
   type AnyTask,
@@ -265,4 +265,44 @@ Deno.test("JobRun's context enqueues with the task's catalog queue and gives the
     { queue: string }[]
   >`select queue from shoal.jobs where id = ${enqueued}`;
   assertEquals(row?.queue, "elsewhere");
+});
+
+Deno.test("JobRun's ctx.enqueue() refuses options that are not an object, and names itself", async () => {
+  await using db = await testDb();
+  const refused: string[] = [];
+  const task = defineTask({
+    name: "t.parent",
+    handler: async (_, ctx) => {
+      // A string would spread into nothing: the job would go out with no options at all.
+      const calls: (() => Promise<string>)[] = [
+        () => ctx.enqueue("t.child", {}, "emails" as unknown as EnqueueOptions),
+        () => ctx.enqueue("t.child", {}, { runAt: "soon" as unknown as Date }),
+        () => ctx.enqueue("t.child", [] as unknown as Record<string, unknown>),
+      ];
+      for (const call of calls) {
+        try {
+          await call();
+          refused.push("(not refused)");
+        } catch (error) {
+          refused.push(`${(error as Error).name}: ${(error as Error).message}`);
+        }
+      }
+    },
+  });
+  const run = new JobRun(await claimed(db.sql, "t.parent"), env(db.sql, [task]));
+  await run.settled;
+  assertEquals(run.state, "completed");
+  assertEquals(refused, [
+    'TypeError: Invalid options for ctx.enqueue(): expected an object, not "emails"',
+    'TypeError: Invalid options.runAt for ctx.enqueue(): expected a valid Date, not "soon"',
+    "TypeError: Invalid payload for ctx.enqueue(): expected a JSON object, got array",
+  ]);
+  const [row] = await db.sql<{ n: number }[]>`
+    select count(*)::int as n from shoal.jobs where task = 't.child'`;
+  assertEquals(row?.n, 0, "nothing enqueued");
+});
+
+Deno.test("failureOf() stores NUL characters as U+FFFD: Postgres text cannot hold them", () => {
+  assertEquals(failureOf(new Error("a\0b\0"), 1).error, "Error: a\uFFFDb\uFFFD");
+  assertEquals(failureOf("\0", 1).error, 'non-Error thrown: "\\u0000"');
 });

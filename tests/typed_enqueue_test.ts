@@ -143,7 +143,16 @@ const NOT_TASKS: [unknown, string][] = [
   [["typed.welcome"], "got an array"],
   [() => "typed.welcome", "got function"],
 ];
-const NOT_A_TASK = "Invalid task: expected a task name or a definition from defineTask, ";
+/** The message after "Invalid <the task argument>: ". */
+const NOT_A_TASK = "expected a task name or a definition from defineTask, ";
+/** How each call names its task argument. */
+const TASK_ARG: Record<string, string> = {
+  enqueue: "task for enqueue()",
+  enqueueMany: "jobs[1].task for enqueueMany()",
+  startExecution: "job.task for startExecution()",
+  "fan-out child": "task",
+  "fan-out callback": "task",
+};
 
 Deno.test("enqueue(), enqueueMany(), startExecution() and fan-outs refuse what is neither a name nor a definition in one TypeError line", async () => {
   await using db = await testDb();
@@ -172,7 +181,11 @@ Deno.test("enqueue(), enqueueMany(), startExecution() and fan-outs refuse what i
         error = caught;
       }
       assert(error instanceof TypeError, `${what} ${String(task)}: ${error}`);
-      assertEquals((error as TypeError).message, NOT_A_TASK + got, what);
+      assertEquals(
+        (error as TypeError).message,
+        `Invalid ${TASK_ARG[what]}: ${NOT_A_TASK}${got}`,
+        what,
+      );
     }
   }
   assertEquals(await countJobs(db.sql), 0, "nothing was written");

@@ -299,7 +299,7 @@ Deno.test("startExecution() validates its job like enqueue and writes nothing wh
   await assertRejects(
     () => startExecution(db.sql, { task: "t", key: "once" }),
     TypeError,
-    "Invalid key: an execution's first job cannot take a dedupe key",
+    "Invalid job.key for startExecution(): an execution's first job cannot take a dedupe key",
   );
   const [row] = await db.sql<{ n: number }[]>`
     select (select count(*)::int from shoal.executions) + (select count(*)::int from shoal.jobs)

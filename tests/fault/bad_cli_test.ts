@@ -138,7 +138,10 @@ Deno.test("bad payloads, names, keys, cron strings and time zones on the command
       env: { SHOAL_MAX_PAYLOAD: "100" },
       says: "over the limit of 100 bytes",
     },
-    { args: enqueue("--key", "k".repeat(513)), says: "Invalid key" },
+    {
+      args: enqueue("--key", "k".repeat(513)),
+      says: "Invalid --key: expected a string of 1 to 512",
+    },
     { args: enqueue("--run-at", "yesterday"), says: 'Invalid --run-at: "yesterday"' },
     { args: enqueue("--priority=-40000"), says: "Invalid --priority: -40000 is below" },
     { args: ["enqueue", "--task", INJECTIONS[0]!], says: "Invalid --task" },

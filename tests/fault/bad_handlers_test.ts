@@ -1,7 +1,8 @@
 /**
  * Bad input, handlers (issue 6): a real consumer process (tests/fixtures/bad_input_main.ts)
- * whose handlers throw values that are not Errors, reject with 10 MB messages, never settle,
- * block the event loop for seconds, or belong to a task it does not know. Each is a recorded
+ * whose handlers throw values that are not Errors, reject with 10 MB messages or messages
+ * holding NUL, never settle, block the event loop for seconds, or belong to a task it does
+ * not know. Each is a recorded
  * failure with a clear, bounded reason; nothing is lost or run twice; the process keeps
  * serving (a good job after them runs) and shuts down within its grace, exit 0.
  */
@@ -56,7 +57,7 @@ function longestLine(output: string): number {
   return Math.max(...output.split("\n").map((l) => l.length));
 }
 
-Deno.test("handlers that throw non-Errors, huge messages, hang, or name an unknown task are clear failures and the consumer keeps serving", async () => {
+Deno.test("handlers that throw non-Errors, huge messages or NUL characters, hang, or name an unknown task are clear failures and the consumer keeps serving", async () => {
   await using db = await testDb();
   await createRuns(db.sql);
   await using proc = consumer(db.url, ["--concurrency", "2", "--visibility-timeout", "6s"]);
@@ -75,6 +76,7 @@ Deno.test("handlers that throw non-Errors, huge messages, hang, or name an unkno
     "circular",
     "huge_error",
     "huge_string",
+    "nul",
   ];
   const specs: JobSpec[] = [
     ...kinds.map((kind) => ({ task: "bad.throw", payload: { kind }, maxAttempts: 1 })),
@@ -85,9 +87,11 @@ Deno.test("handlers that throw non-Errors, huge messages, hang, or name an unkno
     })),
     { task: "bad.hang", maxAttempts: 2 },
     { task: "no.such_task", maxAttempts: 2 },
+    // A NUL in the message, retried once: both failures are recorded, not redelivered.
+    { task: "bad.throw", payload: { kind: "nul" }, maxAttempts: 2 },
   ];
   const ids = (await enqueueMany(db.sql, specs)).map((e) => e.id);
-  const [hang, unknown] = ids.slice(-2) as [string, string];
+  const [hang, unknown, nulRetried] = ids.slice(-3) as [string, string, string];
 
   await waitFor("every bad job to be dead-lettered", async () => {
     return (await deadReasons(db.sql)).size === ids.length;
@@ -104,6 +108,7 @@ Deno.test("handlers that throw non-Errors, huge messages, hang, or name an unkno
     circular: "non-Error thrown: [object Object]",
     huge_error: "Error: huge huge huge",
     huge_string: 'non-Error thrown: "hhhh',
+    nul: "Error: nul\uFFFDinside",
   };
   ids.slice(0, 2 * kinds.length).forEach((id, i) => {
     const kind = kinds[i % kinds.length]!;
@@ -123,6 +128,11 @@ Deno.test("handlers that throw non-Errors, huge messages, hang, or name an unkno
     dead.get(unknown)?.reason,
   );
   assertEquals(dead.get(unknown)?.attempts, 2);
+  assertEquals(dead.get(nulRetried)?.reason, expected.nul);
+  assertEquals(dead.get(nulRetried)?.attempts, 2);
+  const [history] = await db.sql<{ errors: { error: string }[] }[]>`
+    select errors from shoal.dead_jobs where id = ${nulRetried}::bigint`;
+  assertEquals(history?.errors.map((e) => e.error), [expected.nul, expected.nul]);
 
   // Still serving: a good job after all of that runs, once.
   const good = await enqueue(db.sql, "bad.record");

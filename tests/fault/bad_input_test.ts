@@ -99,7 +99,7 @@ Deno.test("a payload that is not a JSON object is refused from TypeScript and SQ
   for (const [payload, kind] of notObjects) {
     const error = await refused(() => enqueue(db.sql, "t", payload as Record<string, unknown>));
     assert(error instanceof TypeError, String(error));
-    assertOneLine(error, `Invalid payload: expected a JSON object, got ${kind}`);
+    assertOneLine(error, `Invalid payload for enqueue(): expected a JSON object, got ${kind}`);
   }
   const circular: Record<string, unknown> = { a: 1 };
   circular.self = circular;
@@ -107,7 +107,7 @@ Deno.test("a payload that is not a JSON object is refused from TypeScript and SQ
     const [payload, says] of [[circular, "circular structure"], [{ n: 1n }, "BigInt"]] as const
   ) {
     const error = await refused(() => enqueue(db.sql, "t", payload));
-    assertOneLine(error, `Invalid payload: cannot be serialised as JSON: `);
+    assertOneLine(error, `Invalid payload for enqueue(): cannot be serialised as JSON: `);
     assertOneLine(error, says);
   }
   for (const text of ["[1,2]", '"text"', "42", "null", "true"]) {
@@ -144,7 +144,7 @@ Deno.test(`a payload nested deeper than ${MAX_PAYLOAD_DEPTH} levels is one clear
   // overflow escapes, the message says what is wrong.
   for (const depth of [MAX_PAYLOAD_DEPTH + 1, 10_000, 200_000]) {
     const error = await refused(() => enqueue(db.sql, "t", nested(depth)));
-    assertOneLine(error, `Invalid payload: `);
+    assertOneLine(error, `Invalid payload for enqueue(): `);
     assertOneLine(error, `nested deeper than ${MAX_PAYLOAD_DEPTH} levels`);
   }
   // Arrays count as levels too; brackets inside strings do not.
@@ -200,7 +200,7 @@ Deno.test("a payload over the size limit is refused alike from TypeScript and SQ
   const big = { s: "x".repeat(1024 * 1024) };
   assertOneLine(
     await refused(() => enqueue(db.sql, "t", big)),
-    /^Invalid payload: \d+ bytes, over the limit of 1048576 bytes$/,
+    /^Invalid payload for enqueue\(\): \d+ bytes, over the limit of 1048576 bytes$/,
   );
   assertOneLine(
     await refused(() =>
@@ -216,7 +216,7 @@ Deno.test("a payload over the size limit is refused alike from TypeScript and SQ
   await enqueue(db.sql, "t", fits, { maxPayloadBytes: limit });
   assertOneLine(
     await refused(() => enqueue(db.sql, "t", over, { maxPayloadBytes: limit })),
-    `Invalid payload: ${limit + 1} bytes, over the limit of ${limit} bytes`,
+    `Invalid payload for enqueue(): ${limit + 1} bytes, over the limit of ${limit} bytes`,
   );
   await db.sql.begin(async (tx) => {
     await tx`select set_config('shoal.max_payload_bytes', ${String(limit)}, true)`;
@@ -255,18 +255,21 @@ Deno.test("invalid queue, task and schedule names are refused everywhere, nothin
     ...INJECTIONS,
   ];
   for (const name of badNames) {
-    assertOneLine(await refused(() => enqueue(db.sql, name)), "Invalid task name");
+    assertOneLine(
+      await refused(() => enqueue(db.sql, name)),
+      "Invalid task for enqueue(): expected a task name",
+    );
     assertOneLine(
       await refused(() => enqueue(db.sql, "t", {}, { queue: name })),
-      "Invalid queue name",
+      "Invalid options.queue for enqueue(): expected a queue name",
     );
     assertOneLine(
       await refused(() => enqueueMany(db.sql, [{ task: "t" }, { task: name }])),
-      "Invalid task name",
+      "Invalid jobs[1].task for enqueueMany(): expected a task name",
     );
     assertOneLine(
       await refused(() => defineTask({ name, handler: () => {} })),
-      "Invalid task name",
+      "Invalid definition.name for defineTask(): expected a task name",
     );
     assertOneLine(
       await refused(() => upsertSchedule(db.sql, { name, cron: "* * * * *", task: "t" })),
