@@ -494,7 +494,7 @@ export async function enqueueMany<T extends readonly (JobSpec | TaskJobSpec)[]>(
   if (specs.length === 0) return [];
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   const args = new JobArgs("enqueueMany");
-  const columns = new Array<JobColumns>(specs.length);
+  const columns: JobColumns[] = [];
   for (let i = 0; i < specs.length; i++) {
     const spec = specs[i]!;
     args.index = i;
@@ -502,7 +502,7 @@ export async function enqueueMany<T extends readonly (JobSpec | TaskJobSpec)[]>(
     if (spec === null || typeof spec !== "object" || Array.isArray(spec)) {
       checkObject("enqueueMany", `jobs[${i}]`, spec, { what: JOB });
     }
-    columns[i] = checkColumns(spec, maxBytes, args);
+    columns.push(checkColumns(spec, maxBytes, args));
   }
   return await insertChecked(db, columns, options.notify ?? true);
 }
