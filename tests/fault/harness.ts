@@ -236,6 +236,17 @@ export class MixedRun {
     );
   }
 
+  /** The jobs left and what the live consumers said last: why a queue did not drain. */
+  async #whatIsLeft(): Promise<string> {
+    const jobs = await this.sql<Record<string, unknown>[]>`
+      select id, task, attempts, max_attempts, locked_by, started_at,
+        round(extract(epoch from run_at - now())::numeric, 1) as due_in_s
+      from shoal.jobs order by id limit 20`;
+    const said = this.members.filter((m) => m.role === "consumer" && !m.killed)
+      .map((m) => `${m.name}:\n${tail(m.proc.output(), 15)}`).join("\n");
+    return `jobs left (first 20): ${JSON.stringify(jobs)}; the consumers said:\n${said}`;
+  }
+
   /** SIGKILL a member (it is then not expected to exit 0). */
   kill(member: Member): void {
     member.killed = true;
@@ -321,15 +332,19 @@ export class MixedRun {
       200,
     );
     await persist("pause the schedule", () => setScheduleEnabled(this.sql, SCHEDULE, false));
-    await waitFor(
-      "the queue to drain",
-      async () => {
-        const [row] = await this.sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
-        return row!.n === 0;
-      },
-      timeoutMs,
-      200,
-    );
+    try {
+      await waitFor(
+        "the queue to drain",
+        async () => {
+          const [row] = await this.sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
+          return row!.n === 0;
+        },
+        timeoutMs,
+        200,
+      );
+    } catch (error) {
+      throw new Error(`${(error as Error).message}; ${await this.#whatIsLeft()}`, { cause: error });
+    }
     const live = this.members.filter((m) => !m.killed);
     for (const m of live) m.proc.kill("SIGTERM");
     // Bounded by the statement deadline (lib/db.ts): a consumer may first wait out a claim
