@@ -196,7 +196,12 @@ function describeSettings(
  * the statement fails.
  */
 export async function registerOnce(db: Db, consumer: ConsumerRegistration): Promise<void> {
-  const conflicts = await retryOnce("register", () => registerConsumer(db, consumer));
+  // Within the statement deadline, as every statement of a role: one stalled on a connection
+  // a restart killed would otherwise hold the consumer's start (or its shutdown) for good.
+  const conflicts = await retryOnce(
+    "register",
+    () => settleWithin("register", registerConsumer(db, consumer), STATEMENT_DEADLINE_MS),
+  );
   const mine = new Map<string, TaskRegistration>(consumer.tasks.map((t) => [t.name, t]));
   for (const other of conflicts) {
     const own = mine.get(other.name)!;
@@ -244,7 +249,15 @@ class CatalogPresence {
   async #beat(): Promise<void> {
     try {
       if (this.#registered) {
-        await retryOnce("refresh", () => refreshConsumer(this.db, this.consumer));
+        await retryOnce(
+          "refresh",
+          () =>
+            settleWithin(
+              "refresh",
+              refreshConsumer(this.db, this.consumer),
+              STATEMENT_DEADLINE_MS,
+            ),
+        );
       } else {
         await registerOnce(this.db, this.consumer);
         this.#registered = true;
@@ -268,7 +281,15 @@ class CatalogPresence {
     // A refresh landing after the delete would bring the row back.
     await this.#inFlight;
     try {
-      await retryOnce("unregister", () => unregisterConsumer(this.db, this.consumer.workerId));
+      await retryOnce(
+        "unregister",
+        () =>
+          settleWithin(
+            "unregister",
+            unregisterConsumer(this.db, this.consumer.workerId),
+            STATEMENT_DEADLINE_MS,
+          ),
+      );
     } catch (error) {
       logger("catalog").warn(
         "Cannot remove consumer {worker} from the task catalog, it counts as live for a few more minutes: {error}",
