@@ -1,8 +1,8 @@
 /**
  * The schedules table, `shoal.schedules`: every statement on it. Adding, listing, pausing,
  * resuming, removing, and syncing a declarative schedules file; and the scheduler's
- * statements (lib/scheduler.ts runs them in its tick): claiming a due row, recording a
- * baseline, advancing after a fire, disabling or recording an error, and the time until
+ * statements (lib/scheduler.ts runs them in its tick): claiming a batch of due rows, recording
+ * baselines, advancing after the fires, disabling or recording an error, and the time until
  * the next row is due. A change to a row wakes a listening scheduler: the trigger function
  * shoal.notify_schedules_changed in sql/functions/.
  *
@@ -257,25 +257,25 @@ export interface DueScheduleOptions {
 }
 
 /**
- * The scheduler's claim, inside its transaction: lock the next due enabled schedule not
- * in `skip` (a row with no next_run_at counts as due: it needs its baseline), SKIP LOCKED
- * so a second scheduler takes another row or none. Null when none is due.
+ * The scheduler's claim, inside its transaction: lock up to `limit` due enabled schedules
+ * not in `skip` (a row with no next_run_at counts as due: it needs its baseline), most
+ * overdue first, SKIP LOCKED so a second scheduler takes other rows or none. A row another
+ * scheduler advanced and committed meanwhile is re-checked under its lock and left out.
  */
-export async function claimDueSchedule(
+export async function claimDueSchedules(
   tx: Db,
-  options: DueScheduleOptions = {},
-): Promise<DueSchedule | null> {
+  options: DueScheduleOptions & { limit: number },
+): Promise<DueSchedule[]> {
   const now = options.now ?? null;
   const skip = options.skip ?? [];
-  const [row] = await tx<DueSchedule[]>`
+  return await tx<DueSchedule[]>`
     select s.*, coalesce(${now}::timestamptz, now()) as db_now from shoal.schedules s
     where s.enabled
       and (s.next_run_at is null or s.next_run_at <= coalesce(${now}::timestamptz, now()))
       and not (s.name = any(${skip}::text[]))
     order by s.next_run_at nulls first, s.name
-    limit 1
+    limit ${options.limit}::integer
     for update skip locked`;
-  return row ?? null;
 }
 
 /** Disable a schedule whose cron or time zone cannot be read, recording why. */
@@ -287,24 +287,38 @@ export async function disableSchedule(tx: Db, name: string, error: string): Prom
     where name = ${name}::text`;
 }
 
-/** Record the first slot of a schedule that had none, without firing it. */
-export async function setScheduleBaseline(tx: Db, name: string, next: Date): Promise<void> {
-  await tx`
-    update shoal.schedules set next_run_at = ${next}::timestamptz
-    where name = ${name}::text`;
+/** A schedule's next slot, as the tick worked it out. */
+export interface ScheduleSlot {
+  name: string;
+  next: Date;
 }
 
-/** After a fire: move to the next slot, record when it ran, clear any error. */
-export async function advanceSchedule(
-  tx: Db,
-  name: string,
-  options: { next: Date; ranAt: Date },
-): Promise<void> {
+/** Record the first slot of schedules that had none, without firing them: one statement. */
+export async function setScheduleBaselines(tx: Db, slots: ScheduleSlot[]): Promise<void> {
+  if (slots.length === 0) return;
   await tx`
-    update shoal.schedules
-    set next_run_at = ${options.next}::timestamptz,
-      last_run_at = ${options.ranAt}::timestamptz, last_error = null
-    where name = ${name}::text`;
+    update shoal.schedules s set next_run_at = u.next
+    from unnest(${slots.map((x) => x.name)}::text[],
+                ${slots.map((x) => x.next.toISOString())}::timestamptz[]) as u(name, next)
+    where s.name = u.name`;
+}
+
+/**
+ * After a fire: move each schedule to its next slot, record when it ran, clear any error.
+ * One statement for the whole batch.
+ */
+export async function advanceSchedules(
+  tx: Db,
+  slots: ScheduleSlot[],
+  ranAt: Date,
+): Promise<void> {
+  if (slots.length === 0) return;
+  await tx`
+    update shoal.schedules s
+    set next_run_at = u.next, last_run_at = ${ranAt}::timestamptz, last_error = null
+    from unnest(${slots.map((x) => x.name)}::text[],
+                ${slots.map((x) => x.next.toISOString())}::timestamptz[]) as u(name, next)
+    where s.name = u.name`;
 }
 
 /**

@@ -3,16 +3,16 @@ import { connect } from "../lib/db.ts";
 import { acquire, LeaseLostError } from "../lib/lease.ts";
 import { checkCron, nextSlot } from "../lib/cron.ts";
 import {
-  advanceSchedule,
+  advanceSchedules,
   checkSchedule,
-  claimDueSchedule,
+  claimDueSchedules,
   disableSchedule,
   listSchedules,
   loadSchedulesFile,
   nextScheduleDueInMs,
   recordScheduleError,
   removeSchedule,
-  setScheduleBaseline,
+  setScheduleBaselines,
   setScheduleEnabled,
   syncSchedules,
   upsertSchedule,
@@ -359,7 +359,15 @@ Deno.test("upsertSchedule() re-enables a schedule an error disabled on any chang
   assertEquals(rows.paused?.enabled, false, "a paused schedule stays paused");
 });
 
-Deno.test("claimDueSchedule() locks the most overdue enabled row not skipped, and passes over a locked one", async () => {
+/** The first row claimDueSchedules() locks, as the old one-row claim did. */
+async function claimOne(
+  tx: Parameters<typeof claimDueSchedules>[0],
+  options: { now: Date; skip?: string[] },
+) {
+  return (await claimDueSchedules(tx, { ...options, limit: 1 }))[0] ?? null;
+}
+
+Deno.test("claimDueSchedules() locks the most overdue enabled rows not skipped, and passes over locked ones", async () => {
   await using db = await testDb();
   for (const name of ["a", "b", "c", "off"]) {
     await upsertSchedule(db.sql, { name, cron: "* * * * *", task: "t" });
@@ -374,17 +382,29 @@ Deno.test("claimDueSchedule() locks the most overdue enabled row not skipped, an
   await setScheduleEnabled(db.sql, "off", false);
   const now = at(120_000);
   await db.sql.begin(async (tx) => {
-    const first = await claimDueSchedule(tx, { now });
+    const first = await claimOne(tx, { now });
     assertEquals([first?.name, first?.db_now.toISOString()], ["b", now.toISOString()]);
     // Another scheduler skips the locked row and finds the next due one.
     await db.sql.begin(async (other) => {
-      assertEquals((await claimDueSchedule(other, { now }))?.name, "a");
+      assertEquals((await claimOne(other, { now }))?.name, "a");
     });
-    assertEquals((await claimDueSchedule(tx, { now, skip: ["b", "a"] }))?.name, undefined);
+    assertEquals((await claimOne(tx, { now, skip: ["b", "a"] }))?.name, undefined);
   });
   // A row without next_run_at is due at once (it needs its baseline) and comes first.
   await db.sql`update shoal.schedules set next_run_at = null where name = 'c'`;
-  assertEquals((await claimDueSchedule(db.sql, { now }))?.name, "c");
+  assertEquals((await claimOne(db.sql, { now }))?.name, "c");
+  // A batch: every due row, most overdue first (c has no baseline, so it comes first).
+  await db.sql.begin(async (tx) => {
+    const rows = await claimDueSchedules(tx, { now, limit: 10 });
+    assertEquals(rows.map((r) => r.name), ["c", "b", "a"]);
+    await db.sql.begin(async (other) => {
+      assertEquals((await claimDueSchedules(other, { now, limit: 10 })).length, 0);
+    });
+  });
+  assertEquals((await claimDueSchedules(db.sql, { now, limit: 2 })).map((r) => r.name), [
+    "c",
+    "b",
+  ]);
 });
 
 Deno.test("nextScheduleDueInMs() is the wait for the soonest enabled row not skipped, 0 or less when due, null with none", async () => {
@@ -393,8 +413,10 @@ Deno.test("nextScheduleDueInMs() is the wait for the soonest enabled row not ski
   await upsertSchedule(db.sql, { name: "a", cron: "* * * * *", task: "t" });
   await upsertSchedule(db.sql, { name: "b", cron: "* * * * *", task: "t" });
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0) }), 0, "no baseline yet: due");
-  await setScheduleBaseline(db.sql, "a", at(30_000));
-  await setScheduleBaseline(db.sql, "b", at(90_000));
+  await setScheduleBaselines(db.sql, [{ name: "a", next: at(30_000) }, {
+    name: "b",
+    next: at(90_000),
+  }]);
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0) }), 30_000);
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(40_000) }), -10_000);
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0), skip: ["a"] }), 90_000);
@@ -402,12 +424,12 @@ Deno.test("nextScheduleDueInMs() is the wait for the soonest enabled row not ski
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0), skip: ["a"] }), null);
 });
 
-Deno.test("advanceSchedule(), disableSchedule() and recordScheduleError() write what the tick records", async () => {
+Deno.test("advanceSchedules(), disableSchedule() and recordScheduleError() write what the tick records", async () => {
   await using db = await testDb();
   await upsertSchedule(db.sql, { name: "s", cron: "* * * * *", task: "t" });
   const row = async () => (await listSchedules(db.sql))[0]!;
   await db.sql`update shoal.schedules set last_error = 'old' where name = 's'`;
-  await advanceSchedule(db.sql, "s", { next: at(120_000), ranAt: at(60_000) });
+  await advanceSchedules(db.sql, [{ name: "s", next: at(120_000) }], at(60_000));
   let r = await row();
   assertEquals(
     [r.next_run_at?.toISOString(), r.last_run_at?.toISOString(), r.last_error],
