@@ -19,6 +19,8 @@ import {
 } from "../lib/schedule.ts";
 import { SCHEDULER_LEASE, tickOnce } from "../lib/scheduler.ts";
 import { registerTasks, type TestDb, testDb } from "./helpers.ts";
+import postgres from "postgres";
+import type { Sql } from "../lib/db.ts";
 
 const T0 = new Date("2030-01-01T00:00:00Z");
 const at = (ms: number) => new Date(T0.getTime() + ms);
@@ -214,6 +216,67 @@ Deno.test("tickOnce() isolates a row that fails to fire: recorded once, disabled
   const big = (await listSchedules(db.sql)).find((r) => r.name === "big");
   assertEquals(big?.enabled, false, "a payload over the limit fails every time: disabled");
   assert.match(big?.last_error ?? "", /over the limit/);
+});
+
+/** A pool that counts the statements it sends (begin, savepoints and commits included). */
+function countingPool(url: string): { sql: Sql; statements: () => number } {
+  let count = 0;
+  const sql = postgres(url, {
+    max: 4,
+    onnotice: () => {},
+    debug: () => count++,
+  }) as unknown as Sql;
+  return { sql, statements: () => count };
+}
+
+Deno.test("tickOnce() fires 300 due schedules exactly once in one batch of a few statements, disabling only a bad row", async () => {
+  await using db = await testDb();
+  // 300 rows due at 00:01 (their baselines recorded), one of them on shoal.noop's catalog
+  // queue, and a row written by plain SQL whose cron cannot be read.
+  await db.sql`
+    insert into shoal.schedules (name, cron, task, queue, next_run_at)
+    select 's' || lpad(i::text, 3, '0'), '* * * * *', 'shoal.noop',
+           case when i = 1 then null else 'cron' end, ${at(60_000)}::timestamptz
+    from generate_series(1, 300) i`;
+  await db.sql`
+    insert into shoal.schedules (name, cron, task, next_run_at)
+    values ('bad', '* * * 99 *', 'shoal.noop', ${at(60_000)}::timestamptz)`;
+  const counted = countingPool(db.url);
+  try {
+    const tick = await tickOnce(counted.sql, { now: at(60_000) });
+    assertEquals([tick.fired, tick.disabled, tick.failed], [300, 1, 0]);
+    // One transaction: next-due read, begin, claim, disable, savepoint, insert, advance,
+    // release, commit, next-due read. Firing row by row took about 1,500.
+    assert.ok(counted.statements() <= 15, `${counted.statements()} statements`);
+    assertEquals((await tickOnce(counted.sql, { now: at(60_500) })).fired, 0, "never twice");
+  } finally {
+    await counted.sql.end();
+  }
+  const [jobs] = await db.sql<{ jobs: number; slots: number; queues: string[] }[]>`
+    select count(*)::int as jobs, count(distinct key)::int as slots,
+           array_agg(distinct queue order by queue) as queues
+    from shoal.jobs where key like 'schedule:%:2030-01-01T00:01:00.000Z'`;
+  assertEquals([jobs?.jobs, jobs?.slots, jobs?.queues], [300, 300, ["cron", "default"]]);
+  const rows = await listSchedules(db.sql);
+  const bad = rows.find((r) => r.name === "bad");
+  assertEquals(bad?.enabled, false);
+  assert.match(bad?.last_error ?? "", /Cannot parse cron expression "\* \* \* 99 \*"/);
+  const advanced = rows.filter((r) => r.name !== "bad");
+  assert.ok(
+    advanced.every((r) =>
+      r.next_run_at?.toISOString() === "2030-01-01T00:02:00.000Z" &&
+      r.last_run_at?.toISOString() === at(60_000).toISOString()
+    ),
+  );
+  // Small batches, two schedulers at once: still every slot exactly once.
+  const [a, b] = await Promise.all([
+    tickOnce(db.sql, { now: at(120_000), batchSize: 64 }),
+    tickOnce(db.sql, { now: at(120_000), batchSize: 64 }),
+  ]);
+  assertEquals(a.fired + b.fired, 300);
+  const [after] = await db.sql<{ jobs: number; slots: number }[]>`
+    select count(*)::int as jobs, count(distinct key)::int as slots from shoal.jobs`;
+  assertEquals([after?.jobs, after?.slots], [600, 600]);
 });
 
 Deno.test("tickOnce() with a stale lease term fires nothing", async () => {
