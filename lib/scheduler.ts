@@ -12,8 +12,9 @@
  * error before anything is written; when the batch's insert or advance fails (one row's
  * payload over a limit set later, say), the savepoint rolls back and the batch fires row by
  * row, each in its own savepoint, so only the failing row records its error. A row with no
- * next_run_at records a baseline without firing; missed slots fire once (the due slot) and
- * the row moves to the next future slot. Times come from `now()`.
+ * next_run_at records a baseline without firing; missed slots fire once (the due slot), or
+ * with `backfill` N each of them up to N (oldest first), and the row moves to the next future
+ * slot. Times come from `now()`.
  * The statements on `shoal.schedules` live in lib/schedule.ts; this module is the tick
  * (tickOnce) and the leader loop over it.
  *
@@ -79,6 +80,7 @@ export interface TickOptions {
 }
 
 export interface TickResult {
+  /** Slots fired (a backfilling schedule may fire several). */
   fired: number;
   baselined: number;
   disabled: number;
@@ -100,9 +102,10 @@ interface BatchResult {
 /** The batch's transaction. */
 type Tx = postgres.TransactionSql<Record<string, never>>;
 
-/** A claimed row to fire, with the slot it moves to. */
+/** A claimed row to fire: the slots it fires (oldest first) and the slot it moves to. */
 interface DueFire {
   row: DueSchedule;
+  slots: Date[];
   next: Date;
 }
 
@@ -135,15 +138,41 @@ async function nextSlots(rows: DueSchedule[]): Promise<Map<string, Date | Error>
   return byName;
 }
 
-/** The job a fire enqueues. */
-function jobOf(row: DueSchedule): JobSpec {
+/**
+ * The slots a due row fires: its due slot alone (coalesce, backfill 0), or with backfill N
+ * the due slot and the missed ones after it, oldest first, up to N in all.
+ */
+async function slotsToFire(row: DueSchedule): Promise<Date[]> {
+  const slots = [row.next_run_at!];
+  while (slots.length < row.backfill) {
+    let slot: Date;
+    try {
+      slot = await nextSlot(row.cron, row.tz, slots[slots.length - 1]!);
+    } catch (error) {
+      // The cron was read for the row's next slot just now; should a past instant still
+      // trip the parser, the slots found so far fire and the rest coalesce.
+      logger("scheduler").warn("Schedule {schedule} cannot backfill past {slot}: {error}", {
+        schedule: row.name,
+        slot: slots[slots.length - 1]!.toISOString(),
+        error: describeError(error),
+      });
+      break;
+    }
+    if (slot.getTime() > row.db_now.getTime()) break;
+    slots.push(slot);
+  }
+  return slots;
+}
+
+/** The job one slot of a schedule enqueues. */
+function jobOf(row: DueSchedule, slot: Date): JobSpec {
   return {
     task: row.task,
     payload: row.payload,
     // Without a queue of its own, the job takes its task's catalog queue as of now.
     queue: row.queue ?? undefined,
     priority: row.priority,
-    key: `schedule:${row.name}:${row.next_run_at!.toISOString()}`,
+    key: `schedule:${row.name}:${slot.toISOString()}`,
   };
 }
 
@@ -180,7 +209,7 @@ async function fireBatch(
       } else if (row.next_run_at === null) {
         baselines.push({ name: row.name, next });
       } else {
-        due.push({ row, next });
+        due.push({ row, slots: await slotsToFire(row), next });
       }
     }
     await setScheduleBaselines(tx, baselines);
@@ -188,7 +217,7 @@ async function fireBatch(
     if (due.length === 0) return result;
     try {
       await fireAll(tx, due);
-      for (const fire of due) result.fired.push(firedOf(fire));
+      for (const fire of due) result.fired.push(...firedOf(fire));
     } catch (error) {
       if (due.length > 1) {
         log.warn("A batch of {count} fires failed, firing them one by one: {error}", {
@@ -198,7 +227,7 @@ async function fireBatch(
       }
       for (const fire of due) {
         if (await fireAlone(tx, fire, due.length > 1 ? undefined : error)) {
-          result.fired.push(firedOf(fire));
+          result.fired.push(...firedOf(fire));
         } else {
           result.failed.push(fire.row.name);
         }
@@ -211,7 +240,7 @@ async function fireBatch(
 /** Fire every row of `due` in one savepoint: one job insert, one advance. */
 async function fireAll(tx: Tx, due: DueFire[]): Promise<void> {
   await tx.savepoint(async (sp) => {
-    await enqueueMany(sp, due.map((fire) => jobOf(fire.row)));
+    await enqueueMany(sp, due.flatMap((fire) => fire.slots.map((slot) => jobOf(fire.row, slot))));
     await advanceSchedules(
       sp,
       due.map((fire) => ({ name: fire.row.name, next: fire.next })),
@@ -251,11 +280,12 @@ async function fireAlone(
   return false;
 }
 
-function firedOf(fire: DueFire): { name: string; lagMs: number } {
-  return {
+/** Each slot a row fired, with its lag (the claim's clock minus the slot). */
+function firedOf(fire: DueFire): { name: string; lagMs: number }[] {
+  return fire.slots.map((slot) => ({
     name: fire.row.name,
-    lagMs: fire.row.db_now.getTime() - fire.row.next_run_at!.getTime(),
-  };
+    lagMs: fire.row.db_now.getTime() - slot.getTime(),
+  }));
 }
 
 /**

@@ -172,6 +172,46 @@ Deno.test("tickOnce() fires missed slots once, coalesced, then moves to the next
   assertEquals(row?.next_run_at?.toISOString(), "2030-01-01T01:01:00.000Z");
 });
 
+Deno.test("tickOnce() with backfill fires each missed slot up to the bound, oldest first; coalesce stays the default", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "coalesce", cron: "* * * * *", task: "shoal.noop" });
+  await upsertSchedule(db.sql, {
+    name: "five",
+    cron: "* * * * *",
+    task: "shoal.noop",
+    backfill: 5,
+  });
+  await upsertSchedule(db.sql, {
+    name: "all",
+    cron: "* * * * *",
+    task: "shoal.noop",
+    backfill: 1000,
+  });
+  await tickOnce(db.sql, { now: at(0) }); // baselines: next 00:01
+  // Down for ten minutes: slots 00:01 to 00:10 missed.
+  const tick = await tickOnce(db.sql, { now: at(10 * 60_000 + 30_000) });
+  assertEquals(tick.fired, 1 + 5 + 10);
+  const minute = (m: number) => at(m * 60_000).toISOString();
+  assertEquals(await firedSlots(db, "coalesce"), [minute(1)]);
+  assertEquals(await firedSlots(db, "five"), [1, 2, 3, 4, 5].map(minute));
+  assertEquals(await firedSlots(db, "all"), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10].map(minute));
+  for (const row of await listSchedules(db.sql)) {
+    assertEquals(row.next_run_at?.toISOString(), minute(11), row.name);
+  }
+  assertEquals((await tickOnce(db.sql, { now: at(10 * 60_000 + 40_000) })).fired, 0);
+  // On time, a backfilling schedule fires its one due slot like any other.
+  assertEquals((await tickOnce(db.sql, { now: at(11 * 60_000) })).fired, 3);
+  // The bound is checked where a schedule comes in, and by the column.
+  for (const backfill of [-1, 1001, 1.5]) {
+    await assertRejects(
+      () => upsertSchedule(db.sql, { name: "x", cron: "* * * * *", task: "t", backfill }),
+      RangeError,
+      "Invalid backfill for schedule x",
+    );
+  }
+  await assertRejects(() => db.sql`update shoal.schedules set backfill = 1001 where name = 'five'`);
+});
+
 Deno.test("tickOnce() disables a row with an invalid cron or time zone once and keeps firing the others", async () => {
   await using db = await testDb();
   await upsertSchedule(db.sql, { name: "good", cron: "* * * * *", task: "shoal.noop" });
