@@ -358,7 +358,7 @@ Deno.test("shoal schedule add rejects a bad cron, time zone, name or value with 
       "shoal: Invalid --backfill: 1001 is above 1000",
     ],
     [
-      ["nightly", "--cron", "0 3 * * *", "--backfill", "-1", ...base],
+      ["nightly", "--cron", "0 3 * * *", "--backfill=-1", ...base],
       "shoal: Invalid --backfill: -1 is below 0",
     ],
     [["--cron", "0 3 * * *", ...base], "shoal: shoal schedule add takes one schedule name"],
