@@ -26,7 +26,7 @@
  * installed by its own `main.ts migrate`, and its producers enqueue through its own
  * lib/queue.ts (loaded into this process, so its deno.json must map imports like ours).
  * It runs right beside shoal (after it on odd runs, before it on even ones) in W1a, W1b,
- * W2, W3, W5, W6, W7 and W10; not in W4 (the fan-out driver is this tree's
+ * W2, W3, W5, W6, W7, W10 and W12; not in W4 (the fan-out driver is this tree's
  * lib/execution.ts) nor in the soaks W8, W9 (once per bench run: no spread to judge).
  * `--only W2,W3` selects both systems, `--only W2/shoal@abc1234` one figure. The report's
  * first table sets each figure beside the other commit's: both medians with every run's
@@ -41,6 +41,7 @@
  *   W8  soak at 70% of W2's rate (--soak)    W9  the same with a snapshot held open for 60 s
  *   W10 statements/s of an idle fleet (4 consumers, 2 reapers, 2 schedulers), on a second
  *       throwaway cluster with pg_stat_statements preloaded
+ *   W12 1,000 per-second schedules for 20 s and 10,000 due at once, 1 scheduler process
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
@@ -89,6 +90,7 @@ import { consumerMemory } from "./memory.ts";
 import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
 import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
 import { FLEET, idleFleet } from "./idle.ts";
+import { SCHEDULE_SIZES, schedulesAtScale } from "./schedules.ts";
 import {
   type BenchContext,
   type Benchmark,
@@ -212,6 +214,7 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     ...shoalAndBeside((s) => consumerMemory(s)),
     ...PROCESS_COUNTS.flatMap((n) => shoalAndBeside((s) => processScaling(s, n))),
     ...shoalAndBeside((s) => idleFleet(s)),
+    ...shoalAndBeside((s) => schedulesAtScale(s)),
     // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
     soak(shoal),
     heldSnapshot(shoal),
@@ -574,6 +577,23 @@ function targets(sizes: Sizes, soakSizes: SoakSizes, system: System): Target[] {
         return {
           measured: `${fmt(rate, 2)} statements/s`,
           met: judge([rate], () => rate <= 2),
+        };
+      },
+    },
+    {
+      workload: "W12",
+      target: `${SCHEDULE_SIZES.schedules.toLocaleString("en-US")} per-second schedules: ` +
+        "every slot fired, p99 lag ≤ 1 s; ceiling ≥ 10,000 fires/s",
+      check(figure) {
+        const missed = figure(`W12/${s}`, "missed");
+        const lag = figure(`W12/${s}`, "p99_lag_ms");
+        const ceiling = figure(`W12/${s}`, "ceiling");
+        return {
+          measured: `${fmt(missed)} missed, p99 lag ${fmt(lag)} ms, ${fmt(ceiling)} fires/s`,
+          met: judge(
+            [missed, lag, ceiling],
+            () => missed === 0 && lag <= 1000 && ceiling >= 10_000,
+          ),
         };
       },
     },

@@ -15,7 +15,8 @@
  *       a `fanOut` driver only);
  * - W5..W10 live beside this file: fairness.ts (W5 noisy neighbour), memory.ts (W6 consumer
  *   RSS), scaling.ts (W7 1, 2 and 4 consumer processes), soak.ts (W8 steady-rate soak, W9
- *   the same with a transaction held open), idle.ts (W10 statements sent by an idle fleet).
+ *   the same with a transaction held open), idle.ts (W10 statements sent by an idle fleet),
+ *   schedules.ts (W12 1,000 per-second schedules and the scheduler's ceiling).
  *
  * Every run gets a fresh database with the system's schema installed from empty.
  *
@@ -111,7 +112,19 @@ export interface RunResult {
 export interface Benchmark {
   /** Unique, stable id: `W2/shoal`, `W2/shoal/c100`, `W1a/pgbench` ... */
   id: string;
-  workload: "W1a" | "W1b" | "W2" | "W3" | "W4" | "W5" | "W6" | "W7" | "W8" | "W9" | "W10";
+  workload:
+    | "W1a"
+    | "W1b"
+    | "W2"
+    | "W3"
+    | "W4"
+    | "W5"
+    | "W6"
+    | "W7"
+    | "W8"
+    | "W9"
+    | "W10"
+    | "W12";
   /** Which system (or floor) this measures. */
   system: string;
   /** What it measures, in a few words. */

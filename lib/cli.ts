@@ -78,6 +78,7 @@ Usage:
   shoal cancel EXECUTION
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D] | purge --all
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
+        [--backfill N]
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
   shoal dev [--dir .shoal] [--http [HOST:PORT]]
 
@@ -666,7 +667,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
       let spec: ScheduleSpec | null = null;
       return await withDb(parsed, {
         name: "schedule add",
-        flags: ["cron", "task", "queue", "payload", "tz", "priority"],
+        flags: ["cron", "task", "queue", "payload", "tz", "priority", "backfill"],
         needs: "current schema",
         check: async (opts) => {
           const { cron, task } = opts;
@@ -681,6 +682,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
             payload,
             tz: opts.tz,
             priority: opts.priority,
+            backfill: opts.backfill,
           };
           try {
             await checkSchedule(spec);

@@ -183,6 +183,14 @@ export const OPTIONS = {
     env: null,
     help: "higher runs first",
   },
+  backfill: {
+    kind: "int",
+    default: "0",
+    min: 0,
+    max: 1000,
+    env: null,
+    help: "schedule add: after downtime, fire up to N missed slots (0: one fire for them all)",
+  },
   key: { kind: "string", env: null, help: "dedupe key" },
   "fairness-key": { kind: "string", env: null, help: "share the queue fairly across these" },
   "max-attempts": {

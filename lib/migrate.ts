@@ -56,6 +56,7 @@ import sql007 from "../sql/007_sql_task.sql" with { type: "text" };
 import sql008 from "../sql/008_fair_burst.sql" with { type: "text" };
 import sql009 from "../sql/009_task_catalog.sql" with { type: "text" };
 import sql010 from "../sql/010_started_at.sql" with { type: "text" };
+import sql011 from "../sql/011_schedule_backfill.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -76,6 +77,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "008_fair_burst.sql": sql008,
   "009_task_catalog.sql": sql009,
   "010_started_at.sql": sql010,
+  "011_schedule_backfill.sql": sql011,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */

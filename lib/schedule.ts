@@ -1,8 +1,8 @@
 /**
  * The schedules table, `shoal.schedules`: every statement on it. Adding, listing, pausing,
  * resuming, removing, and syncing a declarative schedules file; and the scheduler's
- * statements (lib/scheduler.ts runs them in its tick): claiming a due row, recording a
- * baseline, advancing after a fire, disabling or recording an error, and the time until
+ * statements (lib/scheduler.ts runs them in its tick): claiming a batch of due rows, recording
+ * baselines, advancing after the fires, disabling or recording an error, and the time until
  * the next row is due. A change to a row wakes a listening scheduler: the trigger function
  * shoal.notify_schedules_changed in sql/functions/.
  *
@@ -27,6 +27,12 @@ export interface ScheduleSpec {
   /** IANA time zone the cron is read in (default UTC). */
   tz?: string;
   priority?: number;
+  /**
+   * After downtime: 0 (default) coalesces the missed slots into one fire; N (1 to 1,000)
+   * fires each missed slot, oldest first, up to N of them. Either way the schedule then
+   * moves to its next future slot.
+   */
+  backfill?: number;
 }
 
 export interface ScheduleRow {
@@ -38,6 +44,8 @@ export interface ScheduleRow {
   queue: string | null;
   payload: Record<string, unknown>;
   priority: number;
+  /** 0: coalesce missed slots; N: fire up to N of them. */
+  backfill: number;
   enabled: boolean;
   source: "manual" | "file";
   next_run_at: Date | null;
@@ -46,6 +54,9 @@ export interface ScheduleRow {
   created_at: Date;
   updated_at: Date;
 }
+
+/** Most missed slots a schedule may backfill (the column's check says the same). */
+export const MAX_BACKFILL = 1000;
 
 /** The fields a schedule takes; any other is refused, so a misspelt one is not silently lost. */
 const SCHEDULE_FIELDS: readonly string[] = [
@@ -56,6 +67,7 @@ const SCHEDULE_FIELDS: readonly string[] = [
   "payload",
   "tz",
   "priority",
+  "backfill",
 ] satisfies (keyof ScheduleSpec)[];
 
 /** Validate a spec at the boundary; returns it normalised (defaults filled in). */
@@ -81,6 +93,13 @@ export async function checkSchedule(spec: ScheduleSpec): Promise<Required<Schedu
       `Invalid priority for schedule ${name}: expected an integer from -32767 to 32767`,
     );
   }
+  const backfill = spec.backfill ?? 0;
+  if (!Number.isInteger(backfill) || backfill < 0 || backfill > MAX_BACKFILL) {
+    throw new RangeError(
+      `Invalid backfill for schedule ${name}: expected an integer from 0 (coalesce missed ` +
+        `slots) to ${MAX_BACKFILL}`,
+    );
+  }
   const payload = spec.payload ?? {};
   checkPayload(payload);
   return {
@@ -91,6 +110,7 @@ export async function checkSchedule(spec: ScheduleSpec): Promise<Required<Schedu
     queue: spec.queue === undefined || spec.queue === null ? null : checkName("queue", spec.queue),
     payload,
     priority,
+    backfill,
   };
 }
 
@@ -110,12 +130,15 @@ export async function upsertSchedule(
   const [row] = await db<{ created: boolean; changed: boolean }[]>`
     with before as (select * from shoal.schedules where name = ${s.name}::text for update),
     upserted as (
-      insert into shoal.schedules as t (name, cron, tz, task, queue, payload, priority, source)
+      insert into shoal.schedules as t (name, cron, tz, task, queue, payload, priority, backfill,
+                                        source)
       values (${s.name}::text, ${s.cron}::text, ${s.tz}::text, ${s.task}::text, ${s.queue}::text,
-        ${JSON.stringify(s.payload)}::text::jsonb, ${s.priority}::integer, ${source}::text)
+        ${JSON.stringify(s.payload)}::text::jsonb, ${s.priority}::integer, ${s.backfill}::integer,
+        ${source}::text)
       on conflict (name) do update
       set cron = excluded.cron, tz = excluded.tz, task = excluded.task, queue = excluded.queue,
-          payload = excluded.payload, priority = excluded.priority, source = excluded.source,
+          payload = excluded.payload, priority = excluded.priority, backfill = excluded.backfill,
+          source = excluded.source,
           next_run_at = case when (t.cron, t.tz) is distinct from (excluded.cron, excluded.tz)
                              then null else t.next_run_at end,
           -- Any change to a row an error disabled is the fix: it runs again. A row the
@@ -123,9 +146,10 @@ export async function upsertSchedule(
           enabled = case when t.last_error is not null then true else t.enabled end,
           last_error = null,
           updated_at = now()
-      where (t.cron, t.tz, t.task, t.queue, t.payload, t.priority, t.source)
+      where (t.cron, t.tz, t.task, t.queue, t.payload, t.priority, t.backfill, t.source)
         is distinct from (excluded.cron, excluded.tz, excluded.task, excluded.queue,
-                          excluded.payload, excluded.priority, excluded.source)
+                          excluded.payload, excluded.priority, excluded.backfill,
+                          excluded.source)
       returning 1
     )
     select not exists (select 1 from before) as created, exists (select 1 from upserted) as changed`;
@@ -135,7 +159,7 @@ export async function upsertSchedule(
 export async function listSchedules(db: Db): Promise<ScheduleRow[]> {
   checkDb("listSchedules", db);
   return await db<ScheduleRow[]>`
-    select name, cron, tz, task, queue, payload, priority, enabled, source, next_run_at,
+    select name, cron, tz, task, queue, payload, priority, backfill, enabled, source, next_run_at,
       last_run_at, last_error, created_at, updated_at
     from shoal.schedules order by name`;
 }
@@ -257,25 +281,25 @@ export interface DueScheduleOptions {
 }
 
 /**
- * The scheduler's claim, inside its transaction: lock the next due enabled schedule not
- * in `skip` (a row with no next_run_at counts as due: it needs its baseline), SKIP LOCKED
- * so a second scheduler takes another row or none. Null when none is due.
+ * The scheduler's claim, inside its transaction: lock up to `limit` due enabled schedules
+ * not in `skip` (a row with no next_run_at counts as due: it needs its baseline), most
+ * overdue first, SKIP LOCKED so a second scheduler takes other rows or none. A row another
+ * scheduler advanced and committed meanwhile is re-checked under its lock and left out.
  */
-export async function claimDueSchedule(
+export async function claimDueSchedules(
   tx: Db,
-  options: DueScheduleOptions = {},
-): Promise<DueSchedule | null> {
+  options: DueScheduleOptions & { limit: number },
+): Promise<DueSchedule[]> {
   const now = options.now ?? null;
   const skip = options.skip ?? [];
-  const [row] = await tx<DueSchedule[]>`
+  return await tx<DueSchedule[]>`
     select s.*, coalesce(${now}::timestamptz, now()) as db_now from shoal.schedules s
     where s.enabled
       and (s.next_run_at is null or s.next_run_at <= coalesce(${now}::timestamptz, now()))
       and not (s.name = any(${skip}::text[]))
     order by s.next_run_at nulls first, s.name
-    limit 1
+    limit ${options.limit}::integer
     for update skip locked`;
-  return row ?? null;
 }
 
 /** Disable a schedule whose cron or time zone cannot be read, recording why. */
@@ -287,24 +311,38 @@ export async function disableSchedule(tx: Db, name: string, error: string): Prom
     where name = ${name}::text`;
 }
 
-/** Record the first slot of a schedule that had none, without firing it. */
-export async function setScheduleBaseline(tx: Db, name: string, next: Date): Promise<void> {
-  await tx`
-    update shoal.schedules set next_run_at = ${next}::timestamptz
-    where name = ${name}::text`;
+/** A schedule's next slot, as the tick worked it out. */
+export interface ScheduleSlot {
+  name: string;
+  next: Date;
 }
 
-/** After a fire: move to the next slot, record when it ran, clear any error. */
-export async function advanceSchedule(
-  tx: Db,
-  name: string,
-  options: { next: Date; ranAt: Date },
-): Promise<void> {
+/** Record the first slot of schedules that had none, without firing them: one statement. */
+export async function setScheduleBaselines(tx: Db, slots: ScheduleSlot[]): Promise<void> {
+  if (slots.length === 0) return;
   await tx`
-    update shoal.schedules
-    set next_run_at = ${options.next}::timestamptz,
-      last_run_at = ${options.ranAt}::timestamptz, last_error = null
-    where name = ${name}::text`;
+    update shoal.schedules s set next_run_at = u.next
+    from unnest(${slots.map((x) => x.name)}::text[],
+                ${slots.map((x) => x.next.toISOString())}::timestamptz[]) as u(name, next)
+    where s.name = u.name`;
+}
+
+/**
+ * After a fire: move each schedule to its next slot, record when it ran, clear any error.
+ * One statement for the whole batch.
+ */
+export async function advanceSchedules(
+  tx: Db,
+  slots: ScheduleSlot[],
+  ranAt: Date,
+): Promise<void> {
+  if (slots.length === 0) return;
+  await tx`
+    update shoal.schedules s
+    set next_run_at = u.next, last_run_at = ${ranAt}::timestamptz, last_error = null
+    from unnest(${slots.map((x) => x.name)}::text[],
+                ${slots.map((x) => x.next.toISOString())}::timestamptz[]) as u(name, next)
+    where s.name = u.name`;
 }
 
 /**

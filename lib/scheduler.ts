@@ -1,13 +1,20 @@
 /**
  * The scheduler role: under its lease, fire due schedules onto their queues, never twice.
  *
- * Each due row is handled in its own transaction: lock our lease row (fencing), claim
- * the schedule row with SKIP LOCKED, enqueue its job with the dedupe key
- * `schedule:<name>:<slot>`, and advance next_run_at, then commit. A crash anywhere
- * rolls all of it back; a second scheduler skips the locked row and then finds it no
- * longer due. A row with no next_run_at records a baseline without firing; missed slots
- * fire once (the due slot) and the row moves to the next future slot. An invalid cron or
- * time zone disables its row and records the error once. Times come from `now()`.
+ * Due rows are fired in batches, one transaction per batch (up to BATCH_SIZE rows): check
+ * our lease term once (fencing), claim the due rows with SKIP LOCKED, work out each row's
+ * next slot here (lib/cron.ts), then in one savepoint insert every fired job with one
+ * statement (enqueueMany, with the dedupe key `schedule:<name>:<slot>`) and advance every
+ * row's next_run_at with one statement, then commit. A crash anywhere rolls all of it back;
+ * a second scheduler skips the locked rows and then finds them no longer due.
+ *
+ * Each row stays isolated: a row whose cron or time zone cannot be read is disabled with its
+ * error before anything is written; when the batch's insert or advance fails (one row's
+ * payload over a limit set later, say), the savepoint rolls back and the batch fires row by
+ * row, each in its own savepoint, so only the failing row records its error. A row with no
+ * next_run_at records a baseline without firing; missed slots fire once (the due slot), or
+ * with `backfill` N each of them up to N (oldest first), and the row moves to the next future
+ * slot. Times come from `now()`.
  * The statements on `shoal.schedules` live in lib/schedule.ts; this module is the tick
  * (tickOnce) and the leader loop over it.
  *
@@ -27,37 +34,53 @@ import {
 } from "./args.ts";
 import { nextSlot } from "./cron.ts";
 import { isDataError, type Sql } from "./db.ts";
+import type postgres from "postgres";
 import { formatDuration } from "./duration.ts";
 import { checkTerm, holdLease, type LeaseTerm } from "./lease.ts";
 import { runLeaderLoop } from "./leader.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, logger } from "./log.ts";
-import { enqueue } from "./queue.ts";
+import { enqueueMany, type JobSpec } from "./queue.ts";
 import { metrics } from "./metrics.ts";
 import {
-  advanceSchedule,
-  claimDueSchedule,
+  advanceSchedules,
+  claimDueSchedules,
   disableSchedule,
+  type DueSchedule,
   loadSchedulesFile,
   nextScheduleDueInMs,
   recordScheduleError,
-  setScheduleBaseline,
+  type ScheduleSlot,
+  setScheduleBaselines,
   syncSchedules,
 } from "./schedule.ts";
 
 export const SCHEDULER_LEASE = "scheduler";
-/** Most rows one tick handles; the rest wait for the next tick (which comes at once). */
-const TICK_LIMIT = 500;
+/**
+ * Most rows one transaction fires: the rows stay locked, and the job insert holds them all,
+ * until it commits. 500 keeps a batch well under a second here while making the per-batch
+ * round trips (lease, claim, insert, advance, commit) negligible per fire.
+ */
+const BATCH_SIZE = 500;
+/**
+ * Most rows one tick handles; the rest wait for the next tick (which comes at once). The
+ * leader loop checks its lease between ticks.
+ */
+const TICK_LIMIT = 5_000;
 
 export interface TickOptions {
-  /** The leader's term; every row's transaction checks it (omit only in tests). */
+  /** The leader's term; every batch's transaction checks it (omit only in tests). */
   term?: LeaseTerm;
   /** Override the database clock (tests). */
   now?: Date;
+  /** Most rows this tick handles (default 5,000). */
   limit?: number;
+  /** Most rows one transaction handles (default 500). */
+  batchSize?: number;
 }
 
 export interface TickResult {
+  /** Slots fired (a backfilling schedule may fire several). */
   fired: number;
   baselined: number;
   disabled: number;
@@ -66,7 +89,25 @@ export interface TickResult {
   nextDueInMs: number | null;
 }
 
-type RowOutcome = "fired" | "baselined" | "disabled" | "failed" | "none";
+/** What one batch did; fires are counted in metrics only once their batch committed. */
+interface BatchResult {
+  claimed: number;
+  fired: { name: string; lagMs: number }[];
+  baselined: number;
+  disabled: number;
+  /** Rows that failed to fire: passed over for the rest of the tick. */
+  failed: string[];
+}
+
+/** The batch's transaction. */
+type Tx = postgres.TransactionSql<Record<string, never>>;
+
+/** A claimed row to fire: the slots it fires (oldest first) and the slot it moves to. */
+interface DueFire {
+  row: DueSchedule;
+  slots: Date[];
+  next: Date;
+}
 
 /** Errors that will recur on every try: bad data, constraint or limit violations. */
 function isPermanent(error: unknown): boolean {
@@ -74,70 +115,184 @@ function isPermanent(error: unknown): boolean {
 }
 
 /**
- * Handle one due schedule row (the first not in `skip`) in one transaction. A failure to
- * fire rolls back to a savepoint, so the error is recorded on the row itself (once per
- * distinct message) while the row lock is still held.
+ * Each row's next slot after the claim's clock, or the error that makes its cron or time
+ * zone unreadable. Rows of one batch share the clock, so each (cron, time zone) is worked
+ * out once: a thousand rows on `* * * * * *` parse one expression.
  */
-async function fireOne(
+async function nextSlots(rows: DueSchedule[]): Promise<Map<string, Date | Error>> {
+  const byExpr = new Map<string, Date | Error>();
+  const byName = new Map<string, Date | Error>();
+  for (const row of rows) {
+    const expr = `${row.tz}\n${row.cron}\n${row.db_now.getTime()}`;
+    let next = byExpr.get(expr);
+    if (next === undefined) {
+      try {
+        next = await nextSlot(row.cron, row.tz, row.db_now);
+      } catch (error) {
+        next = error instanceof Error ? error : new Error(String(error));
+      }
+      byExpr.set(expr, next);
+    }
+    byName.set(row.name, next);
+  }
+  return byName;
+}
+
+/**
+ * The slots a due row fires: its due slot alone (coalesce, backfill 0), or with backfill N
+ * the due slot and the missed ones after it, oldest first, up to N in all.
+ */
+async function slotsToFire(row: DueSchedule): Promise<Date[]> {
+  const slots = [row.next_run_at!];
+  while (slots.length < row.backfill) {
+    let slot: Date;
+    try {
+      slot = await nextSlot(row.cron, row.tz, slots[slots.length - 1]!);
+    } catch (error) {
+      // The cron was read for the row's next slot just now; should a past instant still
+      // trip the parser, the slots found so far fire and the rest coalesce.
+      logger("scheduler").warn("Schedule {schedule} cannot backfill past {slot}: {error}", {
+        schedule: row.name,
+        slot: slots[slots.length - 1]!.toISOString(),
+        error: describeError(error),
+      });
+      break;
+    }
+    if (slot.getTime() > row.db_now.getTime()) break;
+    slots.push(slot);
+  }
+  return slots;
+}
+
+/** The job one slot of a schedule enqueues. */
+function jobOf(row: DueSchedule, slot: Date): JobSpec {
+  return {
+    task: row.task,
+    payload: row.payload,
+    // Without a queue of its own, the job takes its task's catalog queue as of now.
+    queue: row.queue ?? undefined,
+    priority: row.priority,
+    key: `schedule:${row.name}:${slot.toISOString()}`,
+  };
+}
+
+/**
+ * Handle up to `size` due rows (not in `skip`) in one transaction: disable unreadable rows,
+ * record baselines, then fire the rest with one insert and one advance, falling back to
+ * row by row when that fails.
+ */
+async function fireBatch(
   sql: Sql,
   options: TickOptions,
   skip: string[],
-): Promise<{ outcome: RowOutcome; name?: string; lagMs?: number }> {
+  size: number,
+): Promise<BatchResult> {
   const log = logger("scheduler");
   return await sql.begin(async (tx) => {
+    const result: BatchResult = { claimed: 0, fired: [], baselined: 0, disabled: 0, failed: [] };
     if (options.term) await holdLease(tx, options.term, { now: options.now });
-    const row = await claimDueSchedule(tx, { now: options.now, skip });
-    if (!row) return { outcome: "none" };
-    let next: Date;
-    try {
-      next = await nextSlot(row.cron, row.tz, row.db_now);
-    } catch (error) {
-      await disableSchedule(tx, row.name, (error as Error).message);
-      log.error("Schedule {schedule} disabled: {error}", {
-        schedule: row.name,
-        error: (error as Error).message,
-      });
-      return { outcome: "disabled", name: row.name };
-    }
-    if (row.next_run_at === null) {
-      await setScheduleBaseline(tx, row.name, next);
-      return { outcome: "baselined", name: row.name };
-    }
-    const slot = row.next_run_at;
-    try {
-      await tx.savepoint(async (sp) => {
-        // Without a queue of its own, the job takes its task's catalog queue as of now.
-        await enqueue(sp, row.task, row.payload, {
-          queue: row.queue ?? undefined,
-          priority: row.priority,
-          key: `schedule:${row.name}:${slot.toISOString()}`,
-        });
-        await advanceSchedule(sp, row.name, { next, ranAt: row.db_now });
-      });
-      return {
-        outcome: "fired",
-        name: row.name,
-        lagMs: row.db_now.getTime() - slot.getTime(),
-      };
-    } catch (error) {
-      const permanent = isPermanent(error);
-      const message = describeError(error).slice(0, 2000);
-      if (await recordScheduleError(tx, row.name, { message, disable: permanent })) {
-        log.error("Schedule {schedule} failed to fire{disabled}: {error}", {
+    const rows = await claimDueSchedules(tx, { now: options.now, skip, limit: size });
+    result.claimed = rows.length;
+    if (rows.length === 0) return result;
+    const slots = await nextSlots(rows);
+    const baselines: ScheduleSlot[] = [];
+    const due: DueFire[] = [];
+    for (const row of rows) {
+      const next = slots.get(row.name)!;
+      if (next instanceof Error) {
+        await disableSchedule(tx, row.name, next.message);
+        log.error("Schedule {schedule} disabled: {error}", {
           schedule: row.name,
-          disabled: permanent ? " and was disabled" : "",
-          error: message,
+          error: next.message,
+        });
+        result.disabled++;
+      } else if (row.next_run_at === null) {
+        baselines.push({ name: row.name, next });
+      } else {
+        due.push({ row, slots: await slotsToFire(row), next });
+      }
+    }
+    await setScheduleBaselines(tx, baselines);
+    result.baselined = baselines.length;
+    if (due.length === 0) return result;
+    try {
+      await fireAll(tx, due);
+      for (const fire of due) result.fired.push(...firedOf(fire));
+    } catch (error) {
+      if (due.length > 1) {
+        log.warn("A batch of {count} fires failed, firing them one by one: {error}", {
+          count: due.length,
+          error: describeError(error),
         });
       }
-      return { outcome: "failed", name: row.name };
+      for (const fire of due) {
+        if (await fireAlone(tx, fire, due.length > 1 ? undefined : error)) {
+          result.fired.push(...firedOf(fire));
+        } else {
+          result.failed.push(fire.row.name);
+        }
+      }
     }
+    return result;
+  });
+}
+
+/** Fire every row of `due` in one savepoint: one job insert, one advance. */
+async function fireAll(tx: Tx, due: DueFire[]): Promise<void> {
+  await tx.savepoint(async (sp) => {
+    await enqueueMany(sp, due.flatMap((fire) => fire.slots.map((slot) => jobOf(fire.row, slot))));
+    await advanceSchedules(
+      sp,
+      due.map((fire) => ({ name: fire.row.name, next: fire.next })),
+      due[0]!.row.db_now,
+    );
   });
 }
 
 /**
- * Fire every due schedule once (up to the tick limit). Each row is isolated: a row that
- * fails is recorded and skipped for the rest of the tick, and never stops the others.
- * A lost lease or a lost connection ends the tick (thrown to the leader loop).
+ * Fire one row in its own savepoint; on failure record the error on the row (once per
+ * distinct message, disabling it when permanent) while its lock is still held. `known` is
+ * the error this row alone already met (a batch of one is not tried twice).
+ */
+async function fireAlone(
+  tx: Tx,
+  fire: DueFire,
+  known?: unknown,
+): Promise<boolean> {
+  let error = known;
+  if (error === undefined) {
+    try {
+      await fireAll(tx, [fire]);
+      return true;
+    } catch (caught) {
+      error = caught;
+    }
+  }
+  const permanent = isPermanent(error);
+  const message = describeError(error).slice(0, 2000);
+  if (await recordScheduleError(tx, fire.row.name, { message, disable: permanent })) {
+    logger("scheduler").error("Schedule {schedule} failed to fire{disabled}: {error}", {
+      schedule: fire.row.name,
+      disabled: permanent ? " and was disabled" : "",
+      error: message,
+    });
+  }
+  return false;
+}
+
+/** Each slot a row fired, with its lag (the claim's clock minus the slot). */
+function firedOf(fire: DueFire): { name: string; lagMs: number }[] {
+  return fire.slots.map((slot) => ({
+    name: fire.row.name,
+    lagMs: fire.row.db_now.getTime() - slot.getTime(),
+  }));
+}
+
+/**
+ * Fire every due schedule once (up to the tick limit), a batch per transaction. Each row is
+ * isolated: a row that fails is recorded and skipped for the rest of the tick, and never
+ * stops the others. A lost lease or a lost connection ends the tick (thrown to the leader
+ * loop).
  */
 export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<TickResult> {
   checkPool("tickOnce", sql);
@@ -149,6 +304,11 @@ export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<Tic
     max: MAX_INT4,
     optional: true,
   });
+  checkInteger("tickOnce", "options.batchSize", options.batchSize, {
+    min: 1,
+    max: 100_000,
+    optional: true,
+  });
   const result: TickResult = { fired: 0, baselined: 0, disabled: 0, failed: 0, nextDueInMs: null };
   const skip: string[] = [];
   // Nothing due: one cheap read and no fenced transaction, so an idle scheduler costs
@@ -158,12 +318,20 @@ export async function tickOnce(sql: Sql, options: TickOptions = {}): Promise<Tic
     result.nextDueInMs = dueMs;
     return result;
   }
-  for (let i = 0; i < (options.limit ?? TICK_LIMIT); i++) {
-    const done = await fireOne(sql, options, skip);
-    if (done.outcome === "none") break;
-    result[done.outcome]++;
-    if (done.outcome === "fired") metrics.scheduleFired(done.name!, done.lagMs!); // committed
-    if (done.outcome === "failed") skip.push(done.name!);
+  const limit = options.limit ?? TICK_LIMIT;
+  const batchSize = options.batchSize ?? BATCH_SIZE;
+  for (let handled = 0; handled < limit;) {
+    const size = Math.min(batchSize, limit - handled);
+    const batch = await fireBatch(sql, options, skip, size);
+    handled += batch.claimed;
+    result.fired += batch.fired.length;
+    result.baselined += batch.baselined;
+    result.disabled += batch.disabled;
+    result.failed += batch.failed.length;
+    for (const fire of batch.fired) metrics.scheduleFired(fire.name, fire.lagMs); // committed
+    skip.push(...batch.failed);
+    // Fewer than asked: nothing else was due (or another scheduler holds it).
+    if (batch.claimed < size) break;
   }
   dueMs = await nextScheduleDueInMs(sql, { now: options.now, skip });
   result.nextDueInMs = dueMs === null ? null : Math.max(0, dueMs);

@@ -316,6 +316,11 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     error: TypeError,
     message: "Invalid options.now for tickOnce(): expected a valid Date, not 0",
   }, {
+    call: ({ sql }) => shoal.tickOnce(sql, { batchSize: 0 }),
+    error: RangeError,
+    message:
+      "Invalid options.batchSize for tickOnce(): expected an integer from 1 to 100000, not 0",
+  }, {
     call: (env) => inTx(env, (tx) => shoal.tickOnce(tx)),
     error: TypeError,
     message: `Invalid sql for tickOnce(): ${NOT_A_POOL}`,

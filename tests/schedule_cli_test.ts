@@ -41,6 +41,7 @@ function row(name: string, fields: Partial<Row>): Row {
     queue: null,
     payload: {},
     priority: 0,
+    backfill: 0,
     enabled: true,
     source: "manual",
     next_run_at: null,
@@ -108,6 +109,8 @@ Deno.test("shoal schedule add creates a schedule, and adding an existing name up
     '{"kind":"weekday"}',
     "--priority",
     "5",
+    "--backfill",
+    "3",
   ];
   assertEquals(await shoal(args), { code: 0, stdout: "Schedule nightly updated\n", stderr: "" });
   const updated = row("nightly", {
@@ -117,6 +120,7 @@ Deno.test("shoal schedule add creates a schedule, and adding an existing name up
     queue: "reports",
     payload: { kind: "weekday" },
     priority: 5,
+    backfill: 3,
   });
   assertEquals(await rows(db.sql), [updated]);
   assertEquals(await shoal(args), { code: 0, stdout: "Schedule nightly unchanged\n", stderr: "" });
@@ -348,6 +352,14 @@ Deno.test("shoal schedule add rejects a bad cron, time zone, name or value with 
     [
       ["nightly", "--cron", "0 3 * * *", "--priority", "40000", ...base],
       "shoal: Invalid --priority: 40000 is above 32767",
+    ],
+    [
+      ["nightly", "--cron", "0 3 * * *", "--backfill", "1001", ...base],
+      "shoal: Invalid --backfill: 1001 is above 1000",
+    ],
+    [
+      ["nightly", "--cron", "0 3 * * *", "--backfill=-1", ...base],
+      "shoal: Invalid --backfill: -1 is below 0",
     ],
     [["--cron", "0 3 * * *", ...base], "shoal: shoal schedule add takes one schedule name"],
   ];

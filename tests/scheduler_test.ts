@@ -3,22 +3,24 @@ import { connect } from "../lib/db.ts";
 import { acquire, LeaseLostError } from "../lib/lease.ts";
 import { checkCron, nextSlot } from "../lib/cron.ts";
 import {
-  advanceSchedule,
+  advanceSchedules,
   checkSchedule,
-  claimDueSchedule,
+  claimDueSchedules,
   disableSchedule,
   listSchedules,
   loadSchedulesFile,
   nextScheduleDueInMs,
   recordScheduleError,
   removeSchedule,
-  setScheduleBaseline,
+  setScheduleBaselines,
   setScheduleEnabled,
   syncSchedules,
   upsertSchedule,
 } from "../lib/schedule.ts";
 import { SCHEDULER_LEASE, tickOnce } from "../lib/scheduler.ts";
 import { registerTasks, type TestDb, testDb } from "./helpers.ts";
+import postgres from "postgres";
+import type { Sql } from "../lib/db.ts";
 
 const T0 = new Date("2030-01-01T00:00:00Z");
 const at = (ms: number) => new Date(T0.getTime() + ms);
@@ -170,6 +172,46 @@ Deno.test("tickOnce() fires missed slots once, coalesced, then moves to the next
   assertEquals(row?.next_run_at?.toISOString(), "2030-01-01T01:01:00.000Z");
 });
 
+Deno.test("tickOnce() with backfill fires each missed slot up to the bound, oldest first; coalesce stays the default", async () => {
+  await using db = await testDb();
+  await upsertSchedule(db.sql, { name: "coalesce", cron: "* * * * *", task: "shoal.noop" });
+  await upsertSchedule(db.sql, {
+    name: "five",
+    cron: "* * * * *",
+    task: "shoal.noop",
+    backfill: 5,
+  });
+  await upsertSchedule(db.sql, {
+    name: "all",
+    cron: "* * * * *",
+    task: "shoal.noop",
+    backfill: 1000,
+  });
+  await tickOnce(db.sql, { now: at(0) }); // baselines: next 00:01
+  // Down for ten minutes: slots 00:01 to 00:10 missed.
+  const tick = await tickOnce(db.sql, { now: at(10 * 60_000 + 30_000) });
+  assertEquals(tick.fired, 1 + 5 + 10);
+  const minute = (m: number) => at(m * 60_000).toISOString();
+  assertEquals(await firedSlots(db, "coalesce"), [minute(1)]);
+  assertEquals(await firedSlots(db, "five"), [1, 2, 3, 4, 5].map(minute));
+  assertEquals(await firedSlots(db, "all"), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10].map(minute));
+  for (const row of await listSchedules(db.sql)) {
+    assertEquals(row.next_run_at?.toISOString(), minute(11), row.name);
+  }
+  assertEquals((await tickOnce(db.sql, { now: at(10 * 60_000 + 40_000) })).fired, 0);
+  // On time, a backfilling schedule fires its one due slot like any other.
+  assertEquals((await tickOnce(db.sql, { now: at(11 * 60_000) })).fired, 3);
+  // The bound is checked where a schedule comes in, and by the column.
+  for (const backfill of [-1, 1001, 1.5]) {
+    await assertRejects(
+      () => upsertSchedule(db.sql, { name: "x", cron: "* * * * *", task: "t", backfill }),
+      RangeError,
+      "Invalid backfill for schedule x",
+    );
+  }
+  await assertRejects(() => db.sql`update shoal.schedules set backfill = 1001 where name = 'five'`);
+});
+
 Deno.test("tickOnce() disables a row with an invalid cron or time zone once and keeps firing the others", async () => {
   await using db = await testDb();
   await upsertSchedule(db.sql, { name: "good", cron: "* * * * *", task: "shoal.noop" });
@@ -214,6 +256,67 @@ Deno.test("tickOnce() isolates a row that fails to fire: recorded once, disabled
   const big = (await listSchedules(db.sql)).find((r) => r.name === "big");
   assertEquals(big?.enabled, false, "a payload over the limit fails every time: disabled");
   assert.match(big?.last_error ?? "", /over the limit/);
+});
+
+/** A pool that counts the statements it sends (begin, savepoints and commits included). */
+function countingPool(url: string): { sql: Sql; statements: () => number } {
+  let count = 0;
+  const sql = postgres(url, {
+    max: 4,
+    onnotice: () => {},
+    debug: () => count++,
+  }) as unknown as Sql;
+  return { sql, statements: () => count };
+}
+
+Deno.test("tickOnce() fires 300 due schedules exactly once in one batch of a few statements, disabling only a bad row", async () => {
+  await using db = await testDb();
+  // 300 rows due at 00:01 (their baselines recorded), one of them on shoal.noop's catalog
+  // queue, and a row written by plain SQL whose cron cannot be read.
+  await db.sql`
+    insert into shoal.schedules (name, cron, task, queue, next_run_at)
+    select 's' || lpad(i::text, 3, '0'), '* * * * *', 'shoal.noop',
+           case when i = 1 then null else 'cron' end, ${at(60_000)}::timestamptz
+    from generate_series(1, 300) i`;
+  await db.sql`
+    insert into shoal.schedules (name, cron, task, next_run_at)
+    values ('bad', '* * * 99 *', 'shoal.noop', ${at(60_000)}::timestamptz)`;
+  const counted = countingPool(db.url);
+  try {
+    const tick = await tickOnce(counted.sql, { now: at(60_000) });
+    assertEquals([tick.fired, tick.disabled, tick.failed], [300, 1, 0]);
+    // One transaction: next-due read, begin, claim, disable, savepoint, insert, advance,
+    // release, commit, next-due read. Batches of one row took 1,810.
+    assert.ok(counted.statements() <= 15, `${counted.statements()} statements`);
+    assertEquals((await tickOnce(counted.sql, { now: at(60_500) })).fired, 0, "never twice");
+  } finally {
+    await counted.sql.end();
+  }
+  const [jobs] = await db.sql<{ jobs: number; slots: number; queues: string[] }[]>`
+    select count(*)::int as jobs, count(distinct key)::int as slots,
+           array_agg(distinct queue order by queue) as queues
+    from shoal.jobs where key like 'schedule:%:2030-01-01T00:01:00.000Z'`;
+  assertEquals([jobs?.jobs, jobs?.slots, jobs?.queues], [300, 300, ["cron", "default"]]);
+  const rows = await listSchedules(db.sql);
+  const bad = rows.find((r) => r.name === "bad");
+  assertEquals(bad?.enabled, false);
+  assert.match(bad?.last_error ?? "", /Cannot parse cron expression "\* \* \* 99 \*"/);
+  const advanced = rows.filter((r) => r.name !== "bad");
+  assert.ok(
+    advanced.every((r) =>
+      r.next_run_at?.toISOString() === "2030-01-01T00:02:00.000Z" &&
+      r.last_run_at?.toISOString() === at(60_000).toISOString()
+    ),
+  );
+  // Small batches, two schedulers at once: still every slot exactly once.
+  const [a, b] = await Promise.all([
+    tickOnce(db.sql, { now: at(120_000), batchSize: 64 }),
+    tickOnce(db.sql, { now: at(120_000), batchSize: 64 }),
+  ]);
+  assertEquals(a.fired + b.fired, 300);
+  const [after] = await db.sql<{ jobs: number; slots: number }[]>`
+    select count(*)::int as jobs, count(distinct key)::int as slots from shoal.jobs`;
+  assertEquals([after?.jobs, after?.slots], [600, 600]);
 });
 
 Deno.test("tickOnce() with a stale lease term fires nothing", async () => {
@@ -359,7 +462,15 @@ Deno.test("upsertSchedule() re-enables a schedule an error disabled on any chang
   assertEquals(rows.paused?.enabled, false, "a paused schedule stays paused");
 });
 
-Deno.test("claimDueSchedule() locks the most overdue enabled row not skipped, and passes over a locked one", async () => {
+/** The first row claimDueSchedules() locks, as the old one-row claim did. */
+async function claimOne(
+  tx: Parameters<typeof claimDueSchedules>[0],
+  options: { now: Date; skip?: string[] },
+) {
+  return (await claimDueSchedules(tx, { ...options, limit: 1 }))[0] ?? null;
+}
+
+Deno.test("claimDueSchedules() locks the most overdue enabled rows not skipped, and passes over locked ones", async () => {
   await using db = await testDb();
   for (const name of ["a", "b", "c", "off"]) {
     await upsertSchedule(db.sql, { name, cron: "* * * * *", task: "t" });
@@ -374,17 +485,29 @@ Deno.test("claimDueSchedule() locks the most overdue enabled row not skipped, an
   await setScheduleEnabled(db.sql, "off", false);
   const now = at(120_000);
   await db.sql.begin(async (tx) => {
-    const first = await claimDueSchedule(tx, { now });
+    const first = await claimOne(tx, { now });
     assertEquals([first?.name, first?.db_now.toISOString()], ["b", now.toISOString()]);
     // Another scheduler skips the locked row and finds the next due one.
     await db.sql.begin(async (other) => {
-      assertEquals((await claimDueSchedule(other, { now }))?.name, "a");
+      assertEquals((await claimOne(other, { now }))?.name, "a");
     });
-    assertEquals((await claimDueSchedule(tx, { now, skip: ["b", "a"] }))?.name, undefined);
+    assertEquals((await claimOne(tx, { now, skip: ["b", "a"] }))?.name, undefined);
   });
   // A row without next_run_at is due at once (it needs its baseline) and comes first.
   await db.sql`update shoal.schedules set next_run_at = null where name = 'c'`;
-  assertEquals((await claimDueSchedule(db.sql, { now }))?.name, "c");
+  assertEquals((await claimOne(db.sql, { now }))?.name, "c");
+  // A batch: every due row, most overdue first (c has no baseline, so it comes first).
+  await db.sql.begin(async (tx) => {
+    const rows = await claimDueSchedules(tx, { now, limit: 10 });
+    assertEquals(rows.map((r) => r.name), ["c", "b", "a"]);
+    await db.sql.begin(async (other) => {
+      assertEquals((await claimDueSchedules(other, { now, limit: 10 })).length, 0);
+    });
+  });
+  assertEquals((await claimDueSchedules(db.sql, { now, limit: 2 })).map((r) => r.name), [
+    "c",
+    "b",
+  ]);
 });
 
 Deno.test("nextScheduleDueInMs() is the wait for the soonest enabled row not skipped, 0 or less when due, null with none", async () => {
@@ -393,8 +516,10 @@ Deno.test("nextScheduleDueInMs() is the wait for the soonest enabled row not ski
   await upsertSchedule(db.sql, { name: "a", cron: "* * * * *", task: "t" });
   await upsertSchedule(db.sql, { name: "b", cron: "* * * * *", task: "t" });
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0) }), 0, "no baseline yet: due");
-  await setScheduleBaseline(db.sql, "a", at(30_000));
-  await setScheduleBaseline(db.sql, "b", at(90_000));
+  await setScheduleBaselines(db.sql, [{ name: "a", next: at(30_000) }, {
+    name: "b",
+    next: at(90_000),
+  }]);
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0) }), 30_000);
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(40_000) }), -10_000);
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0), skip: ["a"] }), 90_000);
@@ -402,12 +527,12 @@ Deno.test("nextScheduleDueInMs() is the wait for the soonest enabled row not ski
   assertEquals(await nextScheduleDueInMs(db.sql, { now: at(0), skip: ["a"] }), null);
 });
 
-Deno.test("advanceSchedule(), disableSchedule() and recordScheduleError() write what the tick records", async () => {
+Deno.test("advanceSchedules(), disableSchedule() and recordScheduleError() write what the tick records", async () => {
   await using db = await testDb();
   await upsertSchedule(db.sql, { name: "s", cron: "* * * * *", task: "t" });
   const row = async () => (await listSchedules(db.sql))[0]!;
   await db.sql`update shoal.schedules set last_error = 'old' where name = 's'`;
-  await advanceSchedule(db.sql, "s", { next: at(120_000), ranAt: at(60_000) });
+  await advanceSchedules(db.sql, [{ name: "s", next: at(120_000) }], at(60_000));
   let r = await row();
   assertEquals(
     [r.next_run_at?.toISOString(), r.last_run_at?.toISOString(), r.last_error],

@@ -394,7 +394,7 @@ Deno.test("loadSchedulesFile() refuses a malformed schedules file with one line 
       ['[{"name": "a b", "cron": "* * * * *", "task": "t"}]', "entry 1: Invalid schedule name"],
       [
         '[{"name": "a", "cron": "* * * * *", "task": "t", "timezone": "Europe/Paris"}]',
-        'entry 1: Invalid schedule a: unknown field "timezone" (the fields are name, cron, task, queue, payload, tz, priority)',
+        'entry 1: Invalid schedule a: unknown field "timezone" (the fields are name, cron, task, queue, payload, tz, priority, backfill)',
       ],
       ["[[]]", "entry 1: Invalid schedule: expected an object"],
       [
