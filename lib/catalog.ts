@@ -109,6 +109,18 @@ function documents(consumer: ConsumerRegistration): { tasks: string; queues: str
 }
 
 /**
+ * A consumer's tasks as rows (name, queue, max_attempts, timeout_ms), from the JSON
+ * `documents()` makes: a fragment for a `with` clause. JSON, not array parameters: see
+ * documents().
+ */
+function taskRows(db: Db, tasksJson: string) {
+  return db`
+    select r.name, r.queue, r.max_attempts, r.timeout_ms
+    from jsonb_to_recordset(${tasksJson}::text::jsonb)
+      as r(name text, queue text, max_attempts integer, timeout_ms integer)`;
+}
+
+/**
  * Register a consumer and its tasks in one statement: its row in `shoal.consumers` (started
  * and seen now), and each task's settings in `shoal.tasks` (the last registration wins).
  * Returns the tasks whose settings differed from those registered before while other live
@@ -123,11 +135,7 @@ export async function registerConsumer(
   // One snapshot for the whole statement: `before` reads the rows as they were before the
   // upsert in the same statement rewrote them.
   return await db<RegistrationConflict[]>`
-    with mine as (
-      select r.name, r.queue, r.max_attempts, r.timeout_ms
-      from jsonb_to_recordset(${doc.tasks}::text::jsonb)
-        as r(name text, queue text, max_attempts integer, timeout_ms integer)
-    ),
+    with mine as (${taskRows(db, doc.tasks)}),
     me as (
       insert into shoal.consumers as k (worker_id, queues, tasks)
       values (${consumer.workerId}::text,
@@ -173,11 +181,7 @@ export async function registerConsumer(
 export async function refreshConsumer(db: Db, consumer: ConsumerRegistration): Promise<void> {
   const doc = documents(consumer);
   await db`
-    with mine as (
-      select r.name, r.queue, r.max_attempts, r.timeout_ms
-      from jsonb_to_recordset(${doc.tasks}::text::jsonb)
-        as r(name text, queue text, max_attempts integer, timeout_ms integer)
-    ),
+    with mine as (${taskRows(db, doc.tasks)}),
     me as (
       insert into shoal.consumers as k (worker_id, queues, tasks)
       values (${consumer.workerId}::text,
