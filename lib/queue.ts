@@ -909,6 +909,15 @@ export async function countJobs(
   const deadCounts = dead
     ? db`select queue, count(*) as dead from shoal.dead_jobs group by queue`
     : db`select null::text as queue, 0::bigint as dead where false`;
+  // A live job's state, stated once: ready (due, or its claim's deadline passed), scheduled
+  // (not due, unclaimed), running (claimed, started), prefetched (claimed, not started).
+  const states = db`
+    count(*) filter (where run_at <= now()) as ready,
+    count(*) filter (where run_at > now() and locked_by is null) as scheduled,
+    count(*) filter (
+      where run_at > now() and locked_by is not null and started_at is not null) as running,
+    count(*) filter (
+      where run_at > now() and locked_by is not null and started_at is null) as prefetched`;
   // Grouping by (queue, task) then by queue still reads the table once: the second
   // grouping runs over the first one's groups, not over the rows.
   const liveCounts = byTask
@@ -918,25 +927,13 @@ export async function countJobs(
         coalesce(extract(epoch from now() - min(oldest_ready)), 0) as oldest_ready_age_s,
         jsonb_object_agg(task, ready) filter (where ready > 0) as ready_by_task
       from (
-        select queue, task,
-          count(*) filter (where run_at <= now()) as ready,
-          count(*) filter (where run_at > now() and locked_by is null) as scheduled,
-          count(*) filter (
-            where run_at > now() and locked_by is not null and started_at is not null) as running,
-          count(*) filter (
-            where run_at > now() and locked_by is not null and started_at is null) as prefetched,
+        select queue, task, ${states},
           min(run_at) filter (where run_at <= now()) as oldest_ready
         from shoal.jobs group by queue, task
       ) t
       group by queue`
     : db`
-      select queue,
-        count(*) filter (where run_at <= now()) as ready,
-        count(*) filter (where run_at > now() and locked_by is null) as scheduled,
-        count(*) filter (
-          where run_at > now() and locked_by is not null and started_at is not null) as running,
-        count(*) filter (
-          where run_at > now() and locked_by is not null and started_at is null) as prefetched,
+      select queue, ${states},
         coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)
           as oldest_ready_age_s,
         null::jsonb as ready_by_task
