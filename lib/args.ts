@@ -167,11 +167,24 @@ export function checkOptions(
 /** An integer from `min` to `max`. */
 export function checkInteger(fn: string, arg: string, value: unknown, range: Range): void {
   if (value === undefined && range.optional) return;
-  const expected = `an integer from ${range.min} to ${range.max}`;
-  if (typeof value !== "number") throw invalid(fn, arg, expected, value);
-  if (!Number.isInteger(value) || value < range.min || value > range.max) {
-    throw invalid(fn, arg, expected, value, RangeError);
+  if (!isIntegerIn(value, range.min, range.max)) {
+    throw integerRefusal(`${arg} for ${fn}()`, value, range.min, range.max);
   }
+}
+
+/** Whether `value` is an integer from `min` to `max`. */
+export function isIntegerIn(value: unknown, min: number, max: number): value is number {
+  return typeof value === "number" && Number.isInteger(value) && value >= min && value <= max;
+}
+
+/**
+ * The refusal of a value that is not an integer from `min` to `max`: a TypeError for
+ * another kind, a RangeError for a number out of range. With isIntegerIn(), for checks on a
+ * per-job path that build no message unless they refuse.
+ */
+export function integerRefusal(subject: string, value: unknown, min: number, max: number): Error {
+  const Kind = typeof value === "number" ? RangeError : TypeError;
+  return refusal(subject, `an integer from ${min} to ${max}`, value, Kind);
 }
 
 /** A finite number from `min` to `max` (fractions allowed). */
@@ -254,9 +267,21 @@ export function checkNameArg(
   opts: Optional = {},
 ): void {
   if (value === undefined && opts.optional) return;
-  if (typeof value !== "string" || !NAME_PATTERN.test(value)) {
-    throw invalid(fn, arg, `a ${kind} name (${NAME_RULE})`, value);
-  }
+  if (!isName(value)) throw nameRefusal(`${arg} for ${fn}()`, kind, value);
+}
+
+/** Whether `value` is a queue, task or schedule name. */
+export function isName(value: unknown): value is string {
+  return typeof value === "string" && NAME_PATTERN.test(value);
+}
+
+/** The refusal of a value that is not a queue, task or schedule name. */
+export function nameRefusal(
+  subject: string,
+  kind: "queue" | "task" | "schedule",
+  value: unknown,
+): Error {
+  return refusal(subject, `a ${kind} name (${NAME_RULE})`, value);
 }
 
 /** An array of queue or task names; at least one unless `empty`. */

@@ -29,9 +29,13 @@ import {
   checkOptions,
   checkString,
   checkToken,
+  integerRefusal,
+  isIntegerIn,
+  isName,
   MAX_INT4,
   MAX_SPAN_MS,
   MAX_TIMER_MS,
+  nameRefusal,
   refusal,
 } from "./args.ts";
 import type { Db, Sql } from "./db.ts";
@@ -41,8 +45,6 @@ import {
   DEFAULT_MAX_PAYLOAD_BYTES,
   MAX_FAIRNESS_KEY_LENGTH,
   MAX_KEY_LENGTH,
-  NAME_PATTERN,
-  NAME_RULE,
 } from "./names.ts";
 import { type AnyTask, type TaskDefinition, taskSettings } from "./tasks.ts";
 
@@ -211,34 +213,6 @@ const ENQUEUE = new JobArgs("enqueue");
 export const CTX_ENQUEUE: JobArgs = new JobArgs("ctx.enqueue");
 export const CLI_ENQUEUE: JobArgs = new JobArgs("shoal enqueue");
 
-/** A queue or task name, else a TypeError naming the field. */
-function nameField(
-  args: JobArgs,
-  kind: "queue" | "task",
-  value: unknown,
-  field: string,
-  fromTask: boolean,
-): string {
-  if (typeof value === "string" && NAME_PATTERN.test(value)) return value;
-  throw refusal(args.name(field, fromTask), `a ${kind} name (${NAME_RULE})`, value);
-}
-
-/** An integer from `min` to `max`: a TypeError for another kind, a RangeError out of range. */
-function integerField(
-  args: JobArgs,
-  value: unknown,
-  min: number,
-  max: number,
-  field: string,
-  fromTask = false,
-): number {
-  if (typeof value === "number" && Number.isInteger(value) && value >= min && value <= max) {
-    return value;
-  }
-  const Kind = typeof value === "number" ? RangeError : TypeError;
-  throw refusal(args.name(field, fromTask), `an integer from ${min} to ${max}`, value, Kind);
-}
-
 /** A dedupe or fairness key: a string of 1 to `max` characters without NUL. */
 function keyField(args: JobArgs, value: unknown, max: number, field: string): string {
   if (typeof value === "string" && value.length > 0 && value.length <= max) {
@@ -262,10 +236,12 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs):
   const byTask = typeof spec.task !== "string";
   const ownQueue = spec.queue !== undefined && spec.queue !== null;
   const given = ownQueue ? spec.queue : settings.queue;
-  const queue = given === undefined || given === null
-    ? null
-    : nameField(args, "queue", given, "queue", !ownQueue);
-  const task = nameField(args, "task", settings.name, byTask ? "name" : "task", byTask);
+  const queue = given === undefined || given === null ? null : given;
+  if (queue !== null && !isName(queue)) {
+    throw nameRefusal(args.name("queue", !ownQueue), "queue", queue);
+  }
+  const task = settings.name;
+  if (!isName(task)) throw nameRefusal(args.name(byTask ? "name" : "task", byTask), "task", task);
   const maxAttempts = spec.maxAttempts ?? settings.maxAttempts;
   // Only a missing payload defaults to {}: null is a caller's mistake and is refused.
   const payload = checkPayload(
@@ -280,9 +256,18 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs):
     }
     runAt = spec.runAt.toISOString();
   }
-  if (spec.priority !== undefined) integerField(args, spec.priority, -32767, 32767, "priority");
+  if (spec.priority !== undefined && !isIntegerIn(spec.priority, -32767, 32767)) {
+    throw integerRefusal(args.name("priority"), spec.priority, -32767, 32767);
+  }
   if (maxAttempts !== undefined) {
-    integerField(args, maxAttempts, 1, 1000, "maxAttempts", spec.maxAttempts === undefined);
+    if (!isIntegerIn(maxAttempts, 1, 1000)) {
+      throw integerRefusal(
+        args.name("maxAttempts", spec.maxAttempts === undefined),
+        maxAttempts,
+        1,
+        1000,
+      );
+    }
   }
   const key = spec.key === undefined ? null : keyField(args, spec.key, MAX_KEY_LENGTH, "key");
   const fairnessKey = spec.fairnessKey === undefined
