@@ -158,11 +158,12 @@ export async function registerConsumer(
           timeout_ms = excluded.timeout_ms, registered_by = excluded.registered_by,
           registered_at = now(), last_seen_at = now()
     )
+    -- live_workers as JSON, for the reason listLiveConsumers() gives.
     select b.name, b.queue, b.max_attempts, b.timeout_ms, b.registered_by, w.live_workers
     from before b
     join mine m on m.name = b.name
     cross join lateral (
-      select array_agg(k.worker_id order by k.worker_id) as live_workers
+      select jsonb_agg(k.worker_id order by k.worker_id) as live_workers
       from shoal.consumers k
       where k.worker_id <> ${consumer.workerId}::text and b.name = any(k.tasks)
         and k.last_seen_at > now() - ${LIVE_WINDOW_MS}::integer * interval '1 ms'
@@ -217,8 +218,12 @@ export async function listCatalogTasks(
 
 /** Consumers seen within LIVE_WINDOW_MS, by worker id. */
 export async function listLiveConsumers(db: Db): Promise<ConsumerRow[]> {
+  // Lists as JSON: a text[] column can come back as its text form when the statement is the
+  // first on a new pool, before postgres.js has learnt the array types (seen in CI).
   return await db<ConsumerRow[]>`
-    select worker_id, queues, tasks, started_at, last_seen_at from shoal.consumers
+    select worker_id, to_jsonb(queues) as queues, to_jsonb(tasks) as tasks, started_at,
+      last_seen_at
+    from shoal.consumers
     where last_seen_at > now() - ${LIVE_WINDOW_MS}::integer * interval '1 ms'
     order by worker_id`;
 }
