@@ -61,6 +61,7 @@ import {
   type TaskRegistration,
   unregisterConsumer,
 } from "./catalog.ts";
+import { HeadScans } from "./head_scan.ts";
 import { PrefetchBuffer } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
@@ -572,7 +573,12 @@ export async function runConsumer(
    * `starting`: how many of the batch (the first, in claim order) start at once, recorded
    * as started by the claim itself.
    */
-  const claimJobs = (limit: number, before?: ClaimOptions["before"], starting = 0) =>
+  const claimJobs = (
+    limit: number,
+    before?: ClaimOptions["before"],
+    starting = 0,
+    fromHead = false,
+  ) =>
     claimOnce(sql, {
       queues: options.queues,
       limit,
@@ -580,7 +586,10 @@ export async function runConsumer(
       visibilityMs: options.visibilityTimeoutMs,
       before,
       starting,
+      fromHead,
     });
+  /** Which of the loop's claims walk the claim index from its head (lib/head_scan.ts). */
+  const headScans = new HeadScans();
   const probes = new Probes({ buffer, completer, claim: claimJobs, admit, log }, stop);
 
   /**
@@ -702,8 +711,14 @@ export async function runConsumer(
   });
   await presence.start(options.catalogRefreshMs ?? CATALOG_REFRESH_MS);
 
-  /** Wakes the loop when the earliest announced delayed job becomes due. */
-  const dueWake = new DueWake(announce);
+  /**
+   * Wakes the loop when the earliest announced delayed job or retry becomes due; its stamp
+   * may rank before where claiming has got to, so the next claim walks from the head.
+   */
+  const dueWake = new DueWake(() => {
+    headScans.request();
+    announce();
+  });
   const unlisten = options.listen
     ? await listenForJobs(sql, queues, { ready: announce, due: (at) => dueWake.at(at) }, options)
     : null;
@@ -724,7 +739,10 @@ export async function runConsumer(
     if (buffer.wantsClaim(running.size) && !completer.full) {
       const limit = buffer.room(running.size);
       try {
-        const { jobs, poisoned } = await claimJobs(limit, undefined, startingAtOnce());
+        const fromHead = headScans.due();
+        const began = performance.now();
+        const { jobs, poisoned } = await claimJobs(limit, undefined, startingAtOnce(), fromHead);
+        if (fromHead) headScans.done(performance.now() - began);
         errorStreak = 0;
         admit(jobs);
         lastClaimFull = jobs.length + poisoned.length === limit;

@@ -590,6 +590,14 @@ export interface ClaimOptions {
    * buffer) until `extend` records their start. All when omitted.
    */
   starting?: number;
+  /**
+   * Walk the claim index from its head (true, the default), or from a little before where
+   * claiming has got to (false): the consumer's claims, which stay as fast while another
+   * session holds a snapshot open, but miss jobs ranking before that point that became
+   * visible again (a retry or delayed job due, an expired claim) until a claim from the
+   * head (sql/functions/claim.sql, "Where a claim starts").
+   */
+  fromHead?: boolean;
 }
 
 export interface ClaimResult {
@@ -627,6 +635,7 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
     max: MAX_INT4,
     optional: true,
   });
+  checkBoolean("claim", "options.fromHead", options.fromHead, { optional: true });
   // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
   const queues = [...new Set(options.queues)];
   // The statement lives in sql/functions/claim.sql, where its plan is pinned to the claim index.
@@ -637,7 +646,8 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
                           ${options.workerId}::text, ${options.visibilityMs}::integer,
                           ${options.before?.priority ?? null}::integer,
                           ${options.before?.fair_seq ?? null}::bigint,
-                          ${options.starting ?? null}::integer)`;
+                          ${options.starting ?? null}::integer,
+                          ${options.fromHead ?? true}::boolean)`;
   const jobs: Job[] = [];
   const poisoned: ClaimResult["poisoned"] = [];
   for (const { poisoned: isPoison, ...job } of rows) {

@@ -1077,18 +1077,21 @@ Deno.test("a quiet fairness key's first shoal.fair_burst() jobs are stamped ahea
   }::bigint)::text as max`;
   assertEquals(BigInt(row!.seq), BigInt(row!.max) + 1n);
 
-  // With shoal.fair_burst = 0 a quiet key starts level with the head, as before 008.
+  // With shoal.fair_burst = 0 a quiet key starts level with the head (where claiming has
+  // got to, recorded at most 100 ms ago), as before 008: no later than the queue's next job.
   const session = await db.sql.reserve();
   try {
     await session`set shoal.fair_burst = '0'`;
-    const [head] = await session<{ seq: string }[]>`
-      select min(fair_seq)::text as seq from shoal.jobs where queue = ${q} and attempts = 0`;
+    const [head] = await session<{ seq: string; next: string }[]>`
+      select (shoal.level_head(${q}, 0) + 1)::text as seq,
+        (select min(fair_seq) from shoal.jobs where queue = ${q} and attempts = 0)::text as next`;
     const c = await enqueueMany(session, many(3, "C"));
     const stamps = await session<{ seq: string }[]>`
       select fair_seq::text as seq from shoal.jobs
       where id = any(${c.map((r) => r.id)}::bigint[]) order by id`;
     const h = BigInt(head!.seq);
     assertEquals(stamps.map((r) => BigInt(r.seq)), [h, h + 1n, h + 2n]);
+    assert(h <= BigInt(head!.next), `${h} ranks after the queue's next job ${head!.next}`);
   } finally {
     session.release();
   }

@@ -24,16 +24,41 @@
 -- (the first, in claim order; null: all): the claim records those as started (started_at,
 -- in the update it makes anyway); the caller's heartbeat records the others once they start.
 --
+-- Where a claim starts. The jobs at the head of jobs_claim_idx are mostly finished: an ack
+-- deletes its row, and the claims that walk past the entry mark it dead. While another
+-- session holds a snapshot open (a long transaction, an idle-in-transaction session, a
+-- replica's hot_standby_feedback) they cannot: every walk from the head fetched the heap
+-- row of every job acked since the snapshot began, so each claim cost more than the last
+-- (at 20,000 acks, 5,187 buffers and 6.9 ms for a claim of 10, against 24 and 0.05 ms).
+-- So the consumer's claims (_from_head false) start a little before where claiming has got
+-- to: per queue and priority, shoal.queue_heads records the greatest stamp claimed (written
+-- here, at most every 100 ms per row) and the one before it, and the claim walks from
+-- head_lead stamps before the one before. Every new job is stamped at or above the head it
+-- read minus fair_burst() (the stamping rule in queue.sql): a job whose transaction read
+-- the head just before a rewrite, and committed after, still lies above the bound. Only
+-- jobs whose transaction stayed open across two rewrites (100 ms or more) may lie below.
+-- A priority no claim has recorded yet is walked whole: none of its jobs was ever claimed,
+-- so none finished. While a snapshot is held a claim walks at most the entries of the jobs
+-- claimed in the last 200 ms or so, plus head_lead stamps' worth.
+-- What such a claim cannot see: a job ranking before that point and visible again (a
+-- retry or a delayed job due, a job whose claim expired, one stamped in a transaction that
+-- committed long after). The consumer claims from the head (_from_head true, the default)
+-- on its first claim, when an announced delayed job or retry falls due, and at least every
+-- second otherwise (lib/head_scan.ts).
+--
 -- It follows the lock order stated at the top of workflow.sql (jobs are taken SKIP LOCKED).
 --
--- The signature before _starting existed is dropped: beside this one, a call with six
--- arguments would match both. Callers that pass six still reach this one.
+-- The signatures before _starting and _from_head existed are dropped: beside this one, a
+-- call with six or seven arguments would match both. Callers that pass fewer still reach
+-- this one.
 drop function if exists shoal.claim_jobs(text[], integer, text, integer, integer, bigint);
+drop function if exists shoal.claim_jobs(text[], integer, text, integer, integer, bigint, integer);
 create or replace function shoal.claim_jobs(_queues text[], _limit integer, _worker text,
                                  _visibility_ms integer,
                                  _before_priority integer default null,
                                  _before_fair_seq bigint default null,
-                                 _starting integer default null)
+                                 _starting integer default null,
+                                 _from_head boolean default true)
 returns table (id bigint, queue text, task text, payload jsonb, priority integer,
                fairness_key text, fair_seq bigint, attempts integer, max_attempts integer, token bigint,
                key text, execution_id bigint, created_at timestamptz, deadline timestamptz,
@@ -50,25 +75,42 @@ set plan_cache_mode = force_generic_plan
 as $$
 #variable_conflict use_column
 declare
-  picked bigint[];
-  in_workflow boolean;
-  spent boolean;
+  -- How far before a recorded head the walk starts (stamps): fair_burst(), and room for a
+  -- session whose shoal.fair_burst is set higher than this one's ("Where a claim starts").
+  head_lead constant bigint := shoal.fair_burst() + 1000;
+  picked bigint[] := '{}';
+  -- Queue, priority and stamp of each picked job, for shoal.queue_heads.
+  picked_queues text[] := '{}';
+  picked_priorities integer[] := '{}';
+  picked_seqs bigint[] := '{}';
+  got record;
+  in_workflow boolean := false;
+  spent boolean := false;
+  levels integer[];
+  lvl integer;
+  above integer;
+  below integer;
+  upto bigint;
   ended bigint[];
   dead_ids bigint[];
   all_start boolean;
   starting bigint[];
 begin
-  if _before_priority is null then
+  if _from_head and _before_priority is null then
     -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is
     -- the caller's to avoid (it would pick the same rows twice).
-    select array_agg(c.id order by c.priority desc, c.fair_seq, c.id),
-           bool_or(c.execution_id is not null), bool_or(c.attempts >= c.max_attempts)
-    into picked, in_workflow, spent
+    select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+           array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+           array_agg(c.priority order by c.priority desc, c.fair_seq, c.id) as priorities,
+           array_agg(c.fair_seq order by c.priority desc, c.fair_seq, c.id) as seqs,
+           bool_or(c.execution_id is not null) as in_workflow,
+           bool_or(c.attempts >= c.max_attempts) as spent
+    into got
     from (
-      select c.id, c.priority, c.fair_seq, c.execution_id, c.attempts, c.max_attempts
-      from unnest(_queues) as q(name)
+      select c.* from unnest(_queues) as q(name)
       cross join lateral (
-        select j.id, j.priority, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+        select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+               j.max_attempts
         from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
         order by j.priority desc, j.fair_seq, j.id
@@ -78,19 +120,29 @@ begin
       order by c.priority desc, c.fair_seq, c.id
       limit _limit
     ) c;
-  else
+    picked := got.ids;
+    picked_queues := got.queues;
+    picked_priorities := got.priorities;
+    picked_seqs := got.seqs;
+    in_workflow := got.in_workflow;
+    spent := got.spent;
+  elsif _from_head then
     -- A probe: only jobs ranking no later than the caller's last buffered job (a higher
     -- priority, or a fairness key's burst stamped ahead of the queue's head). Both bounds
     -- are ranges of jobs_claim_idx, so a probe that finds nothing reads little.
-    select array_agg(c.id order by c.priority desc, c.fair_seq, c.id),
-           bool_or(c.execution_id is not null), bool_or(c.attempts >= c.max_attempts)
-    into picked, in_workflow, spent
+    select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+           array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+           array_agg(c.priority order by c.priority desc, c.fair_seq, c.id) as priorities,
+           array_agg(c.fair_seq order by c.priority desc, c.fair_seq, c.id) as seqs,
+           bool_or(c.execution_id is not null) as in_workflow,
+           bool_or(c.attempts >= c.max_attempts) as spent
+    into got
     from (
-      select c.id, c.priority, c.fair_seq, c.execution_id, c.attempts, c.max_attempts
-      from (
+      select c.* from (
         select h.* from unnest(_queues) as q(name)
         cross join lateral (
-          select j.id, j.priority, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+          select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+                 j.max_attempts
           from shoal.jobs j
           where j.queue = q.name and j.priority > _before_priority and j.run_at <= now()
           order by j.priority desc, j.fair_seq, j.id
@@ -100,7 +152,8 @@ begin
         union all
         select e.* from unnest(_queues) as q(name)
         cross join lateral (
-          select j.id, j.priority, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+          select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+                 j.max_attempts
           from shoal.jobs j
           where j.queue = q.name and j.priority = _before_priority
             and j.fair_seq <= _before_fair_seq and j.run_at <= now()
@@ -112,10 +165,118 @@ begin
       order by c.priority desc, c.fair_seq, c.id
       limit _limit
     ) c;
+    picked := got.ids;
+    picked_queues := got.queues;
+    picked_priorities := got.priorities;
+    picked_seqs := got.seqs;
+    in_workflow := got.in_workflow;
+    spent := got.spent;
+  else
+    -- From near the heads ("Where a claim starts"), in claim order: band by band, each
+    -- priority with a recorded head from HEAD_LEAD before it, and each stretch of
+    -- priorities between recorded ones whole (none of their jobs was ever claimed), until
+    -- the batch is full. A probe stops at its bound.
+    select array_agg(distinct h.priority order by h.priority desc) into levels
+    from shoal.queue_heads h where h.queue = any(_queues);
+    above := 32768;
+    for i in 1 .. coalesce(cardinality(levels), 0) + 1 loop
+      lvl := levels[i];
+      -- The priorities strictly between the next recorded one and `above`.
+      below := greatest(coalesce(lvl, -32769), coalesce(_before_priority, -32769));
+      if above - below > 1 then
+        select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+               array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+               array_agg(c.priority order by c.priority desc, c.fair_seq, c.id) as priorities,
+               array_agg(c.fair_seq order by c.priority desc, c.fair_seq, c.id) as seqs,
+               bool_or(c.execution_id is not null) as in_workflow,
+               bool_or(c.attempts >= c.max_attempts) as spent
+        into got
+        from (
+          select c.* from unnest(_queues) as q(name)
+          cross join lateral (
+            select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+                   j.max_attempts
+            from shoal.jobs j
+            where j.queue = q.name and j.priority < above and j.priority > below
+              and j.run_at <= now()
+            order by j.priority desc, j.fair_seq, j.id
+            limit _limit - cardinality(picked)
+            for update skip locked
+          ) c
+          order by c.priority desc, c.fair_seq, c.id
+          limit _limit - cardinality(picked)
+        ) c;
+        if got.ids is not null then
+          picked := picked || got.ids;
+          picked_queues := picked_queues || got.queues;
+          picked_priorities := picked_priorities || got.priorities;
+          picked_seqs := picked_seqs || got.seqs;
+          in_workflow := in_workflow or got.in_workflow;
+          spent := spent or got.spent;
+        end if;
+      end if;
+      exit when lvl is null or cardinality(picked) >= _limit
+        or lvl < coalesce(_before_priority, -32769);
+      upto := case when lvl = _before_priority then _before_fair_seq
+                   else 9223372036854775807 end;
+      select array_agg(c.id order by c.fair_seq, c.id) as ids,
+             array_agg(c.queue order by c.fair_seq, c.id) as queues,
+             array_agg(c.fair_seq order by c.fair_seq, c.id) as seqs,
+             bool_or(c.execution_id is not null) as in_workflow,
+             bool_or(c.attempts >= c.max_attempts) as spent
+      into got
+      from (
+        select c.* from unnest(_queues) as q(name)
+        left join shoal.queue_heads h on h.queue = q.name and h.priority = lvl
+        cross join lateral (
+          select j.id, j.queue, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+          from shoal.jobs j
+          where j.queue = q.name and j.priority = lvl
+            and j.fair_seq >= coalesce(h.previous - head_lead, -9223372036854775808)
+            and j.fair_seq <= upto and j.run_at <= now()
+          order by j.priority desc, j.fair_seq, j.id
+          limit _limit - cardinality(picked)
+          for update skip locked
+        ) c
+        order by c.fair_seq, c.id
+        limit _limit - cardinality(picked)
+      ) c;
+      if got.ids is not null then
+        picked := picked || got.ids;
+        picked_queues := picked_queues || got.queues;
+        picked_priorities := picked_priorities || array_fill(lvl, array[cardinality(got.ids)]);
+        picked_seqs := picked_seqs || got.seqs;
+        in_workflow := in_workflow or got.in_workflow;
+        spent := spent or got.spent;
+      end if;
+      exit when cardinality(picked) >= _limit;
+      above := lvl;
+    end loop;
   end if;
-  if picked is null then
+  if picked is null or cardinality(picked) = 0 then
     return;
   end if;
+
+  -- Where claiming has got to, for the next claims and the stamping rule: the greatest
+  -- stamp picked per queue and priority, written when the row is 100 ms old or missing (a
+  -- new row's previous is the least stamp picked: jobs stamped from the index's head
+  -- before it existed lie above that, less fair_burst()).
+  with top as (
+    select u.queue, u.priority, max(u.seq) as seq, min(u.seq) as first
+    from unnest(picked_queues, picked_priorities, picked_seqs) as u(queue, priority, seq)
+    group by 1, 2
+  ),
+  moved as (
+    update shoal.queue_heads h set previous = h.fair_seq, fair_seq = t.seq, updated_at = now()
+    from top t
+    where h.queue = t.queue and h.priority = t.priority and h.fair_seq < t.seq
+      and h.updated_at <= now() - interval '100 ms'
+  )
+  insert into shoal.queue_heads (queue, priority, fair_seq, previous)
+  select t.queue, t.priority, t.seq, t.first from top t
+  where not exists (select 1 from shoal.queue_heads h
+                    where h.queue = t.queue and h.priority = t.priority)
+  on conflict do nothing;
 
   if in_workflow then
     -- A job whose execution already ended (cancelled, failed, completed) is acked unrun.

@@ -5,7 +5,7 @@
 --   shoal.max_payload_bytes, shoal.fair_burst       limits, set per database or role
 --   shoal.payload_error, shoal.job_error           the job checks (below)
 --   shoal.task_settings, shoal.task_settings_many  the catalog rule (below)
---   shoal.fair_seq_base                             the stamping rule (below)
+--   shoal.level_head, shoal.fair_seq_base           the stamping rule (below)
 --   shoal.insert_job, shoal.insert_jobs             the one insert of new jobs, with its wake
 --   shoal.enqueue_jobs, shoal.enqueue_many,         the SQL entry points (checked, then
 --   shoal.enqueue                                   insert_job(s))
@@ -46,10 +46,13 @@
 --   shoal.fair_seq_base(queue, fairness_key, priority) + n
 -- where n numbers the call's jobs of that (queue, fairness_key, priority) from 1 in input
 -- order: after its key's own last job, and for a key without a backlog up to fair_burst()
--- places ahead of the job the queue runs next at that priority. A key that arrives behind
--- another key's backlog interleaves with it instead of waiting for it. A callback is work
--- already admitted (its fan-out's children ran): it is stamped level with its queue's next
--- job, so it runs next.
+-- places ahead of where claiming has got to at that priority (shoal.level_head, below). A
+-- key that arrives behind another key's backlog interleaves with it instead of waiting for
+-- it. A callback is work already admitted (its fan-out's children ran): it is stamped level
+-- with the head, so it runs next. Every stamp a path gives lies at or above
+-- level_head - fair_burst(), where the consumer's claims start looking (claim.sql), except
+-- a job that kept an old stamp (a retry, a delayed job, a job whose claim expired): the
+-- consumer finds those with a claim from the index's head (claim.sql, "Where a claim starts").
 
 -- Limits shared by every way in (TypeScript, SQL, CLI). A database or role may override
 -- the payload limit with: alter database db set shoal.max_payload_bytes = '2097152'.
@@ -66,20 +69,45 @@ language sql stable as $$
   select greatest(coalesce(nullif(current_setting('shoal.fair_burst', true), '')::integer, 100), 0)
 $$;
 
+-- Where a queue's claims have got to at a priority: the greatest stamp claimed there
+-- (shoal.queue_heads, kept by shoal.claim_jobs, at most 100 ms old), or, at a priority no
+-- claim has recorded yet, one less than its first ready job's stamp (null: none). Read
+-- instead of the head of jobs_claim_idx: while another session holds a snapshot open, the
+-- entries of jobs finished since pile up at that head and cannot be skipped cheaply
+-- (sql/012_queue_heads.sql). A recorded head runs up to 100 ms behind, so a quiet key's
+-- burst may start up to that much further ahead than fair_burst() places.
+create or replace function shoal.level_head(queue text, priority integer) returns bigint
+language plpgsql stable as $$
+declare
+  head bigint;
+begin
+  select h.fair_seq into head from shoal.queue_heads h where h.queue = $1 and h.priority = $2;
+  if found then
+    return head;
+  end if;
+  return (select j.fair_seq - 1 from shoal.jobs j
+          where j.queue = $1 and j.priority = $2 and j.run_at <= now()
+          order by j.fair_seq, j.id limit 1);
+end
+$$;
+
 -- The stamp a key's next job at this priority follows (the stamping rule above). Stamps
--- may go negative: only their order matters. PL/pgSQL, not SQL: a SQL function with
--- subqueries is never inlined, and would be planned again on every call.
+-- may go negative: only their order matters. The key's own last job is looked for only
+-- above the burst's place: below it, it would not change the result, and the index entries
+-- there are mostly of finished jobs. PL/pgSQL, not SQL: a SQL function with subqueries is
+-- never inlined, and would be planned again on every call.
 create or replace function shoal.fair_seq_base(queue text, fairness_key text, priority integer)
 returns bigint
 language plpgsql stable as $$
+declare
+  burst_at bigint := shoal.level_head($1, $3) - shoal.fair_burst();
 begin
   return coalesce(greatest(
     (select j.fair_seq from shoal.jobs j
      where j.queue = $1 and j.fairness_key = $2 and j.priority = $3
+       and j.fair_seq >= coalesce(burst_at, -9223372036854775808)
      order by j.fair_seq desc limit 1),
-    (select j.fair_seq - 1 - shoal.fair_burst() from shoal.jobs j
-     where j.queue = $1 and j.priority = $3 and j.run_at <= now()
-     order by j.fair_seq, j.id limit 1)), 0);
+    burst_at), 0);
 end
 $$;
 

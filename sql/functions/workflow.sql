@@ -44,8 +44,7 @@ begin
   insert into shoal.jobs (queue, task, payload, priority, fairness_key, fair_seq, max_attempts,
                           execution_id, barrier_id, child_index)
   values (q, spec->>'task', payload, p, coalesce(spec->>'fairness_key', ''),
-          coalesce((select j.fair_seq from shoal.jobs j where j.queue = q and j.priority = p
-                    order by j.fair_seq limit 1), 1),
+          coalesce(shoal.level_head(q, p), 1),
           coalesce((spec->>'max_attempts')::integer, 25),
           execution_id, barrier_id, child_index)
   returning id into new_id;
