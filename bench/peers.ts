@@ -1,19 +1,24 @@
 /**
- * The peers measured beside shoal (issue 5): graphile-worker and pg-boss, each as a
- * `System`, at the exact versions bench/peers/package.json pins, configured the way its
- * documentation recommends for speed. Every setting is in this file and goes into the report.
+ * The peers measured beside shoal (issue 5, issue 14): graphile-worker, pg-boss and BullMQ
+ * on its PostgreSQL backend, each as a `System`, at the exact versions
+ * bench/peers/package.json pins, configured the way its documentation recommends for speed.
+ * Every setting is in this file and goes into the report.
  *
- * Both need Node.js 22 (their `engines`), newer than this machine's: bench/peers/package.json
- * pins one from the npm registry (`node`), and `ensurePeersInstalled()` runs `npm ci` there
- * when node_modules is missing. The workers (and the schema installs) run on that Node.js,
- * as their docs intend, from the scripts beside it (graphile_worker.cjs, pg_boss.cjs).
+ * graphile-worker and pg-boss need Node.js 22 (their `engines`), newer than this machine's:
+ * bench/peers/package.json pins one from the npm registry (`node`), and
+ * `ensurePeersInstalled()` runs `npm ci` there when node_modules is missing. Every peer's
+ * workers (and schema installs) run on that Node.js, as their docs intend, from the scripts
+ * beside it (graphile_worker.cjs, pg_boss.cjs, bullmq.cjs).
  *
  * Enqueueing happens in the bench process, like shoal's: graphile-worker through its SQL API
  * (`graphile_worker.add_job` / `add_jobs`) on the same postgres.js client as shoal; pg-boss
- * through its own client (`send` / `insert`), loaded into Deno with an `npm:` import.
+ * and BullMQ through their own clients (`send` / `insert`, `add` / `addBulk`), loaded into
+ * Deno with `npm:` imports.
  *
  * @module
  */
+import { createPostgresBackend, Queue } from "npm:bullmq@6.7.6";
+import pg from "npm:pg@8.23.1";
 import { PgBoss } from "npm:pg-boss@12.38.0";
 import type { Sql } from "../lib/db.ts";
 import { Child, say } from "./harness.ts";
@@ -33,6 +38,9 @@ const NODE = new URL("node_modules/.bin/node", PEERS).pathname;
 export const PEER_VERSIONS: Record<string, string> = {
   "graphile-worker": "0.18.0",
   "pg-boss": "12.38.0",
+  bullmq: "6.7.6",
+  /** node-postgres, BullMQ's PostgreSQL driver (its optional peer dependency). */
+  pg: "8.23.1",
   node: "22.23.3",
 };
 
@@ -125,7 +133,7 @@ function script(name: string): string {
   return new URL(name, PEERS).pathname;
 }
 
-/** A benchmark job as a task name and a payload (the same for both peers). */
+/** A benchmark job as a task name and a payload (the same for every peer). */
 function peerJob(job: BenchJob): { task: string; payload: Record<string, unknown> } {
   return job.kind === "noop"
     ? { task: "noop", payload: {} }
@@ -304,5 +312,111 @@ export const pgBoss: System = {
   },
 };
 
+// ---------------------------------------------------------------------------------------------
+// BullMQ on its PostgreSQL backend
+
+const BULLMQ_QUEUE = "bench";
+
+/**
+ * BullMQ 6's settings, from its PostgreSQL guide (https://docs.bullmq.io/guide/postgresql):
+ * the backend bound with `createPostgresBackend` as the constructors' last argument, the
+ * schema installed by an explicit `runMigrations()` (connections do not migrate), the
+ * default schema `bullmq`, a pool BullMQ builds itself from a connection config (plus its
+ * own LISTEN connection, outside the pool) sized to the worker's concurrency ("give each
+ * backend enough pool connections (max) for its concurrency"), and `removeOnComplete` so
+ * finished jobs do not pile up ("let retention do its work").
+ *
+ * BullMQ has no batch option (batches are BullMQ Pro's): each of the `concurrency` slots
+ * claims one job per statement, the completion fused with the next claim. Its default
+ * concurrency is 1; 24 is graphile-worker's (the other peer that runs jobs in parallel
+ * slots), inside the 8–32 the guide's own processing figures use; the pool has one more
+ * connection than slots, for the lock renewals and stalled checks beside them. Everything
+ * else is BullMQ's default: drainDelay 5 s (how long an idle worker blocks on LISTEN
+ * before it looks again), lockDuration 30 s, stalledInterval 30 s, no metrics, no limiter.
+ */
+export const BULLMQ_CONFIG = {
+  queue: BULLMQ_QUEUE,
+  connection: { max: 25 },
+  worker: { concurrency: 24, removeOnComplete: true },
+};
+
+function bullmqData(job: BenchJob): Record<string, unknown> {
+  return job.kind === "noop" ? {} : { t: job.enqueuedAt };
+}
+
+/**
+ * BullMQ's own client in this process: `Queue.add` one job per call, `addBulk` a batch.
+ * Deno loads bullmq's CommonJS build, which cannot `require` its optional `pg` peer here,
+ * so the queue gets a `pg.Pool` built from the pinned node-postgres: the guide's third
+ * connection form, with the `search_path` BullMQ would otherwise set itself.
+ */
+async function bullmqProducer(url: string, max: number): Promise<Producer> {
+  const pool = new pg.Pool({
+    connectionString: url,
+    max,
+    application_name: "bench producer",
+    options: "-c search_path=bullmq",
+  });
+  const queue = new Queue(BULLMQ_QUEUE, { connection: pool }, createPostgresBackend);
+  try {
+    await queue.waitUntilReady();
+  } catch (error) {
+    await pool.end();
+    throw new Error("Cannot open a BullMQ queue on the bench database", { cause: error });
+  }
+  return {
+    async enqueueOne(job) {
+      await queue.add(job.kind, bullmqData(job));
+    },
+    async enqueueBatch(jobs) {
+      await queue.addBulk(jobs.map((job) => ({ name: job.kind, data: bullmqData(job) })));
+    },
+    async warm(count) {
+      await Promise.all(Array.from({ length: count }, () => pool.query("select pg_sleep(0.05)")));
+    },
+    async close() {
+      // The queue does not own a pool it was given: it is ended here, after the queue.
+      await queue.close();
+      await pool.end();
+    },
+  };
+}
+
+export const bullmq: System = {
+  name: "bullmq",
+  defaultSettings:
+    `BullMQ ${PEER_VERSIONS.bullmq} on its PostgreSQL backend (createPostgresBackend, pg ${PEER_VERSIONS.pg}) on Node.js ${PEER_VERSIONS.node}, 1 worker process (one Worker on queue "${BULLMQ_QUEUE}", named jobs noop and stamp): concurrency ${BULLMQ_CONFIG.worker.concurrency} (default 1; graphile-worker's), connection { connectionString, max ${BULLMQ_CONFIG.connection.max} } (a pool BullMQ builds, plus its own LISTEN connection), schema bullmq (default), removeOnComplete true, no batching (not in open-source BullMQ), LISTEN/NOTIFY on (always), drainDelay 5 s, lockDuration 30 s, stalledInterval 30 s, no metrics (defaults); schema installed by runMigrations(); producer: BullMQ in the bench process (Deno, npm:bullmq) on a pg.Pool with search_path bullmq`,
+  async install(_sql, url) {
+    await runNode("bullmq migrate", [script("bullmq.cjs"), "migrate"], url);
+  },
+  openProducer: (url, options) => bullmqProducer(url, options.max),
+  jobsTable: "bullmq.job",
+  spawnConsumer(url) {
+    return spawnNodeWorker(
+      "bullmq worker",
+      [script("bullmq.cjs"), "work", JSON.stringify(BULLMQ_CONFIG)],
+      { DATABASE_URL: url },
+    );
+  },
+  // Jobs still to do: completed ones are removed (removeOnComplete), a failed one ends the run.
+  async isEmpty(sql: Sql) {
+    const [row] = await sql<{ empty: boolean }[]>`
+      select not exists (
+        select 1 from bullmq.job
+        where queue = ${BULLMQ_QUEUE}::text
+          and state in ('waiting', 'active', 'delayed', 'waiting-children')
+        order by queue, id limit 1
+      ) as empty`;
+    return row!.empty;
+  },
+  async count(sql: Sql) {
+    const [row] = await sql<{ n: number }[]>`
+      select count(*)::integer as n from bullmq.job
+      where queue = ${BULLMQ_QUEUE}::text
+        and state in ('waiting', 'active', 'delayed', 'waiting-children')`;
+    return row!.n;
+  },
+};
+
 /** The peers, in the order the report lists them. */
-export const PEER_SYSTEMS: System[] = [graphileWorker, pgBoss];
+export const PEER_SYSTEMS: System[] = [graphileWorker, pgBoss, bullmq];

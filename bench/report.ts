@@ -642,8 +642,9 @@ export function markdownReport(input: ReportInput): string {
     "start and fairness key (bench.stamp); the figure is how many A jobs started after B's " +
     "enqueue call returned (committed) and no later than B's last start. Peers are not " +
     "measured: graphile-worker has no fairness key (its named queues serialise jobs, they do " +
-    "not share a queue fairly), and pg-boss 12's groups cap concurrency per group " +
-    "(groupConcurrency) rather than share slots fairly; measuring that needs its own setup.",
+    "not share a queue fairly), pg-boss 12's groups cap concurrency per group " +
+    "(groupConcurrency) rather than share slots fairly, and open-source BullMQ has neither " +
+    "(its groups are BullMQ Pro's); measuring that needs its own setup.",
     `- W6 (consumer RSS): VmRSS of one consumer process from /proc/<pid>/status, sampled ` +
     `every 250 ms for ${
       s.idleRssMs / 1000
@@ -660,13 +661,16 @@ export function markdownReport(input: ReportInput): string {
     "- Floors: pgbench on the same server in the same run; the hand-written queue is a minimal " +
     "SKIP LOCKED queue on the same client (postgres.js in Deno, one process, bench/handwritten*.ts) " +
     "measured by exactly the same workload code as shoal.",
-    "- Peers (W1a, W1b, W2, W3): graphile-worker and pg-boss at the versions bench/peers/package.json " +
-    "pins, measured by the same workload code as shoal: each run installs the peer's schema in a " +
+    "- Peers (W1a, W1b, W2, W3, W6, W7, W10): graphile-worker, pg-boss and BullMQ on its " +
+    "PostgreSQL backend at the versions bench/peers/package.json pins, measured by the same " +
+    "workload code as shoal on the same server: each run installs the peer's schema in a " +
     "fresh database, W1a/W1b/W3 enqueue through the peer's own API, W2/W3 run one worker " +
     "process of the peer on Node.js (bench/peers/*.cjs). W2 ends when no job of the peer is " +
-    "left to do (graphile-worker deletes completed jobs; pg-boss keeps them as completed). The " +
-    "peers' W3 handlers take their clock first, like shoal's (pg-boss's handler gets a batch: " +
-    "one clock for the batch).",
+    "left to do (graphile-worker deletes completed jobs, BullMQ too with removeOnComplete; " +
+    "pg-boss keeps them as completed). The peers' W3 handlers take their clock first, like " +
+    "shoal's (pg-boss's handler gets a batch: one clock for the batch). Not measured for " +
+    "peers: W4 (the fan-out driver is shoal's; BullMQ's flows could express one), W5 (above), " +
+    "W8/W9 (a soak each would triple the run) and W12 (shoal's scheduler ceiling).",
     "",
     "## Environment",
     "",

@@ -8,7 +8,8 @@
  *   deno task bench --quick          1 run at small sizes, short soaks: a smoke test of every
  *                                    workload in about 4 minutes
  *   deno task bench --only W2,W3     only these workloads, benchmark ids (W2/shoal) or
- *                                    systems (shoal, graphile-worker, pg-boss, hand-written)
+ *                                    systems (shoal, graphile-worker, pg-boss, bullmq,
+ *                                    hand-written)
  *   deno task bench --soak 2m        W8's length (default 10m; 30s with --quick)
  *   deno task bench --soak-rate 5000 W8/W9's producer rate in jobs/s (default: 70% of W2/shoal's
  *                                    median in the same run, or of one calibration drain)
@@ -47,9 +48,9 @@
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
  * latest.json and prints the summary table to stdout; progress goes to stderr.
  *
- * Peers (issue 5): graphile-worker and pg-boss (peers.ts) run W1a, W1b, W2 and W3 beside
- * shoal; their packages (and the Node.js they need) are installed under bench/peers/ with
- * `npm ci` when missing. Adding a system: implement `System` (systems.ts) and add it to
+ * Peers (issue 5, issue 14): graphile-worker, pg-boss and BullMQ on its PostgreSQL backend
+ * (peers.ts) run W1a, W1b, W2, W3, W6, W7 and W10 beside shoal; their packages (and the
+ * Node.js they need) are installed under bench/peers/ with `npm ci` when missing. Adding a system: implement `System` (systems.ts) and add it to
  * `plan()`; every workload then measures it the same way.
  *
  * @module
@@ -171,6 +172,8 @@ const PEER_ENQUEUE: Record<string, string> = {
     "its SQL API on the bench's postgres.js pool (the same client as shoal): select graphile_worker.add_job(identifier, payload) per job (W1a, W3), graphile_worker.add_jobs(job_spec[]) per batch (W1b, W2's pre-enqueue); graphile-worker always sends a NOTIFY per call",
   "pg-boss":
     "its own client (new PgBoss({ max: pool size }), its own pg pool) in the bench process: boss.send(queue, data) per job (W1a, W3), boss.insert(queue, jobs) per batch (W1b, W2's pre-enqueue); the queue's notify option sends a NOTIFY per job",
+  bullmq:
+    "its own client (new Queue(name, { connection: pg.Pool of the pool size, search_path bullmq }, createPostgresBackend)) in the bench process: queue.add(name, data) per job (W1a, W3), queue.addBulk(jobs) per batch (W1b, W2's pre-enqueue, one statement per call); BullMQ always sends a NOTIFY per call and writes its event rows ('added', 'waiting') beside each job",
 };
 
 /** What to measure and which figure sits beside which floor (and which beside `beside`'s). */

@@ -94,7 +94,7 @@ export interface ProducerOptions {
 }
 
 export interface System {
-  /** Short name used in the table and the JSON (`shoal`, `graphile-worker`, `pg-boss` ...). */
+  /** Short name used in the table and the JSON (`shoal`, `graphile-worker`, `bullmq` ...). */
   name: string;
   /** The consumer settings a user gets by default, stated in the report. */
   defaultSettings: string;
