@@ -3,21 +3,23 @@
  * when the queue holds 10,000, 1,000,000 or 10,000,000 ready jobs. Target: the median at
  * the largest size at most 1.5× the median at the smallest.
  *
- * Per size, in a fresh database: the backlog is loaded in one statement
+ * Each size gets a fresh database whose backlog is loaded in one statement
  * (bench/backlog.ts: `insert … select … from generate_series`, then `vacuum analyze`).
- * Then, on one connection, a loop does what a consumer with a steady producer does:
- * claim a batch with lib/queue.ts's `claim()` (the call the consumer makes; `batch` jobs,
- * `starting` its default free slots), ack them (`ack()`: a fenced delete), and enqueue as
- * many again at the tail (`enqueueMany()`, NOTIFY off), so the queue keeps its size and
- * every claim walks whatever the acks before it left behind (dead index entries and heap
- * rows at the head, until pruning or autovacuum removes them). The first `warmup` claims
- * are not timed; the figure is the median wall time of the next `claims`, each one round
- * trip on loopback (postgres.js, prepared statement), which is the server's time plus
- * about 0.1 ms.
+ * Then, on one connection per database, a loop does what a consumer with a steady
+ * producer does: claim a batch with lib/queue.ts's `claim()` (the call the consumer
+ * makes; `batch` jobs, `starting` its default free slots), ack them (`ack()`: a fenced
+ * delete), and enqueue as many again at the tail (`enqueueMany()`, NOTIFY off), so the
+ * queue keeps its size and every claim walks whatever the acks before it left behind
+ * (dead index entries and heap rows at the head, until pruning or autovacuum removes
+ * them). The sizes take turns, one claim each per round (their order rotating), so a
+ * burst of load on this shared machine falls on all of them alike: measured one after
+ * the other, the same code gave 19 ms at 10k (load average 6) and 9 ms at 10M (load 3).
+ * The first `warmup` rounds are not timed; each size's figure is the median wall time of
+ * its next `claims` claims, each one round trip on loopback (postgres.js, prepared
+ * statement): the server's time plus about 0.1 ms.
  *
- * A workload of `deno task bench` (`--only W11`, one benchmark per size: `W11/shoal/10k`,
- * `W11/shoal/1M`, `W11/shoal/10M`; once per bench run unless `--runs` is given), and
- * standalone:
+ * A workload of `deno task bench` (`--only W11`: the benchmark `W11/shoal`, one metric per
+ * size, `claim_ms_10k` ...; once per bench run unless `--runs` is given), and standalone:
  *
  *   deno run -A bench/claim_size.ts [--ready 10000,1000000,10000000] [--claims 2000]
  *     [--warmup 200] [--batch 510]
@@ -35,14 +37,15 @@ import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { ack, claim, enqueueMany, type JobSpec } from "../lib/queue.ts";
 import { loadBacklog } from "./backlog.ts";
 import {
+  type BenchDb,
   type BenchServer,
+  freshDb,
   median,
   percentile,
   print,
   say,
   sizeLabel,
   startServer,
-  withFreshDb,
 } from "./harness.ts";
 import type { Benchmark, Metric, RunResult } from "./workloads.ts";
 
@@ -58,22 +61,25 @@ export const DEFAULT_CLAIM_BATCH = CONSUMER_CONCURRENCY + Number(OPTIONS.prefetc
 /** The consumer's default visibility timeout, ms (a claim sets each job's deadline from it). */
 const VISIBILITY_MS = parseDuration(OPTIONS["visibility-timeout"].default);
 
-/** How W11 runs at each size. */
+/** How W11 runs. */
 export interface ClaimSpec {
-  /** Ready jobs in the queue while it is measured (kept there by refilling). */
-  ready: number;
-  /** Claims timed, after `warmup` untimed ones. */
+  /** Ready jobs in the queue while it is measured (kept there by refilling), one database each. */
+  sizes: number[];
+  /** Claims timed per size, after `warmup` untimed ones. */
   claims: number;
   warmup: number;
   /** Jobs per claim. */
   batch: number;
 }
 
-const METRICS: Metric[] = [{ key: "claim_ms", unit: "ms", better: "lower" }];
+/** The metric holding the median claim at `size` ready jobs: `claim_ms_10k`. */
+export function claimKey(size: number): string {
+  return `claim_ms_${sizeLabel(size)}`;
+}
 
-/** Throw unless `spec` can run: whole counts, and a queue that holds a batch at least. */
+/** Throw unless `spec` can run: whole counts, distinct sizes, each holding a batch at least. */
 export function checkClaimSpec(spec: ClaimSpec): void {
-  for (const key of ["ready", "claims", "batch"] as const) {
+  for (const key of ["claims", "batch"] as const) {
     if (!Number.isInteger(spec[key]) || spec[key] < 1) {
       throw new RangeError(`W11's ${key} must be a positive integer, not ${spec[key]}`);
     }
@@ -81,58 +87,54 @@ export function checkClaimSpec(spec: ClaimSpec): void {
   if (!Number.isInteger(spec.warmup) || spec.warmup < 0) {
     throw new RangeError(`W11's warmup must be an integer ≥ 0, not ${spec.warmup}`);
   }
-  if (spec.ready < spec.batch) {
-    throw new RangeError(
-      `W11 needs at least one batch (${spec.batch}) of ready jobs, not ${spec.ready}`,
-    );
+  if (spec.sizes.length === 0 || new Set(spec.sizes.map(sizeLabel)).size < spec.sizes.length) {
+    throw new RangeError(`W11 needs distinct sizes, not [${spec.sizes.join(", ")}]`);
+  }
+  for (const size of spec.sizes) {
+    if (!Number.isInteger(size) || size < spec.batch) {
+      throw new RangeError(
+        `W11 needs at least one batch (${spec.batch}) of ready jobs, not ${size}`,
+      );
+    }
   }
 }
 
-/** What the loop measured: each timed claim's wall time, and the ack and refill medians. */
-interface LoopTimes {
+/** One size's database, its claiming connection and what its claims took. */
+interface Queue {
+  size: number;
+  db: BenchDb;
+  conn: Sql;
+  loadInsertMs: number;
+  loadVacuumMs: number;
   claimMs: number[];
   ackMs: number[];
   refillMs: number[];
-  seconds: number;
 }
 
-/** Claim, ack and refill `warmup + claims` times on `conn`; every claim must be full. */
-async function claimLoop(conn: Sql, spec: ClaimSpec): Promise<LoopTimes> {
-  const refill: JobSpec[] = Array.from(
-    { length: spec.batch },
-    () => ({ task: TASK, queue: QUEUE, payload: {} }),
-  );
-  const times: LoopTimes = { claimMs: [], ackMs: [], refillMs: [], seconds: 0 };
-  const start = performance.now();
-  for (let i = 0; i < spec.warmup + spec.claims; i++) {
-    const t0 = performance.now();
-    const { jobs } = await claim(conn, {
-      queues: [QUEUE],
-      limit: spec.batch,
-      workerId: "bench w11",
-      visibilityMs: VISIBILITY_MS,
-      starting: CONSUMER_CONCURRENCY,
-    });
-    const t1 = performance.now();
-    if (jobs.length !== spec.batch) {
-      throw new Error(
-        `Claim ${
-          i + 1
-        } took ${jobs.length} of ${spec.batch} jobs from a queue of ${spec.ready} ready`,
-      );
-    }
-    await ack(conn, jobs.map((j) => ({ id: j.id, token: j.token })));
-    const t2 = performance.now();
-    await enqueueMany(conn, refill, { notify: false });
-    const t3 = performance.now();
-    if (i >= spec.warmup) {
-      times.claimMs.push(t1 - t0);
-      times.ackMs.push(t2 - t1);
-      times.refillMs.push(t3 - t2);
-    }
+/** One round's turn for `q`: claim a batch, ack it, refill; timed unless warming up. */
+async function turn(q: Queue, spec: ClaimSpec, refill: JobSpec[], timed: boolean): Promise<void> {
+  const t0 = performance.now();
+  const { jobs } = await claim(q.conn, {
+    queues: [QUEUE],
+    limit: spec.batch,
+    workerId: "bench w11",
+    visibilityMs: VISIBILITY_MS,
+    starting: CONSUMER_CONCURRENCY,
+  });
+  const t1 = performance.now();
+  if (jobs.length !== spec.batch) {
+    throw new Error(
+      `A claim took ${jobs.length} of ${spec.batch} jobs from a queue of ${q.size} ready`,
+    );
   }
-  times.seconds = (performance.now() - start) / 1000;
-  return times;
+  await ack(q.conn, jobs.map((j) => ({ id: j.id, token: j.token })));
+  const t2 = performance.now();
+  await enqueueMany(q.conn, refill, { notify: false });
+  const t3 = performance.now();
+  if (!timed) return;
+  q.claimMs.push(t1 - t0);
+  q.ackMs.push(t2 - t1);
+  q.refillMs.push(t3 - t2);
 }
 
 /** The table's state after the loop, for the details. */
@@ -150,54 +152,91 @@ async function tableState(sql: Sql): Promise<Record<string, number>> {
   };
 }
 
-/** One size, in a fresh database on `server`. */
+/** Load every size's backlog, then claim at each in turn; one metric per size. */
 export async function measureClaims(server: BenchServer, spec: ClaimSpec): Promise<RunResult> {
   checkClaimSpec(spec);
-  return await withFreshDb(server, `w11 ${sizeLabel(spec.ready)}`, async (db) => {
-    await migrate(db.sql, await loadMigrations());
-    const load = await loadBacklog(db.sql, { queue: QUEUE, task: TASK, count: spec.ready });
-    const conn = connect(db.url, { applicationName: "bench w11 claimer", max: 1 });
-    let times: LoopTimes;
-    try {
-      times = await claimLoop(conn, spec);
-    } finally {
-      await conn.end({ timeout: 5 });
+  const sizes = [...spec.sizes].sort((a, b) => a - b);
+  const queues: Queue[] = [];
+  try {
+    for (const size of sizes) {
+      const db = await freshDb(server, `w11 ${sizeLabel(size)}`);
+      const conn = connect(db.url, { applicationName: "bench w11 claimer", max: 1 });
+      const q: Queue = {
+        size,
+        db,
+        conn,
+        loadInsertMs: 0,
+        loadVacuumMs: 0,
+        claimMs: [],
+        ackMs: [],
+        refillMs: [],
+      };
+      queues.push(q);
+      await migrate(db.sql, await loadMigrations());
+      const load = await loadBacklog(db.sql, { queue: QUEUE, task: TASK, count: size });
+      q.loadInsertMs = load.insertMs;
+      q.loadVacuumMs = load.vacuumMs;
     }
-    return {
-      values: { claim_ms: median(times.claimMs) },
-      details: {
-        ready: spec.ready,
-        batch: spec.batch,
-        claims: spec.claims,
-        warmup: spec.warmup,
-        claim_p10_ms: percentile(times.claimMs, 10),
-        claim_p90_ms: percentile(times.claimMs, 90),
-        claim_p99_ms: percentile(times.claimMs, 99),
-        claim_max_ms: Math.max(...times.claimMs),
-        ack_ms: median(times.ackMs),
-        refill_ms: median(times.refillMs),
-        loop_s: times.seconds,
-        load_insert_s: load.insertMs / 1000,
-        load_vacuum_s: load.vacuumMs / 1000,
-        ...await tableState(db.sql),
-      },
+    const refill: JobSpec[] = Array.from(
+      { length: spec.batch },
+      () => ({ task: TASK, queue: QUEUE, payload: {} }),
+    );
+    const start = performance.now();
+    for (let round = 0; round < spec.warmup + spec.claims; round++) {
+      for (let k = 0; k < queues.length; k++) {
+        await turn(queues[(round + k) % queues.length]!, spec, refill, round >= spec.warmup);
+      }
+    }
+    const loopS = (performance.now() - start) / 1000;
+    const values: Record<string, number> = {};
+    const details: Record<string, unknown> = {
+      sizes: sizes.join(", "),
+      batch: spec.batch,
+      claims: spec.claims,
+      warmup: spec.warmup,
+      loop_s: loopS,
     };
-  });
+    for (const q of queues) {
+      const label = sizeLabel(q.size);
+      values[claimKey(q.size)] = median(q.claimMs);
+      const state = await tableState(q.db.sql);
+      Object.assign(details, {
+        [`${label}_claim_p90_ms`]: percentile(q.claimMs, 90),
+        [`${label}_claim_p99_ms`]: percentile(q.claimMs, 99),
+        [`${label}_claim_max_ms`]: Math.max(...q.claimMs),
+        [`${label}_ack_ms`]: median(q.ackMs),
+        [`${label}_refill_ms`]: median(q.refillMs),
+        [`${label}_load_insert_s`]: q.loadInsertMs / 1000,
+        [`${label}_load_vacuum_s`]: q.loadVacuumMs / 1000,
+        ...Object.fromEntries(Object.entries(state).map(([k, v]) => [`${label}_${k}`, v])),
+      });
+    }
+    details.largest_vs_smallest = values[claimKey(sizes[sizes.length - 1]!)]! /
+      values[claimKey(sizes[0]!)]!;
+    return { values, details };
+  } finally {
+    for (const q of queues) {
+      await q.conn.end({ timeout: 5 });
+      await q.db.drop();
+    }
+  }
 }
 
-/** W11 at one size (shoal only: this tree's lib/queue.ts). */
-export function claimAtSize(spec: ClaimSpec): Benchmark {
-  const label = sizeLabel(spec.ready);
+/** W11 (shoal only: this tree's lib/queue.ts). */
+export function claimBySize(spec: ClaimSpec): Benchmark {
+  const sizes = [...spec.sizes].sort((a, b) => a - b);
+  const metrics: Metric[] = sizes.map((n) => ({ key: claimKey(n), unit: "ms", better: "lower" }));
   return {
-    id: `W11/shoal/${label}`,
+    id: "W11/shoal",
     workload: "W11",
     system: "shoal",
-    title: `claim time with ${spec.ready.toLocaleString("en-US")} ready jobs`,
-    settings: `one queue of ${spec.ready.toLocaleString("en-US")} ready jobs (loaded in one ` +
-      "insert … generate_series, then vacuum analyze); one connection: claim() of " +
-      `${spec.batch} (starting ${CONSUMER_CONCURRENCY}), ack(), enqueueMany() of ${spec.batch} ` +
-      `(NOTIFY off) in a loop; median wall time of ${spec.claims} claims after ${spec.warmup}`,
-    metrics: METRICS,
+    title: `claim time with ${sizes.map((n) => n.toLocaleString("en-US")).join(", ")} ready jobs`,
+    settings: "one database per size, its queue loaded in one insert … generate_series (then " +
+      `vacuum analyze); per size one connection: claim() of ${spec.batch} (starting ` +
+      `${CONSUMER_CONCURRENCY}), ack(), enqueueMany() of ${spec.batch} (NOTIFY off); the sizes ` +
+      `take turns, one claim each per round; median wall time of ${spec.claims} claims per ` +
+      `size after ${spec.warmup} rounds`,
+    metrics,
     once: true,
     run: (ctx) => measureClaims(ctx.server, spec),
   };
@@ -223,33 +262,29 @@ async function standalone(): Promise<void> {
     },
     strict: true,
   });
-  const [claims] = integers(values.claims!, "claims");
-  const [warmup] = integers(values.warmup!, "warmup");
-  const [batch] = integers(values.batch!, "batch");
-  const specs = integers(values.ready!, "ready").map((ready) => ({
-    ready,
-    claims: claims!,
-    warmup: warmup!,
-    batch: batch!,
-  }));
-  specs.forEach(checkClaimSpec);
+  const spec: ClaimSpec = {
+    sizes: integers(values.ready!, "ready").sort((a, b) => a - b),
+    claims: integers(values.claims!, "claims")[0]!,
+    warmup: integers(values.warmup!, "warmup")[0]!,
+    batch: integers(values.batch!, "batch")[0]!,
+  };
+  checkClaimSpec(spec);
   const server = await startServer({ profile: false });
   try {
-    print("| ready | claim ms (median) | p90 | p99 | load s (insert + vacuum) |\n");
-    print("| ---: | ---: | ---: | ---: | ---: |\n");
-    let first: number | null = null;
-    for (const spec of specs) {
-      say(`W11: ${spec.ready.toLocaleString("en-US")} ready jobs...`);
-      const { values: v, details: d } = await measureClaims(server, spec);
-      const ms = v.claim_ms!;
-      first ??= ms;
-      const load = (d.load_insert_s as number) + (d.load_vacuum_s as number);
+    say(`W11: ${spec.sizes.map((n) => n.toLocaleString("en-US")).join(", ")} ready jobs...`);
+    const { values: v, details: d } = await measureClaims(server, spec);
+    const first = v[claimKey(spec.sizes[0]!)]!;
+    print("| ready | claim ms (median) | ÷ smallest | p90 | p99 | load s (insert + vacuum) |\n");
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for (const size of spec.sizes) {
+      const ms = v[claimKey(size)]!;
+      const at = (key: string) => d[`${sizeLabel(size)}_${key}`] as number;
       print(
-        `| ${spec.ready.toLocaleString("en-US")} | ${ms.toFixed(3)} (${
-          (ms / first).toFixed(2)
-        }×) | ${(d.claim_p90_ms as number).toFixed(3)} | ${
-          (d.claim_p99_ms as number).toFixed(3)
-        } | ${load.toFixed(1)} |\n`,
+        `| ${size.toLocaleString("en-US")} | ${ms.toFixed(3)} | ${(ms / first).toFixed(2)}× | ${
+          at("claim_p90_ms").toFixed(3)
+        } | ${at("claim_p99_ms").toFixed(3)} | ${
+          (at("load_insert_s") + at("load_vacuum_s")).toFixed(1)
+        } |\n`,
       );
     }
   } finally {

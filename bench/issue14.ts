@@ -7,6 +7,7 @@
  * @module
  */
 import { OPTIONS } from "../lib/config.ts";
+import { claimKey } from "./claim_size.ts";
 import { sizeLabel } from "./harness.ts";
 import type { IssueTarget, IssueTargetCheck, ReportView } from "./report.ts";
 import { FLAT_GROWTH } from "./soak.ts";
@@ -112,7 +113,6 @@ export function issue14Targets(
   const held = soak.holdMs / 1000;
   const small = sizes.claimSizes[0]!;
   const large = sizes.claimSizes[sizes.claimSizes.length - 1]!;
-  const w11 = (n: number) => `W11/${SHOAL}/${sizeLabel(n)}`;
   return [
     {
       workload: "W8",
@@ -174,12 +174,13 @@ export function issue14Targets(
     },
     {
       workload: "W11",
-      needs: sizes.claimSizes.map(w11),
+      needs: [`W11/${SHOAL}`],
       target: `W11: median claim of one batch (${sizes.claimBatch} jobs) with ` +
         `${sizeLabel(large)} ready jobs ≤ ${W11_MAX_RATIO}× the one with ${sizeLabel(small)}`,
       check(view) {
-        const figures = sizes.claimSizes.map((n) => view.figure(w11(n), "claim_ms"));
-        const ratio = view.figure(w11(large), "claim_ms") / view.figure(w11(small), "claim_ms");
+        const figure = (n: number) => view.figure(`W11/${SHOAL}`, claimKey(n));
+        const figures = sizes.claimSizes.map(figure);
+        const ratio = figure(large) / figure(small);
         return {
           measured: sizes.claimSizes.map((n, i) => `${sizeLabel(n)} ${fmt(figures[i]!, 3)} ms`)
             .join(", "),

@@ -786,19 +786,21 @@ export function markdownReport(input: ReportInput): string {
     } jobs are enqueued in one call (one commit, NOTIFY on); throughput from that call's ` +
     "return until the queue is empty. Peers: the same, with their worker process.",
     ...input.soakNotes.map((line) => `- ${line}`),
-    `- W11 (claim time by size, bench/claim_size.ts): one queue holding ${
+    `- W11 (claim time by size, bench/claim_size.ts, the benchmark W11/shoal): one database ` +
+    `per size, its queue holding ${
       s.claimSizes.map((n) => n.toLocaleString("en-US")).join(", ")
-    } ready jobs (one benchmark each, once per bench run unless --runs is given), loaded in ` +
-    "one `insert … select … from generate_series` (fair_seq increasing, run_at in the past), " +
-    "then `vacuum analyze`. On one connection, lib/queue.ts's claim() of " +
-    `${s.claimBatch} jobs (the most a default consumer claims at once: --concurrency plus ` +
-    "--prefetch), then ack() of them and enqueueMany() of as many at the tail (NOTIFY off), " +
-    `in a loop: ${s.claimWarmup} claims of warm-up, then ${s.claimCount} timed. The figure ` +
-    "is the median wall time of one claim (a loopback round trip: server time plus about " +
-    "0.1 ms); the queue keeps its size, and each claim walks what the acks before it left " +
-    "(dead entries at the index's head until pruning or autovacuum). Load times, p90/p99, " +
-    "the table's size and dead tuples at the end are in the details. shoal only, not " +
-    "--beside (the loop runs this tree's lib/queue.ts in the bench process).",
+    } ready jobs loaded in one \`insert … select … from generate_series\` (fair_seq ` +
+    "increasing, run_at in the past), then `vacuum analyze`. On one connection per database, " +
+    `lib/queue.ts's claim() of ${s.claimBatch} jobs (the most a default consumer claims at ` +
+    "once: --concurrency plus --prefetch), then ack() of them and enqueueMany() of as many at " +
+    "the tail (NOTIFY off); the sizes take turns, one claim each per round in rotating order, " +
+    `so load from elsewhere falls on all alike: ${s.claimWarmup} rounds of warm-up, then ` +
+    `${s.claimCount} timed. Each size's figure (claim_ms_<size>) is the median wall time of ` +
+    "one claim (a loopback round trip: server time plus about 0.1 ms); the queue keeps its " +
+    "size, and each claim walks what the acks before it left (dead entries at the index's " +
+    "head until pruning or autovacuum). Load times, p90/p99, the table's size and dead " +
+    "tuples at the end are in the details. Once per bench run unless --runs is given; shoal " +
+    "only, not --beside (the loop runs this tree's lib/queue.ts in the bench process).",
     "- Floors: pgbench on the same server in the same run; the hand-written queue is a minimal " +
     "SKIP LOCKED queue on the same client (postgres.js in Deno, one process, bench/handwritten*.ts) " +
     "measured by exactly the same workload code as shoal.",

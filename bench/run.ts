@@ -45,8 +45,9 @@
  *   W8  soak at 70% of W2's rate (--soak)    W9  the same with a snapshot held open for 60 s
  *   W10 statements/s of an idle fleet (4 consumers, 2 reapers, 2 schedulers), on a second
  *       throwaway cluster with pg_stat_statements preloaded
- *   W11 one claim of 510 jobs with 10,000, 1,000,000 and 10,000,000 ready jobs (W11/shoal/10k,
- *       1M, 10M; the backlog loaded in one insert), claim + ack + refill in a loop
+ *   W11 one claim of 510 jobs with 10,000, 1,000,000 and 10,000,000 ready jobs (W11/shoal,
+ *       metrics claim_ms_10k, _1M, _10M; each backlog loaded in one insert), claim + ack +
+ *       refill in a loop, the three sizes taking turns
  *   W12 1,000 per-second schedules for 20 s and 10,000 due at once, 1 scheduler process
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
@@ -96,7 +97,7 @@ import {
 } from "./report.ts";
 import { shoal, shoalAt, type System } from "./systems.ts";
 import { noisyNeighbour, priorityBehindBuffer } from "./fairness.ts";
-import { claimAtSize, DEFAULT_CLAIM_BATCH } from "./claim_size.ts";
+import { claimBySize, DEFAULT_CLAIM_BATCH } from "./claim_size.ts";
 import { issue14Targets } from "./issue14.ts";
 import { consumerMemory } from "./memory.ts";
 import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
@@ -242,14 +243,12 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     ...shoalAndBeside((s) => idleFleet(s)),
     ...shoalAndBeside((s) => schedulesAtScale(s)),
     // shoal only: the claim loop runs this tree's lib/queue.ts in the bench process.
-    ...sizes.claimSizes.map((ready) =>
-      claimAtSize({
-        ready,
-        claims: sizes.claimCount,
-        warmup: sizes.claimWarmup,
-        batch: sizes.claimBatch,
-      })
-    ),
+    claimBySize({
+      sizes: sizes.claimSizes,
+      claims: sizes.claimCount,
+      warmup: sizes.claimWarmup,
+      batch: sizes.claimBatch,
+    }),
     // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
     soak(shoal),
     heldSnapshot(shoal),

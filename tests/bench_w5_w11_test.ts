@@ -8,12 +8,20 @@
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { testDb } from "./helpers.ts";
 import { loadBacklog } from "../bench/backlog.ts";
-import { checkClaimSpec, claimAtSize, measureClaims } from "../bench/claim_size.ts";
+import { checkClaimSpec, claimBySize, measureClaims } from "../bench/claim_size.ts";
 import { analyse, FULL_BUFFER, noisyNeighbour, priorityBehindBuffer } from "../bench/fairness.ts";
-import { startServer } from "../bench/harness.ts";
+import { startServer, withAdmin } from "../bench/harness.ts";
 import { shoal } from "../bench/systems.ts";
 import type { BenchContext, Sizes } from "../bench/workloads.ts";
 import { claim, enqueueMany } from "../lib/queue.ts";
+
+/** The bench's databases on the test server now (each run's fresh one is dropped after it). */
+async function benchDatabases(ctx: BenchContext): Promise<string[]> {
+  return await withAdmin(ctx.server.url, async (sql) =>
+    (await sql<{ datname: string }[]>`
+      select datname from pg_database where datname like 'bench\\_w11%' order by 1`)
+      .map((r) => r.datname));
+}
 
 /** The bench's view of the test server (DATABASE_URL): each run gets a fresh database on it. */
 async function benchContext(): Promise<BenchContext> {
@@ -75,26 +83,29 @@ Deno.test("loadBacklog() adds ready jobs stamped after the queue's last, claimed
   );
 });
 
-Deno.test("W11 claimAtSize(): full claims from a queue that keeps its size, once per bench run", async () => {
+Deno.test("W11 claimBySize(): full claims at each size, every queue keeping its size, nothing left", async () => {
   const ctx = await benchContext();
-  const benchmark = claimAtSize({ ready: 40, claims: 12, warmup: 3, batch: 10 });
-  assertEquals(benchmark.id, "W11/shoal/40");
-  assertEquals(benchmark.once, true);
+  const benchmark = claimBySize({ sizes: [2_000, 40], claims: 12, warmup: 3, batch: 10 });
+  assertEquals([benchmark.id, benchmark.once], ["W11/shoal", true]);
+  assertEquals(benchmark.metrics.map((m) => m.key), ["claim_ms_40", "claim_ms_2k"]);
+  const before = await benchDatabases(ctx);
   const { values, details } = await benchmark.run(ctx);
-  assert.ok(Number.isFinite(values.claim_ms) && values.claim_ms! > 0, String(values.claim_ms));
-  assertEquals(details.ready_at_end, 40);
+  assertEquals(Object.keys(values).sort(), ["claim_ms_2k", "claim_ms_40"]);
+  for (const ms of Object.values(values)) assert.ok(Number.isFinite(ms) && ms > 0, String(ms));
+  assertEquals([details["40_ready_at_end"], details["2k_ready_at_end"]], [40, 2_000]);
   assertEquals([details.claims, details.warmup, details.batch], [12, 3, 10]);
-  assert.ok((details.claim_p99_ms as number) >= values.claim_ms!);
+  assert.ok((details["40_claim_p99_ms"] as number) >= values.claim_ms_40!);
+  assertEquals(details.largest_vs_smallest, values.claim_ms_2k! / values.claim_ms_40!);
+  assertEquals(await benchDatabases(ctx), before); // both databases dropped
 });
 
-Deno.test("W11 measureClaims(): refuses a queue smaller than one batch", async () => {
-  assert.throws(
-    () => checkClaimSpec({ ready: 5, claims: 1, warmup: 0, batch: 10 }),
-    /at least one batch \(10\)/,
-  );
+Deno.test("W11 measureClaims(): refuses sizes it cannot measure", async () => {
+  const spec = { sizes: [5], claims: 1, warmup: 0, batch: 10 };
+  assert.throws(() => checkClaimSpec(spec), /at least one batch \(10\) of ready jobs, not 5/);
+  assert.throws(() => checkClaimSpec({ ...spec, sizes: [] }), /distinct sizes/);
+  assert.throws(() => checkClaimSpec({ ...spec, sizes: [10, 10] }), /distinct sizes/);
   await assertRejects(
-    async () =>
-      measureClaims((await benchContext()).server, { ready: 10, claims: 0, warmup: 0, batch: 1 }),
+    async () => measureClaims((await benchContext()).server, { ...spec, sizes: [10], claims: 0 }),
     RangeError,
     "claims must be a positive integer",
   );
