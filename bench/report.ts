@@ -5,7 +5,7 @@
  * @module
  */
 import type { BenchServer } from "./harness.ts";
-import { median } from "./harness.ts";
+import { median, sizeLabel } from "./harness.ts";
 import type { StatementProfile } from "./profile.ts";
 import type { Benchmark, Metric, RunResult, Sizes } from "./workloads.ts";
 
@@ -65,6 +65,34 @@ export interface Target {
   check(figure: FigureOf): TargetCheck;
 }
 
+/** What an issue target reads of a bench run. */
+export interface ReportView {
+  /** The median of a benchmark's metric in this run; NaN when not measured. */
+  figure: FigureOf;
+  /** The benchmarks selected in this run (measured or failed) whose id is `prefix` or starts with `prefix/`. */
+  benchmarks(prefix: string): { id: string; system: string; metrics: Metric[] }[];
+}
+
+/** What an issue target's row shows. */
+export interface IssueTargetCheck {
+  /** The figures it is judged on, with their units. */
+  measured: string;
+  /** The ratio the target names (shoal ÷ best peer, 10M ÷ 10k ...), or the figure ÷ its bound. */
+  ratio: string;
+  /** null when a figure it needs was not measured. */
+  met: boolean | null;
+}
+
+/** One of issue 14's targets (bench/issue14.ts), judged on this run's medians. */
+export interface IssueTarget {
+  workload: string;
+  /** Benchmark ids (or id prefixes) it judges: "not run" when none of them was selected. */
+  needs: string[];
+  /** The target in the issue's words. */
+  target: string;
+  check(view: ReportView): IssueTargetCheck;
+}
+
 /** `--beside REF`: shoal's figures beside the same workloads run by another commit of shoal. */
 export interface BesideInput {
   /** The other commit's system name, `shoal@<short sha>`. */
@@ -97,6 +125,8 @@ export interface ReportInput {
   peerComparisons: PeerComparison[];
   peers: PeerDescription[];
   targets: Target[];
+  /** Issue 14's targets, every one listed whether its workload ran or not. */
+  issue14Targets: IssueTarget[];
   /** How W8..W10 ran (soak lengths, rates, the W10 server), one line each. */
   soakNotes: string[];
   /** Set with `--beside REF`. */
@@ -457,7 +487,7 @@ function allFiguresTable(input: ReportInput): string {
   return lines.join("\n") + "\n";
 }
 
-function figureLookup(input: ReportInput): FigureOf {
+function figureLookup(input: Pick<ReportInput, "results">): FigureOf {
   const byId = new Map(input.results.map((r) => [r.benchmark.id, r]));
   return (id, key) => medianOf(byId.get(id), key);
 }
@@ -501,6 +531,72 @@ function targetSection(input: ReportInput): string {
     "",
     "What limits each target that is not met, with its profile or plan and how far it is: " +
     "[docs/performance.md](../../docs/performance.md).",
+    "",
+  ].join("\n");
+}
+
+function reportView(input: Pick<ReportInput, "results">): ReportView {
+  const benchmarks = input.results.map((r) => r.benchmark);
+  return {
+    figure: figureLookup(input),
+    benchmarks: (prefix) =>
+      benchmarks.filter((b) => b.id === prefix || b.id.startsWith(`${prefix}/`)).map((b) => ({
+        id: b.id,
+        system: b.system,
+        metrics: b.metrics,
+      })),
+  };
+}
+
+interface IssueTargetRow {
+  workload: string;
+  target: string;
+  measured: string;
+  ratio: string;
+  met: "yes" | "no" | "not measured" | "not run";
+}
+
+/** Each of issue 14's targets with its figures, ratio and verdict ("not run" when none of its benchmarks was selected). */
+export function issue14Rows(
+  input: Pick<ReportInput, "results" | "issue14Targets">,
+): IssueTargetRow[] {
+  const view = reportView(input);
+  return input.issue14Targets.map((t) => {
+    const base = { workload: t.workload, target: t.target };
+    if (t.needs.every((id) => view.benchmarks(id).length === 0)) {
+      return { ...base, measured: "not run", ratio: "", met: "not run" };
+    }
+    const { measured, ratio, met } = t.check(view);
+    return { ...base, measured, ratio, met: met === null ? "not measured" : met ? "yes" : "no" };
+  });
+}
+
+/** Issue 14's targets as markdown (also printed to stdout). */
+export function issue14Table(input: Pick<ReportInput, "results" | "issue14Targets">): string {
+  const rows = issue14Rows(input);
+  if (rows.length === 0) return "";
+  return [
+    "| workload | target | measured (medians, same run) | ratio | met |",
+    "| --- | --- | --- | ---: | --- |",
+    ...rows.map((r) =>
+      `| ${r.workload} | ${escapeCell(r.target)} | ${escapeCell(r.measured)} | ${
+        escapeCell(r.ratio)
+      } | ${r.met === "no" ? "**no**" : r.met} |`
+    ),
+  ].join("\n") + "\n";
+}
+
+function issue14Section(input: ReportInput): string {
+  const table = issue14Table(input);
+  if (!table) return "";
+  return [
+    "## Issue 14 targets",
+    "",
+    table,
+    "Judged on this run's medians (W5: of 5 runs unless --runs was given; W8, W9 and W11: " +
+    'one run, each a median over its own samples or claims). "not run": none of the ' +
+    'target\'s workloads was selected; "not measured": a figure it needs is missing (a run ' +
+    "failed, or no peer ran). Best peer: the fastest of the peers that ran in this bench run.",
     "",
   ].join("\n");
 }
@@ -549,10 +645,11 @@ function timelineSection(input: ReportInput): string {
     const order = last.details.start_order;
     if (typeof order === "string") {
       parts.push(
-        `### ${result.benchmark.id}: start order after B's enqueue (last run)\n\n` +
-          "One letter per job start, in start order, from B's enqueue committing to B's last " +
-          "start. Within one claim batch (up to the consumer's free slots) the order is that " +
-          "of the handlers' dispatch, not of the claim's sort: read it batch by batch " +
+        `### ${result.benchmark.id}: start order after the newcomer's enqueue (last run)\n\n` +
+          "One letter per job start, in start order, from the newcomer's enqueue committing " +
+          "to its last start: A for the busy key's jobs, B for key B's, P for the " +
+          "higher-priority job. Within one claim batch (up to the consumer's free slots) the " +
+          "order is that of the handlers' dispatch, not of the claim's sort: read it batch by batch " +
           `(first ${order.length} shown):\n\n\`\`\`\n${
             order.match(/.{1,100}/g)?.join("\n") ?? ""
           }\n\`\`\`\n`,
@@ -584,6 +681,29 @@ function profileSection(input: ReportInput): string {
   return parts.length === 0 ? "" : `## Profile (pg_stat_statements)\n\n${parts.join("\n")}`;
 }
 
+/**
+ * How many runs the figures are medians of: the count most workloads ran, then the
+ * workloads that ran another count (`3 runs (W5: 5; W8, W9, W11: 1)`).
+ */
+export function runsNote(input: Pick<ReportInput, "runs" | "results">): string {
+  const plural = (n: number) => `${n} run${n === 1 ? "" : "s"}`;
+  const attempts = input.results.map((r) => ({
+    workload: r.benchmark.workload,
+    n: r.runs.length + r.errors.length,
+  }));
+  // The workloads that ran each count; the usual count is the one most workloads ran
+  // (on a tie, the larger).
+  const byCount = new Map<number, Set<string>>();
+  for (const a of attempts) byCount.set(a.n, (byCount.get(a.n) ?? new Set()).add(a.workload));
+  const counts = [...byCount.entries()].sort((x, y) => y[1].size - x[1].size || y[0] - x[0]);
+  const usual = counts[0]?.[0] ?? input.runs;
+  if (counts.length <= 1) return plural(usual);
+  const parts = counts.slice(1).sort((x, y) => y[0] - x[0]).map(([n, workloads]) =>
+    `${[...workloads].join(", ")}: ${n}`
+  );
+  return `${plural(usual)} (${parts.join("; ")})`;
+}
+
 /** The whole markdown report. */
 export function markdownReport(input: ReportInput): string {
   const s = input.sizes;
@@ -597,11 +717,12 @@ export function markdownReport(input: ReportInput): string {
     `Run ${input.startedAt.toISOString()}, ${
       input.seconds.toFixed(0)
     } s, with \`${input.command}\`.`,
-    `Each figure is the median of ${input.runs} run${input.runs === 1 ? "" : "s"}${
+    `Each figure is the median of ${runsNote(input)}${
       input.quick ? " (quick smoke mode: small sizes, not representative)" : ""
     }; every run starts from a fresh database with the schema installed from empty.`,
     "",
     besideSection(input),
+    issue14Section(input),
     targetSection(input),
     peerSection(input),
     "## shoal beside its floors",
@@ -636,11 +757,19 @@ export function markdownReport(input: ReportInput): string {
     "job from the same run. The details split it as the polls saw it: open_s (until the " +
     "barrier existed), children_s (while it was open), callback_s (until completed). A run " +
     "fails unless the execution ends completed with no job, barrier, arrival or dead job left.",
-    `- W5 (noisy neighbour): fairness key A's ${s.neighbourJobs.toLocaleString("en-US")} ` +
-    "ready jobs on one queue, one consumer process (defaults) draining them; once 200 of them " +
-    `have started, key B enqueues ${s.newcomerJobs} jobs in one call. Every job records its ` +
-    "start and fairness key (bench.stamp); the figure is how many A jobs started after B's " +
-    "enqueue call returned (committed) and no later than B's last start. Peers are not " +
+    `- W5 (noisy neighbour, bench/fairness.ts): fairness key A holds ${
+      s.neighbourSizes.map((n) => n.toLocaleString("en-US")).join(", ")
+    } ready jobs (one benchmark each: ` +
+    `${s.neighbourSizes.map((n) => `W5/shoal/a${sizeLabel(n)}`).join(", ")}) on one queue, ` +
+    "loaded in one insert and vacuumed; one consumer process (defaults) drains them; once 200 " +
+    `of them have started, key B enqueues ${s.newcomerJobs} jobs in one call. Every job ` +
+    "records its start and fairness key (bench.stamp); the figure is how many A jobs started " +
+    "after B's enqueue call returned (committed) and no later than B's last start. " +
+    `W5/shoal/priority: key A holds ${s.priorityBacklog.toLocaleString("en-US")} ready jobs ` +
+    "at priority 0; once the consumer has claimed at least half its default prefetch ahead " +
+    "(a full buffer), one job at priority 1 is enqueued; the figure is how many A jobs " +
+    "started after that call committed and no later than that job's start. Medians of 5 " +
+    "runs unless --runs is given (issue 14). Peers are not " +
     "measured: graphile-worker has no fairness key (its named queues serialise jobs, they do " +
     "not share a queue fairly), pg-boss 12's groups cap concurrency per group " +
     "(groupConcurrency) rather than share slots fairly, and open-source BullMQ has neither " +
@@ -658,6 +787,21 @@ export function markdownReport(input: ReportInput): string {
     } jobs are enqueued in one call (one commit, NOTIFY on); throughput from that call's ` +
     "return until the queue is empty. Peers: the same, with their worker process.",
     ...input.soakNotes.map((line) => `- ${line}`),
+    `- W11 (claim time by size, bench/claim_size.ts, the benchmark W11/shoal): one database ` +
+    `per size, its queue holding ${
+      s.claimSizes.map((n) => n.toLocaleString("en-US")).join(", ")
+    } ready jobs loaded in one \`insert … select … from generate_series\` (fair_seq ` +
+    "increasing, run_at in the past), then `vacuum analyze`. On one connection per database, " +
+    `lib/queue.ts's claim() of ${s.claimBatch} jobs (the most a default consumer claims at ` +
+    "once: --concurrency plus --prefetch), then ack() of them and enqueueMany() of as many at " +
+    "the tail (NOTIFY off); the sizes take turns, one claim each per round in rotating order, " +
+    `so load from elsewhere falls on all alike: ${s.claimWarmup} rounds of warm-up, then ` +
+    `${s.claimCount} timed. Each size's figure (claim_ms_<size>) is the median wall time of ` +
+    "one claim (a loopback round trip: server time plus about 0.1 ms); the queue keeps its " +
+    "size, and each claim walks what the acks before it left (dead entries at the index's " +
+    "head until pruning or autovacuum). Load times, p90/p99, the table's size and dead " +
+    "tuples at the end are in the details. Once per bench run unless --runs is given; shoal " +
+    "only, not --beside (the loop runs this tree's lib/queue.ts in the bench process).",
     "- Floors: pgbench on the same server in the same run; the hand-written queue is a minimal " +
     "SKIP LOCKED queue on the same client (postgres.js in Deno, one process, bench/handwritten*.ts) " +
     "measured by exactly the same workload code as shoal.",
@@ -734,6 +878,7 @@ export function jsonReport(input: ReportInput): unknown {
       };
     }),
     targets: targetRows(input),
+    issue14_targets: issue14Rows(input),
     beside: input.beside === null ? null : {
       system: input.beside.system,
       ref: input.beside.ref,

@@ -1,10 +1,12 @@
 /**
  * `deno task bench`: shoal's benchmark beside its floors and peers, on one Postgres, in one run.
  *
- *   deno task bench                  3 runs of everything, median per figure; the soaks (W8,
- *                                    W9) once: about 30 minutes (1,835 s measured), 10 of
- *                                    them W8's soak
- *   deno task bench --runs 5         more runs (given explicitly, the soaks run that often too)
+ *   deno task bench                  3 runs of everything, median per figure; W5 5 runs
+ *                                    (issue 14); the soaks (W8, W9) and W11 once: about 30
+ *                                    minutes before issue 14's W5 sizes and W11 were added
+ *                                    (1,835 s measured), 10 of them W8's soak
+ *   deno task bench --runs 5         this many runs of everything (given explicitly, the
+ *                                    soaks, W5 and W11 run that often too)
  *   deno task bench --quick          1 run at small sizes, short soaks: a smoke test of every
  *                                    workload in about 4 minutes
  *   deno task bench --only W2,W3     only these workloads, benchmark ids (W2/shoal) or
@@ -37,16 +39,23 @@
  * Workloads (bench/workloads.ts and the files it names):
  *   W1a enqueue one per call, 10 in flight   W1b enqueue in calls of 1,000
  *   W2  drain 20,000 with one consumer       W3  start latency at 100/s
- *   W4  fan-out of 10,000 children           W5  noisy neighbour (fairness keys)
- *   W6  consumer RSS idle and under W2       W7  1, 2 and 4 consumer processes on one queue
+ *   W4  fan-out of 10,000 children           W6  consumer RSS idle and under W2
+ *   W5  noisy neighbour: key A holding 1,000, 50,000 and 1,000,000 ready jobs (W5/shoal/a1k,
+ *       a50k, a1M), and a priority-1 job behind a full prefetch buffer (W5/shoal/priority)
+ *   W7  1, 2 and 4 consumer processes on one queue
  *   W8  soak at 70% of W2's rate (--soak)    W9  the same with a snapshot held open for 60 s
  *   W10 statements/s of an idle fleet (4 consumers, 2 reapers, 2 schedulers), on a second
  *       throwaway cluster with pg_stat_statements preloaded
+ *   W11 one claim of 510 jobs with 10,000, 1,000,000 and 10,000,000 ready jobs (W11/shoal,
+ *       metrics claim_ms_10k, _1M, _10M; each backlog loaded in one insert), claim + ack +
+ *       refill in a loop, the three sizes taking turns
  *   W12 1,000 per-second schedules for 20 s and 10,000 due at once, 1 scheduler process
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
- * latest.json and prints the summary table to stdout; progress goes to stderr.
+ * latest.json and prints the issue 14 and issue 5 target tables and the summary tables to
+ * stdout; progress goes to stderr. Issue 14's targets (bench/issue14.ts) are listed
+ * whether their workloads ran or not ("not run").
  *
  * Peers (issue 5, issue 14): graphile-worker, pg-boss and BullMQ on its PostgreSQL backend
  * (peers.ts) run W1a, W1b, W2, W3, W6, W7 and W10 beside shoal; their packages (and the
@@ -77,6 +86,8 @@ import {
   besideTable,
   type Comparison,
   formatValue,
+  issue14Table,
+  type IssueTarget,
   jsonReport,
   markdownReport,
   type PeerComparison,
@@ -86,7 +97,9 @@ import {
   targetTable,
 } from "./report.ts";
 import { shoal, shoalAt, type System } from "./systems.ts";
-import { noisyNeighbour } from "./fairness.ts";
+import { noisyNeighbour, priorityBehindBuffer } from "./fairness.ts";
+import { claimBySize, DEFAULT_CLAIM_BATCH } from "./claim_size.ts";
+import { issue14Targets } from "./issue14.ts";
 import { consumerMemory } from "./memory.ts";
 import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
 import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
@@ -110,11 +123,16 @@ const FULL: Sizes = {
   latencyJobs: 2_000,
   latencyRate: 100,
   fanOutChildren: 10_000,
-  neighbourJobs: 20_000,
+  neighbourSizes: [1_000, 50_000, 1_000_000],
   newcomerJobs: 100,
+  priorityBacklog: 50_000,
   idleRssMs: 10_000,
   scalingJobs: 20_000,
   idleFleetMs: 30_000,
+  claimSizes: [10_000, 1_000_000, 10_000_000],
+  claimCount: 2_000,
+  claimWarmup: 200,
+  claimBatch: DEFAULT_CLAIM_BATCH,
 };
 const QUICK: Sizes = {
   jobs: 2_000,
@@ -122,11 +140,16 @@ const QUICK: Sizes = {
   latencyJobs: 200,
   latencyRate: 100,
   fanOutChildren: 1_000,
-  neighbourJobs: 2_000,
+  neighbourSizes: [1_000, 5_000, 20_000],
   newcomerJobs: 100,
+  priorityBacklog: 20_000,
   idleRssMs: 3_000,
   scalingJobs: 2_000,
   idleFleetMs: 5_000,
+  claimSizes: [1_000, 10_000, 100_000],
+  claimCount: 200,
+  claimWarmup: 20,
+  claimBatch: DEFAULT_CLAIM_BATCH,
 };
 /** The soaks: W8 for `--soak`, W9's three phases (issue 5: a minute with the snapshot held). */
 const SOAK_FULL: SoakSizes = {
@@ -164,6 +187,7 @@ interface Plan {
   comparisons: Comparison[];
   peerComparisons: PeerComparison[];
   targets: Target[];
+  issue14Targets: IssueTarget[];
 }
 
 /** How the bench enqueues through each peer, for the report. */
@@ -213,11 +237,21 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     pgbenchClaim({ batch: 100, clients: 1 }),
     ...shoalAndBeside((s) => startLatency(s)),
     startLatency(floor),
-    ...shoalAndBeside((s) => noisyNeighbour(s)),
+    ...sizes.neighbourSizes.flatMap((n) =>
+      shoalAndBeside((s) => noisyNeighbour(s, n, sizes.newcomerJobs))
+    ),
+    ...shoalAndBeside((s) => priorityBehindBuffer(s, sizes.priorityBacklog)),
     ...shoalAndBeside((s) => consumerMemory(s)),
     ...PROCESS_COUNTS.flatMap((n) => shoalAndBeside((s) => processScaling(s, n))),
     ...shoalAndBeside((s) => idleFleet(s)),
     ...shoalAndBeside((s) => schedulesAtScale(s)),
+    // shoal only: the claim loop runs this tree's lib/queue.ts in the bench process.
+    claimBySize({
+      sizes: sizes.claimSizes,
+      claims: sizes.claimCount,
+      warmup: sizes.claimWarmup,
+      batch: sizes.claimBatch,
+    }),
     // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
     soak(shoal),
     heldSnapshot(shoal),
@@ -396,7 +430,8 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     besidePairs,
     comparisons,
     peerComparisons,
-    targets: targets(sizes, soakSizes, shoal),
+    targets: targets(soakSizes, shoal),
+    issue14Targets: issue14Targets(sizes, soakSizes, PEER_SYSTEMS.map((p) => p.name)),
   };
 }
 
@@ -423,10 +458,12 @@ function judge(figures: number[], met: () => boolean): boolean | null {
   return figures.some((f) => Number.isNaN(f)) ? null : met();
 }
 
-/** Issue 5's targets, each judged on this run's medians. */
-function targets(sizes: Sizes, soakSizes: SoakSizes, system: System): Target[] {
+/**
+ * Issue 5's targets, each judged on this run's medians. W5's (fewer than 2 × concurrency A
+ * jobs) is judged at every backlog in issue 14's (bench/issue14.ts).
+ */
+function targets(soakSizes: SoakSizes, system: System): Target[] {
   const s = system.name;
-  const concurrency = 10; // shoal's default --concurrency, which W5's consumer runs with
   const held = soakSizes.holdMs / 1000;
   return [
     {
@@ -492,21 +529,6 @@ function targets(sizes: Sizes, soakSizes: SoakSizes, system: System): Target[] {
         return {
           measured: `${fmt(child, 3)} vs ${fmt(job, 3)} ms: ${fmt(child / job, 2)}×`,
           met: judge([child, job], () => child <= FAN_OUT_TARGET * job),
-        };
-      },
-    },
-    {
-      workload: "W5",
-      target: `B's last job starts before 2 × concurrency (${
-        2 * concurrency
-      }) A jobs have started after B's enqueue`,
-      check(figure) {
-        const a = figure(`W5/${s}`, "a_starts");
-        return {
-          measured: `${fmt(a)} A jobs started (B: ${sizes.newcomerJobs} jobs, A: ${
-            sizes.neighbourJobs.toLocaleString("en-US")
-          } ready)`,
-          met: judge([a], () => a < 2 * concurrency),
         };
       },
     },
@@ -603,7 +625,7 @@ function targets(sizes: Sizes, soakSizes: SoakSizes, system: System): Target[] {
   ];
 }
 
-interface Args {
+export interface Args {
   runs: number;
   /** --runs was given: the soaks run that many times too. */
   runsExplicit: boolean;
@@ -649,8 +671,10 @@ function parse(argv: string[]): Args {
   });
   if (values.help) {
     print(
-      "Usage: deno task bench [--runs N] [--quick] [--only W1a,W2,...] [--soak 10m] " +
-        "[--soak-rate JOBS_PER_S] [--profile] [--beside GIT_REF]\n",
+      "Usage: deno task bench [--runs N] [--quick] [--only W1a,W2,W5/shoal/a1M,...] " +
+        "[--soak 10m] [--soak-rate JOBS_PER_S] [--profile] [--beside GIT_REF]\n" +
+        "Workloads: W1a W1b W2 W3 W4 W5 W6 W7 W8 W9 W10 W11 W12 (see bench/run.ts); " +
+        "W5 runs 5 times and W8, W9, W11 once unless --runs is given\n",
     );
     Deno.exit(0);
   }
@@ -788,7 +812,7 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
   const sizes = args.quick ? QUICK : FULL;
   const soaks = soakSizes(args);
   const besideSystem = checkout === null ? null : await shoalAt(checkout);
-  const { benchmarks, besidePairs, comparisons, peerComparisons, targets } = plan(
+  const { benchmarks, besidePairs, comparisons, peerComparisons, targets, issue14Targets } = plan(
     sizes,
     soaks,
     besideSystem,
@@ -878,12 +902,12 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
     };
     // Runs are interleaved (run 1 of everything, then run 2 ...) so a burst of load from
     // elsewhere on this shared machine spreads over all figures instead of sinking one.
-    // Only soaks chosen, --runs not given: one run is all there is to do.
-    const runs = !args.runsExplicit && chosen.every((b) => b.once) ? 1 : args.runs;
+    // Rounds beyond a benchmark's own count (W5's 5 against the others' 3) skip it.
+    const runs = Math.max(...chosen.map((b) => runsOf(b, args)));
     for (let run = 1; run <= runs; run++) {
       for (const result of runOrder(results, besidePairs, run)) {
         const b = result.benchmark;
-        if (b.once && run > 1 && !args.runsExplicit) continue;
+        if (run > runsOf(b, args)) continue;
         try {
           const measured = await b.run(ctx);
           // The machine is shared: keep how busy it was, so a noisy run can be told apart.
@@ -925,6 +949,7 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
         enqueue: PEER_ENQUEUE[p.name] ?? "not stated",
       })),
       targets: targets.filter((t) => results.some((r) => r.benchmark.workload === t.workload)),
+      issue14Targets,
       soakNotes: soakNotes(soaks, statementsNote),
       beside: besideInput(checkout, besidePairs, results),
     };
@@ -939,8 +964,8 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
     const peers = peerTable(input);
     const beside = besideTable(input);
     print(
-      "\n" + (beside ? `${beside}\n` : "") + targetTable(input) + "\n" +
-        (peers ? `${peers}\n` : "") + summaryTable(input),
+      "\n" + (beside ? `${beside}\n` : "") + issue14Table(input) + "\n" + targetTable(input) +
+        "\n" + (peers ? `${peers}\n` : "") + summaryTable(input),
     );
     say(`Wrote bench/results/${base}.md and ${base}.json (${input.seconds.toFixed(0)} s)`);
   } finally {
@@ -950,6 +975,19 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
     await stopEverything();
   }
   return failures === 0 ? 0 : 1;
+}
+
+/**
+ * How many times `benchmark` runs in this bench run: `--runs` when given; otherwise once
+ * for the soaks and W11 (`once`) and in `--quick`, else its own count (W5: 5) or 3.
+ */
+export function runsOf(
+  benchmark: Pick<Benchmark, "once" | "runs">,
+  args: Pick<Args, "runs" | "runsExplicit" | "quick">,
+): number {
+  if (args.runsExplicit) return args.runs;
+  if (benchmark.once || args.quick) return 1;
+  return benchmark.runs ?? args.runs;
 }
 
 /**

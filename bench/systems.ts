@@ -20,9 +20,10 @@ export type BenchJob =
   | { kind: "noop" }
   /**
    * Record its start time beside `enqueuedAt` in `bench.starts` (start latency, W5's start
-   * order); `fairnessKey` where the system has fairness keys (W5).
+   * order); `fairnessKey` and `priority` where the system has them (W5; the system's
+   * default when not given).
    */
-  | { kind: "stamp"; enqueuedAt: number; fairnessKey?: string };
+  | { kind: "stamp"; enqueuedAt: number; fairnessKey?: string; priority?: number };
 
 export interface ConsumerSpec {
   /** Jobs run at once; undefined means the system's default. */
@@ -162,6 +163,7 @@ function shoalSpec(job: BenchJob): JobSpec {
   if (job.kind === "noop") return { task: "shoal.noop", payload: {} };
   const spec: JobSpec = { task: "bench.stamp", payload: { t: job.enqueuedAt } };
   if (job.fairnessKey !== undefined) spec.fairnessKey = job.fairnessKey;
+  if (job.priority !== undefined) spec.priority = job.priority;
   return spec;
 }
 

@@ -13,10 +13,12 @@
  *       way a user would before the consumer is up, drained by one real consumer process
  *       from the moment it starts working until the workflow is completed (systems with
  *       a `fanOut` driver only);
- * - W5..W10 live beside this file: fairness.ts (W5 noisy neighbour), memory.ts (W6 consumer
- *   RSS), scaling.ts (W7 1, 2 and 4 consumer processes), soak.ts (W8 steady-rate soak, W9
- *   the same with a transaction held open), idle.ts (W10 statements sent by an idle fleet),
- *   schedules.ts (W12 1,000 per-second schedules and the scheduler's ceiling).
+ * - W5..W12 live beside this file: fairness.ts (W5 noisy neighbour at three backlogs, and a
+ *   higher-priority job behind a full prefetch buffer), memory.ts (W6 consumer RSS),
+ *   scaling.ts (W7 1, 2 and 4 consumer processes), soak.ts (W8 steady-rate soak, W9 the
+ *   same with a transaction held open), idle.ts (W10 statements sent by an idle fleet),
+ *   claim_size.ts (W11 claim time at 10k, 1M and 10M ready jobs), schedules.ts (W12 1,000
+ *   per-second schedules and the scheduler's ceiling).
  *
  * Every run gets a fresh database with the system's schema installed from empty.
  *
@@ -51,10 +53,19 @@ export interface Sizes {
   latencyRate: number;
   /** Children of W4's one fan-out. */
   fanOutChildren: number;
-  /** W5: ready jobs of fairness key A when key B arrives. */
-  neighbourJobs: number;
+  /** W5: ready jobs of fairness key A when key B arrives; one benchmark per size. */
+  neighbourSizes: number[];
   /** W5: jobs key B enqueues (in one call). */
   newcomerJobs: number;
+  /** W5's priority variant: ready jobs of key A when the higher-priority job arrives. */
+  priorityBacklog: number;
+  /** W11: ready jobs in the queue; one benchmark per size, the first and last compared. */
+  claimSizes: number[];
+  /** W11: claims timed per size, after `claimWarmup` untimed ones. */
+  claimCount: number;
+  claimWarmup: number;
+  /** W11: jobs per claim. */
+  claimBatch: number;
   /** W6: how long the idle consumer is sampled, ms. */
   idleRssMs: number;
   /** W7: jobs drained by 1, 2 and 4 consumer processes. */
@@ -124,6 +135,7 @@ export interface Benchmark {
     | "W8"
     | "W9"
     | "W10"
+    | "W11"
     | "W12";
   /** Which system (or floor) this measures. */
   system: string;
@@ -134,6 +146,11 @@ export interface Benchmark {
   metrics: Metric[];
   /** Run once per bench run, whatever `--runs` says, unless `--runs` is given explicitly (soaks). */
   once?: boolean;
+  /**
+   * Runs per bench run when `--runs` is not given and the bench is not `--quick` (3 unless
+   * set): W5's figures are medians of 5, as issue 14 asks.
+   */
+  runs?: number;
   run(ctx: BenchContext): Promise<RunResult>;
 }
 
