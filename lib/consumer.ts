@@ -62,7 +62,7 @@ import {
   unregisterConsumer,
 } from "./catalog.ts";
 import { HeadScans } from "./head_scan.ts";
-import { PrefetchBuffer } from "./prefetch.ts";
+import { HOLD_MAX_MS, PrefetchBuffer, type Rank, ranksBy } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
 
@@ -417,23 +417,19 @@ async function handBack(db: Db, refs: JobRef[], why: HandBackReason): Promise<vo
 async function listenForJobs(
   sql: Sql,
   queues: ReadonlySet<string>,
-  on: { ready: () => void; due: (epochMs: number) => void },
+  on: { ready: (rank?: Rank) => void; due: (epochMs: number) => void },
   options: { pollIntervalMs: number },
 ): Promise<(() => Promise<void>) | null> {
   try {
     const sub = await sql.listen(
       "shoal_jobs",
       (payload) => {
-        // The payload is the wake protocol's (sql/functions/wake.sql): "queue" or
-        // "queue@<epoch ms>".
-        const at = payload.indexOf("@");
-        const queue = at < 0 ? payload : payload.slice(0, at);
-        if (!queues.has(queue)) return;
-        const due = at < 0 ? NaN : Number(payload.slice(at + 1));
-        if (Number.isFinite(due) && due > Date.now()) on.due(due);
-        else on.ready();
+        const wake = parseWake(payload);
+        if (!queues.has(wake.queue)) return;
+        if (wake.due !== undefined && wake.due > Date.now()) on.due(wake.due);
+        else on.ready(wake.rank);
       },
-      on.ready,
+      () => on.ready(),
     );
     return sub.unlisten;
   } catch (error) {
@@ -445,6 +441,36 @@ async function listenForJobs(
   }
 }
 
+/** One shoal_jobs notification, as the wake protocol (sql/functions/wake.sql) writes it. */
+export interface Wake {
+  queue: string;
+  /** "queue@<epoch ms>": when the jobs start. */
+  due?: number;
+  /** "queue#<priority>:<fair_seq>": where the first of them ranks. */
+  rank?: Rank;
+}
+
+/**
+ * Read a shoal_jobs payload: "queue", "queue@<epoch ms>" or "queue#<priority>:<fair_seq>"
+ * ('@' and '#' cannot occur in a queue name). A part that does not parse is left out: the
+ * jobs are then announced as ready, rank unknown.
+ */
+export function parseWake(payload: string): Wake {
+  const at = payload.indexOf("@");
+  if (at >= 0) {
+    const due = Number(payload.slice(at + 1));
+    return Number.isFinite(due)
+      ? { queue: payload.slice(0, at), due }
+      : { queue: payload.slice(0, at) };
+  }
+  const hash = payload.indexOf("#");
+  if (hash < 0) return { queue: payload };
+  const queue = payload.slice(0, hash);
+  const match = /^(-?\d{1,5}):(-?\d{1,19})$/.exec(payload.slice(hash + 1));
+  if (match === null) return { queue };
+  return { queue, rank: { priority: Number(match[1]), fair_seq: match[2]! } };
+}
+
 /** What probes use of the consumer. */
 interface ProbeParts {
   buffer: PrefetchBuffer;
@@ -452,6 +478,10 @@ interface ProbeParts {
   claim: (limit: number, before: ClaimOptions["before"]) => Promise<ClaimResult>;
   /** Takes claimed jobs in (ranking ahead of the buffer, they go first). */
   admit: (jobs: Job[]) => void;
+  /** Starts buffered jobs into free slots (after the buffer stops holding them back). */
+  fill: () => void;
+  /** Whether the loop's own claim is in flight. */
+  claiming: () => boolean;
   log: Logger;
 }
 
@@ -466,6 +496,12 @@ interface ProbeParts {
 class Probes {
   #probing: Promise<void> | null = null;
   #quietTimer: ReturnType<typeof setTimeout> | undefined;
+  /** A job ranking ahead was announced while a probe was in flight: probe again after it. */
+  #again = false;
+  /** Ends a hold that outlasts HOLD_MAX_MS. */
+  #holdTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The hold ends when the loop's claim in flight is in (claimed()). */
+  #unholdAfterClaim = false;
 
   constructor(private readonly parts: ProbeParts, private readonly stop: AbortSignal) {}
 
@@ -488,36 +524,94 @@ class Probes {
       }, wait);
       return;
     }
-    this.#probing = this.#probe(before).then((again) => {
+    this.#run(before);
+  }
+
+  /**
+   * A job ranking at `rank` was announced. When it would start ahead of buffered jobs,
+   * probe at once (no pause after an empty probe: this one has something to find), and
+   * hold back the buffered jobs ranking after it until the probe is in, at most
+   * HOLD_MAX_MS: otherwise they keep starting for the probe's round trip.
+   */
+  ahead(rank: Rank): void {
+    const { buffer, completer } = this.parts;
+    if (this.stop.aborted || completer.full || !buffer.wouldJump(rank)) return;
+    buffer.hold(rank);
+    clearTimeout(this.#holdTimer);
+    this.#holdTimer = setTimeout(() => this.#unhold(), HOLD_MAX_MS);
+    if (this.#probing) {
+      // It may have started before the job committed.
+      this.#again = true;
+      return;
+    }
+    clearTimeout(this.#quietTimer);
+    this.#quietTimer = undefined;
+    this.#run(buffer.probeBound()!);
+  }
+
+  #run(before: NonNullable<ClaimOptions["before"]>): void {
+    const limit = this.parts.buffer.probeLimit();
+    this.#probing = this.#probe(before, limit).then((got) => {
       this.#probing = null;
-      if (again) this.soon();
+      const again = this.#again;
+      this.#again = false;
+      const bound = this.parts.buffer.probeBound();
+      if (again && bound && !this.stop.aborted && !this.parts.completer.full) {
+        this.#run(bound);
+        return;
+      }
+      // Found nothing: the loop's own claim in flight may hold the job, locked (a probe
+      // skips locked rows); it goes first once that claim is in.
+      if (got === 0 && this.parts.buffer.holding && this.parts.claiming()) {
+        this.#unholdAfterClaim = true;
+      } else this.#unhold();
+      if (got === limit) this.soon();
     });
+  }
+
+  /** The loop's claim is in (admitted, or failed). */
+  claimed(): void {
+    if (!this.#unholdAfterClaim) return;
+    this.#unholdAfterClaim = false;
+    this.#unhold();
+  }
+
+  /** The announced jobs are in (or the hold ran out): let held-back jobs start. */
+  #unhold(): void {
+    clearTimeout(this.#holdTimer);
+    this.#holdTimer = undefined;
+    if (!this.parts.buffer.holding) return;
+    this.parts.buffer.unhold();
+    this.parts.fill();
   }
 
   /** After the stop signal: no pending probe starts; resolves once one in flight is in. */
   async settle(): Promise<void> {
     clearTimeout(this.#quietTimer);
     this.#quietTimer = undefined;
+    this.#again = false;
     await this.#probing;
+    clearTimeout(this.#holdTimer);
+    this.#holdTimer = undefined;
+    this.parts.buffer.unhold();
   }
 
-  /** One probe; resolves to whether it came back full (more may be waiting). Never throws. */
-  async #probe(before: ClaimOptions["before"]): Promise<boolean> {
+  /** One probe of at most `limit` jobs; resolves to how many it claimed. Never throws. */
+  async #probe(before: ClaimOptions["before"], limit: number): Promise<number> {
     const { buffer, claim, admit, log } = this.parts;
-    const limit = buffer.probeLimit();
     try {
       const { jobs, poisoned } = await claim(limit, before);
       admit(jobs);
       const got = jobs.length + poisoned.length;
       buffer.probed(got);
-      return got === limit;
+      return got;
     } catch (error) {
       // The loop's next claim takes these jobs in any case (and reports a lasting fault).
       log.warn("Cannot probe for jobs ranking ahead of the buffer: {error}", {
         error: describeError(error),
       });
       buffer.probeFailed();
-      return false;
+      return 0;
     }
   }
 }
@@ -590,16 +684,32 @@ export async function runConsumer(
     });
   /** Which of the loop's claims walk the claim index from its head (lib/head_scan.ts). */
   const headScans = new HeadScans();
-  const probes = new Probes({ buffer, completer, claim: claimJobs, admit, log }, stop);
+  const probes = new Probes(
+    { buffer, completer, claim: claimJobs, admit, fill, claiming: () => claiming, log },
+    stop,
+  );
 
   /**
    * Jobs were announced (a NOTIFY, a delayed job due): wake the loop, and probe for any that
-   * rank ahead of jobs already buffered.
+   * rank ahead of jobs already buffered. With the first one's rank known (the wake
+   * protocol's "queue#priority:fair_seq"), only when it ranks ahead of them, at once, holding
+   * back the buffered jobs behind it until it is in.
    */
-  function announce(): void {
+  function announce(rank?: Rank): void {
     waker.wake();
-    probes.soon();
+    if (rank === undefined) probes.soon();
+    else {
+      // A claim in flight may have looked before the job committed: look again after it.
+      if (claiming && (aheadAfterClaim === undefined || ranksBy(rank, aheadAfterClaim))) {
+        aheadAfterClaim = rank;
+      }
+      probes.ahead(rank);
+    }
   }
+  /** Whether the loop's claim is in flight. */
+  let claiming = false;
+  /** The first job announced ranking ahead while the loop's claim was in flight. */
+  let aheadAfterClaim: Rank | undefined;
 
   /**
    * How many jobs of a claim sent now are sure to start as soon as it returns: the free
@@ -616,8 +726,15 @@ export async function runConsumer(
   /** Take claimed jobs into the buffer, then start from its front while slots are free. */
   function admit(jobs: Job[]): void {
     buffer.admit(jobs);
-    while (running.size < options.concurrency && buffer.size > 0 && !stop.aborted) {
-      start(buffer.next()!);
+    fill();
+  }
+
+  /** Start buffered jobs while slots are free (none the buffer holds back). */
+  function fill(): void {
+    while (running.size < options.concurrency && !stop.aborted) {
+      const job = buffer.next();
+      if (job === undefined) return;
+      start(job);
     }
   }
 
@@ -638,7 +755,10 @@ export async function runConsumer(
     running.delete(run.job.id);
     buffer.jobFinished();
     // A freed slot takes the next buffered job, unless we are shutting down.
-    if (!stop.aborted && buffer.size > 0) start(buffer.next()!);
+    if (!stop.aborted) {
+      const next = buffer.next();
+      if (next !== undefined) start(next);
+    }
     if (lastClaimFull && buffer.size <= buffer.lowWater()) waker.wake();
     if (running.size === 0 && onIdle) {
       onIdle();
@@ -741,13 +861,26 @@ export async function runConsumer(
       try {
         const fromHead = headScans.due();
         const began = performance.now();
-        const { jobs, poisoned } = await claimJobs(limit, undefined, startingAtOnce(), fromHead);
+        claiming = true;
+        let claimed: ClaimResult;
+        try {
+          claimed = await claimJobs(limit, undefined, startingAtOnce(), fromHead);
+        } finally {
+          claiming = false;
+        }
+        const { jobs, poisoned } = claimed;
         if (fromHead) headScans.done(performance.now() - began);
         errorStreak = 0;
         admit(jobs);
+        probes.claimed();
+        if (aheadAfterClaim !== undefined) {
+          probes.ahead(aheadAfterClaim);
+          aheadAfterClaim = undefined;
+        }
         lastClaimFull = jobs.length + poisoned.length === limit;
         if (lastClaimFull && !stop.aborted && buffer.wantsClaim(running.size)) continue;
       } catch (error) {
+        probes.claimed();
         errorStreak++;
         const wait = backoffWithJitter(errorStreak, 1000, CLAIM_BACKOFF_CAP_MS);
         log.error("Cannot claim jobs, retrying in {wait}: {error}", {

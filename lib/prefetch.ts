@@ -22,6 +22,12 @@ export const BUFFER_SECONDS = 0.25;
  */
 export const PROBE_QUIET_MS = 25;
 
+/**
+ * Longest time (ms) buffered jobs wait behind an announced job ranking ahead of them while
+ * a probe fetches it: a probe that takes longer (a slow database) lets them start.
+ */
+export const HOLD_MAX_MS = 50;
+
 /** After a probe that failed, the next waits this long (ms); the loop's claim reports faults. */
 export const PROBE_FAILED_QUIET_MS = 1000;
 
@@ -61,11 +67,14 @@ export class Pace {
   }
 }
 
+/** Where a job ranks in claim order: priority first, then fair_seq (a bigint, as a string). */
+export type Rank = Pick<Job, "priority" | "fair_seq">;
+
 /**
  * Whether `a` ranks no later than `b` in claim order (priority first, then fair_seq), the
  * bound a probe claims within: a job level with `b` counts, whatever its id.
  */
-export function ranksBy(a: Job, b: Job): boolean {
+export function ranksBy(a: Rank, b: Rank): boolean {
   if (a.priority !== b.priority) return a.priority > b.priority;
   return BigInt(a.fair_seq) <= BigInt(b.fair_seq);
 }
@@ -89,6 +98,8 @@ export class PrefetchBuffer {
   #jobs: Job[] = [];
   /** No probe before this time (after one that found nothing or failed). */
   #quietUntil = 0;
+  /** Buffered jobs ranking after this wait: a job ranking ahead of them is being fetched. */
+  #heldBehind: Rank | null = null;
 
   constructor(options: PrefetchOptions) {
     this.#concurrency = options.concurrency;
@@ -146,9 +157,38 @@ export class PrefetchBuffer {
     this.#jobs = [...ahead, ...this.#jobs, ...behind];
   }
 
-  /** The next job to start, taken out of the buffer. */
+  /**
+   * The next job to start, taken out of the buffer; none while the front job ranks after a
+   * job being fetched (hold()).
+   */
   next(): Job | undefined {
+    const front = this.#jobs[0];
+    if (front === undefined) return undefined;
+    if (this.#heldBehind !== null && !ranksBy(front, this.#heldBehind)) return undefined;
     return this.#jobs.shift();
+  }
+
+  /**
+   * Whether a job announced at `rank` would be fetched by a probe and start ahead of
+   * buffered jobs: the buffer holds more than the slots, and its last job ranks after it.
+   */
+  wouldJump(rank: Rank): boolean {
+    return this.probeBound() !== null && ranksBy(rank, this.#jobs[this.#jobs.length - 1]!);
+  }
+
+  /** Hold back buffered jobs ranking after `rank` until unhold(): a job there is coming. */
+  hold(rank: Rank): void {
+    if (this.#heldBehind === null || ranksBy(rank, this.#heldBehind)) this.#heldBehind = rank;
+  }
+
+  /** Whether buffered jobs are held back. */
+  get holding(): boolean {
+    return this.#heldBehind !== null;
+  }
+
+  /** Let held-back jobs start again. */
+  unhold(): void {
+    this.#heldBehind = null;
   }
 
   /** The buffered jobs now (a copy: the heartbeat's view while its statement runs). */

@@ -6,7 +6,7 @@
  * ranking before that point that became visible again. Real Postgres throughout.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { testDb } from "./helpers.ts";
+import { figure, testDb } from "./helpers.ts";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 import type { Db, Sql } from "../lib/db.ts";
@@ -160,7 +160,7 @@ Deno.test("while another session holds a snapshot, a claim from near the head re
     };
     const mid = await measureAfterAcks();
     const after = await measureAfterAcks();
-    console.log(
+    figure(
       `buffers per claim of 10 (before, after 20,000 and 40,000 acks): near ${before.near}, ` +
         `${mid.near}, ${after.near}; from the head ${before.head}, ${mid.head}, ${after.head}`,
     );

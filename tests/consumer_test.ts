@@ -4,9 +4,17 @@
  * once, a claim lost mid-run, retries into the dead-letter table).
  */
 import { assert, assertEquals } from "./assert.ts";
-import { FAST_CONSUMER, gateJobDeletes, sleep, startConsumer, testDb, waitFor } from "./helpers.ts";
+import {
+  FAST_CONSUMER,
+  figure,
+  gateJobDeletes,
+  sleep,
+  startConsumer,
+  testDb,
+  waitFor,
+} from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
-import { runConsumer } from "../lib/consumer.ts";
+import { parseWake, runConsumer } from "../lib/consumer.ts";
 import { enqueue, enqueueMany } from "../lib/queue.ts";
 import { defineTask, TaskRegistry } from "../lib/tasks.ts";
 
@@ -466,4 +474,77 @@ Deno.test("runConsumer() on a NOTIFY probes for jobs ranking ahead of its buffer
   } finally {
     await consumer.stop();
   }
+});
+
+Deno.test("runConsumer() holds back buffered jobs behind an announced job ranking ahead until it is fetched", async () => {
+  await using db = await testDb();
+  const starts: { task: string; at: number }[] = [];
+  const quick = defineTask({
+    name: "t.quick",
+    handler: () => void starts.push({ task: "t.quick", at: performance.now() }),
+  });
+  const urgentTask = defineTask({
+    name: "t.urgent",
+    handler: () => void starts.push({ task: "t.urgent", at: performance.now() }),
+  });
+  await enqueueMany(db.sql, Array.from({ length: 30_000 }, () => ({ task: "t.quick" })));
+  // When the announcement reaches a listener: the consumer hears it about then. Jobs that
+  // started before it (a claim's batch returned just before the commit runs in a
+  // millisecond) were out of reach; what starts after it, before the urgent job, was held
+  // back or not.
+  let heardAt = Infinity;
+  const listener = await db.sql.listen("shoal_jobs", () => void (heardAt = performance.now()));
+  const consumer = startConsumer(db.sql, [quick, urgentTask], {
+    concurrency: 2,
+    prefetch: 500,
+    listen: true,
+    pollIntervalMs: 250,
+  });
+  const afterHeard: number[] = [];
+  const afterCommit: number[] = [];
+  try {
+    for (let round = 0; round < 5; round++) {
+      // Busy, claiming hundreds at a time: the buffer holds a quarter second of its pace.
+      const from = starts.length;
+      await waitFor("the consumer to be busy", () => starts.length > from + 2_000);
+      heardAt = Infinity;
+      await enqueue(db.sql, "t.urgent", {}, { priority: 5 });
+      const committedAt = performance.now();
+      const urgentStart = () => starts.find((s, i) => i >= from && s.task === "t.urgent");
+      await waitFor("the urgent job to start", () => urgentStart() !== undefined);
+      const urgentAt = urgentStart()!.at;
+      const quickBetween = (since: number) =>
+        starts.filter((s) => s.task === "t.quick" && s.at > since && s.at < urgentAt).length;
+      afterCommit.push(quickBetween(committedAt));
+      afterHeard.push(quickBetween(heardAt + 1));
+    }
+  } finally {
+    await consumer.stop();
+    await listener.unlisten();
+  }
+  figure(
+    `buffered jobs started before the urgent job, after its commit: ${afterCommit.join(", ")}; ` +
+      `after its announcement: ${afterHeard.join(", ")}`,
+  );
+  // Once announced, it is fetched at once (by a probe, or by the loop's claim in flight)
+  // and the buffered jobs behind it wait; a slot or two may take one meanwhile.
+  assert(
+    afterHeard.every((n) => n <= 4),
+    `started after the announcement: ${afterHeard.join(", ")}`,
+  );
+});
+
+Deno.test("parseWake() reads every payload of the wake protocol, and leaves out a part that does not parse", () => {
+  assertEquals(parseWake("emails"), { queue: "emails" });
+  assertEquals(parseWake("emails@1796614495480"), { queue: "emails", due: 1796614495480 });
+  assertEquals(parseWake("emails#-5:-98"), {
+    queue: "emails",
+    rank: { priority: -5, fair_seq: "-98" },
+  });
+  assertEquals(parseWake("emails#5:12345678901234567"), {
+    queue: "emails",
+    rank: { priority: 5, fair_seq: "12345678901234567" },
+  });
+  assertEquals(parseWake("emails#x:1"), { queue: "emails" });
+  assertEquals(parseWake("emails@soon"), { queue: "emails" });
 });

@@ -2,6 +2,7 @@
  * The dead-letter table (lib/dead.ts) against real Postgres: list, retry, purge, and the
  * fencing of a retried job against workers from its previous life.
  */
+import { parseWake } from "../lib/consumer.ts";
 import { assert, assertEquals } from "./assert.ts";
 import { testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
@@ -123,7 +124,10 @@ Deno.test("retryDead() puts the job back on its queue with its id and a fresh bu
     assertEquals(await fail(db.sql, ref(job), { error: expected, retryInMs: 0 }), expected);
   }
   const woken: string[] = [];
-  const { unlisten } = await db.sql.listen("shoal_jobs", (queue) => woken.push(queue));
+  const { unlisten } = await db.sql.listen(
+    "shoal_jobs",
+    (payload) => woken.push(parseWake(payload).queue),
+  );
   try {
     assertEquals(await retryDead(db.sql, id), "retried");
     await waitFor("a NOTIFY for queue q", () => woken.includes("q"));

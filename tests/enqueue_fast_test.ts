@@ -4,6 +4,7 @@
  * 004), plus the column functions' own checks and the NOTIFY coalescing of a pool, whose
  * every NOTIFY must arrive after its job is committed.
  */
+import { parseWake } from "../lib/consumer.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { emptyDb, sleep, testDb, waitFor } from "./helpers.ts";
 import { connect, type Db, type Sql } from "../lib/db.ts";
@@ -212,7 +213,8 @@ async function watchNotifications(
 ): Promise<{ seen: Map<string, number[]>; stop: () => Promise<void> }> {
   const seen = new Map<string, number[]>();
   const checks: Promise<void>[] = [];
-  const { unlisten } = await sql.listen("shoal_jobs", (queue) => {
+  const { unlisten } = await sql.listen("shoal_jobs", (payload) => {
+    const { queue } = parseWake(payload);
     checks.push((async () => {
       const [row] = await checker<{ n: number }[]>`
         select count(*)::integer as n from shoal.jobs where queue = ${queue}`;

@@ -6,6 +6,7 @@
  * JSON goes in as `${text}::text::jsonb`: postgres.js would JSON-encode a string parameter
  * whose type Postgres reports as jsonb, turning the object into a JSON string.
  */
+import { parseWake } from "../lib/consumer.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
@@ -52,7 +53,11 @@ async function withNotifications(
   fn: (received: string[]) => Promise<void>,
 ): Promise<void> {
   const received: string[] = [];
-  const { unlisten } = await sql.listen("shoal_jobs", (queue) => received.push(queue));
+  // The queue of each; a ranked one ("queue#priority:fair_seq") as "queue#".
+  const { unlisten } = await sql.listen("shoal_jobs", (payload) => {
+    const wake = parseWake(payload);
+    received.push(wake.rank === undefined ? wake.queue : `${wake.queue}#`);
+  });
   try {
     await fn(received);
   } finally {
@@ -267,7 +272,7 @@ Deno.test("shoal.enqueue_many() rejects the whole batch when one element is bad"
   assertEquals(await countJobs(db.sql), 0);
 });
 
-Deno.test("shoal.enqueue() sends NOTIFY shoal_jobs with the queue name", async () => {
+Deno.test("shoal.enqueue() sends NOTIFY shoal_jobs with the queue name and the first job's rank", async () => {
   await using db = await testDb();
   await withNotifications(db.sql, async (received) => {
     await db.sql`select shoal.enqueue('mail', 't')`;
@@ -276,8 +281,29 @@ Deno.test("shoal.enqueue() sends NOTIFY shoal_jobs with the queue name", async (
     const batch = [{ queue: "a", task: "t" }, { queue: "b", task: "t" }, { queue: "a", task: "t" }];
     await db.sql`select * from shoal.enqueue_many(${JSON.stringify(batch)}::text::jsonb)`;
     await waitFor("NOTIFYs for a and b", () => received.length === 3);
-    assertEquals([received[0], ...received.slice(1).sort()], ["mail", "a", "b"]);
+    assertEquals([received[0], ...received.slice(1).sort()], ["mail#", "a#", "b#"]);
   });
+});
+
+Deno.test("shoal.notify_jobs() names the first job in claim order of each queue's ready jobs, when every rank is known", async () => {
+  await using db = await testDb();
+  const heard: string[] = [];
+  const { unlisten } = await db.sql.listen("shoal_jobs", (payload) => void heard.push(payload));
+  try {
+    await db.sql`select shoal.notify_jobs(array['q', 'q', 'q', 'r'], null,
+                                          array[0, 5, 5, 0], array[7, 9, 3, 1])`;
+    await db.sql`select shoal.notify_jobs(array['u', 'u'], null, array[0, null], array[1, 2])`;
+    await db.sql`select shoal.notify_jobs(array['v'], null)`;
+    await waitFor("four NOTIFYs", () => heard.length === 4);
+    // Priority first, then the stamp; a job of unknown rank leaves its queue's unranked.
+    assertEquals(heard.sort(), ["q#5:3", "r#0:1", "u", "v"]);
+    assertEquals(heard.map((p) => parseWake(p)).find((w) => w.queue === "q")?.rank, {
+      priority: 5,
+      fair_seq: "3",
+    });
+  } finally {
+    await unlisten();
+  }
 });
 
 Deno.test("shoal.enqueue() with notify => false sends no NOTIFY", async () => {
@@ -298,8 +324,8 @@ Deno.test("shoal.enqueue() with notify => false sends no NOTIFY", async () => {
     );
     // Notifications arrive in commit order: once "loud" is here, any earlier one would be too.
     await enqueue(db.sql, "t", {}, { queue: "loud" });
-    await waitFor("a NOTIFY for loud", () => received.includes("loud"));
-    assertEquals(received, ["loud"]);
+    await waitFor("a NOTIFY for loud", () => received.includes("loud#"));
+    assertEquals(received, ["loud#"]);
   });
   assertEquals(await countJobs(db.sql), 4);
 });

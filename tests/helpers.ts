@@ -595,3 +595,8 @@ export async function gateJobDeletes(sql: Sql): Promise<DeleteGate> {
     })();
   return { open, [Symbol.asyncDispose]: open };
 }
+
+/** Print a figure a test measured where `deno test` shows it (docs quote some of them). */
+export function figure(line: string): void {
+  Deno.stdout.writeSync(new TextEncoder().encode(line + "\n"));
+}

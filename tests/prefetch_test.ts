@@ -163,3 +163,31 @@ Deno.test("PrefetchBuffer.remove() takes out only jobs still buffered; takeAll()
   assertEquals(buffer.size, 0);
   assertEquals(buffer.next(), undefined);
 });
+
+Deno.test("PrefetchBuffer.hold() keeps back buffered jobs ranking after an announced job until unhold()", () => {
+  const buffer = new PrefetchBuffer({ concurrency: 1, prefetch: 100 });
+  buffer.admit([job(1, 0, 10), job(2, 0, 20), job(3, 0, 30)]);
+  // Ranking ahead of the last buffered job, with more buffered than the slots: worth it.
+  assertEquals(buffer.wouldJump({ priority: 0, fair_seq: "15" }), true);
+  assertEquals(buffer.wouldJump({ priority: 0, fair_seq: "31" }), false);
+  assertEquals(buffer.wouldJump({ priority: 1, fair_seq: "99" }), true);
+  buffer.hold({ priority: 0, fair_seq: "15" });
+  assertEquals(buffer.holding, true);
+  // Job 1 ranks ahead of the announced one: it may start; job 2 waits.
+  assertEquals(buffer.next()?.id, "1");
+  assertEquals(buffer.next(), undefined);
+  // A second announcement ranking earlier moves the hold forward, not back.
+  buffer.hold({ priority: 0, fair_seq: "25" });
+  assertEquals(buffer.next(), undefined);
+  // The announced job arrives and goes first; then everything may start.
+  buffer.admit([job(9, 0, 15)]);
+  assertEquals(buffer.next()?.id, "9");
+  assertEquals(buffer.next(), undefined);
+  buffer.unhold();
+  assertEquals(buffer.holding, false);
+  assertEquals([buffer.next()?.id, buffer.next()?.id], ["2", "3"]);
+  // With no more than the slots' worth buffered, no probe: nothing to hold for.
+  const small = new PrefetchBuffer({ concurrency: 2, prefetch: 100 });
+  small.admit([job(4), job(5)]);
+  assertEquals(small.wouldJump({ priority: 5, fair_seq: "0" }), false);
+});

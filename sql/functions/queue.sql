@@ -258,6 +258,7 @@ declare
   q text := insert_job.queue;
   m integer := insert_job.max_attempts;
   new_id bigint;
+  new_seq bigint;
 begin
   if problem is not null then
     raise exception using errcode = problem[1], message = problem[2];
@@ -273,7 +274,7 @@ begin
             shoal.fair_seq_base(q, fk, p) + 1,
             m, insert_job.execution_id,
             insert_job.barrier_id, insert_job.child_index)
-    returning j.id into new_id;
+    returning j.id, j.fair_seq into new_id, new_seq;
     inserted := true;
   else
     -- Each statement here sees rows committed since the last one: when the insert meets a
@@ -288,7 +289,7 @@ begin
               m, insert_job.key, insert_job.execution_id,
               insert_job.barrier_id, insert_job.child_index)
       on conflict (queue, key) where key is not null do nothing
-      returning j.id into new_id;
+      returning j.id, j.fair_seq into new_id, new_seq;
       if found then
         inserted := true;
         exit;
@@ -303,7 +304,8 @@ begin
   end if;
   id := new_id;
   if insert_job.notify then
-    perform shoal.notify_jobs(array[q], array[insert_job.run_at]);
+    -- Ranked when a job was inserted (a held key's job is not new: no rank to announce).
+    perform shoal.notify_jobs(array[q], array[insert_job.run_at], array[p], array[new_seq]);
   end if;
 end
 $$;
@@ -335,6 +337,9 @@ declare
   seq regclass := pg_get_serial_sequence('shoal.jobs', 'id')::regclass;
   problem text[];
   ids bigint[];
+  -- Each job's priority and stamp, in input order, for the wake.
+  ranks_p integer[];
+  ranks_s bigint[];
   missed bigint[];
   held boolean[];
   o bigint;
@@ -392,9 +397,11 @@ begin
                   insert_jobs.max_attempts, execution_ids, barrier_ids, child_indexes)
         with ordinality as u(queue, task, payload, run_at, priority, fairness_key,
                              max_attempts, execution_id, barrier_id, child_index, ord)
-      returning j.id
+      returning j.id, j.fair_seq
     )
-    select array_agg(ins.id order by ins.id) into ids from ins;
+    select array_agg(ins.id order by ins.id), array_agg(ins.fair_seq order by ins.id)
+    into ids, ranks_s from ins;
+    ranks_p := array_fill(coalesce(priorities[1], 0), array[n]);
   else
     with input as materialized (
       -- Ids are drawn here, in input order (stamping below sorts by group).
@@ -440,8 +447,9 @@ begin
     )
     select array_agg(s.new_id order by s.ord),
            array_agg(s.ord order by s.ord) filter (
-             where s.key is not null and s.new_id not in (select k.id from keyed k))
-    into ids, missed
+             where s.key is not null and s.new_id not in (select k.id from keyed k)),
+           array_agg(s.priority order by s.ord), array_agg(s.fair_seq order by s.ord)
+    into ids, missed, ranks_p, ranks_s
     from stamped s;
 
     -- Elements that met a dedupe key were not inserted (their planned id does not exist):
@@ -468,7 +476,8 @@ begin
   end if;
 
   if insert_jobs.notify then
-    perform shoal.notify_jobs(queues, run_ats);
+    -- A job that met a held key ranks where it would have (a harmless hint: no new job).
+    perform shoal.notify_jobs(queues, run_ats, ranks_p, ranks_s);
   end if;
 
   return query

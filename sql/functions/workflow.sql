@@ -38,17 +38,18 @@ create or replace function shoal.insert_callback(
 language plpgsql volatile as $$
 declare
   new_id bigint;
+  new_seq bigint;
   q text := spec->>'queue';
   p integer := coalesce((spec->>'priority')::integer, 0);
 begin
-  insert into shoal.jobs (queue, task, payload, priority, fairness_key, fair_seq, max_attempts,
-                          execution_id, barrier_id, child_index)
+  insert into shoal.jobs as j (queue, task, payload, priority, fairness_key, fair_seq,
+                               max_attempts, execution_id, barrier_id, child_index)
   values (q, spec->>'task', payload, p, coalesce(spec->>'fairness_key', ''),
           coalesce(shoal.level_head(q, p), 1),
           coalesce((spec->>'max_attempts')::integer, 25),
           execution_id, barrier_id, child_index)
-  returning id into new_id;
-  perform shoal.notify_jobs(array[q], null);
+  returning j.id, j.fair_seq into new_id, new_seq;
+  perform shoal.notify_jobs(array[q], null, array[p], array[new_seq]);
   return new_id;
 end
 $$;
