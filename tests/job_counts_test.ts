@@ -207,8 +207,8 @@ async function pagesOf(sql: Sql, table: "jobs" | "dead_jobs"): Promise<number> {
 
 /**
  * Queue big: 3,000 ready jobs (the first 20 in claim order ready for two minutes, the rest
- * for ten seconds), the first 5 claimed (2 started, 3 buffered); queue small: one ready,
- * one scheduled.
+ * for ten seconds), the first 5 claimed (2 started, 3 buffered); queue mid: 100 ready jobs;
+ * queue small: one ready, one scheduled.
  */
 async function bigAndSmall(sql: Sql): Promise<void> {
   const [{ early, late }] = await sql<[{ early: Date; late: Date }]>`
@@ -218,6 +218,7 @@ async function bigAndSmall(sql: Sql): Promise<void> {
     jobs.push({ task: "t", queue: "big", payload: { i }, runAt: i < 20 ? early : late });
   }
   await enqueueMany(sql, jobs);
+  await enqueueMany(sql, Array.from({ length: 100 }, () => ({ task: "m", queue: "mid" })));
   await enqueue(sql, "s", {}, { queue: "small" });
   await enqueue(sql, "s", {}, { queue: "small", runAt: new Date(Date.now() + 3_600_000) });
   const claimed = await claim(sql, {
@@ -228,23 +229,30 @@ async function bigAndSmall(sql: Sql): Promise<void> {
     starting: 2,
   });
   assertEquals(claimed.jobs.length, 5);
-  await untilCounted(sql, "jobs", 3002);
+  await untilCounted(sql, "jobs", 3102);
 }
 
-/** Limits that put bigAndSmall() on the estimating path: more jobs and pages than allowed. */
-const SMALL_LIMITS = { exactLimit: 100, samplePages: 40, probe: 20 };
+/**
+ * Limits that put bigAndSmall() on the estimating path (more jobs and pages than allowed):
+ * probes of 20 jobs read small whole; mid (100 jobs, no more than 10 probes' worth) is read
+ * along the index once the sample sized it, which a sample of nearly every page does.
+ */
+async function smallLimits(sql: Sql) {
+  return { exactLimit: 100, samplePages: await pagesOf(sql, "jobs") - 2, probe: 20 };
+}
 
 Deno.test("countJobs() past its limits reads small queues whole, samples large ones and takes their running and prefetched jobs from live consumers' reports", async () => {
   await using db = await testDb();
   await bigAndSmall(db.sql);
-  assert(await pagesOf(db.sql, "jobs") > SMALL_LIMITS.samplePages, "the sample reads part");
+  const limits = await smallLimits(db.sql);
+  assert(limits.samplePages > 20, `${limits.samplePages} pages sampled`);
   const read = async () => {
-    const rows = await countJobs(db.sql, { ...SMALL_LIMITS, readyByTask: true });
-    assertEquals(rows.map((r) => r.queue), ["big", "small"]);
-    return { big: rows[0]!, small: rows[1]! };
+    const rows = await countJobs(db.sql, { ...limits, readyByTask: true });
+    assertEquals(rows.map((r) => r.queue), ["big", "mid", "small"]);
+    return { big: rows[0]!, mid: rows[1]!, small: rows[2]! };
   };
 
-  const { big, small } = await read();
+  const { big, mid, small } = await read();
   // The small queue: counted whole by its probe, however large the table.
   assertEquals(withoutAge([small], { small: [0, 60] }), [{
     queue: "small",
@@ -253,6 +261,16 @@ Deno.test("countJobs() past its limits reads small queues whole, samples large o
     running: 0,
     prefetched: 0,
     ready_by_task: { s: 1 },
+    exact: true,
+  }]);
+  // The mid one: read along the claim index once the sample found it small.
+  assertEquals(withoutAge([mid], { mid: [0, 60] }), [{
+    queue: "mid",
+    ready: 100,
+    scheduled: 0,
+    running: 0,
+    prefetched: 0,
+    ready_by_task: { m: 100 },
     exact: true,
   }]);
   // The big one: ready from the sample, scaled to the rows Postgres counts (all sampled jobs
@@ -278,9 +296,10 @@ Deno.test("countJobs() past its limits reads small queues whole, samples large o
   assertEquals([lapsed.running, lapsed.prefetched], [2, 3]);
 
   // Asked for, every row is counted.
-  const exact = await countJobs(db.sql, { ...SMALL_LIMITS, exact: true });
-  assertEquals(withoutAge(exact, { big: [120, 180], small: [0, 60] }), [
+  const exact = await countJobs(db.sql, { ...limits, exact: true });
+  assertEquals(withoutAge(exact, { big: [120, 180], mid: [0, 60], small: [0, 60] }), [
     { queue: "big", ready: 2995, scheduled: 0, running: 2, prefetched: 3, exact: true },
+    { queue: "mid", ready: 100, scheduled: 0, running: 0, prefetched: 0, exact: true },
     { queue: "small", ready: 1, scheduled: 1, running: 0, prefetched: 0, exact: true },
   ]);
 });

@@ -12,39 +12,40 @@
 -- The state is a matter of run_at against the clock, so no write marks the moment a
 -- scheduled job becomes ready: counters kept by triggers could not follow it.
 --
--- THE COUNT RULE. Counting every row costs a scan: 3.4 s for 10,000,000 jobs here, every
--- scrape. Counters kept by triggers cost every enqueue: measured with pgbench (4 clients, one
--- queue), a statement-level trigger keeping one row per queue took single enqueues from
--- about 6,400 to 4,400 per second (-30%), and to 2,000 per second (-69%) while another
--- session held a snapshot open (every version of the counter row stays, and each update
--- walks them). An index that finds ready or claimed jobs ((queue, run_at)) makes the claim
--- and the heartbeat rewrite every index entry instead of updating in place (no HOT update
--- was left): claims of 10 jobs fell from about 435 to 305 per second (-30%). So:
+-- THE COUNT RULE. Counting every row costs a scan: 3 to 6 s for 10,000,000 jobs here, on
+-- every scrape. Counters kept by triggers cost every enqueue: measured with pgbench (4
+-- clients, one queue), a statement-level trigger keeping one row per queue took single
+-- enqueues from about 6,400 to 4,400 per second (-30%), and to 2,000 per second (-69%) while
+-- another session held a snapshot open (every version of the counter row stays, and each
+-- update walks them). An index that finds ready or claimed jobs ((queue, run_at)) makes the
+-- claim and the heartbeat rewrite every index entry instead of updating in place (no HOT
+-- update was left): claims of 10 jobs fell from about 435 to 305 per second (-30%). So:
 --
 -- - Exact when cheap: `_exact` asks for a full count; a table of at most `_sample_pages`
 --   pages is counted in full (no more than the sample would read); a table Postgres counts
 --   (pg_stat_user_tables.n_live_tup, kept by every insert and delete at no cost of ours) at
 --   no more than `_exact_limit` jobs is read along the claim index, at most `_exact_limit`+1
 --   rows (a file left large by a drained backlog is not read through).
--- - Otherwise estimated, each queue by the cheapest means that holds:
---   * a queue whose every (queue, priority) range of jobs_claim_idx holds at most `_probe`
---     jobs is read whole (exact), however large the table;
---   * the other queues' ready and scheduled jobs by task: a block sample of about
---     `_sample_pages` pages (TABLESAMPLE SYSTEM, the same pages for a minute), scaled to the
---     live rows Postgres counts (or, when its count is missing, to the sampled share of the
---     pages); never below what the probe saw. About 256 pages took 3 to 25 ms for 10,000,000 jobs here (from memory,
---     from the disk); the block sample is rough for a queue or task of a few percent of the
---     table (its rows share pages), and marked estimated;
---   * their running and prefetched jobs: what live consumers reported at their last
---     heartbeat (shoal.consumers.in_flight, migration 012), or what the probe saw, whichever
---     is more. A sample cannot see states this rare, and no index may find them (above);
---   * the oldest ready age: the oldest ready job among the first `_probe` of each
---     (queue, priority) in claim order, or in the sample. The stamping rule (queue.sql) puts
---     a queue's longest waiting jobs at the head of that order (each key's jobs in enqueue
---     order, a newcomer at most fair_burst() places ahead of the head), so this is the walk
---     every claim and every stamp already makes, bounded.
---   The probes cost one index descent per (queue, priority) and up to `_probe` rows each:
---   past 25 pairs the rows per pair shrink so that all of them read at most 25 × `_probe`.
+-- - Otherwise each queue is counted if that is cheap, else estimated:
+--   * probes: the first `_probe` jobs of each (queue, priority) range of jobs_claim_idx in
+--     claim order (one index descent per range, found by a skip scan; past 25 ranges the
+--     rows per range shrink so that all of them read at most 25 × `_probe`). A queue whose
+--     every range fits is counted;
+--   * a block sample of about `_sample_pages` pages (TABLESAMPLE SYSTEM, the same pages for
+--     a minute) sizes the others, scaled to the live rows Postgres counts (or, when that
+--     count is missing, to the sampled share of the pages). The smallest five that look no
+--     larger than 10 × `_probe` jobs are read along the claim index, and counted if they fit;
+--   * the rest are estimated: ready and scheduled jobs by task from the sample, scaled as
+--     above less the counted rows, never below what the probe saw (rough for a queue or task
+--     of a few percent of the table: its rows share pages); running and prefetched jobs as
+--     live consumers reported them at their last heartbeat (shoal.consumers.in_flight,
+--     migration 012) or as the probe saw them, whichever is more: a sample cannot see states
+--     this rare, and no index may find them (above); the oldest ready age from the probes
+--     (and the sample): the stamping rule (queue.sql) puts a queue's longest waiting jobs at
+--     the head of each priority's claim order (a key's jobs in enqueue order, a newcomer at
+--     most fair_burst() places ahead of the head), the walk every claim and stamp makes.
+--   With 10,000,000 jobs in four queues the estimating path took 9 to 15 ms here (the
+--   sample's pages from disk, then from shared buffers within the minute).
 create or replace function shoal.job_state(run_at timestamptz, locked_by text,
                                            started_at timestamptz)
 returns text
@@ -77,6 +78,8 @@ declare
   exact_limit constant integer := coalesce(_exact_limit, 10000);
   sample_pages constant integer := greatest(coalesce(_sample_pages, 256), 1);
   probe constant integer := greatest(coalesce(_probe, 200), 1);
+  walk_limit constant integer := 10 * probe;
+  walk_queues constant integer := 5;
   pages constant bigint := pg_relation_size('shoal.jobs'::regclass)
                            / current_setting('block_size')::bigint;
   -- The same pages for a minute: scrapes and redraws within it read them from shared
@@ -155,14 +158,7 @@ begin
       ) r
       group by r.queue having bool_and(r.rows <= per_pair)
     ),
-    seen as (
-      select pr.queue, pr.task, shoal.job_state(pr.run_at, pr.locked_by, pr.started_at) as state,
-             count(*) as n, min(pr.run_at) filter (where pr.run_at <= now()) as oldest_ready,
-             pr.queue in (select w.queue from whole w) as exact
-      from probed pr
-      group by 1, 2, 3
-    ),
-    sampled as (
+    sampled as materialized (
       select j.queue::text as queue, j.task::text as task,
              shoal.job_state(j.run_at, j.locked_by, j.started_at) as state, count(*) as n,
              min(j.run_at) filter (where j.run_at <= now()) as oldest_ready
@@ -170,19 +166,76 @@ begin
       where j.queue not in (select w.queue from whole w)
       group by 1, 2, 3
     ),
-    -- Jobs per sampled row: the live rows Postgres counts, less the queues read whole, over
-    -- the rows sampled; or one over the share of pages sampled.
-    scale as (
+    -- Jobs per sampled row, to size the other queues: the live rows Postgres counts, less
+    -- those of the queues read whole, over the rows sampled; or one over the share of pages
+    -- sampled.
+    first_scale as (
       select case
         when live is not null and (select sum(s.n) from sampled s) > 0 then
-          greatest(live - coalesce((select sum(e.n) from seen e where e.exact), 0), 0)::float8
+          greatest(live - (select count(*) from probed pr
+                           where pr.queue in (select w.queue from whole w)), 0)::float8
             / (select sum(s.n) from sampled s)
         else 100.0 / percent
       end as factor
     ),
-    estimated_queues as (
-      select distinct p.queue from unnest(pair_queues) as p(queue)
-      where p.queue not in (select w.queue from whole w)
+    -- The other queues by size as sampled, never below what their probes read.
+    sized as (
+      select q.queue,
+             greatest(coalesce((select sum(s.n) from sampled s where s.queue = q.queue), 0)
+                        * (select f.factor from first_scale f),
+                      (select count(*) from probed pr where pr.queue = q.queue)) as size
+      from (select distinct p.queue from unnest(pair_queues) as p(queue)) q
+      where q.queue not in (select w.queue from whole w)
+    ),
+    -- Those that look small, smallest first: read along the claim index, counted if they fit.
+    walked as materialized (
+      select m.queue, w.task::text as task, w.run_at, w.locked_by, w.started_at
+      from (
+        select z.queue from sized z where z.size <= walk_limit order by z.size limit walk_queues
+      ) m
+      cross join lateral (
+        select j.task, j.run_at, j.locked_by, j.started_at from shoal.jobs j
+        where j.queue = m.queue
+        order by j.queue, j.priority desc, j.fair_seq, j.id
+        limit walk_limit + 1
+      ) w
+    ),
+    counted as (
+      select w.queue from whole w
+      union all
+      select w.queue from walked w group by w.queue having count(*) <= walk_limit
+    ),
+    tallied as (
+      select r.queue, r.task, shoal.job_state(r.run_at, r.locked_by, r.started_at) as state,
+             count(*) as n, min(r.run_at) filter (where r.run_at <= now()) as oldest_ready
+      from (
+        select pr.queue, pr.task, pr.run_at, pr.locked_by, pr.started_at from probed pr
+        where pr.queue in (select w.queue from whole w)
+        union all
+        select w.queue, w.task, w.run_at, w.locked_by, w.started_at from walked w
+        where w.queue in (select c.queue from counted c)
+      ) r
+      group by 1, 2, 3
+    ),
+    -- What the probes of the estimated queues read at their heads.
+    seen as (
+      select pr.queue, pr.task, shoal.job_state(pr.run_at, pr.locked_by, pr.started_at) as state,
+             count(*) as n, min(pr.run_at) filter (where pr.run_at <= now()) as oldest_ready
+      from probed pr
+      where pr.queue not in (select c.queue from counted c)
+      group by 1, 2, 3
+    ),
+    estimated_sample as (
+      select * from sampled s where s.queue not in (select c.queue from counted c)
+    ),
+    -- Jobs per sampled row of the estimated queues, as first_scale, less every counted row.
+    scale as (
+      select case
+        when live is not null and (select sum(s.n) from estimated_sample s) > 0 then
+          greatest(live - coalesce((select sum(t.n) from tallied t), 0), 0)::float8
+            / (select sum(s.n) from estimated_sample s)
+        else 100.0 / percent
+      end as factor
     ),
     reported as (
       select r.key as queue, st.state, sum((r.value ->> st.state)::bigint) as n
@@ -193,24 +246,24 @@ begin
       where c.in_flight_until > now() and jsonb_typeof(r.value -> st.state) = 'number'
       group by 1, 2
     )
-    select e.queue, e.task, e.state, e.n, e.oldest_ready, true from seen e where e.exact
+    select t.queue, t.task, t.state, t.n, t.oldest_ready, true from tallied t
     union all
     select coalesce(s.queue, e.queue), coalesce(s.task, e.task), coalesce(s.state, e.state),
            greatest(round(coalesce(s.n, 0) * (select sc.factor from scale sc))::bigint,
                     coalesce(e.n, 0)),
            least(s.oldest_ready, e.oldest_ready), false
-    from sampled s
-    full join (select * from seen where not seen.exact) e
-      on e.queue = s.queue and e.task = s.task and e.state = s.state
+    from estimated_sample s
+    full join seen e on e.queue = s.queue and e.task = s.task and e.state = s.state
     where coalesce(s.state, e.state) in ('ready', 'scheduled')
     union all
-    select q.queue, null, st.state,
+    select z.queue, null, st.state,
            greatest(coalesce((select r.n from reported r
-                              where r.queue = q.queue and r.state = st.state), 0),
+                              where r.queue = z.queue and r.state = st.state), 0),
                     coalesce((select sum(e.n) from seen e
-                              where e.queue = q.queue and e.state = st.state), 0))::bigint,
+                              where e.queue = z.queue and e.state = st.state), 0))::bigint,
            null, false
-    from estimated_queues q cross join (values ('running'), ('prefetched')) st(state);
+    from sized z cross join (values ('running'), ('prefetched')) st(state)
+    where z.queue not in (select c.queue from counted c);
 end
 $$;
 
