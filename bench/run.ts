@@ -42,6 +42,8 @@
  *   W10 statements/s of an idle fleet (4 consumers, 2 reapers, 2 schedulers), on a second
  *       throwaway cluster with pg_stat_statements preloaded
  *   W12 1,000 per-second schedules for 20 s and 10,000 due at once, 1 scheduler process
+ *   W13 status --json and one /metrics scrape with 10,000,000 jobs (1,000,000 with --quick),
+ *       once per bench run unless --runs is given (loading the table takes minutes)
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
@@ -91,6 +93,7 @@ import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
 import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
 import { FLEET, idleFleet } from "./idle.ts";
 import { SCHEDULE_SIZES, schedulesAtScale } from "./schedules.ts";
+import { COUNTS_TARGET_MS, countsAtScale } from "./counts.ts";
 import {
   type BenchContext,
   type Benchmark,
@@ -114,6 +117,7 @@ const FULL: Sizes = {
   idleRssMs: 10_000,
   scalingJobs: 20_000,
   idleFleetMs: 30_000,
+  countsJobs: 10_000_000,
 };
 const QUICK: Sizes = {
   jobs: 2_000,
@@ -126,6 +130,7 @@ const QUICK: Sizes = {
   idleRssMs: 3_000,
   scalingJobs: 2_000,
   idleFleetMs: 5_000,
+  countsJobs: 1_000_000,
 };
 /** The soaks: W8 for `--soak`, W9's three phases (issue 5: a minute with the snapshot held). */
 const SOAK_FULL: SoakSizes = {
@@ -215,6 +220,8 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     ...PROCESS_COUNTS.flatMap((n) => shoalAndBeside((s) => processScaling(s, n))),
     ...shoalAndBeside((s) => idleFleet(s)),
     ...shoalAndBeside((s) => schedulesAtScale(s)),
+    // This tree only: it times this tree's status().
+    countsAtScale(shoal, sizes.countsJobs),
     // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
     soak(shoal),
     heldSnapshot(shoal),
@@ -593,6 +600,23 @@ function targets(sizes: Sizes, soakSizes: SoakSizes, system: System): Target[] {
           met: judge(
             [missed, lag, ceiling],
             () => missed === 0 && lag <= 1000 && ceiling >= 10_000,
+          ),
+        };
+      },
+    },
+    {
+      workload: "W13",
+      target: `${
+        sizes.countsJobs.toLocaleString("en-US")
+      } jobs: status --json ≤ ${COUNTS_TARGET_MS} ms, one /metrics scrape ≤ ${COUNTS_TARGET_MS} ms`,
+      check(figure) {
+        const status = figure(`W13/${s}`, "status_ms");
+        const scrape = figure(`W13/${s}`, "scrape_ms");
+        return {
+          measured: `status ${fmt(status, 1)} ms, scrape ${fmt(scrape, 1)} ms`,
+          met: judge(
+            [status, scrape],
+            () => status <= COUNTS_TARGET_MS && scrape <= COUNTS_TARGET_MS,
           ),
         };
       },

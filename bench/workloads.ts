@@ -16,7 +16,8 @@
  * - W5..W10 live beside this file: fairness.ts (W5 noisy neighbour), memory.ts (W6 consumer
  *   RSS), scaling.ts (W7 1, 2 and 4 consumer processes), soak.ts (W8 steady-rate soak, W9
  *   the same with a transaction held open), idle.ts (W10 statements sent by an idle fleet),
- *   schedules.ts (W12 1,000 per-second schedules and the scheduler's ceiling).
+ *   schedules.ts (W12 1,000 per-second schedules and the scheduler's ceiling), counts.ts (W13
+ *   status and a /metrics scrape with 10,000,000 jobs).
  *
  * Every run gets a fresh database with the system's schema installed from empty.
  *
@@ -61,6 +62,8 @@ export interface Sizes {
   scalingJobs: number;
   /** W10: how long the idle fleet is counted, ms. */
   idleFleetMs: number;
+  /** W13: jobs in the table that status and /metrics count. */
+  countsJobs: number;
 }
 
 /** The soak workloads' timing (W8, W9). */
@@ -124,7 +127,8 @@ export interface Benchmark {
     | "W8"
     | "W9"
     | "W10"
-    | "W12";
+    | "W12"
+    | "W13";
   /** Which system (or floor) this measures. */
   system: string;
   /** What it measures, in a few words. */
