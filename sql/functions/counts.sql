@@ -44,8 +44,9 @@
 --     (and the sample): the stamping rule (queue.sql) puts a queue's longest waiting jobs at
 --     the head of each priority's claim order (a key's jobs in enqueue order, a newcomer at
 --     most fair_burst() places ahead of the head), the walk every claim and stamp makes.
---   With 10,000,000 jobs in four queues the estimating path took 9 to 15 ms here (the
---   sample's pages from disk, then from shared buffers within the minute).
+--   With 10,000,000 jobs in four queues the whole of `shoal status` took 10 to 16 ms (W13),
+--   this function alone up to 40 ms when the sample's pages came from the disk (about 90 µs
+--   a page on the loaded machine here) rather than from shared buffers.
 create or replace function shoal.job_state(run_at timestamptz, locked_by text,
                                            started_at timestamptz)
 returns text
