@@ -282,20 +282,16 @@ class CatalogPresence {
 
   /**
    * Record what the consumer holds, by queue, valid for `validMs`; nothing when it held
-   * nothing at the last report either (an idle consumer sends no statement). Never throws:
-   * the next heartbeat reports again.
+   * nothing at the last report either (an idle consumer sends no statement). Never throws,
+   * and not retried: the next heartbeat reports again.
    */
   async holding(inFlight: ReadonlyMap<string, InFlight>, validMs: number): Promise<void> {
     if (inFlight.size === 0 && !this.#holding) return;
     try {
-      await retryOnce(
+      await settleWithin(
         "report",
-        () =>
-          settleWithin(
-            "report",
-            reportInFlight(this.db, this.consumer.workerId, inFlight, validMs),
-            STATEMENT_DEADLINE_MS,
-          ),
+        reportInFlight(this.db, this.consumer.workerId, inFlight, validMs),
+        STATEMENT_DEADLINE_MS,
       );
       this.#holding = inFlight.size > 0;
     } catch (error) {
@@ -714,6 +710,7 @@ export async function runConsumer(
         count,
         error: describeError(error),
       });
+      return; // nor would the report go through: the next heartbeat sends one
     }
     await report();
   }
