@@ -50,6 +50,8 @@
  *       metrics claim_ms_10k, _1M, _10M; each backlog loaded in one insert), claim + ack +
  *       refill in a loop, the three sizes taking turns
  *   W12 1,000 per-second schedules for 20 s and 10,000 due at once, 1 scheduler process
+ *   W13 status --json and one /metrics scrape with 10,000,000 jobs (1,000,000 with --quick),
+ *       once per bench run unless --runs is given (loading the table takes minutes)
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
@@ -105,6 +107,7 @@ import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
 import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
 import { FLEET, idleFleet } from "./idle.ts";
 import { SCHEDULE_SIZES, schedulesAtScale } from "./schedules.ts";
+import { countsAtScale } from "./counts.ts";
 import {
   type BenchContext,
   type Benchmark,
@@ -133,6 +136,7 @@ const FULL: Sizes = {
   claimCount: 2_000,
   claimWarmup: 200,
   claimBatch: DEFAULT_CLAIM_BATCH,
+  countsJobs: 10_000_000,
 };
 const QUICK: Sizes = {
   jobs: 2_000,
@@ -150,6 +154,7 @@ const QUICK: Sizes = {
   claimCount: 200,
   claimWarmup: 20,
   claimBatch: DEFAULT_CLAIM_BATCH,
+  countsJobs: 1_000_000,
 };
 /** The soaks: W8 for `--soak`, W9's three phases (issue 5: a minute with the snapshot held). */
 const SOAK_FULL: SoakSizes = {
@@ -252,6 +257,8 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
       warmup: sizes.claimWarmup,
       batch: sizes.claimBatch,
     }),
+    // This tree only: it times this tree's status().
+    countsAtScale(shoal, sizes.countsJobs),
     // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
     soak(shoal),
     heldSnapshot(shoal),

@@ -122,7 +122,7 @@ export interface System {
    * Start one process of a maintenance role (W10's idle fleet), for systems that run them
    * apart from their workers.
    */
-  spawnRole?(url: string, role: MaintenanceRole): ConsumerProcess;
+  spawnRole?(url: string, role: MaintenanceRole, extra?: string[]): ConsumerProcess;
 }
 
 /** shoal's leader-elected roles beside its consumers. */
@@ -399,7 +399,7 @@ function shoalSystem(
         : ["--concurrency", String(spec.concurrency)];
       return spawnShoal(tree, url, "consumer", entry, extra);
     },
-    spawnRole: (url, role) => spawnShoal(tree, url, role, "main.ts", []),
+    spawnRole: (url, role, extra = []) => spawnShoal(tree, url, role, "main.ts", extra),
     jobsTable: "shoal.jobs",
     async isEmpty(sql) {
       const [row] = await sql<{ empty: boolean }[]>`

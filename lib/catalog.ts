@@ -5,7 +5,8 @@
  * here; the tables are created by `sql/009_task_catalog.sql`.
  *
  * A consumer registers its tasks when it starts (the last registration of a task wins),
- * refreshes its `last_seen_at` about once a minute and deletes its row on a graceful stop.
+ * refreshes its `last_seen_at` about once a minute and deletes its row on a graceful stop;
+ * while it holds jobs, its heartbeat records how many, by queue (`reportInFlight`).
  * Enqueues read the catalog in SQL, not here: a job not given a queue or max attempts
  * takes its task's (the catalog rule, at the top of `sql/functions/queue.sql`). `shoal
  * status` reads the live consumers to tell ready jobs that no consumer runs.
@@ -195,6 +196,33 @@ export async function refreshConsumer(db: Db, consumer: ConsumerRegistration): P
     select m.name, m.queue, m.max_attempts, m.timeout_ms, ${consumer.workerId}::text
     from mine m order by m.name
     on conflict (name) do update set last_seen_at = now()`;
+}
+
+/** The jobs a consumer holds on one queue: running (or being recorded) and buffered. */
+export interface InFlight {
+  running: number;
+  prefetched: number;
+}
+
+/**
+ * Record what a consumer holds, by queue (none: an empty map), valid for `validMs` (until its
+ * claims would lapse unless its heartbeat extends them): the running and prefetched counts
+ * of queues too large to count (the count rule, `sql/functions/counts.sql`). A consumer
+ * whose row is missing (its registration failed) records nothing until it registers.
+ */
+export async function reportInFlight(
+  db: Db,
+  workerId: string,
+  inFlight: ReadonlyMap<string, InFlight>,
+  validMs: number,
+): Promise<void> {
+  // The map as one JSON document (see documents()): {"queue": {"running": n, ...}, ...}.
+  const doc = JSON.stringify(Object.fromEntries(inFlight));
+  await db`
+    update shoal.consumers
+    set in_flight = ${doc}::text::jsonb,
+        in_flight_until = now() + ${validMs}::integer * interval '1 ms'
+    where worker_id = ${workerId}::text`;
 }
 
 /** A graceful stop: the consumer is gone (its tasks stay in the catalog). */

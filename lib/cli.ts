@@ -74,7 +74,7 @@ Usage:
         [--http [HOST:PORT]] ...
   shoal migrate
   shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
-  shoal status [--json] [--watch [--interval 2s]]
+  shoal status [--json] [--exact] [--watch [--interval 2s]]
   shoal cancel EXECUTION
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D] | purge --all
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
@@ -166,14 +166,14 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       noExtra(command, rest);
       return await withDb(parsed, {
         name: "status",
-        flags: ["json", "watch", "interval"],
+        flags: ["json", "exact", "watch", "interval"],
         needs: "current schema",
       }, async (sql, opts) => {
         if (opts.watch) return await watchCommand(sql, parsed, opts);
         if (parsed.flags.interval !== undefined) {
           throw new UsageError("Invalid --interval: shoal status takes it only with --watch");
         }
-        const s = await status(sql);
+        const s = await status(sql, { exact: opts.exact });
         out(opts.json ? JSON.stringify(s, null, 2) + "\n" : formatStatus(s));
         return 0;
       });
@@ -313,14 +313,18 @@ const WATCH_INTERVAL_MS = 2000;
 async function watchCommand(
   sql: Sql,
   parsed: ParsedArgs,
-  opts: Options<"interval" | "json">,
+  opts: Options<"interval" | "json" | "exact">,
 ): Promise<number> {
   // Only the flag counts: SHOAL_INTERVAL is the reaper's tick, not a redraw rate.
   const intervalMs = parsed.flags.interval === undefined ? WATCH_INTERVAL_MS : opts.interval;
   const stop = new AbortController();
   const untrap = trapSignals(stop);
   try {
-    await watchStatus(sql, { intervalMs, json: opts.json, write: out }, stop.signal);
+    await watchStatus(
+      sql,
+      { intervalMs, json: opts.json, exact: opts.exact, write: out },
+      stop.signal,
+    );
   } finally {
     untrap();
   }
@@ -569,6 +573,10 @@ type RoleFlag = (typeof ROLE_FLAGS)[number];
 
 type RoleCommand = (parsed: ParsedArgs, tasks: TaskRegistry) => Promise<number>;
 
+/** The flags of a role's `--http` server. */
+const HTTP_FLAGS = ["http", "metrics-exact"] as const;
+type HttpFlag = typeof HTTP_FLAGS[number];
+
 /**
  * `shoal --role <role>`: the role takes `flags` (then --http), builds its roles from their
  * values, waits for its database, migrates when asked, checks the schema and runs until a
@@ -577,13 +585,13 @@ type RoleCommand = (parsed: ParsedArgs, tasks: TaskRegistry) => Promise<number>;
 function roleCommand<N extends OptionName>(
   role: string,
   flags: readonly N[],
-  build: (opts: Options<CommonFlag | RoleFlag | N | "http">, tasks: TaskRegistry) => Roles,
-  poolSize?: (opts: Options<CommonFlag | RoleFlag | N | "http">) => number,
+  build: (opts: Options<CommonFlag | RoleFlag | N | HttpFlag>, tasks: TaskRegistry) => Roles,
+  poolSize?: (opts: Options<CommonFlag | RoleFlag | N | HttpFlag>) => number,
 ): RoleCommand {
   return async (parsed, tasks) =>
     await withDb(parsed, {
       name: `--role ${role}`,
-      flags: [...ROLE_FLAGS, ...flags, "http"],
+      flags: [...ROLE_FLAGS, ...flags, ...HTTP_FLAGS],
       needs: "connection",
       applicationName: `shoal ${role}`,
       poolSize,
@@ -598,7 +606,9 @@ function roleCommand<N extends OptionName>(
       }
       await untilStopped(async (stop) => {
         // Up before migrations, so /readyz says "starting" while they run.
-        const http = await startHttp(sql, opts.http, roles);
+        const http = await startHttp(sql, opts.http, roles, {
+          exactCounts: opts["metrics-exact"],
+        });
         try {
           await runRoles(sql, roles, {
             stop,

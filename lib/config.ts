@@ -163,6 +163,17 @@ export const OPTIONS = {
   },
   watch: { kind: "boolean", default: "false", env: null, help: "redraw status every --interval" },
   json: { kind: "boolean", default: "false", env: null, help: "print JSON for scripts" },
+  exact: {
+    kind: "boolean",
+    default: "false",
+    env: null,
+    help: "status: count every job (a scan) instead of estimating a table of over 10,000",
+  },
+  "metrics-exact": {
+    kind: "boolean",
+    default: "false",
+    help: "/metrics counts every job (a scan per read) instead of estimating a large table",
+  },
   task: { kind: "name", env: null, help: "task name" },
   queue: {
     kind: "name",

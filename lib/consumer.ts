@@ -55,9 +55,11 @@ import type { TaskRegistry } from "./tasks.ts";
 import {
   CATALOG_REFRESH_MS,
   type ConsumerRegistration,
+  type InFlight,
   refreshConsumer,
   registerConsumer,
   registrationsOf,
+  reportInFlight,
   type TaskRegistration,
   unregisterConsumer,
 } from "./catalog.ts";
@@ -272,6 +274,31 @@ class CatalogPresence {
           wait: formatDuration(this.#everyMs),
           error: describeError(error),
         },
+      );
+    }
+  }
+
+  /** Whether the last report recorded held jobs (an empty one need not be sent again). */
+  #holding = false;
+
+  /**
+   * Record what the consumer holds, by queue, valid for `validMs`; nothing when it held
+   * nothing at the last report either (an idle consumer sends no statement). Never throws,
+   * and not retried: the next heartbeat reports again.
+   */
+  async holding(inFlight: ReadonlyMap<string, InFlight>, validMs: number): Promise<void> {
+    if (inFlight.size === 0 && !this.#holding) return;
+    try {
+      await settleWithin(
+        "report",
+        reportInFlight(this.db, this.consumer.workerId, inFlight, validMs),
+        STATEMENT_DEADLINE_MS,
+      );
+      this.#holding = inFlight.size > 0;
+    } catch (error) {
+      logger("catalog").warn(
+        "Cannot record the jobs consumer {worker} holds, trying again at its next heartbeat: {error}",
+        { worker: this.consumer.workerId, error: describeError(error) },
       );
     }
   }
@@ -772,12 +799,32 @@ export async function runConsumer(
     return new Promise((resolve) => (onIdle = resolve));
   }
 
+  /**
+   * The jobs this consumer holds by queue: running (a slot held, the outcome maybe still
+   * being recorded) and buffered. `shoal status` and /metrics read them for queues too
+   * large to count (lib/catalog.ts reportInFlight).
+   */
+  function inFlight(buffered: readonly Job[]): Map<string, InFlight> {
+    const byQueue = new Map<string, InFlight>();
+    const of = (queue: string) => {
+      let counts = byQueue.get(queue);
+      if (!counts) byQueue.set(queue, counts = { running: 0, prefetched: 0 });
+      return counts;
+    };
+    for (const run of running.values()) of(run.job.queue).running++;
+    for (const job of buffered) of(job.queue).prefetched++;
+    return byQueue;
+  }
+
   async function heartbeat(): Promise<void> {
     const live: JobRun[] = [];
     for (const run of running.values()) if (run.state === "running") live.push(run);
     const targets = { running: live, buffered: buffer.snapshot(), unsent: completer.unsent() };
     const count = live.length + targets.buffered.length + targets.unsent.length;
-    if (count === 0) return;
+    // After the extend, which matters more; valid as long as the claims it counts, so the
+    // report of a consumer that died lapses with them.
+    const report = () => presence.holding(inFlight(targets.buffered), options.visibilityTimeoutMs);
+    if (count === 0) return await report();
     try {
       const lost = await heartbeatOnce(sql, targets, options.visibilityTimeoutMs);
       dropLostFromBuffer(lost.buffered);
@@ -792,7 +839,9 @@ export async function runConsumer(
         count,
         error: describeError(error),
       });
+      return; // nor would the report go through: the next heartbeat sends one
     }
+    await report();
   }
 
   /**
@@ -818,17 +867,17 @@ export async function runConsumer(
     return handing;
   }
 
+  const presence = new CatalogPresence(sql, {
+    workerId,
+    queues: [...queues],
+    tasks: registrationsOf(tasks.names().map((name) => tasks.get(name)!)),
+  });
   const heartbeatEvery = Math.max(50, Math.floor(options.visibilityTimeoutMs / 3));
   let beating: Promise<void> | null = null;
   const heartbeatTimer = setInterval(() => {
     beating ??= heartbeat().finally(() => (beating = null));
   }, heartbeatEvery);
 
-  const presence = new CatalogPresence(sql, {
-    workerId,
-    queues: [...queues],
-    tasks: registrationsOf(tasks.names().map((name) => tasks.get(name)!)),
-  });
   await presence.start(options.catalogRefreshMs ?? CATALOG_REFRESH_MS);
 
   /**

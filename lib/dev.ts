@@ -78,6 +78,7 @@ async function demoStatus(sql: Sql): Promise<QueueStatus> {
       prefetched: 0,
       dead: 0,
       oldest_ready_age_s: 0,
+      exact: true,
     };
 }
 

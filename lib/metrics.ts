@@ -3,6 +3,9 @@
  * (lib/http_server.ts). Roles report through the small functions of {@link Metrics}
  * (`jobsClaimed`, `jobFinished`, `leaderStatus`, `scheduleFired`, ...); queue gauges are
  * read at scrape time by one query, cached for a second so scrapes cannot hammer Postgres.
+ * Past a few thousand jobs that query estimates instead of counting (countJobs() in
+ * lib/queue.ts; `shoal_queue_counts_exact` says which), unless `exactCounts` asks for a
+ * scan per read (`--metrics-exact`).
  *
  * The exposition format comes from prom-client (runs under Deno through npm, with no
  * Node-only dependency on this path: default Node process metrics are not collected).
@@ -77,6 +80,15 @@ export const QUEUE_WAIT_MS = 2000;
 /** The Prometheus text format's content type. */
 export const CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8";
 
+/** How a process's /metrics reads the queue gauges. */
+export interface MetricsOptions {
+  /**
+   * Count every job on each read (a scan of shoal.jobs) instead of estimating a large
+   * table (`--metrics-exact`). A read slower than QUEUE_WAIT_MS answers with the last values.
+   */
+  exactCounts?: boolean;
+}
+
 interface PerTask {
   claimed: { inc(n?: number): void };
   completed: { inc(n?: number): void };
@@ -97,14 +109,17 @@ export class Metrics {
   readonly #running: Gauge<"queue">;
   readonly #prefetched: Gauge<"queue">;
   readonly #oldest: Gauge<"queue">;
+  readonly #exact: Gauge<"queue">;
+  readonly #exactCounts: boolean;
   readonly #leader: Gauge<"lease">;
   readonly #fires: Counter<"schedule">;
   readonly #lag: Histogram<"schedule">;
   #queuesReadAt = -Infinity;
   #queuesReading: Promise<void> | null = null;
 
-  constructor() {
+  constructor(options: MetricsOptions = {}) {
     if (prom === null) throw new Error("Metrics needs loadPromClient() first");
+    this.#exactCounts = options.exactCounts ?? false;
     const { Counter, Gauge, Histogram, Registry } = prom;
     this.registry = new Registry();
     const registers = [this.registry];
@@ -149,6 +164,11 @@ export class Metrics {
     this.#oldest = queueGauge(
       "shoal_queue_oldest_ready_age_seconds",
       "How long the oldest ready job has waited (0 when none)",
+    );
+    this.#exact = queueGauge(
+      "shoal_queue_counts_exact",
+      "1 when the queue's gauges are counts, 0 when estimates (a large table: " +
+        "ready and scheduled sampled, running and prefetched as consumers reported)",
     );
     this.#leader = new Gauge({
       name: "shoal_leader",
@@ -247,13 +267,15 @@ export class Metrics {
     if (now - this.#queuesReadAt < QUEUE_CACHE_MS) return;
     this.#queuesReading ??= (async () => {
       try {
-        const rows = await countJobs(db); // live jobs only: the dead-letter table is not read
+        // Live jobs only: the dead-letter table is not read.
+        const rows = await countJobs(db, { exact: this.#exactCounts });
         const gauges = [
           this.#depth,
           this.#scheduled,
           this.#running,
           this.#prefetched,
           this.#oldest,
+          this.#exact,
         ];
         for (const gauge of gauges) {
           gauge.reset(); // a queue that emptied out disappears instead of freezing
@@ -264,6 +286,7 @@ export class Metrics {
           this.#running.set({ queue: r.queue }, r.running);
           this.#prefetched.set({ queue: r.queue }, r.prefetched);
           this.#oldest.set({ queue: r.queue }, r.oldest_ready_age_s);
+          this.#exact.set({ queue: r.queue }, r.exact ? 1 : 0);
         }
         this.#queuesReadAt = now;
       } catch (error) {
@@ -336,9 +359,9 @@ export class ProcessMetrics {
 export const metrics: ProcessMetrics = new ProcessMetrics();
 
 /** Load prom-client and make the process-wide metrics real; returns the registry's owner. */
-export async function enableMetrics(): Promise<Metrics> {
+export async function enableMetrics(options: MetricsOptions = {}): Promise<Metrics> {
   await loadPromClient();
-  const impl = new Metrics();
+  const impl = new Metrics(options);
   metrics.attach(impl);
   return impl;
 }

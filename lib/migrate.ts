@@ -58,9 +58,11 @@ import sql009 from "../sql/009_task_catalog.sql" with { type: "text" };
 import sql010 from "../sql/010_started_at.sql" with { type: "text" };
 import sql011 from "../sql/011_schedule_backfill.sql" with { type: "text" };
 import sql012 from "../sql/012_queue_heads.sql" with { type: "text" };
+import sql013 from "../sql/013_counts.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
+import fnCounts from "../sql/functions/counts.sql" with { type: "text" };
 import fnQueue from "../sql/functions/queue.sql" with { type: "text" };
 import fnSqlTask from "../sql/functions/sql_task.sql" with { type: "text" };
 import fnWake from "../sql/functions/wake.sql" with { type: "text" };
@@ -80,11 +82,13 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "010_started_at.sql": sql010,
   "011_schedule_backfill.sql": sql011,
   "012_queue_heads.sql": sql012,
+  "013_counts.sql": sql013,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */
 export const EMBEDDED_FUNCTIONS: Readonly<Record<string, string>> = {
   "claim.sql": fnClaim,
+  "counts.sql": fnCounts,
   "queue.sql": fnQueue,
   "sql_task.sql": fnSqlTask,
   "wake.sql": fnWake,

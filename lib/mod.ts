@@ -90,7 +90,7 @@ export {
   signWebhook,
 } from "./http_task.ts";
 export { checkSqlSchemas, sqlTask, type SqlTaskSettings } from "./sql_task.ts";
-export { type QueueStatus, type Status, status } from "./status.ts";
+export { type QueueStatus, type Status, status, type StatusOptions } from "./status.ts";
 export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
 export {
   type AnyTask,

@@ -885,54 +885,54 @@ export interface QueueCounts {
    * absent otherwise.
    */
   ready_by_task?: Record<string, number>;
+  /**
+   * True when every figure of the row is a count; false when they are estimates (a large
+   * table: see {@link CountOptions}).
+   */
+  exact: boolean;
 }
 
 /**
- * Ready, scheduled and running jobs and the oldest ready age per queue, in one scan of
- * the live table, ordered by queue. With `dead`, the dead-letter table is counted too
- * (`shoal status`), and a queue holding only dead jobs is listed; without it (/metrics,
- * read every few seconds) the statement does not name that table, which can be large: it
- * is neither read nor locked. With `readyByTask` (`shoal status`), the same scan groups by
- * queue and task, and each queue's ready jobs come back by task too.
+ * How countJobs() counts. Past a few thousand jobs it estimates instead of scanning the
+ * table, by the count rule of `sql/functions/counts.sql`: a queue small enough to read
+ * whole along the claim index is still counted, the others' ready and scheduled jobs come
+ * from a block sample, their running and prefetched jobs from what live consumers reported
+ * at their last heartbeat, their oldest ready age from the head of the claim order. The
+ * limits' defaults live in that file; tests give small ones to take the estimating path.
  */
-export async function countJobs(
-  db: Db,
-  options: { dead?: boolean; readyByTask?: boolean } = {},
-): Promise<QueueCounts[]> {
+export interface CountOptions {
+  /** Count dead letters too (`shoal status`); /metrics leaves them out. */
+  dead?: boolean;
+  /** Return each queue's ready jobs by task (`shoal status`, for the unserved jobs). */
+  readyByTask?: boolean;
+  /** Count every row, whatever the size: a scan of both tables (`shoal status --exact`). */
+  exact?: boolean;
+  /** Count exactly while Postgres counts at most this many live jobs (default 10,000). */
+  exactLimit?: number;
+  /** Pages a sample reads; a table of at most this many is counted (default 256). */
+  samplePages?: number;
+  /** Jobs read at the head of each (queue, priority) in claim order (default 200). */
+  probe?: number;
+}
+
+/**
+ * Ready, scheduled, running and prefetched jobs and the oldest ready age per queue, ordered
+ * by queue, counted or estimated as {@link CountOptions} says (`shoal.job_counts`). With
+ * `dead`, the dead-letter table is counted too (`shoal status`), and a queue holding only
+ * dead jobs is listed; without it (/metrics, read every few seconds) the statement does not
+ * name that table, which can be large: it is neither read nor locked.
+ */
+export async function countJobs(db: Db, options: CountOptions = {}): Promise<QueueCounts[]> {
   const dead = options.dead ?? false;
   const byTask = options.readyByTask ?? false;
+  const exact = options.exact ?? false;
+  const limit = options.exactLimit ?? null;
+  const pages = options.samplePages ?? null;
+  const probe = options.probe ?? null;
   const deadCounts = dead
-    ? db`select queue, count(*) as dead from shoal.dead_jobs group by queue`
-    : db`select null::text as queue, 0::bigint as dead where false`;
-  // A live job's state, stated once: ready (due, or its claim's deadline passed), scheduled
-  // (not due, unclaimed), running (claimed, started), prefetched (claimed, not started).
-  const states = db`
-    count(*) filter (where run_at <= now()) as ready,
-    count(*) filter (where run_at > now() and locked_by is null) as scheduled,
-    count(*) filter (
-      where run_at > now() and locked_by is not null and started_at is not null) as running,
-    count(*) filter (
-      where run_at > now() and locked_by is not null and started_at is null) as prefetched`;
-  // Grouping by (queue, task) then by queue still reads the table once: the second
-  // grouping runs over the first one's groups, not over the rows.
-  const liveCounts = byTask
-    ? db`
-      select queue, sum(ready) as ready, sum(scheduled) as scheduled, sum(running) as running,
-        sum(prefetched) as prefetched,
-        coalesce(extract(epoch from now() - min(oldest_ready)), 0) as oldest_ready_age_s,
-        jsonb_object_agg(task, ready) filter (where ready > 0) as ready_by_task
-      from (
-        select queue, task, ${states},
-          min(run_at) filter (where run_at <= now()) as oldest_ready
-        from shoal.jobs group by queue, task
-      ) t
-      group by queue`
-    : db`
-      select queue, ${states},
-        coalesce(extract(epoch from now() - min(run_at) filter (where run_at <= now())), 0)
-          as oldest_ready_age_s,
-        null::jsonb as ready_by_task
-      from shoal.jobs group by queue`;
+    ? db`select queue, dead, exact
+         from shoal.dead_counts(${exact}::boolean, ${limit}::integer, ${pages}::integer)`
+    : db`select null::text as queue, 0::bigint as dead, true as exact where false`;
   const rows = await db<
     {
       queue: string;
@@ -943,15 +943,19 @@ export async function countJobs(
       dead: string;
       oldest_ready_age_s: number;
       ready_by_task: Record<string, number> | null;
+      exact: boolean;
     }[]
   >`
-    with live as (${liveCounts}),
+    with live as (
+      select * from shoal.job_counts(${exact}::boolean, ${limit}::integer, ${pages}::integer,
+                                     ${probe}::integer)
+    ),
     dead as (${deadCounts})
     select coalesce(l.queue, d.queue) as queue, coalesce(l.ready, 0) as ready,
       coalesce(l.scheduled, 0) as scheduled, coalesce(l.running, 0) as running,
       coalesce(l.prefetched, 0) as prefetched,
       coalesce(d.dead, 0) as dead, coalesce(l.oldest_ready_age_s, 0)::float8 as oldest_ready_age_s,
-      l.ready_by_task
+      l.ready_by_task, coalesce(l.exact, true) and coalesce(d.exact, true) as exact
     from live l full join dead d on d.queue = l.queue
     order by 1`;
   return rows.map((r) => ({
@@ -963,6 +967,7 @@ export async function countJobs(
     ...(dead ? { dead: Number(r.dead) } : {}),
     oldest_ready_age_s: r.oldest_ready_age_s,
     ...(byTask ? { ready_by_task: r.ready_by_task ?? {} } : {}),
+    exact: r.exact,
   }));
 }
 

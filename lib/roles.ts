@@ -20,7 +20,7 @@ import { HttpServer } from "./http_server.ts";
 import { longestLeaderTurnMs } from "./leader.ts";
 import type { LoopWatch } from "./liveness.ts";
 import { logger } from "./log.ts";
-import { enableMetrics } from "./metrics.ts";
+import { enableMetrics, type MetricsOptions } from "./metrics.ts";
 import { type OptionType, parseListenAddress } from "./config.ts";
 import { type ReaperOptions, runReaper } from "./reaper.ts";
 import { runScheduler, type SchedulerOptions } from "./scheduler.ts";
@@ -111,18 +111,19 @@ export function dbWindowMs(roles: Roles): number {
 }
 
 /**
- * Start the `--http` server on `address` (and metrics with it), its database window
- * following `roles`; null when no address was asked for.
+ * Start the `--http` server on `address` (and metrics with it, counting as `options` say),
+ * its database window following `roles`; null when no address was asked for.
  */
 export async function startHttp(
   sql: Sql,
   address: string | undefined,
   roles: Roles,
+  options: MetricsOptions = {},
 ): Promise<HttpServer | null> {
   if (address === undefined) return null;
   return new HttpServer(parseListenAddress(address), {
     sql,
-    metrics: await enableMetrics(),
+    metrics: await enableMetrics(options),
     dbWindowMs: dbWindowMs(roles),
   });
 }

@@ -11,7 +11,7 @@
  *
  * @module
  */
-import { checkDb } from "./args.ts";
+import { checkBoolean, checkDb, checkOptions } from "./args.ts";
 import type { Db } from "./db.ts";
 import { delay } from "./sleep.ts";
 import { describeError } from "./log.ts";
@@ -22,7 +22,10 @@ import { listSchedules, type ScheduleRow } from "./schedule.ts";
 import { countJobs, type JobTotals, jobTotals, type QueueCounts } from "./queue.ts";
 import { type ConsumerRow, listLiveConsumers } from "./catalog.ts";
 
-/** A queue's row in `shoal status`: its counts with the dead letters, the age in ms. */
+/**
+ * A queue's row in `shoal status`: its counts with the dead letters, the age in ms, and
+ * `exact`: false when its figures are estimates (a large table, see countJobs()).
+ */
 export interface QueueStatus extends QueueCounts {
   dead: number;
 }
@@ -65,6 +68,8 @@ export interface UnservedJobs {
   queue: string;
   task: string;
   ready: number;
+  /** False when `ready` is an estimate (its queue's counts are). */
+  exact: boolean;
 }
 
 export interface Status {
@@ -76,12 +81,21 @@ export interface Status {
   unserved: UnservedJobs[];
 }
 
+/** How `shoal status` counts. */
+export interface StatusOptions {
+  /**
+   * Count every job and dead letter (a scan of both tables) instead of estimating the
+   * counts of a large table (`shoal status --exact`).
+   */
+  exact?: boolean;
+}
+
 /**
  * The queues section of `shoal status`: countJobs() with the dead letters counted and the
  * oldest ready age rounded to the millisecond.
  */
-export async function queueStatus(db: Db): Promise<QueueStatus[]> {
-  return (await countJobs(db, { dead: true })).map(toQueueStatus);
+export async function queueStatus(db: Db, options: StatusOptions = {}): Promise<QueueStatus[]> {
+  return (await countJobs(db, { dead: true, exact: options.exact })).map(toQueueStatus);
 }
 
 function toQueueStatus(r: QueueCounts): QueueStatus {
@@ -93,6 +107,7 @@ function toQueueStatus(r: QueueCounts): QueueStatus {
     prefetched: r.prefetched,
     dead: r.dead ?? 0,
     oldest_ready_age_s: roundToMs(r.oldest_ready_age_s),
+    exact: r.exact,
   };
 }
 
@@ -109,7 +124,7 @@ export function unservedJobs(counts: QueueCounts[], consumers: ConsumerRow[]): U
   for (const q of counts) {
     for (const [task, ready] of Object.entries(q.ready_by_task ?? {}).sort()) {
       if (ready > 0 && !served.has(`${q.queue} ${task}`)) {
-        found.push({ queue: q.queue, task, ready });
+        found.push({ queue: q.queue, task, ready, exact: q.exact });
       }
     }
   }
@@ -124,8 +139,10 @@ function roundToMs(seconds: number): number {
   return Math.round(Math.round(seconds * 1e6) / 1e3) / 1e3;
 }
 
-export async function status(db: Db): Promise<Status> {
+export async function status(db: Db, options: StatusOptions = {}): Promise<Status> {
   checkDb("status", db);
+  checkOptions("status", options, "options", ["exact"]);
+  checkBoolean("status", "options.exact", options.exact, { optional: true });
   const leases = (await listLeases(db)).map((l) => ({
     name: l.name,
     holder: l.holder,
@@ -153,7 +170,7 @@ export async function status(db: Db): Promise<Status> {
       arrived: open ? e.barriers.reduce((n, b) => n + b.arrived, 0) : null,
     };
   });
-  const counts = await countJobs(db, { dead: true, readyByTask: true });
+  const counts = await countJobs(db, { dead: true, readyByTask: true, exact: options.exact });
   const unserved = unservedJobs(counts, await listLiveConsumers(db));
   return { queues: counts.map(toQueueStatus), executions, leases, schedules, unserved };
 }
@@ -225,26 +242,41 @@ export function formatStatus(s: Status, options: { bars?: boolean } = {}): strin
   ].join("\n");
 }
 
+/** What marks an estimated figure in the text form. */
+const ABOUT = "~";
+
+/** What the text form says under the queues when some of their figures are estimates. */
+export const ESTIMATES_NOTE = `${ABOUT} marks estimates: too many jobs to count on every call, ` +
+  "so ready and scheduled come from a sample of the table, running and prefetched from " +
+  "what live consumers reported at their last heartbeat, the oldest ready age from the " +
+  "head of each queue. `shoal status --exact` counts every job.\n";
+
 function formatQueues(s: Status): string {
   const header = ["queue", "ready", "scheduled", "running", "prefetched", "dead", "oldest ready"];
-  const rows = s.queues.map((q) => [
-    q.queue,
-    String(q.ready),
-    String(q.scheduled),
-    String(q.running),
-    String(q.prefetched),
-    String(q.dead),
-    q.ready > 0 ? `${q.oldest_ready_age_s.toFixed(1)}s` : "-",
-  ]);
+  const rows = s.queues.map((q) => {
+    const n = (value: number) => `${q.exact ? "" : ABOUT}${value}`;
+    return [
+      q.queue,
+      n(q.ready),
+      n(q.scheduled),
+      n(q.running),
+      n(q.prefetched),
+      n(q.dead),
+      q.ready > 0 ? `${q.exact ? "" : ABOUT}${q.oldest_ready_age_s.toFixed(1)}s` : "-",
+    ];
+  });
   if (rows.length === 0) return "No queues yet: nothing has been enqueued.\n";
-  return table(header, rows);
+  return table(header, rows) + (s.queues.every((q) => q.exact) ? "" : `\n${ESTIMATES_NOTE}`);
 }
 
 /** The jobs no live consumer runs, under the queues; nothing when there are none. */
 function formatUnserved(rows: UnservedJobs[]): string {
   if (rows.length === 0) return "";
   return "\nReady jobs no live consumer runs (they wait until one that knows the task claims from the queue):\n" +
-    table(["queue", "task", "ready"], rows.map((r) => [r.queue, r.task, String(r.ready)]));
+    table(
+      ["queue", "task", "ready"],
+      rows.map((r) => [r.queue, r.task, `${r.exact ? "" : ABOUT}${r.ready}`]),
+    );
 }
 
 /** One `--watch` sample: the status plus the totals rates are computed from. */
@@ -262,9 +294,9 @@ export interface Rates {
 }
 
 /** Take one `--watch` sample. */
-export async function watchSample(db: Db): Promise<WatchSample> {
+export async function watchSample(db: Db, options: StatusOptions = {}): Promise<WatchSample> {
   const { at, totals } = await jobTotals(db);
-  return { at, status: await status(db), totals };
+  return { at, status: await status(db, options), totals };
 }
 
 /**
@@ -323,6 +355,8 @@ export function formatWatchJson(sample: WatchSample, r: Rates): string {
 export interface WatchOptions {
   intervalMs: number;
   json: boolean;
+  /** Count every job on every redraw (`--exact`). */
+  exact?: boolean;
   write(text: string): void;
 }
 
@@ -334,7 +368,7 @@ export async function watchStatus(db: Db, options: WatchOptions, stop: AbortSign
   let previous: WatchSample | null = null;
   while (!stop.aborted) {
     try {
-      const sample = await watchSample(db);
+      const sample = await watchSample(db, { exact: options.exact });
       const r = rates(previous, sample);
       previous = sample;
       options.write(

@@ -486,6 +486,14 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: () => shoal.status(x(undefined)),
     error: TypeError,
     message: `Invalid db for status(): expected ${DB}, not undefined`,
+  }, {
+    call: ({ sql }) => shoal.status(sql, x({ exact: "yes" })),
+    error: TypeError,
+    message: 'Invalid options.exact for status(): expected true or false, not "yes"',
+  }, {
+    call: ({ sql }) => shoal.status(sql, x({ exactly: true })),
+    error: TypeError,
+    message: 'Invalid options for status(): unknown option "exactly" (known: exact)',
   }],
   builtinTasks: [{
     call: () => shoal.builtinTasks(x({ http: "example.com" })),

@@ -28,6 +28,7 @@ const SIZES: Sizes = {
   claimCount: 200,
   claimWarmup: 20,
   claimBatch: 510,
+  countsJobs: 1_000_000,
 };
 const SOAK: SoakSizes = {
   soakMs: 30_000,

@@ -185,6 +185,46 @@ Deno.test("runConsumer() registers its tasks at start, refreshes them, and remov
   assertEquals((await listCatalogTasks(db.sql)).length, 2);
 });
 
+Deno.test("runConsumer() records the jobs it holds by queue with each heartbeat, and once that it holds none", async () => {
+  await using db = await testDb();
+  let open!: () => void;
+  const gate = new Promise<void>((resolve) => (open = resolve));
+  const tasks = [defineTask({ name: "slow", queue: "q", handler: () => gate })];
+  await enqueueMany(
+    db.sql,
+    Array.from({ length: 5 }, (_, i) => ({ task: "slow", queue: "q", payload: { i } })),
+  );
+  const consumer = startConsumer(db.sql, tasks, {
+    queues: ["q"],
+    concurrency: 2,
+    workerId: "in-process:1",
+    visibilityTimeoutMs: 600, // a heartbeat every 200 ms
+  });
+  const report = () =>
+    db.sql<{ in_flight: unknown; valid_ms: number }[]>`
+      select in_flight,
+        (extract(epoch from in_flight_until - now()) * 1000)::int as valid_ms
+      from shoal.consumers where worker_id = 'in-process:1'`;
+  try {
+    // Slow jobs: the buffer stays empty (it fills while jobs are fast).
+    const [held] = await waitFor("a report of 2 running jobs", async () => {
+      const rows = await report();
+      const inFlight = JSON.stringify(rows[0]?.in_flight);
+      return inFlight === JSON.stringify({ q: { running: 2, prefetched: 0 } }) ? rows : null;
+    });
+    // Valid as long as the claims it counts: about the visibility timeout.
+    assert(held!.valid_ms > 0 && held!.valid_ms <= 600, `valid for ${held!.valid_ms} ms`);
+    open();
+    await waitFor("an empty report once every job is done", async () => {
+      const [row] = await report();
+      return JSON.stringify(row?.in_flight) === "{}";
+    });
+  } finally {
+    open();
+    await consumer.stop();
+  }
+});
+
 Deno.test("enqueue() and enqueueMany() by name take the catalog's queue and attempts; explicit values win; unknown tasks go to default with 25", async () => {
   await using db = await testDb();
   await withGreet(db.sql);

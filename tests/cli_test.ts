@@ -357,6 +357,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     "prefetched",
     "dead",
     "oldest_ready_age_s",
+    "exact",
   ];
   for (const q of status.queues) assertEquals(Object.keys(q).sort(), [...keys].sort());
   const [alpha, beta] = status.queues;
@@ -368,6 +369,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     prefetched: 0,
     dead: 0,
     oldest_ready_age_s: 0,
+    exact: true,
   });
   assertEquals(typeof alpha.oldest_ready_age_s, "number");
   assert(alpha.oldest_ready_age_s >= 0);
@@ -379,6 +381,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     prefetched: 1,
     dead: 0,
     oldest_ready_age_s: 0,
+    exact: true,
   });
 
   const human = await runShoal(["status"], { url: db.url });

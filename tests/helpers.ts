@@ -9,6 +9,7 @@ import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
 import { type AnyTask, TaskRegistry } from "../lib/tasks.ts";
 import { registerConsumer, type TaskRegistration } from "../lib/catalog.ts";
+import { enqueue, enqueueMany, type JobSpec } from "../lib/queue.ts";
 
 export const TEMPLATE_DB = "shoal_test_template";
 const ROOT = new URL("../", import.meta.url);
@@ -599,4 +600,29 @@ export async function gateJobDeletes(sql: Sql): Promise<DeleteGate> {
 /** Print a figure a test measured where `deno test` shows it (docs quote some of them). */
 export function figure(line: string): void {
   Deno.stdout.writeSync(new TextEncoder().encode(line + "\n"));
+}
+
+/**
+ * 12,000 ready jobs of task bulk.t on queue bulk, more than `shoal status` and /metrics count
+ * by default (10,000) over more pages than they sample (256), and one of tiny.t on tiny;
+ * resolves once Postgres counts them (pg_stat_user_tables), as their estimates scale to.
+ */
+export async function enqueueLargeTable(sql: Sql): Promise<void> {
+  for (let batch = 0; batch < 3; batch++) {
+    const jobs: JobSpec[] = [];
+    for (let i = 0; i < 4000; i++) jobs.push({ task: "bulk.t", queue: "bulk", payload: { i } });
+    await enqueueMany(sql, jobs);
+  }
+  await enqueue(sql, "tiny.t", {}, { queue: "tiny" });
+  await waitFor(
+    "Postgres to count the 12,001 jobs",
+    async () => {
+      const [row] = await sql<{ live: number }[]>`
+      select n_live_tup::int as live from pg_stat_user_tables
+      where schemaname = 'shoal' and relname = 'jobs'`;
+      return row!.live === 12_001;
+    },
+    20_000,
+    100,
+  );
 }

@@ -10,14 +10,18 @@ import {
   claim,
   countJobs,
   enqueue,
+  enqueueMany,
   extend,
   fail,
+  type JobSpec,
   jobTotals,
   listStuckJobs,
   type QueueCounts,
   release,
 } from "../lib/queue.ts";
 import { queueStatus } from "../lib/status.ts";
+import { reportInFlight } from "../lib/catalog.ts";
+import { registerTasks } from "./helpers.ts";
 
 /** Claim `n` jobs of `queue` (all there are) for a minute. */
 async function claimAll(sql: Sql, queue: string, n: number) {
@@ -75,16 +79,16 @@ Deno.test("countJobs() counts live jobs per queue, and dead letters only when as
 
   const live = await countJobs(db.sql);
   assertEquals(withoutAge(live, { a: [60, 90] }), [
-    { queue: "a", ready: 1, scheduled: 1, running: 1, prefetched: 0 },
+    { queue: "a", ready: 1, scheduled: 1, running: 1, prefetched: 0, exact: true },
   ]);
   assert(!("dead" in live[0]!), "no dead count unless asked");
 
   const all = await countJobs(db.sql, { dead: true });
   assertEquals(withoutAge(all, { a: [60, 90] }), [
-    { queue: "a", ready: 1, scheduled: 1, running: 1, prefetched: 0, dead: 1 },
-    { queue: "b", ready: 0, scheduled: 0, running: 0, prefetched: 0, dead: 2 },
+    { queue: "a", ready: 1, scheduled: 1, running: 1, prefetched: 0, dead: 1, exact: true },
+    { queue: "b", ready: 0, scheduled: 0, running: 0, prefetched: 0, dead: 2, exact: true },
   ]);
-  // The same key order as `shoal status --json` has always printed.
+  // The key order `shoal status --json` has always printed, keys only ever added.
   assertEquals(Object.keys(all[0]!), [
     "queue",
     "ready",
@@ -93,6 +97,7 @@ Deno.test("countJobs() counts live jobs per queue, and dead letters only when as
     "prefetched",
     "dead",
     "oldest_ready_age_s",
+    "exact",
   ]);
 });
 
@@ -175,6 +180,173 @@ Deno.test("countJobs() without dead letters neither reads nor waits for shoal.de
   } finally {
     probe.release();
   }
+});
+
+/** Wait until Postgres counts `n` live rows in `table` (each backend reports within a second). */
+async function untilCounted(sql: Sql, table: "jobs" | "dead_jobs", n: number): Promise<void> {
+  await waitFor(
+    `${n} live rows of shoal.${table} in pg_stat_user_tables`,
+    async () => {
+      const [row] = await sql<{ live: number }[]>`
+      select n_live_tup::int as live from pg_stat_user_tables
+      where schemaname = 'shoal' and relname = ${table}::text`;
+      return row!.live === n;
+    },
+    20_000,
+    100,
+  );
+}
+
+/** Pages the main fork of `table` holds: the estimating path needs more than samplePages. */
+async function pagesOf(sql: Sql, table: "jobs" | "dead_jobs"): Promise<number> {
+  const [row] = await sql<{ pages: number }[]>`
+    select (pg_relation_size(${"shoal." + table}::regclass)
+            / current_setting('block_size')::bigint)::int as pages`;
+  return row!.pages;
+}
+
+/**
+ * Queue big: 3,000 ready jobs (the first 20 in claim order ready for two minutes, the rest
+ * for ten seconds), the first 5 claimed (2 started, 3 buffered); queue mid: 100 ready jobs;
+ * queue small: one ready, one scheduled.
+ */
+async function bigAndSmall(sql: Sql): Promise<void> {
+  const [{ early, late }] = await sql<[{ early: Date; late: Date }]>`
+    select now() - interval '120 s' as early, now() - interval '10 s' as late`;
+  const jobs: JobSpec[] = [];
+  for (let i = 0; i < 3000; i++) {
+    jobs.push({ task: "t", queue: "big", payload: { i }, runAt: i < 20 ? early : late });
+  }
+  await enqueueMany(sql, jobs);
+  await enqueueMany(sql, Array.from({ length: 100 }, () => ({ task: "m", queue: "mid" })));
+  await enqueue(sql, "s", {}, { queue: "small" });
+  await enqueue(sql, "s", {}, { queue: "small", runAt: new Date(Date.now() + 3_600_000) });
+  const claimed = await claim(sql, {
+    queues: ["big"],
+    limit: 5,
+    workerId: "test:1",
+    visibilityMs: 600_000,
+    starting: 2,
+  });
+  assertEquals(claimed.jobs.length, 5);
+  await untilCounted(sql, "jobs", 3102);
+}
+
+/**
+ * Limits that put bigAndSmall() on the estimating path (more jobs and pages than allowed):
+ * probes of 20 jobs read small whole; mid (100 jobs, no more than 10 probes' worth) is read
+ * along the index once the sample sized it, which a sample of nearly every page does.
+ */
+async function smallLimits(sql: Sql) {
+  return { exactLimit: 100, samplePages: await pagesOf(sql, "jobs") - 2, probe: 20 };
+}
+
+Deno.test("countJobs() past its limits reads small queues whole, samples large ones and takes their running and prefetched jobs from live consumers' reports", async () => {
+  await using db = await testDb();
+  await bigAndSmall(db.sql);
+  const limits = await smallLimits(db.sql);
+  assert(limits.samplePages > 20, `${limits.samplePages} pages sampled`);
+  const read = async () => {
+    const rows = await countJobs(db.sql, { ...limits, readyByTask: true });
+    assertEquals(rows.map((r) => r.queue), ["big", "mid", "small"]);
+    return { big: rows[0]!, mid: rows[1]!, small: rows[2]! };
+  };
+
+  const { big, mid, small } = await read();
+  // The small queue: counted whole by its probe, however large the table.
+  assertEquals(withoutAge([small], { small: [0, 60] }), [{
+    queue: "small",
+    ready: 1,
+    scheduled: 1,
+    running: 0,
+    prefetched: 0,
+    ready_by_task: { s: 1 },
+    exact: true,
+  }]);
+  // The mid one: read along the claim index once the sample found it small.
+  assertEquals(withoutAge([mid], { mid: [0, 60] }), [{
+    queue: "mid",
+    ready: 100,
+    scheduled: 0,
+    running: 0,
+    prefetched: 0,
+    ready_by_task: { m: 100 },
+    exact: true,
+  }]);
+  // The big one: ready from the sample, scaled to the rows Postgres counts (all sampled jobs
+  // but the 5 claimed are ready); the claimed jobs as its probe saw them at the head, no
+  // consumer having reported; the oldest ready age from the head of the claim order.
+  assertEquals(big.exact, false);
+  assert(big.ready >= 2900 && big.ready <= 3000, `big.ready ${big.ready}`);
+  assertEquals([big.scheduled, big.running, big.prefetched], [0, 2, 3]);
+  assertEquals(big.ready_by_task, { t: big.ready });
+  assert(
+    big.oldest_ready_age_s >= 120 && big.oldest_ready_age_s < 180,
+    `big.oldest_ready_age_s ${big.oldest_ready_age_s}`,
+  );
+
+  // A live consumer's report counts (more than the probe saw)...
+  await registerTasks(db.sql, ["t"], { workerId: "w:1", queues: ["big"] });
+  await reportInFlight(db.sql, "w:1", new Map([["big", { running: 7, prefetched: 40 }]]), 60_000);
+  const reported = (await read()).big;
+  assertEquals([reported.running, reported.prefetched, reported.exact], [7, 40, false]);
+  // ...until its claims would have lapsed.
+  await db.sql`update shoal.consumers set in_flight_until = now() - interval '1 s'`;
+  const lapsed = (await read()).big;
+  assertEquals([lapsed.running, lapsed.prefetched], [2, 3]);
+
+  // Asked for, every row is counted.
+  const exact = await countJobs(db.sql, { ...limits, exact: true });
+  assertEquals(withoutAge(exact, { big: [120, 180], mid: [0, 60], small: [0, 60] }), [
+    { queue: "big", ready: 2995, scheduled: 0, running: 2, prefetched: 3, exact: true },
+    { queue: "mid", ready: 100, scheduled: 0, running: 0, prefetched: 0, exact: true },
+    { queue: "small", ready: 1, scheduled: 1, running: 0, prefetched: 0, exact: true },
+  ]);
+});
+
+Deno.test("countJobs() counts along the claim index while Postgres counts at most exactLimit jobs, and estimates when its count proves stale", async () => {
+  await using db = await testDb();
+  const jobs: JobSpec[] = [];
+  for (let i = 0; i < 300; i++) jobs.push({ task: "t", queue: "q", payload: { i } });
+  await enqueueMany(db.sql, jobs);
+  await untilCounted(db.sql, "jobs", 300);
+  const limits = { samplePages: 2, probe: 20 };
+  assert(await pagesOf(db.sql, "jobs") > limits.samplePages, "more pages than the sample reads");
+
+  const counted = await countJobs(db.sql, { ...limits, exactLimit: 300 });
+  assertEquals(withoutAge(counted, { q: [0, 60] }), [
+    { queue: "q", ready: 300, scheduled: 0, running: 0, prefetched: 0, exact: true },
+  ]);
+  assertEquals((await countJobs(db.sql, { ...limits, exactLimit: 299 }))[0]!.exact, false);
+
+  // Statistics reset: Postgres counts no rows, the walk along the index finds more than the
+  // limit and stops there; the estimate then scales by the share of pages sampled.
+  await db.sql`select pg_stat_reset_single_table_counters('shoal.jobs'::regclass)`;
+  const [stale] = await countJobs(db.sql, { ...limits, exactLimit: 100 });
+  assertEquals(stale!.exact, false);
+  assert(stale!.ready > 20, `ready ${stale!.ready}: at least what the probe read`);
+});
+
+Deno.test("countJobs() with dead letters counts each queue along its index up to exactLimit and estimates a larger one", async () => {
+  await using db = await testDb();
+  await db.sql`
+    insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
+                                 max_attempts, errors, reason, created_at)
+    select i, case when i <= 3 then 'y' else 'x' end, 't', '{}', 0, '', 1, 1, '[]', 'failed',
+           now()
+    from generate_series(1, 2003) i`;
+  await untilCounted(db.sql, "dead_jobs", 2003);
+  const pages = await pagesOf(db.sql, "dead_jobs");
+  // Half the pages: more than the sample reads, and none sampled would be a 1 in 2^10 chance.
+  const limits = { exactLimit: 50, samplePages: Math.floor(pages / 2) };
+  assert(limits.samplePages >= 10, `${pages} pages of dead letters`);
+
+  const rows = await countJobs(db.sql, { ...limits, dead: true });
+  // Queue x: sampled, scaled to the rows Postgres counts less queue y's (all sampled rows
+  // are x's); queue y: counted.
+  assertEquals(rows.map((r) => [r.queue, r.dead, r.exact]), [["x", 2000, false], ["y", 3, true]]);
+  const exact = await countJobs(db.sql, { ...limits, dead: true, exact: true });
+  assertEquals(exact.map((r) => [r.queue, r.dead, r.exact]), [["x", 2000, true], ["y", 3, true]]);
 });
 
 Deno.test("jobTotals() counts rows deleted from the live table once Postgres reports them", async () => {

@@ -4,7 +4,7 @@
  * wiring through the process-wide registry.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { testDb } from "./helpers.ts";
+import { enqueueLargeTable, testDb } from "./helpers.ts";
 import { claim, enqueue, enqueueMany } from "../lib/queue.ts";
 import { enableMetrics, loadPromClient, Metrics, metrics, QUEUE_CACHE_MS } from "../lib/metrics.ts";
 import { runLeaderLoop } from "../lib/leader.ts";
@@ -106,6 +106,26 @@ Deno.test("Metrics.refreshQueues() reads depth, running, prefetched and oldest r
   const age = sample(text, `shoal_queue_oldest_ready_age_seconds{queue="a"}`)!;
   assert(age >= 90 && age < 120, `oldest ready age ${age}`);
   assertEquals(sample(text, `shoal_queue_oldest_ready_age_seconds{queue="b"}`), 0);
+  assertEquals(sample(text, `shoal_queue_counts_exact{queue="a"}`), 1);
+});
+
+Deno.test("Metrics.refreshQueues() marks estimated gauges with shoal_queue_counts_exact 0, and counts with exactCounts", async () => {
+  await using db = await testDb();
+  await enqueueLargeTable(db.sql);
+  const estimated = new Metrics();
+  await estimated.refreshQueues(db.sql, 0);
+  const text = await estimated.render();
+  assertEquals(sample(text, `shoal_queue_counts_exact{queue="bulk"}`), 0);
+  assertEquals(sample(text, `shoal_queue_counts_exact{queue="tiny"}`), 1);
+  // Every sampled bulk job is ready: the rows Postgres counts, less tiny's.
+  assertEquals(sample(text, `shoal_queue_depth{queue="bulk"}`), 12_000);
+  assertEquals(sample(text, `shoal_queue_depth{queue="tiny"}`), 1);
+
+  const counted = new Metrics({ exactCounts: true });
+  await counted.refreshQueues(db.sql, 0);
+  const exact = await counted.render();
+  assertEquals(sample(exact, `shoal_queue_counts_exact{queue="bulk"}`), 1);
+  assertEquals(sample(exact, `shoal_queue_depth{queue="bulk"}`), 12_000);
 });
 
 Deno.test("Metrics.refreshQueues() reuses a read for a second and drops emptied queues", async () => {

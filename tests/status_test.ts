@@ -3,10 +3,16 @@
  * and dead counts and the age of the oldest ready job.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { registerTasks, runShoal, testDb, waitFor } from "./helpers.ts";
+import { enqueueLargeTable, registerTasks, runShoal, testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { claim, type ClaimOptions, enqueue, fail, type Job } from "../lib/queue.ts";
-import { formatStatus, type QueueStatus, queueStatus, status } from "../lib/status.ts";
+import {
+  ESTIMATES_NOTE,
+  formatStatus,
+  type QueueStatus,
+  queueStatus,
+  status,
+} from "../lib/status.ts";
 
 function claimOptions(queue: string, limit: number, visibilityMs = 60_000): ClaimOptions {
   return { queues: [queue], limit, workerId: "test:1", visibilityMs };
@@ -78,9 +84,9 @@ Deno.test("queueStatus() counts ready, scheduled, running and dead jobs per queu
 
   const rows = await queueStatus(db.sql);
   assertEquals(withoutAge(rows, { a: [60, 90] }), [
-    { queue: "a", ready: 2, scheduled: 2, running: 1, prefetched: 0, dead: 1 },
-    { queue: "b", ready: 0, scheduled: 0, running: 0, prefetched: 0, dead: 2 },
-    { queue: "c", ready: 0, scheduled: 1, running: 0, prefetched: 0, dead: 0 },
+    { queue: "a", ready: 2, scheduled: 2, running: 1, prefetched: 0, dead: 1, exact: true },
+    { queue: "b", ready: 0, scheduled: 0, running: 0, prefetched: 0, dead: 2, exact: true },
+    { queue: "c", ready: 0, scheduled: 1, running: 0, prefetched: 0, dead: 0, exact: true },
   ]);
 });
 
@@ -93,7 +99,7 @@ Deno.test("queueStatus() counts a claim whose deadline passed as ready", async (
   await claimAll(db.sql, "q", 1, 600_000);
   const before = await queueStatus(db.sql);
   assertEquals(withoutAge(before, {}), [
-    { queue: "q", ready: 0, scheduled: 0, running: 2, prefetched: 0, dead: 0 },
+    { queue: "q", ready: 0, scheduled: 0, running: 2, prefetched: 0, dead: 0, exact: true },
   ]);
   await waitFor(
     "the short claim to expire",
@@ -107,7 +113,7 @@ Deno.test("queueStatus() counts a claim whose deadline passed as ready", async (
   );
   const after = await queueStatus(db.sql);
   assertEquals(withoutAge(after, { q: [0, 20] }), [
-    { queue: "q", ready: 1, scheduled: 0, running: 1, prefetched: 0, dead: 0 },
+    { queue: "q", ready: 1, scheduled: 0, running: 1, prefetched: 0, dead: 0, exact: true },
   ]);
 });
 
@@ -124,9 +130,9 @@ Deno.test("status() lists ready jobs that no live consumer runs, by queue and ta
 
   // No consumer at all: every ready job waits.
   assertEquals((await status(db.sql)).unserved, [
-    { queue: "app", task: "app.greet", ready: 2 },
-    { queue: "app", task: "app.other", ready: 1 },
-    { queue: "mail", task: "mail.send", ready: 1 },
+    { queue: "app", task: "app.greet", ready: 2, exact: true },
+    { queue: "app", task: "app.other", ready: 1, exact: true },
+    { queue: "mail", task: "mail.send", ready: 1, exact: true },
   ]);
   // A consumer on app that knows app.greet only; one that knows mail.send but claims from
   // another queue; and one that would run app.other, but died (not seen for 5 minutes).
@@ -137,8 +143,8 @@ Deno.test("status() lists ready jobs that no live consumer runs, by queue and ta
                where worker_id = 'c:3'`;
   const s = await status(db.sql);
   assertEquals(s.unserved, [
-    { queue: "app", task: "app.other", ready: 1 },
-    { queue: "mail", task: "mail.send", ready: 1 },
+    { queue: "app", task: "app.other", ready: 1, exact: true },
+    { queue: "mail", task: "mail.send", ready: 1, exact: true },
   ]);
   const text = formatStatus(s);
   assert(text.includes("Ready jobs no live consumer runs"), text);
@@ -159,4 +165,38 @@ Deno.test("status() lists ready jobs that no live consumer runs, by queue and ta
   const served = await status(db.sql);
   assertEquals(served.unserved, []);
   assert(!formatStatus(served).includes("no live consumer"));
+});
+
+Deno.test("shoal status estimates a table of over 10,000 jobs, says so, and counts every job with --exact", async () => {
+  await using db = await testDb();
+  await enqueueLargeTable(db.sql);
+
+  const estimated = await runShoal(["status", "--json"], { url: db.url });
+  assertEquals(estimated.code, 0, estimated.stderr);
+  const { queues, unserved } = JSON.parse(estimated.stdout);
+  const [bulk, tiny] = queues;
+  // Every sampled bulk job is ready: the estimate is the rows Postgres counts, less tiny's.
+  assertEquals([bulk.queue, bulk.ready, bulk.running, bulk.exact], ["bulk", 12_000, 0, false]);
+  assertEquals([tiny.queue, tiny.ready, tiny.exact], ["tiny", 1, true]);
+  assertEquals(unserved, [
+    { queue: "bulk", task: "bulk.t", ready: 12_000, exact: false },
+    { queue: "tiny", task: "tiny.t", ready: 1, exact: true },
+  ]);
+
+  const text = await runShoal(["status"], { url: db.url });
+  assertEquals(text.code, 0, text.stderr);
+  assert(/^bulk\s+~12000\s+~0\s+~0\s+~0\s+~0\s+~[\d.]+s$/m.test(text.stdout), text.stdout);
+  assert(/^tiny\s+1\s+0\s+0\s+0\s+0\s+[\d.]+s$/m.test(text.stdout), text.stdout);
+  assert(text.stdout.includes(ESTIMATES_NOTE), text.stdout);
+
+  const exact = await runShoal(["status", "--json", "--exact"], { url: db.url });
+  assertEquals(exact.code, 0, exact.stderr);
+  const counted = JSON.parse(exact.stdout).queues;
+  assertEquals(counted.map((q: QueueStatus) => [q.queue, q.ready, q.exact]), [
+    ["bulk", 12_000, true],
+    ["tiny", 1, true],
+  ]);
+  const exactText = await runShoal(["status", "--exact"], { url: db.url });
+  assert(/^bulk\s+12000\s+0\s/m.test(exactText.stdout), exactText.stdout);
+  assert(!exactText.stdout.includes(ESTIMATES_NOTE), exactText.stdout);
 });

@@ -52,6 +52,7 @@ const BUSY: Status = {
     prefetched: 7,
     dead: 0,
     oldest_ready_age_s: 4.5,
+    exact: true,
   }],
   executions: [{
     id: "7",
