@@ -761,15 +761,21 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
   const rows = await db<{ id: string }[]>`
     with locked as (${lockOurs(db, refs)}),
     released as (
+      -- Level with where claiming has got to (the stamping rule's callback place): handed
+      -- back, they run next, and claims that start near the head find them at once.
       update shoal.jobs j
       set locked_by = null, locked_at = null, started_at = null, run_at = now(),
-          token = j.token + 1, attempts = greatest(j.attempts - 1, 0)
+          token = j.token + 1, attempts = greatest(j.attempts - 1, 0),
+          fair_seq = greatest(j.fair_seq, coalesce(shoal.level_head(j.queue, j.priority),
+                                                    j.fair_seq))
       where j.id = any(array(select l.id from locked l))
-      returning j.id, j.queue
+      returning j.id, j.queue, j.priority, j.fair_seq
     ),
     -- Visible at once: wake idle consumers rather than leave the jobs to their poll.
     woken as (
-      select shoal.notify_jobs(array_agg(r.queue), null) from released r
+      select shoal.notify_jobs(array_agg(r.queue), null, array_agg(r.priority),
+                               array_agg(r.fair_seq))
+      from released r
     )
     -- (a plain select in a WITH runs only when referenced: the join makes it run once)
     select r.id from released r cross join (select count(*) from woken) w`;

@@ -10,7 +10,15 @@ import { figure, testDb } from "./helpers.ts";
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 import type { Db, Sql } from "../lib/db.ts";
-import { ack, claim, type ClaimOptions, enqueueMany, fail, type Job } from "../lib/queue.ts";
+import {
+  ack,
+  claim,
+  type ClaimOptions,
+  enqueueMany,
+  fail,
+  type Job,
+  release,
+} from "../lib/queue.ts";
 import {
   HEAD_SCAN_EVERY_MS,
   HEAD_SCAN_MIN_GAP_MS,
@@ -201,4 +209,19 @@ Deno.test("HeadScans: the first claim walks from the head, then every second, or
   assert(!scans.due());
   now += 1;
   assert(scans.due(), `after ${pause} ms`);
+});
+
+Deno.test("a job handed back unstarted ranks level with the head: a claim from near the head takes it next", async () => {
+  await using db = await testDb();
+  await enqueueMany(db.sql, Array.from({ length: 5_000 }, () => ({ task: "t", queue: Q })));
+  const [early] = await claimIds(db.sql, 1, true);
+  await drainInSteps(db.sql, 5, 500);
+  const [seq] = (await head(db.sql))!;
+  // Handed back (a consumer's shutdown): its old stamp lies far behind the bound.
+  assertEquals(await release(db.sql, [early!]), [early!.id]);
+  const [row] = await db.sql<{ fair_seq: string }[]>`
+    select fair_seq::text from shoal.jobs where id = ${early!.id}::bigint`;
+  assertEquals(BigInt(row!.fair_seq), seq);
+  const next = await claimIds(db.sql, 1, false);
+  assertEquals(next.map((job) => job.id), [early!.id]);
 });

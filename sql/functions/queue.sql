@@ -49,7 +49,8 @@
 -- places ahead of where claiming has got to at that priority (shoal.level_head, below). A
 -- key that arrives behind another key's backlog interleaves with it instead of waiting for
 -- it. A callback is work already admitted (its fan-out's children ran): it is stamped level
--- with the head, so it runs next. Every stamp a path gives lies at or above
+-- with the head, so it runs next; so is a job handed back unstarted (release() in
+-- lib/queue.ts), unless it already ranks after the head. Every stamp a path gives lies at or above
 -- level_head - fair_burst(), where the consumer's claims start looking (claim.sql), except
 -- a job that kept an old stamp (a retry, a delayed job, a job whose claim expired): the
 -- consumer finds those with a claim from the index's head (claim.sql, "Where a claim starts").
