@@ -63,7 +63,7 @@ import {
   type TaskRegistration,
   unregisterConsumer,
 } from "./catalog.ts";
-import { HeadScans } from "./head_scan.ts";
+import { HEAD_SCAN_TIMEOUT_MS, HeadScans } from "./head_scan.ts";
 import { HOLD_MAX_MS, PrefetchBuffer, type Rank, ranksBy } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
@@ -709,8 +709,48 @@ export async function runConsumer(
       starting,
       fromHead,
     });
-  /** Which of the loop's claims walk the claim index from its head (lib/head_scan.ts). */
+  /** When a claim walks the claim index from its head, beside the loop (lib/head_scan.ts). */
   const headScans = new HeadScans();
+  /** The claim from the head in flight, if any. */
+  let headScanning: Promise<void> | null = null;
+
+  /**
+   * Claim from the head beside the loop when one is due: it finds jobs ranking before where
+   * the loop's claims start (a retry or delayed job due, an expired claim). Cancelled in the
+   * server after HEAD_SCAN_TIMEOUT_MS; the pause after it grows with its time. Never throws.
+   */
+  function headScanSoon(): void {
+    if (headScanning !== null || stop.aborted || completer.full || !headScans.due()) return;
+    // With jobs buffered, only those ranking ahead of them (they start first, as a probe's
+    // do): it never grows the buffer past its size. Else what there is room for.
+    const before = buffer.lastRank();
+    const limit = before === undefined ? buffer.room(running.size) : buffer.probeLimit();
+    if (limit <= 0) return;
+    const began = performance.now();
+    headScanning = claimOnce(sql, {
+      queues: options.queues,
+      limit,
+      workerId,
+      visibilityMs: options.visibilityTimeoutMs,
+      before,
+      starting: 0,
+      fromHead: true,
+      timeoutMs: HEAD_SCAN_TIMEOUT_MS,
+    }).then(
+      ({ jobs }) => {
+        headScans.done(performance.now() - began);
+        admit(jobs);
+      },
+      (error) => {
+        headScans.done(performance.now() - began);
+        log.warn("Cannot claim from the head of {queues}, the next try in {wait}: {error}", {
+          queues: options.queues.join(","),
+          wait: formatDuration(headScans.wait()),
+          error: describeError(error),
+        });
+      },
+    ).finally(() => (headScanning = null));
+  }
   const probes = new Probes(
     { buffer, completer, claim: claimJobs, admit, fill, claiming: () => claiming, log },
     stop,
@@ -780,6 +820,7 @@ export async function runConsumer(
 
   function finish(run: JobRun): void {
     running.delete(run.job.id);
+    headScanSoon();
     buffer.jobFinished();
     // A freed slot takes the next buffered job, unless we are shutting down.
     if (!stop.aborted) {
@@ -886,6 +927,7 @@ export async function runConsumer(
    */
   const dueWake = new DueWake(() => {
     headScans.request();
+    headScanSoon();
     announce();
   });
   const unlisten = options.listen
@@ -905,20 +947,18 @@ export async function runConsumer(
   let errorStreak = 0;
   while (!stop.aborted) {
     options.onTurn?.();
+    headScanSoon();
     if (buffer.wantsClaim(running.size) && !completer.full) {
       const limit = buffer.room(running.size);
       try {
-        const fromHead = headScans.due();
-        const began = performance.now();
         claiming = true;
         let claimed: ClaimResult;
         try {
-          claimed = await claimJobs(limit, undefined, startingAtOnce(), fromHead);
+          claimed = await claimJobs(limit, undefined, startingAtOnce());
         } finally {
           claiming = false;
         }
         const { jobs, poisoned } = claimed;
-        if (fromHead) headScans.done(performance.now() - began);
         errorStreak = 0;
         admit(jobs);
         probes.claimed();
@@ -956,8 +996,10 @@ export async function runConsumer(
       count: running.size,
       grace: formatDuration(options.shutdownGraceMs),
     });
-    // A probe in flight would add to the buffer after it was handed back.
+    // A probe or a claim from the head in flight would add to the buffer after it was
+    // handed back.
     await probes.settle();
+    await headScanning;
     // Buffered jobs never started: hand them back now, not after the grace period.
     const unstarted = buffer.takeAll();
     if (unstarted.length > 0) handBackTracked(unstarted, "shutdown");

@@ -4,8 +4,9 @@
  * keeps them as fast while another session holds a snapshot open but misses a job ranking
  * before that point that became visible again: a retry or delayed job falling due, a job
  * whose claim expired, one stamped in a transaction that committed long after. A claim
- * from the head finds those. It runs on the first claim, soon after an announced retry or
- * delayed job falls due, and at least every HEAD_SCAN_EVERY_MS otherwise.
+ * from the head finds those. It runs beside the loop's claims (never instead of one): when
+ * the consumer starts, soon after an announced retry or delayed job falls due, and at least
+ * every HEAD_SCAN_EVERY_MS otherwise.
  *
  * Its cost is what the bounded claims avoid: while a snapshot is held it grows with every
  * job acked since (400 ms after a minute at 20,000 jobs/s, extrapolated from
@@ -23,11 +24,18 @@ export const HEAD_SCAN_EVERY_MS = 1000;
 export const HEAD_SCAN_MIN_GAP_MS = 100;
 /** Share of the time claims from the head may take: the pause after one is its time ÷ this. */
 export const HEAD_SCAN_SHARE = 0.05;
+/**
+ * A claim from the head is cancelled in the server after this long (ms). It runs beside the
+ * consumer's loop, so it never stalls the loop's own claims; but while a snapshot is held
+ * its walk grows without bound (seconds after a minute at 12,000 jobs/s once the table
+ * outgrows shared_buffers), and a cancelled one pauses the next for this ÷ HEAD_SCAN_SHARE.
+ */
+export const HEAD_SCAN_TIMEOUT_MS = 2_000;
 
 /** Decides whether the consumer's next claim walks from the head. */
 export class HeadScans {
   readonly #now: Clock;
-  /** The next claim walks from the head at or after this time (0: the first claim does). */
+  /** The next claim from the head is due at this time (0: at once, when the consumer starts). */
   #next = 0;
   /** The shortest pause after the last one (ms), when a job falling due asks. */
   #gap = HEAD_SCAN_MIN_GAP_MS;
@@ -47,7 +55,12 @@ export class HeadScans {
     this.#next = Math.min(this.#next, Math.max(this.#now(), this.#last + this.#gap));
   }
 
-  /** A claim from the head came back after `durationMs`. */
+  /** Milliseconds until the next claim from the head (0: due). */
+  wait(): number {
+    return Math.max(0, this.#next - this.#now());
+  }
+
+  /** A claim from the head came back (or failed) after `durationMs`. */
   done(durationMs: number): void {
     this.#last = this.#now();
     this.#gap = Math.max(HEAD_SCAN_MIN_GAP_MS, durationMs / HEAD_SCAN_SHARE);

@@ -168,6 +168,12 @@ export class PrefetchBuffer {
     return this.#jobs.shift();
   }
 
+  /** Where the last buffered job ranks (none buffered: undefined). */
+  lastRank(): Rank | undefined {
+    const last = this.#jobs[this.#jobs.length - 1];
+    return last === undefined ? undefined : { priority: last.priority, fair_seq: last.fair_seq };
+  }
+
   /**
    * Whether a job announced at `rank` would be fetched by a probe and start ahead of
    * buffered jobs: the buffer holds more than the slots, and its last job ranks after it.

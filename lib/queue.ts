@@ -27,6 +27,7 @@ import {
   checkNumber,
   checkObject,
   checkOptions,
+  checkPool,
   checkString,
   checkToken,
   integerRefusal,
@@ -598,6 +599,12 @@ export interface ClaimOptions {
    * head (sql/functions/claim.sql, "Where a claim starts").
    */
   fromHead?: boolean;
+  /**
+   * Cancel the claim in the server after this many ms (SQLSTATE 57014): it runs in a
+   * transaction of its own with a local statement_timeout, so `db` must be a pool. For a
+   * claim from the head, whose walk a held snapshot can make arbitrarily long.
+   */
+  timeoutMs?: number;
 }
 
 export interface ClaimResult {
@@ -636,18 +643,18 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
     optional: true,
   });
   checkBoolean("claim", "options.fromHead", options.fromHead, { optional: true });
+  if (options.timeoutMs !== undefined) {
+    checkInteger("claim", "options.timeoutMs", options.timeoutMs, { min: 1, max: MAX_INT4 });
+    checkPool("claim", db, "db");
+  }
   // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
   const queues = [...new Set(options.queues)];
-  // The statement lives in sql/functions/claim.sql, where its plan is pinned to the claim index.
-  const rows = await db<(Job & { poisoned: boolean })[]>`
-    select id, queue, task, payload, priority, fairness_key, fair_seq, attempts, max_attempts,
-      token, key, execution_id, created_at, deadline, poisoned
-    from shoal.claim_jobs(${queues}::text[], ${options.limit}::integer,
-                          ${options.workerId}::text, ${options.visibilityMs}::integer,
-                          ${options.before?.priority ?? null}::integer,
-                          ${options.before?.fair_seq ?? null}::bigint,
-                          ${options.starting ?? null}::integer,
-                          ${options.fromHead ?? true}::boolean)`;
+  const rows = options.timeoutMs === undefined
+    ? await claimRows(db, queues, options)
+    : await (db as Sql).begin(async (tx) => {
+      await tx`select set_config('statement_timeout', ${String(options.timeoutMs)}, true)`;
+      return await claimRows(tx, queues, options);
+    });
   const jobs: Job[] = [];
   const poisoned: ClaimResult["poisoned"] = [];
   for (const { poisoned: isPoison, ...job } of rows) {
@@ -656,6 +663,23 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
     } else jobs.push(job);
   }
   return { jobs, poisoned };
+}
+
+/** The claim's one statement (its text lives in sql/functions/claim.sql, plan pinned). */
+async function claimRows(
+  db: Db,
+  queues: string[],
+  options: ClaimOptions,
+): Promise<(Job & { poisoned: boolean })[]> {
+  return await db<(Job & { poisoned: boolean })[]>`
+    select id, queue, task, payload, priority, fairness_key, fair_seq, attempts, max_attempts,
+      token, key, execution_id, created_at, deadline, poisoned
+    from shoal.claim_jobs(${queues}::text[], ${options.limit}::integer,
+                          ${options.workerId}::text, ${options.visibilityMs}::integer,
+                          ${options.before?.priority ?? null}::integer,
+                          ${options.before?.fair_seq ?? null}::bigint,
+                          ${options.starting ?? null}::integer,
+                          ${options.fromHead ?? true}::boolean)`;
 }
 
 /** A claimed job's identity and fencing token. */
