@@ -639,9 +639,12 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
   // A queue listed twice would pick its jobs twice and fill the batch with duplicates.
   const queues = [...new Set(options.queues)];
   // The statement lives in sql/functions/claim.sql, where its plan is pinned to the claim index.
-  const rows = await db<(Job & { poisoned: boolean })[]>`
+  // A poisoned job (dead-lettered unrun) comes back with a null token, which no claimed job
+  // has: each other row is a Job as it is, with no copy per job to drop a `poisoned` column.
+  const rows = await db<(Omit<Job, "token"> & { token: string | null })[]>`
     select id, queue, task, payload, priority, fairness_key, fair_seq, attempts, max_attempts,
-      token, key, execution_id, created_at, deadline, poisoned
+      case when poisoned then null else token end as token, key, execution_id, created_at,
+      deadline
     from shoal.claim_jobs(${queues}::text[], ${options.limit}::integer,
                           ${options.workerId}::text, ${options.visibilityMs}::integer,
                           ${options.before?.priority ?? null}::integer,
@@ -650,10 +653,10 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
                           ${options.fromHead ?? true}::boolean)`;
   const jobs: Job[] = [];
   const poisoned: ClaimResult["poisoned"] = [];
-  for (const { poisoned: isPoison, ...job } of rows) {
-    if (isPoison) {
-      poisoned.push({ id: job.id, task: job.task, queue: job.queue, attempts: job.attempts });
-    } else jobs.push(job);
+  for (const row of rows) {
+    if (row.token === null) {
+      poisoned.push({ id: row.id, task: row.task, queue: row.queue, attempts: row.attempts });
+    } else jobs.push(row as Job);
   }
   return { jobs, poisoned };
 }

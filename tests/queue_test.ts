@@ -945,6 +945,24 @@ Deno.test("claim() dead-letters a job whose claims used up its attempts, without
   const result = await claim(db.sql, claimOptions(["q"], 10));
   assertEquals(result.poisoned, [{ id: poison, task: "crash", queue: "q", attempts: 2 }]);
   assertEquals(result.jobs.map((j) => j.id), [healthy]);
+  // A claimed job is the Job type's fields, nothing more (the poison mark stays in claim()).
+  assertEquals(Object.keys(result.jobs[0]!).sort(), [
+    "attempts",
+    "created_at",
+    "deadline",
+    "execution_id",
+    "fair_seq",
+    "fairness_key",
+    "id",
+    "key",
+    "max_attempts",
+    "payload",
+    "priority",
+    "queue",
+    "task",
+    "token",
+  ]);
+  assertEquals(typeof result.jobs[0]!.token, "string");
   const dead = await db.sql<{ id: string; attempts: number; reason: string }[]>`
     select id, attempts, reason from shoal.dead_jobs`;
   assertEquals([...dead], [{
