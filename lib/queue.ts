@@ -30,6 +30,7 @@ import {
   checkString,
   checkToken,
   integerRefusal,
+  isBigintFrom,
   isIntegerIn,
   isName,
   MAX_INT4,
@@ -678,8 +679,16 @@ export function checkRef(fn: string, arg: string, ref: unknown): void {
 export function checkRefs(fn: string, arg: string, refs: unknown): void {
   checkArray(fn, arg, refs, "an array of job refs ({ id, token })");
   for (let i = 0; i < (refs as unknown[]).length; i++) {
-    checkRef(fn, `${arg}[${i}]`, (refs as unknown[])[i]);
+    const ref = (refs as unknown[])[i];
+    // The element's name is built only for a refusal: heartbeats check thousands of refs.
+    if (!isRef(ref)) checkRef(fn, `${arg}[${i}]`, ref);
   }
+}
+
+/** Whether `ref` passes checkRef(). */
+function isRef(ref: unknown): boolean {
+  return typeof ref === "object" && ref !== null && !Array.isArray(ref) &&
+    isBigintFrom((ref as JobRef).id, 1) && isBigintFrom((ref as JobRef).token, 0);
 }
 
 /**
@@ -696,9 +705,7 @@ export function checkRefs(fn: string, arg: string, refs: unknown): void {
  * grows while a slow one runs feeds on itself. Callers reach the locked rows again with
  * `j.id = any(array(select id from locked))`, a primary-key lookup too, not a join.
  */
-function lockOurs(db: Db, refs: JobRef[]) {
-  const ids = refs.map((r) => r.id);
-  const tokens = refs.map((r) => r.token);
+function lockOurs(db: Db, ids: readonly string[], tokens: readonly string[]) {
   return db`
     select x.id
     from (select u.id, u.token from unnest(${ids}::bigint[], ${tokens}::bigint[]) as u(id, token)
@@ -714,11 +721,31 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
   checkRefs("ack", "refs", refs);
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, refs)})
+    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))})
     delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
     returning j.id`;
   return rows.map((r) => r.id);
 }
+
+/**
+ * ack() for the consumer's completer, which holds finished jobs as two arrays, ids and
+ * tokens (no object per job), taken from its own claims: they are not checked again, and
+ * no row comes back per job. Returns how many were still ours.
+ */
+export async function ackClaimed(
+  db: Db,
+  ids: readonly string[],
+  tokens: readonly string[],
+): Promise<number> {
+  if (ids.length === 0) return 0;
+  const result = await db`
+    with locked as (${lockOurs(db, ids, tokens)})
+    delete from shoal.jobs j where j.id = any(array(select l.id from locked l))`;
+  return result.count;
+}
+
+const idsOf = (refs: readonly JobRef[]): string[] => refs.map((r) => r.id);
+const tokensOf = (refs: readonly JobRef[]): string[] => refs.map((r) => r.token);
 
 /**
  * Push the visibility deadline of claimed jobs, and record as started those of `started`
@@ -741,7 +768,7 @@ export async function extend(
   if (refs.length === 0) return [];
   // `started` holds running handlers only (not the buffer): a search of a few per row.
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, refs)})
+    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))})
     update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms',
       started_at = coalesce(j.started_at,
         case when j.id = any(${started}::bigint[]) then now() end)
@@ -762,7 +789,7 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
   checkRefs("release", "refs", refs);
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, refs)}),
+    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))}),
     released as (
       update shoal.jobs j
       set locked_by = null, locked_at = null, started_at = null, run_at = now(),

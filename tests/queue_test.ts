@@ -10,6 +10,7 @@ import { testDb, waitFor } from "./helpers.ts";
 import type { Db, Sql } from "../lib/db.ts";
 import {
   ack,
+  ackClaimed,
   backoffMs,
   claim,
   type ClaimOptions,
@@ -806,6 +807,19 @@ Deno.test("ack() of several jobs deletes only those still owned", async () => {
   assertEquals(await ack(db.sql, []), []);
   const rest = await db.sql<{ id: string }[]>`select id from shoal.jobs`;
   assertEquals(rest.map((r) => r.id), [b!.id]);
+});
+
+Deno.test("ackClaimed() deletes only the jobs still owned, by ids and tokens side by side, and counts them", async () => {
+  await using db = await testDb();
+  await enqueueMany(db.sql, [{ task: "t" }, { task: "t" }, { task: "t" }]);
+  const { jobs } = await claim(db.sql, claimOptions(["default"], 3));
+  const [a, b, c] = jobs;
+  assertEquals(await release(db.sql, [ref(b!)]), [b!.id]);
+  const ids = [a!.id, b!.id, c!.id];
+  assertEquals(await ackClaimed(db.sql, ids, [a!.token, b!.token, c!.token]), 2);
+  assertEquals(await ackClaimed(db.sql, [], []), 0);
+  const rest = await db.sql<{ id: string }[]>`select id from shoal.jobs`;
+  assertEquals(rest.map((r) => r.id), [b!.id], "the released job's old token changed nothing");
 });
 
 // ---------------------------------------------------------------------------------------
