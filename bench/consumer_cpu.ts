@@ -16,6 +16,10 @@
  *                                       /tmp/c-<run>-<variant>.log (with --trace-gc, say)
  *   deno run -A bench/consumer_cpu.ts --deno-args=--inspect=127.0.0.1:9229
  *                                       more `deno run` flags for the consumer
+ *   deno run -A bench/consumer_cpu.ts --statements  the statements the drain sent (calls, rows
+ *                                       per call, mean ms): pg_stat_statements preloaded
+ *                                       (track top), which changes the server: its CPU
+ *                                       figures are not comparable with a run without
  *   deno run -A bench/consumer_cpu.ts -- --concurrency 24  extra consumer flags
  *
  * The variants (every tree with every V8 flag set) run in turn, the order rotating from
@@ -29,9 +33,10 @@
  * CPU (/proc/<pid>/stat: every thread, the GC's helpers included) and its Postgres
  * backends' (pg_stat_activity's pids on that database, this script's connections left
  * out), each divided by the jobs. Also the wall time and jobs/s (indicative only on a
- * shared machine) and the consumer's VmHWM (its peak RSS, boot included). Prints one
- * markdown row per run and the medians per variant. The consumer's pid goes to stderr as
- * the drain starts, for strace or perf from another shell.
+ * shared machine), the consumer's VmHWM (its peak RSS, boot included), and how busy the
+ * consumer and the busiest backend (the claims') were: CPU over the drain's wall time.
+ * Prints one markdown row per run and the medians per variant. The consumer's pid goes to
+ * stderr as the drain starts, for strace or perf from another shell.
  *
  * Read with care: a CPU profile's self time counts time the thread was preempted as well
  * (a loopback `sendto` wakes the Postgres backend, which may take the core at once), so
@@ -52,16 +57,23 @@ import {
   startServer,
 } from "./harness.ts";
 import type { Sql } from "../lib/db.ts";
+import { profileRead, profileReset } from "./profile.ts";
 
 const QUEUE = "default";
 const CHUNK = 5_000;
 
 interface RunFigures {
+  /** With --statements: the top-level statements of the drain, one line each. */
+  statements?: string;
   consumerUsPerJob: number;
   backendUsPerJob: number;
   seconds: number;
   jobsPerSecond: number;
   hwmMb: number;
+  /** The busiest backend's CPU as a share of the drain's wall time (the claims' backend). */
+  busiestBackend: number;
+  /** The consumer's CPU as a share of the drain's wall time. */
+  consumerBusy: number;
 }
 
 /** One thing measured: a tree's main.ts under some V8 flags. */
@@ -81,6 +93,7 @@ const { values: flags, positionals: extra } = parseArgs({
     profile: { type: "string" },
     output: { type: "string" },
     "deno-args": { type: "string" },
+    statements: { type: "boolean", default: false },
   },
   allowPositionals: true,
 });
@@ -158,11 +171,9 @@ async function backendCpu(sql: Sql): Promise<Map<number, number>> {
   return cpu;
 }
 
-/** CPU used between two readings; a backend that connected meanwhile counts from zero. */
-function backendDelta(before: Map<number, number>, after: Map<number, number>): number {
-  let total = 0;
-  for (const [pid, seconds] of after) total += seconds - (before.get(pid) ?? 0);
-  return total;
+/** CPU used between two readings per backend; one that connected meanwhile counts from zero. */
+function backendDeltas(before: Map<number, number>, after: Map<number, number>): number[] {
+  return [...after].map(([pid, seconds]) => seconds - (before.get(pid) ?? 0));
 }
 
 function isStartedLine(line: string): boolean {
@@ -198,12 +209,15 @@ async function drain(sql: Sql, consumer: Child): Promise<RunFigures> {
   if (cpu0 === null || cpu1 === null || memory === null) {
     throw new Error("Cannot read the consumer's /proc entry");
   }
+  const backends = backendDeltas(backends0, backends1);
   return {
     consumerUsPerJob: ((cpu1 - cpu0) * 1e6) / jobs,
-    backendUsPerJob: (backendDelta(backends0, backends1) * 1e6) / jobs,
+    backendUsPerJob: (backends.reduce((a, b) => a + b, 0) * 1e6) / jobs,
     seconds,
     jobsPerSecond: jobs / seconds,
     hwmMb: memory.hwmMb,
+    busiestBackend: Math.max(0, ...backends) / seconds,
+    consumerBusy: (cpu1 - cpu0) / seconds,
   };
 }
 
@@ -212,6 +226,7 @@ async function oneRun(server: BenchServer, variant: Variant, tag: string): Promi
   try {
     await migrate(variant.tree, db.url);
     await enqueue(db.sql, jobs);
+    if (flags.statements) await profileReset(db.sql);
     const profileArgs = flags.profile
       ? [
         "--cpu-prof",
@@ -227,6 +242,7 @@ async function oneRun(server: BenchServer, variant: Variant, tag: string): Promi
     let figures: RunFigures;
     try {
       figures = await drain(db.sql, consumer);
+      if (flags.statements) figures.statements = await statementLines(db.sql);
     } catch (error) {
       await consumer.stop();
       throw error;
@@ -242,6 +258,18 @@ async function oneRun(server: BenchServer, variant: Variant, tag: string): Promi
   } finally {
     await db.drop();
   }
+}
+
+/** The drain's top-level statements (this script's polls left out), per 1,000 jobs. */
+async function statementLines(sql: Sql): Promise<string> {
+  const profile = await profileRead(sql, jobs);
+  return profile.top
+    .filter((r) => r.toplevel && !r.query.includes("from shoal.jobs) as left"))
+    .map((r) =>
+      `  ${(r.calls * 1000 / jobs).toFixed(2)} calls per 1,000 jobs, ${
+        (r.rows / r.calls).toFixed(0)
+      } rows per call, ${r.mean_ms.toFixed(3)} ms mean: ${r.query.slice(0, 90)}`
+    ).join("\n");
 }
 
 interface ProfileNode {
@@ -298,10 +326,12 @@ function summarizeProfile(path: string): string {
 function row(label: string, r: RunFigures): string {
   return `| ${label} | ${r.consumerUsPerJob.toFixed(2)} | ${r.backendUsPerJob.toFixed(2)} | ${
     r.seconds.toFixed(2)
-  } | ${Math.round(r.jobsPerSecond)} | ${r.hwmMb.toFixed(0)} MB |\n`;
+  } | ${Math.round(r.jobsPerSecond)} | ${r.hwmMb.toFixed(0)} MB | ${
+    (100 * r.consumerBusy).toFixed(0)
+  }% | ${(100 * r.busiestBackend).toFixed(0)}% |\n`;
 }
 
-const server = await startServer({ profile: false });
+const server = await startServer({ profile: flags.statements, track: "top" });
 const results = new Map<Variant, RunFigures[]>(variants.map((v) => [v, []]));
 try {
   print(
@@ -310,8 +340,11 @@ try {
         Deno.loadavg().map((l) => l.toFixed(1)).join(" ")
       }\n\n`,
   );
-  print("| run | consumer µs/job | backends µs/job | seconds | jobs/s | consumer VmHWM |\n");
-  print("| --- | ---: | ---: | ---: | ---: | ---: |\n");
+  print(
+    "| run | consumer µs/job | backends µs/job | seconds | jobs/s | consumer VmHWM " +
+      "| consumer busy | busiest backend busy |\n",
+  );
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   const profiles: string[] = [];
   for (let run = 1; run <= runs; run++) {
     for (let k = 0; k < variants.length; k++) {
@@ -321,6 +354,7 @@ try {
       const figures = await oneRun(server, variant, tag);
       results.get(variant)!.push(figures);
       print(row(`${run}: ${variant.label}`, figures));
+      if (figures.statements) print(`${figures.statements}\n`);
       if (flags.profile) profiles.push(`${flags.profile}/consumer-${tag}.cpuprofile`);
     }
   }
@@ -333,6 +367,8 @@ try {
       seconds: med((r) => r.seconds),
       jobsPerSecond: med((r) => r.jobsPerSecond),
       hwmMb: med((r) => r.hwmMb),
+      busiestBackend: med((r) => r.busiestBackend),
+      consumerBusy: med((r) => r.consumerBusy),
     }));
   }
   for (const path of profiles) print(summarizeProfile(path));
