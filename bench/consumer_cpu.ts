@@ -20,6 +20,11 @@
  *                                       per call, mean ms): pg_stat_statements preloaded
  *                                       (track top), which changes the server: its CPU
  *                                       figures are not comparable with a run without
+ *   deno run -A bench/consumer_cpu.ts --jobs 20000 --idle-ms 10000
+ *                                       W6's memory figures too: before the drain, a fresh
+ *                                       consumer on the empty queue for that long, its RSS
+ *                                       sampled every 250 ms (idle peak); VmHWM of the
+ *                                       drain's consumer is W6's "under W2" peak
  *   deno run -A bench/consumer_cpu.ts -- --concurrency 24  extra consumer flags
  *
  * The variants (every tree with every V8 flag set) run in turn, the order rotating from
@@ -65,6 +70,8 @@ const CHUNK = 5_000;
 interface RunFigures {
   /** With --statements: the top-level statements of the drain, one line each. */
   statements?: string;
+  /** With --idle-ms: the largest RSS of a fresh consumer on the empty queue, MB. */
+  idlePeakMb?: number;
   consumerUsPerJob: number;
   backendUsPerJob: number;
   seconds: number;
@@ -94,6 +101,7 @@ const { values: flags, positionals: extra } = parseArgs({
     output: { type: "string" },
     "deno-args": { type: "string" },
     statements: { type: "boolean", default: false },
+    "idle-ms": { type: "string" },
   },
   allowPositionals: true,
 });
@@ -225,6 +233,9 @@ async function oneRun(server: BenchServer, variant: Variant, tag: string): Promi
   const db = await freshDb(server, `cpu_${tag}`);
   try {
     await migrate(variant.tree, db.url);
+    const idlePeakMb = flags["idle-ms"] === undefined
+      ? undefined
+      : await idlePeak(variant, db.url, Number(flags["idle-ms"]));
     await enqueue(db.sql, jobs);
     if (flags.statements) await profileReset(db.sql);
     const profileArgs = flags.profile
@@ -254,10 +265,28 @@ async function oneRun(server: BenchServer, variant: Variant, tag: string): Promi
         `The consumer exited with code ${status.code}:\n${consumer.output().slice(-3000)}`,
       );
     }
-    return figures;
+    return { ...figures, idlePeakMb };
   } finally {
     await db.drop();
   }
+}
+
+/** The largest RSS of a fresh consumer on an empty queue over `ms`, sampled as W6 does. */
+async function idlePeak(variant: Variant, url: string, ms: number): Promise<number> {
+  const consumer = mainTs(variant.tree, url, variant.v8Flags, ["--role", "consumer", ...extra]);
+  let peak = 0;
+  try {
+    await consumer.waitForLine("its started line", isStartedLine, 60_000);
+    for (const end = performance.now() + ms; performance.now() < end;) {
+      const memory = await memoryOf(consumer.process.pid);
+      if (memory === null) throw new Error("The idle consumer exited");
+      peak = Math.max(peak, memory.rssMb);
+      await sleep(250);
+    }
+  } finally {
+    await consumer.stop();
+  }
+  return peak;
 }
 
 /** The drain's top-level statements (this script's polls left out), per 1,000 jobs. */
@@ -324,11 +353,12 @@ function summarizeProfile(path: string): string {
 }
 
 function row(label: string, r: RunFigures): string {
+  const idle = r.idlePeakMb === undefined ? "" : ` idle peak ${r.idlePeakMb.toFixed(1)} MB |`;
   return `| ${label} | ${r.consumerUsPerJob.toFixed(2)} | ${r.backendUsPerJob.toFixed(2)} | ${
     r.seconds.toFixed(2)
   } | ${Math.round(r.jobsPerSecond)} | ${r.hwmMb.toFixed(0)} MB | ${
     (100 * r.consumerBusy).toFixed(0)
-  }% | ${(100 * r.busiestBackend).toFixed(0)}% |\n`;
+  }% | ${(100 * r.busiestBackend).toFixed(0)}% |${idle}\n`;
 }
 
 const server = await startServer({ profile: flags.statements, track: "top" });
@@ -369,6 +399,7 @@ try {
       hwmMb: med((r) => r.hwmMb),
       busiestBackend: med((r) => r.busiestBackend),
       consumerBusy: med((r) => r.consumerBusy),
+      idlePeakMb: all[0]!.idlePeakMb === undefined ? undefined : med((r) => r.idlePeakMb!),
     }));
   }
   for (const path of profiles) print(summarizeProfile(path));
