@@ -322,20 +322,23 @@ function bigintInRange(digits: string, min: 0 | 1): boolean {
   return !(min === 1 && text === "0");
 }
 
-/** A bigint from `min` (0 or 1) up: a string of digits, as postgres.js returns it, or a number. */
+/**
+ * Whether `value` is a bigint from `min` (0 or 1) up: a string of digits, as postgres.js
+ * returns it, or a safe integer.
+ */
+export function isBigintFrom(value: unknown, min: 0 | 1): boolean {
+  if (typeof value === "string") return DIGITS.test(value) && bigintInRange(value, min);
+  return typeof value === "number" && Number.isSafeInteger(value) && value >= min;
+}
+
+/** A bigint from `min` (0 or 1) up; the message is built only when refused (per-job paths). */
 function checkBigint(fn: string, arg: string, value: unknown, min: 0 | 1, what: string): void {
+  if (isBigintFrom(value, min)) return;
   const expected = `a ${
     min === 1 ? "positive" : "non-negative"
   } integer ${what} as a string or number`;
-  if (typeof value === "string") {
-    if (!DIGITS.test(value)) throw invalid(fn, arg, expected, value);
-    if (!bigintInRange(value, min)) throw invalid(fn, arg, expected, value, RangeError);
-    return;
-  }
-  if (typeof value !== "number") throw invalid(fn, arg, expected, value);
-  if (!Number.isSafeInteger(value) || value < min) {
-    throw invalid(fn, arg, expected, value, RangeError);
-  }
+  const wrongKind = typeof value === "string" ? !DIGITS.test(value) : typeof value !== "number";
+  throw invalid(fn, arg, expected, value, wrongKind ? TypeError : RangeError);
 }
 
 /** A row id (a job, an execution, a dead job): a positive bigint. */

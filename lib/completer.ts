@@ -20,7 +20,7 @@ import type { Sql } from "./db.ts";
 import { isDataError, retryOnce } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { metrics } from "./metrics.ts";
-import { ack, fail, type JobRef } from "./queue.ts";
+import { ackClaimed, fail, type JobRef } from "./queue.ts";
 import { type CheckedFanOut, completeJobs, type Completion, fanOut } from "./barrier.ts";
 import { PermanentError } from "./tasks.ts";
 import { failureOf, type JobRun } from "./run_job.ts";
@@ -70,6 +70,12 @@ export interface CompleterOptions {
 
 const NONE: readonly never[] = [];
 
+/** Plain jobs to ack: ids and tokens side by side, so a backlog holds no object per job. */
+interface AckBatch {
+  ids: string[];
+  tokens: string[];
+}
+
 /** Records finished runs; see the module comment. */
 export class Completer {
   readonly #sql: Sql;
@@ -78,12 +84,14 @@ export class Completer {
   readonly #options: CompleterOptions;
   readonly #log = logger("consumer");
   /** Plain jobs to ack, not sent yet: id and token only, so a backlog holds no payloads. */
-  #acks: JobRef[] = [];
+  #acks: AckBatch = { ids: [], tokens: [] };
   /** Jobs of an execution to complete, not sent yet. */
   #completions: Completion[] = [];
   /** The batches of the statements in flight. */
-  #sendingAcks: readonly (readonly JobRef[])[] = NONE;
+  #sendingAcks: readonly AckBatch[] = NONE;
   #sendingCompletions: readonly (readonly Completion[])[] = NONE;
+  /** How many jobs those statements carry (counted once per flush, read for every job). */
+  #sending = 0;
   /** Draining (shutdown): send up to DRAIN_STATEMENTS batches of each kind at once. */
   #draining = false;
   /** Failures and fan-outs being recorded. */
@@ -106,8 +114,7 @@ export class Completer {
 
   /** Outcomes handed in and not recorded yet. */
   get backlog(): number {
-    return this.#acks.length + this.#completions.length + total(this.#sendingAcks) +
-      total(this.#sendingCompletions) + this.#recording;
+    return this.#acks.ids.length + this.#completions.length + this.#sending + this.#recording;
   }
 
   /** Whether the backlog is at its limit: the consumer claims nothing until it falls. */
@@ -122,8 +129,9 @@ export class Completer {
    * released runs are discarded.
    */
   record(run: JobRun): Promise<void> | undefined {
-    // The handler's duration, measured when it settled (not when its outcome is recorded).
-    const ms = performance.now() - run.startedAt;
+    // The handler's duration, measured when it settled (not when its outcome is recorded);
+    // without metrics nothing reads it, and a clock read per job is not free.
+    const ms = metrics.enabled ? performance.now() - run.startedAt : 0;
     switch (run.state) {
       case "completed":
         this.#complete(run, ms);
@@ -139,12 +147,17 @@ export class Completer {
 
   /** The jobs handed in but not acked yet, for the heartbeat. */
   unsent(): JobRef[] {
-    return [
-      ...this.#acks,
-      ...this.#completions,
-      ...this.#sendingAcks.flat(),
-      ...this.#sendingCompletions.flat(),
-    ];
+    const refs: JobRef[] = [];
+    for (const batch of [this.#acks, ...this.#sendingAcks]) {
+      for (let i = 0; i < batch.ids.length; i++) {
+        refs.push({ id: batch.ids[i]!, token: batch.tokens[i]! });
+      }
+    }
+    for (const c of this.#completions) refs.push({ id: c.id, token: c.token });
+    for (const batch of this.#sendingCompletions) {
+      for (const c of batch) refs.push({ id: c.id, token: c.token });
+    }
+    return refs;
   }
 
   /**
@@ -168,7 +181,8 @@ export class Completer {
       this.#completions.push({ id: job.id, token: job.token, result: run.result });
     } else {
       // The ref alone, not the job: a backlog of thousands must not keep their payloads.
-      this.#acks.push({ id: job.id, token: job.token });
+      this.#acks.ids.push(job.id);
+      this.#acks.tokens.push(job.token);
     }
     metrics.jobFinished(job, "completed", ms);
     this.#noteGrowth();
@@ -176,23 +190,44 @@ export class Completer {
   }
 
   async #flush(): Promise<void> {
-    while (this.#acks.length > 0 || this.#completions.length > 0) {
+    while (this.#acks.ids.length > 0 || this.#completions.length > 0) {
       const statements = this.#draining ? DRAIN_STATEMENTS : 1;
-      const acks = takeBatches(this.#acks, this.#cap, statements);
+      const acks = this.#takeAckBatches(statements);
       const completions = takeBatches(this.#completions, this.#cap, statements);
       this.#sendingAcks = acks;
       this.#sendingCompletions = completions;
+      this.#sending = 0;
+      for (const batch of acks) this.#sending += batch.ids.length;
+      for (const batch of completions) this.#sending += batch.length;
       await Promise.all([
-        ...acks.map((batch) => this.#send("ack", batch.length, () => ack(this.#sql, batch))),
+        ...acks.map((batch) =>
+          this.#send("ack", batch.ids.length, () => ackClaimed(this.#sql, batch.ids, batch.tokens))
+        ),
         ...completions.map((batch) =>
           this.#send("complete", batch.length, () => completeJobs(this.#sql, batch))
         ),
       ]);
       this.#sendingAcks = NONE;
       this.#sendingCompletions = NONE;
+      this.#sending = 0;
       this.#roomCheck();
     }
     this.#flushing = null;
+  }
+
+  /** Up to `count` ack batches of at most the cap, taken from the front of the acks. */
+  #takeAckBatches(count: number): AckBatch[] {
+    const { ids, tokens } = this.#acks;
+    if (ids.length === 0) return [];
+    if (ids.length <= this.#cap) {
+      this.#acks = { ids: [], tokens: [] };
+      return [{ ids, tokens }];
+    }
+    const batches: AckBatch[] = [];
+    while (ids.length > 0 && batches.length < count) {
+      batches.push({ ids: ids.splice(0, this.#cap), tokens: tokens.splice(0, this.#cap) });
+    }
+    return batches;
   }
 
   async #send(what: string, count: number, run: () => Promise<unknown>): Promise<void> {
@@ -308,10 +343,4 @@ function takeBatches<T>(queue: T[], cap: number, count: number): T[][] {
     batches.push(queue.length <= cap ? queue.splice(0) : queue.splice(0, cap));
   }
   return batches;
-}
-
-function total(batches: readonly (readonly unknown[])[]): number {
-  let n = 0;
-  for (const batch of batches) n += batch.length;
-  return n;
 }

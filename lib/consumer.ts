@@ -677,6 +677,7 @@ export async function runConsumer(
     taskTimeoutMs: options.taskTimeoutMs,
     maxPayloadBytes: options.maxPayloadBytes,
     maxFanOut: options.maxFanOut,
+    onSettled: settled,
   };
   /** Task timeouts: one sweep over running jobs, not a timer per job. */
   const timeouts = new TimeoutSweep(() => {
@@ -809,13 +810,15 @@ export async function runConsumer(
     const run = new JobRun(job, env);
     running.set(job.id, run);
     timeouts.watch(run.timeoutMs);
-    run.settled.then(() => {
-      // An ack is only queued: the slot frees now. A failure or fan-out keeps it until
-      // recorded.
-      const recording = completer.record(run);
-      if (recording) recording.finally(() => finish(run));
-      else finish(run);
-    });
+  }
+
+  /** A run settled (env.onSettled): record its outcome and free its slot. */
+  function settled(run: JobRun): void {
+    // An ack is only queued: the slot frees now. A failure or fan-out keeps it until
+    // recorded.
+    const recording = completer.record(run);
+    if (recording) recording.finally(() => finish(run));
+    else finish(run);
   }
 
   function finish(run: JobRun): void {

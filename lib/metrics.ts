@@ -329,6 +329,11 @@ export class ProcessMetrics {
     this.#impl = impl;
   }
 
+  /** Whether the metrics are real: without them, callers may skip measuring what they report. */
+  get enabled(): boolean {
+    return this.#impl !== null;
+  }
+
   jobsClaimed(jobs: readonly JobLabels[]): void {
     this.#impl?.jobsClaimed(jobs);
   }

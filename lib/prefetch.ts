@@ -76,8 +76,24 @@ export type Rank = Pick<Job, "priority" | "fair_seq">;
  */
 export function ranksBy(a: Rank, b: Rank): boolean {
   if (a.priority !== b.priority) return a.priority > b.priority;
-  return BigInt(a.fair_seq) <= BigInt(b.fair_seq);
+  return decimalAtMost(a.fair_seq, b.fair_seq);
 }
+
+/**
+ * `a <= b` for two bigints in decimal as Postgres sends them (an optional minus, no
+ * leading zeros), compared as text: admitting a batch ranks each of its jobs, and a BigInt
+ * per comparison was an allocation per job.
+ */
+export function decimalAtMost(a: string, b: string): boolean {
+  const negative = a.charCodeAt(0) === MINUS;
+  if (negative !== (b.charCodeAt(0) === MINUS)) return negative;
+  // Same sign: a longer number is the larger in magnitude; equal lengths compare as text.
+  const magnitudeAtMost = a.length !== b.length ? a.length < b.length : a <= b;
+  const magnitudeAtLeast = a.length !== b.length ? a.length > b.length : a >= b;
+  return negative ? magnitudeAtLeast : magnitudeAtMost;
+}
+
+const MINUS = 45; // "-"
 
 export interface PrefetchOptions {
   /** Slots: jobs run at once. */
@@ -94,8 +110,14 @@ export class PrefetchBuffer {
   readonly #prefetch: number;
   readonly #now: Clock;
   readonly #pace: Pace;
-  /** Claimed, not started yet, in start order. */
-  #jobs: Job[] = [];
+  /**
+   * Claimed, not started yet, in start order: the live ones are `#jobs[#head..]`. Taking
+   * the next job moves `#head` instead of shift(), which copied the whole array on every
+   * start once it held a few hundred jobs (the largest allocation per job, measured with
+   * bench/consumer_cpu.ts). The started front is dropped when a claim is admitted.
+   */
+  #jobs: (Job | undefined)[] = [];
+  #head = 0;
   /** No probe before this time (after one that found nothing or failed). */
   #quietUntil = 0;
   /** Buffered jobs ranking after this wait: a job ranking ahead of them is being fetched. */
@@ -109,7 +131,7 @@ export class PrefetchBuffer {
   }
 
   get size(): number {
-    return this.#jobs.length;
+    return this.#jobs.length - this.#head;
   }
 
   /** The buffer's size now: a quarter second of recent throughput, at most `prefetch`. */
@@ -124,12 +146,12 @@ export class PrefetchBuffer {
 
   /** Room for a claim with `running` jobs in slots: free slots plus the buffer's free space. */
   room(running: number): number {
-    return this.#concurrency + this.target() - running - this.#jobs.length;
+    return this.#concurrency + this.target() - running - this.size;
   }
 
   /** Whether the loop should claim now: there is room and the buffer is down to low water. */
   wantsClaim(running: number): boolean {
-    return this.room(running) > 0 && this.#jobs.length <= this.lowWater();
+    return this.room(running) > 0 && this.size <= this.lowWater();
   }
 
   /** A job left its slot: it counts towards the pace. */
@@ -143,18 +165,16 @@ export class PrefetchBuffer {
    * go first, in their claim order; the rest join the end.
    */
   admit(jobs: Job[]): void {
-    const last = this.#jobs[this.#jobs.length - 1];
-    if (last === undefined) {
-      this.#jobs = this.#jobs.concat(jobs);
+    const waiting = this.#live();
+    const last = waiting[waiting.length - 1];
+    this.#head = 0;
+    if (last === undefined || !jobs.some((job) => ranksBy(job, last))) {
+      this.#jobs = waiting.length === 0 ? jobs.slice() : waiting.concat(jobs);
       return;
     }
     const ahead = jobs.filter((job) => ranksBy(job, last));
-    if (ahead.length === 0) {
-      this.#jobs = this.#jobs.concat(jobs);
-      return;
-    }
     const behind = jobs.filter((job) => !ranksBy(job, last));
-    this.#jobs = [...ahead, ...this.#jobs, ...behind];
+    this.#jobs = [...ahead, ...waiting, ...behind];
   }
 
   /**
@@ -162,10 +182,11 @@ export class PrefetchBuffer {
    * job being fetched (hold()).
    */
   next(): Job | undefined {
-    const front = this.#jobs[0];
-    if (front === undefined) return undefined;
-    if (this.#heldBehind !== null && !ranksBy(front, this.#heldBehind)) return undefined;
-    return this.#jobs.shift();
+    if (this.#head >= this.#jobs.length) return undefined;
+    const job = this.#jobs[this.#head]!;
+    if (this.#heldBehind !== null && !ranksBy(job, this.#heldBehind)) return undefined;
+    this.#jobs[this.#head++] = undefined; // started: the buffer no longer holds it
+    return job;
   }
 
   /** Where the last buffered job ranks (none buffered: undefined). */
@@ -199,21 +220,31 @@ export class PrefetchBuffer {
 
   /** The buffered jobs now (a copy: the heartbeat's view while its statement runs). */
   snapshot(): Job[] {
-    return this.#jobs.slice();
+    return this.#live();
   }
 
   /** Take these jobs out (those still buffered); returns the ones that were. */
   remove(jobs: readonly Job[]): Job[] {
-    const removed = this.#jobs.filter((job) => jobs.includes(job));
-    if (removed.length > 0) this.#jobs = this.#jobs.filter((job) => !removed.includes(job));
+    const waiting = this.#live();
+    const removed = waiting.filter((job) => jobs.includes(job));
+    if (removed.length > 0) {
+      this.#jobs = waiting.filter((job) => !removed.includes(job));
+      this.#head = 0;
+    }
     return removed;
   }
 
   /** Empty the buffer (shutdown): returns what it held. */
   takeAll(): Job[] {
-    const all = this.#jobs;
+    const all = this.#live();
     this.#jobs = [];
+    this.#head = 0;
     return all;
+  }
+
+  /** The jobs not started yet, in start order (a new array). */
+  #live(): Job[] {
+    return this.#jobs.slice(this.#head) as Job[];
   }
 
   /**
@@ -221,7 +252,7 @@ export class PrefetchBuffer {
    * worth buffered, the buffer empties soon enough and the loop's claim finds the rest.
    */
   probeBound(): ClaimOptions["before"] | null {
-    if (this.#jobs.length <= this.#concurrency) return null;
+    if (this.size <= this.#concurrency) return null;
     const last = this.#jobs[this.#jobs.length - 1]!;
     return { priority: last.priority, fair_seq: last.fair_seq };
   }

@@ -31,6 +31,7 @@ import {
   checkString,
   checkToken,
   integerRefusal,
+  isBigintFrom,
   isIntegerIn,
   isName,
   MAX_INT4,
@@ -657,10 +658,10 @@ export async function claim(db: Db, options: ClaimOptions): Promise<ClaimResult>
     });
   const jobs: Job[] = [];
   const poisoned: ClaimResult["poisoned"] = [];
-  for (const { poisoned: isPoison, ...job } of rows) {
-    if (isPoison) {
-      poisoned.push({ id: job.id, task: job.task, queue: job.queue, attempts: job.attempts });
-    } else jobs.push(job);
+  for (const row of rows) {
+    if (row.token === null) {
+      poisoned.push({ id: row.id, task: row.task, queue: row.queue, attempts: row.attempts });
+    } else jobs.push(row as Job);
   }
   return { jobs, poisoned };
 }
@@ -670,10 +671,13 @@ async function claimRows(
   db: Db,
   queues: string[],
   options: ClaimOptions,
-): Promise<(Job & { poisoned: boolean })[]> {
-  return await db<(Job & { poisoned: boolean })[]>`
+): Promise<(Omit<Job, "token"> & { token: string | null })[]> {
+  // A poisoned job (dead-lettered unrun) comes back with a null token, which no claimed job
+  // has: each other row is a Job as it is, with no copy per job to drop a `poisoned` column.
+  return await db<(Omit<Job, "token"> & { token: string | null })[]>`
     select id, queue, task, payload, priority, fairness_key, fair_seq, attempts, max_attempts,
-      token, key, execution_id, created_at, deadline, poisoned
+      case when poisoned then null else token end as token, key, execution_id, created_at,
+      deadline
     from shoal.claim_jobs(${queues}::text[], ${options.limit}::integer,
                           ${options.workerId}::text, ${options.visibilityMs}::integer,
                           ${options.before?.priority ?? null}::integer,
@@ -699,8 +703,16 @@ export function checkRef(fn: string, arg: string, ref: unknown): void {
 export function checkRefs(fn: string, arg: string, refs: unknown): void {
   checkArray(fn, arg, refs, "an array of job refs ({ id, token })");
   for (let i = 0; i < (refs as unknown[]).length; i++) {
-    checkRef(fn, `${arg}[${i}]`, (refs as unknown[])[i]);
+    const ref = (refs as unknown[])[i];
+    // The element's name is built only for a refusal: heartbeats check thousands of refs.
+    if (!isRef(ref)) checkRef(fn, `${arg}[${i}]`, ref);
   }
+}
+
+/** Whether `ref` passes checkRef(). */
+function isRef(ref: unknown): boolean {
+  return typeof ref === "object" && ref !== null && !Array.isArray(ref) &&
+    isBigintFrom((ref as JobRef).id, 1) && isBigintFrom((ref as JobRef).token, 0);
 }
 
 /**
@@ -717,9 +729,7 @@ export function checkRefs(fn: string, arg: string, refs: unknown): void {
  * grows while a slow one runs feeds on itself. Callers reach the locked rows again with
  * `j.id = any(array(select id from locked))`, a primary-key lookup too, not a join.
  */
-function lockOurs(db: Db, refs: JobRef[]) {
-  const ids = refs.map((r) => r.id);
-  const tokens = refs.map((r) => r.token);
+function lockOurs(db: Db, ids: readonly string[], tokens: readonly string[]) {
   return db`
     select x.id
     from (select u.id, u.token from unnest(${ids}::bigint[], ${tokens}::bigint[]) as u(id, token)
@@ -735,11 +745,31 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
   checkRefs("ack", "refs", refs);
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, refs)})
+    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))})
     delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
     returning j.id`;
   return rows.map((r) => r.id);
 }
+
+/**
+ * ack() for the consumer's completer, which holds finished jobs as two arrays, ids and
+ * tokens (no object per job), taken from its own claims: they are not checked again, and
+ * no row comes back per job. Returns how many were still ours.
+ */
+export async function ackClaimed(
+  db: Db,
+  ids: readonly string[],
+  tokens: readonly string[],
+): Promise<number> {
+  if (ids.length === 0) return 0;
+  const result = await db`
+    with locked as (${lockOurs(db, ids, tokens)})
+    delete from shoal.jobs j where j.id = any(array(select l.id from locked l))`;
+  return result.count;
+}
+
+const idsOf = (refs: readonly JobRef[]): string[] => refs.map((r) => r.id);
+const tokensOf = (refs: readonly JobRef[]): string[] => refs.map((r) => r.token);
 
 /**
  * Push the visibility deadline of claimed jobs, and record as started those of `started`
@@ -762,7 +792,7 @@ export async function extend(
   if (refs.length === 0) return [];
   // `started` holds running handlers only (not the buffer): a search of a few per row.
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, refs)})
+    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))})
     update shoal.jobs j set run_at = now() + ${visibilityMs}::integer * interval '1 ms',
       started_at = coalesce(j.started_at,
         case when j.id = any(${started}::bigint[]) then now() end)
@@ -783,7 +813,7 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
   checkRefs("release", "refs", refs);
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, refs)}),
+    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))}),
     released as (
       -- Level with where claiming has got to (the stamping rule's callback place): handed
       -- back, they run next, and claims that start near the head find them at once.

@@ -10,7 +10,7 @@
  *
  * @module
  */
-import type { Sql } from "./db.ts";
+import type { Db, Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { describeError, type Logger } from "./log.ts";
 import { checkOptions } from "./args.ts";
@@ -56,6 +56,12 @@ export interface RunEnv {
   maxPayloadBytes?: number;
   /** Largest fan-out a handler may open. */
   maxFanOut?: number;
+  /**
+   * Called once per run as it settles, `state` saying how: one function for every run
+   * instead of a promise chain per job. Never called from inside the constructor,
+   * abortIfOverdue(), lose() or release() (a microtask later for those).
+   */
+  onSettled?: (run: JobRun) => void;
 }
 
 /**
@@ -74,11 +80,14 @@ export interface Failure {
 
 /**
  * One job in a slot. The outcome is kept on the run itself (state, result, fan-out,
- * error) rather than in a separate object: at full speed every allocation per job counts.
+ * error) rather than in a separate object, and what most handlers never use is made on
+ * first use (the AbortController, the context's logger and functions): at full speed
+ * every allocation per job counts (bench/consumer_cpu.ts measures them). One async
+ * function runs the handler and settles the run; an abort settles it at once, whatever
+ * the handler does later.
  */
 export class JobRun {
   readonly job: Job;
-  readonly controller: AbortController = new AbortController();
   state: RunState = "running";
   /** performance.now() when the handler started, for the duration histogram. */
   readonly startedAt: number = performance.now();
@@ -91,34 +100,61 @@ export class JobRun {
   fanOut: CheckedFanOut | undefined = undefined;
   /** Why the run failed (state "failed"). */
   error: unknown = undefined;
-  /** Resolves (never rejects) once the handler settled or was aborted, and `state` says how. */
-  readonly settled: Promise<void>;
+  readonly #env: RunEnv;
+  /** The handler's AbortController, made when something first asks for it. */
+  #controller: AbortController | undefined = undefined;
+  /** Why the run was aborted, once it was: a controller made after that starts aborted. */
+  #abortReason: Error | undefined = undefined;
+  /** The outcome is fixed (state says how); `#notified` once onSettled has been called. */
+  #settled = false;
+  #notified = false;
+  /** False while the constructor runs: a handler that throws at once is notified later. */
+  #constructed = false;
+  #settledPromise: Promise<void> | undefined = undefined;
+  #resolveSettled: (() => void) | undefined = undefined;
 
   constructor(job: Job, env: RunEnv) {
     this.job = job;
+    this.#env = env;
     const task = env.tasks.get(job.task);
     this.timeoutMs = task?.timeoutMs ?? env.taskTimeoutMs;
     this.timeoutAt = this.startedAt + this.timeoutMs;
-    const work = this.#work(task, this.#context(env));
-    this.settled = raceAbort(work, this.controller.signal).then(
-      () => this.#settle(null),
-      (error) => this.#settle(error === null ? new NullThrown() : error),
-    );
+    // Not awaited: it never rejects, and settles the run itself.
+    this.#run(task);
+    this.#constructed = true;
+  }
+
+  /** The handler's AbortController (its context's `signal`): aborted on timeout, loss, shutdown. */
+  get controller(): AbortController {
+    if (this.#controller === undefined) {
+      this.#controller = new AbortController();
+      if (this.#abortReason !== undefined) this.#controller.abort(this.#abortReason);
+    }
+    return this.#controller;
+  }
+
+  /**
+   * Resolves (never rejects) once the handler settled or the run was aborted, and `state`
+   * says how; right after `env.onSettled` was called for it.
+   */
+  get settled(): Promise<void> {
+    this.#settledPromise ??= this.#notified
+      ? Promise.resolve()
+      : new Promise((resolve) => (this.#resolveSettled = resolve));
+    return this.#settledPromise;
   }
 
   /** Abort the handler if it is past its timeout (the consumer's one sweep calls this). */
   abortIfOverdue(now: number): void {
-    if (this.state === "running" && now >= this.timeoutAt && !this.controller.signal.aborted) {
-      this.controller.abort(
-        new TimeoutError(`Task timed out after ${formatDuration(this.timeoutMs)}`),
-      );
+    if (this.state === "running" && now >= this.timeoutAt && this.#abortReason === undefined) {
+      this.#abort(new TimeoutError(`Task timed out after ${formatDuration(this.timeoutMs)}`));
     }
   }
 
   /** The claim is gone: abort the handler and discard whatever it ends with. */
   lose(): void {
     this.state = "lost";
-    this.controller.abort(
+    this.#abort(
       new ClaimLostError(
         "The job's claim was lost: redelivered elsewhere, or its execution was cancelled or failed",
       ),
@@ -128,81 +164,145 @@ export class JobRun {
   /** Shutdown hands the job back: abort the handler and discard its outcome. */
   release(): void {
     this.state = "released";
-    this.controller.abort(new ShutdownError("The consumer is shutting down"));
+    this.#abort(new ShutdownError("The consumer is shutting down"));
   }
 
-  /** Turn a settled handler into an outcome, unless the run was lost or released first. */
-  #settle(error: unknown | null): void {
-    if (this.state !== "running") return;
-    if (error !== null) {
-      this.state = "failed";
-      this.error = error;
-    } else this.state = this.fanOut ? "fan-out" : "completed";
-  }
-
-  async #work(task: ReturnType<TaskRegistry["get"]>, ctx: TaskContext): Promise<void> {
-    const job = this.job;
-    if (!task) {
-      throw new Error(`Unknown task "${job.task}": no handler is registered in this consumer`);
-    }
-    let payload: unknown = job.payload;
-    if (task.parse) {
-      try {
-        payload = task.parse(job.payload);
-      } catch (cause) {
-        throw new PermanentError(
-          `Invalid payload for task ${job.task}: ${
-            cause instanceof Error ? cause.message : describeError(cause)
-          }`,
-          { cause },
-        );
-      }
-    }
-    const value = await task.handler(payload, ctx);
-    // A job of an execution hands its result on (to its barrier's callback, or as the
-    // execution's result): it must survive JSON, or the job fails here, not later.
-    if (job.execution_id !== null && !this.fanOut) this.result = toJson(value, job.task);
-  }
-
-  #context(env: RunEnv): TaskContext {
-    const job = this.job;
-    let jobLog: Logger | undefined;
-    return {
-      job,
-      signal: this.controller.signal,
-      // Made on first use: most handlers never log, and at full speed a child logger per
-      // job is a measurable share of the consumer's time.
-      get log(): Logger {
-        return jobLog ??= env.log.with({ job_id: job.id, task: job.task, attempt: job.attempts });
-      },
-      db: env.sql,
-      enqueue: async (task: string | AnyTask, payload: unknown = {}, opts?: EnqueueOptions) => {
-        // Checked before the spread: a string's characters would spread into options.
-        checkOptions("ctx.enqueue", opts);
-        const options = { maxPayloadBytes: env.maxPayloadBytes, ...opts };
-        // A definition brings its own queue and attempts, and so does a name this consumer
-        // defines (as for `shoal enqueue`); any other name takes the task's from the catalog
-        // (the catalog rule). enqueueOne() refuses anything that is neither.
-        const definition = typeof task === "string" ? env.tasks.get(task) : task;
-        return await enqueueOne(env.sql, definition ?? task, payload, options, CTX_ENQUEUE);
-      },
-      fanOut: (spec: FanOutSpec) => this.#askFanOut(spec, env),
-    };
-  }
-
-  #askFanOut(spec: FanOutSpec, env: RunEnv): void {
+  /**
+   * The context's fanOut(): check the spec now, so a bad fan-out fails the handler before
+   * anything is enqueued; it is sent as checked (not serialised and checked a second time).
+   */
+  askFanOut(spec: FanOutSpec): void {
     if (this.fanOut) throw new Error("A job can fan out once: combine the children in one call");
-    // Checked now, so a bad fan-out fails the handler before anything is enqueued; sent
-    // as checked (not serialised and checked a second time).
     try {
       this.fanOut = checkFanOut(spec, {
-        maxChildren: env.maxFanOut,
-        maxPayloadBytes: env.maxPayloadBytes,
+        maxChildren: this.#env.maxFanOut,
+        maxPayloadBytes: this.#env.maxPayloadBytes,
       });
     } catch (cause) {
       // The same spec would fail the same way on every retry.
       throw new PermanentError(`Cannot fan out: ${(cause as Error).message}`, { cause });
     }
+  }
+
+  /** Abort the handler's signal (the first reason stays) and settle the run now. */
+  #abort(reason: Error): void {
+    if (this.#abortReason === undefined) {
+      this.#abortReason = reason;
+      this.#controller?.abort(reason);
+    }
+    // Notified on a later microtask: the caller may be iterating over the running jobs.
+    this.#settle(reason, true);
+  }
+
+  /** Fix the outcome, unless the run was settled (aborted, lost, released) first. */
+  #settle(error: unknown | null, later: boolean): void {
+    if (this.#settled) return;
+    this.#settled = true;
+    if (this.state === "running") {
+      if (error !== null) {
+        this.state = "failed";
+        this.error = error;
+      } else this.state = this.fanOut ? "fan-out" : "completed";
+    }
+    if (later || !this.#constructed) queueMicrotask(() => this.#notify());
+    else this.#notify();
+  }
+
+  #notify(): void {
+    this.#notified = true;
+    this.#env.onSettled?.(this);
+    this.#resolveSettled?.();
+  }
+
+  /** Check the payload, run the handler, keep its result; settles the run, never rejects. */
+  async #run(task: ReturnType<TaskRegistry["get"]>): Promise<void> {
+    const job = this.job;
+    let error: unknown = null;
+    try {
+      if (!task) {
+        throw new Error(`Unknown task "${job.task}": no handler is registered in this consumer`);
+      }
+      let payload: unknown = job.payload;
+      if (task.parse) {
+        try {
+          payload = task.parse(job.payload);
+        } catch (cause) {
+          throw new PermanentError(
+            `Invalid payload for task ${job.task}: ${
+              cause instanceof Error ? cause.message : describeError(cause)
+            }`,
+            { cause },
+          );
+        }
+      }
+      const value = await task.handler(payload, new RunContext(this, this.#env));
+      // A job of an execution hands its result on (to its barrier's callback, or as the
+      // execution's result): it must survive JSON, or the job fails here, not later.
+      if (job.execution_id !== null && !this.fanOut) this.result = toJson(value, job.task);
+    } catch (thrown) {
+      // A handler that throws null would read as "no error": a failure like any non-Error.
+      error = thrown === null ? new NullThrown() : thrown;
+    }
+    this.#settle(error, false);
+  }
+}
+
+/**
+ * A handler's context. Its logger, signal and functions are made on first use, and are
+ * getters (not methods) so that a handler may take them off the context
+ * (`const { enqueue } = ctx`).
+ */
+class RunContext implements TaskContext {
+  readonly job: Job;
+  readonly db: Db;
+  readonly #run: JobRun;
+  readonly #env: RunEnv;
+  #log: Logger | undefined = undefined;
+  #enqueue: TaskContext["enqueue"] | undefined = undefined;
+  #fanOut: TaskContext["fanOut"] | undefined = undefined;
+
+  constructor(run: JobRun, env: RunEnv) {
+    this.job = run.job;
+    this.db = env.sql;
+    this.#run = run;
+    this.#env = env;
+  }
+
+  get signal(): AbortSignal {
+    return this.#run.controller.signal;
+  }
+
+  get log(): Logger {
+    const job = this.job;
+    // A child logger per job was a measurable share of a busy consumer's time.
+    return this.#log ??= this.#env.log.with({
+      job_id: job.id,
+      task: job.task,
+      attempt: job.attempts,
+    });
+  }
+
+  get enqueue(): TaskContext["enqueue"] {
+    const env = this.#env;
+    return this.#enqueue ??= async (
+      task: string | AnyTask,
+      payload: unknown = {},
+      opts?: EnqueueOptions,
+    ) => {
+      // Checked before the spread: a string's characters would spread into options.
+      checkOptions("ctx.enqueue", opts);
+      const options = { maxPayloadBytes: env.maxPayloadBytes, ...opts };
+      // A definition brings its own queue and attempts, and so does a name this consumer
+      // defines (as for `shoal enqueue`); any other name takes the task's from the catalog
+      // (the catalog rule). enqueueOne() refuses anything that is neither.
+      const definition = typeof task === "string" ? env.tasks.get(task) : task;
+      return await enqueueOne(env.sql, definition ?? task, payload, options, CTX_ENQUEUE);
+    };
+  }
+
+  get fanOut(): TaskContext["fanOut"] {
+    const run = this.#run;
+    return this.#fanOut ??= (spec: FanOutSpec) => run.askFanOut(spec);
   }
 }
 
@@ -235,17 +335,6 @@ function toJson(value: unknown, task: string): unknown {
       { cause },
     );
   }
-}
-
-/** Settle with the handler, or reject as soon as the signal aborts (even if it never settles). */
-function raceAbort<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
-  work.catch(() => {}); // a rejection after the abort won the race is already accounted for
-  return new Promise<T>((resolve, reject) => {
-    if (signal.aborted) return reject(signal.reason);
-    const onAbort = () => reject(signal.reason);
-    signal.addEventListener("abort", onAbort, { once: true });
-    work.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
-  });
 }
 
 /**

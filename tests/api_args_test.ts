@@ -107,6 +107,13 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     error: TypeError,
     message:
       "Invalid refs[0].token for ack(): expected a non-negative integer token as a string or number, not undefined",
+  }, {
+    // Valid refs pass without a message built for them; the one refused is named.
+    call: ({ sql }) =>
+      shoal.ack(sql, [{ id: "1", token: "0" }, { id: "2", token: "7" }, { id: "0", token: "1" }]),
+    error: RangeError,
+    message:
+      'Invalid refs[2].id for ack(): expected a positive integer id as a string or number, not "0"',
   }],
   extend: [{
     call: ({ sql }) => shoal.extend(sql, [], x(undefined)),

@@ -8,6 +8,7 @@ import {
   FAST_CONSUMER,
   figure,
   gateJobDeletes,
+  gateJobUpdates,
   sleep,
   startConsumer,
   testDb,
@@ -547,4 +548,44 @@ Deno.test("parseWake() reads every payload of the wake protocol, and leaves out 
   });
   assertEquals(parseWake("emails#x:1"), { queue: "emails" });
   assertEquals(parseWake("emails@soon"), { queue: "emails" });
+});
+
+Deno.test("runConsumer() shutdown with a claim in flight hands back what it brings, unstarted", async () => {
+  await using db = await testDb();
+  const started = new Set<string>();
+  const quick = defineTask({
+    name: "t.quick",
+    handler: (_payload, ctx) => void started.add(ctx.job.id),
+  });
+  await enqueueMany(db.sql, Array.from({ length: 20 }, () => ({ task: "t.quick" })));
+  await using gate = await gateJobUpdates(db.sql); // the first claim stays in flight
+  const stop = new AbortController();
+  let stopped = false;
+  const done = runConsumer(
+    { sql: db.sql, tasks: new TaskRegistry([quick]) },
+    { ...FAST_CONSUMER, concurrency: 2, prefetch: 10 },
+    stop.signal,
+  ).then(() => void (stopped = true));
+  const claimWaits = async () => {
+    const [row] = await db.sql<{ n: number }[]>`
+      select count(*)::int as n from pg_stat_activity
+      where datname = current_database() and wait_event = 'advisory'`;
+    return row!.n > 0;
+  };
+  await waitFor("the claim to wait at the gate", claimWaits);
+  stop.abort();
+  await sleep(300);
+  assertEquals(stopped, false, "the shutdown waits for the claim in flight");
+  await gate.open();
+  await done;
+  assertEquals([...started], [], "nothing starts once the stop signal came");
+  const rows = await db.sql<{ locked: number; attempts: number; n: number }[]>`
+    select count(*) filter (where locked_by is not null)::int as locked,
+      max(attempts)::int as attempts, count(*)::int as n
+    from shoal.jobs`;
+  assertEquals(
+    [...rows],
+    [{ locked: 0, attempts: 0, n: 20 }],
+    "all handed back, no attempt burned",
+  );
 });

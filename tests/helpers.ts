@@ -573,6 +573,31 @@ export interface DeleteGate {
 }
 
 /**
+ * Make every update of a job wait until the gate opens, as gateJobDeletes() does for
+ * deletes: a claim (which updates the rows it took) stays in flight, holding its rows,
+ * until then; so do heartbeats and releases.
+ */
+export async function gateJobUpdates(sql: Sql): Promise<DeleteGate> {
+  const lock = 4243; // the trigger's body names the same key (DDL takes no parameters)
+  await sql`create or replace function public.gate_update() returns trigger language plpgsql
+    as $$ begin perform pg_advisory_xact_lock_shared(4243); return new; end $$`;
+  await sql`create trigger gate_update before update on shoal.jobs
+    for each row execute function public.gate_update()`;
+  const holder = await sql.reserve();
+  await holder`select pg_advisory_lock(${lock})`;
+  let opened: Promise<void> | null = null;
+  const open = () =>
+    opened ??= (async () => {
+      try {
+        await holder`select pg_advisory_unlock(${lock})`;
+      } finally {
+        holder.release();
+      }
+    })();
+  return { open, [Symbol.asyncDispose]: open };
+}
+
+/**
  * Make every delete of a job wait until the gate opens: a test-only trigger takes a
  * shared advisory lock that a reserved connection holds. Claims (updates) pass freely,
  * so a consumer runs jobs while their acks are stuck, as behind a lagging database.

@@ -4,6 +4,7 @@
  */
 import { assertEquals } from "./assert.ts";
 import {
+  decimalAtMost,
   Pace,
   PrefetchBuffer,
   PROBE_FAILED_QUIET_MS,
@@ -123,6 +124,47 @@ Deno.test("PrefetchBuffer.admit() appends when nothing ranks ahead, or the buffe
   assertEquals(order(buffer), ["2", "1", "3", "4"]);
   assertEquals(ranksBy(job(1, 1, 99), job(2, 0, 1)), true, "priority before fair_seq");
   assertEquals(ranksBy(job(1, 0, 2), job(2, 0, 10)), true, "compared as numbers, not text");
+});
+
+Deno.test("decimalAtMost() orders bigints in decimal text as BigInt does, signs and lengths included", () => {
+  const values = [
+    "0",
+    "1",
+    "-1",
+    "9",
+    "10",
+    "-10",
+    "99",
+    "100",
+    "-100",
+    "123456789012345678",
+    "-123456789012345678",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "20",
+    "-20",
+  ];
+  for (const a of values) {
+    for (const b of values) {
+      assertEquals(decimalAtMost(a, b), BigInt(a) <= BigInt(b), `${a} <= ${b}`);
+    }
+  }
+});
+
+Deno.test("PrefetchBuffer keeps start order across starts and admissions, holding only unstarted jobs", () => {
+  const buffer = new PrefetchBuffer({ concurrency: 1, prefetch: 1000 });
+  buffer.admit(Array.from({ length: 300 }, (_, i) => job(i + 1)));
+  const started: string[] = [];
+  for (let i = 0; i < 200; i++) started.push(buffer.next()!.id);
+  assertEquals(buffer.size, 100);
+  assertEquals(ids(buffer.snapshot()), Array.from({ length: 100 }, (_, i) => String(i + 201)));
+  buffer.admit(Array.from({ length: 50 }, (_, i) => job(i + 301)));
+  assertEquals(buffer.size, 150);
+  assertEquals(buffer.probeBound(), { priority: 0, fair_seq: "350" });
+  for (let next = buffer.next(); next; next = buffer.next()) started.push(next.id);
+  assertEquals(started, Array.from({ length: 350 }, (_, i) => String(i + 1)));
+  assertEquals(buffer.size, 0);
+  assertEquals(buffer.takeAll(), []);
 });
 
 Deno.test("PrefetchBuffer.probeBound() is the last buffered job, once more than the slots are buffered", () => {

@@ -10,6 +10,7 @@ import { testDb, waitFor } from "./helpers.ts";
 import type { Db, Sql } from "../lib/db.ts";
 import {
   ack,
+  ackClaimed,
   backoffMs,
   claim,
   type ClaimOptions,
@@ -808,6 +809,19 @@ Deno.test("ack() of several jobs deletes only those still owned", async () => {
   assertEquals(rest.map((r) => r.id), [b!.id]);
 });
 
+Deno.test("ackClaimed() deletes only the jobs still owned, by ids and tokens side by side, and counts them", async () => {
+  await using db = await testDb();
+  await enqueueMany(db.sql, [{ task: "t" }, { task: "t" }, { task: "t" }]);
+  const { jobs } = await claim(db.sql, claimOptions(["default"], 3));
+  const [a, b, c] = jobs;
+  assertEquals(await release(db.sql, [ref(b!)]), [b!.id]);
+  const ids = [a!.id, b!.id, c!.id];
+  assertEquals(await ackClaimed(db.sql, ids, [a!.token, b!.token, c!.token]), 2);
+  assertEquals(await ackClaimed(db.sql, [], []), 0);
+  const rest = await db.sql<{ id: string }[]>`select id from shoal.jobs`;
+  assertEquals(rest.map((r) => r.id), [b!.id], "the released job's old token changed nothing");
+});
+
 // ---------------------------------------------------------------------------------------
 // fail()
 
@@ -945,6 +959,24 @@ Deno.test("claim() dead-letters a job whose claims used up its attempts, without
   const result = await claim(db.sql, claimOptions(["q"], 10));
   assertEquals(result.poisoned, [{ id: poison, task: "crash", queue: "q", attempts: 2 }]);
   assertEquals(result.jobs.map((j) => j.id), [healthy]);
+  // A claimed job is the Job type's fields, nothing more (the poison mark stays in claim()).
+  assertEquals(Object.keys(result.jobs[0]!).sort(), [
+    "attempts",
+    "created_at",
+    "deadline",
+    "execution_id",
+    "fair_seq",
+    "fairness_key",
+    "id",
+    "key",
+    "max_attempts",
+    "payload",
+    "priority",
+    "queue",
+    "task",
+    "token",
+  ]);
+  assertEquals(typeof result.jobs[0]!.token, "string");
   const dead = await db.sql<{ id: string; attempts: number; reason: string }[]>`
     select id, attempts, reason from shoal.dead_jobs`;
   assertEquals([...dead], [{

@@ -306,3 +306,63 @@ Deno.test("failureOf() stores NUL characters as U+FFFD: Postgres text cannot hol
   assertEquals(failureOf(new Error("a\0b\0"), 1).error, "Error: a\uFFFDb\uFFFD");
   assertEquals(failureOf("\0", 1).error, 'non-Error thrown: "\\u0000"');
 });
+
+Deno.test("JobRun calls env.onSettled once per run, never from inside its constructor or an abort", async () => {
+  await using db = await testDb();
+  const calls: string[] = [];
+  const throwsAtOnce = defineTask({
+    name: "t.sync",
+    handler: () => {
+      throw new Error("at once");
+    },
+  });
+  const e: RunEnv = {
+    ...env(db.sql, [throwsAtOnce, defineTask({ name: "t.wait", handler: untilAborted })]),
+    onSettled: (run) => calls.push(`${run.job.task}:${run.state}`),
+  };
+  const sync = new JobRun(await claimed(db.sql, "t.sync"), e);
+  assertEquals(calls, [], "a handler that throws at once is reported after the constructor");
+  await sync.settled;
+  assertEquals(calls, ["t.sync:failed"]);
+  const waiting = new JobRun(await claimed(db.sql, "t.wait"), e);
+  waiting.lose();
+  assertEquals(calls.length, 1, "not from inside lose(): the caller may be iterating");
+  await waiting.settled;
+  waiting.release(); // a second abort settles nothing more
+  await Promise.resolve();
+  await new Promise((resolve) => setTimeout(resolve, 10)); // the handler's rejection came in
+  assertEquals(calls, ["t.sync:failed", "t.wait:lost"]);
+});
+
+Deno.test("JobRun's signal made after an abort starts aborted with the abort's reason", async () => {
+  await using db = await testDb();
+  const task = defineTask({ name: "t.late", handler: () => new Promise(() => {}) });
+  const run = new JobRun(await claimed(db.sql, "t.late"), env(db.sql, [task]));
+  run.lose();
+  assertEquals(run.controller.signal.aborted, true);
+  assert(run.controller.signal.reason instanceof ClaimLostError);
+  await run.settled;
+  assertEquals(run.state, "lost");
+});
+
+Deno.test("JobRun's context parts work when taken off the context (const { enqueue, signal } = ctx)", async () => {
+  await using db = await testDb();
+  let aborted: boolean | undefined;
+  const task = defineTask({
+    name: "t.destructure",
+    handler: async (_, ctx) => {
+      const { enqueue, fanOut, signal, log, job } = ctx;
+      aborted = signal.aborted;
+      log.debug("taken off the context");
+      await enqueue("t.child", { from: job.id });
+      fanOut({ children: [{ task: "t.child" }], callback: { task: "t.done" } });
+    },
+  });
+  const run = new JobRun(await claimed(db.sql, "t.destructure"), env(db.sql, [task]));
+  await run.settled;
+  assertEquals(run.state, "fan-out");
+  assertEquals(aborted, false);
+  const [row] = await db.sql<{ n: number }[]>`
+    select count(*)::int as n from shoal.jobs where task = 't.child'`;
+  assertEquals(row?.n, 1);
+});
