@@ -72,6 +72,13 @@ set jit = off
 -- Plan each statement once per session: the plans do not depend on the values, and
 -- planning three statements on every call tripled the cost of claiming one job.
 set plan_cache_mode = force_generic_plan
+-- No sequential scans: a plan made once per session must not depend on the table's size
+-- when it was made. A consumer that started on a near-empty table planned the update of
+-- the picked rows as a scan of the whole table (cheapest for one page) and kept that plan
+-- as the table grew: each claim of 250 then read 160,000 rows (200 ms) until the first
+-- autovacuum's ANALYZE replaced the plan, and W9's consumer fell from 30,000 to 150 jobs/s
+-- (auto_explain on the bench's server). Every statement here reaches its rows by an index.
+set enable_seqscan = off
 as $$
 #variable_conflict use_column
 declare
@@ -79,6 +86,9 @@ declare
   -- session whose shoal.fair_burst is set higher than this one's ("Where a claim starts").
   head_lead constant bigint := shoal.fair_burst() + 1000;
   picked bigint[] := '{}';
+  -- Where each picked row is, locked by this transaction until it commits: the update
+  -- below reaches them by a TID scan, which no statistics can turn into an index walk.
+  picked_ctids tid[] := '{}';
   -- Queue, priority and stamp of each picked job, for shoal.queue_heads.
   picked_queues text[] := '{}';
   picked_priorities integer[] := '{}';
@@ -100,6 +110,7 @@ begin
     -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is
     -- the caller's to avoid (it would pick the same rows twice).
     select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+           array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
            array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
            array_agg(c.priority order by c.priority desc, c.fair_seq, c.id) as priorities,
            array_agg(c.fair_seq order by c.priority desc, c.fair_seq, c.id) as seqs,
@@ -109,7 +120,7 @@ begin
     from (
       select c.* from unnest(_queues) as q(name)
       cross join lateral (
-        select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+        select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
                j.max_attempts
         from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
@@ -121,6 +132,7 @@ begin
       limit _limit
     ) c;
     picked := got.ids;
+    picked_ctids := got.ctids;
     picked_queues := got.queues;
     picked_priorities := got.priorities;
     picked_seqs := got.seqs;
@@ -131,6 +143,7 @@ begin
     -- priority, or a fairness key's burst stamped ahead of the queue's head). Both bounds
     -- are ranges of jobs_claim_idx, so a probe that finds nothing reads little.
     select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+           array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
            array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
            array_agg(c.priority order by c.priority desc, c.fair_seq, c.id) as priorities,
            array_agg(c.fair_seq order by c.priority desc, c.fair_seq, c.id) as seqs,
@@ -141,7 +154,7 @@ begin
       select c.* from (
         select h.* from unnest(_queues) as q(name)
         cross join lateral (
-          select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
                  j.max_attempts
           from shoal.jobs j
           where j.queue = q.name and j.priority > _before_priority and j.run_at <= now()
@@ -152,7 +165,7 @@ begin
         union all
         select e.* from unnest(_queues) as q(name)
         cross join lateral (
-          select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
                  j.max_attempts
           from shoal.jobs j
           where j.queue = q.name and j.priority = _before_priority
@@ -166,6 +179,7 @@ begin
       limit _limit
     ) c;
     picked := got.ids;
+    picked_ctids := got.ctids;
     picked_queues := got.queues;
     picked_priorities := got.priorities;
     picked_seqs := got.seqs;
@@ -185,6 +199,7 @@ begin
       below := greatest(coalesce(lvl, -32769), coalesce(_before_priority, -32769));
       if above - below > 1 then
         select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+           array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
                array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
                array_agg(c.priority order by c.priority desc, c.fair_seq, c.id) as priorities,
                array_agg(c.fair_seq order by c.priority desc, c.fair_seq, c.id) as seqs,
@@ -194,7 +209,7 @@ begin
         from (
           select c.* from unnest(_queues) as q(name)
           cross join lateral (
-            select j.id, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
+            select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
                    j.max_attempts
             from shoal.jobs j
             where j.queue = q.name and j.priority < above and j.priority > below
@@ -208,6 +223,7 @@ begin
         ) c;
         if got.ids is not null then
           picked := picked || got.ids;
+          picked_ctids := picked_ctids || got.ctids;
           picked_queues := picked_queues || got.queues;
           picked_priorities := picked_priorities || got.priorities;
           picked_seqs := picked_seqs || got.seqs;
@@ -220,6 +236,7 @@ begin
       upto := case when lvl = _before_priority then _before_fair_seq
                    else 9223372036854775807 end;
       select array_agg(c.id order by c.fair_seq, c.id) as ids,
+             array_agg(c.ctid order by c.fair_seq, c.id) as ctids,
              array_agg(c.queue order by c.fair_seq, c.id) as queues,
              array_agg(c.fair_seq order by c.fair_seq, c.id) as seqs,
              bool_or(c.execution_id is not null) as in_workflow,
@@ -229,7 +246,7 @@ begin
         select c.* from unnest(_queues) as q(name)
         left join shoal.queue_heads h on h.queue = q.name and h.priority = lvl
         cross join lateral (
-          select j.id, j.queue, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+          select j.id, j.ctid, j.queue, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
           from shoal.jobs j
           where j.queue = q.name and j.priority = lvl
             and j.fair_seq >= coalesce(h.previous - head_lead, -9223372036854775808)
@@ -243,6 +260,7 @@ begin
       ) c;
       if got.ids is not null then
         picked := picked || got.ids;
+          picked_ctids := picked_ctids || got.ctids;
         picked_queues := picked_queues || got.queues;
         picked_priorities := picked_priorities || array_fill(lvl, array[cardinality(got.ids)]);
         picked_seqs := picked_seqs || got.seqs;
@@ -330,6 +348,10 @@ begin
       order by x.n);
   end if;
 
+  if ended is not null or dead_ids is not null then
+    picked_ctids := array(select j.ctid from shoal.jobs j where j.id = any(picked));
+  end if;
+
   -- The first _starting of the batch start at once (all when null): one comparison per row
   -- when all or none do, a search of the starting few otherwise.
   all_start := _starting is null or _starting >= cardinality(picked);
@@ -341,7 +363,7 @@ begin
       set attempts = j.attempts + 1, token = j.token + 1, locked_by = _worker,
           locked_at = now(), run_at = now() + _visibility_ms * interval '1 ms',
           started_at = case when all_start or j.id = any(starting) then now() end
-      where j.id = any(picked)
+      where j.ctid = any(picked_ctids)
       returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.fair_seq,
         j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at
     )
