@@ -64,6 +64,9 @@ import {
   unregisterConsumer,
 } from "./catalog.ts";
 import { HEAD_SCAN_TIMEOUT_MS, HeadScans } from "./head_scan.ts";
+
+/** SQLSTATE of a statement cancelled by statement_timeout (or a cancel request). */
+const QUERY_CANCELED = "57014";
 import { HOLD_MAX_MS, PrefetchBuffer, type Rank, ranksBy } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
@@ -708,8 +711,36 @@ export async function runConsumer(
       visibilityMs: options.visibilityTimeoutMs,
       before,
       starting,
-      fromHead,
+      ...(fromHead ? { fromHead, timeoutMs: HEAD_SCAN_TIMEOUT_MS } : { fromHead }),
     });
+
+  /**
+   * The loop's claim. With nothing buffered, and a claim from the head due, it is that claim
+   * (beside the loop it would claim for the same free slots): cancelled in the server after
+   * HEAD_SCAN_TIMEOUT_MS, when a claim from near the head follows at once.
+   */
+  async function loopClaim(limit: number, starting: number): Promise<ClaimResult> {
+    if (buffer.size === 0 && headScans.due()) {
+      const began = performance.now();
+      try {
+        const result = await claimJobs(limit, undefined, starting, true);
+        headScans.done(performance.now() - began);
+        return result;
+      } catch (error) {
+        headScans.done(performance.now() - began);
+        if ((error as { code?: unknown }).code !== QUERY_CANCELED) throw error;
+        log.warn(
+          "A claim from the head of {queues} was cancelled after {timeout}: the next in {wait}",
+          {
+            queues: options.queues.join(","),
+            timeout: formatDuration(HEAD_SCAN_TIMEOUT_MS),
+            wait: formatDuration(headScans.wait()),
+          },
+        );
+      }
+    }
+    return await claimJobs(limit, undefined, starting);
+  }
   /** When a claim walks the claim index from its head, beside the loop (lib/head_scan.ts). */
   const headScans = new HeadScans();
   /** The claim from the head in flight, if any. */
@@ -722,15 +753,15 @@ export async function runConsumer(
    */
   function headScanSoon(): void {
     if (headScanning !== null || stop.aborted || completer.full || !headScans.due()) return;
-    // With jobs buffered, only those ranking ahead of them (they start first, as a probe's
-    // do): it never grows the buffer past its size. Else what there is room for.
+    // Only jobs ranking ahead of those buffered (they start first, as a probe's do), so it
+    // never claims for the slots the loop claims for; with nothing buffered the loop's own
+    // claim is the one from the head (loopClaim).
     const before = buffer.lastRank();
-    const limit = before === undefined ? buffer.room(running.size) : buffer.probeLimit();
-    if (limit <= 0) return;
+    if (before === undefined) return;
     const began = performance.now();
     headScanning = claimOnce(sql, {
       queues: options.queues,
-      limit,
+      limit: buffer.probeLimit(),
       workerId,
       visibilityMs: options.visibilityTimeoutMs,
       before,
@@ -957,7 +988,7 @@ export async function runConsumer(
         claiming = true;
         let claimed: ClaimResult;
         try {
-          claimed = await claimJobs(limit, undefined, startingAtOnce());
+          claimed = await loopClaim(limit, startingAtOnce());
         } finally {
           claiming = false;
         }

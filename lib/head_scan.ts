@@ -4,9 +4,10 @@
  * keeps them as fast while another session holds a snapshot open but misses a job ranking
  * before that point that became visible again: a retry or delayed job falling due, a job
  * whose claim expired, one stamped in a transaction that committed long after. A claim
- * from the head finds those. It runs beside the loop's claims (never instead of one): when
- * the consumer starts, soon after an announced retry or delayed job falls due, and at least
- * every HEAD_SCAN_EVERY_MS otherwise.
+ * from the head finds those: when the consumer starts, soon after an announced retry or
+ * delayed job falls due, and at least every HEAD_SCAN_EVERY_MS otherwise. With jobs
+ * buffered it runs beside the loop for those ranking ahead of them; with none it is the
+ * loop's own claim. Either is cancelled after HEAD_SCAN_TIMEOUT_MS.
  *
  * Its cost is what the bounded claims avoid: while a snapshot is held it grows with every
  * job acked since (400 ms after a minute at 20,000 jobs/s, extrapolated from
@@ -25,9 +26,8 @@ export const HEAD_SCAN_MIN_GAP_MS = 100;
 /** Share of the time claims from the head may take: the pause after one is its time ÷ this. */
 export const HEAD_SCAN_SHARE = 0.05;
 /**
- * A claim from the head is cancelled in the server after this long (ms). It runs beside the
- * consumer's loop, so it never stalls the loop's own claims; but while a snapshot is held
- * its walk grows without bound (seconds after a minute at 12,000 jobs/s once the table
+ * A claim from the head is cancelled in the server after this long (ms): while a snapshot is
+ * held its walk grows without bound (seconds after a minute at 12,000 jobs/s once the table
  * outgrows shared_buffers), and a cancelled one pauses the next for this ÷ HEAD_SCAN_SHARE.
  */
 export const HEAD_SCAN_TIMEOUT_MS = 2_000;

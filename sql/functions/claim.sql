@@ -43,8 +43,8 @@
 -- What such a claim cannot see: a job ranking before that point and visible again (a
 -- retry or a delayed job due, a job whose claim expired, one stamped in a transaction that
 -- committed long after). The consumer claims from the head (_from_head true, the default)
--- beside its loop: when it starts, when an announced delayed job or retry falls due, and at
--- least every second otherwise, cancelled after 2 s (lib/head_scan.ts).
+-- when it starts, when an announced delayed job or retry falls due, and at least every
+-- second otherwise, cancelled after 2 s (lib/head_scan.ts).
 --
 -- It follows the lock order stated at the top of workflow.sql (jobs are taken SKIP LOCKED).
 --
