@@ -573,16 +573,10 @@ export interface DeleteGate {
 }
 
 /**
- * Make every update of a job wait until the gate opens, as gateJobDeletes() does for
- * deletes: a claim (which updates the rows it took) stays in flight, holding its rows,
- * until then; so do heartbeats and releases.
+ * Hold advisory lock `lock` on a reserved connection until the gate opens (idempotent): the
+ * gate a test-only trigger waits on (gateJobUpdates, gateJobDeletes).
  */
-export async function gateJobUpdates(sql: Sql): Promise<DeleteGate> {
-  const lock = 4243; // the trigger's body names the same key (DDL takes no parameters)
-  await sql`create or replace function public.gate_update() returns trigger language plpgsql
-    as $$ begin perform pg_advisory_xact_lock_shared(4243); return new; end $$`;
-  await sql`create trigger gate_update before update on shoal.jobs
-    for each row execute function public.gate_update()`;
+async function advisoryGate(sql: Sql, lock: number): Promise<DeleteGate> {
   const holder = await sql.reserve();
   await holder`select pg_advisory_lock(${lock})`;
   let opened: Promise<void> | null = null;
@@ -598,6 +592,20 @@ export async function gateJobUpdates(sql: Sql): Promise<DeleteGate> {
 }
 
 /**
+ * Make every update of a job wait until the gate opens, as gateJobDeletes() does for
+ * deletes: a claim (which updates the rows it took) stays in flight, holding its rows,
+ * until then; so do heartbeats and releases.
+ */
+export async function gateJobUpdates(sql: Sql): Promise<DeleteGate> {
+  const lock = 4243; // the trigger's body names the same key (DDL takes no parameters)
+  await sql`create or replace function public.gate_update() returns trigger language plpgsql
+    as $$ begin perform pg_advisory_xact_lock_shared(4243); return new; end $$`;
+  await sql`create trigger gate_update before update on shoal.jobs
+    for each row execute function public.gate_update()`;
+  return await advisoryGate(sql, lock);
+}
+
+/**
  * Make every delete of a job wait until the gate opens: a test-only trigger takes a
  * shared advisory lock that a reserved connection holds. Claims (updates) pass freely,
  * so a consumer runs jobs while their acks are stuck, as behind a lagging database.
@@ -608,18 +616,7 @@ export async function gateJobDeletes(sql: Sql): Promise<DeleteGate> {
     as $$ begin perform pg_advisory_xact_lock_shared(4242); return old; end $$`;
   await sql`create trigger gate_delete before delete on shoal.jobs
     for each row execute function public.gate_delete()`;
-  const holder = await sql.reserve();
-  await holder`select pg_advisory_lock(${lock})`;
-  let opened: Promise<void> | null = null;
-  const open = () =>
-    opened ??= (async () => {
-      try {
-        await holder`select pg_advisory_unlock(${lock})`;
-      } finally {
-        holder.release();
-      }
-    })();
-  return { open, [Symbol.asyncDispose]: open };
+  return await advisoryGate(sql, lock);
 }
 
 /** Print a figure a test measured where `deno test` shows it (docs quote some of them). */
