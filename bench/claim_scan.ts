@@ -74,7 +74,7 @@ async function explainClaim(sql: Sql): Promise<{ buffers: string; ms: string }> 
       cross join lateral (
         select j.id, j.priority, j.fair_seq from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
-        order by j.priority desc, j.fair_seq, j.id
+        order by j.priority desc, j.fair_seq, j.id + 0
         limit ${10}::integer
         for update skip locked
       ) c`;

@@ -75,7 +75,7 @@ async function claimedAtHead(sql: Sql): Promise<number> {
   const [row] = await sql<{ n: number }[]>`
     select count(*)::integer as n from (
       select j.locked_by from shoal.jobs j where j.queue = ${QUEUE}::text
-      order by j.priority desc, j.fair_seq, j.id limit ${HEAD}::integer) h
+      order by j.priority desc, j.fair_seq, j.id + 0 limit ${HEAD}::integer) h
     where h.locked_by is not null`;
   return row!.n;
 }

@@ -12,8 +12,9 @@
  *   and an after phase. Targets: throughput while it is held ≥ 80% of W8's, and the
  *   backlog back to the baseline's within 30 s of its end.
  *
- * "Done" is counted as jobs the producer has committed minus jobs still in the system's
- * queue (`System.count`), read at each sample.
+ * "Done" is counted, at each sample, as the jobs the system removed from its table since
+ * the soak began (`System.removed`, the server's statistics), or else as the jobs the
+ * producer has committed minus those still in the system's queue (`System.count`, a scan).
  *
  * @module
  */
@@ -156,6 +157,7 @@ class SoakSampler {
     let lastDone = 0;
     let lastT = 0;
     let next = t0 + this.everyMs;
+    const removed0 = this.system.removed ? await this.system.removed(this.sql) : 0;
     while (!this.#stopped) {
       const wait = next - performance.now();
       if (wait > 0) await sleep(Math.min(wait, 250));
@@ -163,10 +165,12 @@ class SoakSampler {
       next += this.everyMs;
       // Committed first: whatever it counts is in the snapshot of the count that follows.
       const committed = this.producer.committed;
-      const backlog = await this.system.count(this.sql);
+      const done = this.system.removed
+        ? await this.system.removed(this.sql) - removed0
+        : committed - await this.system.count(this.sql);
+      const backlog = committed - done;
       const stats = await tableStats(this.sql, this.system.jobsTable);
       const t = (performance.now() - t0) / 1000;
-      const done = committed - backlog;
       this.samples.push({ t, rate: (done - lastDone) / (t - lastT), backlog, ...stats });
       lastDone = done;
       lastT = t;

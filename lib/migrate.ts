@@ -59,6 +59,7 @@ import sql010 from "../sql/010_started_at.sql" with { type: "text" };
 import sql011 from "../sql/011_schedule_backfill.sql" with { type: "text" };
 import sql012 from "../sql/012_queue_heads.sql" with { type: "text" };
 import sql013 from "../sql/013_counts.sql" with { type: "text" };
+import sql014 from "../sql/014_claim_index_id.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -83,6 +84,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "011_schedule_backfill.sql": sql011,
   "012_queue_heads.sql": sql012,
   "013_counts.sql": sql013,
+  "014_claim_index_id.sql": sql014,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */

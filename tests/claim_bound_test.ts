@@ -225,3 +225,23 @@ Deno.test("a job handed back unstarted ranks level with the head: a claim from n
   const next = await claimIds(db.sql, 1, false);
   assertEquals(next.map((job) => job.id), [early!.id]);
 });
+
+Deno.test("only the primary key reaches a job by id: no other index can serve a lookup by id", async () => {
+  // Acks, heartbeats and releases look jobs up by id. An index with `id` among its key
+  // columns can serve that lookup as a walk of the whole index; with statistics from a small
+  // table the planner priced it as cheap as the primary key (sql/014_claim_index_id.sql).
+  // With the primary key out of play (dropped in a transaction rolled back), a lookup by id
+  // must find no index to use, whatever the planner is told.
+  await using db = await testDb();
+  await enqueueMany(db.sql, Array.from({ length: 1_000 }, () => ({ task: "t", queue: Q })));
+  await db.sql`analyze shoal.jobs`;
+  const nodes = await db.sql.begin(async (tx) => {
+    await tx`alter table shoal.jobs drop constraint jobs_pkey`;
+    await tx`set local enable_seqscan = off`;
+    const rows = await tx`explain (format json) select id from shoal.jobs where id = 1`;
+    await tx`rollback and chain`;
+    const plan = (rows[0]!["QUERY PLAN"] as { Plan: Record<string, unknown> }[])[0]!.Plan;
+    return [plan["Node Type"], plan["Index Name"] ?? null];
+  });
+  assertEquals(nodes, ["Seq Scan", null]);
+});

@@ -6,7 +6,9 @@
 -- cheap for the 100 rows it believes are there, ruinous for the 50,000 that are. Inside
 -- this function sorts and bitmap scans are off, so the claim walks jobs_claim_idx in
 -- claim order and stops after the batch (and JIT, which the disabled sorts' cost would
--- trigger, is off). The settings hold for its statements only.
+-- trigger, is off). The settings hold for its statements only. The index's last column is
+-- `id + 0` (sql/014_claim_index_id.sql: no lookup by id may walk it), so the walks here
+-- order by that expression.
 --
 -- The steps are separate statements reaching shoal.jobs by primary key, so each plan
 -- stays simple; plain jobs (no execution, attempts left) take two statements: pick and
@@ -124,7 +126,7 @@ begin
                j.max_attempts
         from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
-        order by j.priority desc, j.fair_seq, j.id
+        order by j.priority desc, j.fair_seq, j.id + 0
         limit _limit
         for update skip locked
       ) c
@@ -158,7 +160,7 @@ begin
                  j.max_attempts
           from shoal.jobs j
           where j.queue = q.name and j.priority > _before_priority and j.run_at <= now()
-          order by j.priority desc, j.fair_seq, j.id
+          order by j.priority desc, j.fair_seq, j.id + 0
           limit _limit
           for update skip locked
         ) h
@@ -170,7 +172,7 @@ begin
           from shoal.jobs j
           where j.queue = q.name and j.priority = _before_priority
             and j.fair_seq <= _before_fair_seq and j.run_at <= now()
-          order by j.priority desc, j.fair_seq, j.id
+          order by j.priority desc, j.fair_seq, j.id + 0
           limit _limit
           for update skip locked
         ) e
@@ -214,7 +216,7 @@ begin
             from shoal.jobs j
             where j.queue = q.name and j.priority < above and j.priority > below
               and j.run_at <= now()
-            order by j.priority desc, j.fair_seq, j.id
+            order by j.priority desc, j.fair_seq, j.id + 0
             limit _limit - cardinality(picked)
             for update skip locked
           ) c
@@ -251,7 +253,7 @@ begin
           where j.queue = q.name and j.priority = lvl
             and j.fair_seq >= coalesce(h.previous - head_lead, -9223372036854775808)
             and j.fair_seq <= upto and j.run_at <= now()
-          order by j.priority desc, j.fair_seq, j.id
+          order by j.priority desc, j.fair_seq, j.id + 0
           limit _limit - cardinality(picked)
           for update skip locked
         ) c

@@ -106,7 +106,7 @@ begin
     return query
       with walk as materialized (
         select j.queue, j.task, j.run_at, j.locked_by, j.started_at from shoal.jobs j
-        order by j.queue, j.priority desc, j.fair_seq, j.id
+        order by j.queue, j.priority desc, j.fair_seq, j.id + 0
         limit exact_limit + 1
       )
       select w.queue::text, w.task::text, shoal.job_state(w.run_at, w.locked_by, w.started_at),
@@ -148,7 +148,7 @@ begin
       cross join lateral (
         select j.task, j.run_at, j.locked_by, j.started_at from shoal.jobs j
         where j.queue = p.queue and j.priority = p.priority
-        order by j.fair_seq, j.id
+        order by j.fair_seq, j.id + 0
         limit per_pair + 1
       ) h
     ),
@@ -197,7 +197,7 @@ begin
       cross join lateral (
         select j.task, j.run_at, j.locked_by, j.started_at from shoal.jobs j
         where j.queue = m.queue
-        order by j.queue, j.priority desc, j.fair_seq, j.id
+        order by j.queue, j.priority desc, j.fair_seq, j.id + 0
         limit walk_limit + 1
       ) w
     ),

@@ -88,7 +88,7 @@ begin
   end if;
   return (select j.fair_seq - 1 from shoal.jobs j
           where j.queue = $1 and j.priority = $2 and j.run_at <= now()
-          order by j.fair_seq, j.id limit 1);
+          order by j.fair_seq, j.id + 0 limit 1);
 end
 $$;
 
