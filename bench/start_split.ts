@@ -73,6 +73,8 @@ async function claimOne(consumer: Sql, kind: Kind): Promise<number> {
     limit: 10,
     workerId: "start-split",
     visibilityMs: 30_000,
+    // As the consumer's loop claims (the claim from the head runs at most once a second).
+    fromHead: false,
   });
   const ms = performance.now() - t0;
   await ack(consumer, jobs.map((j) => ({ id: j.id, token: j.token })));

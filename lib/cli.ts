@@ -760,7 +760,7 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
 
 /** `shoal dev`: a local Postgres (unless one is given), every role and a demo, until a signal. */
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, "http"]);
+  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, ...HTTP_FLAGS]);
   configureBuiltins(tasks, opts);
   return await untilStopped(async (stop) => {
     await runDev({
@@ -770,6 +770,7 @@ async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<numb
       prepare: opts.prepare,
       consumer: consumerOptions(opts),
       http: opts.http,
+      metricsExact: opts["metrics-exact"],
       print: out,
     }, stop.signal);
     return 0;

@@ -34,6 +34,8 @@ export interface DevOptions {
   print: (text: string) => void;
   /** Serve /healthz, /readyz and /metrics here on the dev pool (`shoal dev --http`). */
   http?: string;
+  /** /metrics counts each queue with a scan instead of estimating (`--metrics-exact`). */
+  metricsExact?: boolean;
 }
 
 export const DEMO_QUEUE = "demo";
@@ -298,7 +300,9 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
     let http: RoleHttp | null = null;
     try {
       // Its database window (/readyz) follows the consumer's poll, as for `--role consumer`.
-      http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer });
+      http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer }, {
+        exactCounts: options.metricsExact,
+      });
       await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
     } catch (error) {
       // A failure of the database given to dev: name it, and offer the local one instead.

@@ -82,14 +82,14 @@ Deno.test("shoal dev with DATABASE_URL uses that database and starts no Postgres
   }
 });
 
-Deno.test("shoal dev --http serves /readyz and /metrics while the demo runs", async () => {
+Deno.test("shoal dev --http --metrics-exact serves /readyz and /metrics while the demo runs", async () => {
   await using db = await testDb();
   const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
   const port = freePort();
   try {
-    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST, "--http", `127.0.0.1:${port}`], {
-      url: db.url,
-    });
+    // --metrics-exact as the roles take it (a small demo is counted exactly either way).
+    const http = ["--http", `127.0.0.1:${port}`, "--metrics-exact"];
+    await using dev = spawnShoal(["dev", "--dir", dir, ...FAST, ...http], { url: db.url });
     const get = async (path: string) => {
       const response = await fetch(`http://127.0.0.1:${port}${path}`);
       return { status: response.status, text: await response.text() };
@@ -104,6 +104,7 @@ Deno.test("shoal dev --http serves /readyz and /metrics while the demo runs", as
       return text.includes('shoal_jobs_completed_total{queue="demo"') ? text : null;
     }, 30_000);
     assert.ok(metrics.includes("# TYPE"), metrics);
+    assert.ok(metrics.includes('shoal_queue_counts_exact{queue="demo"} 1'), metrics);
     dev.kill("SIGINT");
     const { code, output } = await dev.exited();
     assertEquals(code, 0, output);
