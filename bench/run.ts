@@ -723,7 +723,10 @@ function soakNotes(soakSizes: SoakSizes, statementsServer: string): string[] {
   return [
     `W8 (soak): one consumer process (defaults) under a steady producer at ${rate}, for ` +
     `${s(soakSizes.soakMs)}, sampled every ${s(soakSizes.soakSampleMs)}: jobs done ` +
-    "(committed by the producer minus still in the queue), backlog, pg_total_relation_size " +
+    "(rows deleted from shoal.jobs since the soak began, from the server's statistics, " +
+    "pg_stat_get_tuples_deleted: usually a second behind, up to 10 s for a backend gone " +
+    "idle; not a count(*), which scans every dead row), backlog (committed by the producer " +
+    "minus done), pg_total_relation_size " +
     "of shoal.jobs (indexes and TOAST included), live and dead tuples and autovacuum count " +
     "(pg_stat_user_tables). Rate = the median of the samples' done/s; last ÷ first compares " +
     "the first and last minute (quarters when the soak is shorter than 4 minutes); table " +

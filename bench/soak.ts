@@ -163,7 +163,8 @@ class SoakSampler {
       if (wait > 0) await sleep(Math.min(wait, 250));
       if (performance.now() < next) continue;
       next += this.everyMs;
-      // Committed first: whatever it counts is in the snapshot of the count that follows.
+      // Committed first: a job done is one the producer had committed (with count(), it is
+      // in the snapshot of the count that follows).
       const committed = this.producer.committed;
       const done = this.system.removed
         ? await this.system.removed(this.sql) - removed0

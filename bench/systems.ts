@@ -116,8 +116,9 @@ export interface System {
   count(sql: Sql): Promise<number>;
   /**
    * Jobs removed from its jobs table since the database was created, from the server's
-   * statistics (pg_stat_user_tables.n_tup_del, at most about a second behind), for systems
-   * that delete finished jobs. The soaks read it instead of count(): a count walks the
+   * statistics (pg_stat_user_tables.n_tup_del: a busy backend reports at most every second,
+   * one gone idle up to 10 s later; aborted deletes count too), for systems that delete
+   * finished jobs. A backlog derived from it runs about a second of jobs high. The soaks read it instead of count(): a count walks the
    * whole heap, and while a snapshot is held that is millions of dead rows, every sample
    * (0.4 to 1 s of both cores every 5 s in W9, auto_explain), taken from the system
    * measured.

@@ -1,5 +1,5 @@
 import { assert, assertEquals } from "./assert.ts";
-import { freePort, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
+import { enqueueLargeTable, freePort, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
 
 /** Fast loops so the demo (52 jobs, one delayed 3 s, one retried then dead) ends quickly. */
 const FAST = ["--poll-interval", "100ms", "--shutdown-grace", "1s"];
@@ -87,7 +87,8 @@ Deno.test("shoal dev --http --metrics-exact serves /readyz and /metrics while th
   const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
   const port = freePort();
   try {
-    // --metrics-exact as the roles take it (a small demo is counted exactly either way).
+    // A queue too large to count by default (12,000 jobs): --metrics-exact counts it.
+    await enqueueLargeTable(db.sql);
     const http = ["--http", `127.0.0.1:${port}`, "--metrics-exact"];
     await using dev = spawnShoal(["dev", "--dir", dir, ...FAST, ...http], { url: db.url });
     const get = async (path: string) => {
@@ -104,7 +105,8 @@ Deno.test("shoal dev --http --metrics-exact serves /readyz and /metrics while th
       return text.includes('shoal_jobs_completed_total{queue="demo"') ? text : null;
     }, 30_000);
     assert.ok(metrics.includes("# TYPE"), metrics);
-    assert.ok(metrics.includes('shoal_queue_counts_exact{queue="demo"} 1'), metrics);
+    assert.ok(metrics.includes('shoal_queue_counts_exact{queue="bulk"} 1'), metrics);
+    assert.ok(metrics.includes('shoal_queue_depth{queue="bulk"} 12000'), metrics);
     dev.kill("SIGINT");
     const { code, output } = await dev.exited();
     assertEquals(code, 0, output);
