@@ -488,7 +488,9 @@ Deno.test("runConsumer() holds back buffered jobs behind an announced job rankin
     name: "t.urgent",
     handler: () => void starts.push({ task: "t.urgent", at: performance.now() }),
   });
-  await enqueueMany(db.sql, Array.from({ length: 30_000 }, () => ({ task: "t.quick" })));
+  // Enough quick jobs to stay busy through five rounds: each round runs 2,000 and more
+  // while the test polls (30,000 ran out in round 4 once claims got cheaper).
+  await enqueueMany(db.sql, Array.from({ length: 100_000 }, () => ({ task: "t.quick" })));
   // When the announcement reaches a listener: the consumer hears it about then. Jobs that
   // started before it (a claim's batch returned just before the commit runs in a
   // millisecond) were out of reach; what starts after it, before the urgent job, was held
