@@ -64,12 +64,12 @@ import {
   unregisterConsumer,
 } from "./catalog.ts";
 import { HEAD_SCAN_TIMEOUT_MS, HeadScans } from "./head_scan.ts";
-
-/** SQLSTATE of a statement cancelled by statement_timeout (or a cancel request). */
-const QUERY_CANCELED = "57014";
 import { HOLD_MAX_MS, PrefetchBuffer, type Rank, ranksBy } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
+
+/** SQLSTATE of a statement cancelled by statement_timeout (or a cancel request). */
+const QUERY_CANCELED = "57014";
 
 export interface ConsumerOptions {
   queues: string[];
