@@ -60,10 +60,12 @@ import sql011 from "../sql/011_schedule_backfill.sql" with { type: "text" };
 import sql012 from "../sql/012_queue_heads.sql" with { type: "text" };
 import sql013 from "../sql/013_counts.sql" with { type: "text" };
 import sql014 from "../sql/014_claim_index_id.sql" with { type: "text" };
+import sql015 from "../sql/015_flow.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
 import fnCounts from "../sql/functions/counts.sql" with { type: "text" };
+import fnFlow from "../sql/functions/flow.sql" with { type: "text" };
 import fnQueue from "../sql/functions/queue.sql" with { type: "text" };
 import fnSqlTask from "../sql/functions/sql_task.sql" with { type: "text" };
 import fnWake from "../sql/functions/wake.sql" with { type: "text" };
@@ -85,12 +87,14 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "012_queue_heads.sql": sql012,
   "013_counts.sql": sql013,
   "014_claim_index_id.sql": sql014,
+  "015_flow.sql": sql015,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */
 export const EMBEDDED_FUNCTIONS: Readonly<Record<string, string>> = {
   "claim.sql": fnClaim,
   "counts.sql": fnCounts,
+  "flow.sql": fnFlow,
   "queue.sql": fnQueue,
   "sql_task.sql": fnSqlTask,
   "wake.sql": fnWake,

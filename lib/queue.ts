@@ -745,9 +745,14 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
   checkRefs("ack", "refs", refs);
   if (refs.length === 0) return [];
   const rows = await db<{ id: string }[]>`
-    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))})
-    delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
-    returning j.id`;
+    with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))}),
+    gone as (
+      delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
+      returning j.id
+    ),
+    -- Their concurrency slots are free (sql/functions/flow.sql); referenced, so it runs.
+    freed as (select shoal.free_slots(array_agg(g.id)) from gone g)
+    select g.id from gone g cross join (select count(*) from freed) f`;
   return rows.map((r) => r.id);
 }
 
@@ -762,10 +767,15 @@ export async function ackClaimed(
   tokens: readonly string[],
 ): Promise<number> {
   if (ids.length === 0) return 0;
-  const result = await db`
-    with locked as (${lockOurs(db, ids, tokens)})
-    delete from shoal.jobs j where j.id = any(array(select l.id from locked l))`;
-  return result.count;
+  const [row] = await db<{ acked: number }[]>`
+    with locked as (${lockOurs(db, ids, tokens)}),
+    gone as (
+      delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
+      returning j.id
+    )
+    -- Their concurrency slots are free (sql/functions/flow.sql).
+    select count(*)::integer as acked, shoal.free_slots(array_agg(g.id)) from gone g`;
+  return row!.acked;
 }
 
 const idsOf = (refs: readonly JobRef[]): string[] => refs.map((r) => r.id);
@@ -830,9 +840,12 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
       select shoal.notify_jobs(array_agg(r.queue), null, array_agg(r.priority),
                                array_agg(r.fair_seq))
       from released r
-    )
-    -- (a plain select in a WITH runs only when referenced: the join makes it run once)
-    select r.id from released r cross join (select count(*) from woken) w`;
+    ),
+    -- Their concurrency slots are free (sql/functions/flow.sql).
+    freed as (select shoal.free_slots(array_agg(r.id)) from released r)
+    -- (a plain select in a WITH runs only when referenced: the joins make it run once)
+    select r.id from released r cross join (select count(*) from woken) w
+      cross join (select count(*) from freed) f`;
   return rows.map((r) => r.id);
 }
 
@@ -904,11 +917,18 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     -- instead of at its next poll.
     woken as (
       select shoal.notify_jobs(array_agg(r.queue), array_agg(r.run_at)) from retried r
+    ),
+    -- Retried or dead, its concurrency slot is free (sql/functions/flow.sql): a retry waits
+    -- out its backoff without holding one.
+    freed as (
+      select shoal.free_slots(array_agg(x.id))
+      from (select d.id from dead d union all select r.id from retried r) x
     )
     select case when exists (select 1 from buried) then 'dead'
                 when exists (select 1 from retried) then 'retried'
                 else 'stale' end as outcome,
-      (select count(*) from woken) as woken -- referenced, so the notify runs`;
+      (select count(*) from woken) as woken, -- referenced, so the notify runs
+      (select count(*) from freed) as freed`;
   return row!.outcome;
 }
 

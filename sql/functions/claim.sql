@@ -48,6 +48,19 @@
 -- when it starts, when an announced delayed job or retry falls due, and at least every
 -- second otherwise, cancelled after 2 s (lib/head_scan.ts).
 --
+-- Flow control (sql/functions/flow.sql). A paused queue is left out of the claim. A queue
+-- with a concurrency limit is claimed by its own walk: its jobs are read in claim order,
+-- unlocked, a window at a time from the head of the queue (a key held back keeps its jobs
+-- behind where claiming has got to, where a claim from near the heads would not look);
+-- each key with a limit met in the window is locked (shoal.flow_lock) and its free slots
+-- counted (the slot rule); the jobs that fit, in claim order, are then locked SKIP LOCKED
+-- (one another claim took meanwhile is left) and get a slot row with their new token. A
+-- key's jobs beyond its free slots are skipped, not held up behind: the next window looks
+-- past them, growing fourfold, or, when nothing in a window fit, starts below its lowest
+-- priority, until the batch is full or flow_scan jobs were read (the bound of a claim's
+-- work when every key is full: no busy loop). Probes find nothing in a limited queue: its
+-- claims always walk from the head.
+--
 -- It follows the lock order stated at the top of workflow.sql (jobs are taken SKIP LOCKED).
 --
 -- The signatures before _starting and _from_head existed are dropped: beside this one, a
@@ -122,8 +135,158 @@ declare
   dead_ids bigint[];
   all_start boolean;
   starting bigint[];
+  -- Flow control: whether a claimed queue has a concurrency limit; the keys met with a
+  -- limit ("queue\nkey") and their slots left for this claim; every key checked; the
+  -- window's offset and size; the candidates and the jobs of one window that fit.
+  limited boolean;
+  flow_scan constant integer := greatest(_limit * 16, 2000);
+  key_tags text[] := '{}';
+  key_left integer[] := '{}';
+  checked_tags text[] := '{}';
+  scan_from integer := 0;
+  scan_size integer;
+  scan_read integer := 0;
+  band_top integer := 32767;
+  cand record;
+  fit record;
 begin
-  if _from_head and _before_priority is null then
+  -- Flow control: paused queues are left out; is any other limited?
+  select coalesce(array_agg(q.name), '{}'),
+         coalesce(bool_or(exists (select 1 from shoal.concurrency_limits l
+                                  where l.queue = q.name)), false)
+  into _queues, limited
+  from unnest(_queues) as q(name)
+  where not exists (select 1 from shoal.queue_pauses p where p.queue = q.name);
+  if cardinality(_queues) = 0 or (limited and _before_priority is not null) then
+    return;
+  end if;
+
+  if limited then
+    scan_size := greatest(_limit * 2, 64);
+    loop
+      -- The next window of ready jobs in claim order, read without locks.
+      select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+             array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
+             array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+             array_agg(c.fairness_key order by c.priority desc, c.fair_seq, c.id) as keys,
+             min(c.priority) as low,
+             count(*) as n
+      into cand
+      from (
+        select c.* from unnest(_queues) as q(name)
+        cross join lateral (
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.fairness_key
+          from shoal.jobs j
+          where j.queue = q.name and j.priority <= band_top and j.run_at <= now()
+          order by j.priority desc, j.fair_seq, j.id + 0
+          limit scan_from + scan_size
+        ) c
+        order by c.priority desc, c.fair_seq, c.id
+        offset scan_from
+        limit scan_size
+      ) c;
+      exit when cand.ids is null;
+
+      -- Keys first met in this window that have a limit: lock each (one another claim
+      -- holds is full for this one).
+      with met as (
+        select d.queue, d.key, d.queue || E'\n' || d.key as tag,
+               shoal.concurrency_limit(d.queue, d.key) as max_running
+        from (select distinct u.queue, u.key from unnest(cand.queues, cand.keys) as u(queue, key)) d
+        where d.queue || E'\n' || d.key <> all(checked_tags)
+      )
+      select coalesce(array_agg(m.tag), '{}') as tags,
+             array_agg(m.tag) filter (where m.max_running is not null) as limited_tags,
+             array_agg(m.queue) filter (where m.max_running is not null) as queues,
+             array_agg(m.key) filter (where m.max_running is not null) as keys,
+             array_agg(m.max_running) filter (where m.max_running is not null) as limits,
+             array_agg(shoal.flow_lock(m.queue, m.key)) filter (where m.max_running is not null)
+               as locked
+      into fit
+      from met m;
+      checked_tags := checked_tags || fit.tags;
+      if fit.limited_tags is not null then
+        -- A statement after the locks: it sees every claim committed before they were free.
+        key_tags := key_tags || fit.limited_tags;
+        key_left := key_left || array(
+          select case when k.locked then greatest(k.max_running - shoal.slots_held(k.queue, k.key), 0)
+                      else 0 end
+          from unnest(fit.queues, fit.keys, fit.limits, fit.locked)
+            with ordinality as k(queue, key, max_running, locked, n)
+          order by k.n);
+      end if;
+
+      -- The window's jobs that fit, in claim order: a limited key's while it has slots
+      -- left, any other's; no more than the batch has room for. Locked now, SKIP LOCKED,
+      -- and only while still ready (another claim may have taken one since the read).
+      with u as (
+        select u.*, k.slots_left,
+               row_number() over (partition by u.queue, u.key order by u.n) as key_rank
+        from unnest(cand.ids, cand.ctids, cand.queues, cand.keys)
+          with ordinality as u(id, ctid, queue, key, n)
+        left join unnest(key_tags, key_left) as k(tag, slots_left)
+          on k.tag = u.queue || E'\n' || u.key
+        where u.id <> all(picked)
+      ),
+      fits as (
+        select f.ctid, f.n
+        from (select u.ctid, u.n, row_number() over (order by u.n) as fit_rank
+              from u where u.slots_left is null or u.key_rank <= u.slots_left) f
+        where f.fit_rank <= _limit - cardinality(picked)
+      ),
+      taken as (
+        select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.fairness_key, j.execution_id,
+               j.attempts, j.max_attempts, f.n
+        from fits f
+        cross join lateral (
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.fairness_key, j.execution_id,
+                 j.attempts, j.max_attempts
+          from shoal.jobs j
+          where j.ctid = f.ctid and j.run_at <= now()
+          for update skip locked
+        ) j
+      )
+      select array_agg(t.id order by t.n) as ids,
+             array_agg(t.ctid) as ctids,
+             array_agg(t.queue) as queues,
+             array_agg(t.priority) as priorities,
+             array_agg(t.fair_seq) as seqs,
+             array_agg(t.queue || E'\n' || t.fairness_key) as tags,
+             bool_or(t.execution_id is not null) as in_workflow,
+             bool_or(t.attempts >= t.max_attempts) as spent
+      into got
+      from taken t;
+      if got.ids is not null then
+        picked := picked || got.ids;
+        picked_ctids := picked_ctids || got.ctids;
+        picked_queues := picked_queues || got.queues;
+        picked_priorities := picked_priorities || got.priorities;
+        picked_seqs := picked_seqs || got.seqs;
+        in_workflow := in_workflow or got.in_workflow;
+        spent := spent or got.spent;
+        key_left := array(
+          select k.slots_left - (select count(*) from unnest(got.tags) as t(tag)
+                                 where t.tag = k.tag)::integer
+          from unnest(key_tags, key_left) with ordinality as k(tag, slots_left, n)
+          order by k.n);
+      end if;
+      scan_read := scan_read + cand.n;
+      exit when cardinality(picked) >= _limit or scan_read >= flow_scan;
+      if got.ids is null and cand.low > -32768 then
+        -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
+        -- one priority, keys interleave by their stamps, so another key's jobs lie near its
+        -- head): look below it.
+        band_top := cand.low - 1;
+        scan_from := 0;
+        scan_size := greatest(_limit * 2, 64);
+      else
+        exit when cand.n < scan_size;
+        scan_from := scan_from + scan_size;
+        scan_size := scan_size * 4;
+      end if;
+      scan_size := least(scan_size, flow_scan - scan_read);
+    end loop;
+  elsif _from_head and _before_priority is null then
     -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is
     -- the caller's to avoid (it would pick the same rows twice).
     select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
@@ -389,6 +552,14 @@ begin
       where j.ctid = any(picked_ctids)
       returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.fair_seq,
         j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at
+    ),
+    -- A limited key's jobs hold a slot each, under their new token (the slot rule).
+    slotted as (
+      insert into shoal.concurrency_slots as s (job_id, queue, key, token)
+      select c.id, c.queue, c.fairness_key, c.token from claimed c
+      where limited and c.queue || E'\n' || c.fairness_key = any(key_tags)
+      on conflict (job_id) do update
+      set queue = excluded.queue, key = excluded.key, token = excluded.token
     )
     -- In claim order, so the caller starts them in that order.
     select c.id, c.queue::text, c.task::text, c.payload::jsonb, c.priority, c.fairness_key,

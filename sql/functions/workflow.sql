@@ -280,6 +280,7 @@ begin
   if not found then
     return null;
   end if;
+  perform shoal.free_slots(array[parent_id]);
 
   execution := parent.execution_id;
   if execution is null then
@@ -394,6 +395,11 @@ begin
           from deleted d where d.execution_id is not null and d.barrier_id is null),
          (select array_agg(c.id order by c.id) from counted c where c.remaining <= 0)
   into finished, steps, filled;
+
+  -- Their concurrency slots are free now (the slot rule, flow.sql): wake the held-back.
+  if finished is not null then
+    perform shoal.free_slots(finished);
+  end if;
 
   -- The slow path, once per fan-out: enqueue the callback with the results in child
   -- order and remove the barrier (its arrivals go with it). Already locked, in id order.

@@ -1,0 +1,120 @@
+/**
+ * Flow control in the claim (sql/functions/claim.sql "Flow control", sql/functions/flow.sql):
+ * paused queues are not claimed; a key's claimed jobs never exceed its concurrency limit;
+ * a held-back job is not failed and takes a slot the moment one frees. Real Postgres.
+ */
+import { assert, assertEquals } from "./assert.ts";
+import { testDb } from "./helpers.ts";
+import type { Sql } from "../lib/db.ts";
+import {
+  ack,
+  claim,
+  type ClaimOptions,
+  enqueueMany,
+  fail,
+  type Job,
+  release,
+} from "../lib/queue.ts";
+
+const Q = "flow";
+
+function options(limit: number, extra: Partial<ClaimOptions> = {}): ClaimOptions {
+  return { queues: [Q], limit, workerId: "test:1", visibilityMs: 60_000, ...extra };
+}
+
+async function claimJobs(sql: Sql, limit: number, extra: Partial<ClaimOptions> = {}) {
+  const { jobs, poisoned } = await claim(sql, options(limit, extra));
+  assertEquals(poisoned, []);
+  return jobs;
+}
+
+async function enqueueKeys(sql: Sql, counts: Record<string, number>, priority = 0) {
+  const specs = Object.entries(counts).flatMap(([key, n]) =>
+    Array.from({ length: n }, (_, i) => ({
+      task: "t",
+      queue: Q,
+      fairnessKey: key,
+      priority,
+      payload: { i },
+    }))
+  );
+  await enqueueMany(sql, specs);
+}
+
+function byKey(jobs: Job[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const job of jobs) counts[job.fairness_key] = (counts[job.fairness_key] ?? 0) + 1;
+  return counts;
+}
+
+Deno.test("a paused queue is not claimed; resumed, it is", async () => {
+  await using db = await testDb();
+  await enqueueKeys(db.sql, { a: 3 });
+  assertEquals((await db.sql`select shoal.pause_queue(${Q}) as p`)[0]!.p, true);
+  assertEquals((await db.sql`select shoal.pause_queue(${Q}) as p`)[0]!.p, false);
+  assertEquals(await claimJobs(db.sql, 10), []);
+  assertEquals(await claimJobs(db.sql, 10, { fromHead: false }), []);
+  assertEquals((await db.sql`select shoal.resume_queue(${Q}) as r`)[0]!.r, true);
+  assertEquals((await claimJobs(db.sql, 10)).length, 3);
+});
+
+Deno.test("a queue's default limit caps each key's claimed jobs; a key's own overrides it", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2)`;
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 3, 'b')`;
+  await enqueueKeys(db.sql, { a: 10, b: 10, c: 10 });
+  const first = await claimJobs(db.sql, 100);
+  assertEquals(byKey(first), { a: 2, b: 3, c: 2 });
+  // Full: nothing more, and nothing was failed or burned.
+  assertEquals(await claimJobs(db.sql, 100), []);
+  const [row] = await db.sql<{ attempts: number }[]>`
+    select max(attempts)::integer as attempts from shoal.jobs where locked_by is null`;
+  assertEquals(row!.attempts, 0);
+  // One ack frees one slot of its key.
+  await ack(db.sql, [first.find((j) => j.fairness_key === "a")!]);
+  assertEquals(byKey(await claimJobs(db.sql, 100)), { a: 1 });
+});
+
+Deno.test("a retry, a hand-back and an expired deadline give the slot back", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1)`;
+  await enqueueKeys(db.sql, { a: 5 });
+  const [one] = await claimJobs(db.sql, 10);
+  assertEquals(await claimJobs(db.sql, 10), []);
+  assertEquals(await fail(db.sql, one!, { error: "boom", retryInMs: 60_000 }), "retried");
+  const [two] = await claimJobs(db.sql, 10);
+  assert(two && two.id !== one!.id, "the retry waiting out its backoff holds no slot");
+  await release(db.sql, [two!]);
+  const [three] = await claimJobs(db.sql, 10, { visibilityMs: 0 });
+  assert(three, "the hand-back freed the slot");
+  // visibilityMs 0: its deadline has passed, so it holds no slot (and is claimable again).
+  assertEquals((await claimJobs(db.sql, 10)).length, 1);
+});
+
+Deno.test("a full key does not hold back other keys, even a long backlog ahead of them", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1, 'big')`;
+  await enqueueKeys(db.sql, { big: 5000 }, 5);
+  await enqueueKeys(db.sql, { small: 10 }, 0);
+  assertEquals(byKey(await claimJobs(db.sql, 5)), { big: 1, small: 4 });
+  assertEquals(byKey(await claimJobs(db.sql, 20)), { small: 6 });
+  assertEquals(await claimJobs(db.sql, 20), []);
+});
+
+Deno.test("concurrent claims never exceed a key's limit", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 3)`;
+  await enqueueKeys(db.sql, { a: 200, b: 200 });
+  for (let round = 0; round < 20; round++) {
+    const batches = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => claimJobs(db.sql, 4, { workerId: `w${i}` })),
+    );
+    const claimed = batches.flat();
+    const [{ a, b }] = await db.sql<[{ a: number; b: number }]>`
+      select count(*) filter (where fairness_key = 'a')::integer as a,
+             count(*) filter (where fairness_key = 'b')::integer as b
+      from shoal.jobs where locked_by is not null and run_at > now()`;
+    assert(a <= 3 && b <= 3, `round ${round}: ${a} and ${b} running`);
+    await ack(db.sql, claimed.filter((_, i) => i % 2 === 0));
+  }
+});
