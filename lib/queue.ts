@@ -148,6 +148,8 @@ export const DEFAULT_MAX_ATTEMPTS = 25;
 const ERROR_HISTORY = 25;
 /** Longest error message stored per attempt. */
 const MAX_ERROR_LENGTH = 4000;
+/** The longest hold of a key (shoal.hold_key refuses more): a day. */
+export const MAX_HOLD_MS = 86_400_000;
 
 export interface EnqueueManyOptions {
   /** Wake idle consumers with NOTIFY (default true). */
@@ -856,6 +858,11 @@ export interface FailOptions {
   retryInMs: number;
   /** Dead-letter now whatever the attempts left (for example an invalid payload). */
   permanent?: boolean;
+  /**
+   * Hold the job's fairness key on its queue this long: no job of the key is claimed until
+   * then (sql/functions/flow.sql shoal.hold_key; at most a day).
+   */
+  holdKeyMs?: number;
 }
 
 export type FailOutcome = "retried" | "dead" | "stale";
@@ -873,6 +880,11 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
   checkString("fail", "options.error", options.error, { empty: true });
   checkNumber("fail", "options.retryInMs", options.retryInMs, { min: 0, max: MAX_SPAN_MS });
   checkBoolean("fail", "options.permanent", options.permanent, { optional: true });
+  checkInteger("fail", "options.holdKeyMs", options.holdKeyMs, {
+    min: 0,
+    max: MAX_HOLD_MS,
+    optional: true,
+  });
   const message = options.error.length > MAX_ERROR_LENGTH
     ? options.error.slice(0, MAX_ERROR_LENGTH - 1) + "…"
     : options.error;
@@ -911,7 +923,7 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     Math.round(options.retryInMs)
   }::bigint * interval '1 ms'
       from target t where j.id = t.id and not t.final
-      returning j.id, j.queue, j.run_at
+      returning j.id, j.queue, j.fairness_key, j.run_at
     ),
     -- Announce when the retry is due, so a listening consumer wakes for it on time
     -- instead of at its next poll.
@@ -923,12 +935,20 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     freed as (
       select shoal.free_slots(array_agg(x.id))
       from (select d.id from dead d union all select r.id from retried r) x
+    ),
+    -- Told to hold its whole key (a 429, say): no job of the key is claimed meanwhile.
+    held as (
+      select shoal.hold_key(x.queue, x.fairness_key, ${options.holdKeyMs ?? 0}::bigint)
+      from (select d.queue, d.fairness_key from dead d
+            union all select r.queue, r.fairness_key from retried r) x
+      where ${options.holdKeyMs ?? 0}::bigint > 0
     )
     select case when exists (select 1 from buried) then 'dead'
                 when exists (select 1 from retried) then 'retried'
                 else 'stale' end as outcome,
       (select count(*) from woken) as woken, -- referenced, so the notify runs
-      (select count(*) from freed) as freed`;
+      (select count(*) from freed) as freed,
+      (select count(*) from held) as held`;
   return row!.outcome;
 }
 

@@ -76,6 +76,8 @@ export interface Failure {
   error: string;
   permanent: boolean;
   retryInMs: number;
+  /** Hold the job's whole key this long (a RetryLaterError with holdKey). */
+  holdKeyMs?: number;
 }
 
 /**
@@ -314,11 +316,13 @@ class RunContext implements TaskContext {
  */
 export function failureOf(error: unknown, attempts: number, retryBaseMs?: number): Failure {
   const text = error instanceof TimeoutError ? error.message : describeError(error);
+  const later = error instanceof RetryLaterError ? error : null;
   return {
     error: text.includes("\0") ? text.replaceAll("\0", "\uFFFD") : text,
     permanent: error instanceof PermanentError,
     // A handler that knows when to come back (a server's Retry-After) says so.
-    retryInMs: error instanceof RetryLaterError ? error.delayMs : backoffMs(attempts, retryBaseMs),
+    retryInMs: later ? later.delayMs : backoffMs(attempts, retryBaseMs),
+    ...(later?.holdKey ? { holdKeyMs: later.delayMs } : {}),
   };
 }
 

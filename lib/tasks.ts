@@ -154,18 +154,31 @@ export class PermanentError extends Error {
 /** The longest delay a RetryLaterError may ask for: one hour, the backoff's own ceiling. */
 export const MAX_RETRY_LATER_MS = 3_600_000;
 
+/** Options of a RetryLaterError: an Error's, and whether the whole key waits. */
+export interface RetryLaterOptions extends ErrorOptions {
+  /**
+   * Hold the job's whole fairness key for the delay, not only this job: no job of the key
+   * is claimed until it ends (flow control, `shoal.hold_key`), as a server's 429 asks.
+   */
+  holdKey?: boolean;
+}
+
 /**
  * Throw from a handler to retry after a delay it chooses (say, a server's `Retry-After`)
  * instead of the exponential backoff. The attempt still counts: a job out of attempts is
- * dead-lettered. The delay is clamped to 0 to MAX_RETRY_LATER_MS.
+ * dead-lettered. The delay is clamped to 0 to MAX_RETRY_LATER_MS. With `holdKey`, every job
+ * of its fairness key on its queue waits out the delay too.
  */
 export class RetryLaterError extends Error {
   override name = "RetryLaterError";
   /** Milliseconds until the next attempt. */
   readonly delayMs: number;
+  /** Whether the job's whole key waits out the delay. */
+  readonly holdKey: boolean;
 
-  constructor(message: string, delayMs: number, options?: ErrorOptions) {
+  constructor(message: string, delayMs: number, options?: RetryLaterOptions) {
     super(message, options);
+    this.holdKey = options?.holdKey === true;
     if (typeof delayMs !== "number") {
       // Thrown from a handler, this fails the attempt with a message saying why.
       throw new TypeError(

@@ -1,4 +1,5 @@
--- shoal 015: flow control: paused queues and concurrency limits per (queue, key).
+-- shoal 015: flow control: paused queues, and per (queue, key) concurrency limits, rate
+-- limits and holds.
 --
 -- Both are read by the claim (sql/functions/claim.sql, "Flow control"), whose statements
 -- and the functions that change these tables live in sql/functions/flow.sql.
@@ -39,3 +40,36 @@ create table shoal.concurrency_slots (
   token bigint not null
 );
 create index concurrency_slots_key_idx on shoal.concurrency_slots (queue, key);
+
+-- At most max_starts claims per period_ms per key, across every consumer: a token bucket of
+-- max_starts tokens refilled at max_starts per period. A null key is the queue's default
+-- for every key; a row naming a key overrides it.
+create table shoal.rate_limits (
+  queue shoal.name not null,
+  key text,
+  max_starts integer not null,
+  period_ms integer not null,
+  updated_at timestamptz not null default now(),
+  constraint rate_limits_key_length check (key is null or length(key) <= 256),
+  constraint rate_limits_max_starts check (max_starts between 1 and 1000000),
+  constraint rate_limits_period check (period_ms between 1 and 86400000)
+);
+create unique index rate_limits_key_idx on shoal.rate_limits (queue, key)
+  where key is not null;
+create unique index rate_limits_default_idx on shoal.rate_limits (queue)
+  where key is null;
+
+-- What flow control remembers of a key: its token bucket (tokens at refilled_at; null
+-- tokens: full) and a hold (no job of the key is claimed before held_until: a handler told
+-- to slow down, say by an HTTP 429). Rewritten by claims of rate-limited keys: room for
+-- updates on the same page.
+create table shoal.flow_keys (
+  queue text not null,
+  key text not null,
+  tokens double precision,
+  refilled_at timestamptz not null default now(),
+  held_until timestamptz,
+  primary key (queue, key)
+) with (fillfactor = 50);
+create index flow_keys_held_idx on shoal.flow_keys (queue, held_until)
+  where held_until is not null;

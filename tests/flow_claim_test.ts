@@ -118,3 +118,42 @@ Deno.test("concurrent claims never exceed a key's limit", async () => {
     await ack(db.sql, claimed.filter((_, i) => i % 2 === 0));
   }
 });
+
+Deno.test("a rate limit caps each key's claims per period, and refills", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_rate_limit(${Q}, 5, 1000)`;
+  await enqueueKeys(db.sql, { a: 50, b: 50 });
+  assertEquals(byKey(await claimJobs(db.sql, 100)), { a: 5, b: 5 });
+  assertEquals(await claimJobs(db.sql, 100), []);
+  const emptied = Date.now();
+  await new Promise((resolve) => setTimeout(resolve, 450));
+  // 5 tokens a second: 2 whole ones after 400 ms, a third from 600 ms on.
+  const refilled = byKey(await claimJobs(db.sql, 100));
+  const most = Date.now() - emptied >= 600 ? 3 : 2;
+  for (const key of ["a", "b"]) {
+    assert(refilled[key]! >= 2 && refilled[key]! <= most, `key ${key}: ${refilled[key]}`);
+  }
+});
+
+Deno.test("a failure told to hold its key holds every job of the key", async () => {
+  await using db = await testDb();
+  await enqueueKeys(db.sql, { a: 3, b: 1 });
+  const [first] = await claimJobs(db.sql, 1);
+  assertEquals(first!.fairness_key, "a");
+  assertEquals(
+    await fail(db.sql, first!, { error: "429", retryInMs: 0, holdKeyMs: 500 }),
+    "retried",
+  );
+  assertEquals(byKey(await claimJobs(db.sql, 100)), { b: 1 });
+  await new Promise((resolve) => setTimeout(resolve, 550));
+  assertEquals(byKey(await claimJobs(db.sql, 100)), { a: 3 });
+});
+
+Deno.test("a held key is not claimed until its hold ends; other keys go on", async () => {
+  await using db = await testDb();
+  await enqueueKeys(db.sql, { a: 3, b: 3 });
+  await db.sql`select shoal.hold_key(${Q}, 'a', 400)`;
+  assertEquals(byKey(await claimJobs(db.sql, 100)), { b: 3 });
+  await new Promise((resolve) => setTimeout(resolve, 450));
+  assertEquals(byKey(await claimJobs(db.sql, 100)), { a: 3 });
+});

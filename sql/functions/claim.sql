@@ -141,7 +141,11 @@ declare
   limited boolean;
   flow_scan constant integer := greatest(_limit * 16, 2000);
   key_tags text[] := '{}';
-  key_left integer[] := '{}';
+  key_queues text[] := '{}';
+  key_keys text[] := '{}';
+  key_allowed integer[] := '{}';
+  key_taken integer[] := '{}';
+  key_tokens double precision[] := '{}';
   checked_tags text[] := '{}';
   scan_from integer := 0;
   scan_size integer;
@@ -153,7 +157,10 @@ begin
   -- Flow control: paused queues are left out; is any other limited?
   select coalesce(array_agg(q.name), '{}'),
          coalesce(bool_or(exists (select 1 from shoal.concurrency_limits l
-                                  where l.queue = q.name)), false)
+                                  where l.queue = q.name)
+                          or exists (select 1 from shoal.rate_limits l where l.queue = q.name)
+                          or exists (select 1 from shoal.flow_keys k
+                                     where k.queue = q.name and k.held_until > now())), false)
   into _queues, limited
   from unnest(_queues) as q(name)
   where not exists (select 1 from shoal.queue_pauses p where p.queue = q.name);
@@ -187,33 +194,23 @@ begin
       ) c;
       exit when cand.ids is null;
 
-      -- Keys first met in this window that have a limit: lock each (one another claim
-      -- holds is full for this one).
-      with met as (
-        select d.queue, d.key, d.queue || E'\n' || d.key as tag,
-               shoal.concurrency_limit(d.queue, d.key) as max_running
-        from (select distinct u.queue, u.key from unnest(cand.queues, cand.keys) as u(queue, key)) d
-        where d.queue || E'\n' || d.key <> all(checked_tags)
-      )
-      select coalesce(array_agg(m.tag), '{}') as tags,
-             array_agg(m.tag) filter (where m.max_running is not null) as limited_tags,
-             array_agg(m.queue) filter (where m.max_running is not null) as queues,
-             array_agg(m.key) filter (where m.max_running is not null) as keys,
-             array_agg(m.max_running) filter (where m.max_running is not null) as limits,
-             array_agg(shoal.flow_lock(m.queue, m.key)) filter (where m.max_running is not null)
-               as locked
+      -- Keys first met in this window: how many of each it may take (shoal.flow_allow
+      -- returns those under flow control, locked; a key another claim holds gets none).
+      select coalesce(array_agg(d.queue || E'\n' || d.key), '{}') as tags,
+             array_agg(d.queue) as queues, array_agg(d.key) as keys
       into fit
-      from met m;
+      from (select distinct u.queue, u.key from unnest(cand.queues, cand.keys) as u(queue, key)) d
+      where d.queue || E'\n' || d.key <> all(checked_tags);
       checked_tags := checked_tags || fit.tags;
-      if fit.limited_tags is not null then
-        -- A statement after the locks: it sees every claim committed before they were free.
-        key_tags := key_tags || fit.limited_tags;
-        key_left := key_left || array(
-          select case when k.locked then greatest(k.max_running - shoal.slots_held(k.queue, k.key), 0)
-                      else 0 end
-          from unnest(fit.queues, fit.keys, fit.limits, fit.locked)
-            with ordinality as k(queue, key, max_running, locked, n)
-          order by k.n);
+      if fit.queues is not null then
+        select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
+               key_queues || coalesce(array_agg(a.queue), '{}'),
+               key_keys || coalesce(array_agg(a.key), '{}'),
+               key_allowed || coalesce(array_agg(a.allowed), '{}'),
+               key_tokens || coalesce(array_agg(a.tokens), '{}')
+        into key_tags, key_queues, key_keys, key_allowed, key_tokens
+        from shoal.flow_allow(fit.queues, fit.keys) a;
+        key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
       end if;
 
       -- The window's jobs that fit, in claim order: a limited key's while it has slots
@@ -224,7 +221,8 @@ begin
                row_number() over (partition by u.queue, u.key order by u.n) as key_rank
         from unnest(cand.ids, cand.ctids, cand.queues, cand.keys)
           with ordinality as u(id, ctid, queue, key, n)
-        left join unnest(key_tags, key_left) as k(tag, slots_left)
+        left join (select k.tag, k.allowed - k.taken as slots_left
+                   from unnest(key_tags, key_allowed, key_taken) as k(tag, allowed, taken)) k
           on k.tag = u.queue || E'\n' || u.key
         where u.id <> all(picked)
       ),
@@ -264,10 +262,10 @@ begin
         picked_seqs := picked_seqs || got.seqs;
         in_workflow := in_workflow or got.in_workflow;
         spent := spent or got.spent;
-        key_left := array(
-          select k.slots_left - (select count(*) from unnest(got.tags) as t(tag)
-                                 where t.tag = k.tag)::integer
-          from unnest(key_tags, key_left) with ordinality as k(tag, slots_left, n)
+        key_taken := array(
+          select k.taken + (select count(*) from unnest(got.tags) as t(tag)
+                            where t.tag = k.tag)::integer
+          from unnest(key_tags, key_taken) with ordinality as k(tag, taken, n)
           order by k.n);
       end if;
       scan_read := scan_read + cand.n;
@@ -286,6 +284,10 @@ begin
       end if;
       scan_size := least(scan_size, flow_scan - scan_read);
     end loop;
+    -- Rate-limited keys: what this claim took from their buckets.
+    if cardinality(key_tags) > 0 then
+      perform shoal.spend_tokens(key_queues, key_keys, key_tokens, key_taken);
+    end if;
   elsif _from_head and _before_priority is null then
     -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is
     -- the caller's to avoid (it would pick the same rows twice).

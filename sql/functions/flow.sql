@@ -1,13 +1,17 @@
 -- shoal functions: flow control (the tables: sql/015_flow.sql).
 --
--- Owns pausing queues and the concurrency limits per (queue, key):
+-- Owns pausing queues and, per (queue, key), concurrency limits, rate limits and holds (a
+-- key is a job's fairness key):
 --   shoal.pause_queue, shoal.resume_queue          a queue's pause (claim.sql skips it)
---   shoal.set_concurrency_limit,                   a limit per queue (every key) or per key
---   shoal.clear_concurrency_limit
+--   shoal.set_concurrency_limit,                   at most N running per key: per queue
+--   shoal.clear_concurrency_limit                  (every key) or per key
 --   shoal.concurrency_limit                        the limit that applies to a key
---   shoal.flow_lock                                the claim's lock on a key (below)
---   shoal.slots_held                               the slots a key holds (below)
---   shoal.free_slots                               a finished claim gives its slot back
+--   shoal.set_rate_limit, shoal.clear_rate_limit   at most N claims per period per key
+--   shoal.hold_key                                 no claim of a key's jobs for a while
+--   shoal.flow_allow                               how many of a key's jobs a claim may take
+--   shoal.spend_tokens                             what a claim took from the buckets
+--   shoal.flow_lock, shoal.slots_held              the claim's lock; a key's slots held
+--   shoal.free_slots, shoal.prune_slots            finished claims give their slots back
 --
 -- THE SLOT RULE. A key's running jobs are the rows of shoal.concurrency_slots whose job
 -- still carries the token it was claimed with, is claimed and is within its deadline: a
@@ -142,4 +146,187 @@ begin
   end if;
   return freed_count;
 end
+$$;
+
+-- At most max_starts claims per period_ms per key (a token bucket: the rate on average, a
+-- burst of up to max_starts after a quiet spell): with a null key for every key of the
+-- queue, with a key for that key alone. Takes effect at the next claim.
+create or replace function shoal.set_rate_limit(queue text, max_starts integer,
+                                                period_ms integer, key text default null)
+returns void
+language plpgsql volatile as $$
+#variable_conflict use_column
+begin
+  if set_rate_limit.max_starts is null or set_rate_limit.max_starts not between 1 and 1000000 then
+    raise exception 'Cannot set a rate limit: max_starts must be an integer from 1 to 1000000, not %',
+      coalesce(set_rate_limit.max_starts::text, 'null') using errcode = '22023';
+  end if;
+  if set_rate_limit.period_ms is null or set_rate_limit.period_ms not between 1 and 86400000 then
+    raise exception 'Cannot set a rate limit: period_ms must be an integer from 1 to 86400000 (a day), not %',
+      coalesce(set_rate_limit.period_ms::text, 'null') using errcode = '22023';
+  end if;
+  if set_rate_limit.key is not null and length(set_rate_limit.key) > 256 then
+    raise exception 'Cannot set a rate limit: a key has at most 256 characters'
+      using errcode = '22023';
+  end if;
+  if set_rate_limit.key is null then
+    insert into shoal.rate_limits (queue, key, max_starts, period_ms)
+    values (set_rate_limit.queue::shoal.name, null, set_rate_limit.max_starts,
+            set_rate_limit.period_ms)
+    on conflict (queue) where key is null
+    do update set max_starts = excluded.max_starts, period_ms = excluded.period_ms,
+                  updated_at = now();
+  else
+    insert into shoal.rate_limits (queue, key, max_starts, period_ms)
+    values (set_rate_limit.queue::shoal.name, set_rate_limit.key, set_rate_limit.max_starts,
+            set_rate_limit.period_ms)
+    on conflict (queue, key) where key is not null
+    do update set max_starts = excluded.max_starts, period_ms = excluded.period_ms,
+                  updated_at = now();
+  end if;
+  perform shoal.notify_jobs(array[set_rate_limit.queue], null);
+end
+$$;
+
+-- Remove a rate limit (the queue's default with a null key, or one key's). Returns false
+-- when there was none.
+create or replace function shoal.clear_rate_limit(queue text, key text default null)
+returns boolean
+language plpgsql volatile as $$
+begin
+  delete from shoal.rate_limits l
+  where l.queue = clear_rate_limit.queue and l.key is not distinct from clear_rate_limit.key;
+  if not found then
+    return false;
+  end if;
+  perform shoal.notify_jobs(array[clear_rate_limit.queue], null);
+  return true;
+end
+$$;
+
+-- Hold a key: no job of it is claimed for the next for_ms milliseconds (a hold already
+-- reaching further stays; 0 lifts the hold). Jobs of the key already running go on. The
+-- queue's consumers hear when it ends (a wake for that instant). Returns the end.
+create or replace function shoal.hold_key(queue text, key text, for_ms bigint)
+returns timestamptz
+language plpgsql volatile as $$
+#variable_conflict use_column
+declare
+  until timestamptz;
+begin
+  if hold_key.for_ms is null or hold_key.for_ms not between 0 and 86400000 then
+    raise exception 'Cannot hold a key: for_ms must be an integer from 0 to 86400000 (a day), not %',
+      coalesce(hold_key.for_ms::text, 'null') using errcode = '22023';
+  end if;
+  if hold_key.key is null or length(hold_key.key) > 256 then
+    raise exception 'Cannot hold a key: the key must be a string of at most 256 characters'
+      using errcode = '22023';
+  end if;
+  until := now() + hold_key.for_ms * interval '1 ms';
+  insert into shoal.flow_keys as k (queue, key, held_until)
+  values (hold_key.queue::shoal.name, hold_key.key, until)
+  on conflict (queue, key) do update
+  set held_until = case when hold_key.for_ms = 0 then null
+                        else greatest(k.held_until, excluded.held_until) end
+  returning k.held_until into until;
+  perform shoal.notify_jobs(array[hold_key.queue], array[coalesce(until, now())]);
+  return coalesce(until, now());
+end
+$$;
+
+-- How many jobs of each (queue, key) a claim may take now (the claim, claim.sql "Flow
+-- control", calls it for each key it meets; element i of both arrays is one key). Only keys
+-- under flow control come back: with a concurrency limit (its free slots), a rate limit
+-- (the whole tokens in its bucket; tokens returns the bucket's fill now, for
+-- shoal.spend_tokens) or a hold (none). Each is locked first (shoal.flow_lock): a key
+-- another claim holds gets none. The slots and buckets are read by a statement after the
+-- locks, whose snapshot sees every claim committed before they were free (the slot rule).
+create or replace function shoal.flow_allow(queues text[], keys text[])
+returns table (queue text, key text, allowed integer, tokens double precision)
+language plpgsql volatile as $$
+#variable_conflict use_column
+declare
+  qs text[];
+  ks text[];
+  locks boolean[];
+begin
+  select array_agg(x.queue), array_agg(x.key), array_agg(shoal.flow_lock(x.queue, x.key))
+  into qs, ks, locks
+  from unnest(queues, keys) as x(queue, key)
+  where exists (select 1 from shoal.concurrency_limits l
+                where l.queue = x.queue and (l.key = x.key or l.key is null))
+     or exists (select 1 from shoal.rate_limits l
+                where l.queue = x.queue and (l.key = x.key or l.key is null))
+     or exists (select 1 from shoal.flow_keys k
+                where k.queue = x.queue and k.key = x.key and k.held_until > now());
+  if qs is null then
+    return;
+  end if;
+  return query
+    select x.queue, x.key,
+           case when not x.locked or coalesce(k.held_until > now(), false) then 0
+                else greatest(least(
+                       coalesce(c.max_running - shoal.slots_held(x.queue, x.key), 1000000000),
+                       coalesce(floor(b.tokens)::bigint, 1000000000)), 0)::integer
+           end,
+           b.tokens
+    from unnest(qs, ks, locks) as x(queue, key, locked)
+    left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key
+    cross join lateral (select shoal.concurrency_limit(x.queue, x.key) as max_running) c
+    left join lateral (
+      select least(r.max_starts::double precision,
+                   coalesce(k.tokens, r.max_starts)
+                   + extract(epoch from now() - k.refilled_at) * 1000 * r.max_starts / r.period_ms)
+             as tokens
+      from shoal.rate_limits r
+      where r.queue = x.queue and (r.key = x.key or r.key is null)
+      order by r.key nulls last
+      limit 1
+    ) b on true;
+end
+$$;
+
+-- A claim took taken[i] jobs of key i, whose bucket held tokens[i] (shoal.flow_allow; null:
+-- no rate limit): write the buckets back, and when one is empty, wake the queue's consumers
+-- for the instant its next token is due (the jobs it holds back start then, not at a poll).
+create or replace function shoal.spend_tokens(queues text[], keys text[],
+                                              tokens double precision[], taken integer[])
+returns void
+language plpgsql volatile as $$
+begin
+  insert into shoal.flow_keys as k (queue, key, tokens, refilled_at)
+  select x.queue, x.key, x.tokens - x.taken, now()
+  from unnest(queues, keys, tokens, taken) as x(queue, key, tokens, taken)
+  where x.tokens is not null and x.taken > 0
+  on conflict (queue, key) do update set tokens = excluded.tokens, refilled_at = now();
+
+  perform shoal.notify_jobs(array_agg(x.queue), array_agg(
+            now() + (1 - (x.tokens - x.taken)) * r.period_ms / r.max_starts * interval '1 ms'))
+  from unnest(queues, keys, tokens, taken) as x(queue, key, tokens, taken)
+  cross join lateral (
+    select l.max_starts, l.period_ms from shoal.rate_limits l
+    where l.queue = x.queue and (l.key = x.key or l.key is null)
+    order by l.key nulls last limit 1
+  ) r
+  where x.tokens is not null and x.tokens - x.taken < 1
+  having count(*) > 0;
+end
+$$;
+
+-- Remove slot rows that hold nothing: their job is gone or was claimed again (the reaper's
+-- housekeeping; acks, failures and hand-backs remove their own at once). A row of a job
+-- still claimed is kept even past its deadline: a worker that resumes and extends it
+-- still holds its slot. Returns how many went.
+create or replace function shoal.prune_slots(max_rows integer default 10000) returns integer
+language sql volatile as $$
+  with stale as (
+    select s.job_id from shoal.concurrency_slots s
+    where not exists (select 1 from shoal.jobs j
+                      where j.id = s.job_id and j.token = s.token and j.locked_by is not null)
+    limit max_rows
+  ),
+  gone as (
+    delete from shoal.concurrency_slots s using stale x where s.job_id = x.job_id returning 1
+  )
+  select count(*)::integer from gone
 $$;
