@@ -84,7 +84,7 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
         -- Stamped like a new job (the stamping rule in sql/functions/queue.sql).
-        shoal.fair_seq_base(d.queue, d.fairness_key, d.priority) + 1,
+        shoal.fair_seq_next(d.queue, d.fairness_key, d.priority),
         d.max_attempts,
         -- Past every token of its previous life: a worker still holding one is fenced off.
         d.token + 1,

@@ -1,5 +1,5 @@
 -- shoal 015: flow control: paused queues, and per (queue, key) concurrency limits, rate
--- limits and holds.
+-- limits, holds and fairness weights.
 --
 -- Both are read by the claim (sql/functions/claim.sql, "Flow control"), whose statements
 -- and the functions that change these tables live in sql/functions/flow.sql.
@@ -73,3 +73,16 @@ create table shoal.flow_keys (
 ) with (fillfactor = 50);
 create index flow_keys_held_idx on shoal.flow_keys (queue, held_until)
   where held_until is not null;
+
+-- A fairness key's weight on its queue: under contention it starts `weight` jobs for each
+-- job of a key of weight 1 (the stamping rule in sql/functions/queue.sql: `weight` of its
+-- jobs share each stamp). Keys without a row weigh 1.
+create table shoal.fairness_weights (
+  queue shoal.name not null,
+  key text not null,
+  weight integer not null,
+  updated_at timestamptz not null default now(),
+  primary key (queue, key),
+  constraint fairness_weights_key_length check (length(key) <= 256),
+  constraint fairness_weights_weight check (weight between 1 and 1000)
+);

@@ -157,3 +157,24 @@ Deno.test("a held key is not claimed until its hold ends; other keys go on", asy
   await new Promise((resolve) => setTimeout(resolve, 450));
   assertEquals(byKey(await claimJobs(db.sql, 100)), { a: 3 });
 });
+
+Deno.test("keys weighted 1:2:4 start jobs 1:2:4 under contention", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_fairness_weight(${Q}, 'two', 2)`;
+  await db.sql`select shoal.set_fairness_weight(${Q}, 'four', 4)`;
+  // All in one call, so that no key starts with a quiet key's burst ahead of the others;
+  // then some one at a time: a weighted key's next job shares its last stamp until it is
+  // full.
+  await enqueueKeys(db.sql, { one: 300, two: 600, four: 1150 });
+  for (let i = 0; i < 50; i++) await enqueueKeys(db.sql, { four: 1, one: 1 });
+  const counts: Record<string, number> = {};
+  for (let i = 0; i < 7; i++) {
+    for (const [key, n] of Object.entries(byKey(await claimJobs(db.sql, 100)))) {
+      counts[key] = (counts[key] ?? 0) + n;
+    }
+  }
+  // 700 claimed: 100, 200 and 400, give or take one stamp's jobs.
+  assert(Math.abs(counts.one! - 100) <= 2, JSON.stringify(counts));
+  assert(Math.abs(counts.two! - 200) <= 4, JSON.stringify(counts));
+  assert(Math.abs(counts.four! - 400) <= 8, JSON.stringify(counts));
+});

@@ -8,6 +8,8 @@
 --   shoal.concurrency_limit                        the limit that applies to a key
 --   shoal.set_rate_limit, shoal.clear_rate_limit   at most N claims per period per key
 --   shoal.hold_key                                 no claim of a key's jobs for a while
+--   shoal.set_fairness_weight,                     a key's share under contention (the
+--   shoal.clear_fairness_weight                    stamping rule in queue.sql reads it)
 --   shoal.flow_allow                               how many of a key's jobs a claim may take
 --   shoal.spend_tokens                             what a claim took from the buckets
 --   shoal.flow_lock, shoal.slots_held              the claim's lock; a key's slots held
@@ -329,4 +331,37 @@ language sql volatile as $$
     delete from shoal.concurrency_slots s using stale x where s.job_id = x.job_id returning 1
   )
   select count(*)::integer from gone
+$$;
+
+-- A fairness key's weight on a queue (1 to 1000; 1 is every key's without a row): under
+-- contention the key starts `weight` jobs for each job of a key of weight 1. Applies to jobs
+-- enqueued from now on (a job's place in the claim order is stamped at enqueue).
+create or replace function shoal.set_fairness_weight(queue text, key text, weight integer)
+returns void
+language plpgsql volatile as $$
+#variable_conflict use_column
+begin
+  if set_fairness_weight.weight is null or set_fairness_weight.weight not between 1 and 1000 then
+    raise exception 'Cannot set a fairness weight: weight must be an integer from 1 to 1000, not %',
+      coalesce(set_fairness_weight.weight::text, 'null') using errcode = '22023';
+  end if;
+  if set_fairness_weight.key is null or length(set_fairness_weight.key) > 256 then
+    raise exception 'Cannot set a fairness weight: the key must be a string of at most 256 characters'
+      using errcode = '22023';
+  end if;
+  insert into shoal.fairness_weights (queue, key, weight)
+  values (set_fairness_weight.queue::shoal.name, set_fairness_weight.key,
+          set_fairness_weight.weight)
+  on conflict (queue, key) do update set weight = excluded.weight, updated_at = now();
+end
+$$;
+
+-- Back to weight 1. Returns false when the key had no weight of its own.
+create or replace function shoal.clear_fairness_weight(queue text, key text) returns boolean
+language plpgsql volatile as $$
+begin
+  delete from shoal.fairness_weights w
+  where w.queue = clear_fairness_weight.queue and w.key = clear_fairness_weight.key;
+  return found;
+end
 $$;

@@ -5,7 +5,8 @@
 --   shoal.max_payload_bytes, shoal.fair_burst       limits, set per database or role
 --   shoal.payload_error, shoal.job_error           the job checks (below)
 --   shoal.task_settings, shoal.task_settings_many  the catalog rule (below)
---   shoal.level_head, shoal.fair_seq_base           the stamping rule (below)
+--   shoal.level_head, shoal.fair_place,            the stamping rule (below)
+--   shoal.fair_stamp, shoal.fair_seq_next
 --   shoal.insert_job, shoal.insert_jobs             the one insert of new jobs, with its wake
 --   shoal.enqueue_jobs, shoal.enqueue_many,         the SQL entry points (checked, then
 --   shoal.enqueue                                   insert_job(s))
@@ -43,12 +44,14 @@
 --
 -- THE STAMPING RULE. fair_seq is a virtual-time stamp per (queue, priority); the claim runs
 -- priority first, then fair_seq, then id. A new job is stamped
---   shoal.fair_seq_base(queue, fairness_key, priority) + n
+--   shoal.fair_stamp(shoal.fair_place(queue, fairness_key, priority), n)
 -- where n numbers the call's jobs of that (queue, fairness_key, priority) from 1 in input
 -- order: after its key's own last job, and for a key without a backlog up to fair_burst()
 -- places ahead of where claiming has got to at that priority (shoal.level_head, below). A
 -- key that arrives behind another key's backlog interleaves with it instead of waiting for
--- it. A callback is work already admitted (its fan-out's children ran): it is stamped level
+-- it. A key of weight w (shoal.fairness_weights, set in flow.sql) puts w jobs on each stamp:
+-- under contention it starts w jobs for each of a key of weight 1 (weights 1:2:4 share
+-- 1:2:4). A callback is work already admitted (its fan-out's children ran): it is stamped level
 -- with the head, so it runs next; so is a job handed back unstarted (release() in
 -- lib/queue.ts), unless it already ranks after the head. Every stamp a path gives lies at or above
 -- level_head - fair_burst(), where the consumer's claims start looking (claim.sql), except
@@ -92,24 +95,64 @@ begin
 end
 $$;
 
--- The stamp a key's next job at this priority follows (the stamping rule above). Stamps
--- may go negative: only their order matters. The key's own last job is looked for only
--- above the burst's place: below it, it would not change the result, and the index entries
--- there are mostly of finished jobs. PL/pgSQL, not SQL: a SQL function with subqueries is
--- never inlined, and would be planned again on every call.
-create or replace function shoal.fair_seq_base(queue text, fairness_key text, priority integer)
-returns bigint
+-- Where a key's next jobs at this priority go (the stamping rule above): base, the stamp
+-- they follow; used, how many of the key's jobs base already holds; weight, how many a stamp
+-- holds. From the key's own last job (base its stamp), else from the burst's place (base
+-- full). Stamps may go negative: only their order matters. The key's own last job is
+-- looked for only above the burst's place: below it, it would not change the result, and
+-- the index entries there are mostly of finished jobs. PL/pgSQL, not SQL: a SQL function
+-- with subqueries is never inlined, and would be planned again on every call.
+create or replace function shoal.fair_place(queue text, fairness_key text, priority integer,
+                                            out base bigint, out used bigint,
+                                            out weight integer)
 language plpgsql stable as $$
 declare
   burst_at bigint := shoal.level_head($1, $3) - shoal.fair_burst();
+  own bigint;
 begin
-  return coalesce(greatest(
-    (select j.fair_seq from shoal.jobs j
-     where j.queue = $1 and j.fairness_key = $2 and j.priority = $3
-       and j.fair_seq >= coalesce(burst_at, -9223372036854775808)
-     order by j.fair_seq desc limit 1),
-    burst_at), 0);
+  weight := coalesce((select w.weight from shoal.fairness_weights w
+                      where w.queue = $1 and w.key = $2), 1);
+  select j.fair_seq into own from shoal.jobs j
+  where j.queue = $1 and j.fairness_key = $2 and j.priority = $3
+    and j.fair_seq >= coalesce(burst_at, -9223372036854775808)
+  order by j.fair_seq desc limit 1;
+  if own is null then
+    base := coalesce(burst_at, 0);
+    used := weight;
+  elsif weight = 1 then
+    base := own;
+    used := 1;
+  else
+    base := own;
+    select count(*) into used from (
+      select 1 from shoal.jobs j
+      where j.queue = $1 and j.fairness_key = $2 and j.priority = $3 and j.fair_seq = own
+      limit weight) x;
+  end if;
 end
+$$;
+
+-- The stamp of the n-th (from 1) of a call's jobs of one key at one priority, from its
+-- place (shoal.fair_place): `weight` jobs to a stamp. SQL, inlined into the insert.
+create or replace function shoal.fair_stamp(base bigint, used bigint, weight integer, n bigint)
+returns bigint
+language sql immutable as $$
+  select base + (used + n - 1) / weight
+$$;
+
+-- The stamp of one new job of a key at a priority (the stamping rule above).
+create or replace function shoal.fair_seq_next(queue text, fairness_key text, priority integer)
+returns bigint
+language sql stable as $$
+  select shoal.fair_stamp(p.base, p.used, p.weight, 1) from shoal.fair_place($1, $2, $3) p
+$$;
+
+-- The stamp before a key's next job (that job: this + 1), as callers from before weights
+-- existed (revision 4) compute it: kept while such a binary may still run.
+create or replace function shoal.fair_seq_base(queue text, fairness_key text, priority integer)
+returns bigint
+language sql stable as $$
+  select shoal.fair_seq_next($1, $2, $3) - 1
 $$;
 
 -- The payload part of the job checks, for job number ord: null when the payload passes,
@@ -272,7 +315,7 @@ begin
                                  max_attempts, execution_id, barrier_id, child_index)
     values (q, insert_job.task, insert_job.payload,
             coalesce(insert_job.run_at, now()), p, fk,
-            shoal.fair_seq_base(q, fk, p) + 1,
+            shoal.fair_seq_next(q, fk, p),
             m, insert_job.execution_id,
             insert_job.barrier_id, insert_job.child_index)
     returning j.id, j.fair_seq into new_id, new_seq;
@@ -286,7 +329,7 @@ begin
                                    child_index)
       values (q, insert_job.task, insert_job.payload,
               coalesce(insert_job.run_at, now()), p, fk,
-              shoal.fair_seq_base(q, fk, p) + 1,
+              shoal.fair_seq_next(q, fk, p),
               m, insert_job.key, insert_job.execution_id,
               insert_job.barrier_id, insert_job.child_index)
       on conflict (queue, key) where key is not null do nothing
@@ -344,7 +387,8 @@ declare
   missed bigint[];
   held boolean[];
   o bigint;
-  base bigint;
+  -- The single group's place (shoal.fair_place).
+  place record;
   found_id bigint;
   one record;
 begin
@@ -379,20 +423,22 @@ begin
   end if;
 
   -- The common batch: no dedupe keys and one (queue, fairness key, priority) group. The
-  -- rows go straight from the arrays, stamped base + position, with ids from the column
+  -- rows go straight from the arrays, stamped by their position, with ids from the column
   -- default drawn in input order; no grouping, sorting or conflict handling to pay for.
   if (keys is null or cardinality(array_remove(keys, null)) = 0)
      and cardinality(array_remove(queues, queues[1])) = 0
      and (fairness_keys is null or cardinality(array_remove(fairness_keys, fairness_keys[1])) = 0)
      and (priorities is null or cardinality(array_remove(priorities, priorities[1])) = 0) then
-    base := shoal.fair_seq_base(queues[1], coalesce(fairness_keys[1], ''),
-                                coalesce(priorities[1], 0));
+    select * into place from shoal.fair_place(queues[1], coalesce(fairness_keys[1], ''),
+                                              coalesce(priorities[1], 0));
     with ins as (
       insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, execution_id, barrier_id,
                                    child_index)
       select u.queue, u.task, u.payload, coalesce(u.run_at, now()), coalesce(u.priority, 0),
-             coalesce(u.fairness_key, ''), base + u.ord, coalesce(u.max_attempts, 25),
+             coalesce(u.fairness_key, ''),
+             shoal.fair_stamp(place.base, place.used, place.weight, u.ord),
+             coalesce(u.max_attempts, 25),
              u.execution_id, u.barrier_id, u.child_index
       from unnest(queues, tasks, payloads, run_ats, priorities, fairness_keys,
                   insert_jobs.max_attempts, execution_ids, barrier_ids, child_indexes)
@@ -417,14 +463,14 @@ begin
                              key, execution_id, barrier_id, child_index, ord)
     ),
     groups as materialized (
-      -- One stamp base per (queue, fairness key, priority).
-      select g.queue, g.fairness_key, g.priority,
-             shoal.fair_seq_base(g.queue, g.fairness_key, g.priority) as base
+      -- One place per (queue, fairness key, priority).
+      select g.queue, g.fairness_key, g.priority, p.base, p.used, p.weight
       from (select distinct i.queue, i.fairness_key, i.priority from input i) g
+      cross join lateral shoal.fair_place(g.queue, g.fairness_key, g.priority) p
     ),
     stamped as materialized (
-      select i.*, g.base + row_number() over (
-               partition by i.queue, i.fairness_key, i.priority order by i.ord) as fair_seq
+      select i.*, shoal.fair_stamp(g.base, g.used, g.weight, row_number() over (
+               partition by i.queue, i.fairness_key, i.priority order by i.ord)) as fair_seq
       from input i
       join groups g on g.queue = i.queue and g.fairness_key = i.fairness_key
         and g.priority = i.priority
