@@ -356,6 +356,7 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
       "priority",
       "key",
       "fairness-key",
+      "concurrency-key",
       "max-attempts",
       "max-payload",
     ],
@@ -378,6 +379,7 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
         priority: opts.priority,
         key: opts.key,
         fairnessKey: opts["fairness-key"],
+        concurrencyKey: opts["concurrency-key"],
         maxAttempts: opts["max-attempts"],
       };
       const job: JobSpec | TaskJobSpec = definition === undefined

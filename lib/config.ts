@@ -204,6 +204,11 @@ export const OPTIONS = {
   },
   key: { kind: "string", env: null, help: "dedupe key" },
   "fairness-key": { kind: "string", env: null, help: "share the queue fairly across these" },
+  "concurrency-key": {
+    kind: "string",
+    env: null,
+    help: "the key flow control counts the job under (its fairness key unless given)",
+  },
   "max-attempts": {
     kind: "int",
     min: 1,

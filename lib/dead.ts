@@ -80,7 +80,8 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
     ),
     revived as (
       insert into shoal.jobs (id, queue, task, payload, priority, fairness_key, fair_seq,
-        max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at)
+        max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at,
+        concurrency_key)
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
         -- Stamped like a new job (the stamping rule in sql/functions/queue.sql).
@@ -88,7 +89,8 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
         d.max_attempts,
         -- Past every token of its previous life: a worker still holding one is fenced off.
         d.token + 1,
-        d.key, d.execution_id, d.barrier_id, d.child_index, d.errors, d.created_at
+        d.key, d.execution_id, d.barrier_id, d.child_index, d.errors, d.created_at,
+        d.concurrency_key
       from dead d
       where not exists (select 1 from ended)
       on conflict (queue, key) where key is not null do nothing

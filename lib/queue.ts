@@ -95,6 +95,11 @@ export interface EnqueueOptions {
   /** Jobs sharing a queue are served fairly across fairness keys (a tenant id, say). */
   fairnessKey?: string;
   /**
+   * The key the queue's concurrency limits, rate limits and holds count this job under
+   * (flow control, lib/flow.ts); its fairness key unless given.
+   */
+  concurrencyKey?: string;
+  /**
    * Runs before the job is dead-lettered; unless given, the definition's, else the task's
    * catalog value (25 for a task never registered).
    */
@@ -171,6 +176,7 @@ interface JobColumns {
   runAt: string | null;
   priority: number | null;
   fairnessKey: string | null;
+  concurrencyKey: string | null;
   maxAttempts: number | null;
   key: string | null;
 }
@@ -277,6 +283,10 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs):
   const fairnessKey = spec.fairnessKey === undefined
     ? null
     : keyField(args, spec.fairnessKey, MAX_FAIRNESS_KEY_LENGTH, "fairnessKey");
+  // The same limit as a fairness key's: flow control's keys are both.
+  const concurrencyKey = spec.concurrencyKey === undefined
+    ? null
+    : keyField(args, spec.concurrencyKey, MAX_FAIRNESS_KEY_LENGTH, "concurrencyKey");
   return {
     queue,
     task,
@@ -284,6 +294,7 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs):
     runAt,
     priority: spec.priority ?? null,
     fairnessKey,
+    concurrencyKey,
     maxAttempts: maxAttempts ?? null,
     key,
   };
@@ -309,6 +320,7 @@ export function checkJobSpec(
   if (columns.maxAttempts !== null) row.max_attempts = columns.maxAttempts;
   if (columns.key !== null) row.key = columns.key;
   if (columns.fairnessKey !== null) row.fairness_key = columns.fairnessKey;
+  if (columns.concurrencyKey !== null) row.concurrency_key = columns.concurrencyKey;
   return row;
 }
 
@@ -413,7 +425,8 @@ async function insertJobs(db: Db, jobs: JobColumns[], notify: boolean): Promise<
       select id, inserted from shoal.insert_job(
         ${job.queue}::text, ${job.task}::text, ${job.payload}::text::jsonb,
         ${job.runAt}::timestamptz, ${job.priority}::integer, ${job.fairnessKey}::text,
-        ${job.maxAttempts}::integer, ${job.key}::text, ${notify}::boolean)`;
+        ${job.maxAttempts}::integer, ${job.key}::text, ${notify}::boolean,
+        concurrency_key => ${job.concurrencyKey}::text)`;
     return [{ id: rows[0]!.id, inserted: rows[0]!.inserted }];
   }
   const queues = jobs.map((j) => j.queue);
@@ -424,11 +437,13 @@ async function insertJobs(db: Db, jobs: JobColumns[], notify: boolean): Promise<
   const fairnessKeys = column(jobs, (j) => j.fairnessKey);
   const maxAttempts = column(jobs, (j) => j.maxAttempts);
   const keys = column(jobs, (j) => j.key);
+  const concurrencyKeys = column(jobs, (j) => j.concurrencyKey);
   const rows = await db<Enqueued[]>`
     select id, inserted from shoal.insert_jobs(
       ${queues}::text[], ${tasks}::text[], ${payloads}::text[]::jsonb[],
       ${runAts}::timestamptz[], ${priorities}::integer[], ${fairnessKeys}::text[],
-      ${maxAttempts}::integer[], ${keys}::text[], ${notify}::boolean)`;
+      ${maxAttempts}::integer[], ${keys}::text[], ${notify}::boolean,
+      concurrency_keys => ${concurrencyKeys}::text[])`;
   return rows.map((r) => ({ id: r.id, inserted: r.inserted }));
 }
 
@@ -908,10 +923,10 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     buried as (
       insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
-        created_at)
+        created_at, concurrency_key)
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key, d.attempts,
         d.max_attempts, d.token, d.key, d.execution_id, d.barrier_id, d.child_index, d.new_errors,
-        ${message}::text, d.created_at
+        ${message}::text, d.created_at, d.concurrency_key
       from dead d
       returning id
     ),
@@ -923,7 +938,7 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     Math.round(options.retryInMs)
   }::bigint * interval '1 ms'
       from target t where j.id = t.id and not t.final
-      returning j.id, j.queue, j.fairness_key, j.run_at
+      returning j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.run_at
     ),
     -- Announce when the retry is due, so a listening consumer wakes for it on time
     -- instead of at its next poll.
@@ -938,9 +953,9 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     ),
     -- Told to hold its whole key (a 429, say): no job of the key is claimed meanwhile.
     held as (
-      select shoal.hold_key(x.queue, x.fairness_key, ${options.holdKeyMs ?? 0}::bigint)
-      from (select d.queue, d.fairness_key from dead d
-            union all select r.queue, r.fairness_key from retried r) x
+      select shoal.hold_key(x.queue, x.flow_key, ${options.holdKeyMs ?? 0}::bigint)
+      from (select d.queue, coalesce(d.concurrency_key, d.fairness_key) as flow_key from dead d
+            union all select r.queue, r.flow_key from retried r) x
       where ${options.holdKeyMs ?? 0}::bigint > 0
     )
     select case when exists (select 1 from buried) then 'dead'

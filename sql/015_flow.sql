@@ -11,8 +11,16 @@ create table shoal.queue_pauses (
   paused_at timestamptz not null default now()
 );
 
--- At most max_running jobs of a queue run at once per key (a job's fairness key), across
--- every consumer. A row with a null key is the queue's default for every key; a row naming
+-- A job's flow key: the key its concurrency limit, rate limit and holds count it under. Its
+-- concurrency key when one was given at enqueue, else its fairness key. Checked for new
+-- rows only (not valid): every existing row has none.
+alter table shoal.jobs add column concurrency_key text,
+  add constraint jobs_concurrency_key_length
+    check (concurrency_key is null or length(concurrency_key) <= 256) not valid;
+alter table shoal.dead_jobs add column concurrency_key text;
+
+-- At most max_running jobs of a queue run at once per key (a job's flow key, above),
+-- across every consumer. A row with a null key is the queue's default for every key; a row naming
 -- a key overrides that default for the key alone (a tenant's tier).
 create table shoal.concurrency_limits (
   queue shoal.name not null,

@@ -178,3 +178,50 @@ Deno.test("keys weighted 1:2:4 start jobs 1:2:4 under contention", async () => {
   assert(Math.abs(counts.two! - 200) <= 4, JSON.stringify(counts));
   assert(Math.abs(counts.four! - 400) <= 8, JSON.stringify(counts));
 });
+
+Deno.test("a concurrency key given at enqueue is the key limits count, across fairness keys", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2, 'partner-api')`;
+  await enqueueMany(db.sql, [
+    ...Array.from({ length: 5 }, () => ({
+      task: "t",
+      queue: Q,
+      fairnessKey: "tenant-1",
+      concurrencyKey: "partner-api",
+    })),
+    ...Array.from({ length: 5 }, () => ({
+      task: "t",
+      queue: Q,
+      fairnessKey: "tenant-2",
+      concurrencyKey: "partner-api",
+    })),
+    { task: "t", queue: Q, fairnessKey: "tenant-1" },
+  ]);
+  await db.sql`select shoal.enqueue(${Q}, 't', '{}', concurrency_key => 'partner-api')`;
+  const jobs = await claimJobs(db.sql, 100);
+  // Two of the eleven partner-api jobs (from either tenant), and the unkeyed one.
+  assertEquals(jobs.length, 3);
+  const [row] = await db.sql<{ n: number }[]>`
+    select count(*)::integer as n from shoal.jobs
+    where concurrency_key = 'partner-api' and locked_by is not null`;
+  assertEquals(row!.n, 2);
+});
+
+Deno.test("fan-out children and callbacks carry their parent's flow keys and respect its limit", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2)`;
+  await enqueueMany(db.sql, [{ task: "parent", queue: Q, fairnessKey: "a", concurrencyKey: "x" }]);
+  const [parent] = await claimJobs(db.sql, 1);
+  const spec = JSON.stringify({
+    children: Array.from({ length: 6 }, () => ({ task: "child", queue: Q })),
+    callback: { task: "done", queue: Q },
+  });
+  await db.sql`select shoal.fan_out(${parent!.id}::bigint, ${parent!.token}::bigint,
+                                    ${spec}::text::jsonb)`;
+  const children = await claimJobs(db.sql, 100);
+  assertEquals(children.length, 2);
+  assertEquals(children.map((j) => j.fairness_key), ["a", "a"]);
+  const [row] = await db.sql<{ keys: string[] }[]>`
+    select array_agg(distinct concurrency_key) as keys from shoal.jobs`;
+  assertEquals(row!.keys, ["x"]);
+});

@@ -182,7 +182,8 @@ begin
       from (
         select c.* from unnest(_queues) as q(name)
         cross join lateral (
-          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.fairness_key
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
+                 coalesce(j.concurrency_key, j.fairness_key) as fairness_key
           from shoal.jobs j
           where j.queue = q.name and j.priority <= band_top and j.run_at <= now()
           order by j.priority desc, j.fair_seq, j.id + 0
@@ -233,11 +234,12 @@ begin
         where f.fit_rank <= _limit - cardinality(picked)
       ),
       taken as (
-        select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.fairness_key, j.execution_id,
+        select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
                j.attempts, j.max_attempts, f.n
         from fits f
         cross join lateral (
-          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.fairness_key, j.execution_id,
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
+                 coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.execution_id,
                  j.attempts, j.max_attempts
           from shoal.jobs j
           where j.ctid = f.ctid and j.run_at <= now()
@@ -249,7 +251,7 @@ begin
              array_agg(t.queue) as queues,
              array_agg(t.priority) as priorities,
              array_agg(t.fair_seq) as seqs,
-             array_agg(t.queue || E'\n' || t.fairness_key) as tags,
+             array_agg(t.queue || E'\n' || t.flow_key) as tags,
              bool_or(t.execution_id is not null) as in_workflow,
              bool_or(t.attempts >= t.max_attempts) as spent
       into got
@@ -512,12 +514,12 @@ begin
     buried as (
       insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
-        created_at)
+        created_at, concurrency_key)
       select p.id, p.queue, p.task, p.payload, p.priority, p.fairness_key, p.attempts,
         p.max_attempts, p.token, p.key, p.execution_id, p.barrier_id, p.child_index, p.errors,
         format('Claimed %s times without finishing: its worker crashed or was killed every time',
           p.attempts),
-        p.created_at
+        p.created_at, p.concurrency_key
       from poison p
       returning dead_jobs.id, dead_jobs.execution_id
     )
@@ -553,13 +555,14 @@ begin
           started_at = case when all_start or j.id = any(starting) then now() end
       where j.ctid = any(picked_ctids)
       returning j.id, j.queue, j.task, j.payload, j.priority, j.fairness_key, j.fair_seq,
-        j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at
+        j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at,
+        coalesce(j.concurrency_key, j.fairness_key) as flow_key
     ),
     -- A limited key's jobs hold a slot each, under their new token (the slot rule).
     slotted as (
       insert into shoal.concurrency_slots as s (job_id, queue, key, token)
-      select c.id, c.queue, c.fairness_key, c.token from claimed c
-      where limited and c.queue || E'\n' || c.fairness_key = any(key_tags)
+      select c.id, c.queue, c.flow_key, c.token from claimed c
+      where limited and c.queue || E'\n' || c.flow_key = any(key_tags)
       on conflict (job_id) do update
       set queue = excluded.queue, key = excluded.key, token = excluded.token
     )

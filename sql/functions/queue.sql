@@ -23,6 +23,7 @@
 --                as text (SQLSTATE 54000; every other refusal is 22023)
 --   key          1 to 512 characters, when given
 --   fairness_key at most 256 characters
+--   concurrency_key at most 256 characters (a job's flow key when given: flow.sql)
 --   max_attempts an integer from 1 to 1000
 --   priority     from -32767 to 32767
 --   queue, task  names: a letter or digit, then letters, digits or _.:-, 1 to 128 in all
@@ -178,9 +179,10 @@ $$;
 -- The job checks (above) for job number ord: null when it passes, else {SQLSTATE, message}.
 -- Null arguments are missing values (they take the column defaults, or the catalog's for
 -- queue and max_attempts), except task.
+drop function if exists shoal.job_error(bigint, text, text, jsonb, numeric, text, numeric, text);
 create or replace function shoal.job_error(
   ord bigint, queue text, task text, payload jsonb, priority numeric, fairness_key text,
-  max_attempts numeric, key text
+  max_attempts numeric, key text, concurrency_key text default null
 ) returns text[]
 language sql stable as $$
   select coalesce(shoal.payload_error(ord, payload), case
@@ -189,6 +191,9 @@ language sql stable as $$
     when length(fairness_key) > 256 then
       array['22023',
             format('Cannot enqueue job %s: fairness_key must be at most 256 characters', ord)]
+    when length(concurrency_key) > 256 then
+      array['22023',
+            format('Cannot enqueue job %s: concurrency_key must be at most 256 characters', ord)]
     when max_attempts not between 1 and 1000 or max_attempts <> trunc(max_attempts) then
       array['22023', format('Cannot enqueue job %s: max_attempts must be from 1 to 1000', ord)]
     when priority not between -32767 and 32767 then
@@ -277,6 +282,8 @@ $$;
 --
 -- A job without a dedupe key is inserted by a plain INSERT: ON CONFLICT makes every row a
 -- speculative insertion (one more WAL record each), so only keyed jobs pay for it.
+drop function if exists shoal.insert_job(text, text, jsonb, timestamptz, integer, text, integer,
+                                         text, boolean, bigint, bigint, integer);
 create or replace function shoal.insert_job(
   queue text,
   task text,
@@ -290,6 +297,7 @@ create or replace function shoal.insert_job(
   execution_id bigint default null,
   barrier_id bigint default null,
   child_index integer default null,
+  concurrency_key text default null,
   out id bigint,
   out inserted boolean
 )
@@ -312,12 +320,13 @@ begin
   end if;
   if insert_job.key is null then
     insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key, fair_seq,
-                                 max_attempts, execution_id, barrier_id, child_index)
+                                 max_attempts, execution_id, barrier_id, child_index,
+                                 concurrency_key)
     values (q, insert_job.task, insert_job.payload,
             coalesce(insert_job.run_at, now()), p, fk,
             shoal.fair_seq_next(q, fk, p),
             m, insert_job.execution_id,
-            insert_job.barrier_id, insert_job.child_index)
+            insert_job.barrier_id, insert_job.child_index, insert_job.concurrency_key)
     returning j.id, j.fair_seq into new_id, new_seq;
     inserted := true;
   else
@@ -326,12 +335,12 @@ begin
     loop
       insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, key, execution_id, barrier_id,
-                                   child_index)
+                                   child_index, concurrency_key)
       values (q, insert_job.task, insert_job.payload,
               coalesce(insert_job.run_at, now()), p, fk,
               shoal.fair_seq_next(q, fk, p),
               m, insert_job.key, insert_job.execution_id,
-              insert_job.barrier_id, insert_job.child_index)
+              insert_job.barrier_id, insert_job.child_index, insert_job.concurrency_key)
       on conflict (queue, key) where key is not null do nothing
       returning j.id, j.fair_seq into new_id, new_seq;
       if found then
@@ -360,6 +369,9 @@ $$;
 -- for each; ids are drawn in input order. A job whose dedupe key is held (by an older
 -- job or an earlier element of the same call) returns the holder's id. notify wakes
 -- consumers (shoal.notify_jobs). The insert behind every enqueue path and fan-out children.
+drop function if exists shoal.insert_jobs(text[], text[], jsonb[], timestamptz[], integer[],
+                                          text[], integer[], text[], boolean, bigint[],
+                                          bigint[], integer[]);
 create or replace function shoal.insert_jobs(
   queues text[],
   tasks text[],
@@ -372,7 +384,8 @@ create or replace function shoal.insert_jobs(
   notify boolean default true,
   execution_ids bigint[] default null,
   barrier_ids bigint[] default null,
-  child_indexes integer[] default null
+  child_indexes integer[] default null,
+  concurrency_keys text[] default null
 ) returns table (ord bigint, id bigint, inserted boolean)
 language plpgsql volatile as $$
 #variable_conflict use_column
@@ -401,7 +414,8 @@ begin
      or coalesce(cardinality(insert_jobs.max_attempts), n) <> n
      or coalesce(cardinality(keys), n) <> n or coalesce(cardinality(execution_ids), n) <> n
      or coalesce(cardinality(barrier_ids), n) <> n
-     or coalesce(cardinality(child_indexes), n) <> n then
+     or coalesce(cardinality(child_indexes), n) <> n
+     or coalesce(cardinality(concurrency_keys), n) <> n then
     raise exception 'Cannot enqueue: every column array must hold one element per job'
       using errcode = '22023';
   end if;
@@ -434,16 +448,18 @@ begin
     with ins as (
       insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, execution_id, barrier_id,
-                                   child_index)
+                                   child_index, concurrency_key)
       select u.queue, u.task, u.payload, coalesce(u.run_at, now()), coalesce(u.priority, 0),
              coalesce(u.fairness_key, ''),
              shoal.fair_stamp(place.base, place.used, place.weight, u.ord),
              coalesce(u.max_attempts, 25),
-             u.execution_id, u.barrier_id, u.child_index
+             u.execution_id, u.barrier_id, u.child_index, u.concurrency_key
       from unnest(queues, tasks, payloads, run_ats, priorities, fairness_keys,
-                  insert_jobs.max_attempts, execution_ids, barrier_ids, child_indexes)
+                  insert_jobs.max_attempts, execution_ids, barrier_ids, child_indexes,
+                  concurrency_keys)
         with ordinality as u(queue, task, payload, run_at, priority, fairness_key,
-                             max_attempts, execution_id, barrier_id, child_index, ord)
+                             max_attempts, execution_id, barrier_id, child_index,
+                             concurrency_key, ord)
       returning j.id, j.fair_seq
     )
     select array_agg(ins.id order by ins.id), array_agg(ins.fair_seq order by ins.id)
@@ -456,11 +472,12 @@ begin
              coalesce(u.run_at, now()) as run_at, coalesce(u.priority, 0) as priority,
              coalesce(u.fairness_key, '') as fairness_key,
              coalesce(u.max_attempts, 25) as max_attempts, u.key, u.execution_id, u.barrier_id,
-             u.child_index
+             u.child_index, u.concurrency_key
       from unnest(queues, tasks, payloads, run_ats, priorities, fairness_keys,
-                  insert_jobs.max_attempts, keys, execution_ids, barrier_ids, child_indexes)
+                  insert_jobs.max_attempts, keys, execution_ids, barrier_ids, child_indexes,
+                  concurrency_keys)
         with ordinality as u(queue, task, payload, run_at, priority, fairness_key, max_attempts,
-                             key, execution_id, barrier_id, child_index, ord)
+                             key, execution_id, barrier_id, child_index, concurrency_key, ord)
     ),
     groups as materialized (
       -- One place per (queue, fairness key, priority).
@@ -477,17 +494,20 @@ begin
     ),
     plain as (
       insert into shoal.jobs (id, queue, task, payload, run_at, priority, fairness_key, fair_seq,
-                              max_attempts, execution_id, barrier_id, child_index)
+                              max_attempts, execution_id, barrier_id, child_index,
+                              concurrency_key)
       select s.new_id, s.queue, s.task, s.payload, s.run_at, s.priority, s.fairness_key,
-             s.fair_seq, s.max_attempts, s.execution_id, s.barrier_id, s.child_index
+             s.fair_seq, s.max_attempts, s.execution_id, s.barrier_id, s.child_index,
+             s.concurrency_key
       from stamped s where s.key is null order by s.ord
     ),
     keyed as (
       insert into shoal.jobs as j (id, queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, key, execution_id, barrier_id,
-                                   child_index)
+                                   child_index, concurrency_key)
       select s.new_id, s.queue, s.task, s.payload, s.run_at, s.priority, s.fairness_key,
-             s.fair_seq, s.max_attempts, s.key, s.execution_id, s.barrier_id, s.child_index
+             s.fair_seq, s.max_attempts, s.key, s.execution_id, s.barrier_id, s.child_index,
+             s.concurrency_key
       from stamped s where s.key is not null order by s.ord
       on conflict (queue, key) where key is not null do nothing
       returning j.id
@@ -515,7 +535,8 @@ begin
         select r.id, r.inserted into one
         from shoal.insert_job(queues[o], tasks[o], payloads[o], run_ats[o], priorities[o],
                               fairness_keys[o], insert_jobs.max_attempts[o], keys[o], false,
-                              execution_ids[o], barrier_ids[o], child_indexes[o]) r;
+                              execution_ids[o], barrier_ids[o], child_indexes[o],
+                              concurrency_keys[o]) r;
         ids[o] := one.id;
         held[o] := not one.inserted;
       end loop;
@@ -535,7 +556,7 @@ $$;
 
 -- Enqueue many jobs from one jsonb document: the body behind shoal.enqueue_many and shoal's
 -- own functions (start_execution). jobs is a JSON array of objects with the keys queue, task,
--- payload, run_at, priority, fairness_key, max_attempts, key (only task is required; queue
+-- payload, run_at, priority, fairness_key, max_attempts, key, concurrency_key (only task is required; queue
 -- and max_attempts follow the catalog rule) and, from shoal's own functions only, workflow membership (execution_id,
 -- barrier_id, child_index). Every element is checked before anything is inserted, so one
 -- bad element rejects the whole batch with a message that names it; then the columns go to
@@ -565,7 +586,7 @@ begin
                     then e.j->>'queue' else '' end,
                case when jsonb_typeof(e.j->'task') = 'string' then e.j->>'task' end,
                e.j->'payload', (e.j->>'priority')::numeric, e.j->>'fairness_key',
-               (e.j->>'max_attempts')::numeric, e.j->>'key')
+               (e.j->>'max_attempts')::numeric, e.j->>'key', e.j->>'concurrency_key')
            end as problem
     from jsonb_array_elements(jobs) with ordinality as e(j, ord)
   ) x
@@ -583,6 +604,7 @@ begin
          array_agg(e.j->>'fairness_key' order by e.ord) as fairness_keys,
          array_agg((e.j->>'max_attempts')::integer order by e.ord) as max_attempts,
          array_agg(e.j->>'key' order by e.ord) as keys,
+         array_agg(e.j->>'concurrency_key' order by e.ord) as concurrency_keys,
          -- Workflow membership (set by shoal's own start_execution).
          array_agg((e.j->>'execution_id')::bigint order by e.ord) as execution_ids,
          array_agg((e.j->>'barrier_id')::bigint order by e.ord) as barrier_ids,
@@ -594,7 +616,8 @@ begin
     select r.ord, r.id, r.inserted
     from shoal.insert_jobs(cols.queues, cols.tasks, cols.payloads, cols.run_ats,
                            cols.priorities, cols.fairness_keys, cols.max_attempts, cols.keys,
-                           notify, cols.execution_ids, cols.barrier_ids, cols.child_indexes) r;
+                           notify, cols.execution_ids, cols.barrier_ids, cols.child_indexes,
+                           cols.concurrency_keys) r;
 end
 $$;
 
@@ -625,6 +648,8 @@ $$;
 --   select shoal.enqueue(task => 'send_welcome', payload => '{"user": 42}');
 -- (queue and task default to null only so that task may be named without a queue; a job
 -- without a task is refused.)
+drop function if exists shoal.enqueue(text, text, jsonb, timestamptz, integer, text, text,
+                                      integer, boolean);
 create or replace function shoal.enqueue(
   queue text default null,
   task text default null,
@@ -634,20 +659,23 @@ create or replace function shoal.enqueue(
   key text default null,
   fairness_key text default null,
   max_attempts integer default null,
-  notify boolean default true
+  notify boolean default true,
+  concurrency_key text default null
 ) returns bigint
 language plpgsql volatile as $$
 #variable_conflict use_variable
 declare
   -- A null payload is refused here ("not null"), not taken for a missing one.
   problem text[] := shoal.job_error(1, queue, task, coalesce(payload, 'null'::jsonb),
-                                    priority, fairness_key, max_attempts, key);
+                                    priority, fairness_key, max_attempts, key,
+                                    concurrency_key);
 begin
   if problem is not null then
     raise exception using errcode = problem[1], message = problem[2];
   end if;
   return (select i.id
           from shoal.insert_job(queue, task, payload, run_at, priority, fairness_key,
-                                max_attempts, key, notify) i);
+                                max_attempts, key, notify,
+                                concurrency_key => concurrency_key) i);
 end
 $$;

@@ -43,11 +43,12 @@ declare
   p integer := coalesce((spec->>'priority')::integer, 0);
 begin
   insert into shoal.jobs as j (queue, task, payload, priority, fairness_key, fair_seq,
-                               max_attempts, execution_id, barrier_id, child_index)
+                               max_attempts, execution_id, barrier_id, child_index,
+                               concurrency_key)
   values (q, spec->>'task', payload, p, coalesce(spec->>'fairness_key', ''),
           coalesce(shoal.level_head(q, p), 1),
           coalesce((spec->>'max_attempts')::integer, 25),
-          execution_id, barrier_id, child_index)
+          execution_id, barrier_id, child_index, spec->>'concurrency_key')
   returning j.id, j.fair_seq into new_id, new_seq;
   perform shoal.notify_jobs(array[q], null, array[p], array[new_seq]);
   return new_id;
@@ -199,7 +200,8 @@ begin
       'queue', q,
       'max_attempts', m,
       'priority', parent.priority,
-      'fairness_key', nullif(parent.fairness_key, '')))
+      'fairness_key', nullif(parent.fairness_key, ''),
+      'concurrency_key', parent.concurrency_key))
     || jsonb_build_object('payload', coalesce(spec->'payload', '{}'::jsonb));
 end
 $$;
@@ -321,7 +323,8 @@ begin
     kid_queues, kids.tasks, kids.payloads, null,
     array_fill(parent.priority, array[n]), array_fill(parent.fairness_key, array[n]),
     kid_attempts, null, true,
-    array_fill(execution, array[n]), array_fill(barrier, array[n]), kids.child_indexes);
+    array_fill(execution, array[n]), array_fill(barrier, array[n]), kids.child_indexes,
+    array_fill(parent.concurrency_key, array[n]));
   return execution;
 end
 $$;
