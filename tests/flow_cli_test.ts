@@ -212,3 +212,67 @@ Deno.test("shoal --help names the queue and limit commands", async () => {
   );
   assert(/--key\s+enqueue: dedupe key; limit set\|clear: the fairness key/.test(stdout), stdout);
 });
+
+/** The fenced code blocks of the README's Flow control section, by language. */
+async function flowControlBlocks(): Promise<Record<string, string>> {
+  const readme = await Deno.readTextFile(new URL("../README.md", import.meta.url));
+  const start = readme.indexOf("\n## Flow control\n");
+  assert(start >= 0, "README.md has no Flow control section");
+  const section = readme.slice(start + 1, readme.indexOf("\n## ", start + 1));
+  const blocks: Record<string, string> = {};
+  for (const m of section.matchAll(/```(\w+)\n([\s\S]*?)```/g)) blocks[m[1]!] = m[2]!;
+  assertEquals(Object.keys(blocks), ["sh", "sql", "ts"]);
+  return blocks;
+}
+
+Deno.test("the README's Flow control commands, SQL and TypeScript run as documented", async () => {
+  await using db = await testDb();
+  const blocks = await flowControlBlocks();
+
+  // Each command in order, each exit 0; they undo what they do.
+  const commands = blocks.sh!.trim().split("\n").map((line) =>
+    line.replace(/#.*$/, "").trim().split(/\s+/)
+  );
+  for (const [shoal, ...args] of commands) {
+    assertEquals(shoal, "shoal");
+    const result = await runShoal(args, { url: db.url });
+    assertEquals(result.code, 0, `shoal ${args.join(" ")}: ${result.stderr}`);
+  }
+  assertEquals(await flowStatus(db.sql), { paused: [], limits: [] });
+
+  // Each statement in order, with what its comment says it returns.
+  const statements = blocks.sql!.trim().split("\n").map((line) => line.replace(/;\s*--.*$/, ";"));
+  const results = [];
+  for (const statement of statements) {
+    const [row] = await db.sql.unsafe(statement);
+    results.push(Object.values(row!)[0]);
+  }
+  assertEquals(results, [true, true, "", "", 0, true, true]);
+  assertEquals(await flowStatus(db.sql), { paused: [], limits: [] });
+
+  // The TypeScript, type-checked against lib/ and run, with what it leaves printed.
+  const dir = await Deno.makeTempDir({ prefix: "shoal-flow-readme-" });
+  try {
+    const mod = new URL("../lib/mod.ts", import.meta.url).href;
+    const file = `${dir}/flow.ts`;
+    await Deno.writeTextFile(
+      file,
+      blocks.ts!.replace('"./lib/mod.ts"', JSON.stringify(mod)) +
+        "console.log(JSON.stringify({ paused, limits }));\nawait sql.end();\n",
+    );
+    const config = new URL("../deno.json", import.meta.url).pathname;
+    const run = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "--check", "-A", "--config", config, file],
+      env: { DATABASE_URL: db.url },
+      stdin: "null",
+    }).output();
+    const stderr = new TextDecoder().decode(run.stderr);
+    assertEquals(run.code, 0, stderr);
+    assertEquals(JSON.parse(new TextDecoder().decode(run.stdout)), {
+      paused: [],
+      limits: [{ queue: "reports", key: null, max_running: 2, slots_held: 0 }],
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
