@@ -6,7 +6,7 @@
  *
  * @module
  */
-import { checkArray, checkOptions, checkStringList } from "./args.ts";
+import { checkArray, checkOptions, checkStringList, refusal } from "./args.ts";
 import {
   COMMON,
   CONSUMER,
@@ -55,8 +55,24 @@ import {
   type TaskJobSpec,
 } from "./queue.ts";
 import { listCatalogTasks } from "./catalog.ts";
+import {
+  clearConcurrencyLimit,
+  flowStatus,
+  MAX_RUNNING_LIMIT,
+  pauseQueue,
+  resumeQueue,
+  setConcurrencyLimit,
+} from "./flow.ts";
+import { checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
-import { formatSchedules, formatStatus, status, watchStatus } from "./status.ts";
+import {
+  formatLimits,
+  formatPausedQueues,
+  formatSchedules,
+  formatStatus,
+  status,
+  watchStatus,
+} from "./status.ts";
 import { builtinTasks } from "./builtin_tasks.ts";
 import { type AnyTask, checkTask, TaskRegistry } from "./tasks.ts";
 import { httpTask } from "./http_task.ts";
@@ -80,6 +96,8 @@ Usage:
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
         [--backfill N]
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
+  shoal queue pause QUEUE | resume QUEUE | list [--json]
+  shoal limit set QUEUE N [--key K] | clear QUEUE [--key K] | list [--json]
   shoal dev [--dir .shoal] [--http [HOST:PORT]]
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
@@ -181,6 +199,10 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       return await deadCommand(parsed, rest);
     case "schedule":
       return await scheduleCommand(parsed, rest);
+    case "queue":
+      return await queueCommand(parsed, rest);
+    case "limit":
+      return await limitCommand(parsed, rest);
     case "cancel": {
       if (rest.length !== 1 || !/^\d+$/.test(rest[0]!)) {
         throw new UsageError("shoal cancel takes one execution id");
@@ -757,6 +779,147 @@ async function scheduleCommand(parsed: ParsedArgs, rest: string[]): Promise<numb
       throw new UsageError(
         "shoal schedule takes add NAME, list, pause NAME, resume NAME or rm NAME",
       );
+  }
+}
+
+/** A queue named on the command line (`shoal queue pause QUEUE`), checked as `--queue` is. */
+function queueArg(name: string): string {
+  try {
+    return checkName("queue", name);
+  } catch (error) {
+    throw new UsageError(messageOf(error));
+  }
+}
+
+/** `shoal queue pause|resume QUEUE`, `shoal queue list`: paused queues (lib/flow.ts). */
+async function queueCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
+  const [sub, ...args] = rest;
+  switch (sub) {
+    case "pause":
+    case "resume": {
+      if (args.length !== 1) throw new UsageError(`shoal queue ${sub} takes one queue name`);
+      const queue = queueArg(args[0]!);
+      return await withDb(
+        parsed,
+        { name: `queue ${sub}`, flags: [], needs: "current schema" },
+        async (sql) => {
+          // False: nothing changed. Said on stderr with exit 1, as `schedule pause` says a
+          // name it does not know, so a script sees it.
+          if (sub === "pause" && !(await pauseQueue(sql, queue))) {
+            err(`shoal: Queue ${queue} is already paused\n`);
+            return 1;
+          }
+          if (sub === "resume" && !(await resumeQueue(sql, queue))) {
+            err(`shoal: Queue ${queue} was not paused\n`);
+            return 1;
+          }
+          out(`Queue ${queue} ${sub === "pause" ? "paused" : "resumed"}\n`);
+          return 0;
+        },
+      );
+    }
+    case "list":
+      noExtra("queue list", args);
+      return await withDb(
+        parsed,
+        { name: "queue list", flags: ["json"], needs: "current schema" },
+        async (sql, opts) => {
+          const { paused } = await flowStatus(sql);
+          out(opts.json ? JSON.stringify(paused, null, 2) + "\n" : formatPausedQueues(paused));
+          return 0;
+        },
+      );
+    default:
+      throw new UsageError("shoal queue takes pause QUEUE, resume QUEUE or list");
+  }
+}
+
+/** `--key` of `shoal limit set|clear`: a fairness key, at most 256 characters. */
+function checkLimitKey(key: string | undefined): void {
+  if (key !== undefined && key.length > MAX_FAIRNESS_KEY_LENGTH) {
+    throw new UsageError(
+      refusal("--key", `a fairness key of at most ${MAX_FAIRNESS_KEY_LENGTH} characters`, key)
+        .message,
+    );
+  }
+}
+
+/**
+ * `shoal limit set QUEUE N [--key K]`, `shoal limit clear QUEUE [--key K]`, `shoal limit
+ * list`: concurrency limits per (queue, fairness key) (lib/flow.ts).
+ */
+async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
+  const [sub, ...args] = rest;
+  switch (sub) {
+    case "set": {
+      if (args.length !== 2) {
+        throw new UsageError("shoal limit set takes a queue name and a number of running jobs");
+      }
+      const queue = queueArg(args[0]!);
+      const text = args[1]!;
+      const maxRunning = /^\d{1,7}$/.test(text) ? Number(text) : NaN;
+      if (!(maxRunning <= MAX_RUNNING_LIMIT)) {
+        throw new UsageError(
+          refusal("number of running jobs", `an integer from 0 to ${MAX_RUNNING_LIMIT}`, text)
+            .message,
+        );
+      }
+      return await withDb(parsed, {
+        name: "limit set",
+        flags: ["key"],
+        needs: "current schema",
+        check: (opts) => checkLimitKey(opts.key),
+      }, async (sql, opts) => {
+        await setConcurrencyLimit(sql, { queue, maxRunning, key: opts.key });
+        out(
+          opts.key === undefined
+            ? `Queue ${queue}: at most ${maxRunning} running jobs per key\n`
+            : `Queue ${queue}, key ${
+              JSON.stringify(opts.key)
+            }: at most ${maxRunning} running jobs\n`,
+        );
+        return 0;
+      });
+    }
+    case "clear": {
+      if (args.length !== 1) throw new UsageError("shoal limit clear takes one queue name");
+      const queue = queueArg(args[0]!);
+      return await withDb(parsed, {
+        name: "limit clear",
+        flags: ["key"],
+        needs: "current schema",
+        check: (opts) => checkLimitKey(opts.key),
+      }, async (sql, opts) => {
+        const key = opts.key === undefined ? null : JSON.stringify(opts.key);
+        if (!(await clearConcurrencyLimit(sql, { queue, key: opts.key }))) {
+          err(
+            key === null
+              ? `shoal: Queue ${queue} has no default limit\n`
+              : `shoal: Queue ${queue} has no limit for key ${key}\n`,
+          );
+          return 1;
+        }
+        out(
+          key === null
+            ? `Queue ${queue}: default limit cleared\n`
+            : `Queue ${queue}, key ${key}: limit cleared\n`,
+        );
+        return 0;
+      });
+    }
+    case "list":
+      noExtra("limit list", args);
+      return await withDb(
+        parsed,
+        { name: "limit list", flags: ["json"], needs: "current schema" },
+        async (sql, opts) => {
+          const { limits } = await flowStatus(sql);
+          out(opts.json ? JSON.stringify(limits, null, 2) + "\n" : formatLimits(limits));
+          return 0;
+        },
+      );
+    default:
+      throw new UsageError("shoal limit takes set QUEUE N, clear QUEUE or list");
   }
 }
 

@@ -202,7 +202,11 @@ export const OPTIONS = {
     env: null,
     help: "schedule add: after downtime, fire up to N missed slots (0: one fire for them all)",
   },
-  key: { kind: "string", env: null, help: "dedupe key" },
+  key: {
+    kind: "string",
+    env: null,
+    help: "enqueue: dedupe key; limit set|clear: the fairness key the limit is for",
+  },
   "fairness-key": { kind: "string", env: null, help: "share the queue fairly across these" },
   "concurrency-key": {
     kind: "string",

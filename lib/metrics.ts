@@ -2,7 +2,9 @@
  * Prometheus metrics of one shoal process, exposed by `--http` at `/metrics`
  * (lib/http_server.ts). Roles report through the small functions of {@link Metrics}
  * (`jobsClaimed`, `jobFinished`, `leaderStatus`, `scheduleFired`, ...); queue gauges are
- * read at scrape time by one query, cached for a second so scrapes cannot hammer Postgres.
+ * read at scrape time by one query, and the flow-control gauges (paused queues, concurrency
+ * limits and the slots they count) by one more, both cached for a second so scrapes cannot
+ * hammer Postgres.
  * Past a few thousand jobs that query estimates instead of counting (countJobs() in
  * lib/queue.ts; `shoal_queue_counts_exact` says which), unless `exactCounts` asks for a
  * scan per read (`--metrics-exact`).
@@ -12,8 +14,8 @@
  * It is loaded only by a process that serves /metrics ({@link enableMetrics}): it holds
  * about 10 MB of memory, a sixth of an idle consumer. Without it the roles report to a
  * {@link ProcessMetrics} that does nothing.
- * Labels are bounded by what the operator configures (queues, tasks, leases, schedules),
- * never by job ids or payloads.
+ * Labels are bounded by what the operator configures (queues, tasks, leases, schedules,
+ * concurrency limits), never by job ids or payloads.
  *
  * @module
  */
@@ -21,7 +23,8 @@ import type { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Db } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { delay } from "./sleep.ts";
-import { countJobs } from "./queue.ts";
+import { countJobs, type QueueCounts } from "./queue.ts";
+import { type FlowStatus, flowStatus } from "./flow.ts";
 
 type PromClient = typeof import("prom-client");
 let prom: PromClient | null = null;
@@ -77,6 +80,9 @@ export const QUEUE_CACHE_MS = 1000;
  */
 export const QUEUE_WAIT_MS = 2000;
 
+/** The `key` label of a queue's default concurrency limit (a label cannot be null). */
+export const EVERY_KEY_LABEL = "*";
+
 /** The Prometheus text format's content type. */
 export const CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -111,6 +117,9 @@ export class Metrics {
   readonly #oldest: Gauge<"queue">;
   readonly #exact: Gauge<"queue">;
   readonly #exactCounts: boolean;
+  readonly #paused: Gauge<"queue">;
+  readonly #limit: Gauge<"queue" | "key">;
+  readonly #slotsHeld: Gauge<"queue" | "key">;
   readonly #leader: Gauge<"lease">;
   readonly #fires: Counter<"schedule">;
   readonly #lag: Histogram<"schedule">;
@@ -169,6 +178,21 @@ export class Metrics {
       "shoal_queue_counts_exact",
       "1 when the queue's gauges are counts, 0 when estimates (a large table: " +
         "ready and scheduled sampled, running and prefetched as consumers reported)",
+    );
+    this.#paused = queueGauge(
+      "shoal_queue_paused",
+      "1 for a paused queue: its jobs are not claimed until it is resumed",
+    );
+    const limitGauge = (name: string, help: string) =>
+      new Gauge({ name, help, labelNames: ["queue", "key"] as const, registers });
+    this.#limit = limitGauge(
+      "shoal_concurrency_limit",
+      `Most running jobs per fairness key (key "${EVERY_KEY_LABEL}": the queue's default for ` +
+        "keys without a limit of their own)",
+    );
+    this.#slotsHeld = limitGauge(
+      "shoal_concurrency_slots_held",
+      "Claimed jobs (prefetched ones included) counted against the limit of the same labels",
     );
     this.#leader = new Gauge({
       name: "shoal_leader",
@@ -259,45 +283,66 @@ export class Metrics {
   }
 
   /**
-   * Read the queue gauges from the database, unless they were read less than
-   * {@link QUEUE_CACHE_MS} ago; concurrent scrapes share one read. A failed read keeps
-   * the last values (the health check reports the database) and is logged.
+   * Read the queue and flow-control gauges from the database (two statements), unless
+   * they were read less than {@link QUEUE_CACHE_MS} ago; concurrent scrapes share one read. A
+   * failed read keeps the last values of its gauges (the health check reports the database)
+   * and is logged; the next scrape reads again.
    */
   async refreshQueues(db: Db, now: number = performance.now()): Promise<void> {
     if (now - this.#queuesReadAt < QUEUE_CACHE_MS) return;
     this.#queuesReading ??= (async () => {
       try {
+        // One after the other: a scrape holds one connection of the role's pool at a time.
         // Live jobs only: the dead-letter table is not read.
-        const rows = await countJobs(db, { exact: this.#exactCounts });
-        const gauges = [
-          this.#depth,
-          this.#scheduled,
-          this.#running,
-          this.#prefetched,
-          this.#oldest,
-          this.#exact,
-        ];
-        for (const gauge of gauges) {
-          gauge.reset(); // a queue that emptied out disappears instead of freezing
+        const counts = await settled(countJobs(db, { exact: this.#exactCounts }));
+        const flow = await settled(flowStatus(db));
+        if (counts.status === "fulfilled") this.#setQueueGauges(counts.value);
+        else warnUnread("queue depths", counts.reason);
+        if (flow.status === "fulfilled") this.#setFlowGauges(flow.value);
+        else warnUnread("flow control", flow.reason);
+        if (counts.status === "fulfilled" && flow.status === "fulfilled") {
+          this.#queuesReadAt = now;
         }
-        for (const r of rows) {
-          this.#depth.set({ queue: r.queue }, r.ready);
-          this.#scheduled.set({ queue: r.queue }, r.scheduled);
-          this.#running.set({ queue: r.queue }, r.running);
-          this.#prefetched.set({ queue: r.queue }, r.prefetched);
-          this.#oldest.set({ queue: r.queue }, r.oldest_ready_age_s);
-          this.#exact.set({ queue: r.queue }, r.exact ? 1 : 0);
-        }
-        this.#queuesReadAt = now;
-      } catch (error) {
-        logger("metrics").warn("Cannot read queue depths for /metrics: {error}", {
-          error: describeError(error),
-        });
       } finally {
         this.#queuesReading = null;
       }
     })();
     await this.#queuesReading;
+  }
+
+  #setQueueGauges(rows: QueueCounts[]): void {
+    const gauges = [
+      this.#depth,
+      this.#scheduled,
+      this.#running,
+      this.#prefetched,
+      this.#oldest,
+      this.#exact,
+    ];
+    for (const gauge of gauges) {
+      gauge.reset(); // a queue that emptied out disappears instead of freezing
+    }
+    for (const r of rows) {
+      this.#depth.set({ queue: r.queue }, r.ready);
+      this.#scheduled.set({ queue: r.queue }, r.scheduled);
+      this.#running.set({ queue: r.queue }, r.running);
+      this.#prefetched.set({ queue: r.queue }, r.prefetched);
+      this.#oldest.set({ queue: r.queue }, r.oldest_ready_age_s);
+      this.#exact.set({ queue: r.queue }, r.exact ? 1 : 0);
+    }
+  }
+
+  #setFlowGauges(flow: FlowStatus): void {
+    // A resumed queue or a cleared limit disappears instead of freezing.
+    this.#paused.reset();
+    this.#limit.reset();
+    this.#slotsHeld.reset();
+    for (const p of flow.paused) this.#paused.set({ queue: p.queue }, 1);
+    for (const l of flow.limits) {
+      const labels = { queue: l.queue, key: l.key ?? EVERY_KEY_LABEL };
+      this.#limit.set(labels, l.max_running);
+      this.#slotsHeld.set(labels, l.slots_held);
+    }
   }
 
   /**
@@ -312,6 +357,19 @@ export class Metrics {
     }
     return await this.registry.metrics();
   }
+}
+
+/** A read's outcome as a value: one failed read leaves the other's gauges updated. */
+async function settled<T>(promise: Promise<T>): Promise<PromiseSettledResult<T>> {
+  const [result] = await Promise.allSettled([promise]);
+  return result!;
+}
+
+/** A failed read of gauges for /metrics: logged, the last values kept. */
+function warnUnread(what: string, error: unknown): void {
+  logger("metrics").warn(`Cannot read ${what} for /metrics: {error}`, {
+    error: describeError(error),
+  });
 }
 
 function labels(job: JobLabels): JobLabels {

@@ -41,6 +41,18 @@ export { type ConsumerOptions, runConsumer } from "./consumer.ts";
 export { type DeadJob, listDead, purgeDead, retryDead } from "./dead.ts";
 export { checkSchema, loadMigrations, migrate } from "./migrate.ts";
 export {
+  clearConcurrencyLimit,
+  type ClearConcurrencyLimitOptions,
+  type ConcurrencyLimit,
+  type FlowStatus,
+  flowStatus,
+  type PausedQueue,
+  pauseQueue,
+  resumeQueue,
+  setConcurrencyLimit,
+  type SetConcurrencyLimitOptions,
+} from "./flow.ts";
+export {
   completeJobs,
   type Completion,
   DEFAULT_MAX_CHILDREN,

@@ -7,7 +7,8 @@
  *
  * It holds no SQL: each section is read by the module that owns its table (queue.ts for
  * the job counts and totals, execution.ts, lease.ts, schedule.ts, catalog.ts for the live
- * consumers that tell which ready jobs no consumer runs).
+ * consumers that tell which ready jobs no consumer runs, flow.ts for paused queues and
+ * concurrency limits).
  *
  * @module
  */
@@ -21,6 +22,7 @@ import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
 import { countJobs, type JobTotals, jobTotals, type QueueCounts } from "./queue.ts";
 import { type ConsumerRow, listLiveConsumers } from "./catalog.ts";
+import { type ConcurrencyLimit, type FlowStatus, flowStatus, type PausedQueue } from "./flow.ts";
 
 /**
  * A queue's row in `shoal status`: its counts with the dead letters, the age in ms, and
@@ -79,6 +81,8 @@ export interface Status {
   schedules: ScheduleStatus[];
   /** Ready jobs no live consumer runs, by queue and task (empty when every one is served). */
   unserved: UnservedJobs[];
+  /** Paused queues, and concurrency limits with the slots each counts now (lib/flow.ts). */
+  flow: FlowStatus;
 }
 
 /** How `shoal status` counts. */
@@ -172,7 +176,8 @@ export async function status(db: Db, options: StatusOptions = {}): Promise<Statu
   });
   const counts = await countJobs(db, { dead: true, readyByTask: true, exact: options.exact });
   const unserved = unservedJobs(counts, await listLiveConsumers(db));
-  return { queues: counts.map(toQueueStatus), executions, leases, schedules, unserved };
+  const flow = await flowStatus(db);
+  return { queues: counts.map(toQueueStatus), executions, leases, schedules, unserved, flow };
 }
 
 /** A plain table: first column left-aligned, the rest right-aligned. */
@@ -235,7 +240,7 @@ function formatLeases(rows: LeaseStatus[]): string {
 /** The human-readable form of `shoal status` (fan-outs as bars with `bars`). */
 export function formatStatus(s: Status, options: { bars?: boolean } = {}): string {
   return [
-    formatQueues(s) + formatUnserved(s.unserved),
+    formatQueues(s) + formatUnserved(s.unserved) + formatFlowLimits(s.flow.limits),
     formatExecutions(s.executions, options.bars ?? false),
     formatLeases(s.leases),
     formatSchedules(s.schedules),
@@ -251,12 +256,16 @@ export const ESTIMATES_NOTE = `${ABOUT} marks estimates: too many jobs to count 
   "what live consumers reported at their last heartbeat, the oldest ready age from the " +
   "head of each queue. `shoal status --exact` counts every job.\n";
 
+/** What follows a paused queue's name in the text form. */
+export const PAUSED_MARK = " (paused)";
+
 function formatQueues(s: Status): string {
   const header = ["queue", "ready", "scheduled", "running", "prefetched", "dead", "oldest ready"];
+  const paused = new Set(s.flow.paused.map((p) => p.queue));
   const rows = s.queues.map((q) => {
     const n = (value: number) => `${q.exact ? "" : ABOUT}${value}`;
     return [
-      q.queue,
+      q.queue + (paused.has(q.queue) ? PAUSED_MARK : ""),
       n(q.ready),
       n(q.scheduled),
       n(q.running),
@@ -265,8 +274,47 @@ function formatQueues(s: Status): string {
       q.ready > 0 ? `${q.exact ? "" : ABOUT}${q.oldest_ready_age_s.toFixed(1)}s` : "-",
     ];
   });
-  if (rows.length === 0) return "No queues yet: nothing has been enqueued.\n";
-  return table(header, rows) + (s.queues.every((q) => q.exact) ? "" : `\n${ESTIMATES_NOTE}`);
+  // A paused queue with no job has no row: named under the table, so no pause goes unseen.
+  const listed = new Set(s.queues.map((q) => q.queue));
+  const unlisted = [...paused].filter((q) => !listed.has(q));
+  const alsoPaused = unlisted.length === 0 ? "" : `Paused, with no jobs: ${unlisted.join(", ")}\n`;
+  if (rows.length === 0) return "No queues yet: nothing has been enqueued.\n" + alsoPaused;
+  return table(header, rows) + alsoPaused +
+    (s.queues.every((q) => q.exact) ? "" : `\n${ESTIMATES_NOTE}`);
+}
+
+/** What the text form shows in the key column of a queue's default limit. */
+export const EVERY_KEY = "(every key)";
+
+/**
+ * A limit's key as the text form shows it: as it is, or quoted as JSON when it is empty (the
+ * key of jobs enqueued without one) or holds a space, a quote or a control character.
+ */
+function shownKey(key: string | null): string {
+  if (key === null) return EVERY_KEY;
+  return /^[^\s"\\\p{Cc}]+$/u.test(key) ? key : JSON.stringify(key);
+}
+
+/** The human-readable form of `shoal limit list`. */
+export function formatLimits(rows: ConcurrencyLimit[]): string {
+  if (rows.length === 0) return "No concurrency limits\n";
+  return table(
+    ["queue", "key", "max running", "slots held"],
+    rows.map((l) => [l.queue, shownKey(l.key), String(l.max_running), String(l.slots_held)]),
+  );
+}
+
+/** The human-readable form of `shoal queue list`. */
+export function formatPausedQueues(rows: PausedQueue[]): string {
+  if (rows.length === 0) return "No paused queues\n";
+  return table(["queue", "paused at"], rows.map((p) => [p.queue, iso(p.paused_at)]));
+}
+
+/** The limits under the queues of `shoal status`; nothing when there are none. */
+function formatFlowLimits(rows: ConcurrencyLimit[]): string {
+  if (rows.length === 0) return "";
+  return "\nConcurrency limits (slots held: claimed jobs, prefetched ones included):\n" +
+    formatLimits(rows);
 }
 
 /** The jobs no live consumer runs, under the queues; nothing when there are none. */

@@ -359,6 +359,39 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     message:
       "Invalid id for retryDead(): expected a positive integer id as a string or number, not 12.5",
   }],
+  pauseQueue: [{
+    call: ({ sql }) => shoal.pauseQueue(sql, "bad name"),
+    error: TypeError,
+    message: `Invalid queue for pauseQueue(): expected a queue name (${NAME}), not "bad name"`,
+  }],
+  resumeQueue: [{
+    call: () => shoal.resumeQueue(x(undefined), "q"),
+    error: TypeError,
+    message: `Invalid db for resumeQueue(): expected ${DB}, not undefined`,
+  }],
+  setConcurrencyLimit: [{
+    call: ({ sql }) => shoal.setConcurrencyLimit(sql, { queue: "q", maxRunning: x(null) }),
+    error: TypeError,
+    message:
+      "Invalid options.maxRunning for setConcurrencyLimit(): expected an integer from 0 to 1000000, not null",
+  }, {
+    call: ({ sql }) =>
+      shoal.setConcurrencyLimit(sql, { queue: "q", maxRunning: 1, key: "k".repeat(257) }),
+    error: RangeError,
+    message:
+      'Invalid options.key for setConcurrencyLimit(): expected a string of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"',
+  }],
+  clearConcurrencyLimit: [{
+    call: ({ sql }) => shoal.clearConcurrencyLimit(sql, x({ queue: "q", keys: ["a"] })),
+    error: TypeError,
+    message:
+      'Invalid options for clearConcurrencyLimit(): unknown option "keys" (known: queue, key)',
+  }],
+  flowStatus: [{
+    call: () => shoal.flowStatus(x("postgres://localhost/db")),
+    error: TypeError,
+    message: `Invalid db for flowStatus(): expected ${DB}, not "postgres://localhost/db"`,
+  }],
   migrate: [{
     call: ({ sql }) => shoal.migrate(sql, x(undefined)),
     error: TypeError,

@@ -119,6 +119,10 @@ Deno.test("an unreachable database is one clear line naming it, without the pass
     ["schedule", "add", "s", "--cron", "* * * * *", "--task", "shoal.noop"],
     ["schedule", "list"],
     ["schedule", "rm", "s"],
+    ["queue", "pause", "q"],
+    ["queue", "list"],
+    ["limit", "set", "q", "1"],
+    ["limit", "list"],
     ["--role", "consumer", ...now],
     ["--role", "reaper", ...now],
     ["--role", "scheduler", ...now],
@@ -289,6 +293,12 @@ Deno.test("every admin command that needs the schema refuses an unmigrated datab
     ["schedule", "pause", "s"],
     ["schedule", "resume", "s"],
     ["schedule", "rm", "s"],
+    ["queue", "pause", "q"],
+    ["queue", "resume", "q"],
+    ["queue", "list"],
+    ["limit", "set", "q", "1"],
+    ["limit", "clear", "q"],
+    ["limit", "list"],
   ];
   for (const args of needSchema) {
     const { code, stdout, stderr } = await runShoal(args, { url: db.url });
@@ -348,7 +358,15 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
   const { code, stdout, stderr } = await runShoal(["status", "--json"], { url: db.url });
   assertEquals(code, 0, stderr);
   const status = JSON.parse(stdout);
-  assertEquals(Object.keys(status), ["queues", "executions", "leases", "schedules", "unserved"]);
+  assertEquals(Object.keys(status), [
+    "queues",
+    "executions",
+    "leases",
+    "schedules",
+    "unserved",
+    "flow",
+  ]);
+  assertEquals(status.flow, { paused: [], limits: [] });
   const keys = [
     "queue",
     "ready",

@@ -27,6 +27,7 @@ import {
 import { HttpServer } from "../lib/http_server.ts";
 import { loadPromClient, Metrics } from "../lib/metrics.ts";
 import { enqueue } from "../lib/queue.ts";
+import { pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
 
 // prom-client loads on demand (only a process serving /metrics needs it).
 await loadPromClient();
@@ -214,6 +215,8 @@ Deno.test("HttpServer refuses a port already in use with one clear error", async
 Deno.test("--role all --http serves health, readiness and metrics, and exits 0 on SIGTERM", async () => {
   await using db = await testDb();
   await enqueue(db.sql, "t", {}, { queue: "elsewhere" }); // not consumed: a steady depth
+  await pauseQueue(db.sql, "elsewhere");
+  await setConcurrencyLimit(db.sql, { queue: "elsewhere", maxRunning: 3, key: "k" });
   const args = [
     "--role",
     "all",
@@ -241,6 +244,9 @@ Deno.test("--role all --http serves health, readiness and metrics, and exits 0 o
       : null;
   }, 20_000);
   assert(text.includes(`shoal_queue_depth{queue="elsewhere"} 1\n`), text);
+  assert(text.includes(`shoal_queue_paused{queue="elsewhere"} 1\n`), text);
+  assert(text.includes(`shoal_concurrency_limit{queue="elsewhere",key="k"} 3\n`), text);
+  assert(text.includes(`shoal_concurrency_slots_held{queue="elsewhere",key="k"} 0\n`), text);
   proc.kill("SIGTERM");
   const { code, output } = await exitWithin(proc, 20_000);
   assertEquals(code, 0, output);

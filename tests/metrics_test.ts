@@ -10,6 +10,12 @@ import { enableMetrics, loadPromClient, Metrics, metrics, QUEUE_CACHE_MS } from 
 import { runLeaderLoop } from "../lib/leader.ts";
 import { logger } from "../lib/log.ts";
 import { upsertSchedule } from "../lib/schedule.ts";
+import {
+  clearConcurrencyLimit,
+  pauseQueue,
+  resumeQueue,
+  setConcurrencyLimit,
+} from "../lib/flow.ts";
 import { tickOnce } from "../lib/scheduler.ts";
 
 // prom-client loads on demand (only a process serving /metrics needs it).
@@ -141,6 +147,63 @@ Deno.test("Metrics.refreshQueues() reuses a read for a second and drops emptied 
   await db.sql`delete from shoal.jobs`;
   await m.refreshQueues(db.sql, 20_000);
   assertEquals(sample(await m.render(), `shoal_queue_depth{queue="a"}`), undefined);
+});
+
+Deno.test("Metrics.refreshQueues() reads paused queues, concurrency limits and their slots held", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  await pauseQueue(db.sql, "mail");
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 2 });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 5, key: "vip" });
+  await enqueueMany(db.sql, [
+    ...Array.from({ length: 4 }, () => ({ task: "t", queue: "q", fairnessKey: "acme" })),
+    ...Array.from({ length: 4 }, () => ({ task: "t", queue: "q", fairnessKey: "vip" })),
+  ]);
+  const c = { queues: ["q"], limit: 10, workerId: "test:1", visibilityMs: 60_000, starting: 1 };
+  assertEquals((await claim(db.sql, c)).jobs.length, 2 + 4);
+  await m.refreshQueues(db.sql, 0);
+  const text = await m.render();
+  assertEquals(sample(text, `shoal_queue_paused{queue="mail"}`), 1);
+  assertEquals(sample(text, `shoal_queue_paused{queue="q"}`), undefined);
+  assertEquals(sample(text, `shoal_concurrency_limit{queue="q",key="*"}`), 2);
+  assertEquals(sample(text, `shoal_concurrency_limit{queue="q",key="vip"}`), 5);
+  assertEquals(sample(text, `shoal_concurrency_slots_held{queue="q",key="*"}`), 2);
+  assertEquals(sample(text, `shoal_concurrency_slots_held{queue="q",key="vip"}`), 4);
+  assert(text.includes("# TYPE shoal_concurrency_slots_held gauge"), text);
+
+  // Resumed and cleared: the series disappear at the next read, not before (the cache).
+  await resumeQueue(db.sql, "mail");
+  await clearConcurrencyLimit(db.sql, { queue: "q", key: "vip" });
+  await m.refreshQueues(db.sql, QUEUE_CACHE_MS - 1);
+  assertEquals(sample(await m.render(), `shoal_queue_paused{queue="mail"}`), 1);
+  await m.refreshQueues(db.sql, QUEUE_CACHE_MS);
+  const after = await m.render();
+  assertEquals(sample(after, `shoal_queue_paused{queue="mail"}`), undefined);
+  assertEquals(sample(after, `shoal_concurrency_limit{queue="q",key="vip"}`), undefined);
+  // vip has no row of its own now: its slots count under the default.
+  assertEquals(sample(after, `shoal_concurrency_slots_held{queue="q",key="*"}`), 6);
+});
+
+Deno.test("Metrics.refreshQueues() keeps the last flow gauges when only the flow read fails, and reads again next scrape", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await pauseQueue(db.sql, "a");
+  await m.refreshQueues(db.sql, 0);
+  await enqueue(db.sql, "t", {}, { queue: "a" });
+  await resumeQueue(db.sql, "a");
+  await db.sql`alter table shoal.queue_pauses rename to queue_pauses_away`;
+  try {
+    await m.refreshQueues(db.sql, 5_000); // the flow read fails: logged, last values kept
+    const text = await m.render();
+    assertEquals(sample(text, `shoal_queue_depth{queue="a"}`), 2); // the queue read did not
+    assertEquals(sample(text, `shoal_queue_paused{queue="a"}`), 1);
+  } finally {
+    await db.sql`alter table shoal.queue_pauses_away rename to queue_pauses`;
+  }
+  // A failed read is not cached: the next scrape, however soon, reads again.
+  await m.refreshQueues(db.sql, 5_001);
+  assertEquals(sample(await m.render(), `shoal_queue_paused{queue="a"}`), undefined);
 });
 
 Deno.test("Metrics.render() still answers when the queue read fails", async () => {

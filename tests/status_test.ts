@@ -1,6 +1,7 @@
 /**
  * `shoal status` (lib/status.ts) against real Postgres: per-queue ready, scheduled, running
- * and dead counts and the age of the oldest ready job.
+ * and dead counts and the age of the oldest ready job, and flow control (paused queues,
+ * concurrency limits).
  */
 import { assert, assertEquals } from "./assert.ts";
 import { enqueueLargeTable, registerTasks, runShoal, testDb, waitFor } from "./helpers.ts";
@@ -9,10 +10,12 @@ import { claim, type ClaimOptions, enqueue, fail, type Job } from "../lib/queue.
 import {
   ESTIMATES_NOTE,
   formatStatus,
+  PAUSED_MARK,
   type QueueStatus,
   queueStatus,
   status,
 } from "../lib/status.ts";
+import { flowStatus, pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
 
 function claimOptions(queue: string, limit: number, visibilityMs = 60_000): ClaimOptions {
   return { queues: [queue], limit, workerId: "test:1", visibilityMs };
@@ -199,4 +202,54 @@ Deno.test("shoal status estimates a table of over 10,000 jobs, says so, and coun
   const exactText = await runShoal(["status", "--exact"], { url: db.url });
   assert(/^bulk\s+12000\s+0\s/m.test(exactText.stdout), exactText.stdout);
   assert(!exactText.stdout.includes(ESTIMATES_NOTE), exactText.stdout);
+});
+
+Deno.test("status() reports flow control: paused queues marked in the text, limits with their slots listed", async () => {
+  await using db = await testDb();
+  await enqueue(db.sql, "t", {}, { queue: "mail" });
+  await enqueue(db.sql, "t", {}, { queue: "mail" });
+  await enqueue(db.sql, "t", {}, { queue: "reports", fairnessKey: "acme" });
+  await enqueue(db.sql, "t", {}, { queue: "reports", fairnessKey: "acme" });
+  // Nothing paused or limited: no marker, no section.
+  const plain = formatStatus(await status(db.sql));
+  assert(!plain.includes(PAUSED_MARK) && !plain.includes("Concurrency limits"), plain);
+  assertEquals((await status(db.sql)).flow, { paused: [], limits: [] });
+
+  await pauseQueue(db.sql, "mail");
+  await pauseQueue(db.sql, "audit"); // no jobs: no row in the queue table
+  await setConcurrencyLimit(db.sql, { queue: "reports", maxRunning: 1 });
+  await setConcurrencyLimit(db.sql, { queue: "reports", maxRunning: 4, key: "vip" });
+  await claimAll(db.sql, "reports", 1); // one of acme's: the default's slot
+
+  const s = await status(db.sql);
+  assertEquals(s.flow, await flowStatus(db.sql));
+  assertEquals(s.flow.paused.map((p) => p.queue), ["audit", "mail"]);
+  assertEquals(s.flow.limits, [
+    { queue: "reports", key: null, max_running: 1, slots_held: 1 },
+    { queue: "reports", key: "vip", max_running: 4, slots_held: 0 },
+  ]);
+
+  const json = await runShoal(["status", "--json"], { url: db.url });
+  assertEquals(json.code, 0, json.stderr);
+  const flow = JSON.parse(json.stdout).flow;
+  assertEquals(flow.limits, s.flow.limits);
+  assertEquals(
+    flow.paused,
+    s.flow.paused.map((p) => ({ queue: p.queue, paused_at: p.paused_at.toISOString() })),
+  );
+
+  const text = await runShoal(["status"], { url: db.url });
+  assertEquals(text.code, 0, text.stderr);
+  assert(/^mail \(paused\)\s+2\s+0\s+0\s+0\s+0\s/m.test(text.stdout), text.stdout);
+  assert(/^reports\s+1\s+0\s+1\s+0\s+0\s/m.test(text.stdout), text.stdout);
+  assert(text.stdout.includes("Paused, with no jobs: audit\n"), text.stdout);
+  const section = text.stdout.split(
+    "\nConcurrency limits (slots held: claimed jobs, prefetched ones included):\n",
+  )[1];
+  assert(section !== undefined, text.stdout);
+  assertEquals(section!.split("\n").slice(0, 3).map((l) => l.trim().split(/\s{2,}/)), [
+    ["queue", "key", "max running", "slots held"],
+    ["reports", "(every key)", "1", "1"],
+    ["reports", "vip", "4", "0"],
+  ]);
 });

@@ -6,6 +6,7 @@
 import { assert, assertEquals } from "./assert.ts";
 import { exitWithin, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
 import { enqueue } from "../lib/queue.ts";
+import { pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
 import {
   CLEAR_SCREEN,
   formatWatchFrame,
@@ -16,7 +17,14 @@ import {
   type WatchSample,
 } from "../lib/status.ts";
 
-const EMPTY: Status = { queues: [], executions: [], leases: [], schedules: [], unserved: [] };
+const EMPTY: Status = {
+  queues: [],
+  executions: [],
+  leases: [],
+  schedules: [],
+  unserved: [],
+  flow: { paused: [], limits: [] },
+};
 
 function sampleAt(ms: number, deleted: number, dead: number, status = EMPTY): WatchSample {
   return { at: new Date(ms), status, totals: { deleted, dead } };
@@ -74,6 +82,7 @@ const BUSY: Status = {
   leases: [],
   schedules: [],
   unserved: [],
+  flow: { paused: [], limits: [] },
 };
 
 Deno.test("formatWatchFrame() shows the time, interval, rates, queues and fan-out bars", () => {
@@ -112,6 +121,7 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
     "leases",
     "schedules",
     "unserved",
+    "flow",
   ]);
   assertEquals(parsed.at, "2026-01-01T00:00:06.000Z");
   assertEquals(parsed.rates, { completed_per_s: 1, dead_per_s: null });
@@ -121,6 +131,8 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
 Deno.test("shoal status --watch redraws in place until SIGINT, then exits 0", async () => {
   await using db = await testDb();
   await enqueue(db.sql, "t", {}, { queue: "watched" });
+  await enqueue(db.sql, "t", {}, { queue: "held" });
+  await pauseQueue(db.sql, "held");
   await using proc = spawnShoal(["status", "--watch", "--interval", "200ms"], { url: db.url });
   await waitFor("two frames", () => proc.output().split(CLEAR_SCREEN).length >= 3, 20_000);
   proc.kill("SIGINT");
@@ -132,6 +144,7 @@ Deno.test("shoal status --watch redraws in place until SIGINT, then exits 0", as
     assert(frame.startsWith("shoal status at "), frame);
     assert(frame.includes("every 200ms"), frame);
     assert(/\nwatched\s+1\s/.test(frame), frame);
+    assert(/\nheld \(paused\)\s+1\s/.test(frame), frame);
   }
   assert(frames[1]!.includes("completed 0.0/s"), frames[1]);
 });
@@ -139,6 +152,7 @@ Deno.test("shoal status --watch redraws in place until SIGINT, then exits 0", as
 Deno.test("shoal status --watch --json prints one JSON line per interval until SIGINT", async () => {
   await using db = await testDb();
   await enqueue(db.sql, "t", {}, { queue: "watched" });
+  await setConcurrencyLimit(db.sql, { queue: "watched", maxRunning: 3 });
   await using proc = spawnShoal(["status", "--watch", "--json", "--interval", "200ms"], {
     url: db.url,
   });
@@ -154,6 +168,10 @@ Deno.test("shoal status --watch --json prints one JSON line per interval until S
   assertEquals(lines[0].rates, { completed_per_s: null, dead_per_s: null });
   assertEquals(lines[1].rates.dead_per_s, 0);
   assertEquals(lines[1].queues[0].queue, "watched");
+  assertEquals(lines[1].flow, {
+    paused: [],
+    limits: [{ queue: "watched", key: null, max_running: 3, slots_held: 0 }],
+  });
   assert(!output.includes(CLEAR_SCREEN), "no terminal codes in JSON mode");
 });
 
