@@ -171,18 +171,7 @@ export async function flowStatus(db: Db): Promise<FlowStatus> {
     union all
     select 'limit', l.queue::text, l.key, l.max_running,
       case when l.key is not null then shoal.slots_held(l.queue, l.key)
-      else (
-        -- A default counts the slots of the queue's keys that have no limit of their own,
-        -- by the slot rule of sql/functions/flow.sql (what shoal.slots_held counts per key).
-        select count(*)::integer
-        from shoal.concurrency_slots s
-        join shoal.jobs j on j.id = s.job_id
-        where s.queue = l.queue
-          and j.token = s.token and j.locked_by is not null and j.run_at > now()
-          and not exists (
-            select 1 from shoal.concurrency_limits o
-            where o.queue = s.queue and o.key = s.key)
-      ) end,
+      else shoal.default_slots_held(l.queue) end,
       null::timestamptz
     from shoal.concurrency_limits l
     order by 1 desc, 2, 3 nulls first`;

@@ -225,3 +225,11 @@ Deno.test("fan-out children and callbacks carry their parent's flow keys and res
     select array_agg(distinct concurrency_key) as keys from shoal.jobs`;
   assertEquals(row!.keys, ["x"]);
 });
+
+Deno.test("a limit set while jobs run counts them at once", async () => {
+  await using db = await testDb();
+  await enqueueKeys(db.sql, { a: 6 });
+  assertEquals((await claimJobs(db.sql, 3)).length, 3);
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 4)`;
+  assertEquals((await claimJobs(db.sql, 10)).length, 1);
+});

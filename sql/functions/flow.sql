@@ -12,7 +12,8 @@
 --   shoal.clear_fairness_weight                    stamping rule in queue.sql reads it)
 --   shoal.flow_allow                               how many of a key's jobs a claim may take
 --   shoal.spend_tokens                             what a claim took from the buckets
---   shoal.flow_lock, shoal.slots_held              the claim's lock; a key's slots held
+--   shoal.flow_lock, shoal.slots_held,             the claim's lock; a key's slots held;
+--   shoal.default_slots_held                       those of keys under a queue's default
 --   shoal.free_slots, shoal.prune_slots            finished claims give their slots back
 --
 -- THE SLOT RULE. A key's running jobs are the rows of shoal.concurrency_slots whose job
@@ -51,7 +52,9 @@ $$;
 
 -- At most max_running jobs of the queue run at once per key: with a null key, for every key
 -- of the queue (its default); with a key, for that key alone (over the default). Takes
--- effect at the next claim; a raised limit wakes the queue's consumers.
+-- effect at the next claim; a raised limit wakes the queue's consumers. Jobs of the key (or
+-- queue) claimed before the first limit covered them get their slot rows here, so they
+-- count at once (this reads the queue's jobs once: on a queue of millions, seconds).
 create or replace function shoal.set_concurrency_limit(queue text, max_running integer,
                                                        key text default null)
 returns void
@@ -78,6 +81,14 @@ begin
     on conflict (queue, key) where key is not null
     do update set max_running = excluded.max_running, updated_at = now();
   end if;
+  insert into shoal.concurrency_slots (job_id, queue, key, token)
+  select j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key), j.token
+  from shoal.jobs j
+  where j.queue = set_concurrency_limit.queue and j.locked_by is not null
+    and j.run_at > now()
+    and (set_concurrency_limit.key is null
+         or coalesce(j.concurrency_key, j.fairness_key) = set_concurrency_limit.key)
+  on conflict (job_id) do nothing;
   perform shoal.notify_jobs(array[set_concurrency_limit.queue], null);
 end
 $$;
@@ -127,6 +138,19 @@ language sql stable as $$
   join shoal.jobs j on j.id = s.job_id
   where s.queue = $1 and s.key = $2
     and j.token = s.token and j.locked_by is not null and j.run_at > now()
+$$;
+
+-- The slots held by a queue's keys that have no concurrency limit of their own (those its
+-- default counts), by the slot rule.
+create or replace function shoal.default_slots_held(queue text) returns integer
+language sql stable as $$
+  select count(*)::integer
+  from shoal.concurrency_slots s
+  join shoal.jobs j on j.id = s.job_id
+  where s.queue = $1
+    and j.token = s.token and j.locked_by is not null and j.run_at > now()
+    and not exists (select 1 from shoal.concurrency_limits o
+                    where o.queue = s.queue and o.key = s.key)
 $$;
 
 -- The claims of these jobs ended (acked, retried, handed back, dead-lettered): remove their
