@@ -1,6 +1,7 @@
 /**
- * The benchmark's own shoal binary: the stock `main` plus one task, `bench.stamp`,
- * which records when it started. Same code path as a team's own entry file.
+ * The benchmark's own shoal binary: the stock `main` plus two tasks, `bench.stamp`, which
+ * records when it started, and `bench.hold`, which runs for a while and records when it
+ * started and finished (W14). Same code path as a team's own entry file.
  *
  * `bench.stamp` `{t}`: `t` is the enqueuer's clock (epoch ms) just before it called
  * enqueue. The handler takes its own clock first thing, then writes both to the
@@ -29,6 +30,29 @@ export const stampTask: AnyTask = defineTask<{ t: number }>({
   },
 });
 
+/**
+ * `bench.hold` `{ms}`: sleeps `ms`, then records its start and finish (epoch ms, its own
+ * clock) with its flow key in the unlogged `bench.spans` (W14 reads the overlap per key).
+ */
+export const holdTask: AnyTask = defineTask<{ ms: number }>({
+  name: "bench.hold",
+  parse(payload) {
+    if (typeof payload.ms !== "number" || !(payload.ms >= 0 && payload.ms <= 60_000)) {
+      throw new TypeError("ms must be a number of milliseconds from 0 to 60000");
+    }
+    return { ms: payload.ms };
+  },
+  async handler({ ms }, ctx) {
+    const startedAt = performance.timeOrigin + performance.now();
+    await new Promise((resolve) => setTimeout(resolve, ms));
+    const finishedAt = performance.timeOrigin + performance.now();
+    await ctx.db`
+      insert into bench.spans (job_id, flow_key, started_at, finished_at)
+      values (${ctx.job.id}::text, ${ctx.job.fairness_key}::text, ${startedAt}::float8,
+              ${finishedAt}::float8)`;
+  },
+});
+
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args, { tasks: [stampTask] }));
+  Deno.exit(await main(Deno.args, { tasks: [stampTask, holdTask] }));
 }

@@ -14,7 +14,7 @@
 import type { Sql } from "../lib/db.ts";
 import { sleep, withFreshDb } from "./harness.ts";
 import type { ConsumerProcess, System } from "./systems.ts";
-import type { Benchmark, Metric } from "./workloads.ts";
+import { type Benchmark, enqueueAll, type Metric } from "./workloads.ts";
 
 export const FLEET = { consumers: 4, reapers: 2, schedulers: 2 };
 /** After the last start line: startup work (first leader ticks, LISTEN) is not counted. */
@@ -54,15 +54,27 @@ function fleetOf(system: System): string {
     : `${FLEET.consumers} worker processes (its maintenance and cron run inside the workers)`;
 }
 
-/** W10: statements per second an idle fleet of `system` sends. */
-export function idleFleet(system: System): Benchmark {
+/** W10's limited variant (shoal, issue 15): jobs waiting that a limit of 0 holds back. */
+export const LIMITED_WAITING = 1_000;
+
+/**
+ * W10: statements per second an idle fleet of `system` sends. With `limited` (shoal only,
+ * issue 15), the queue is not empty but held: LIMITED_WAITING jobs wait behind a default
+ * concurrency limit of 0, so every claim finds work it may not take (bench/flow.ts).
+ */
+export function idleFleet(system: System, options: { limited?: boolean } = {}): Benchmark {
+  const limited = options.limited === true;
   return {
-    id: `W10/${system.name}`,
+    id: `W10/${system.name}${limited ? "/limited" : ""}`,
     workload: "W10",
     system: system.name,
-    title: `idle fleet: ${fleetOf(system)}`,
-    settings: `${system.defaultSettings}; ${fleetOf(system)}, each with its defaults, empty ` +
-      `queue; counters reset ${SETTLE_MS / 1000} s after the last start line; top-level ` +
+    title: `idle fleet: ${fleetOf(system)}` +
+      (limited ? `, ${LIMITED_WAITING.toLocaleString("en-US")} jobs held by a limit of 0` : ""),
+    settings: `${system.defaultSettings}; ${fleetOf(system)}, each with its defaults, ` +
+      (limited
+        ? `${LIMITED_WAITING} no-op jobs held back by shoal.set_concurrency_limit('default', 0)`
+        : "empty queue") +
+      `; counters reset ${SETTLE_MS / 1000} s after the last start line; top-level ` +
       "statements only; on a separate throwaway cluster with pg_stat_statements preloaded " +
       "(track = top)",
     metrics: METRICS,
@@ -71,6 +83,10 @@ export function idleFleet(system: System): Benchmark {
       return await withFreshDb(server, "w10", async (db) => {
         await system.install(db.sql, db.url);
         await db.sql`create extension if not exists pg_stat_statements`;
+        if (limited) {
+          await db.sql`select shoal.set_concurrency_limit('default', 0)`;
+          await enqueueAll(system, db.url, LIMITED_WAITING, LIMITED_WAITING);
+        }
         const fleet: ConsumerProcess[] = [];
         let statements: FleetStatement[];
         const seconds = ctx.sizes.idleFleetMs / 1000;

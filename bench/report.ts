@@ -127,6 +127,8 @@ export interface ReportInput {
   targets: Target[];
   /** Issue 14's targets, every one listed whether its workload ran or not. */
   issue14Targets: IssueTarget[];
+  /** Issue 15's (flow control), likewise. */
+  issue15Targets?: IssueTarget[];
   /** How W8..W10 ran (soak lengths, rates, the W10 server), one line each. */
   soakNotes: string[];
   /** Set with `--beside REF`. */
@@ -560,8 +562,13 @@ interface IssueTargetRow {
 export function issue14Rows(
   input: Pick<ReportInput, "results" | "issue14Targets">,
 ): IssueTargetRow[] {
+  return issueRows(input, input.issue14Targets);
+}
+
+/** Any issue's targets, judged on this run (issue14Rows, issue 15's). */
+function issueRows(input: Pick<ReportInput, "results">, targets: IssueTarget[]): IssueTargetRow[] {
   const view = reportView(input);
-  return input.issue14Targets.map((t) => {
+  return targets.map((t) => {
     const base = { workload: t.workload, target: t.target };
     if (t.needs.every((id) => view.benchmarks(id).length === 0)) {
       return { ...base, measured: "not run", ratio: "", met: "not run" };
@@ -573,7 +580,15 @@ export function issue14Rows(
 
 /** Issue 14's targets as markdown (also printed to stdout). */
 export function issue14Table(input: Pick<ReportInput, "results" | "issue14Targets">): string {
-  const rows = issue14Rows(input);
+  return targetsTable(issue14Rows(input));
+}
+
+/** Issue 15's targets as markdown (also printed to stdout). */
+export function issue15Table(input: Pick<ReportInput, "results" | "issue15Targets">): string {
+  return targetsTable(issueRows(input, input.issue15Targets ?? []));
+}
+
+function targetsTable(rows: IssueTargetRow[]): string {
   if (rows.length === 0) return "";
   return [
     "| workload | target | measured (medians, same run) | ratio | met |",
@@ -584,6 +599,20 @@ export function issue14Table(input: Pick<ReportInput, "results" | "issue14Target
       } | ${r.met === "no" ? "**no**" : r.met} |`
     ),
   ].join("\n") + "\n";
+}
+
+function issue15Section(input: ReportInput): string {
+  const table = issue15Table(input);
+  if (!table) return "";
+  return [
+    "## Issue 15 targets (flow control)",
+    "",
+    table,
+    "W14 is the issue's W12 (that name was taken by the scheduler's ceiling): 20 keys under " +
+    "a concurrency limit of 2, 10,000 jobs of 20 ms, 2 consumer processes of concurrency 40; " +
+    "the overlap is read from each handler's own start and finish.",
+    "",
+  ].join("\n");
 }
 
 function issue14Section(input: ReportInput): string {
@@ -723,6 +752,7 @@ export function markdownReport(input: ReportInput): string {
     "",
     besideSection(input),
     issue14Section(input),
+    issue15Section(input),
     targetSection(input),
     peerSection(input),
     "## shoal beside its floors",
@@ -879,6 +909,7 @@ export function jsonReport(input: ReportInput): unknown {
     }),
     targets: targetRows(input),
     issue14_targets: issue14Rows(input),
+    issue15_targets: issueRows(input, input.issue15Targets ?? []),
     beside: input.beside === null ? null : {
       system: input.beside.system,
       ref: input.beside.ref,

@@ -89,6 +89,7 @@ import {
   type Comparison,
   formatValue,
   issue14Table,
+  issue15Table,
   type IssueTarget,
   jsonReport,
   markdownReport,
@@ -102,6 +103,8 @@ import { shoal, shoalAt, type System } from "./systems.ts";
 import { noisyNeighbour, priorityBehindBuffer } from "./fairness.ts";
 import { claimBySize, DEFAULT_CLAIM_BATCH } from "./claim_size.ts";
 import { issue14Targets } from "./issue14.ts";
+import { issue15Targets } from "./issue15.ts";
+import { flowLimits } from "./flow.ts";
 import { consumerMemory } from "./memory.ts";
 import { PROCESS_COUNTS, processScaling } from "./scaling.ts";
 import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
@@ -193,6 +196,7 @@ interface Plan {
   peerComparisons: PeerComparison[];
   targets: Target[];
   issue14Targets: IssueTarget[];
+  issue15Targets: IssueTarget[];
 }
 
 /** How the bench enqueues through each peer, for the report. */
@@ -231,6 +235,8 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     ...shoalAndBeside((s) => enqueueBulk(s, { batch: sizes.bulkBatch })),
     enqueueBulk(floor, { batch: sizes.bulkBatch }),
     ...shoalAndBeside((s) => drain(s)),
+    // Right after W2/shoal, which its target sets it beside (issue 15: ≥ 0.9×).
+    drain(shoal, { limit: 1_000_000 }),
     // Right after W2/shoal (and the other commit's W2), so the figure it is set beside ran
     // in similar conditions.
     fanOutDrain(shoal),
@@ -249,6 +255,8 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     ...shoalAndBeside((s) => consumerMemory(s)),
     ...PROCESS_COUNTS.flatMap((n) => shoalAndBeside((s) => processScaling(s, n))),
     ...shoalAndBeside((s) => idleFleet(s)),
+    idleFleet(shoal, { limited: true }),
+    flowLimits(shoal),
     ...shoalAndBeside((s) => schedulesAtScale(s)),
     // shoal only: the claim loop runs this tree's lib/queue.ts in the bench process.
     claimBySize({
@@ -439,6 +447,7 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     peerComparisons,
     targets: targets(soakSizes, shoal),
     issue14Targets: issue14Targets(sizes, soakSizes, PEER_SYSTEMS.map((p) => p.name)),
+    issue15Targets: issue15Targets(),
   };
 }
 
@@ -822,7 +831,15 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
   const sizes = args.quick ? QUICK : FULL;
   const soaks = soakSizes(args);
   const besideSystem = checkout === null ? null : await shoalAt(checkout);
-  const { benchmarks, besidePairs, comparisons, peerComparisons, targets, issue14Targets } = plan(
+  const {
+    benchmarks,
+    besidePairs,
+    comparisons,
+    peerComparisons,
+    targets,
+    issue14Targets,
+    issue15Targets,
+  } = plan(
     sizes,
     soaks,
     besideSystem,
@@ -960,6 +977,7 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
       })),
       targets: targets.filter((t) => results.some((r) => r.benchmark.workload === t.workload)),
       issue14Targets,
+      issue15Targets,
       soakNotes: soakNotes(soaks, statementsNote),
       beside: besideInput(checkout, besidePairs, results),
     };
@@ -974,7 +992,8 @@ async function runAll(args: Args, checkout: Checkout | null): Promise<number> {
     const peers = peerTable(input);
     const beside = besideTable(input);
     print(
-      "\n" + (beside ? `${beside}\n` : "") + issue14Table(input) + "\n" + targetTable(input) +
+      "\n" + (beside ? `${beside}\n` : "") + issue14Table(input) + "\n" + issue15Table(input) +
+        "\n" + targetTable(input) +
         "\n" + (peers ? `${peers}\n` : "") + summaryTable(input),
     );
     say(`Wrote bench/results/${base}.md and ${base}.json (${input.seconds.toFixed(0)} s)`);

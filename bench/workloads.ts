@@ -140,7 +140,8 @@ export interface Benchmark {
     | "W10"
     | "W11"
     | "W12"
-    | "W13";
+    | "W13"
+    | "W14";
   /** Which system (or floor) this measures. */
   system: string;
   /** What it measures, in a few words. */
@@ -276,23 +277,40 @@ export function enqueueBulk(system: System, options: { batch: number }): Benchma
   };
 }
 
-/** W2: drain pre-enqueued no-op jobs with one consumer process. */
-export function drain(system: System, options: { concurrency?: number } = {}): Benchmark {
-  const variant = options.concurrency === undefined ? "" : `/c${options.concurrency}`;
+/**
+ * W2: drain pre-enqueued no-op jobs with one consumer process. With `limit` (shoal only,
+ * issue 15), a default concurrency limit of that many per key is set on the queue first: a
+ * limit configured that never binds (bench/flow.ts).
+ */
+export function drain(
+  system: System,
+  options: { concurrency?: number; limit?: number } = {},
+): Benchmark {
+  const variant = (options.concurrency === undefined ? "" : `/c${options.concurrency}`) +
+    (options.limit === undefined ? "" : "/limited");
+  const limited = options.limit === undefined
+    ? ""
+    : `; shoal.set_concurrency_limit('default', ${options.limit}) (not binding)`;
   return {
     id: `W2/${system.name}${variant}`,
     workload: "W2",
     system: system.name,
-    title: options.concurrency === undefined
-      ? "drain no-op jobs, 1 consumer process, default settings"
-      : `drain no-op jobs, 1 consumer process, concurrency ${options.concurrency}`,
-    settings: options.concurrency === undefined
-      ? system.defaultSettings
-      : `${system.defaultSettings}; but --concurrency ${options.concurrency}`,
+    title:
+      (options.concurrency === undefined
+        ? "drain no-op jobs, 1 consumer process, default settings"
+        : `drain no-op jobs, 1 consumer process, concurrency ${options.concurrency}`) +
+      (options.limit === undefined ? "" : ", under a concurrency limit that never binds"),
+    settings:
+      (options.concurrency === undefined
+        ? system.defaultSettings
+        : `${system.defaultSettings}; but --concurrency ${options.concurrency}`) + limited,
     metrics: DRAIN,
     run: (ctx) =>
       withFreshDb(ctx.server, "w2", async (db) => {
         await system.install(db.sql, db.url);
+        if (options.limit !== undefined) {
+          await db.sql`select shoal.set_concurrency_limit('default', ${options.limit})`;
+        }
         const total = ctx.sizes.jobs;
         await enqueueAll(system, db.url, total, ctx.sizes.bulkBatch);
         await checkCount(system, db.sql, total);

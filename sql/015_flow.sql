@@ -68,15 +68,17 @@ create unique index rate_limits_default_idx on shoal.rate_limits (queue)
   where key is null;
 
 -- What flow control remembers of a key: its token bucket (tokens at refilled_at; null
--- tokens: full) and a hold (no job of the key is claimed before held_until: a handler told
--- to slow down, say by an HTTP 429). Rewritten by claims of rate-limited keys: room for
--- updates on the same page.
+-- tokens: full), a hold (no job of the key is claimed before held_until: a handler told
+-- to slow down, say by an HTTP 429), and whether a claim last found the key full with its
+-- jobs waiting (then a freed slot wakes the queue's consumers: shoal.free_slots). Rewritten
+-- by claims of rate-limited keys: room for updates on the same page.
 create table shoal.flow_keys (
   queue text not null,
   key text not null,
   tokens double precision,
   refilled_at timestamptz not null default now(),
   held_until timestamptz,
+  waiting boolean not null default false,
   primary key (queue, key)
 ) with (fillfactor = 50);
 create index flow_keys_held_idx on shoal.flow_keys (queue, held_until)

@@ -146,6 +146,8 @@ declare
   key_allowed integer[] := '{}';
   key_taken integer[] := '{}';
   key_tokens double precision[] := '{}';
+  key_held integer[] := '{}';
+  key_waiting boolean[] := '{}';
   checked_tags text[] := '{}';
   scan_from integer := 0;
   scan_size integer;
@@ -208,10 +210,12 @@ begin
                key_queues || coalesce(array_agg(a.queue), '{}'),
                key_keys || coalesce(array_agg(a.key), '{}'),
                key_allowed || coalesce(array_agg(a.allowed), '{}'),
-               key_tokens || coalesce(array_agg(a.tokens), '{}')
-        into key_tags, key_queues, key_keys, key_allowed, key_tokens
+               key_tokens || coalesce(array_agg(a.tokens), '{}'),
+               key_waiting || coalesce(array_agg(a.waiting), '{}')
+        into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting
         from shoal.flow_allow(fit.queues, fit.keys) a;
         key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
+        key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
       end if;
 
       -- The window's jobs that fit, in claim order: a limited key's while it has slots
@@ -229,9 +233,13 @@ begin
       ),
       fits as (
         select f.ctid, f.n
-        from (select u.ctid, u.n, row_number() over (order by u.n) as fit_rank
+        from (select u.ctid, u.n, u.slots_left, row_number() over (order by u.n) as fit_rank
               from u where u.slots_left is null or u.key_rank <= u.slots_left) f
         where f.fit_rank <= _limit - cardinality(picked)
+          -- A key under flow control only into a slot that starts it at once (the first
+          -- _starting of the batch): in a prefetch buffer it would hold its slot unstarted.
+          and (f.slots_left is null or _starting is null
+               or cardinality(picked) + f.fit_rank <= _starting)
       ),
       taken as (
         select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
@@ -253,9 +261,19 @@ begin
              array_agg(t.fair_seq) as seqs,
              array_agg(t.queue || E'\n' || t.flow_key) as tags,
              bool_or(t.execution_id is not null) as in_workflow,
-             bool_or(t.attempts >= t.max_attempts) as spent
+             bool_or(t.attempts >= t.max_attempts) as spent,
+             -- Keys with jobs beyond their slots left (waiting for one to free).
+             (select array_agg(u.queue || E'\n' || u.key) from u
+              where u.slots_left is not null and u.key_rank > u.slots_left) as held
       into got
       from taken t;
+      if got.held is not null then
+        key_held := array(
+          select k.held + (select count(*) from unnest(got.held) as h(tag)
+                           where h.tag = k.tag)::integer
+          from unnest(key_tags, key_held) with ordinality as k(tag, held, n)
+          order by k.n);
+      end if;
       if got.ids is not null then
         picked := picked || got.ids;
         picked_ctids := picked_ctids || got.ctids;
@@ -286,9 +304,13 @@ begin
       end if;
       scan_size := least(scan_size, flow_scan - scan_read);
     end loop;
-    -- Rate-limited keys: what this claim took from their buckets.
-    if cardinality(key_tags) > 0 then
-      perform shoal.spend_tokens(key_queues, key_keys, key_tokens, key_taken);
+    -- What this claim took from the buckets, and which keys it found full with jobs
+    -- waiting: written only when something changed (a bucket spent, a key's waiting).
+    if exists (select 1 from unnest(key_tokens, key_taken, key_held, key_waiting)
+                 as k(tokens, taken, held, waiting)
+               where (k.tokens is not null and k.taken > 0) or (k.held > 0) <> k.waiting) then
+      perform shoal.flow_claimed(key_queues, key_keys, key_tokens, key_taken, key_held,
+                                 key_waiting);
     end if;
   elsif _from_head and _before_priority is null then
     -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is

@@ -11,7 +11,7 @@
 --   shoal.set_fairness_weight,                     a key's share under contention (the
 --   shoal.clear_fairness_weight                    stamping rule in queue.sql reads it)
 --   shoal.flow_allow                               how many of a key's jobs a claim may take
---   shoal.spend_tokens                             what a claim took from the buckets
+--   shoal.flow_claimed                             what a claim took and held back
 --   shoal.flow_lock, shoal.slots_held,             the claim's lock; a key's slots held;
 --   shoal.default_slots_held                       those of keys under a queue's default
 --   shoal.free_slots, shoal.prune_slots            finished claims give their slots back
@@ -154,9 +154,10 @@ language sql stable as $$
 $$;
 
 -- The claims of these jobs ended (acked, retried, handed back, dead-lettered): remove their
--- slots and wake the consumers of each queue where one was freed, so a job held back by the
--- limit starts now instead of at a consumer's poll. Called in the statement that ends them.
--- Returns how many slots were freed.
+-- slots, and wake the consumers of each queue where one was freed of a key with jobs waiting
+-- for it (flow_keys.waiting), so a job held back by the limit starts now instead of at a
+-- consumer's poll; a key that never fills wakes nobody. Called in the statement that ends
+-- them. Returns how many slots were freed.
 create or replace function shoal.free_slots(ids bigint[]) returns integer
 language plpgsql volatile as $$
 declare
@@ -164,10 +165,15 @@ declare
   freed_count integer;
 begin
   with freed as (
-    delete from shoal.concurrency_slots s where s.job_id = any(ids) returning s.queue
+    delete from shoal.concurrency_slots s where s.job_id = any(ids)
+    returning s.queue, s.key
   )
-  select array_agg(distinct f.queue), count(*) into queues, freed_count from freed f;
-  if freed_count > 0 then
+  select (select array_agg(distinct f.queue) from freed f
+          where exists (select 1 from shoal.flow_keys k
+                        where k.queue = f.queue and k.key = f.key and k.waiting)),
+         (select count(*) from freed)
+  into queues, freed_count;
+  if queues is not null then
     perform shoal.notify_jobs(queues, null);
   end if;
   return freed_count;
@@ -267,8 +273,11 @@ $$;
 -- shoal.spend_tokens) or a hold (none). Each is locked first (shoal.flow_lock): a key
 -- another claim holds gets none. The slots and buckets are read by a statement after the
 -- locks, whose snapshot sees every claim committed before they were free (the slot rule).
+drop function if exists shoal.spend_tokens(text[], text[], double precision[], integer[]);
+drop function if exists shoal.flow_allow(text[], text[]);
 create or replace function shoal.flow_allow(queues text[], keys text[])
-returns table (queue text, key text, allowed integer, tokens double precision)
+returns table (queue text, key text, allowed integer, tokens double precision,
+               waiting boolean)
 language plpgsql volatile as $$
 #variable_conflict use_column
 declare
@@ -295,7 +304,8 @@ begin
                        coalesce(c.max_running - shoal.slots_held(x.queue, x.key), 1000000000),
                        coalesce(floor(b.tokens)::bigint, 1000000000)), 0)::integer
            end,
-           b.tokens
+           b.tokens,
+           coalesce(k.waiting, false)
     from unnest(qs, ks, locks) as x(queue, key, locked)
     left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key
     cross join lateral (select shoal.concurrency_limit(x.queue, x.key) as max_running) c
@@ -313,28 +323,39 @@ end
 $$;
 
 -- A claim took taken[i] jobs of key i, whose bucket held tokens[i] (shoal.flow_allow; null:
--- no rate limit): write the buckets back, and when one is empty, wake the queue's consumers
--- for the instant its next token is due (the jobs it holds back start then, not at a poll).
-create or replace function shoal.spend_tokens(queues text[], keys text[],
-                                              tokens double precision[], taken integer[])
+-- no rate limit), and held held[i] of its jobs back: write the buckets back; record which
+-- keys have jobs waiting for a slot (waiting[i]: what flow_allow read), so that a freed slot
+-- of theirs wakes the queue (shoal.free_slots) and one of a key that never fills does not;
+-- and when a bucket is empty, wake the queue's consumers for the instant its next token is
+-- due (the jobs it holds back start then, not at a poll). A key becomes waiting only at the
+-- end of the claim that first finds it full: a slot freed meanwhile wakes nobody, and the
+-- job waits for a poll, once per key that fills.
+create or replace function shoal.flow_claimed(queues text[], keys text[],
+                                              tokens double precision[], taken integer[],
+                                              held integer[], waiting boolean[])
 returns void
 language plpgsql volatile as $$
 begin
-  insert into shoal.flow_keys as k (queue, key, tokens, refilled_at)
-  select x.queue, x.key, x.tokens - x.taken, now()
-  from unnest(queues, keys, tokens, taken) as x(queue, key, tokens, taken)
-  where x.tokens is not null and x.taken > 0
-  on conflict (queue, key) do update set tokens = excluded.tokens, refilled_at = now();
+  insert into shoal.flow_keys as k (queue, key, tokens, refilled_at, waiting)
+  select x.queue, x.key, case when x.tokens is not null then x.tokens - x.taken end, now(),
+         x.held > 0
+  from unnest(queues, keys, tokens, taken, held, waiting)
+    as x(queue, key, tokens, taken, held, waiting)
+  where (x.tokens is not null and x.taken > 0) or (x.held > 0) <> x.waiting
+  on conflict (queue, key) do update
+  set tokens = case when excluded.tokens is not null then excluded.tokens else k.tokens end,
+      refilled_at = case when excluded.tokens is not null then now() else k.refilled_at end,
+      waiting = excluded.waiting;
 
   perform shoal.notify_jobs(array_agg(x.queue), array_agg(
             now() + (1 - (x.tokens - x.taken)) * r.period_ms / r.max_starts * interval '1 ms'))
-  from unnest(queues, keys, tokens, taken) as x(queue, key, tokens, taken)
+  from unnest(queues, keys, tokens, taken, held) as x(queue, key, tokens, taken, held)
   cross join lateral (
     select l.max_starts, l.period_ms from shoal.rate_limits l
     where l.queue = x.queue and (l.key = x.key or l.key is null)
     order by l.key nulls last limit 1
   ) r
-  where x.tokens is not null and x.tokens - x.taken < 1
+  where x.tokens is not null and x.tokens - x.taken < 1 and x.held > 0
   having count(*) > 0;
 end
 $$;
