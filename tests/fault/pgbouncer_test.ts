@@ -4,9 +4,24 @@
  * no LISTEN (`--no-listen`), no named prepared statements (`--no-prepare`). The mixed run
  * passes through it. A machine without pgbouncer fails this test, never skips it.
  */
-import { assert } from "../assert.ts";
-import { freePort, sleep, testDb, waitFor } from "../helpers.ts";
-import { MixedRun, report, type Role } from "./harness.ts";
+import { assert, assertEquals } from "../assert.ts";
+import {
+  createRunsTable,
+  exitWithin,
+  figure,
+  freePort,
+  type ShoalProcess,
+  sleep,
+  spawnShoal,
+  TEST_MAIN,
+  testDb,
+  waitFor,
+  waitForOutput,
+} from "../helpers.ts";
+import { byKey, installClaimAudit, loadRuns, overlapOf } from "../flow_runs.ts";
+import { enqueueMany, type JobSpec } from "../../lib/queue.ts";
+import type { Sql } from "../../lib/db.ts";
+import { MixedRun, report, type Role, tail } from "./harness.ts";
 
 /** Where Debian puts pgbouncer (/usr/sbin), or anywhere on PATH. */
 async function findPgBouncer(): Promise<string> {
@@ -142,4 +157,108 @@ Deno.test("the mixed run passes through PgBouncer in transaction pooling mode", 
   const logins = (await bouncer.log()).split("\n").filter((l) => l.includes(`db=${db.name}`));
   assert(logins.length >= run.members.length, `only ${logins.length} logins through pgbouncer`);
   report("through PgBouncer (transaction pooling)", figures, started);
+});
+
+/** Jobs of `queue` still in shoal.jobs, and how many of those are claimed. */
+async function jobsOf(sql: Sql, queue: string): Promise<{ n: number; claimed: number }> {
+  const [row] = await sql<{ n: number; claimed: number }[]>`
+    select count(*)::int as n, (count(*) filter (where locked_by is not null))::int as claimed
+    from shoal.jobs where queue = ${queue}::text`;
+  return row!;
+}
+
+Deno.test("behind PgBouncer in transaction mode, consumers keep a concurrency limit and a pause", async () => {
+  await using db = await testDb();
+  await using bouncer = await startPgBouncer(db.url);
+  await createRunsTable(db.sql);
+  await installClaimAudit(db.sql);
+  const limit = 2;
+  await db.sql`select shoal.set_concurrency_limit('flow', ${limit})`;
+  await db.sql`select shoal.pause_queue('held')`;
+  const jobs: JobSpec[] = [];
+  for (let i = 0; i < 12; i++) {
+    for (const key of ["a", "b"]) {
+      jobs.push({ task: "test.record", queue: "flow", fairnessKey: key, payload: { ms: 150 } });
+    }
+  }
+  for (let i = 0; i < 6; i++) jobs.push({ task: "test.record", queue: "held", payload: { ms: 0 } });
+  await enqueueMany(db.sql, jobs);
+
+  // Polling (no LISTEN through the pooler): a freed slot is found at the next poll. Two
+  // processes started together would poll in step, the first always ahead of the second
+  // and running every job; polls of 100 and 70 ms drift apart, so both take slots.
+  const procs: ShoalProcess[] = ["100ms", "70ms"].map((poll) =>
+    spawnShoal([
+      "--role",
+      "consumer",
+      "--queues",
+      "flow,held",
+      "--concurrency",
+      "20",
+      "--poll-interval",
+      poll,
+      "--no-listen",
+      "--no-prepare",
+      "--visibility-timeout",
+      "5s",
+      "--shutdown-grace",
+      "5s",
+      "--log-format",
+      "json",
+    ], { url: bouncer.url, mainModule: TEST_MAIN })
+  );
+  await using _procs = {
+    [Symbol.asyncDispose]: async () =>
+      void await Promise.all(procs.map((p) => p[Symbol.asyncDispose]())),
+  };
+  try {
+    await Promise.all(procs.map((p) => waitForOutput(p, "started on", 30_000)));
+    await waitFor(
+      "the limited queue to drain",
+      async () => (await jobsOf(db.sql, "flow")).n === 0,
+      30_000,
+    );
+  } catch (error) {
+    const said = procs.map((p) => tail(p.output(), 15)).join("\n");
+    throw new Error(`${(error as Error).message}; the consumers said:\n${said}`, { cause: error });
+  }
+
+  const runs = await loadRuns(db.sql, "flow");
+  assertEquals(runs.length, jobs.length - 6, "one run per job of the limited queue");
+  assertEquals(runs.filter((r) => r.attempt !== 1), [], "runs beyond the first attempt");
+  const pids = runs.map((r) => r.pid);
+  assertEquals(new Set(pids).size, 2, `one consumer ran every job: ${pids.join(",")}`);
+  for (const [key, keyRuns] of byKey(runs)) {
+    const o = overlapOf(keyRuns);
+    figure(
+      `[fault] through PgBouncer, key ${key} (limit ${limit}): at most ${o.max} at once, ` +
+        `${o.mean.toFixed(2)} on average over ${o.windowMs.toFixed(0)} ms while jobs waited`,
+    );
+    assert(o.max <= limit, `key ${key} ran ${o.max} jobs at once over its limit of ${limit}`);
+    assertEquals(o.max, limit, `key ${key} never used its limit`);
+    // Used, at polls: a slot freed waits at most the longer poll (100 ms) and a claim for the next
+    // 150 ms job, so a key runs about 60% of its limit at worst. A key counted full when it
+    // is not (a lock kept past its claim's transaction, say) would fall far below half.
+    assert(o.mean >= 0.5 * limit, `key ${key} ran ${o.mean.toFixed(2)} on average of ${limit}`);
+  }
+  // The paused queue: polled all along, never claimed.
+  assertEquals(await jobsOf(db.sql, "held"), { n: 6, claimed: 0 });
+  const [held] = await db.sql<{ claims: number; attempts: number }[]>`
+    select (select count(*)::int from test_claims where queue = 'held') as claims,
+      (select coalesce(max(attempts), 0)::int from shoal.jobs where queue = 'held') as attempts`;
+  assertEquals(held, { claims: 0, attempts: 0 }, "the paused queue's jobs");
+
+  await db.sql`select shoal.resume_queue('held')`;
+  await waitFor(
+    "the resumed queue to drain",
+    async () => (await jobsOf(db.sql, "held")).n === 0,
+    10_000,
+  );
+  assertEquals((await loadRuns(db.sql, "held")).length, 6);
+  const [dead] = await db.sql<{ n: number }[]>`select count(*)::int as n from shoal.dead_jobs`;
+  assertEquals(dead!.n, 0, "dead letters");
+  const logins = (await bouncer.log()).split("\n").filter((l) => l.includes(`db=${db.name}`));
+  assert(logins.length >= procs.length, `only ${logins.length} logins through pgbouncer`);
+  for (const p of procs) p.kill("SIGTERM");
+  for (const p of procs) assertEquals((await exitWithin(p, 20_000)).code, 0, tail(p.output()));
 });
