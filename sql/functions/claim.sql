@@ -264,7 +264,8 @@ begin
              bool_or(t.attempts >= t.max_attempts) as spent,
              -- Keys with jobs beyond their slots left (waiting for one to free).
              (select array_agg(u.queue || E'\n' || u.key) from u
-              where u.slots_left is not null and u.key_rank > u.slots_left) as held
+              where u.slots_left is not null and u.key_rank > u.slots_left) as held,
+             (select bool_or(u.slots_left is null) from u) as free_keys
       into got
       from taken t;
       if got.held is not null then
@@ -289,7 +290,10 @@ begin
           order by k.n);
       end if;
       scan_read := scan_read + cand.n;
-      exit when cardinality(picked) >= _limit or scan_read >= flow_scan;
+      exit when cardinality(picked) >= _limit or scan_read >= flow_scan
+        -- Every slot that starts a job at once is filled, and only keys under flow
+        -- control were met: what is left of the batch would be a prefetch they may not use.
+        or (cardinality(picked) >= _starting and not coalesce(got.free_keys, false));
       if got.ids is null and cand.low > -32768 then
         -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
         -- one priority, keys interleave by their stamps, so another key's jobs lie near its
