@@ -987,8 +987,9 @@ export async function runConsumer(
       try {
         claiming = true;
         let claimed: ClaimResult;
+        const starting = startingAtOnce();
         try {
-          claimed = await loopClaim(limit, startingAtOnce());
+          claimed = await loopClaim(limit, starting);
         } finally {
           claiming = false;
         }
@@ -1000,7 +1001,11 @@ export async function runConsumer(
           probes.ahead(aheadAfterClaim);
           aheadAfterClaim = undefined;
         }
-        lastClaimFull = jobs.length + poisoned.length === limit;
+        // Full, or every slot that starts at once filled: a key under flow control is
+        // claimed only into those (sql/functions/claim.sql), so there may be more to claim
+        // as soon as a slot frees.
+        lastClaimFull = jobs.length + poisoned.length === limit ||
+          (starting > 0 && jobs.length + poisoned.length >= starting);
         if (lastClaimFull && !stop.aborted && buffer.wantsClaim(running.size)) continue;
       } catch (error) {
         probes.claimed();

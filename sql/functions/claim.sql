@@ -233,13 +233,17 @@ begin
       ),
       fits as (
         select f.ctid, f.n
-        from (select u.ctid, u.n, u.slots_left, row_number() over (order by u.n) as fit_rank
+        from (select u.ctid, u.n, u.slots_left, u.key_rank,
+                     row_number() over (order by u.n) as fit_rank
               from u where u.slots_left is null or u.key_rank <= u.slots_left) f
         where f.fit_rank <= _limit - cardinality(picked)
-          -- A key under flow control only into a slot that starts it at once (the first
-          -- _starting of the batch): in a prefetch buffer it would hold its slot unstarted.
+          -- A key under flow control goes into a prefetch buffer (past the first _starting
+          -- of the batch, which start at once) only while it keeps a whole batch's worth of
+          -- slots free after this job: there a job would hold its slot unstarted, so a key
+          -- near its limit gets only slots that start its jobs at once.
           and (f.slots_left is null or _starting is null
-               or cardinality(picked) + f.fit_rank <= _starting)
+               or cardinality(picked) + f.fit_rank <= _starting
+               or f.slots_left - f.key_rank >= _limit)
       ),
       taken as (
         select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
