@@ -355,12 +355,12 @@ Deno.test("pruneSlots() removes slot rows that hold nothing, up to its limit; ha
   assertEquals(await pruneSlots(db.sql, 100), 0);
   assertEquals((await slots()).length, 4);
 
-  // Rows left behind by paths that do not free their slot: a job deleted outright, one handed
-  // back by hand; and one past its deadline but still claimed, kept (its worker may extend it).
+  // Rows left behind by paths that do not free their slot: a job deleted outright, one
+  // unclaimed by hand under the same token; and one past its deadline but still claimed, kept
+  // (its worker may extend it).
   const [gone, back, late, live] = claimed.map((j) => j.id);
   await db.sql`delete from shoal.jobs where id = ${gone!}::bigint`;
-  await db.sql`update shoal.jobs set locked_by = null, token = token + 1
-               where id = ${back!}::bigint`;
+  await db.sql`update shoal.jobs set locked_by = null where id = ${back!}::bigint`;
   await db.sql`update shoal.jobs set run_at = now() - interval '1 s' where id = ${late!}::bigint`;
   assertEquals(await hasStaleSlots(db.sql), true);
   assertEquals(await pruneSlots(db.sql, 1), 1);
