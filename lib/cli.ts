@@ -44,6 +44,7 @@ import {
 import { listDead, purgeDead, retryDead } from "./dead.ts";
 import { localDatabaseHint, runDev, unreachableDevHint } from "./dev.ts";
 import { describeError, logger, setupLogging } from "./log.ts";
+import { formatDuration } from "./duration.ts";
 import { checkSchema, describeMigration, loadMigrations, migrate } from "./migrate.ts";
 import {
   checkJobSpec,
@@ -57,16 +58,23 @@ import {
 import { listCatalogTasks } from "./catalog.ts";
 import {
   clearConcurrencyLimit,
+  clearFairnessWeight,
+  clearRateLimit,
   flowStatus,
+  holdKey,
+  MAX_FAIRNESS_WEIGHT,
+  MAX_RATE_STARTS,
   MAX_RUNNING_LIMIT,
   pauseQueue,
   resumeQueue,
   setConcurrencyLimit,
+  setFairnessWeight,
+  setRateLimit,
 } from "./flow.ts";
 import { checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import {
-  formatLimits,
+  formatFlowLimits,
   formatPausedQueues,
   formatSchedules,
   formatStatus,
@@ -98,6 +106,8 @@ Usage:
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
   shoal queue pause QUEUE | resume QUEUE | list [--json]
   shoal limit set QUEUE N [--key K] | clear QUEUE [--key K] | list [--json]
+  shoal limit rate QUEUE N --per D [--key K] | unrate QUEUE [--key K]
+  shoal limit hold QUEUE --key K --for D | weight QUEUE W --key K | unweight QUEUE --key K
   shoal dev [--dir .shoal] [--http [HOST:PORT]]
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
@@ -834,19 +844,43 @@ async function queueCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
   }
 }
 
-/** `--key` of `shoal limit set|clear`: a fairness key, at most 256 characters. */
+/** `--key` of `shoal limit`: a flow or fairness key, at most 256 characters. */
 function checkLimitKey(key: string | undefined): void {
   if (key !== undefined && key.length > MAX_FAIRNESS_KEY_LENGTH) {
     throw new UsageError(
-      refusal("--key", `a fairness key of at most ${MAX_FAIRNESS_KEY_LENGTH} characters`, key)
-        .message,
+      refusal("--key", `a key of at most ${MAX_FAIRNESS_KEY_LENGTH} characters`, key).message,
     );
   }
 }
 
+/** `--key` of a `shoal limit` command that needs one (hold, weight, unweight). */
+function requireLimitKey(sub: string, key: string | undefined): string {
+  if (key === undefined) throw new UsageError(`shoal limit ${sub} needs --key`);
+  checkLimitKey(key);
+  return key;
+}
+
+/** A whole number on the command line (`shoal limit set q 5`), from `min` to `max`. */
+function countArg(what: string, text: string, min: number, max: number): number {
+  const n = /^\d{1,7}$/.test(text) ? Number(text) : NaN;
+  if (!(n >= min && n <= max)) {
+    throw new UsageError(refusal(what, `an integer from ${min} to ${max}`, text).message);
+  }
+  return n;
+}
+
+/** How a `shoal limit` line names what it changed: `Queue q` or `Queue q, key "k"`. */
+function limitSubject(queue: string, key: string | undefined): string {
+  return key === undefined ? `Queue ${queue}` : `Queue ${queue}, key ${JSON.stringify(key)}`;
+}
+
+const LIMIT_USAGE = "shoal limit takes set QUEUE N, clear QUEUE, rate QUEUE N, unrate QUEUE, " +
+  "hold QUEUE, weight QUEUE W, unweight QUEUE or list";
+
 /**
- * `shoal limit set QUEUE N [--key K]`, `shoal limit clear QUEUE [--key K]`, `shoal limit
- * list`: concurrency limits per (queue, fairness key) (lib/flow.ts).
+ * `shoal limit ...`: flow control per (queue, key) (lib/flow.ts): concurrency limits (`set`,
+ * `clear`), rate limits (`rate`, `unrate`), holds (`hold`), fairness weights (`weight`,
+ * `unweight`), and `list` for all of them. A clear of nothing says so on stderr with exit 1.
  */
 async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
   const [sub, ...args] = rest;
@@ -856,14 +890,7 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
         throw new UsageError("shoal limit set takes a queue name and a number of running jobs");
       }
       const queue = queueArg(args[0]!);
-      const text = args[1]!;
-      const maxRunning = /^\d{1,7}$/.test(text) ? Number(text) : NaN;
-      if (!(maxRunning <= MAX_RUNNING_LIMIT)) {
-        throw new UsageError(
-          refusal("number of running jobs", `an integer from 0 to ${MAX_RUNNING_LIMIT}`, text)
-            .message,
-        );
-      }
+      const maxRunning = countArg("number of running jobs", args[1]!, 0, MAX_RUNNING_LIMIT);
       return await withDb(parsed, {
         name: "limit set",
         flags: ["key"],
@@ -871,39 +898,125 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
         check: (opts) => checkLimitKey(opts.key),
       }, async (sql, opts) => {
         await setConcurrencyLimit(sql, { queue, maxRunning, key: opts.key });
+        const each = opts.key === undefined ? " per key" : "";
+        out(`${limitSubject(queue, opts.key)}: at most ${maxRunning} running jobs${each}\n`);
+        return 0;
+      });
+    }
+    case "rate": {
+      if (args.length !== 2) {
+        throw new UsageError("shoal limit rate takes a queue name and a number of starts");
+      }
+      const queue = queueArg(args[0]!);
+      const maxStarts = countArg("number of starts", args[1]!, 1, MAX_RATE_STARTS);
+      return await withDb(parsed, {
+        name: "limit rate",
+        flags: ["per", "key"],
+        needs: "current schema",
+        check: (opts) => {
+          if (opts.per === undefined) throw new UsageError("shoal limit rate needs --per");
+          checkLimitKey(opts.key);
+        },
+      }, async (sql, opts) => {
+        await setRateLimit(sql, { queue, maxStarts, periodMs: opts.per!, key: opts.key });
+        const each = opts.key === undefined ? " per key" : "";
         out(
-          opts.key === undefined
-            ? `Queue ${queue}: at most ${maxRunning} running jobs per key\n`
-            : `Queue ${queue}, key ${
-              JSON.stringify(opts.key)
-            }: at most ${maxRunning} running jobs\n`,
+          `${limitSubject(queue, opts.key)}: at most ${maxStarts} starts per ${
+            formatDuration(opts.per!)
+          }${each}\n`,
         );
         return 0;
       });
     }
-    case "clear": {
-      if (args.length !== 1) throw new UsageError("shoal limit clear takes one queue name");
+    case "clear":
+    case "unrate": {
+      if (args.length !== 1) throw new UsageError(`shoal limit ${sub} takes one queue name`);
       const queue = queueArg(args[0]!);
+      const what = sub === "clear" ? "limit" : "rate limit";
       return await withDb(parsed, {
-        name: "limit clear",
+        name: `limit ${sub}`,
         flags: ["key"],
         needs: "current schema",
         check: (opts) => checkLimitKey(opts.key),
       }, async (sql, opts) => {
-        const key = opts.key === undefined ? null : JSON.stringify(opts.key);
-        if (!(await clearConcurrencyLimit(sql, { queue, key: opts.key }))) {
+        const options = { queue, key: opts.key };
+        const cleared = sub === "clear"
+          ? await clearConcurrencyLimit(sql, options)
+          : await clearRateLimit(sql, options);
+        if (!cleared) {
           err(
-            key === null
-              ? `shoal: Queue ${queue} has no default limit\n`
-              : `shoal: Queue ${queue} has no limit for key ${key}\n`,
+            opts.key === undefined
+              ? `shoal: Queue ${queue} has no default ${what}\n`
+              : `shoal: Queue ${queue} has no ${what} for key ${JSON.stringify(opts.key)}\n`,
           );
           return 1;
         }
         out(
-          key === null
-            ? `Queue ${queue}: default limit cleared\n`
-            : `Queue ${queue}, key ${key}: limit cleared\n`,
+          opts.key === undefined
+            ? `Queue ${queue}: default ${what} cleared\n`
+            : `${limitSubject(queue, opts.key)}: ${what} cleared\n`,
         );
+        return 0;
+      });
+    }
+    case "hold": {
+      if (args.length !== 1) throw new UsageError("shoal limit hold takes one queue name");
+      const queue = queueArg(args[0]!);
+      return await withDb(parsed, {
+        name: "limit hold",
+        flags: ["key", "for"],
+        needs: "current schema",
+        check: (opts) => {
+          requireLimitKey("hold", opts.key);
+          if (opts.for === undefined) throw new UsageError("shoal limit hold needs --for");
+        },
+      }, async (sql, opts) => {
+        const key = opts.key!;
+        const until = await holdKey(sql, { queue, key, forMs: opts.for! });
+        out(
+          opts.for === 0
+            ? `${limitSubject(queue, key)}: hold lifted\n`
+            : `${limitSubject(queue, key)}: held until ${until.toISOString()}\n`,
+        );
+        return 0;
+      });
+    }
+    case "weight": {
+      if (args.length !== 2) {
+        throw new UsageError("shoal limit weight takes a queue name and a weight");
+      }
+      const queue = queueArg(args[0]!);
+      const weight = countArg("weight", args[1]!, 1, MAX_FAIRNESS_WEIGHT);
+      return await withDb(parsed, {
+        name: "limit weight",
+        flags: ["key"],
+        needs: "current schema",
+        check: (opts) => {
+          requireLimitKey("weight", opts.key);
+        },
+      }, async (sql, opts) => {
+        await setFairnessWeight(sql, { queue, key: opts.key!, weight });
+        out(`${limitSubject(queue, opts.key)}: weight ${weight} for jobs enqueued from now on\n`);
+        return 0;
+      });
+    }
+    case "unweight": {
+      if (args.length !== 1) throw new UsageError("shoal limit unweight takes one queue name");
+      const queue = queueArg(args[0]!);
+      return await withDb(parsed, {
+        name: "limit unweight",
+        flags: ["key"],
+        needs: "current schema",
+        check: (opts) => {
+          requireLimitKey("unweight", opts.key);
+        },
+      }, async (sql, opts) => {
+        const key = opts.key!;
+        if (!(await clearFairnessWeight(sql, { queue, key }))) {
+          err(`shoal: Queue ${queue} has no weight for key ${JSON.stringify(key)}\n`);
+          return 1;
+        }
+        out(`${limitSubject(queue, key)}: weight 1 for jobs enqueued from now on\n`);
         return 0;
       });
     }
@@ -913,13 +1026,13 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
         parsed,
         { name: "limit list", flags: ["json"], needs: "current schema" },
         async (sql, opts) => {
-          const { limits } = await flowStatus(sql);
-          out(opts.json ? JSON.stringify(limits, null, 2) + "\n" : formatLimits(limits));
+          const { paused: _, ...limits } = await flowStatus(sql);
+          out(opts.json ? JSON.stringify(limits, null, 2) + "\n" : formatFlowLimits(limits));
           return 0;
         },
       );
     default:
-      throw new UsageError("shoal limit takes set QUEUE N, clear QUEUE or list");
+      throw new UsageError(LIMIT_USAGE);
   }
 }
 

@@ -205,7 +205,21 @@ export const OPTIONS = {
   key: {
     kind: "string",
     env: null,
-    help: "enqueue: dedupe key; limit set|clear: the fairness key the limit is for",
+    help: "enqueue: dedupe key; limit: the key a limit, hold or weight is for",
+  },
+  per: {
+    kind: "duration",
+    min: 1,
+    max: 86_400_000,
+    env: null,
+    help: "limit rate: the period its N starts are spread over (at most 1d)",
+  },
+  for: {
+    kind: "duration",
+    min: 0,
+    max: 86_400_000,
+    env: null,
+    help: "limit hold: how long the key is held (0s lifts the hold; at most 1d)",
   },
   "fairness-key": { kind: "string", env: null, help: "share the queue fairly across these" },
   "concurrency-key": {

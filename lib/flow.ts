@@ -1,14 +1,15 @@
 /**
- * Flow control from TypeScript: pausing queues and capping running jobs per (queue, key).
- * The tables are sql/015_flow.sql's and the functions that change them sql/functions/flow.sql's
- * (`shoal.pause_queue`, `shoal.set_concurrency_limit`, ...): this module calls those, so SQL,
- * the CLI and TypeScript change flow control one way, and reads it back for `shoal status`
- * and `/metrics` in one statement ({@link flowStatus}). The claim enforces both
- * (sql/functions/claim.sql, "Flow control").
+ * Flow control from TypeScript: pausing queues; per (queue, key) concurrency limits, rate
+ * limits and holds; fairness weights. The tables are sql/015_flow.sql's and the functions
+ * that change them sql/functions/flow.sql's (`shoal.pause_queue`, `shoal.set_rate_limit`,
+ * ...): this module calls those, so SQL, the CLI and TypeScript change flow control one way,
+ * and reads it back for `shoal status` and `/metrics` in one statement ({@link flowStatus}).
+ * The claim enforces them (sql/functions/claim.sql, "Flow control").
  *
- * The key of a limit is a job's fairness key (`fairnessKey` at enqueue; `""` for a job
- * enqueued without one). A limit without a key is the queue's default for every key that
- * has no limit of its own.
+ * The key of a concurrency limit, a rate limit or a hold is a job's flow key: its
+ * `concurrencyKey` when one was given at enqueue, else its fairness key (`fairnessKey`; `""`
+ * for a job enqueued without one). A limit without a key is the queue's default for every key
+ * that has no limit of its own. A weight is a fairness key's.
  *
  * @module
  */
@@ -19,13 +20,21 @@ import {
   checkObject,
   checkOptions,
   checkString,
+  MAX_INT4,
   refusal,
 } from "./args.ts";
 import type { Db } from "./db.ts";
 import { MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
+import { MAX_HOLD_MS } from "./queue.ts";
 
 /** The largest limit (the column's check in sql/015_flow.sql says the same). */
 export const MAX_RUNNING_LIMIT = 1_000_000;
+/** The most starts a rate limit allows per period (sql/015_flow.sql's check). */
+export const MAX_RATE_STARTS = 1_000_000;
+/** The longest period of a rate limit: a day (sql/015_flow.sql's check). */
+export const MAX_RATE_PERIOD_MS = 86_400_000;
+/** The heaviest fairness weight (sql/015_flow.sql's check). */
+export const MAX_FAIRNESS_WEIGHT = 1000;
 
 /** A paused queue: no consumer claims its jobs until it is resumed. */
 export interface PausedQueue {
@@ -36,7 +45,7 @@ export interface PausedQueue {
 /** A concurrency limit and the slots it counts now. */
 export interface ConcurrencyLimit {
   queue: string;
-  /** The fairness key it caps; null: the queue's default for every key without its own row. */
+  /** The flow key it caps; null: the queue's default for every key without its own row. */
   key: string | null;
   /** Most jobs of one key claimed at once. */
   max_running: number;
@@ -48,26 +57,91 @@ export interface ConcurrencyLimit {
   slots_held: number;
 }
 
-/** Flow control as it stands: `shoal status`'s `flow`. */
+/** A rate limit: a token bucket of `max_starts` tokens refilled at `max_starts` per period. */
+export interface RateLimit {
+  queue: string;
+  /** The flow key it limits; null: the queue's default for every key without its own row. */
+  key: string | null;
+  /** Most claims of one key per period on average, and the largest burst. */
+  max_starts: number;
+  period_ms: number;
+}
+
+/** A held key: none of its jobs on the queue is claimed before `held_until`. */
+export interface HeldKey {
+  queue: string;
+  key: string;
+  held_until: Date;
+}
+
+/** A fairness key's weight on a queue (keys without one weigh 1). */
+export interface FairnessWeight {
+  queue: string;
+  key: string;
+  weight: number;
+}
+
+/** Flow control as it stands: `shoal status`'s `flow`. Each list by queue, then key. */
 export interface FlowStatus {
-  /** By queue name. */
   paused: PausedQueue[];
-  /** By queue name, each queue's default first, then by key. */
+  /** Concurrency limits, each queue's default first. */
   limits: ConcurrencyLimit[];
+  /** Each queue's default first. */
+  rate_limits: RateLimit[];
+  /** Holds not yet ended. */
+  holds: HeldKey[];
+  weights: FairnessWeight[];
 }
 
 export interface SetConcurrencyLimitOptions {
   queue: string;
   /** 0 to 1,000,000; 0 holds every job of the key back. */
   maxRunning: number;
-  /** The fairness key it caps; omitted or null: the queue's default for every key. */
+  /** The flow key it caps; omitted or null: the queue's default for every key. */
   key?: string | null;
 }
 
 export interface ClearConcurrencyLimitOptions {
   queue: string;
-  /** The fairness key whose own limit goes; omitted or null: the queue's default. */
+  /** The flow key whose own limit goes; omitted or null: the queue's default. */
   key?: string | null;
+}
+
+export interface SetRateLimitOptions {
+  queue: string;
+  /** 1 to 1,000,000 claims per period per key. */
+  maxStarts: number;
+  /** The period in milliseconds: 1 to 86,400,000 (a day). */
+  periodMs: number;
+  /** The flow key it limits; omitted or null: the queue's default for every key. */
+  key?: string | null;
+}
+
+export interface ClearRateLimitOptions {
+  queue: string;
+  /** The flow key whose own rate limit goes; omitted or null: the queue's default. */
+  key?: string | null;
+}
+
+export interface HoldKeyOptions {
+  queue: string;
+  /** The flow key held (`""`: jobs with neither a concurrency nor a fairness key). */
+  key: string;
+  /** 0 to 86,400,000 ms (a day); 0 lifts the key's hold. */
+  forMs: number;
+}
+
+export interface SetFairnessWeightOptions {
+  queue: string;
+  /** The fairness key weighted (`""`: jobs enqueued without one). */
+  key: string;
+  /** 1 to 1000. */
+  weight: number;
+}
+
+export interface ClearFairnessWeightOptions {
+  queue: string;
+  key: string;
 }
 
 /**
@@ -92,11 +166,16 @@ export async function resumeQueue(db: Db, queue: string): Promise<boolean> {
 }
 
 /**
- * Check a limit's key: a string of at most 256 characters (a fairness key's length; `""` is
- * the key of jobs enqueued without one), or null or omitted for the queue's default.
+ * Check a limit's key: a string of at most 256 characters (a fairness or concurrency key's
+ * length; `""` is the key of jobs enqueued without one), or unless `required` null or omitted
+ * for the queue's default.
  */
-function checkLimitKey(fn: string, value: unknown): void {
-  checkString(fn, "options.key", value, { optional: true, nullable: true, empty: true });
+function checkLimitKey(fn: string, value: unknown, required = false): void {
+  checkString(fn, "options.key", value, {
+    optional: !required,
+    nullable: !required,
+    empty: true,
+  });
   if (typeof value === "string" && value.length > MAX_FAIRNESS_KEY_LENGTH) {
     throw refusal(
       `options.key for ${fn}()`,
@@ -152,39 +231,189 @@ export async function clearConcurrencyLimit(
 }
 
 /**
- * The paused queues and the concurrency limits with the slots each counts now, in one
- * statement (a `/metrics` scrape reads it beside the queue counts).
+ * At most `maxStarts` claims of the queue's jobs per `periodMs` per key, across every
+ * consumer: a token bucket, so the rate on average and a burst of up to `maxStarts` after a
+ * quiet spell. With a `key`, for that key alone (over the default); without, for every key
+ * of the queue that has no rate limit of its own. Replaces the rate limit it names; takes
+ * effect at the next claim. Jobs over the limit wait unclaimed.
+ */
+export async function setRateLimit(db: Db, options: SetRateLimitOptions): Promise<void> {
+  const fn = "setRateLimit";
+  checkDb(fn, db);
+  checkObject(fn, "options", options);
+  // A misspelt option must not count as missing: a "fairnessKey" would set the default.
+  checkOptions(fn, options, "options", ["queue", "maxStarts", "periodMs", "key"]);
+  checkNameArg(fn, "options.queue", "queue", options.queue);
+  checkInteger(fn, "options.maxStarts", options.maxStarts, { min: 1, max: MAX_RATE_STARTS });
+  checkInteger(fn, "options.periodMs", options.periodMs, { min: 1, max: MAX_RATE_PERIOD_MS });
+  checkLimitKey(fn, options.key);
+  await db`
+    select shoal.set_rate_limit(${options.queue}::text, ${options.maxStarts}::integer,
+                                ${options.periodMs}::integer, ${options.key ?? null}::text)`;
+}
+
+/**
+ * Remove a rate limit: a key's own (the queue's default applies to it again, if any), or
+ * without `key` the queue's default. False when there was none.
+ */
+export async function clearRateLimit(db: Db, options: ClearRateLimitOptions): Promise<boolean> {
+  const fn = "clearRateLimit";
+  checkDb(fn, db);
+  checkObject(fn, "options", options);
+  // A misspelt key option must not clear the queue's default instead.
+  checkOptions(fn, options, "options", ["queue", "key"]);
+  checkNameArg(fn, "options.queue", "queue", options.queue);
+  checkLimitKey(fn, options.key);
+  const [row] = await db<{ cleared: boolean }[]>`
+    select shoal.clear_rate_limit(${options.queue}::text, ${options.key ?? null}::text)
+      as cleared`;
+  return row!.cleared;
+}
+
+/**
+ * Hold a key: none of its jobs on the queue is claimed for the next `forMs` (say, after a
+ * server's 429; a handler can do it with `RetryLaterError`'s `holdKey`). A hold already
+ * reaching further stays; `forMs` 0 lifts the hold. Jobs of the key already claimed go on.
+ * Returns when the hold ends (the database's clock; now when lifted).
+ */
+export async function holdKey(db: Db, options: HoldKeyOptions): Promise<Date> {
+  const fn = "holdKey";
+  checkDb(fn, db);
+  checkObject(fn, "options", options);
+  checkOptions(fn, options, "options", ["queue", "key", "forMs"]);
+  checkNameArg(fn, "options.queue", "queue", options.queue);
+  checkLimitKey(fn, options.key, true);
+  checkInteger(fn, "options.forMs", options.forMs, { min: 0, max: MAX_HOLD_MS });
+  const [row] = await db<{ until: Date }[]>`
+    select shoal.hold_key(${options.queue}::text, ${options.key}::text,
+                          ${options.forMs}::bigint) as until`;
+  return row!.until;
+}
+
+/**
+ * Weigh a fairness key on a queue: under contention it starts `weight` jobs for each job of
+ * a key of weight 1. Applies to the key's jobs enqueued from now on (a job's place in the
+ * claim order is fixed at enqueue). Replaces the key's weight.
+ */
+export async function setFairnessWeight(
+  db: Db,
+  options: SetFairnessWeightOptions,
+): Promise<void> {
+  const fn = "setFairnessWeight";
+  checkDb(fn, db);
+  checkObject(fn, "options", options);
+  checkOptions(fn, options, "options", ["queue", "key", "weight"]);
+  checkNameArg(fn, "options.queue", "queue", options.queue);
+  checkLimitKey(fn, options.key, true);
+  checkInteger(fn, "options.weight", options.weight, { min: 1, max: MAX_FAIRNESS_WEIGHT });
+  await db`
+    select shoal.set_fairness_weight(${options.queue}::text, ${options.key}::text,
+                                     ${options.weight}::integer)`;
+}
+
+/** A key's weight back to 1, for jobs enqueued from now on. False when it had none. */
+export async function clearFairnessWeight(
+  db: Db,
+  options: ClearFairnessWeightOptions,
+): Promise<boolean> {
+  const fn = "clearFairnessWeight";
+  checkDb(fn, db);
+  checkObject(fn, "options", options);
+  checkOptions(fn, options, "options", ["queue", "key"]);
+  checkNameArg(fn, "options.queue", "queue", options.queue);
+  checkLimitKey(fn, options.key, true);
+  const [row] = await db<{ cleared: boolean }[]>`
+    select shoal.clear_fairness_weight(${options.queue}::text, ${options.key}::text)
+      as cleared`;
+  return row!.cleared;
+}
+
+/**
+ * Remove up to `limit` slot rows that hold nothing (their job is gone, or was acked, retried
+ * or claimed again by a path that left its row): the reaper's housekeeping. Returns how many
+ * went. Counting is right without it (the slot rule); it keeps the table small.
+ */
+export async function pruneSlots(db: Db, limit: number): Promise<number> {
+  checkDb("pruneSlots", db);
+  checkInteger("pruneSlots", "limit", limit, { min: 1, max: MAX_INT4 });
+  const [row] = await db<{ pruned: number }[]>`
+    select shoal.prune_slots(${limit}::integer) as pruned`;
+  return row!.pruned;
+}
+
+/**
+ * Whether any slot row holds nothing (what {@link pruneSlots} removes): the reaper's cheap
+ * check before it opens a transaction. The same test as shoal.prune_slots.
+ */
+export async function hasStaleSlots(db: Db): Promise<boolean> {
+  const [row] = await db<{ found: boolean }[]>`
+    select exists (
+      select 1 from shoal.concurrency_slots s
+      where not exists (select 1 from shoal.jobs j
+                        where j.id = s.job_id and j.token = s.token and j.locked_by is not null)
+    ) as found`;
+  return row!.found;
+}
+
+/** One row of {@link flowStatus}'s statement; which columns are set depends on `kind`. */
+interface FlowRow {
+  kind: "paused" | "limit" | "rate" | "hold" | "weight";
+  queue: string;
+  key: string | null;
+  /** max_running, max_starts or weight. */
+  n: number | null;
+  /** slots_held or period_ms. */
+  m: number | null;
+  /** paused_at or held_until. */
+  at: Date | null;
+}
+
+/**
+ * Flow control as it stands, in one statement (a `/metrics` scrape reads it beside the queue
+ * counts): the paused queues, the concurrency limits with the slots each counts now, the rate
+ * limits, the holds not yet ended and the fairness weights.
  */
 export async function flowStatus(db: Db): Promise<FlowStatus> {
   checkDb("flowStatus", db);
-  const rows = await db<{
-    kind: "paused" | "limit";
-    queue: string;
-    key: string | null;
-    max_running: number | null;
-    slots_held: number | null;
-    paused_at: Date | null;
-  }[]>`
-    select 'paused' as kind, p.queue::text as queue, null::text as key,
-      null::integer as max_running, null::integer as slots_held, p.paused_at
+  const rows = await db<FlowRow[]>`
+    select 'paused' as kind, p.queue::text as queue, null::text as key, null::integer as n,
+      null::integer as m, p.paused_at as at
     from shoal.queue_pauses p
     union all
     select 'limit', l.queue::text, l.key, l.max_running,
       case when l.key is not null then shoal.slots_held(l.queue, l.key)
       else shoal.default_slots_held(l.queue) end,
-      null::timestamptz
+      null
     from shoal.concurrency_limits l
-    order by 1 desc, 2, 3 nulls first`;
-  const status: FlowStatus = { paused: [], limits: [] };
+    union all
+    select 'rate', r.queue::text, r.key, r.max_starts, r.period_ms, null
+    from shoal.rate_limits r
+    union all
+    select 'hold', k.queue, k.key, null, null, k.held_until
+    from shoal.flow_keys k
+    where k.held_until > now()
+    union all
+    select 'weight', w.queue::text, w.key, w.weight, null, null
+    from shoal.fairness_weights w
+    order by 2, 3 nulls first`;
+  const status: FlowStatus = { paused: [], limits: [], rate_limits: [], holds: [], weights: [] };
   for (const r of rows) {
-    if (r.kind === "paused") status.paused.push({ queue: r.queue, paused_at: r.paused_at! });
-    else {
-      status.limits.push({
-        queue: r.queue,
-        key: r.key,
-        max_running: r.max_running!,
-        slots_held: r.slots_held!,
-      });
+    switch (r.kind) {
+      case "paused":
+        status.paused.push({ queue: r.queue, paused_at: r.at! });
+        break;
+      case "limit":
+        status.limits.push({ queue: r.queue, key: r.key, max_running: r.n!, slots_held: r.m! });
+        break;
+      case "rate":
+        status.rate_limits.push({ queue: r.queue, key: r.key, max_starts: r.n!, period_ms: r.m! });
+        break;
+      case "hold":
+        status.holds.push({ queue: r.queue, key: r.key!, held_until: r.at! });
+        break;
+      case "weight":
+        status.weights.push({ queue: r.queue, key: r.key!, weight: r.n! });
+        break;
     }
   }
   return status;

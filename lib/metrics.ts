@@ -3,8 +3,8 @@
  * (lib/http_server.ts). Roles report through the small functions of {@link Metrics}
  * (`jobsClaimed`, `jobFinished`, `leaderStatus`, `scheduleFired`, ...); queue gauges are
  * read at scrape time by one query, and the flow-control gauges (paused queues, concurrency
- * limits and the slots they count) by one more, both cached for a second so scrapes cannot
- * hammer Postgres.
+ * limits and the slots they count, rate limits, held keys, fairness weights) by one more,
+ * both cached for a second so scrapes cannot hammer Postgres.
  * Past a few thousand jobs that query estimates instead of counting (countJobs() in
  * lib/queue.ts; `shoal_queue_counts_exact` says which), unless `exactCounts` asks for a
  * scan per read (`--metrics-exact`).
@@ -15,7 +15,7 @@
  * about 10 MB of memory, a sixth of an idle consumer. Without it the roles report to a
  * {@link ProcessMetrics} that does nothing.
  * Labels are bounded by what the operator configures (queues, tasks, leases, schedules,
- * concurrency limits), never by job ids or payloads.
+ * limits and weights) and by the keys held at once, never by job ids or payloads.
  *
  * @module
  */
@@ -120,6 +120,9 @@ export class Metrics {
   readonly #paused: Gauge<"queue">;
   readonly #limit: Gauge<"queue" | "key">;
   readonly #slotsHeld: Gauge<"queue" | "key">;
+  readonly #rateLimit: Gauge<"queue" | "key">;
+  readonly #keyHeld: Gauge<"queue" | "key">;
+  readonly #weight: Gauge<"queue" | "key">;
   readonly #leader: Gauge<"lease">;
   readonly #fires: Counter<"schedule">;
   readonly #lag: Histogram<"schedule">;
@@ -193,6 +196,19 @@ export class Metrics {
     this.#slotsHeld = limitGauge(
       "shoal_concurrency_slots_held",
       "Claimed jobs (prefetched ones included) counted against the limit of the same labels",
+    );
+    this.#rateLimit = limitGauge(
+      "shoal_rate_limit",
+      `Most claims per second per key on average (key "${EVERY_KEY_LABEL}": the queue's default ` +
+        "for keys without a rate limit of their own)",
+    );
+    this.#keyHeld = limitGauge(
+      "shoal_key_held",
+      "1 while a key is held: none of its jobs on the queue is claimed until the hold ends",
+    );
+    this.#weight = limitGauge(
+      "shoal_fairness_weight",
+      "A fairness key's weight: jobs it starts per job of a weight-1 key under contention",
     );
     this.#leader = new Gauge({
       name: "shoal_leader",
@@ -333,16 +349,21 @@ export class Metrics {
   }
 
   #setFlowGauges(flow: FlowStatus): void {
-    // A resumed queue or a cleared limit disappears instead of freezing.
-    this.#paused.reset();
-    this.#limit.reset();
-    this.#slotsHeld.reset();
+    // A resumed queue, a cleared limit or an ended hold disappears instead of freezing.
+    for (const gauge of [this.#paused, this.#limit, this.#slotsHeld]) gauge.reset();
+    for (const gauge of [this.#rateLimit, this.#keyHeld, this.#weight]) gauge.reset();
     for (const p of flow.paused) this.#paused.set({ queue: p.queue }, 1);
     for (const l of flow.limits) {
       const labels = { queue: l.queue, key: l.key ?? EVERY_KEY_LABEL };
       this.#limit.set(labels, l.max_running);
       this.#slotsHeld.set(labels, l.slots_held);
     }
+    for (const r of flow.rate_limits) {
+      const labels = { queue: r.queue, key: r.key ?? EVERY_KEY_LABEL };
+      this.#rateLimit.set(labels, (r.max_starts * 1000) / r.period_ms);
+    }
+    for (const h of flow.holds) this.#keyHeld.set({ queue: h.queue, key: h.key }, 1);
+    for (const w of flow.weights) this.#weight.set({ queue: w.queue, key: w.key }, w.weight);
   }
 
   /**

@@ -10,7 +10,7 @@
  * tick (its lease renewal and one check).
  *
  * The sweeps hold no SQL of their own: each calls the module that owns its table
- * (barrier.ts, dead.ts, queue.ts, catalog.ts).
+ * (barrier.ts, dead.ts, queue.ts, catalog.ts, flow.ts).
  *
  * @module
  */
@@ -35,6 +35,7 @@ import { runLeaderLoop } from "./leader.ts";
 import { describeError, logger } from "./log.ts";
 import { listStuckJobs } from "./queue.ts";
 import { hasStaleConsumers, pruneConsumers, STALE_CONSUMER_MS } from "./catalog.ts";
+import { hasStaleSlots, pruneSlots } from "./flow.ts";
 
 export const REAPER_LEASE = "reaper";
 /** Most rows one sweep touches per tick. */
@@ -89,6 +90,20 @@ export const staleConsumerSweep: Sweep = {
   run: (tx, _options, limit) => pruneConsumers(tx, { olderThanMs: STALE_CONSUMER_MS, limit }),
 };
 
+/**
+ * Remove concurrency slot rows that hold nothing: their job is gone or no longer carries the
+ * claim they were written for. They already count for nothing (the slot rule in
+ * sql/functions/flow.sql); acks, retries and hand-backs remove their own at once, so this
+ * finds only what other paths left.
+ */
+export const slotPruneSweep: Sweep = {
+  name: "slot-prune",
+  kind: "housekeeping",
+  everyTicks: HOUSEKEEPING_TICKS,
+  pending: (db) => hasStaleSlots(db),
+  run: (tx, _options, limit) => pruneSlots(tx, limit),
+};
+
 /** Ids already reported as stuck, so each is reported once, not on every tick. */
 const reportedStuck = new Set<string>();
 
@@ -133,7 +148,13 @@ export const expiredBarrierSweep: Sweep = {
 
 /** Every sweep, recovery first. */
 export function defaultSweeps(): Sweep[] {
-  const sweeps = [expiredBarrierSweep, stuckReportSweep, deadRetentionSweep, staleConsumerSweep];
+  const sweeps = [
+    expiredBarrierSweep,
+    stuckReportSweep,
+    deadRetentionSweep,
+    staleConsumerSweep,
+    slotPruneSweep,
+  ];
   return [
     ...sweeps.filter((s) => s.kind === "recovery"),
     ...sweeps.filter((s) => s.kind !== "recovery"),

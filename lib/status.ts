@@ -7,8 +7,8 @@
  *
  * It holds no SQL: each section is read by the module that owns its table (queue.ts for
  * the job counts and totals, execution.ts, lease.ts, schedule.ts, catalog.ts for the live
- * consumers that tell which ready jobs no consumer runs, flow.ts for paused queues and
- * concurrency limits).
+ * consumers that tell which ready jobs no consumer runs, flow.ts for flow control: paused
+ * queues, concurrency and rate limits, holds and fairness weights).
  *
  * @module
  */
@@ -22,7 +22,15 @@ import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
 import { countJobs, type JobTotals, jobTotals, type QueueCounts } from "./queue.ts";
 import { type ConsumerRow, listLiveConsumers } from "./catalog.ts";
-import { type ConcurrencyLimit, type FlowStatus, flowStatus, type PausedQueue } from "./flow.ts";
+import {
+  type ConcurrencyLimit,
+  type FairnessWeight,
+  type FlowStatus,
+  flowStatus,
+  type HeldKey,
+  type PausedQueue,
+  type RateLimit,
+} from "./flow.ts";
 
 /**
  * A queue's row in `shoal status`: its counts with the dead letters, the age in ms, and
@@ -81,7 +89,10 @@ export interface Status {
   schedules: ScheduleStatus[];
   /** Ready jobs no live consumer runs, by queue and task (empty when every one is served). */
   unserved: UnservedJobs[];
-  /** Paused queues, and concurrency limits with the slots each counts now (lib/flow.ts). */
+  /**
+   * Paused queues, concurrency limits with the slots each counts now, rate limits, holds not
+   * yet ended and fairness weights (lib/flow.ts).
+   */
   flow: FlowStatus;
 }
 
@@ -240,7 +251,8 @@ function formatLeases(rows: LeaseStatus[]): string {
 /** The human-readable form of `shoal status` (fan-outs as bars with `bars`). */
 export function formatStatus(s: Status, options: { bars?: boolean } = {}): string {
   return [
-    formatQueues(s) + formatUnserved(s.unserved) + formatFlowLimits(s.flow.limits),
+    formatQueues(s) + formatUnserved(s.unserved) +
+    flowSections(s.flow).map((section) => `\n${section}`).join(""),
     formatExecutions(s.executions, options.bars ?? false),
     formatLeases(s.leases),
     formatSchedules(s.schedules),
@@ -295,7 +307,7 @@ function shownKey(key: string | null): string {
   return /^[^\s"\\\p{Cc}]+$/u.test(key) ? key : JSON.stringify(key);
 }
 
-/** The human-readable form of `shoal limit list`. */
+/** The concurrency limits as a table (`shoal limit list` shows it among the others). */
 export function formatLimits(rows: ConcurrencyLimit[]): string {
   if (rows.length === 0) return "No concurrency limits\n";
   return table(
@@ -304,17 +316,74 @@ export function formatLimits(rows: ConcurrencyLimit[]): string {
   );
 }
 
+/** The rate limits as a table: starts per period, the period as a duration flag takes it. */
+export function formatRateLimits(rows: RateLimit[]): string {
+  if (rows.length === 0) return "No rate limits\n";
+  return table(
+    ["queue", "key", "max starts", "per"],
+    rows.map((r) => [r.queue, shownKey(r.key), String(r.max_starts), formatDuration(r.period_ms)]),
+  );
+}
+
+/** The holds as a table. */
+export function formatHolds(rows: HeldKey[]): string {
+  if (rows.length === 0) return "No held keys\n";
+  return table(
+    ["queue", "key", "held until"],
+    rows.map((h) => [h.queue, shownKey(h.key), iso(h.held_until)]),
+  );
+}
+
+/** The fairness weights as a table. */
+export function formatWeights(rows: FairnessWeight[]): string {
+  if (rows.length === 0) return "No fairness weights\n";
+  return table(
+    ["queue", "key", "weight"],
+    rows.map((w) => [w.queue, shownKey(w.key), String(w.weight)]),
+  );
+}
+
+/** What `shoal limit list` shows when there is no limit, hold or weight. */
+export const NO_FLOW_LIMITS = "No concurrency limits, rate limits, held keys or fairness weights\n";
+
+/** Each kind of limit, hold and weight that has rows: a heading line and its table. */
+function flowSections(flow: Omit<FlowStatus, "paused">): string[] {
+  const sections: string[] = [];
+  const add = <T>(heading: string, rows: T[], format: (rows: T[]) => string) => {
+    if (rows.length > 0) sections.push(`${heading}:\n${format(rows)}`);
+  };
+  add(
+    "Concurrency limits (slots held: claimed jobs, prefetched ones included)",
+    flow.limits,
+    formatLimits,
+  );
+  add(
+    "Rate limits (starts per period per key; a burst of up to max starts after a quiet spell)",
+    flow.rate_limits,
+    formatRateLimits,
+  );
+  add("Held keys (none of their jobs claimed until then)", flow.holds, formatHolds);
+  add(
+    "Fairness weights (jobs started per job of a weight-1 key under contention)",
+    flow.weights,
+    formatWeights,
+  );
+  return sections;
+}
+
+/**
+ * The human-readable form of `shoal limit list`: the concurrency limits, rate limits, holds
+ * and fairness weights, each kind that has rows under its heading.
+ */
+export function formatFlowLimits(flow: Omit<FlowStatus, "paused">): string {
+  const sections = flowSections(flow);
+  return sections.length === 0 ? NO_FLOW_LIMITS : sections.join("\n");
+}
+
 /** The human-readable form of `shoal queue list`. */
 export function formatPausedQueues(rows: PausedQueue[]): string {
   if (rows.length === 0) return "No paused queues\n";
   return table(["queue", "paused at"], rows.map((p) => [p.queue, iso(p.paused_at)]));
-}
-
-/** The limits under the queues of `shoal status`; nothing when there are none. */
-function formatFlowLimits(rows: ConcurrencyLimit[]): string {
-  if (rows.length === 0) return "";
-  return "\nConcurrency limits (slots held: claimed jobs, prefetched ones included):\n" +
-    formatLimits(rows);
 }
 
 /** The jobs no live consumer runs, under the queues; nothing when there are none. */

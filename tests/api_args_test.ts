@@ -387,6 +387,45 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     message:
       'Invalid options for clearConcurrencyLimit(): unknown option "keys" (known: queue, key)',
   }],
+  setRateLimit: [{
+    call: ({ sql }) => shoal.setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: x(null) }),
+    error: TypeError,
+    message:
+      "Invalid options.periodMs for setRateLimit(): expected an integer from 1 to 86400000, not null",
+  }, {
+    call: ({ sql }) => shoal.setRateLimit(sql, x({ queue: "q", max: 1, periodMs: 1000 })),
+    error: TypeError,
+    message:
+      'Invalid options for setRateLimit(): unknown option "max" (known: queue, maxStarts, periodMs, key)',
+  }],
+  clearRateLimit: [{
+    call: ({ sql }) => shoal.clearRateLimit(sql, x({ queue: "q", keys: ["a"] })),
+    error: TypeError,
+    message: 'Invalid options for clearRateLimit(): unknown option "keys" (known: queue, key)',
+  }],
+  holdKey: [{
+    call: ({ sql }) => shoal.holdKey(sql, { queue: "q", key: "a", forMs: 86_400_001 }),
+    error: RangeError,
+    message:
+      "Invalid options.forMs for holdKey(): expected an integer from 0 to 86400000, not 86400001",
+  }],
+  setFairnessWeight: [{
+    call: ({ sql }) => shoal.setFairnessWeight(sql, { queue: "q", key: "a", weight: 0 }),
+    error: RangeError,
+    message:
+      "Invalid options.weight for setFairnessWeight(): expected an integer from 1 to 1000, not 0",
+  }],
+  clearFairnessWeight: [{
+    call: ({ sql }) => shoal.clearFairnessWeight(sql, x({ queue: "q" })),
+    error: TypeError,
+    message: "Invalid options.key for clearFairnessWeight(): expected a string, not undefined",
+  }],
+  pruneSlots: [{
+    call: ({ sql }) => shoal.pruneSlots(sql, x(undefined)),
+    error: TypeError,
+    message:
+      "Invalid limit for pruneSlots(): expected an integer from 1 to 2147483647, not undefined",
+  }],
   flowStatus: [{
     call: () => shoal.flowStatus(x("postgres://localhost/db")),
     error: TypeError,

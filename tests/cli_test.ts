@@ -122,6 +122,9 @@ Deno.test("an unreachable database is one clear line naming it, without the pass
     ["queue", "pause", "q"],
     ["queue", "list"],
     ["limit", "set", "q", "1"],
+    ["limit", "rate", "q", "1", "--per", "1s"],
+    ["limit", "hold", "q", "--key", "k", "--for", "1s"],
+    ["limit", "weight", "q", "2", "--key", "k"],
     ["limit", "list"],
     ["--role", "consumer", ...now],
     ["--role", "reaper", ...now],
@@ -298,6 +301,11 @@ Deno.test("every admin command that needs the schema refuses an unmigrated datab
     ["queue", "list"],
     ["limit", "set", "q", "1"],
     ["limit", "clear", "q"],
+    ["limit", "rate", "q", "1", "--per", "1s"],
+    ["limit", "unrate", "q"],
+    ["limit", "hold", "q", "--key", "k", "--for", "1s"],
+    ["limit", "weight", "q", "2", "--key", "k"],
+    ["limit", "unweight", "q", "--key", "k"],
     ["limit", "list"],
   ];
   for (const args of needSchema) {
@@ -366,7 +374,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     "unserved",
     "flow",
   ]);
-  assertEquals(status.flow, { paused: [], limits: [] });
+  assertEquals(status.flow, { paused: [], limits: [], rate_limits: [], holds: [], weights: [] });
   const keys = [
     "queue",
     "ready",

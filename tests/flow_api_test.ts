@@ -1,20 +1,31 @@
 /**
  * lib/flow.ts against real Postgres: pausing and resuming queues, setting and clearing
- * concurrency limits, flowStatus() with the slots each limit counts, and the refusals of bad
- * arguments (before any SQL is sent).
+ * concurrency and rate limits, holding keys, weighting fairness keys, pruning slot rows,
+ * flowStatus() with all of them, and the refusals of bad arguments (before any SQL is sent).
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { testDb } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import {
   clearConcurrencyLimit,
+  clearFairnessWeight,
+  clearRateLimit,
   type ConcurrencyLimit,
+  type FlowStatus,
   flowStatus,
+  hasStaleSlots,
+  holdKey,
   pauseQueue,
+  pruneSlots,
   resumeQueue,
   setConcurrencyLimit,
+  setFairnessWeight,
+  setRateLimit,
 } from "../lib/flow.ts";
 import { ack, claim, type ClaimOptions, enqueueMany, type Job, release } from "../lib/queue.ts";
+
+/** flowStatus() with nothing paused, limited, held or weighted. */
+const NO_FLOW: FlowStatus = { paused: [], limits: [], rate_limits: [], holds: [], weights: [] };
 
 function claimOptions(queue: string, limit: number, extra: Partial<ClaimOptions> = {}) {
   return { queues: [queue], limit, workerId: "test:1", visibilityMs: 60_000, ...extra };
@@ -57,10 +68,25 @@ function ofKey(jobs: Job[], key: string): Job[] {
   return jobs.filter((j) => j.fairness_key === key);
 }
 
+/** How many of `jobs` each fairness key has. */
+function byKey(jobs: Job[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const job of jobs) counts[job.fairness_key] = (counts[job.fairness_key] ?? 0) + 1;
+  return counts;
+}
+
+/** The database's clock. */
+async function dbNow(sql: Sql): Promise<Date> {
+  const [row] = await sql<[{ now: Date }]>`select now() as now`;
+  return row.now;
+}
+
+const DAY_MS = 86_400_000;
+
 Deno.test("pauseQueue() and resumeQueue() return whether they changed anything, and flowStatus() lists paused queues", async () => {
   await using db = await testDb();
   await enqueueKeys(db.sql, "mail", { "": 2 });
-  assertEquals(await flowStatus(db.sql), { paused: [], limits: [] });
+  assertEquals(await flowStatus(db.sql), NO_FLOW);
   const [{ before }] = await db.sql<[{ before: Date }]>`select now() as before`;
 
   assertEquals(await pauseQueue(db.sql, "mail"), true);
@@ -81,21 +107,24 @@ Deno.test("pauseQueue() and resumeQueue() return whether they changed anything, 
   assertEquals((await claimJobs(db.sql, "mail", 10)).length, 2);
 });
 
-Deno.test("pauseQueue() and setConcurrencyLimit() take the caller's transaction: rolled back, nothing changed", async () => {
+Deno.test("the flow functions take the caller's transaction: rolled back, nothing changed", async () => {
   await using db = await testDb();
   await assertRejects(
     () =>
       db.sql.begin(async (tx) => {
         assertEquals(await pauseQueue(tx, "mail"), true);
         await setConcurrencyLimit(tx, { queue: "mail", maxRunning: 1 });
+        await setRateLimit(tx, { queue: "mail", maxStarts: 1, periodMs: 1000 });
+        await holdKey(tx, { queue: "mail", key: "a", forMs: 60_000 });
+        await setFairnessWeight(tx, { queue: "mail", key: "a", weight: 2 });
         const seen = await flowStatus(tx);
-        assertEquals([seen.paused.length, seen.limits.length], [1, 1]);
+        assertEquals(Object.values(seen).map((rows) => rows.length), [1, 1, 1, 1, 1]);
         throw new Error("roll back");
       }),
     Error,
     "roll back",
   );
-  assertEquals(await flowStatus(db.sql), { paused: [], limits: [] });
+  assertEquals(await flowStatus(db.sql), NO_FLOW);
 });
 
 Deno.test("setConcurrencyLimit() sets and replaces a queue's default and a key's own limit", async () => {
@@ -172,10 +201,174 @@ Deno.test("clearConcurrencyLimit() removes the row it names and says whether the
   assertEquals(await limits(db.sql), [["q", null, 1, 0]]);
   assertEquals(await clearConcurrencyLimit(db.sql, { queue: "q", key: null }), true);
   assertEquals(await clearConcurrencyLimit(db.sql, { queue: "q" }), false);
-  assertEquals(await flowStatus(db.sql), { paused: [], limits: [] });
+  assertEquals(await flowStatus(db.sql), NO_FLOW);
   // No limit left: every job of the queue is claimed.
   await enqueueKeys(db.sql, "q", { b: 4 });
   assertEquals((await claimJobs(db.sql, "q", 10)).length, 4);
+});
+
+Deno.test("setRateLimit() sets and replaces a queue's default and a key's own; the claim spends each key's bucket", async () => {
+  await using db = await testDb();
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 2, periodMs: DAY_MS });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 1, periodMs: DAY_MS, key: "b" });
+  await setRateLimit(db.sql, { queue: "p", maxStarts: 1_000_000, periodMs: 1, key: "" });
+  assertEquals((await flowStatus(db.sql)).rate_limits, [
+    { queue: "p", key: "", max_starts: 1_000_000, period_ms: 1 },
+    { queue: "q", key: null, max_starts: 2, period_ms: DAY_MS },
+    { queue: "q", key: "b", max_starts: 1, period_ms: DAY_MS },
+  ]);
+  // Each key has its own bucket, full at first: b's own 1, the default's 2 for a and c.
+  await enqueueKeys(db.sql, "q", { a: 5, b: 5, c: 5 });
+  assertEquals(byKey(await claimJobs(db.sql, "q", 100)), { a: 2, b: 1, c: 2 });
+  assertEquals(await claimJobs(db.sql, "q", 100), []);
+
+  // Setting again replaces; key null is the default, as omitting it is.
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 3, periodMs: 60_000, key: null });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 7, periodMs: 1000, key: "b" });
+  assertEquals((await flowStatus(db.sql)).rate_limits.slice(1), [
+    { queue: "q", key: null, max_starts: 3, period_ms: 60_000 },
+    { queue: "q", key: "b", max_starts: 7, period_ms: 1000 },
+  ]);
+});
+
+Deno.test("clearRateLimit() removes the row it names and says whether there was one", async () => {
+  await using db = await testDb();
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 1, periodMs: DAY_MS });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 1, periodMs: DAY_MS, key: "b" });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 5 }); // not a rate limit: stays
+  await enqueueKeys(db.sql, "q", { a: 3, b: 3 });
+  assertEquals(byKey(await claimJobs(db.sql, "q", 100)), { a: 1, b: 1 });
+
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", key: "c" }), false);
+  assertEquals(await clearRateLimit(db.sql, { queue: "nope" }), false);
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", key: "b" }), true);
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", key: "b" }), false);
+  assertEquals((await flowStatus(db.sql)).rate_limits.map((r) => r.key), [null]);
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", key: null }), true);
+  assertEquals(await clearRateLimit(db.sql, { queue: "q" }), false);
+  const left = await flowStatus(db.sql);
+  assertEquals([left.rate_limits, left.limits.length], [[], 1]);
+  // No rate limit left: every job is claimed (the concurrency limit of 5 allows them).
+  assertEquals(byKey(await claimJobs(db.sql, "q", 100)), { a: 2, b: 2 });
+});
+
+Deno.test("holdKey() holds a key until the end it returns, keeps a longer hold, and 0 lifts it", async () => {
+  await using db = await testDb();
+  await enqueueKeys(db.sql, "q", { a: 2, b: 2 });
+  const before = await dbNow(db.sql);
+  const until = await holdKey(db.sql, { queue: "q", key: "a", forMs: 60_000 });
+  const after = await dbNow(db.sql);
+  assert(until instanceof Date, String(until));
+  const end = until.getTime();
+  assert(end >= before.getTime() + 60_000 && end <= after.getTime() + 60_000, String(until));
+  assertEquals((await flowStatus(db.sql)).holds, [{ queue: "q", key: "a", held_until: until }]);
+  // A shorter hold leaves the longer one, and says when that ends.
+  assertEquals(await holdKey(db.sql, { queue: "q", key: "a", forMs: 1000 }), until);
+  assertEquals(byKey(await claimJobs(db.sql, "q", 100)), { b: 2 });
+
+  // Lifted: it returns now, the hold is gone and the key's jobs are claimed.
+  const lifted = await holdKey(db.sql, { queue: "q", key: "a", forMs: 0 });
+  assert(lifted >= after && lifted.getTime() < end, String(lifted));
+  assertEquals((await flowStatus(db.sql)).holds, []);
+  assertEquals(byKey(await claimJobs(db.sql, "q", 100)), { a: 2 });
+});
+
+Deno.test("flowStatus() lists holds until they end, by queue and key, for any key", async () => {
+  await using db = await testDb();
+  const day = await holdKey(db.sql, { queue: "q", key: "z", forMs: DAY_MS });
+  const empty = await holdKey(db.sql, { queue: "q", key: "", forMs: 60_000 });
+  const other = await holdKey(db.sql, { queue: "a", key: "k", forMs: 60_000 });
+  await holdKey(db.sql, { queue: "q", key: "brief", forMs: 1 });
+  // Lifting a key never held holds nothing.
+  await holdKey(db.sql, { queue: "q", key: "never", forMs: 0 });
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assertEquals((await flowStatus(db.sql)).holds, [
+    { queue: "a", key: "k", held_until: other },
+    { queue: "q", key: "", held_until: empty },
+    { queue: "q", key: "z", held_until: day },
+  ]);
+});
+
+Deno.test("a rate limit and a hold count a job under its concurrency key, whatever its fairness key", async () => {
+  await using db = await testDb();
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 2, periodMs: DAY_MS, key: "api" });
+  await holdKey(db.sql, { queue: "q", key: "tenant-2", forMs: 60_000 });
+  await enqueueMany(db.sql, [
+    ...["tenant-1", "tenant-2"].flatMap((fairnessKey) =>
+      Array.from(
+        { length: 3 },
+        () => ({ task: "t", queue: "q", fairnessKey, concurrencyKey: "api" }),
+      )
+    ),
+    { task: "t", queue: "q", fairnessKey: "tenant-2" }, // its flow key is tenant-2: held
+    { task: "t", queue: "q", fairnessKey: "tenant-1" },
+  ]);
+  const jobs = await claimJobs(db.sql, "q", 100);
+  // Two of the six api jobs (the hold of tenant-2 is not theirs), and tenant-1's own.
+  assertEquals(jobs.length, 3);
+  const [row] = await db.sql<{ n: number }[]>`
+    select count(*)::integer as n from shoal.jobs
+    where concurrency_key = 'api' and locked_by is not null`;
+  assertEquals(row!.n, 2);
+  assertEquals(byKey(await claimJobs(db.sql, "q", 100)), {});
+});
+
+Deno.test("setFairnessWeight() weighs a key's jobs enqueued after it; clearFairnessWeight() puts it back to 1", async () => {
+  await using db = await testDb();
+  // Jobs enqueued before a weight keep their place: 1:1.
+  await enqueueKeys(db.sql, "before", { heavy: 20, light: 20 });
+  await setFairnessWeight(db.sql, { queue: "before", key: "heavy", weight: 3 });
+  assertEquals(byKey(await claimJobs(db.sql, "before", 12)), { heavy: 6, light: 6 });
+
+  await setFairnessWeight(db.sql, { queue: "q", key: "heavy", weight: 3 });
+  await setFairnessWeight(db.sql, { queue: "q", key: "", weight: 1000 });
+  await setFairnessWeight(db.sql, { queue: "q", key: "heavy", weight: 2 }); // replaces
+  assertEquals((await flowStatus(db.sql)).weights, [
+    { queue: "before", key: "heavy", weight: 3 },
+    { queue: "q", key: "", weight: 1000 },
+    { queue: "q", key: "heavy", weight: 2 },
+  ]);
+  await enqueueKeys(db.sql, "q", { heavy: 20, light: 20 });
+  assertEquals(byKey(await claimJobs(db.sql, "q", 12)), { heavy: 8, light: 4 });
+
+  assertEquals(await clearFairnessWeight(db.sql, { queue: "q", key: "heavy" }), true);
+  assertEquals(await clearFairnessWeight(db.sql, { queue: "q", key: "heavy" }), false);
+  assertEquals(await clearFairnessWeight(db.sql, { queue: "q", key: "light" }), false);
+  assertEquals(await clearFairnessWeight(db.sql, { queue: "before", key: "heavy" }), true);
+  assertEquals((await flowStatus(db.sql)).weights, [{ queue: "q", key: "", weight: 1000 }]);
+  // Back to 1: the next jobs of both keys are enqueued 1:1.
+  await enqueueKeys(db.sql, "fresh", { heavy: 20, light: 20 });
+  await setFairnessWeight(db.sql, { queue: "fresh", key: "light", weight: 1 });
+  assertEquals(byKey(await claimJobs(db.sql, "fresh", 12)), { heavy: 6, light: 6 });
+});
+
+Deno.test("pruneSlots() removes slot rows that hold nothing, up to its limit; hasStaleSlots() says whether any is left", async () => {
+  await using db = await testDb();
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 10 });
+  await enqueueKeys(db.sql, "q", { a: 4 });
+  const claimed = await claimJobs(db.sql, "q", 10);
+  assertEquals(claimed.length, 4);
+  const slots = async () =>
+    (await db.sql<{ job_id: string }[]>`
+      select job_id from shoal.concurrency_slots order by job_id`).map((r) => r.job_id);
+  assertEquals(await hasStaleSlots(db.sql), false);
+  assertEquals(await pruneSlots(db.sql, 100), 0);
+  assertEquals((await slots()).length, 4);
+
+  // Rows left behind by paths that do not free their slot: a job deleted outright, one
+  // unclaimed by hand under the same token; and one past its deadline but still claimed, kept
+  // (its worker may extend it).
+  const [gone, back, late, live] = claimed.map((j) => j.id);
+  await db.sql`delete from shoal.jobs where id = ${gone!}::bigint`;
+  await db.sql`update shoal.jobs set locked_by = null where id = ${back!}::bigint`;
+  await db.sql`update shoal.jobs set run_at = now() - interval '1 s' where id = ${late!}::bigint`;
+  assertEquals(await hasStaleSlots(db.sql), true);
+  assertEquals(await pruneSlots(db.sql, 1), 1);
+  assertEquals(await hasStaleSlots(db.sql), true);
+  assertEquals(await pruneSlots(db.sql, 100), 1);
+  assertEquals(await hasStaleSlots(db.sql), false);
+  assertEquals(await slots(), [late!, live!].sort((a, b) => Number(a) - Number(b)));
+  assertEquals(await limits(db.sql), [["q", null, 10, 1]]); // the late job holds no slot
 });
 
 /** A call that must be refused with exactly this error, before any SQL changes a row. */
@@ -288,6 +481,195 @@ const REFUSALS: Refusal[] = [
       `Invalid options.queue for clearConcurrencyLimit(): expected a queue name (${NAME}), not an array`,
   },
   {
+    call: (sql) => setRateLimit(sql, x(undefined)),
+    error: TypeError,
+    message: "Invalid options for setRateLimit(): expected an object, not undefined",
+  },
+  {
+    call: (sql) => setRateLimit(sql, x({ maxStarts: 1, periodMs: 1000 })),
+    error: TypeError,
+    message:
+      `Invalid options.queue for setRateLimit(): expected a queue name (${NAME}), not undefined`,
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 0, periodMs: 1000 }),
+    error: RangeError,
+    message:
+      "Invalid options.maxStarts for setRateLimit(): expected an integer from 1 to 1000000, not 0",
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 1_000_001, periodMs: 1000 }),
+    error: RangeError,
+    message:
+      "Invalid options.maxStarts for setRateLimit(): expected an integer from 1 to 1000000, not 1000001",
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: 0 }),
+    error: RangeError,
+    message:
+      "Invalid options.periodMs for setRateLimit(): expected an integer from 1 to 86400000, not 0",
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: DAY_MS + 1 }),
+    error: RangeError,
+    message:
+      "Invalid options.periodMs for setRateLimit(): expected an integer from 1 to 86400000, not 86400001",
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: 0.5 }),
+    error: RangeError,
+    message:
+      "Invalid options.periodMs for setRateLimit(): expected an integer from 1 to 86400000, not 0.5",
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: x("1s") }),
+    error: TypeError,
+    message:
+      'Invalid options.periodMs for setRateLimit(): expected an integer from 1 to 86400000, not "1s"',
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: 1, key: LONG_KEY }),
+    error: RangeError,
+    message:
+      'Invalid options.key for setRateLimit(): expected a string of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"',
+  },
+  {
+    // A misspelt option must not set the queue's default per second instead.
+    call: (sql) => setRateLimit(sql, x({ queue: "q", maxStarts: 1, periodMs: 1, per: "1m" })),
+    error: TypeError,
+    message:
+      'Invalid options for setRateLimit(): unknown option "per" (known: queue, maxStarts, periodMs, key)',
+  },
+  {
+    call: (sql) => clearRateLimit(sql, x({ queue: "q", fairnessKey: "a" })),
+    error: TypeError,
+    message:
+      'Invalid options for clearRateLimit(): unknown option "fairnessKey" (known: queue, key)',
+  },
+  {
+    call: (sql) => clearRateLimit(sql, { queue: "q", key: x(7) }),
+    error: TypeError,
+    message: "Invalid options.key for clearRateLimit(): expected a string or null, not 7",
+  },
+  {
+    call: (sql) => clearRateLimit(sql, { queue: "bad name" }),
+    error: TypeError,
+    message:
+      `Invalid options.queue for clearRateLimit(): expected a queue name (${NAME}), not "bad name"`,
+  },
+  {
+    call: (sql) => holdKey(sql, x({ queue: "q", forMs: 1000 })),
+    error: TypeError,
+    message: "Invalid options.key for holdKey(): expected a string, not undefined",
+  },
+  {
+    // No key is not "every key": a hold is always one key's.
+    call: (sql) => holdKey(sql, { queue: "q", key: x(null), forMs: 1000 }),
+    error: TypeError,
+    message: "Invalid options.key for holdKey(): expected a string, not null",
+  },
+  {
+    call: (sql) => holdKey(sql, { queue: "q", key: LONG_KEY, forMs: 1000 }),
+    error: RangeError,
+    message:
+      'Invalid options.key for holdKey(): expected a string of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"',
+  },
+  {
+    call: (sql) => holdKey(sql, { queue: "q", key: "a\0b", forMs: 1000 }),
+    error: TypeError,
+    message: "Invalid options.key for holdKey(): contains a NUL character",
+  },
+  {
+    call: (sql) => holdKey(sql, { queue: "q", key: "a", forMs: -1 }),
+    error: RangeError,
+    message: "Invalid options.forMs for holdKey(): expected an integer from 0 to 86400000, not -1",
+  },
+  {
+    call: (sql) => holdKey(sql, { queue: "q", key: "a", forMs: DAY_MS + 1 }),
+    error: RangeError,
+    message:
+      "Invalid options.forMs for holdKey(): expected an integer from 0 to 86400000, not 86400001",
+  },
+  {
+    call: (sql) => holdKey(sql, { queue: "q", key: "a", forMs: x("30s") }),
+    error: TypeError,
+    message:
+      'Invalid options.forMs for holdKey(): expected an integer from 0 to 86400000, not "30s"',
+  },
+  {
+    call: (sql) => holdKey(sql, x({ queue: "q", key: "a", ms: 1000 })),
+    error: TypeError,
+    message: 'Invalid options for holdKey(): unknown option "ms" (known: queue, key, forMs)',
+  },
+  {
+    call: (sql) => setFairnessWeight(sql, x({ queue: "q", weight: 2 })),
+    error: TypeError,
+    message: "Invalid options.key for setFairnessWeight(): expected a string, not undefined",
+  },
+  {
+    call: (sql) => setFairnessWeight(sql, { queue: "q", key: "a", weight: 0 }),
+    error: RangeError,
+    message:
+      "Invalid options.weight for setFairnessWeight(): expected an integer from 1 to 1000, not 0",
+  },
+  {
+    call: (sql) => setFairnessWeight(sql, { queue: "q", key: "a", weight: 1001 }),
+    error: RangeError,
+    message:
+      "Invalid options.weight for setFairnessWeight(): expected an integer from 1 to 1000, not 1001",
+  },
+  {
+    call: (sql) => setFairnessWeight(sql, { queue: "q", key: "a", weight: 1.5 }),
+    error: RangeError,
+    message:
+      "Invalid options.weight for setFairnessWeight(): expected an integer from 1 to 1000, not 1.5",
+  },
+  {
+    call: (sql) => setFairnessWeight(sql, { queue: "q", key: LONG_KEY, weight: 2 }),
+    error: RangeError,
+    message:
+      'Invalid options.key for setFairnessWeight(): expected a string of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"',
+  },
+  {
+    call: (sql) => setFairnessWeight(sql, x({ queue: "q", fairnessKey: "a", weight: 2 })),
+    error: TypeError,
+    message:
+      'Invalid options for setFairnessWeight(): unknown option "fairnessKey" (known: queue, key, weight)',
+  },
+  {
+    call: (sql) => clearFairnessWeight(sql, { queue: "q", key: x(null) }),
+    error: TypeError,
+    message: "Invalid options.key for clearFairnessWeight(): expected a string, not null",
+  },
+  {
+    call: (sql) => clearFairnessWeight(sql, { queue: "", key: "a" }),
+    error: TypeError,
+    message:
+      `Invalid options.queue for clearFairnessWeight(): expected a queue name (${NAME}), not ""`,
+  },
+  {
+    call: (sql) => clearFairnessWeight(sql, x({ queue: "q", key: "a", weight: 1 })),
+    error: TypeError,
+    message:
+      'Invalid options for clearFairnessWeight(): unknown option "weight" (known: queue, key)',
+  },
+  {
+    call: (sql) => pruneSlots(sql, 0),
+    error: RangeError,
+    message: "Invalid limit for pruneSlots(): expected an integer from 1 to 2147483647, not 0",
+  },
+  {
+    call: (sql) => pruneSlots(sql, x("100")),
+    error: TypeError,
+    message: 'Invalid limit for pruneSlots(): expected an integer from 1 to 2147483647, not "100"',
+  },
+  {
+    call: () => pruneSlots(x({}), 100),
+    error: TypeError,
+    message:
+      "Invalid db for pruneSlots(): expected a database handle from connect() (a pool or a transaction), not an object",
+  },
+  {
     call: () => flowStatus(x(null)),
     error: TypeError,
     message:
@@ -299,6 +681,10 @@ Deno.test("the flow functions refuse bad arguments in one line naming the functi
   await using db = await testDb();
   await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 7 });
   await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 7, key: "a" });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 7, periodMs: 1000 });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 7, periodMs: 1000, key: "a" });
+  await holdKey(db.sql, { queue: "q", key: "a", forMs: 60_000 });
+  await setFairnessWeight(db.sql, { queue: "q", key: "a", weight: 7 });
   const before = await flowStatus(db.sql);
   const wrong: string[] = [];
   for (const [i, { call, error, message }] of REFUSALS.entries()) {

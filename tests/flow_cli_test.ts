@@ -1,12 +1,24 @@
 /**
- * `shoal queue pause|resume|list` and `shoal limit set|clear|list` (lib/cli.ts over
- * lib/flow.ts), run as real `main.ts` processes against real Postgres.
+ * `shoal queue pause|resume|list` and `shoal limit set|clear|rate|unrate|hold|weight|unweight|
+ * list` (lib/cli.ts over lib/flow.ts), run as real `main.ts` processes against real Postgres.
  */
 import { assert, assertEquals } from "./assert.ts";
 import { freePort, runShoal, testDb } from "./helpers.ts";
-import { flowStatus, pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
+import {
+  type FlowStatus,
+  flowStatus,
+  holdKey,
+  pauseQueue,
+  setConcurrencyLimit,
+  setFairnessWeight,
+  setRateLimit,
+} from "../lib/flow.ts";
 import { claim, enqueueMany } from "../lib/queue.ts";
-import { formatLimits, formatPausedQueues } from "../lib/status.ts";
+import type { Sql } from "../lib/db.ts";
+import { formatFlowLimits, formatPausedQueues, NO_FLOW_LIMITS } from "../lib/status.ts";
+
+/** flowStatus() with nothing paused, limited, held or weighted. */
+const NO_FLOW: FlowStatus = { paused: [], limits: [], rate_limits: [], holds: [], weights: [] };
 
 type Result = { code: number; stdout: string; stderr: string };
 
@@ -111,11 +123,125 @@ Deno.test("shoal limit set and clear change a queue's default and a key's own li
   assertEquals(await rows(), [["q", "", 0]]);
 });
 
-Deno.test("shoal limit list prints the limits with the slots each holds, and --json their rows", async () => {
+Deno.test("shoal limit rate and unrate change a queue's default and a key's own rate limit", async () => {
+  await using db = await testDb();
+  const shoal = (...args: string[]) => runShoal(["limit", ...args], { url: db.url });
+  const rows = async () =>
+    (await flowStatus(db.sql)).rate_limits.map((r) => [r.queue, r.key, r.max_starts, r.period_ms]);
+
+  assertEquals(await shoal("rate", "q", "10", "--per", "1s"), {
+    code: 0,
+    stdout: "Queue q: at most 10 starts per 1s per key\n",
+    stderr: "",
+  });
+  assertEquals(await shoal("rate", "q", "5", "--per", "1.5s", "--key", "tenant 7"), {
+    code: 0,
+    stdout: 'Queue q, key "tenant 7": at most 5 starts per 1500ms\n',
+    stderr: "",
+  });
+  assertEquals(await shoal("rate", "q", "1000000", "--key=", "--per", "1d"), {
+    code: 0,
+    stdout: 'Queue q, key "": at most 1000000 starts per 1d\n',
+    stderr: "",
+  });
+  assertEquals(await shoal("rate", "q", "1", "--per", "1ms"), {
+    code: 0,
+    stdout: "Queue q: at most 1 starts per 1ms per key\n",
+    stderr: "",
+  });
+  assertEquals(await rows(), [
+    ["q", null, 1, 1],
+    ["q", "", 1_000_000, 86_400_000],
+    ["q", "tenant 7", 5, 1500],
+  ]);
+
+  assertEquals(await shoal("unrate", "q", "--key", "tenant 7"), {
+    code: 0,
+    stdout: 'Queue q, key "tenant 7": rate limit cleared\n',
+    stderr: "",
+  });
+  assertOneLine(
+    await shoal("unrate", "q", "--key", "tenant 7"),
+    1,
+    'shoal: Queue q has no rate limit for key "tenant 7"',
+    "key again",
+  );
+  assertEquals(await shoal("unrate", "q"), {
+    code: 0,
+    stdout: "Queue q: default rate limit cleared\n",
+    stderr: "",
+  });
+  assertOneLine(await shoal("unrate", "q"), 1, "shoal: Queue q has no default rate limit", "again");
+  assertEquals(await rows(), [["q", "", 1_000_000, 86_400_000]]);
+});
+
+Deno.test("shoal limit hold holds a key until the end it prints, and --for 0s lifts it", async () => {
+  await using db = await testDb();
+  const shoal = (...args: string[]) => runShoal(["limit", ...args], { url: db.url });
+  const held = await shoal("hold", "q", "--key", "acme", "--for", "30s");
+  assertEquals([held.code, held.stderr], [0, ""]);
+  const { holds } = await flowStatus(db.sql);
+  assertEquals(holds.map((h) => [h.queue, h.key]), [["q", "acme"]]);
+  assertEquals(
+    held.stdout,
+    `Queue q, key "acme": held until ${holds[0]!.held_until.toISOString()}\n`,
+  );
+  const left = holds[0]!.held_until.getTime() - Date.now();
+  assert(left > 25_000 && left <= 30_000, `${left} ms left`);
+
+  // The empty key: jobs enqueued with neither a concurrency nor a fairness key.
+  assertEquals((await shoal("hold", "q", "--key=", "--for", "1d")).code, 0);
+  assertEquals((await flowStatus(db.sql)).holds.map((h) => h.key), ["", "acme"]);
+
+  assertEquals(await shoal("hold", "q", "--key", "acme", "--for", "0s"), {
+    code: 0,
+    stdout: 'Queue q, key "acme": hold lifted\n',
+    stderr: "",
+  });
+  assertEquals((await flowStatus(db.sql)).holds.map((h) => h.key), [""]);
+});
+
+Deno.test("shoal limit weight and unweight change a fairness key's weight", async () => {
+  await using db = await testDb();
+  const shoal = (...args: string[]) => runShoal(["limit", ...args], { url: db.url });
+  const rows = async () =>
+    (await flowStatus(db.sql)).weights.map((w) => [w.queue, w.key, w.weight]);
+  assertEquals(await shoal("weight", "q", "3", "--key", "acme"), {
+    code: 0,
+    stdout: 'Queue q, key "acme": weight 3 for jobs enqueued from now on\n',
+    stderr: "",
+  });
+  assertEquals(await shoal("weight", "q", "--key", "big co", "1000"), {
+    code: 0,
+    stdout: 'Queue q, key "big co": weight 1000 for jobs enqueued from now on\n',
+    stderr: "",
+  });
+  assertEquals(await rows(), [["q", "acme", 3], ["q", "big co", 1000]]);
+  assertEquals(await shoal("unweight", "q", "--key", "acme"), {
+    code: 0,
+    stdout: 'Queue q, key "acme": weight 1 for jobs enqueued from now on\n',
+    stderr: "",
+  });
+  assertOneLine(
+    await shoal("unweight", "q", "--key", "acme"),
+    1,
+    'shoal: Queue q has no weight for key "acme"',
+    "again",
+  );
+  assertEquals(await rows(), [["q", "big co", 1000]]);
+});
+
+Deno.test("shoal limit list prints every limit, hold and weight, and --json their rows", async () => {
   await using db = await testDb();
   const shoal = (...args: string[]) => runShoal(["limit", "list", ...args], { url: db.url });
-  assertEquals(await shoal(), { code: 0, stdout: "No concurrency limits\n", stderr: "" });
-  assertEquals(await shoal("--json"), { code: 0, stdout: "[]\n", stderr: "" });
+  assertEquals(await shoal(), { code: 0, stdout: NO_FLOW_LIMITS, stderr: "" });
+  const none = await shoal("--json");
+  assertEquals([none.code, JSON.parse(none.stdout)], [0, {
+    limits: [],
+    rate_limits: [],
+    holds: [],
+    weights: [],
+  }]);
 
   await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 2 });
   await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 1, key: "big" });
@@ -130,27 +256,67 @@ Deno.test("shoal limit list prints the limits with the slots each holds, and --j
     visibilityMs: 60_000,
   });
   assertEquals(jobs.length, 3);
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 100, periodMs: 60_000 });
+  await setRateLimit(db.sql, { queue: "api", maxStarts: 5, periodMs: 1500, key: "acme co" });
+  const until = await holdKey(db.sql, { queue: "api", key: "acme co", forMs: 60_000 });
+  await setFairnessWeight(db.sql, { queue: "q", key: "big", weight: 4 });
+  await pauseQueue(db.sql, "q"); // not listed here: `shoal queue list` lists pauses
 
   const text = await shoal();
   assertEquals(text.code, 0, text.stderr);
-  assertEquals(text.stdout, formatLimits((await flowStatus(db.sql)).limits));
-  assertEquals(text.stdout.trimEnd().split("\n").map((l) => l.trim().split(/\s{2,}/)), [
-    ["queue", "key", "max running", "slots held"],
-    ["q", "(every key)", "2", "2"],
-    ["q", "big", "1", "1"],
+  const { paused: _, ...flow } = await flowStatus(db.sql);
+  assertEquals(text.stdout, formatFlowLimits(flow));
+  const sections = text.stdout.split("\n\n").map((section) =>
+    section.trimEnd().split("\n").map((l) => l.trim().split(/\s{2,}/))
+  );
+  assertEquals(sections, [
+    [
+      ["Concurrency limits (slots held: claimed jobs, prefetched ones included):"],
+      ["queue", "key", "max running", "slots held"],
+      ["q", "(every key)", "2", "2"],
+      ["q", "big", "1", "1"],
+    ],
+    [
+      ["Rate limits (starts per period per key; a burst of up to max starts after a quiet spell):"],
+      ["queue", "key", "max starts", "per"],
+      ["api", '"acme co"', "5", "1500ms"],
+      ["q", "(every key)", "100", "1m"],
+    ],
+    [
+      ["Held keys (none of their jobs claimed until then):"],
+      ["queue", "key", "held until"],
+      ["api", '"acme co"', until.toISOString()],
+    ],
+    [
+      ["Fairness weights (jobs started per job of a weight-1 key under contention):"],
+      ["queue", "key", "weight"],
+      ["q", "big", "4"],
+    ],
   ]);
   const json = await shoal("--json");
   assertEquals(json.code, 0, json.stderr);
-  assertEquals(JSON.parse(json.stdout), [
-    { queue: "q", key: null, max_running: 2, slots_held: 2 },
-    { queue: "q", key: "big", max_running: 1, slots_held: 1 },
-  ]);
+  assertEquals(JSON.parse(json.stdout), {
+    limits: [
+      { queue: "q", key: null, max_running: 2, slots_held: 2 },
+      { queue: "q", key: "big", max_running: 1, slots_held: 1 },
+    ],
+    rate_limits: [
+      { queue: "api", key: "acme co", max_starts: 5, period_ms: 1500 },
+      { queue: "q", key: null, max_starts: 100, period_ms: 60_000 },
+    ],
+    holds: [{ queue: "api", key: "acme co", held_until: until.toISOString() }],
+    weights: [{ queue: "q", key: "big", weight: 4 }],
+  });
 });
 
 Deno.test("shoal queue and limit refuse bad arguments with exit 2 and one line, before connecting", async () => {
   // A URL nobody listens on: none of these may get as far as connecting.
   const url = `postgres://alice:s3cret@127.0.0.1:${freePort()}/nowhere`;
   const NAME = "use 1 to 128 letters, digits or _.:- starting with a letter or digit";
+  const LONG_KEY =
+    'Invalid --key: expected a key of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"';
+  const LIMIT_USAGE = "shoal limit takes set QUEUE N, clear QUEUE, rate QUEUE N, unrate QUEUE, " +
+    "hold QUEUE, weight QUEUE W, unweight QUEUE or list";
   const cases: { args: string[]; says: string }[] = [
     { args: ["queue"], says: "shoal queue takes pause QUEUE, resume QUEUE or list" },
     { args: ["queue", "stop", "q"], says: "shoal queue takes pause QUEUE, resume QUEUE or list" },
@@ -162,7 +328,8 @@ Deno.test("shoal queue and limit refuse bad arguments with exit 2 and one line, 
       args: ["queue", "pause", "q", "--json"],
       says: "Invalid flag --json: shoal queue pause does not take it",
     },
-    { args: ["limit"], says: "shoal limit takes set QUEUE N, clear QUEUE or list" },
+    { args: ["limit"], says: LIMIT_USAGE },
+    { args: ["limit", "unset", "q"], says: LIMIT_USAGE },
     {
       args: ["limit", "set", "q"],
       says: "shoal limit set takes a queue name and a number of running jobs",
@@ -182,18 +349,84 @@ Deno.test("shoal queue and limit refuse bad arguments with exit 2 and one line, 
     { args: ["limit", "set", "-", "5"], says: `Invalid queue name "-": ${NAME}` },
     {
       args: ["limit", "set", "q", "5", "--key", "k".repeat(257)],
-      says:
-        'Invalid --key: expected a fairness key of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"',
+      says: LONG_KEY,
     },
     { args: ["limit", "clear"], says: "shoal limit clear takes one queue name" },
-    {
-      args: ["limit", "clear", "q", "--key", "k".repeat(257)],
-      says:
-        'Invalid --key: expected a fairness key of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"',
-    },
+    { args: ["limit", "clear", "q", "--key", "k".repeat(257)], says: LONG_KEY },
     {
       args: ["limit", "list", "--key", "k"],
       says: "Invalid flag --key: shoal limit list does not take it",
+    },
+    {
+      args: ["limit", "rate", "q", "--per", "1s"],
+      says: "shoal limit rate takes a queue name and a number of starts",
+    },
+    {
+      args: ["limit", "rate", "q", "0", "--per", "1s"],
+      says: 'Invalid number of starts: expected an integer from 1 to 1000000, not "0"',
+    },
+    {
+      args: ["limit", "rate", "q", "1000001", "--per", "1s"],
+      says: 'Invalid number of starts: expected an integer from 1 to 1000000, not "1000001"',
+    },
+    { args: ["limit", "rate", "q", "5"], says: "shoal limit rate needs --per" },
+    { args: ["limit", "rate", "q", "5", "--per", "0s"], says: "Invalid --per: 0s is too short" },
+    {
+      args: ["limit", "rate", "q", "5", "--per", "0.1ms"],
+      says: "Invalid --per: 0.1ms is too short",
+    },
+    {
+      args: ["limit", "rate", "q", "5", "--per", "25h"],
+      says: "Invalid --per: 25h is too long (at most 1d)",
+    },
+    {
+      args: ["limit", "rate", "q", "5", "--per", "5"],
+      says:
+        'Invalid --per: Cannot parse duration "5": expected a number and a unit (ms, s, m, h, d), like 500ms or 10s',
+    },
+    { args: ["limit", "rate", "q", "5", "--per", "1s", "--key", "k".repeat(257)], says: LONG_KEY },
+    {
+      args: ["limit", "rate", "bad name", "5", "--per", "1s"],
+      says: `Invalid queue name "bad name": ${NAME}`,
+    },
+    { args: ["limit", "unrate"], says: "shoal limit unrate takes one queue name" },
+    {
+      args: ["limit", "unrate", "q", "--per", "1s"],
+      says: "Invalid flag --per: shoal limit unrate does not take it",
+    },
+    { args: ["limit", "hold", "q", "--for", "1s"], says: "shoal limit hold needs --key" },
+    { args: ["limit", "hold", "q", "--key", "k"], says: "shoal limit hold needs --for" },
+    {
+      args: ["limit", "hold", "q", "--key", "k", "--for", "25h"],
+      says: "Invalid --for: 25h is too long (at most 1d)",
+    },
+    { args: ["limit", "hold", "q", "--key", "k".repeat(257), "--for", "1s"], says: LONG_KEY },
+    {
+      args: ["limit", "hold", "a", "b", "--key", "k", "--for", "1s"],
+      says: "shoal limit hold takes one queue name",
+    },
+    {
+      args: ["limit", "hold", "q", "--key", "k", "--for", "1s", "--per", "1s"],
+      says: "Invalid flag --per: shoal limit hold does not take it",
+    },
+    { args: ["limit", "weight", "q", "3"], says: "shoal limit weight needs --key" },
+    {
+      args: ["limit", "weight", "q", "--key", "k"],
+      says: "shoal limit weight takes a queue name and a weight",
+    },
+    {
+      args: ["limit", "weight", "q", "0", "--key", "k"],
+      says: 'Invalid weight: expected an integer from 1 to 1000, not "0"',
+    },
+    {
+      args: ["limit", "weight", "q", "1001", "--key", "k"],
+      says: 'Invalid weight: expected an integer from 1 to 1000, not "1001"',
+    },
+    { args: ["limit", "weight", "q", "2", "--key", "k".repeat(257)], says: LONG_KEY },
+    { args: ["limit", "unweight", "q"], says: "shoal limit unweight needs --key" },
+    {
+      args: ["limit", "unweight", "q", "2", "--key", "k"],
+      says: "shoal limit unweight takes one queue name",
     },
   ];
   const results = await Promise.all(cases.map((c) => runShoal(c.args, { url })));
@@ -206,12 +439,35 @@ Deno.test("shoal --help names the queue and limit commands", async () => {
   const { code, stdout } = await runShoal(["--help"]);
   assertEquals(code, 0);
   assert(stdout.includes("shoal queue pause QUEUE | resume QUEUE | list [--json]"), stdout);
+  for (
+    const line of [
+      "shoal limit set QUEUE N [--key K] | clear QUEUE [--key K] | list [--json]",
+      "shoal limit rate QUEUE N --per D [--key K] | unrate QUEUE [--key K]",
+      "shoal limit hold QUEUE --key K --for D | weight QUEUE W --key K | unweight QUEUE --key K",
+    ]
+  ) assert(stdout.includes(`\n  ${line}\n`), line);
   assert(
-    stdout.includes("shoal limit set QUEUE N [--key K] | clear QUEUE [--key K] | list [--json]"),
+    /--key\s+enqueue: dedupe key; limit: the key a limit, hold or weight is for/.test(stdout),
     stdout,
   );
-  assert(/--key\s+enqueue: dedupe key; limit set\|clear: the fairness key/.test(stdout), stdout);
+  assert(
+    /--per\s+limit rate: the period its N starts are spread over \(at most 1d\)/.test(stdout),
+    stdout,
+  );
+  assert(
+    /--for\s+limit hold: how long the key is held \(0s lifts the hold; at most 1d\)/.test(stdout),
+    stdout,
+  );
 });
+
+/** The keys of the one job the README's examples enqueue onto api, which is then deleted. */
+async function takeReadmeJob(sql: Sql): Promise<Record<string, string> | undefined> {
+  const rows = await sql<{ fairness_key: string; concurrency_key: string }[]>`
+    delete from shoal.jobs where queue = 'api' and task = 'partner.sync'
+    returning fairness_key, concurrency_key`;
+  assertEquals(rows.length, 1);
+  return { ...rows[0]! };
+}
 
 /** The fenced code blocks of the README's Flow control section, by language. */
 async function flowControlBlocks(): Promise<Record<string, string>> {
@@ -238,17 +494,38 @@ Deno.test("the README's Flow control commands, SQL and TypeScript run as documen
     const result = await runShoal(args, { url: db.url });
     assertEquals(result.code, 0, `shoal ${args.join(" ")}: ${result.stderr}`);
   }
-  assertEquals(await flowStatus(db.sql), { paused: [], limits: [] });
+  assertEquals(await flowStatus(db.sql), NO_FLOW);
+  // The enqueue's job carries both keys.
+  assertEquals(await takeReadmeJob(db.sql), {
+    fairness_key: "acme",
+    concurrency_key: "partner-api",
+  });
 
   // Each statement in order, with what its comment says it returns.
   const statements = blocks.sql!.trim().split("\n").map((line) => line.replace(/;\s*--.*$/, ";"));
   const results = [];
   for (const statement of statements) {
     const [row] = await db.sql.unsafe(statement);
-    results.push(Object.values(row!)[0]);
+    const value = Object.values(row!)[0];
+    // A hold's end and a job id: their kind.
+    results.push(
+      value instanceof Date
+        ? "a time"
+        : typeof value === "string" && /^\d+$/.test(value)
+        ? "an id"
+        : value,
+    );
   }
-  assertEquals(results, [true, true, "", "", 0, true, true]);
-  assertEquals(await flowStatus(db.sql), { paused: [], limits: [] });
+  assertEquals(results, [
+    ...[true, true, "", "", 0, true, true], // pause and concurrency limits
+    ...["", "", "a time", "a time", true, true], // rate limits and a hold
+    ...["", true, "an id"], // a weight and an enqueue
+  ]);
+  assertEquals(await flowStatus(db.sql), NO_FLOW);
+  assertEquals(await takeReadmeJob(db.sql), {
+    fairness_key: "acme",
+    concurrency_key: "partner-api",
+  });
 
   // The TypeScript, type-checked against lib/ and run, with what it leaves printed.
   const dir = await Deno.makeTempDir({ prefix: "shoal-flow-readme-" });
@@ -258,7 +535,8 @@ Deno.test("the README's Flow control commands, SQL and TypeScript run as documen
     await Deno.writeTextFile(
       file,
       blocks.ts!.replace('"./lib/mod.ts"', JSON.stringify(mod)) +
-        "console.log(JSON.stringify({ paused, limits }));\nawait sql.end();\n",
+        "console.log(JSON.stringify({ paused, limits, rate_limits, holds, weights }));\n" +
+        "await sql.end();\n",
     );
     const config = new URL("../deno.json", import.meta.url).pathname;
     const run = await new Deno.Command(Deno.execPath(), {
@@ -268,9 +546,19 @@ Deno.test("the README's Flow control commands, SQL and TypeScript run as documen
     }).output();
     const stderr = new TextDecoder().decode(run.stderr);
     assertEquals(run.code, 0, stderr);
-    assertEquals(JSON.parse(new TextDecoder().decode(run.stdout)), {
+    const printed = JSON.parse(new TextDecoder().decode(run.stdout));
+    const { holds } = await flowStatus(db.sql);
+    assertEquals(holds.map((h) => [h.queue, h.key]), [["api", "acme"]]);
+    assertEquals(printed, {
       paused: [],
       limits: [{ queue: "reports", key: null, max_running: 2, slots_held: 0 }],
+      rate_limits: [{ queue: "api", key: "acme", max_starts: 5, period_ms: 1000 }],
+      holds: [{ queue: "api", key: "acme", held_until: holds[0]!.held_until.toISOString() }],
+      weights: [{ queue: "reports", key: "acme", weight: 3 }],
+    });
+    assertEquals(await takeReadmeJob(db.sql), {
+      fairness_key: "acme",
+      concurrency_key: "partner-api",
     });
   } finally {
     await Deno.remove(dir, { recursive: true });

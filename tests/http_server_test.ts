@@ -27,7 +27,13 @@ import {
 import { HttpServer } from "../lib/http_server.ts";
 import { loadPromClient, Metrics } from "../lib/metrics.ts";
 import { enqueue } from "../lib/queue.ts";
-import { pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
+import {
+  holdKey,
+  pauseQueue,
+  setConcurrencyLimit,
+  setFairnessWeight,
+  setRateLimit,
+} from "../lib/flow.ts";
 
 // prom-client loads on demand (only a process serving /metrics needs it).
 await loadPromClient();
@@ -217,6 +223,9 @@ Deno.test("--role all --http serves health, readiness and metrics, and exits 0 o
   await enqueue(db.sql, "t", {}, { queue: "elsewhere" }); // not consumed: a steady depth
   await pauseQueue(db.sql, "elsewhere");
   await setConcurrencyLimit(db.sql, { queue: "elsewhere", maxRunning: 3, key: "k" });
+  await setRateLimit(db.sql, { queue: "elsewhere", maxStarts: 5, periodMs: 2000 });
+  await holdKey(db.sql, { queue: "elsewhere", key: "k", forMs: 300_000 });
+  await setFairnessWeight(db.sql, { queue: "elsewhere", key: "k", weight: 4 });
   const args = [
     "--role",
     "all",
@@ -247,6 +256,9 @@ Deno.test("--role all --http serves health, readiness and metrics, and exits 0 o
   assert(text.includes(`shoal_queue_paused{queue="elsewhere"} 1\n`), text);
   assert(text.includes(`shoal_concurrency_limit{queue="elsewhere",key="k"} 3\n`), text);
   assert(text.includes(`shoal_concurrency_slots_held{queue="elsewhere",key="k"} 0\n`), text);
+  assert(text.includes(`shoal_rate_limit{queue="elsewhere",key="*"} 2.5\n`), text);
+  assert(text.includes(`shoal_key_held{queue="elsewhere",key="k"} 1\n`), text);
+  assert(text.includes(`shoal_fairness_weight{queue="elsewhere",key="k"} 4\n`), text);
   proc.kill("SIGTERM");
   const { code, output } = await exitWithin(proc, 20_000);
   assertEquals(code, 0, output);

@@ -12,9 +12,14 @@ import { logger } from "../lib/log.ts";
 import { upsertSchedule } from "../lib/schedule.ts";
 import {
   clearConcurrencyLimit,
+  clearFairnessWeight,
+  clearRateLimit,
+  holdKey,
   pauseQueue,
   resumeQueue,
   setConcurrencyLimit,
+  setFairnessWeight,
+  setRateLimit,
 } from "../lib/flow.ts";
 import { tickOnce } from "../lib/scheduler.ts";
 
@@ -182,6 +187,38 @@ Deno.test("Metrics.refreshQueues() reads paused queues, concurrency limits and t
   assertEquals(sample(after, `shoal_concurrency_limit{queue="q",key="vip"}`), undefined);
   // vip has no row of its own now: its slots count under the default.
   assertEquals(sample(after, `shoal_concurrency_slots_held{queue="q",key="*"}`), 6);
+});
+
+Deno.test("Metrics.refreshQueues() reads rate limits as starts per second, held keys and fairness weights", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  await setRateLimit(db.sql, { queue: "api", maxStarts: 100, periodMs: 60_000 });
+  await setRateLimit(db.sql, { queue: "api", maxStarts: 3, periodMs: 2000, key: "acme" });
+  await holdKey(db.sql, { queue: "api", key: "acme", forMs: 60_000 });
+  await holdKey(db.sql, { queue: "api", key: "brief", forMs: 1 }); // ended before the read
+  await setFairnessWeight(db.sql, { queue: "reports", key: "vip", weight: 7 });
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  await m.refreshQueues(db.sql, 0);
+  const text = await m.render();
+  assertEquals(sample(text, `shoal_rate_limit{queue="api",key="*"}`), 100 / 60);
+  assertEquals(sample(text, `shoal_rate_limit{queue="api",key="acme"}`), 1.5);
+  assertEquals(sample(text, `shoal_key_held{queue="api",key="acme"}`), 1);
+  assertEquals(sample(text, `shoal_key_held{queue="api",key="brief"}`), undefined);
+  assertEquals(sample(text, `shoal_fairness_weight{queue="reports",key="vip"}`), 7);
+  for (const name of ["shoal_rate_limit", "shoal_key_held", "shoal_fairness_weight"]) {
+    assert(text.includes(`# TYPE ${name} gauge`), text);
+  }
+
+  // Cleared and lifted: the series disappear at the next read.
+  await clearRateLimit(db.sql, { queue: "api", key: "acme" });
+  await holdKey(db.sql, { queue: "api", key: "acme", forMs: 0 });
+  await clearFairnessWeight(db.sql, { queue: "reports", key: "vip" });
+  await m.refreshQueues(db.sql, QUEUE_CACHE_MS);
+  const after = await m.render();
+  assertEquals(sample(after, `shoal_rate_limit{queue="api",key="acme"}`), undefined);
+  assertEquals(sample(after, `shoal_key_held{queue="api",key="acme"}`), undefined);
+  assertEquals(sample(after, `shoal_fairness_weight{queue="reports",key="vip"}`), undefined);
+  assertEquals(sample(after, `shoal_rate_limit{queue="api",key="*"}`), 100 / 60);
 });
 
 Deno.test("Metrics.refreshQueues() keeps the last flow gauges when only the flow read fails, and reads again next scrape", async () => {

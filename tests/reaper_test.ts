@@ -1,7 +1,15 @@
-import { assertEquals, assertRejects } from "./assert.ts";
+import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { acquire, LeaseLostError } from "../lib/lease.ts";
-import { claim, enqueue, fail } from "../lib/queue.ts";
-import { deadRetentionSweep, REAPER_LEASE, reapOnce, type Sweep } from "../lib/reaper.ts";
+import { claim, enqueue, enqueueMany, fail } from "../lib/queue.ts";
+import {
+  deadRetentionSweep,
+  defaultSweeps,
+  REAPER_LEASE,
+  reapOnce,
+  slotPruneSweep,
+  type Sweep,
+} from "../lib/reaper.ts";
+import { setConcurrencyLimit } from "../lib/flow.ts";
 import { registerTasks, testDb } from "./helpers.ts";
 import { listCatalogTasks } from "../lib/catalog.ts";
 
@@ -122,4 +130,37 @@ Deno.test("reapOnce() removes consumers not seen for a day, never a live one or 
   assertEquals(left.map((r) => r.worker_id), ["live:3", "quiet:2"]);
   assertEquals((await listCatalogTasks(db.sql)).map((t) => t.name), ["app.greet"]);
   assertEquals((await reapOnce(db.sql, OPTIONS))["stale-consumers"], 0);
+});
+
+Deno.test("reapOnce() prunes slot rows that hold nothing, capped per tick, and skips the sweep when there are none", async () => {
+  await using db = await testDb();
+  assert(defaultSweeps().includes(slotPruneSweep));
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 10 });
+  await enqueueMany(db.sql, Array.from({ length: 4 }, () => ({ task: "t", queue: "q" })));
+  const { jobs } = await claim(db.sql, {
+    queues: ["q"],
+    limit: 10,
+    workerId: "w",
+    visibilityMs: 60_000,
+  });
+  assertEquals(jobs.length, 4);
+  const slots = async () =>
+    (await db.sql<{ job_id: string }[]>`
+      select job_id from shoal.concurrency_slots order by job_id`).map((r) => r.job_id);
+  // Every row holds its slot: the cheap check says so, and the sweep handles nothing.
+  assertEquals(await slotPruneSweep.pending!(db.sql, OPTIONS), false);
+  assertEquals((await reapOnce(db.sql, OPTIONS, { sweeps: [slotPruneSweep] }))["slot-prune"], 0);
+
+  // Two rows left behind: a job deleted outright, one claimed again under a new token.
+  const [gone, reclaimed, ...live] = jobs.map((j) => j.id);
+  await db.sql`delete from shoal.jobs where id = ${gone!}::bigint`;
+  await db.sql`update shoal.jobs set token = token + 1 where id = ${reclaimed!}::bigint`;
+  assertEquals(await slotPruneSweep.pending!(db.sql, OPTIONS), true);
+  const first = await reapOnce(db.sql, OPTIONS, { limit: 1 });
+  assertEquals(first["slot-prune"], 1);
+  assertEquals((await slots()).length, 3);
+  assertEquals((await reapOnce(db.sql, OPTIONS))["slot-prune"], 1);
+  assertEquals(await slots(), live.sort((a, b) => Number(a) - Number(b)));
+  assertEquals(await slotPruneSweep.pending!(db.sql, OPTIONS), false);
+  assertEquals((await reapOnce(db.sql, OPTIONS))["slot-prune"], 0);
 });

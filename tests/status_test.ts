@@ -1,7 +1,7 @@
 /**
  * `shoal status` (lib/status.ts) against real Postgres: per-queue ready, scheduled, running
  * and dead counts and the age of the oldest ready job, and flow control (paused queues,
- * concurrency limits).
+ * concurrency and rate limits, holds, fairness weights).
  */
 import { assert, assertEquals } from "./assert.ts";
 import { enqueueLargeTable, registerTasks, runShoal, testDb, waitFor } from "./helpers.ts";
@@ -15,7 +15,14 @@ import {
   queueStatus,
   status,
 } from "../lib/status.ts";
-import { flowStatus, pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
+import {
+  flowStatus,
+  holdKey,
+  pauseQueue,
+  setConcurrencyLimit,
+  setFairnessWeight,
+  setRateLimit,
+} from "../lib/flow.ts";
 
 function claimOptions(queue: string, limit: number, visibilityMs = 60_000): ClaimOptions {
   return { queues: [queue], limit, workerId: "test:1", visibilityMs };
@@ -204,7 +211,7 @@ Deno.test("shoal status estimates a table of over 10,000 jobs, says so, and coun
   assert(!exactText.stdout.includes(ESTIMATES_NOTE), exactText.stdout);
 });
 
-Deno.test("status() reports flow control: paused queues marked in the text, limits with their slots listed", async () => {
+Deno.test("status() reports flow control: paused queues marked in the text; limits, holds and weights listed", async () => {
   await using db = await testDb();
   await enqueue(db.sql, "t", {}, { queue: "mail" });
   await enqueue(db.sql, "t", {}, { queue: "mail" });
@@ -212,14 +219,28 @@ Deno.test("status() reports flow control: paused queues marked in the text, limi
   await enqueue(db.sql, "t", {}, { queue: "reports", fairnessKey: "acme" });
   // Nothing paused or limited: no marker, no section.
   const plain = formatStatus(await status(db.sql));
-  assert(!plain.includes(PAUSED_MARK) && !plain.includes("Concurrency limits"), plain);
-  assertEquals((await status(db.sql)).flow, { paused: [], limits: [] });
+  for (
+    const heading of [PAUSED_MARK, "Concurrency limits", "Rate limits", "Held keys", "weights"]
+  ) {
+    assert(!plain.includes(heading), plain);
+  }
+  assertEquals((await status(db.sql)).flow, {
+    paused: [],
+    limits: [],
+    rate_limits: [],
+    holds: [],
+    weights: [],
+  });
 
   await pauseQueue(db.sql, "mail");
   await pauseQueue(db.sql, "audit"); // no jobs: no row in the queue table
   await setConcurrencyLimit(db.sql, { queue: "reports", maxRunning: 1 });
   await setConcurrencyLimit(db.sql, { queue: "reports", maxRunning: 4, key: "vip" });
   await claimAll(db.sql, "reports", 1); // one of acme's: the default's slot
+  await setRateLimit(db.sql, { queue: "reports", maxStarts: 30, periodMs: 60_000 });
+  await setRateLimit(db.sql, { queue: "api", maxStarts: 2, periodMs: 250, key: "partner" });
+  const until = await holdKey(db.sql, { queue: "api", key: "partner", forMs: 60_000 });
+  await setFairnessWeight(db.sql, { queue: "reports", key: "vip", weight: 5 });
 
   const s = await status(db.sql);
   assertEquals(s.flow, await flowStatus(db.sql));
@@ -228,11 +249,21 @@ Deno.test("status() reports flow control: paused queues marked in the text, limi
     { queue: "reports", key: null, max_running: 1, slots_held: 1 },
     { queue: "reports", key: "vip", max_running: 4, slots_held: 0 },
   ]);
+  assertEquals(s.flow.rate_limits, [
+    { queue: "api", key: "partner", max_starts: 2, period_ms: 250 },
+    { queue: "reports", key: null, max_starts: 30, period_ms: 60_000 },
+  ]);
+  assertEquals(s.flow.holds, [{ queue: "api", key: "partner", held_until: until }]);
+  assertEquals(s.flow.weights, [{ queue: "reports", key: "vip", weight: 5 }]);
 
   const json = await runShoal(["status", "--json"], { url: db.url });
   assertEquals(json.code, 0, json.stderr);
   const flow = JSON.parse(json.stdout).flow;
+  assertEquals(Object.keys(flow), ["paused", "limits", "rate_limits", "holds", "weights"]);
   assertEquals(flow.limits, s.flow.limits);
+  assertEquals(flow.rate_limits, s.flow.rate_limits);
+  assertEquals(flow.holds, [{ queue: "api", key: "partner", held_until: until.toISOString() }]);
+  assertEquals(flow.weights, s.flow.weights);
   assertEquals(
     flow.paused,
     s.flow.paused.map((p) => ({ queue: p.queue, paused_at: p.paused_at.toISOString() })),
@@ -247,9 +278,34 @@ Deno.test("status() reports flow control: paused queues marked in the text, limi
     "\nConcurrency limits (slots held: claimed jobs, prefetched ones included):\n",
   )[1];
   assert(section !== undefined, text.stdout);
-  assertEquals(section!.split("\n").slice(0, 3).map((l) => l.trim().split(/\s{2,}/)), [
-    ["queue", "key", "max running", "slots held"],
-    ["reports", "(every key)", "1", "1"],
-    ["reports", "vip", "4", "0"],
-  ]);
+  // Each kind of limit under its heading, after the queues and before the executions.
+  assertEquals(
+    section!.split("\n\n").slice(0, 4).map((part) =>
+      part.split("\n").map((l) => l.trim().split(/\s{2,}/))
+    ),
+    [
+      [
+        ["queue", "key", "max running", "slots held"],
+        ["reports", "(every key)", "1", "1"],
+        ["reports", "vip", "4", "0"],
+      ],
+      [
+        ["Rate limits (starts per period per key; a burst of up to max starts after a quiet spell):"],
+        ["queue", "key", "max starts", "per"],
+        ["api", "partner", "2", "250ms"],
+        ["reports", "(every key)", "30", "1m"],
+      ],
+      [
+        ["Held keys (none of their jobs claimed until then):"],
+        ["queue", "key", "held until"],
+        ["api", "partner", until.toISOString()],
+      ],
+      [
+        ["Fairness weights (jobs started per job of a weight-1 key under contention):"],
+        ["queue", "key", "weight"],
+        ["reports", "vip", "5"],
+      ],
+    ],
+  );
+  assertEquals(section!.split("\n\n")[4], "No executions", section);
 });

@@ -23,7 +23,7 @@ const EMPTY: Status = {
   leases: [],
   schedules: [],
   unserved: [],
-  flow: { paused: [], limits: [] },
+  flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
 };
 
 function sampleAt(ms: number, deleted: number, dead: number, status = EMPTY): WatchSample {
@@ -82,7 +82,7 @@ const BUSY: Status = {
   leases: [],
   schedules: [],
   unserved: [],
-  flow: { paused: [], limits: [] },
+  flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
 };
 
 Deno.test("formatWatchFrame() shows the time, interval, rates, queues and fan-out bars", () => {
@@ -171,6 +171,9 @@ Deno.test("shoal status --watch --json prints one JSON line per interval until S
   assertEquals(lines[1].flow, {
     paused: [],
     limits: [{ queue: "watched", key: null, max_running: 3, slots_held: 0 }],
+    rate_limits: [],
+    holds: [],
+    weights: [],
   });
   assert(!output.includes(CLEAR_SCREEN), "no terminal codes in JSON mode");
 });
