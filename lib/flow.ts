@@ -342,16 +342,12 @@ export async function pruneSlots(db: Db, limit: number): Promise<number> {
 }
 
 /**
- * Whether any slot row holds nothing (what {@link pruneSlots} removes): the reaper's cheap
- * check before it opens a transaction. The same test as shoal.prune_slots.
+ * Whether flow control left anything for {@link pruneSlots} to remove (shoal.has_flow_leftovers:
+ * slot rows that hold nothing, keys that remember nothing): the reaper's cheap check before
+ * it opens a transaction.
  */
 export async function hasStaleSlots(db: Db): Promise<boolean> {
-  const [row] = await db<{ found: boolean }[]>`
-    select exists (
-      select 1 from shoal.concurrency_slots s
-      where not exists (select 1 from shoal.jobs j
-                        where j.id = s.job_id and j.token = s.token and j.locked_by is not null)
-    ) as found`;
+  const [row] = await db<{ found: boolean }[]>`select shoal.has_flow_leftovers() as found`;
   return row!.found;
 }
 

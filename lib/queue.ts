@@ -874,8 +874,9 @@ export interface FailOptions {
   /** Dead-letter now whatever the attempts left (for example an invalid payload). */
   permanent?: boolean;
   /**
-   * Hold the job's fairness key on its queue this long: no job of the key is claimed until
-   * then (sql/functions/flow.sql shoal.hold_key; at most a day).
+   * Hold the job's flow key (its concurrency key, else its fairness key) on its queue this
+   * long: no job of the key is claimed until then (sql/functions/flow.sql shoal.hold_key; at
+   * most a day).
    */
   holdKeyMs?: number;
 }

@@ -157,8 +157,9 @@ export const MAX_RETRY_LATER_MS = 3_600_000;
 /** Options of a RetryLaterError: an Error's, and whether the whole key waits. */
 export interface RetryLaterOptions extends ErrorOptions {
   /**
-   * Hold the job's whole fairness key for the delay, not only this job: no job of the key
-   * is claimed until it ends (flow control, `shoal.hold_key`), as a server's 429 asks.
+   * Hold the job's whole flow key (its concurrency key, else its fairness key) for the
+   * delay, not only this job: no job of the key is claimed until it ends (flow control,
+   * `shoal.hold_key`), as a server's 429 asks.
    */
   holdKey?: boolean;
 }

@@ -18,6 +18,15 @@ alter table shoal.jobs add column concurrency_key text,
   add constraint jobs_concurrency_key_length
     check (concurrency_key is null or length(concurrency_key) <= 256) not valid;
 alter table shoal.dead_jobs add column concurrency_key text;
+-- A key's jobs in claim order, for a claim that looks key by key (claim.sql, "Flow
+-- control"): for concurrency keys here, for fairness keys in jobs_fairness_idx, rebuilt
+-- with its priority descending (the claim order; the stamping rule's lookup of a key's
+-- last stamp at one priority reads it backwards, as before). Rebuilding locks shoal.jobs
+-- for as long as the build takes (seconds per million jobs).
+drop index shoal.jobs_fairness_idx;
+create index jobs_fairness_idx on shoal.jobs (queue, fairness_key, priority desc, fair_seq);
+create index jobs_concurrency_idx on shoal.jobs (queue, concurrency_key, priority desc, fair_seq)
+  where concurrency_key is not null;
 
 -- At most max_running jobs of a queue run at once per key (a job's flow key, above),
 -- across every consumer. A row with a null key is the queue's default for every key; a row naming
@@ -83,6 +92,8 @@ create table shoal.flow_keys (
 ) with (fillfactor = 50);
 create index flow_keys_held_idx on shoal.flow_keys (queue, held_until)
   where held_until is not null;
+-- Whether a queue has keys with jobs waiting (every claim of a limited queue asks).
+create index flow_keys_waiting_idx on shoal.flow_keys (queue) where waiting;
 
 -- A fairness key's weight on its queue: under contention it starts `weight` jobs for each
 -- job of a key of weight 1 (the stamping rule in sql/functions/queue.sql: `weight` of its

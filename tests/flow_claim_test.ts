@@ -233,3 +233,33 @@ Deno.test("a limit set while jobs run counts them at once", async () => {
   await db.sql`select shoal.set_concurrency_limit(${Q}, 4)`;
   assertEquals((await claimJobs(db.sql, 10)).length, 1);
 });
+
+Deno.test("keys enqueued one after another, each a run in the claim order, all get their slots", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2)`;
+  // Each key's 100 jobs are stamped ahead of the previous key's (a quiet key's burst): the
+  // claim order is one key's run after another's.
+  for (let k = 0; k < 20; k++) await enqueueKeys(db.sql, { [`k${k}`]: 100 });
+  const first = byKey(await claimJobs(db.sql, 100));
+  assertEquals(Object.keys(first).length, 20, JSON.stringify(first));
+  assert(Object.values(first).every((n) => n === 2), JSON.stringify(first));
+  // Full now: one ack frees one slot, and the next claim finds it behind the other runs.
+  const [row] = await db.sql<{ id: string; token: string }[]>`
+    select id::text, token::text from shoal.jobs where fairness_key = 'k0' and locked_by is not null
+    limit 1`;
+  await ack(db.sql, [row!]);
+  assertEquals(byKey(await claimJobs(db.sql, 100)), { k0: 1 });
+});
+
+Deno.test("a limited key's jobs go only into slots that start them, unless the key has room to spare", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 3)`;
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1000, 'roomy')`;
+  await enqueueKeys(db.sql, { a: 5, b: 5, roomy: 30 });
+  // Two slots start at once: of the keys near their limit, two jobs; the roomy key's fill
+  // the rest of the batch (they may wait in a prefetch buffer without starving the key).
+  const jobs = await claimJobs(db.sql, 20, { starting: 2 });
+  const counts = byKey(jobs);
+  assertEquals((counts.a ?? 0) + (counts.b ?? 0), 2, JSON.stringify(counts));
+  assertEquals(counts.roomy, 18, JSON.stringify(counts));
+});

@@ -48,18 +48,20 @@
 -- when it starts, when an announced delayed job or retry falls due, and at least every
 -- second otherwise, cancelled after 2 s (lib/head_scan.ts).
 --
--- Flow control (sql/functions/flow.sql). A paused queue is left out of the claim. A queue
--- with a concurrency limit is claimed by its own walk: its jobs are read in claim order,
--- unlocked, a window at a time from the head of the queue (a key held back keeps its jobs
--- behind where claiming has got to, where a claim from near the heads would not look);
--- each key with a limit met in the window is locked (shoal.flow_lock) and its free slots
--- counted (the slot rule); the jobs that fit, in claim order, are then locked SKIP LOCKED
--- (one another claim took meanwhile is left) and get a slot row with their new token. A
--- key's jobs beyond its free slots are skipped, not held up behind: the next window looks
--- past them, growing fourfold, or, when nothing in a window fit, starts below its lowest
--- priority, until the batch is full or flow_scan jobs were read (the bound of a claim's
--- work when every key is full: no busy loop). Probes find nothing in a limited queue: its
--- claims always walk from the head.
+-- Flow control (sql/functions/flow.sql). A paused queue is left out of the claim. In a
+-- queue under flow control (a concurrency limit, a rate limit, a hold), each key met is
+-- locked (shoal.flow_lock) and what it may take counted (shoal.flow_allow: free slots,
+-- tokens); the jobs that fit, in claim order, are locked SKIP LOCKED (one another claim
+-- took meanwhile is left) and those of a limited key get a slot row with their new token.
+-- While no key of the queue has jobs waiting (flow_keys.waiting, kept by shoal.flow_claimed)
+-- the usual walk picks, and its picks are checked as one window: a limit that does not bind
+-- costs that check. Once a key has jobs waiting, they lie behind where claiming has got
+-- to, where a claim from near the heads would not look: the queue's jobs are read in claim
+-- order, unlocked, a window at a time from its head. A key's jobs beyond what it may take
+-- are skipped, not held up behind: the next window looks past them, growing fourfold, or,
+-- when nothing in a window fit, starts below its lowest priority, until the batch is full
+-- or flow_scan jobs were read (the bound of a claim's work when every key is full: no busy
+-- loop). Probes find nothing while keys wait.
 --
 -- It follows the lock order stated at the top of workflow.sql (jobs are taken SKIP LOCKED).
 --
@@ -139,6 +141,7 @@ declare
   -- limit ("queue\nkey") and their slots left for this claim; every key checked; the
   -- window's offset and size; the candidates and the jobs of one window that fit.
   limited boolean;
+  windowed boolean := false;
   flow_scan constant integer := greatest(_limit * 16, 2000);
   key_tags text[] := '{}';
   key_queues text[] := '{}';
@@ -153,6 +156,12 @@ declare
   scan_size integer;
   scan_read integer := 0;
   band_top integer := 32767;
+  -- The windowed walk's first look: every key of the queues (up to flow_keys_max), each
+  -- key's first jobs it may take.
+  flow_keys_max constant integer := 1000;
+  per_key_done boolean := false;
+  disc record;
+  disc_n bigint := 0;
   cand record;
   fit record;
 begin
@@ -166,160 +175,23 @@ begin
   into _queues, limited
   from unnest(_queues) as q(name)
   where not exists (select 1 from shoal.queue_pauses p where p.queue = q.name);
-  if cardinality(_queues) = 0 or (limited and _before_priority is not null) then
+  if cardinality(_queues) = 0 then
     return;
   end if;
-
   if limited then
-    scan_size := greatest(_limit * 2, 64);
-    loop
-      -- The next window of ready jobs in claim order, read without locks.
-      select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
-             array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
-             array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
-             array_agg(c.fairness_key order by c.priority desc, c.fair_seq, c.id) as keys,
-             min(c.priority) as low,
-             count(*) as n
-      into cand
-      from (
-        select c.* from unnest(_queues) as q(name)
-        cross join lateral (
-          select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
-                 coalesce(j.concurrency_key, j.fairness_key) as fairness_key
-          from shoal.jobs j
-          where j.queue = q.name and j.priority <= band_top and j.run_at <= now()
-          order by j.priority desc, j.fair_seq, j.id + 0
-          limit scan_from + scan_size
-        ) c
-        order by c.priority desc, c.fair_seq, c.id
-        offset scan_from
-        limit scan_size
-      ) c;
-      exit when cand.ids is null;
-
-      -- Keys first met in this window: how many of each it may take (shoal.flow_allow
-      -- returns those under flow control, locked; a key another claim holds gets none).
-      select coalesce(array_agg(d.queue || E'\n' || d.key), '{}') as tags,
-             array_agg(d.queue) as queues, array_agg(d.key) as keys
-      into fit
-      from (select distinct u.queue, u.key from unnest(cand.queues, cand.keys) as u(queue, key)) d
-      where d.queue || E'\n' || d.key <> all(checked_tags);
-      checked_tags := checked_tags || fit.tags;
-      if fit.queues is not null then
-        select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
-               key_queues || coalesce(array_agg(a.queue), '{}'),
-               key_keys || coalesce(array_agg(a.key), '{}'),
-               key_allowed || coalesce(array_agg(a.allowed), '{}'),
-               key_tokens || coalesce(array_agg(a.tokens), '{}'),
-               key_waiting || coalesce(array_agg(a.waiting), '{}')
-        into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting
-        from shoal.flow_allow(fit.queues, fit.keys) a;
-        key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
-        key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
-      end if;
-
-      -- The window's jobs that fit, in claim order: a limited key's while it has slots
-      -- left, any other's; no more than the batch has room for. Locked now, SKIP LOCKED,
-      -- and only while still ready (another claim may have taken one since the read).
-      with u as (
-        select u.*, k.slots_left,
-               row_number() over (partition by u.queue, u.key order by u.n) as key_rank
-        from unnest(cand.ids, cand.ctids, cand.queues, cand.keys)
-          with ordinality as u(id, ctid, queue, key, n)
-        left join (select k.tag, k.allowed - k.taken as slots_left
-                   from unnest(key_tags, key_allowed, key_taken) as k(tag, allowed, taken)) k
-          on k.tag = u.queue || E'\n' || u.key
-        where u.id <> all(picked)
-      ),
-      fits as (
-        select f.ctid, f.n
-        from (select u.ctid, u.n, u.slots_left, u.key_rank,
-                     row_number() over (order by u.n) as fit_rank
-              from u where u.slots_left is null or u.key_rank <= u.slots_left) f
-        where f.fit_rank <= _limit - cardinality(picked)
-          -- A key under flow control goes into a prefetch buffer (past the first _starting
-          -- of the batch, which start at once) only while it keeps a whole batch's worth of
-          -- slots free after this job: there a job would hold its slot unstarted, so a key
-          -- near its limit gets only slots that start its jobs at once.
-          and (f.slots_left is null or _starting is null
-               or cardinality(picked) + f.fit_rank <= _starting
-               or f.slots_left - f.key_rank >= _limit)
-      ),
-      taken as (
-        select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
-               j.attempts, j.max_attempts, f.n
-        from fits f
-        cross join lateral (
-          select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
-                 coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.execution_id,
-                 j.attempts, j.max_attempts
-          from shoal.jobs j
-          where j.ctid = f.ctid and j.run_at <= now()
-          for update skip locked
-        ) j
-      )
-      select array_agg(t.id order by t.n) as ids,
-             array_agg(t.ctid) as ctids,
-             array_agg(t.queue) as queues,
-             array_agg(t.priority) as priorities,
-             array_agg(t.fair_seq) as seqs,
-             array_agg(t.queue || E'\n' || t.flow_key) as tags,
-             bool_or(t.execution_id is not null) as in_workflow,
-             bool_or(t.attempts >= t.max_attempts) as spent,
-             -- Keys with jobs beyond their slots left (waiting for one to free).
-             (select array_agg(u.queue || E'\n' || u.key) from u
-              where u.slots_left is not null and u.key_rank > u.slots_left) as held,
-             (select bool_or(u.slots_left is null) from u) as free_keys
-      into got
-      from taken t;
-      if got.held is not null then
-        key_held := array(
-          select k.held + (select count(*) from unnest(got.held) as h(tag)
-                           where h.tag = k.tag)::integer
-          from unnest(key_tags, key_held) with ordinality as k(tag, held, n)
-          order by k.n);
-      end if;
-      if got.ids is not null then
-        picked := picked || got.ids;
-        picked_ctids := picked_ctids || got.ctids;
-        picked_queues := picked_queues || got.queues;
-        picked_priorities := picked_priorities || got.priorities;
-        picked_seqs := picked_seqs || got.seqs;
-        in_workflow := in_workflow or got.in_workflow;
-        spent := spent or got.spent;
-        key_taken := array(
-          select k.taken + (select count(*) from unnest(got.tags) as t(tag)
-                            where t.tag = k.tag)::integer
-          from unnest(key_tags, key_taken) with ordinality as k(tag, taken, n)
-          order by k.n);
-      end if;
-      scan_read := scan_read + cand.n;
-      exit when cardinality(picked) >= _limit or scan_read >= flow_scan
-        -- Every slot that starts a job at once is filled, and only keys under flow
-        -- control were met: what is left of the batch would be a prefetch they may not use.
-        or (cardinality(picked) >= _starting and not coalesce(got.free_keys, false));
-      if got.ids is null and cand.low > -32768 then
-        -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
-        -- one priority, keys interleave by their stamps, so another key's jobs lie near its
-        -- head): look below it.
-        band_top := cand.low - 1;
-        scan_from := 0;
-        scan_size := greatest(_limit * 2, 64);
-      else
-        exit when cand.n < scan_size;
-        scan_from := scan_from + scan_size;
-        scan_size := scan_size * 4;
-      end if;
-      scan_size := least(scan_size, flow_scan - scan_read);
-    end loop;
-    -- What this claim took from the buckets, and which keys it found full with jobs
-    -- waiting: written only when something changed (a bucket spent, a key's waiting).
-    if exists (select 1 from unnest(key_tokens, key_taken, key_held, key_waiting)
-                 as k(tokens, taken, held, waiting)
-               where (k.tokens is not null and k.taken > 0) or (k.held > 0) <> k.waiting) then
-      perform shoal.flow_claimed(key_queues, key_keys, key_tokens, key_taken, key_held,
-                                 key_waiting);
+    -- Keys with jobs waiting for a slot (or a token, or a hold's end) keep those jobs behind
+    -- where claiming has got to: walk from the head, in windows. Otherwise the usual walk,
+    -- whose picks are then checked. A probe finds nothing while keys wait.
+    windowed := exists (select 1 from shoal.flow_keys k
+                        where k.queue = any(_queues) and k.waiting);
+    if windowed and _before_priority is not null then
+      return;
     end if;
+  end if;
+
+  if windowed then
+    -- The windowed walk below.
+    null;
   elsif _from_head and _before_priority is null then
     -- Priority first, then fair across fairness keys, then oldest. A queue listed twice is
     -- the caller's to avoid (it would pick the same rows twice).
@@ -487,6 +359,310 @@ begin
       above := lvl;
     end loop;
   end if;
+  if limited then
+    if not windowed then
+      -- The usual walk's picks, checked as one window (already locked: the lock below takes
+      -- them again). What does not fit stays locked, unclaimed, until this claim commits.
+      if picked is null or cardinality(picked) = 0 then
+        return;
+      end if;
+      select array_agg(j.id order by x.n) as ids,
+             array_agg(j.ctid order by x.n) as ctids,
+             array_agg(j.queue order by x.n) as queues,
+             array_agg(coalesce(j.concurrency_key, j.fairness_key) order by x.n) as keys,
+             min(j.priority) as low,
+             count(*) as n
+      into cand
+      from unnest(picked) with ordinality as x(id, n)
+      join shoal.jobs j on j.id = x.id;
+    end if;
+    scan_size := greatest(_limit * 2, 64);
+    loop
+      -- Windowed, first: every key with jobs in the queues, found by a skip scan of the
+      -- fairness index (and of the concurrency index for concurrency keys), up to
+      -- flow_keys_max of them; then each key's first jobs, as many as it may take, read
+      -- without locks through the same index: a key's run of jobs in the claim order costs
+      -- nothing to pass, however long (a key that enqueued in one batch, or whose
+      -- priority ranks above the rest).
+      if windowed and not per_key_done then
+        per_key_done := true;
+        select array_agg(d.queue) as queues, array_agg(d.key) as keys,
+               array_agg(d.kind) as kinds, count(*) as n
+        into disc
+        from (
+          select q.name as queue, k.key, 'f' as kind from unnest(_queues) as q(name)
+          cross join lateral (
+            with recursive r(key) as (
+              (select j.fairness_key from shoal.jobs j where j.queue = q.name
+               order by j.fairness_key limit 1)
+              union all
+              select (select j.fairness_key from shoal.jobs j
+                      where j.queue = q.name and j.fairness_key > r.key
+                      order by j.fairness_key limit 1)
+              from r where r.key is not null
+            )
+            select r.key from r where r.key is not null limit flow_keys_max + 1
+          ) k
+          union all
+          select q.name, k.key, 'c' from unnest(_queues) as q(name)
+          cross join lateral (
+            with recursive r(key) as (
+              (select j.concurrency_key from shoal.jobs j
+               where j.queue = q.name and j.concurrency_key is not null
+               order by j.concurrency_key limit 1)
+              union all
+              select (select j.concurrency_key from shoal.jobs j
+                      where j.queue = q.name and j.concurrency_key > r.key
+                      order by j.concurrency_key limit 1)
+              from r where r.key is not null
+            )
+            select r.key from r where r.key is not null limit flow_keys_max + 1
+          ) k
+        ) d;
+        disc_n := disc.n;
+        if disc_n > 0 and disc_n <= flow_keys_max then
+          select coalesce(array_agg(d.tag), '{}') as tags,
+                 array_agg(d.queue) as queues, array_agg(d.key) as keys
+          into fit
+          from (select distinct u.queue, u.key, u.queue || E'\n' || u.key as tag
+                from unnest(disc.queues, disc.keys) as u(queue, key)) d
+          where d.tag <> all(checked_tags);
+          checked_tags := checked_tags || fit.tags;
+          if fit.queues is not null then
+            select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
+                   key_queues || coalesce(array_agg(a.queue), '{}'),
+                   key_keys || coalesce(array_agg(a.key), '{}'),
+                   key_allowed || coalesce(array_agg(a.allowed), '{}'),
+                   key_tokens || coalesce(array_agg(a.tokens), '{}'),
+                   key_waiting || coalesce(array_agg(a.waiting), '{}')
+            into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting
+            from shoal.flow_allow(fit.queues, fit.keys) a;
+            key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
+            key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
+          end if;
+          -- One more than a key may take, so that a key with jobs beyond it shows as
+          -- waiting (held) to the check below.
+          select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+                 array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
+                 array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+                 array_agg(c.key order by c.priority desc, c.fair_seq, c.id) as keys,
+                 min(c.priority) as low,
+                 count(*) as n
+          into cand
+          from (
+            select d.queue, d.key, d.kind,
+                   least(coalesce(a.allowed - a.taken, _limit), _limit) + 1 as take
+            from unnest(disc.queues, disc.keys, disc.kinds) as d(queue, key, kind)
+            left join unnest(key_tags, key_allowed, key_taken) as a(tag, allowed, taken)
+              on a.tag = d.queue || E'\n' || d.key
+          ) d
+          cross join lateral (
+            (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
+             where d.kind = 'f' and j.queue = d.queue and j.fairness_key = d.key
+               and j.concurrency_key is null and j.run_at <= now()
+             order by j.priority desc, j.fair_seq
+             limit d.take)
+            union all
+            (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
+             where d.kind = 'c' and j.queue = d.queue and j.concurrency_key = d.key
+               and j.run_at <= now()
+             order by j.priority desc, j.fair_seq
+             limit d.take)
+          ) c;
+          if cand.ids is null then
+            exit;
+          end if;
+        else
+          scan_from := 0;
+          continue;
+        end if;
+      -- Windowed, then (more keys than that): the next window of ready jobs in claim order,
+      -- read without locks.
+      elsif windowed then
+        select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+               array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
+               array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+               array_agg(c.fairness_key order by c.priority desc, c.fair_seq, c.id) as keys,
+               min(c.priority) as low,
+               count(*) as n
+        into cand
+        from (
+          select c.* from unnest(_queues) as q(name)
+          cross join lateral (
+            select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
+                   coalesce(j.concurrency_key, j.fairness_key) as fairness_key
+            from shoal.jobs j
+            where j.queue = q.name and j.priority <= band_top and j.run_at <= now()
+            order by j.priority desc, j.fair_seq, j.id + 0
+            limit scan_from + scan_size
+          ) c
+          order by c.priority desc, c.fair_seq, c.id
+          offset scan_from
+          limit scan_size
+        ) c;
+        exit when cand.ids is null;
+      end if;
+
+      -- Keys first met in this window: how many of each it may take (shoal.flow_allow
+      -- returns those under flow control, locked; a key another claim holds gets none).
+      select coalesce(array_agg(d.queue || E'\n' || d.key), '{}') as tags,
+             array_agg(d.queue) as queues, array_agg(d.key) as keys
+      into fit
+      from (select distinct u.queue, u.key from unnest(cand.queues, cand.keys) as u(queue, key)) d
+      where d.queue || E'\n' || d.key <> all(checked_tags);
+      checked_tags := checked_tags || fit.tags;
+      if fit.queues is not null then
+        select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
+               key_queues || coalesce(array_agg(a.queue), '{}'),
+               key_keys || coalesce(array_agg(a.key), '{}'),
+               key_allowed || coalesce(array_agg(a.allowed), '{}'),
+               key_tokens || coalesce(array_agg(a.tokens), '{}'),
+               key_waiting || coalesce(array_agg(a.waiting), '{}')
+        into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting
+        from shoal.flow_allow(fit.queues, fit.keys) a;
+        key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
+        key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
+      end if;
+      if not windowed then
+        -- Every key of the usual walk's picks may take twice the batch: all of them fit
+        -- (the check below would keep every one), and the picks stand as they are.
+        if (select coalesce(bool_and(a >= 2 * _limit), true) from unnest(key_allowed) as a) then
+          key_taken := array(
+            select (select count(*) from unnest(cand.queues, cand.keys) as c(queue, key)
+                    where c.queue || E'\n' || c.key = k.tag)::integer
+            from unnest(key_tags) with ordinality as k(tag, n)
+            order by k.n);
+          exit;
+        end if;
+        picked := '{}';
+        picked_ctids := '{}';
+        picked_queues := '{}';
+        picked_priorities := '{}';
+        picked_seqs := '{}';
+        in_workflow := false;
+        spent := false;
+      end if;
+
+      -- The window's jobs that fit, in claim order: a limited key's while it has slots
+      -- left, any other's; no more than the batch has room for. Locked now, SKIP LOCKED,
+      -- and only while still ready (another claim may have taken one since the read).
+      with u as (
+        select u.*, k.slots_left,
+               row_number() over (partition by u.queue, u.key order by u.n) as key_rank
+        from unnest(cand.ids, cand.ctids, cand.queues, cand.keys)
+          with ordinality as u(id, ctid, queue, key, n)
+        left join (select k.tag, k.allowed - k.taken as slots_left
+                   from unnest(key_tags, key_allowed, key_taken) as k(tag, allowed, taken)) k
+          on k.tag = u.queue || E'\n' || u.key
+        where u.id <> all(picked)
+      ),
+      fits as (
+        select g.ctid, g.n
+        from (
+          select f.ctid, f.n, row_number() over (order by f.n) as take_rank
+          from (select u.ctid, u.n, u.slots_left, u.key_rank,
+                       row_number() over (order by u.n) as fit_rank
+                from u where u.slots_left is null or u.key_rank <= u.slots_left) f
+          -- A key under flow control goes into a prefetch buffer (past the first _starting
+          -- of the batch, which start at once) only while it keeps a whole batch's worth
+          -- of slots free after this job: there a job would hold its slot unstarted, so a
+          -- key near its limit gets only slots that start its jobs at once.
+          where f.slots_left is null or _starting is null
+             or cardinality(picked) + f.fit_rank <= _starting
+             or f.slots_left - f.key_rank >= _limit
+        ) g
+        where g.take_rank <= _limit - cardinality(picked)
+      ),
+      taken as (
+        select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
+               j.attempts, j.max_attempts, f.n
+        from fits f
+        cross join lateral (
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
+                 coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.execution_id,
+                 j.attempts, j.max_attempts
+          from shoal.jobs j
+          where j.ctid = f.ctid and j.run_at <= now()
+          for update skip locked
+        ) j
+      )
+      select array_agg(t.id order by t.n) as ids,
+             array_agg(t.ctid) as ctids,
+             array_agg(t.queue) as queues,
+             array_agg(t.priority) as priorities,
+             array_agg(t.fair_seq) as seqs,
+             array_agg(t.queue || E'\n' || t.flow_key) as tags,
+             bool_or(t.execution_id is not null) as in_workflow,
+             bool_or(t.attempts >= t.max_attempts) as spent,
+             -- Keys with jobs beyond their slots left (waiting for one to free).
+             (select array_agg(u.queue || E'\n' || u.key) from u
+              where u.slots_left is not null and u.key_rank > u.slots_left) as held,
+             -- Keys that may fill a prefetch buffer too: none under flow control, or one
+             -- with a batch's worth of slots to spare.
+             (select bool_or(u.slots_left is null or u.slots_left - u.key_rank >= _limit)
+              from u) as free_keys
+      into got
+      from taken t;
+      if got.held is not null then
+        key_held := array(
+          select k.held + (select count(*) from unnest(got.held) as h(tag)
+                           where h.tag = k.tag)::integer
+          from unnest(key_tags, key_held) with ordinality as k(tag, held, n)
+          order by k.n);
+      end if;
+      if got.ids is not null then
+        picked := picked || got.ids;
+        picked_ctids := picked_ctids || got.ctids;
+        picked_queues := picked_queues || got.queues;
+        picked_priorities := picked_priorities || got.priorities;
+        picked_seqs := picked_seqs || got.seqs;
+        in_workflow := in_workflow or got.in_workflow;
+        spent := spent or got.spent;
+        key_taken := array(
+          select k.taken + (select count(*) from unnest(got.tags) as t(tag)
+                            where t.tag = k.tag)::integer
+          from unnest(key_tags, key_taken) with ordinality as k(tag, taken, n)
+          order by k.n);
+      end if;
+      -- The first look saw every key: nothing more to find.
+      exit when disc_n between 1 and flow_keys_max;
+      -- Every slot that starts a job at once is filled, and only keys under flow control
+      -- were met: what is left of the batch would be a prefetch they may not use.
+      exit when cardinality(picked) >= _limit
+        or (cardinality(picked) >= _starting and not coalesce(got.free_keys, false));
+      if not windowed then
+        -- The usual walk's picks are checked: when some did not fit, the batch's room is
+        -- looked for from the head, in windows.
+        exit when got.held is null;
+        windowed := true;
+        continue;
+      end if;
+      scan_read := scan_read + cand.n;
+      exit when scan_read >= flow_scan;
+      if got.ids is null and cand.low > -32768 then
+        -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
+        -- one priority, keys interleave by their stamps, so another key's jobs lie near its
+        -- head): look below it.
+        band_top := cand.low - 1;
+        scan_from := 0;
+        scan_size := greatest(_limit * 2, 64);
+      else
+        exit when cand.n < scan_size;
+        scan_from := scan_from + scan_size;
+        scan_size := scan_size * 4;
+      end if;
+      scan_size := least(scan_size, flow_scan - scan_read);
+    end loop;
+    -- What this claim took from the buckets, and which keys it found full with jobs
+    -- waiting: written only when something changed (a bucket spent, a key's waiting).
+    if exists (select 1 from unnest(key_tokens, key_taken, key_held, key_waiting)
+                 as k(tokens, taken, held, waiting)
+               where (k.tokens is not null and k.taken > 0) or (k.held > 0) <> k.waiting) then
+      perform shoal.flow_claimed(key_queues, key_keys, key_tokens, key_taken, key_held,
+                                 key_waiting);
+    end if;
+  end if;
+
   if picked is null or cardinality(picked) = 0 then
     return;
   end if;
