@@ -354,3 +354,83 @@ Deno.test("a paused queue: running jobs finish, nothing starts, the pause surviv
   assert(all.some((r) => r.jobId === delayed), "the delayed job ran");
   await stopAll([second]);
 });
+
+Deno.test("a rate limit holds 3 consumers to its rate within 5% over 30 s", async () => {
+  await using db = await testDb();
+  await createRunsTable(db.sql);
+  await installClaimAudit(db.sql);
+  const perSecond = 20;
+  await db.sql`select shoal.set_rate_limit(${Q}, ${perSecond}, 1000)`;
+  // More than 30 s can start: the limit, not the work, sets the pace.
+  await enqueueMany(db.sql, keyedJobs({ a: 900 }, () => 0));
+  const procs = await consumers(db.url, 3, ["--concurrency", "20"]);
+  await using _procs = { [Symbol.asyncDispose]: () => disposeAll(procs) };
+  await waitFor("the first start", async () => (await loadRuns(db.sql, Q)).length > 0, 10_000);
+  const first = (await loadRuns(db.sql, Q))[0]!.start;
+  const windowUs = 30_000_000;
+  await waitFor(
+    "30 s of starts",
+    async () => (await clockUs(db.sql)) > first + windowUs + 200_000,
+    40_000,
+    200,
+  );
+  const runs = await loadRuns(db.sql, Q);
+  const inWindow = runs.filter((r) => r.start < first + windowUs).length;
+  // A token bucket of 20: a burst of 20 at the start, then 20 a second.
+  const expected = perSecond + perSecond * 30;
+  const pids = new Set(runs.map((r) => r.pid));
+  figure(
+    `[flow] rate limit ${perSecond}/s, 3 consumers: ${inWindow} starts in 30 s ` +
+      `(bucket allows ${expected}), in ${pids.size} processes`,
+  );
+  assert(pids.size >= 2, `the jobs ran in ${pids.size} of the 3 processes: no race was tested`);
+  assert(
+    Math.abs(inWindow - expected) <= 0.05 * expected,
+    `${inWindow} starts in 30 s, not within 5% of ${expected}`,
+  );
+  await stopAll(procs);
+});
+
+Deno.test("a handler told to back off (a 429) holds its whole key; other keys go on", async () => {
+  await using db = await testDb();
+  await createRunsTable(db.sql);
+  await installClaimAudit(db.sql);
+  const holdMs = 1500;
+  // One at a time per key, so the throttled job runs before the rest of its key.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1)`;
+  const throttled = await enqueue(db.sql, "test.throttled", { ms: holdMs }, {
+    queue: Q,
+    fairnessKey: "a",
+  });
+  await enqueueMany(db.sql, [
+    ...keyedJobs({ a: 3 }, () => 0),
+    ...keyedJobs({ b: 3 }, () => 50),
+  ]);
+  const procs = await consumers(db.url, 1, ["--concurrency", "10"]);
+  await using _procs = { [Symbol.asyncDispose]: () => disposeAll(procs) };
+  // The 429'd attempt records no finish: wait for the jobs, not for every run's finish.
+  await waitFor("queue flow to drain", async () => await jobsLeft(db.sql, Q) === 0, 20_000);
+  const runs = await loadRuns(db.sql, Q);
+  const throttledAt = runs.find((r) => r.jobId === throttled && r.attempt === 1)!.start;
+  const aAfter = runs.filter((r) => r.key === "a" && r.start > throttledAt);
+  const bRuns = runs.filter((r) => r.key === "b");
+  figure(
+    `[flow] 429 hold of ${holdMs} ms: key a's next start ${
+      ((Math.min(...aAfter.map((r) => r.start)) - throttledAt) / 1000).toFixed(0)
+    } ms after it; key b's last start ${
+      ((Math.max(...bRuns.map((r) => r.start)) - throttledAt) / 1000).toFixed(0)
+    } ms after it`,
+  );
+  assertEquals(aAfter.length, 4, "the throttled job's retry and key a's 3 other jobs");
+  for (const r of aAfter) {
+    assert(
+      r.start >= throttledAt + holdMs * 1000 - 50_000,
+      `a job of key a started ${(r.start - throttledAt) / 1000} ms after the 429, within the hold`,
+    );
+  }
+  assert(
+    bRuns.every((r) => r.start < throttledAt + holdMs * 1000),
+    "key b's jobs waited for key a's hold",
+  );
+  await stopAll(procs);
+});

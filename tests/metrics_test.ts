@@ -164,7 +164,7 @@ Deno.test("Metrics.refreshQueues() reads paused queues, concurrency limits and t
     ...Array.from({ length: 4 }, () => ({ task: "t", queue: "q", fairnessKey: "acme" })),
     ...Array.from({ length: 4 }, () => ({ task: "t", queue: "q", fairnessKey: "vip" })),
   ]);
-  const c = { queues: ["q"], limit: 10, workerId: "test:1", visibilityMs: 60_000, starting: 1 };
+  const c = { queues: ["q"], limit: 10, workerId: "test:1", visibilityMs: 60_000 };
   assertEquals((await claim(db.sql, c)).jobs.length, 2 + 4);
   await m.refreshQueues(db.sql, 0);
   const text = await m.render();
