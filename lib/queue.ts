@@ -768,7 +768,12 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
       returning j.id
     ),
     -- Their concurrency slots are free (sql/functions/flow.sql); referenced, so it runs.
-    freed as (select shoal.free_slots(array_agg(g.id)) from gone g)
+    -- With no slot rows at all (no limit in use), no function call.
+    freed as (
+      select case when exists (select 1 from shoal.concurrency_slots)
+                  then shoal.free_slots(array_agg(g.id)) end
+      from gone g
+    )
     select g.id from gone g cross join (select count(*) from freed) f`;
   return rows.map((r) => r.id);
 }
@@ -790,8 +795,12 @@ export async function ackClaimed(
       delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
       returning j.id
     )
-    -- Their concurrency slots are free (sql/functions/flow.sql).
-    select count(*)::integer as acked, shoal.free_slots(array_agg(g.id)) from gone g`;
+    -- Their concurrency slots are free (sql/functions/flow.sql); with no slot rows at all (no
+    -- limit in use), no function call: a call per ack cost W2 about 3%.
+    select count(*)::integer as acked,
+      case when exists (select 1 from shoal.concurrency_slots)
+           then shoal.free_slots(array_agg(g.id)) end
+    from gone g`;
   return row!.acked;
 }
 

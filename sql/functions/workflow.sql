@@ -400,7 +400,8 @@ begin
   into finished, steps, filled;
 
   -- Their concurrency slots are free now (the slot rule, flow.sql): wake the held-back.
-  if finished is not null then
+  -- With no slot rows at all (no limit in use), no call.
+  if finished is not null and exists (select 1 from shoal.concurrency_slots) then
     perform shoal.free_slots(finished);
   end if;
 
