@@ -263,3 +263,23 @@ Deno.test("a limited key's jobs go only into slots that start them, unless the k
   assertEquals((counts.a ?? 0) + (counts.b ?? 0), 2, JSON.stringify(counts));
   assertEquals(counts.roomy, 18, JSON.stringify(counts));
 });
+
+Deno.test("a claim in flight holds its keys: a second claim cannot take their slots meanwhile", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2)`;
+  await enqueueKeys(db.sql, { a: 2 });
+  await db.sql.begin(async (tx) => {
+    // The first claim takes both of key a's slots and has not committed yet.
+    assertEquals(byKey(await claimJobs(tx as unknown as Sql, 10)), { a: 2 });
+    // A job of key a that ranks first commits meanwhile: the second claim sees it, and
+    // sees no slot taken (the first claim's are not committed). Only the key's lock, held
+    // by the first claim to its commit, keeps it from running a third job of key a.
+    await enqueueKeys(db.sql, { a: 1 }, 5);
+    assertEquals(await claimJobs(db.sql, 10), []);
+  });
+  // Committed: the slots are full, and stay so.
+  assertEquals(await claimJobs(db.sql, 10), []);
+  const [row] = await db.sql<{ n: number }[]>`
+    select count(*)::integer as n from shoal.jobs where locked_by is not null`;
+  assertEquals(row!.n, 2);
+});
