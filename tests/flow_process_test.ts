@@ -434,3 +434,25 @@ Deno.test("a handler told to back off (a 429) holds its whole key; other keys go
   );
   await stopAll(procs);
 });
+
+Deno.test("a consumer process starts keys weighted 1:2:4 in proportion 1:2:4", async () => {
+  await using db = await testDb();
+  await createRunsTable(db.sql);
+  await installClaimAudit(db.sql);
+  await db.sql`select shoal.set_fairness_weight(${Q}, 'two', 2)`;
+  await db.sql`select shoal.set_fairness_weight(${Q}, 'four', 4)`;
+  // One call, so that no key starts with a quiet key's burst ahead of the others.
+  await enqueueMany(db.sql, keyedJobs({ one: 60, two: 120, four: 240 }, () => 0));
+  const procs = await consumers(db.url, 1, ["--concurrency", "1"]);
+  await using _procs = { [Symbol.asyncDispose]: () => disposeAll(procs) };
+  await waitFor("210 starts", async () => (await loadRuns(db.sql, Q)).length >= 210, 20_000);
+  await stopAll(procs);
+  const first = (await loadRuns(db.sql, Q)).slice(0, 210);
+  const counts: Record<string, number> = {};
+  for (const r of first) counts[r.key] = (counts[r.key] ?? 0) + 1;
+  figure(`[flow] weights 1:2:4, first 210 starts: ${JSON.stringify(counts)}`);
+  // 30, 60 and 120, give or take one stamp's jobs.
+  assert(Math.abs(counts.one! - 30) <= 2, JSON.stringify(counts));
+  assert(Math.abs(counts.two! - 60) <= 3, JSON.stringify(counts));
+  assert(Math.abs(counts.four! - 120) <= 5, JSON.stringify(counts));
+});

@@ -262,3 +262,64 @@ Deno.test("behind PgBouncer in transaction mode, consumers keep a concurrency li
   for (const p of procs) p.kill("SIGTERM");
   for (const p of procs) assertEquals((await exitWithin(p, 20_000)).code, 0, tail(p.output()));
 });
+
+Deno.test("behind PgBouncer in transaction mode, a rate limit and a held key hold", async () => {
+  await using db = await testDb();
+  await using bouncer = await startPgBouncer(db.url);
+  await createRunsTable(db.sql);
+  await installClaimAudit(db.sql);
+  const perSecond = 10;
+  await db.sql`select shoal.set_rate_limit('flow', ${perSecond}, 1000)`;
+  const jobs: JobSpec[] = [];
+  for (let i = 0; i < 25; i++) {
+    jobs.push({ task: "test.record", queue: "flow", fairnessKey: "a", payload: { ms: 0 } });
+  }
+  for (let i = 0; i < 5; i++) {
+    jobs.push({ task: "test.record", queue: "flow", fairnessKey: "held", payload: { ms: 0 } });
+  }
+  await enqueueMany(db.sql, jobs);
+  await db.sql`select shoal.hold_key('flow', 'held', 60000)`;
+  const proc = spawnShoal([
+    "--role",
+    "consumer",
+    "--queues",
+    "flow",
+    "--concurrency",
+    "20",
+    "--poll-interval",
+    "50ms",
+    "--no-listen",
+    "--no-prepare",
+    "--log-format",
+    "json",
+  ], { url: bouncer.url, mainModule: TEST_MAIN });
+  await using _proc = { [Symbol.asyncDispose]: () => proc[Symbol.asyncDispose]() };
+  await waitForOutput(proc, "started on", 30_000);
+  await waitFor(
+    "key a's 25 jobs",
+    async () => (await loadRuns(db.sql, "flow")).filter((r) => r.key === "a").length === 25,
+    20_000,
+  );
+  const runs = (await loadRuns(db.sql, "flow")).filter((r) => r.key === "a");
+  // A bucket of 10 refilled at 10 a second: 10 at once, then one every 100 ms. The 25th
+  // starts no sooner than 1.5 s after the first; any second holds at most 10 + 10 starts.
+  const spanMs = (runs[24]!.start - runs[0]!.start) / 1000;
+  figure(`[fault] through PgBouncer, rate ${perSecond}/s: 25 starts over ${spanMs.toFixed(0)} ms`);
+  assert(spanMs >= 1400, `25 starts in ${spanMs.toFixed(0)} ms under ${perSecond} a second`);
+  for (const r of runs) {
+    const inSecond = runs.filter((o) => o.start >= r.start && o.start < r.start + 1_000_000);
+    assert(inSecond.length <= 2 * perSecond, `${inSecond.length} starts within 1 s`);
+  }
+  // The held key: never claimed while held; lifted, its jobs run.
+  const [held] = await db.sql<{ claims: number }[]>`
+    select count(*)::int as claims from test_claims where key = 'held'`;
+  assertEquals(held!.claims, 0, "claims of the held key");
+  await db.sql`select shoal.hold_key('flow', 'held', 0)`;
+  await waitFor(
+    "the held key's jobs after the hold is lifted",
+    async () => (await loadRuns(db.sql, "flow")).filter((r) => r.key === "held").length === 5,
+    10_000,
+  );
+  proc.kill("SIGTERM");
+  assertEquals((await exitWithin(proc, 20_000)).code, 0, tail(proc.output()));
+});
