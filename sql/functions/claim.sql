@@ -162,6 +162,10 @@ declare
   per_key_done boolean := false;
   disc record;
   disc_n bigint := 0;
+  per_key_fetch boolean := false;
+  -- The keys the next step meets: a window's, or every key of the first look.
+  meet_queues text[];
+  meet_keys text[];
   cand record;
   fit record;
 begin
@@ -421,57 +425,9 @@ begin
         ) d;
         disc_n := disc.n;
         if disc_n > 0 and disc_n <= flow_keys_max then
-          select coalesce(array_agg(d.tag), '{}') as tags,
-                 array_agg(d.queue) as queues, array_agg(d.key) as keys
-          into fit
-          from (select distinct u.queue, u.key, u.queue || E'\n' || u.key as tag
-                from unnest(disc.queues, disc.keys) as u(queue, key)) d
-          where d.tag <> all(checked_tags);
-          checked_tags := checked_tags || fit.tags;
-          if fit.queues is not null then
-            select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
-                   key_queues || coalesce(array_agg(a.queue), '{}'),
-                   key_keys || coalesce(array_agg(a.key), '{}'),
-                   key_allowed || coalesce(array_agg(a.allowed), '{}'),
-                   key_tokens || coalesce(array_agg(a.tokens), '{}'),
-                   key_waiting || coalesce(array_agg(a.waiting), '{}')
-            into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting
-            from shoal.flow_allow(fit.queues, fit.keys) a;
-            key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
-            key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
-          end if;
-          -- One more than a key may take, so that a key with jobs beyond it shows as
-          -- waiting (held) to the check below.
-          select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
-                 array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
-                 array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
-                 array_agg(c.key order by c.priority desc, c.fair_seq, c.id) as keys,
-                 min(c.priority) as low,
-                 count(*) as n
-          into cand
-          from (
-            select d.queue, d.key, d.kind,
-                   least(coalesce(a.allowed - a.taken, _limit), _limit) + 1 as take
-            from unnest(disc.queues, disc.keys, disc.kinds) as d(queue, key, kind)
-            left join unnest(key_tags, key_allowed, key_taken) as a(tag, allowed, taken)
-              on a.tag = d.queue || E'\n' || d.key
-          ) d
-          cross join lateral (
-            (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
-             where d.kind = 'f' and j.queue = d.queue and j.fairness_key = d.key
-               and j.concurrency_key is null and j.run_at <= now()
-             order by j.priority desc, j.fair_seq
-             limit d.take)
-            union all
-            (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
-             where d.kind = 'c' and j.queue = d.queue and j.concurrency_key = d.key
-               and j.run_at <= now()
-             order by j.priority desc, j.fair_seq
-             limit d.take)
-          ) c;
-          if cand.ids is null then
-            exit;
-          end if;
+          meet_queues := disc.queues;
+          meet_keys := disc.keys;
+          per_key_fetch := true;
         else
           scan_from := 0;
           continue;
@@ -502,13 +458,18 @@ begin
         ) c;
         exit when cand.ids is null;
       end if;
+      if not per_key_fetch then
+        meet_queues := cand.queues;
+        meet_keys := cand.keys;
+      end if;
 
-      -- Keys first met in this window: how many of each it may take (shoal.flow_allow
-      -- returns those under flow control, locked; a key another claim holds gets none).
+      -- Keys first met (of the window, or every key of the first look): how many of each
+      -- it may take (shoal.flow_allow returns those under flow control, locked; a key
+      -- another claim holds gets none).
       select coalesce(array_agg(d.queue || E'\n' || d.key), '{}') as tags,
              array_agg(d.queue) as queues, array_agg(d.key) as keys
       into fit
-      from (select distinct u.queue, u.key from unnest(cand.queues, cand.keys) as u(queue, key)) d
+      from (select distinct u.queue, u.key from unnest(meet_queues, meet_keys) as u(queue, key)) d
       where d.queue || E'\n' || d.key <> all(checked_tags);
       checked_tags := checked_tags || fit.tags;
       if fit.queues is not null then
@@ -522,6 +483,40 @@ begin
         from shoal.flow_allow(fit.queues, fit.keys) a;
         key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
         key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
+      end if;
+      if per_key_fetch then
+        -- The first look's jobs: each key's first ones, as many as it may take.
+        per_key_fetch := false;
+        -- One more than a key may take, so that a key with jobs beyond it shows as
+        -- waiting (held) to the check below.
+        select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+               array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
+               array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+               array_agg(c.key order by c.priority desc, c.fair_seq, c.id) as keys,
+               min(c.priority) as low,
+               count(*) as n
+        into cand
+        from (
+          select d.queue, d.key, d.kind,
+                 least(coalesce(a.allowed - a.taken, _limit), _limit) + 1 as take
+          from unnest(disc.queues, disc.keys, disc.kinds) as d(queue, key, kind)
+          left join unnest(key_tags, key_allowed, key_taken) as a(tag, allowed, taken)
+            on a.tag = d.queue || E'\n' || d.key
+        ) d
+        cross join lateral (
+          (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
+           where d.kind = 'f' and j.queue = d.queue and j.fairness_key = d.key
+             and j.concurrency_key is null and j.run_at <= now()
+           order by j.priority desc, j.fair_seq
+           limit d.take)
+          union all
+          (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
+           where d.kind = 'c' and j.queue = d.queue and j.concurrency_key = d.key
+             and j.run_at <= now()
+           order by j.priority desc, j.fair_seq
+           limit d.take)
+        ) c;
+        exit when cand.ids is null;
       end if;
       if not windowed then
         -- Every key of the usual walk's picks may take twice the batch: all of them fit
