@@ -174,5 +174,11 @@ Deno.test("W5 priorityBehindBuffer(): the priority-1 job arrives behind a full b
     String(details.claimed_at_enqueue),
   );
   assertEquals(details.a_ran_out, 0);
-  assert.ok(/^A*P$/.test(details.start_order as string), details.start_order as string);
+  // Woken by the commit's NOTIFY, P may start before the producer's call has returned and
+  // read the clock: then no start lies after the commit, and the order is empty.
+  const order = details.start_order as string;
+  assert.ok(
+    /^A*P$/.test(order) || (order === "" && (details.p_first_start_ms as number) <= 0),
+    `${order} (P's first start ${details.p_first_start_ms} ms after the commit)`,
+  );
 });
