@@ -61,6 +61,7 @@ import sql012 from "../sql/012_queue_heads.sql" with { type: "text" };
 import sql013 from "../sql/013_counts.sql" with { type: "text" };
 import sql014 from "../sql/014_claim_index_id.sql" with { type: "text" };
 import sql015 from "../sql/015_flow.sql" with { type: "text" };
+import sql016 from "../sql/016_flow_slots.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -88,6 +89,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "013_counts.sql": sql013,
   "014_claim_index_id.sql": sql014,
   "015_flow.sql": sql015,
+  "016_flow_slots.sql": sql016,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */

@@ -765,13 +765,13 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
     with locked as (${lockOurs(db, idsOf(refs), tokensOf(refs))}),
     gone as (
       delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
-      returning j.id
+      returning j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key
     ),
     -- Their concurrency slots are free (sql/functions/flow.sql); referenced, so it runs.
-    -- With no slot rows at all (no limit in use), no function call.
+    -- With no key waiting for a slot anywhere, no function call.
     freed as (
-      select case when exists (select 1 from shoal.concurrency_slots)
-                  then shoal.free_slots(array_agg(g.id)) end
+      select case when exists (select 1 from shoal.flow_keys k where k.waiting)
+                  then shoal.free_slots(array_agg(g.queue), array_agg(g.flow_key)) end
       from gone g
     )
     select g.id from gone g cross join (select count(*) from freed) f`;
@@ -793,13 +793,13 @@ export async function ackClaimed(
     with locked as (${lockOurs(db, ids, tokens)}),
     gone as (
       delete from shoal.jobs j where j.id = any(array(select l.id from locked l))
-      returning j.id
+      returning j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key
     )
-    -- Their concurrency slots are free (sql/functions/flow.sql); with no slot rows at all (no
-    -- limit in use), no function call: a call per ack cost W2 about 3%.
+    -- Their concurrency slots are free (sql/functions/flow.sql); with no key waiting for a
+    -- slot anywhere, no function call: a call per ack cost W2 about 3%.
     select count(*)::integer as acked,
-      case when exists (select 1 from shoal.concurrency_slots)
-           then shoal.free_slots(array_agg(g.id)) end
+      case when exists (select 1 from shoal.flow_keys k where k.waiting)
+           then shoal.free_slots(array_agg(g.queue), array_agg(g.flow_key)) end
     from gone g`;
   return row!.acked;
 }
@@ -859,7 +859,8 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
           fair_seq = greatest(j.fair_seq, coalesce(shoal.level_head(j.queue, j.priority),
                                                     j.fair_seq))
       where j.id = any(array(select l.id from locked l))
-      returning j.id, j.queue, j.priority, j.fair_seq
+      returning j.id, j.queue, j.priority, j.fair_seq,
+        coalesce(j.concurrency_key, j.fairness_key) as flow_key
     ),
     -- Visible at once: wake idle consumers rather than leave the jobs to their poll.
     woken as (
@@ -868,7 +869,7 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
       from released r
     ),
     -- Their concurrency slots are free (sql/functions/flow.sql).
-    freed as (select shoal.free_slots(array_agg(r.id)) from released r)
+    freed as (select shoal.free_slots(array_agg(r.queue), array_agg(r.flow_key)) from released r)
     -- (a plain select in a WITH runs only when referenced: the joins make it run once)
     select r.id from released r cross join (select count(*) from woken) w
       cross join (select count(*) from freed) f`;
@@ -958,8 +959,9 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     -- Retried or dead, its concurrency slot is free (sql/functions/flow.sql): a retry waits
     -- out its backoff without holding one.
     freed as (
-      select shoal.free_slots(array_agg(x.id))
-      from (select d.id from dead d union all select r.id from retried r) x
+      select shoal.free_slots(array_agg(x.queue), array_agg(x.flow_key))
+      from (select d.queue, coalesce(d.concurrency_key, d.fairness_key) as flow_key from dead d
+            union all select r.queue, r.flow_key from retried r) x
     ),
     -- Told to hold its whole key (a 429, say): no job of the key is claimed meanwhile.
     held as (

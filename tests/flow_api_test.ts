@@ -342,23 +342,29 @@ Deno.test("setFairnessWeight() weighs a key's jobs enqueued after it; clearFairn
   assertEquals(byKey(await claimJobs(db.sql, "fresh", 12)), { heavy: 6, light: 6 });
 });
 
-Deno.test("pruneSlots() removes slot rows that hold nothing, up to its limit; hasStaleSlots() says whether any is left", async () => {
+Deno.test("pruneSlots() removes slot entries that hold nothing, up to its limit of rows; hasStaleSlots() says whether any is left", async () => {
   await using db = await testDb();
   await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 10 });
   await enqueueKeys(db.sql, "q", { a: 4 });
-  const claimed = await claimJobs(db.sql, "q", 10);
+  // Two claims: a slot row each, naming two jobs.
+  const claimed = [...await claimJobs(db.sql, "q", 2), ...await claimJobs(db.sql, "q", 2)];
   assertEquals(claimed.length, 4);
   const slots = async () =>
     (await db.sql<{ job_id: string }[]>`
-      select job_id from shoal.concurrency_slots order by job_id`).map((r) => r.job_id);
+      select unnest(job_ids) as job_id from shoal.concurrency_slots order by 1`)
+      .map((r) => r.job_id);
+  const rows = async () =>
+    (await db.sql<{ n: number }[]>`select count(*)::integer as n from shoal.concurrency_slots`)[0]!
+      .n;
+  assertEquals(await rows(), 2);
   assertEquals(await hasStaleSlots(db.sql), false);
   assertEquals(await pruneSlots(db.sql, 100), 0);
   assertEquals((await slots()).length, 4);
 
-  // Rows left behind by paths that do not free their slot: a job deleted outright, one
-  // unclaimed by hand under the same token; and one past its deadline but still claimed, kept
-  // (its worker may extend it).
-  const [gone, back, late, live] = claimed.map((j) => j.id);
+  // Entries left behind by paths that do not free their slot: a job deleted outright (in
+  // the first row), one unclaimed by hand under the same token (in the second); and one past
+  // its deadline but still claimed, kept (its worker may extend it).
+  const [gone, late, back, live] = claimed.map((j) => j.id);
   await db.sql`delete from shoal.jobs where id = ${gone!}::bigint`;
   await db.sql`update shoal.jobs set locked_by = null where id = ${back!}::bigint`;
   await db.sql`update shoal.jobs set run_at = now() - interval '1 s' where id = ${late!}::bigint`;
@@ -368,7 +374,13 @@ Deno.test("pruneSlots() removes slot rows that hold nothing, up to its limit; ha
   assertEquals(await pruneSlots(db.sql, 100), 1);
   assertEquals(await hasStaleSlots(db.sql), false);
   assertEquals(await slots(), [late!, live!].sort((a, b) => Number(a) - Number(b)));
+  assertEquals(await rows(), 2);
   assertEquals(await limits(db.sql), [["q", null, 10, 1]]); // the late job holds no slot
+
+  // A row none of whose jobs is still claimed goes.
+  await db.sql`delete from shoal.jobs where id in (${late!}::bigint, ${live!}::bigint)`;
+  assertEquals(await pruneSlots(db.sql, 100), 2);
+  assertEquals(await rows(), 0);
 });
 
 /** A call that must be refused with exactly this error, before any SQL changes a row. */

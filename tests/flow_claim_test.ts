@@ -119,6 +119,65 @@ Deno.test("concurrent claims never exceed a key's limit", async () => {
   }
 });
 
+Deno.test("concurrent claims near a high limit never exceed it, whether they count the slots or only raise the bound", async () => {
+  await using db = await testDb();
+  // Claims of 4 read no more than the bound while it is 22 or less (two batches below 30),
+  // and count from there on: 8 claimers at once cross from one way to the other.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 30)`;
+  await enqueueKeys(db.sql, { a: 400, b: 400 });
+  for (let round = 0; round < 12; round++) {
+    const batches = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => claimJobs(db.sql, 4, { workerId: `w${i}` })),
+    );
+    const claimed = batches.flat();
+    const [{ a, b }] = await db.sql<[{ a: number; b: number }]>`
+      select count(*) filter (where fairness_key = 'a')::integer as a,
+             count(*) filter (where fairness_key = 'b')::integer as b
+      from shoal.jobs where locked_by is not null and run_at > now()`;
+    assert(a <= 30 && b <= 30, `round ${round}: ${a} and ${b} running`);
+    await ack(db.sql, claimed.filter((_, i) => i % 3 === 0));
+  }
+  // Claims one at a time fill every slot left (a key another claim held counted as full
+  // for the claims above), and no more.
+  while ((await claimJobs(db.sql, 4)).length > 0);
+  const [row] = await db.sql<[{ n: number }]>`
+    select count(*)::integer as n from shoal.jobs where locked_by is not null`;
+  assertEquals(row.n, 60);
+});
+
+Deno.test("a limit that cannot bind costs one slot row per claim and key and a raised bound; a count removes emptied rows", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 100)`;
+  await enqueueKeys(db.sql, { a: 60 });
+  const bound = async () => {
+    const [row] = await db.sql<[{ bound: number | null; counted: number; rows: number }]>`
+      select k.slots_bound as bound, k.slots_counted as counted,
+             (select count(*)::integer from shoal.concurrency_slots) as rows
+      from shoal.flow_keys k where k.queue = ${Q} and k.key = 'a'`;
+    return row;
+  };
+  // The first claim of the key counts (its bound was unknown); the next ones raise it.
+  const first = await claimJobs(db.sql, 10);
+  assertEquals(first.length, 10);
+  assertEquals(await bound(), { bound: 10, counted: 0, rows: 1 });
+  await ack(db.sql, first);
+  for (let i = 0; i < 3; i++) await ack(db.sql, await claimJobs(db.sql, 10));
+  // Acks write nothing: 40 entries bound, 4 rows, none holding a slot.
+  assertEquals(await bound(), { bound: 40, counted: 0, rows: 4 });
+  // At 90 (room for less than two batches of 10 under 100) the next claim counts: the rows
+  // whose jobs all ended go, and the bound is what is left.
+  await db.sql`update shoal.flow_keys set slots_bound = 90 where queue = ${Q} and key = 'a'`;
+  const counted = await claimJobs(db.sql, 10);
+  assertEquals(counted.length, 10);
+  assertEquals(await bound(), { bound: 10, counted: 0, rows: 1 });
+  // A limit set again makes the bound unknown (its backfill adds no entry twice).
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 100)`;
+  assertEquals((await bound())!.bound, null);
+  assertEquals(await bound().then((b) => b!.rows), 1);
+  assertEquals((await claimJobs(db.sql, 10)).length, 10);
+  assertEquals(await bound(), { bound: 20, counted: 10, rows: 2 });
+});
+
 Deno.test("a rate limit caps each key's claims per period, and refills", async () => {
   await using db = await testDb();
   await db.sql`select shoal.set_rate_limit(${Q}, 5, 1000)`;

@@ -52,10 +52,11 @@
 -- queue under flow control (a concurrency limit, a rate limit, a hold), each key met is
 -- locked (shoal.flow_lock) and what it may take counted (shoal.flow_allow: free slots,
 -- tokens); the jobs that fit, in claim order, are locked SKIP LOCKED (one another claim
--- took meanwhile is left) and those of a limited key get a slot row with their new token.
--- While no key of the queue has jobs waiting (flow_keys.waiting, kept by shoal.flow_claimed)
--- the usual walk picks, and its picks are checked as one window: a limit that does not bind
--- costs that check. Once a key has jobs waiting, they lie behind where claiming has got
+-- took meanwhile is left) and those of a key under a concurrency limit are named, with
+-- their new tokens, in one slot row per key. While no key of the queue has jobs waiting
+-- (flow_keys.waiting, kept by shoal.flow_claimed) the usual walk picks, and its picks are
+-- checked as one window: a limit that does not bind costs that check (the keys' bounds
+-- read, one slot row and one bound written per key). Once a key has jobs waiting, they lie behind where claiming has got
 -- to, where a claim from near the heads would not look: the queue's jobs are read in claim
 -- order, unlocked, a window at a time from its head. A key's jobs beyond what it may take
 -- are skipped, not held up behind: the next window looks past them, growing fourfold, or,
@@ -117,6 +118,8 @@ declare
   picked_queues text[] := '{}';
   picked_priorities integer[] := '{}';
   picked_seqs bigint[] := '{}';
+  -- The flow key of each job picked by the usual walk (aligned with picked_queues).
+  picked_keys text[] := '{}';
   -- What the claim from near the heads read of shoal.queue_heads: how many rows its queues
   -- have at the recorded priorities, and when the stalest was written. With every row
   -- there and none due for a rewrite, and nothing picked at an unrecorded priority, the
@@ -151,6 +154,12 @@ declare
   key_tokens double precision[] := '{}';
   key_held integer[] := '{}';
   key_waiting boolean[] := '{}';
+  -- Each key's bound on its slots (shoal.flow_allow; null: no concurrency limit, so no
+  -- slots), and the keys whose claimed jobs get a slot row.
+  key_bounds integer[] := '{}';
+  slot_tags text[] := '{}';
+  -- Whether the usual walk's picks stood with no more than their keys' bounds read.
+  fast boolean := false;
   checked_tags text[] := '{}';
   scan_from integer := 0;
   scan_size integer;
@@ -204,6 +213,7 @@ begin
            array_agg(c.queue) as queues,
            array_agg(c.priority) as priorities,
            array_agg(c.fair_seq) as seqs,
+           array_agg(c.flow_key) as keys,
            bool_or(c.execution_id is not null) as in_workflow,
            bool_or(c.attempts >= c.max_attempts) as spent
     into got
@@ -211,7 +221,7 @@ begin
       select c.* from unnest(_queues) as q(name)
       cross join lateral (
         select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-               j.max_attempts
+               j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
         from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
         order by j.priority desc, j.fair_seq, j.id + 0
@@ -226,6 +236,7 @@ begin
     picked_queues := got.queues;
     picked_priorities := got.priorities;
     picked_seqs := got.seqs;
+    picked_keys := got.keys;
     in_workflow := got.in_workflow;
     spent := got.spent;
   elsif _from_head then
@@ -237,6 +248,7 @@ begin
            array_agg(c.queue) as queues,
            array_agg(c.priority) as priorities,
            array_agg(c.fair_seq) as seqs,
+           array_agg(c.flow_key) as keys,
            bool_or(c.execution_id is not null) as in_workflow,
            bool_or(c.attempts >= c.max_attempts) as spent
     into got
@@ -245,7 +257,7 @@ begin
         select h.* from unnest(_queues) as q(name)
         cross join lateral (
           select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-                 j.max_attempts
+                 j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
           from shoal.jobs j
           where j.queue = q.name and j.priority > _before_priority and j.run_at <= now()
           order by j.priority desc, j.fair_seq, j.id + 0
@@ -256,7 +268,7 @@ begin
         select e.* from unnest(_queues) as q(name)
         cross join lateral (
           select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-                 j.max_attempts
+                 j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
           from shoal.jobs j
           where j.queue = q.name and j.priority = _before_priority
             and j.fair_seq <= _before_fair_seq and j.run_at <= now()
@@ -273,6 +285,7 @@ begin
     picked_queues := got.queues;
     picked_priorities := got.priorities;
     picked_seqs := got.seqs;
+    picked_keys := got.keys;
     in_workflow := got.in_workflow;
     spent := got.spent;
   else
@@ -294,6 +307,7 @@ begin
                array_agg(c.queue) as queues,
                array_agg(c.priority) as priorities,
                array_agg(c.fair_seq) as seqs,
+               array_agg(c.flow_key) as keys,
                bool_or(c.execution_id is not null) as in_workflow,
                bool_or(c.attempts >= c.max_attempts) as spent
         into got
@@ -301,7 +315,7 @@ begin
           select c.* from unnest(_queues) as q(name)
           cross join lateral (
             select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-                   j.max_attempts
+                   j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
             from shoal.jobs j
             where j.queue = q.name and j.priority < above and j.priority > below
               and j.run_at <= now()
@@ -318,6 +332,7 @@ begin
           picked_queues := picked_queues || got.queues;
           picked_priorities := picked_priorities || got.priorities;
           picked_seqs := picked_seqs || got.seqs;
+          picked_keys := picked_keys || got.keys;
           in_workflow := in_workflow or got.in_workflow;
           spent := spent or got.spent;
           from_gap := true;
@@ -331,6 +346,7 @@ begin
              array_agg(c.ctid) as ctids,
              array_agg(c.queue) as queues,
              array_agg(c.fair_seq) as seqs,
+             array_agg(c.flow_key) as keys,
              bool_or(c.execution_id is not null) as in_workflow,
              bool_or(c.attempts >= c.max_attempts) as spent
       into got
@@ -338,7 +354,8 @@ begin
         select c.* from unnest(_queues) as q(name)
         left join shoal.queue_heads h on h.queue = q.name and h.priority = lvl
         cross join lateral (
-          select j.id, j.ctid, j.queue, j.fair_seq, j.execution_id, j.attempts, j.max_attempts
+          select j.id, j.ctid, j.queue, j.fair_seq, j.execution_id, j.attempts, j.max_attempts,
+                 coalesce(j.concurrency_key, j.fairness_key) as flow_key
           from shoal.jobs j
           where j.queue = q.name and j.priority = lvl
             and j.fair_seq >= coalesce(h.previous - head_lead, -9223372036854775808)
@@ -356,6 +373,7 @@ begin
         picked_queues := picked_queues || got.queues;
         picked_priorities := picked_priorities || array_fill(lvl, array[cardinality(got.ids)]);
         picked_seqs := picked_seqs || got.seqs;
+        picked_keys := picked_keys || got.keys;
         in_workflow := in_workflow or got.in_workflow;
         spent := spent or got.spent;
       end if;
@@ -367,294 +385,349 @@ begin
     if not windowed then
       -- The usual walk's picks, checked as one window (already locked: the lock below takes
       -- them again). What does not fit stays locked, unclaimed, until this claim commits.
+      -- Their keys first (picked_keys: a multiset, not in claim order); the picks in claim
+      -- order only when some key may not take all of its.
       if picked is null or cardinality(picked) = 0 then
         return;
       end if;
-      select array_agg(j.id order by x.n) as ids,
-             array_agg(j.ctid order by x.n) as ctids,
-             array_agg(j.queue order by x.n) as queues,
-             array_agg(coalesce(j.concurrency_key, j.fairness_key) order by x.n) as keys,
-             min(j.priority) as low,
-             count(*) as n
-      into cand
-      from unnest(picked) with ordinality as x(id, n)
-      join shoal.jobs j on j.id = x.id;
+      meet_queues := picked_queues;
+      meet_keys := picked_keys;
+      -- A limit that cannot bind: every key of the picks is under no flow control, or only
+      -- under a concurrency limit whose bound leaves room for two batches (THE BOUND in
+      -- flow.sql), with no count due. Then the picks stand, and each such key's bound is
+      -- raised by its picks under its lock (a key another claim holds, or a bound that grew
+      -- meanwhile, sends the claim the long way: a raise already made only overstates the
+      -- bound). One statement, where the long way takes a dozen.
+      with k as (
+        select u.queue, u.key, count(*)::integer as n
+        from unnest(picked_queues, picked_keys) as u(queue, key)
+        group by u.queue, u.key
+      ),
+      c as (
+        select k.queue, k.key, k.n, coalesce(lk.max_running, ld.max_running) as max_running,
+               exists (select 1 from shoal.rate_limits r
+                       where r.queue = k.queue and (r.key = k.key or r.key is null)) as rated,
+               f.slots_bound, f.slots_counted, f.held_until
+        from k
+        left join shoal.concurrency_limits lk on lk.queue = k.queue and lk.key = k.key
+        left join shoal.concurrency_limits ld on ld.queue = k.queue and ld.key is null
+        left join shoal.flow_keys f on f.queue = k.queue and f.key = k.key
+      ),
+      ok as (
+        select coalesce(bool_and(
+                 not c.rated and (c.held_until is null or c.held_until <= now())
+                 and (c.max_running is null
+                      or (c.slots_bound is not null and c.slots_bound - c.slots_counted < 10000
+                          and c.slots_bound + 2 * _limit <= c.max_running))), true) as all_ok,
+               count(*) filter (where c.max_running is not null) as limited_keys
+        from c
+      ),
+      raised as (
+        update shoal.flow_keys f set slots_bound = f.slots_bound + c.n
+        from c, ok
+        where ok.all_ok and c.max_running is not null
+          and f.queue = c.queue and f.key = c.key
+          and f.slots_bound + 2 * _limit <= c.max_running
+          and shoal.flow_lock(f.queue, f.key)
+        returning f.queue || E'\n' || f.key as tag
+      )
+      select ok.all_ok and (select count(*) from raised) = ok.limited_keys,
+             (select coalesce(array_agg(r.tag), '{}') from raised r)
+      into fast, slot_tags
+      from ok;
     end if;
-    scan_size := greatest(_limit * 2, 64);
-    loop
-      -- Windowed, first: every key with jobs in the queues, found by a skip scan of the
-      -- fairness index (and of the concurrency index for concurrency keys), up to
-      -- flow_keys_max of them; then each key's first jobs, as many as it may take, read
-      -- without locks through the same index: a key's run of jobs in the claim order costs
-      -- nothing to pass, however long (a key that enqueued in one batch, or whose
-      -- priority ranks above the rest).
-      if windowed and not per_key_done then
-        per_key_done := true;
-        select array_agg(d.queue) as queues, array_agg(d.key) as keys,
-               array_agg(d.kind) as kinds, count(*) as n
-        into disc
-        from (
-          select q.name as queue, k.key, 'f' as kind from unnest(_queues) as q(name)
-          cross join lateral (
-            with recursive r(key) as (
-              (select j.fairness_key from shoal.jobs j where j.queue = q.name
-               order by j.fairness_key limit 1)
-              union all
-              select (select j.fairness_key from shoal.jobs j
-                      where j.queue = q.name and j.fairness_key > r.key
-                      order by j.fairness_key limit 1)
-              from r where r.key is not null
-            )
-            select r.key from r where r.key is not null limit flow_keys_max + 1
-          ) k
-          union all
-          select q.name, k.key, 'c' from unnest(_queues) as q(name)
-          cross join lateral (
-            with recursive r(key) as (
-              (select j.concurrency_key from shoal.jobs j
-               where j.queue = q.name and j.concurrency_key is not null
-               order by j.concurrency_key limit 1)
-              union all
-              select (select j.concurrency_key from shoal.jobs j
-                      where j.queue = q.name and j.concurrency_key > r.key
-                      order by j.concurrency_key limit 1)
-              from r where r.key is not null
-            )
-            select r.key from r where r.key is not null limit flow_keys_max + 1
-          ) k
-        ) d;
-        disc_n := disc.n;
-        if disc_n > 0 and disc_n <= flow_keys_max then
-          meet_queues := disc.queues;
-          meet_keys := disc.keys;
-          per_key_fetch := true;
-        else
-          scan_from := 0;
-          continue;
+    if not fast then
+      scan_size := greatest(_limit * 2, 64);
+      loop
+        -- Windowed, first: every key with jobs in the queues, found by a skip scan of the
+        -- fairness index (and of the concurrency index for concurrency keys), up to
+        -- flow_keys_max of them; then each key's first jobs, as many as it may take, read
+        -- without locks through the same index: a key's run of jobs in the claim order costs
+        -- nothing to pass, however long (a key that enqueued in one batch, or whose
+        -- priority ranks above the rest).
+        if windowed and not per_key_done then
+          per_key_done := true;
+          select array_agg(d.queue) as queues, array_agg(d.key) as keys,
+                 array_agg(d.kind) as kinds, count(*) as n
+          into disc
+          from (
+            select q.name as queue, k.key, 'f' as kind from unnest(_queues) as q(name)
+            cross join lateral (
+              with recursive r(key) as (
+                (select j.fairness_key from shoal.jobs j where j.queue = q.name
+                 order by j.fairness_key limit 1)
+                union all
+                select (select j.fairness_key from shoal.jobs j
+                        where j.queue = q.name and j.fairness_key > r.key
+                        order by j.fairness_key limit 1)
+                from r where r.key is not null
+              )
+              select r.key from r where r.key is not null limit flow_keys_max + 1
+            ) k
+            union all
+            select q.name, k.key, 'c' from unnest(_queues) as q(name)
+            cross join lateral (
+              with recursive r(key) as (
+                (select j.concurrency_key from shoal.jobs j
+                 where j.queue = q.name and j.concurrency_key is not null
+                 order by j.concurrency_key limit 1)
+                union all
+                select (select j.concurrency_key from shoal.jobs j
+                        where j.queue = q.name and j.concurrency_key > r.key
+                        order by j.concurrency_key limit 1)
+                from r where r.key is not null
+              )
+              select r.key from r where r.key is not null limit flow_keys_max + 1
+            ) k
+          ) d;
+          disc_n := disc.n;
+          if disc_n > 0 and disc_n <= flow_keys_max then
+            meet_queues := disc.queues;
+            meet_keys := disc.keys;
+            per_key_fetch := true;
+          else
+            scan_from := 0;
+            continue;
+          end if;
+        -- Windowed, then (more keys than that): the next window of ready jobs in claim order,
+        -- read without locks.
+        elsif windowed then
+          select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+                 array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
+                 array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+                 array_agg(c.fairness_key order by c.priority desc, c.fair_seq, c.id) as keys,
+                 min(c.priority) as low,
+                 count(*) as n
+          into cand
+          from (
+            select c.* from unnest(_queues) as q(name)
+            cross join lateral (
+              select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
+                     coalesce(j.concurrency_key, j.fairness_key) as fairness_key
+              from shoal.jobs j
+              where j.queue = q.name and j.priority <= band_top and j.run_at <= now()
+              order by j.priority desc, j.fair_seq, j.id + 0
+              limit scan_from + scan_size
+            ) c
+            order by c.priority desc, c.fair_seq, c.id
+            offset scan_from
+            limit scan_size
+          ) c;
+          exit when cand.ids is null;
         end if;
-      -- Windowed, then (more keys than that): the next window of ready jobs in claim order,
-      -- read without locks.
-      elsif windowed then
-        select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
-               array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
-               array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
-               array_agg(c.fairness_key order by c.priority desc, c.fair_seq, c.id) as keys,
-               min(c.priority) as low,
-               count(*) as n
-        into cand
-        from (
-          select c.* from unnest(_queues) as q(name)
+        if windowed and not per_key_fetch then
+          meet_queues := cand.queues;
+          meet_keys := cand.keys;
+        end if;
+
+        -- Keys first met (of the window, or every key of the first look): how many of each
+        -- it may take (shoal.flow_allow returns those under flow control, locked; a key
+        -- another claim holds gets none).
+        select coalesce(array_agg(d.queue || E'\n' || d.key), '{}') as tags,
+               array_agg(d.queue) as queues, array_agg(d.key) as keys
+        into fit
+        from (select distinct u.queue, u.key from unnest(meet_queues, meet_keys) as u(queue, key)) d
+        where d.queue || E'\n' || d.key <> all(checked_tags);
+        checked_tags := checked_tags || fit.tags;
+        if fit.queues is not null then
+          select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
+                 key_queues || coalesce(array_agg(a.queue), '{}'),
+                 key_keys || coalesce(array_agg(a.key), '{}'),
+                 key_allowed || coalesce(array_agg(a.allowed), '{}'),
+                 key_tokens || coalesce(array_agg(a.tokens), '{}'),
+                 key_waiting || coalesce(array_agg(a.waiting), '{}'),
+                 key_bounds || coalesce(array_agg(a.bound), '{}')
+          into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting, key_bounds
+          from shoal.flow_allow(fit.queues, fit.keys, 2 * _limit) a;
+          key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
+          key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
+        end if;
+        if per_key_fetch then
+          -- The first look's jobs: each key's first ones, as many as it may take.
+          per_key_fetch := false;
+          -- One more than a key may take, so that a key with jobs beyond it shows as
+          -- waiting (held) to the check below.
+          select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
+                 array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
+                 array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
+                 array_agg(c.key order by c.priority desc, c.fair_seq, c.id) as keys,
+                 min(c.priority) as low,
+                 count(*) as n
+          into cand
+          from (
+            select d.queue, d.key, d.kind,
+                   least(coalesce(a.allowed - a.taken, _limit), _limit) + 1 as take
+            from unnest(disc.queues, disc.keys, disc.kinds) as d(queue, key, kind)
+            left join unnest(key_tags, key_allowed, key_taken) as a(tag, allowed, taken)
+              on a.tag = d.queue || E'\n' || d.key
+          ) d
+          cross join lateral (
+            (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
+             where d.kind = 'f' and j.queue = d.queue and j.fairness_key = d.key
+               and j.concurrency_key is null and j.run_at <= now()
+             order by j.priority desc, j.fair_seq
+             limit d.take)
+            union all
+            (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
+             where d.kind = 'c' and j.queue = d.queue and j.concurrency_key = d.key
+               and j.run_at <= now()
+             order by j.priority desc, j.fair_seq
+             limit d.take)
+          ) c;
+          exit when cand.ids is null;
+        end if;
+        if not windowed then
+          -- Every key of the usual walk's picks may take twice the batch: all of them fit
+          -- (the check below would keep every one), and the picks stand as they are.
+          if (select coalesce(bool_and(a >= 2 * _limit), true) from unnest(key_allowed) as a) then
+            key_taken := array(
+              select (select count(*) from unnest(picked_queues, picked_keys) as c(queue, key)
+                      where c.queue || E'\n' || c.key = k.tag)::integer
+              from unnest(key_tags) with ordinality as k(tag, n)
+              order by k.n);
+            exit;
+          end if;
+          select array_agg(j.id order by x.n) as ids,
+                 array_agg(j.ctid order by x.n) as ctids,
+                 array_agg(j.queue order by x.n) as queues,
+                 array_agg(coalesce(j.concurrency_key, j.fairness_key) order by x.n) as keys,
+                 min(j.priority) as low,
+                 count(*) as n
+          into cand
+          from unnest(picked) with ordinality as x(id, n)
+          join shoal.jobs j on j.id = x.id;
+          picked := '{}';
+          picked_ctids := '{}';
+          picked_queues := '{}';
+          picked_priorities := '{}';
+          picked_seqs := '{}';
+          picked_keys := '{}';
+          in_workflow := false;
+          spent := false;
+        end if;
+
+        -- The window's jobs that fit, in claim order: a limited key's while it has slots
+        -- left, any other's; no more than the batch has room for. Locked now, SKIP LOCKED,
+        -- and only while still ready (another claim may have taken one since the read).
+        with u as (
+          select u.*, k.slots_left,
+                 row_number() over (partition by u.queue, u.key order by u.n) as key_rank
+          from unnest(cand.ids, cand.ctids, cand.queues, cand.keys)
+            with ordinality as u(id, ctid, queue, key, n)
+          left join (select k.tag, k.allowed - k.taken as slots_left
+                     from unnest(key_tags, key_allowed, key_taken) as k(tag, allowed, taken)) k
+            on k.tag = u.queue || E'\n' || u.key
+          where u.id <> all(picked)
+        ),
+        fits as (
+          select g.ctid, g.n
+          from (
+            select f.ctid, f.n, row_number() over (order by f.n) as take_rank
+            from (select u.ctid, u.n, u.slots_left, u.key_rank,
+                         row_number() over (order by u.n) as fit_rank
+                  from u where u.slots_left is null or u.key_rank <= u.slots_left) f
+            -- A key under flow control goes into a prefetch buffer (past the first _starting
+            -- of the batch, which start at once) only while it keeps a whole batch's worth
+            -- of slots free after this job: there a job would hold its slot unstarted, so a
+            -- key near its limit gets only slots that start its jobs at once.
+            where f.slots_left is null or _starting is null
+               or cardinality(picked) + f.fit_rank <= _starting
+               or f.slots_left - f.key_rank >= _limit
+          ) g
+          where g.take_rank <= _limit - cardinality(picked)
+        ),
+        taken as (
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
+                 j.attempts, j.max_attempts, f.n
+          from fits f
           cross join lateral (
             select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
-                   coalesce(j.concurrency_key, j.fairness_key) as fairness_key
+                   coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.execution_id,
+                   j.attempts, j.max_attempts
             from shoal.jobs j
-            where j.queue = q.name and j.priority <= band_top and j.run_at <= now()
-            order by j.priority desc, j.fair_seq, j.id + 0
-            limit scan_from + scan_size
-          ) c
-          order by c.priority desc, c.fair_seq, c.id
-          offset scan_from
-          limit scan_size
-        ) c;
-        exit when cand.ids is null;
-      end if;
-      if not per_key_fetch then
-        meet_queues := cand.queues;
-        meet_keys := cand.keys;
-      end if;
-
-      -- Keys first met (of the window, or every key of the first look): how many of each
-      -- it may take (shoal.flow_allow returns those under flow control, locked; a key
-      -- another claim holds gets none).
-      select coalesce(array_agg(d.queue || E'\n' || d.key), '{}') as tags,
-             array_agg(d.queue) as queues, array_agg(d.key) as keys
-      into fit
-      from (select distinct u.queue, u.key from unnest(meet_queues, meet_keys) as u(queue, key)) d
-      where d.queue || E'\n' || d.key <> all(checked_tags);
-      checked_tags := checked_tags || fit.tags;
-      if fit.queues is not null then
-        select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
-               key_queues || coalesce(array_agg(a.queue), '{}'),
-               key_keys || coalesce(array_agg(a.key), '{}'),
-               key_allowed || coalesce(array_agg(a.allowed), '{}'),
-               key_tokens || coalesce(array_agg(a.tokens), '{}'),
-               key_waiting || coalesce(array_agg(a.waiting), '{}')
-        into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting
-        from shoal.flow_allow(fit.queues, fit.keys) a;
-        key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
-        key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
-      end if;
-      if per_key_fetch then
-        -- The first look's jobs: each key's first ones, as many as it may take.
-        per_key_fetch := false;
-        -- One more than a key may take, so that a key with jobs beyond it shows as
-        -- waiting (held) to the check below.
-        select array_agg(c.id order by c.priority desc, c.fair_seq, c.id) as ids,
-               array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
-               array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
-               array_agg(c.key order by c.priority desc, c.fair_seq, c.id) as keys,
-               min(c.priority) as low,
-               count(*) as n
-        into cand
-        from (
-          select d.queue, d.key, d.kind,
-                 least(coalesce(a.allowed - a.taken, _limit), _limit) + 1 as take
-          from unnest(disc.queues, disc.keys, disc.kinds) as d(queue, key, kind)
-          left join unnest(key_tags, key_allowed, key_taken) as a(tag, allowed, taken)
-            on a.tag = d.queue || E'\n' || d.key
-        ) d
-        cross join lateral (
-          (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
-           where d.kind = 'f' and j.queue = d.queue and j.fairness_key = d.key
-             and j.concurrency_key is null and j.run_at <= now()
-           order by j.priority desc, j.fair_seq
-           limit d.take)
-          union all
-          (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
-           where d.kind = 'c' and j.queue = d.queue and j.concurrency_key = d.key
-             and j.run_at <= now()
-           order by j.priority desc, j.fair_seq
-           limit d.take)
-        ) c;
-        exit when cand.ids is null;
-      end if;
-      if not windowed then
-        -- Every key of the usual walk's picks may take twice the batch: all of them fit
-        -- (the check below would keep every one), and the picks stand as they are.
-        if (select coalesce(bool_and(a >= 2 * _limit), true) from unnest(key_allowed) as a) then
-          key_taken := array(
-            select (select count(*) from unnest(cand.queues, cand.keys) as c(queue, key)
-                    where c.queue || E'\n' || c.key = k.tag)::integer
-            from unnest(key_tags) with ordinality as k(tag, n)
+            where j.ctid = f.ctid and j.run_at <= now()
+            for update skip locked
+          ) j
+        )
+        select array_agg(t.id order by t.n) as ids,
+               array_agg(t.ctid) as ctids,
+               array_agg(t.queue) as queues,
+               array_agg(t.priority) as priorities,
+               array_agg(t.fair_seq) as seqs,
+               array_agg(t.queue || E'\n' || t.flow_key) as tags,
+               bool_or(t.execution_id is not null) as in_workflow,
+               bool_or(t.attempts >= t.max_attempts) as spent,
+               -- Keys with jobs beyond their slots left (waiting for one to free).
+               (select array_agg(u.queue || E'\n' || u.key) from u
+                where u.slots_left is not null and u.key_rank > u.slots_left) as held,
+               -- Keys that may fill a prefetch buffer too: none under flow control, or one
+               -- with a batch's worth of slots to spare.
+               (select bool_or(u.slots_left is null or u.slots_left - u.key_rank >= _limit)
+                from u) as free_keys
+        into got
+        from taken t;
+        if got.held is not null then
+          key_held := array(
+            select k.held + (select count(*) from unnest(got.held) as h(tag)
+                             where h.tag = k.tag)::integer
+            from unnest(key_tags, key_held) with ordinality as k(tag, held, n)
             order by k.n);
-          exit;
         end if;
-        picked := '{}';
-        picked_ctids := '{}';
-        picked_queues := '{}';
-        picked_priorities := '{}';
-        picked_seqs := '{}';
-        in_workflow := false;
-        spent := false;
+        if got.ids is not null then
+          picked := picked || got.ids;
+          picked_ctids := picked_ctids || got.ctids;
+          picked_queues := picked_queues || got.queues;
+          picked_priorities := picked_priorities || got.priorities;
+          picked_seqs := picked_seqs || got.seqs;
+          in_workflow := in_workflow or got.in_workflow;
+          spent := spent or got.spent;
+          key_taken := array(
+            select k.taken + (select count(*) from unnest(got.tags) as t(tag)
+                              where t.tag = k.tag)::integer
+            from unnest(key_tags, key_taken) with ordinality as k(tag, taken, n)
+            order by k.n);
+        end if;
+        -- The first look saw every key: nothing more to find.
+        exit when disc_n between 1 and flow_keys_max;
+        -- Every slot that starts a job at once is filled, and only keys under flow control
+        -- were met: what is left of the batch would be a prefetch they may not use.
+        exit when cardinality(picked) >= _limit
+          or (cardinality(picked) >= _starting and not coalesce(got.free_keys, false));
+        if not windowed then
+          -- The usual walk's picks are checked: when some did not fit, the batch's room is
+          -- looked for from the head, in windows.
+          exit when got.held is null;
+          windowed := true;
+          continue;
+        end if;
+        scan_read := scan_read + cand.n;
+        exit when scan_read >= flow_scan;
+        if got.ids is null and cand.low > -32768 then
+          -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
+          -- one priority, keys interleave by their stamps, so another key's jobs lie near its
+          -- head): look below it.
+          band_top := cand.low - 1;
+          scan_from := 0;
+          scan_size := greatest(_limit * 2, 64);
+        else
+          exit when cand.n < scan_size;
+          scan_from := scan_from + scan_size;
+          scan_size := scan_size * 4;
+        end if;
+        scan_size := least(scan_size, flow_scan - scan_read);
+      end loop;
+      -- What this claim took from the buckets and the slots' bounds, and which keys it found
+      -- full with jobs waiting: written only when something changed.
+      if exists (select 1 from unnest(key_tokens, key_taken, key_held, key_waiting, key_bounds)
+                   as k(tokens, taken, held, waiting, bound)
+                 where ((k.tokens is not null or k.bound is not null) and k.taken > 0)
+                    or (k.held > 0) <> k.waiting) then
+        perform shoal.flow_claimed(key_queues, key_keys, key_tokens, key_taken, key_held,
+                                   key_waiting, key_bounds);
       end if;
-
-      -- The window's jobs that fit, in claim order: a limited key's while it has slots
-      -- left, any other's; no more than the batch has room for. Locked now, SKIP LOCKED,
-      -- and only while still ready (another claim may have taken one since the read).
-      with u as (
-        select u.*, k.slots_left,
-               row_number() over (partition by u.queue, u.key order by u.n) as key_rank
-        from unnest(cand.ids, cand.ctids, cand.queues, cand.keys)
-          with ordinality as u(id, ctid, queue, key, n)
-        left join (select k.tag, k.allowed - k.taken as slots_left
-                   from unnest(key_tags, key_allowed, key_taken) as k(tag, allowed, taken)) k
-          on k.tag = u.queue || E'\n' || u.key
-        where u.id <> all(picked)
-      ),
-      fits as (
-        select g.ctid, g.n
-        from (
-          select f.ctid, f.n, row_number() over (order by f.n) as take_rank
-          from (select u.ctid, u.n, u.slots_left, u.key_rank,
-                       row_number() over (order by u.n) as fit_rank
-                from u where u.slots_left is null or u.key_rank <= u.slots_left) f
-          -- A key under flow control goes into a prefetch buffer (past the first _starting
-          -- of the batch, which start at once) only while it keeps a whole batch's worth
-          -- of slots free after this job: there a job would hold its slot unstarted, so a
-          -- key near its limit gets only slots that start its jobs at once.
-          where f.slots_left is null or _starting is null
-             or cardinality(picked) + f.fit_rank <= _starting
-             or f.slots_left - f.key_rank >= _limit
-        ) g
-        where g.take_rank <= _limit - cardinality(picked)
-      ),
-      taken as (
-        select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
-               j.attempts, j.max_attempts, f.n
-        from fits f
-        cross join lateral (
-          select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
-                 coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.execution_id,
-                 j.attempts, j.max_attempts
-          from shoal.jobs j
-          where j.ctid = f.ctid and j.run_at <= now()
-          for update skip locked
-        ) j
-      )
-      select array_agg(t.id order by t.n) as ids,
-             array_agg(t.ctid) as ctids,
-             array_agg(t.queue) as queues,
-             array_agg(t.priority) as priorities,
-             array_agg(t.fair_seq) as seqs,
-             array_agg(t.queue || E'\n' || t.flow_key) as tags,
-             bool_or(t.execution_id is not null) as in_workflow,
-             bool_or(t.attempts >= t.max_attempts) as spent,
-             -- Keys with jobs beyond their slots left (waiting for one to free).
-             (select array_agg(u.queue || E'\n' || u.key) from u
-              where u.slots_left is not null and u.key_rank > u.slots_left) as held,
-             -- Keys that may fill a prefetch buffer too: none under flow control, or one
-             -- with a batch's worth of slots to spare.
-             (select bool_or(u.slots_left is null or u.slots_left - u.key_rank >= _limit)
-              from u) as free_keys
-      into got
-      from taken t;
-      if got.held is not null then
-        key_held := array(
-          select k.held + (select count(*) from unnest(got.held) as h(tag)
-                           where h.tag = k.tag)::integer
-          from unnest(key_tags, key_held) with ordinality as k(tag, held, n)
-          order by k.n);
-      end if;
-      if got.ids is not null then
-        picked := picked || got.ids;
-        picked_ctids := picked_ctids || got.ctids;
-        picked_queues := picked_queues || got.queues;
-        picked_priorities := picked_priorities || got.priorities;
-        picked_seqs := picked_seqs || got.seqs;
-        in_workflow := in_workflow or got.in_workflow;
-        spent := spent or got.spent;
-        key_taken := array(
-          select k.taken + (select count(*) from unnest(got.tags) as t(tag)
-                            where t.tag = k.tag)::integer
-          from unnest(key_tags, key_taken) with ordinality as k(tag, taken, n)
-          order by k.n);
-      end if;
-      -- The first look saw every key: nothing more to find.
-      exit when disc_n between 1 and flow_keys_max;
-      -- Every slot that starts a job at once is filled, and only keys under flow control
-      -- were met: what is left of the batch would be a prefetch they may not use.
-      exit when cardinality(picked) >= _limit
-        or (cardinality(picked) >= _starting and not coalesce(got.free_keys, false));
-      if not windowed then
-        -- The usual walk's picks are checked: when some did not fit, the batch's room is
-        -- looked for from the head, in windows.
-        exit when got.held is null;
-        windowed := true;
-        continue;
-      end if;
-      scan_read := scan_read + cand.n;
-      exit when scan_read >= flow_scan;
-      if got.ids is null and cand.low > -32768 then
-        -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
-        -- one priority, keys interleave by their stamps, so another key's jobs lie near its
-        -- head): look below it.
-        band_top := cand.low - 1;
-        scan_from := 0;
-        scan_size := greatest(_limit * 2, 64);
-      else
-        exit when cand.n < scan_size;
-        scan_from := scan_from + scan_size;
-        scan_size := scan_size * 4;
-      end if;
-      scan_size := least(scan_size, flow_scan - scan_read);
-    end loop;
-    -- What this claim took from the buckets, and which keys it found full with jobs
-    -- waiting: written only when something changed (a bucket spent, a key's waiting).
-    if exists (select 1 from unnest(key_tokens, key_taken, key_held, key_waiting)
-                 as k(tokens, taken, held, waiting)
-               where (k.tokens is not null and k.taken > 0) or (k.held > 0) <> k.waiting) then
-      perform shoal.flow_claimed(key_queues, key_keys, key_tokens, key_taken, key_held,
-                                 key_waiting);
+      -- The keys under a concurrency limit: their claimed jobs get a slot row.
+      slot_tags := array(select k.tag from unnest(key_tags, key_bounds) as k(tag, bound)
+                         where k.bound is not null);
     end if;
   end if;
 
@@ -759,13 +832,13 @@ begin
         j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at,
         coalesce(j.concurrency_key, j.fairness_key) as flow_key
     ),
-    -- A limited key's jobs hold a slot each, under their new token (the slot rule).
+    -- A limited key's jobs hold a slot each, under their new token (the slot rule): one
+    -- row per key for this claim.
     slotted as (
-      insert into shoal.concurrency_slots as s (job_id, queue, key, token)
-      select c.id, c.queue, c.flow_key, c.token from claimed c
-      where limited and c.queue || E'\n' || c.flow_key = any(key_tags)
-      on conflict (job_id) do update
-      set queue = excluded.queue, key = excluded.key, token = excluded.token
+      insert into shoal.concurrency_slots (queue, key, job_ids, tokens)
+      select c.queue, c.flow_key, array_agg(c.id), array_agg(c.token) from claimed c
+      where limited and c.queue || E'\n' || c.flow_key = any(slot_tags)
+      group by c.queue, c.flow_key
     )
     -- In claim order, so the caller starts them in that order.
     select c.id, c.queue::text, c.task::text, c.payload::jsonb, c.priority, c.fairness_key,

@@ -16,18 +16,29 @@
 --   shoal.flow_lock                                the claim's lock on a key
 --   shoal.held_slots (a view), shoal.slots_held,   the slot rule (below); a key's slots
 --   shoal.default_slots_held                       held; those of keys under a default
---   shoal.free_slots, shoal.prune_slots,           finished claims give their slots back;
---   shoal.has_flow_leftovers                       the reaper removes what is left
+--   shoal.free_slots                               a freed slot wakes the held-back
+--   shoal.prune_slots, shoal.has_flow_leftovers    the reaper removes what is left
 --
--- THE SLOT RULE. A key's running jobs are the rows of shoal.concurrency_slots whose job
--- still carries the token it was claimed with, is claimed and is within its deadline: a
--- job acked, retried, handed back, dead-lettered, cancelled or past its deadline holds no
--- slot, whoever removes its row and when. Only the claim (claim.sql, "Flow control") adds
--- slots, and only while it holds the key's lock (shoal.flow_lock): it takes the lock, then
--- in a later statement (whose snapshot sees every claim committed before the lock was
--- free) counts the slots held, and claims at most the limit less that many of the key's
--- jobs. Claims never wait for a key: one held by another claim counts as full for this one
--- (no waits, no deadlocks; that claim takes the key's free slots).
+-- THE SLOT RULE. A key's running jobs are the entries of its shoal.concurrency_slots rows
+-- (one row per claim that took jobs of it) whose job still carries the token it was
+-- claimed with, is claimed and is within its deadline: a job acked, retried, handed back,
+-- dead-lettered, cancelled or past its deadline holds no slot, whoever removes its entry
+-- and when. Only the claim (claim.sql, "Flow control") adds slots, and only while it holds
+-- the key's lock (shoal.flow_lock): it takes the lock, then in a later statement (whose
+-- snapshot sees every claim committed before the lock was free) reads what the key holds,
+-- and claims at most the limit less that many of the key's jobs. Claims never wait for a
+-- key: one held by another claim counts as full for this one (no waits, no deadlocks; that
+-- claim takes the key's free slots).
+--
+-- THE BOUND. Counting a key's slots probes each entry's job; a limit that never binds need
+-- not. A key's bound (flow_keys.slots_bound) is never less than the entries its slot rows
+-- name: each claim adds what it took, under the key's lock; each count sets it to the
+-- entries left after removing the rows whose jobs all ended; null (a key never counted, or
+-- one whose rows were added outside a claim) means unknown. A claim counts only when the
+-- bound is unknown, could reach the limit with what the claim may take, or has grown by
+-- 10,000 since the last count (so a key's dead rows are removed by its own claims even
+-- where no reaper runs). Otherwise its slots held are at most the bound, and the limit
+-- less the bound is what it may take.
 
 -- Pause a queue: consumers stop claiming its jobs at their next claim; running jobs finish,
 -- enqueues and schedules still land. Returns false when it was paused already.
@@ -84,14 +95,23 @@ begin
     on conflict (queue, key) where key is not null
     do update set max_running = excluded.max_running, updated_at = now();
   end if;
-  insert into shoal.concurrency_slots (job_id, queue, key, token)
-  select j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key), j.token
-  from shoal.jobs j
-  where j.queue = set_concurrency_limit.queue and j.locked_by is not null
-    and j.run_at > now()
-    and (set_concurrency_limit.key is null
-         or coalesce(j.concurrency_key, j.fairness_key) = set_concurrency_limit.key)
-  on conflict (job_id) do nothing;
+  insert into shoal.concurrency_slots (queue, key, job_ids, tokens)
+  select j.queue, j.flow_key, array_agg(j.id), array_agg(j.token)
+  from (select j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.token
+        from shoal.jobs j
+        where j.queue = set_concurrency_limit.queue and j.locked_by is not null
+          and j.run_at > now()) j
+  where (set_concurrency_limit.key is null or j.flow_key = set_concurrency_limit.key)
+    and not exists (select 1 from shoal.concurrency_slots s
+                    cross join lateral unnest(s.job_ids, s.tokens) as u(id, token)
+                    where s.queue = j.queue and s.key = j.flow_key
+                      and u.id = j.id and u.token = j.token)
+  group by j.queue, j.flow_key;
+  -- Rows added outside a claim: the bounds are unknown until the keys' next counts.
+  update shoal.flow_keys k set slots_bound = null
+  where k.queue = set_concurrency_limit.queue
+    and (set_concurrency_limit.key is null or k.key = set_concurrency_limit.key)
+    and k.slots_bound is not null;
   perform shoal.notify_jobs(array[set_concurrency_limit.queue], null);
 end
 $$;
@@ -133,12 +153,13 @@ language sql volatile as $$
   select pg_try_advisory_xact_lock(1936224620, hashtext($1 || E'\n' || $2))
 $$;
 
--- The slot rows that hold a slot now: the slot rule above, written once.
+-- The slot entries that hold a slot now: the slot rule above, written once.
 create or replace view shoal.held_slots as
-  select s.job_id, s.queue, s.key
+  select u.job_id, s.queue, s.key
   from shoal.concurrency_slots s
-  join shoal.jobs j on j.id = s.job_id
-  where j.token = s.token and j.locked_by is not null and j.run_at > now();
+  cross join lateral unnest(s.job_ids, s.tokens) as u(job_id, token)
+  join shoal.jobs j on j.id = u.job_id
+  where j.token = u.token and j.locked_by is not null and j.run_at > now();
 
 -- The slots a key holds.
 create or replace function shoal.slots_held(queue text, key text) returns integer
@@ -157,30 +178,26 @@ language sql stable as $$
                     where o.queue = h.queue and o.key = h.key)
 $$;
 
--- The claims of these jobs ended (acked, retried, handed back, dead-lettered): remove their
--- slots, and wake the consumers of each queue where one was freed of a key with jobs waiting
--- for it (flow_keys.waiting), so a job held back by the limit starts now instead of at a
+-- Claims of jobs of these (queue, key) pairs ended (acked, retried, handed back,
+-- dead-lettered): their slots are free by the slot rule, whoever removes their entries.
+-- Wake the consumers of each queue where such a key has jobs waiting for a slot
+-- (flow_keys.waiting), so a job held back by the limit starts now instead of at a
 -- consumer's poll; a key that never fills wakes nobody. Called in the statement that ends
--- them. Returns how many slots were freed.
-create or replace function shoal.free_slots(ids bigint[]) returns integer
+-- them. Returns how many queues were woken.
+drop function if exists shoal.free_slots(bigint[]);
+create or replace function shoal.free_slots(queues text[], keys text[]) returns integer
 language plpgsql volatile as $$
 declare
-  queues text[];
-  freed_count integer;
+  woken text[];
 begin
-  with freed as (
-    delete from shoal.concurrency_slots s where s.job_id = any(ids)
-    returning s.queue, s.key
-  )
-  select (select array_agg(distinct f.queue) from freed f
-          where exists (select 1 from shoal.flow_keys k
-                        where k.queue = f.queue and k.key = f.key and k.waiting)),
-         (select count(*) from freed)
-  into queues, freed_count;
-  if queues is not null then
-    perform shoal.notify_jobs(queues, null);
+  select array_agg(distinct k.queue) into woken
+  from (select distinct u.queue, u.key from unnest(queues, keys) as u(queue, key)) u
+  join shoal.flow_keys k on k.queue = u.queue and k.key = u.key
+  where k.waiting;
+  if woken is not null then
+    perform shoal.notify_jobs(woken, null);
   end if;
-  return freed_count;
+  return coalesce(cardinality(woken), 0);
 end
 $$;
 
@@ -277,17 +294,17 @@ end
 $$;
 
 -- How many jobs of each (queue, key) a claim may take now (the claim, claim.sql "Flow
--- control", calls it for each key it meets; element i of both arrays is one key). Only keys
--- under flow control come back: with a concurrency limit (its free slots), a rate limit
--- (the whole tokens in its bucket; tokens returns the bucket's fill now, for
--- shoal.spend_tokens) or a hold (none). Each is locked first (shoal.flow_lock): a key
--- another claim holds gets none. The slots and buckets are read by a statement after the
+-- control", calls it for each key it meets; element i of both arrays is one key; want: the
+-- most it could take of one key). Only keys under flow control come back: with a
+-- concurrency limit (its free slots; bound: its bound after this call, see THE BOUND), a
+-- rate limit (the whole tokens in its bucket; tokens returns the bucket's fill now, for
+-- shoal.flow_claimed) or a hold (none). Each is locked first (shoal.flow_lock): a key
+-- another claim holds gets none. What the keys hold is read by a statement after the
 -- locks, whose snapshot sees every claim committed before they were free (the slot rule).
-drop function if exists shoal.spend_tokens(text[], text[], double precision[], integer[]);
 drop function if exists shoal.flow_allow(text[], text[]);
-create or replace function shoal.flow_allow(queues text[], keys text[])
+create or replace function shoal.flow_allow(queues text[], keys text[], want integer)
 returns table (queue text, key text, allowed integer, tokens double precision,
-               waiting boolean)
+               waiting boolean, bound integer)
 language plpgsql volatile
 -- Plan once per session: left to choose, Postgres planned the count again on every call
 -- (0.5 ms of a 0.6 ms call).
@@ -298,6 +315,15 @@ declare
   qs text[];
   ks text[];
   locks boolean[];
+  -- Aligned with qs: each key's concurrency limit, bound, whether its slots are counted
+  -- now, slots held (the bound when not counted), hold in effect, waiting, bucket's fill.
+  limits integer[];
+  bounds integer[];
+  counts boolean[];
+  held integer[];
+  holds boolean[];
+  waits boolean[];
+  buckets double precision[];
 begin
   select array_agg(x.queue), array_agg(x.key), array_agg(shoal.flow_lock(x.queue, x.key))
   into qs, ks, locks
@@ -311,68 +337,125 @@ begin
   if qs is null then
     return;
   end if;
-  -- One statement for every key (a function call per key cost 0.3 ms a claim of one key).
-  return query
-    with x as (
-      select x.* from unnest(qs, ks, locks) as x(queue, key, locked)
+  -- What each key holds, and which need their slots counted (THE BOUND): the locked keys
+  -- under a concurrency limit whose bound is unknown, could reach the limit with what this
+  -- claim may take, or grew by 10,000 since the last count. One statement for every key (a
+  -- function call per key cost 0.3 ms a claim of one key).
+  select array_agg(coalesce(lk.max_running, ld.max_running)), array_agg(k.slots_bound),
+         array_agg(x.locked and coalesce(lk.max_running, ld.max_running) is not null
+                   and (k.slots_bound is null
+                        or k.slots_bound + want > coalesce(lk.max_running, ld.max_running)
+                        or k.slots_bound - k.slots_counted >= 10000)),
+         array_agg(k.held_until > now()), array_agg(k.waiting),
+         array_agg(b.tokens)
+  into limits, bounds, counts, holds, waits, buckets
+  from unnest(qs, ks, locks) with ordinality as x(queue, key, locked, n)
+  left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key
+  left join shoal.concurrency_limits lk on lk.queue = x.queue and lk.key = x.key
+  left join shoal.concurrency_limits ld on ld.queue = x.queue and ld.key is null
+  left join lateral (
+    select least(r.max_starts::double precision,
+                 coalesce(k.tokens, r.max_starts)
+                 + extract(epoch from now() - k.refilled_at) * 1000 * r.max_starts / r.period_ms)
+           as tokens
+    from shoal.rate_limits r
+    where r.queue = x.queue and (r.key = x.key or r.key is null)
+    order by r.key nulls last
+    limit 1
+  ) b on true;
+  held := bounds;
+  if true = any(counts) then
+    -- Count: each slot row's entries still claimed and those holding a slot; a row none of
+    -- whose jobs is still claimed holds nothing now or later and goes (one whose job is past
+    -- its deadline but still claimed stays: its worker may extend it). The key's bound is
+    -- then the entries its rows name.
+    with counting as (
+      select x.queue, x.key, x.n
+      from unnest(qs, ks, counts) with ordinality as x(queue, key, counted, n)
+      where x.counted
     ),
-    held as (
-      select h.queue, h.key, count(*) as n
-      from shoal.held_slots h
-      join x on h.queue = x.queue and h.key = x.key
-      group by 1, 2
+    slot_rows as (
+      select s.id, c.n, cardinality(s.job_ids) as entries, e.claimed, e.held
+      from counting c
+      join shoal.concurrency_slots s on s.queue = c.queue and s.key = c.key
+      cross join lateral (
+        select count(*) as claimed, count(*) filter (where j.run_at > now()) as held
+        from unnest(s.job_ids, s.tokens) as u(id, token)
+        join shoal.jobs j on j.id = u.id and j.token = u.token and j.locked_by is not null
+      ) e
+    ),
+    emptied as (
+      delete from shoal.concurrency_slots s using slot_rows r
+      where s.id = r.id and r.claimed = 0
+    ),
+    counted as (
+      select c.queue, c.key, c.n, coalesce(sum(r.held), 0)::integer as held,
+             coalesce(sum(r.entries) filter (where r.claimed > 0), 0)::integer as bound
+      from counting c
+      left join slot_rows r on r.n = c.n
+      group by c.queue, c.key, c.n
+    ),
+    recorded as (
+      insert into shoal.flow_keys as k (queue, key, slots_bound, slots_counted)
+      select c.queue, c.key, c.bound, c.bound from counted c
+      on conflict (queue, key) do update
+      set slots_bound = excluded.slots_bound, slots_counted = excluded.slots_counted
     )
+    select array_agg(coalesce(c.held, x.bound) order by x.n),
+           array_agg(coalesce(c.bound, x.bound) order by x.n)
+    into held, bounds
+    from unnest(bounds) with ordinality as x(bound, n)
+    left join counted c on c.n = x.n;
+  end if;
+  return query
     select x.queue, x.key,
-           case when not x.locked or coalesce(k.held_until > now(), false) then 0
-                else greatest(least(
-                       coalesce(coalesce(lk.max_running, ld.max_running) - coalesce(h.n, 0),
-                                1000000000),
-                       coalesce(floor(b.tokens)::bigint, 1000000000)), 0)::integer
+           case when not x.locked or coalesce(x.hold, false) then 0
+                else greatest(least(coalesce(x.max_running - x.held, 1000000000),
+                                    coalesce(floor(x.tokens)::bigint, 1000000000)), 0)::integer
            end,
-           b.tokens,
-           coalesce(k.waiting, false)
-    from x
-    left join held h on h.queue = x.queue and h.key = x.key
-    left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key
-    left join shoal.concurrency_limits lk on lk.queue = x.queue and lk.key = x.key
-    left join shoal.concurrency_limits ld on ld.queue = x.queue and ld.key is null
-    left join lateral (
-      select least(r.max_starts::double precision,
-                   coalesce(k.tokens, r.max_starts)
-                   + extract(epoch from now() - k.refilled_at) * 1000 * r.max_starts / r.period_ms)
-             as tokens
-      from shoal.rate_limits r
-      where r.queue = x.queue and (r.key = x.key or r.key is null)
-      order by r.key nulls last
-      limit 1
-    ) b on true;
+           x.tokens, coalesce(x.waiting, false),
+           case when x.max_running is not null then x.bound end
+    from unnest(qs, ks, locks, limits, held, bounds, holds, waits, buckets)
+      as x(queue, key, locked, max_running, held, bound, hold, waiting, tokens);
 end
 $$;
 
--- A claim took taken[i] jobs of key i, whose bucket held tokens[i] (shoal.flow_allow; null:
--- no rate limit), and held held[i] of its jobs back: write the buckets back; record which
+-- A claim took taken[i] jobs of key i, whose bucket held tokens[i] and whose slots' bound
+-- was bounds[i] (shoal.flow_allow; null: no rate limit, no concurrency limit), and held
+-- held[i] of its jobs back: write the buckets and bounds back; record which
 -- keys have jobs waiting for a slot (waiting[i]: what flow_allow read), so that a freed slot
 -- of theirs wakes the queue (shoal.free_slots) and one of a key that never fills does not;
 -- and when a bucket is empty, wake the queue's consumers for the instant its next token is
 -- due (the jobs it holds back start then, not at a poll). A key becomes waiting only at the
 -- end of the claim that first finds it full: a slot freed meanwhile wakes nobody, and the
--- job waits for a poll, once per key that fills.
+-- job waits for a poll, once per key that fills. A key another claim held is not written
+-- (that claim records what it found).
+drop function if exists shoal.flow_claimed(text[], text[], double precision[], integer[],
+                                          integer[], boolean[]);
 create or replace function shoal.flow_claimed(queues text[], keys text[],
                                               tokens double precision[], taken integer[],
-                                              held integer[], waiting boolean[])
+                                              held integer[], waiting boolean[],
+                                              bounds integer[])
 returns void
 language plpgsql volatile as $$
 begin
-  insert into shoal.flow_keys as k (queue, key, tokens, refilled_at, waiting)
+  insert into shoal.flow_keys as k (queue, key, tokens, refilled_at, waiting, slots_bound)
   select x.queue, x.key, case when x.tokens is not null then x.tokens - x.taken end, now(),
-         x.held > 0
-  from unnest(queues, keys, tokens, taken, held, waiting)
-    as x(queue, key, tokens, taken, held, waiting)
-  where (x.tokens is not null and x.taken > 0) or (x.held > 0) <> x.waiting
+         x.held > 0, x.bound + x.taken
+  from unnest(queues, keys, tokens, taken, held, waiting, bounds)
+    as x(queue, key, tokens, taken, held, waiting, bound)
+  where (((x.tokens is not null or x.bound is not null) and x.taken > 0)
+         or (x.held > 0) <> x.waiting)
+    -- Only a key this claim holds (or may take now): another claim's, written meanwhile,
+    -- would make this one wait for it to commit, and two such claims deadlock.
+    and shoal.flow_lock(x.queue, x.key)
   on conflict (queue, key) do update
   set tokens = case when excluded.tokens is not null then excluded.tokens else k.tokens end,
       refilled_at = case when excluded.tokens is not null then now() else k.refilled_at end,
-      waiting = excluded.waiting;
+      waiting = excluded.waiting,
+      -- A bound made unknown meanwhile (slot rows added outside a claim) stays unknown.
+      slots_bound = case when excluded.slots_bound is not null and k.slots_bound is not null
+                         then excluded.slots_bound else k.slots_bound end;
 
   perform shoal.notify_jobs(array_agg(x.queue), array_agg(
             now() + (1 - (x.tokens - x.taken)) * r.period_ms / r.max_starts * interval '1 ms'))
@@ -387,27 +470,51 @@ begin
 end
 $$;
 
--- Flow control's leftovers (the reaper's housekeeping; acks, failures and hand-backs remove
--- their own slot rows at once), max_rows of each kind at most: slot rows that hold nothing,
--- their job gone or claimed again (a row of a job still claimed is kept even past its
--- deadline: a worker that resumes and extends it still holds its slot); and what a key
--- remembers once it says nothing (no hold in effect, no jobs waiting, a bucket untouched for
--- longer than any period, so full again). Returns how many rows went.
+-- Flow control's leftovers (the reaper's housekeeping; a claim that counts a key removes its
+-- emptied slot rows too), max_rows of each kind at most, each under its key's lock (a key
+-- a claim holds is left for the next time): slot rows naming jobs that hold nothing, their
+-- job gone or claimed again or no longer claimed, rewritten without them or removed when
+-- none is left (a job still claimed stays even past its deadline: a worker that resumes
+-- and extends it still holds its slot); and what a key remembers once it says nothing (no
+-- hold in effect, no jobs waiting, a bucket untouched for longer than any period, so full
+-- again; its bound, if it had slots, is unknown until it is counted again). Returns how
+-- many rows were rewritten or removed.
 create or replace function shoal.prune_slots(max_rows integer default 10000) returns integer
 language sql volatile as $$
   with stale as (
-    select s.job_id from shoal.concurrency_slots s
-    where not exists (select 1 from shoal.jobs j
-                      where j.id = s.job_id and j.token = s.token and j.locked_by is not null)
+    select s.id from shoal.concurrency_slots s
+    where exists (select 1 from unnest(s.job_ids, s.tokens) as u(id, token)
+                  where not exists (select 1 from shoal.jobs j
+                                    where j.id = u.id and j.token = u.token
+                                      and j.locked_by is not null))
+      and shoal.flow_lock(s.queue, s.key)
     limit max_rows
   ),
-  gone as (
-    delete from shoal.concurrency_slots s using stale x where s.job_id = x.job_id returning 1
+  kept as (
+    select x.id,
+           array_agg(u.id order by u.n) filter (where j.id is not null) as job_ids,
+           array_agg(u.token order by u.n) filter (where j.id is not null) as tokens
+    from stale x
+    join shoal.concurrency_slots s on s.id = x.id
+    cross join lateral unnest(s.job_ids, s.tokens) with ordinality as u(id, token, n)
+    left join shoal.jobs j on j.id = u.id and j.token = u.token and j.locked_by is not null
+    group by x.id
+  ),
+  rewritten as (
+    update shoal.concurrency_slots s set job_ids = k.job_ids, tokens = k.tokens
+    from kept k where s.id = k.id and k.job_ids is not null
+    returning 1
+  ),
+  emptied as (
+    delete from shoal.concurrency_slots s using kept k
+    where s.id = k.id and k.job_ids is null
+    returning 1
   ),
   quiet as (
     select k.queue, k.key from shoal.flow_keys k
     where (k.held_until is null or k.held_until < now()) and not k.waiting
       and k.refilled_at < now() - interval '1 day'
+      and shoal.flow_lock(k.queue, k.key)
     limit max_rows
   ),
   forgotten as (
@@ -416,15 +523,17 @@ language sql volatile as $$
       and (k.held_until is null or k.held_until < now()) and not k.waiting
     returning 1
   )
-  select ((select count(*) from gone) + (select count(*) from forgotten))::integer
+  select ((select count(*) from rewritten) + (select count(*) from emptied)
+          + (select count(*) from forgotten))::integer
 $$;
 
 -- Whether shoal.prune_slots has anything to remove: the reaper's cheap check.
 create or replace function shoal.has_flow_leftovers() returns boolean
 language sql stable as $$
   select exists (select 1 from shoal.concurrency_slots s
+                 cross join lateral unnest(s.job_ids, s.tokens) as u(id, token)
                  where not exists (select 1 from shoal.jobs j
-                                   where j.id = s.job_id and j.token = s.token
+                                   where j.id = u.id and j.token = u.token
                                      and j.locked_by is not null))
       or exists (select 1 from shoal.flow_keys k
                  where (k.held_until is null or k.held_until < now()) and not k.waiting

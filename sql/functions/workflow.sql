@@ -282,7 +282,8 @@ begin
   if not found then
     return null;
   end if;
-  perform shoal.free_slots(array[parent_id]);
+  perform shoal.free_slots(array[parent.queue::text],
+                           array[coalesce(parent.concurrency_key, parent.fairness_key)]);
 
   execution := parent.execution_id;
   if execution is null then
@@ -355,6 +356,8 @@ returns table (id bigint)
 language plpgsql volatile as $$
 declare
   finished bigint[];
+  finished_queues text[];
+  finished_keys text[];
   steps shoal.completed[];
   filled bigint[];
   b record;
@@ -371,7 +374,8 @@ begin
   deleted as (
     delete from shoal.jobs j using locked l where j.id = l.id
     returning j.id, j.execution_id, j.barrier_id, j.child_index,
-              coalesce(results->(l.ord::integer - 1), 'null'::jsonb) as result, l.ord
+              coalesce(results->(l.ord::integer - 1), 'null'::jsonb) as result, l.ord,
+              j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key
   ),
   open_barriers as (
     select x.id from shoal.barriers x
@@ -393,16 +397,18 @@ begin
     returning x.id, x.remaining
   )
   select (select array_agg(d.id) from deleted d),
+         (select array_agg(d.queue) from deleted d),
+         (select array_agg(d.flow_key) from deleted d),
          (select array_agg(row(d.id, d.execution_id, d.barrier_id, d.child_index, d.result,
                                d.ord)::shoal.completed)
           from deleted d where d.execution_id is not null and d.barrier_id is null),
          (select array_agg(c.id order by c.id) from counted c where c.remaining <= 0)
-  into finished, steps, filled;
+  into finished, finished_queues, finished_keys, steps, filled;
 
   -- Their concurrency slots are free now (the slot rule, flow.sql): wake the held-back.
-  -- With no slot rows at all (no limit in use), no call.
-  if finished is not null and exists (select 1 from shoal.concurrency_slots) then
-    perform shoal.free_slots(finished);
+  -- With no key waiting for a slot anywhere, no call.
+  if finished is not null and exists (select 1 from shoal.flow_keys k where k.waiting) then
+    perform shoal.free_slots(finished_queues, finished_keys);
   end if;
 
   -- The slow path, once per fan-out: enqueue the callback with the results in child
