@@ -256,7 +256,7 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     ...PROCESS_COUNTS.flatMap((n) => shoalAndBeside((s) => processScaling(s, n))),
     ...shoalAndBeside((s) => idleFleet(s)),
     idleFleet(shoal, { limited: true }),
-    flowLimits(shoal),
+    ...shoalAndBeside((s) => flowLimits(s)),
     ...shoalAndBeside((s) => schedulesAtScale(s)),
     // shoal only: the claim loop runs this tree's lib/queue.ts in the bench process.
     claimBySize({

@@ -771,7 +771,7 @@ export async function ack(db: Db, refs: JobRef[]): Promise<string[]> {
     -- With no key waiting for a slot anywhere, no function call.
     freed as (
       select case when exists (select 1 from shoal.flow_keys k where k.waiting)
-                  then shoal.free_slots(array_agg(g.queue), array_agg(g.flow_key)) end
+                  then shoal.slots_freed(array_agg(g.queue), array_agg(g.flow_key)) end
       from gone g
     )
     select g.id from gone g cross join (select count(*) from freed) f`;
@@ -799,7 +799,7 @@ export async function ackClaimed(
     -- slot anywhere, no function call: a call per ack cost W2 about 3%.
     select count(*)::integer as acked,
       case when exists (select 1 from shoal.flow_keys k where k.waiting)
-           then shoal.free_slots(array_agg(g.queue), array_agg(g.flow_key)) end
+           then shoal.slots_freed(array_agg(g.queue), array_agg(g.flow_key)) end
     from gone g`;
   return row!.acked;
 }
@@ -869,7 +869,7 @@ export async function release(db: Db, refs: JobRef[]): Promise<string[]> {
       from released r
     ),
     -- Their concurrency slots are free (sql/functions/flow.sql).
-    freed as (select shoal.free_slots(array_agg(r.queue), array_agg(r.flow_key)) from released r)
+    freed as (select shoal.slots_freed(array_agg(r.queue), array_agg(r.flow_key)) from released r)
     -- (a plain select in a WITH runs only when referenced: the joins make it run once)
     select r.id from released r cross join (select count(*) from woken) w
       cross join (select count(*) from freed) f`;
@@ -959,7 +959,7 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     -- Retried or dead, its concurrency slot is free (sql/functions/flow.sql): a retry waits
     -- out its backoff without holding one.
     freed as (
-      select shoal.free_slots(array_agg(x.queue), array_agg(x.flow_key))
+      select shoal.slots_freed(array_agg(x.queue), array_agg(x.flow_key))
       from (select d.queue, coalesce(d.concurrency_key, d.fairness_key) as flow_key from dead d
             union all select r.queue, r.flow_key from retried r) x
     ),

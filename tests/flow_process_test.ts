@@ -215,7 +215,7 @@ Deno.test("a freed slot is taken at once: 20 jobs of one key under a limit of 1 
   await db.sql`select shoal.set_concurrency_limit(${Q}, 1)`;
   const jobs = keyedJobs({ k: 20 }, () => 50);
   // Two processes: the one whose job ended and the other both hear the NOTIFY of the freed
-  // slot (shoal.free_slots); neither claims again otherwise before its 5 s poll.
+  // slot (shoal.slots_freed); neither claims again otherwise before its 5 s poll.
   const procs = await consumers(db.url, 2, ["--concurrency", "10"]);
   await using _procs = { [Symbol.asyncDispose]: () => disposeAll(procs) };
   await enqueueMany(db.sql, jobs);

@@ -154,9 +154,12 @@ declare
   key_tokens double precision[] := '{}';
   key_held integer[] := '{}';
   key_waiting boolean[] := '{}';
-  -- Each key's bound on its slots (shoal.flow_allow; null: no concurrency limit, so no
-  -- slots), and the keys whose claimed jobs get a slot row.
+  -- Each key's bound on its slots (shoal.flow_allow; null: none kept), whether it is under a
+  -- concurrency limit (its claimed jobs take slots) and whether this claim holds its lock;
+  -- the keys whose claimed jobs get a slot row.
   key_bounds integer[] := '{}';
+  key_slotted boolean[] := '{}';
+  key_locked boolean[] := '{}';
   slot_tags text[] := '{}';
   -- Whether the usual walk's picks stood with no more than their keys' bounds read.
   fast boolean := false;
@@ -422,13 +425,18 @@ begin
                count(*) filter (where c.max_running is not null) as limited_keys
         from c
       ),
-      raised as (
-        update shoal.flow_keys f set slots_bound = f.slots_bound + c.n
+      -- The keys under a concurrency limit, locked (a CTE that calls a volatile function is
+      -- run as written: only these keys are locked, whatever the plan of the update).
+      locked as (
+        select c.queue, c.key, c.n, c.max_running
         from c, ok
-        where ok.all_ok and c.max_running is not null
-          and f.queue = c.queue and f.key = c.key
-          and f.slots_bound + 2 * _limit <= c.max_running
-          and shoal.flow_lock(f.queue, f.key)
+        where ok.all_ok and c.max_running is not null and shoal.flow_lock(c.queue, c.key)
+      ),
+      raised as (
+        update shoal.flow_keys f set slots_bound = f.slots_bound + l.n
+        from locked l
+        where f.queue = l.queue and f.key = l.key
+          and f.slots_bound + 2 * _limit <= l.max_running
         returning f.queue || E'\n' || f.key as tag
       )
       select ok.all_ok and (select count(*) from raised) = ok.limited_keys,
@@ -536,8 +544,11 @@ begin
                  key_allowed || coalesce(array_agg(a.allowed), '{}'),
                  key_tokens || coalesce(array_agg(a.tokens), '{}'),
                  key_waiting || coalesce(array_agg(a.waiting), '{}'),
-                 key_bounds || coalesce(array_agg(a.bound), '{}')
-          into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting, key_bounds
+                 key_bounds || coalesce(array_agg(a.bound), '{}'),
+                 key_slotted || coalesce(array_agg(a.slotted), '{}'),
+                 key_locked || coalesce(array_agg(a.locked), '{}')
+          into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting, key_bounds,
+               key_slotted, key_locked
           from shoal.flow_allow(fit.queues, fit.keys, 2 * _limit) a;
           key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
           key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
@@ -723,11 +734,11 @@ begin
                  where ((k.tokens is not null or k.bound is not null) and k.taken > 0)
                     or (k.held > 0) <> k.waiting) then
         perform shoal.flow_claimed(key_queues, key_keys, key_tokens, key_taken, key_held,
-                                   key_waiting, key_bounds);
+                                   key_waiting, key_bounds, key_locked);
       end if;
       -- The keys under a concurrency limit: their claimed jobs get a slot row.
-      slot_tags := array(select k.tag from unnest(key_tags, key_bounds) as k(tag, bound)
-                         where k.bound is not null);
+      slot_tags := array(select k.tag from unnest(key_tags, key_slotted) as k(tag, slotted)
+                         where k.slotted);
     end if;
   end if;
 

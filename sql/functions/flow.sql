@@ -13,10 +13,11 @@
 --   shoal.clear_fairness_weight                    stamping rule in queue.sql reads it)
 --   shoal.flow_allow                               how many of a key's jobs a claim may take
 --   shoal.flow_claimed                             what a claim took and held back
---   shoal.flow_lock                                the claim's lock on a key
+--   shoal.flow_lock, shoal.flow_lock_id            the claim's lock on a key
 --   shoal.held_slots (a view), shoal.slots_held,   the slot rule (below); a key's slots
 --   shoal.default_slots_held                       held; those of keys under a default
---   shoal.free_slots                               a freed slot wakes the held-back
+--   shoal.slots_freed                              a freed slot wakes the held-back
+--   (shoal.free_slots)                             (its revision-5 name, for old binaries)
 --   shoal.prune_slots, shoal.has_flow_leftovers    the reaper removes what is left
 --
 -- THE SLOT RULE. A key's running jobs are the entries of its shoal.concurrency_slots rows
@@ -33,8 +34,10 @@
 -- THE BOUND. Counting a key's slots probes each entry's job; a limit that never binds need
 -- not. A key's bound (flow_keys.slots_bound) is never less than the entries its slot rows
 -- name: each claim adds what it took, under the key's lock; each count sets it to the
--- entries left after removing the rows whose jobs all ended; null (a key never counted, or
--- one whose rows were added outside a claim) means unknown. A claim counts only when the
+-- entries left after removing the rows whose jobs all ended, or, when that leaves no room
+-- to spare the next claim a count, to null; null (unknown: a key never counted, one near
+-- its limit, or one whose rows were added outside a claim) stays null until a count that
+-- leaves room, and costs no write per claim. A claim counts only when the
 -- bound is unknown, could reach the limit with what the claim may take, or has grown by
 -- 10,000 since the last count (so a key's dead rows are removed by its own claims even
 -- where no reaper runs). Otherwise its slots held are at most the bound, and the limit
@@ -74,6 +77,8 @@ create or replace function shoal.set_concurrency_limit(queue text, max_running i
 returns void
 language plpgsql volatile as $$
 #variable_conflict use_column
+declare
+  lock_id integer;
 begin
   if set_concurrency_limit.max_running is null or max_running not between 0 and 1000000 then
     raise exception 'Cannot set a concurrency limit: max_running must be an integer from 0 to 1000000, not %',
@@ -95,6 +100,22 @@ begin
     on conflict (queue, key) where key is not null
     do update set max_running = excluded.max_running, updated_at = now();
   end if;
+  -- The keys whose slot rows or bounds change, locked first (waiting for claims in flight, in
+  -- one order: two calls at once cannot deadlock), so no claim counts or raises them
+  -- meanwhile and the bounds made unknown below stay so.
+  for lock_id in
+    select distinct shoal.flow_lock_id(k.queue, k.key) as id
+    from (select j.queue, coalesce(j.concurrency_key, j.fairness_key) as key
+          from shoal.jobs j
+          where j.queue = set_concurrency_limit.queue and j.locked_by is not null
+          union
+          select k.queue, k.key from shoal.flow_keys k
+          where k.queue = set_concurrency_limit.queue) k
+    where set_concurrency_limit.key is null or k.key = set_concurrency_limit.key
+    order by 1
+  loop
+    perform pg_advisory_xact_lock(1936224620, lock_id);
+  end loop;
   insert into shoal.concurrency_slots (queue, key, job_ids, tokens)
   select j.queue, j.flow_key, array_agg(j.id), array_agg(j.token)
   from (select j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.token
@@ -147,10 +168,16 @@ $$;
 -- The claim's lock on a (queue, key), held to the end of its transaction; false when another
 -- transaction holds it. A transaction-level advisory lock with two int4 keys (its own space:
 -- the migration lock's single bigint key cannot meet it); keys whose hashes collide share a
--- lock, which only makes one of them count as full for a moment.
+-- lock, which only makes one of them count as full for a moment. shoal.flow_lock_id is its
+-- second key (set_concurrency_limit waits for the same lock).
+create or replace function shoal.flow_lock_id(queue text, key text) returns integer
+language sql immutable as $$
+  select hashtext($1 || E'\n' || $2)
+$$;
+
 create or replace function shoal.flow_lock(queue text, key text) returns boolean
 language sql volatile as $$
-  select pg_try_advisory_xact_lock(1936224620, hashtext($1 || E'\n' || $2))
+  select pg_try_advisory_xact_lock(1936224620, shoal.flow_lock_id($1, $2))
 $$;
 
 -- The slot entries that hold a slot now: the slot rule above, written once.
@@ -184,8 +211,7 @@ $$;
 -- (flow_keys.waiting), so a job held back by the limit starts now instead of at a
 -- consumer's poll; a key that never fills wakes nobody. Called in the statement that ends
 -- them. Returns how many queues were woken.
-drop function if exists shoal.free_slots(bigint[]);
-create or replace function shoal.free_slots(queues text[], keys text[]) returns integer
+create or replace function shoal.slots_freed(queues text[], keys text[]) returns integer
 language plpgsql volatile as $$
 declare
   woken text[];
@@ -194,6 +220,21 @@ begin
   from (select distinct u.queue, u.key from unnest(queues, keys) as u(queue, key)) u
   join shoal.flow_keys k on k.queue = u.queue and k.key = u.key
   where k.waiting;
+  if woken is not null then
+    perform shoal.notify_jobs(woken, null);
+  end if;
+  return coalesce(cardinality(woken), 0);
+end
+$$;
+
+-- The revision-5 binaries' call, kept for a rolling deploy: it names job ids, whose slot
+-- entries it cannot find, so it wakes every queue with keys waiting.
+create or replace function shoal.free_slots(ids bigint[]) returns integer
+language plpgsql volatile as $$
+declare
+  woken text[];
+begin
+  select array_agg(distinct k.queue) into woken from shoal.flow_keys k where k.waiting;
   if woken is not null then
     perform shoal.notify_jobs(woken, null);
   end if;
@@ -296,7 +337,8 @@ $$;
 -- How many jobs of each (queue, key) a claim may take now (the claim, claim.sql "Flow
 -- control", calls it for each key it meets; element i of both arrays is one key; want: the
 -- most it could take of one key). Only keys under flow control come back: with a
--- concurrency limit (its free slots; bound: its bound after this call, see THE BOUND), a
+-- concurrency limit (its free slots; slotted; bound: its bound after this call, null when
+-- unknown, see THE BOUND), a
 -- rate limit (the whole tokens in its bucket; tokens returns the bucket's fill now, for
 -- shoal.flow_claimed) or a hold (none). Each is locked first (shoal.flow_lock): a key
 -- another claim holds gets none. What the keys hold is read by a statement after the
@@ -304,7 +346,7 @@ $$;
 drop function if exists shoal.flow_allow(text[], text[]);
 create or replace function shoal.flow_allow(queues text[], keys text[], want integer)
 returns table (queue text, key text, allowed integer, tokens double precision,
-               waiting boolean, bound integer)
+               waiting boolean, bound integer, slotted boolean, locked boolean)
 language plpgsql volatile
 -- Plan once per session: left to choose, Postgres planned the count again on every call
 -- (0.5 ms of a 0.6 ms call).
@@ -341,13 +383,15 @@ begin
   -- under a concurrency limit whose bound is unknown, could reach the limit with what this
   -- claim may take, or grew by 10,000 since the last count. One statement for every key (a
   -- function call per key cost 0.3 ms a claim of one key).
-  select array_agg(coalesce(lk.max_running, ld.max_running)), array_agg(k.slots_bound),
+  -- (Each aggregate in the order of qs: the joins may return the keys in another.)
+  select array_agg(coalesce(lk.max_running, ld.max_running) order by x.n),
+         array_agg(k.slots_bound order by x.n),
          array_agg(x.locked and coalesce(lk.max_running, ld.max_running) is not null
                    and (k.slots_bound is null
                         or k.slots_bound + want > coalesce(lk.max_running, ld.max_running)
-                        or k.slots_bound - k.slots_counted >= 10000)),
-         array_agg(k.held_until > now()), array_agg(k.waiting),
-         array_agg(b.tokens)
+                        or k.slots_bound - k.slots_counted >= 10000) order by x.n),
+         array_agg(k.held_until > now() order by x.n), array_agg(k.waiting order by x.n),
+         array_agg(b.tokens order by x.n)
   into limits, bounds, counts, holds, waits, buckets
   from unnest(qs, ks, locks) with ordinality as x(queue, key, locked, n)
   left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key
@@ -370,8 +414,9 @@ begin
     -- its deadline but still claimed stays: its worker may extend it). The key's bound is
     -- then the entries its rows name.
     with counting as (
-      select x.queue, x.key, x.n
-      from unnest(qs, ks, counts) with ordinality as x(queue, key, counted, n)
+      select x.queue, x.key, x.n, x.max_running, x.bound as stored
+      from unnest(qs, ks, counts, limits, bounds) with ordinality
+        as x(queue, key, counted, max_running, bound, n)
       where x.counted
     ),
     slot_rows as (
@@ -389,20 +434,31 @@ begin
       where s.id = r.id and r.claimed = 0
     ),
     counted as (
-      select c.queue, c.key, c.n, coalesce(sum(r.held), 0)::integer as held,
-             coalesce(sum(r.entries) filter (where r.claimed > 0), 0)::integer as bound
+      select c.queue, c.key, c.n, c.stored, coalesce(sum(r.held), 0)::integer as held,
+             coalesce(sum(r.entries) filter (where r.claimed > 0), 0)::integer as entries,
+             coalesce(sum(r.entries) filter (where r.claimed > 0), 0) + want
+               <= c.max_running as roomy
       from counting c
       left join slot_rows r on r.n = c.n
-      group by c.queue, c.key, c.n
+      group by c.queue, c.key, c.n, c.stored, c.max_running
     ),
+    -- A bound is kept only where it spares the next claim a count. A key near its limit is
+    -- counted by every claim anyway: its bound is made unknown once, and then nothing is
+    -- written for it (a limit that binds writes no row per claim).
     recorded as (
       insert into shoal.flow_keys as k (queue, key, slots_bound, slots_counted)
-      select c.queue, c.key, c.bound, c.bound from counted c
+      select c.queue, c.key, c.entries, c.entries from counted c where c.roomy
       on conflict (queue, key) do update
       set slots_bound = excluded.slots_bound, slots_counted = excluded.slots_counted
+    ),
+    unknown as (
+      update shoal.flow_keys k set slots_bound = null
+      from counted c
+      where not c.roomy and c.stored is not null and k.queue = c.queue and k.key = c.key
     )
     select array_agg(coalesce(c.held, x.bound) order by x.n),
-           array_agg(coalesce(c.bound, x.bound) order by x.n)
+           array_agg(case when c.n is null then x.bound when c.roomy then c.entries end
+                     order by x.n)
     into held, bounds
     from unnest(bounds) with ordinality as x(bound, n)
     left join counted c on c.n = x.n;
@@ -414,17 +470,19 @@ begin
                                     coalesce(floor(x.tokens)::bigint, 1000000000)), 0)::integer
            end,
            x.tokens, coalesce(x.waiting, false),
-           case when x.max_running is not null then x.bound end
+           case when x.max_running is not null then x.bound end,
+           x.max_running is not null, x.locked
     from unnest(qs, ks, locks, limits, held, bounds, holds, waits, buckets)
       as x(queue, key, locked, max_running, held, bound, hold, waiting, tokens);
 end
 $$;
 
 -- A claim took taken[i] jobs of key i, whose bucket held tokens[i] and whose slots' bound
--- was bounds[i] (shoal.flow_allow; null: no rate limit, no concurrency limit), and held
+-- was bounds[i] (shoal.flow_allow; null: no rate limit, no bound kept; locked[i]: whether
+-- the claim holds the key's lock, else nothing is written for it), and held
 -- held[i] of its jobs back: write the buckets and bounds back; record which
 -- keys have jobs waiting for a slot (waiting[i]: what flow_allow read), so that a freed slot
--- of theirs wakes the queue (shoal.free_slots) and one of a key that never fills does not;
+-- of theirs wakes the queue (shoal.slots_freed) and one of a key that never fills does not;
 -- and when a bucket is empty, wake the queue's consumers for the instant its next token is
 -- due (the jobs it holds back start then, not at a poll). A key becomes waiting only at the
 -- end of the claim that first finds it full: a slot freed meanwhile wakes nobody, and the
@@ -432,23 +490,25 @@ $$;
 -- (that claim records what it found).
 drop function if exists shoal.flow_claimed(text[], text[], double precision[], integer[],
                                           integer[], boolean[]);
+drop function if exists shoal.flow_claimed(text[], text[], double precision[], integer[],
+                                          integer[], boolean[], integer[]);
 create or replace function shoal.flow_claimed(queues text[], keys text[],
                                               tokens double precision[], taken integer[],
                                               held integer[], waiting boolean[],
-                                              bounds integer[])
+                                              bounds integer[], locked boolean[])
 returns void
 language plpgsql volatile as $$
 begin
   insert into shoal.flow_keys as k (queue, key, tokens, refilled_at, waiting, slots_bound)
   select x.queue, x.key, case when x.tokens is not null then x.tokens - x.taken end, now(),
          x.held > 0, x.bound + x.taken
-  from unnest(queues, keys, tokens, taken, held, waiting, bounds)
-    as x(queue, key, tokens, taken, held, waiting, bound)
+  from unnest(queues, keys, tokens, taken, held, waiting, bounds, locked)
+    as x(queue, key, tokens, taken, held, waiting, bound, locked)
   where (((x.tokens is not null or x.bound is not null) and x.taken > 0)
          or (x.held > 0) <> x.waiting)
-    -- Only a key this claim holds (or may take now): another claim's, written meanwhile,
-    -- would make this one wait for it to commit, and two such claims deadlock.
-    and shoal.flow_lock(x.queue, x.key)
+    -- Only a key this claim held when it read it (locked[i]): what it read of another is
+    -- stale once that claim commits, and writing it meanwhile would wait for that claim.
+    and x.locked
   on conflict (queue, key) do update
   set tokens = case when excluded.tokens is not null then excluded.tokens else k.tokens end,
       refilled_at = case when excluded.tokens is not null then now() else k.refilled_at end,

@@ -282,7 +282,7 @@ begin
   if not found then
     return null;
   end if;
-  perform shoal.free_slots(array[parent.queue::text],
+  perform shoal.slots_freed(array[parent.queue::text],
                            array[coalesce(parent.concurrency_key, parent.fairness_key)]);
 
   execution := parent.execution_id;
@@ -408,7 +408,7 @@ begin
   -- Their concurrency slots are free now (the slot rule, flow.sql): wake the held-back.
   -- With no key waiting for a slot anywhere, no call.
   if finished is not null and exists (select 1 from shoal.flow_keys k where k.waiting) then
-    perform shoal.free_slots(finished_queues, finished_keys);
+    perform shoal.slots_freed(finished_queues, finished_keys);
   end if;
 
   -- The slow path, once per fan-out: enqueue the callback with the results in child
