@@ -181,28 +181,31 @@ declare
   cand record;
   fit record;
 begin
-  -- Flow control: paused queues are left out; is any other limited?
-  select coalesce(array_agg(q.name), '{}'),
-         coalesce(bool_or(exists (select 1 from shoal.concurrency_limits l
-                                  where l.queue = q.name)
-                          or exists (select 1 from shoal.rate_limits l where l.queue = q.name)
-                          or exists (select 1 from shoal.flow_keys k
-                                     where k.queue = q.name and k.held_until > now())), false)
-  into _queues, limited
-  from unnest(_queues) as q(name)
-  where not exists (select 1 from shoal.queue_pauses p where p.queue = q.name);
+  -- Flow control: paused queues are left out; is any other limited? In a limited queue, keys
+  -- with jobs waiting for a slot (or a token, or a hold's end) keep those jobs behind where
+  -- claiming has got to: walk from the head, in windows (windowed). Otherwise the usual
+  -- walk, whose picks are then checked. A probe finds nothing while keys wait. (One
+  -- statement: `and` reads the waiting keys of limited queues only; offset 0 keeps the
+  -- subquery whole, so each queue's flow control is looked up once.)
+  select coalesce(array_agg(q.name), '{}'), coalesce(bool_or(q.limited), false),
+         coalesce(bool_or(q.limited and exists (select 1 from shoal.flow_keys k
+                                                where k.queue = q.name and k.waiting)), false)
+  into _queues, limited, windowed
+  from (
+    select q.name,
+           exists (select 1 from shoal.concurrency_limits l where l.queue = q.name)
+           or exists (select 1 from shoal.rate_limits l where l.queue = q.name)
+           or exists (select 1 from shoal.flow_keys k
+                      where k.queue = q.name and k.held_until > now()) as limited
+    from unnest(_queues) as q(name)
+    where not exists (select 1 from shoal.queue_pauses p where p.queue = q.name)
+    offset 0
+  ) q;
   if cardinality(_queues) = 0 then
     return;
   end if;
-  if limited then
-    -- Keys with jobs waiting for a slot (or a token, or a hold's end) keep those jobs behind
-    -- where claiming has got to: walk from the head, in windows. Otherwise the usual walk,
-    -- whose picks are then checked. A probe finds nothing while keys wait.
-    windowed := exists (select 1 from shoal.flow_keys k
-                        where k.queue = any(_queues) and k.waiting);
-    if windowed and _before_priority is not null then
-      return;
-    end if;
+  if windowed and _before_priority is not null then
+    return;
   end if;
 
   if windowed then
