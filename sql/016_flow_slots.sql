@@ -21,8 +21,10 @@ alter index shoal.concurrency_slots_key_idx rename to concurrency_slots_015_key_
 -- carries that token, is claimed and is within its deadline (the slot rule in
 -- sql/functions/flow.sql): nothing has to remove it for the count to be right. The claims
 -- that count a key remove its rows whose jobs all ended; the reaper rewrites the rest.
+-- No key of its own: the statements that remove or rewrite a row reach it by its ctid in
+-- the statement that found it (an identity and its index would be two writes more per
+-- claim, for nothing a reader needs).
 create table shoal.concurrency_slots (
-  id bigint generated always as identity primary key,
   queue text not null,
   key text not null,
   job_ids bigint[] not null,

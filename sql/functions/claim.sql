@@ -144,6 +144,8 @@ declare
   -- limit ("queue\nkey") and their slots left for this claim; every key checked; the
   -- window's offset and size; the candidates and the jobs of one window that fit.
   limited boolean;
+  -- Whether a claimed queue has a rate limit (limited then too).
+  rated boolean;
   windowed boolean := false;
   flow_scan constant integer := greatest(_limit * 16, 2000);
   key_tags text[] := '{}';
@@ -187,16 +189,19 @@ begin
   -- walk, whose picks are then checked. A probe finds nothing while keys wait. (One
   -- statement: `and` reads the waiting keys of limited queues only; offset 0 keeps the
   -- subquery whole, so each queue's flow control is looked up once.)
-  select coalesce(array_agg(q.name), '{}'), coalesce(bool_or(q.limited), false),
-         coalesce(bool_or(q.limited and exists (select 1 from shoal.flow_keys k
-                                                where k.queue = q.name and k.waiting)), false)
-  into _queues, limited, windowed
+  select coalesce(array_agg(q.name), '{}'),
+         coalesce(bool_or(q.limited or q.rated), false),
+         coalesce(bool_or(q.rated), false),
+         coalesce(bool_or((q.limited or q.rated)
+                          and exists (select 1 from shoal.flow_keys k
+                                      where k.queue = q.name and k.waiting)), false)
+  into _queues, limited, rated, windowed
   from (
     select q.name,
            exists (select 1 from shoal.concurrency_limits l where l.queue = q.name)
-           or exists (select 1 from shoal.rate_limits l where l.queue = q.name)
            or exists (select 1 from shoal.flow_keys k
-                      where k.queue = q.name and k.held_until > now()) as limited
+                      where k.queue = q.name and k.held_until > now()) as limited,
+           exists (select 1 from shoal.rate_limits l where l.queue = q.name) as rated
     from unnest(_queues) as q(name)
     where not exists (select 1 from shoal.queue_pauses p where p.queue = q.name)
     offset 0
@@ -411,8 +416,10 @@ begin
       ),
       c as (
         select k.queue, k.key, k.n, coalesce(lk.max_running, ld.max_running) as max_running,
-               exists (select 1 from shoal.rate_limits r
-                       where r.queue = k.queue and (r.key = k.key or r.key is null)) as rated,
+               -- (`rated`: only where some claimed queue has a rate limit.)
+               rated and exists (select 1 from shoal.rate_limits r
+                                 where r.queue = k.queue and (r.key = k.key or r.key is null))
+                 as rated,
                f.slots_bound, f.slots_counted, f.held_until
         from k
         left join shoal.concurrency_limits lk on lk.queue = k.queue and lk.key = k.key

@@ -420,7 +420,8 @@ begin
       where x.counted
     ),
     slot_rows as (
-      select s.id, c.n, cardinality(s.job_ids) as entries, e.claimed, e.held
+      select s.ctid as row_id, s.queue, s.key, c.n, cardinality(s.job_ids) as entries,
+             e.claimed, e.held
       from counting c
       join shoal.concurrency_slots s on s.queue = c.queue and s.key = c.key
       cross join lateral (
@@ -431,7 +432,7 @@ begin
     ),
     emptied as (
       delete from shoal.concurrency_slots s using slot_rows r
-      where s.id = r.id and r.claimed = 0
+      where s.queue = r.queue and s.key = r.key and s.ctid = r.row_id and r.claimed = 0
     ),
     counted as (
       select c.queue, c.key, c.n, c.stored, coalesce(sum(r.held), 0)::integer as held,
@@ -542,7 +543,7 @@ $$;
 create or replace function shoal.prune_slots(max_rows integer default 10000) returns integer
 language sql volatile as $$
   with stale as (
-    select s.id from shoal.concurrency_slots s
+    select s.ctid as row_id, s.queue, s.key from shoal.concurrency_slots s
     where exists (select 1 from unnest(s.job_ids, s.tokens) as u(id, token)
                   where not exists (select 1 from shoal.jobs j
                                     where j.id = u.id and j.token = u.token
@@ -551,23 +552,25 @@ language sql volatile as $$
     limit max_rows
   ),
   kept as (
-    select x.id,
+    select x.row_id, x.queue, x.key,
            array_agg(u.id order by u.n) filter (where j.id is not null) as job_ids,
            array_agg(u.token order by u.n) filter (where j.id is not null) as tokens
     from stale x
-    join shoal.concurrency_slots s on s.id = x.id
+    join shoal.concurrency_slots s
+      on s.queue = x.queue and s.key = x.key and s.ctid = x.row_id
     cross join lateral unnest(s.job_ids, s.tokens) with ordinality as u(id, token, n)
     left join shoal.jobs j on j.id = u.id and j.token = u.token and j.locked_by is not null
-    group by x.id
+    group by x.row_id, x.queue, x.key
   ),
   rewritten as (
     update shoal.concurrency_slots s set job_ids = k.job_ids, tokens = k.tokens
-    from kept k where s.id = k.id and k.job_ids is not null
+    from kept k
+    where s.queue = k.queue and s.key = k.key and s.ctid = k.row_id and k.job_ids is not null
     returning 1
   ),
   emptied as (
     delete from shoal.concurrency_slots s using kept k
-    where s.id = k.id and k.job_ids is null
+    where s.queue = k.queue and s.key = k.key and s.ctid = k.row_id and k.job_ids is null
     returning 1
   ),
   quiet as (
