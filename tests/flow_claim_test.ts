@@ -342,3 +342,13 @@ Deno.test("a claim in flight holds its keys: a second claim cannot take their sl
     select count(*)::integer as n from shoal.jobs where locked_by is not null`;
   assertEquals(row!.n, 2);
 });
+
+Deno.test("shoal.free_slots(ids), the call of revision-5 binaries in a rolling deploy, wakes every queue with keys waiting", async () => {
+  await using db = await testDb();
+  const call = async () =>
+    (await db.sql<[{ n: number }]>`select shoal.free_slots(array[1, 2]::bigint[]) as n`)[0].n;
+  assertEquals(await call(), 0);
+  await db.sql`insert into shoal.flow_keys (queue, key, waiting)
+               values (${Q}, 'a', true), (${Q}, 'b', true), ('other', 'a', false)`;
+  assertEquals(await call(), 1);
+});

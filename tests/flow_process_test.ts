@@ -166,8 +166,10 @@ Deno.test("4 consumers: a default limit of 3 per key and a key's limit of 1 hold
   await db.sql`select shoal.set_concurrency_limit(${Q}, 3)`;
   await db.sql`select shoal.set_concurrency_limit(${Q}, 1, 'c')`;
   const limits: Record<string, number> = { a: 3, b: 3, c: 1 };
-  // About 1.2 s of work per key at its limit: 24 × 150 ms ÷ 3, 8 × 150 ms ÷ 1.
-  const jobs = keyedJobs({ a: 24, b: 24, c: 8 }, (i) => 100 + (i % 5) * 25);
+  // About 3.2 s of work per key at its limit: 24 × 400 ms ÷ 3, 8 × 400 ms ÷ 1. Jobs long
+  // beside a hand-over (an ack, a wake, a claim: 30 ms and more on a slow machine, where
+  // jobs of 150 ms left both this tree and befa8f7 at 75-88% of the limit).
+  const jobs = keyedJobs({ a: 24, b: 24, c: 8 }, (i) => 300 + (i % 5) * 50);
 
   const procs = await consumers(db.url, 4, ["--concurrency", "50"]);
   await using _procs = { [Symbol.asyncDispose]: () => disposeAll(procs) };

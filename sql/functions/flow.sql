@@ -230,16 +230,9 @@ $$;
 -- The revision-5 binaries' call, kept for a rolling deploy: it names job ids, whose slot
 -- entries it cannot find, so it wakes every queue with keys waiting.
 create or replace function shoal.free_slots(ids bigint[]) returns integer
-language plpgsql volatile as $$
-declare
-  woken text[];
-begin
-  select array_agg(distinct k.queue) into woken from shoal.flow_keys k where k.waiting;
-  if woken is not null then
-    perform shoal.notify_jobs(woken, null);
-  end if;
-  return coalesce(cardinality(woken), 0);
-end
+language sql volatile as $$
+  select coalesce(shoal.slots_freed(array_agg(k.queue), array_agg(k.key)), 0)
+  from shoal.flow_keys k where k.waiting
 $$;
 
 -- At most max_starts claims per period_ms per key (a token bucket: the rate on average, a
@@ -487,8 +480,8 @@ $$;
 -- and when a bucket is empty, wake the queue's consumers for the instant its next token is
 -- due (the jobs it holds back start then, not at a poll). A key becomes waiting only at the
 -- end of the claim that first finds it full: a slot freed meanwhile wakes nobody, and the
--- job waits for a poll, once per key that fills. A key another claim held is not written
--- (that claim records what it found).
+-- job waits for a poll, once per key that fills. Of a key another claim held, only the flag
+-- is set, where no claim has its row locked.
 drop function if exists shoal.flow_claimed(text[], text[], double precision[], integer[],
                                           integer[], boolean[]);
 drop function if exists shoal.flow_claimed(text[], text[], double precision[], integer[],
@@ -517,6 +510,18 @@ begin
       -- A bound made unknown meanwhile (slot rows added outside a claim) stays unknown.
       slots_bound = case when excluded.slots_bound is not null and k.slots_bound is not null
                          then excluded.slots_bound else k.slots_bound end;
+
+  -- A key another claim held, with jobs this claim had to leave: marked waiting (so its
+  -- freed slots wake the queue), the flag alone, and only where no claim has the row
+  -- locked (skipped, not waited for). At worst one wake too many.
+  with w as (
+    select k.queue, k.key from shoal.flow_keys k
+    join unnest(queues, keys, held, locked) as x(queue, key, held, locked)
+      on k.queue = x.queue and k.key = x.key
+    where not x.locked and x.held > 0 and not k.waiting
+    for update of k skip locked
+  )
+  update shoal.flow_keys k set waiting = true from w where k.queue = w.queue and k.key = w.key;
 
   perform shoal.notify_jobs(array_agg(x.queue), array_agg(
             now() + (1 - (x.tokens - x.taken)) * r.period_ms / r.max_starts * interval '1 ms'))
