@@ -949,7 +949,8 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     Math.round(options.retryInMs)
   }::bigint * interval '1 ms'
       from target t where j.id = t.id and not t.final
-      returning j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.run_at
+      returning j.id, j.queue, j.task, coalesce(j.concurrency_key, j.fairness_key) as flow_key,
+        j.run_at
     ),
     -- Announce when the retry is due, so a listening consumer wakes for it on time
     -- instead of at its next poll.
@@ -963,11 +964,13 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
       from (select d.queue, coalesce(d.concurrency_key, d.fairness_key) as flow_key from dead d
             union all select r.queue, r.flow_key from retried r) x
     ),
-    -- Told to hold its whole key (a 429, say): no job of the key is claimed meanwhile.
+    -- Told to hold its whole key (a 429, say): no job of the key is claimed meanwhile (of
+    -- its task's, when its task has limits of its own: THE TASK RULE in flow.sql).
     held as (
-      select shoal.hold_key(x.queue, x.flow_key, ${options.holdKeyMs ?? 0}::bigint)
-      from (select d.queue, coalesce(d.concurrency_key, d.fairness_key) as flow_key from dead d
-            union all select r.queue, r.flow_key from retried r) x
+      select shoal.hold_key(x.queue, x.flow_key, ${options.holdKeyMs ?? 0}::bigint, x.task)
+      from (select d.queue, d.task, coalesce(d.concurrency_key, d.fairness_key) as flow_key
+            from dead d
+            union all select r.queue, r.task, r.flow_key from retried r) x
       where ${options.holdKeyMs ?? 0}::bigint > 0
     )
     select case when exists (select 1 from buried) then 'dead'

@@ -118,8 +118,9 @@ declare
   picked_queues text[] := '{}';
   picked_priorities integer[] := '{}';
   picked_seqs bigint[] := '{}';
-  -- The flow key of each job picked by the usual walk (aligned with picked_queues).
+  -- The flow key and task of each job picked by the usual walk (aligned with picked_queues).
   picked_keys text[] := '{}';
+  picked_tasks text[] := '{}';
   -- What the claim from near the heads read of shoal.queue_heads: how many rows its queues
   -- have at the recorded priorities, and when the stalest was written. With every row
   -- there and none due for a rewrite, and nothing picked at an unrecorded priority, the
@@ -146,11 +147,16 @@ declare
   limited boolean;
   -- Whether a claimed queue has a rate limit (limited then too).
   rated boolean;
+  -- The tasks with limits of their own on the claimed queues, 'queue\ntask' each: their jobs
+  -- count in buckets of their own (THE TASK RULE in flow.sql, shoal.bucket_task). A bucket's
+  -- tag below is 'queue\ntask\nkey' (task '' for the queue's own buckets).
+  scoped_tasks text[];
   windowed boolean := false;
   flow_scan constant integer := greatest(_limit * 16, 2000);
   key_tags text[] := '{}';
   key_queues text[] := '{}';
   key_keys text[] := '{}';
+  key_tasks text[] := '{}';
   key_allowed integer[] := '{}';
   key_taken integer[] := '{}';
   key_tokens double precision[] := '{}';
@@ -180,6 +186,7 @@ declare
   -- The keys the next step meets: a window's, or every key of the first look.
   meet_queues text[];
   meet_keys text[];
+  meet_tasks text[];
   cand record;
   fit record;
 begin
@@ -194,8 +201,17 @@ begin
          coalesce(bool_or(q.rated), false),
          coalesce(bool_or((q.limited or q.rated)
                           and exists (select 1 from shoal.flow_keys k
-                                      where k.queue = q.name and k.waiting)), false)
-  into _queues, limited, rated, windowed
+                                      where k.queue = q.name and k.waiting)), false),
+         -- (Read only for a limited queue: an uncorrelated subquery runs when first used.)
+         case when bool_or(q.limited or q.rated) then
+           (select coalesce(array_agg(t.tag), '{}')
+            from (select l.queue || E'\n' || l.task as tag from shoal.concurrency_limits l
+                  where l.queue = any(_queues) and l.task <> ''
+                  union
+                  select l.queue || E'\n' || l.task from shoal.rate_limits l
+                  where l.queue = any(_queues) and l.task <> '') t)
+         else '{}' end
+  into _queues, limited, rated, windowed, scoped_tasks
   from (
     select q.name,
            exists (select 1 from shoal.concurrency_limits l where l.queue = q.name)
@@ -225,6 +241,7 @@ begin
            array_agg(c.priority) as priorities,
            array_agg(c.fair_seq) as seqs,
            array_agg(c.flow_key) as keys,
+           array_agg(c.task) as tasks,
            bool_or(c.execution_id is not null) as in_workflow,
            bool_or(c.attempts >= c.max_attempts) as spent
     into got
@@ -232,7 +249,7 @@ begin
       select c.* from unnest(_queues) as q(name)
       cross join lateral (
         select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-               j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
+               j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.task
         from shoal.jobs j
         where j.queue = q.name and j.run_at <= now()
         order by j.priority desc, j.fair_seq, j.id + 0
@@ -248,6 +265,7 @@ begin
     picked_priorities := got.priorities;
     picked_seqs := got.seqs;
     picked_keys := got.keys;
+    picked_tasks := got.tasks;
     in_workflow := got.in_workflow;
     spent := got.spent;
   elsif _from_head then
@@ -260,6 +278,7 @@ begin
            array_agg(c.priority) as priorities,
            array_agg(c.fair_seq) as seqs,
            array_agg(c.flow_key) as keys,
+           array_agg(c.task) as tasks,
            bool_or(c.execution_id is not null) as in_workflow,
            bool_or(c.attempts >= c.max_attempts) as spent
     into got
@@ -268,7 +287,7 @@ begin
         select h.* from unnest(_queues) as q(name)
         cross join lateral (
           select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-                 j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
+                 j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.task
           from shoal.jobs j
           where j.queue = q.name and j.priority > _before_priority and j.run_at <= now()
           order by j.priority desc, j.fair_seq, j.id + 0
@@ -279,7 +298,7 @@ begin
         select e.* from unnest(_queues) as q(name)
         cross join lateral (
           select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-                 j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
+                 j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.task
           from shoal.jobs j
           where j.queue = q.name and j.priority = _before_priority
             and j.fair_seq <= _before_fair_seq and j.run_at <= now()
@@ -297,6 +316,7 @@ begin
     picked_priorities := got.priorities;
     picked_seqs := got.seqs;
     picked_keys := got.keys;
+    picked_tasks := got.tasks;
     in_workflow := got.in_workflow;
     spent := got.spent;
   else
@@ -319,6 +339,7 @@ begin
                array_agg(c.priority) as priorities,
                array_agg(c.fair_seq) as seqs,
                array_agg(c.flow_key) as keys,
+               array_agg(c.task) as tasks,
                bool_or(c.execution_id is not null) as in_workflow,
                bool_or(c.attempts >= c.max_attempts) as spent
         into got
@@ -326,7 +347,7 @@ begin
           select c.* from unnest(_queues) as q(name)
           cross join lateral (
             select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.execution_id, j.attempts,
-                   j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key
+                   j.max_attempts, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.task
             from shoal.jobs j
             where j.queue = q.name and j.priority < above and j.priority > below
               and j.run_at <= now()
@@ -344,6 +365,7 @@ begin
           picked_priorities := picked_priorities || got.priorities;
           picked_seqs := picked_seqs || got.seqs;
           picked_keys := picked_keys || got.keys;
+          picked_tasks := picked_tasks || got.tasks;
           in_workflow := in_workflow or got.in_workflow;
           spent := spent or got.spent;
           from_gap := true;
@@ -358,6 +380,7 @@ begin
              array_agg(c.queue) as queues,
              array_agg(c.fair_seq) as seqs,
              array_agg(c.flow_key) as keys,
+             array_agg(c.task) as tasks,
              bool_or(c.execution_id is not null) as in_workflow,
              bool_or(c.attempts >= c.max_attempts) as spent
       into got
@@ -366,7 +389,7 @@ begin
         left join shoal.queue_heads h on h.queue = q.name and h.priority = lvl
         cross join lateral (
           select j.id, j.ctid, j.queue, j.fair_seq, j.execution_id, j.attempts, j.max_attempts,
-                 coalesce(j.concurrency_key, j.fairness_key) as flow_key
+                 coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.task
           from shoal.jobs j
           where j.queue = q.name and j.priority = lvl
             and j.fair_seq >= coalesce(h.previous - head_lead, -9223372036854775808)
@@ -385,6 +408,7 @@ begin
         picked_priorities := picked_priorities || array_fill(lvl, array[cardinality(got.ids)]);
         picked_seqs := picked_seqs || got.seqs;
         picked_keys := picked_keys || got.keys;
+        picked_tasks := picked_tasks || got.tasks;
         in_workflow := in_workflow or got.in_workflow;
         spent := spent or got.spent;
       end if;
@@ -403,6 +427,9 @@ begin
       end if;
       meet_queues := picked_queues;
       meet_keys := picked_keys;
+      meet_tasks := array(select shoal.bucket_task(u.queue, u.task, scoped_tasks)
+                          from unnest(picked_queues, picked_tasks) with ordinality as u(queue, task, n)
+                          order by u.n);
       -- A limit that cannot bind: every key of the picks is under no flow control, or only
       -- under a concurrency limit whose bound leaves room for two batches (THE BOUND in
       -- flow.sql), with no count due. Then the picks stand, and each such key's bound is
@@ -410,21 +437,25 @@ begin
       -- meanwhile, sends the claim the long way: a raise already made only overstates the
       -- bound). One statement, where the long way takes a dozen.
       with k as (
-        select u.queue, u.key, count(*)::integer as n
-        from unnest(picked_queues, picked_keys) as u(queue, key)
-        group by u.queue, u.key
+        select u.queue, u.key, u.task, count(*)::integer as n
+        from unnest(meet_queues, meet_keys, meet_tasks) as u(queue, key, task)
+        group by u.queue, u.key, u.task
       ),
       c as (
-        select k.queue, k.key, k.n, coalesce(lk.max_running, ld.max_running) as max_running,
+        select k.queue, k.key, k.task, k.n,
+               coalesce(lk.max_running, ld.max_running) as max_running,
                -- (`rated`: only where some claimed queue has a rate limit.)
                rated and exists (select 1 from shoal.rate_limits r
-                                 where r.queue = k.queue and (r.key = k.key or r.key is null))
+                                 where r.queue = k.queue and r.task = k.task
+                                   and (r.key = k.key or r.key is null))
                  as rated,
                f.slots_bound, f.slots_counted, f.held_until
         from k
-        left join shoal.concurrency_limits lk on lk.queue = k.queue and lk.key = k.key
-        left join shoal.concurrency_limits ld on ld.queue = k.queue and ld.key is null
-        left join shoal.flow_keys f on f.queue = k.queue and f.key = k.key
+        left join shoal.concurrency_limits lk
+          on lk.queue = k.queue and lk.task = k.task and lk.key = k.key
+        left join shoal.concurrency_limits ld
+          on ld.queue = k.queue and ld.task = k.task and ld.key is null
+        left join shoal.flow_keys f on f.queue = k.queue and f.key = k.key and f.task = k.task
       ),
       ok as (
         select coalesce(bool_and(
@@ -438,16 +469,17 @@ begin
       -- The keys under a concurrency limit, locked (a CTE that calls a volatile function is
       -- run as written: only these keys are locked, whatever the plan of the update).
       locked as (
-        select c.queue, c.key, c.n, c.max_running
+        select c.queue, c.key, c.task, c.n, c.max_running
         from c, ok
-        where ok.all_ok and c.max_running is not null and shoal.flow_lock(c.queue, c.key)
+        where ok.all_ok and c.max_running is not null
+          and shoal.flow_lock(c.queue, c.key, c.task)
       ),
       raised as (
         update shoal.flow_keys f set slots_bound = f.slots_bound + l.n
         from locked l
-        where f.queue = l.queue and f.key = l.key
+        where f.queue = l.queue and f.key = l.key and f.task = l.task
           and f.slots_bound + 2 * _limit <= l.max_running
-        returning f.queue || E'\n' || f.key as tag
+        returning f.queue || E'\n' || f.task || E'\n' || f.key as tag
       )
       select ok.all_ok and (select count(*) from raised) = ok.limited_keys,
              (select coalesce(array_agg(r.tag), '{}') from raised r)
@@ -463,7 +495,12 @@ begin
         -- without locks through the same index: a key's run of jobs in the claim order costs
         -- nothing to pass, however long (a key that enqueued in one batch, or whose
         -- priority ranks above the rest).
-        if windowed and not per_key_done then
+        if windowed and not per_key_done and cardinality(scoped_tasks) > 0 then
+          -- A key's jobs of several buckets (tasks with limits of their own): the windows.
+          per_key_done := true;
+          scan_from := 0;
+          continue;
+        elsif windowed and not per_key_done then
           per_key_done := true;
           select array_agg(d.queue) as queues, array_agg(d.key) as keys,
                  array_agg(d.kind) as kinds, count(*) as n
@@ -502,6 +539,7 @@ begin
           if disc_n > 0 and disc_n <= flow_keys_max then
             meet_queues := disc.queues;
             meet_keys := disc.keys;
+            meet_tasks := array_fill(''::text, array[disc_n::integer]);
             per_key_fetch := true;
           else
             scan_from := 0;
@@ -514,6 +552,8 @@ begin
                  array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
                  array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
                  array_agg(c.fairness_key order by c.priority desc, c.fair_seq, c.id) as keys,
+                 array_agg(shoal.bucket_task(c.queue, c.task, scoped_tasks)
+                           order by c.priority desc, c.fair_seq, c.id) as tasks,
                  min(c.priority) as low,
                  count(*) as n
           into cand
@@ -521,7 +561,7 @@ begin
             select c.* from unnest(_queues) as q(name)
             cross join lateral (
               select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
-                     coalesce(j.concurrency_key, j.fairness_key) as fairness_key
+                     coalesce(j.concurrency_key, j.fairness_key) as fairness_key, j.task
               from shoal.jobs j
               where j.queue = q.name and j.priority <= band_top and j.run_at <= now()
               order by j.priority desc, j.fair_seq, j.id + 0
@@ -536,30 +576,34 @@ begin
         if windowed and not per_key_fetch then
           meet_queues := cand.queues;
           meet_keys := cand.keys;
+          meet_tasks := cand.tasks;
         end if;
 
         -- Keys first met (of the window, or every key of the first look): how many of each
         -- it may take (shoal.flow_allow returns those under flow control, locked; a key
         -- another claim holds gets none).
-        select coalesce(array_agg(d.queue || E'\n' || d.key), '{}') as tags,
-               array_agg(d.queue) as queues, array_agg(d.key) as keys
+        select coalesce(array_agg(d.queue || E'\n' || d.task || E'\n' || d.key), '{}') as tags,
+               array_agg(d.queue) as queues, array_agg(d.key) as keys,
+               array_agg(d.task) as tasks
         into fit
-        from (select distinct u.queue, u.key from unnest(meet_queues, meet_keys) as u(queue, key)) d
-        where d.queue || E'\n' || d.key <> all(checked_tags);
+        from (select distinct u.queue, u.key, u.task
+              from unnest(meet_queues, meet_keys, meet_tasks) as u(queue, key, task)) d
+        where d.queue || E'\n' || d.task || E'\n' || d.key <> all(checked_tags);
         checked_tags := checked_tags || fit.tags;
         if fit.queues is not null then
-          select key_tags || coalesce(array_agg(a.queue || E'\n' || a.key), '{}'),
+          select key_tags || coalesce(array_agg(a.queue || E'\n' || a.task || E'\n' || a.key), '{}'),
                  key_queues || coalesce(array_agg(a.queue), '{}'),
                  key_keys || coalesce(array_agg(a.key), '{}'),
+                 key_tasks || coalesce(array_agg(a.task), '{}'),
                  key_allowed || coalesce(array_agg(a.allowed), '{}'),
                  key_tokens || coalesce(array_agg(a.tokens), '{}'),
                  key_waiting || coalesce(array_agg(a.waiting), '{}'),
                  key_bounds || coalesce(array_agg(a.bound), '{}'),
                  key_slotted || coalesce(array_agg(a.slotted), '{}'),
                  key_locked || coalesce(array_agg(a.locked), '{}')
-          into key_tags, key_queues, key_keys, key_allowed, key_tokens, key_waiting, key_bounds,
-               key_slotted, key_locked
-          from shoal.flow_allow(fit.queues, fit.keys, 2 * _limit) a;
+          into key_tags, key_queues, key_keys, key_tasks, key_allowed, key_tokens, key_waiting,
+               key_bounds, key_slotted, key_locked
+          from shoal.flow_allow(fit.queues, fit.keys, fit.tasks, 2 * _limit) a;
           key_taken := key_taken || array_fill(0, array[cardinality(key_tags) - cardinality(key_taken)]);
           key_held := key_held || array_fill(0, array[cardinality(key_tags) - cardinality(key_held)]);
         end if;
@@ -572,6 +616,7 @@ begin
                  array_agg(c.ctid order by c.priority desc, c.fair_seq, c.id) as ctids,
                  array_agg(c.queue order by c.priority desc, c.fair_seq, c.id) as queues,
                  array_agg(c.key order by c.priority desc, c.fair_seq, c.id) as keys,
+                 array_agg(''::text) as tasks,
                  min(c.priority) as low,
                  count(*) as n
           into cand
@@ -580,7 +625,7 @@ begin
                    least(coalesce(a.allowed - a.taken, _limit), _limit) + 1 as take
             from unnest(disc.queues, disc.keys, disc.kinds) as d(queue, key, kind)
             left join unnest(key_tags, key_allowed, key_taken) as a(tag, allowed, taken)
-              on a.tag = d.queue || E'\n' || d.key
+              on a.tag = d.queue || E'\n\n' || d.key
           ) d
           cross join lateral (
             (select j.id, j.ctid, j.queue, j.priority, j.fair_seq, d.key from shoal.jobs j
@@ -602,8 +647,9 @@ begin
           -- (the check below would keep every one), and the picks stand as they are.
           if (select coalesce(bool_and(a >= 2 * _limit), true) from unnest(key_allowed) as a) then
             key_taken := array(
-              select (select count(*) from unnest(picked_queues, picked_keys) as c(queue, key)
-                      where c.queue || E'\n' || c.key = k.tag)::integer
+              select (select count(*)
+                      from unnest(meet_queues, meet_tasks, meet_keys) as c(queue, task, key)
+                      where c.queue || E'\n' || c.task || E'\n' || c.key = k.tag)::integer
               from unnest(key_tags) with ordinality as k(tag, n)
               order by k.n);
             exit;
@@ -612,6 +658,7 @@ begin
                  array_agg(j.ctid order by x.n) as ctids,
                  array_agg(j.queue order by x.n) as queues,
                  array_agg(coalesce(j.concurrency_key, j.fairness_key) order by x.n) as keys,
+                 array_agg(shoal.bucket_task(j.queue, j.task, scoped_tasks) order by x.n) as tasks,
                  min(j.priority) as low,
                  count(*) as n
           into cand
@@ -623,6 +670,7 @@ begin
           picked_priorities := '{}';
           picked_seqs := '{}';
           picked_keys := '{}';
+          picked_tasks := '{}';
           in_workflow := false;
           spent := false;
         end if;
@@ -632,12 +680,12 @@ begin
         -- and only while still ready (another claim may have taken one since the read).
         with u as (
           select u.*, k.slots_left,
-                 row_number() over (partition by u.queue, u.key order by u.n) as key_rank
-          from unnest(cand.ids, cand.ctids, cand.queues, cand.keys)
-            with ordinality as u(id, ctid, queue, key, n)
+                 row_number() over (partition by u.queue, u.task, u.key order by u.n) as key_rank
+          from unnest(cand.ids, cand.ctids, cand.queues, cand.keys, cand.tasks)
+            with ordinality as u(id, ctid, queue, key, task, n)
           left join (select k.tag, k.allowed - k.taken as slots_left
                      from unnest(key_tags, key_allowed, key_taken) as k(tag, allowed, taken)) k
-            on k.tag = u.queue || E'\n' || u.key
+            on k.tag = u.queue || E'\n' || u.task || E'\n' || u.key
           where u.id <> all(picked)
         ),
         fits as (
@@ -658,12 +706,13 @@ begin
           where g.take_rank <= _limit - cardinality(picked)
         ),
         taken as (
-          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.execution_id,
-                 j.attempts, j.max_attempts, f.n
+          select j.id, j.ctid, j.queue, j.priority, j.fair_seq, j.flow_key, j.task,
+                 j.execution_id, j.attempts, j.max_attempts, f.n
           from fits f
           cross join lateral (
             select j.id, j.ctid, j.queue, j.priority, j.fair_seq,
-                   coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.execution_id,
+                   coalesce(j.concurrency_key, j.fairness_key) as flow_key,
+                   shoal.bucket_task(j.queue, j.task, scoped_tasks) as task, j.execution_id,
                    j.attempts, j.max_attempts
             from shoal.jobs j
             where j.ctid = f.ctid and j.run_at <= now()
@@ -675,11 +724,11 @@ begin
                array_agg(t.queue) as queues,
                array_agg(t.priority) as priorities,
                array_agg(t.fair_seq) as seqs,
-               array_agg(t.queue || E'\n' || t.flow_key) as tags,
+               array_agg(t.queue || E'\n' || t.task || E'\n' || t.flow_key) as tags,
                bool_or(t.execution_id is not null) as in_workflow,
                bool_or(t.attempts >= t.max_attempts) as spent,
                -- Keys with jobs beyond their slots left (waiting for one to free).
-               (select array_agg(u.queue || E'\n' || u.key) from u
+               (select array_agg(u.queue || E'\n' || u.task || E'\n' || u.key) from u
                 where u.slots_left is not null and u.key_rank > u.slots_left) as held,
                -- Keys that may fill a prefetch buffer too: none under flow control, or one
                -- with a batch's worth of slots to spare.
@@ -743,8 +792,8 @@ begin
                    as k(tokens, taken, held, waiting, bound)
                  where ((k.tokens is not null or k.bound is not null) and k.taken > 0)
                     or (k.held > 0) <> k.waiting) then
-        perform shoal.flow_claimed(key_queues, key_keys, key_tokens, key_taken, key_held,
-                                   key_waiting, key_bounds, key_locked);
+        perform shoal.flow_claimed(key_queues, key_keys, key_tasks, key_tokens, key_taken,
+                                   key_held, key_waiting, key_bounds, key_locked);
       end if;
       -- The keys under a concurrency limit: their claimed jobs get a slot row.
       slot_tags := array(select k.tag from unnest(key_tags, key_slotted) as k(tag, slotted)
@@ -853,13 +902,18 @@ begin
         j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at,
         coalesce(j.concurrency_key, j.fairness_key) as flow_key
     ),
+    bucketed as (
+      select c.queue, c.flow_key, shoal.bucket_task(c.queue, c.task, scoped_tasks) as task,
+             c.id, c.token
+      from claimed c where limited
+    ),
     -- A limited key's jobs hold a slot each, under their new token (the slot rule): one
     -- row per key for this claim.
     slotted as (
-      insert into shoal.concurrency_slots (queue, key, job_ids, tokens)
-      select c.queue, c.flow_key, array_agg(c.id), array_agg(c.token) from claimed c
-      where limited and c.queue || E'\n' || c.flow_key = any(slot_tags)
-      group by c.queue, c.flow_key
+      insert into shoal.concurrency_slots (queue, key, task, job_ids, tokens)
+      select b.queue, b.flow_key, b.task, array_agg(b.id), array_agg(b.token) from bucketed b
+      where b.queue || E'\n' || b.task || E'\n' || b.flow_key = any(slot_tags)
+      group by b.queue, b.flow_key, b.task
     )
     -- In claim order, so the caller starts them in that order.
     select c.id, c.queue::text, c.task::text, c.payload::jsonb, c.priority, c.fairness_key,

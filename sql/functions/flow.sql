@@ -5,8 +5,10 @@
 -- fairness key) and fairness weights (by fairness key):
 --   shoal.pause_queue, shoal.resume_queue          a queue's pause (claim.sql skips it)
 --   shoal.set_concurrency_limit,                   at most N running per key: per queue
---   shoal.clear_concurrency_limit                  (every key) or per key
+--   shoal.clear_concurrency_limit                  (every key) or per key, of a task's own
 --   shoal.concurrency_limit                        the limit that applies to a key
+--   shoal.flow_scope                               whether a task is counted apart
+--   shoal.flow_adopt                               slot rows for jobs claimed before
 --   shoal.set_rate_limit, shoal.clear_rate_limit   at most N claims per period per key
 --   shoal.hold_key                                 no claim of a key's jobs for a while
 --   shoal.set_fairness_weight,                     a key's share under contention (the
@@ -19,6 +21,14 @@
 --   shoal.slots_freed                              a freed slot wakes the held-back
 --   (shoal.free_slots)                             (its revision-5 name, for old binaries)
 --   shoal.prune_slots, shoal.has_flow_leftovers    the reaper removes what is left
+--
+-- THE TASK RULE. A row of shoal.concurrency_limits or shoal.rate_limits names a task, or
+-- none (task ''). A task named by some row of a queue has limits of its own there: its
+-- jobs on that queue are counted apart, per key, in the bucket (queue, key, task), and only
+-- the rows naming it apply to them (its default, key null, and its keys' own); the rows
+-- naming no task do not. Every other job counts in (queue, key, ''). A bucket is what a
+-- concurrency limit, a rate limit and a hold are about; below, "a key" is a bucket. The task
+-- of a job's bucket is shoal.flow_scope(queue, task), the claim's scoped_tasks.
 --
 -- THE SLOT RULE. A key's running jobs are the entries of its shoal.concurrency_slots rows
 -- (one row per claim that took jobs of it) whose job still carries the token it was
@@ -67,18 +77,133 @@ begin
 end
 $$;
 
--- At most max_running jobs of the queue run at once per key: with a null key, for every key
--- of the queue (its default); with a key, for that key alone (over the default). Takes
--- effect at the next claim; a raised limit wakes the queue's consumers. Jobs of the key (or
--- queue) claimed before the first limit covered them get their slot rows here, so they
--- count at once (this reads the queue's jobs once: on a queue of millions, seconds).
-create or replace function shoal.set_concurrency_limit(queue text, max_running integer,
-                                                       key text default null)
+-- A task name given to a flow control function: null and '' are none (''), anything else
+-- must be a task name (lib/names.ts NAME_PATTERN). `what` starts the error: 'Cannot set a
+-- rate limit'.
+create or replace function shoal.flow_task(task text, what text) returns text
+language plpgsql immutable as $$
+begin
+  if task is null or task = '' then
+    return '';
+  end if;
+  if task !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' then
+    raise exception '%: task must be 1 to 128 letters, digits or _.:- starting with a letter or digit',
+      what using errcode = '22023';
+  end if;
+  return task;
+end
+$$;
+
+-- The task of the bucket a job of `task` on `queue` counts in (THE TASK RULE): the task when
+-- a limit of the queue names it, else ''.
+create or replace function shoal.flow_scope(queue text, task text) returns text
+language sql stable as $$
+  select case when $2 <> ''
+               and (exists (select 1 from shoal.concurrency_limits l
+                            where l.queue = $1 and l.task = $2)
+                    or exists (select 1 from shoal.rate_limits l
+                               where l.queue = $1 and l.task = $2))
+              then $2 else '' end
+$$;
+
+-- The task of a job's bucket in a claim, which read the tasks with limits of their own on
+-- its queues ('queue\ntask' each, scoped) once: THE TASK RULE.
+create or replace function shoal.bucket_task(queue text, task text, scoped text[]) returns text
+language sql immutable as $$
+  select case when $1 || E'\n' || $2 = any($3) then $2 else '' end
+$$;
+
+-- The claim's lock on a bucket (queue, key, task), held to the end of its transaction; false
+-- when another transaction holds it. A transaction-level advisory lock with two int4 keys
+-- (its own space: the migration lock's single bigint key cannot meet it); buckets whose
+-- hashes collide share a lock, which only makes one of them count as full for a moment.
+-- shoal.flow_lock_id is its second key (shoal.flow_adopt waits for the same lock); a
+-- bucket of no task ('') keeps the id it had before tasks had limits.
+drop function if exists shoal.flow_lock(text, text);
+drop function if exists shoal.flow_lock_id(text, text);
+create or replace function shoal.flow_lock_id(queue text, key text, task text) returns integer
+language sql immutable as $$
+  select hashtext($1 || E'\n' || $2 || case when $3 = '' then '' else E'\n\n' || $3 end)
+$$;
+
+create or replace function shoal.flow_lock(queue text, key text, task text) returns boolean
+language sql volatile as $$
+  select pg_try_advisory_xact_lock(1936224620, shoal.flow_lock_id($1, $2, $3))
+$$;
+
+-- The slot entries that hold a slot now: the slot rule above, written once.
+create or replace view shoal.held_slots as
+  select u.job_id, s.queue, s.key, s.task
+  from shoal.concurrency_slots s
+  cross join lateral unnest(s.job_ids, s.tokens) as u(job_id, token)
+  join shoal.jobs j on j.id = u.job_id
+  where j.token = u.token and j.locked_by is not null and j.run_at > now();
+
+-- Running jobs the limits count and no slot row names: jobs claimed before a limit covered
+-- them (the queue's first limit, a task's first, a key's), or whose bucket changed when a
+-- task gained or lost limits of its own. Each gets an entry in a slot row of its bucket now
+-- (THE TASK RULE, as the tables say in this transaction), so it counts at once. With a key,
+-- only that key's buckets. The buckets are locked first, waiting for claims in flight, in
+-- one order (two calls at once cannot deadlock), so no claim counts or raises them meanwhile;
+-- their bounds become unknown (rows added outside a claim). A job whose bucket changed keeps
+-- its entry in the old one too, until it ends: the change errs toward fewer running jobs.
+-- Reads the queue's claimed jobs twice: on a queue of millions, seconds.
+create or replace function shoal.flow_adopt(queue text, key text default null)
 returns void
 language plpgsql volatile as $$
 #variable_conflict use_column
 declare
   lock_id integer;
+begin
+  for lock_id in
+    select distinct shoal.flow_lock_id(b.queue, b.key, b.task) as id
+    from (select j.queue, coalesce(j.concurrency_key, j.fairness_key) as key,
+                 shoal.flow_scope(j.queue, j.task) as task
+          from shoal.jobs j
+          where j.queue = flow_adopt.queue and j.locked_by is not null
+          union
+          select k.queue, k.key, k.task from shoal.flow_keys k
+          where k.queue = flow_adopt.queue) b
+    where flow_adopt.key is null or b.key = flow_adopt.key
+    order by 1
+  loop
+    perform pg_advisory_xact_lock(1936224620, lock_id);
+  end loop;
+  insert into shoal.concurrency_slots (queue, key, task, job_ids, tokens)
+  select j.queue, j.key, j.task, array_agg(j.id), array_agg(j.token)
+  from (select j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as key,
+               shoal.flow_scope(j.queue, j.task) as task, j.token
+        from shoal.jobs j
+        where j.queue = flow_adopt.queue and j.locked_by is not null
+          and j.run_at > now()) j
+  where (flow_adopt.key is null or j.key = flow_adopt.key)
+    and not exists (select 1 from shoal.concurrency_slots s
+                    cross join lateral unnest(s.job_ids, s.tokens) as u(id, token)
+                    where s.queue = j.queue and s.key = j.key and s.task = j.task
+                      and u.id = j.id and u.token = j.token)
+  group by j.queue, j.key, j.task;
+  -- Rows added outside a claim: the bounds are unknown until the buckets' next counts.
+  update shoal.flow_keys k set slots_bound = null
+  where k.queue = flow_adopt.queue
+    and (flow_adopt.key is null or k.key = flow_adopt.key)
+    and k.slots_bound is not null;
+end
+$$;
+
+-- At most max_running jobs of the queue run at once per key: with a null key, for every key
+-- of the queue (its default); with a key, for that key alone (over the default); with a task,
+-- for that task's jobs, counted apart (THE TASK RULE). Takes effect at the next claim; a
+-- raised limit wakes the queue's consumers. Jobs claimed before the limit covered them count
+-- at once (shoal.flow_adopt).
+drop function if exists shoal.set_concurrency_limit(text, integer, text);
+create or replace function shoal.set_concurrency_limit(queue text, max_running integer,
+                                                       key text default null,
+                                                       task text default null)
+returns void
+language plpgsql volatile as $$
+#variable_conflict use_column
+declare
+  t text := shoal.flow_task(set_concurrency_limit.task, 'Cannot set a concurrency limit');
 begin
   if set_concurrency_limit.max_running is null or max_running not between 0 and 1000000 then
     raise exception 'Cannot set a concurrency limit: max_running must be an integer from 0 to 1000000, not %',
@@ -89,128 +214,92 @@ begin
       using errcode = '22023';
   end if;
   if set_concurrency_limit.key is null then
-    insert into shoal.concurrency_limits as l (queue, key, max_running)
-    values (set_concurrency_limit.queue::shoal.name, null, set_concurrency_limit.max_running)
-    on conflict (queue) where key is null
+    insert into shoal.concurrency_limits as l (queue, task, key, max_running)
+    values (set_concurrency_limit.queue::shoal.name, t, null, set_concurrency_limit.max_running)
+    on conflict (queue, task) where key is null
     do update set max_running = excluded.max_running, updated_at = now();
   else
-    insert into shoal.concurrency_limits as l (queue, key, max_running)
-    values (set_concurrency_limit.queue::shoal.name, set_concurrency_limit.key,
+    insert into shoal.concurrency_limits as l (queue, task, key, max_running)
+    values (set_concurrency_limit.queue::shoal.name, t, set_concurrency_limit.key,
             set_concurrency_limit.max_running)
-    on conflict (queue, key) where key is not null
+    on conflict (queue, task, key) where key is not null
     do update set max_running = excluded.max_running, updated_at = now();
   end if;
-  -- The keys whose slot rows or bounds change, locked first (waiting for claims in flight, in
-  -- one order: two calls at once cannot deadlock), so no claim counts or raises them
-  -- meanwhile and the bounds made unknown below stay so.
-  for lock_id in
-    select distinct shoal.flow_lock_id(k.queue, k.key) as id
-    from (select j.queue, coalesce(j.concurrency_key, j.fairness_key) as key
-          from shoal.jobs j
-          where j.queue = set_concurrency_limit.queue and j.locked_by is not null
-          union
-          select k.queue, k.key from shoal.flow_keys k
-          where k.queue = set_concurrency_limit.queue) k
-    where set_concurrency_limit.key is null or k.key = set_concurrency_limit.key
-    order by 1
-  loop
-    perform pg_advisory_xact_lock(1936224620, lock_id);
-  end loop;
-  insert into shoal.concurrency_slots (queue, key, job_ids, tokens)
-  select j.queue, j.flow_key, array_agg(j.id), array_agg(j.token)
-  from (select j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as flow_key, j.token
-        from shoal.jobs j
-        where j.queue = set_concurrency_limit.queue and j.locked_by is not null
-          and j.run_at > now()) j
-  where (set_concurrency_limit.key is null or j.flow_key = set_concurrency_limit.key)
-    and not exists (select 1 from shoal.concurrency_slots s
-                    cross join lateral unnest(s.job_ids, s.tokens) as u(id, token)
-                    where s.queue = j.queue and s.key = j.flow_key
-                      and u.id = j.id and u.token = j.token)
-  group by j.queue, j.flow_key;
-  -- Rows added outside a claim: the bounds are unknown until the keys' next counts.
-  update shoal.flow_keys k set slots_bound = null
-  where k.queue = set_concurrency_limit.queue
-    and (set_concurrency_limit.key is null or k.key = set_concurrency_limit.key)
-    and k.slots_bound is not null;
+  -- A task's first limit moves its jobs to buckets of their own: all of the queue's keys.
+  perform shoal.flow_adopt(set_concurrency_limit.queue,
+                           case when t = '' then set_concurrency_limit.key end);
   perform shoal.notify_jobs(array[set_concurrency_limit.queue], null);
 end
 $$;
 
--- Remove a limit (a queue's default with a null key, or one key's). Returns false when
--- there was none. Wakes the queue's consumers: jobs held back may run now.
-create or replace function shoal.clear_concurrency_limit(queue text, key text default null)
+-- Remove a limit (a queue's default with a null key, or one key's; of a task's own with a
+-- task). Returns false when there was none. Wakes the queue's consumers: jobs held back may
+-- run now. A task left with no limit of its own counts in the queue's buckets again: its
+-- running jobs get slot rows there (shoal.flow_adopt).
+drop function if exists shoal.clear_concurrency_limit(text, text);
+create or replace function shoal.clear_concurrency_limit(queue text, key text default null,
+                                                         task text default null)
 returns boolean
 language plpgsql volatile as $$
+declare
+  t text := shoal.flow_task(clear_concurrency_limit.task, 'Cannot clear a concurrency limit');
 begin
   delete from shoal.concurrency_limits l
-  where l.queue = clear_concurrency_limit.queue
+  where l.queue = clear_concurrency_limit.queue and l.task = t
     and l.key is not distinct from clear_concurrency_limit.key;
   if not found then
     return false;
+  end if;
+  if t <> '' and shoal.flow_scope(clear_concurrency_limit.queue, t) = '' then
+    perform shoal.flow_adopt(clear_concurrency_limit.queue, null);
   end if;
   perform shoal.notify_jobs(array[clear_concurrency_limit.queue], null);
   return true;
 end
 $$;
 
--- The limit on a key's running jobs in a queue: the key's own, else the queue's default;
--- null when neither is set.
-create or replace function shoal.concurrency_limit(queue text, key text) returns integer
+-- The limit on the running jobs of a key in a queue (of a task's jobs, with a task: THE TASK
+-- RULE): the key's own, else the default; null when neither is set.
+drop function if exists shoal.concurrency_limit(text, text);
+create or replace function shoal.concurrency_limit(queue text, key text, task text default null)
+returns integer
 language sql stable as $$
   select coalesce(
     (select l.max_running from shoal.concurrency_limits l
-     where l.queue = $1 and l.key = $2),
+     where l.queue = $1 and l.task = shoal.flow_scope($1, coalesce($3, '')) and l.key = $2),
     (select l.max_running from shoal.concurrency_limits l
-     where l.queue = $1 and l.key is null))
+     where l.queue = $1 and l.task = shoal.flow_scope($1, coalesce($3, '')) and l.key is null))
 $$;
 
--- The claim's lock on a (queue, key), held to the end of its transaction; false when another
--- transaction holds it. A transaction-level advisory lock with two int4 keys (its own space:
--- the migration lock's single bigint key cannot meet it); keys whose hashes collide share a
--- lock, which only makes one of them count as full for a moment. shoal.flow_lock_id is its
--- second key (set_concurrency_limit waits for the same lock).
-create or replace function shoal.flow_lock_id(queue text, key text) returns integer
-language sql immutable as $$
-  select hashtext($1 || E'\n' || $2)
-$$;
-
-create or replace function shoal.flow_lock(queue text, key text) returns boolean
-language sql volatile as $$
-  select pg_try_advisory_xact_lock(1936224620, shoal.flow_lock_id($1, $2))
-$$;
-
--- The slot entries that hold a slot now: the slot rule above, written once.
-create or replace view shoal.held_slots as
-  select u.job_id, s.queue, s.key
-  from shoal.concurrency_slots s
-  cross join lateral unnest(s.job_ids, s.tokens) as u(job_id, token)
-  join shoal.jobs j on j.id = u.job_id
-  where j.token = u.token and j.locked_by is not null and j.run_at > now();
-
--- The slots a key holds.
-create or replace function shoal.slots_held(queue text, key text) returns integer
+-- The slots a bucket holds.
+drop function if exists shoal.slots_held(text, text);
+create or replace function shoal.slots_held(queue text, key text, task text default '')
+returns integer
 language sql stable as $$
-  select count(*)::integer from shoal.held_slots h where h.queue = $1 and h.key = $2
+  select count(*)::integer from shoal.held_slots h
+  where h.queue = $1 and h.key = $2 and h.task = $3
 $$;
 
--- The slots held by a queue's keys that have no concurrency limit of their own (those its
--- default counts), by the slot rule.
-create or replace function shoal.default_slots_held(queue text) returns integer
+-- The slots held by a queue's keys (of a task's own buckets, with a task) that have no
+-- concurrency limit of their own (those the default counts), by the slot rule.
+drop function if exists shoal.default_slots_held(text);
+create or replace function shoal.default_slots_held(queue text, task text default '')
+returns integer
 language sql stable as $$
   select count(*)::integer
   from shoal.held_slots h
-  where h.queue = $1
+  where h.queue = $1 and h.task = $2
     and not exists (select 1 from shoal.concurrency_limits o
-                    where o.queue = h.queue and o.key = h.key)
+                    where o.queue = h.queue and o.task = h.task and o.key = h.key)
 $$;
 
 -- Claims of jobs of these (queue, key) pairs ended (acked, retried, handed back,
 -- dead-lettered): their slots are free by the slot rule, whoever removes their entries.
 -- Wake the consumers of each queue where such a key has jobs waiting for a slot
 -- (flow_keys.waiting), so a job held back by the limit starts now instead of at a
--- consumer's poll; a key that never fills wakes nobody. Called in the statement that ends
--- them. Returns how many queues were woken.
+-- consumer's poll; a key that never fills wakes nobody. The buckets of every task with the
+-- key are asked (the callers know a job's key, not its bucket): at worst a wake too many.
+-- Called in the statement that ends them. Returns how many queues were woken.
 create or replace function shoal.slots_freed(queues text[], keys text[]) returns integer
 language plpgsql volatile as $$
 declare
@@ -237,12 +326,18 @@ $$;
 
 -- At most max_starts claims per period_ms per key (a token bucket: the rate on average, a
 -- burst of up to max_starts after a quiet spell): with a null key for every key of the
--- queue, with a key for that key alone. Takes effect at the next claim.
+-- queue, with a key for that key alone; with a task, for that task's jobs, counted apart
+-- (THE TASK RULE). Takes effect at the next claim.
+drop function if exists shoal.set_rate_limit(text, integer, integer, text);
 create or replace function shoal.set_rate_limit(queue text, max_starts integer,
-                                                period_ms integer, key text default null)
+                                                period_ms integer, key text default null,
+                                                task text default null)
 returns void
 language plpgsql volatile as $$
 #variable_conflict use_column
+declare
+  t text := shoal.flow_task(set_rate_limit.task, 'Cannot set a rate limit');
+  scoped boolean := t <> '' and shoal.flow_scope(set_rate_limit.queue, t) <> '';
 begin
   if set_rate_limit.max_starts is null or set_rate_limit.max_starts not between 1 and 1000000 then
     raise exception 'Cannot set a rate limit: max_starts must be an integer from 1 to 1000000, not %',
@@ -257,34 +352,47 @@ begin
       using errcode = '22023';
   end if;
   if set_rate_limit.key is null then
-    insert into shoal.rate_limits (queue, key, max_starts, period_ms)
-    values (set_rate_limit.queue::shoal.name, null, set_rate_limit.max_starts,
+    insert into shoal.rate_limits (queue, task, key, max_starts, period_ms)
+    values (set_rate_limit.queue::shoal.name, t, null, set_rate_limit.max_starts,
             set_rate_limit.period_ms)
-    on conflict (queue) where key is null
+    on conflict (queue, task) where key is null
     do update set max_starts = excluded.max_starts, period_ms = excluded.period_ms,
                   updated_at = now();
   else
-    insert into shoal.rate_limits (queue, key, max_starts, period_ms)
-    values (set_rate_limit.queue::shoal.name, set_rate_limit.key, set_rate_limit.max_starts,
+    insert into shoal.rate_limits (queue, task, key, max_starts, period_ms)
+    values (set_rate_limit.queue::shoal.name, t, set_rate_limit.key, set_rate_limit.max_starts,
             set_rate_limit.period_ms)
-    on conflict (queue, key) where key is not null
+    on conflict (queue, task, key) where key is not null
     do update set max_starts = excluded.max_starts, period_ms = excluded.period_ms,
                   updated_at = now();
+  end if;
+  if t <> '' and not scoped then
+    -- The task's first limit: its running jobs leave the queue's buckets.
+    perform shoal.flow_adopt(set_rate_limit.queue, null);
   end if;
   perform shoal.notify_jobs(array[set_rate_limit.queue], null);
 end
 $$;
 
--- Remove a rate limit (the queue's default with a null key, or one key's). Returns false
--- when there was none.
-create or replace function shoal.clear_rate_limit(queue text, key text default null)
+-- Remove a rate limit (the queue's default with a null key, or one key's; of a task's own
+-- with a task). Returns false when there was none. A task left with no limit of its own
+-- counts in the queue's buckets again (shoal.flow_adopt).
+drop function if exists shoal.clear_rate_limit(text, text);
+create or replace function shoal.clear_rate_limit(queue text, key text default null,
+                                                  task text default null)
 returns boolean
 language plpgsql volatile as $$
+declare
+  t text := shoal.flow_task(clear_rate_limit.task, 'Cannot clear a rate limit');
 begin
   delete from shoal.rate_limits l
-  where l.queue = clear_rate_limit.queue and l.key is not distinct from clear_rate_limit.key;
+  where l.queue = clear_rate_limit.queue and l.task = t
+    and l.key is not distinct from clear_rate_limit.key;
   if not found then
     return false;
+  end if;
+  if t <> '' and shoal.flow_scope(clear_rate_limit.queue, t) = '' then
+    perform shoal.flow_adopt(clear_rate_limit.queue, null);
   end if;
   perform shoal.notify_jobs(array[clear_rate_limit.queue], null);
   return true;
@@ -293,13 +401,18 @@ $$;
 
 -- Hold a key: no job of it is claimed for the next for_ms milliseconds (a hold already
 -- reaching further stays; 0 lifts the hold). Jobs of the key already running go on. The
--- queue's consumers hear when it ends (a wake for that instant). Returns the end.
-create or replace function shoal.hold_key(queue text, key text, for_ms bigint)
+-- queue's consumers hear when it ends (a wake for that instant). With a task, the bucket
+-- that task's jobs of the key count in (THE TASK RULE: its own when it has limits of its
+-- own, else the queue's). Returns the end.
+drop function if exists shoal.hold_key(text, text, bigint);
+create or replace function shoal.hold_key(queue text, key text, for_ms bigint,
+                                          task text default null)
 returns timestamptz
 language plpgsql volatile as $$
 #variable_conflict use_column
 declare
   until timestamptz;
+  t text := shoal.flow_scope(hold_key.queue, shoal.flow_task(hold_key.task, 'Cannot hold a key'));
 begin
   if hold_key.for_ms is null or hold_key.for_ms not between 0 and 86400000 then
     raise exception 'Cannot hold a key: for_ms must be an integer from 0 to 86400000 (a day), not %',
@@ -313,13 +426,14 @@ begin
   if hold_key.for_ms = 0 then
     -- Lift a hold: a key never held has nothing to lift.
     update shoal.flow_keys k set held_until = null
-    where k.queue = hold_key.queue and k.key = hold_key.key and k.held_until is not null;
+    where k.queue = hold_key.queue and k.key = hold_key.key and k.task = t
+      and k.held_until is not null;
     perform shoal.notify_jobs(array[hold_key.queue], null);
     return now();
   end if;
-  insert into shoal.flow_keys as k (queue, key, held_until)
-  values (hold_key.queue::shoal.name, hold_key.key, until)
-  on conflict (queue, key) do update
+  insert into shoal.flow_keys as k (queue, key, task, held_until)
+  values (hold_key.queue::shoal.name, hold_key.key, t, until)
+  on conflict (queue, key, task) do update
   set held_until = greatest(k.held_until, excluded.held_until)
   returning k.held_until into until;
   perform shoal.notify_jobs(array[hold_key.queue], array[until]);
@@ -327,8 +441,8 @@ begin
 end
 $$;
 
--- How many jobs of each (queue, key) a claim may take now (the claim, claim.sql "Flow
--- control", calls it for each key it meets; element i of both arrays is one key; want: the
+-- How many jobs of each bucket (queue, key, task) a claim may take now (the claim, claim.sql
+-- "Flow control", calls it for each bucket it meets; element i of the arrays is one; want: the
 -- most it could take of one key). Only keys under flow control come back: with a
 -- concurrency limit (its free slots; slotted; bound: its bound after this call, null when
 -- unknown, see THE BOUND), a
@@ -337,8 +451,10 @@ $$;
 -- another claim holds gets none. What the keys hold is read by a statement after the
 -- locks, whose snapshot sees every claim committed before they were free (the slot rule).
 drop function if exists shoal.flow_allow(text[], text[]);
-create or replace function shoal.flow_allow(queues text[], keys text[], want integer)
-returns table (queue text, key text, allowed integer, tokens double precision,
+drop function if exists shoal.flow_allow(text[], text[], integer);
+create or replace function shoal.flow_allow(queues text[], keys text[], tasks text[],
+                                            want integer)
+returns table (queue text, key text, task text, allowed integer, tokens double precision,
                waiting boolean, bound integer, slotted boolean, locked boolean)
 language plpgsql volatile
 -- Plan once per session: left to choose, Postgres planned the count again on every call
@@ -349,6 +465,7 @@ as $$
 declare
   qs text[];
   ks text[];
+  ts text[];
   locks boolean[];
   -- Aligned with qs: each key's concurrency limit, bound, whether its slots are counted
   -- now, slots held (the bound when not counted), hold in effect, waiting, bucket's fill.
@@ -360,15 +477,19 @@ declare
   waits boolean[];
   buckets double precision[];
 begin
-  select array_agg(x.queue), array_agg(x.key), array_agg(shoal.flow_lock(x.queue, x.key))
-  into qs, ks, locks
-  from unnest(queues, keys) as x(queue, key)
+  select array_agg(x.queue), array_agg(x.key), array_agg(x.task),
+         array_agg(shoal.flow_lock(x.queue, x.key, x.task))
+  into qs, ks, ts, locks
+  from unnest(queues, keys, tasks) as x(queue, key, task)
   where exists (select 1 from shoal.concurrency_limits l
-                where l.queue = x.queue and (l.key = x.key or l.key is null))
+                where l.queue = x.queue and l.task = x.task
+                  and (l.key = x.key or l.key is null))
      or exists (select 1 from shoal.rate_limits l
-                where l.queue = x.queue and (l.key = x.key or l.key is null))
+                where l.queue = x.queue and l.task = x.task
+                  and (l.key = x.key or l.key is null))
      or exists (select 1 from shoal.flow_keys k
-                where k.queue = x.queue and k.key = x.key and k.held_until > now());
+                where k.queue = x.queue and k.key = x.key and k.task = x.task
+                  and k.held_until > now());
   if qs is null then
     return;
   end if;
@@ -386,17 +507,19 @@ begin
          array_agg(k.held_until > now() order by x.n), array_agg(k.waiting order by x.n),
          array_agg(b.tokens order by x.n)
   into limits, bounds, counts, holds, waits, buckets
-  from unnest(qs, ks, locks) with ordinality as x(queue, key, locked, n)
-  left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key
-  left join shoal.concurrency_limits lk on lk.queue = x.queue and lk.key = x.key
-  left join shoal.concurrency_limits ld on ld.queue = x.queue and ld.key is null
+  from unnest(qs, ks, ts, locks) with ordinality as x(queue, key, task, locked, n)
+  left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key and k.task = x.task
+  left join shoal.concurrency_limits lk
+    on lk.queue = x.queue and lk.task = x.task and lk.key = x.key
+  left join shoal.concurrency_limits ld
+    on ld.queue = x.queue and ld.task = x.task and ld.key is null
   left join lateral (
     select least(r.max_starts::double precision,
                  coalesce(k.tokens, r.max_starts)
                  + extract(epoch from now() - k.refilled_at) * 1000 * r.max_starts / r.period_ms)
            as tokens
     from shoal.rate_limits r
-    where r.queue = x.queue and (r.key = x.key or r.key is null)
+    where r.queue = x.queue and r.task = x.task and (r.key = x.key or r.key is null)
     order by r.key nulls last
     limit 1
   ) b on true;
@@ -407,16 +530,16 @@ begin
     -- its deadline but still claimed stays: its worker may extend it). The key's bound is
     -- then the entries its rows name.
     with counting as (
-      select x.queue, x.key, x.n, x.max_running, x.bound as stored
-      from unnest(qs, ks, counts, limits, bounds) with ordinality
-        as x(queue, key, counted, max_running, bound, n)
+      select x.queue, x.key, x.task, x.n, x.max_running, x.bound as stored
+      from unnest(qs, ks, ts, counts, limits, bounds) with ordinality
+        as x(queue, key, task, counted, max_running, bound, n)
       where x.counted
     ),
     slot_rows as (
-      select s.ctid as row_id, s.queue, s.key, c.n, cardinality(s.job_ids) as entries,
+      select s.ctid as row_id, s.queue, s.key, s.task, c.n, cardinality(s.job_ids) as entries,
              e.claimed, e.held
       from counting c
-      join shoal.concurrency_slots s on s.queue = c.queue and s.key = c.key
+      join shoal.concurrency_slots s on s.queue = c.queue and s.key = c.key and s.task = c.task
       cross join lateral (
         select count(*) as claimed, count(*) filter (where j.run_at > now()) as held
         from unnest(s.job_ids, s.tokens) as u(id, token)
@@ -425,30 +548,32 @@ begin
     ),
     emptied as (
       delete from shoal.concurrency_slots s using slot_rows r
-      where s.queue = r.queue and s.key = r.key and s.ctid = r.row_id and r.claimed = 0
+      where s.queue = r.queue and s.key = r.key and s.task = r.task and s.ctid = r.row_id
+        and r.claimed = 0
     ),
     counted as (
-      select c.queue, c.key, c.n, c.stored, coalesce(sum(r.held), 0)::integer as held,
+      select c.queue, c.key, c.task, c.n, c.stored, coalesce(sum(r.held), 0)::integer as held,
              coalesce(sum(r.entries) filter (where r.claimed > 0), 0)::integer as entries,
              coalesce(sum(r.entries) filter (where r.claimed > 0), 0) + want
                <= c.max_running as roomy
       from counting c
       left join slot_rows r on r.n = c.n
-      group by c.queue, c.key, c.n, c.stored, c.max_running
+      group by c.queue, c.key, c.task, c.n, c.stored, c.max_running
     ),
     -- A bound is kept only where it spares the next claim a count. A key near its limit is
     -- counted by every claim anyway: its bound is made unknown once, and then nothing is
     -- written for it (a limit that binds writes no row per claim).
     recorded as (
-      insert into shoal.flow_keys as k (queue, key, slots_bound, slots_counted)
-      select c.queue, c.key, c.entries, c.entries from counted c where c.roomy
-      on conflict (queue, key) do update
+      insert into shoal.flow_keys as k (queue, key, task, slots_bound, slots_counted)
+      select c.queue, c.key, c.task, c.entries, c.entries from counted c where c.roomy
+      on conflict (queue, key, task) do update
       set slots_bound = excluded.slots_bound, slots_counted = excluded.slots_counted
     ),
     unknown as (
       update shoal.flow_keys k set slots_bound = null
       from counted c
       where not c.roomy and c.stored is not null and k.queue = c.queue and k.key = c.key
+        and k.task = c.task
     )
     select array_agg(coalesce(c.held, x.bound) order by x.n),
            array_agg(case when c.n is null then x.bound when c.roomy then c.entries end
@@ -458,7 +583,7 @@ begin
     left join counted c on c.n = x.n;
   end if;
   return query
-    select x.queue, x.key,
+    select x.queue, x.key, x.task,
            case when not x.locked or coalesce(x.hold, false) then 0
                 else greatest(least(coalesce(x.max_running - x.held, 1000000000),
                                     coalesce(floor(x.tokens)::bigint, 1000000000)), 0)::integer
@@ -466,12 +591,13 @@ begin
            x.tokens, coalesce(x.waiting, false),
            case when x.max_running is not null then x.bound end,
            x.max_running is not null, x.locked
-    from unnest(qs, ks, locks, limits, held, bounds, holds, waits, buckets)
-      as x(queue, key, locked, max_running, held, bound, hold, waiting, tokens);
+    from unnest(qs, ks, ts, locks, limits, held, bounds, holds, waits, buckets)
+      as x(queue, key, task, locked, max_running, held, bound, hold, waiting, tokens);
 end
 $$;
 
--- A claim took taken[i] jobs of key i, whose bucket held tokens[i] and whose slots' bound
+-- A claim took taken[i] jobs of bucket i (queues[i], keys[i], tasks[i]), whose token bucket
+-- held tokens[i] and whose slots' bound
 -- was bounds[i] (shoal.flow_allow; null: no rate limit, no bound kept; locked[i]: whether
 -- the claim holds the key's lock, else nothing is written for it), and held
 -- held[i] of its jobs back: write the buckets and bounds back; record which
@@ -486,24 +612,26 @@ drop function if exists shoal.flow_claimed(text[], text[], double precision[], i
                                           integer[], boolean[]);
 drop function if exists shoal.flow_claimed(text[], text[], double precision[], integer[],
                                           integer[], boolean[], integer[]);
-create or replace function shoal.flow_claimed(queues text[], keys text[],
+drop function if exists shoal.flow_claimed(text[], text[], double precision[], integer[],
+                                          integer[], boolean[], integer[], boolean[]);
+create or replace function shoal.flow_claimed(queues text[], keys text[], tasks text[],
                                               tokens double precision[], taken integer[],
                                               held integer[], waiting boolean[],
                                               bounds integer[], locked boolean[])
 returns void
 language plpgsql volatile as $$
 begin
-  insert into shoal.flow_keys as k (queue, key, tokens, refilled_at, waiting, slots_bound)
-  select x.queue, x.key, case when x.tokens is not null then x.tokens - x.taken end, now(),
-         x.held > 0, x.bound + x.taken
-  from unnest(queues, keys, tokens, taken, held, waiting, bounds, locked)
-    as x(queue, key, tokens, taken, held, waiting, bound, locked)
+  insert into shoal.flow_keys as k (queue, key, task, tokens, refilled_at, waiting, slots_bound)
+  select x.queue, x.key, x.task, case when x.tokens is not null then x.tokens - x.taken end,
+         now(), x.held > 0, x.bound + x.taken
+  from unnest(queues, keys, tasks, tokens, taken, held, waiting, bounds, locked)
+    as x(queue, key, task, tokens, taken, held, waiting, bound, locked)
   where (((x.tokens is not null or x.bound is not null) and x.taken > 0)
          or (x.held > 0) <> x.waiting)
     -- Only a key this claim held when it read it (locked[i]): what it read of another is
     -- stale once that claim commits, and writing it meanwhile would wait for that claim.
     and x.locked
-  on conflict (queue, key) do update
+  on conflict (queue, key, task) do update
   set tokens = case when excluded.tokens is not null then excluded.tokens else k.tokens end,
       refilled_at = case when excluded.tokens is not null then now() else k.refilled_at end,
       waiting = excluded.waiting,
@@ -515,20 +643,22 @@ begin
   -- freed slots wake the queue), the flag alone, and only where no claim has the row
   -- locked (skipped, not waited for). At worst one wake too many.
   with w as (
-    select k.queue, k.key from shoal.flow_keys k
-    join unnest(queues, keys, held, locked) as x(queue, key, held, locked)
-      on k.queue = x.queue and k.key = x.key
+    select k.queue, k.key, k.task from shoal.flow_keys k
+    join unnest(queues, keys, tasks, held, locked) as x(queue, key, task, held, locked)
+      on k.queue = x.queue and k.key = x.key and k.task = x.task
     where not x.locked and x.held > 0 and not k.waiting
     for update of k skip locked
   )
-  update shoal.flow_keys k set waiting = true from w where k.queue = w.queue and k.key = w.key;
+  update shoal.flow_keys k set waiting = true
+  from w where k.queue = w.queue and k.key = w.key and k.task = w.task;
 
   perform shoal.notify_jobs(array_agg(x.queue), array_agg(
             now() + (1 - (x.tokens - x.taken)) * r.period_ms / r.max_starts * interval '1 ms'))
-  from unnest(queues, keys, tokens, taken, held) as x(queue, key, tokens, taken, held)
+  from unnest(queues, keys, tasks, tokens, taken, held)
+    as x(queue, key, task, tokens, taken, held)
   cross join lateral (
     select l.max_starts, l.period_ms from shoal.rate_limits l
-    where l.queue = x.queue and (l.key = x.key or l.key is null)
+    where l.queue = x.queue and l.task = x.task and (l.key = x.key or l.key is null)
     order by l.key nulls last limit 1
   ) r
   where x.tokens is not null and x.tokens - x.taken < 1 and x.held > 0
@@ -548,46 +678,48 @@ $$;
 create or replace function shoal.prune_slots(max_rows integer default 10000) returns integer
 language sql volatile as $$
   with stale as (
-    select s.ctid as row_id, s.queue, s.key from shoal.concurrency_slots s
+    select s.ctid as row_id, s.queue, s.key, s.task from shoal.concurrency_slots s
     where exists (select 1 from unnest(s.job_ids, s.tokens) as u(id, token)
                   where not exists (select 1 from shoal.jobs j
                                     where j.id = u.id and j.token = u.token
                                       and j.locked_by is not null))
-      and shoal.flow_lock(s.queue, s.key)
+      and shoal.flow_lock(s.queue, s.key, s.task)
     limit max_rows
   ),
   kept as (
-    select x.row_id, x.queue, x.key,
+    select x.row_id, x.queue, x.key, x.task,
            array_agg(u.id order by u.n) filter (where j.id is not null) as job_ids,
            array_agg(u.token order by u.n) filter (where j.id is not null) as tokens
     from stale x
     join shoal.concurrency_slots s
-      on s.queue = x.queue and s.key = x.key and s.ctid = x.row_id
+      on s.queue = x.queue and s.key = x.key and s.task = x.task and s.ctid = x.row_id
     cross join lateral unnest(s.job_ids, s.tokens) with ordinality as u(id, token, n)
     left join shoal.jobs j on j.id = u.id and j.token = u.token and j.locked_by is not null
-    group by x.row_id, x.queue, x.key
+    group by x.row_id, x.queue, x.key, x.task
   ),
   rewritten as (
     update shoal.concurrency_slots s set job_ids = k.job_ids, tokens = k.tokens
     from kept k
-    where s.queue = k.queue and s.key = k.key and s.ctid = k.row_id and k.job_ids is not null
+    where s.queue = k.queue and s.key = k.key and s.task = k.task and s.ctid = k.row_id
+      and k.job_ids is not null
     returning 1
   ),
   emptied as (
     delete from shoal.concurrency_slots s using kept k
-    where s.queue = k.queue and s.key = k.key and s.ctid = k.row_id and k.job_ids is null
+    where s.queue = k.queue and s.key = k.key and s.task = k.task and s.ctid = k.row_id
+      and k.job_ids is null
     returning 1
   ),
   quiet as (
-    select k.queue, k.key from shoal.flow_keys k
+    select k.queue, k.key, k.task from shoal.flow_keys k
     where (k.held_until is null or k.held_until < now()) and not k.waiting
       and k.refilled_at < now() - interval '1 day'
-      and shoal.flow_lock(k.queue, k.key)
+      and shoal.flow_lock(k.queue, k.key, k.task)
     limit max_rows
   ),
   forgotten as (
     delete from shoal.flow_keys k using quiet q
-    where k.queue = q.queue and k.key = q.key
+    where k.queue = q.queue and k.key = q.key and k.task = q.task
       and (k.held_until is null or k.held_until < now()) and not k.waiting
     returning 1
   )
