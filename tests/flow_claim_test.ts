@@ -349,3 +349,122 @@ Deno.test("shoal.free_slots(ids), the call of revision-5 binaries in a rolling d
                values (${Q}, 'a', true), (${Q}, 'b', true), ('other', 'a', false)`;
   assertEquals(await call(), 1);
 });
+
+/** Enqueue `n` jobs of `task` for each key. */
+async function enqueueTask(sql: Sql, task: string, keys: string[], n: number) {
+  await enqueueMany(
+    sql,
+    keys.flatMap((key) =>
+      Array.from({ length: n }, (_, i) => ({ task, queue: Q, fairnessKey: key, payload: { i } }))
+    ),
+  );
+}
+
+/** Claimed jobs counted by "task/key". */
+function byTaskKey(jobs: Job[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const job of jobs) {
+    const tag = `${job.task}/${job.fairness_key}`;
+    counts[tag] = (counts[tag] ?? 0) + 1;
+  }
+  return counts;
+}
+
+Deno.test("a task's own limit counts its jobs apart per key, and the queue's limit does not apply to them", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1)`;
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2, task => 'export')`;
+  await enqueueTask(db.sql, "t", ["a", "b"], 5);
+  await enqueueTask(db.sql, "export", ["a", "b"], 5);
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), {
+    "t/a": 1,
+    "t/b": 1,
+    "export/a": 2,
+    "export/b": 2,
+  });
+  assertEquals(await claimJobs(db.sql, 100), []);
+  // A key's own limit within the task overrides the task's default, for that key alone.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 3, 'a', 'export')`;
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "export/a": 1 });
+  const [limit] = await db.sql<[{ a: number; b: number; t: number }]>`
+    select shoal.concurrency_limit(${Q}, 'a', 'export') as a,
+           shoal.concurrency_limit(${Q}, 'b', 'export') as b,
+           shoal.concurrency_limit(${Q}, 'a', 't') as t`;
+  assertEquals(limit, { a: 3, b: 2, t: 1 });
+  // The task without limits of its own: its running jobs count in the queue's buckets again,
+  // at once (a has 1 + 3 running against the queue's 1, b 1 + 2).
+  assertEquals(
+    (await db.sql`select shoal.clear_concurrency_limit(${Q}, 'a', 'export') as c`)[0]!.c,
+    true,
+  );
+  assertEquals(
+    (await db.sql`select shoal.clear_concurrency_limit(${Q}, task => 'export') as c`)[0]!.c,
+    true,
+  );
+  assertEquals(
+    (await db.sql`select shoal.clear_concurrency_limit(${Q}, task => 'export') as c`)[0]!.c,
+    false,
+  );
+  const [held] = await db.sql<[{ a: number; b: number }]>`
+    select shoal.slots_held(${Q}, 'a') as a, shoal.slots_held(${Q}, 'b') as b`;
+  assertEquals(held, { a: 4, b: 3 });
+  assertEquals(await claimJobs(db.sql, 100), []);
+});
+
+Deno.test("a task's limit of 0 pauses that task alone; its rate limit and holds are its own", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 0, task => 'export')`;
+  await enqueueTask(db.sql, "t", ["a"], 3);
+  await enqueueTask(db.sql, "export", ["a"], 6);
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "t/a": 3 });
+  // A rate limit of the task's own: 2 starts a minute, for its jobs alone.
+  await db.sql`select shoal.clear_concurrency_limit(${Q}, task => 'export')`;
+  await db.sql`select shoal.set_rate_limit(${Q}, 2, 60000, task => 'export')`;
+  await enqueueTask(db.sql, "t", ["a"], 3);
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "t/a": 3, "export/a": 2 });
+  await db.sql`select shoal.clear_rate_limit(${Q}, task => 'export')`;
+  // A hold of the task's bucket for key a leaves the key's other jobs claimable; a hold
+  // naming a task without limits of its own holds the queue's bucket.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 100, task => 'export')`;
+  await enqueueTask(db.sql, "t", ["a"], 2);
+  await db.sql`select shoal.hold_key(${Q}, 'a', 400, 'export')`;
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "t/a": 2 });
+  await new Promise((resolve) => setTimeout(resolve, 450));
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "export/a": 4 });
+  await enqueueTask(db.sql, "t", ["a"], 1);
+  await db.sql`select shoal.hold_key(${Q}, 'a', 60000, 't')`;
+  assertEquals(await claimJobs(db.sql, 100), []);
+  const [row] = await db.sql<[{ tasks: string[] }]>`
+    select array_agg(task order by task) as tasks from shoal.flow_keys
+    where queue = ${Q} and held_until > now()`;
+  assertEquals(row.tasks, [""]);
+});
+
+Deno.test("a failure told to hold its key holds its task's bucket when its task has limits of its own", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 100, task => 'export')`;
+  await enqueueTask(db.sql, "export", ["a"], 3);
+  const [first] = await claimJobs(db.sql, 1);
+  await enqueueTask(db.sql, "t", ["a"], 2);
+  assertEquals(
+    await fail(db.sql, first!, { error: "429", retryInMs: 0, holdKeyMs: 500 }),
+    "retried",
+  );
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "t/a": 2 });
+  await new Promise((resolve) => setTimeout(resolve, 550));
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "export/a": 3 });
+});
+
+Deno.test("a task name a flow control function is given must be a task name", async () => {
+  await using db = await testDb();
+  for (
+    const call of [
+      db.sql`select shoal.set_concurrency_limit(${Q}, 1, task => 'bad name')`,
+      db.sql`select shoal.set_rate_limit(${Q}, 1, 1000, task => 'bad name')`,
+      db.sql`select shoal.hold_key(${Q}, 'a', 1000, 'bad name')`,
+    ]
+  ) {
+    const error = await call.then(() => null, (e: Error) => e);
+    assert(error && /task must be 1 to 128 letters/.test(error.message), String(error));
+  }
+});

@@ -205,6 +205,63 @@ Deno.test("4 consumers: a default limit of 3 per key and a key's limit of 1 hold
   await stopAll(procs);
 });
 
+Deno.test("4 consumer processes never run more than a task's own limit of its jobs per key, and use it to the full", async () => {
+  await using db = await testDb();
+  await createRunsTable(db.sql);
+  await installClaimAudit(db.sql, true);
+  // The queue's limit, 3 per key, for test.record; test.record_export has limits of its own
+  // (1 per key, 2 for key b), counted apart from the key's test.record jobs.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 3)`;
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1, task => 'test.record_export')`;
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2, 'b', 'test.record_export')`;
+  const limits: Record<string, number> = {
+    "test.record/a": 3,
+    "test.record/b": 3,
+    "test.record_export/a": 1,
+    "test.record_export/b": 2,
+  };
+  // About 3.2 s of work per bucket at its limit (as in the test above).
+  const counts: Record<string, number> = {
+    "test.record/a": 24,
+    "test.record/b": 24,
+    "test.record_export/a": 8,
+    "test.record_export/b": 16,
+  };
+  const jobs: JobSpec[] = [];
+  for (let i = 0; i < 24; i++) {
+    for (const [tag, n] of Object.entries(counts)) {
+      const [task, key] = tag.split("/") as [string, string];
+      if (i < n) {
+        jobs.push({ task, queue: Q, fairnessKey: key, payload: { ms: 300 + (i % 5) * 50 } });
+      }
+    }
+  }
+
+  const procs = await consumers(db.url, 4, ["--concurrency", "50"]);
+  await using _procs = { [Symbol.asyncDispose]: () => disposeAll(procs) };
+  await using watch = watchHeldBack(db.sql);
+  await enqueueMany(db.sql, jobs);
+  await drained(db.sql, Q, 30_000);
+  assertEquals(await watch.stop(), [], "held-back jobs with a burnt attempt or an error");
+
+  const runs = await loadRuns(db.sql, Q);
+  await ranOnceEach(db.sql, runs, jobs.length);
+  for (const [tag, bucketRuns] of byKey(runs)) {
+    const limit = limits[tag]!;
+    const o = overlapOf(bucketRuns);
+    figure(
+      `[flow] ${tag} (limit ${limit}): ${bucketRuns.length} jobs, at most ${o.max} at once, ` +
+        `${o.mean.toFixed(2)} on average over ${o.windowMs.toFixed(0)} ms while jobs waited`,
+    );
+    assert(o.max <= limit, `${tag} ran ${o.max} jobs at once over its limit of ${limit}`);
+    assert(
+      o.mean >= 0.8 * limit,
+      `${tag} ran ${o.mean.toFixed(2)} jobs on average while jobs waited, under 80% of ${limit}`,
+    );
+  }
+  await stopAll(procs);
+});
+
 /** Kill whatever is still running (a failed test must not leave processes behind). */
 async function disposeAll(procs: ShoalProcess[]): Promise<void> {
   await Promise.all(procs.map((p) => p[Symbol.asyncDispose]()));

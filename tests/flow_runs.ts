@@ -11,8 +11,10 @@ import type { Sql } from "../lib/db.ts";
  * Create `test_claims`: one row per claim of a job (an update that gives it a new token
  * and a worker), with the claim's transaction start (`began`, at or before the snapshot its
  * claim statement read) and the row's update time (`at`), both of the database clock.
+ * With `byTask`, a run's key is "task/fairness key".
  */
-export async function installClaimAudit(sql: Sql): Promise<void> {
+export async function installClaimAudit(sql: Sql, byTask = false): Promise<void> {
+  const key = byTask ? sql`new.task || '/' || new.fairness_key` : sql`new.fairness_key`;
   await sql`
     create table test_claims (
       id bigint generated always as identity primary key,
@@ -22,7 +24,7 @@ export async function installClaimAudit(sql: Sql): Promise<void> {
     create function test_audit_claim() returns trigger language plpgsql as $$
     begin
       insert into test_claims (job_id, token, queue, key, began, at)
-      values (new.id, new.token, new.queue, new.fairness_key, now(), clock_timestamp());
+      values (new.id, new.token, new.queue, ${key}, now(), clock_timestamp());
       return null;
     end $$`;
   await sql`

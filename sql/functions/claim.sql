@@ -49,7 +49,9 @@
 -- second otherwise, cancelled after 2 s (lib/head_scan.ts).
 --
 -- Flow control (sql/functions/flow.sql). A paused queue is left out of the claim. In a
--- queue under flow control (a concurrency limit, a rate limit, a hold), each key met is
+-- queue under flow control (a concurrency limit, a rate limit, a hold), a job counts in a
+-- bucket: its flow key, and its task when the task has limits of its own (THE TASK RULE);
+-- "key" below is a bucket. Each key met is
 -- locked (shoal.flow_lock) and what it may take counted (shoal.flow_allow: free slots,
 -- tokens); the jobs that fit, in claim order, are locked SKIP LOCKED (one another claim
 -- took meanwhile is left) and those of a key under a concurrency limit are named, with
