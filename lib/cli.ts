@@ -60,6 +60,7 @@ import {
   clearConcurrencyLimit,
   clearFairnessWeight,
   clearRateLimit,
+  flowScope,
   flowStatus,
   holdKey,
   MAX_FAIRNESS_WEIGHT,
@@ -105,9 +106,9 @@ Usage:
         [--backfill N]
   shoal schedule list [--json] | pause NAME | resume NAME | rm NAME
   shoal queue pause QUEUE | resume QUEUE | list [--json]
-  shoal limit set QUEUE N [--key K] | clear QUEUE [--key K] | list [--json]
-  shoal limit rate QUEUE N --per D [--key K] | unrate QUEUE [--key K]
-  shoal limit hold QUEUE --key K --for D | weight QUEUE W --key K | unweight QUEUE --key K
+  shoal limit set QUEUE N [--key K] [--task T] | clear QUEUE [--key K] [--task T] | list [--json]
+  shoal limit rate QUEUE N --per D [--key K] [--task T] | unrate QUEUE [--key K] [--task T]
+  shoal limit hold QUEUE --key K --for D [--task T] | weight QUEUE W --key K | unweight QUEUE --key K
   shoal dev [--dir .shoal] [--http [HOST:PORT]]
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
@@ -869,9 +870,13 @@ function countArg(what: string, text: string, min: number, max: number): number 
   return n;
 }
 
-/** How a `shoal limit` line names what it changed: `Queue q` or `Queue q, key "k"`. */
-function limitSubject(queue: string, key: string | undefined): string {
-  return key === undefined ? `Queue ${queue}` : `Queue ${queue}, key ${JSON.stringify(key)}`;
+/**
+ * How a `shoal limit` line names what it changed: `Queue q`, `Queue q, key "k"`, `Queue q,
+ * task t` or `Queue q, task t, key "k"`.
+ */
+function limitSubject(queue: string, task: string | undefined, key?: string): string {
+  return `Queue ${queue}` + (task === undefined ? "" : `, task ${task}`) +
+    (key === undefined ? "" : `, key ${JSON.stringify(key)}`);
 }
 
 const LIMIT_USAGE = "shoal limit takes set QUEUE N, clear QUEUE, rate QUEUE N, unrate QUEUE, " +
@@ -880,7 +885,9 @@ const LIMIT_USAGE = "shoal limit takes set QUEUE N, clear QUEUE, rate QUEUE N, u
 /**
  * `shoal limit ...`: flow control per (queue, key) (lib/flow.ts): concurrency limits (`set`,
  * `clear`), rate limits (`rate`, `unrate`), holds (`hold`), fairness weights (`weight`,
- * `unweight`), and `list` for all of them. A clear of nothing says so on stderr with exit 1.
+ * `unweight`), and `list` for all of them. `--task` names the task whose jobs a limit counts
+ * apart, or a hold holds (a task name, checked with the other flags). A clear of nothing says
+ * so on stderr with exit 1.
  */
 async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
   const [sub, ...args] = rest;
@@ -893,13 +900,14 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
       const maxRunning = countArg("number of running jobs", args[1]!, 0, MAX_RUNNING_LIMIT);
       return await withDb(parsed, {
         name: "limit set",
-        flags: ["key"],
+        flags: ["key", "task"],
         needs: "current schema",
         check: (opts) => checkLimitKey(opts.key),
       }, async (sql, opts) => {
-        await setConcurrencyLimit(sql, { queue, maxRunning, key: opts.key });
-        const each = opts.key === undefined ? " per key" : "";
-        out(`${limitSubject(queue, opts.key)}: at most ${maxRunning} running jobs${each}\n`);
+        const { key, task } = opts;
+        await setConcurrencyLimit(sql, { queue, maxRunning, key, task });
+        const each = key === undefined ? " per key" : "";
+        out(`${limitSubject(queue, task, key)}: at most ${maxRunning} running jobs${each}\n`);
         return 0;
       });
     }
@@ -911,17 +919,18 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
       const maxStarts = countArg("number of starts", args[1]!, 1, MAX_RATE_STARTS);
       return await withDb(parsed, {
         name: "limit rate",
-        flags: ["per", "key"],
+        flags: ["per", "key", "task"],
         needs: "current schema",
         check: (opts) => {
           if (opts.per === undefined) throw new UsageError("shoal limit rate needs --per");
           checkLimitKey(opts.key);
         },
       }, async (sql, opts) => {
-        await setRateLimit(sql, { queue, maxStarts, periodMs: opts.per!, key: opts.key });
-        const each = opts.key === undefined ? " per key" : "";
+        const { key, task } = opts;
+        await setRateLimit(sql, { queue, maxStarts, periodMs: opts.per!, key, task });
+        const each = key === undefined ? " per key" : "";
         out(
-          `${limitSubject(queue, opts.key)}: at most ${maxStarts} starts per ${
+          `${limitSubject(queue, task, key)}: at most ${maxStarts} starts per ${
             formatDuration(opts.per!)
           }${each}\n`,
         );
@@ -935,26 +944,28 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
       const what = sub === "clear" ? "limit" : "rate limit";
       return await withDb(parsed, {
         name: `limit ${sub}`,
-        flags: ["key"],
+        flags: ["key", "task"],
         needs: "current schema",
         check: (opts) => checkLimitKey(opts.key),
       }, async (sql, opts) => {
-        const options = { queue, key: opts.key };
+        const { key, task } = opts;
         const cleared = sub === "clear"
-          ? await clearConcurrencyLimit(sql, options)
-          : await clearRateLimit(sql, options);
+          ? await clearConcurrencyLimit(sql, { queue, key, task })
+          : await clearRateLimit(sql, { queue, key, task });
         if (!cleared) {
           err(
-            opts.key === undefined
-              ? `shoal: Queue ${queue} has no default ${what}\n`
-              : `shoal: Queue ${queue} has no ${what} for key ${JSON.stringify(opts.key)}\n`,
+            key === undefined
+              ? `shoal: ${limitSubject(queue, task)} has no default ${what}\n`
+              : `shoal: ${limitSubject(queue, task)} has no ${what} for key ${
+                JSON.stringify(key)
+              }\n`,
           );
           return 1;
         }
         out(
-          opts.key === undefined
-            ? `Queue ${queue}: default ${what} cleared\n`
-            : `${limitSubject(queue, opts.key)}: ${what} cleared\n`,
+          key === undefined
+            ? `${limitSubject(queue, task)}: default ${what} cleared\n`
+            : `${limitSubject(queue, task, key)}: ${what} cleared\n`,
         );
         return 0;
       });
@@ -964,7 +975,7 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
       const queue = queueArg(args[0]!);
       return await withDb(parsed, {
         name: "limit hold",
-        flags: ["key", "for"],
+        flags: ["key", "for", "task"],
         needs: "current schema",
         check: (opts) => {
           requireLimitKey("hold", opts.key);
@@ -972,11 +983,18 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
         },
       }, async (sql, opts) => {
         const key = opts.key!;
-        const until = await holdKey(sql, { queue, key, forMs: opts.for! });
+        const until = await holdKey(sql, { queue, key, forMs: opts.for!, task: opts.task });
+        // A task without limits of its own on the queue: the hold is the key's (THE TASK
+        // RULE), and the line says so rather than name a task it does not single out.
+        const own = opts.task !== undefined && await flowScope(sql, queue, opts.task) !== "";
+        const task = own ? opts.task : undefined;
+        const note = opts.task !== undefined && !own
+          ? ` (task ${opts.task} has no limits of its own on ${queue}: its jobs count under the queue's)`
+          : "";
         out(
           opts.for === 0
-            ? `${limitSubject(queue, key)}: hold lifted\n`
-            : `${limitSubject(queue, key)}: held until ${until.toISOString()}\n`,
+            ? `${limitSubject(queue, task, key)}: hold lifted${note}\n`
+            : `${limitSubject(queue, task, key)}: held until ${until.toISOString()}${note}\n`,
         );
         return 0;
       });
@@ -996,7 +1014,8 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
         },
       }, async (sql, opts) => {
         await setFairnessWeight(sql, { queue, key: opts.key!, weight });
-        out(`${limitSubject(queue, opts.key)}: weight ${weight} for jobs enqueued from now on\n`);
+        const subject = limitSubject(queue, undefined, opts.key);
+        out(`${subject}: weight ${weight} for jobs enqueued from now on\n`);
         return 0;
       });
     }
@@ -1016,7 +1035,7 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
           err(`shoal: Queue ${queue} has no weight for key ${JSON.stringify(key)}\n`);
           return 1;
         }
-        out(`${limitSubject(queue, key)}: weight 1 for jobs enqueued from now on\n`);
+        out(`${limitSubject(queue, undefined, key)}: weight 1 for jobs enqueued from now on\n`);
         return 0;
       });
     }

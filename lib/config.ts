@@ -174,7 +174,11 @@ export const OPTIONS = {
     default: "false",
     help: "/metrics counts every job (a scan per read) instead of estimating a large table",
   },
-  task: { kind: "name", env: null, help: "task name" },
+  task: {
+    kind: "name",
+    env: null,
+    help: "enqueue, schedule add: task name; limit: the task whose jobs a limit counts apart",
+  },
   queue: {
     kind: "name",
     env: null,

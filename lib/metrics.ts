@@ -118,10 +118,10 @@ export class Metrics {
   readonly #exact: Gauge<"queue">;
   readonly #exactCounts: boolean;
   readonly #paused: Gauge<"queue">;
-  readonly #limit: Gauge<"queue" | "key">;
-  readonly #slotsHeld: Gauge<"queue" | "key">;
-  readonly #rateLimit: Gauge<"queue" | "key">;
-  readonly #keyHeld: Gauge<"queue" | "key">;
+  readonly #limit: Gauge<"queue" | "key" | "task">;
+  readonly #slotsHeld: Gauge<"queue" | "key" | "task">;
+  readonly #rateLimit: Gauge<"queue" | "key" | "task">;
+  readonly #keyHeld: Gauge<"queue" | "key" | "task">;
   readonly #weight: Gauge<"queue" | "key">;
   readonly #leader: Gauge<"lease">;
   readonly #fires: Counter<"schedule">;
@@ -186,12 +186,14 @@ export class Metrics {
       "shoal_queue_paused",
       "1 for a paused queue: its jobs are not claimed until it is resumed",
     );
+    // `task`: the task whose jobs the limit counts apart, or a hold holds ("" for the queue's
+    // jobs that no limit counts apart: THE TASK RULE in sql/functions/flow.sql).
     const limitGauge = (name: string, help: string) =>
-      new Gauge({ name, help, labelNames: ["queue", "key"] as const, registers });
+      new Gauge({ name, help, labelNames: ["queue", "key", "task"] as const, registers });
     this.#limit = limitGauge(
       "shoal_concurrency_limit",
       `Most running jobs per fairness key (key "${EVERY_KEY_LABEL}": the queue's default for ` +
-        "keys without a limit of their own)",
+        'keys without a limit of their own; task: the task whose jobs it counts apart, "" none)',
     );
     this.#slotsHeld = limitGauge(
       "shoal_concurrency_slots_held",
@@ -200,16 +202,20 @@ export class Metrics {
     this.#rateLimit = limitGauge(
       "shoal_rate_limit",
       `Most claims per second per key on average (key "${EVERY_KEY_LABEL}": the queue's default ` +
-        "for keys without a rate limit of their own)",
+        "for keys without a rate limit of their own; task: the task whose jobs it counts apart, " +
+        '"" none)',
     );
     this.#keyHeld = limitGauge(
       "shoal_key_held",
-      "1 while a key is held: none of its jobs on the queue is claimed until the hold ends",
+      "1 while a key is held: none of its jobs on the queue (with a task, of that task's jobs) " +
+        "is claimed until the hold ends",
     );
-    this.#weight = limitGauge(
-      "shoal_fairness_weight",
-      "A fairness key's weight: jobs it starts per job of a weight-1 key under contention",
-    );
+    this.#weight = new Gauge({
+      name: "shoal_fairness_weight",
+      help: "A fairness key's weight: jobs it starts per job of a weight-1 key under contention",
+      labelNames: ["queue", "key"] as const,
+      registers,
+    });
     this.#leader = new Gauge({
       name: "shoal_leader",
       help: "1 while this process holds the lease, else 0",
@@ -354,15 +360,17 @@ export class Metrics {
     for (const gauge of [this.#rateLimit, this.#keyHeld, this.#weight]) gauge.reset();
     for (const p of flow.paused) this.#paused.set({ queue: p.queue }, 1);
     for (const l of flow.limits) {
-      const labels = { queue: l.queue, key: l.key ?? EVERY_KEY_LABEL };
+      const labels = { queue: l.queue, key: l.key ?? EVERY_KEY_LABEL, task: l.task ?? "" };
       this.#limit.set(labels, l.max_running);
       this.#slotsHeld.set(labels, l.slots_held);
     }
     for (const r of flow.rate_limits) {
-      const labels = { queue: r.queue, key: r.key ?? EVERY_KEY_LABEL };
+      const labels = { queue: r.queue, key: r.key ?? EVERY_KEY_LABEL, task: r.task ?? "" };
       this.#rateLimit.set(labels, (r.max_starts * 1000) / r.period_ms);
     }
-    for (const h of flow.holds) this.#keyHeld.set({ queue: h.queue, key: h.key }, 1);
+    for (const h of flow.holds) {
+      this.#keyHeld.set({ queue: h.queue, key: h.key, task: h.task ?? "" }, 1);
+    }
     for (const w of flow.weights) this.#weight.set({ queue: w.queue, key: w.key }, w.weight);
   }
 

@@ -307,12 +307,29 @@ function shownKey(key: string | null): string {
   return /^[^\s"\\\p{Cc}]+$/u.test(key) ? key : JSON.stringify(key);
 }
 
+/**
+ * What the text form shows in the task column of a limit or hold that names no task (the
+ * queue's jobs that no limit counts apart): no task name can be it.
+ */
+export const NO_TASK = "-";
+
+/** A limit's or hold's task as the text form shows it. */
+function shownTask(task: string | null): string {
+  return task ?? NO_TASK;
+}
+
 /** The concurrency limits as a table (`shoal limit list` shows it among the others). */
 export function formatLimits(rows: ConcurrencyLimit[]): string {
   if (rows.length === 0) return "No concurrency limits\n";
   return table(
-    ["queue", "key", "max running", "slots held"],
-    rows.map((l) => [l.queue, shownKey(l.key), String(l.max_running), String(l.slots_held)]),
+    ["queue", "task", "key", "max running", "slots held"],
+    rows.map((l) => [
+      l.queue,
+      shownTask(l.task),
+      shownKey(l.key),
+      String(l.max_running),
+      String(l.slots_held),
+    ]),
   );
 }
 
@@ -320,8 +337,14 @@ export function formatLimits(rows: ConcurrencyLimit[]): string {
 export function formatRateLimits(rows: RateLimit[]): string {
   if (rows.length === 0) return "No rate limits\n";
   return table(
-    ["queue", "key", "max starts", "per"],
-    rows.map((r) => [r.queue, shownKey(r.key), String(r.max_starts), formatDuration(r.period_ms)]),
+    ["queue", "task", "key", "max starts", "per"],
+    rows.map((r) => [
+      r.queue,
+      shownTask(r.task),
+      shownKey(r.key),
+      String(r.max_starts),
+      formatDuration(r.period_ms),
+    ]),
   );
 }
 
@@ -329,8 +352,8 @@ export function formatRateLimits(rows: RateLimit[]): string {
 export function formatHolds(rows: HeldKey[]): string {
   if (rows.length === 0) return "No held keys\n";
   return table(
-    ["queue", "key", "held until"],
-    rows.map((h) => [h.queue, shownKey(h.key), iso(h.held_until)]),
+    ["queue", "task", "key", "held until"],
+    rows.map((h) => [h.queue, shownTask(h.task), shownKey(h.key), iso(h.held_until)]),
   );
 }
 

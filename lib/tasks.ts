@@ -159,7 +159,9 @@ export interface RetryLaterOptions extends ErrorOptions {
   /**
    * Hold the job's whole flow key (its concurrency key, else its fairness key) for the
    * delay, not only this job: no job of the key is claimed until it ends (flow control,
-   * `shoal.hold_key`), as a server's 429 asks.
+   * `shoal.hold_key`), as a server's 429 asks. When the job's task has limits of its own on
+   * its queue, the hold is the key's within them: only that task's jobs of the key wait, and
+   * the key's other jobs go on (THE TASK RULE in sql/functions/flow.sql).
    */
   holdKey?: boolean;
 }
@@ -168,7 +170,8 @@ export interface RetryLaterOptions extends ErrorOptions {
  * Throw from a handler to retry after a delay it chooses (say, a server's `Retry-After`)
  * instead of the exponential backoff. The attempt still counts: a job out of attempts is
  * dead-lettered. The delay is clamped to 0 to MAX_RETRY_LATER_MS. With `holdKey`, every job
- * of its fairness key on its queue waits out the delay too.
+ * of its flow key on its queue (of its task, when the task has limits of its own there) waits
+ * out the delay too.
  */
 export class RetryLaterError extends Error {
   override name = "RetryLaterError";

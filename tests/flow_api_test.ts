@@ -11,6 +11,7 @@ import {
   clearFairnessWeight,
   clearRateLimit,
   type ConcurrencyLimit,
+  flowScope,
   type FlowStatus,
   flowStatus,
   hasStaleSlots,
@@ -213,9 +214,9 @@ Deno.test("setRateLimit() sets and replaces a queue's default and a key's own; t
   await setRateLimit(db.sql, { queue: "q", maxStarts: 1, periodMs: DAY_MS, key: "b" });
   await setRateLimit(db.sql, { queue: "p", maxStarts: 1_000_000, periodMs: 1, key: "" });
   assertEquals((await flowStatus(db.sql)).rate_limits, [
-    { queue: "p", key: "", max_starts: 1_000_000, period_ms: 1 },
-    { queue: "q", key: null, max_starts: 2, period_ms: DAY_MS },
-    { queue: "q", key: "b", max_starts: 1, period_ms: DAY_MS },
+    { queue: "p", task: null, key: "", max_starts: 1_000_000, period_ms: 1 },
+    { queue: "q", task: null, key: null, max_starts: 2, period_ms: DAY_MS },
+    { queue: "q", task: null, key: "b", max_starts: 1, period_ms: DAY_MS },
   ]);
   // Each key has its own bucket, full at first: b's own 1, the default's 2 for a and c.
   await enqueueKeys(db.sql, "q", { a: 5, b: 5, c: 5 });
@@ -226,8 +227,8 @@ Deno.test("setRateLimit() sets and replaces a queue's default and a key's own; t
   await setRateLimit(db.sql, { queue: "q", maxStarts: 3, periodMs: 60_000, key: null });
   await setRateLimit(db.sql, { queue: "q", maxStarts: 7, periodMs: 1000, key: "b" });
   assertEquals((await flowStatus(db.sql)).rate_limits.slice(1), [
-    { queue: "q", key: null, max_starts: 3, period_ms: 60_000 },
-    { queue: "q", key: "b", max_starts: 7, period_ms: 1000 },
+    { queue: "q", task: null, key: null, max_starts: 3, period_ms: 60_000 },
+    { queue: "q", task: null, key: "b", max_starts: 7, period_ms: 1000 },
   ]);
 });
 
@@ -261,7 +262,9 @@ Deno.test("holdKey() holds a key until the end it returns, keeps a longer hold, 
   assert(until instanceof Date, String(until));
   const end = until.getTime();
   assert(end >= before.getTime() + 60_000 && end <= after.getTime() + 60_000, String(until));
-  assertEquals((await flowStatus(db.sql)).holds, [{ queue: "q", key: "a", held_until: until }]);
+  assertEquals((await flowStatus(db.sql)).holds, [
+    { queue: "q", task: null, key: "a", held_until: until },
+  ]);
   // A shorter hold leaves the longer one, and says when that ends.
   assertEquals(await holdKey(db.sql, { queue: "q", key: "a", forMs: 1000 }), until);
   assertEquals(byKey(await claimJobs(db.sql, "q", 100)), { b: 2 });
@@ -283,9 +286,9 @@ Deno.test("flowStatus() lists holds until they end, by queue and key, for any ke
   await holdKey(db.sql, { queue: "q", key: "never", forMs: 0 });
   await new Promise((resolve) => setTimeout(resolve, 20));
   assertEquals((await flowStatus(db.sql)).holds, [
-    { queue: "a", key: "k", held_until: other },
-    { queue: "q", key: "", held_until: empty },
-    { queue: "q", key: "z", held_until: day },
+    { queue: "a", task: null, key: "k", held_until: other },
+    { queue: "q", task: null, key: "", held_until: empty },
+    { queue: "q", task: null, key: "z", held_until: day },
   ]);
 });
 
@@ -311,6 +314,185 @@ Deno.test("a rate limit and a hold count a job under its concurrency key, whatev
     where concurrency_key = 'api' and locked_by is not null`;
   assertEquals(row!.n, 2);
   assertEquals(byKey(await claimJobs(db.sql, "q", 100)), {});
+});
+
+/** `n` jobs of `task` with fairness key `key` on `queue` ("" enqueues without a key). */
+function jobsOf(queue: string, task: string, key: string, n: number) {
+  return Array.from(
+    { length: n },
+    () => ({ task, queue, ...(key === "" ? {} : { fairnessKey: key }) }),
+  );
+}
+
+/** How many of `jobs` each task and fairness key has, as `{ "export/a": 3 }`. */
+function byTaskKey(jobs: Job[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const job of jobs) {
+    const at = `${job.task}/${job.fairness_key}`;
+    counts[at] = (counts[at] ?? 0) + 1;
+  }
+  return counts;
+}
+
+Deno.test("setConcurrencyLimit() with a task sets the task's own limits: its jobs count apart per key, under its rows alone", async () => {
+  await using db = await testDb();
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 2 });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 9, key: "acme", task: null });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 7, task: "export" });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 1, key: "acme", task: "export" });
+  // Setting again replaces the task's row, and only it.
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 3, task: "export" });
+  assertEquals((await flowStatus(db.sql)).limits, [
+    { queue: "q", task: null, key: null, max_running: 2, slots_held: 0 },
+    { queue: "q", task: null, key: "acme", max_running: 9, slots_held: 0 },
+    { queue: "q", task: "export", key: null, max_running: 3, slots_held: 0 },
+    { queue: "q", task: "export", key: "acme", max_running: 1, slots_held: 0 },
+  ]);
+  assertEquals(await flowScope(db.sql, "q", "export"), "export");
+  assertEquals(await flowScope(db.sql, "q", "t"), "");
+  assertEquals(await flowScope(db.sql, "other", "export"), "");
+
+  await enqueueMany(db.sql, [
+    ...jobsOf("q", "export", "a", 5),
+    ...jobsOf("q", "t", "a", 5),
+    ...jobsOf("q", "export", "acme", 5),
+    ...jobsOf("q", "t", "acme", 5),
+  ]);
+  // Per key: export's own 3 (acme's own 1) beside the queue's 2 (acme's own 9) for t.
+  const claimed = await claimJobs(db.sql, "q", 100);
+  assertEquals(byTaskKey(claimed), { "export/a": 3, "t/a": 2, "export/acme": 1, "t/acme": 5 });
+  assertEquals((await flowStatus(db.sql)).limits.map((l) => l.slots_held), [2, 5, 3, 1]);
+  assertEquals(await claimJobs(db.sql, "q", 100), []);
+});
+
+Deno.test("clearConcurrencyLimit() with a task removes the task's row alone; its last gone, its jobs count under the queue's limits again", async () => {
+  await using db = await testDb();
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 2 });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 3, task: "export" });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 1, key: "acme", task: "export" });
+  assertEquals(
+    await clearConcurrencyLimit(db.sql, { queue: "q", key: "b", task: "export" }),
+    false,
+  );
+  assertEquals(await clearConcurrencyLimit(db.sql, { queue: "q", task: "other" }), false);
+  assertEquals(await clearConcurrencyLimit(db.sql, { queue: "q", key: "acme" }), false);
+  assertEquals(
+    await clearConcurrencyLimit(db.sql, { queue: "q", key: "acme", task: "export" }),
+    true,
+  );
+  assertEquals(
+    await clearConcurrencyLimit(db.sql, { queue: "q", key: "acme", task: "export" }),
+    false,
+  );
+  assertEquals(await limits(db.sql), [["q", null, 2, 0], ["q", null, 3, 0]]);
+  assertEquals(await clearConcurrencyLimit(db.sql, { queue: "q", task: "export" }), true);
+  assertEquals(await clearConcurrencyLimit(db.sql, { queue: "q", task: "export" }), false);
+  assertEquals(await limits(db.sql), [["q", null, 2, 0]]);
+  assertEquals(await flowScope(db.sql, "q", "export"), "");
+
+  // export has no limit of its own now: its jobs and t's share the queue's 2 per key.
+  await enqueueMany(db.sql, [...jobsOf("q", "export", "a", 3), ...jobsOf("q", "t", "a", 3)]);
+  assertEquals((await claimJobs(db.sql, "q", 100)).length, 2);
+  assertEquals(await limits(db.sql), [["q", null, 2, 2]]);
+});
+
+Deno.test("a limit of 0 naming a task pauses that task alone; a key with its own limit for the task keeps it", async () => {
+  await using db = await testDb();
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 0, task: "export" });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 1, key: "vip", task: "export" });
+  await enqueueMany(db.sql, [
+    ...jobsOf("q", "export", "a", 3),
+    ...jobsOf("q", "export", "vip", 3),
+    ...jobsOf("q", "t", "a", 3),
+  ]);
+  assertEquals(byTaskKey(await claimJobs(db.sql, "q", 100)), { "t/a": 3, "export/vip": 1 });
+  assertEquals(await claimJobs(db.sql, "q", 100), []);
+
+  // Cleared: the task has no limit of its own, and the queue none: the rest run.
+  await clearConcurrencyLimit(db.sql, { queue: "q", task: "export" });
+  await clearConcurrencyLimit(db.sql, { queue: "q", key: "vip", task: "export" });
+  assertEquals(byTaskKey(await claimJobs(db.sql, "q", 100)), { "export/a": 3, "export/vip": 2 });
+});
+
+Deno.test("setRateLimit() and clearRateLimit() with a task: the task's jobs spend their own bucket per key, the others the queue's", async () => {
+  await using db = await testDb();
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 2, periodMs: DAY_MS });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 1, periodMs: DAY_MS, task: "export" });
+  await setRateLimit(db.sql, {
+    queue: "q",
+    maxStarts: 3,
+    periodMs: DAY_MS,
+    key: "acme",
+    task: "export",
+  });
+  assertEquals((await flowStatus(db.sql)).rate_limits, [
+    { queue: "q", task: null, key: null, max_starts: 2, period_ms: DAY_MS },
+    { queue: "q", task: "export", key: null, max_starts: 1, period_ms: DAY_MS },
+    { queue: "q", task: "export", key: "acme", max_starts: 3, period_ms: DAY_MS },
+  ]);
+  assertEquals(await flowScope(db.sql, "q", "export"), "export");
+  await enqueueMany(db.sql, [
+    ...jobsOf("q", "export", "a", 5),
+    ...jobsOf("q", "t", "a", 5),
+    ...jobsOf("q", "export", "acme", 5),
+    ...jobsOf("q", "t", "acme", 5),
+  ]);
+  assertEquals(byTaskKey(await claimJobs(db.sql, "q", 100)), {
+    "export/a": 1,
+    "t/a": 2,
+    "export/acme": 3,
+    "t/acme": 2,
+  });
+  assertEquals(await claimJobs(db.sql, "q", 100), []);
+
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", key: "acme", task: "export" }), true);
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", key: "acme", task: "export" }), false);
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", task: "other" }), false);
+  assertEquals(await clearRateLimit(db.sql, { queue: "q", task: "export" }), true);
+  assertEquals((await flowStatus(db.sql)).rate_limits, [
+    { queue: "q", task: null, key: null, max_starts: 2, period_ms: DAY_MS },
+  ]);
+  assertEquals(await flowScope(db.sql, "q", "export"), "");
+});
+
+Deno.test("a task with only a rate limit of its own has no concurrency limit on the queue: the queue's does not apply to it", async () => {
+  await using db = await testDb();
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 1 });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 100, periodMs: DAY_MS, task: "export" });
+  await enqueueMany(db.sql, [...jobsOf("q", "export", "a", 4), ...jobsOf("q", "t", "a", 4)]);
+  assertEquals(byTaskKey(await claimJobs(db.sql, "q", 100)), { "export/a": 4, "t/a": 1 });
+});
+
+Deno.test("holdKey() with a task holds the task's jobs of the key when it has limits of its own, else the key's", async () => {
+  await using db = await testDb();
+  await enqueueMany(db.sql, [
+    ...jobsOf("q", "export", "a", 2),
+    ...jobsOf("q", "t", "a", 2),
+    ...jobsOf("q", "export", "b", 2),
+    ...jobsOf("q", "t", "b", 2),
+  ]);
+  // export has no limit of its own on q: a hold naming it is the key's, as without a task.
+  const onA = await holdKey(db.sql, { queue: "q", key: "a", forMs: 60_000, task: "export" });
+  assertEquals((await flowStatus(db.sql)).holds, [
+    { queue: "q", task: null, key: "a", held_until: onA },
+  ]);
+
+  // Now it has one (that binds nothing here): a hold naming it holds its jobs of b alone,
+  // and the key's hold on a no longer holds export's jobs of a.
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 100, task: "export" });
+  const onB = await holdKey(db.sql, { queue: "q", key: "b", forMs: 60_000, task: "export" });
+  assertEquals((await flowStatus(db.sql)).holds, [
+    { queue: "q", task: null, key: "a", held_until: onA },
+    { queue: "q", task: "export", key: "b", held_until: onB },
+  ]);
+  assertEquals(byTaskKey(await claimJobs(db.sql, "q", 100)), { "export/a": 2, "t/b": 2 });
+
+  // Lifted with its task: export's hold of b goes, the key's hold of a stays.
+  await holdKey(db.sql, { queue: "q", key: "b", forMs: 0, task: "export" });
+  assertEquals((await flowStatus(db.sql)).holds.map((h) => [h.task, h.key]), [[null, "a"]]);
+  assertEquals(byTaskKey(await claimJobs(db.sql, "q", 100)), { "export/b": 2 });
+  await holdKey(db.sql, { queue: "q", key: "a", forMs: 0 });
+  assertEquals(byTaskKey(await claimJobs(db.sql, "q", 100)), { "t/a": 2 });
 });
 
 Deno.test("setFairnessWeight() weighs a key's jobs enqueued after it; clearFairnessWeight() puts it back to 1", async () => {
@@ -467,7 +649,7 @@ const REFUSALS: Refusal[] = [
     call: (sql) => setConcurrencyLimit(sql, x({ queue: "q", maxRunning: 1, fairnessKey: "a" })),
     error: TypeError,
     message:
-      'Invalid options for setConcurrencyLimit(): unknown option "fairnessKey" (known: queue, maxRunning, key)',
+      'Invalid options for setConcurrencyLimit(): unknown option "fairnessKey" (known: queue, maxRunning, key, task)',
   },
   {
     call: (sql) => clearConcurrencyLimit(sql, x("q")),
@@ -478,7 +660,7 @@ const REFUSALS: Refusal[] = [
     call: (sql) => clearConcurrencyLimit(sql, x({ queue: "q", fairness_key: "a" })),
     error: TypeError,
     message:
-      'Invalid options for clearConcurrencyLimit(): unknown option "fairness_key" (known: queue, key)',
+      'Invalid options for clearConcurrencyLimit(): unknown option "fairness_key" (known: queue, key, task)',
   },
   {
     call: (sql) => clearConcurrencyLimit(sql, { queue: "q", key: LONG_KEY }),
@@ -550,13 +732,13 @@ const REFUSALS: Refusal[] = [
     call: (sql) => setRateLimit(sql, x({ queue: "q", maxStarts: 1, periodMs: 1, per: "1m" })),
     error: TypeError,
     message:
-      'Invalid options for setRateLimit(): unknown option "per" (known: queue, maxStarts, periodMs, key)',
+      'Invalid options for setRateLimit(): unknown option "per" (known: queue, maxStarts, periodMs, key, task)',
   },
   {
     call: (sql) => clearRateLimit(sql, x({ queue: "q", fairnessKey: "a" })),
     error: TypeError,
     message:
-      'Invalid options for clearRateLimit(): unknown option "fairnessKey" (known: queue, key)',
+      'Invalid options for clearRateLimit(): unknown option "fairnessKey" (known: queue, key, task)',
   },
   {
     call: (sql) => clearRateLimit(sql, { queue: "q", key: x(7) }),
@@ -611,7 +793,7 @@ const REFUSALS: Refusal[] = [
   {
     call: (sql) => holdKey(sql, x({ queue: "q", key: "a", ms: 1000 })),
     error: TypeError,
-    message: 'Invalid options for holdKey(): unknown option "ms" (known: queue, key, forMs)',
+    message: 'Invalid options for holdKey(): unknown option "ms" (known: queue, key, forMs, task)',
   },
   {
     call: (sql) => setFairnessWeight(sql, x({ queue: "q", weight: 2 })),
@@ -666,6 +848,77 @@ const REFUSALS: Refusal[] = [
       'Invalid options for clearFairnessWeight(): unknown option "weight" (known: queue, key)',
   },
   {
+    call: (sql) => setConcurrencyLimit(sql, { queue: "q", maxRunning: 1, task: "bad name" }),
+    error: TypeError,
+    message:
+      `Invalid options.task for setConcurrencyLimit(): expected a task name (${NAME}), not "bad name"`,
+  },
+  {
+    call: (sql) => setConcurrencyLimit(sql, { queue: "q", maxRunning: 1, task: "" }),
+    error: TypeError,
+    message:
+      `Invalid options.task for setConcurrencyLimit(): expected a task name (${NAME}), not ""`,
+  },
+  {
+    call: (sql) => setConcurrencyLimit(sql, { queue: "q", maxRunning: 1, task: x(7) }),
+    error: TypeError,
+    message:
+      `Invalid options.task for setConcurrencyLimit(): expected a task name (${NAME}), not 7`,
+  },
+  {
+    call: (sql) => setConcurrencyLimit(sql, { queue: "q", maxRunning: 1, task: "t".repeat(129) }),
+    error: TypeError,
+    message:
+      `Invalid options.task for setConcurrencyLimit(): expected a task name (${NAME}), not "tttttttttttttttttttttttttttttttttttttttt…"`,
+  },
+  {
+    // A misspelt task option must not set the queue's own limit instead.
+    call: (sql) => setConcurrencyLimit(sql, x({ queue: "q", maxRunning: 1, tasks: "export" })),
+    error: TypeError,
+    message:
+      'Invalid options for setConcurrencyLimit(): unknown option "tasks" (known: queue, maxRunning, key, task)',
+  },
+  {
+    call: (sql) => clearConcurrencyLimit(sql, { queue: "q", task: "-export" }),
+    error: TypeError,
+    message:
+      `Invalid options.task for clearConcurrencyLimit(): expected a task name (${NAME}), not "-export"`,
+  },
+  {
+    // A misspelt task option must not clear the queue's default instead.
+    call: (sql) => clearConcurrencyLimit(sql, x({ queue: "q", taskName: "export" })),
+    error: TypeError,
+    message:
+      'Invalid options for clearConcurrencyLimit(): unknown option "taskName" (known: queue, key, task)',
+  },
+  {
+    call: (sql) => setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: 1, task: x(["a"]) }),
+    error: TypeError,
+    message:
+      `Invalid options.task for setRateLimit(): expected a task name (${NAME}), not an array`,
+  },
+  {
+    call: (sql) => clearRateLimit(sql, { queue: "q", task: "a b" }),
+    error: TypeError,
+    message: `Invalid options.task for clearRateLimit(): expected a task name (${NAME}), not "a b"`,
+  },
+  {
+    call: (sql) => clearRateLimit(sql, x({ queue: "q", Task: "export" })),
+    error: TypeError,
+    message:
+      'Invalid options for clearRateLimit(): unknown option "Task" (known: queue, key, task)',
+  },
+  {
+    call: (sql) => holdKey(sql, { queue: "q", key: "a", forMs: 1000, task: "" }),
+    error: TypeError,
+    message: `Invalid options.task for holdKey(): expected a task name (${NAME}), not ""`,
+  },
+  {
+    call: (sql) => flowScope(sql, "q", x(null)),
+    error: TypeError,
+    message: `Invalid task for flowScope(): expected a task name (${NAME}), not null`,
+  },
+  {
     call: (sql) => pruneSlots(sql, 0),
     error: RangeError,
     message: "Invalid limit for pruneSlots(): expected an integer from 1 to 2147483647, not 0",
@@ -697,6 +950,9 @@ Deno.test("the flow functions refuse bad arguments in one line naming the functi
   await setRateLimit(db.sql, { queue: "q", maxStarts: 7, periodMs: 1000, key: "a" });
   await holdKey(db.sql, { queue: "q", key: "a", forMs: 60_000 });
   await setFairnessWeight(db.sql, { queue: "q", key: "a", weight: 7 });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 7, task: "export" });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 7, periodMs: 1000, task: "export" });
+  await holdKey(db.sql, { queue: "q", key: "a", forMs: 60_000, task: "export" });
   const before = await flowStatus(db.sql);
   const wrong: string[] = [];
   for (const [i, { call, error, message }] of REFUSALS.entries()) {

@@ -201,6 +201,141 @@ Deno.test("shoal limit hold holds a key until the end it prints, and --for 0s li
   assertEquals((await flowStatus(db.sql)).holds.map((h) => h.key), [""]);
 });
 
+Deno.test("shoal limit set and clear with --task change a task's own limits, apart from the queue's", async () => {
+  await using db = await testDb();
+  const shoal = (...args: string[]) => runShoal(["limit", ...args], { url: db.url });
+  const rows = async () =>
+    (await flowStatus(db.sql)).limits.map((l) => [l.queue, l.task, l.key, l.max_running]);
+
+  assertEquals(await shoal("set", "q", "5"), {
+    code: 0,
+    stdout: "Queue q: at most 5 running jobs per key\n",
+    stderr: "",
+  });
+  assertEquals(await shoal("set", "q", "3", "--task", "export"), {
+    code: 0,
+    stdout: "Queue q, task export: at most 3 running jobs per key\n",
+    stderr: "",
+  });
+  assertEquals(await shoal("set", "q", "1", "--task", "export", "--key", "acme co"), {
+    code: 0,
+    stdout: 'Queue q, task export, key "acme co": at most 1 running jobs\n',
+    stderr: "",
+  });
+  // Pausing one task: a limit of 0.
+  assertEquals(await shoal("set", "q", "0", "--task=report.daily"), {
+    code: 0,
+    stdout: "Queue q, task report.daily: at most 0 running jobs per key\n",
+    stderr: "",
+  });
+  assertEquals(await rows(), [
+    ["q", null, null, 5],
+    ["q", "export", null, 3],
+    ["q", "export", "acme co", 1],
+    ["q", "report.daily", null, 0],
+  ]);
+
+  assertEquals(await shoal("clear", "q", "--task", "export", "--key", "acme co"), {
+    code: 0,
+    stdout: 'Queue q, task export, key "acme co": limit cleared\n',
+    stderr: "",
+  });
+  assertOneLine(
+    await shoal("clear", "q", "--task", "export", "--key", "acme co"),
+    1,
+    'shoal: Queue q, task export has no limit for key "acme co"',
+    "key again",
+  );
+  assertEquals(await shoal("clear", "q", "--task", "export"), {
+    code: 0,
+    stdout: "Queue q, task export: default limit cleared\n",
+    stderr: "",
+  });
+  assertOneLine(
+    await shoal("clear", "q", "--task", "export"),
+    1,
+    "shoal: Queue q, task export has no default limit",
+    "again",
+  );
+  // The queue's own default is another row: still there.
+  assertEquals(await rows(), [["q", null, null, 5], ["q", "report.daily", null, 0]]);
+});
+
+Deno.test("shoal limit rate and unrate with --task change a task's own rate limit", async () => {
+  await using db = await testDb();
+  const shoal = (...args: string[]) => runShoal(["limit", ...args], { url: db.url });
+  const rows = async () =>
+    (await flowStatus(db.sql)).rate_limits.map((r) => [r.task, r.key, r.max_starts, r.period_ms]);
+
+  assertEquals(await shoal("rate", "q", "10", "--per", "1s", "--task", "export"), {
+    code: 0,
+    stdout: "Queue q, task export: at most 10 starts per 1s per key\n",
+    stderr: "",
+  });
+  assertEquals(await shoal("rate", "q", "2", "--per", "1m", "--task", "export", "--key="), {
+    code: 0,
+    stdout: 'Queue q, task export, key "": at most 2 starts per 1m\n',
+    stderr: "",
+  });
+  assertEquals(await rows(), [["export", null, 10, 1000], ["export", "", 2, 60_000]]);
+  assertEquals(await shoal("unrate", "q", "--task", "export", "--key="), {
+    code: 0,
+    stdout: 'Queue q, task export, key "": rate limit cleared\n',
+    stderr: "",
+  });
+  assertOneLine(
+    await shoal("unrate", "q", "--key=", "--task", "export"),
+    1,
+    'shoal: Queue q, task export has no rate limit for key ""',
+    "key again",
+  );
+  // Without --task: the queue's default, which there is none of.
+  assertOneLine(await shoal("unrate", "q"), 1, "shoal: Queue q has no default rate limit", "queue");
+  assertEquals(await shoal("unrate", "q", "--task", "export"), {
+    code: 0,
+    stdout: "Queue q, task export: default rate limit cleared\n",
+    stderr: "",
+  });
+  assertEquals(await rows(), []);
+});
+
+Deno.test("shoal limit hold with --task holds a task's jobs of the key when it has limits of its own, else says the hold is the key's", async () => {
+  await using db = await testDb();
+  const shoal = (...args: string[]) => runShoal(["limit", ...args], { url: db.url });
+  const held = async () =>
+    (await flowStatus(db.sql)).holds.map((h) => [h.queue, h.task, h.key, h.held_until]);
+
+  // export has no limit of its own on q yet: the hold is the key's, and the line says so.
+  const keys = await shoal("hold", "q", "--key", "acme", "--for", "30s", "--task", "export");
+  assertEquals([keys.code, keys.stderr], [0, ""]);
+  const [[, , , keyUntil]] = await held() as [[string, null, string, Date]];
+  assertEquals(await held(), [["q", null, "acme", keyUntil]]);
+  assertEquals(
+    keys.stdout,
+    `Queue q, key "acme": held until ${keyUntil.toISOString()} ` +
+      "(task export has no limits of its own on q: its jobs count under the queue's)\n",
+  );
+
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 4, task: "export" });
+  const own = await shoal("hold", "q", "--task", "export", "--key", "acme", "--for", "1m");
+  assertEquals([own.code, own.stderr], [0, ""]);
+  const taskUntil = (await held())[1]![3] as Date;
+  assertEquals(await held(), [["q", null, "acme", keyUntil], ["q", "export", "acme", taskUntil]]);
+  assertEquals(
+    own.stdout,
+    `Queue q, task export, key "acme": held until ${taskUntil.toISOString()}\n`,
+  );
+  const left = taskUntil.getTime() - Date.now();
+  assert(left > 55_000 && left <= 60_000, `${left} ms left`);
+
+  assertEquals(await shoal("hold", "q", "--task", "export", "--key", "acme", "--for", "0s"), {
+    code: 0,
+    stdout: 'Queue q, task export, key "acme": hold lifted\n',
+    stderr: "",
+  });
+  assertEquals(await held(), [["q", null, "acme", keyUntil]]);
+});
+
 Deno.test("shoal limit weight and unweight change a fairness key's weight", async () => {
   await using db = await testDb();
   const shoal = (...args: string[]) => runShoal(["limit", ...args], { url: db.url });
@@ -261,6 +396,16 @@ Deno.test("shoal limit list prints every limit, hold and weight, and --json thei
   const until = await holdKey(db.sql, { queue: "api", key: "acme co", forMs: 60_000 });
   await setFairnessWeight(db.sql, { queue: "q", key: "big", weight: 4 });
   await pauseQueue(db.sql, "q"); // not listed here: `shoal queue list` lists pauses
+  // Task export's own limits and a hold of its jobs of acme: after the queue's, named.
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 3, task: "export" });
+  await setRateLimit(db.sql, { queue: "q", maxStarts: 7, periodMs: 1000, task: "export" });
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 1, key: "acme", task: "export" });
+  const exportUntil = await holdKey(db.sql, {
+    queue: "q",
+    key: "acme",
+    forMs: 60_000,
+    task: "export",
+  });
 
   const text = await shoal();
   assertEquals(text.code, 0, text.stderr);
@@ -272,20 +417,24 @@ Deno.test("shoal limit list prints every limit, hold and weight, and --json thei
   assertEquals(sections, [
     [
       ["Concurrency limits (slots held: claimed jobs, prefetched ones included):"],
-      ["queue", "key", "max running", "slots held"],
-      ["q", "(every key)", "2", "2"],
-      ["q", "big", "1", "1"],
+      ["queue", "task", "key", "max running", "slots held"],
+      ["q", "-", "(every key)", "2", "2"],
+      ["q", "-", "big", "1", "1"],
+      ["q", "export", "(every key)", "3", "0"],
+      ["q", "export", "acme", "1", "0"],
     ],
     [
       ["Rate limits (starts per period per key; a burst of up to max starts after a quiet spell):"],
-      ["queue", "key", "max starts", "per"],
-      ["api", '"acme co"', "5", "1500ms"],
-      ["q", "(every key)", "100", "1m"],
+      ["queue", "task", "key", "max starts", "per"],
+      ["api", "-", '"acme co"', "5", "1500ms"],
+      ["q", "-", "(every key)", "100", "1m"],
+      ["q", "export", "(every key)", "7", "1s"],
     ],
     [
       ["Held keys (none of their jobs claimed until then):"],
-      ["queue", "key", "held until"],
-      ["api", '"acme co"', until.toISOString()],
+      ["queue", "task", "key", "held until"],
+      ["api", "-", '"acme co"', until.toISOString()],
+      ["q", "export", "acme", exportUntil.toISOString()],
     ],
     [
       ["Fairness weights (jobs started per job of a weight-1 key under contention):"],
@@ -297,14 +446,20 @@ Deno.test("shoal limit list prints every limit, hold and weight, and --json thei
   assertEquals(json.code, 0, json.stderr);
   assertEquals(JSON.parse(json.stdout), {
     limits: [
-      { queue: "q", key: null, max_running: 2, slots_held: 2 },
-      { queue: "q", key: "big", max_running: 1, slots_held: 1 },
+      { queue: "q", task: null, key: null, max_running: 2, slots_held: 2 },
+      { queue: "q", task: null, key: "big", max_running: 1, slots_held: 1 },
+      { queue: "q", task: "export", key: null, max_running: 3, slots_held: 0 },
+      { queue: "q", task: "export", key: "acme", max_running: 1, slots_held: 0 },
     ],
     rate_limits: [
-      { queue: "api", key: "acme co", max_starts: 5, period_ms: 1500 },
-      { queue: "q", key: null, max_starts: 100, period_ms: 60_000 },
+      { queue: "api", task: null, key: "acme co", max_starts: 5, period_ms: 1500 },
+      { queue: "q", task: null, key: null, max_starts: 100, period_ms: 60_000 },
+      { queue: "q", task: "export", key: null, max_starts: 7, period_ms: 1000 },
     ],
-    holds: [{ queue: "api", key: "acme co", held_until: until.toISOString() }],
+    holds: [
+      { queue: "api", task: null, key: "acme co", held_until: until.toISOString() },
+      { queue: "q", task: "export", key: "acme", held_until: exportUntil.toISOString() },
+    ],
     weights: [{ queue: "q", key: "big", weight: 4 }],
   });
 });
@@ -317,6 +472,9 @@ Deno.test("shoal queue and limit refuse bad arguments with exit 2 and one line, 
     'Invalid --key: expected a key of at most 256 characters, not "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk…"';
   const LIMIT_USAGE = "shoal limit takes set QUEUE N, clear QUEUE, rate QUEUE N, unrate QUEUE, " +
     "hold QUEUE, weight QUEUE W, unweight QUEUE or list";
+  const RULE = " (1 to 128 of letters, digits, _.:-)";
+  const BAD_TASK = 'Invalid --task: "bad name" is not a name' + RULE;
+  const DASH_TASK = 'Invalid --task: "-x" is not a name' + RULE;
   const cases: { args: string[]; says: string }[] = [
     { args: ["queue"], says: "shoal queue takes pause QUEUE, resume QUEUE or list" },
     { args: ["queue", "stop", "q"], says: "shoal queue takes pause QUEUE, resume QUEUE or list" },
@@ -424,6 +582,39 @@ Deno.test("shoal queue and limit refuse bad arguments with exit 2 and one line, 
     },
     { args: ["limit", "weight", "q", "2", "--key", "k".repeat(257)], says: LONG_KEY },
     { args: ["limit", "unweight", "q"], says: "shoal limit unweight needs --key" },
+    { args: ["limit", "set", "q", "5", "--task", "bad name"], says: BAD_TASK },
+    {
+      args: ["limit", "set", "q", "5", "--task="],
+      says: 'Invalid --task: "" is not a name' + RULE,
+    },
+    { args: ["limit", "set", "q", "5", "--key", "k", "--task=-x"], says: DASH_TASK },
+    {
+      args: ["limit", "set", "q", "5", "--task"],
+      says: "Option '--task <value>' argument missing",
+    },
+    { args: ["limit", "clear", "q", "--task", "bad name"], says: BAD_TASK },
+    { args: ["limit", "rate", "q", "5", "--per", "1s", "--task", "bad name"], says: BAD_TASK },
+    { args: ["limit", "unrate", "q", "--key", "k", "--task", "bad name"], says: BAD_TASK },
+    {
+      args: ["limit", "hold", "q", "--key", "k", "--for", "1s", "--task", "bad name"],
+      says: BAD_TASK,
+    },
+    {
+      args: ["limit", "set", "q", "5", "--tasks", "export"],
+      says: "Unknown option '--tasks': did you mean --task?",
+    },
+    {
+      args: ["limit", "weight", "q", "2", "--key", "k", "--task", "export"],
+      says: "Invalid flag --task: shoal limit weight does not take it",
+    },
+    {
+      args: ["limit", "unweight", "q", "--key", "k", "--task", "export"],
+      says: "Invalid flag --task: shoal limit unweight does not take it",
+    },
+    {
+      args: ["limit", "list", "--task", "export"],
+      says: "Invalid flag --task: shoal limit list does not take it",
+    },
     {
       args: ["limit", "unweight", "q", "2", "--key", "k"],
       says: "shoal limit unweight takes one queue name",
@@ -441,9 +632,9 @@ Deno.test("shoal --help names the queue and limit commands", async () => {
   assert(stdout.includes("shoal queue pause QUEUE | resume QUEUE | list [--json]"), stdout);
   for (
     const line of [
-      "shoal limit set QUEUE N [--key K] | clear QUEUE [--key K] | list [--json]",
-      "shoal limit rate QUEUE N --per D [--key K] | unrate QUEUE [--key K]",
-      "shoal limit hold QUEUE --key K --for D | weight QUEUE W --key K | unweight QUEUE --key K",
+      "shoal limit set QUEUE N [--key K] [--task T] | clear QUEUE [--key K] [--task T] | list [--json]",
+      "shoal limit rate QUEUE N --per D [--key K] [--task T] | unrate QUEUE [--key K] [--task T]",
+      "shoal limit hold QUEUE --key K --for D [--task T] | weight QUEUE W --key K | unweight QUEUE --key K",
     ]
   ) assert(stdout.includes(`\n  ${line}\n`), line);
   assert(
@@ -452,6 +643,11 @@ Deno.test("shoal --help names the queue and limit commands", async () => {
   );
   assert(
     /--per\s+limit rate: the period its N starts are spread over \(at most 1d\)/.test(stdout),
+    stdout,
+  );
+  assert(
+    /--task\s+enqueue, schedule add: task name; limit: the task whose jobs a limit counts apart\n/
+      .test(stdout),
     stdout,
   );
   assert(
@@ -519,7 +715,9 @@ Deno.test("the README's Flow control commands, SQL and TypeScript run as documen
   assertEquals(results, [
     ...[true, true, "", "", 0, true, true], // pause and concurrency limits
     ...["", "", "a time", "a time", true, true], // rate limits and a hold
-    ...["", true, "an id"], // a weight and an enqueue
+    ...["", true], // a weight
+    ...["", "export", 0, "a time", "a time", true], // a task's own limit and a hold of its jobs
+    "an id", // an enqueue
   ]);
   assertEquals(await flowStatus(db.sql), NO_FLOW);
   assertEquals(await takeReadmeJob(db.sql), {
@@ -551,9 +749,17 @@ Deno.test("the README's Flow control commands, SQL and TypeScript run as documen
     assertEquals(holds.map((h) => [h.queue, h.key]), [["api", "acme"]]);
     assertEquals(printed, {
       paused: [],
-      limits: [{ queue: "reports", key: null, max_running: 2, slots_held: 0 }],
-      rate_limits: [{ queue: "api", key: "acme", max_starts: 5, period_ms: 1000 }],
-      holds: [{ queue: "api", key: "acme", held_until: holds[0]!.held_until.toISOString() }],
+      limits: [
+        { queue: "exports", task: "export", key: null, max_running: 3, slots_held: 0 },
+        { queue: "reports", task: null, key: null, max_running: 2, slots_held: 0 },
+      ],
+      rate_limits: [{ queue: "api", task: null, key: "acme", max_starts: 5, period_ms: 1000 }],
+      holds: [{
+        queue: "api",
+        task: null,
+        key: "acme",
+        held_until: holds[0]!.held_until.toISOString(),
+      }],
       weights: [{ queue: "reports", key: "acme", weight: 3 }],
     });
     assertEquals(await takeReadmeJob(db.sql), {

@@ -254,10 +254,13 @@ Deno.test("--role all --http serves health, readiness and metrics, and exits 0 o
   }, 20_000);
   assert(text.includes(`shoal_queue_depth{queue="elsewhere"} 1\n`), text);
   assert(text.includes(`shoal_queue_paused{queue="elsewhere"} 1\n`), text);
-  assert(text.includes(`shoal_concurrency_limit{queue="elsewhere",key="k"} 3\n`), text);
-  assert(text.includes(`shoal_concurrency_slots_held{queue="elsewhere",key="k"} 0\n`), text);
-  assert(text.includes(`shoal_rate_limit{queue="elsewhere",key="*"} 2.5\n`), text);
-  assert(text.includes(`shoal_key_held{queue="elsewhere",key="k"} 1\n`), text);
+  assert(text.includes(`shoal_concurrency_limit{queue="elsewhere",key="k",task=""} 3\n`), text);
+  assert(
+    text.includes(`shoal_concurrency_slots_held{queue="elsewhere",key="k",task=""} 0\n`),
+    text,
+  );
+  assert(text.includes(`shoal_rate_limit{queue="elsewhere",key="*",task=""} 2.5\n`), text);
+  assert(text.includes(`shoal_key_held{queue="elsewhere",key="k",task=""} 1\n`), text);
   assert(text.includes(`shoal_fairness_weight{queue="elsewhere",key="k"} 4\n`), text);
   proc.kill("SIGTERM");
   const { code, output } = await exitWithin(proc, 20_000);

@@ -160,20 +160,25 @@ Deno.test("Metrics.refreshQueues() reads paused queues, concurrency limits and t
   await pauseQueue(db.sql, "mail");
   await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 2 });
   await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 5, key: "vip" });
+  // Task export's own limit: its jobs are counted apart, under the task label.
+  await setConcurrencyLimit(db.sql, { queue: "q", maxRunning: 3, task: "export" });
   await enqueueMany(db.sql, [
     ...Array.from({ length: 4 }, () => ({ task: "t", queue: "q", fairnessKey: "acme" })),
     ...Array.from({ length: 4 }, () => ({ task: "t", queue: "q", fairnessKey: "vip" })),
+    ...Array.from({ length: 4 }, () => ({ task: "export", queue: "q", fairnessKey: "vip" })),
   ]);
-  const c = { queues: ["q"], limit: 10, workerId: "test:1", visibilityMs: 60_000 };
-  assertEquals((await claim(db.sql, c)).jobs.length, 2 + 4);
+  const c = { queues: ["q"], limit: 20, workerId: "test:1", visibilityMs: 60_000 };
+  assertEquals((await claim(db.sql, c)).jobs.length, 2 + 4 + 3);
   await m.refreshQueues(db.sql, 0);
   const text = await m.render();
   assertEquals(sample(text, `shoal_queue_paused{queue="mail"}`), 1);
   assertEquals(sample(text, `shoal_queue_paused{queue="q"}`), undefined);
-  assertEquals(sample(text, `shoal_concurrency_limit{queue="q",key="*"}`), 2);
-  assertEquals(sample(text, `shoal_concurrency_limit{queue="q",key="vip"}`), 5);
-  assertEquals(sample(text, `shoal_concurrency_slots_held{queue="q",key="*"}`), 2);
-  assertEquals(sample(text, `shoal_concurrency_slots_held{queue="q",key="vip"}`), 4);
+  assertEquals(sample(text, `shoal_concurrency_limit{queue="q",key="*",task=""}`), 2);
+  assertEquals(sample(text, `shoal_concurrency_limit{queue="q",key="vip",task=""}`), 5);
+  assertEquals(sample(text, `shoal_concurrency_limit{queue="q",key="*",task="export"}`), 3);
+  assertEquals(sample(text, `shoal_concurrency_slots_held{queue="q",key="*",task=""}`), 2);
+  assertEquals(sample(text, `shoal_concurrency_slots_held{queue="q",key="vip",task=""}`), 4);
+  assertEquals(sample(text, `shoal_concurrency_slots_held{queue="q",key="*",task="export"}`), 3);
   assert(text.includes("# TYPE shoal_concurrency_slots_held gauge"), text);
 
   // Resumed and cleared: the series disappear at the next read, not before (the cache).
@@ -184,9 +189,10 @@ Deno.test("Metrics.refreshQueues() reads paused queues, concurrency limits and t
   await m.refreshQueues(db.sql, QUEUE_CACHE_MS);
   const after = await m.render();
   assertEquals(sample(after, `shoal_queue_paused{queue="mail"}`), undefined);
-  assertEquals(sample(after, `shoal_concurrency_limit{queue="q",key="vip"}`), undefined);
-  // vip has no row of its own now: its slots count under the default.
-  assertEquals(sample(after, `shoal_concurrency_slots_held{queue="q",key="*"}`), 6);
+  assertEquals(sample(after, `shoal_concurrency_limit{queue="q",key="vip",task=""}`), undefined);
+  // vip has no row of its own now: its slots count under the default (export's stay apart).
+  assertEquals(sample(after, `shoal_concurrency_slots_held{queue="q",key="*",task=""}`), 6);
+  assertEquals(sample(after, `shoal_concurrency_slots_held{queue="q",key="*",task="export"}`), 3);
 });
 
 Deno.test("Metrics.refreshQueues() reads rate limits as starts per second, held keys and fairness weights", async () => {
@@ -196,14 +202,19 @@ Deno.test("Metrics.refreshQueues() reads rate limits as starts per second, held 
   await setRateLimit(db.sql, { queue: "api", maxStarts: 3, periodMs: 2000, key: "acme" });
   await holdKey(db.sql, { queue: "api", key: "acme", forMs: 60_000 });
   await holdKey(db.sql, { queue: "api", key: "brief", forMs: 1 }); // ended before the read
+  // Task sync's own rate limit, and a hold of its jobs of acme alone.
+  await setRateLimit(db.sql, { queue: "api", maxStarts: 1, periodMs: 4000, task: "sync" });
+  await holdKey(db.sql, { queue: "api", key: "acme", forMs: 60_000, task: "sync" });
   await setFairnessWeight(db.sql, { queue: "reports", key: "vip", weight: 7 });
   await new Promise((resolve) => setTimeout(resolve, 20));
   await m.refreshQueues(db.sql, 0);
   const text = await m.render();
-  assertEquals(sample(text, `shoal_rate_limit{queue="api",key="*"}`), 100 / 60);
-  assertEquals(sample(text, `shoal_rate_limit{queue="api",key="acme"}`), 1.5);
-  assertEquals(sample(text, `shoal_key_held{queue="api",key="acme"}`), 1);
-  assertEquals(sample(text, `shoal_key_held{queue="api",key="brief"}`), undefined);
+  assertEquals(sample(text, `shoal_rate_limit{queue="api",key="*",task=""}`), 100 / 60);
+  assertEquals(sample(text, `shoal_rate_limit{queue="api",key="acme",task=""}`), 1.5);
+  assertEquals(sample(text, `shoal_rate_limit{queue="api",key="*",task="sync"}`), 0.25);
+  assertEquals(sample(text, `shoal_key_held{queue="api",key="acme",task=""}`), 1);
+  assertEquals(sample(text, `shoal_key_held{queue="api",key="acme",task="sync"}`), 1);
+  assertEquals(sample(text, `shoal_key_held{queue="api",key="brief",task=""}`), undefined);
   assertEquals(sample(text, `shoal_fairness_weight{queue="reports",key="vip"}`), 7);
   for (const name of ["shoal_rate_limit", "shoal_key_held", "shoal_fairness_weight"]) {
     assert(text.includes(`# TYPE ${name} gauge`), text);
@@ -215,10 +226,11 @@ Deno.test("Metrics.refreshQueues() reads rate limits as starts per second, held 
   await clearFairnessWeight(db.sql, { queue: "reports", key: "vip" });
   await m.refreshQueues(db.sql, QUEUE_CACHE_MS);
   const after = await m.render();
-  assertEquals(sample(after, `shoal_rate_limit{queue="api",key="acme"}`), undefined);
-  assertEquals(sample(after, `shoal_key_held{queue="api",key="acme"}`), undefined);
+  assertEquals(sample(after, `shoal_rate_limit{queue="api",key="acme",task=""}`), undefined);
+  assertEquals(sample(after, `shoal_key_held{queue="api",key="acme",task=""}`), undefined);
+  assertEquals(sample(after, `shoal_key_held{queue="api",key="acme",task="sync"}`), 1);
   assertEquals(sample(after, `shoal_fairness_weight{queue="reports",key="vip"}`), undefined);
-  assertEquals(sample(after, `shoal_rate_limit{queue="api",key="*"}`), 100 / 60);
+  assertEquals(sample(after, `shoal_rate_limit{queue="api",key="*",task=""}`), 100 / 60);
 });
 
 Deno.test("Metrics.refreshQueues() keeps the last flow gauges when only the flow read fails, and reads again next scrape", async () => {

@@ -241,19 +241,22 @@ Deno.test("status() reports flow control: paused queues marked in the text; limi
   await setRateLimit(db.sql, { queue: "api", maxStarts: 2, periodMs: 250, key: "partner" });
   const until = await holdKey(db.sql, { queue: "api", key: "partner", forMs: 60_000 });
   await setFairnessWeight(db.sql, { queue: "reports", key: "vip", weight: 5 });
+  // A task's own limit: listed after the queue's, its task named.
+  await setConcurrencyLimit(db.sql, { queue: "reports", maxRunning: 2, task: "export" });
 
   const s = await status(db.sql);
   assertEquals(s.flow, await flowStatus(db.sql));
   assertEquals(s.flow.paused.map((p) => p.queue), ["audit", "mail"]);
   assertEquals(s.flow.limits, [
-    { queue: "reports", key: null, max_running: 1, slots_held: 1 },
-    { queue: "reports", key: "vip", max_running: 4, slots_held: 0 },
+    { queue: "reports", task: null, key: null, max_running: 1, slots_held: 1 },
+    { queue: "reports", task: null, key: "vip", max_running: 4, slots_held: 0 },
+    { queue: "reports", task: "export", key: null, max_running: 2, slots_held: 0 },
   ]);
   assertEquals(s.flow.rate_limits, [
-    { queue: "api", key: "partner", max_starts: 2, period_ms: 250 },
-    { queue: "reports", key: null, max_starts: 30, period_ms: 60_000 },
+    { queue: "api", task: null, key: "partner", max_starts: 2, period_ms: 250 },
+    { queue: "reports", task: null, key: null, max_starts: 30, period_ms: 60_000 },
   ]);
-  assertEquals(s.flow.holds, [{ queue: "api", key: "partner", held_until: until }]);
+  assertEquals(s.flow.holds, [{ queue: "api", task: null, key: "partner", held_until: until }]);
   assertEquals(s.flow.weights, [{ queue: "reports", key: "vip", weight: 5 }]);
 
   const json = await runShoal(["status", "--json"], { url: db.url });
@@ -262,7 +265,9 @@ Deno.test("status() reports flow control: paused queues marked in the text; limi
   assertEquals(Object.keys(flow), ["paused", "limits", "rate_limits", "holds", "weights"]);
   assertEquals(flow.limits, s.flow.limits);
   assertEquals(flow.rate_limits, s.flow.rate_limits);
-  assertEquals(flow.holds, [{ queue: "api", key: "partner", held_until: until.toISOString() }]);
+  assertEquals(flow.holds, [
+    { queue: "api", task: null, key: "partner", held_until: until.toISOString() },
+  ]);
   assertEquals(flow.weights, s.flow.weights);
   assertEquals(
     flow.paused,
@@ -285,20 +290,21 @@ Deno.test("status() reports flow control: paused queues marked in the text; limi
     ),
     [
       [
-        ["queue", "key", "max running", "slots held"],
-        ["reports", "(every key)", "1", "1"],
-        ["reports", "vip", "4", "0"],
+        ["queue", "task", "key", "max running", "slots held"],
+        ["reports", "-", "(every key)", "1", "1"],
+        ["reports", "-", "vip", "4", "0"],
+        ["reports", "export", "(every key)", "2", "0"],
       ],
       [
         ["Rate limits (starts per period per key; a burst of up to max starts after a quiet spell):"],
-        ["queue", "key", "max starts", "per"],
-        ["api", "partner", "2", "250ms"],
-        ["reports", "(every key)", "30", "1m"],
+        ["queue", "task", "key", "max starts", "per"],
+        ["api", "-", "partner", "2", "250ms"],
+        ["reports", "-", "(every key)", "30", "1m"],
       ],
       [
         ["Held keys (none of their jobs claimed until then):"],
-        ["queue", "key", "held until"],
-        ["api", "partner", until.toISOString()],
+        ["queue", "task", "key", "held until"],
+        ["api", "-", "partner", until.toISOString()],
       ],
       [
         ["Fairness weights (jobs started per job of a weight-1 key under contention):"],
