@@ -438,6 +438,13 @@ Deno.test("a task's limit of 0 pauses that task alone; its rate limit and holds 
     select array_agg(task order by task) as tasks from shoal.flow_keys
     where queue = ${Q} and held_until > now()`;
   assertEquals(row.tasks, [""]);
+  // The task's last limit cleared: what its buckets remembered goes (a hold of them could no
+  // longer be named).
+  await db.sql`select shoal.hold_key(${Q}, 'a', 60000, 'export')`;
+  await db.sql`select shoal.clear_concurrency_limit(${Q}, task => 'export')`;
+  const [gone] = await db.sql<[{ n: number }]>`
+    select count(*)::integer as n from shoal.flow_keys where task = 'export'`;
+  assertEquals(gone.n, 0);
 });
 
 Deno.test("a failure told to hold its key holds its task's bucket when its task has limits of its own", async () => {

@@ -8,7 +8,7 @@
 --   shoal.clear_concurrency_limit                  (every key) or per key, of a task's own
 --   shoal.concurrency_limit                        the limit that applies to a key
 --   shoal.flow_scope                               whether a task is counted apart
---   shoal.flow_adopt                               slot rows for jobs claimed before
+--   shoal.flow_adopt, shoal.flow_forget_task       slot rows for jobs claimed before
 --   shoal.set_rate_limit, shoal.clear_rate_limit   at most N claims per period per key
 --   shoal.hold_key                                 no claim of a key's jobs for a while
 --   shoal.set_fairness_weight,                     a key's share under contention (the
@@ -190,6 +190,18 @@ begin
 end
 $$;
 
+-- A task left with no limit of its own on a queue (THE TASK RULE): what its buckets remember
+-- goes (holds, token buckets, slot rows: no limit reads them now, and a hold of them could
+-- not be lifted by name), and its running jobs get entries in the queue's buckets.
+create or replace function shoal.flow_forget_task(queue text, task text) returns void
+language plpgsql volatile as $$
+begin
+  delete from shoal.flow_keys k where k.queue = $1 and k.task = $2;
+  delete from shoal.concurrency_slots s where s.queue = $1 and s.task = $2;
+  perform shoal.flow_adopt($1, null);
+end
+$$;
+
 -- At most max_running jobs of the queue run at once per key: with a null key, for every key
 -- of the queue (its default); with a key, for that key alone (over the default); with a task,
 -- for that task's jobs, counted apart (THE TASK RULE). Takes effect at the next claim; a
@@ -204,6 +216,8 @@ language plpgsql volatile as $$
 #variable_conflict use_column
 declare
   t text := shoal.flow_task(set_concurrency_limit.task, 'Cannot set a concurrency limit');
+  -- Whether the task had limits of its own already (its jobs in buckets of their own).
+  was_scoped boolean := t <> '' and shoal.flow_scope(set_concurrency_limit.queue, t) <> '';
 begin
   if set_concurrency_limit.max_running is null or max_running not between 0 and 1000000 then
     raise exception 'Cannot set a concurrency limit: max_running must be an integer from 0 to 1000000, not %',
@@ -227,15 +241,15 @@ begin
   end if;
   -- A task's first limit moves its jobs to buckets of their own: all of the queue's keys.
   perform shoal.flow_adopt(set_concurrency_limit.queue,
-                           case when t = '' then set_concurrency_limit.key end);
+                           case when t = '' or was_scoped then set_concurrency_limit.key end);
   perform shoal.notify_jobs(array[set_concurrency_limit.queue], null);
 end
 $$;
 
 -- Remove a limit (a queue's default with a null key, or one key's; of a task's own with a
 -- task). Returns false when there was none. Wakes the queue's consumers: jobs held back may
--- run now. A task left with no limit of its own counts in the queue's buckets again: its
--- running jobs get slot rows there (shoal.flow_adopt).
+-- run now. A task left with no limit of its own counts in the queue's buckets again
+-- (shoal.flow_forget_task).
 drop function if exists shoal.clear_concurrency_limit(text, text);
 create or replace function shoal.clear_concurrency_limit(queue text, key text default null,
                                                          task text default null)
@@ -251,7 +265,7 @@ begin
     return false;
   end if;
   if t <> '' and shoal.flow_scope(clear_concurrency_limit.queue, t) = '' then
-    perform shoal.flow_adopt(clear_concurrency_limit.queue, null);
+    perform shoal.flow_forget_task(clear_concurrency_limit.queue, t);
   end if;
   perform shoal.notify_jobs(array[clear_concurrency_limit.queue], null);
   return true;
@@ -376,7 +390,7 @@ $$;
 
 -- Remove a rate limit (the queue's default with a null key, or one key's; of a task's own
 -- with a task). Returns false when there was none. A task left with no limit of its own
--- counts in the queue's buckets again (shoal.flow_adopt).
+-- counts in the queue's buckets again (shoal.flow_forget_task).
 drop function if exists shoal.clear_rate_limit(text, text);
 create or replace function shoal.clear_rate_limit(queue text, key text default null,
                                                   task text default null)
@@ -392,7 +406,7 @@ begin
     return false;
   end if;
   if t <> '' and shoal.flow_scope(clear_rate_limit.queue, t) = '' then
-    perform shoal.flow_adopt(clear_rate_limit.queue, null);
+    perform shoal.flow_forget_task(clear_rate_limit.queue, t);
   end if;
   perform shoal.notify_jobs(array[clear_rate_limit.queue], null);
   return true;
