@@ -429,9 +429,6 @@ begin
       end if;
       meet_queues := picked_queues;
       meet_keys := picked_keys;
-      meet_tasks := array(select shoal.bucket_task(u.queue, u.task, scoped_tasks)
-                          from unnest(picked_queues, picked_tasks) with ordinality as u(queue, task, n)
-                          order by u.n);
       -- A limit that cannot bind: every key of the picks is under no flow control, or only
       -- under a concurrency limit whose bound leaves room for two batches (THE BOUND in
       -- flow.sql), with no count due. Then the picks stand, and each such key's bound is
@@ -439,9 +436,10 @@ begin
       -- meanwhile, sends the claim the long way: a raise already made only overstates the
       -- bound). One statement, where the long way takes a dozen.
       with k as (
-        select u.queue, u.key, u.task, count(*)::integer as n
-        from unnest(meet_queues, meet_keys, meet_tasks) as u(queue, key, task)
-        group by u.queue, u.key, u.task
+        select u.queue, u.key, shoal.bucket_task(u.queue, u.task, scoped_tasks) as task,
+               count(*)::integer as n
+        from unnest(picked_queues, picked_keys, picked_tasks) as u(queue, key, task)
+        group by 1, 2, 3
       ),
       c as (
         select k.queue, k.key, k.task, k.n,
@@ -489,6 +487,12 @@ begin
       from ok;
     end if;
     if not fast then
+      if not windowed then
+        -- The picks' buckets, for the check below.
+        meet_tasks := array(select shoal.bucket_task(u.queue, u.task, scoped_tasks)
+                            from unnest(picked_queues, picked_tasks) with ordinality as u(queue, task, n)
+                            order by u.n);
+      end if;
       scan_size := greatest(_limit * 2, 64);
       loop
         -- Windowed, first: every key with jobs in the queues, found by a skip scan of the
