@@ -350,12 +350,22 @@ Deno.test("shoal.free_slots(ids), the call of revision-5 binaries in a rolling d
   assertEquals(await call(), 1);
 });
 
+function sleepMs(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
 /** Enqueue `n` jobs of `task` for each key. */
 async function enqueueTask(sql: Sql, task: string, keys: string[], n: number) {
   await enqueueMany(
     sql,
     keys.flatMap((key) =>
-      Array.from({ length: n }, (_, i) => ({ task, queue: Q, fairnessKey: key, payload: { i } }))
+      Array.from({ length: n }, (_, i) => ({
+        task,
+        queue: Q,
+        // "": no fairness key given.
+        ...(key === "" ? {} : { fairnessKey: key }),
+        payload: { i },
+      }))
     ),
   );
 }
@@ -474,4 +484,72 @@ Deno.test("a task name a flow control function is given must be a task name", as
     const error = await call.then(() => null, (e: Error) => e);
     assert(error && /task must be 1 to 128 letters/.test(error.message), String(error));
   }
+});
+
+Deno.test("a full task bucket does not hold back its key's other jobs queued behind it", async () => {
+  await using db = await testDb();
+  // Jobs with no fairness key: one key (""), the export backlog first in the claim order.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 3, task => 'export')`;
+  await enqueueTask(db.sql, "export", [""], 200);
+  await enqueueTask(db.sql, "t", [""], 5);
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "export/": 3, "t/": 5 });
+  // A limit of 0 pauses the task; the key's jobs behind its backlog still run.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 0, task => 'export')`;
+  await enqueueTask(db.sql, "export", ["a"], 100);
+  await enqueueTask(db.sql, "t", ["a"], 4);
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100)), { "t/a": 4 });
+  assertEquals(byTaskKey(await claimJobs(db.sql, 100, { fromHead: false })), {});
+});
+
+Deno.test("a change of a queue's limits waits for the claims in flight, and claims meanwhile leave the queue out", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 5)`;
+  await enqueueTask(db.sql, "export", ["a"], 10);
+  const waiting = async () => {
+    const [row] = await db.sql<[{ n: number }]>`
+      select count(*)::integer as n from pg_locks
+      where locktype = 'advisory' and classid = 1936224621 and not granted`;
+    return row.n;
+  };
+  // A claim in flight: the change waits for its commit, then sees its jobs (their bucket
+  // changes: they get entries in the task's own).
+  let changed = false;
+  await db.sql.begin(async (tx) => {
+    assertEquals((await claimJobs(tx as unknown as Sql, 3)).length, 3);
+    const change = db.sql`select shoal.set_concurrency_limit(${Q}, 4, task => 'export')`
+      .then(() => changed = true);
+    for (let i = 0; i < 100 && await waiting() === 0; i++) await sleepMs(20);
+    assertEquals(await waiting(), 1, "the change waits for the claim's rules lock");
+    assertEquals(changed, false);
+    void change;
+  });
+  for (let i = 0; i < 100 && !changed; i++) await sleepMs(20);
+  assertEquals(changed, true);
+  assertEquals((await db.sql`select shoal.slots_held(${Q}, 'a', 'export') as n`)[0]!.n, 3);
+  // A change in flight: claims leave the queue out until it commits.
+  await db.sql.begin(async (tx) => {
+    await tx`select shoal.set_concurrency_limit(${Q}, 6, task => 'export')`;
+    assertEquals(await claimJobs(db.sql, 10), []);
+  });
+  assertEquals((await claimJobs(db.sql, 10)).length, 3);
+});
+
+Deno.test("the reaper's prune clears the waiting flag of a key with no job left unclaimed", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1)`;
+  await enqueueKeys(db.sql, { a: 3 });
+  assertEquals((await claimJobs(db.sql, 10)).length, 1);
+  const flag = async () => {
+    const [row] = await db.sql<[{ waiting: boolean }]>`
+      select waiting from shoal.flow_keys where queue = ${Q} and key = 'a'`;
+    return row.waiting;
+  };
+  assertEquals(await flag(), true);
+  await db.sql`select shoal.prune_slots()`;
+  assertEquals(await flag(), true, "jobs of the key still wait");
+  // The waiting jobs go (cancelled, say): the flag would keep the queue's claims windowed.
+  await db.sql`delete from shoal.jobs where locked_by is null`;
+  assertEquals((await db.sql`select shoal.has_flow_leftovers() as f`)[0]!.f, true);
+  await db.sql`select shoal.prune_slots()`;
+  assertEquals(await flag(), false);
 });

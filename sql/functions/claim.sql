@@ -150,8 +150,9 @@ declare
   -- Whether a claimed queue has a rate limit (limited then too).
   rated boolean;
   -- The tasks with limits of their own on the claimed queues, 'queue\ntask' each: their jobs
-  -- count in buckets of their own (THE TASK RULE in flow.sql, shoal.bucket_task). A bucket's
-  -- tag below is 'queue\ntask\nkey' (task '' for the queue's own buckets).
+  -- count in buckets of their own (THE TASK RULE in flow.sql, shoal.bucket_task). Read after
+  -- the first statement took the rules locks (null until then). A bucket's tag below is
+  -- 'queue\ntask\nkey' (task '' for the queue's own buckets).
   scoped_tasks text[];
   windowed boolean := false;
   flow_scan constant integer := greatest(_limit * 16, 2000);
@@ -203,17 +204,8 @@ begin
          coalesce(bool_or(q.rated), false),
          coalesce(bool_or((q.limited or q.rated)
                           and exists (select 1 from shoal.flow_keys k
-                                      where k.queue = q.name and k.waiting)), false),
-         -- (Read only for a limited queue: an uncorrelated subquery runs when first used.)
-         case when bool_or(q.limited or q.rated) then
-           (select coalesce(array_agg(t.tag), '{}')
-            from (select l.queue || E'\n' || l.task as tag from shoal.concurrency_limits l
-                  where l.queue = any(_queues) and l.task <> ''
-                  union
-                  select l.queue || E'\n' || l.task from shoal.rate_limits l
-                  where l.queue = any(_queues) and l.task <> '') t)
-         else '{}' end
-  into _queues, limited, rated, windowed, scoped_tasks
+                                      where k.queue = q.name and k.waiting)), false)
+  into _queues, limited, rated, windowed
   from (
     select q.name,
            exists (select 1 from shoal.concurrency_limits l where l.queue = q.name)
@@ -223,7 +215,10 @@ begin
     from unnest(_queues) as q(name)
     where not exists (select 1 from shoal.queue_pauses p where p.queue = q.name)
     offset 0
-  ) q;
+  ) q
+  -- THE RULES LOCK (flow.sql): a limited queue is claimed under its rules lock, shared, read
+  -- in later statements; refused (its limits are changing), it is left out of this claim.
+  where not (q.limited or q.rated) or shoal.flow_rules_shared(q.name);
   if cardinality(_queues) = 0 then
     return;
   end if;
@@ -435,11 +430,14 @@ begin
       -- raised by its picks under its lock (a key another claim holds, or a bound that grew
       -- meanwhile, sends the claim the long way: a raise already made only overstates the
       -- bound). One statement, where the long way takes a dozen.
-      with k as (
-        select u.queue, u.key, shoal.bucket_task(u.queue, u.task, scoped_tasks) as task,
-               count(*)::integer as n
-        from unnest(picked_queues, picked_keys, picked_tasks) as u(queue, key, task)
-        group by 1, 2, 3
+      with sc as (
+        select shoal.scoped_tasks(_queues) as tags
+      ),
+      k as (
+        select b.queue, b.key, b.task, count(*)::integer as n
+        from (select u.queue, u.key, shoal.bucket_task(u.queue, u.task, sc.tags) as task
+              from unnest(picked_queues, picked_keys, picked_tasks) as u(queue, key, task), sc) b
+        group by b.queue, b.key, b.task
       ),
       c as (
         select k.queue, k.key, k.task, k.n,
@@ -482,11 +480,15 @@ begin
         returning f.queue || E'\n' || f.task || E'\n' || f.key as tag
       )
       select ok.all_ok and (select count(*) from raised) = ok.limited_keys,
-             (select coalesce(array_agg(r.tag), '{}') from raised r)
-      into fast, slot_tags
+             (select coalesce(array_agg(r.tag), '{}') from raised r),
+             (select sc.tags from sc)
+      into fast, slot_tags, scoped_tasks
       from ok;
     end if;
     if not fast then
+      if scoped_tasks is null then
+        scoped_tasks := shoal.scoped_tasks(_queues);
+      end if;
       if not windowed then
         -- The picks' buckets, for the check below.
         meet_tasks := array(select shoal.bucket_task(u.queue, u.task, scoped_tasks)
@@ -778,10 +780,11 @@ begin
         end if;
         scan_read := scan_read + cand.n;
         exit when scan_read >= flow_scan;
-        if got.ids is null and cand.low > -32768 then
+        if got.ids is null and cand.low > -32768 and cardinality(scoped_tasks) = 0 then
           -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
           -- one priority, keys interleave by their stamps, so another key's jobs lie near its
-          -- head): look below it.
+          -- head): look below it. Not where a task has limits of its own: a key's jobs of
+          -- another bucket may lie right behind its full bucket's backlog, unstamped apart.
           band_top := cand.low - 1;
           scan_from := 0;
           scan_size := greatest(_limit * 2, 64);

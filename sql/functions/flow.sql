@@ -16,6 +16,8 @@
 --   shoal.flow_allow                               how many of a key's jobs a claim may take
 --   shoal.flow_claimed                             what a claim took and held back
 --   shoal.flow_lock, shoal.flow_lock_id            the claim's lock on a key
+--   shoal.flow_rules_lock, shoal.flow_rules_shared a queue's rules: changed, or claimed by
+--   shoal.scoped_tasks                             the tasks with limits of their own
 --   shoal.held_slots (a view), shoal.slots_held,   the slot rule (below); a key's slots
 --   shoal.default_slots_held                       held; those of keys under a default
 --   shoal.slots_freed                              a freed slot wakes the held-back
@@ -29,6 +31,17 @@
 -- naming no task do not. Every other job counts in (queue, key, ''). A bucket is what a
 -- concurrency limit, a rate limit and a hold are about; below, "a key" is a bucket. The task
 -- of a job's bucket is shoal.flow_scope(queue, task), the claim's scoped_tasks.
+--
+-- THE RULES LOCK. Which bucket a job counts in, and whether it counts at all, is read by a
+-- claim once; a change of a queue's limits must not land between that read and the claim's
+-- commit (the claim would count its jobs in buckets no later claim reads, or in none). So a
+-- claim of a limited queue holds the queue's rules lock shared from its first statement to
+-- its commit (shoal.flow_rules_shared: refused, the queue is left out of that claim, as if
+-- paused for a moment) and reads the rules in a later statement; every function that sets
+-- or clears a limit takes it exclusive first (shoal.flow_rules_lock), waiting for the claims
+-- in flight to commit. Then no claim runs while the rules change, and what changes them
+-- sees every job claimed under the old ones (shoal.flow_adopt). (A queue's first limit is
+-- the exception: a claim that found the queue unlimited took no lock.)
 --
 -- THE SLOT RULE. A key's running jobs are the entries of its shoal.concurrency_slots rows
 -- (one row per claim that took jobs of it) whose job still carries the token it was
@@ -113,12 +126,35 @@ language sql immutable as $$
   select case when $1 || E'\n' || $2 = any($3) then $2 else '' end
 $$;
 
+-- THE RULES LOCK of a queue (above): its own space of advisory locks (class 1936224621).
+create or replace function shoal.flow_rules_shared(queue text) returns boolean
+language sql volatile as $$
+  select pg_try_advisory_xact_lock_shared(1936224621, hashtext($1))
+$$;
+
+create or replace function shoal.flow_rules_lock(queue text) returns void
+language sql volatile as $$
+  select pg_advisory_xact_lock(1936224621, hashtext($1))
+$$;
+
+-- The tasks with limits of their own on these queues, 'queue\ntask' each (THE TASK RULE;
+-- read by a claim holding the queues' rules locks).
+create or replace function shoal.scoped_tasks(queues text[]) returns text[]
+language sql stable as $$
+  select coalesce(array_agg(t.tag), '{}')
+  from (select l.queue || E'\n' || l.task as tag from shoal.concurrency_limits l
+        where l.queue = any($1) and l.task <> ''
+        union
+        select l.queue || E'\n' || l.task from shoal.rate_limits l
+        where l.queue = any($1) and l.task <> '') t
+$$;
+
 -- The claim's lock on a bucket (queue, key, task), held to the end of its transaction; false
 -- when another transaction holds it. A transaction-level advisory lock with two int4 keys
 -- (its own space: the migration lock's single bigint key cannot meet it); buckets whose
 -- hashes collide share a lock, which only makes one of them count as full for a moment.
--- shoal.flow_lock_id is its second key (shoal.flow_adopt waits for the same lock); a
--- bucket of no task ('') keeps the id it had before tasks had limits.
+-- shoal.flow_lock_id is its second key; a bucket of no task ('') keeps the id it had before
+-- tasks had limits.
 drop function if exists shoal.flow_lock(text, text);
 drop function if exists shoal.flow_lock_id(text, text);
 create or replace function shoal.flow_lock_id(queue text, key text, task text) returns integer
@@ -143,32 +179,15 @@ create or replace view shoal.held_slots as
 -- them (the queue's first limit, a task's first, a key's), or whose bucket changed when a
 -- task gained or lost limits of its own. Each gets an entry in a slot row of its bucket now
 -- (THE TASK RULE, as the tables say in this transaction), so it counts at once. With a key,
--- only that key's buckets. The buckets are locked first, waiting for claims in flight, in
--- one order (two calls at once cannot deadlock), so no claim counts or raises them meanwhile;
--- their bounds become unknown (rows added outside a claim). A job whose bucket changed keeps
--- its entry in the old one too, until it ends: the change errs toward fewer running jobs.
--- Reads the queue's claimed jobs twice: on a queue of millions, seconds.
+-- only that key's buckets. Its caller holds the queue's rules lock (no claim of the queue
+-- runs meanwhile); the bounds become unknown (rows added outside a claim). A job whose bucket
+-- changed keeps its entry in the old one too, until it ends: the change errs toward fewer
+-- running jobs. Reads the queue's claimed jobs once: on a queue of millions, seconds.
 create or replace function shoal.flow_adopt(queue text, key text default null)
 returns void
 language plpgsql volatile as $$
 #variable_conflict use_column
-declare
-  lock_id integer;
 begin
-  for lock_id in
-    select distinct shoal.flow_lock_id(b.queue, b.key, b.task) as id
-    from (select j.queue, coalesce(j.concurrency_key, j.fairness_key) as key,
-                 shoal.flow_scope(j.queue, j.task) as task
-          from shoal.jobs j
-          where j.queue = flow_adopt.queue and j.locked_by is not null
-          union
-          select k.queue, k.key, k.task from shoal.flow_keys k
-          where k.queue = flow_adopt.queue) b
-    where flow_adopt.key is null or b.key = flow_adopt.key
-    order by 1
-  loop
-    perform pg_advisory_xact_lock(1936224620, lock_id);
-  end loop;
   insert into shoal.concurrency_slots (queue, key, task, job_ids, tokens)
   select j.queue, j.key, j.task, array_agg(j.id), array_agg(j.token)
   from (select j.id, j.queue, coalesce(j.concurrency_key, j.fairness_key) as key,
@@ -192,7 +211,8 @@ $$;
 
 -- A task left with no limit of its own on a queue (THE TASK RULE): what its buckets remember
 -- goes (holds, token buckets, slot rows: no limit reads them now, and a hold of them could
--- not be lifted by name), and its running jobs get entries in the queue's buckets.
+-- not be lifted by name), and its running jobs get entries in the queue's buckets. Its caller
+-- holds the queue's rules lock.
 create or replace function shoal.flow_forget_task(queue text, task text) returns void
 language plpgsql volatile as $$
 begin
@@ -217,7 +237,7 @@ language plpgsql volatile as $$
 declare
   t text := shoal.flow_task(set_concurrency_limit.task, 'Cannot set a concurrency limit');
   -- Whether the task had limits of its own already (its jobs in buckets of their own).
-  was_scoped boolean := t <> '' and shoal.flow_scope(set_concurrency_limit.queue, t) <> '';
+  was_scoped boolean;
 begin
   if set_concurrency_limit.max_running is null or max_running not between 0 and 1000000 then
     raise exception 'Cannot set a concurrency limit: max_running must be an integer from 0 to 1000000, not %',
@@ -227,6 +247,8 @@ begin
     raise exception 'Cannot set a concurrency limit: a key has at most 256 characters'
       using errcode = '22023';
   end if;
+  perform shoal.flow_rules_lock(set_concurrency_limit.queue);
+  was_scoped := t <> '' and shoal.flow_scope(set_concurrency_limit.queue, t) <> '';
   if set_concurrency_limit.key is null then
     insert into shoal.concurrency_limits as l (queue, task, key, max_running)
     values (set_concurrency_limit.queue::shoal.name, t, null, set_concurrency_limit.max_running)
@@ -258,6 +280,7 @@ language plpgsql volatile as $$
 declare
   t text := shoal.flow_task(clear_concurrency_limit.task, 'Cannot clear a concurrency limit');
 begin
+  perform shoal.flow_rules_lock(clear_concurrency_limit.queue);
   delete from shoal.concurrency_limits l
   where l.queue = clear_concurrency_limit.queue and l.task = t
     and l.key is not distinct from clear_concurrency_limit.key;
@@ -351,7 +374,7 @@ language plpgsql volatile as $$
 #variable_conflict use_column
 declare
   t text := shoal.flow_task(set_rate_limit.task, 'Cannot set a rate limit');
-  scoped boolean := t <> '' and shoal.flow_scope(set_rate_limit.queue, t) <> '';
+  scoped boolean;
 begin
   if set_rate_limit.max_starts is null or set_rate_limit.max_starts not between 1 and 1000000 then
     raise exception 'Cannot set a rate limit: max_starts must be an integer from 1 to 1000000, not %',
@@ -365,6 +388,8 @@ begin
     raise exception 'Cannot set a rate limit: a key has at most 256 characters'
       using errcode = '22023';
   end if;
+  perform shoal.flow_rules_lock(set_rate_limit.queue);
+  scoped := t <> '' and shoal.flow_scope(set_rate_limit.queue, t) <> '';
   if set_rate_limit.key is null then
     insert into shoal.rate_limits (queue, task, key, max_starts, period_ms)
     values (set_rate_limit.queue::shoal.name, t, null, set_rate_limit.max_starts,
@@ -399,6 +424,7 @@ language plpgsql volatile as $$
 declare
   t text := shoal.flow_task(clear_rate_limit.task, 'Cannot clear a rate limit');
 begin
+  perform shoal.flow_rules_lock(clear_rate_limit.queue);
   delete from shoal.rate_limits l
   where l.queue = clear_rate_limit.queue and l.task = t
     and l.key is not distinct from clear_rate_limit.key;
@@ -680,6 +706,17 @@ begin
 end
 $$;
 
+-- Whether a queue has an unclaimed job (ready or not) whose flow key is `key`: through the
+-- concurrency key's index, then the fairness key's.
+create or replace function shoal.has_unclaimed(queue text, key text) returns boolean
+language sql stable as $$
+  select exists (select 1 from shoal.jobs j
+                 where j.queue = $1 and j.concurrency_key = $2 and j.locked_by is null)
+      or exists (select 1 from shoal.jobs j
+                 where j.queue = $1 and j.fairness_key = $2 and j.concurrency_key is null
+                   and j.locked_by is null)
+$$;
+
 -- Flow control's leftovers (the reaper's housekeeping; a claim that counts a key removes its
 -- emptied slot rows too), max_rows of each kind at most, each under its key's lock (a key
 -- a claim holds is left for the next time): slot rows naming jobs that hold nothing, their
@@ -687,8 +724,8 @@ $$;
 -- none is left (a job still claimed stays even past its deadline: a worker that resumes
 -- and extends it still holds its slot); and what a key remembers once it says nothing (no
 -- hold in effect, no jobs waiting, a bucket untouched for longer than any period, so full
--- again; its bound, if it had slots, is unknown until it is counted again). Returns how
--- many rows were rewritten or removed.
+-- again; its bound, if it had slots, is unknown until it is counted again); and the waiting
+-- flag of a key with no job left unclaimed. Returns how many rows were rewritten or removed.
 create or replace function shoal.prune_slots(max_rows integer default 10000) returns integer
 language sql volatile as $$
   with stale as (
@@ -724,6 +761,17 @@ language sql volatile as $$
       and k.job_ids is null
     returning 1
   ),
+  -- A key marked waiting with no job of it left unclaimed (its waiting jobs cancelled, or
+  -- counted in a task's own buckets since): it would keep its queue's claims windowed.
+  unwaited as (
+    update shoal.flow_keys k set waiting = false
+    where k.ctid = any(array(
+      select w.ctid from shoal.flow_keys w
+      where w.waiting and not shoal.has_unclaimed(w.queue, w.key)
+        and shoal.flow_lock(w.queue, w.key, w.task)
+      limit max_rows))
+    returning 1
+  ),
   quiet as (
     select k.queue, k.key, k.task from shoal.flow_keys k
     where (k.held_until is null or k.held_until < now()) and not k.waiting
@@ -738,7 +786,7 @@ language sql volatile as $$
     returning 1
   )
   select ((select count(*) from rewritten) + (select count(*) from emptied)
-          + (select count(*) from forgotten))::integer
+          + (select count(*) from unwaited) + (select count(*) from forgotten))::integer
 $$;
 
 -- Whether shoal.prune_slots has anything to remove: the reaper's cheap check.
@@ -752,7 +800,10 @@ language sql stable as $$
       or exists (select 1 from shoal.flow_keys k
                  where (k.held_until is null or k.held_until < now()) and not k.waiting
                    and k.refilled_at < now() - interval '1 day')
+      or exists (select 1 from shoal.flow_keys k
+                 where k.waiting and not shoal.has_unclaimed(k.queue, k.key))
 $$;
+
 
 -- A fairness key's weight on a queue (1 to 1000; 1 is every key's without a row): under
 -- contention the key starts `weight` jobs for each job of a key of weight 1. Applies to jobs
