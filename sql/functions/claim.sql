@@ -174,6 +174,13 @@ declare
   slot_tags text[] := '{}';
   -- Whether the usual walk's picks stood with no more than their keys' bounds read.
   fast boolean := false;
+  -- The keys whose count is due (their bound grew by 10,000 since the last: THE BOUND), in
+  -- claim order of the arrays: counted after this claim's slot rows are written, under the
+  -- locks the claim holds, so the count is not the long way's.
+  due_queues text[];
+  due_keys text[];
+  due_tasks text[];
+  due_limits integer[];
   checked_tags text[] := '{}';
   scan_from integer := 0;
   scan_size integer;
@@ -459,7 +466,7 @@ begin
         select coalesce(bool_and(
                  not c.rated and (c.held_until is null or c.held_until <= now())
                  and (c.max_running is null
-                      or (c.slots_bound is not null and c.slots_bound - c.slots_counted < 10000
+                      or (c.slots_bound is not null
                           and c.slots_bound + 2 * _limit <= c.max_running))), true) as all_ok,
                count(*) filter (where c.max_running is not null) as limited_keys
         from c
@@ -467,7 +474,8 @@ begin
       -- The keys under a concurrency limit, locked (a CTE that calls a volatile function is
       -- run as written: only these keys are locked, whatever the plan of the update).
       locked as (
-        select c.queue, c.key, c.task, c.n, c.max_running
+        select c.queue, c.key, c.task, c.n, c.max_running,
+               c.slots_bound - c.slots_counted >= 10000 as due
         from c, ok
         where ok.all_ok and c.max_running is not null
           and shoal.flow_lock(c.queue, c.key, c.task)
@@ -481,11 +489,17 @@ begin
       )
       select ok.all_ok and (select count(*) from raised) = ok.limited_keys,
              (select coalesce(array_agg(r.tag), '{}') from raised r),
-             (select sc.tags from sc)
-      into fast, slot_tags, scoped_tasks
+             (select sc.tags from sc),
+             (select array_agg(l.queue) from locked l where l.due),
+             (select array_agg(l.key) from locked l where l.due),
+             (select array_agg(l.task) from locked l where l.due),
+             (select array_agg(l.max_running) from locked l where l.due)
+      into fast, slot_tags, scoped_tasks, due_queues, due_keys, due_tasks, due_limits
       from ok;
     end if;
     if not fast then
+      -- The long way counts what it must itself (shoal.flow_allow).
+      due_queues := null;
       if scoped_tasks is null then
         scoped_tasks := shoal.scoped_tasks(_queues);
       end if;
@@ -911,24 +925,30 @@ begin
         j.attempts, j.max_attempts, j.token, j.key, j.execution_id, j.created_at, j.run_at,
         coalesce(j.concurrency_key, j.fairness_key) as flow_key
     ),
-    bucketed as (
-      select c.queue, c.flow_key, shoal.bucket_task(c.queue, c.task, scoped_tasks) as task,
-             c.id, c.token
-      from claimed c where limited
-    ),
     -- A limited key's jobs hold a slot each, under their new token (the slot rule): one
-    -- row per key for this claim.
+    -- row per key for this claim. (Grouped first, so each key's tag is made once.)
     slotted as (
       insert into shoal.concurrency_slots (queue, key, task, job_ids, tokens)
-      select b.queue, b.flow_key, b.task, array_agg(b.id), array_agg(b.token) from bucketed b
-      where b.queue || E'\n' || b.task || E'\n' || b.flow_key = any(slot_tags)
-      group by b.queue, b.flow_key, b.task
+      select g.queue, g.flow_key, g.task, g.ids, g.tokens
+      from (select c.queue, c.flow_key, shoal.bucket_task(c.queue, c.task, scoped_tasks) as task,
+                   array_agg(c.id) as ids, array_agg(c.token) as tokens
+            from claimed c where limited
+            group by 1, 2, 3) g
+      where g.queue || E'\n' || g.task || E'\n' || g.flow_key = any(slot_tags)
     )
     -- In claim order, so the caller starts them in that order.
     select c.id, c.queue::text, c.task::text, c.payload::jsonb, c.priority, c.fairness_key,
       c.fair_seq, c.attempts, c.max_attempts, c.token, c.key, c.execution_id, c.created_at, c.run_at, false
     from claimed c
     order by c.priority desc, c.fair_seq, c.id;
+
+  if due_queues is not null then
+    -- Counted now (this claim's slot rows included): the rows whose jobs all ended go.
+    perform shoal.flow_count(due_queues, due_keys, due_tasks,
+                             array_fill(true, array[cardinality(due_queues)]), due_limits,
+                             array_fill(0, array[cardinality(due_queues)]),
+                             2 * _limit);
+  end if;
 
   if in_workflow then
     -- An execution starts running when its first job is claimed.

@@ -63,8 +63,10 @@
 -- leaves room, and costs no write per claim. A claim counts only when the
 -- bound is unknown, could reach the limit with what the claim may take, or has grown by
 -- 10,000 since the last count (so a key's dead rows are removed by its own claims even
--- where no reaper runs). Otherwise its slots held are at most the bound, and the limit
--- less the bound is what it may take.
+-- where no reaper runs: then after writing its own slot rows, its picks standing, and not
+-- the long way, which cost a claim of 500 jobs 3 µs a job on average, against 0.6 for the
+-- count alone). Otherwise its slots held are at most the bound, and the limit less the
+-- bound is what it may take. (shoal.flow_count counts.)
 
 -- Pause a queue: consumers stop claiming its jobs at their next claim; running jobs finish,
 -- enqueues and schedules still land. Returns false when it was paused already.
@@ -123,7 +125,7 @@ $$;
 -- its queues ('queue\ntask' each, scoped) once: THE TASK RULE.
 create or replace function shoal.bucket_task(queue text, task text, scoped text[]) returns text
 language sql immutable as $$
-  select case when $1 || E'\n' || $2 = any($3) then $2 else '' end
+  select case when cardinality($3) > 0 and $1 || E'\n' || $2 = any($3) then $2 else '' end
 $$;
 
 -- THE RULES LOCK of a queue (above): its own space of advisory locks (class 1936224621).
@@ -485,6 +487,72 @@ begin
 end
 $$;
 
+-- Count the slots of the buckets i where counted[i] (THE BOUND), each locked by the caller:
+-- each slot row's entries still claimed and those holding a slot; a row none of whose jobs
+-- is still claimed holds nothing now or later and goes (one whose job is past its deadline
+-- but still claimed stays: its worker may extend it). A bucket's bound is then the entries
+-- its rows name, kept only where that leaves room for `want` more under its limit
+-- (limits[i]; stored[i]: its bound before). Returns, for each counted bucket i, the slots
+-- it holds and its bound (null: unknown). One statement for every bucket.
+create or replace function shoal.flow_count(queues text[], keys text[], tasks text[],
+                                            counted boolean[], limits integer[],
+                                            stored integer[], want integer)
+returns table (n bigint, held integer, bound integer)
+language plpgsql volatile
+set plan_cache_mode = force_generic_plan
+as $$
+begin
+  return query
+    with counting as (
+      select x.queue, x.key, x.task, x.n, x.max_running, x.bound as stored
+      from unnest(queues, keys, tasks, counted, limits, stored) with ordinality
+        as x(queue, key, task, counted, max_running, bound, n)
+      where x.counted
+    ),
+    slot_rows as (
+      select s.ctid as row_id, s.queue, s.key, s.task, c.n, cardinality(s.job_ids) as entries,
+             e.claimed, e.held
+      from counting c
+      join shoal.concurrency_slots s on s.queue = c.queue and s.key = c.key and s.task = c.task
+      cross join lateral (
+        select count(*) as claimed, count(*) filter (where j.run_at > now()) as held
+        from unnest(s.job_ids, s.tokens) as u(id, token)
+        join shoal.jobs j on j.id = u.id and j.token = u.token and j.locked_by is not null
+      ) e
+    ),
+    emptied as (
+      delete from shoal.concurrency_slots s using slot_rows r
+      where s.queue = r.queue and s.key = r.key and s.task = r.task and s.ctid = r.row_id
+        and r.claimed = 0
+    ),
+    summed as (
+      select c.queue, c.key, c.task, c.n, c.stored, coalesce(sum(r.held), 0)::integer as held,
+             coalesce(sum(r.entries) filter (where r.claimed > 0), 0)::integer as entries,
+             coalesce(sum(r.entries) filter (where r.claimed > 0), 0) + want
+               <= c.max_running as roomy
+      from counting c
+      left join slot_rows r on r.n = c.n
+      group by c.queue, c.key, c.task, c.n, c.stored, c.max_running
+    ),
+    -- A bound is kept only where it spares the next claim a count. A key near its limit is
+    -- counted by every claim anyway: its bound is made unknown once, and then nothing is
+    -- written for it (a limit that binds writes no row per claim).
+    recorded as (
+      insert into shoal.flow_keys as k (queue, key, task, slots_bound, slots_counted)
+      select c.queue, c.key, c.task, c.entries, c.entries from summed c where c.roomy
+      on conflict (queue, key, task) do update
+      set slots_bound = excluded.slots_bound, slots_counted = excluded.slots_counted
+    ),
+    unknown as (
+      update shoal.flow_keys k set slots_bound = null
+      from summed c
+      where not c.roomy and c.stored is not null and k.queue = c.queue and k.key = c.key
+        and k.task = c.task
+    )
+    select c.n, c.held, case when c.roomy then c.entries end from summed c;
+end
+$$;
+
 -- How many jobs of each bucket (queue, key, task) a claim may take now (the claim, claim.sql
 -- "Flow control", calls it for each bucket it meets; element i of the arrays is one; want: the
 -- most it could take of one key). Only keys under flow control come back: with a
@@ -569,62 +637,11 @@ begin
   ) b on true;
   held := bounds;
   if true = any(counts) then
-    -- Count: each slot row's entries still claimed and those holding a slot; a row none of
-    -- whose jobs is still claimed holds nothing now or later and goes (one whose job is past
-    -- its deadline but still claimed stays: its worker may extend it). The key's bound is
-    -- then the entries its rows name.
-    with counting as (
-      select x.queue, x.key, x.task, x.n, x.max_running, x.bound as stored
-      from unnest(qs, ks, ts, counts, limits, bounds) with ordinality
-        as x(queue, key, task, counted, max_running, bound, n)
-      where x.counted
-    ),
-    slot_rows as (
-      select s.ctid as row_id, s.queue, s.key, s.task, c.n, cardinality(s.job_ids) as entries,
-             e.claimed, e.held
-      from counting c
-      join shoal.concurrency_slots s on s.queue = c.queue and s.key = c.key and s.task = c.task
-      cross join lateral (
-        select count(*) as claimed, count(*) filter (where j.run_at > now()) as held
-        from unnest(s.job_ids, s.tokens) as u(id, token)
-        join shoal.jobs j on j.id = u.id and j.token = u.token and j.locked_by is not null
-      ) e
-    ),
-    emptied as (
-      delete from shoal.concurrency_slots s using slot_rows r
-      where s.queue = r.queue and s.key = r.key and s.task = r.task and s.ctid = r.row_id
-        and r.claimed = 0
-    ),
-    counted as (
-      select c.queue, c.key, c.task, c.n, c.stored, coalesce(sum(r.held), 0)::integer as held,
-             coalesce(sum(r.entries) filter (where r.claimed > 0), 0)::integer as entries,
-             coalesce(sum(r.entries) filter (where r.claimed > 0), 0) + want
-               <= c.max_running as roomy
-      from counting c
-      left join slot_rows r on r.n = c.n
-      group by c.queue, c.key, c.task, c.n, c.stored, c.max_running
-    ),
-    -- A bound is kept only where it spares the next claim a count. A key near its limit is
-    -- counted by every claim anyway: its bound is made unknown once, and then nothing is
-    -- written for it (a limit that binds writes no row per claim).
-    recorded as (
-      insert into shoal.flow_keys as k (queue, key, task, slots_bound, slots_counted)
-      select c.queue, c.key, c.task, c.entries, c.entries from counted c where c.roomy
-      on conflict (queue, key, task) do update
-      set slots_bound = excluded.slots_bound, slots_counted = excluded.slots_counted
-    ),
-    unknown as (
-      update shoal.flow_keys k set slots_bound = null
-      from counted c
-      where not c.roomy and c.stored is not null and k.queue = c.queue and k.key = c.key
-        and k.task = c.task
-    )
     select array_agg(coalesce(c.held, x.bound) order by x.n),
-           array_agg(case when c.n is null then x.bound when c.roomy then c.entries end
-                     order by x.n)
+           array_agg(case when c.n is null then x.bound else c.bound end order by x.n)
     into held, bounds
     from unnest(bounds) with ordinality as x(bound, n)
-    left join counted c on c.n = x.n;
+    left join shoal.flow_count(qs, ks, ts, counts, limits, bounds, want) c on c.n = x.n;
   end if;
   return query
     select x.queue, x.key, x.task,
