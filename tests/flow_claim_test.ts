@@ -553,3 +553,28 @@ Deno.test("the reaper's prune clears the waiting flag of a key with no job left 
   await db.sql`select shoal.prune_slots()`;
   assertEquals(await flag(), false);
 });
+
+Deno.test("a key due a count by its 10,000 entries keeps its picks, and is counted after the claim writes its slot row", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 100000)`;
+  await enqueueKeys(db.sql, { a: 50 });
+  for (let i = 0; i < 3; i++) await ack(db.sql, await claimJobs(db.sql, 10));
+  const running = await claimJobs(db.sql, 10);
+  const state = async () => {
+    const [row] = await db.sql<[{ bound: number | null; counted: number; rows: number }]>`
+      select k.slots_bound as bound, k.slots_counted as counted,
+             (select count(*)::integer from shoal.concurrency_slots) as rows
+      from shoal.flow_keys k where k.queue = ${Q} and k.key = 'a'`;
+    return row;
+  };
+  assertEquals(await state(), { bound: 40, counted: 0, rows: 4 });
+  // As if 10,000 entries were added since the last count: the next claim counts.
+  await db.sql`update shoal.flow_keys set slots_bound = 10040, slots_counted = 40
+               where queue = ${Q} and key = 'a'`;
+  const picked = await claimJobs(db.sql, 10);
+  assertEquals(picked.length, 10);
+  // The three rows whose jobs ended went; the running claim's row and this one's are left.
+  assertEquals(await state(), { bound: 20, counted: 20, rows: 2 });
+  assertEquals((await db.sql`select shoal.slots_held(${Q}, 'a') as n`)[0]!.n, 20);
+  await ack(db.sql, [...running, ...picked]);
+});
