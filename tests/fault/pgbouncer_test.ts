@@ -167,18 +167,33 @@ async function jobsOf(sql: Sql, queue: string): Promise<{ n: number; claimed: nu
   return row!;
 }
 
-Deno.test("behind PgBouncer in transaction mode, consumers keep a concurrency limit and a pause", async () => {
+Deno.test("behind PgBouncer in transaction mode, consumers keep a concurrency limit, a task's own and a pause", async () => {
   await using db = await testDb();
   await using bouncer = await startPgBouncer(db.url);
   await createRunsTable(db.sql);
-  await installClaimAudit(db.sql);
-  const limit = 2;
-  await db.sql`select shoal.set_concurrency_limit('flow', ${limit})`;
+  // Runs are keyed "task/key": test.record_export has a limit of its own (1 per key).
+  await installClaimAudit(db.sql, true);
+  await db.sql`select shoal.set_concurrency_limit('flow', 2)`;
+  await db.sql`select shoal.set_concurrency_limit('flow', 1, task => 'test.record_export')`;
+  const limits: Record<string, number> = {
+    "test.record/a": 2,
+    "test.record/b": 2,
+    "test.record_export/a": 1,
+    "test.record_export/b": 1,
+  };
   await db.sql`select shoal.pause_queue('held')`;
   const jobs: JobSpec[] = [];
   for (let i = 0; i < 12; i++) {
     for (const key of ["a", "b"]) {
       jobs.push({ task: "test.record", queue: "flow", fairnessKey: key, payload: { ms: 150 } });
+      if (i < 6) {
+        jobs.push({
+          task: "test.record_export",
+          queue: "flow",
+          fairnessKey: key,
+          payload: { ms: 150 },
+        });
+      }
     }
   }
   for (let i = 0; i < 6; i++) jobs.push({ task: "test.record", queue: "held", payload: { ms: 0 } });
@@ -229,9 +244,10 @@ Deno.test("behind PgBouncer in transaction mode, consumers keep a concurrency li
   const pids = runs.map((r) => r.pid);
   assertEquals(new Set(pids).size, 2, `one consumer ran every job: ${pids.join(",")}`);
   for (const [key, keyRuns] of byKey(runs)) {
+    const limit = limits[key]!;
     const o = overlapOf(keyRuns);
     figure(
-      `[fault] through PgBouncer, key ${key} (limit ${limit}): at most ${o.max} at once, ` +
+      `[fault] through PgBouncer, ${key} (limit ${limit}): at most ${o.max} at once, ` +
         `${o.mean.toFixed(2)} on average over ${o.windowMs.toFixed(0)} ms while jobs waited`,
     );
     assert(o.max <= limit, `key ${key} ran ${o.max} jobs at once over its limit of ${limit}`);
