@@ -578,3 +578,38 @@ Deno.test("a key due a count by its 10,000 entries keeps its picks, and is count
   assertEquals((await db.sql`select shoal.slots_held(${Q}, 'a') as n`)[0]!.n, 20);
   await ack(db.sql, [...running, ...picked]);
 });
+
+Deno.test("a paused task's backlog longer than a claim reads does not hold back the queue's lower priorities", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 0, task => 'export')`;
+  await enqueueMany(
+    db.sql,
+    Array.from({ length: 3000 }, (_, i) => ({
+      task: "export",
+      queue: Q,
+      fairnessKey: `k${i % 50}`,
+      payload: {},
+    })),
+  );
+  await enqueueMany(
+    db.sql,
+    Array.from({ length: 5 }, () => ({ task: "t", queue: Q, priority: -1, payload: {} })),
+  );
+  assertEquals(byTaskKey(await claimJobs(db.sql, 10)), { "t/": 5 });
+});
+
+Deno.test("the reaper's prune clears the waiting flag of a queue's bucket whose jobs moved to a task's own", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1)`;
+  await enqueueTask(db.sql, "t", ["a"], 5);
+  assertEquals((await claimJobs(db.sql, 10)).length, 1);
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 2, task => 't')`;
+  assertEquals((await claimJobs(db.sql, 10)).length, 1);
+  const flags = async () =>
+    await db.sql<{ task: string; waiting: boolean }[]>`
+      select task, waiting from shoal.flow_keys where queue = ${Q} and key = 'a' order by task`;
+  assertEquals((await flags()).map((r) => [r.task, r.waiting]), [["", true], ["t", true]]);
+  await db.sql`select shoal.prune_slots()`;
+  // The task's bucket still has jobs waiting; the queue's has none left.
+  assertEquals((await flags()).map((r) => [r.task, r.waiting]), [["", false], ["t", true]]);
+});

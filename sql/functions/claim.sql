@@ -794,11 +794,13 @@ begin
         end if;
         scan_read := scan_read + cand.n;
         exit when scan_read >= flow_scan;
-        if got.ids is null and cand.low > -32768 and cardinality(scoped_tasks) = 0 then
+        if got.ids is null and cand.low > -32768
+           and (cardinality(scoped_tasks) = 0 or scan_from + cand.n >= flow_scan / 2) then
           -- Nothing fit: the rest of this window's lowest priority is full keys' backlog (at
           -- one priority, keys interleave by their stamps, so another key's jobs lie near its
-          -- head): look below it. Not where a task has limits of its own: a key's jobs of
-          -- another bucket may lie right behind its full bucket's backlog, unstamped apart.
+          -- head): look below it. Where a task has limits of its own, a key's jobs of another
+          -- bucket may lie right behind its full bucket's backlog (not stamped apart): only
+          -- once half of flow_scan was read from this band's top.
           band_top := cand.low - 1;
           scan_from := 0;
           scan_size := greatest(_limit * 2, 64);

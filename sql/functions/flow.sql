@@ -727,15 +727,18 @@ begin
 end
 $$;
 
--- Whether a queue has an unclaimed job (ready or not) whose flow key is `key`: through the
--- concurrency key's index, then the fairness key's.
-create or replace function shoal.has_unclaimed(queue text, key text) returns boolean
+-- Whether a bucket (queue, key, task) has an unclaimed job (ready or not): a job of the
+-- queue whose flow key is `key` and whose bucket's task is `task` (THE TASK RULE), found
+-- through the concurrency key's index, then the fairness key's.
+drop function if exists shoal.has_unclaimed(text, text);
+create or replace function shoal.has_unclaimed(queue text, key text, task text) returns boolean
 language sql stable as $$
   select exists (select 1 from shoal.jobs j
-                 where j.queue = $1 and j.concurrency_key = $2 and j.locked_by is null)
+                 where j.queue = $1 and j.concurrency_key = $2 and j.locked_by is null
+                   and shoal.flow_scope(j.queue, j.task) = $3)
       or exists (select 1 from shoal.jobs j
                  where j.queue = $1 and j.fairness_key = $2 and j.concurrency_key is null
-                   and j.locked_by is null)
+                   and j.locked_by is null and shoal.flow_scope(j.queue, j.task) = $3)
 $$;
 
 -- Flow control's leftovers (the reaper's housekeeping; a claim that counts a key removes its
@@ -784,12 +787,16 @@ language sql volatile as $$
   ),
   -- A key marked waiting with no job of it left unclaimed (its waiting jobs cancelled, or
   -- counted in a task's own buckets since): it would keep its queue's claims windowed.
+  -- (The key's lock only once it is known to have nothing waiting: offset 0 keeps the
+  -- check first.)
   unwaited as (
     update shoal.flow_keys k set waiting = false
     where k.ctid = any(array(
-      select w.ctid from shoal.flow_keys w
-      where w.waiting and not shoal.has_unclaimed(w.queue, w.key)
-        and shoal.flow_lock(w.queue, w.key, w.task)
+      select w.ctid
+      from (select w.ctid, w.queue, w.key, w.task from shoal.flow_keys w
+            where w.waiting and not shoal.has_unclaimed(w.queue, w.key, w.task)
+            offset 0) w
+      where shoal.flow_lock(w.queue, w.key, w.task)
       limit max_rows))
     returning 1
   ),
@@ -822,7 +829,7 @@ language sql stable as $$
                  where (k.held_until is null or k.held_until < now()) and not k.waiting
                    and k.refilled_at < now() - interval '1 day')
       or exists (select 1 from shoal.flow_keys k
-                 where k.waiting and not shoal.has_unclaimed(k.queue, k.key))
+                 where k.waiting and not shoal.has_unclaimed(k.queue, k.key, k.task))
 $$;
 
 
