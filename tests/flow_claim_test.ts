@@ -613,3 +613,26 @@ Deno.test("the reaper's prune clears the waiting flag of a queue's bucket whose 
   // The task's bucket still has jobs waiting; the queue's has none left.
   assertEquals((await flags()).map((r) => [r.task, r.waiting]), [["", false], ["t", true]]);
 });
+
+Deno.test("a change of a queue's limits gives up after 5 s behind a claim held open, with one clear error, and claims go on", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 5)`;
+  await enqueueKeys(db.sql, { a: 10 });
+  const reserved = await db.sql.reserve();
+  try {
+    await reserved`begin`;
+    assertEquals((await claimJobs(reserved as unknown as Sql, 1)).length, 1);
+    const started = Date.now();
+    const error = await db.sql`select shoal.set_concurrency_limit(${Q}, 6)`.then(
+      () => null,
+      (e: Error) => e,
+    );
+    const waited = Date.now() - started;
+    assert(error && /Cannot change the limits of queue "flow"/.test(error.message), String(error));
+    assert(waited >= 4500 && waited < 15_000, `waited ${waited} ms`);
+    await reserved`commit`;
+  } finally {
+    reserved.release();
+  }
+  assertEquals((await claimJobs(db.sql, 10)).length, 4);
+});

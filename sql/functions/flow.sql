@@ -134,9 +134,21 @@ language sql volatile as $$
   select pg_try_advisory_xact_lock_shared(1936224621, hashtext($1))
 $$;
 
+-- The exclusive lock waits at most 5 s: while it waits, new claims of the queue are refused
+-- (they queue behind it), so a claim held open in a long transaction must not stall the
+-- queue for longer than that. The caller's lock_timeout is restored after.
 create or replace function shoal.flow_rules_lock(queue text) returns void
-language sql volatile as $$
-  select pg_advisory_xact_lock(1936224621, hashtext($1))
+language plpgsql volatile as $$
+declare
+  before text := current_setting('lock_timeout');
+begin
+  perform set_config('lock_timeout', '5s', true);
+  perform pg_advisory_xact_lock(1936224621, hashtext(queue));
+  perform set_config('lock_timeout', before, true);
+exception when lock_not_available then
+  raise exception 'Cannot change the limits of queue "%": a claim of it stayed in flight for 5 s (a claim inside a long transaction?)',
+    queue using errcode = '55P03';
+end
 $$;
 
 -- The tasks with limits of their own on these queues, 'queue\ntask' each (THE TASK RULE;
