@@ -385,7 +385,7 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: ({ sql }) => shoal.clearConcurrencyLimit(sql, x({ queue: "q", keys: ["a"] })),
     error: TypeError,
     message:
-      'Invalid options for clearConcurrencyLimit(): unknown option "keys" (known: queue, key)',
+      'Invalid options for clearConcurrencyLimit(): unknown option "keys" (known: queue, key, task)',
   }],
   setRateLimit: [{
     call: ({ sql }) => shoal.setRateLimit(sql, { queue: "q", maxStarts: 1, periodMs: x(null) }),
@@ -396,12 +396,13 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: ({ sql }) => shoal.setRateLimit(sql, x({ queue: "q", max: 1, periodMs: 1000 })),
     error: TypeError,
     message:
-      'Invalid options for setRateLimit(): unknown option "max" (known: queue, maxStarts, periodMs, key)',
+      'Invalid options for setRateLimit(): unknown option "max" (known: queue, maxStarts, periodMs, key, task)',
   }],
   clearRateLimit: [{
     call: ({ sql }) => shoal.clearRateLimit(sql, x({ queue: "q", keys: ["a"] })),
     error: TypeError,
-    message: 'Invalid options for clearRateLimit(): unknown option "keys" (known: queue, key)',
+    message:
+      'Invalid options for clearRateLimit(): unknown option "keys" (known: queue, key, task)',
   }],
   holdKey: [{
     call: ({ sql }) => shoal.holdKey(sql, { queue: "q", key: "a", forMs: 86_400_001 }),

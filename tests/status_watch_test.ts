@@ -170,7 +170,7 @@ Deno.test("shoal status --watch --json prints one JSON line per interval until S
   assertEquals(lines[1].queues[0].queue, "watched");
   assertEquals(lines[1].flow, {
     paused: [],
-    limits: [{ queue: "watched", key: null, max_running: 3, slots_held: 0 }],
+    limits: [{ queue: "watched", task: null, key: null, max_running: 3, slots_held: 0 }],
     rate_limits: [],
     holds: [],
     weights: [],
