@@ -142,17 +142,20 @@ Deno.test("concurrent claims near a high limit never exceed it, whether they cou
   assertEquals(row.n, 60);
 });
 
+/** Key a's bound, the bound at its last count, and how many slot rows there are. */
+async function boundOfA(sql: Sql) {
+  const [row] = await sql<[{ bound: number | null; counted: number; rows: number }]>`
+    select k.slots_bound as bound, k.slots_counted as counted,
+           (select count(*)::integer from shoal.concurrency_slots) as rows
+    from shoal.flow_keys k where k.queue = ${Q} and k.key = 'a'`;
+  return row;
+}
+
 Deno.test("a limit that cannot bind costs one slot row per claim and key and a raised bound; a count removes emptied rows", async () => {
   await using db = await testDb();
   await db.sql`select shoal.set_concurrency_limit(${Q}, 100)`;
   await enqueueKeys(db.sql, { a: 60 });
-  const bound = async () => {
-    const [row] = await db.sql<[{ bound: number | null; counted: number; rows: number }]>`
-      select k.slots_bound as bound, k.slots_counted as counted,
-             (select count(*)::integer from shoal.concurrency_slots) as rows
-      from shoal.flow_keys k where k.queue = ${Q} and k.key = 'a'`;
-    return row;
-  };
+  const bound = () => boundOfA(db.sql);
   // The first claim of the key counts (its bound was unknown); the next ones raise it.
   const first = await claimJobs(db.sql, 10);
   assertEquals(first.length, 10);
@@ -560,13 +563,7 @@ Deno.test("a key due a count by its 10,000 entries keeps its picks, and is count
   await enqueueKeys(db.sql, { a: 50 });
   for (let i = 0; i < 3; i++) await ack(db.sql, await claimJobs(db.sql, 10));
   const running = await claimJobs(db.sql, 10);
-  const state = async () => {
-    const [row] = await db.sql<[{ bound: number | null; counted: number; rows: number }]>`
-      select k.slots_bound as bound, k.slots_counted as counted,
-             (select count(*)::integer from shoal.concurrency_slots) as rows
-      from shoal.flow_keys k where k.queue = ${Q} and k.key = 'a'`;
-    return row;
-  };
+  const state = () => boundOfA(db.sql);
   assertEquals(await state(), { bound: 40, counted: 0, rows: 4 });
   // As if 10,000 entries were added since the last count: the next claim counts.
   await db.sql`update shoal.flow_keys set slots_bound = 10040, slots_counted = 40
