@@ -109,18 +109,6 @@ begin
 end
 $$;
 
--- The task of the bucket a job of `task` on `queue` counts in (THE TASK RULE): the task when
--- a limit of the queue names it, else ''.
-create or replace function shoal.flow_scope(queue text, task text) returns text
-language sql stable as $$
-  select case when $2 <> ''
-               and (exists (select 1 from shoal.concurrency_limits l
-                            where l.queue = $1 and l.task = $2)
-                    or exists (select 1 from shoal.rate_limits l
-                               where l.queue = $1 and l.task = $2))
-              then $2 else '' end
-$$;
-
 -- The task of a job's bucket in a claim, which read the tasks with limits of their own on
 -- its queues ('queue\ntask' each, scoped) once: THE TASK RULE.
 create or replace function shoal.bucket_task(queue text, task text, scoped text[]) returns text
@@ -165,6 +153,14 @@ begin
                 select l.queue || E'\n' || l.task from shoal.rate_limits l
                 where l.queue = any(queues) and l.task <> '') t);
 end
+$$;
+
+-- The task of the bucket a job of `task` on `queue` counts in (THE TASK RULE): the task when
+-- a limit of the queue names it, else ''. (The claim reads scoped_tasks once for all its
+-- jobs; this is the same rule for one.)
+create or replace function shoal.flow_scope(queue text, task text) returns text
+language sql stable as $$
+  select shoal.bucket_task($1, coalesce($2, ''), shoal.scoped_tasks(array[$1]))
 $$;
 
 -- The claim's lock on a bucket (queue, key, task), held to the end of its transaction; false
