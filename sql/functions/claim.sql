@@ -438,7 +438,8 @@ begin
       -- meanwhile, sends the claim the long way: a raise already made only overstates the
       -- bound). One statement, where the long way takes a dozen.
       with sc as (
-        select shoal.scoped_tasks(_queues) as tags
+        select coalesce(array_agg(t.tag), '{}') as tags
+        from shoal.scoped_task_tags t where t.queue = any(_queues)
       ),
       k as (
         select b.queue, b.key, b.task, count(*)::integer as n
@@ -485,17 +486,23 @@ begin
         from locked l
         where f.queue = l.queue and f.key = l.key and f.task = l.task
           and f.slots_bound + 2 * _limit <= l.max_running
-        returning f.queue || E'\n' || f.task || E'\n' || f.key as tag
+        returning f.queue, f.key, f.task, l.due, l.max_running
+      ),
+      -- Everything read back in one aggregate (each scalar subquery is a plan node of its
+      -- own, started on every claim).
+      r as (
+        select count(*) as n,
+               coalesce(array_agg(r.queue || E'\n' || r.task || E'\n' || r.key), '{}') as tags,
+               array_agg(r.queue) filter (where r.due) as due_queues,
+               array_agg(r.key) filter (where r.due) as due_keys,
+               array_agg(r.task) filter (where r.due) as due_tasks,
+               array_agg(r.max_running) filter (where r.due) as due_limits
+        from raised r
       )
-      select ok.all_ok and (select count(*) from raised) = ok.limited_keys,
-             (select coalesce(array_agg(r.tag), '{}') from raised r),
-             (select sc.tags from sc),
-             (select array_agg(l.queue) from locked l where l.due),
-             (select array_agg(l.key) from locked l where l.due),
-             (select array_agg(l.task) from locked l where l.due),
-             (select array_agg(l.max_running) from locked l where l.due)
+      select ok.all_ok and r.n = ok.limited_keys, r.tags, sc.tags,
+             r.due_queues, r.due_keys, r.due_tasks, r.due_limits
       into fast, slot_tags, scoped_tasks, due_queues, due_keys, due_tasks, due_limits
-      from ok;
+      from ok, r, sc;
     end if;
     if not fast then
       -- The long way counts what it must itself (shoal.flow_allow).
