@@ -39,6 +39,8 @@ export function Layout(props: PropsWithChildren<LayoutProps>): View {
         }
         <meta name="htmx-config" content='{"includeIndicatorStyles":false}' />
         <title>{props.title} · shoal</title>
+        {/* No icon to fetch: a browser's /favicon.ico request would be a 404 in its console. */}
+        <link rel="icon" href="data:," />
         <link rel="stylesheet" href="/assets/uPlot.min.css" />
         <link rel="stylesheet" href="/assets/dashboard.css" />
         <script src="/assets/htmx.min.js"></script>
