@@ -17,7 +17,10 @@ import { getDead, listDeadPage } from "../lib/dead.ts";
 import { getExecution } from "../lib/execution.ts";
 import { flowStatus } from "../lib/flow.ts";
 import { listSchedules } from "../lib/schedule.ts";
-import { enqueue } from "../lib/queue.ts";
+import { enqueue, enqueueMany } from "../lib/queue.ts";
+import { defineTask } from "../lib/tasks.ts";
+import { startConsumer } from "./helpers.ts";
+import type { Sql } from "../lib/db.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const CHROMIUM_ARGS = [
@@ -202,6 +205,7 @@ Deno.test({
       assertEquals(ran.queue, "reports");
 
       assertEquals(problems, [], "browser problems");
+      if (SCREENSHOTS) await overviewWithTraffic(page, db.sql, SCREENSHOTS);
     } finally {
       await browser.close();
       await server.close();
@@ -213,3 +217,36 @@ Deno.test({
     );
   },
 });
+
+/**
+ * The overview screenshot, with work going on: a consumer runs jobs of queue "traffic" (one
+ * in ten fails for good) while more arrive, so the chart has something to draw.
+ */
+async function overviewWithTraffic(page: Page, sql: Sql, dir: URL): Promise<void> {
+  const work = defineTask<{ i: number }>({
+    name: "traffic.work",
+    queue: "traffic",
+    maxAttempts: 1,
+    handler: (payload) => {
+      if (payload.i % 10 === 0) throw new Error("one in ten fails");
+    },
+  });
+  const consumer = startConsumer(sql, [work], { queues: ["traffic"], concurrency: 8 });
+  try {
+    await page.goto(`${page.url().split("/").slice(0, 3).join("/")}/`);
+    for (let round = 0; round < 16; round++) {
+      await enqueueMany(
+        sql,
+        Array.from({ length: 40 + 10 * (round % 4) }, (_, i) => ({
+          task: "traffic.work",
+          queue: "traffic",
+          payload: { i },
+        })),
+      );
+      await page.waitForTimeout(500);
+    }
+    await page.screenshot({ path: new URL("overview.png", dir).pathname, fullPage: true });
+  } finally {
+    await consumer.stop();
+  }
+}

@@ -256,8 +256,10 @@ export function createDashboard(options: DashboardOptions): Dashboard {
         )}
         <h2>Throughput, all queues</h2>
         <p>
-          Now: {last ? `${last.completedPerS}/s completed, ${last.deadPerS}/s dead-lettered` : "-"}
-          · failure rate over the last minutes: <strong id="failure-rate">{failure}</strong>
+          {`Now: ${
+            last ? `${last.completedPerS}/s completed, ${last.deadPerS}/s dead-lettered` : "-"
+          }; failure rate over the last minutes: `}
+          <strong id="failure-rate">{failure}</strong>
         </p>
         <div class="chart" data-chart={JSON.stringify(chart)}></div>
         <p class="muted">
