@@ -282,3 +282,24 @@ export async function retryDeadMatching(
   }
   return counts;
 }
+
+/** Most dead jobs deadByQueueSince() reads: past this, a queue's figure is a lower bound. */
+export const RECENT_DEAD_CAP = 100_000;
+
+/**
+ * Dead jobs per queue that died within the last `withinMs` on the database clock (the
+ * overview's recent failures per queue), read along the died_at index and capped at
+ * {@link RECENT_DEAD_CAP} rows so a failure storm cannot make the page slow.
+ */
+export async function deadByQueueWithin(db: Db, withinMs: number): Promise<Map<string, number>> {
+  checkDb("deadByQueueWithin", db);
+  checkInteger("deadByQueueWithin", "withinMs", withinMs, { min: 0, max: MAX_SPAN_MS });
+  const rows = await db<{ queue: string; n: number }[]>`
+    select queue, count(*)::integer as n from (
+      select queue from shoal.dead_jobs
+      where died_at >= now() - ${withinMs}::bigint * interval '1 ms' 
+      order by died_at desc limit ${RECENT_DEAD_CAP}::integer
+    ) recent
+    group by queue`;
+  return new Map(rows.map((r) => [r.queue, r.n]));
+}

@@ -32,7 +32,7 @@ import { loadPromClient, Metrics } from "../lib/metrics.ts";
 import { dashboardFor } from "../lib/dashboard/server.ts";
 import { enqueue, listJobs } from "../lib/queue.ts";
 import { flowStatus } from "../lib/flow.ts";
-import { listDeadPage } from "../lib/dead.ts";
+import { deadByQueueWithin, listDeadPage } from "../lib/dead.ts";
 import type { Db } from "../lib/db.ts";
 
 await loadPromClient();
@@ -367,4 +367,17 @@ Deno.test("shoal dashboard on 0.0.0.0 with a token asks for it, serves with it, 
   proc.kill("SIGTERM");
   const { code, output } = await exitWithin(proc, 20_000);
   assertEquals(code, 0, output);
+});
+
+Deno.test("deadByQueueWithin() counts each queue's recent dead jobs on the database clock", async () => {
+  await using db = await testDb();
+  await seedDashboard(db.sql);
+  const recent = await deadByQueueWithin(db.sql, 300_000);
+  assertEquals([...recent.entries()].sort(), [["bill", 1], ["mail", 2]]);
+  await db.sql`update shoal.dead_jobs set died_at = now() - interval '10 minutes'
+               where queue = 'mail'`;
+  assertEquals([...(await deadByQueueWithin(db.sql, 300_000)).entries()], [["bill", 1]]);
+  const page = await call(open(db.sql), "/overview/live");
+  assertEquals(page.status, 200);
+  assert(page.body.includes("dead, last 5 min"), page.body);
 });

@@ -25,7 +25,14 @@ import { describeError, logger } from "../log.ts";
 import { queueStatus } from "../status.ts";
 import { flowStatus, pauseQueue, resumeQueue } from "../flow.ts";
 import { getJob, listJobs, LIVE_JOB_STATES, type LiveJobState } from "../queue.ts";
-import { getDead, listDeadPage, purgeDead, retryDead, retryDeadMatching } from "../dead.ts";
+import {
+  deadByQueueWithin,
+  getDead,
+  listDeadPage,
+  purgeDead,
+  retryDead,
+  retryDeadMatching,
+} from "../dead.ts";
 import {
   cancelExecution,
   EXECUTION_STATUSES,
@@ -75,6 +82,9 @@ export interface DashboardOptions {
 export interface Dashboard {
   fetch(request: Request): Promise<Response>;
 }
+
+/** The overview's "dead, last 5 min" column: recent failures per queue. */
+const RECENT_DEAD_MS = 5 * 60_000;
 
 /** How often the live parts reload themselves (the issue asks for at most 2 s). */
 export const LIVE_EVERY = "every 2s";
@@ -193,6 +203,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
   const overview = async () => {
     await history.sample(db);
     const [queues, flow] = [await queueStatus(db), await flowStatus(db)];
+    const recentDead = await deadByQueueWithin(db, RECENT_DEAD_MS);
     const paused = new Set(flow.paused.map((p) => p.queue));
     const listed = new Set(queues.map((q) => q.queue));
     const points = history.points();
@@ -218,11 +229,12 @@ export function createDashboard(options: DashboardOptions): Dashboard {
             "running",
             "prefetched",
             "dead",
+            "dead, last 5 min",
             "oldest ready",
             "state",
             "",
           ]}
-          numeric={[1, 2, 3, 4, 5, 6]}
+          numeric={[1, 2, 3, 4, 5, 6, 7]}
           empty="No queues yet: nothing has been enqueued."
           rows={[
             ...queues.map((q) => [
@@ -232,12 +244,14 @@ export function createDashboard(options: DashboardOptions): Dashboard {
               count(q.running, q.exact),
               count(q.prefetched, q.exact),
               <a href={`/dead?queue=${encodeURIComponent(q.queue)}`}>{count(q.dead, q.exact)}</a>,
+              count(recentDead.get(q.queue) ?? 0),
               q.ready > 0 ? age(q.oldest_ready_age_s) : "-",
               paused.has(q.queue) ? <span class="paused">paused</span> : "active",
               readOnly ? "" : <PauseButton queue={q.queue} paused={paused.has(q.queue)} back="/" />,
             ]),
             ...[...paused].filter((q) => !listed.has(q)).map((q) => [
               q,
+              "0",
               "0",
               "0",
               "0",
