@@ -85,7 +85,6 @@ import {
   watchStatus,
 } from "./status.ts";
 import { builtinTasks } from "./builtin_tasks.ts";
-import { DashboardServer } from "./dashboard/server.ts";
 import { accessFromEnv, bindRefusal } from "./dashboard/guard.ts";
 import type { ListenAddress } from "./http_server.ts";
 import { type AnyTask, checkTask, TaskRegistry } from "./tasks.ts";
@@ -1110,6 +1109,8 @@ async function dashboardCommand(parsed: ParsedArgs): Promise<number> {
     },
   }, async (sql, opts) =>
     await untilStopped(async (stop) => {
+      // On demand, as in roles.ts startHttp: other commands never load Hono and the assets.
+      const { DashboardServer } = await import("./dashboard/server.ts");
       const server = new DashboardServer(sql, address!, { readOnly: opts["read-only"] });
       try {
         await new Promise<void>((resolve) => {

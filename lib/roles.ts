@@ -18,7 +18,6 @@
 import { type ConsumerOptions, longestConsumerTurnMs, runConsumer } from "./consumer.ts";
 import { type Sql, tolerateDriverWriteAfterClose } from "./db.ts";
 import { HttpServer } from "./http_server.ts";
-import { dashboardFor } from "./dashboard/server.ts";
 import { longestLeaderTurnMs } from "./leader.ts";
 import type { LoopWatch } from "./liveness.ts";
 import { logger } from "./log.ts";
@@ -132,6 +131,9 @@ export async function startHttp(
 ): Promise<HttpServer | null> {
   if (address === undefined) return null;
   const listen = parseListenAddress(address);
+  // Loaded on demand, as prom-client is: a process without --http never loads Hono and the
+  // browser assets (idle memory).
+  const { dashboardFor } = await import("./dashboard/server.ts");
   const dashboard = dashboardFor(sql, listen.hostname, { readOnly: options.readOnly ?? false });
   return new HttpServer(listen, {
     sql,

@@ -20,6 +20,7 @@
  * @module
  */
 import { type Context, Hono } from "hono";
+import type { PropsWithChildren } from "hono/jsx";
 import type { Db } from "../db.ts";
 import { describeError, logger } from "../log.ts";
 import { queueStatus } from "../status.ts";
@@ -67,6 +68,7 @@ import {
   Progress,
   shownJson,
   Table,
+  type View,
   when,
 } from "./views.tsx";
 
@@ -864,31 +866,35 @@ function formText(form: Record<string, unknown>, name: string): string | undefin
   return typeof value === "string" ? value : undefined;
 }
 
-const FilterField = (props: { name: string; value: string | undefined }) => (
-  <label>
-    {props.name.replace("_", " ")}
-    <input type="text" name={props.name} value={props.value ?? ""} />
-  </label>
-);
+function FilterField(props: { name: string; value: string | undefined }): View {
+  return (
+    <label>
+      {props.name.replace("_", " ")}
+      <input type="text" name={props.name} value={props.value ?? ""} />
+    </label>
+  );
+}
 
-const PauseButton = (props: { queue: string; paused: boolean; back: string }) => (
-  <Action
-    action={`/queues/${props.queue}/${props.paused ? "resume" : "pause"}`}
-    label={props.paused ? "Resume" : "Pause"}
-    fields={{ back: props.back }}
-  />
-);
+function PauseButton(props: { queue: string; paused: boolean; back: string }): View {
+  return (
+    <Action
+      action={`/queues/${props.queue}/${props.paused ? "resume" : "pause"}`}
+      label={props.paused ? "Resume" : "Pause"}
+      fields={{ back: props.back }}
+    />
+  );
+}
 
 /** An execution's live part: polls while the execution is open. */
-const LiveExecution = (
-  props: { id: string; open: boolean; children?: unknown },
-) => (
-  <div
-    id="execution"
-    hx-get={props.open ? `/executions/${props.id}/live` : undefined}
-    hx-trigger={props.open ? LIVE_EVERY : undefined}
-    hx-swap={props.open ? "outerHTML" : undefined}
-  >
-    {props.children as never}
-  </div>
-);
+function LiveExecution(props: PropsWithChildren<{ id: string; open: boolean }>): View {
+  return (
+    <div
+      id="execution"
+      hx-get={props.open ? `/executions/${props.id}/live` : undefined}
+      hx-trigger={props.open ? LIVE_EVERY : undefined}
+      hx-swap={props.open ? "outerHTML" : undefined}
+    >
+      {props.children}
+    </div>
+  );
+}
