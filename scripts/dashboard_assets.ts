@@ -9,6 +9,10 @@
  * a copy, so tests/dashboard_test.ts regenerates it and fails when it differs from the
  * packages: bump a version in deno.json, then run `deno task dashboard:assets`.
  *
+ * htmx is pinned to 2.0.11, not 4.x: htmx 4 swaps error responses by default and no longer
+ * inherits attributes unless told to, and the pages only need 2.x's polling (`hx-trigger="every
+ * 2s"`), which is the line they are written and tested against.
+ *
  * @module
  */
 
