@@ -43,8 +43,11 @@ const METRICS: Metric[] = [
   { key: "scrape_ms", unit: "ms", better: "lower" },
 ];
 
-/** Fill shoal.jobs with `total` jobs in one statement (see the module's description). */
-async function load(sql: Sql, total: number): Promise<void> {
+/**
+ * Fill shoal.jobs with `total` jobs in one statement (see the module's description); also the
+ * table bench/dashboard_pages.ts renders the dashboard over.
+ */
+export async function load(sql: Sql, total: number): Promise<void> {
   const bulk = total - RARE_JOBS;
   await sql`
     insert into shoal.jobs (queue, task, payload, priority, fairness_key, fair_seq, run_at,

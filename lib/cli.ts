@@ -10,12 +10,14 @@ import { checkArray, checkOptions, checkStringList, refusal } from "./args.ts";
 import {
   COMMON,
   CONSUMER,
+  DEFAULT_HTTP,
   LEADER,
   type OptionName,
   OPTIONS,
   type Options,
   parseCommandLine,
   type ParsedArgs,
+  parseListenAddress,
   resolveOptions,
   UsageError,
 } from "./config.ts";
@@ -83,6 +85,8 @@ import {
   watchStatus,
 } from "./status.ts";
 import { builtinTasks } from "./builtin_tasks.ts";
+import { accessFromEnv, bindRefusal } from "./dashboard/guard.ts";
+import type { ListenAddress } from "./http_server.ts";
 import { type AnyTask, checkTask, TaskRegistry } from "./tasks.ts";
 import { httpTask } from "./http_task.ts";
 import { sqlTask } from "./sql_task.ts";
@@ -109,7 +113,9 @@ Usage:
   shoal limit set QUEUE N [--key K] [--task T] | clear QUEUE [--key K] [--task T] | list [--json]
   shoal limit rate QUEUE N --per D [--key K] [--task T] | unrate QUEUE [--key K] [--task T]
   shoal limit hold QUEUE --key K --for D [--task T] | weight QUEUE W --key K | unweight QUEUE --key K
-  shoal dev [--dir .shoal] [--http [HOST:PORT]]
+  shoal dev [--dir .shoal] [--http [HOST:PORT]] [--read-only]
+  shoal dashboard [--http HOST:PORT] [--read-only]   (credentials: SHOAL_DASHBOARD_TOKEN, or
+        SHOAL_DASHBOARD_USER and SHOAL_DASHBOARD_PASSWORD; required beyond 127.0.0.1)
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
 `;
@@ -239,6 +245,9 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
     case "dev":
       noExtra(command, rest);
       return await devCommand(parsed, tasks);
+    case "dashboard":
+      noExtra(command, rest);
+      return await dashboardCommand(parsed);
     default:
       throw new UsageError(`Unknown command "${command}" (shoal --help lists them)`);
   }
@@ -609,7 +618,7 @@ type RoleFlag = (typeof ROLE_FLAGS)[number];
 type RoleCommand = (parsed: ParsedArgs, tasks: TaskRegistry) => Promise<number>;
 
 /** The flags of a role's `--http` server. */
-const HTTP_FLAGS = ["http", "metrics-exact"] as const;
+const HTTP_FLAGS = ["http", "metrics-exact", "read-only"] as const;
 type HttpFlag = typeof HTTP_FLAGS[number];
 
 /**
@@ -643,6 +652,7 @@ function roleCommand<N extends OptionName>(
         // Up before migrations, so /readyz says "starting" while they run.
         const http = await startHttp(sql, opts.http, roles, {
           exactCounts: opts["metrics-exact"],
+          readOnly: opts["read-only"],
         });
         try {
           await runRoles(sql, roles, {
@@ -1068,8 +1078,48 @@ async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<numb
       consumer: consumerOptions(opts),
       http: opts.http,
       metricsExact: opts["metrics-exact"],
+      readOnly: opts["read-only"],
       print: out,
     }, stop.signal);
     return 0;
   });
+}
+
+/**
+ * `shoal dashboard`: the web dashboard alone against the database, on --http (127.0.0.1:9464
+ * unless given), until a signal. Beyond loopback it needs credentials from the environment
+ * (lib/dashboard/guard.ts), else it refuses to start (exit 2, one line).
+ */
+async function dashboardCommand(parsed: ParsedArgs): Promise<number> {
+  let address: ListenAddress | null = null;
+  return await withDb(parsed, {
+    name: "dashboard",
+    flags: ["http", "read-only"],
+    needs: "current schema",
+    check: (opts) => {
+      address = parseListenAddress(opts.http ?? DEFAULT_HTTP);
+      // Refused before the database is touched: the credentials come from the environment.
+      let refusal: string | null;
+      try {
+        refusal = bindRefusal(address.hostname, accessFromEnv());
+      } catch (error) {
+        throw new UsageError(messageOf(error));
+      }
+      if (refusal !== null) throw new UsageError(refusal);
+    },
+  }, async (sql, opts) =>
+    await untilStopped(async (stop) => {
+      // On demand, as in roles.ts startHttp: other commands never load Hono and the assets.
+      const { DashboardServer } = await import("./dashboard/server.ts");
+      const server = new DashboardServer(sql, address!, { readOnly: opts["read-only"] });
+      try {
+        await new Promise<void>((resolve) => {
+          if (stop.signal.aborted) resolve();
+          else stop.signal.addEventListener("abort", () => resolve(), { once: true });
+        });
+      } finally {
+        await server.close();
+      }
+      return 0;
+    }));
 }

@@ -159,7 +159,14 @@ export const OPTIONS = {
   },
   http: {
     kind: "address",
-    help: `serve /healthz, /readyz and /metrics on host:port (bare --http: ${DEFAULT_HTTP})`,
+    help:
+      `serve /healthz, /readyz, /metrics and the dashboard on host:port (bare --http: ${DEFAULT_HTTP})`,
+  },
+  "read-only": {
+    kind: "boolean",
+    default: "false",
+    env: "SHOAL_DASHBOARD_READ_ONLY",
+    help: "the dashboard shows, but refuses every action (retry, cancel, pause, purge, ...)",
   },
   watch: { kind: "boolean", default: "false", env: null, help: "redraw status every --interval" },
   json: { kind: "boolean", default: "false", env: null, help: "print JSON for scripts" },

@@ -32,10 +32,12 @@ export interface DevOptions {
   consumer: ConsumerOptions;
   /** Where progress goes (stdout for the CLI). */
   print: (text: string) => void;
-  /** Serve /healthz, /readyz and /metrics here on the dev pool (`shoal dev --http`). */
+  /** Serve /healthz, /readyz, /metrics and the dashboard here on the dev pool (`shoal dev --http`). */
   http?: string;
   /** /metrics counts each queue with a scan instead of estimating (`--metrics-exact`). */
   metricsExact?: boolean;
+  /** The dashboard at / refuses every action (`--read-only`). */
+  readOnly?: boolean;
 }
 
 export const DEMO_QUEUE = "demo";
@@ -302,6 +304,7 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
       // Its database window (/readyz) follows the consumer's poll, as for `--role consumer`.
       http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer }, {
         exactCounts: options.metricsExact,
+        readOnly: options.readOnly,
       });
       await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
     } catch (error) {

@@ -16,7 +16,15 @@
  *
  * @module
  */
-import { checkDb, checkId, checkInteger, checkObject, checkOptions, MAX_INT4 } from "./args.ts";
+import {
+  checkDb,
+  checkId,
+  checkInteger,
+  checkObject,
+  checkOneOf,
+  checkOptions,
+  MAX_INT4,
+} from "./args.ts";
 import type { Db } from "./db.ts";
 import { type CheckedJob, checkJobSpec, JobArgs, type JobSpec, type TaskJobSpec } from "./queue.ts";
 import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
@@ -135,4 +143,70 @@ export async function listExecutions(
     from shoal.executions e
     order by e.created_at desc, e.id desc
     limit ${options.limit ?? 20}::integer`;
+}
+
+/**
+ * A page of executions, newest first by id, keyset-paginated (`beforeId`), optionally of one
+ * status, with their open barriers' progress. Bounded: at most `scan` executions read along
+ * the primary key, then filtered by status, as lib/queue.ts listJobs() does.
+ */
+export async function listExecutionsPage(
+  db: Db,
+  options: { status?: ExecutionStatus; beforeId?: string; limit?: number; scan?: number } = {},
+): Promise<{ rows: ExecutionSummary[]; next: string | null }> {
+  const fn = "listExecutionsPage";
+  checkDb(fn, db);
+  checkOptions(fn, options, "options", ["status", "beforeId", "limit", "scan"]);
+  checkOneOf(fn, "options.status", options.status, EXECUTION_STATUSES, { optional: true });
+  if (options.beforeId !== undefined) checkId(fn, "options.beforeId", options.beforeId);
+  checkInteger(fn, "options.limit", options.limit, { min: 1, max: 1000, optional: true });
+  checkInteger(fn, "options.scan", options.scan, { min: 1, max: 1_000_000, optional: true });
+  const limit = options.limit ?? 50;
+  const scan = options.scan ?? 10_000;
+  const rows = await db<(ExecutionSummary & { scanned_to: string | null; scanned: number })[]>`
+    with window_ as (
+      select e.id, e.status, e.label, e.created_at, e.updated_at, e.error
+      from shoal.executions e
+      where e.id < coalesce(${options.beforeId ?? null}::bigint, 9223372036854775807)
+      order by e.id desc
+      limit ${scan}::integer
+    ),
+    bounds as (select min(id) as scanned_to, count(*)::integer as scanned from window_)
+    select w.*, b.scanned_to, b.scanned,
+      coalesce((select jsonb_agg(jsonb_build_object(
+                  'total', x.total, 'arrived', x.total - x.remaining) order by x.id)
+                from shoal.barriers x where x.execution_id = w.id), '[]'::jsonb) as barriers
+    from bounds b left join lateral (
+      select * from window_ w
+      where ${options.status ?? null}::text is null or w.status = ${options.status ?? null}::text
+      order by w.id desc
+      limit ${limit}::integer
+    ) w on true`;
+  const first = rows[0];
+  const found = rows.filter((r) => r.id !== null).map(({ scanned_to: _, scanned: __, ...r }) => r);
+  let next: string | null = null;
+  if (found.length === limit) next = found[found.length - 1]!.id;
+  else if (first && first.scanned === scan) next = first.scanned_to;
+  return { rows: found, next };
+}
+
+/** Every status an execution can have. */
+export const EXECUTION_STATUSES: readonly ExecutionStatus[] = [
+  "pending",
+  "running",
+  "completed",
+  "failed",
+  "cancelled",
+];
+
+/** An execution's open barriers (fan-outs still waiting): children and arrivals, in order. */
+export async function executionBarriers(
+  db: Db,
+  id: string,
+): Promise<{ total: number; arrived: number }[]> {
+  checkDb("executionBarriers", db);
+  checkId("executionBarriers", "id", id);
+  return await db<{ total: number; arrived: number }[]>`
+    select b.total, b.total - b.remaining as arrived
+    from shoal.barriers b where b.execution_id = ${id}::bigint order by b.id`;
 }

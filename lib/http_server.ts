@@ -11,6 +11,9 @@
  *   every third of it); 503 with a one-line reason before that, while the database is
  *   silent, and while shutting down.
  * - `GET /metrics`: Prometheus text (lib/metrics.ts).
+ * - Every other path, when a dashboard is given: the web dashboard (lib/dashboard/app.tsx),
+ *   with its own credentials, read-only mode and cross-site checks. The three paths above
+ *   stay as they are, without credentials: orchestrators and Prometheus use them.
  *
  * Responses never carry configuration: no URL, no secret.
  *
@@ -21,6 +24,7 @@ import { formatDuration } from "./duration.ts";
 import { LoopWatch } from "./liveness.ts";
 import { describeError, logger } from "./log.ts";
 import { CONTENT_TYPE, type Metrics } from "./metrics.ts";
+import type { Dashboard } from "./dashboard/app.tsx";
 import { Sleeper } from "./sleep.ts";
 
 /** Where the server listens (see parseListenAddress in config.ts). */
@@ -40,6 +44,8 @@ export interface HttpServerOptions {
   metrics: Metrics;
   /** 503 from /readyz once the database has not answered for this long. */
   dbWindowMs: number;
+  /** Serve this dashboard on every other path; none: those are 404. */
+  dashboard?: Dashboard | null;
 }
 
 type Phase = "starting" | "ready" | "stopping";
@@ -132,7 +138,8 @@ export class HttpServer {
     this.#probe = new DbProbe(options.sql, options.dbWindowMs);
     this.port = this.#server.addr.port;
     this.hostname = this.#server.addr.hostname;
-    logger("http").info("Serving /healthz, /readyz and /metrics on {address}", {
+    const also = options.dashboard ? ", and the dashboard at /," : "";
+    logger("http").info(`Serving /healthz, /readyz and /metrics${also} on {address}`, {
       address: `${this.hostname}:${this.port}`,
     });
   }
@@ -149,6 +156,8 @@ export class HttpServer {
 
   async #handle(request: Request): Promise<Response> {
     const path = new URL(request.url).pathname;
+    const probe = path === LIVENESS_PATH || path === READINESS_PATH || path === "/metrics";
+    if (!probe && this.options.dashboard) return await this.options.dashboard.fetch(request);
     if (request.method !== "GET" && request.method !== "HEAD") {
       return text(405, "only GET", { allow: "GET, HEAD" });
     }

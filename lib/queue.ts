@@ -26,6 +26,7 @@ import {
   checkNameList,
   checkNumber,
   checkObject,
+  checkOneOf,
   checkOptions,
   checkPool,
   checkString,
@@ -1148,4 +1149,167 @@ export async function listStuckJobs(
     where locked_by is not null and run_at < now()
       and attempts >= ${options.minAttempts}::integer
     order by run_at limit ${options.limit}::integer`;
+}
+
+/**
+ * A job's state as the dashboard names it, read from its row: `ready` (visible now: pending
+ * and due, or claimed by a worker whose deadline passed), `scheduled` (pending, run_at in the
+ * future), `running` (claimed, handler started), `prefetched` (claimed, in a consumer's
+ * buffer). Dead jobs live in shoal.dead_jobs (lib/dead.ts).
+ */
+export type LiveJobState = "ready" | "scheduled" | "running" | "prefetched";
+export const LIVE_JOB_STATES: readonly LiveJobState[] = [
+  "ready",
+  "scheduled",
+  "running",
+  "prefetched",
+];
+
+/** A job as a listing shows it: no payload (it may be large), its state read from the row. */
+export interface JobListRow {
+  id: string;
+  queue: string;
+  task: string;
+  state: LiveJobState;
+  priority: number;
+  fairness_key: string;
+  key: string | null;
+  attempts: number;
+  max_attempts: number;
+  execution_id: string | null;
+  run_at: Date;
+  created_at: Date;
+  last_error: string | null;
+}
+
+/** What listJobs() filters on; every field optional. */
+export interface JobFilter {
+  queue?: string;
+  task?: string;
+  state?: LiveJobState;
+  /** The dedupe key, exactly. */
+  key?: string;
+  fairnessKey?: string;
+  executionId?: string;
+}
+
+export interface ListJobsOptions extends JobFilter {
+  /** Only jobs with a smaller id (the keyset cursor of the previous page). */
+  beforeId?: string;
+  /** Most rows returned (default 50). */
+  limit?: number;
+  /** Most jobs read per call, newest first, before the filters (default 10,000). */
+  scan?: number;
+}
+
+/** A page of jobs, newest first, and where the next page starts (null: no older job). */
+export interface JobPage<T> {
+  rows: T[];
+  /** Pass as `beforeId` for the next page; null when the scan reached the oldest job. */
+  next: string | null;
+}
+
+/** The default window listJobs() and listDeadPage() read per call. */
+export const LIST_SCAN_ROWS = 10_000;
+
+/**
+ * A page of jobs, newest first (by id), keyset-paginated. The work is bounded whatever the
+ * table's size: it reads at most `scan` jobs backwards along the primary key from
+ * `beforeId` (or along the execution index when filtering by execution), then filters
+ * them. A filter that matches rarely may so return fewer than `limit` rows (even none)
+ * with a `next` cursor: the next page goes on searching from there. Never OFFSET, never a
+ * count.
+ */
+export async function listJobs(
+  db: Db,
+  options: ListJobsOptions = {},
+): Promise<JobPage<JobListRow>> {
+  const fn = "listJobs";
+  checkDb(fn, db);
+  checkOptions(fn, options, "options", [
+    "queue",
+    "task",
+    "state",
+    "key",
+    "fairnessKey",
+    "executionId",
+    "beforeId",
+    "limit",
+    "scan",
+  ]);
+  checkString(fn, "options.queue", options.queue, { optional: true });
+  checkString(fn, "options.task", options.task, { optional: true });
+  checkOneOf(fn, "options.state", options.state, LIVE_JOB_STATES, { optional: true });
+  checkString(fn, "options.key", options.key, { optional: true });
+  checkString(fn, "options.fairnessKey", options.fairnessKey, { optional: true, empty: true });
+  if (options.executionId !== undefined) checkId(fn, "options.executionId", options.executionId);
+  if (options.beforeId !== undefined) checkId(fn, "options.beforeId", options.beforeId);
+  checkInteger(fn, "options.limit", options.limit, { min: 1, max: 1000, optional: true });
+  checkInteger(fn, "options.scan", options.scan, { min: 1, max: 1_000_000, optional: true });
+  const limit = options.limit ?? 50;
+  const scan = options.scan ?? LIST_SCAN_ROWS;
+  const rows = await db<(JobListRow & { scanned_to: string | null; scanned: number })[]>`
+    with window_ as (
+      select j.id, j.queue, j.task, j.priority, j.fairness_key, j.key, j.attempts,
+        j.max_attempts, j.execution_id, j.run_at, j.created_at, j.last_error,
+        case when j.run_at <= now() then 'ready'
+             when j.locked_by is null then 'scheduled'
+             when j.started_at is not null then 'running'
+             else 'prefetched' end as state
+      from shoal.jobs j
+      where j.id < coalesce(${options.beforeId ?? null}::bigint, 9223372036854775807)
+        and (${options.executionId ?? null}::bigint is null
+             or j.execution_id = ${options.executionId ?? null}::bigint)
+      order by j.id desc
+      limit ${scan}::integer
+    ),
+    bounds as (select min(id) as scanned_to, count(*)::integer as scanned from window_)
+    select w.*, b.scanned_to, b.scanned
+    from bounds b left join lateral (
+      select * from window_ w
+      where (${options.queue ?? null}::text is null or w.queue = ${options.queue ?? null}::text)
+        and (${options.task ?? null}::text is null or w.task = ${options.task ?? null}::text)
+        and (${options.state ?? null}::text is null or w.state = ${options.state ?? null}::text)
+        and (${options.key ?? null}::text is null or w.key = ${options.key ?? null}::text)
+        and (${options.fairnessKey ?? null}::text is null
+             or w.fairness_key = ${options.fairnessKey ?? null}::text)
+      order by w.id desc
+      limit ${limit}::integer
+    ) w on true`;
+  const first = rows[0];
+  const found = rows.filter((r) => r.id !== null).map(({ scanned_to: _, scanned: __, ...r }) => r);
+  let next: string | null = null;
+  if (found.length === limit) next = found[found.length - 1]!.id;
+  else if (first && first.scanned === scan) next = first.scanned_to;
+  return { rows: found, next };
+}
+
+/** One job with everything the dashboard's job page shows. */
+export interface JobDetail extends JobListRow {
+  payload: Record<string, unknown>;
+  concurrency_key: string | null;
+  /** The consumer holding its claim (worker id), null when pending. */
+  locked_by: string | null;
+  locked_at: Date | null;
+  started_at: Date | null;
+  /** Each failed attempt: its number, when, and the error. */
+  errors: { attempt: number; at: string; error: string }[];
+  barrier_id: string | null;
+  child_index: number | null;
+}
+
+/** A live job by id, or null (done, dead-lettered, or never enqueued). */
+export async function getJob(db: Db, id: string): Promise<JobDetail | null> {
+  checkDb("getJob", db);
+  checkId("getJob", "id", id);
+  const [row] = await db<JobDetail[]>`
+    select j.id, j.queue, j.task, j.priority, j.fairness_key, j.key, j.attempts, j.max_attempts,
+      j.execution_id, j.run_at, j.created_at, j.last_error, j.payload, j.concurrency_key,
+      j.locked_by, j.locked_at, j.started_at, j.errors, j.barrier_id, j.child_index,
+      case when j.run_at <= now() then 'ready'
+           when j.locked_by is null then 'scheduled'
+           when j.started_at is not null then 'running'
+           else 'prefetched' end as state
+    from shoal.jobs j where j.id = ${id}::bigint`;
+  return row ?? null;
 }

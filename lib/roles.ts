@@ -6,7 +6,8 @@
  * - {@link untilStopped}: SIGTERM or SIGINT asks for a graceful stop, a second one exits
  *   at once (130 for SIGINT, 143 for SIGTERM); the process rides out postgres.js's
  *   write-after-close fault (lib/db.ts) meanwhile.
- * - {@link startHttp}: the `--http` server (/healthz, /readyz, /metrics) when asked for.
+ * - {@link startHttp}: the `--http` server (/healthz, /readyz, /metrics, the dashboard) when
+ *   asked for.
  * - {@link runRoles}: the roles on one pool until the stop is asked for; a role that fails
  *   stops the others gracefully (leases released, running jobs handed back) before the
  *   caller closes the pool. The caller's exit code is 0 after a graceful stop; a failure
@@ -110,21 +111,35 @@ export function dbWindowMs(roles: Roles): number {
   return Math.max(1000, 3 * Math.max(...waits));
 }
 
+/** How the `--http` server counts for /metrics and serves the dashboard. */
+export interface HttpOptions extends MetricsOptions {
+  /** The dashboard refuses every action (`--read-only`). */
+  readOnly?: boolean;
+}
+
 /**
  * Start the `--http` server on `address` (and metrics with it, counting as `options` say),
- * its database window following `roles`; null when no address was asked for.
+ * its database window following `roles`, with the dashboard unless the address is beyond
+ * loopback and no dashboard credentials are set (lib/dashboard/guard.ts); null when no
+ * address was asked for.
  */
 export async function startHttp(
   sql: Sql,
   address: string | undefined,
   roles: Roles,
-  options: MetricsOptions = {},
+  options: HttpOptions = {},
 ): Promise<HttpServer | null> {
   if (address === undefined) return null;
-  return new HttpServer(parseListenAddress(address), {
+  const listen = parseListenAddress(address);
+  // Loaded on demand, as prom-client is: a process without --http never loads Hono and the
+  // browser assets (idle memory).
+  const { dashboardFor } = await import("./dashboard/server.ts");
+  const dashboard = dashboardFor(sql, listen.hostname, { readOnly: options.readOnly ?? false });
+  return new HttpServer(listen, {
     sql,
-    metrics: await enableMetrics(options),
+    metrics: await enableMetrics({ exactCounts: options.exactCounts }),
     dbWindowMs: dbWindowMs(roles),
+    dashboard,
   });
 }
 

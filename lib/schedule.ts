@@ -12,6 +12,7 @@ import { checkArray, checkBoolean, checkDb, checkOneOf, checkPool, checkString }
 import type { Db, Sql } from "./db.ts";
 import { checkCron, checkTimeZone } from "./cron.ts";
 import { checkName, checkPayload } from "./names.ts";
+import { enqueueMany } from "./queue.ts";
 
 /** A schedule as a user declares it. */
 export interface ScheduleSpec {
@@ -378,4 +379,24 @@ export async function nextScheduleDueInMs(
              - coalesce(${now}::timestamptz, now())) * 1000)::float8 as ms
     from shoal.schedules where enabled and not (name = any(${skip}::text[]))`;
   return due?.ms ?? null;
+}
+
+/**
+ * Fire a schedule once now, outside its cron (the dashboard's "run now"): its task, queue,
+ * payload and priority enqueued as one job without a dedupe key, so it never collides with
+ * a slot's fire; next_run_at and last_run_at are left alone. Null when no such schedule.
+ */
+export async function runScheduleNow(db: Db, name: string): Promise<string | null> {
+  checkDb("runScheduleNow", db);
+  checkString("runScheduleNow", "name", name);
+  const [row] = await db<Pick<ScheduleRow, "task" | "queue" | "payload" | "priority">[]>`
+    select task, queue, payload, priority from shoal.schedules where name = ${name}::text`;
+  if (!row) return null;
+  const [job] = await enqueueMany(db, [{
+    task: row.task,
+    queue: row.queue ?? undefined,
+    payload: row.payload,
+    priority: row.priority,
+  }]);
+  return job!.id;
 }

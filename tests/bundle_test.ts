@@ -8,8 +8,10 @@ import {
   emptyDb,
   exitWithin,
   holderOf,
+  httpGet,
   logLines,
   runShoal,
+  servedAt,
   type ShoalProcess,
   spawnShoal,
   testDb,
@@ -224,3 +226,24 @@ for (const name of Object.keys(ROLES)) {
 function cap(word: string): string {
   return word.charAt(0).toUpperCase() + word.slice(1);
 }
+
+Deno.test("the bundle serves the dashboard with its htmx and uPlot (shoal dashboard)", async () => {
+  const bundle = await buildBundle();
+  await using db = await testDb();
+  await using proc = spawnShoal(["dashboard", "--http", "127.0.0.1:0", "--log-format", "json"], {
+    url: db.url,
+    mainModule: bundle,
+  });
+  const base = await servedAt(proc);
+  const page = await httpGet(base, "/");
+  assertEquals(page.status, 200, page.body);
+  assert(page.body.includes("<title>Overview · shoal</title>"), page.body);
+  for (const asset of ["htmx.min.js", "uPlot.iife.min.js", "uPlot.min.css", "dashboard.js"]) {
+    const served = await httpGet(base, `/assets/${asset}`);
+    assertEquals(served.status, 200, asset);
+    assert(served.body.length > 100, asset);
+  }
+  proc.kill("SIGTERM");
+  const { code, output } = await exitWithin(proc, 20_000);
+  assertEquals(code, 0, output);
+});

@@ -82,7 +82,7 @@ Deno.test("shoal dev with DATABASE_URL uses that database and starts no Postgres
   }
 });
 
-Deno.test("shoal dev --http --metrics-exact serves /readyz and /metrics while the demo runs", async () => {
+Deno.test("shoal dev --http --metrics-exact serves /readyz, /metrics and the dashboard while the demo runs", async () => {
   await using db = await testDb();
   const dir = await Deno.makeTempDir({ prefix: "shoal-dev-test-" });
   const port = freePort();
@@ -107,10 +107,17 @@ Deno.test("shoal dev --http --metrics-exact serves /readyz and /metrics while th
     assert.ok(metrics.includes("# TYPE"), metrics);
     assert.ok(metrics.includes('shoal_queue_counts_exact{queue="bulk"} 1'), metrics);
     assert.ok(metrics.includes('shoal_queue_depth{queue="bulk"} 12000'), metrics);
+    // The dashboard beside them, on the dev database: the demo's queue is on the overview.
+    const overview = await get("/");
+    assertEquals(overview.status, 200, overview.text);
+    assert.ok(overview.text.includes(">demo</a>"), overview.text);
     dev.kill("SIGINT");
     const { code, output } = await dev.exited();
     assertEquals(code, 0, output);
-    assert.ok(output.includes("Serving /healthz, /readyz and /metrics"), output);
+    assert.ok(
+      output.includes("Serving /healthz, /readyz and /metrics, and the dashboard at /,"),
+      output,
+    );
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
