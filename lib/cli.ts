@@ -75,6 +75,13 @@ import {
 import { checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import {
+  startTracing,
+  stopTracing,
+  type TracingConfig,
+  TracingConfigError,
+  tracingFromEnv,
+} from "./tracing.ts";
+import {
   formatFlowLimits,
   formatPausedQueues,
   formatSchedules,
@@ -623,13 +630,18 @@ function roleCommand<N extends OptionName>(
   build: (opts: Options<CommonFlag | RoleFlag | N | HttpFlag>, tasks: TaskRegistry) => Roles,
   poolSize?: (opts: Options<CommonFlag | RoleFlag | N | HttpFlag>) => number,
 ): RoleCommand {
-  return async (parsed, tasks) =>
-    await withDb(parsed, {
+  return async (parsed, tasks) => {
+    /** Tracing's settings (OTEL_*), checked with the flags, before the database is touched. */
+    let tracing: TracingConfig | null = null;
+    return await withDb(parsed, {
       name: `--role ${role}`,
       flags: [...ROLE_FLAGS, ...flags, ...HTTP_FLAGS],
       needs: "connection",
       applicationName: `shoal ${role}`,
       poolSize,
+      check: () => {
+        tracing = otelSettings();
+      },
     }, async (sql, opts) => {
       const roles = build(opts, tasks);
       const schedules = roles.scheduler?.schedulesFile;
@@ -639,36 +651,54 @@ function roleCommand<N extends OptionName>(
           throw new UsageError(messageOf(error));
         });
       }
-      await untilStopped(async (stop) => {
-        // Up before migrations, so /readyz says "starting" while they run.
-        const http = await startHttp(sql, opts.http, roles, {
-          exactCounts: opts["metrics-exact"],
-        });
-        try {
-          await runRoles(sql, roles, {
-            stop,
-            http,
-            prepare: async () => {
-              // Started before its database: wait for it (--startup-wait); a SIGTERM
-              // meanwhile exits 0.
-              const ready = await waitForDatabase(sql, {
-                url: opts["database-url"],
-                maxWaitMs: opts["startup-wait"],
-                stop: stop.signal,
-              });
-              if (!ready) return false;
-              const migrations = await loadMigrations();
-              if (opts.migrate) await migrate(sql, migrations);
-              await checkSchema(sql, migrations, { migrateFlag: true });
-              return true;
-            },
+      // Loaded only when OTEL_* asks for it (lib/tracing.ts); its spans are flushed after
+      // the roles stopped, before the process exits.
+      if (tracing !== null) await startTracing(tracing);
+      try {
+        await untilStopped(async (stop) => {
+          // Up before migrations, so /readyz says "starting" while they run.
+          const http = await startHttp(sql, opts.http, roles, {
+            exactCounts: opts["metrics-exact"],
           });
-        } finally {
-          await http?.close();
-        }
-      });
+          try {
+            await runRoles(sql, roles, {
+              stop,
+              http,
+              prepare: async () => {
+                // Started before its database: wait for it (--startup-wait); a SIGTERM
+                // meanwhile exits 0.
+                const ready = await waitForDatabase(sql, {
+                  url: opts["database-url"],
+                  maxWaitMs: opts["startup-wait"],
+                  stop: stop.signal,
+                });
+                if (!ready) return false;
+                const migrations = await loadMigrations();
+                if (opts.migrate) await migrate(sql, migrations);
+                await checkSchema(sql, migrations, { migrateFlag: true });
+                return true;
+              },
+            });
+          } finally {
+            await http?.close();
+          }
+        });
+      } finally {
+        await stopTracing();
+      }
       return 0;
     });
+  };
+}
+
+/** Tracing's settings from OTEL_*, a bad value a usage error (one line, exit 2). */
+function otelSettings(): TracingConfig | null {
+  try {
+    return tracingFromEnv();
+  } catch (error) {
+    if (error instanceof TracingConfigError) throw new UsageError(error.message, { cause: error });
+    throw error;
+  }
 }
 
 /** A consumer's pool: its concurrency and two more (heartbeats, acks), at most 20. */
