@@ -29,6 +29,7 @@
  *
  * @module
  */
+import { checkObject, checkString, shown } from "./args.ts";
 import type { Job } from "./queue.ts";
 
 /**
@@ -106,6 +107,13 @@ function envBoolean(env: EnvReader, variable: string): boolean {
  * http/json (the one this exporter speaks), a blank service name.
  */
 export function tracingFromEnv(env: EnvReader = Deno.env): TracingConfig | null {
+  if (typeof (env as Partial<EnvReader> | null | undefined)?.get !== "function") {
+    throw new TypeError(
+      `Invalid env for tracingFromEnv(): expected an object with get(name), such as Deno.env, not ${
+        shown(env)
+      }`,
+    );
+  }
   if (envBoolean(env, "OTEL_SDK_DISABLED")) return null;
   const exporters = (env.get("OTEL_TRACES_EXPORTER") ?? "").split(",").map((e) => e.trim())
     .filter((e) => e !== "");
@@ -198,6 +206,17 @@ export function tracer(): Tracer | null {
  * (started once per process: a second call returns the first tracer).
  */
 export async function startTracing(config: TracingConfig): Promise<Tracer> {
+  const fn = "startTracing";
+  checkObject(fn, "config", config, { what: "tracing settings ({ tracesUrl, serviceName })" });
+  checkString(fn, "config.serviceName", config.serviceName);
+  checkString(fn, "config.tracesUrl", config.tracesUrl);
+  if (!/^https?:\/\//.test(config.tracesUrl) || !URL.canParse(config.tracesUrl)) {
+    throw new TypeError(
+      `Invalid config.tracesUrl for ${fn}(): expected an http:// or https:// URL, not ${
+        shown(config.tracesUrl)
+      }`,
+    );
+  }
   if (current !== null) return current;
   const { OtelTracer } = await import("./tracing_otel.ts");
   current ??= new OtelTracer(config);
