@@ -6,7 +6,9 @@
  */
 import { context, type Span, trace } from "@opentelemetry/api";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
-import { exitWithin, runShoal, spawnShoal, testDb, waitFor } from "./helpers.ts";
+import { exitWithin, runShoal, spawnShoal, startConsumer, testDb, waitFor } from "./helpers.ts";
+import { defineTask } from "../lib/tasks.ts";
+import { OtlpReceiver, type ReceivedSpan } from "./otlp_receiver.ts";
 import { enqueue, enqueueMany, fail } from "../lib/queue.ts";
 import { retryDead } from "../lib/dead.ts";
 import { claim } from "../lib/queue.ts";
@@ -188,101 +190,6 @@ Deno.test("a job's traceparent moves to the dead letters and back on retry", asy
   assertEquals(live!.traceparent, TP);
 });
 
-/** One span as OTLP/HTTP JSON carries it, with its resource's service name. */
-interface ReceivedSpan {
-  service: string;
-  traceId: string;
-  spanId: string;
-  parentSpanId: string;
-  name: string;
-  attributes: Record<string, unknown>;
-  links: { traceId: string; spanId: string }[];
-  status: { code?: number; message?: string };
-  events: { name: string; attributes: Record<string, unknown> }[];
-}
-
-/** OTLP's attribute list as an object ({key, value: {stringValue | intValue | ...}}). */
-function attributesOf(list: unknown): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const { key, value } of (list ?? []) as { key: string; value: Record<string, unknown> }[]) {
-    const v = value.stringValue ?? value.intValue ?? value.boolValue ?? value.doubleValue ??
-      (value.arrayValue as { values?: { stringValue?: string }[] } | undefined)?.values?.map((
-        x,
-      ) => x.stringValue);
-    out[key] = typeof v === "string" && key.endsWith(".attempt") ? Number(v) : v;
-  }
-  return out;
-}
-
-/**
- * An OTLP/HTTP receiver on a loopback port: accepts POST /v1/traces with a JSON body (what
- * @opentelemetry/exporter-trace-otlp-http sends), keeps each raw body and every span.
- */
-class OtlpReceiver {
-  readonly spans: ReceivedSpan[] = [];
-  readonly bodies: string[] = [];
-  readonly refused: string[] = [];
-  readonly #server: Deno.HttpServer<Deno.NetAddr>;
-
-  constructor() {
-    this.#server = Deno.serve(
-      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
-      (request) => this.#handle(request),
-    );
-  }
-
-  get base(): string {
-    return `http://127.0.0.1:${this.#server.addr.port}`;
-  }
-
-  async #handle(request: Request): Promise<Response> {
-    const url = new URL(request.url);
-    const type = request.headers.get("content-type") ?? "";
-    if (request.method !== "POST" || url.pathname !== "/v1/traces") {
-      this.refused.push(`${request.method} ${url.pathname}`);
-      await request.body?.cancel();
-      return new Response("not found", { status: 404 });
-    }
-    if (!type.startsWith("application/json")) {
-      this.refused.push(`content-type ${type}`);
-      await request.body?.cancel();
-      return new Response("JSON only", { status: 415 });
-    }
-    const body = await request.text();
-    this.bodies.push(body);
-    const decoded = JSON.parse(body) as { resourceSpans?: unknown[] };
-    for (const rs of (decoded.resourceSpans ?? []) as Record<string, unknown>[]) {
-      const resource = attributesOf((rs.resource as { attributes?: unknown })?.attributes);
-      for (const ss of (rs.scopeSpans ?? []) as { spans?: Record<string, unknown>[] }[]) {
-        for (const s of ss.spans ?? []) {
-          this.spans.push({
-            service: String(resource["service.name"]),
-            traceId: s.traceId as string,
-            spanId: s.spanId as string,
-            parentSpanId: (s.parentSpanId as string | undefined) ?? "",
-            name: s.name as string,
-            attributes: attributesOf(s.attributes),
-            links: ((s.links ?? []) as { traceId: string; spanId: string }[]).map((l) => ({
-              traceId: l.traceId,
-              spanId: l.spanId,
-            })),
-            status: (s.status ?? {}) as ReceivedSpan["status"],
-            events: ((s.events ?? []) as { name: string; attributes?: unknown }[]).map((e) => ({
-              name: e.name,
-              attributes: attributesOf(e.attributes),
-            })),
-          });
-        }
-      }
-    }
-    return Response.json({});
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.#server.shutdown();
-  }
-}
-
 /** In every payload of the end-to-end test: it must never reach the exported spans. */
 const MARKER = "PAYLOAD-MARKER-7d1c";
 
@@ -428,5 +335,53 @@ Deno.test({
     // No payload anywhere in what was exported.
     assert(receiver.bodies.length > 0);
     for (const body of receiver.bodies) assert(!body.includes(MARKER), "a payload was exported");
+  },
+});
+
+Deno.test({
+  name:
+    "a traced handler runs with its span active: its own spans are children, ctx.enqueue links to it",
+  // The exporter's HTTP client (node:http under Deno) keeps its keep-alive socket past
+  // stopTracing().
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "in-process" });
+    let followUp = "";
+    try {
+      const parent = defineTask({
+        name: "trace.parent",
+        async handler(_payload, ctx) {
+          trace.getTracer("handler").startSpan("inside the handler").end();
+          followUp = await ctx.enqueue("trace.child", { note: MARKER });
+        },
+      });
+      const child = defineTask({ name: "trace.child", handler: () => {} });
+      const id = await enqueue(db.sql, parent, {});
+      const consumer = startConsumer(db.sql, [parent, child]);
+      try {
+        await waitFor("both jobs to run", async () => {
+          const [row] = await db.sql`select count(*)::int as n from shoal.jobs`;
+          return followUp !== "" && row!.n === 0;
+        });
+      } finally {
+        await consumer.stop();
+      }
+      await stopTracing(); // flushes every ended span to the receiver
+      const all = receiver.spans;
+      const run = all.find((s) => s.attributes["shoal.job.id"] === id && s.name.startsWith("run"));
+      if (run === undefined) throw new Error("no run span for the parent job");
+      const inside = all.find((s) => s.name === "inside the handler");
+      assertEquals(inside?.parentSpanId, run.spanId);
+      assertEquals(inside?.traceId, run.traceId);
+      const childRun = all.find((s) =>
+        s.attributes["shoal.job.id"] === followUp && s.name === "run trace.child"
+      );
+      assertEquals(childRun?.links, [{ traceId: run.traceId, spanId: run.spanId }]);
+    } finally {
+      await stopTracing();
+    }
   },
 });
