@@ -1089,17 +1089,24 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const opts = await setup("dev", parsed, ["dir", ...CONSUMER, ...HTTP_FLAGS]);
   configureBuiltins(tasks, opts);
-  return await untilStopped(async (stop) => {
-    await runDev({
-      tasks,
-      databaseUrl: opts["database-url"],
-      dir: opts.dir,
-      prepare: opts.prepare,
-      consumer: consumerOptions(opts),
-      http: opts.http,
-      metricsExact: opts["metrics-exact"],
-      print: out,
-    }, stop.signal);
-    return 0;
-  });
+  // Traced as the roles are (OTEL_*): the demo's jobs show up in a local collector too.
+  const tracing = otelSettings();
+  if (tracing !== null) await startTracing(tracing);
+  try {
+    return await untilStopped(async (stop) => {
+      await runDev({
+        tasks,
+        databaseUrl: opts["database-url"],
+        dir: opts.dir,
+        prepare: opts.prepare,
+        consumer: consumerOptions(opts),
+        http: opts.http,
+        metricsExact: opts["metrics-exact"],
+        print: out,
+      }, stop.signal);
+      return 0;
+    });
+  } finally {
+    await stopTracing();
+  }
 }

@@ -117,6 +117,27 @@ Deno.test("--role consumer with a bad OTEL endpoint exits 2 with one line", asyn
   assert(lines[0]!.includes("Invalid OTEL_EXPORTER_OTLP_ENDPOINT"), stderr);
 });
 
+Deno.test("shoal dev with a bad OTEL value exits 2 with one line, before starting anything", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "shoal_dev_otel_" });
+  try {
+    const { code, stderr } = await runShoal(["dev", "--dir", dir], {
+      env: { OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318", OTEL_TRACES_EXPORTER: "jaeger" },
+    });
+    assertEquals(code, 2);
+    assertEquals(stderr.trim().split("\n").length, 1, stderr);
+    assert(
+      stderr.includes("Invalid OTEL_TRACES_EXPORTER: expected otlp or none, not jaeger"),
+      stderr,
+    );
+    // Nothing was started in the directory: no Postgres cluster.
+    const entries: string[] = [];
+    for await (const entry of Deno.readDir(dir)) entries.push(entry.name);
+    assertEquals(entries, []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("enqueue() and enqueueMany() store a traceparent option, and refuse a malformed one", async () => {
   await using db = await testDb();
   const one = await enqueue(db.sql, "t", {}, { traceparent: TP });
