@@ -5,6 +5,8 @@
  * receiver started here, which decodes them and checks their attributes and links.
  */
 import { context, type Span, trace } from "@opentelemetry/api";
+import postgres from "postgres";
+import type { Sql } from "../lib/db.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { exitWithin, runShoal, spawnShoal, startConsumer, testDb, waitFor } from "./helpers.ts";
 import { defineTask } from "../lib/tasks.ts";
@@ -401,6 +403,53 @@ Deno.test({
         s.attributes["shoal.job.id"] === followUp && s.name === "run trace.child"
       );
       assertEquals(childRun?.links, [{ traceId: run.traceId, spanId: run.spanId }]);
+    } finally {
+      await stopTracing();
+    }
+  },
+});
+
+Deno.test({
+  name: "a consumer reads traceparents only with tracing on: off, no statement names them",
+  // The second half traces: the exporter's keep-alive socket outlives stopTracing().
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    const plain = defineTask({ name: "trace.plain", handler: () => {} });
+    /** Run one job with a traceparent on a pool that records every statement it sends. */
+    const runOne = async (): Promise<string[]> => {
+      const sent: string[] = [];
+      const sql = postgres(db.url, {
+        max: 4,
+        idle_timeout: 0,
+        types: {},
+        onnotice: () => {},
+        debug: (_connection, query) => sent.push(query),
+      }) as unknown as Sql;
+      try {
+        await enqueue(db.sql, plain, {}, { traceparent: TP });
+        const consumer = startConsumer(sql, [plain]);
+        try {
+          await waitFor("the job to run", async () => {
+            const [row] = await db.sql`select count(*)::int as n from shoal.jobs`;
+            return row!.n === 0;
+          });
+        } finally {
+          await consumer.stop();
+        }
+      } finally {
+        await sql.end({ timeout: 5 });
+      }
+      assert(sent.some((q) => q.includes("shoal.claim_jobs")), "the recorder saw no claim");
+      return sent.filter((q) => q.includes("traceparent"));
+    };
+    assertEquals(await runOne(), []);
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "on" });
+    try {
+      const traced = await runOne();
+      assertEquals(traced.length, 1, traced.join("\n"));
     } finally {
       await stopTracing();
     }
