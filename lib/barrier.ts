@@ -77,6 +77,18 @@ export class CheckedFanOut {
     readonly json: string,
     readonly children: number,
   ) {}
+
+  /**
+   * The same fan-out carrying `traceparent` (lib/tracing.ts: the fan-out's span), which
+   * `shoal.fan_out` stores with its children and callbacks. The caller checked it.
+   */
+  withTraceparent(traceparent: string): CheckedFanOut {
+    // The JSON is an object built by checkFanOut(): its closing brace is its last character.
+    return new CheckedFanOut(
+      `${this.json.slice(0, -1)},"traceparent":${JSON.stringify(traceparent)}}`,
+      this.children,
+    );
+  }
 }
 
 /**

@@ -77,6 +77,13 @@ import {
 import { checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
 import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
 import {
+  startTracing,
+  stopTracing,
+  type TracingConfig,
+  TracingConfigError,
+  tracingFromEnv,
+} from "./tracing.ts";
+import {
   formatFlowLimits,
   formatPausedQueues,
   formatSchedules,
@@ -632,13 +639,18 @@ function roleCommand<N extends OptionName>(
   build: (opts: Options<CommonFlag | RoleFlag | N | HttpFlag>, tasks: TaskRegistry) => Roles,
   poolSize?: (opts: Options<CommonFlag | RoleFlag | N | HttpFlag>) => number,
 ): RoleCommand {
-  return async (parsed, tasks) =>
-    await withDb(parsed, {
+  return async (parsed, tasks) => {
+    /** Tracing's settings (OTEL_*), checked with the flags, before the database is touched. */
+    let tracing: TracingConfig | null = null;
+    return await withDb(parsed, {
       name: `--role ${role}`,
       flags: [...ROLE_FLAGS, ...flags, ...HTTP_FLAGS],
       needs: "connection",
       applicationName: `shoal ${role}`,
       poolSize,
+      check: () => {
+        tracing = otelSettings();
+      },
     }, async (sql, opts) => {
       const roles = build(opts, tasks);
       const schedules = roles.scheduler?.schedulesFile;
@@ -648,37 +660,55 @@ function roleCommand<N extends OptionName>(
           throw new UsageError(messageOf(error));
         });
       }
-      await untilStopped(async (stop) => {
-        // Up before migrations, so /readyz says "starting" while they run.
-        const http = await startHttp(sql, opts.http, roles, {
-          exactCounts: opts["metrics-exact"],
-          readOnly: opts["read-only"],
-        });
-        try {
-          await runRoles(sql, roles, {
-            stop,
-            http,
-            prepare: async () => {
-              // Started before its database: wait for it (--startup-wait); a SIGTERM
-              // meanwhile exits 0.
-              const ready = await waitForDatabase(sql, {
-                url: opts["database-url"],
-                maxWaitMs: opts["startup-wait"],
-                stop: stop.signal,
-              });
-              if (!ready) return false;
-              const migrations = await loadMigrations();
-              if (opts.migrate) await migrate(sql, migrations);
-              await checkSchema(sql, migrations, { migrateFlag: true });
-              return true;
-            },
+      // Loaded only when OTEL_* asks for it (lib/tracing.ts); its spans are flushed after
+      // the roles stopped, before the process exits.
+      if (tracing !== null) await startTracing(tracing);
+      try {
+        await untilStopped(async (stop) => {
+          // Up before migrations, so /readyz says "starting" while they run.
+          const http = await startHttp(sql, opts.http, roles, {
+            exactCounts: opts["metrics-exact"],
+            readOnly: opts["read-only"],
           });
-        } finally {
-          await http?.close();
-        }
-      });
+          try {
+            await runRoles(sql, roles, {
+              stop,
+              http,
+              prepare: async () => {
+                // Started before its database: wait for it (--startup-wait); a SIGTERM
+                // meanwhile exits 0.
+                const ready = await waitForDatabase(sql, {
+                  url: opts["database-url"],
+                  maxWaitMs: opts["startup-wait"],
+                  stop: stop.signal,
+                });
+                if (!ready) return false;
+                const migrations = await loadMigrations();
+                if (opts.migrate) await migrate(sql, migrations);
+                await checkSchema(sql, migrations, { migrateFlag: true });
+                return true;
+              },
+            });
+          } finally {
+            await http?.close();
+          }
+        });
+      } finally {
+        await stopTracing();
+      }
       return 0;
     });
+  };
+}
+
+/** Tracing's settings from OTEL_*, a bad value a usage error (one line, exit 2). */
+function otelSettings(): TracingConfig | null {
+  try {
+    return tracingFromEnv();
+  } catch (error) {
+    if (error instanceof TracingConfigError) throw new UsageError(error.message, { cause: error });
+    throw error;
+  }
 }
 
 /** A consumer's pool: its concurrency and two more (heartbeats, acks), at most 20. */
@@ -1069,20 +1099,27 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
   const opts = await setup("dev", parsed, ["dir", ...CONSUMER, ...HTTP_FLAGS]);
   configureBuiltins(tasks, opts);
-  return await untilStopped(async (stop) => {
-    await runDev({
-      tasks,
-      databaseUrl: opts["database-url"],
-      dir: opts.dir,
-      prepare: opts.prepare,
-      consumer: consumerOptions(opts),
-      http: opts.http,
-      metricsExact: opts["metrics-exact"],
-      readOnly: opts["read-only"],
-      print: out,
-    }, stop.signal);
-    return 0;
-  });
+  // Traced as the roles are (OTEL_*): the demo's jobs show up in a local collector too.
+  const tracing = otelSettings();
+  if (tracing !== null) await startTracing(tracing);
+  try {
+    return await untilStopped(async (stop) => {
+      await runDev({
+        tasks,
+        databaseUrl: opts["database-url"],
+        dir: opts.dir,
+        prepare: opts.prepare,
+        consumer: consumerOptions(opts),
+        http: opts.http,
+        metricsExact: opts["metrics-exact"],
+        readOnly: opts["read-only"],
+        print: out,
+      }, stop.signal);
+      return 0;
+    });
+  } finally {
+    await stopTracing();
+  }
 }
 
 /**

@@ -135,12 +135,15 @@ export class Completer {
     switch (run.state) {
       case "completed":
         this.#complete(run, ms);
+        // Traced: the run's span ends as its ack is queued (acks go in batches).
+        run.span?.end("completed");
         return undefined;
       case "fan-out":
         return this.#tracked(() => this.#fanOut(run, run.fanOut!, ms));
       case "failed":
         return this.#tracked(() => this.#fail(run, run.error, ms));
       default: // running (not settled: a caller's bug), lost or released: nothing to record
+        run.span?.end(run.state);
         return undefined;
     }
   }
@@ -282,21 +285,26 @@ export class Completer {
    */
   async #fanOut(run: JobRun, spec: CheckedFanOut, ms: number): Promise<void> {
     const job = run.job;
+    // Traced: the fan-out's span, whose context its children and callbacks carry.
+    const span = run.span?.fanOut(spec.children);
+    const sent = span === undefined ? spec : spec.withTraceparent(span.traceparent);
     try {
       const execution = await retryOnce(
         "fan-out",
         () =>
-          fanOut(this.#sql, job, spec, {
+          fanOut(this.#sql, job, sent, {
             maxChildren: this.#options.maxFanOut,
             maxPayloadBytes: this.#options.maxPayloadBytes,
           }),
       );
+      span?.end();
       if (execution === null) {
         this.#log.warn("Job {job_id} lost its claim before its fan-out: nothing enqueued", {
           job_id: job.id,
         });
       }
     } catch (error) {
+      span?.end(describeError(error));
       if (isDataError(error)) {
         const refused = new PermanentError(`Cannot fan out: ${(error as Error).message}`, {
           cause: error,
@@ -307,9 +315,11 @@ export class Completer {
         job_id: job.id,
         error: describeError(error),
       });
+      run.span?.end("unrecorded", describeError(error));
       return;
     }
     metrics.jobFinished(job, "completed", ms);
+    run.span?.end("completed");
   }
 
   /** Record a failure: retry later, or dead-letter when final. */
@@ -319,6 +329,7 @@ export class Completer {
     try {
       const outcome = await retryOnce("fail", () => fail(this.#sql, job, failure));
       metrics.jobFinished(job, outcome, ms);
+      run.span?.end(outcome, failure.error);
       const level = outcome === "dead" ? "error" : "warn";
       this.#log[level]("Job {job_id} ({task}) failed on attempt {attempt}, {outcome}: {error}", {
         job_id: job.id,
@@ -332,6 +343,7 @@ export class Completer {
         job_id: job.id,
         error: describeError(failError),
       });
+      run.span?.end("unrecorded", failure.error);
     }
   }
 }

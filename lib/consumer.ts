@@ -49,8 +49,10 @@ import {
   extend,
   type Job,
   type JobRef,
+  jobTraceparents,
   release,
 } from "./queue.ts";
+import { type Tracer, tracer } from "./tracing.ts";
 import type { TaskRegistry } from "./tasks.ts";
 import {
   CATALOG_REFRESH_MS,
@@ -170,7 +172,12 @@ export function defaultWorkerId(): string {
  * unrun) to the metrics and the log. The loop's claim and a probe's both come here.
  */
 export async function claimOnce(db: Db, options: ClaimOptions): Promise<ClaimResult> {
+  const traced = tracer();
+  const startedAt = traced === null ? 0 : Date.now();
   const result = await settleWithin("claim", claim(db, options), STATEMENT_DEADLINE_MS);
+  if (traced !== null && result.jobs.length > 0) {
+    await traceClaim(db, traced, options.queues, startedAt, result.jobs);
+  }
   metrics.jobsClaimed(result.jobs);
   metrics.jobsPoisoned(result.poisoned);
   for (const p of result.poisoned) {
@@ -180,6 +187,40 @@ export async function claimOnce(db: Db, options: ClaimOptions): Promise<ClaimRes
     );
   }
   return result;
+}
+
+/**
+ * With tracing on: read the claimed jobs' traceparents (one statement; the claim itself
+ * ships no column more) and record the claim's span. Never throws: the jobs are claimed,
+ * and run unlinked when the read fails.
+ */
+async function traceClaim(
+  db: Db,
+  traced: Tracer,
+  queues: readonly string[],
+  startedAt: number,
+  jobs: readonly Job[],
+): Promise<void> {
+  try {
+    const rows = await settleWithin(
+      "traceparents",
+      jobTraceparents(db, jobs.map((j) => j.id)),
+      STATEMENT_DEADLINE_MS,
+    );
+    if (rows.length > 0) {
+      const byId = new Map(rows.map((r) => [r.id, r.traceparent]));
+      for (const job of jobs) {
+        const traceparent = byId.get(job.id);
+        if (traceparent !== undefined) traced.remember(job, traceparent);
+      }
+    }
+  } catch (error) {
+    logger("tracing").warn(
+      "Cannot read the trace context of {count} claimed jobs, their runs are not linked to their producers: {error}",
+      { count: jobs.length, error: describeError(error) },
+    );
+  }
+  traced.claimed(queues, startedAt, jobs);
 }
 
 /** A registration's settings as a log line shows them: `queue app, 3 attempts, timeout 30s`. */

@@ -81,7 +81,7 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
     revived as (
       insert into shoal.jobs (id, queue, task, payload, priority, fairness_key, fair_seq,
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at,
-        concurrency_key)
+        concurrency_key, traceparent)
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
         -- Stamped like a new job (the stamping rule in sql/functions/queue.sql).
@@ -90,7 +90,7 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
         -- Past every token of its previous life: a worker still holding one is fenced off.
         d.token + 1,
         d.key, d.execution_id, d.barrier_id, d.child_index, d.errors, d.created_at,
-        d.concurrency_key
+        d.concurrency_key, d.traceparent
       from dead d
       where not exists (select 1 from ended)
       on conflict (queue, key) where key is not null do nothing

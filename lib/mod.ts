@@ -117,6 +117,14 @@ export {
 } from "./http_task.ts";
 export { checkSqlSchemas, sqlTask, type SqlTaskSettings } from "./sql_task.ts";
 export { type QueueStatus, type Status, status, type StatusOptions } from "./status.ts";
+export {
+  isTraceparent,
+  startTracing,
+  stopTracing,
+  type TracingConfig,
+  TracingConfigError,
+  tracingFromEnv,
+} from "./tracing.ts";
 export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
 export {
   type AnyTask,

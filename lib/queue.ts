@@ -50,6 +50,7 @@ import {
   MAX_KEY_LENGTH,
 } from "./names.ts";
 import { type AnyTask, type TaskDefinition, taskSettings } from "./tasks.ts";
+import { isTraceparent, TRACEPARENT_EXPECTED, tracer } from "./tracing.ts";
 
 /** A claimed job, as a handler sees it. Bigint ids and tokens are strings. */
 export interface Job {
@@ -105,6 +106,12 @@ export interface EnqueueOptions {
    * catalog value (25 for a task never registered).
    */
   maxAttempts?: number;
+  /**
+   * The W3C trace context the job was enqueued under ("00-<trace id>-<span id>-<flags>"):
+   * a traced consumer links the job's run to that span (lib/tracing.ts). Unless given, the
+   * span active in the caller's context when this process has tracing on, else none.
+   */
+  traceparent?: string;
 }
 
 /** One job to enqueue by task name: its payload is not type-checked. */
@@ -180,6 +187,8 @@ interface JobColumns {
   concurrencyKey: string | null;
   maxAttempts: number | null;
   key: string | null;
+  /** A W3C traceparent (lib/tracing.ts), or null. */
+  traceparent: string | null;
 }
 
 /** The calls a job is checked for, as messages name them. */
@@ -288,6 +297,16 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs):
   const concurrencyKey = spec.concurrencyKey === undefined
     ? null
     : keyField(args, spec.concurrencyKey, MAX_FAIRNESS_KEY_LENGTH, "concurrencyKey");
+  let traceparent: string | null = null;
+  if (spec.traceparent !== undefined && spec.traceparent !== null) {
+    if (!isTraceparent(spec.traceparent)) {
+      throw refusal(args.name("traceparent"), TRACEPARENT_EXPECTED, spec.traceparent);
+    }
+    traceparent = spec.traceparent;
+  } else {
+    // Tracing on in this process: the span active where enqueue was called, if any.
+    traceparent = tracer()?.activeTraceparent() ?? null;
+  }
   return {
     queue,
     task,
@@ -298,6 +317,7 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs):
     concurrencyKey,
     maxAttempts: maxAttempts ?? null,
     key,
+    traceparent,
   };
 }
 
@@ -322,6 +342,7 @@ export function checkJobSpec(
   if (columns.key !== null) row.key = columns.key;
   if (columns.fairnessKey !== null) row.fairness_key = columns.fairnessKey;
   if (columns.concurrencyKey !== null) row.concurrency_key = columns.concurrencyKey;
+  if (columns.traceparent !== null) row.traceparent = columns.traceparent;
   return row;
 }
 
@@ -418,10 +439,15 @@ function wakeupsOf(db: Db): Wakeups | null {
   return found;
 }
 
-/** Insert validated jobs; `notify` sends the NOTIFY inside the statement's transaction. */
+/**
+ * Insert validated jobs; `notify` sends the NOTIFY inside the statement's transaction.
+ * Jobs with a traceparent go through statements of their own: the untraced ones stay the
+ * statements they were, with no argument more to send.
+ */
 async function insertJobs(db: Db, jobs: JobColumns[], notify: boolean): Promise<Enqueued[]> {
   if (jobs.length === 1) {
     const job = jobs[0]!;
+    if (job.traceparent !== null) return await insertTraced(db, job, notify);
     const rows = await db<Enqueued[]>`
       select id, inserted from shoal.insert_job(
         ${job.queue}::text, ${job.task}::text, ${job.payload}::text::jsonb,
@@ -439,13 +465,47 @@ async function insertJobs(db: Db, jobs: JobColumns[], notify: boolean): Promise<
   const maxAttempts = column(jobs, (j) => j.maxAttempts);
   const keys = column(jobs, (j) => j.key);
   const concurrencyKeys = column(jobs, (j) => j.concurrencyKey);
-  const rows = await db<Enqueued[]>`
+  const traceparents = column(jobs, (j) => j.traceparent);
+  const rows = traceparents === null
+    ? await db<Enqueued[]>`
     select id, inserted from shoal.insert_jobs(
       ${queues}::text[], ${tasks}::text[], ${payloads}::text[]::jsonb[],
       ${runAts}::timestamptz[], ${priorities}::integer[], ${fairnessKeys}::text[],
       ${maxAttempts}::integer[], ${keys}::text[], ${notify}::boolean,
-      concurrency_keys => ${concurrencyKeys}::text[])`;
+      concurrency_keys => ${concurrencyKeys}::text[])`
+    : await db<Enqueued[]>`
+    select id, inserted from shoal.insert_jobs(
+      ${queues}::text[], ${tasks}::text[], ${payloads}::text[]::jsonb[],
+      ${runAts}::timestamptz[], ${priorities}::integer[], ${fairnessKeys}::text[],
+      ${maxAttempts}::integer[], ${keys}::text[], ${notify}::boolean,
+      concurrency_keys => ${concurrencyKeys}::text[], traceparents => ${traceparents}::text[])`;
   return rows.map((r) => ({ id: r.id, inserted: r.inserted }));
+}
+
+/** insertJobs() for one job with a traceparent. */
+async function insertTraced(db: Db, job: JobColumns, notify: boolean): Promise<Enqueued[]> {
+  const rows = await db<Enqueued[]>`
+    select id, inserted from shoal.insert_job(
+      ${job.queue}::text, ${job.task}::text, ${job.payload}::text::jsonb,
+      ${job.runAt}::timestamptz, ${job.priority}::integer, ${job.fairnessKey}::text,
+      ${job.maxAttempts}::integer, ${job.key}::text, ${notify}::boolean,
+      concurrency_key => ${job.concurrencyKey}::text, traceparent => ${job.traceparent}::text)`;
+  return [{ id: rows[0]!.id, inserted: rows[0]!.inserted }];
+}
+
+/**
+ * The traceparents stored with these jobs (ids as claimed), those that have one: what a
+ * traced consumer reads after each claim, one statement per claim, so that the claim
+ * itself stays as it is (and ships no column more) with tracing off.
+ */
+export async function jobTraceparents(
+  db: Db,
+  ids: readonly string[],
+): Promise<{ id: string; traceparent: string }[]> {
+  if (ids.length === 0) return [];
+  return await db<{ id: string; traceparent: string }[]>`
+    select j.id, j.traceparent from shoal.jobs j
+    where j.id = any(${ids}::bigint[]) and j.traceparent is not null`;
 }
 
 /** One optional column of a batch, or null (all defaults) when no job sets it. */
@@ -935,10 +995,10 @@ export async function fail(db: Db, ref: JobRef, options: FailOptions): Promise<F
     buried as (
       insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
-        created_at, concurrency_key)
+        created_at, concurrency_key, traceparent)
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key, d.attempts,
         d.max_attempts, d.token, d.key, d.execution_id, d.barrier_id, d.child_index, d.new_errors,
-        ${message}::text, d.created_at, d.concurrency_key
+        ${message}::text, d.created_at, d.concurrency_key, d.traceparent
       from dead d
       returning id
     ),

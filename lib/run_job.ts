@@ -16,6 +16,7 @@ import { describeError, type Logger } from "./log.ts";
 import { checkOptions } from "./args.ts";
 import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
+import { type RunSpan, tracer } from "./tracing.ts";
 import {
   type AnyTask,
   PermanentError,
@@ -102,6 +103,8 @@ export class JobRun {
   fanOut: CheckedFanOut | undefined = undefined;
   /** Why the run failed (state "failed"). */
   error: unknown = undefined;
+  /** The run's span, with tracing on (lib/tracing.ts); the completer ends it. */
+  readonly span: RunSpan | undefined;
   readonly #env: RunEnv;
   /** The handler's AbortController, made when something first asks for it. */
   #controller: AbortController | undefined = undefined;
@@ -121,6 +124,7 @@ export class JobRun {
     const task = env.tasks.get(job.task);
     this.timeoutMs = task?.timeoutMs ?? env.taskTimeoutMs;
     this.timeoutAt = this.startedAt + this.timeoutMs;
+    this.span = tracer()?.startRun(job);
     // Not awaited: it never rejects, and settles the run itself.
     this.#run(task);
     this.#constructed = true;
@@ -237,7 +241,14 @@ export class JobRun {
           );
         }
       }
-      const value = await task.handler(payload, new RunContext(this, this.#env));
+      const ctx = new RunContext(this, this.#env);
+      const span = this.span;
+      // With tracing on, the handler runs with its span active: spans it makes are children.
+      const value = await (span === undefined
+        ? task.handler(payload, ctx)
+        : span.within(() =>
+          task.handler(payload, ctx)
+        ));
       // A job of an execution hands its result on (to its barrier's callback, or as the
       // execution's result): it must survive JSON, or the job fails here, not later.
       if (job.execution_id !== null && !this.fanOut) this.result = toJson(value, job.task);
@@ -294,6 +305,11 @@ class RunContext implements TaskContext {
       // Checked before the spread: a string's characters would spread into options.
       checkOptions("ctx.enqueue", opts);
       const options = { maxPayloadBytes: env.maxPayloadBytes, ...opts };
+      // Traced: the job links to this run (unless the handler gave a traceparent of its own).
+      const span = this.#run.span;
+      if (span !== undefined && options.traceparent === undefined) {
+        options.traceparent = span.traceparent;
+      }
       // A definition brings its own queue and attempts, and so does a name this consumer
       // defines (as for `shoal enqueue`); any other name takes the task's from the catalog
       // (the catalog rule). enqueueOne() refuses anything that is neither.

@@ -615,6 +615,31 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
       'Invalid delayMs for new RetryLaterError(): expected a number of milliseconds, not "120"',
   }],
   PermanentError: { exempt: "an Error subclass: it takes what Error takes" },
+  TracingConfigError: { exempt: "an Error subclass: it takes what Error takes" },
+  isTraceparent: { exempt: "a predicate: any value has an answer" },
+  stopTracing: { exempt: "takes no argument" },
+  tracingFromEnv: [{
+    call: () => shoal.tracingFromEnv(x({})),
+    error: TypeError,
+    message:
+      "Invalid env for tracingFromEnv(): expected an object with get(name), such as Deno.env, not an object",
+  }],
+  startTracing: [{
+    call: () => shoal.startTracing(x(undefined)),
+    error: TypeError,
+    message:
+      "Invalid config for startTracing(): expected tracing settings ({ tracesUrl, serviceName }), not undefined",
+  }, {
+    call: () => shoal.startTracing(x({ tracesUrl: "http://c:4318/v1/traces" })),
+    error: TypeError,
+    message:
+      "Invalid config.serviceName for startTracing(): expected a non-empty string, not undefined",
+  }, {
+    call: () => shoal.startTracing({ tracesUrl: "collector:4318", serviceName: "s" }),
+    error: TypeError,
+    message:
+      'Invalid config.tracesUrl for startTracing(): expected an http:// or https:// URL, not "collector:4318"',
+  }],
   enqueue: [{
     call: () => shoal.enqueue(x(undefined), "t"),
     error: TypeError,
@@ -636,6 +661,11 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: ({ sql }) => shoal.enqueue(sql, "t", {}, x("emails")),
     error: TypeError,
     message: 'Invalid options for enqueue(): expected an object, not "emails"',
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, "t", {}, { traceparent: "00-1-2-01" }),
+    error: TypeError,
+    message:
+      'Invalid options.traceparent for enqueue(): expected a W3C traceparent "00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower case, not "00-1-2-01"',
   }, {
     call: ({ sql }) => shoal.enqueue(sql, "t", {}, { runAt: x("2026-01-01") }),
     error: TypeError,

@@ -4,6 +4,8 @@
  * command, then run as real processes: `migrate` and every role, stopped by SIGTERM.
  */
 import { assert, assertEquals } from "./assert.ts";
+import { OtlpReceiver } from "./otlp_receiver.ts";
+import { enqueue } from "../lib/queue.ts";
 import {
   emptyDb,
   exitWithin,
@@ -222,6 +224,40 @@ for (const name of Object.keys(ROLES)) {
     }
   });
 }
+
+Deno.test("the bundle exports a consumer's spans over OTLP/HTTP when OTEL_* asks, flushed on SIGTERM", async () => {
+  const bundle = await buildBundle();
+  await using db = await testDb();
+  await using receiver = new OtlpReceiver();
+  const traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+  const id = await enqueue(db.sql, "shoal.noop", {}, { traceparent });
+  await using proc = spawnShoal([
+    "--role",
+    "consumer",
+    "--log-format",
+    "json",
+    ...ROLE_FLAGS.consumer!,
+  ], {
+    url: db.url,
+    mainModule: bundle,
+    env: { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.base, OTEL_SERVICE_NAME: "bundled" },
+  });
+  await waitFor("the job to run", async () => {
+    const [row] = await db.sql`select count(*)::int as n from shoal.jobs`;
+    return row!.n === 0;
+  }, 20_000);
+  proc.kill("SIGTERM");
+  const { code, output } = await exitWithin(proc, 20_000);
+  assertEquals(code, 0, output);
+  const run = receiver.spans.find((s) => s.name === "run shoal.noop");
+  if (run === undefined) throw new Error(`No run span exported:\n${output}`);
+  assertEquals(run.service, "bundled");
+  assertEquals(run.attributes["shoal.job.id"], id);
+  assertEquals(run.links, [{
+    traceId: traceparent.slice(3, 35),
+    spanId: traceparent.slice(36, 52),
+  }]);
+});
 
 function cap(word: string): string {
   return word.charAt(0).toUpperCase() + word.slice(1);

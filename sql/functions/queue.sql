@@ -8,6 +8,7 @@
 --   shoal.level_head, shoal.fair_place,            the stamping rule (below)
 --   shoal.fair_stamp, shoal.fair_seq_next
 --   shoal.insert_job, shoal.insert_jobs             the one insert of new jobs, with its wake
+--   shoal.traceparent_error                         the trace context check (below)
 --   shoal.enqueue_jobs, shoal.enqueue_many,         the SQL entry points (checked, then
 --   shoal.enqueue                                   insert_job(s))
 -- Fan-out children go through insert_jobs too. Callbacks (shoal.insert_callback in
@@ -176,6 +177,23 @@ language sql stable as $$
   end
 $$;
 
+-- A job's trace context (sql/018_traceparent.sql): null when it is null or a W3C
+-- traceparent of version 00 in lower case with a trace id and span id that are not all
+-- zeros, else {SQLSTATE, message} as the job checks give them. Separate from job_error so
+-- that the paths without a traceparent argument never evaluate it.
+create or replace function shoal.traceparent_error(ord bigint, traceparent text) returns text[]
+language sql immutable as $$
+  select case
+    when traceparent is not null
+         and (traceparent !~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+              or substr(traceparent, 4, 32) = repeat('0', 32)
+              or substr(traceparent, 37, 16) = repeat('0', 16)) then
+      array['22023', format('Cannot enqueue job %s: traceparent must be a W3C traceparent '
+                            '"00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower '
+                            'case, trace and span id not all zeros', ord)]
+  end
+$$;
+
 -- The job checks (above) for job number ord: null when it passes, else {SQLSTATE, message}.
 -- Null arguments are missing values (they take the column defaults, or the catalog's for
 -- queue and max_attempts), except task.
@@ -284,6 +302,10 @@ $$;
 -- speculative insertion (one more WAL record each), so only keyed jobs pay for it.
 drop function if exists shoal.insert_job(text, text, jsonb, timestamptz, integer, text, integer,
                                          text, boolean, bigint, bigint, integer);
+-- Revision 7 added traceparent (issue 16): the signature before it goes, so that calls
+-- naming fewer arguments are not ambiguous between the two.
+drop function if exists shoal.insert_job(text, text, jsonb, timestamptz, integer, text, integer,
+                                         text, boolean, bigint, bigint, integer, text);
 create or replace function shoal.insert_job(
   queue text,
   task text,
@@ -298,6 +320,7 @@ create or replace function shoal.insert_job(
   barrier_id bigint default null,
   child_index integer default null,
   concurrency_key text default null,
+  traceparent text default null,
   out id bigint,
   out inserted boolean
 )
@@ -321,12 +344,13 @@ begin
   if insert_job.key is null then
     insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key, fair_seq,
                                  max_attempts, execution_id, barrier_id, child_index,
-                                 concurrency_key)
+                                 concurrency_key, traceparent)
     values (q, insert_job.task, insert_job.payload,
             coalesce(insert_job.run_at, now()), p, fk,
             shoal.fair_seq_next(q, fk, p),
             m, insert_job.execution_id,
-            insert_job.barrier_id, insert_job.child_index, insert_job.concurrency_key)
+            insert_job.barrier_id, insert_job.child_index, insert_job.concurrency_key,
+            insert_job.traceparent)
     returning j.id, j.fair_seq into new_id, new_seq;
     inserted := true;
   else
@@ -335,12 +359,13 @@ begin
     loop
       insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, key, execution_id, barrier_id,
-                                   child_index, concurrency_key)
+                                   child_index, concurrency_key, traceparent)
       values (q, insert_job.task, insert_job.payload,
               coalesce(insert_job.run_at, now()), p, fk,
               shoal.fair_seq_next(q, fk, p),
               m, insert_job.key, insert_job.execution_id,
-              insert_job.barrier_id, insert_job.child_index, insert_job.concurrency_key)
+              insert_job.barrier_id, insert_job.child_index, insert_job.concurrency_key,
+              insert_job.traceparent)
       on conflict (queue, key) where key is not null do nothing
       returning j.id, j.fair_seq into new_id, new_seq;
       if found then
@@ -372,6 +397,9 @@ $$;
 drop function if exists shoal.insert_jobs(text[], text[], jsonb[], timestamptz[], integer[],
                                           text[], integer[], text[], boolean, bigint[],
                                           bigint[], integer[]);
+drop function if exists shoal.insert_jobs(text[], text[], jsonb[], timestamptz[], integer[],
+                                          text[], integer[], text[], boolean, bigint[],
+                                          bigint[], integer[], text[]);
 create or replace function shoal.insert_jobs(
   queues text[],
   tasks text[],
@@ -385,7 +413,8 @@ create or replace function shoal.insert_jobs(
   execution_ids bigint[] default null,
   barrier_ids bigint[] default null,
   child_indexes integer[] default null,
-  concurrency_keys text[] default null
+  concurrency_keys text[] default null,
+  traceparents text[] default null
 ) returns table (ord bigint, id bigint, inserted boolean)
 language plpgsql volatile as $$
 #variable_conflict use_column
@@ -415,7 +444,8 @@ begin
      or coalesce(cardinality(keys), n) <> n or coalesce(cardinality(execution_ids), n) <> n
      or coalesce(cardinality(barrier_ids), n) <> n
      or coalesce(cardinality(child_indexes), n) <> n
-     or coalesce(cardinality(concurrency_keys), n) <> n then
+     or coalesce(cardinality(concurrency_keys), n) <> n
+     or coalesce(cardinality(traceparents), n) <> n then
     raise exception 'Cannot enqueue: every column array must hold one element per job'
       using errcode = '22023';
   end if;
@@ -448,18 +478,18 @@ begin
     with ins as (
       insert into shoal.jobs as j (queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, execution_id, barrier_id,
-                                   child_index, concurrency_key)
+                                   child_index, concurrency_key, traceparent)
       select u.queue, u.task, u.payload, coalesce(u.run_at, now()), coalesce(u.priority, 0),
              coalesce(u.fairness_key, ''),
              shoal.fair_stamp(place.base, place.used, place.weight, u.ord),
              coalesce(u.max_attempts, 25),
-             u.execution_id, u.barrier_id, u.child_index, u.concurrency_key
+             u.execution_id, u.barrier_id, u.child_index, u.concurrency_key, u.traceparent
       from unnest(queues, tasks, payloads, run_ats, priorities, fairness_keys,
                   insert_jobs.max_attempts, execution_ids, barrier_ids, child_indexes,
-                  concurrency_keys)
+                  concurrency_keys, traceparents)
         with ordinality as u(queue, task, payload, run_at, priority, fairness_key,
                              max_attempts, execution_id, barrier_id, child_index,
-                             concurrency_key, ord)
+                             concurrency_key, traceparent, ord)
       returning j.id, j.fair_seq
     )
     select array_agg(ins.id order by ins.id), array_agg(ins.fair_seq order by ins.id)
@@ -472,12 +502,13 @@ begin
              coalesce(u.run_at, now()) as run_at, coalesce(u.priority, 0) as priority,
              coalesce(u.fairness_key, '') as fairness_key,
              coalesce(u.max_attempts, 25) as max_attempts, u.key, u.execution_id, u.barrier_id,
-             u.child_index, u.concurrency_key
+             u.child_index, u.concurrency_key, u.traceparent
       from unnest(queues, tasks, payloads, run_ats, priorities, fairness_keys,
                   insert_jobs.max_attempts, keys, execution_ids, barrier_ids, child_indexes,
-                  concurrency_keys)
+                  concurrency_keys, traceparents)
         with ordinality as u(queue, task, payload, run_at, priority, fairness_key, max_attempts,
-                             key, execution_id, barrier_id, child_index, concurrency_key, ord)
+                             key, execution_id, barrier_id, child_index, concurrency_key,
+                             traceparent, ord)
     ),
     groups as materialized (
       -- One place per (queue, fairness key, priority).
@@ -495,19 +526,19 @@ begin
     plain as (
       insert into shoal.jobs (id, queue, task, payload, run_at, priority, fairness_key, fair_seq,
                               max_attempts, execution_id, barrier_id, child_index,
-                              concurrency_key)
+                              concurrency_key, traceparent)
       select s.new_id, s.queue, s.task, s.payload, s.run_at, s.priority, s.fairness_key,
              s.fair_seq, s.max_attempts, s.execution_id, s.barrier_id, s.child_index,
-             s.concurrency_key
+             s.concurrency_key, s.traceparent
       from stamped s where s.key is null order by s.ord
     ),
     keyed as (
       insert into shoal.jobs as j (id, queue, task, payload, run_at, priority, fairness_key,
                                    fair_seq, max_attempts, key, execution_id, barrier_id,
-                                   child_index, concurrency_key)
+                                   child_index, concurrency_key, traceparent)
       select s.new_id, s.queue, s.task, s.payload, s.run_at, s.priority, s.fairness_key,
              s.fair_seq, s.max_attempts, s.key, s.execution_id, s.barrier_id, s.child_index,
-             s.concurrency_key
+             s.concurrency_key, s.traceparent
       from stamped s where s.key is not null order by s.ord
       on conflict (queue, key) where key is not null do nothing
       returning j.id
@@ -536,7 +567,7 @@ begin
         from shoal.insert_job(queues[o], tasks[o], payloads[o], run_ats[o], priorities[o],
                               fairness_keys[o], insert_jobs.max_attempts[o], keys[o], false,
                               execution_ids[o], barrier_ids[o], child_indexes[o],
-                              concurrency_keys[o]) r;
+                              concurrency_keys[o], traceparents[o]) r;
         ids[o] := one.id;
         held[o] := not one.inserted;
       end loop;
@@ -556,7 +587,8 @@ $$;
 
 -- Enqueue many jobs from one jsonb document: the body behind shoal.enqueue_many and shoal's
 -- own functions (start_execution). jobs is a JSON array of objects with the keys queue, task,
--- payload, run_at, priority, fairness_key, max_attempts, key, concurrency_key (only task is required; queue
+-- payload, run_at, priority, fairness_key, max_attempts, key, concurrency_key, traceparent
+-- (only task is required; queue
 -- and max_attempts follow the catalog rule) and, from shoal's own functions only, workflow membership (execution_id,
 -- barrier_id, child_index). Every element is checked before anything is inserted, so one
 -- bad element rejects the whole batch with a message that names it; then the columns go to
@@ -580,13 +612,18 @@ begin
              when jsonb_typeof(e.j) <> 'object' then
                array['22023',
                      format('Cannot enqueue job %s: each job must be a JSON object', e.ord)]
-             else shoal.job_error(
+             else coalesce(shoal.job_error(
                e.ord,
                case when coalesce(jsonb_typeof(e.j->'queue'), 'null') in ('string', 'null')
                     then e.j->>'queue' else '' end,
                case when jsonb_typeof(e.j->'task') = 'string' then e.j->>'task' end,
                e.j->'payload', (e.j->>'priority')::numeric, e.j->>'fairness_key',
-               (e.j->>'max_attempts')::numeric, e.j->>'key', e.j->>'concurrency_key')
+               (e.j->>'max_attempts')::numeric, e.j->>'key', e.j->>'concurrency_key'),
+               -- A traceparent is checked only where one is given (a JSON null is none).
+               case when jsonb_typeof(e.j->'traceparent') not in ('string', 'null') then
+                      array['22023', format('Cannot enqueue job %s: traceparent must be a string',
+                                            e.ord)]
+                    else shoal.traceparent_error(e.ord, e.j->>'traceparent') end)
            end as problem
     from jsonb_array_elements(jobs) with ordinality as e(j, ord)
   ) x
@@ -605,6 +642,7 @@ begin
          array_agg((e.j->>'max_attempts')::integer order by e.ord) as max_attempts,
          array_agg(e.j->>'key' order by e.ord) as keys,
          array_agg(e.j->>'concurrency_key' order by e.ord) as concurrency_keys,
+         array_agg(e.j->>'traceparent' order by e.ord) as traceparents,
          -- Workflow membership (set by shoal's own start_execution).
          array_agg((e.j->>'execution_id')::bigint order by e.ord) as execution_ids,
          array_agg((e.j->>'barrier_id')::bigint order by e.ord) as barrier_ids,
@@ -617,7 +655,7 @@ begin
     from shoal.insert_jobs(cols.queues, cols.tasks, cols.payloads, cols.run_ats,
                            cols.priorities, cols.fairness_keys, cols.max_attempts, cols.keys,
                            notify, cols.execution_ids, cols.barrier_ids, cols.child_indexes,
-                           cols.concurrency_keys) r;
+                           cols.concurrency_keys, cols.traceparents) r;
 end
 $$;
 
@@ -646,10 +684,15 @@ $$;
 --   select shoal.enqueue('emails', 'send_welcome', '{"user": 42}', priority => 5);
 --   select shoal.enqueue(null, 'send_welcome', '{"user": 42}');     -- the task's queue
 --   select shoal.enqueue(task => 'send_welcome', payload => '{"user": 42}');
+--   select shoal.enqueue(task => 'send_welcome', traceparent => '00-<trace id>-<span id>-01');
+-- (traceparent: the W3C trace context of the producer's span, which a traced consumer links
+-- the job's run to; shoal.traceparent_error says what is accepted.)
 -- (queue and task default to null only so that task may be named without a queue; a job
 -- without a task is refused.)
 drop function if exists shoal.enqueue(text, text, jsonb, timestamptz, integer, text, text,
                                       integer, boolean);
+drop function if exists shoal.enqueue(text, text, jsonb, timestamptz, integer, text, text,
+                                      integer, boolean, text);
 create or replace function shoal.enqueue(
   queue text default null,
   task text default null,
@@ -660,15 +703,17 @@ create or replace function shoal.enqueue(
   fairness_key text default null,
   max_attempts integer default null,
   notify boolean default true,
-  concurrency_key text default null
+  concurrency_key text default null,
+  traceparent text default null
 ) returns bigint
 language plpgsql volatile as $$
 #variable_conflict use_variable
 declare
   -- A null payload is refused here ("not null"), not taken for a missing one.
-  problem text[] := shoal.job_error(1, queue, task, coalesce(payload, 'null'::jsonb),
-                                    priority, fairness_key, max_attempts, key,
-                                    concurrency_key);
+  problem text[] := coalesce(shoal.job_error(1, queue, task, coalesce(payload, 'null'::jsonb),
+                                             priority, fairness_key, max_attempts, key,
+                                             concurrency_key),
+                             shoal.traceparent_error(1, traceparent));
 begin
   if problem is not null then
     raise exception using errcode = problem[1], message = problem[2];
@@ -676,6 +721,7 @@ begin
   return (select i.id
           from shoal.insert_job(queue, task, payload, run_at, priority, fairness_key,
                                 max_attempts, key, notify,
-                                concurrency_key => concurrency_key) i);
+                                concurrency_key => concurrency_key,
+                                traceparent => traceparent) i);
 end
 $$;

@@ -31,7 +31,8 @@ $$;
 
 -- Insert one callback (or error callback) at the head of its queue (the stamping rule in
 -- queue.sql) and wake its consumers. Callbacks bypass the payload limit: their results
--- come from shoal, not from a caller.
+-- come from shoal, not from a caller. spec->>'traceparent', when its fan-out had one
+-- (shoal.fan_out), is the fan-out's span: a traced consumer links the callback's run to it.
 create or replace function shoal.insert_callback(
   spec jsonb, payload jsonb, execution_id bigint, barrier_id bigint, child_index integer
 ) returns bigint
@@ -44,11 +45,12 @@ declare
 begin
   insert into shoal.jobs as j (queue, task, payload, priority, fairness_key, fair_seq,
                                max_attempts, execution_id, barrier_id, child_index,
-                               concurrency_key)
+                               concurrency_key, traceparent)
   values (q, spec->>'task', payload, p, coalesce(spec->>'fairness_key', ''),
           coalesce(shoal.level_head(q, p), 1),
           coalesce((spec->>'max_attempts')::integer, 25),
-          execution_id, barrier_id, child_index, spec->>'concurrency_key')
+          execution_id, barrier_id, child_index, spec->>'concurrency_key',
+          spec->>'traceparent')
   returning j.id, j.fair_seq into new_id, new_seq;
   perform shoal.notify_jobs(array[q], null, array[p], array[new_seq]);
   return new_id;
@@ -214,7 +216,11 @@ $$;
 --
 -- spec: {"children": [{"task", "payload"?, "queue"?, "max_attempts"?}, ...],
 --        "callback": {"task", "payload"?, "queue"?, "max_attempts"?},
---        "on_error"?: {...same...}, "expires_in_ms"?: integer}
+--        "on_error"?: {...same...}, "expires_in_ms"?: integer, "traceparent"?: text}
+--
+-- traceparent (issue 16): the W3C trace context of the fan-out's span, sent by a traced
+-- consumer only. The children carry it, and so do the callbacks (stored in the barrier's
+-- callback envelopes), so each of their runs links to the fan-out.
 --
 -- The children are checked with the job checks (a child is "job" n, from 1) and inserted by
 -- shoal.insert_jobs in child order, with the parent's priority and fairness key: ids are
@@ -236,6 +242,7 @@ declare
   kids record;
   kid_queues text[];
   kid_attempts integer[];
+  trace text;
 begin
   if jsonb_typeof(spec) is distinct from 'object'
      or jsonb_typeof(spec->'children') is distinct from 'array' then
@@ -247,6 +254,14 @@ begin
        or (spec->>'expires_in_ms')::numeric > 315576000000) then
     raise exception 'Cannot fan out: expires_in_ms must be a positive integer of at most 10 years'
       using errcode = '22023';
+  end if;
+  if spec ? 'traceparent' then
+    problem := shoal.traceparent_error(1, spec->>'traceparent');
+    if jsonb_typeof(spec->'traceparent') is distinct from 'string' or problem is not null then
+      raise exception 'Cannot fan out: traceparent must be a W3C traceparent "00-<trace id>-<span id>-<flags>"'
+        using errcode = '22023';
+    end if;
+    trace := spec->>'traceparent';
   end if;
   n := jsonb_array_length(spec->'children');
   if n > max_children then
@@ -295,6 +310,10 @@ begin
   if spec ? 'on_error' and jsonb_typeof(spec->'on_error') <> 'null' then
     error_callback := shoal.fan_out_callback(spec->'on_error', 'on_error', parent);
   end if;
+  if trace is not null then
+    callback := callback || jsonb_build_object('traceparent', trace);
+    error_callback := error_callback || jsonb_build_object('traceparent', trace);
+  end if;
 
   if n = 0 then
     -- The chord with an empty header: the callback runs now, with no results.
@@ -325,7 +344,8 @@ begin
     array_fill(parent.priority, array[n]), array_fill(parent.fairness_key, array[n]),
     kid_attempts, null, true,
     array_fill(execution, array[n]), array_fill(barrier, array[n]), kids.child_indexes,
-    array_fill(parent.concurrency_key, array[n]));
+    array_fill(parent.concurrency_key, array[n]),
+    case when trace is not null then array_fill(trace, array[n]) end);
   return execution;
 end
 $$;

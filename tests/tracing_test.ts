@@ -1,0 +1,457 @@
+/**
+ * OpenTelemetry traces (issue 16, lib/tracing.ts): the traceparent check, the OTEL_*
+ * settings, the traceparent stored by every enqueue path and carried through dead letters,
+ * and, end to end, a real `main.ts` consumer exporting its spans over OTLP/HTTP to a
+ * receiver started here, which decodes them and checks their attributes and links.
+ */
+import { context, type Span, trace } from "@opentelemetry/api";
+import postgres from "postgres";
+import type { Sql } from "../lib/db.ts";
+import { assert, assertEquals, assertRejects } from "./assert.ts";
+import { exitWithin, runShoal, spawnShoal, startConsumer, testDb, waitFor } from "./helpers.ts";
+import { defineTask } from "../lib/tasks.ts";
+import { OtlpReceiver, type ReceivedSpan } from "./otlp_receiver.ts";
+import { enqueue, enqueueMany, fail } from "../lib/queue.ts";
+import { retryDead } from "../lib/dead.ts";
+import { claim } from "../lib/queue.ts";
+import {
+  isTraceparent,
+  startTracing,
+  stopTracing,
+  TracingConfigError,
+  tracingFromEnv,
+} from "../lib/tracing.ts";
+
+const TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+/** An environment of these variables only. */
+const env = (vars: Record<string, string>) => ({ get: (name: string) => vars[name] });
+
+Deno.test("isTraceparent() accepts the W3C version 00 form and nothing else", () => {
+  assert(isTraceparent(TP));
+  assert(isTraceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"));
+  for (
+    const bad of [
+      "",
+      "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", // a version shoal does not store
+      "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01", // upper case
+      "00-00000000000000000000000000000000-b7ad6b7169203331-01", // zero trace id
+      "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01", // zero span id
+      "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01", // short span id
+      `${TP}-extra`,
+      ` ${TP}`,
+      null,
+      42,
+    ]
+  ) assert(!isTraceparent(bad), `accepted ${JSON.stringify(bad)}`);
+});
+
+Deno.test("tracingFromEnv() is off unless an endpoint is set, and off when told to be", () => {
+  assertEquals(tracingFromEnv(env({})), null);
+  assertEquals(tracingFromEnv(env({ OTEL_SERVICE_NAME: "api" })), null);
+  const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "http://collector:4318" };
+  assertEquals(tracingFromEnv(env({ ...endpoint, OTEL_SDK_DISABLED: "true" })), null);
+  assertEquals(tracingFromEnv(env({ ...endpoint, OTEL_SDK_DISABLED: "TRUE" })), null);
+  assertEquals(tracingFromEnv(env({ ...endpoint, OTEL_TRACES_EXPORTER: "none" })), null);
+  assertEquals(tracingFromEnv(env({ ...endpoint, OTEL_SDK_DISABLED: "false" })), {
+    tracesUrl: "http://collector:4318/v1/traces",
+    serviceName: "shoal",
+  });
+});
+
+Deno.test("tracingFromEnv() reads the endpoints and service name as the specification says", () => {
+  assertEquals(tracingFromEnv(env({ OTEL_EXPORTER_OTLP_ENDPOINT: "https://c.example/otlp/" })), {
+    tracesUrl: "https://c.example/otlp/v1/traces",
+    serviceName: "shoal",
+  });
+  // The traces endpoint is used as given, and wins over the general one.
+  assertEquals(
+    tracingFromEnv(env({
+      OTEL_EXPORTER_OTLP_ENDPOINT: "http://general:4318",
+      OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "http://traces:4318/custom",
+      OTEL_SERVICE_NAME: "billing-worker",
+      OTEL_TRACES_EXPORTER: "otlp",
+      OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
+    })),
+    { tracesUrl: "http://traces:4318/custom", serviceName: "billing-worker" },
+  );
+});
+
+Deno.test("tracingFromEnv() refuses a value that cannot work in one line naming the variable", () => {
+  const cases: [Record<string, string>, string][] = [
+    [{ OTEL_EXPORTER_OTLP_ENDPOINT: "collector:4318" }, "Invalid OTEL_EXPORTER_OTLP_ENDPOINT"],
+    [{ OTEL_EXPORTER_OTLP_ENDPOINT: "not a url" }, "Invalid OTEL_EXPORTER_OTLP_ENDPOINT"],
+    [{ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: "ftp://c/x" }, "not a ftp: URL"],
+    [{ OTEL_SDK_DISABLED: "yes" }, "Invalid OTEL_SDK_DISABLED: expected true or false"],
+    [{ OTEL_TRACES_EXPORTER: "zipkin" }, "Invalid OTEL_TRACES_EXPORTER"],
+    [
+      { OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318", OTEL_EXPORTER_OTLP_PROTOCOL: "grpc" },
+      "http/json only",
+    ],
+    [{ OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318", OTEL_SERVICE_NAME: " " }, "OTEL_SERVICE_NAME"],
+  ];
+  for (const [vars, message] of cases) {
+    let caught: unknown;
+    try {
+      tracingFromEnv(env(vars));
+    } catch (error) {
+      caught = error;
+    }
+    if (!(caught instanceof TracingConfigError)) {
+      throw new Error(`${JSON.stringify(vars)} was not refused with a TracingConfigError`, {
+        cause: caught,
+      });
+    }
+    assert(caught.message.includes(message), caught.message);
+    assert(!caught.message.includes("\n"), caught.message);
+  }
+});
+
+Deno.test("--role consumer with a bad OTEL endpoint exits 2 with one line", async () => {
+  await using db = await testDb();
+  const { code, stderr } = await runShoal(["--role", "consumer"], {
+    url: db.url,
+    env: { OTEL_EXPORTER_OTLP_ENDPOINT: "collector:4318" },
+  });
+  assertEquals(code, 2);
+  const lines = stderr.trim().split("\n");
+  assertEquals(lines.length, 1, stderr);
+  assert(lines[0]!.includes("Invalid OTEL_EXPORTER_OTLP_ENDPOINT"), stderr);
+});
+
+Deno.test("shoal dev with a bad OTEL value exits 2 with one line, before starting anything", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "shoal_dev_otel_" });
+  try {
+    const { code, stderr } = await runShoal(["dev", "--dir", dir], {
+      env: { OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318", OTEL_TRACES_EXPORTER: "jaeger" },
+    });
+    assertEquals(code, 2);
+    assertEquals(stderr.trim().split("\n").length, 1, stderr);
+    assert(
+      stderr.includes("Invalid OTEL_TRACES_EXPORTER: expected otlp or none, not jaeger"),
+      stderr,
+    );
+    // Nothing was started in the directory: no Postgres cluster.
+    const entries: string[] = [];
+    for await (const entry of Deno.readDir(dir)) entries.push(entry.name);
+    assertEquals(entries, []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("enqueue() and enqueueMany() store a traceparent option, and refuse a malformed one", async () => {
+  await using db = await testDb();
+  const one = await enqueue(db.sql, "t", {}, { traceparent: TP });
+  const plain = await enqueue(db.sql, "t", {});
+  const many = await enqueueMany(db.sql, [
+    { task: "t" },
+    { task: "t", traceparent: TP.replace("-01", "-00") },
+  ]);
+  const rows = await db.sql<{ id: string; traceparent: string | null }[]>`
+    select id, traceparent from shoal.jobs order by id`;
+  assertEquals([...rows], [
+    { id: one, traceparent: TP },
+    { id: plain, traceparent: null },
+    { id: many[0]!.id, traceparent: null },
+    { id: many[1]!.id, traceparent: TP.replace("-01", "-00") },
+  ]);
+  await assertRejects(
+    () => enqueue(db.sql, "t", {}, { traceparent: "00-abc" }),
+    TypeError,
+    "Invalid options.traceparent for enqueue(): expected a W3C traceparent",
+  );
+  await assertRejects(
+    () => enqueueMany(db.sql, [{ task: "t" }, { task: "t", traceparent: TP.toUpperCase() }]),
+    TypeError,
+    "Invalid jobs[1].traceparent for enqueueMany()",
+  );
+});
+
+Deno.test("shoal.enqueue and shoal.enqueue_many store a traceparent from SQL, checked", async () => {
+  await using db = await testDb();
+  const [row] = await db.sql<{ id: string }[]>`
+    select shoal.enqueue(task => 't', traceparent => ${TP}) as id`;
+  const many = await db.sql<{ id: string }[]>`
+    select id from shoal.enqueue_many(${
+    JSON.stringify([{ task: "t", traceparent: TP }, { task: "t", traceparent: null }])
+  }::text::jsonb) order by ord`;
+  const stored = await db.sql<{ traceparent: string | null }[]>`
+    select traceparent from shoal.jobs where id = any(${[
+    row!.id,
+    ...many.map((m) => m.id),
+  ]}::bigint[])
+    order by id`;
+  assertEquals(stored.map((s) => s.traceparent), [TP, TP, null]);
+  await assertRejects(
+    () => db.sql`select shoal.enqueue(task => 't', traceparent => 'garbage')`,
+    Error,
+    "Cannot enqueue job 1: traceparent must be a W3C traceparent",
+  );
+  await assertRejects(
+    () =>
+      db.sql`select * from shoal.enqueue_many('[{"task": "t"}, {"task": "t", "traceparent": 7}]')`,
+    Error,
+    "Cannot enqueue job 2: traceparent must be a string",
+  );
+});
+
+Deno.test("a job's traceparent moves to the dead letters and back on retry", async () => {
+  await using db = await testDb();
+  const id = await enqueue(db.sql, "t", {}, { traceparent: TP, maxAttempts: 1 });
+  const { jobs } = await claim(db.sql, {
+    queues: ["default"],
+    limit: 1,
+    workerId: "w",
+    visibilityMs: 30_000,
+  });
+  assertEquals(await fail(db.sql, jobs[0]!, { error: "boom", retryInMs: 0 }), "dead");
+  const [dead] = await db.sql`select traceparent from shoal.dead_jobs where id = ${id}::bigint`;
+  assertEquals(dead!.traceparent, TP);
+  assertEquals(await retryDead(db.sql, id), "retried");
+  const [live] = await db.sql`select traceparent from shoal.jobs where id = ${id}::bigint`;
+  assertEquals(live!.traceparent, TP);
+});
+
+/** In every payload of the end-to-end test: it must never reach the exported spans. */
+const MARKER = "PAYLOAD-MARKER-7d1c";
+
+Deno.test({
+  name: "a main.ts consumer exports run, claim and fan-out spans linked to the producer's span",
+  // The exporter's HTTP client (node:http under Deno) keeps its keep-alive socket past
+  // stopTracing(); the receiver and every process are closed by the test itself.
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+
+    // The producer: this process, traced, enqueueing under an active span.
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "producer" });
+    const producer = trace.getTracer("tracing_test");
+    const ids: Record<string, string> = {};
+    let producerSpan: Span | undefined;
+    try {
+      await producer.startActiveSpan("checkout", async (span) => {
+        producerSpan = span;
+        ids.a = await enqueue(db.sql, "shoal.noop", { note: MARKER });
+        ids.b = await enqueue(db.sql, "shoal.noop", { note: MARKER });
+        ids.fail = await enqueue(db.sql, "shoal.fail", { permanent: true, note: MARKER });
+        ids.chord = await enqueue(db.sql, "shoal.chord", {
+          children: [
+            { task: "shoal.noop", payload: { note: MARKER } },
+            { task: "shoal.noop", payload: { note: MARKER } },
+          ],
+          callback: { task: "shoal.sleep", payload: { ms: 1, note: MARKER } },
+        });
+        span.end();
+      });
+      // Outside the span, nothing is active: no traceparent is stored.
+      assertEquals(trace.getSpan(context.active()), undefined);
+      ids.untraced = await enqueue(db.sql, "shoal.noop", { note: MARKER });
+    } finally {
+      await stopTracing();
+    }
+    const p = producerSpan!.spanContext();
+    const stored = await db.sql<{ id: string; traceparent: string | null }[]>`
+      select id, traceparent from shoal.jobs order by id`;
+    assertEquals(stored.map((r) => r.traceparent), [
+      ...Array(4).fill(`00-${p.traceId}-${p.spanId}-01`),
+      null,
+    ]);
+
+    const consumer = spawnShoal(
+      ["--role", "consumer", "--poll-interval", "100ms", "--shutdown-grace", "1s"],
+      {
+        url: db.url,
+        env: {
+          OTEL_EXPORTER_OTLP_ENDPOINT: receiver.base,
+          OTEL_SERVICE_NAME: "shoal-test",
+          OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
+        },
+      },
+    );
+    await using _consumer = consumer;
+    await waitFor("every job to finish", async () => {
+      const [row] = await db.sql<{ live: number; dead: number }[]>`
+        select (select count(*) from shoal.jobs)::int as live,
+          (select count(*) from shoal.dead_jobs)::int as dead`;
+      if (consumer.output().includes("shoal: ")) throw new Error(consumer.output());
+      return row!.live === 0 && row!.dead === 1;
+    }, 30_000);
+    consumer.kill("SIGTERM");
+    const { code, output } = await exitWithin(consumer, 20_000);
+    assertEquals(code, 0, output);
+    assert(output.includes("Tracing on"), output);
+    // The spans were flushed at shutdown, before exit.
+    assertEquals(receiver.refused, []);
+
+    const spans = receiver.spans;
+    const checkout = spans.filter((s) => s.name === "checkout");
+    assertEquals(checkout.length, 1);
+    assertEquals(checkout[0]!.spanId, p.spanId);
+    assertEquals(checkout[0]!.service, "producer");
+
+    const ours = spans.filter((s) => s.service === "shoal-test");
+    const runs = ours.filter((s) => s.name.startsWith("run "));
+    const claims = new Map(
+      ours.filter((s) => s.name === "claim default").map((s) => [s.spanId, s]),
+    );
+    assert(claims.size >= 1, "no claim span");
+    for (const c of claims.values()) {
+      assertEquals(c.attributes["messaging.system"], "shoal");
+      assertEquals(c.attributes["messaging.operation.type"], "receive");
+      assertEquals(c.attributes["messaging.destination.name"], "default");
+      assert(Number(c.attributes["messaging.batch.message_count"]) >= 1);
+    }
+    /** The one run span of a job. */
+    const runOf = (id: string) => {
+      const found = runs.filter((s) => s.attributes["shoal.job.id"] === id);
+      assertEquals(found.length, 1, `run spans of job ${id}: ${found.length}`);
+      return found[0]!;
+    };
+    const linkedTo = (span: ReceivedSpan, to: { traceId: string; spanId: string }) =>
+      span.links.some((l) => l.traceId === to.traceId && l.spanId === to.spanId);
+
+    for (const key of ["a", "b", "fail", "chord"]) {
+      const run = runOf(ids[key]!);
+      assert(linkedTo(run, p), `run of ${key} not linked to the producer span`);
+      // A child of its claim's span, in the claim's trace: linked, not parented, to the producer.
+      assert(claims.has(run.parentSpanId), `run of ${key} is not a child of a claim span`);
+      assertEquals(run.traceId, claims.get(run.parentSpanId)!.traceId);
+      assertEquals(run.attributes["messaging.system"], "shoal");
+      assertEquals(run.attributes["messaging.destination.name"], "default");
+      assertEquals(run.attributes["messaging.operation.type"], "process");
+      assertEquals(run.attributes["shoal.job.attempt"], 1);
+    }
+    assertEquals(runOf(ids.a!).attributes["shoal.task"], "shoal.noop");
+    assertEquals(runOf(ids.a!).attributes["shoal.job.outcome"], "completed");
+    assertEquals(runOf(ids.a!).status.code ?? 0, 0);
+    // The untraced job still has its run span, linked to nothing.
+    assertEquals(runOf(ids.untraced!).links, []);
+
+    const failed = runOf(ids.fail!);
+    assertEquals(failed.status.code, 2, "a failed run's status is ERROR");
+    assert(failed.status.message?.includes("shoal.fail was asked to fail"), failed.status.message);
+    assertEquals(failed.attributes["shoal.job.outcome"], "dead");
+    assert(failed.events.some((e) => e.name === "exception"), "no exception event");
+
+    // The fan-out: a child of the chord's run; its children and its callback link to it.
+    const chordRun = runOf(ids.chord!);
+    const fanOuts = ours.filter((s) => s.name === "fan-out shoal.chord");
+    assertEquals(fanOuts.length, 1);
+    const fanOut = fanOuts[0]!;
+    assertEquals(fanOut.parentSpanId, chordRun.spanId);
+    assertEquals(fanOut.traceId, chordRun.traceId);
+    assertEquals(fanOut.attributes["messaging.batch.message_count"], 2);
+    const fromFanOut = runs.filter((s) => linkedTo(s, fanOut));
+    assertEquals(fromFanOut.map((s) => s.name).sort(), [
+      "run shoal.noop",
+      "run shoal.noop",
+      "run shoal.sleep",
+    ]);
+    const known = new Set(Object.values(ids));
+    for (const s of fromFanOut) assert(!known.has(String(s.attributes["shoal.job.id"])));
+    // Eight jobs ran (five enqueued, two children, a callback): one run span each.
+    assertEquals(runs.length, 8);
+
+    // No payload anywhere in what was exported.
+    assert(receiver.bodies.length > 0);
+    for (const body of receiver.bodies) assert(!body.includes(MARKER), "a payload was exported");
+  },
+});
+
+Deno.test({
+  name:
+    "a traced handler runs with its span active: its own spans are children, ctx.enqueue links to it",
+  // The exporter's HTTP client (node:http under Deno) keeps its keep-alive socket past
+  // stopTracing().
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "in-process" });
+    let followUp = "";
+    try {
+      const parent = defineTask({
+        name: "trace.parent",
+        async handler(_payload, ctx) {
+          trace.getTracer("handler").startSpan("inside the handler").end();
+          followUp = await ctx.enqueue("trace.child", { note: MARKER });
+        },
+      });
+      const child = defineTask({ name: "trace.child", handler: () => {} });
+      const id = await enqueue(db.sql, parent, {});
+      const consumer = startConsumer(db.sql, [parent, child]);
+      try {
+        await waitFor("both jobs to run", async () => {
+          const [row] = await db.sql`select count(*)::int as n from shoal.jobs`;
+          return followUp !== "" && row!.n === 0;
+        });
+      } finally {
+        await consumer.stop();
+      }
+      await stopTracing(); // flushes every ended span to the receiver
+      const all = receiver.spans;
+      const run = all.find((s) => s.attributes["shoal.job.id"] === id && s.name.startsWith("run"));
+      if (run === undefined) throw new Error("no run span for the parent job");
+      const inside = all.find((s) => s.name === "inside the handler");
+      assertEquals(inside?.parentSpanId, run.spanId);
+      assertEquals(inside?.traceId, run.traceId);
+      const childRun = all.find((s) =>
+        s.attributes["shoal.job.id"] === followUp && s.name === "run trace.child"
+      );
+      assertEquals(childRun?.links, [{ traceId: run.traceId, spanId: run.spanId }]);
+    } finally {
+      await stopTracing();
+    }
+  },
+});
+
+Deno.test({
+  name: "a consumer reads traceparents only with tracing on: off, no statement names them",
+  // The second half traces: the exporter's keep-alive socket outlives stopTracing().
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    const plain = defineTask({ name: "trace.plain", handler: () => {} });
+    /** Run one job with a traceparent on a pool that records every statement it sends. */
+    const runOne = async (): Promise<string[]> => {
+      const sent: string[] = [];
+      const sql = postgres(db.url, {
+        max: 4,
+        idle_timeout: 0,
+        types: {},
+        onnotice: () => {},
+        debug: (_connection, query) => sent.push(query),
+      }) as unknown as Sql;
+      try {
+        await enqueue(db.sql, plain, {}, { traceparent: TP });
+        const consumer = startConsumer(sql, [plain]);
+        try {
+          await waitFor("the job to run", async () => {
+            const [row] = await db.sql`select count(*)::int as n from shoal.jobs`;
+            return row!.n === 0;
+          });
+        } finally {
+          await consumer.stop();
+        }
+      } finally {
+        await sql.end({ timeout: 5 });
+      }
+      assert(sent.some((q) => q.includes("shoal.claim_jobs")), "the recorder saw no claim");
+      return sent.filter((q) => q.includes("traceparent"));
+    };
+    assertEquals(await runOne(), []);
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "on" });
+    try {
+      const traced = await runOne();
+      assertEquals(traced.length, 1, traced.join("\n"));
+    } finally {
+      await stopTracing();
+    }
+  },
+});
