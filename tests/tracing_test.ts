@@ -213,6 +213,19 @@ Deno.test("a job's traceparent moves to the dead letters and back on retry", asy
   assertEquals(live!.traceparent, TP);
 });
 
+Deno.test("a job with a traceparent dead-lettered at claim (a crash loop) keeps it", async () => {
+  await using db = await testDb();
+  const id = await enqueue(db.sql, "t", {}, { traceparent: TP, maxAttempts: 1 });
+  const options = { queues: ["default"], limit: 1, workerId: "w", visibilityMs: 30_000 };
+  assertEquals((await claim(db.sql, options)).jobs.length, 1);
+  // Its worker died: the claim's deadline passes without an ack.
+  await db.sql`update shoal.jobs set run_at = now() - interval '1 second' where id = ${id}`;
+  const again = await claim(db.sql, options);
+  assertEquals(again.poisoned.map((p) => p.id), [id]);
+  const [dead] = await db.sql`select traceparent from shoal.dead_jobs where id = ${id}::bigint`;
+  assertEquals(dead!.traceparent, TP);
+});
+
 /** In every payload of the end-to-end test: it must never reach the exported spans. */
 const MARKER = "PAYLOAD-MARKER-7d1c";
 

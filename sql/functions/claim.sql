@@ -890,12 +890,12 @@ begin
     buried as (
       insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
         max_attempts, token, key, execution_id, barrier_id, child_index, errors, reason,
-        created_at, concurrency_key)
+        created_at, concurrency_key, traceparent)
       select p.id, p.queue, p.task, p.payload, p.priority, p.fairness_key, p.attempts,
         p.max_attempts, p.token, p.key, p.execution_id, p.barrier_id, p.child_index, p.errors,
         format('Claimed %s times without finishing: its worker crashed or was killed every time',
           p.attempts),
-        p.created_at, p.concurrency_key
+        p.created_at, p.concurrency_key, p.traceparent
       from poison p
       returning dead_jobs.id, dead_jobs.execution_id
     )
