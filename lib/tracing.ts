@@ -34,7 +34,8 @@ import type { Job } from "./queue.ts";
 
 /**
  * The version 00 form of a W3C traceparent, lower case: version, trace id, parent span id,
- * flags. The only form shoal stores (sql/018_traceparent.sql checks the same).
+ * flags. The only form shoal stores (shoal.traceparent_error in sql/functions/queue.sql checks
+ * the same).
  */
 const TRACEPARENT = /^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$/;
 const ZERO_TRACE = "0".repeat(32);
@@ -47,9 +48,13 @@ export function isTraceparent(value: unknown): value is string {
   return match !== null && match[1] !== ZERO_TRACE && match[2] !== ZERO_SPAN;
 }
 
-/** What a refusal of a traceparent says it expected. */
+/**
+ * What a refusal of a traceparent says it expected: the one wording of the format, which
+ * SQL's refusals (shoal.traceparent_error, sql/functions/queue.sql) repeat word for word.
+ */
 export const TRACEPARENT_EXPECTED =
-  'a W3C traceparent "00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower case';
+  'a W3C traceparent "00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower case, ' +
+  "with a trace id and span id not all zeros";
 
 /** The settings of tracing, read from `OTEL_*` ({@link tracingFromEnv}). */
 export interface TracingConfig {

@@ -665,7 +665,7 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: ({ sql }) => shoal.enqueue(sql, "t", {}, { traceparent: "00-1-2-01" }),
     error: TypeError,
     message:
-      'Invalid options.traceparent for enqueue(): expected a W3C traceparent "00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower case, not "00-1-2-01"',
+      'Invalid options.traceparent for enqueue(): expected a W3C traceparent "00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower case, with a trace id and span id not all zeros, not "00-1-2-01"',
   }, {
     call: ({ sql }) => shoal.enqueue(sql, "t", {}, { runAt: x("2026-01-01") }),
     error: TypeError,

@@ -16,6 +16,7 @@ import { retryDead } from "../lib/dead.ts";
 import { claim } from "../lib/queue.ts";
 import {
   isTraceparent,
+  TRACEPARENT_EXPECTED,
   startTracing,
   stopTracing,
   TracingConfigError,
@@ -224,6 +225,70 @@ Deno.test("a job with a traceparent dead-lettered at claim (a crash loop) keeps 
   assertEquals(again.poisoned.map((p) => p.id), [id]);
   const [dead] = await db.sql`select traceparent from shoal.dead_jobs where id = ${id}::bigint`;
   assertEquals(dead!.traceparent, TP);
+});
+
+Deno.test("SQL refuses a traceparent with an all-zero trace or span id, in the words TypeScript uses", async () => {
+  await using db = await testDb();
+  const zeroTrace = `00-${"0".repeat(32)}-b7ad6b7169203331-01`;
+  const zeroSpan = `00-0af7651916cd43dd8448eb211c80319c-${"0".repeat(16)}-01`;
+  for (const bad of [zeroTrace, zeroSpan]) {
+    await assertRejects(
+      () => db.sql`select shoal.enqueue(task => 't', traceparent => ${bad})`,
+      Error,
+      `Cannot enqueue job 1: traceparent must be ${TRACEPARENT_EXPECTED}`,
+    );
+    await assertRejects(
+      () =>
+        db.sql`select * from shoal.enqueue_many(${
+          JSON.stringify([{ task: "t" }, { task: "t", traceparent: bad }])
+        }::text::jsonb)`,
+      Error,
+      `Cannot enqueue job 2: traceparent must be ${TRACEPARENT_EXPECTED}`,
+    );
+  }
+  assertEquals((await db.sql`select 1 from shoal.jobs`).length, 0);
+  // The table itself only checks the length (a regular expression on every update of a job
+  // would cost each claim and heartbeat): the format is checked where a traceparent enters.
+  const [constraint] = await db.sql<{ def: string }[]>`
+    select pg_get_constraintdef(oid) as def from pg_constraint
+    where conrelid = 'shoal.jobs'::regclass and conname like 'jobs_traceparent%'`;
+  assertEquals(constraint!.def, "CHECK ((octet_length(traceparent) = 55)) NOT VALID");
+  await assertRejects(
+    () => db.sql`insert into shoal.jobs (queue, task, traceparent) values ('q', 't', '00-short')`,
+    Error,
+    "jobs_traceparent_shape",
+  );
+});
+
+Deno.test("shoal.fan_out refuses a bad traceparent before changing anything", async () => {
+  await using db = await testDb();
+  const id = await enqueue(db.sql, "t");
+  const { jobs } = await claim(db.sql, {
+    queues: ["default"],
+    limit: 1,
+    workerId: "w",
+    visibilityMs: 30_000,
+  });
+  const spec = (traceparent: unknown) =>
+    JSON.stringify({ children: [{ task: "c" }], callback: { task: "cb" }, traceparent });
+  await assertRejects(
+    () =>
+      db.sql`select shoal.fan_out(${id}::bigint, ${jobs[0]!.token}::bigint, ${
+        spec(TP.toUpperCase())
+      }::text::jsonb)`,
+    Error,
+    `Cannot fan out: traceparent must be ${TRACEPARENT_EXPECTED}`,
+  );
+  await assertRejects(
+    () =>
+      db.sql`select shoal.fan_out(${id}::bigint, ${jobs[0]!.token}::bigint, ${
+        spec(7)
+      }::text::jsonb)`,
+    Error,
+    "Cannot fan out: traceparent must be a string",
+  );
+  const live = await db.sql`select id from shoal.jobs`;
+  assertEquals(live.map((r) => r.id), [id]);
 });
 
 /** In every payload of the end-to-end test: it must never reach the exported spans. */

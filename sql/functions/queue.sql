@@ -177,20 +177,26 @@ language sql stable as $$
   end
 $$;
 
--- A job's trace context (sql/018_traceparent.sql): null when it is null or a W3C
--- traceparent of version 00 in lower case with a trace id and span id that are not all
--- zeros, else {SQLSTATE, message} as the job checks give them. Separate from job_error so
--- that the paths without a traceparent argument never evaluate it.
-create or replace function shoal.traceparent_error(ord bigint, traceparent text) returns text[]
+-- A trace context (sql/018_traceparent.sql): null when it is null or a W3C traceparent of
+-- version 00 in lower case with a trace id and span id that are not all zeros, else
+-- {SQLSTATE, message}, the message starting with `refused` ('Cannot enqueue job 3',
+-- 'Cannot fan out'). The one home of the format in SQL, worded as TypeScript's
+-- TRACEPARENT_EXPECTED (lib/tracing.ts; tests/tracing_test.ts compares them). Separate from
+-- job_error: shoal.enqueue calls it with its argument (a null costs one test),
+-- shoal.enqueue_jobs for each element with a traceparent key, and the table keeps a
+-- length check only (018).
+drop function if exists shoal.traceparent_error(bigint, text);
+create or replace function shoal.traceparent_error(refused text, traceparent text)
+returns text[]
 language sql immutable as $$
   select case
     when traceparent is not null
          and (traceparent !~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
               or substr(traceparent, 4, 32) = repeat('0', 32)
               or substr(traceparent, 37, 16) = repeat('0', 16)) then
-      array['22023', format('Cannot enqueue job %s: traceparent must be a W3C traceparent '
-                            '"00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower '
-                            'case, trace and span id not all zeros', ord)]
+      array['22023', refused || ': traceparent must be a W3C traceparent '
+                     '"00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower case, '
+                     'with a trace id and span id not all zeros']
   end
 $$;
 
@@ -623,7 +629,8 @@ begin
                case when jsonb_typeof(e.j->'traceparent') not in ('string', 'null') then
                       array['22023', format('Cannot enqueue job %s: traceparent must be a string',
                                             e.ord)]
-                    else shoal.traceparent_error(e.ord, e.j->>'traceparent') end)
+                    else shoal.traceparent_error(format('Cannot enqueue job %s', e.ord),
+                                                 e.j->>'traceparent') end)
            end as problem
     from jsonb_array_elements(jobs) with ordinality as e(j, ord)
   ) x
@@ -713,7 +720,7 @@ declare
   problem text[] := coalesce(shoal.job_error(1, queue, task, coalesce(payload, 'null'::jsonb),
                                              priority, fairness_key, max_attempts, key,
                                              concurrency_key),
-                             shoal.traceparent_error(1, traceparent));
+                             shoal.traceparent_error('Cannot enqueue job 1', traceparent));
 begin
   if problem is not null then
     raise exception using errcode = problem[1], message = problem[2];

@@ -256,10 +256,12 @@ begin
       using errcode = '22023';
   end if;
   if spec ? 'traceparent' then
-    problem := shoal.traceparent_error(1, spec->>'traceparent');
-    if jsonb_typeof(spec->'traceparent') is distinct from 'string' or problem is not null then
-      raise exception 'Cannot fan out: traceparent must be a W3C traceparent "00-<trace id>-<span id>-<flags>"'
-        using errcode = '22023';
+    if jsonb_typeof(spec->'traceparent') is distinct from 'string' then
+      raise exception 'Cannot fan out: traceparent must be a string' using errcode = '22023';
+    end if;
+    problem := shoal.traceparent_error('Cannot fan out', spec->>'traceparent');
+    if problem is not null then
+      raise exception using errcode = problem[1], message = problem[2];
     end if;
     trace := spec->>'traceparent';
   end if;
