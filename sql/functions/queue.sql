@@ -183,8 +183,8 @@ $$;
 -- 'Cannot fan out'). The one home of the format in SQL, worded as TypeScript's
 -- TRACEPARENT_EXPECTED (lib/tracing.ts; tests/tracing_test.ts compares them). Separate from
 -- job_error: shoal.enqueue calls it with its argument (a null costs one test),
--- shoal.enqueue_jobs for each element with a traceparent key, and the table keeps a
--- length check only (018).
+-- shoal.enqueue_jobs only for a batch in which some element has a traceparent key, and the
+-- table keeps a length check only (018).
 drop function if exists shoal.traceparent_error(bigint, text);
 create or replace function shoal.traceparent_error(refused text, traceparent text)
 returns text[]
@@ -605,10 +605,14 @@ language plpgsql volatile as $$
 declare
   problem text[];
   cols record;
+  traced boolean;
 begin
   if jsonb_typeof(jobs) is distinct from 'array' then
     raise exception 'Cannot enqueue: jobs must be a JSON array' using errcode = '22023';
   end if;
+  -- Whether any element has a traceparent key: one scan of the document in C, so that a
+  -- batch without one (most) has no traceparent check per element and no array of nulls.
+  traced := jobs @? '$[*].traceparent';
 
   -- queue and task count only as JSON strings (a number is not a name); a queue that is
   -- missing or JSON null is the task's (the catalog rule).
@@ -625,8 +629,10 @@ begin
                case when jsonb_typeof(e.j->'task') = 'string' then e.j->>'task' end,
                e.j->'payload', (e.j->>'priority')::numeric, e.j->>'fairness_key',
                (e.j->>'max_attempts')::numeric, e.j->>'key', e.j->>'concurrency_key'),
-               -- A traceparent is checked only where one is given (a JSON null is none).
-               case when jsonb_typeof(e.j->'traceparent') not in ('string', 'null') then
+               -- A traceparent is checked only in a batch that has one, and only where
+               -- one is given (a JSON null is none).
+               case when not traced then null
+                    when jsonb_typeof(e.j->'traceparent') not in ('string', 'null') then
                       array['22023', format('Cannot enqueue job %s: traceparent must be a string',
                                             e.ord)]
                     else shoal.traceparent_error(format('Cannot enqueue job %s', e.ord),
@@ -649,7 +655,7 @@ begin
          array_agg((e.j->>'max_attempts')::integer order by e.ord) as max_attempts,
          array_agg(e.j->>'key' order by e.ord) as keys,
          array_agg(e.j->>'concurrency_key' order by e.ord) as concurrency_keys,
-         array_agg(e.j->>'traceparent' order by e.ord) as traceparents,
+         array_agg(e.j->>'traceparent' order by e.ord) filter (where traced) as traceparents,
          -- Workflow membership (set by shoal's own start_execution).
          array_agg((e.j->>'execution_id')::bigint order by e.ord) as execution_ids,
          array_agg((e.j->>'barrier_id')::bigint order by e.ord) as barrier_ids,
