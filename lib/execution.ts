@@ -91,7 +91,8 @@ export async function startExecution<T extends JobSpec | TaskJobSpec>(
       priority => ${(row.priority as number | undefined) ?? 0}::integer,
       fairness_key => ${(row.fairness_key as string | undefined) ?? null}::text,
       max_attempts => ${(row.max_attempts as number | undefined) ?? null}::integer,
-      run_at => ${(row.run_at as string | undefined) ?? null}::timestamptz) as id`;
+      run_at => ${(row.run_at as string | undefined) ?? null}::timestamptz,
+      traceparent => ${(row.traceparent as string | undefined) ?? null}::text) as id`;
   return result!.id;
 }
 

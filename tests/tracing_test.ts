@@ -14,6 +14,7 @@ import { OtlpReceiver, type ReceivedSpan } from "./otlp_receiver.ts";
 import { enqueue, enqueueMany, fail } from "../lib/queue.ts";
 import { retryDead } from "../lib/dead.ts";
 import { claim } from "../lib/queue.ts";
+import { startExecution } from "../lib/execution.ts";
 import {
   isTraceparent,
   TRACEPARENT_EXPECTED,
@@ -289,6 +290,33 @@ Deno.test("shoal.fan_out refuses a bad traceparent before changing anything", as
   );
   const live = await db.sql`select id from shoal.jobs`;
   assertEquals(live.map((r) => r.id), [id]);
+});
+
+Deno.test("startExecution() and shoal.start_execution store the first job's traceparent", async () => {
+  await using db = await testDb();
+  const fromTs = await startExecution(db.sql, { task: "t", traceparent: TP });
+  const [fromSql] = await db.sql<{ id: string }[]>`
+    select shoal.start_execution(task => 't', traceparent => ${TP}) as id`;
+  // The call forms from before the argument still resolve (no ambiguous overload).
+  const [positional] = await db.sql<{ id: string }[]>`
+    select shoal.start_execution('default', 't', '{}') as id`;
+  const rows = await db.sql<{ execution_id: string; traceparent: string | null }[]>`
+    select execution_id, traceparent from shoal.jobs order by id`;
+  assertEquals([...rows], [
+    { execution_id: fromTs, traceparent: TP },
+    { execution_id: fromSql!.id, traceparent: TP },
+    { execution_id: positional!.id, traceparent: null },
+  ]);
+  await assertRejects(
+    () => db.sql`select shoal.start_execution(task => 't', traceparent => 'nope')`,
+    Error,
+    `Cannot enqueue job 1: traceparent must be ${TRACEPARENT_EXPECTED}`,
+  );
+  await assertRejects(
+    () => startExecution(db.sql, { task: "t", traceparent: "nope" }),
+    TypeError,
+    `expected ${TRACEPARENT_EXPECTED}`,
+  );
 });
 
 /** In every payload of the end-to-end test: it must never reach the exported spans. */

@@ -131,6 +131,12 @@ $$;
 -- queue and task default to null only so that task may be named alone.
 --   select shoal.start_execution('default', 'shoal.chord', '{"children": [...], ...}');
 --   select shoal.start_execution(task => 'app.report', payload => '{"day": "2024-05-01"}');
+-- traceparent (issue 16): the W3C trace context of the producer's span, stored with the
+-- first job (checked as shoal.enqueue_jobs checks it), which a traced consumer links the
+-- job's run to. Revision 7 added it: the signature before it goes, so that calls naming
+-- fewer arguments are not ambiguous between the two.
+drop function if exists shoal.start_execution(text, text, jsonb, integer, text, integer,
+                                              timestamptz);
 create or replace function shoal.start_execution(
   queue text default null,
   task text default null,
@@ -138,7 +144,8 @@ create or replace function shoal.start_execution(
   priority integer default 0,
   fairness_key text default null,
   max_attempts integer default null,
-  run_at timestamptz default null
+  run_at timestamptz default null,
+  traceparent text default null
 ) returns bigint
 language plpgsql volatile as $$
 declare
@@ -149,7 +156,8 @@ begin
   perform shoal.enqueue_jobs(jsonb_build_array(
     jsonb_strip_nulls(jsonb_build_object(
       'queue', queue, 'task', task, 'priority', priority, 'fairness_key', fairness_key,
-      'max_attempts', max_attempts, 'run_at', run_at, 'execution_id', execution))
+      'max_attempts', max_attempts, 'run_at', run_at, 'execution_id', execution,
+      'traceparent', traceparent))
     || jsonb_build_object('payload', payload)));
   return execution;
 end
