@@ -245,10 +245,24 @@ function keyField(args: JobArgs, value: unknown, max: number, field: string): st
 }
 
 /**
- * Validate a job at the boundary; throws a TypeError or RangeError with one line naming
- * the field and the call (`args`).
+ * The traceparent of the span active where a call was made (tracing on in this process),
+ * or null: what the call's jobs without a traceparent of their own carry. Read once per
+ * call, not per job (a batch of thousands asks the context manager once).
  */
-function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs): JobColumns {
+function activeTraceparent(): string | null {
+  return tracer()?.activeTraceparent() ?? null;
+}
+
+/**
+ * Validate a job at the boundary; throws a TypeError or RangeError with one line naming
+ * the field and the call (`args`). `active` is the call's activeTraceparent().
+ */
+function checkColumns(
+  spec: AnyJobSpec,
+  maxPayloadBytes: number,
+  args: JobArgs,
+  active: string | null,
+): JobColumns {
   // A definition's settings apply where the job does not set its own. Not given at all:
   // null, so the insert takes the task's catalog queue and attempts (the catalog rule). A
   // null from plain JavaScript counts as not given, as it always has.
@@ -305,7 +319,7 @@ function checkColumns(spec: AnyJobSpec, maxPayloadBytes: number, args: JobArgs):
     traceparent = spec.traceparent;
   } else {
     // Tracing on in this process: the span active where enqueue was called, if any.
-    traceparent = tracer()?.activeTraceparent() ?? null;
+    traceparent = active;
   }
   return {
     queue,
@@ -330,7 +344,7 @@ export function checkJobSpec(
   maxPayloadBytes: number,
   args: JobArgs,
 ): Record<string, unknown> {
-  const columns = checkColumns(spec, maxPayloadBytes, args);
+  const columns = checkColumns(spec, maxPayloadBytes, args, activeTraceparent());
   const row: Record<string, unknown> = {
     task: columns.task,
     payload: JSON.parse(columns.payload),
@@ -560,6 +574,7 @@ export async function enqueueMany<T extends readonly (JobSpec | TaskJobSpec)[]>(
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   const args = new JobArgs("enqueueMany");
   const columns: JobColumns[] = [];
+  const active = activeTraceparent();
   for (let i = 0; i < specs.length; i++) {
     const spec = specs[i]!;
     args.index = i;
@@ -567,7 +582,7 @@ export async function enqueueMany<T extends readonly (JobSpec | TaskJobSpec)[]>(
     if (spec === null || typeof spec !== "object" || Array.isArray(spec)) {
       checkObject("enqueueMany", `jobs[${i}]`, spec, { what: JOB });
     }
-    columns.push(checkColumns(spec, maxBytes, args));
+    columns.push(checkColumns(spec, maxBytes, args, active));
   }
   return await insertChecked(db, columns, options.notify ?? true);
 }
@@ -644,7 +659,7 @@ export async function enqueueOne(
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   const [result] = await insertChecked(
     db,
-    [checkColumns(spec, maxBytes, args)],
+    [checkColumns(spec, maxBytes, args, activeTraceparent())],
     options.notify ?? true,
   );
   return result!.id;

@@ -17,9 +17,9 @@ import { claim } from "../lib/queue.ts";
 import { startExecution } from "../lib/execution.ts";
 import {
   isTraceparent,
-  TRACEPARENT_EXPECTED,
   startTracing,
   stopTracing,
+  TRACEPARENT_EXPECTED,
   TracingConfigError,
   tracingFromEnv,
 } from "../lib/tracing.ts";
@@ -228,6 +228,27 @@ Deno.test("a job with a traceparent dead-lettered at claim (a crash loop) keeps 
   assertEquals(dead!.traceparent, TP);
 });
 
+Deno.test("a retried job keeps its traceparent, and a dedupe key's holder keeps its own", async () => {
+  await using db = await testDb();
+  const other = "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-01";
+  const id = await enqueue(db.sql, "t", {}, { traceparent: TP, maxAttempts: 3, key: "k" });
+  assertEquals(await enqueue(db.sql, "t", {}, { traceparent: other, key: "k" }), id);
+  const [fromSql] = await db.sql<{ id: string }[]>`
+    select id from shoal.enqueue_many(${
+    JSON.stringify([{ task: "t", key: "k", traceparent: other }])
+  }::text::jsonb)`;
+  assertEquals(fromSql!.id, id);
+  const { jobs } = await claim(db.sql, {
+    queues: ["default"],
+    limit: 1,
+    workerId: "w",
+    visibilityMs: 30_000,
+  });
+  assertEquals(await fail(db.sql, jobs[0]!, { error: "boom", retryInMs: 0 }), "retried");
+  const [row] = await db.sql`select traceparent, attempts from shoal.jobs where id = ${id}::bigint`;
+  assertEquals([row!.traceparent, row!.attempts], [TP, 1]);
+});
+
 Deno.test("SQL refuses a traceparent with an all-zero trace or span id, in the words TypeScript uses", async () => {
   await using db = await testDb();
   const zeroTrace = `00-${"0".repeat(32)}-b7ad6b7169203331-01`;
@@ -317,6 +338,61 @@ Deno.test("startExecution() and shoal.start_execution store the first job's trac
     TypeError,
     `expected ${TRACEPARENT_EXPECTED}`,
   );
+});
+
+Deno.test({
+  name:
+    "enqueueMany() reads the active span once per call; untraced, its statements name no traceparent",
+  // startTracing() loads the exporter, whose keep-alive socket outlives stopTracing().
+  sanitizeResources: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    const sent: string[] = [];
+    const sql = postgres(db.url, {
+      max: 1,
+      onnotice: () => {},
+      debug: (_connection, query) => sent.push(query),
+    }) as unknown as Sql;
+    try {
+      // Tracing off: the statements are the ones shoal always sent.
+      await enqueue(sql, "t", {});
+      await enqueueMany(sql, [{ task: "t" }, { task: "t", key: "k" }]);
+      const inserts = sent.filter((q) => q.includes("shoal.insert_job"));
+      assertEquals(inserts.length, 2, sent.join("\n"));
+      assert(inserts[0]!.includes("shoal.insert_job("), inserts[0]);
+      assert(inserts[1]!.includes("shoal.insert_jobs("), inserts[1]);
+      for (const q of sent) assert(!q.includes("traceparent"), q);
+
+      const traced = await startTracing({
+        tracesUrl: `${receiver.base}/v1/traces`,
+        serviceName: "producer",
+      });
+      try {
+        let reads = 0;
+        const read = traced.activeTraceparent.bind(traced);
+        traced.activeTraceparent = () => {
+          reads++;
+          return read();
+        };
+        const jobs = Array.from({ length: 50 }, () => ({ task: "t" }));
+        await trace.getTracer("tracing_test").startActiveSpan("batch", async (span) => {
+          try {
+            await enqueueMany(sql, jobs);
+          } finally {
+            span.end();
+          }
+        });
+        assertEquals(reads, 1);
+        const stored = await db.sql`select distinct traceparent from shoal.jobs where key is null`;
+        assertEquals(stored.length, 2, "the untraced job and the batch's one traceparent");
+      } finally {
+        await stopTracing();
+      }
+    } finally {
+      await sql.end({ timeout: 5 });
+    }
+  },
 });
 
 /** In every payload of the end-to-end test: it must never reach the exported spans. */
