@@ -302,6 +302,9 @@ export class Completer {
         this.#log.warn("Job {job_id} lost its claim before its fan-out: nothing enqueued", {
           job_id: job.id,
         });
+        // Nothing was recorded: the run ends as lost, as a lost ack's does.
+        run.span?.end("lost");
+        return;
       }
     } catch (error) {
       span?.end(describeError(error));

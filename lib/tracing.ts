@@ -171,7 +171,8 @@ export interface RunSpan {
   fanOut(children: number): FanOutSpan;
   /**
    * End the span: `outcome` as recorded (`completed`, `retried`, `dead`, `stale`, `lost`,
-   * `released`), `error` (the message recorded on the job) for a failure.
+   * `released`, or `unrecorded` when it could not be written and the job will be
+   * redelivered), `error` (the message recorded on the job) for a failure.
    */
   end(outcome: string, error?: string): void;
 }

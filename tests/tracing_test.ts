@@ -9,12 +9,15 @@ import postgres from "postgres";
 import type { Sql } from "../lib/db.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { exitWithin, runShoal, spawnShoal, startConsumer, testDb, waitFor } from "./helpers.ts";
-import { defineTask } from "../lib/tasks.ts";
+import { defineTask, TaskRegistry } from "../lib/tasks.ts";
 import { OtlpReceiver, type ReceivedSpan } from "./otlp_receiver.ts";
 import { enqueue, enqueueMany, fail } from "../lib/queue.ts";
 import { retryDead } from "../lib/dead.ts";
 import { claim } from "../lib/queue.ts";
 import { startExecution } from "../lib/execution.ts";
+import { Completer } from "../lib/completer.ts";
+import { logger } from "../lib/log.ts";
+import { JobRun } from "../lib/run_job.ts";
 import {
   isTraceparent,
   startTracing,
@@ -392,6 +395,47 @@ Deno.test({
     } finally {
       await sql.end({ timeout: 5 });
     }
+  },
+});
+
+Deno.test({
+  name: "a traced fan-out whose claim was lost ends its run span as lost, not completed",
+  // startTracing() loads the exporter, whose keep-alive socket outlives stopTracing().
+  sanitizeResources: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    const fan = defineTask({
+      name: "trace.fan",
+      handler: (_, ctx) => ctx.fanOut({ children: [{ task: "t" }], callback: { task: "t" } }),
+    });
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "lost" });
+    try {
+      await startExecution(db.sql, { task: "trace.fan" });
+      const { jobs } = await claim(db.sql, {
+        queues: ["default"],
+        limit: 1,
+        workerId: "w",
+        visibilityMs: 60_000,
+      });
+      const run = new JobRun(jobs[0]!, {
+        sql: db.sql,
+        tasks: new TaskRegistry([fan]),
+        log: logger("consumer"),
+        taskTimeoutMs: 10_000,
+      });
+      await run.settled;
+      assertEquals(run.state, "fan-out");
+      // Redelivered elsewhere meanwhile: the claim's token moved on.
+      await db.sql`update shoal.jobs set token = token + 1 where id = ${jobs[0]!.id}::bigint`;
+      await new Completer(db.sql).record(run);
+      const [row] = await db.sql`select count(*)::int as n from shoal.jobs`;
+      assertEquals(row!.n, 1, "nothing was fanned out");
+    } finally {
+      await stopTracing();
+    }
+    const runs = receiver.spans.filter((s) => s.name === "run trace.fan");
+    assertEquals(runs.map((s) => s.attributes["shoal.job.outcome"]), ["lost"]);
   },
 });
 
