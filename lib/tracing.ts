@@ -29,7 +29,7 @@
  *
  * @module
  */
-import { checkObject, checkString, shown } from "./args.ts";
+import { checkInteger, checkObject, checkString, shown } from "./args.ts";
 import type { Job } from "./queue.ts";
 
 /**
@@ -56,12 +56,36 @@ export const TRACEPARENT_EXPECTED =
   'a W3C traceparent "00-<32 hex trace id>-<16 hex span id>-<2 hex flags>" in lower case, ' +
   "with a trace id and span id not all zeros";
 
+/** How often buffered spans are sent, by default (OTEL_BSP_SCHEDULE_DELAY). */
+export const DEFAULT_SCHEDULE_DELAY_MS = 1_000;
+/**
+ * Spans buffered for export at most, by default (OTEL_BSP_MAX_QUEUE_SIZE; the SDK's is
+ * 2,048: about 45 ms of a fast consumer's runs); past it, new spans are dropped, never the
+ * consumer slowed.
+ */
+export const DEFAULT_MAX_QUEUE_SIZE = 20_000;
+/** Spans per export request at most, by default (OTEL_BSP_MAX_EXPORT_BATCH_SIZE). */
+export const DEFAULT_MAX_EXPORT_BATCH_SIZE = 512;
+/**
+ * How long one export (and so the flush at shutdown) may take before it is given up, by
+ * default (OTEL_BSP_EXPORT_TIMEOUT).
+ */
+export const DEFAULT_EXPORT_TIMEOUT_MS = 10_000;
+
 /** The settings of tracing, read from `OTEL_*` ({@link tracingFromEnv}). */
 export interface TracingConfig {
   /** Where spans are POSTed (OTLP/HTTP JSON), the full URL with its path (`/v1/traces`). */
   tracesUrl: string;
   /** `service.name` of the resource (OTEL_SERVICE_NAME, default `shoal`). */
   serviceName: string;
+  /** Milliseconds between exports (OTEL_BSP_SCHEDULE_DELAY, default 1,000). */
+  scheduleDelayMs?: number;
+  /** Spans buffered at most (OTEL_BSP_MAX_QUEUE_SIZE, default 20,000). */
+  maxQueueSize?: number;
+  /** Spans per export at most (OTEL_BSP_MAX_EXPORT_BATCH_SIZE, default 512). */
+  maxExportBatchSize?: number;
+  /** Milliseconds one export may take (OTEL_BSP_EXPORT_TIMEOUT, default 10,000). */
+  exportTimeoutMs?: number;
 }
 
 /** A bad `OTEL_*` value: `main` reports it in one line (lib/cli.ts turns it into a UsageError). */
@@ -101,6 +125,44 @@ function envBoolean(env: EnvReader, variable: string): boolean {
   throw new TracingConfigError(`Invalid ${variable}: expected true or false, not ${text}`);
 }
 
+/** The largest count or duration an OTEL_BSP_* variable takes (a Postgres integer's). */
+const MAX_BSP = 2_147_483_647;
+
+/** An OTEL_BSP_* integer of at least `min`, or undefined when unset (empty counts as unset). */
+function envInteger(env: EnvReader, variable: string, min: number): number | undefined {
+  const text = env.get(variable)?.trim() ?? "";
+  if (text === "") return undefined;
+  const value = /^[0-9]{1,10}$/.test(text) ? Number(text) : NaN;
+  if (!(value >= min && value <= MAX_BSP)) {
+    throw new TracingConfigError(
+      `Invalid ${variable}: expected an integer from ${min} to ${MAX_BSP}, not ${text}`,
+    );
+  }
+  return value;
+}
+
+/** The batch span processor's settings from OTEL_BSP_*, only those set. */
+function batchFromEnv(env: EnvReader): Partial<TracingConfig> {
+  const batch: Partial<TracingConfig> = {};
+  const scheduleDelayMs = envInteger(env, "OTEL_BSP_SCHEDULE_DELAY", 0);
+  const maxQueueSize = envInteger(env, "OTEL_BSP_MAX_QUEUE_SIZE", 1);
+  const maxExportBatchSize = envInteger(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1);
+  const exportTimeoutMs = envInteger(env, "OTEL_BSP_EXPORT_TIMEOUT", 1);
+  if (scheduleDelayMs !== undefined) batch.scheduleDelayMs = scheduleDelayMs;
+  if (maxQueueSize !== undefined) batch.maxQueueSize = maxQueueSize;
+  if (maxExportBatchSize !== undefined) batch.maxExportBatchSize = maxExportBatchSize;
+  if (exportTimeoutMs !== undefined) batch.exportTimeoutMs = exportTimeoutMs;
+  const queue = maxQueueSize ?? DEFAULT_MAX_QUEUE_SIZE;
+  if ((maxExportBatchSize ?? DEFAULT_MAX_EXPORT_BATCH_SIZE) > queue) {
+    throw new TracingConfigError(
+      `Invalid OTEL_BSP_MAX_EXPORT_BATCH_SIZE: expected at most OTEL_BSP_MAX_QUEUE_SIZE (${queue}), not ${
+        maxExportBatchSize ?? DEFAULT_MAX_EXPORT_BATCH_SIZE
+      }`,
+    );
+  }
+  return batch;
+}
+
 /**
  * Tracing's settings from the standard OpenTelemetry environment, or null when tracing is
  * off: OTEL_SDK_DISABLED=true, OTEL_TRACES_EXPORTER=none, or no endpoint set (opt-in: with
@@ -109,7 +171,12 @@ function envBoolean(env: EnvReader, variable: string): boolean {
  * used as given; the general one gets `v1/traces` appended, as the specification says.
  * Throws a TracingConfigError (one line) for a value that cannot work: an endpoint that is
  * not an http(s) URL, an exporter other than otlp or none, a protocol other than
- * http/json (the one this exporter speaks), a blank service name.
+ * http/json (the one this exporter speaks), a blank service name, an OTEL_BSP_* value that
+ * is not an integer in range (or a batch larger than the queue). The OTEL_BSP_* variables
+ * set the batch span processor: OTEL_BSP_SCHEDULE_DELAY (ms between exports, default
+ * 1,000), OTEL_BSP_MAX_QUEUE_SIZE (spans buffered, default 20,000),
+ * OTEL_BSP_MAX_EXPORT_BATCH_SIZE (spans per export, default 512) and
+ * OTEL_BSP_EXPORT_TIMEOUT (ms per export, default 10,000).
  */
 export function tracingFromEnv(env: EnvReader = Deno.env): TracingConfig | null {
   if (typeof (env as Partial<EnvReader> | null | undefined)?.get !== "function") {
@@ -152,7 +219,7 @@ export function tracingFromEnv(env: EnvReader = Deno.env): TracingConfig | null 
   if (service !== undefined && service.trim() === "") {
     throw new TracingConfigError("Invalid OTEL_SERVICE_NAME: expected a name, not an empty value");
   }
-  return { tracesUrl, serviceName: service?.trim() ?? "shoal" };
+  return { tracesUrl, serviceName: service?.trim() ?? "shoal", ...batchFromEnv(env) };
 }
 
 /** The endpoint as a log line may show it: no credentials, no query string. */
@@ -222,6 +289,14 @@ export async function startTracing(config: TracingConfig): Promise<Tracer> {
         shown(config.tracesUrl)
       }`,
     );
+  }
+  checkInteger(fn, "config.scheduleDelayMs", config.scheduleDelayMs, {
+    min: 0,
+    max: MAX_BSP,
+    optional: true,
+  });
+  for (const field of ["maxQueueSize", "maxExportBatchSize", "exportTimeoutMs"] as const) {
+    checkInteger(fn, `config.${field}`, config[field], { min: 1, max: MAX_BSP, optional: true });
   }
   if (current !== null) return current;
   // A specifier built from two literals: `deno run` does not follow it when it builds the

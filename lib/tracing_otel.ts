@@ -23,9 +23,13 @@ import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-ho
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import { BatchSpanProcessor, TracerProvider } from "@opentelemetry/sdk-trace";
-import { logger } from "./log.ts";
+import { describeError, logger } from "./log.ts";
 import type { Job } from "./queue.ts";
 import {
+  DEFAULT_EXPORT_TIMEOUT_MS,
+  DEFAULT_MAX_EXPORT_BATCH_SIZE,
+  DEFAULT_MAX_QUEUE_SIZE,
+  DEFAULT_SCHEDULE_DELAY_MS,
   type FanOutSpan,
   isTraceparent,
   type RunSpan,
@@ -36,15 +40,6 @@ import {
 
 /** The instrumentation scope of shoal's spans. */
 const SCOPE = "shoal";
-/**
- * Spans buffered for export at most (the SDK's default is 2,048: about 45 ms of a fast
- * consumer's runs); past it, new spans are dropped, never the consumer slowed.
- */
-const MAX_QUEUE = 20_000;
-/** How long one export (and so the flush at shutdown) may take before it is given up. */
-const EXPORT_TIMEOUT_MS = 10_000;
-/** How often buffered spans are sent. */
-const EXPORT_EVERY_MS = 1_000;
 
 /** The span context a traceparent stands for (a remote parent, as links take it). */
 function spanContextOf(traceparent: string): SpanContext | null {
@@ -156,18 +151,20 @@ export class OtelTracer implements Tracer {
 
   constructor(config: TracingConfig) {
     diag.setLogger(new DiagToLog(), DiagLogLevel.WARN);
+    const exportTimeoutMillis = config.exportTimeoutMs ?? DEFAULT_EXPORT_TIMEOUT_MS;
     const exporter = new OTLPTraceExporter({
       url: config.tracesUrl,
-      timeoutMillis: EXPORT_TIMEOUT_MS,
+      timeoutMillis: exportTimeoutMillis,
     });
     this.#provider = new TracerProvider({
       resource: resourceFromAttributes({ "service.name": config.serviceName }),
       spanProcessors: [
         new BatchSpanProcessor({
           exporter,
-          maxQueueSize: MAX_QUEUE,
-          scheduledDelayMillis: EXPORT_EVERY_MS,
-          exportTimeoutMillis: EXPORT_TIMEOUT_MS,
+          maxQueueSize: config.maxQueueSize ?? DEFAULT_MAX_QUEUE_SIZE,
+          maxExportBatchSize: config.maxExportBatchSize ?? DEFAULT_MAX_EXPORT_BATCH_SIZE,
+          scheduledDelayMillis: config.scheduleDelayMs ?? DEFAULT_SCHEDULE_DELAY_MS,
+          exportTimeoutMillis,
         }),
       ],
     });
@@ -243,7 +240,7 @@ export class OtelTracer implements Tracer {
       await this.#provider.shutdown();
     } catch (error) {
       logger("tracing").error("Cannot export the last spans: {error}", {
-        error: error instanceof Error ? error.message : String(error),
+        error: describeError(error),
       });
     } finally {
       this.#contextManager.disable();

@@ -112,6 +112,52 @@ Deno.test("tracingFromEnv() refuses a value that cannot work in one line naming 
   }
 });
 
+Deno.test("tracingFromEnv() reads OTEL_BSP_* and refuses a value out of range", () => {
+  const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318" };
+  assertEquals(
+    tracingFromEnv(env({
+      ...endpoint,
+      OTEL_BSP_SCHEDULE_DELAY: "60000",
+      OTEL_BSP_MAX_QUEUE_SIZE: "4096",
+      OTEL_BSP_MAX_EXPORT_BATCH_SIZE: " 128 ",
+      OTEL_BSP_EXPORT_TIMEOUT: "2500",
+    })),
+    {
+      tracesUrl: "http://c:4318/v1/traces",
+      serviceName: "shoal",
+      scheduleDelayMs: 60_000,
+      maxQueueSize: 4096,
+      maxExportBatchSize: 128,
+      exportTimeoutMs: 2500,
+    },
+  );
+  const cases: [Record<string, string>, string][] = [
+    [{ OTEL_BSP_SCHEDULE_DELAY: "1s" }, "Invalid OTEL_BSP_SCHEDULE_DELAY: expected an integer"],
+    [{ OTEL_BSP_SCHEDULE_DELAY: "-1" }, "Invalid OTEL_BSP_SCHEDULE_DELAY"],
+    [{ OTEL_BSP_MAX_QUEUE_SIZE: "0" }, "Invalid OTEL_BSP_MAX_QUEUE_SIZE: expected an integer"],
+    [{ OTEL_BSP_EXPORT_TIMEOUT: "99999999999" }, "Invalid OTEL_BSP_EXPORT_TIMEOUT"],
+    [{ OTEL_BSP_MAX_EXPORT_BATCH_SIZE: "1.5" }, "Invalid OTEL_BSP_MAX_EXPORT_BATCH_SIZE"],
+    [
+      { OTEL_BSP_MAX_QUEUE_SIZE: "100", OTEL_BSP_MAX_EXPORT_BATCH_SIZE: "200" },
+      "Invalid OTEL_BSP_MAX_EXPORT_BATCH_SIZE: expected at most OTEL_BSP_MAX_QUEUE_SIZE (100)",
+    ],
+  ];
+  for (const [vars, message] of cases) {
+    let caught: unknown;
+    try {
+      tracingFromEnv(env({ ...endpoint, ...vars }));
+    } catch (error) {
+      caught = error;
+    }
+    if (!(caught instanceof TracingConfigError)) {
+      throw new Error(`${JSON.stringify(vars)} was not refused with a TracingConfigError`, {
+        cause: caught,
+      });
+    }
+    assert(caught.message.includes(message), caught.message);
+  }
+});
+
 Deno.test("--role consumer with a bad OTEL endpoint exits 2 with one line", async () => {
   await using db = await testDb();
   const { code, stderr } = await runShoal(["--role", "consumer"], {
