@@ -148,9 +148,14 @@ export class OtelTracer implements Tracer {
   readonly #tracer: ReturnType<typeof trace.getTracer>;
   /** Per claimed job, until its run starts (a WeakMap: a job dropped unrun leaves nothing). */
   readonly #jobs = new WeakMap<Job, JobTrace>();
+  /**
+   * What shoal registered as the process's globals, and so may unregister at shutdown: an
+   * application that set up its own SDK first keeps its tracer provider, context manager
+   * and diagnostics logger, before and after shoal's tracing.
+   */
+  readonly #registered: { provider: boolean; context: boolean; diag: boolean };
 
   constructor(config: TracingConfig) {
-    diag.setLogger(new DiagToLog(), DiagLogLevel.WARN);
     const exportTimeoutMillis = config.exportTimeoutMs ?? DEFAULT_EXPORT_TIMEOUT_MS;
     const exporter = new OTLPTraceExporter({
       url: config.tracesUrl,
@@ -169,10 +174,21 @@ export class OtelTracer implements Tracer {
       ],
     });
     this.#contextManager = new AsyncLocalStorageContextManager();
-    this.#contextManager.enable();
-    // Ours only when nothing registered them before (an application's own SDK wins).
-    context.setGlobalContextManager(this.#contextManager);
-    trace.setGlobalTracerProvider(this.#provider);
+    // Each registration succeeds only when nothing registered one before (an application's
+    // own SDK wins; shoal's spans still go through shoal's provider). The diagnostics
+    // logger has no such guard (setting it replaces the application's), so shoal sets it
+    // only when the tracer provider is its own: an application with its own SDK keeps its
+    // logger.
+    const provider = trace.setGlobalTracerProvider(this.#provider);
+    const active = context.setGlobalContextManager(this.#contextManager);
+    if (active) this.#contextManager.enable();
+    const diagnostics = provider && diag.setLogger(new DiagToLog(), DiagLogLevel.WARN);
+    this.#registered = { provider, context: active, diag: diagnostics };
+    if (!provider) {
+      logger("tracing").info(
+        "An OpenTelemetry tracer provider was registered before shoal's: it stays the global one, shoal exports its own spans",
+      );
+    }
     this.#tracer = this.#provider.getTracer(SCOPE);
     logger("tracing").info("Tracing on: exporting spans of {service} to {endpoint}", {
       service: config.serviceName,
@@ -243,10 +259,13 @@ export class OtelTracer implements Tracer {
         error: describeError(error),
       });
     } finally {
-      this.#contextManager.disable();
-      trace.disable();
-      context.disable();
-      diag.disable();
+      // Only what shoal registered: never an application's own SDK or logger.
+      if (this.#registered.context) {
+        this.#contextManager.disable();
+        context.disable();
+      }
+      if (this.#registered.provider) trace.disable();
+      if (this.#registered.diag) diag.disable();
     }
   }
 }

@@ -4,7 +4,19 @@
  * and, end to end, a real `main.ts` consumer exporting its spans over OTLP/HTTP to a
  * receiver started here, which decodes them and checks their attributes and links.
  */
-import { context, type Span, trace } from "@opentelemetry/api";
+import {
+  context,
+  createContextKey,
+  diag,
+  type DiagLogger,
+  DiagLogLevel,
+  ProxyTracerProvider,
+  ROOT_CONTEXT,
+  type Span,
+  trace,
+} from "@opentelemetry/api";
+import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
+import { TracerProvider } from "@opentelemetry/sdk-trace";
 import postgres from "postgres";
 import type { Sql } from "../lib/db.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
@@ -156,6 +168,49 @@ Deno.test("tracingFromEnv() reads OTEL_BSP_* and refuses a value out of range", 
     }
     assert(caught.message.includes(message), caught.message);
   }
+});
+
+Deno.test({
+  name:
+    "startTracing() leaves an application's own provider, context manager and logger registered",
+  // startTracing() loads the exporter, whose keep-alive socket outlives stopTracing().
+  sanitizeResources: false,
+  async fn() {
+    await using receiver = new OtlpReceiver();
+    const appProvider = new TracerProvider();
+    const appContext = new AsyncLocalStorageContextManager().enable();
+    const warnings: string[] = [];
+    const appLogger: DiagLogger = {
+      error: (m) => warnings.push(m),
+      warn: (m) => warnings.push(m),
+      info: () => {},
+      debug: () => {},
+      verbose: () => {},
+    };
+    assert(trace.setGlobalTracerProvider(appProvider));
+    assert(context.setGlobalContextManager(appContext));
+    assert(diag.setLogger(appLogger, DiagLogLevel.WARN));
+    try {
+      await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "beside" });
+      await stopTracing();
+      const global = trace.getTracerProvider();
+      assert(global instanceof ProxyTracerProvider && global.getDelegate() === appProvider);
+      const key = createContextKey("app");
+      const seen = context.with(
+        ROOT_CONTEXT.setValue(key, 1),
+        () => context.active().getValue(key),
+      );
+      assertEquals(seen, 1, "the application's context manager was torn down");
+      diag.warn("still the application's");
+      assert(warnings.includes("still the application's"), "the application's logger was replaced");
+    } finally {
+      trace.disable();
+      context.disable();
+      appContext.disable();
+      diag.disable();
+      await appProvider.shutdown();
+    }
+  },
 });
 
 Deno.test("--role consumer with a bad OTEL endpoint exits 2 with one line", async () => {
