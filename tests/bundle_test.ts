@@ -240,12 +240,18 @@ Deno.test("the bundle exports a consumer's spans over OTLP/HTTP when OTEL_* asks
   ], {
     url: db.url,
     mainModule: bundle,
-    env: { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.base, OTEL_SERVICE_NAME: "bundled" },
+    env: {
+      OTEL_EXPORTER_OTLP_ENDPOINT: receiver.base,
+      OTEL_SERVICE_NAME: "bundled",
+      // No scheduled export within the test: the spans arrive only if the shutdown flushes them.
+      OTEL_BSP_SCHEDULE_DELAY: "60000",
+    },
   });
   await waitFor("the job to run", async () => {
     const [row] = await db.sql`select count(*)::int as n from shoal.jobs`;
     return row!.n === 0;
   }, 20_000);
+  assertEquals(receiver.spans, [], "spans were exported before the shutdown");
   proc.kill("SIGTERM");
   const { code, output } = await exitWithin(proc, 20_000);
   assertEquals(code, 0, output);

@@ -548,7 +548,6 @@ Deno.test({
   // The exporter's HTTP client (node:http under Deno) keeps its keep-alive socket past
   // stopTracing(); the receiver and every process are closed by the test itself.
   sanitizeResources: false,
-  sanitizeOps: false,
   async fn() {
     await using db = await testDb();
     await using receiver = new OtlpReceiver();
@@ -595,6 +594,9 @@ Deno.test({
           OTEL_EXPORTER_OTLP_ENDPOINT: receiver.base,
           OTEL_SERVICE_NAME: "shoal-test",
           OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
+          // No scheduled export within the test: the spans arrive only if the shutdown
+          // flushes them.
+          OTEL_BSP_SCHEDULE_DELAY: "60000",
         },
       },
     );
@@ -606,6 +608,11 @@ Deno.test({
       if (consumer.output().includes("shoal: ")) throw new Error(consumer.output());
       return row!.live === 0 && row!.dead === 1;
     }, 30_000);
+    assertEquals(
+      receiver.spans.filter((s) => s.service === "shoal-test"),
+      [],
+      "the consumer exported spans before its shutdown",
+    );
     consumer.kill("SIGTERM");
     const { code, output } = await exitWithin(consumer, 20_000);
     assertEquals(code, 0, output);
@@ -694,7 +701,6 @@ Deno.test({
   // The exporter's HTTP client (node:http under Deno) keeps its keep-alive socket past
   // stopTracing().
   sanitizeResources: false,
-  sanitizeOps: false,
   async fn() {
     await using db = await testDb();
     await using receiver = new OtlpReceiver();
@@ -740,7 +746,6 @@ Deno.test({
   name: "a consumer reads traceparents only with tracing on: off, no statement names them",
   // The second half traces: the exporter's keep-alive socket outlives stopTracing().
   sanitizeResources: false,
-  sanitizeOps: false,
   async fn() {
     await using db = await testDb();
     await using receiver = new OtlpReceiver();
