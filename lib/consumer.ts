@@ -176,7 +176,9 @@ export async function claimOnce(db: Db, options: ClaimOptions): Promise<ClaimRes
   const startedAt = traced === null ? 0 : Date.now();
   const result = await settleWithin("claim", claim(db, options), STATEMENT_DEADLINE_MS);
   if (traced !== null && result.jobs.length > 0) {
-    await traceClaim(db, traced, options.queues, startedAt, result.jobs);
+    // The claim's span ends with the claim, not with the read below.
+    traced.claimed(options.queues, startedAt, result.jobs);
+    await linkProducers(db, traced, result.jobs);
   }
   metrics.jobsClaimed(result.jobs);
   metrics.jobsPoisoned(result.poisoned);
@@ -190,22 +192,29 @@ export async function claimOnce(db: Db, options: ClaimOptions): Promise<ClaimRes
 }
 
 /**
- * With tracing on: read the claimed jobs' traceparents (one statement; the claim itself
- * ships no column more) and record the claim's span. Never throws: the jobs are claimed,
- * and run unlinked when the read fails.
+ * How long a traced claim waits for its jobs' traceparents before running them unlinked.
+ * The read is one lookup by primary key (a round trip); a database slow enough to miss
+ * this delays no run longer.
  */
-async function traceClaim(
-  db: Db,
-  traced: Tracer,
-  queues: readonly string[],
-  startedAt: number,
-  jobs: readonly Job[],
-): Promise<void> {
+export const TRACE_READ_TIMEOUT_MS = 250;
+
+/**
+ * With tracing on: read the claimed jobs' traceparents (one statement; the claim itself
+ * ships no column more), so that each run's span links to its producer. Never throws: the
+ * jobs are claimed, and run unlinked when the read fails or takes over
+ * TRACE_READ_TIMEOUT_MS.
+ *
+ * The jobs wait for this read (bounded) rather than start while it runs: a span's links
+ * are given when it starts (what a sampler sees), and a link added later would miss every
+ * run that ends before the read returns, the fast ones first. So the claim's span ends
+ * before the read (it measures the claim only), and the read is bounded instead.
+ */
+async function linkProducers(db: Db, traced: Tracer, jobs: readonly Job[]): Promise<void> {
   try {
     const rows = await settleWithin(
       "traceparents",
       jobTraceparents(db, jobs.map((j) => j.id)),
-      STATEMENT_DEADLINE_MS,
+      TRACE_READ_TIMEOUT_MS,
     );
     if (rows.length > 0) {
       const byId = new Map(rows.map((r) => [r.id, r.traceparent]));
@@ -220,7 +229,6 @@ async function traceClaim(
       { count: jobs.length, error: describeError(error) },
     );
   }
-  traced.claimed(queues, startedAt, jobs);
 }
 
 /** A registration's settings as a log line shows them: `queue app, 3 attempts, timeout 30s`. */

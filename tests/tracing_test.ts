@@ -27,6 +27,7 @@ import { enqueue, enqueueMany, fail } from "../lib/queue.ts";
 import { retryDead } from "../lib/dead.ts";
 import { claim } from "../lib/queue.ts";
 import { startExecution } from "../lib/execution.ts";
+import { claimOnce } from "../lib/consumer.ts";
 import { Completer } from "../lib/completer.ts";
 import { logger } from "../lib/log.ts";
 import { JobRun } from "../lib/run_job.ts";
@@ -35,6 +36,7 @@ import {
   startTracing,
   stopTracing,
   TRACEPARENT_EXPECTED,
+  tracer,
   TracingConfigError,
   tracingFromEnv,
 } from "../lib/tracing.ts";
@@ -537,6 +539,75 @@ Deno.test({
     }
     const runs = receiver.spans.filter((s) => s.name === "run trace.fan");
     assertEquals(runs.map((s) => s.attributes["shoal.job.outcome"]), ["lost"]);
+  },
+});
+
+Deno.test({
+  name:
+    "claimOnce() traced waits at most TRACE_READ_TIMEOUT_MS for traceparents, then runs unlinked",
+  // startTracing() loads the exporter, whose keep-alive socket outlives stopTracing().
+  sanitizeResources: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    const id = await enqueue(db.sql, "t", {}, { traceparent: TP });
+    // The claim waits at a gate (a test-only trigger on a shared advisory lock); while it
+    // holds its lock on shoal.jobs, a table lock queues behind it, so the read that follows
+    // the claim waits on that lock for as long as the test holds it.
+    await db.sql`create function public.gate_claim() returns trigger language plpgsql
+      as $$ begin perform pg_advisory_xact_lock_shared(4343); return new; end $$`;
+    await db.sql`create trigger gate_claim before update on shoal.jobs
+      for each row execute function public.gate_claim()`;
+    const gate = await db.sql.reserve();
+    await gate`select pg_advisory_lock(4343)`;
+    let unblock = () => {};
+    const held = new Promise<void>((resolve) => unblock = resolve);
+    let locked = () => {};
+    const isLocked = new Promise<void>((resolve) => locked = resolve);
+    let blocking: Promise<unknown> = Promise.resolve();
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "slow-read" });
+    try {
+      const claiming = claimOnce(db.sql, {
+        queues: ["default"],
+        limit: 1,
+        workerId: "w",
+        visibilityMs: 60_000,
+      });
+      await waitFor(
+        "the claim to wait at the gate",
+        async () =>
+          (await db.sql`select 1 from pg_locks where locktype = 'advisory' and not granted`)
+            .length > 0,
+      );
+      blocking = db.sql.begin(async (tx) => {
+        await tx`lock table shoal.jobs in access exclusive mode`;
+        locked();
+        await held;
+      });
+      await waitFor(
+        "the table lock to queue behind the claim",
+        async () =>
+          (await db.sql`select 1 from pg_locks
+          where relation = 'shoal.jobs'::regclass and mode = 'AccessExclusiveLock'`).length > 0,
+      );
+      await gate`select pg_advisory_unlock(4343)`;
+      await isLocked; // the claim committed; the read now waits on the table lock
+      const since = performance.now();
+      const { jobs } = await claiming;
+      const waited = performance.now() - since;
+      assertEquals(jobs.map((j) => j.id), [id]);
+      assert(waited < 5_000, `the claim waited ${Math.round(waited)} ms for its traceparents`);
+      tracer()!.startRun(jobs[0]!).end("completed");
+    } finally {
+      unblock();
+      await blocking;
+      gate.release();
+      await stopTracing();
+    }
+    const spans = receiver.spans.filter((s) => s.service === "slow-read");
+    assertEquals(spans.filter((s) => s.name === "claim default").length, 1);
+    const runs = spans.filter((s) => s.name === "run t");
+    assertEquals(runs.map((s) => s.links), [[]], "the run started unlinked");
   },
 });
 
