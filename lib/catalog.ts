@@ -140,13 +140,13 @@ export async function registerConsumer(
   return await db<RegistrationConflict[]>`
     with mine as (${taskRows(db, doc.tasks)}),
     me as (
-      insert into shoal.consumers as k (worker_id, queues, tasks)
+      insert into shoal.consumers as k (worker_id, queues, tasks, totals, totals_at)
       values (${consumer.workerId}::text,
               array(select jsonb_array_elements_text(${doc.queues}::text::jsonb)),
-              array(select m.name from mine m order by m.name))
+              array(select m.name from mine m order by m.name), '{}', now())
       on conflict (worker_id) do update
       set queues = excluded.queues, tasks = excluded.tasks, started_at = now(),
-          last_seen_at = now(), totals = null, totals_at = null
+          last_seen_at = now(), totals = '{}', totals_at = now(), heartbeat_ms = null
     ),
     before as (
       select t.name, t.queue, t.max_attempts, t.timeout_ms, t.registered_by
@@ -181,23 +181,31 @@ export async function registerConsumer(
  * The periodic refresh: the consumer and its tasks were seen now. Rows that went missing
  * (removed by hand, or the registration at start failed) come back; settings another
  * consumer registered since are left as they are (the last registration still wins).
+ * Returns whether the consumer's row came back: it starts again then (its start time and
+ * totals are new), so the caller starts its totals again too.
  */
-export async function refreshConsumer(db: Db, consumer: ConsumerRegistration): Promise<void> {
+export async function refreshConsumer(db: Db, consumer: ConsumerRegistration): Promise<boolean> {
   const doc = documents(consumer);
-  await db`
+  const [row] = await db<{ inserted: boolean }[]>`
     with mine as (${taskRows(db, doc.tasks)}),
     me as (
-      insert into shoal.consumers as k (worker_id, queues, tasks)
+      insert into shoal.consumers as k (worker_id, queues, tasks, totals, totals_at)
       values (${consumer.workerId}::text,
               array(select jsonb_array_elements_text(${doc.queues}::text::jsonb)),
-              array(select m.name from mine m order by m.name))
+              array(select m.name from mine m order by m.name), '{}', now())
       on conflict (worker_id) do update
       set queues = excluded.queues, tasks = excluded.tasks, last_seen_at = now()
+      -- xmax is 0 for a row this statement inserted, not for one it updated.
+      returning (k.xmax = 0) as inserted
+    ),
+    written as (
+      insert into shoal.tasks as t (name, queue, max_attempts, timeout_ms, registered_by)
+      select m.name, m.queue, m.max_attempts, m.timeout_ms, ${consumer.workerId}::text
+      from mine m order by m.name
+      on conflict (name) do update set last_seen_at = now()
     )
-    insert into shoal.tasks as t (name, queue, max_attempts, timeout_ms, registered_by)
-    select m.name, m.queue, m.max_attempts, m.timeout_ms, ${consumer.workerId}::text
-    from mine m order by m.name
-    on conflict (name) do update set last_seen_at = now()`;
+    select inserted from me`;
+  return row?.inserted ?? false;
 }
 
 /** The jobs a consumer holds on one queue: running (or being recorded) and buffered. */
@@ -232,6 +240,14 @@ export class ConsumerTotals {
   readonly #byQueue = new Map<string, QueueTotals>();
   #version = 0;
   #dropped = false;
+
+  /**
+   * Start again from nothing: the consumer's row was (re)created with empty totals. The
+   * version stays: nothing new to report.
+   */
+  reset(): void {
+    this.#byQueue.clear();
+  }
 
   /** A job of `queue` ended this way; false when the queue is past the cap (not counted). */
   add(queue: string, outcome: keyof QueueTotals): boolean {
@@ -307,8 +323,8 @@ export interface ConsumerTotalsRow {
   started_at: Date;
   /** When it wrote these totals. */
   totals_at: Date;
-  /** How often it reports. */
-  heartbeat_ms: number;
+  /** How often it reports (null until its first report). */
+  heartbeat_ms: number | null;
   totals: Record<string, QueueTotals>;
 }
 
@@ -327,7 +343,7 @@ export async function readConsumerTotals(db: Db): Promise<TotalsSample> {
     select now() as at, k.worker_id, k.started_at, k.totals_at, k.heartbeat_ms, k.totals
     from (select now()) n
     left join shoal.consumers k
-      on k.totals is not null and k.totals_at is not null and k.heartbeat_ms is not null
+      on k.totals is not null and k.totals_at is not null
       and k.last_seen_at > now() - ${LIVE_WINDOW_MS}::integer * interval '1 ms'
     order by k.worker_id`;
   const at = rows[0]!.at;
@@ -448,7 +464,9 @@ export class TotalsHistory {
     // same report read twice has no differences, so no step.
     const to = Math.max(row.totals_at.getTime(), prior + 1);
     const steps: TotalsStep[] = [];
-    const from = Math.max(prior, before.readAt - row.heartbeat_ms);
+    // Without a heartbeat known (the baseline registration wrote), from the older report.
+    const heartbeatMs = row.heartbeat_ms ?? Infinity;
+    const from = Math.max(prior, before.readAt - heartbeatMs);
     for (const [queue, now] of Object.entries(row.totals)) {
       const was = before.row.totals[queue] ?? { completed: 0, failed: 0, dead: 0 };
       const counts = {

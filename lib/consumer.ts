@@ -284,7 +284,11 @@ class CatalogPresence {
   #inFlight: Promise<void> | null = null;
   #everyMs = CATALOG_REFRESH_MS;
 
-  constructor(private readonly db: Db, private readonly consumer: ConsumerRegistration) {}
+  constructor(
+    private readonly db: Db,
+    private readonly consumer: ConsumerRegistration,
+    private readonly totals: ConsumerTotals,
+  ) {}
 
   /** Register now, then refresh every `everyMs`. */
   async start(everyMs: number): Promise<void> {
@@ -298,7 +302,7 @@ class CatalogPresence {
   async #beat(): Promise<void> {
     try {
       if (this.#registered) {
-        await retryOnce(
+        const cameBack = await retryOnce(
           "refresh",
           () =>
             settleWithin(
@@ -307,9 +311,12 @@ class CatalogPresence {
               STATEMENT_DEADLINE_MS,
             ),
         );
+        // Its row starts again from empty totals: so do ours, or they would count twice.
+        if (cameBack) this.#restartTotals();
       } else {
         await registerOnce(this.db, this.consumer);
         this.#registered = true;
+        this.#restartTotals(); // the registration wrote empty totals
       }
     } catch (error) {
       logger("catalog").error(
@@ -324,10 +331,16 @@ class CatalogPresence {
     }
   }
 
+  /** The row holds empty totals now (written by the registration): so do we. */
+  #restartTotals(): void {
+    this.totals.reset();
+    this.#reported = this.totals.version;
+  }
+
   /** Whether the last report recorded held jobs (an empty one need not be sent again). */
   #holding = false;
-  /** The totals' version the last report recorded (-1: none yet). */
-  #reported = -1;
+  /** The totals' version the last report recorded (0: nothing finished, nothing to send). */
+  #reported = 0;
   #warnedCap = false;
 
   /**
@@ -336,7 +349,7 @@ class CatalogPresence {
    * either and finished nothing since (an idle consumer sends no statement). Never throws,
    * and not retried: the next heartbeat reports again.
    */
-  async holding(
+  async report(
     inFlight: ReadonlyMap<string, InFlight>,
     validMs: number,
     totals: ConsumerTotals,
@@ -364,7 +377,7 @@ class CatalogPresence {
       this.#reported = version;
     } catch (error) {
       logger("catalog").warn(
-        "Cannot record the jobs consumer {worker} holds, trying again at its next heartbeat: {error}",
+        "Cannot record the jobs consumer {worker} holds and finished, trying again at its next heartbeat: {error}",
         { worker: this.consumer.workerId, error: describeError(error) },
       );
     }
@@ -973,7 +986,7 @@ export async function runConsumer(
     // After the extend, which matters more; valid as long as the claims it counts, so the
     // report of a consumer that died lapses with them.
     const report = () =>
-      presence.holding(
+      presence.report(
         inFlight(targets.buffered),
         options.visibilityTimeoutMs,
         totals,
@@ -1026,7 +1039,7 @@ export async function runConsumer(
     workerId,
     queues: [...queues],
     tasks: registrationsOf(tasks.names().map((name) => tasks.get(name)!)),
-  });
+  }, totals);
   const heartbeatEvery = Math.max(50, Math.floor(options.visibilityTimeoutMs / 3));
   let beating: Promise<void> | null = null;
   const heartbeatTimer = setInterval(() => {

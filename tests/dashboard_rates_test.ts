@@ -3,7 +3,8 @@
  * writes with its heartbeat (lib/catalog.ts, sql/019_consumer_totals.sql), their
  * differences over time (TotalsHistory), and the overview's chart per queue. Real Postgres
  * and real `main.ts` consumer processes; TotalsHistory's placement in time is also checked
- * on samples built by hand, where the expected bins can be worked out.
+ * on samples built by hand, where the expected bins can be worked out; the charts are drawn
+ * in Debian's Chromium (as dashboard_browser_test.ts; a missing Chromium fails).
  */
 import { assert, assertEquals } from "./assert.ts";
 import { exitWithin, spawnShoal, testDb, waitFor } from "./helpers.ts";
@@ -19,6 +20,8 @@ import {
   TotalsHistory,
 } from "../lib/catalog.ts";
 import { createDashboard } from "../lib/dashboard/app.tsx";
+import { DashboardServer } from "../lib/dashboard/server.ts";
+import { chromium } from "playwright-core";
 import type { Db } from "../lib/db.ts";
 
 const WINDOW_MS = 10 * 60_000;
@@ -148,7 +151,7 @@ Deno.test("TotalsHistory: a restart under the same worker id counts from zero, a
   // Restarted under the same worker id (a container's pid 1): registering resets the totals.
   await registerConsumer(db.sql, consumer);
   const [reset] = await db.sql<{ totals: unknown }[]>`select totals from shoal.consumers`;
-  assertEquals(reset!.totals, null);
+  assertEquals(reset!.totals, {});
   await sample();
   await report(7);
   await sample();
@@ -251,4 +254,54 @@ Deno.test("the overview shows a chart per queue from the consumers' totals", asy
   consumer.kill("SIGTERM");
   const { code, output } = await exitWithin(consumer, 20_000);
   assertEquals(code, 0, output);
+});
+
+Deno.test({
+  name: "the per-queue charts draw in Chromium and survive the overview's live swaps",
+  // Playwright keeps a browser process and its pipes open until close(): closed below.
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await using db = await testDb();
+    const server = new DashboardServer(db.sql, { hostname: "127.0.0.1", port: 0 }, {
+      readOnly: true,
+      env: { get: () => undefined },
+    });
+    await using consumer = spawnShoal(CONSUMER_FLAGS, { url: db.url });
+    const browser = await chromium.launch({
+      executablePath: "/usr/bin/chromium",
+      args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+    });
+    try {
+      const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+      const problems: string[] = [];
+      page.on("console", (m) => void (m.type() === "error" && problems.push(m.text())));
+      page.on("pageerror", (e) => void problems.push(e.message));
+      await page.goto(`http://127.0.0.1:${server.port}/`);
+      // Jobs finished while the page is open: those before its first sample are not shown.
+      await page.locator("#overview").waitFor();
+      for (let i = 0; i < 6; i++) await enqueue(db.sql, "shoal.noop", {}, { queue: "a" });
+      await enqueue(db.sql, "no.such", {}, { queue: "b", maxAttempts: 1 });
+      await enqueue(db.sql, "shoal.noop", {}, { queue: "b" });
+      // The page samples as it refreshes (every 2 s): both queues get their chart.
+      for (const queue of ["a", "b"]) {
+        await page.locator(`.queue-rates[data-queue="${queue}"] .uplot`).waitFor({
+          timeout: 20_000,
+        }).catch((cause) => {
+          throw new Error(`No chart for queue ${queue}: ${problems.join("; ")}`, { cause });
+        });
+      }
+      const charts = page.locator(".queue-rates .uplot canvas");
+      assertEquals(await charts.count(), 2);
+      await page.waitForTimeout(2500); // a live swap redraws them
+      assertEquals(await page.locator(".queue-rates .uplot").count(), 2);
+      assertEquals(await page.locator("#overview > div > .chart .uplot").count(), 1);
+      assertEquals(problems, []);
+    } finally {
+      await browser.close();
+      await server.close();
+    }
+    consumer.kill("SIGTERM");
+    assertEquals((await exitWithin(consumer, 20_000)).code, 0);
+  },
 });
