@@ -6,13 +6,14 @@
 -- extra statement per job are ruled out (the count rule, sql/functions/counts.sql). So each
 -- consumer keeps its own cumulative counts in memory (what its metrics count) and adds them
 -- to the update its heartbeat already sends (lib/catalog.ts reportInFlight): no statement
--- per job, none more per heartbeat. Readers difference them over time per consumer
--- (lib/catalog.ts TotalsHistory).
+-- per job, and at most that one update per heartbeat interval (sent as before while it holds
+-- jobs, and now also after an interval in which it finished some; an idle consumer sends
+-- nothing). Readers difference them over time per consumer (lib/catalog.ts TotalsHistory).
 --
 -- totals: {"queue": {"completed": n, "failed": n, "dead": n}, ...} since the consumer
 --   started: completed (acked, or its fan-out opened), failed (attempts that failed and were
---   retried with a backoff), dead (dead-lettered: failed for good, or poisoned). Reset when
---   a consumer registers (a restart under the same worker id starts from nothing).
+--   retried with a backoff), dead (dead-lettered: failed for good, or poisoned). Emptied
+--   when a consumer registers (a restart under the same worker id starts from nothing).
 -- totals_at: when they were written (the database's clock, as the readers'), so a reader
 --   places each step at the time it happened, not when it looked.
 -- heartbeat_ms: how often the consumer reports: the figures' resolution.
@@ -20,11 +21,12 @@
 -- A jsonb column rather than a table of (worker_id, queue) rows: one row update per
 -- heartbeat, as before, instead of one per queue (more WAL, more dead versions, and a
 -- statement that grows with the queues). The document is bounded: a consumer reports at most
--- 32 queues (MAX_REPORTED_QUEUES), about 1.5 kB with short names, under the size at which
--- Postgres moves a value out of line (TOAST, about 2 kB), so the update stays one tuple.
--- No index covers these columns and fillfactor leaves room on the page, so the update can
--- be HOT (no index entry written); the setting applies to pages written from now on, and
--- the table holds a row per running consumer.
+-- 32 queues (MAX_REPORTED_QUEUES), about 1.5 kB with names of a few characters, under the
+-- row size (about 2 kB) past which Postgres compresses values and then moves them out of line
+-- (TOAST); longer names are compressed first (the inner keys repeat), which keeps most such
+-- documents in line too. No index covers these columns and fillfactor leaves room on the page,
+-- so the update can be HOT (no index entry written); the setting applies to pages written
+-- from now on, and the table holds a row per running consumer.
 alter table shoal.consumers
   add column totals jsonb,
   add column totals_at timestamptz,

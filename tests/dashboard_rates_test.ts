@@ -10,10 +10,13 @@ import { assert, assertEquals } from "./assert.ts";
 import { exitWithin, spawnShoal, testDb, waitFor } from "./helpers.ts";
 import { enqueue } from "../lib/queue.ts";
 import {
+  ConsumerTotals,
   type ConsumerTotalsRow,
+  MAX_REPORTED_QUEUES,
   type QueueRateSeries,
   type QueueTotals,
   readConsumerTotals,
+  refreshConsumer,
   registerConsumer,
   reportInFlight,
   sumByQueue,
@@ -165,6 +168,32 @@ Deno.test("TotalsHistory: a restart under the same worker id counts from zero, a
   const a = history.series(1000, "a");
   assertEquals(a.total, totals(159, 0, 0));
   assertNoNegative(a);
+});
+
+Deno.test("ConsumerTotals reports its first MAX_REPORTED_QUEUES queues, and a consumer row that comes back starts from empty totals", async () => {
+  const counted = new ConsumerTotals();
+  for (let i = 0; i <= MAX_REPORTED_QUEUES; i++) {
+    assertEquals(counted.add(`q${i}`, "completed"), i < MAX_REPORTED_QUEUES);
+  }
+  assertEquals(counted.add("q0", "failed"), true);
+  assertEquals(Object.keys(counted.toJSON()).length, MAX_REPORTED_QUEUES);
+  assertEquals(counted.toJSON().q0, totals(1, 1, 0));
+  assert(counted.dropped);
+  // The document stays small enough to be kept in line (sql/019_consumer_totals.sql).
+  assert(JSON.stringify(counted.toJSON()).length < 2000);
+
+  await using db = await testDb();
+  const consumer = { workerId: "host:9", queues: ["a"], tasks: [] };
+  await registerConsumer(db.sql, consumer);
+  assertEquals(await refreshConsumer(db.sql, consumer), false);
+  await reportInFlight(db.sql, "host:9", new Map(), 60_000, {
+    totals: { a: totals(4, 0, 0) },
+    heartbeatMs: 1000,
+  });
+  await db.sql`delete from shoal.consumers`;
+  assertEquals(await refreshConsumer(db.sql, consumer), true);
+  const [row] = await rows(db.sql);
+  assertEquals(row!.totals, {});
 });
 
 Deno.test("TotalsHistory places each step between its reports, from at most a heartbeat before the read that saw the last", () => {
