@@ -24,6 +24,7 @@ import { ackClaimed, fail, type JobRef } from "./queue.ts";
 import { type CheckedFanOut, completeJobs, type Completion, fanOut } from "./barrier.ts";
 import { PermanentError } from "./tasks.ts";
 import { failureOf, type JobRun } from "./run_job.ts";
+import type { ConsumerTotals } from "./catalog.ts";
 
 /**
  * Most jobs per ack or complete statement. River's completer uses the same 5,000. A
@@ -66,6 +67,8 @@ export interface CompleterOptions {
   maxFanOut?: number;
   /** Called when the backlog falls below the limit after reaching it. */
   onRoom?: () => void;
+  /** Counts each outcome by queue (the consumer's totals, written with its heartbeat). */
+  totals?: ConsumerTotals;
 }
 
 const NONE: readonly never[] = [];
@@ -188,6 +191,7 @@ export class Completer {
       this.#acks.tokens.push(job.token);
     }
     metrics.jobFinished(job, "completed", ms);
+    this.#options.totals?.add(job.queue, "completed");
     this.#noteGrowth();
     this.#flushing ??= this.#flush();
   }
@@ -322,6 +326,7 @@ export class Completer {
       return;
     }
     metrics.jobFinished(job, "completed", ms);
+    this.#options.totals?.add(job.queue, "completed");
     run.span?.end("completed");
   }
 
@@ -332,6 +337,8 @@ export class Completer {
     try {
       const outcome = await retryOnce("fail", () => fail(this.#sql, job, failure));
       metrics.jobFinished(job, outcome, ms);
+      if (outcome === "retried") this.#options.totals?.add(job.queue, "failed");
+      else if (outcome === "dead") this.#options.totals?.add(job.queue, "dead");
       run.span?.end(outcome, failure.error);
       const level = outcome === "dead" ? "error" : "warn";
       this.#log[level]("Job {job_id} ({task}) failed on attempt {attempt}, {outcome}: {error}", {

@@ -57,7 +57,9 @@ import type { TaskRegistry } from "./tasks.ts";
 import {
   CATALOG_REFRESH_MS,
   type ConsumerRegistration,
+  ConsumerTotals,
   type InFlight,
+  MAX_REPORTED_QUEUES,
   refreshConsumer,
   registerConsumer,
   registrationsOf,
@@ -290,7 +292,11 @@ class CatalogPresence {
   #inFlight: Promise<void> | null = null;
   #everyMs = CATALOG_REFRESH_MS;
 
-  constructor(private readonly db: Db, private readonly consumer: ConsumerRegistration) {}
+  constructor(
+    private readonly db: Db,
+    private readonly consumer: ConsumerRegistration,
+    private readonly totals: ConsumerTotals,
+  ) {}
 
   /** Register now, then refresh every `everyMs`. */
   async start(everyMs: number): Promise<void> {
@@ -304,7 +310,7 @@ class CatalogPresence {
   async #beat(): Promise<void> {
     try {
       if (this.#registered) {
-        await retryOnce(
+        const cameBack = await retryOnce(
           "refresh",
           () =>
             settleWithin(
@@ -313,9 +319,12 @@ class CatalogPresence {
               STATEMENT_DEADLINE_MS,
             ),
         );
+        // Its row starts again from empty totals: so do ours, or they would count twice.
+        if (cameBack) this.#restartTotals();
       } else {
         await registerOnce(this.db, this.consumer);
         this.#registered = true;
+        this.#restartTotals(); // the registration wrote empty totals
       }
     } catch (error) {
       logger("catalog").error(
@@ -330,26 +339,53 @@ class CatalogPresence {
     }
   }
 
+  /** The row holds empty totals now (written by the registration): so do we. */
+  #restartTotals(): void {
+    this.totals.reset();
+    this.#reported = this.totals.version;
+  }
+
   /** Whether the last report recorded held jobs (an empty one need not be sent again). */
   #holding = false;
+  /** The totals' version the last report recorded (0: nothing finished, nothing to send). */
+  #reported = 0;
+  #warnedCap = false;
 
   /**
-   * Record what the consumer holds, by queue, valid for `validMs`; nothing when it held
-   * nothing at the last report either (an idle consumer sends no statement). Never throws,
+   * Record what the consumer holds, by queue, valid for `validMs`, and what it finished, by
+   * queue (`totals`, in the same update); nothing when it held nothing at the last report
+   * either and finished nothing since (an idle consumer sends no statement). Never throws,
    * and not retried: the next heartbeat reports again.
    */
-  async holding(inFlight: ReadonlyMap<string, InFlight>, validMs: number): Promise<void> {
-    if (inFlight.size === 0 && !this.#holding) return;
+  async report(
+    inFlight: ReadonlyMap<string, InFlight>,
+    validMs: number,
+    totals: ConsumerTotals,
+    heartbeatMs: number,
+  ): Promise<void> {
+    const version = totals.version;
+    if (inFlight.size === 0 && !this.#holding && version === this.#reported) return;
+    if (totals.dropped && !this.#warnedCap) {
+      this.#warnedCap = true;
+      logger("catalog").warn(
+        "Consumer {worker} reports finished jobs of its first {count} queues only: the rates of its other queues are missing from the dashboard",
+        { worker: this.consumer.workerId, count: MAX_REPORTED_QUEUES },
+      );
+    }
     try {
       await settleWithin(
         "report",
-        reportInFlight(this.db, this.consumer.workerId, inFlight, validMs),
+        reportInFlight(this.db, this.consumer.workerId, inFlight, validMs, {
+          totals: totals.toJSON(),
+          heartbeatMs,
+        }),
         STATEMENT_DEADLINE_MS,
       );
       this.#holding = inFlight.size > 0;
+      this.#reported = version;
     } catch (error) {
       logger("catalog").warn(
-        "Cannot record the jobs consumer {worker} holds, trying again at its next heartbeat: {error}",
+        "Cannot record the jobs consumer {worker} holds and finished, trying again at its next heartbeat: {error}",
         { worker: this.consumer.workerId, error: describeError(error) },
       );
     }
@@ -714,7 +750,10 @@ export async function runConsumer(
   const running = new Map<string, JobRun>();
   const buffer = new PrefetchBuffer({ concurrency: options.concurrency, prefetch });
   const waker = new Sleeper();
+  /** What this consumer finished, by queue: written with its heartbeat (lib/catalog.ts). */
+  const totals = new ConsumerTotals();
   const completer = new Completer(sql, {
+    totals,
     batchCap: options.ackBatchCap,
     backlogLimit: options.ackBacklogLimit,
     retryBaseMs: options.retryBaseMs,
@@ -753,7 +792,7 @@ export async function runConsumer(
     starting = 0,
     fromHead = false,
   ) =>
-    claimOnce(sql, {
+    claimCounted({
       queues: options.queues,
       limit,
       workerId,
@@ -762,6 +801,13 @@ export async function runConsumer(
       starting,
       ...(fromHead ? { fromHead, timeoutMs: HEAD_SCAN_TIMEOUT_MS } : { fromHead }),
     });
+
+  /** A claim, its poisoned jobs (dead-lettered unrun) counted in this consumer's totals. */
+  async function claimCounted(claimOptions: ClaimOptions): Promise<ClaimResult> {
+    const result = await claimOnce(sql, claimOptions);
+    for (const p of result.poisoned) totals.add(p.queue, "dead");
+    return result;
+  }
 
   /**
    * The loop's claim. With nothing buffered, and a claim from the head due, it is that claim
@@ -808,7 +854,7 @@ export async function runConsumer(
     const before = buffer.lastRank();
     if (before === undefined) return;
     const began = performance.now();
-    headScanning = claimOnce(sql, {
+    headScanning = claimCounted({
       queues: options.queues,
       limit: buffer.probeLimit(),
       workerId,
@@ -947,7 +993,13 @@ export async function runConsumer(
     const count = live.length + targets.buffered.length + targets.unsent.length;
     // After the extend, which matters more; valid as long as the claims it counts, so the
     // report of a consumer that died lapses with them.
-    const report = () => presence.holding(inFlight(targets.buffered), options.visibilityTimeoutMs);
+    const report = () =>
+      presence.report(
+        inFlight(targets.buffered),
+        options.visibilityTimeoutMs,
+        totals,
+        heartbeatEvery,
+      );
     if (count === 0) return await report();
     try {
       const lost = await heartbeatOnce(sql, targets, options.visibilityTimeoutMs);
@@ -995,7 +1047,7 @@ export async function runConsumer(
     workerId,
     queues: [...queues],
     tasks: registrationsOf(tasks.names().map((name) => tasks.get(name)!)),
-  });
+  }, totals);
   const heartbeatEvery = Math.max(50, Math.floor(options.visibilityTimeoutMs / 3));
   let beating: Promise<void> | null = null;
   const heartbeatTimer = setInterval(() => {

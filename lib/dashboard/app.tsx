@@ -57,7 +57,8 @@ import {
   requiredId,
   requiredName,
 } from "./params.ts";
-import { ThroughputHistory } from "./throughput.ts";
+import { BIN_MS, ThroughputHistory } from "./throughput.ts";
+import type { QueueRateSeries, QueueTotals } from "../catalog.ts";
 import {
   Action,
   age,
@@ -208,19 +209,13 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const recentDead = await deadByQueueWithin(db, RECENT_DEAD_MS);
     const paused = new Set(flow.paused.map((p) => p.queue));
     const listed = new Set(queues.map((q) => q.queue));
-    const points = history.points();
-    const recent = points.slice(-150); // about the last 5 minutes at one sample per 2 s
-    const completed = recent.reduce((n, p) => n + p.completedPerS, 0);
-    const dead = recent.reduce((n, p) => n + p.deadPerS, 0);
-    const failure = completed + dead > 0
-      ? `${((100 * dead) / (completed + dead)).toFixed(1)}%`
-      : "-";
-    const last = points[points.length - 1];
-    const chart = [
-      points.map((p) => p.t),
-      points.map((p) => p.completedPerS),
-      points.map((p) => p.deadPerS),
-    ];
+    // Queues that finished jobs lately but hold none now (completed jobs leave no row).
+    const finishedOnly = history.queues().filter((q) => !listed.has(q));
+    const idle = [...new Set([...paused, ...finishedOnly])].filter((q) => !listed.has(q)).sort();
+    const all = history.series();
+    const allRecent = recentRates(all);
+    const chart = [all.t, all.completedPerS, all.failedPerS, all.deadPerS];
+    const rates = (queue: string) => <QueueRates series={history.series(queue)} />;
     return (
       <div>
         <Table
@@ -233,6 +228,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
             "dead",
             "dead, last 5 min",
             "oldest ready",
+            "completed/s (1 min), failed (10 min)",
             "state",
             "",
           ]}
@@ -248,20 +244,22 @@ export function createDashboard(options: DashboardOptions): Dashboard {
               <a href={`/dead?queue=${encodeURIComponent(q.queue)}`}>{count(q.dead, q.exact)}</a>,
               count(recentDead.get(q.queue) ?? 0),
               q.ready > 0 ? age(q.oldest_ready_age_s) : "-",
+              rates(q.queue),
               paused.has(q.queue) ? <span class="paused">paused</span> : "active",
               readOnly ? "" : <PauseButton queue={q.queue} paused={paused.has(q.queue)} back="/" />,
             ]),
-            ...[...paused].filter((q) => !listed.has(q)).map((q) => [
+            ...idle.map((q) => [
               q,
               "0",
               "0",
               "0",
               "0",
               "0",
-              "0",
+              count(recentDead.get(q) ?? 0),
               "-",
-              <span class="paused">paused</span>,
-              readOnly ? "" : <PauseButton queue={q} paused back="/" />,
+              rates(q),
+              paused.has(q) ? <span class="paused">paused</span> : "active",
+              readOnly ? "" : <PauseButton queue={q} paused={paused.has(q)} back="/" />,
             ]),
           ]}
         />
@@ -272,15 +270,18 @@ export function createDashboard(options: DashboardOptions): Dashboard {
         )}
         <h2>Throughput, all queues</h2>
         <p>
-          {`Now: ${
-            last ? `${last.completedPerS}/s completed, ${last.deadPerS}/s dead-lettered` : "-"
+          {`Last minute: ${
+            allRecent === null
+              ? "-"
+              : `${allRecent.completedPerS}/s completed, ${allRecent.failedPerS}/s retried, ${allRecent.deadPerS}/s dead-lettered`
           }; failure rate over the last minutes: `}
-          <strong id="failure-rate">{failure}</strong>
+          <strong id="failure-rate">{failureRate(all.total)}</strong>
         </p>
         <div class="chart" data-chart={JSON.stringify(chart)}></div>
         <p class="muted">
-          Sampled while this page is open (every 2 s, kept 10 minutes): completed jobs leave no row
-          behind to count later.
+          {`From the totals each consumer writes with its heartbeat (every third of its visibility timeout: 10 s by default), in ${
+            BIN_MS / 1000
+          } s bins; the last one fills in as consumers report. Sampled while this page is open.`}
         </p>
       </div>
     );
@@ -895,6 +896,50 @@ function LiveExecution(props: PropsWithChildren<{ id: string; open: boolean }>):
       hx-swap={props.open ? "outerHTML" : undefined}
     >
       {props.children}
+    </div>
+  );
+}
+
+/** Bins averaged for the "last minute" figures (the newest, still filling in, left out). */
+const RECENT_BINS = Math.round(60_000 / BIN_MS);
+
+/**
+ * The mean rates of the last minute's complete bins (the newest alone while it is the only
+ * one), or null before any sample.
+ */
+function recentRates(
+  series: QueueRateSeries,
+): { completedPerS: number; failedPerS: number; deadPerS: number } | null {
+  if (series.t.length === 0) return null;
+  const n = series.t.length === 1 ? 1 : series.t.length - 1;
+  const from = Math.max(0, n - RECENT_BINS);
+  const mean = (values: number[]) =>
+    Math.round((100 * values.slice(from, n).reduce((a, b) => a + b, 0)) / (n - from)) / 100;
+  return {
+    completedPerS: mean(series.completedPerS),
+    failedPerS: mean(series.failedPerS),
+    deadPerS: mean(series.deadPerS),
+  };
+}
+
+/** Failed attempts (retried or dead-lettered) over finished ones, or "-" with none. */
+function failureRate(t: QueueTotals): string {
+  const finished = t.completed + t.failed + t.dead;
+  return finished > 0 ? `${((100 * (t.failed + t.dead)) / finished).toFixed(1)}%` : "-";
+}
+
+/** A queue's rates: the last minute's figures and a small chart of the window. */
+function QueueRates(props: { series: QueueRateSeries }): View {
+  const { series } = props;
+  const recent = recentRates(series);
+  if (recent === null || series.total.completed + series.total.failed + series.total.dead === 0) {
+    return <span class="muted">-</span>;
+  }
+  const data = [series.t, series.completedPerS, series.failurePct];
+  return (
+    <div class="queue-rates" data-queue={series.queue}>
+      <span>{`${recent.completedPerS}/s, ${failureRate(series.total)} failed`}</span>
+      <div class="spark" data-chart={JSON.stringify(data)} data-chart-kind="queue"></div>
     </div>
   );
 }

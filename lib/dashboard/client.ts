@@ -3,7 +3,8 @@
  * (no inline script: the pages' Content-Security-Policy allows scripts from the server only).
  *
  * The script draws each `[data-chart]` element's chart with uPlot, on load and on every
- * htmx swap (the overview's table and chart are swapped in every 2 s).
+ * htmx swap (the overview's table and charts are swapped in every 2 s): one for all queues,
+ * and a small one per queue (`data-chart-kind="queue"`: completed/s and failure rate).
  *
  * @module
  */
@@ -17,18 +18,46 @@ export const DASHBOARD_JS = `"use strict";
       if (el.dataset.drawn) continue;
       el.dataset.drawn = "1";
       var data = JSON.parse(el.dataset.chart);
-      var opts = {
-        width: Math.max(320, Math.min(760, el.clientWidth || 640)),
-        height: 160,
-        scales: { x: { time: true } },
-        series: [
-          {},
-          { label: "completed/s", stroke: "#1f8a4c", width: 2 },
-          { label: "dead-lettered/s", stroke: "#c0392b", width: 2 },
-        ],
-      };
+      var opts = el.dataset.chartKind === "queue" ? queueChart(el) : allChart(el);
       new uPlot(opts, data, el);
     }
+  }
+  // All queues: completed, retried and dead-lettered per second.
+  function allChart(el) {
+    return {
+      width: Math.max(320, Math.min(760, el.clientWidth || 640)),
+      height: 160,
+      scales: { x: { time: true } },
+      series: [
+        {},
+        { label: "completed/s", stroke: "#1f8a4c", width: 2 },
+        { label: "retried/s", stroke: "#b35c00", width: 2 },
+        { label: "dead-lettered/s", stroke: "#c0392b", width: 2 },
+      ],
+    };
+  }
+  // One queue, small: completed per second (left scale) and failure rate in % (right).
+  function queueChart(el) {
+    return {
+      width: 220,
+      height: 70,
+      legend: { show: false },
+      cursor: { show: false },
+      scales: { x: { time: true }, n: {}, pct: { range: [0, 100] } },
+      axes: [
+        { show: false },
+        { scale: "n", size: 36, font: "10px system-ui", ticks: { show: false } },
+        { scale: "pct", side: 1, size: 30, font: "10px system-ui", ticks: { show: false },
+          grid: { show: false }, values: function (u, vals) {
+            return vals.map(function (v) { return v + "%"; });
+          } },
+      ],
+      series: [
+        {},
+        { label: "completed/s", scale: "n", stroke: "#1f8a4c", width: 1.5 },
+        { label: "failed %", scale: "pct", stroke: "#c0392b", width: 1.5, spanGaps: false },
+      ],
+    };
   }
   htmx.onLoad(draw);
 })();
@@ -63,6 +92,8 @@ pre { background: #fff; border: 1px solid #dde1e6; padding: 0.6rem; overflow: au
 .notice { background: #e8f5e9; border: 1px solid #a5d6a7; padding: 0.5rem; margin-bottom: 1rem; }
 .muted { color: #6a737d; font-size: 0.85rem; }
 .chart { min-height: 180px; }
+.spark { min-height: 70px; }
+.queue-rates span { font-size: 0.85rem; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
 dt { font-weight: 600; }
 progress { width: 10rem; }
