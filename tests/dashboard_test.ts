@@ -34,7 +34,8 @@ import { dashboardFor } from "../lib/dashboard/server.ts";
 import { enqueue, listJobs, listJobsStatement } from "../lib/queue.ts";
 import { flowStatus } from "../lib/flow.ts";
 import { deadByQueueWithin, listDeadPage, purgeDead, retryDeadMatching } from "../lib/dead.ts";
-import type { Db } from "../lib/db.ts";
+import { connect, type Db } from "../lib/db.ts";
+import { DASHBOARD_POOL_MAX } from "../lib/roles.ts";
 import { REDACTED, shownJson } from "../lib/dashboard/views.tsx";
 
 await loadPromClient();
@@ -284,6 +285,7 @@ Deno.test("dashboard without credentials answers 421 to a foreign Host (DNS rebi
     dbWindowMs: 3_000,
     dashboard: open(db.sql),
   });
+  server.ready();
   try {
     const rebound = `evil.example:${server.port}`;
     const page = await rawRequest(server.port, "GET", "/jobs", { host: rebound });
@@ -302,7 +304,7 @@ Deno.test("dashboard without credentials answers 421 to a foreign Host (DNS rebi
       assertEquals(fine.status, 200, host);
     }
     // Probes are not the dashboard's: served whatever the Host.
-    assertEquals((await rawRequest(server.port, "GET", "/healthz", { host: rebound })).status, 503);
+    assertEquals((await rawRequest(server.port, "GET", "/healthz", { host: rebound })).status, 200);
   } finally {
     await server.close();
   }
@@ -468,23 +470,47 @@ Deno.test("listJobs() and listDeadPage() page newest first by keyset, reading a 
   assertEquals(await listDeadPage(db.sql), { rows: [], next: null });
 });
 
-Deno.test("a role's --http server serves the dashboard at / and its probes unchanged", async () => {
+Deno.test("a role's --http server serves the dashboard at / once ready, on its own pool of 2 opened on the first page, and its probes unchanged", async () => {
   await using db = await testDb();
+  let pools = 0;
   const server = new HttpServer({ hostname: "127.0.0.1", port: 0 }, {
     sql: db.sql,
     metrics: new Metrics(),
     dbWindowMs: 3_000,
-    dashboard: dashboardFor(db.sql, "127.0.0.1", {
-      readOnly: false,
-      env: { get: () => undefined },
-    }),
+    dashboard: dashboardFor(
+      () => {
+        pools++;
+        return connect(db.url, {
+          applicationName: "shoal test dashboard",
+          max: DASHBOARD_POOL_MAX,
+        });
+      },
+      "127.0.0.1",
+      { readOnly: false, env: { get: () => undefined } },
+    ),
   });
+  const dashboardConnections = async () =>
+    (await db.sql<{ n: number }[]>`
+      select count(*)::integer as n from pg_stat_activity
+      where application_name = 'shoal test dashboard'`)[0]!.n;
   try {
     const base = `http://127.0.0.1:${server.port}`;
+    // Before the schema check (migrations may be running): no page, no pool.
+    const early = await get(base, "/");
+    assertEquals([early.status, early.body], [
+      503,
+      "starting: the dashboard opens once the schema is checked\n",
+    ]);
+    assertEquals(pools, 0);
+    assertEquals((await get(base, "/readyz")).body, "starting\n");
+    server.ready();
     const page = await get(base, "/");
     assertEquals(page.status, 200);
     assert(page.body.includes("<title>Overview · shoal</title>"), page.body);
-    assertEquals((await get(base, "/readyz")).body, "starting\n");
+    await Promise.all(["/jobs", "/dead", "/executions", "/queues"].map((p) => get(base, p)));
+    assertEquals(pools, 1, "one pool, made on the first page");
+    const open = await dashboardConnections();
+    assert(open >= 1 && open <= DASHBOARD_POOL_MAX, `${open} connections`);
     assertEquals((await get(base, "/metrics")).status, 200);
     const posted = await fetch(base + "/metrics", { method: "POST" });
     await posted.body?.cancel();
@@ -492,6 +518,7 @@ Deno.test("a role's --http server serves the dashboard at / and its probes uncha
   } finally {
     await server.close();
   }
+  await waitFor("the dashboard's pool closed", async () => await dashboardConnections() === 0);
   // Beyond loopback without credentials: no dashboard (the probes are served as before).
   assertEquals(
     dashboardFor(db.sql, "0.0.0.0", { readOnly: false, env: { get: () => undefined } }),
@@ -663,4 +690,88 @@ Deno.test("the purge keeps the page's task filter, says exactly what goes, and d
   assertEquals(left, [ids[1]!, ids[3]!, ids[5]!, later], "task y.t kept, and the later one");
   assertEquals(await purgeDead(db.sql, { task: "y.t", throughId: ids[3]! }), 2);
   assertEquals(await purgeDead(db.sql, {}), 2);
+});
+
+/**
+ * The URL of every script a Deno program runs `code` loads, as its inspector reports them
+ * (V8's Debugger.scriptParsed, npm packages included), run from a temporary file with the
+ * project's deno.json.
+ */
+async function scriptsLoaded(code: string): Promise<string[]> {
+  const file = await Deno.makeTempFile({ suffix: ".ts" });
+  const port = freePort();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      `--config=${new URL("../deno.json", import.meta.url).pathname}`,
+      `--inspect-wait=127.0.0.1:${port}`,
+      file,
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "inherit",
+  });
+  // The inspector keeps the process until it disconnects: the script says when it is done.
+  await Deno.writeTextFile(file, `${code}\nconsole.log("loaded");\n`);
+  const proc = child.spawn();
+  try {
+    const target = await waitFor("the inspector", async () => {
+      try {
+        const response = await fetch(`http://127.0.0.1:${port}/json/list`);
+        return ((await response.json()) as { webSocketDebuggerUrl: string }[])[0];
+      } catch (error) {
+        if (error instanceof TypeError) return undefined; // not listening yet
+        throw error;
+      }
+    });
+    const urls: string[] = [];
+    const socket = new WebSocket(target.webSocketDebuggerUrl);
+    const closed = new Promise<void>((resolve) => socket.onclose = () => resolve());
+    socket.onmessage = (event) => {
+      const message = JSON.parse(event.data);
+      if (message.method === "Debugger.scriptParsed") urls.push(message.params.url);
+      if (message.method === "Debugger.paused") {
+        socket.send(JSON.stringify({ id: 100, method: "Debugger.resume" }));
+      }
+    };
+    await new Promise((resolve) => socket.onopen = resolve);
+    ["Runtime.enable", "Debugger.enable", "Runtime.runIfWaitingForDebugger"].forEach(
+      (method, id) => socket.send(JSON.stringify({ id, method })),
+    );
+    const reader = proc.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    let stdout = "";
+    while (!stdout.includes("loaded\n")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      stdout += value;
+    }
+    socket.close();
+    await closed;
+    for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read()) {
+      stdout += chunk.value;
+    }
+    const { code: exit } = await proc.status;
+    assertEquals([exit, stdout], [0, "loaded\n"]);
+    return urls;
+  } finally {
+    await Deno.remove(file);
+  }
+}
+
+Deno.test("a role without --http never loads Hono (nor the dashboard's assets)", async () => {
+  const lib = (path: string) => new URL(`../lib/${path}`, import.meta.url).href;
+  const roleOnly = await scriptsLoaded(`
+    import "${lib("cli.ts")}";
+    import { startHttp } from "${lib("roles.ts")}";
+    if (await startHttp(null as never, undefined, {}) !== null) throw new Error("a server");
+  `);
+  assert(roleOnly.some((u) => u.endsWith("/lib/roles.ts")), roleOnly.join("\n"));
+  // guard.ts is the CLI's (the bind rule); the app, its views and assets are not.
+  const hono = (urls: string[]) =>
+    urls.filter((u) => /\/hono\/|\/lib\/dashboard\/(app|views|assets|server)\./.test(u));
+  assertEquals(hono(roleOnly), []);
+  // The check sees Hono when it is loaded.
+  const withDashboard = await scriptsLoaded(`await import("${lib("dashboard/server.ts")}");`);
+  assert(withDashboard.some((u) => /\/hono\//.test(u)), withDashboard.join("\n"));
 });
