@@ -775,3 +775,19 @@ Deno.test("a role without --http never loads Hono (nor the dashboard's assets)",
   const withDashboard = await scriptsLoaded(`await import("${lib("dashboard/server.ts")}");`);
   assert(withDashboard.some((u) => /\/hono\//.test(u)), withDashboard.join("\n"));
 });
+
+Deno.test("retryDeadMatching() stops at its cap of 10,000 a call, in statements of 1,000, and says more are left", async () => {
+  await using db = await testDb();
+  await db.sql`
+    insert into shoal.dead_jobs (id, queue, task, payload, priority, fairness_key, attempts,
+      max_attempts, errors, reason, created_at, died_at)
+    select i, 'q', 't', '{}', 0, '', 3, 3, '[]', 'attempts exhausted', now(), now()
+    from generate_series(1, 10050) i`;
+  const first = await retryDeadMatching(db.sql, { throughId: "10050" });
+  assertEquals(first, { retried: 10_000, duplicate: 0, execution_ended: 0, more: true });
+  const [left] = await db.sql<{ n: number }[]>`
+    select count(*)::integer as n from shoal.dead_jobs where id <= 50`;
+  assertEquals(left!.n, 50, "the newest went first");
+  const second = await retryDeadMatching(db.sql, { throughId: "10050" });
+  assertEquals(second, { retried: 50, duplicate: 0, execution_ended: 0, more: false });
+});

@@ -129,7 +129,9 @@ const NOTICES: Record<string, string> = {
   ran: "Enqueued a run now",
   purged: "Purged",
   retried_set: "Retried the matching dead jobs",
-  retried_some: "Retried the first 10,000 matching dead jobs: retry again for the rest",
+  retried_some: `Retried the first ${
+    MAX_RETRY_TOTAL.toLocaleString("en-US")
+  } matching dead jobs: retry again for the rest`,
 };
 
 export function createDashboard(options: DashboardOptions): Dashboard {
