@@ -5,7 +5,9 @@
  *   deno run -A bench/dashboard_pages.ts [JOBS]        (JOBS defaults to 10,000,000)
  *
  * It loads W13's table (bench/counts.ts load(): JOBS jobs over four queues, some claimed,
- * some scheduled), 100,000 dead jobs and 10,000 executions, then asks each page SAMPLES times
+ * some scheduled), 100,000 dead jobs, 10,000 executions and a running one with 1,000 jobs, 1,000
+ * keyed jobs, then asks each page SAMPLES + 1 times (past the five runs after which Postgres may
+ * plan a statement generically)
  * in process (createDashboard().fetch, no network) and prints the median of its Server-Timing
  * figure (the time from the request's arrival to its response, database reads included).
  *
@@ -40,9 +42,21 @@ try {
     await db.sql`
       insert into shoal.executions (status, label)
       select 'completed', 'bench' from generate_series(1, 10000)`;
-    await db.sql.unsafe("vacuum (analyze) shoal.dead_jobs, shoal.executions");
+    // A running execution with 1,000 live jobs, and 1,000 keyed jobs, among the newest.
+    const [execution] = await db.sql<{ id: string }[]>`
+      insert into shoal.executions (status, label, started_at)
+      values ('running', 'bench fan-out', now()) returning id`;
+    await db.sql`
+      insert into shoal.jobs (queue, task, execution_id)
+      select 'w13_email', 'w13_email.send', ${execution!.id}::bigint
+      from generate_series(1, 1000)`;
+    await db.sql`
+      insert into shoal.jobs (queue, task, key)
+      select 'w13_hook', 'w13_hook.call', 'order-' || i from generate_series(1, 1000) i`;
+    await db.sql.unsafe("vacuum (analyze) shoal.jobs, shoal.dead_jobs, shoal.executions");
     const loadedS = ((performance.now() - loading) / 1000).toFixed(0);
     const [job] = await db.sql<{ id: string }[]>`select max(id) as id from shoal.jobs`;
+    const [dead] = await db.sql<{ id: string }[]>`select max(id) as id from shoal.dead_jobs`;
     const dashboard = createDashboard({ db: db.sql, readOnly: false, access: {} });
     const pages = [
       "/",
@@ -57,6 +71,12 @@ try {
       "/dead?queue=w13_email",
       "/executions",
       "/executions?status=failed",
+      `/executions/${execution!.id}`,
+      `/jobs?execution=${execution!.id}`,
+      "/jobs?key=order-500",
+      "/jobs?queue=w13_hook&key=order-500",
+      `/dead/purge?through=${dead!.id}`,
+      `/dead/purge?queue=w13_email&task=w13_email.send&through=${dead!.id}`,
       "/schedules",
       "/queues",
       "/leases",

@@ -75,7 +75,15 @@ import {
   setRateLimit,
 } from "./flow.ts";
 import { checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
-import { type Role, type Roles, runRoles, startHttp, trapSignals, untilStopped } from "./roles.ts";
+import {
+  DASHBOARD_POOL_MAX,
+  type Role,
+  type Roles,
+  runRoles,
+  startHttp,
+  trapSignals,
+  untilStopped,
+} from "./roles.ts";
 import {
   startTracing,
   stopTracing,
@@ -669,6 +677,12 @@ function roleCommand<N extends OptionName>(
           const http = await startHttp(sql, opts.http, roles, {
             exactCounts: opts["metrics-exact"],
             readOnly: opts["read-only"],
+            dashboardPool: () =>
+              connect(opts["database-url"], {
+                applicationName: `shoal ${role} dashboard`,
+                prepare: opts.prepare,
+                max: DASHBOARD_POOL_MAX,
+              }),
           });
           try {
             await runRoles(sql, roles, {

@@ -25,6 +25,18 @@ export type Db =
   | postgres.Sql<Record<string, never>>
   | postgres.TransactionSql<Record<string, never>>;
 
+/** A piece of a statement (postgres.js `db\`...\``), composed into another. */
+export type Fragment = postgres.Fragment;
+
+/**
+ * `conditions` (each `and ...`) as one fragment, nothing when none: an empty array would be
+ * sent as a parameter. Lets a statement name only the filters given, so each combination is
+ * its own statement text, planned with its own index.
+ */
+export function conditions(db: Db, conditions: Fragment[]): Fragment | Fragment[] {
+  return conditions.length === 0 ? db`` : conditions;
+}
+
 export interface ConnectOptions {
   /** Shows in pg_stat_activity, e.g. `shoal consumer` (default `shoal`). */
   applicationName?: string;

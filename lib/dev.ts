@@ -10,7 +10,7 @@
  */
 import { type ConsumerOptions, defaultWorkerId } from "./consumer.ts";
 import { getExecution, listExecutions, startExecution } from "./execution.ts";
-import { type RoleHttp, type Roles, runRoles, startHttp } from "./roles.ts";
+import { DASHBOARD_POOL_MAX, type RoleHttp, type Roles, runRoles, startHttp } from "./roles.ts";
 import { upsertSchedule } from "./schedule.ts";
 import { delay } from "./sleep.ts";
 import { closePool, connect, databaseNow, namingDatabase, redactUrl, type Sql } from "./db.ts";
@@ -305,6 +305,12 @@ export async function runDev(options: DevOptions, stop: AbortSignal): Promise<vo
       http = await startHttp(sql, options.http, { consumer: devRoles(options).consumer }, {
         exactCounts: options.metricsExact,
         readOnly: options.readOnly,
+        dashboardPool: () =>
+          connect(url, {
+            applicationName: "shoal dev dashboard",
+            prepare: options.prepare,
+            max: DASHBOARD_POOL_MAX,
+          }),
       });
       await runAll(sql, pg ? url : redactUrl(url), options, stop, http);
     } catch (error) {

@@ -168,7 +168,7 @@ export async function listExecutionsPage(
     with window_ as (
       select e.id, e.status, e.label, e.created_at, e.updated_at, e.error
       from shoal.executions e
-      where e.id < coalesce(${options.beforeId ?? null}::bigint, 9223372036854775807)
+      ${options.beforeId === undefined ? db`` : db`where e.id < ${options.beforeId}::bigint`}
       order by e.id desc
       limit ${scan}::integer
     ),
@@ -179,7 +179,7 @@ export async function listExecutionsPage(
                 from shoal.barriers x where x.execution_id = w.id), '[]'::jsonb) as barriers
     from bounds b left join lateral (
       select * from window_ w
-      where ${options.status ?? null}::text is null or w.status = ${options.status ?? null}::text
+      ${options.status === undefined ? db`` : db`where w.status = ${options.status}::text`}
       order by w.id desc
       limit ${limit}::integer
     ) w on true`;

@@ -44,8 +44,12 @@ export interface HttpServerOptions {
   metrics: Metrics;
   /** 503 from /readyz once the database has not answered for this long. */
   dbWindowMs: number;
-  /** Serve this dashboard on every other path; none: those are 404. */
-  dashboard?: Dashboard | null;
+  /**
+   * Serve this dashboard on every other path (503 "starting" until {@link HttpServer.ready}:
+   * the schema has not been checked yet); none: those are 404. Closed with the server when
+   * it can be.
+   */
+  dashboard?: (Dashboard & { close?(): Promise<void> }) | null;
 }
 
 type Phase = "starting" | "ready" | "stopping";
@@ -157,7 +161,15 @@ export class HttpServer {
   async #handle(request: Request): Promise<Response> {
     const path = new URL(request.url).pathname;
     const probe = path === LIVENESS_PATH || path === READINESS_PATH || path === "/metrics";
-    if (!probe && this.options.dashboard) return await this.options.dashboard.fetch(request);
+    if (!probe && this.options.dashboard) {
+      // Before the schema check passed, a page could fail on a missing table or column.
+      if (this.#phase === "starting") {
+        return text(503, "starting: the dashboard opens once the schema is checked", {
+          "retry-after": "1",
+        });
+      }
+      return await this.options.dashboard.fetch(request);
+    }
     if (request.method !== "GET" && request.method !== "HEAD") {
       return text(405, "only GET", { allow: "GET, HEAD" });
     }
@@ -201,6 +213,7 @@ export class HttpServer {
     this.#phase = "stopping";
     await this.#server.shutdown();
     await this.#probe.close();
+    await this.options.dashboard?.close?.();
   }
 }
 

@@ -41,7 +41,7 @@ import {
   nameRefusal,
   refusal,
 } from "./args.ts";
-import type { Db, Sql } from "./db.ts";
+import { conditions, type Db, type Fragment, type Sql } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import {
   checkPayload,
@@ -1324,6 +1324,38 @@ export async function listJobs(
   const limit = options.limit ?? 50;
   const scan = options.scan ?? LIST_SCAN_ROWS;
   const rows = await db<(JobListRow & { scanned_to: string | null; scanned: number })[]>`
+    ${listJobsStatement(db, options)}`;
+  const first = rows[0];
+  const found = rows.filter((r) => r.id !== null).map(({ scanned_to: _, scanned: __, ...r }) => r);
+  let next: string | null = null;
+  if (found.length === limit) next = found[found.length - 1]!.id;
+  else if (first && first.scanned === scan) next = first.scanned_to;
+  return { rows: found, next };
+}
+
+/**
+ * listJobs()'s statement, built from fragments so that each combination of filters is its own
+ * statement text: Postgres then plans each with its index, even once it switches a prepared
+ * statement to a generic plan (after five runs), which a `($1 is null or col = $1)` would
+ * keep from any index. The window, read newest first, holds the filters an index serves:
+ * the execution (jobs_execution_idx), the queue with its fairness key (jobs_fairness_idx)
+ * or with its dedupe key (jobs_dedupe_idx); the others filter the window after.
+ */
+export function listJobsStatement(db: Db, options: ListJobsOptions = {}): Fragment {
+  const limit = options.limit ?? 50;
+  const scan = options.scan ?? LIST_SCAN_ROWS;
+  const { queue, task, state, key, fairnessKey, executionId, beforeId } = options;
+  const window: Fragment[] = [];
+  const after: Fragment[] = [];
+  if (beforeId !== undefined) window.push(db`and j.id < ${beforeId}::bigint`);
+  if (executionId !== undefined) window.push(db`and j.execution_id = ${executionId}::bigint`);
+  if (queue !== undefined) window.push(db`and j.queue = ${queue}::text`);
+  const keyed = queue !== undefined ? window : after;
+  if (key !== undefined) keyed.push(db`and j.key = ${key}::text`);
+  if (fairnessKey !== undefined) keyed.push(db`and j.fairness_key = ${fairnessKey}::text`);
+  if (task !== undefined) after.push(db`and j.task = ${task}::text`);
+  if (state !== undefined) after.push(db`and j.state = ${state}::text`);
+  return db`
     with window_ as (
       select j.id, j.queue, j.task, j.priority, j.fairness_key, j.key, j.attempts,
         j.max_attempts, j.execution_id, j.run_at, j.created_at, j.last_error,
@@ -1332,31 +1364,18 @@ export async function listJobs(
              when j.started_at is not null then 'running'
              else 'prefetched' end as state
       from shoal.jobs j
-      where j.id < coalesce(${options.beforeId ?? null}::bigint, 9223372036854775807)
-        and (${options.executionId ?? null}::bigint is null
-             or j.execution_id = ${options.executionId ?? null}::bigint)
+      where true ${conditions(db, window)}
       order by j.id desc
       limit ${scan}::integer
     ),
     bounds as (select min(id) as scanned_to, count(*)::integer as scanned from window_)
     select w.*, b.scanned_to, b.scanned
     from bounds b left join lateral (
-      select * from window_ w
-      where (${options.queue ?? null}::text is null or w.queue = ${options.queue ?? null}::text)
-        and (${options.task ?? null}::text is null or w.task = ${options.task ?? null}::text)
-        and (${options.state ?? null}::text is null or w.state = ${options.state ?? null}::text)
-        and (${options.key ?? null}::text is null or w.key = ${options.key ?? null}::text)
-        and (${options.fairnessKey ?? null}::text is null
-             or w.fairness_key = ${options.fairnessKey ?? null}::text)
-      order by w.id desc
+      select * from window_ j
+      where true ${conditions(db, after)}
+      order by j.id desc
       limit ${limit}::integer
     ) w on true`;
-  const first = rows[0];
-  const found = rows.filter((r) => r.id !== null).map(({ scanned_to: _, scanned: __, ...r }) => r);
-  let next: string | null = null;
-  if (found.length === limit) next = found[found.length - 1]!.id;
-  else if (first && first.scanned === scan) next = first.scanned_to;
-  return { rows: found, next };
 }
 
 /** One job with everything the dashboard's job page shows. */

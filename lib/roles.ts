@@ -111,10 +111,18 @@ export function dbWindowMs(roles: Roles): number {
   return Math.max(1000, 3 * Math.max(...waits));
 }
 
+/** Most connections a role's dashboard opens: its own pool, beside the role's. */
+export const DASHBOARD_POOL_MAX = 2;
+
 /** How the `--http` server counts for /metrics and serves the dashboard. */
 export interface HttpOptions extends MetricsOptions {
   /** The dashboard refuses every action (`--read-only`). */
   readOnly?: boolean;
+  /**
+   * Makes the dashboard's own small pool, on its first request (lib/dashboard/server.ts
+   * dashboardFor); without it the dashboard shares `sql`.
+   */
+  dashboardPool?: () => Sql;
 }
 
 /**
@@ -134,7 +142,9 @@ export async function startHttp(
   // Loaded on demand, as prom-client is: a process without --http never loads Hono and the
   // browser assets (idle memory).
   const { dashboardFor } = await import("./dashboard/server.ts");
-  const dashboard = dashboardFor(sql, listen.hostname, { readOnly: options.readOnly ?? false });
+  const dashboard = dashboardFor(options.dashboardPool ?? sql, listen.hostname, {
+    readOnly: options.readOnly ?? false,
+  });
   return new HttpServer(listen, {
     sql,
     metrics: await enableMetrics({ exactCounts: options.exactCounts }),

@@ -346,7 +346,7 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: ({ sql }) => shoal.purgeDead(sql, x({ olderThan: 1000 })),
     error: TypeError,
     message:
-      'Invalid options for purgeDead(): unknown option "olderThan" (known: queue, olderThanMs, limit)',
+      'Invalid options for purgeDead(): unknown option "olderThan" (known: queue, task, throughId, olderThanMs, limit)',
   }, {
     call: ({ sql }) => shoal.purgeDead(sql, { olderThanMs: -1 }),
     error: RangeError,

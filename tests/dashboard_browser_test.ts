@@ -7,10 +7,10 @@
  *
  * With SHOAL_DASHBOARD_SCREENSHOTS=1 it also writes the screenshots in docs/dashboard/.
  */
-import { chromium, type Page } from "playwright-core";
+import { type Browser, chromium, type Page } from "playwright-core";
 import { assert, assertEquals } from "./assert.ts";
 import { figure, testDb, waitFor } from "./helpers.ts";
-import { seedDashboard } from "./dashboard_fixture.ts";
+import { seedDashboard, type Seeded } from "./dashboard_fixture.ts";
 import { DashboardServer } from "../lib/dashboard/server.ts";
 import { getJob, listJobs } from "../lib/queue.ts";
 import { getDead, listDeadPage } from "../lib/dead.ts";
@@ -65,10 +65,9 @@ function watchProblems(page: Page): string[] {
 Deno.test({
   name:
     "dashboard in Chromium: every page loads, the live parts update, and the actions change the database",
-  // Playwright keeps a browser process and its pipes open until close(): checked by hand.
-  sanitizeOps: false,
-  sanitizeResources: false,
-  async fn() {
+  // Sanitized (deno.json): a timer, server or connection of ours left open fails it. Only the
+  // step that drives Chromium is not: Playwright's pipe reads run until browser.close(), in it.
+  async fn(t) {
     await requireChromium();
     await using db = await testDb();
     const seeded = await seedDashboard(db.sql);
@@ -77,137 +76,22 @@ Deno.test({
       env: { get: () => undefined },
     });
     const base = `http://127.0.0.1:${server.port}`;
-    const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
     const timings: string[] = [];
     try {
-      const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
-      const problems = watchProblems(page);
-      page.on("response", (response) => {
-        const timing = response.headers()["server-timing"];
-        const path = new URL(response.url()).pathname;
-        if (timing && !path.startsWith("/assets/")) timings.push(`${path} ${timing}`);
+      await t.step({
+        name: "pages and actions in Chromium",
+        sanitizeOps: false,
+        sanitizeResources: false,
+        fn: async () => {
+          const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+          try {
+            await pagesAndActions(browser, base, db.sql, seeded, timings);
+          } finally {
+            await browser.close();
+          }
+        },
       });
-      const visit = async (path: string, shows: string, shot?: string) => {
-        const response = await page.goto(base + path);
-        assertEquals(response?.status(), 200, path);
-        // In the page's content (a <select> option holding the text is hidden).
-        await page.locator("main :is(td, dd, p, pre, h2, code)", { hasText: shows }).first()
-          .waitFor();
-        if (shot && SCREENSHOTS) {
-          await page.screenshot({
-            path: new URL(`${shot}.png`, SCREENSHOTS).pathname,
-            fullPage: true,
-          });
-        }
-        assertEquals(problems, [], `after ${path}`);
-      };
-
-      // Overview: every queue, its states, the chart drawn by uPlot; live without reload.
-      await visit("/", "mail");
-      for (const queue of ["mail", "bill", "flow", "reports"]) {
-        await page.locator("#overview td", { hasText: queue }).first().waitFor();
-      }
-      await page.locator("#overview .uplot").waitFor(); // uPlot drew the chart
-      await enqueue(db.sql, "late.t", {}, { queue: "arrived-later" });
-      await page.locator("#overview td", { hasText: "arrived-later" }).waitFor({ timeout: 5000 });
-      if (SCREENSHOTS) {
-        await page.waitForTimeout(4500); // a few samples on the chart
-        await page.screenshot({
-          path: new URL("overview.png", SCREENSHOTS).pathname,
-          fullPage: true,
-        });
-      }
-
-      // Jobs, each state, and the detail pages.
-      await visit("/jobs", "mail.send", "jobs");
-      for (const state of ["ready", "scheduled", "running", "prefetched", "dead"]) {
-        await visit(`/jobs?state=${state}`, state === "dead" ? "dead" : state);
-        const rows = await page.locator("tbody tr").count();
-        assert(rows >= 1, `no ${state} job listed`);
-      }
-      await visit(`/jobs?queue=bill&state=running`, "bill.charge");
-      assertEquals(await page.locator("tbody tr").count(), 1);
-      await visit(`/jobs/${seeded.ready}`, "[redacted]", "job");
-      assertEquals(await page.locator("#job-state").textContent(), "ready");
-      assert(
-        (await page.locator("#payload").textContent())!.includes("<script>alert('x')</script>"),
-      );
-      await visit(`/jobs/${seeded.dead[2]}`, "SMTP said 550");
-      await visit("/leases", "host-a:1", "leases");
-      await visit("/queues", "Concurrency limits", "queues");
-      await visit("/schedules", "nightly-report", "schedules");
-      await visit("/executions", "running", "executions");
-
-      // An open execution updates itself: two more children arrive.
-      await visit(`/executions/${seeded.execution}`, "1/4", "execution");
-      await db.sql`update shoal.barriers set remaining = 1
-                   where execution_id = ${seeded.execution}::bigint`;
-      await page.locator("#execution", { hasText: "3/4" }).waitFor({ timeout: 5000 });
-
-      // Cancel the pending execution.
-      await visit(`/executions/${seeded.pendingExecution}`, "pending");
-      await page.getByRole("button", { name: "Cancel execution" }).click();
-      await page.getByText("Execution cancelled").waitFor();
-      assertEquals((await getExecution(db.sql, seeded.pendingExecution))?.status, "cancelled");
-
-      // Retry one dead job: it is live again.
-      await visit("/dead", "attempts exhausted", "dead");
-      await page.locator(`form[action="/dead/${seeded.dead[0]}/retry"] button`).click();
-      await page.getByText("Dead job put back on its queue").waitFor();
-      assertEquals(await getDead(db.sql, seeded.dead[0]!), null);
-      assertEquals((await getJob(db.sql, seeded.dead[0]!))?.state, "ready");
-
-      // Retry the filtered set: queue bill's dead job.
-      await visit("/dead?queue=bill", "bill.charge");
-      await page.getByRole("button", { name: /Retry all matching/ }).click();
-      await page.getByText("Retried the matching dead jobs").waitFor();
-      assertEquals(await getDead(db.sql, seeded.dead[2]!), null);
-      assert(await getJob(db.sql, seeded.dead[2]!) !== null);
-
-      // Purge, after the confirmation page: the last dead job goes.
-      await visit("/dead", "attempts exhausted");
-      await page.getByRole("link", { name: /Purge all/ }).click();
-      await page.getByText("for good?").waitFor();
-      assertEquals((await listDeadPage(db.sql)).rows.length, 1, "nothing purged before confirming");
-      await page.getByRole("button", { name: "Yes, purge" }).click();
-      await page.getByText("Purged").first().waitFor();
-      assertEquals((await listDeadPage(db.sql)).rows.length, 0);
-
-      // Pause and resume a queue from the overview.
-      await visit("/", "mail");
-      await page.locator('form[action="/queues/mail/pause"] button').click();
-      await page.locator('form[action="/queues/mail/resume"] button').waitFor();
-      assert((await flowStatus(db.sql)).paused.some((p) => p.queue === "mail"));
-      await page.locator('form[action="/queues/mail/resume"] button').click();
-      await page.locator('form[action="/queues/mail/pause"] button').waitFor();
-      assert(!(await flowStatus(db.sql)).paused.some((p) => p.queue === "mail"));
-      // And the paused one from the queues page.
-      await visit("/queues", "reports");
-      await page.locator('form[action="/queues/reports/resume"] button').click();
-      await page.getByText("Resumed").waitFor();
-      assertEquals((await flowStatus(db.sql)).paused, []);
-
-      // Schedules: pause, resume, run now.
-      const enabled = async () => (await listSchedules(db.sql))[0]!.enabled;
-      await visit("/schedules", "nightly-report");
-      await page.getByRole("button", { name: "Pause" }).click();
-      await page.getByText("Paused").first().waitFor();
-      assertEquals(await enabled(), false);
-      await page.getByRole("button", { name: "Resume" }).click();
-      await page.getByText("Resumed").waitFor();
-      assertEquals(await enabled(), true);
-      await page.getByRole("button", { name: "Run now" }).click();
-      await page.getByText("Enqueued a run now").waitFor();
-      const ran = await waitFor(
-        "the run-now job",
-        async () => (await listJobs(db.sql, { task: "report.build" })).rows[0],
-      );
-      assertEquals(ran.queue, "reports");
-
-      assertEquals(problems, [], "browser problems");
-      if (SCREENSHOTS) await overviewWithTraffic(page, db.sql, SCREENSHOTS);
     } finally {
-      await browser.close();
       await server.close();
     }
     figure(
@@ -217,6 +101,142 @@ Deno.test({
     );
   },
 });
+
+/** Every page, the live parts and the actions, in one page of `browser`. */
+async function pagesAndActions(
+  browser: Browser,
+  base: string,
+  sql: Sql,
+  seeded: Seeded,
+  timings: string[],
+): Promise<void> {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  const problems = watchProblems(page);
+  page.on("response", (response) => {
+    const timing = response.headers()["server-timing"];
+    const path = new URL(response.url()).pathname;
+    if (timing && !path.startsWith("/assets/")) timings.push(`${path} ${timing}`);
+  });
+  const visit = async (path: string, shows: string, shot?: string) => {
+    const response = await page.goto(base + path);
+    assertEquals(response?.status(), 200, path);
+    // In the page's content (a <select> option holding the text is hidden).
+    await page.locator("main :is(td, dd, p, pre, h2, code)", { hasText: shows }).first()
+      .waitFor();
+    if (shot && SCREENSHOTS) {
+      await page.screenshot({
+        path: new URL(`${shot}.png`, SCREENSHOTS).pathname,
+        fullPage: true,
+      });
+    }
+    assertEquals(problems, [], `after ${path}`);
+  };
+
+  // Overview: every queue, its states, the chart drawn by uPlot; live without reload.
+  await visit("/", "mail");
+  for (const queue of ["mail", "bill", "flow", "reports"]) {
+    await page.locator("#overview td", { hasText: queue }).first().waitFor();
+  }
+  await page.locator("#overview .uplot").waitFor(); // uPlot drew the chart
+  await enqueue(sql, "late.t", {}, { queue: "arrived-later" });
+  await page.locator("#overview td", { hasText: "arrived-later" }).waitFor({ timeout: 5000 });
+  if (SCREENSHOTS) {
+    await page.waitForTimeout(4500); // a few samples on the chart
+    await page.screenshot({
+      path: new URL("overview.png", SCREENSHOTS).pathname,
+      fullPage: true,
+    });
+  }
+
+  // Jobs, each state, and the detail pages.
+  await visit("/jobs", "mail.send", "jobs");
+  for (const state of ["ready", "scheduled", "running", "prefetched", "dead"]) {
+    await visit(`/jobs?state=${state}`, state === "dead" ? "dead" : state);
+    const rows = await page.locator("tbody tr").count();
+    assert(rows >= 1, `no ${state} job listed`);
+  }
+  await visit(`/jobs?queue=bill&state=running`, "bill.charge");
+  assertEquals(await page.locator("tbody tr").count(), 1);
+  await visit(`/jobs/${seeded.ready}`, "[redacted]", "job");
+  assertEquals(await page.locator("#job-state").textContent(), "ready");
+  assert(
+    (await page.locator("#payload").textContent())!.includes("<script>alert('x')</script>"),
+  );
+  await visit(`/jobs/${seeded.dead[2]}`, "SMTP said 550");
+  await visit("/leases", "host-a:1", "leases");
+  await visit("/queues", "Concurrency limits", "queues");
+  await visit("/schedules", "nightly-report", "schedules");
+  await visit("/executions", "running", "executions");
+
+  // An open execution updates itself: two more children arrive.
+  await visit(`/executions/${seeded.execution}`, "1/4", "execution");
+  await sql`update shoal.barriers set remaining = 1
+               where execution_id = ${seeded.execution}::bigint`;
+  await page.locator("#execution", { hasText: "3/4" }).waitFor({ timeout: 5000 });
+
+  // Cancel the pending execution.
+  await visit(`/executions/${seeded.pendingExecution}`, "pending");
+  await page.getByRole("button", { name: "Cancel execution" }).click();
+  await page.getByText("Execution cancelled").waitFor();
+  assertEquals((await getExecution(sql, seeded.pendingExecution))?.status, "cancelled");
+
+  // Retry one dead job: it is live again.
+  await visit("/dead", "attempts exhausted", "dead");
+  await page.locator(`form[action="/dead/${seeded.dead[0]}/retry"] button`).click();
+  await page.getByText("Dead job put back on its queue").waitFor();
+  assertEquals(await getDead(sql, seeded.dead[0]!), null);
+  assertEquals((await getJob(sql, seeded.dead[0]!))?.state, "ready");
+
+  // Retry the filtered set: queue bill's dead job.
+  await visit("/dead?queue=bill", "bill.charge");
+  await page.getByRole("button", { name: /Retry all matching/ }).click();
+  await page.getByText("Retried the matching dead jobs").waitFor();
+  assertEquals(await getDead(sql, seeded.dead[2]!), null);
+  assert(await getJob(sql, seeded.dead[2]!) !== null);
+
+  // Purge, after the confirmation page: the last dead job goes.
+  await visit("/dead", "attempts exhausted");
+  await page.getByRole("link", { name: /Purge all/ }).click();
+  await page.getByText("for good?").waitFor();
+  assertEquals((await listDeadPage(sql)).rows.length, 1, "nothing purged before confirming");
+  await page.getByRole("button", { name: "Yes, purge" }).click();
+  await page.getByText("Purged").first().waitFor();
+  assertEquals((await listDeadPage(sql)).rows.length, 0);
+
+  // Pause and resume a queue from the overview.
+  await visit("/", "mail");
+  await page.locator('form[action="/queues/mail/pause"] button').click();
+  await page.locator('form[action="/queues/mail/resume"] button').waitFor();
+  assert((await flowStatus(sql)).paused.some((p) => p.queue === "mail"));
+  await page.locator('form[action="/queues/mail/resume"] button').click();
+  await page.locator('form[action="/queues/mail/pause"] button').waitFor();
+  assert(!(await flowStatus(sql)).paused.some((p) => p.queue === "mail"));
+  // And the paused one from the queues page.
+  await visit("/queues", "reports");
+  await page.locator('form[action="/queues/reports/resume"] button').click();
+  await page.getByText("Resumed").waitFor();
+  assertEquals((await flowStatus(sql)).paused, []);
+
+  // Schedules: pause, resume, run now.
+  const enabled = async () => (await listSchedules(sql))[0]!.enabled;
+  await visit("/schedules", "nightly-report");
+  await page.getByRole("button", { name: "Pause" }).click();
+  await page.getByText("Paused").first().waitFor();
+  assertEquals(await enabled(), false);
+  await page.getByRole("button", { name: "Resume" }).click();
+  await page.getByText("Resumed").waitFor();
+  assertEquals(await enabled(), true);
+  await page.getByRole("button", { name: "Run now" }).click();
+  await page.getByText("Enqueued a run now").waitFor();
+  const ran = await waitFor(
+    "the run-now job",
+    async () => (await listJobs(sql, { task: "report.build" })).rows[0],
+  );
+  assertEquals(ran.queue, "reports");
+
+  assertEquals(problems, [], "browser problems");
+  if (SCREENSHOTS) await overviewWithTraffic(page, sql, SCREENSHOTS);
+}
 
 /**
  * The overview screenshot, with work going on: a consumer runs jobs of queue "traffic" (one

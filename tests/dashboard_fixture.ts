@@ -31,6 +31,8 @@ export interface Seeded {
 export const SECRET_PAYLOAD = {
   to: "<script>alert('x')</script>@example.com",
   headers: { Authorization: "Bearer sk-live-not-for-eyes" },
+  api_key: 424242424242,
+  url: "https://hooks.slack.com/services/T0/B0/not-for-eyes-either",
 };
 
 export async function seedDashboard(sql: Sql): Promise<Seeded> {

@@ -27,9 +27,11 @@ import { queueStatus } from "../status.ts";
 import { flowStatus, pauseQueue, resumeQueue } from "../flow.ts";
 import { getJob, listJobs, LIVE_JOB_STATES, type LiveJobState } from "../queue.ts";
 import {
+  countDeadMatching,
   deadByQueueWithin,
   getDead,
   listDeadPage,
+  MAX_RETRY_TOTAL,
   purgeDead,
   retryDead,
   retryDeadMatching,
@@ -45,7 +47,7 @@ import { listSchedules, runScheduleNow, setScheduleEnabled } from "../schedule.t
 import { listLeases } from "../lease.ts";
 import { HTMX_JS, UPLOT_CSS, UPLOT_JS } from "./assets.ts";
 import { DASHBOARD_CSS, DASHBOARD_JS } from "./client.ts";
-import { authenticate, crossSiteRefusal, type DashboardAccess } from "./guard.ts";
+import { authenticate, crossSiteRefusal, type DashboardAccess, hostRefusal } from "./guard.ts";
 import {
   BadRequest,
   choiceParam,
@@ -128,6 +130,9 @@ const NOTICES: Record<string, string> = {
   ran: "Enqueued a run now",
   purged: "Purged",
   retried_set: "Retried the matching dead jobs",
+  retried_some: `Retried the first ${
+    MAX_RETRY_TOTAL.toLocaleString("en-US")
+  } matching dead jobs: retry again for the rest`,
 };
 
 export function createDashboard(options: DashboardOptions): Dashboard {
@@ -152,10 +157,13 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     return c.text("internal error: see the server's log\n", 500);
   });
 
-  // Every request: credentials, then (for a POST) read-only and cross-site refusals; the
-  // server time is reported in a Server-Timing header (the page-time figures come from it).
+  // Every request: its Host (no credentials: loopback names only), credentials, then (for a
+  // POST) read-only and cross-site refusals; the server time is reported in a Server-Timing
+  // header (the page-time figures come from it).
   app.use(async (c, next) => {
     const started = performance.now();
+    const misdirected = hostRefusal(c.req.raw, access);
+    if (misdirected !== null) return c.text(`${misdirected}\n`, 421);
     const auth = authenticate(c.req.raw, access);
     if (!auth.ok) return auth.response;
     if (c.req.method === "POST") {
@@ -300,7 +308,10 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     );
   });
 
-  app.get("/overview/live", async (c) => c.html(await overview()));
+  app.get("/overview/live", async (c) => {
+    onlyParams(new URL(c.req.url), []);
+    return c.html(await overview());
+  });
 
   // ---- Jobs --------------------------------------------------------------------------
 
@@ -471,6 +482,13 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const task = nameParam("task", url.searchParams.get("task"));
     const beforeId = idParam("before", url.searchParams.get("before"));
     const page = await listDeadPage(db, { queue, task, beforeId });
+    // The set actions cover what the page shows and older: never a job that died after.
+    const newest = page.rows[0]?.id;
+    const purgeQuery = new URLSearchParams({
+      ...(queue ? { queue } : {}),
+      ...(task ? { task } : {}),
+      through: newest ?? "",
+    });
     return c.html(
       <Layout title="Dead letters" current="/dead" readOnly={readOnly}>
         <Notice text={notice(c)} />
@@ -479,16 +497,14 @@ export function createDashboard(options: DashboardOptions): Dashboard {
           <FilterField name="task" value={task} />
           <button type="submit">Filter</button>
         </form>
-        {!readOnly && (
+        {!readOnly && newest !== undefined && (
           <p>
             <Action
               action="/dead/retry"
-              label="Retry all matching (up to 1,000)"
-              fields={{ queue, task }}
+              label={`Retry all matching, id ≤ ${newest} (up to ${count(MAX_RETRY_TOTAL)})`}
+              fields={{ queue, task, through: newest }}
             />{" "}
-            <a href={`/dead/purge${queue ? `?queue=${encodeURIComponent(queue)}` : ""}`}>
-              Purge{queue ? ` queue ${queue}` : " all"}…
-            </a>
+            <a href={`/dead/purge?${purgeQuery}`}>Purge all matching, id ≤ {newest}…</a>
           </p>
         )}
         <Table
@@ -520,31 +536,46 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const form = await c.req.parseBody();
     const queue = nameParam("queue", formText(form, "queue"));
     const task = nameParam("task", formText(form, "task"));
-    const counts = await retryDeadMatching(db, { queue, task });
+    const throughId = requiredId("through", formText(form, "through"));
+    const counts = await retryDeadMatching(db, { queue, task, throughId });
     acted("dead.retry_matching", queue ?? "*", `${counts.retried} retried`);
-    return done(c, `/dead${queue ? `?queue=${encodeURIComponent(queue)}` : ""}`, "retried_set");
+    const back = new URLSearchParams({ ...(queue ? { queue } : {}), ...(task ? { task } : {}) });
+    return done(c, `/dead?${back}`, counts.more ? "retried_some" : "retried_set");
   });
+
+  /** The most dead jobs the confirmation page counts (more: "at least"). */
+  const PURGE_COUNT_CAP = 100_000;
 
   app.get("/dead/purge", async (c) => {
     const url = new URL(c.req.url);
-    onlyParams(url, ["queue"]);
+    onlyParams(url, ["queue", "task", "through"]);
     const queue = nameParam("queue", url.searchParams.get("queue"));
-    const dead = (await queueStatus(db)).filter((q) => queue === undefined || q.queue === queue);
-    const total = dead.reduce((n, q) => n + q.dead, 0);
-    const exact = dead.every((q) => q.exact);
+    const task = nameParam("task", url.searchParams.get("task"));
+    const throughId = requiredId("through", url.searchParams.get("through"));
+    const total = await countDeadMatching(db, { queue, task, throughId }, PURGE_COUNT_CAP);
+    const what = [
+      queue ? `of queue ${queue}` : "of every queue",
+      task ? `, task ${task}` : ", every task",
+      `, id ≤ ${throughId}`,
+    ].join("");
+    const back = new URLSearchParams({ ...(queue ? { queue } : {}), ...(task ? { task } : {}) });
     return c.html(
       <Layout title="Purge dead letters" current="/dead" readOnly={readOnly}>
-        <p>
-          Delete {count(total, exact)} dead {total === 1 ? "job" : "jobs"}{" "}
-          {queue ? `of queue ${queue}` : "of every queue"} for good? They cannot be retried after.
+        <p id="purge-what">
+          Delete {total >= PURGE_COUNT_CAP ? "at least " : ""}
+          {count(total)} dead {total === 1 ? "job" : "jobs"} {what}{" "}
+          for good? They cannot be retried after.
         </p>
         {readOnly
           ? <p class="muted">Read-only: purging is off.</p>
           : (
             <form method="post" action="/dead/purge">
               {queue && <input type="hidden" name="queue" value={queue} />}
+              {task && <input type="hidden" name="task" value={task} />}
+              <input type="hidden" name="through" value={throughId} />
               <input type="hidden" name="confirm" value="yes" />
-              <button type="submit" class="danger">Yes, purge</button> <a href="/dead">Cancel</a>
+              <button type="submit" class="danger">Yes, purge</button>{" "}
+              <a href={`/dead?${back}`}>Cancel</a>
             </form>
           )}
       </Layout>,
@@ -558,9 +589,16 @@ export function createDashboard(options: DashboardOptions): Dashboard {
       throw new BadRequest("Missing confirm=yes: purge from the confirmation page");
     }
     const queue = nameParam("queue", formText(form, "queue"));
-    const purged = await purgeDead(db, queue === undefined ? {} : { queue });
+    const task = nameParam("task", formText(form, "task"));
+    const throughId = requiredId("through", formText(form, "through"));
+    const purged = await purgeDead(db, {
+      ...(queue ? { queue } : {}),
+      ...(task ? { task } : {}),
+      throughId,
+    });
     acted("dead.purge", queue ?? "*", `${purged} purged`);
-    return done(c, "/dead", "purged");
+    const back = new URLSearchParams({ ...(queue ? { queue } : {}), ...(task ? { task } : {}) });
+    return done(c, `/dead?${back}`, "purged");
   });
 
   // ---- Executions ----------------------------------------------------------------------
@@ -685,6 +723,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
   });
 
   app.get("/executions/:id/live", async (c) => {
+    onlyParams(new URL(c.req.url), []);
     const id = requiredId("execution id", c.req.param("id"));
     const detail = await executionDetail(id);
     if (!detail) return c.html(<p>No execution {id}.</p>, 404);

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { Db } from "../db.ts";
+import { closePool, type Db, type Sql } from "../db.ts";
 import type { ListenAddress } from "../http_server.ts";
 import { describeError, logger } from "../log.ts";
 import { createDashboard, type Dashboard } from "./app.tsx";
@@ -17,24 +17,62 @@ export interface DashboardServeOptions {
   env?: { get(name: string): string | undefined };
 }
 
+/** A dashboard a server can close: it may own a pool. */
+export interface ClosableDashboard extends Dashboard {
+  /** Close what the dashboard opened (its pool, when it made one). */
+  close(): Promise<void>;
+}
+
 /**
  * The dashboard a role's `--http` server on `hostname` serves, or null when it must not: a
  * bind beyond loopback without credentials (then the probes and /metrics are served as
  * before, and one log line says why the dashboard is not). Bad credentials configuration
  * throws (one line): the process should not start half-protected.
+ *
+ * `pool` makes the dashboard's own pool (lib/roles.ts: at most DASHBOARD_POOL_MAX
+ * connections), called on the first dashboard request, so a page never takes a connection
+ * the role needs and a process nobody browses opens none; closed by {@link
+ * ClosableDashboard.close}. A `Db` instead is used as is (its owner closes it).
  */
 export function dashboardFor(
-  db: Db,
+  pool: Db | (() => Sql),
   hostname: string,
   options: DashboardServeOptions,
-): Dashboard | null {
+): ClosableDashboard | null {
   const access = accessFromEnv(options.env);
   const refusal = bindRefusal(hostname, access);
   if (refusal !== null) {
     logger("dashboard").info("Dashboard not served: {reason}", { reason: refusal });
     return null;
   }
-  return createDashboard({ db, readOnly: options.readOnly, access });
+  if (!isPoolFactory(pool)) {
+    const dashboard = createDashboard({ db: pool, readOnly: options.readOnly, access });
+    return { fetch: (request) => dashboard.fetch(request), close: async () => {} };
+  }
+  let opened: { sql: Sql; dashboard: Dashboard } | null = null;
+  let closed = false;
+  return {
+    fetch: async (request) => {
+      if (closed) return new Response("shutting down\n", { status: 503 });
+      if (opened === null) {
+        const sql = pool();
+        opened = {
+          sql,
+          dashboard: createDashboard({ db: sql, readOnly: options.readOnly, access }),
+        };
+      }
+      return await opened.dashboard.fetch(request);
+    },
+    close: async () => {
+      closed = true;
+      if (opened !== null) await closePool(opened.sql);
+    },
+  };
+}
+
+/** A pool factory takes no argument; a postgres.js pool is a function too (a tagged template). */
+function isPoolFactory(pool: Db | (() => Sql)): pool is () => Sql {
+  return !("unsafe" in pool);
 }
 
 /** `shoal dashboard`: the dashboard alone on one address. */

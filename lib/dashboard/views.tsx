@@ -134,18 +134,37 @@ export function Progress(props: { barriers: { total: number; arrived: number }[]
   );
 }
 
-/** Keys whose string values are not shown: they may hold credentials. */
-const SENSITIVE_KEY = /authorization|cookie|secret|token|password|passwd|api[-_]?key|signature/i;
+/** Keys whose values (of any type, nested ones too) are not shown: they may hold credentials. */
+const SENSITIVE_KEY =
+  /authori[sz]ation|^auth$|cookie|secret|token|passw(or)?d|^pwd$|api[-_ ]?key|access[-_ ]?key|private[-_ ]?key|credential|signature|session/i;
 export const REDACTED = "[redacted]";
 
 /**
- * A payload (or result) for display: as JSON, with the string values of keys that look like
- * credentials (an Authorization header, a token) replaced, so the dashboard never shows them.
+ * A string that is a URL with more than an origin (credentials, a path, a query, a
+ * fragment) shown as its origin only: a webhook URL is itself a secret (lib/http_task.ts).
+ */
+export function shownString(value: string): string {
+  if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(value.trim()) || !URL.canParse(value.trim())) return value;
+  const url = new URL(value.trim());
+  const bare = url.username === "" && url.password === "" &&
+    url.pathname.replace(/^\/$/, "") === "" &&
+    url.search === "" && url.hash === "";
+  if (bare) return value;
+  return url.origin === "null" ? `${url.protocol}//…` : `${url.origin}/…`;
+}
+
+/**
+ * A payload (or result) for display: as JSON, every value under a key that looks like a
+ * credential (an Authorization header, a token, a password: the whole value, objects and
+ * arrays included) replaced, and URLs cut to their origin, so the dashboard never shows them.
  */
 export function shownJson(value: unknown): string {
   return JSON.stringify(
     value,
-    (key, v) => (typeof v === "string" && SENSITIVE_KEY.test(key) ? REDACTED : v),
+    (key, v) => {
+      if (key !== "" && SENSITIVE_KEY.test(key)) return REDACTED;
+      return typeof v === "string" ? shownString(v) : v;
+    },
     2,
   ) ?? "null";
 }
