@@ -138,6 +138,11 @@ export class Completer {
         // Traced: the run's span ends as its ack is queued (acks go in batches).
         run.span?.end("completed");
         return undefined;
+      case "committed":
+        // Acked already, in the handler's own transaction (ctx.transaction).
+        metrics.jobFinished(run.job, "completed", ms);
+        run.span?.end("completed");
+        return undefined;
       case "fan-out":
         return this.#tracked(() => this.#fanOut(run, run.fanOut!, ms));
       case "failed":

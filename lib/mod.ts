@@ -126,6 +126,7 @@ export {
   tracingFromEnv,
 } from "./tracing.ts";
 export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
+export type { Tx } from "./job_transaction.ts";
 export {
   type AnyTask,
   defineTask,

@@ -5,8 +5,9 @@
  *
  * Outcomes: "completed" (with a result for jobs of an execution), "fan-out" (children
  * to open with the ack), "failed" (permanent, retry later, or retry with backoff), "lost"
- * (the claim moved on: the outcome is discarded) and "released" (handed back at shutdown:
- * discarded too).
+ * (the claim moved on: the outcome is discarded), "released" (handed back at shutdown:
+ * discarded too) and "committed" (the handler's `ctx.transaction` already acked the job in
+ * its own transaction, lib/job_transaction.ts: nothing left to write).
  *
  * @module
  */
@@ -17,6 +18,7 @@ import { checkOptions } from "./args.ts";
 import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
+import { claimCurrent, finishJob, type Tx } from "./job_transaction.ts";
 import {
   type AnyTask,
   PermanentError,
@@ -70,7 +72,14 @@ export interface RunEnv {
  * "fan-out", "failed"), or one to discard: "lost" (the heartbeat found the claim gone) or
  * "released" (shutdown handed the job back).
  */
-export type RunState = "running" | "completed" | "fan-out" | "failed" | "lost" | "released";
+export type RunState =
+  | "running"
+  | "completed"
+  | "fan-out"
+  | "failed"
+  | "lost"
+  | "released"
+  | "committed";
 
 /** How a failed run is recorded (the options of queue.ts's fail()): message, final or not, when. */
 export interface Failure {
@@ -117,6 +126,8 @@ export class JobRun {
   #constructed = false;
   #settledPromise: Promise<void> | undefined = undefined;
   #resolveSettled: (() => void) | undefined = undefined;
+  /** ctx.transaction was called: the job completes in it, so a second call is refused. */
+  #transacted = false;
 
   constructor(job: Job, env: RunEnv) {
     this.job = job;
@@ -179,6 +190,9 @@ export class JobRun {
    */
   askFanOut(spec: FanOutSpec): void {
     if (this.fanOut) throw new Error("A job can fan out once: combine the children in one call");
+    if (this.state === "committed") {
+      throw new Error("Cannot fan out: the job already completed in ctx.transaction");
+    }
     try {
       this.fanOut = checkFanOut(spec, {
         maxChildren: this.#env.maxFanOut,
@@ -188,6 +202,59 @@ export class JobRun {
       // The same spec would fail the same way on every retry.
       throw new PermanentError(`Cannot fan out: ${(cause as Error).message}`, { cause });
     }
+  }
+
+  /**
+   * The context's transaction(): run `fn` in a transaction on the consumer's pool that ends
+   * by acking the job (completing it with `fn`'s value as its result, or opening its fan-out),
+   * committed only while the claim's token is current (lib/job_transaction.ts). Once it
+   * commits the run is over ("committed"): the handler's own return value is not used. A
+   * claim found gone rolls everything back and the run ends as lost.
+   */
+  async transact<T>(fn: (tx: Tx) => T | Promise<T>): Promise<T> {
+    if (this.#transacted) {
+      throw new Error("A job completes in one transaction: ctx.transaction was already called");
+    }
+    if (this.state !== "running") {
+      throw new ClaimLostError(
+        `Cannot open ctx.transaction: the run already ended (${this.state})`,
+      );
+    }
+    this.#transacted = true;
+    const job = this.job;
+    const env = this.#env;
+    let value: T;
+    try {
+      value = await env.sql.begin(async (tx) => {
+        // Checked first without a lock, so a run whose claim is gone does no work; the ack
+        // below checks again under the row's lock, which is what fences the commit.
+        if (!(await claimCurrent(tx, job))) throw lostClaim(job.id);
+        const out = await fn(tx);
+        const result = job.execution_id !== null && !this.fanOut ? toJson(out, job.task) : null;
+        const ours = await finishJob(tx, job, {
+          result,
+          fanOut: this.fanOut,
+          maxChildren: env.maxFanOut,
+          maxPayloadBytes: env.maxPayloadBytes,
+        });
+        if (!ours) throw lostClaim(job.id);
+        this.result = result;
+        return out;
+      }) as T;
+    } catch (error) {
+      if (error instanceof ClaimLostError) {
+        this.#env.log.warn("Job {job_id} lost its claim: its transaction rolled back", {
+          job_id: job.id,
+        });
+        if (this.state === "running") this.lose();
+      }
+      throw error;
+    }
+    if (this.state === "running") {
+      this.state = "committed";
+      this.#settle(null, false);
+    }
+    return value;
   }
 
   /** Abort the handler's signal (the first reason stays) and settle the run now. */
@@ -260,6 +327,13 @@ export class JobRun {
   }
 }
 
+/** The error a handler's transaction or step rolls back with when its claim moved on. */
+function lostClaim(id: string): ClaimLostError {
+  return new ClaimLostError(
+    `Job ${id} lost its claim before its transaction committed: rolled back (redelivered elsewhere, or its execution ended)`,
+  );
+}
+
 /**
  * A handler's context. Its logger, signal and functions are made on first use, and are
  * getters (not methods) so that a handler may take them off the context
@@ -321,6 +395,18 @@ class RunContext implements TaskContext {
   get fanOut(): TaskContext["fanOut"] {
     const run = this.#run;
     return this.#fanOut ??= (spec: FanOutSpec) => run.askFanOut(spec);
+  }
+
+  get transaction(): TaskContext["transaction"] {
+    const run = this.#run;
+    return <T>(fn: (tx: Tx) => T | Promise<T>): Promise<T> => {
+      if (typeof fn !== "function") {
+        return Promise.reject(
+          new TypeError(`Invalid fn for ctx.transaction(): expected a function, got ${typeof fn}`),
+        );
+      }
+      return run.transact(fn);
+    };
   }
 }
 

@@ -18,6 +18,7 @@ import {
 import type { FanOutSpec } from "./barrier.ts";
 import type { Db } from "./db.ts";
 import { MAX_TIMER_MS } from "./duration.ts";
+import type { Tx } from "./job_transaction.ts";
 import type { Logger } from "./log.ts";
 import type { EnqueueOptions, Job } from "./queue.ts";
 
@@ -55,6 +56,17 @@ export interface TaskContext {
    * ack, in one transaction. The callback gets `payload.results`, in child order.
    */
   fanOut(spec: FanOutSpec): void;
+  /**
+   * Complete the job in a transaction of your own (exactly-once database effects,
+   * docs/workflows.md): `fn` runs in a transaction on the consumer's pool that then acks the
+   * job, so `fn`'s writes, any enqueue made through `tx` (`enqueue(tx, ...)`), a fan-out asked
+   * for before it returns, and the ack commit together, and only while this claim's token is
+   * current. A stale worker (its job redelivered meanwhile) rolls all of it back. `fn`'s value
+   * is the job's result (jobs of an execution) and what this returns; once it commits the job
+   * is done, so return right after it: the handler's own return value is not used. Once per
+   * run.
+   */
+  transaction<T>(fn: (tx: Tx) => T | Promise<T>): Promise<T>;
 }
 
 /**

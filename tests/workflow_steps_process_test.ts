@@ -1,0 +1,145 @@
+/**
+ * Durable workflows with real `shoal --role consumer` processes (tests/fixtures/workflow_main.ts)
+ * and real signals: a worker SIGSTOPped inside ctx.transaction past its deadline, a worker
+ * SIGKILLed between steps, a consumer restarted while its job sleeps. Effects are rows the
+ * tasks write inside their transactions, counted by the database.
+ */
+import { assertEquals } from "./assert.ts";
+import {
+  exitWithin,
+  type ShoalProcess,
+  sleep,
+  spawnShoal,
+  testDb,
+  waitFor,
+  waitForOutput,
+} from "./helpers.ts";
+import type { Sql } from "../lib/db.ts";
+import { enqueue } from "../lib/queue.ts";
+
+const WORKFLOW_MAIN = new URL("fixtures/workflow_main.ts", import.meta.url).pathname;
+const STARTED = "started on";
+
+function consumer(url: string): ShoalProcess {
+  return spawnShoal([
+    "--role",
+    "consumer",
+    "--queues",
+    "default",
+    "--concurrency",
+    "4",
+    "--poll-interval",
+    "100ms",
+    "--visibility-timeout",
+    "2s",
+    "--shutdown-grace",
+    "1s",
+    "--log-format",
+    "json",
+  ], { url, mainModule: WORKFLOW_MAIN });
+}
+
+async function prepare(sql: Sql): Promise<void> {
+  await sql`
+    create table test_effects (
+      id bigint generated always as identity primary key,
+      job_id bigint not null, attempt integer not null, pid integer not null, effect text not null,
+      at timestamptz not null default clock_timestamp())`;
+  await sql`
+    create table test_marks (
+      id bigint generated always as identity primary key,
+      job_id bigint not null, attempt integer not null, pid integer not null, mark text not null,
+      at timestamptz not null default clock_timestamp())`;
+}
+
+interface Row {
+  attempt: number;
+  pid: number;
+  what: string;
+}
+
+async function effects(sql: Sql): Promise<Row[]> {
+  return [
+    ...await sql<Row[]>`
+    select attempt, pid, effect as what from test_effects order by id`,
+  ];
+}
+
+async function marks(sql: Sql): Promise<Row[]> {
+  return [...await sql<Row[]>`select attempt, pid, mark as what from test_marks order by id`];
+}
+
+async function jobCount(sql: Sql): Promise<number> {
+  const [row] = await sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
+  return row!.n;
+}
+
+async function stop(proc: ShoalProcess): Promise<void> {
+  proc.kill("SIGTERM");
+  const exit = await exitWithin(proc, 20_000);
+  assertEquals(exit.code, 0, exit.output.slice(-2000));
+}
+
+Deno.test("ctx.transaction: a worker SIGSTOPped inside it past its deadline, redelivered and completed elsewhere, rolls back on SIGCONT: the effect commits once", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    // The first attempt waits 4 s inside its open transaction, deaf to its signal: only the
+    // token check at commit can keep its effect out.
+    await enqueue(db.sql, "test.tx_effect", { ms: 4000 });
+    await waitFor(
+      "the first worker inside its transaction",
+      async () => (await marks(db.sql)).length === 1,
+    );
+    first.kill("SIGSTOP");
+    // Past its 2 s visibility deadline: no heartbeat extends it any more.
+    await waitFor(
+      "the job's deadline to pass",
+      async () => {
+        const [row] = await db.sql<{ due: boolean }[]>`
+        select run_at < now() as due from shoal.jobs`;
+        return row?.due;
+      },
+      10_000,
+      100,
+    );
+    second = consumer(db.url);
+    await waitFor(
+      "the job completed by the second worker",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    assertEquals((await effects(db.sql)).map((e) => [e.attempt, e.pid]), [
+      [2, second.child.pid],
+    ]);
+    first.kill("SIGCONT");
+    // The first worker's pause ends, its transaction reaches the ack, finds the token moved
+    // on and rolls back; it says so in its log.
+    await waitForOutput(first, "its transaction rolled back");
+    await sleep(500);
+    assertEquals(
+      (await marks(db.sql)).map((m) => [m.attempt, m.pid]),
+      [[1, first.child.pid], [2, second.child.pid]],
+      "the first worker did get inside its transaction",
+    );
+    const all = await effects(db.sql);
+    assertEquals(all.length, 1, "the effect table holds the effect exactly once");
+    assertEquals(all[0]!.pid, second.child.pid);
+    const [open] = await db.sql<{ n: number }[]>`
+      select count(*)::int as n from pg_stat_activity
+      where datname = current_database() and state like 'idle in transaction%'`;
+    assertEquals(open!.n, 0, "the stale transaction ended");
+    await stop(first);
+    await stop(second);
+  } finally {
+    first.kill("SIGCONT");
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
