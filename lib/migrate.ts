@@ -64,6 +64,7 @@ import sql015 from "../sql/015_flow.sql" with { type: "text" };
 import sql016 from "../sql/016_flow_slots.sql" with { type: "text" };
 import sql017 from "../sql/017_flow_tasks.sql" with { type: "text" };
 import sql018 from "../sql/018_traceparent.sql" with { type: "text" };
+import sql020 from "../sql/020_steps.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -94,6 +95,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "016_flow_slots.sql": sql016,
   "017_flow_tasks.sql": sql017,
   "018_traceparent.sql": sql018,
+  "020_steps.sql": sql020,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */
@@ -245,9 +247,15 @@ export async function loadMigrations(dir?: URL): Promise<Migration[]> {
     });
   }
   migrations.sort((a, b) => a.version - b.version);
+  // Versions ascend from 1, each once. A gap is allowed: numbers are reserved per branch of
+  // work, so a release may carry 020 before the 019 another branch holds; migrate() applies
+  // whatever is missing, and checkSchema() counts a missing one as behind wherever it falls.
   migrations.forEach((m, i) => {
-    if (m.version !== i + 1) {
-      throw new Error(`Cannot load migrations: expected version ${i + 1}, found ${m.version}`);
+    const previous = i === 0 ? 0 : migrations[i - 1]!.version;
+    if (m.version <= previous || (i === 0 && m.version !== 1)) {
+      throw new Error(
+        `Cannot load migrations: expected version ${previous + 1} or later, found ${m.version}`,
+      );
     }
   });
   return migrations;
@@ -269,6 +277,11 @@ export async function appliedMigrations(db: Db): Promise<AppliedMigration[]> {
   if (!exists?.present) return [];
   return await db<AppliedMigration[]>`
     select version, name, checksum, applied_at from shoal.migrations order by version`;
+}
+
+/** The migration of `version`, if this binary has one (versions may have gaps). */
+function byVersion(migrations: readonly Migration[], version: number): Migration | undefined {
+  return migrations.find((m) => m.version === version);
 }
 
 function checkUnchanged(applied: AppliedMigration, file: Migration | undefined): void {
@@ -457,7 +470,7 @@ export async function migrate(
         applied_at timestamptz not null default now()
       );`);
     const done = await appliedMigrations(tx);
-    for (const row of done) checkUnchanged(row, migrations[row.version - 1]);
+    for (const row of done) checkUnchanged(row, byVersion(migrations, row.version));
     const versions = new Set(done.map((row) => row.version));
     const applied: Migration[] = [];
     for (const migration of migrations) {
@@ -538,10 +551,11 @@ export async function checkSchema(
     ? "run shoal migrate (or start with --migrate)"
     : "run shoal migrate";
   const done = await appliedMigrations(db);
-  for (const row of done) checkUnchanged(row, migrations[row.version - 1]);
+  for (const row of done) checkUnchanged(row, byVersion(migrations, row.version));
   const current = done.length === 0 ? 0 : done[done.length - 1]!.version;
-  const latest = migrations.length;
-  if (current < latest) {
+  const latest = migrations.length === 0 ? 0 : migrations[migrations.length - 1]!.version;
+  const versions = new Set(done.map((row) => row.version));
+  if (current < latest || migrations.some((m) => !versions.has(m.version))) {
     throw new SchemaBehindError(
       `Database schema is at version ${current}, this shoal needs ${latest}: ${hint}`,
     );

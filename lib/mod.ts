@@ -127,6 +127,7 @@ export {
 } from "./tracing.ts";
 export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
 export type { Tx } from "./job_transaction.ts";
+export { listSteps, type StepRow, type StepTotals } from "./steps.ts";
 export {
   type AnyTask,
   defineTask,

@@ -19,6 +19,7 @@ import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } fro
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
 import { claimCurrent, finishJob, type Tx } from "./job_transaction.ts";
+import { checkStepName, loadSteps, type RecordedStep, recordStep } from "./steps.ts";
 import {
   type AnyTask,
   PermanentError,
@@ -128,6 +129,8 @@ export class JobRun {
   #resolveSettled: (() => void) | undefined = undefined;
   /** ctx.transaction was called: the job completes in it, so a second call is refused. */
   #transacted = false;
+  /** The job's recorded steps and sleeps (lib/steps.ts), read on this run's first use. */
+  #recorded: Promise<Map<string, RecordedStep>> | undefined = undefined;
 
   constructor(job: Job, env: RunEnv) {
     this.job = job;
@@ -215,11 +218,7 @@ export class JobRun {
     if (this.#transacted) {
       throw new Error("A job completes in one transaction: ctx.transaction was already called");
     }
-    if (this.state !== "running") {
-      throw new ClaimLostError(
-        `Cannot open ctx.transaction: the run already ended (${this.state})`,
-      );
-    }
+    this.#checkOpen("open ctx.transaction");
     this.#transacted = true;
     const job = this.job;
     const env = this.#env;
@@ -242,12 +241,7 @@ export class JobRun {
         return out;
       }) as T;
     } catch (error) {
-      if (error instanceof ClaimLostError) {
-        this.#env.log.warn("Job {job_id} lost its claim: its transaction rolled back", {
-          job_id: job.id,
-        });
-        if (this.state === "running") this.lose();
-      }
+      this.#lostIf(error);
       throw error;
     }
     if (this.state === "running") {
@@ -255,6 +249,78 @@ export class JobRun {
       this.#settle(null, false);
     }
     return value;
+  }
+
+  /**
+   * The context's step(): return the step's recorded result when an earlier run (or this one)
+   * committed it, else run `fn` in a transaction that ends by recording its JSON result, fenced
+   * by the token (lib/steps.ts). Returns the result as JSON gives it back, on the first run as
+   * on a replay. A claim found gone rolls the step back and the run ends as lost.
+   */
+  async step<T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T> {
+    this.#checkOpen("run a step");
+    const recorded = await this.#steps();
+    const done = recorded.get(name);
+    if (done !== undefined) {
+      if (done.kind !== "step") {
+        throw new PermanentError(
+          `Cannot run step "${name}" of job ${this.job.id}: a sleep of that name was recorded`,
+        );
+      }
+      return done.result as T;
+    }
+    this.#checkOpen("run a step");
+    const job = this.job;
+    let result: unknown = null;
+    try {
+      await this.#env.sql.begin(async (tx) => {
+        result = toJson(await fn(tx), `${job.task} (step "${name}")`);
+        const outcome = await recordStep(tx, job, name, result);
+        if (outcome === "lost") throw lostClaim(job.id);
+        if (outcome === "duplicate") {
+          throw new Error(
+            `Cannot record step "${name}" of job ${job.id}: it was recorded meanwhile by this run (await each step before starting the next)`,
+          );
+        }
+      });
+    } catch (error) {
+      this.#lostIf(error);
+      throw error;
+    }
+    recorded.set(name, { kind: "step", result, wake_at: null, due: false });
+    return result as T;
+  }
+
+  /** The job's records, read once per run (read again after a failed read). */
+  #steps(): Promise<Map<string, RecordedStep>> {
+    if (this.#recorded === undefined) {
+      const reading = loadSteps(this.#env.sql, this.job.id);
+      this.#recorded = reading;
+      reading.catch(() => {
+        // The handler gets this rejection from its own await; the next step reads again.
+        if (this.#recorded === reading) this.#recorded = undefined;
+      });
+    }
+    return this.#recorded;
+  }
+
+  /** Throw unless the run may still write: running, and not completed by ctx.transaction. */
+  #checkOpen(what: string): void {
+    if (this.state !== "running") {
+      throw new ClaimLostError(`Cannot ${what}: the run already ended (${this.state})`);
+    }
+    if (this.#transacted) {
+      throw new Error(`Cannot ${what}: the job completes in its ctx.transaction`);
+    }
+  }
+
+  /** A transaction rolled back because the claim moved on: say so, and end the run as lost. */
+  #lostIf(error: unknown): void {
+    if (!(error instanceof ClaimLostError)) return;
+    this.#env.log.warn("Job {job_id} lost its claim: its transaction rolled back", {
+      job_id: this.job.id,
+    });
+    if (this.state === "running") this.lose();
   }
 
   /** Abort the handler's signal (the first reason stays) and settle the run now. */
@@ -395,6 +461,21 @@ class RunContext implements TaskContext {
   get fanOut(): TaskContext["fanOut"] {
     const run = this.#run;
     return this.#fanOut ??= (spec: FanOutSpec) => run.askFanOut(spec);
+  }
+
+  get step(): TaskContext["step"] {
+    const run = this.#run;
+    return <T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T> => {
+      try {
+        checkStepName("ctx.step", name);
+        if (typeof fn !== "function") {
+          throw new TypeError(`Invalid fn for ctx.step(): expected a function, got ${typeof fn}`);
+        }
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      return run.step(name, fn);
+    };
   }
 
   get transaction(): TaskContext["transaction"] {

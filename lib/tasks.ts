@@ -67,6 +67,14 @@ export interface TaskContext {
    * run.
    */
   transaction<T>(fn: (tx: Tx) => T | Promise<T>): Promise<T>;
+  /**
+   * Run a named step once per job (docs/workflows.md): `fn` runs in a transaction that ends by
+   * recording its result (JSON), fenced by this claim's token, so its writes and its record
+   * commit together. A later run of the job (a retry, a redelivery, a wake from a sleep) gets
+   * the recorded result back without running `fn`. Names follow the task name rule; await each
+   * step before the next.
+   */
+  step<T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T>;
 }
 
 /**

@@ -184,6 +184,12 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     error: TypeError,
     message: `Invalid job.runAt for startExecution(): expected a valid Date, not 1700000000000`,
   }],
+  listSteps: [{
+    call: ({ sql }) => shoal.listSteps(sql, "abc"),
+    error: TypeError,
+    message:
+      'Invalid jobId for listSteps(): expected a positive integer id as a string or number, not "abc"',
+  }],
   getExecution: [{
     call: ({ sql }) => shoal.getExecution(sql, "abc"),
     error: TypeError,

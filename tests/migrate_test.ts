@@ -380,3 +380,32 @@ Deno.test("--role consumer against a database with older functions exits 1 with 
   assert(lines[0]!.includes("run shoal migrate"), stderr);
   assert(!/\bat .+:\d+:\d+/.test(stderr), `stack trace on stderr:\n${stderr}`);
 });
+
+Deno.test("migrations may skip a number another branch holds: the gap is applied later and counts as behind until then", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const write = (file: string, text: string) => Deno.writeTextFile(`${dir}/${file}`, text);
+    await write(
+      "001_base.sql",
+      "create schema if not exists shoal; create table shoal.t1 (x int);",
+    );
+    await write("003_later.sql", "create table shoal.t3 (x int);");
+    const url = new URL(`file://${dir}/`);
+    const gapped = await loadMigrations(url);
+    assertEquals(gapped.map((m) => m.version), [1, 3]);
+    await using db = await emptyDb();
+    assertEquals((await migrate(db.sql, gapped, NO_FUNCTIONS)).migrations, [1, 3]);
+    await write("002_middle.sql", "create table shoal.t2 (x int);");
+    const filled = await loadMigrations(url);
+    await assertRejects(
+      () => checkSchema(db.sql, filled, { functions: NO_FUNCTIONS }),
+      SchemaBehindError,
+    );
+    assertEquals((await migrate(db.sql, filled, NO_FUNCTIONS)).migrations, [2]);
+    await checkSchema(db.sql, filled, { functions: NO_FUNCTIONS });
+    await write("000_before.sql", "select 1;");
+    await assertRejects(() => loadMigrations(url), Error, "expected version 1 or later, found 0");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

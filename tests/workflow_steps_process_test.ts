@@ -143,3 +143,40 @@ Deno.test("ctx.transaction: a worker SIGSTOPped inside it past its deadline, red
     await second?.exited();
   }
 });
+
+Deno.test("ctx.step: a consumer SIGKILLed after step one committed; on redelivery step one does not rerun and step two runs once", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    const id = await enqueue(db.sql, "test.steps", {});
+    await waitFor(
+      "step one committed",
+      async () => (await marks(db.sql)).some((m) => m.what === "after-one"),
+    );
+    first.kill("SIGKILL");
+    assertEquals((await first.exited()).signal, "SIGKILL");
+    second = consumer(db.url);
+    await waitFor(
+      "the job finished on the second consumer",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    assertEquals((await effects(db.sql)).map((e) => [e.what, e.attempt, e.pid]), [
+      ["one", 1, first.child.pid],
+      [`two after ${first.child.pid}`, 2, second.child.pid],
+    ], "step one ran once, and its recorded result reached step two");
+    const recorded = await db.sql<{ name: string }[]>`
+      select name from shoal.job_steps where job_id = ${id}::bigint order by name`;
+    assertEquals(recorded.map((r) => r.name), ["one", "two"]);
+    await stop(second);
+  } finally {
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
