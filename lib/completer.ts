@@ -147,7 +147,9 @@ export class Completer {
         return this.#tracked(() => this.#fanOut(run, run.fanOut!, ms));
       case "failed":
         return this.#tracked(() => this.#fail(run, run.error, ms));
-      default: // running (not settled: a caller's bug), lost or released: nothing to record
+      // running (not settled: a caller's bug), lost or released: nothing to record; suspended
+      // (ctx.sleep): recorded already, by the sleep itself
+      default:
         run.span?.end(run.state);
         return undefined;
     }

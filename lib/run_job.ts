@@ -6,20 +6,29 @@
  * Outcomes: "completed" (with a result for jobs of an execution), "fan-out" (children
  * to open with the ack), "failed" (permanent, retry later, or retry with backoff), "lost"
  * (the claim moved on: the outcome is discarded), "released" (handed back at shutdown:
- * discarded too) and "committed" (the handler's `ctx.transaction` already acked the job in
- * its own transaction, lib/job_transaction.ts: nothing left to write).
+ * discarded too), "committed" (the handler's `ctx.transaction` already acked the job in
+ * its own transaction, lib/job_transaction.ts: nothing left to write) and "suspended" (its
+ * `ctx.sleep` handed the job back until its wake time, lib/steps.ts: nothing left either).
  *
  * @module
  */
 import type { Db, Sql } from "./db.ts";
-import { formatDuration } from "./duration.ts";
+import { formatDuration, parseDuration } from "./duration.ts";
 import { describeError, type Logger } from "./log.ts";
 import { checkOptions } from "./args.ts";
 import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
 import { claimCurrent, finishJob, type Tx } from "./job_transaction.ts";
-import { checkStepName, loadSteps, type RecordedStep, recordStep } from "./steps.ts";
+import {
+  checkStepName,
+  loadSteps,
+  MAX_SLEEP_MS,
+  type RecordedStep,
+  recordStep,
+  suspendJob,
+  type Wake,
+} from "./steps.ts";
 import {
   type AnyTask,
   PermanentError,
@@ -36,6 +45,14 @@ export class ShutdownError extends Error {
 }
 export class ClaimLostError extends Error {
   override name = "ClaimLostError";
+}
+/**
+ * Thrown by `ctx.sleep` once the job is handed back until its wake time: the run ends there.
+ * Let it propagate (rethrow it from a catch-all); whatever the handler does after it is
+ * discarded.
+ */
+export class SuspendedError extends Error {
+  override name = "SuspendedError";
 }
 
 /**
@@ -80,7 +97,8 @@ export type RunState =
   | "failed"
   | "lost"
   | "released"
-  | "committed";
+  | "committed"
+  | "suspended";
 
 /** How a failed run is recorded (the options of queue.ts's fail()): message, final or not, when. */
 export interface Failure {
@@ -291,6 +309,55 @@ export class JobRun {
     return result as T;
   }
 
+  /**
+   * The context's sleep(): a sleep recorded by an earlier run whose time has come (by the
+   * database's clock) returns at once; otherwise the sleep is recorded (or keeps its recorded
+   * wake time) and the job handed back until then, without counting an attempt, fenced by the
+   * token (lib/steps.ts suspendJob). The run then ends ("suspended") and this throws a
+   * SuspendedError so the handler stops.
+   */
+  async sleep(name: string, wake: Wake): Promise<void> {
+    this.#checkOpen("sleep");
+    const recorded = await this.#steps();
+    const done = recorded.get(name);
+    if (done !== undefined) {
+      if (done.kind !== "sleep") {
+        throw new PermanentError(
+          `Cannot sleep "${name}" in job ${this.job.id}: a step of that name was recorded`,
+        );
+      }
+      if (done.due) return;
+    }
+    this.#checkOpen("sleep");
+    const job = this.job;
+    // Not retried on a lost connection: had the first try committed, the second would find the
+    // token moved on. An error fails the run instead, and the retry sleeps again.
+    const until = await suspendJob(
+      this.#env.sql,
+      job,
+      name,
+      done?.wake_at ? { at: done.wake_at } : wake,
+    );
+    if (until === null) {
+      const lost = lostClaim(job.id);
+      this.#lostIf(lost);
+      throw lost;
+    }
+    if (this.state === "running") {
+      this.state = "suspended";
+      this.#settle(null, false);
+    }
+    this.#env.log.info("Job {job_id} ({task}) sleeps until {wake_at} ({step})", {
+      job_id: job.id,
+      task: job.task,
+      wake_at: until.toISOString(),
+      step: name,
+    });
+    throw new SuspendedError(
+      `Job ${job.id} sleeps until ${until.toISOString()} ("${name}"): this run ends here`,
+    );
+  }
+
   /** The job's records, read once per run (read again after a failed read). */
   #steps(): Promise<Map<string, RecordedStep>> {
     if (this.#recorded === undefined) {
@@ -393,6 +460,29 @@ export class JobRun {
   }
 }
 
+/** When a sleep given as a duration ("2d"), milliseconds or an instant ends; else a TypeError. */
+function wakeOf(until: unknown): Wake {
+  if (until instanceof Date) {
+    if (Number.isNaN(until.getTime())) {
+      throw new TypeError("Invalid until for ctx.sleep(): an invalid Date");
+    }
+    return { at: until };
+  }
+  if (typeof until === "string") {
+    try {
+      return { ms: parseDuration(until) };
+    } catch (cause) {
+      throw new TypeError(`Invalid until for ctx.sleep(): ${(cause as Error).message}`, { cause });
+    }
+  }
+  if (typeof until === "number" && until >= 0 && until <= MAX_SLEEP_MS) return { ms: until };
+  throw new TypeError(
+    `Invalid until for ctx.sleep(): expected a duration ("2d"), milliseconds from 0 to ${MAX_SLEEP_MS} or a Date, got ${
+      typeof until === "number" ? until : typeof until
+    }`,
+  );
+}
+
 /** The error a handler's transaction or step rolls back with when its claim moved on. */
 function lostClaim(id: string): ClaimLostError {
   return new ClaimLostError(
@@ -475,6 +565,20 @@ class RunContext implements TaskContext {
         return Promise.reject(error);
       }
       return run.step(name, fn);
+    };
+  }
+
+  get sleep(): TaskContext["sleep"] {
+    const run = this.#run;
+    return (name: string, until: string | number | Date): Promise<void> => {
+      let wake: Wake;
+      try {
+        checkStepName("ctx.sleep", name);
+        wake = wakeOf(until);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      return run.sleep(name, wake);
     };
   }
 

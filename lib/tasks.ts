@@ -75,6 +75,14 @@ export interface TaskContext {
    * step before the next.
    */
   step<T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T>;
+  /**
+   * A durable sleep (docs/workflows.md): hand the job back until `until` (a duration such as
+   * "2d", milliseconds, or an instant) without holding a slot or a connection, and without
+   * counting an attempt; the run ends here (this throws a SuspendedError: let it propagate).
+   * When the job runs again its steps return their recorded results and this same sleep returns
+   * at once. The sleep is itself a recorded step: names are shared with `step`.
+   */
+  sleep(name: string, until: string | number | Date): Promise<void>;
 }
 
 /**

@@ -621,6 +621,8 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
       'Invalid delayMs for new RetryLaterError(): expected a number of milliseconds, not "120"',
   }],
   PermanentError: { exempt: "an Error subclass: it takes what Error takes" },
+  ClaimLostError: { exempt: "an Error subclass: it takes what Error takes" },
+  SuspendedError: { exempt: "an Error subclass: it takes what Error takes" },
   TracingConfigError: { exempt: "an Error subclass: it takes what Error takes" },
   isTraceparent: { exempt: "a predicate: any value has an answer" },
   stopTracing: { exempt: "takes no argument" },

@@ -4,12 +4,12 @@
  * Real claims, real retries (fail()) and real releases against a real Postgres.
  */
 import { assertEquals, assertRejects } from "./assert.ts";
-import { testDb } from "./helpers.ts";
+import { testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { logger } from "../lib/log.ts";
 import { claim, enqueue, fail, type Job, release } from "../lib/queue.ts";
 import { type AnyTask, defineTask, TaskRegistry } from "../lib/tasks.ts";
-import { ClaimLostError, JobRun, type RunEnv } from "../lib/run_job.ts";
+import { ClaimLostError, JobRun, type RunEnv, SuspendedError } from "../lib/run_job.ts";
 import { listSteps, pruneSteps } from "../lib/steps.ts";
 import { status } from "../lib/status.ts";
 
@@ -170,3 +170,144 @@ Deno.test("an ack gains nothing from steps: no foreign key or trigger ties shoal
        where t.tgrelid = 'shoal.jobs'::regclass and p.prosrc like '%job_steps%') as triggers`;
   assertEquals(row, { keys: 0, triggers: 0 });
 });
+
+Deno.test("ctx.sleep() hands the job back until its wake time without counting an attempt; the next run returns at once and finishes", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const calls: string[] = [];
+  const thrown: unknown[] = [];
+  const task = defineTask({
+    name: "t.sleepy",
+    async handler(_p, ctx) {
+      await ctx.step("charge", async (tx) => {
+        calls.push("charge");
+        await tx`insert into test_effects values (${ctx.job.id}::bigint, 'charge')`;
+      });
+      try {
+        await ctx.sleep("cool-off", "1s");
+      } catch (error) {
+        thrown.push(error);
+        throw error;
+      }
+      await ctx.step("ship", async (tx) => {
+        calls.push("ship");
+        await tx`insert into test_effects values (${ctx.job.id}::bigint, 'ship')`;
+      });
+      return "shipped";
+    },
+  });
+  await enqueue(db.sql, "t.sleepy", {});
+  const first = await claimOne(db.sql);
+  const run1 = new JobRun(first, env(db.sql, [task]));
+  await run1.settled;
+  assertEquals(run1.state, "suspended");
+  // The run settles as the sleep commits; the handler sees the error a moment later.
+  await waitFor("the handler to see the sleep's error", () => thrown.length === 1);
+  assertEquals((thrown[0] as Error).constructor, SuspendedError);
+  const [row] = await db.sql<
+    { attempts: number; token: string; locked_by: string | null; wait_ms: number }[]
+  >`
+    select attempts, token::text, locked_by,
+      extract(epoch from run_at - now()) * 1000 as wait_ms
+    from shoal.jobs where id = ${first.id}::bigint`;
+  assertEquals([row!.attempts, row!.locked_by], [0, null], "no attempt counted, not claimed");
+  assertEquals(BigInt(row!.token), BigInt(first.token) + 1n, "the sleeping run's token is dead");
+  const [sleep] = await listSteps(db.sql, first.id).then((s) =>
+    s.filter((x) => x.kind === "sleep")
+  );
+  assertEquals(sleep!.name, "cool-off");
+  assertEquals(
+    (await claim(db.sql, { queues: ["default"], limit: 1, workerId: "w", visibilityMs: 60_000 }))
+      .jobs,
+    [],
+    "not claimable before its wake time",
+  );
+  assertEquals((await status(db.sql)).steps, { records: 2, jobs: 1, sleeping: 1 });
+
+  const second = await waitForClaim(db.sql);
+  assertEquals(second.attempts, 1, "the woken run is the first counted attempt");
+  const run2 = new JobRun(second, env(db.sql, [task]));
+  await run2.settled;
+  assertEquals(run2.state, "completed");
+  assertEquals(calls, ["charge", "ship"]);
+  assertEquals(await effects(db.sql), ["charge", "ship"]);
+  assertEquals((await listSteps(db.sql, first.id)).map((s) => s.name), [
+    "charge",
+    "cool-off",
+    "ship",
+  ]);
+});
+
+Deno.test("ctx.sleep() of a claim that moved on records nothing and changes nothing: the run is lost", async () => {
+  await using db = await testDb();
+  let moved: () => void;
+  const released = new Promise<void>((resolve) => (moved = resolve));
+  const task = defineTask({
+    name: "t.stale_sleep",
+    async handler(_p, ctx) {
+      await released;
+      await ctx.sleep("nap", 60_000);
+    },
+  });
+  await enqueue(db.sql, "t.stale_sleep", {});
+  const job = await claimOne(db.sql);
+  const run = new JobRun(job, env(db.sql, [task]));
+  assertEquals(await release(db.sql, [job]), [job.id]);
+  moved!();
+  await run.settled;
+  assertEquals(run.state, "lost");
+  assertEquals(await listSteps(db.sql, job.id), []);
+  const [row] = await db.sql<{ due: boolean }[]>`
+    select run_at <= now() as due from shoal.jobs where id = ${job.id}::bigint`;
+  assertEquals(row!.due, true, "still visible now, as the release left it");
+});
+
+Deno.test("ctx.sleep() refuses a bad name or time, and a name recorded as a step", async () => {
+  await using db = await testDb();
+  const refusals: string[] = [];
+  const task = defineTask({
+    name: "t.bad_sleep",
+    async handler(_p, ctx) {
+      const attempts: [string, unknown][] = [
+        ["bad name", 1],
+        ["a", "two days"],
+        ["a", -1],
+        ["a", new Date("nope")],
+        ["a", null],
+      ];
+      for (const [name, until] of attempts) {
+        await ctx.sleep(name, until as number).catch((e: Error) => refusals.push(e.message));
+      }
+      await ctx.step("same", () => 1);
+      await ctx.sleep("same", 1).catch((e: Error) => refusals.push(e.message));
+    },
+  });
+  await enqueue(db.sql, "t.bad_sleep", {});
+  const run = new JobRun(await claimOne(db.sql), env(db.sql, [task]));
+  await run.settled;
+  assertEquals(run.state, "completed");
+  assertEquals(refusals, [
+    'Invalid name for ctx.sleep(): expected a step name (1 to 128 letters, digits or _.:- starting with a letter or digit), not "bad name"',
+    'Invalid until for ctx.sleep(): Cannot parse duration "two days": expected a number and a unit (ms, s, m, h, d), like 500ms or 10s',
+    'Invalid until for ctx.sleep(): expected a duration ("2d"), milliseconds from 0 to 315360000000 or a Date, got -1',
+    "Invalid until for ctx.sleep(): an invalid Date",
+    'Invalid until for ctx.sleep(): expected a duration ("2d"), milliseconds from 0 to 315360000000 or a Date, got object',
+    `Cannot sleep "same" in job ${run.job.id}: a step of that name was recorded`,
+  ]);
+});
+
+/** Claim the one job as soon as it is visible (a sleep's wake time). */
+async function waitForClaim(sql: Sql): Promise<Job> {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const { jobs } = await claim(sql, {
+      queues: ["default"],
+      limit: 1,
+      workerId: "w",
+      visibilityMs: 60_000,
+    });
+    if (jobs[0]) return jobs[0];
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  throw new Error("No job became claimable within 10 s");
+}

@@ -4,7 +4,7 @@
  * SIGKILLed between steps, a consumer restarted while its job sleeps. Effects are rows the
  * tasks write inside their transactions, counted by the database.
  */
-import { assertEquals } from "./assert.ts";
+import { assert, assertEquals } from "./assert.ts";
 import {
   exitWithin,
   type ShoalProcess,
@@ -172,6 +172,53 @@ Deno.test("ctx.step: a consumer SIGKILLed after step one committed; on redeliver
     const recorded = await db.sql<{ name: string }[]>`
       select name from shoal.job_steps where job_id = ${id}::bigint order by name`;
     assertEquals(recorded.map((r) => r.name), ["one", "two"]);
+    await stop(second);
+  } finally {
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
+
+Deno.test("ctx.sleep: the consumer restarted (SIGTERM, a new process) while its job sleeps; the job resumes after the time with its steps intact and finishes once", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    const id = await enqueue(db.sql, "test.sleepy", { sleep: "4s" });
+    const [sleep] = await waitFor("the job asleep", () =>
+      db.sql<{ wake_at: Date }[]>`
+        select s.wake_at from shoal.job_steps s join shoal.jobs j on j.id = s.job_id
+        where s.job_id = ${id}::bigint and s.kind = 'sleep' and j.locked_by is null`
+        .then((rows) => rows.length === 1 ? rows : null));
+    // Asleep, the job holds no slot of the consumer: it stops at once.
+    await stop(first);
+    second = consumer(db.url);
+    await waitForOutput(second, STARTED);
+    assertEquals(await jobCount(db.sql), 1, "still asleep after the restart");
+    await waitFor(
+      "the job finished after its sleep",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    const done = await effects(db.sql);
+    assertEquals(
+      done.map((e) => [e.what, e.attempt]),
+      [["charge", 1], ["ship", 1]],
+      "each step once; the sleep counted no attempt",
+    );
+    assertEquals(done[1]!.pid, second.child.pid);
+    const [ship] = await db.sql<{ at: Date }[]>`
+      select at from test_effects where effect = 'ship'`;
+    assert(ship!.at.getTime() >= sleep!.wake_at.getTime(), "ship ran after the wake time");
+    assertEquals((await marks(db.sql)).map((m) => [m.pid, m.attempt]), [
+      [first.child.pid, 1],
+      [second.child.pid, 1],
+    ], "one run before the sleep, one after");
     await stop(second);
   } finally {
     first.kill("SIGKILL");
