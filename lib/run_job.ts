@@ -19,6 +19,7 @@ import { checkOptions } from "./args.ts";
 import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
+import { checkProgress, type Progress } from "./progress.ts";
 import { claimCurrent, finishJob, type Tx } from "./job_transaction.ts";
 import {
   checkStepName,
@@ -147,6 +148,8 @@ export class JobRun {
   #resolveSettled: (() => void) | undefined = undefined;
   /** ctx.transaction was called: the job completes in it, so a second call is refused. */
   #transacted = false;
+  /** The handler's last ctx.progress report not yet written by a heartbeat (lib/progress.ts). */
+  #progress: Progress | undefined = undefined;
   /** The job's recorded steps and sleeps (lib/steps.ts), read on this run's first use. */
   #recorded: Promise<Map<string, RecordedStep>> | undefined = undefined;
 
@@ -356,6 +359,18 @@ export class JobRun {
     throw new SuspendedError(
       `Job ${job.id} sleeps until ${until.toISOString()} ("${name}"): this run ends here`,
     );
+  }
+
+  /** The context's progress(): kept until the next heartbeat takes it (no write per call). */
+  reportProgress(progress: Progress): void {
+    this.#progress = progress;
+  }
+
+  /** The progress reported since the last call, for the heartbeat to write; else undefined. */
+  takeProgress(): Progress | undefined {
+    const progress = this.#progress;
+    this.#progress = undefined;
+    return progress;
   }
 
   /** The job's records, read once per run (read again after a failed read). */
@@ -580,6 +595,12 @@ class RunContext implements TaskContext {
       }
       return run.sleep(name, wake);
     };
+  }
+
+  get progress(): TaskContext["progress"] {
+    const run = this.#run;
+    return (done: number, total: number, message?: string): void =>
+      run.reportProgress(checkProgress(done, total, message));
   }
 
   get transaction(): TaskContext["transaction"] {

@@ -32,6 +32,7 @@ import {
   type RateLimit,
 } from "./flow.ts";
 import { type StepTotals, stepTotals } from "./steps.ts";
+import { type JobProgress, listProgress } from "./progress.ts";
 
 /**
  * A queue's row in `shoal status`: its counts with the dead letters, the age in ms, and
@@ -97,6 +98,8 @@ export interface Status {
   flow: FlowStatus;
   /** Durable-workflow records (lib/steps.ts): steps and sleeps kept, jobs with any, sleeping jobs. */
   steps: StepTotals;
+  /** Claimed jobs that reported progress (ctx.progress), by id, at most 20 (lib/progress.ts). */
+  progress: JobProgress[];
 }
 
 /** How `shoal status` counts. */
@@ -192,6 +195,7 @@ export async function status(db: Db, options: StatusOptions = {}): Promise<Statu
   const unserved = unservedJobs(counts, await listLiveConsumers(db));
   const flow = await flowStatus(db);
   const steps = await stepTotals(db);
+  const progress = await listProgress(db);
   return {
     queues: counts.map(toQueueStatus),
     executions,
@@ -200,6 +204,7 @@ export async function status(db: Db, options: StatusOptions = {}): Promise<Statu
     unserved,
     flow,
     steps,
+    progress,
   };
 }
 

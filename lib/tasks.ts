@@ -83,6 +83,13 @@ export interface TaskContext {
    * at once. The sleep is itself a recorded step: names are shared with `step`.
    */
   sleep(name: string, until: string | number | Date): Promise<void>;
+  /**
+   * Report progress (`done` of `total`, an optional message of up to 200 characters). Cheap to
+   * call often: kept in memory and written by the consumer's next heartbeat (one statement for
+   * all its jobs that reported since), shown by `shoal status --json`. Throws a TypeError on a
+   * negative or non-finite number.
+   */
+  progress(done: number, total: number, message?: string): void;
 }
 
 /**

@@ -25,6 +25,7 @@ const EMPTY: Status = {
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
   steps: { records: 0, jobs: 0, sleeping: 0 },
+  progress: [],
 };
 
 function sampleAt(ms: number, deleted: number, dead: number, status = EMPTY): WatchSample {
@@ -85,6 +86,7 @@ const BUSY: Status = {
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
   steps: { records: 0, jobs: 0, sleeping: 0 },
+  progress: [],
 };
 
 Deno.test("formatWatchFrame() shows the time, interval, rates, queues and fan-out bars", () => {
@@ -125,6 +127,7 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
     "unserved",
     "flow",
     "steps",
+    "progress",
   ]);
   assertEquals(parsed.at, "2026-01-01T00:00:06.000Z");
   assertEquals(parsed.rates, { completed_per_s: 1, dead_per_s: null });
