@@ -156,3 +156,28 @@ Deno.test("ctx.transaction() whose function throws rolls back and fails the run;
   );
   assertEquals(await jobsLeft(db.sql), []);
 });
+
+Deno.test("ctx.transaction() opens a fan-out asked for before it, with the handler's writes, in one commit", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const task = defineTask({
+    name: "t.tx_fan",
+    async handler(_p, ctx) {
+      ctx.fanOut({
+        children: [{ task: "t.child", payload: { i: 0 } }, { task: "t.child", payload: { i: 1 } }],
+        callback: { task: "t.callback" },
+      });
+      await ctx.transaction(async (tx) => {
+        await tx`insert into test_effects values (${ctx.job.id}::bigint, 'fanned')`;
+      });
+    },
+  });
+  const job = await claimed(db.sql, "t.tx_fan");
+  const run = new JobRun(job, env(db.sql, [task]));
+  await run.settled;
+  assertEquals(run.state, "committed");
+  assertEquals(await effects(db.sql), ["fanned"]);
+  assertEquals(await jobsLeft(db.sql), ["t.child", "t.child"], "the parent acked, children in");
+  const [barriers] = await db.sql<{ n: number }[]>`select count(*)::int as n from shoal.barriers`;
+  assertEquals(barriers!.n, 1);
+});
