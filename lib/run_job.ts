@@ -13,7 +13,7 @@
  * @module
  */
 import type { Db, Sql } from "./db.ts";
-import { formatDuration, parseDuration } from "./duration.ts";
+import { formatDuration } from "./duration.ts";
 import { describeError, type Logger } from "./log.ts";
 import { checkOptions } from "./args.ts";
 import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
@@ -24,11 +24,11 @@ import { claimCurrent, finishJob, type Tx } from "./job_transaction.ts";
 import {
   checkStepName,
   loadSteps,
-  MAX_SLEEP_MS,
   type RecordedStep,
   recordStep,
   suspendJob,
   type Wake,
+  wakeOf,
 } from "./steps.ts";
 import {
   type AnyTask,
@@ -321,6 +321,10 @@ export class JobRun {
    */
   async sleep(name: string, wake: Wake): Promise<void> {
     this.#checkOpen("sleep");
+    if (this.fanOut) {
+      // The fan-out opens with the job's ack, which a sleep never sends: it would be lost.
+      throw new Error(`Cannot sleep "${name}" in job ${this.job.id}: it asked for a fan-out`);
+    }
     const recorded = await this.#steps();
     const done = recorded.get(name);
     if (done !== undefined) {
@@ -473,29 +477,6 @@ export class JobRun {
     }
     this.#settle(error, false);
   }
-}
-
-/** When a sleep given as a duration ("2d"), milliseconds or an instant ends; else a TypeError. */
-function wakeOf(until: unknown): Wake {
-  if (until instanceof Date) {
-    if (Number.isNaN(until.getTime())) {
-      throw new TypeError("Invalid until for ctx.sleep(): an invalid Date");
-    }
-    return { at: until };
-  }
-  if (typeof until === "string") {
-    try {
-      return { ms: parseDuration(until) };
-    } catch (cause) {
-      throw new TypeError(`Invalid until for ctx.sleep(): ${(cause as Error).message}`, { cause });
-    }
-  }
-  if (typeof until === "number" && until >= 0 && until <= MAX_SLEEP_MS) return { ms: until };
-  throw new TypeError(
-    `Invalid until for ctx.sleep(): expected a duration ("2d"), milliseconds from 0 to ${MAX_SLEEP_MS} or a Date, got ${
-      typeof until === "number" ? until : typeof until
-    }`,
-  );
 }
 
 /** The error a handler's transaction or step rolls back with when its claim moved on. */

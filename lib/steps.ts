@@ -19,6 +19,7 @@
  */
 import { checkDb, checkId, checkInteger, isName, MAX_INT4, MAX_SPAN_MS, refusal } from "./args.ts";
 import type { Db } from "./db.ts";
+import { parseDuration } from "./duration.ts";
 import type { JobRef } from "./queue.ts";
 import { NAME_RULE } from "./names.ts";
 
@@ -151,6 +152,29 @@ export async function suspendJob(
     select (select x.run_at from suspended x) as wake_at,
       (select count(*) from woken) as woken, (select count(*) from freed) as freed`;
   return row!.wake_at;
+}
+
+/** When a sleep given as a duration ("2d"), milliseconds or an instant ends; else a TypeError. */
+export function wakeOf(until: unknown): Wake {
+  if (until instanceof Date) {
+    if (Number.isNaN(until.getTime())) {
+      throw new TypeError("Invalid until for ctx.sleep(): an invalid Date");
+    }
+    return { at: until };
+  }
+  if (typeof until === "string") {
+    try {
+      return { ms: parseDuration(until) };
+    } catch (cause) {
+      throw new TypeError(`Invalid until for ctx.sleep(): ${(cause as Error).message}`, { cause });
+    }
+  }
+  if (typeof until === "number" && until >= 0 && until <= MAX_SLEEP_MS) return { ms: until };
+  throw new TypeError(
+    `Invalid until for ctx.sleep(): expected a duration ("2d"), milliseconds from 0 to ${MAX_SLEEP_MS} or a Date, got ${
+      typeof until === "number" ? until : typeof until
+    }`,
+  );
 }
 
 /** A job's recorded steps and sleeps, in the order they were recorded (the dashboard's view). */
