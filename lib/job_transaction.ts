@@ -6,7 +6,8 @@
  * whole transaction back: its effects never commit.
  *
  * The token is checked twice. First, without a lock, before the handler's function runs: a run
- * whose claim is already gone does no work. Then, as the transaction's last statement, by the
+ * whose claim is already gone does no work (openJobTransaction, which also bounds how long the
+ * transaction may sit idle). Then, as the transaction's last statement, by the
  * ack itself, which locks the job row `for update` where its id and token match and rolls
  * everything back when it finds none. The row is locked only at the end, never while the
  * handler works: the consumer's heartbeat locks the same row to extend it, and a lock held
@@ -32,11 +33,27 @@ export interface FinishOptions {
   maxPayloadBytes?: number;
 }
 
-/** Whether the claim is still ours (no lock: the final check is finishJob's). */
-export async function claimCurrent(db: Db, job: Pick<Job, "id" | "token">): Promise<boolean> {
-  const [row] = await db<{ ours: boolean }[]>`
-    select exists (select 1 from shoal.jobs j
-                   where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint) as ours`;
+/**
+ * Open a handler's transaction: bound how long it may sit idle, and say whether the claim is
+ * still ours (no lock: the final check is the fenced write at its end).
+ *
+ * A worker frozen inside its transaction (SIGSTOP, a VM paused) holds the row locks of what it
+ * wrote so far; a redelivered run writing the same rows (a unique key) would wait for it for as
+ * long as it stays frozen. With `idle_in_transaction_session_timeout` set for this transaction
+ * only (`set_config(..., true)`: nothing outlives it, PgBouncer's transaction mode included),
+ * Postgres ends a transaction left idle longer than `idleMs` (the task's timeout, after which
+ * the handler is aborted anyway), and its locks go with it.
+ */
+export async function openJobTransaction(
+  tx: Db,
+  job: Pick<Job, "id" | "token">,
+  idleMs: number,
+): Promise<boolean> {
+  const [row] = await tx<{ ours: boolean }[]>`
+    select set_config('idle_in_transaction_session_timeout', ${String(Math.ceil(idleMs))}::text,
+                      true) as idle,
+      exists (select 1 from shoal.jobs j
+              where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint) as ours`;
   return row!.ours;
 }
 

@@ -20,7 +20,7 @@ import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } fro
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
 import { checkProgress, type Progress } from "./progress.ts";
-import { claimCurrent, finishJob, type Tx } from "./job_transaction.ts";
+import { finishJob, openJobTransaction, type Tx } from "./job_transaction.ts";
 import {
   checkStepName,
   loadSteps,
@@ -248,7 +248,7 @@ export class JobRun {
       value = await env.sql.begin(async (tx) => {
         // Checked first without a lock, so a run whose claim is gone does no work; the ack
         // below checks again under the row's lock, which is what fences the commit.
-        if (!(await claimCurrent(tx, job))) throw lostClaim(job.id);
+        if (!(await openJobTransaction(tx, job, this.timeoutMs))) throw lostClaim(job.id);
         const out = await fn(tx);
         const result = job.execution_id !== null && !this.fanOut ? toJson(out, job.task) : null;
         const ours = await finishJob(tx, job, {
@@ -295,6 +295,7 @@ export class JobRun {
     let result: unknown = null;
     try {
       await this.#env.sql.begin(async (tx) => {
+        if (!(await openJobTransaction(tx, job, this.timeoutMs))) throw lostClaim(job.id);
         result = toJson(await fn(tx), `${job.task} (step "${name}")`);
         const outcome = await recordStep(tx, job, name, result);
         if (outcome === "lost") throw lostClaim(job.id);

@@ -227,3 +227,43 @@ Deno.test("ctx.sleep: the consumer restarted (SIGTERM, a new process) while its 
     await second?.exited();
   }
 });
+
+Deno.test("ctx.transaction: a frozen worker's open transaction is ended by Postgres after its task's timeout, so a redelivered run writing the same unique row is not blocked for good", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  await db.sql`
+    create table test_unique_effects (
+      job_id bigint primary key, attempt integer not null, pid integer not null)`;
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    await enqueue(db.sql, "test.tx_unique", {});
+    await waitFor(
+      "the first worker inside its transaction",
+      async () => (await marks(db.sql)).length === 1,
+    );
+    first.kill("SIGSTOP");
+    second = consumer(db.url);
+    // Redelivered after the 2 s deadline, its insert waits on the frozen transaction's row until
+    // Postgres ends that transaction (idle for the task's 3 s timeout).
+    await waitFor(
+      "the job completed by the second worker",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    const rows = await db.sql<{ attempt: number; pid: number }[]>`
+      select attempt, pid from test_unique_effects`;
+    assertEquals(rows.map((r) => [r.attempt, r.pid]), [[2, second.child.pid]]);
+    first.kill("SIGCONT");
+    await stop(second);
+    await stop(first);
+  } finally {
+    first.kill("SIGCONT");
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
