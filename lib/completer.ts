@@ -141,11 +141,18 @@ export class Completer {
         // Traced: the run's span ends as its ack is queued (acks go in batches).
         run.span?.end("completed");
         return undefined;
+      case "committed":
+        // Acked already, in the handler's own transaction (ctx.transaction).
+        metrics.jobFinished(run.job, "completed", ms);
+        run.span?.end("completed");
+        return undefined;
       case "fan-out":
         return this.#tracked(() => this.#fanOut(run, run.fanOut!, ms));
       case "failed":
         return this.#tracked(() => this.#fail(run, run.error, ms));
-      default: // running (not settled: a caller's bug), lost or released: nothing to record
+      // running (not settled: a caller's bug), lost or released: nothing to record; suspended
+      // (ctx.sleep): recorded already, by the sleep itself
+      default:
         run.span?.end(run.state);
         return undefined;
     }

@@ -71,6 +71,7 @@ import { HEAD_SCAN_TIMEOUT_MS, HeadScans } from "./head_scan.ts";
 import { HOLD_MAX_MS, PrefetchBuffer, type Rank, ranksBy } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
+import { type ProgressReport, saveProgress } from "./progress.ts";
 
 /** SQLSTATE of a statement cancelled by statement_timeout (or a cancel request). */
 const QUERY_CANCELED = "57014";
@@ -986,6 +987,28 @@ export async function runConsumer(
     return byQueue;
   }
 
+  /**
+   * Write what the running handlers reported through ctx.progress since the last beat: one
+   * statement for all of them, none when none reported (lib/progress.ts). A failed write is
+   * logged and dropped: progress is advisory, and the next report replaces it.
+   */
+  async function writeProgress(live: readonly JobRun[]): Promise<void> {
+    const reports: ProgressReport[] = [];
+    for (const run of live) {
+      const progress = run.takeProgress();
+      if (progress !== undefined) reports.push({ id: run.job.id, token: run.job.token, progress });
+    }
+    if (reports.length === 0) return;
+    try {
+      await retryOnce("progress", () => saveProgress(sql, reports));
+    } catch (error) {
+      log.warn("Cannot record the progress of {count} jobs: {error}", {
+        count: reports.length,
+        error: describeError(error),
+      });
+    }
+  }
+
   async function heartbeat(): Promise<void> {
     const live: JobRun[] = [];
     for (const run of running.values()) if (run.state === "running") live.push(run);
@@ -1004,6 +1027,7 @@ export async function runConsumer(
     try {
       const lost = await heartbeatOnce(sql, targets, options.visibilityTimeoutMs);
       dropLostFromBuffer(lost.buffered);
+      await writeProgress(live);
       for (const run of lost.running) {
         // Only a run still running: one that settled meanwhile is the completer's.
         if (running.get(run.job.id) !== run || run.state !== "running") continue;

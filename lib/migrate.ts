@@ -65,6 +65,8 @@ import sql016 from "../sql/016_flow_slots.sql" with { type: "text" };
 import sql017 from "../sql/017_flow_tasks.sql" with { type: "text" };
 import sql018 from "../sql/018_traceparent.sql" with { type: "text" };
 import sql019 from "../sql/019_consumer_totals.sql" with { type: "text" };
+import sql020 from "../sql/020_steps.sql" with { type: "text" };
+import sql021 from "../sql/021_progress.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -96,6 +98,8 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "017_flow_tasks.sql": sql017,
   "018_traceparent.sql": sql018,
   "019_consumer_totals.sql": sql019,
+  "020_steps.sql": sql020,
+  "021_progress.sql": sql021,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */

@@ -126,6 +126,9 @@ export {
   tracingFromEnv,
 } from "./tracing.ts";
 export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
+export type { Tx } from "./job_transaction.ts";
+export { listSteps, type StepRow, type StepTotals } from "./steps.ts";
+export { ClaimLostError, SuspendedError } from "./run_job.ts";
 export {
   type AnyTask,
   defineTask,

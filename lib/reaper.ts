@@ -36,6 +36,7 @@ import { describeError, logger } from "./log.ts";
 import { listStuckJobs } from "./queue.ts";
 import { hasStaleConsumers, pruneConsumers, STALE_CONSUMER_MS } from "./catalog.ts";
 import { hasStaleSlots, pruneSlots } from "./flow.ts";
+import { hasStaleSteps, pruneSteps } from "./steps.ts";
 
 export const REAPER_LEASE = "reaper";
 /** Most rows one sweep touches per tick. */
@@ -68,6 +69,18 @@ export interface Sweep {
 
 /** Housekeeping cadence: every 12 ticks (a minute at the default 5 s interval). */
 const HOUSEKEEPING_TICKS = 12;
+
+/**
+ * Remove step and sleep records (lib/steps.ts) of jobs that are gone, an hour after they were
+ * recorded: kept off the ack path, which deletes jobs without looking for records.
+ */
+export const stepRetentionSweep: Sweep = {
+  name: "step-retention",
+  kind: "housekeeping",
+  everyTicks: HOUSEKEEPING_TICKS,
+  pending: (db) => hasStaleSteps(db),
+  run: (tx, _options, limit) => pruneSteps(tx, { limit }),
+};
 
 /** Purge dead-letter rows past their retention, oldest first. */
 export const deadRetentionSweep: Sweep = {
@@ -152,6 +165,7 @@ export function defaultSweeps(): Sweep[] {
     expiredBarrierSweep,
     stuckReportSweep,
     deadRetentionSweep,
+    stepRetentionSweep,
     staleConsumerSweep,
     slotPruneSweep,
   ];

@@ -5,8 +5,10 @@
  *
  * Outcomes: "completed" (with a result for jobs of an execution), "fan-out" (children
  * to open with the ack), "failed" (permanent, retry later, or retry with backoff), "lost"
- * (the claim moved on: the outcome is discarded) and "released" (handed back at shutdown:
- * discarded too).
+ * (the claim moved on: the outcome is discarded), "released" (handed back at shutdown:
+ * discarded too), "committed" (the handler's `ctx.transaction` already acked the job in
+ * its own transaction, lib/job_transaction.ts: nothing left to write) and "suspended" (its
+ * `ctx.sleep` handed the job back until its wake time, lib/steps.ts: nothing left either).
  *
  * @module
  */
@@ -17,6 +19,17 @@ import { checkOptions } from "./args.ts";
 import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
+import { checkProgress, type Progress } from "./progress.ts";
+import { finishJob, openJobTransaction, type Tx } from "./job_transaction.ts";
+import {
+  checkStepName,
+  loadSteps,
+  type RecordedStep,
+  recordStep,
+  suspendJob,
+  type Wake,
+  wakeOf,
+} from "./steps.ts";
 import {
   type AnyTask,
   PermanentError,
@@ -33,6 +46,14 @@ export class ShutdownError extends Error {
 }
 export class ClaimLostError extends Error {
   override name = "ClaimLostError";
+}
+/**
+ * Thrown by `ctx.sleep` once the job is handed back until its wake time: the run ends there.
+ * Let it propagate (rethrow it from a catch-all); whatever the handler does after it is
+ * discarded.
+ */
+export class SuspendedError extends Error {
+  override name = "SuspendedError";
 }
 
 /**
@@ -70,7 +91,15 @@ export interface RunEnv {
  * "fan-out", "failed"), or one to discard: "lost" (the heartbeat found the claim gone) or
  * "released" (shutdown handed the job back).
  */
-export type RunState = "running" | "completed" | "fan-out" | "failed" | "lost" | "released";
+export type RunState =
+  | "running"
+  | "completed"
+  | "fan-out"
+  | "failed"
+  | "lost"
+  | "released"
+  | "committed"
+  | "suspended";
 
 /** How a failed run is recorded (the options of queue.ts's fail()): message, final or not, when. */
 export interface Failure {
@@ -117,6 +146,12 @@ export class JobRun {
   #constructed = false;
   #settledPromise: Promise<void> | undefined = undefined;
   #resolveSettled: (() => void) | undefined = undefined;
+  /** ctx.transaction was called: the job completes in it, so a second call is refused. */
+  #transacted = false;
+  /** The handler's last ctx.progress report not yet written by a heartbeat (lib/progress.ts). */
+  #progress: Progress | undefined = undefined;
+  /** The job's recorded steps and sleeps (lib/steps.ts), read on this run's first use. */
+  #recorded: Promise<Map<string, RecordedStep>> | undefined = undefined;
 
   constructor(job: Job, env: RunEnv) {
     this.job = job;
@@ -179,6 +214,9 @@ export class JobRun {
    */
   askFanOut(spec: FanOutSpec): void {
     if (this.fanOut) throw new Error("A job can fan out once: combine the children in one call");
+    if (this.state === "committed") {
+      throw new Error("Cannot fan out: the job already completed in ctx.transaction");
+    }
     try {
       this.fanOut = checkFanOut(spec, {
         maxChildren: this.#env.maxFanOut,
@@ -188,6 +226,188 @@ export class JobRun {
       // The same spec would fail the same way on every retry.
       throw new PermanentError(`Cannot fan out: ${(cause as Error).message}`, { cause });
     }
+  }
+
+  /**
+   * The context's transaction(): run `fn` in a transaction on the consumer's pool that ends
+   * by acking the job (completing it with `fn`'s value as its result, or opening its fan-out),
+   * committed only while the claim's token is current (lib/job_transaction.ts). Once it
+   * commits the run is over ("committed"): the handler's own return value is not used. A
+   * claim found gone rolls everything back and the run ends as lost.
+   */
+  async transact<T>(fn: (tx: Tx) => T | Promise<T>): Promise<T> {
+    if (this.#transacted) {
+      throw new Error("A job completes in one transaction: ctx.transaction was already called");
+    }
+    this.#checkOpen("open ctx.transaction");
+    this.#transacted = true;
+    const job = this.job;
+    const env = this.#env;
+    let value: T;
+    try {
+      value = await env.sql.begin(async (tx) => {
+        // Checked first without a lock, so a run whose claim is gone does no work; the ack
+        // below checks again under the row's lock, which is what fences the commit.
+        if (!(await openJobTransaction(tx, job, this.timeoutMs))) throw lostClaim(job.id);
+        const out = await fn(tx);
+        const result = job.execution_id !== null && !this.fanOut ? toJson(out, job.task) : null;
+        const ours = await finishJob(tx, job, {
+          result,
+          fanOut: this.fanOut,
+          maxChildren: env.maxFanOut,
+          maxPayloadBytes: env.maxPayloadBytes,
+        });
+        if (!ours) throw lostClaim(job.id);
+        this.result = result;
+        return out;
+      }) as T;
+    } catch (error) {
+      this.#lostIf(error);
+      throw error;
+    }
+    if (this.state === "running") {
+      this.state = "committed";
+      this.#settle(null, false);
+    }
+    return value;
+  }
+
+  /**
+   * The context's step(): return the step's recorded result when an earlier run (or this one)
+   * committed it, else run `fn` in a transaction that ends by recording its JSON result, fenced
+   * by the token (lib/steps.ts). Returns the result as JSON gives it back, on the first run as
+   * on a replay. A claim found gone rolls the step back and the run ends as lost.
+   */
+  async step<T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T> {
+    this.#checkOpen("run a step");
+    const recorded = await this.#steps();
+    const done = recorded.get(name);
+    if (done !== undefined) {
+      if (done.kind !== "step") {
+        throw new PermanentError(
+          `Cannot run step "${name}" of job ${this.job.id}: a sleep of that name was recorded`,
+        );
+      }
+      return done.result as T;
+    }
+    this.#checkOpen("run a step");
+    const job = this.job;
+    let result: unknown = null;
+    try {
+      await this.#env.sql.begin(async (tx) => {
+        if (!(await openJobTransaction(tx, job, this.timeoutMs))) throw lostClaim(job.id);
+        result = toJson(await fn(tx), `${job.task} (step "${name}")`);
+        const outcome = await recordStep(tx, job, name, result);
+        if (outcome === "lost") throw lostClaim(job.id);
+        if (outcome === "duplicate") {
+          throw new Error(
+            `Cannot record step "${name}" of job ${job.id}: it was recorded meanwhile by this run (await each step before starting the next)`,
+          );
+        }
+      });
+    } catch (error) {
+      this.#lostIf(error);
+      throw error;
+    }
+    recorded.set(name, { kind: "step", result, wake_at: null, due: false });
+    return result as T;
+  }
+
+  /**
+   * The context's sleep(): a sleep recorded by an earlier run whose time has come (by the
+   * database's clock) returns at once; otherwise the sleep is recorded (or keeps its recorded
+   * wake time) and the job handed back until then, without counting an attempt, fenced by the
+   * token (lib/steps.ts suspendJob). The run then ends ("suspended") and this throws a
+   * SuspendedError so the handler stops.
+   */
+  async sleep(name: string, wake: Wake): Promise<void> {
+    this.#checkOpen("sleep");
+    if (this.fanOut) {
+      // The fan-out opens with the job's ack, which a sleep never sends: it would be lost.
+      throw new Error(`Cannot sleep "${name}" in job ${this.job.id}: it asked for a fan-out`);
+    }
+    const recorded = await this.#steps();
+    const done = recorded.get(name);
+    if (done !== undefined) {
+      if (done.kind !== "sleep") {
+        throw new PermanentError(
+          `Cannot sleep "${name}" in job ${this.job.id}: a step of that name was recorded`,
+        );
+      }
+      if (done.due) return;
+    }
+    this.#checkOpen("sleep");
+    const job = this.job;
+    // Not retried on a lost connection: had the first try committed, the second would find the
+    // token moved on. An error fails the run instead, and the retry sleeps again.
+    const until = await suspendJob(
+      this.#env.sql,
+      job,
+      name,
+      done?.wake_at ? { at: done.wake_at } : wake,
+    );
+    if (until === null) {
+      const lost = lostClaim(job.id);
+      this.#lostIf(lost);
+      throw lost;
+    }
+    if (this.state === "running") {
+      this.state = "suspended";
+      this.#settle(null, false);
+    }
+    this.#env.log.info("Job {job_id} ({task}) sleeps until {wake_at} ({step})", {
+      job_id: job.id,
+      task: job.task,
+      wake_at: until.toISOString(),
+      step: name,
+    });
+    throw new SuspendedError(
+      `Job ${job.id} sleeps until ${until.toISOString()} ("${name}"): this run ends here`,
+    );
+  }
+
+  /** The context's progress(): kept until the next heartbeat takes it (no write per call). */
+  reportProgress(progress: Progress): void {
+    this.#progress = progress;
+  }
+
+  /** The progress reported since the last call, for the heartbeat to write; else undefined. */
+  takeProgress(): Progress | undefined {
+    const progress = this.#progress;
+    this.#progress = undefined;
+    return progress;
+  }
+
+  /** The job's records, read once per run (read again after a failed read). */
+  #steps(): Promise<Map<string, RecordedStep>> {
+    if (this.#recorded === undefined) {
+      const reading = loadSteps(this.#env.sql, this.job.id);
+      this.#recorded = reading;
+      reading.catch(() => {
+        // The handler gets this rejection from its own await; the next step reads again.
+        if (this.#recorded === reading) this.#recorded = undefined;
+      });
+    }
+    return this.#recorded;
+  }
+
+  /** Throw unless the run may still write: running, and not completed by ctx.transaction. */
+  #checkOpen(what: string): void {
+    if (this.state !== "running") {
+      throw new ClaimLostError(`Cannot ${what}: the run already ended (${this.state})`);
+    }
+    if (this.#transacted) {
+      throw new Error(`Cannot ${what}: the job completes in its ctx.transaction`);
+    }
+  }
+
+  /** A transaction rolled back because the claim moved on: say so, and end the run as lost. */
+  #lostIf(error: unknown): void {
+    if (!(error instanceof ClaimLostError)) return;
+    this.#env.log.warn("Job {job_id} lost its claim: its transaction rolled back", {
+      job_id: this.job.id,
+    });
+    if (this.state === "running") this.lose();
   }
 
   /** Abort the handler's signal (the first reason stays) and settle the run now. */
@@ -260,6 +480,13 @@ export class JobRun {
   }
 }
 
+/** The error a handler's transaction or step rolls back with when its claim moved on. */
+function lostClaim(id: string): ClaimLostError {
+  return new ClaimLostError(
+    `Job ${id} lost its claim before its transaction committed: rolled back (redelivered elsewhere, or its execution ended)`,
+  );
+}
+
 /**
  * A handler's context. Its logger, signal and functions are made on first use, and are
  * getters (not methods) so that a handler may take them off the context
@@ -321,6 +548,53 @@ class RunContext implements TaskContext {
   get fanOut(): TaskContext["fanOut"] {
     const run = this.#run;
     return this.#fanOut ??= (spec: FanOutSpec) => run.askFanOut(spec);
+  }
+
+  get step(): TaskContext["step"] {
+    const run = this.#run;
+    return <T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T> => {
+      try {
+        checkStepName("ctx.step", name);
+        if (typeof fn !== "function") {
+          throw new TypeError(`Invalid fn for ctx.step(): expected a function, got ${typeof fn}`);
+        }
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      return run.step(name, fn);
+    };
+  }
+
+  get sleep(): TaskContext["sleep"] {
+    const run = this.#run;
+    return (name: string, until: string | number | Date): Promise<void> => {
+      let wake: Wake;
+      try {
+        checkStepName("ctx.sleep", name);
+        wake = wakeOf(until);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      return run.sleep(name, wake);
+    };
+  }
+
+  get progress(): TaskContext["progress"] {
+    const run = this.#run;
+    return (done: number, total: number, message?: string): void =>
+      run.reportProgress(checkProgress(done, total, message));
+  }
+
+  get transaction(): TaskContext["transaction"] {
+    const run = this.#run;
+    return <T>(fn: (tx: Tx) => T | Promise<T>): Promise<T> => {
+      if (typeof fn !== "function") {
+        return Promise.reject(
+          new TypeError(`Invalid fn for ctx.transaction(): expected a function, got ${typeof fn}`),
+        );
+      }
+      return run.transact(fn);
+    };
   }
 }
 

@@ -31,6 +31,8 @@ import {
   type PausedQueue,
   type RateLimit,
 } from "./flow.ts";
+import { type StepTotals, stepTotals } from "./steps.ts";
+import { type JobProgress, listProgress } from "./progress.ts";
 
 /**
  * A queue's row in `shoal status`: its counts with the dead letters, the age in ms, and
@@ -94,6 +96,10 @@ export interface Status {
    * yet ended and fairness weights (lib/flow.ts).
    */
   flow: FlowStatus;
+  /** Durable-workflow records (lib/steps.ts): steps and sleeps kept, jobs with any, sleeping jobs. */
+  steps: StepTotals;
+  /** Claimed jobs that reported progress (ctx.progress), by id, at most 20 (lib/progress.ts). */
+  progress: JobProgress[];
 }
 
 /** How `shoal status` counts. */
@@ -188,7 +194,18 @@ export async function status(db: Db, options: StatusOptions = {}): Promise<Statu
   const counts = await countJobs(db, { dead: true, readyByTask: true, exact: options.exact });
   const unserved = unservedJobs(counts, await listLiveConsumers(db));
   const flow = await flowStatus(db);
-  return { queues: counts.map(toQueueStatus), executions, leases, schedules, unserved, flow };
+  const steps = await stepTotals(db);
+  const progress = await listProgress(db);
+  return {
+    queues: counts.map(toQueueStatus),
+    executions,
+    leases,
+    schedules,
+    unserved,
+    flow,
+    steps,
+    progress,
+  };
 }
 
 /** A plain table: first column left-aligned, the rest right-aligned. */

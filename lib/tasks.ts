@@ -18,6 +18,7 @@ import {
 import type { FanOutSpec } from "./barrier.ts";
 import type { Db } from "./db.ts";
 import { MAX_TIMER_MS } from "./duration.ts";
+import type { Tx } from "./job_transaction.ts";
 import type { Logger } from "./log.ts";
 import type { EnqueueOptions, Job } from "./queue.ts";
 
@@ -55,6 +56,40 @@ export interface TaskContext {
    * ack, in one transaction. The callback gets `payload.results`, in child order.
    */
   fanOut(spec: FanOutSpec): void;
+  /**
+   * Complete the job in a transaction of your own (exactly-once database effects,
+   * docs/workflows.md): `fn` runs in a transaction on the consumer's pool that then acks the
+   * job, so `fn`'s writes, any enqueue made through `tx` (`enqueue(tx, ...)`), a fan-out asked
+   * for before it returns, and the ack commit together, and only while this claim's token is
+   * current. A stale worker (its job redelivered meanwhile) rolls all of it back. `fn`'s value
+   * is the job's result (jobs of an execution) and what this returns; once it commits the job
+   * is done, so return right after it: the handler's own return value is not used. Once per
+   * run.
+   */
+  transaction<T>(fn: (tx: Tx) => T | Promise<T>): Promise<T>;
+  /**
+   * Run a named step once per job (docs/workflows.md): `fn` runs in a transaction that ends by
+   * recording its result (JSON), fenced by this claim's token, so its writes and its record
+   * commit together. A later run of the job (a retry, a redelivery, a wake from a sleep) gets
+   * the recorded result back without running `fn`. Names follow the task name rule; await each
+   * step before the next.
+   */
+  step<T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T>;
+  /**
+   * A durable sleep (docs/workflows.md): hand the job back until `until` (a duration such as
+   * "2d", milliseconds, or an instant) without holding a slot or a connection, and without
+   * counting an attempt; the run ends here (this throws a SuspendedError: let it propagate).
+   * When the job runs again its steps return their recorded results and this same sleep returns
+   * at once. The sleep is itself a recorded step: names are shared with `step`.
+   */
+  sleep(name: string, until: string | number | Date): Promise<void>;
+  /**
+   * Report progress (`done` of `total`, an optional message of up to 200 characters). Cheap to
+   * call often: kept in memory and written by the consumer's next heartbeat (one statement for
+   * all its jobs that reported since), shown by `shoal status --json`. Throws a TypeError on a
+   * negative or non-finite number.
+   */
+  progress(done: number, total: number, message?: string): void;
 }
 
 /**

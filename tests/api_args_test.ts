@@ -184,6 +184,12 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     error: TypeError,
     message: `Invalid job.runAt for startExecution(): expected a valid Date, not 1700000000000`,
   }],
+  listSteps: [{
+    call: ({ sql }) => shoal.listSteps(sql, "abc"),
+    error: TypeError,
+    message:
+      'Invalid jobId for listSteps(): expected a positive integer id as a string or number, not "abc"',
+  }],
   getExecution: [{
     call: ({ sql }) => shoal.getExecution(sql, "abc"),
     error: TypeError,
@@ -615,6 +621,8 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
       'Invalid delayMs for new RetryLaterError(): expected a number of milliseconds, not "120"',
   }],
   PermanentError: { exempt: "an Error subclass: it takes what Error takes" },
+  ClaimLostError: { exempt: "an Error subclass: it takes what Error takes" },
+  SuspendedError: { exempt: "an Error subclass: it takes what Error takes" },
   TracingConfigError: { exempt: "an Error subclass: it takes what Error takes" },
   isTraceparent: { exempt: "a predicate: any value has an answer" },
   stopTracing: { exempt: "takes no argument" },

@@ -24,6 +24,8 @@ const EMPTY: Status = {
   schedules: [],
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
+  steps: { records: 0, jobs: 0, sleeping: 0 },
+  progress: [],
 };
 
 function sampleAt(ms: number, deleted: number, dead: number, status = EMPTY): WatchSample {
@@ -83,6 +85,8 @@ const BUSY: Status = {
   schedules: [],
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
+  steps: { records: 0, jobs: 0, sleeping: 0 },
+  progress: [],
 };
 
 Deno.test("formatWatchFrame() shows the time, interval, rates, queues and fan-out bars", () => {
@@ -122,6 +126,8 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
     "schedules",
     "unserved",
     "flow",
+    "steps",
+    "progress",
   ]);
   assertEquals(parsed.at, "2026-01-01T00:00:06.000Z");
   assertEquals(parsed.rates, { completed_per_s: 1, dead_per_s: null });

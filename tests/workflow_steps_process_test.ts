@@ -1,0 +1,269 @@
+/**
+ * Durable workflows with real `shoal --role consumer` processes (tests/fixtures/workflow_main.ts)
+ * and real signals: a worker SIGSTOPped inside ctx.transaction past its deadline, a worker
+ * SIGKILLed between steps, a consumer restarted while its job sleeps. Effects are rows the
+ * tasks write inside their transactions, counted by the database.
+ */
+import { assert, assertEquals } from "./assert.ts";
+import {
+  exitWithin,
+  type ShoalProcess,
+  sleep,
+  spawnShoal,
+  testDb,
+  waitFor,
+  waitForOutput,
+} from "./helpers.ts";
+import type { Sql } from "../lib/db.ts";
+import { enqueue } from "../lib/queue.ts";
+
+const WORKFLOW_MAIN = new URL("fixtures/workflow_main.ts", import.meta.url).pathname;
+const STARTED = "started on";
+
+function consumer(url: string): ShoalProcess {
+  return spawnShoal([
+    "--role",
+    "consumer",
+    "--queues",
+    "default",
+    "--concurrency",
+    "4",
+    "--poll-interval",
+    "100ms",
+    "--visibility-timeout",
+    "2s",
+    "--shutdown-grace",
+    "1s",
+    "--log-format",
+    "json",
+  ], { url, mainModule: WORKFLOW_MAIN });
+}
+
+async function prepare(sql: Sql): Promise<void> {
+  await sql`
+    create table test_effects (
+      id bigint generated always as identity primary key,
+      job_id bigint not null, attempt integer not null, pid integer not null, effect text not null,
+      at timestamptz not null default clock_timestamp())`;
+  await sql`
+    create table test_marks (
+      id bigint generated always as identity primary key,
+      job_id bigint not null, attempt integer not null, pid integer not null, mark text not null,
+      at timestamptz not null default clock_timestamp())`;
+}
+
+interface Row {
+  attempt: number;
+  pid: number;
+  what: string;
+}
+
+async function effects(sql: Sql): Promise<Row[]> {
+  return [
+    ...await sql<Row[]>`
+    select attempt, pid, effect as what from test_effects order by id`,
+  ];
+}
+
+async function marks(sql: Sql): Promise<Row[]> {
+  return [...await sql<Row[]>`select attempt, pid, mark as what from test_marks order by id`];
+}
+
+async function jobCount(sql: Sql): Promise<number> {
+  const [row] = await sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
+  return row!.n;
+}
+
+async function stop(proc: ShoalProcess): Promise<void> {
+  proc.kill("SIGTERM");
+  const exit = await exitWithin(proc, 20_000);
+  assertEquals(exit.code, 0, exit.output.slice(-2000));
+}
+
+Deno.test("ctx.transaction: a worker SIGSTOPped inside it past its deadline, redelivered and completed elsewhere, rolls back on SIGCONT: the effect commits once", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    // The first attempt waits 4 s inside its open transaction, deaf to its signal: only the
+    // token check at commit can keep its effect out.
+    await enqueue(db.sql, "test.tx_effect", { ms: 4000 });
+    await waitFor(
+      "the first worker inside its transaction",
+      async () => (await marks(db.sql)).length === 1,
+    );
+    first.kill("SIGSTOP");
+    // Past its 2 s visibility deadline: no heartbeat extends it any more.
+    await waitFor(
+      "the job's deadline to pass",
+      async () => {
+        const [row] = await db.sql<{ due: boolean }[]>`
+        select run_at < now() as due from shoal.jobs`;
+        return row?.due;
+      },
+      10_000,
+      100,
+    );
+    second = consumer(db.url);
+    await waitFor(
+      "the job completed by the second worker",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    assertEquals((await effects(db.sql)).map((e) => [e.attempt, e.pid]), [
+      [2, second.child.pid],
+    ]);
+    first.kill("SIGCONT");
+    // The first worker's pause ends, its transaction reaches the ack, finds the token moved
+    // on and rolls back; it says so in its log.
+    await waitForOutput(first, "its transaction rolled back");
+    await sleep(500);
+    assertEquals(
+      (await marks(db.sql)).map((m) => [m.attempt, m.pid]),
+      [[1, first.child.pid], [2, second.child.pid]],
+      "the first worker did get inside its transaction",
+    );
+    const all = await effects(db.sql);
+    assertEquals(all.length, 1, "the effect table holds the effect exactly once");
+    assertEquals(all[0]!.pid, second.child.pid);
+    const [open] = await db.sql<{ n: number }[]>`
+      select count(*)::int as n from pg_stat_activity
+      where datname = current_database() and state like 'idle in transaction%'`;
+    assertEquals(open!.n, 0, "the stale transaction ended");
+    await stop(first);
+    await stop(second);
+  } finally {
+    first.kill("SIGCONT");
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
+
+Deno.test("ctx.step: a consumer SIGKILLed after step one committed; on redelivery step one does not rerun and step two runs once", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    const id = await enqueue(db.sql, "test.steps", {});
+    await waitFor(
+      "step one committed",
+      async () => (await marks(db.sql)).some((m) => m.what === "after-one"),
+    );
+    first.kill("SIGKILL");
+    assertEquals((await first.exited()).signal, "SIGKILL");
+    second = consumer(db.url);
+    await waitFor(
+      "the job finished on the second consumer",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    assertEquals((await effects(db.sql)).map((e) => [e.what, e.attempt, e.pid]), [
+      ["one", 1, first.child.pid],
+      [`two after ${first.child.pid}`, 2, second.child.pid],
+    ], "step one ran once, and its recorded result reached step two");
+    const recorded = await db.sql<{ name: string }[]>`
+      select name from shoal.job_steps where job_id = ${id}::bigint order by name`;
+    assertEquals(recorded.map((r) => r.name), ["one", "two"]);
+    await stop(second);
+  } finally {
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
+
+Deno.test("ctx.sleep: the consumer restarted (SIGTERM, a new process) while its job sleeps; the job resumes after the time with its steps intact and finishes once", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    const id = await enqueue(db.sql, "test.sleepy", { sleep: "4s" });
+    const [sleep] = await waitFor("the job asleep", () =>
+      db.sql<{ wake_at: Date }[]>`
+        select s.wake_at from shoal.job_steps s join shoal.jobs j on j.id = s.job_id
+        where s.job_id = ${id}::bigint and s.kind = 'sleep' and j.locked_by is null`
+        .then((rows) => rows.length === 1 ? rows : null));
+    // Asleep, the job holds no slot of the consumer: it stops at once.
+    await stop(first);
+    second = consumer(db.url);
+    await waitForOutput(second, STARTED);
+    assertEquals(await jobCount(db.sql), 1, "still asleep after the restart");
+    await waitFor(
+      "the job finished after its sleep",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    const done = await effects(db.sql);
+    assertEquals(
+      done.map((e) => [e.what, e.attempt]),
+      [["charge", 1], ["ship", 1]],
+      "each step once; the sleep counted no attempt",
+    );
+    assertEquals(done[1]!.pid, second.child.pid);
+    const [ship] = await db.sql<{ at: Date }[]>`
+      select at from test_effects where effect = 'ship'`;
+    assert(ship!.at.getTime() >= sleep!.wake_at.getTime(), "ship ran after the wake time");
+    assertEquals((await marks(db.sql)).map((m) => [m.pid, m.attempt]), [
+      [first.child.pid, 1],
+      [second.child.pid, 1],
+    ], "one run before the sleep, one after");
+    await stop(second);
+  } finally {
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
+
+Deno.test("ctx.transaction: a frozen worker's open transaction is ended by Postgres after its task's timeout, so a redelivered run writing the same unique row is not blocked for good", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  await db.sql`
+    create table test_unique_effects (
+      job_id bigint primary key, attempt integer not null, pid integer not null)`;
+  const first = consumer(db.url);
+  let second: ShoalProcess | null = null;
+  try {
+    await waitForOutput(first, STARTED);
+    await enqueue(db.sql, "test.tx_unique", {});
+    await waitFor(
+      "the first worker inside its transaction",
+      async () => (await marks(db.sql)).length === 1,
+    );
+    first.kill("SIGSTOP");
+    second = consumer(db.url);
+    // Redelivered after the 2 s deadline, its insert waits on the frozen transaction's row until
+    // Postgres ends that transaction (idle for the task's 3 s timeout).
+    await waitFor(
+      "the job completed by the second worker",
+      async () => await jobCount(db.sql) === 0,
+      20_000,
+      100,
+    );
+    const rows = await db.sql<{ attempt: number; pid: number }[]>`
+      select attempt, pid from test_unique_effects`;
+    assertEquals(rows.map((r) => [r.attempt, r.pid]), [[2, second.child.pid]]);
+    first.kill("SIGCONT");
+    await stop(second);
+    await stop(first);
+  } finally {
+    first.kill("SIGCONT");
+    first.kill("SIGKILL");
+    second?.kill("SIGKILL");
+    await first.exited();
+    await second?.exited();
+  }
+});
