@@ -1161,7 +1161,9 @@ async function dashboardCommand(parsed: ParsedArgs): Promise<number> {
   }, async (sql, opts) =>
     await untilStopped(async (stop) => {
       // On demand, as in roles.ts startHttp: other commands never load Hono and the assets.
-      const { DashboardServer } = await import("./dashboard/server.ts");
+      const { DashboardServer } = await import(
+        "./dashboard/server" + ".ts"
+      ) as typeof import("./dashboard/server.ts");
       const server = new DashboardServer(sql, address!, { readOnly: opts["read-only"] });
       try {
         await new Promise<void>((resolve) => {
