@@ -37,6 +37,27 @@ export function conditions(db: Db, conditions: Fragment[]): Fragment | Fragment[
   return conditions.length === 0 ? db`` : conditions;
 }
 
+/**
+ * The page of a windowed keyset listing (lib/queue.ts listJobsStatement() is the model: a
+ * `window_` of at most `scan` rows read newest first along an index, the page filtered from
+ * it, each row carrying the window's `scanned_to` and `scanned`). Where the next page starts:
+ * below the page's last row when the page is full; below the window when the window was full
+ * but the page was not (a rare filter searches on); nowhere when both fell short.
+ */
+export function keysetPage<T extends { id: string }>(
+  rows: readonly (T & { scanned_to: string | null; scanned: number })[],
+  limit: number,
+  scan: number,
+): { rows: T[]; next: string | null } {
+  const first = rows[0];
+  const found = rows.filter((r) => r.id !== null)
+    .map(({ scanned_to: _, scanned: __, ...r }) => r as unknown as T);
+  let next: string | null = null;
+  if (found.length === limit) next = found[found.length - 1]!.id;
+  else if (first && first.scanned === scan) next = first.scanned_to;
+  return { rows: found, next };
+}
+
 export interface ConnectOptions {
   /** Shows in pg_stat_activity, e.g. `shoal consumer` (default `shoal`). */
   applicationName?: string;

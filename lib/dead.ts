@@ -14,7 +14,7 @@ import {
   MAX_INT4,
   MAX_SPAN_MS,
 } from "./args.ts";
-import { conditions, type Db, type Fragment } from "./db.ts";
+import { conditions, type Db, type Fragment, keysetPage } from "./db.ts";
 
 export interface DeadJob {
   id: string;
@@ -301,12 +301,7 @@ export async function listDeadPage(
       order by d.id desc
       limit ${limit}::integer
     ) w on true`;
-  const first = rows[0];
-  const found = rows.filter((r) => r.id !== null).map(({ scanned_to: _, scanned: __, ...r }) => r);
-  let next: string | null = null;
-  if (found.length === limit) next = found[found.length - 1]!.id;
-  else if (first && first.scanned === scan) next = first.scanned_to;
-  return { rows: found, next };
+  return keysetPage(rows, limit, scan);
 }
 
 /** A dead job by id, or null. */

@@ -25,7 +25,7 @@ import {
   checkOptions,
   MAX_INT4,
 } from "./args.ts";
-import type { Db } from "./db.ts";
+import { type Db, keysetPage } from "./db.ts";
 import { type CheckedJob, checkJobSpec, JobArgs, type JobSpec, type TaskJobSpec } from "./queue.ts";
 import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
@@ -183,12 +183,7 @@ export async function listExecutionsPage(
       order by w.id desc
       limit ${limit}::integer
     ) w on true`;
-  const first = rows[0];
-  const found = rows.filter((r) => r.id !== null).map(({ scanned_to: _, scanned: __, ...r }) => r);
-  let next: string | null = null;
-  if (found.length === limit) next = found[found.length - 1]!.id;
-  else if (first && first.scanned === scan) next = first.scanned_to;
-  return { rows: found, next };
+  return keysetPage(rows, limit, scan);
 }
 
 /** Every status an execution can have. */

@@ -41,7 +41,7 @@ import {
   nameRefusal,
   refusal,
 } from "./args.ts";
-import { conditions, type Db, type Fragment, type Sql } from "./db.ts";
+import { conditions, type Db, type Fragment, keysetPage, type Sql } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import {
   checkPayload,
@@ -1325,12 +1325,7 @@ export async function listJobs(
   const scan = options.scan ?? LIST_SCAN_ROWS;
   const rows = await db<(JobListRow & { scanned_to: string | null; scanned: number })[]>`
     ${listJobsStatement(db, options)}`;
-  const first = rows[0];
-  const found = rows.filter((r) => r.id !== null).map(({ scanned_to: _, scanned: __, ...r }) => r);
-  let next: string | null = null;
-  if (found.length === limit) next = found[found.length - 1]!.id;
-  else if (first && first.scanned === scan) next = first.scanned_to;
-  return { rows: found, next };
+  return keysetPage(rows, limit, scan);
 }
 
 /**
@@ -1359,10 +1354,7 @@ export function listJobsStatement(db: Db, options: ListJobsOptions = {}): Fragme
     with window_ as (
       select j.id, j.queue, j.task, j.priority, j.fairness_key, j.key, j.attempts,
         j.max_attempts, j.execution_id, j.run_at, j.created_at, j.last_error,
-        case when j.run_at <= now() then 'ready'
-             when j.locked_by is null then 'scheduled'
-             when j.started_at is not null then 'running'
-             else 'prefetched' end as state
+        shoal.job_state(j.run_at, j.locked_by, j.started_at) as state
       from shoal.jobs j
       where true ${conditions(db, window)}
       order by j.id desc
@@ -1400,10 +1392,7 @@ export async function getJob(db: Db, id: string): Promise<JobDetail | null> {
     select j.id, j.queue, j.task, j.priority, j.fairness_key, j.key, j.attempts, j.max_attempts,
       j.execution_id, j.run_at, j.created_at, j.last_error, j.payload, j.concurrency_key,
       j.locked_by, j.locked_at, j.started_at, j.errors, j.barrier_id, j.child_index,
-      case when j.run_at <= now() then 'ready'
-           when j.locked_by is null then 'scheduled'
-           when j.started_at is not null then 'running'
-           else 'prefetched' end as state
+      shoal.job_state(j.run_at, j.locked_by, j.started_at) as state
     from shoal.jobs j where j.id = ${id}::bigint`;
   return row ?? null;
 }
