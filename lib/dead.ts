@@ -69,13 +69,33 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
   checkDb("retryDead", db);
   checkId("retryDead", "id", id);
   const [row] = await db<{ outcome: RetryDeadOutcome }[]>`
-    with dead as (
-      select * from shoal.dead_jobs where id = ${id}::bigint for update
+    with picked as (
+      select id from shoal.dead_jobs where id = ${id}::bigint for update
     ),
-    -- A job of an ended execution would be acked unrun by its next claim, its dead row
-    -- gone with it: it stays dead instead.
+    ${revival(db)}
+    select case when not exists (select 1 from dead) then 'not_found'
+                when exists (select 1 from ended) then 'execution_ended'
+                when exists (select 1 from removed) then 'retried'
+                else 'duplicate' end as outcome,
+      (select count(*) from woken) as woken -- referenced, so the notify runs`;
+  return row!.outcome;
+}
+
+/**
+ * THE REVIVAL RULE, for retryDead() and retryDeadMatching(): the CTEs that put back on their
+ * queues the dead jobs named by a `picked` CTE before them (ids, locked `for update`). `dead`:
+ * their rows; `ended`: those whose execution has ended (the next claim would ack them unrun, their
+ * dead rows gone with them: they stay dead); `revived`: the others, runnable now with their
+ * attempts reset, stamped like new jobs (the stamping rule in sql/functions/queue.sql) and
+ * with a token past every one of their previous life (a worker still holding one is fenced
+ * off), except where a live job holds the dedupe key; `removed`: their dead rows; `woken`:
+ * idle consumers of their queues woken (sql/functions/wake.sql; select from it so it runs).
+ */
+function revival(db: Db): Fragment {
+  return db`
+    dead as (select d.* from shoal.dead_jobs d join picked p on p.id = d.id),
     ended as (
-      select 1 from dead d join shoal.executions e on e.id = d.execution_id
+      select d.id from dead d join shoal.executions e on e.id = d.execution_id
       where e.status in ('completed', 'failed', 'cancelled')
     ),
     revived as (
@@ -84,31 +104,22 @@ export async function retryDead(db: Db, id: string): Promise<RetryDeadOutcome> {
         concurrency_key, traceparent)
       overriding system value
       select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
-        -- Stamped like a new job (the stamping rule in sql/functions/queue.sql).
         shoal.fair_seq_next(d.queue, d.fairness_key, d.priority),
-        d.max_attempts,
-        -- Past every token of its previous life: a worker still holding one is fenced off.
-        d.token + 1,
-        d.key, d.execution_id, d.barrier_id, d.child_index, d.errors, d.created_at,
-        d.concurrency_key, d.traceparent
+        d.max_attempts, d.token + 1, d.key, d.execution_id, d.barrier_id, d.child_index,
+        d.errors, d.created_at, d.concurrency_key, d.traceparent
       from dead d
-      where not exists (select 1 from ended)
+      where d.id not in (select id from ended)
+      order by d.id
       on conflict (queue, key) where key is not null do nothing
       returning id, queue
     ),
     removed as (
       delete from shoal.dead_jobs where id in (select id from revived) returning id
     ),
-    -- Runnable now: wake idle consumers (sql/functions/wake.sql).
     woken as (
-      select shoal.notify_jobs(array_agg(r.queue::text), null) from revived r
-    )
-    select case when not exists (select 1 from dead) then 'not_found'
-                when exists (select 1 from ended) then 'execution_ended'
-                when exists (select 1 from removed) then 'retried'
-                else 'duplicate' end as outcome,
-      (select count(*) from woken) as woken -- referenced, so the notify runs`;
-  return row!.outcome;
+      select shoal.notify_jobs(array_agg(distinct r.queue::text), null) from revived r
+      having count(*) > 0
+    )`;
 }
 
 export interface PurgeDeadOptions {
@@ -361,34 +372,7 @@ export async function retryDeadMatching(
         limit ${batch}::integer
         for update
       ),
-      dead as (select d.* from shoal.dead_jobs d join picked p on p.id = d.id),
-      -- As retryDead(): a job of an ended execution stays dead.
-      ended as (
-        select d.id from dead d join shoal.executions e on e.id = d.execution_id
-        where e.status in ('completed', 'failed', 'cancelled')
-      ),
-      revived as (
-        insert into shoal.jobs (id, queue, task, payload, priority, fairness_key, fair_seq,
-          max_attempts, token, key, execution_id, barrier_id, child_index, errors, created_at,
-          concurrency_key, traceparent)
-        overriding system value
-        select d.id, d.queue, d.task, d.payload, d.priority, d.fairness_key,
-          shoal.fair_seq_next(d.queue, d.fairness_key, d.priority),
-          d.max_attempts, d.token + 1, d.key, d.execution_id, d.barrier_id, d.child_index,
-          d.errors, d.created_at, d.concurrency_key, d.traceparent
-        from dead d
-        where d.id not in (select id from ended)
-        order by d.id
-        on conflict (queue, key) where key is not null do nothing
-        returning id, queue
-      ),
-      removed as (
-        delete from shoal.dead_jobs where id in (select id from revived) returning id
-      ),
-      woken as (
-        select shoal.notify_jobs(array_agg(distinct r.queue::text), null) from revived r
-        having count(*) > 0
-      )
+      ${revival(db)}
       select (select count(*)::integer from picked) as picked,
         (select min(id)::text from picked) as oldest,
         (select count(*)::integer from removed) as retried,
