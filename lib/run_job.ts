@@ -243,13 +243,15 @@ export class JobRun {
     this.#transacted = true;
     const job = this.job;
     const env = this.#env;
+    // Traced: the transaction's span, ended with its outcome before the run settles.
+    const span = this.span?.transaction();
     let value: T;
     try {
       value = await env.sql.begin(async (tx) => {
         // Checked first without a lock, so a run whose claim is gone does no work; the ack
         // below checks again under the row's lock, which is what fences the commit.
         if (!(await openJobTransaction(tx, job, this.timeoutMs))) throw lostClaim(job.id);
-        const out = await fn(tx);
+        const out = await (span === undefined ? fn(tx) : span.within(() => fn(tx)));
         const result = job.execution_id !== null && !this.fanOut ? toJson(out, job.task) : null;
         const ours = await finishJob(tx, job, {
           result,
@@ -262,9 +264,11 @@ export class JobRun {
         return out;
       }) as T;
     } catch (error) {
+      span?.end(...spanFailure(error));
       this.#lostIf(error);
       throw error;
     }
+    span?.end("committed");
     if (this.state === "running") {
       this.state = "committed";
       this.#settle(null, false);
@@ -288,15 +292,19 @@ export class JobRun {
           `Cannot run step "${name}" of job ${this.job.id}: a sleep of that name was recorded`,
         );
       }
+      // Traced: a short span saying the step was replayed, its function not run.
+      this.span?.replayed(name);
       return done.result as T;
     }
     this.#checkOpen("run a step");
     const job = this.job;
+    const span = this.span?.step(name);
     let result: unknown = null;
     try {
       await this.#env.sql.begin(async (tx) => {
         if (!(await openJobTransaction(tx, job, this.timeoutMs))) throw lostClaim(job.id);
-        result = toJson(await fn(tx), `${job.task} (step "${name}")`);
+        const out = await (span === undefined ? fn(tx) : span.within(() => fn(tx)));
+        result = toJson(out, `${job.task} (step "${name}")`);
         const outcome = await recordStep(tx, job, name, result);
         if (outcome === "lost") throw lostClaim(job.id);
         if (outcome === "duplicate") {
@@ -306,9 +314,11 @@ export class JobRun {
         }
       });
     } catch (error) {
+      span?.end(...spanFailure(error));
       this.#lostIf(error);
       throw error;
     }
+    span?.end("recorded");
     recorded.set(name, { kind: "step", result, wake_at: null, due: false });
     return result as T;
   }
@@ -334,7 +344,10 @@ export class JobRun {
           `Cannot sleep "${name}" in job ${this.job.id}: a step of that name was recorded`,
         );
       }
-      if (done.due) return;
+      if (done.due) {
+        this.span?.slept(name, done.wake_at!, "woke");
+        return;
+      }
     }
     this.#checkOpen("sleep");
     const job = this.job;
@@ -351,6 +364,8 @@ export class JobRun {
       this.#lostIf(lost);
       throw lost;
     }
+    // Traced: an event on the run's span, which then ends with outcome "suspended".
+    this.span?.slept(name, until, "suspended");
     if (this.state === "running") {
       this.state = "suspended";
       this.#settle(null, false);
@@ -478,6 +493,14 @@ export class JobRun {
     }
     this.#settle(error, false);
   }
+}
+
+/**
+ * How a step's or transaction's span ends after `error` rolled it back: "lost" when the claim
+ * moved on (not an error of the handler's), else "failed" with the error's description.
+ */
+function spanFailure(error: unknown): [string, string?] {
+  return error instanceof ClaimLostError ? ["lost"] : ["failed", describeError(error)];
 }
 
 /** The error a handler's transaction or step rolls back with when its claim moved on. */

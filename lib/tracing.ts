@@ -16,10 +16,23 @@
  *   so spans a handler makes are its children and jobs it enqueues link to it;
  * - `fan-out <task>` (PRODUCER): a child of the run that fanned out; its children's and its
  *   callbacks' runs link to it;
+ * - `step <name>` (INTERNAL): a child of the run, per `ctx.step` call: `shoal.step.outcome`
+ *   `recorded` (its function ran and its result was recorded), `replayed` (an earlier run
+ *   recorded it: a short span, the function not run), `lost` (the claim's token moved on:
+ *   rolled back) or `failed` (its function threw: status ERROR). The step's function runs
+ *   with the step's span active. A replay is a span rather than an event on the run so a
+ *   trace shows every step of the run in order, whichever run executed it;
+ * - `transaction <task>` (INTERNAL): a child of the run, for `ctx.transaction`:
+ *   `shoal.transaction.outcome` `committed`, `lost` (lost to a newer token: rolled back) or
+ *   `failed` (status ERROR);
+ * - `ctx.sleep`: an event `shoal.sleep` on the run span, with the sleep's name and
+ *   `shoal.sleep.wake_at` (ISO 8601), `shoal.sleep.outcome` `suspended` (the run then ends with
+ *   outcome `suspended`) or `woke` (a recorded sleep whose time has come, on a later run);
  * - enqueue: no span of its own; the active span's traceparent is stored with the job.
  * Attributes: `messaging.system` = shoal, `messaging.destination.name` (queue),
  * `messaging.operation.type`, `messaging.message.id`, `shoal.job.id`, `shoal.job.attempt`,
- * `shoal.task`; never a payload, a result or a connection string. A failed run ends with
+ * `shoal.task` (and `shoal.step.name` on a step); never a payload, a result (a step's
+ * included) or a connection string. A failed run ends with
  * status ERROR and its error (as recorded on the job) as an exception event.
  *
  * Link, not parent: a job may run long after (and many times after) the request that
@@ -236,10 +249,29 @@ export interface RunSpan {
   within<T>(fn: () => T): T;
   /** A fan-out from this run: its span, ended by the caller. */
   fanOut(children: number): FanOutSpan;
+  /** A `ctx.step` of this run that is about to run its function: its span, ended by the caller. */
+  step(name: string): ChildSpan;
+  /** A `ctx.step` whose result an earlier run recorded: a short span, ended at once. */
+  replayed(name: string): void;
+  /** This run's `ctx.transaction`: its span, ended by the caller. */
+  transaction(): ChildSpan;
+  /** A `ctx.sleep`: an event on this span (`suspended` until `wakeAt`, or `woke`). */
+  slept(name: string, wakeAt: Date, outcome: "suspended" | "woke"): void;
   /**
    * End the span: `outcome` as recorded (`completed`, `retried`, `dead`, `stale`, `lost`,
    * `released`, or `unrecorded` when it could not be written and the job will be
    * redelivered), `error` (the message recorded on the job) for a failure.
+   */
+  end(outcome: string, error?: string): void;
+}
+
+/** A step's or a transaction's span, a child of its run's. */
+export interface ChildSpan {
+  /** Run `fn` with this span active (spans made inside become its children). */
+  within<T>(fn: () => T): T;
+  /**
+   * End the span with its outcome (`recorded`, `committed`, `lost` or `failed`); `error`, a
+   * failure's message, sets status ERROR.
    */
   end(outcome: string, error?: string): void;
 }

@@ -26,6 +26,7 @@ import { BatchSpanProcessor, TracerProvider } from "@opentelemetry/sdk-trace";
 import { describeError, logger } from "./log.ts";
 import type { Job } from "./queue.ts";
 import {
+  type ChildSpan,
   DEFAULT_EXPORT_TIMEOUT_MS,
   DEFAULT_MAX_EXPORT_BATCH_SIZE,
   DEFAULT_MAX_QUEUE_SIZE,
@@ -126,6 +127,61 @@ class OtelRunSpan implements RunSpan {
       traceparent: traceparentOf(span.spanContext()),
       end(error?: string) {
         if (error !== undefined) span.setStatus({ code: SpanStatusCode.ERROR, message: error });
+        span.end();
+      },
+    };
+  }
+
+  step(name: string): ChildSpan {
+    return this.#child(`step ${name}`, "shoal.step.outcome", {
+      ...jobAttributes(this.job),
+      "shoal.step.name": name,
+    });
+  }
+
+  replayed(name: string): void {
+    this.tracer.startSpan(`step ${name}`, {
+      kind: SpanKind.INTERNAL,
+      attributes: {
+        ...jobAttributes(this.job),
+        "shoal.step.name": name,
+        "shoal.step.outcome": "replayed",
+      },
+    }, this.#ctx).end();
+  }
+
+  transaction(): ChildSpan {
+    return this.#child(
+      `transaction ${this.job.task}`,
+      "shoal.transaction.outcome",
+      jobAttributes(this.job),
+    );
+  }
+
+  slept(name: string, wakeAt: Date, outcome: "suspended" | "woke"): void {
+    this.span.addEvent("shoal.sleep", {
+      "shoal.step.name": name,
+      "shoal.sleep.wake_at": wakeAt.toISOString(),
+      "shoal.sleep.outcome": outcome,
+    });
+  }
+
+  /** A child span of this run, ended with its outcome as `outcomeKey`. */
+  #child(
+    name: string,
+    outcomeKey: string,
+    attributes: Record<string, string | number>,
+  ): ChildSpan {
+    const span = this.tracer.startSpan(name, { kind: SpanKind.INTERNAL, attributes }, this.#ctx);
+    const ctx = trace.setSpan(this.#ctx, span);
+    return {
+      within: (fn) => context.with(ctx, fn),
+      end(outcome: string, error?: string) {
+        span.setAttribute(outcomeKey, outcome);
+        if (error !== undefined) {
+          span.recordException({ name: "Error", message: error });
+          span.setStatus({ code: SpanStatusCode.ERROR, message: error });
+        }
         span.end();
       },
     };

@@ -858,3 +858,286 @@ Deno.test({
     }
   },
 });
+
+const WORKFLOW_MAIN = new URL("fixtures/workflow_main.ts", import.meta.url).pathname;
+
+/** A traced `shoal --role consumer` of tests/fixtures/workflow_main.ts, exporting every 100 ms. */
+function tracedWorkflowConsumer(url: string, receiver: OtlpReceiver, service: string) {
+  return spawnShoal([
+    "--role",
+    "consumer",
+    "--poll-interval",
+    "100ms",
+    "--visibility-timeout",
+    "2s",
+    "--shutdown-grace",
+    "1s",
+  ], {
+    url,
+    mainModule: WORKFLOW_MAIN,
+    env: {
+      OTEL_EXPORTER_OTLP_ENDPOINT: receiver.base,
+      OTEL_SERVICE_NAME: service,
+      OTEL_BSP_SCHEDULE_DELAY: "100",
+    },
+  });
+}
+
+/** The attribute keys a step span carries: nothing else (no result, no payload). */
+const STEP_KEYS = [
+  "messaging.destination.name",
+  "messaging.message.id",
+  "messaging.system",
+  "shoal.job.attempt",
+  "shoal.job.id",
+  "shoal.step.name",
+  "shoal.step.outcome",
+  "shoal.task",
+];
+
+Deno.test({
+  name:
+    "main.ts consumers export step spans under the run, a replayed step as replayed, a sleep as an event",
+  // The exporter's HTTP client keeps its keep-alive socket; every process is closed here.
+  sanitizeResources: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    await db.sql`
+      create table test_effects (
+        id bigint generated always as identity primary key,
+        job_id bigint not null, attempt integer not null, pid integer not null,
+        effect text not null, at timestamptz not null default clock_timestamp())`;
+    await db.sql`
+      create table test_marks (
+        id bigint generated always as identity primary key,
+        job_id bigint not null, attempt integer not null, pid integer not null,
+        mark text not null, at timestamptz not null default clock_timestamp())`;
+    const steps = await enqueue(db.sql, "test.steps", {}, { maxAttempts: 3 });
+    const sleepy = await enqueue(db.sql, "test.sleepy", { sleep: "1s" });
+    const first = tracedWorkflowConsumer(db.url, receiver, "first");
+    await using _first = first;
+    // test.steps hangs after step "one" on its first attempt; test.sleepy sleeps 1 s and ends.
+    await waitFor("step one's span exported, and the sleepy job done", async () => {
+      if (first.output().includes("shoal: ")) throw new Error(first.output());
+      const [row] = await db.sql<{ n: number }[]>`
+        select count(*)::int as n from shoal.jobs where id = ${sleepy}::bigint`;
+      return row!.n === 0 &&
+        receiver.spans.some((s) => s.name === "step one" && s.service === "first") &&
+        receiver.spans.filter((s) => s.name === `run test.sleepy`).length === 2;
+    }, 30_000);
+    first.kill("SIGKILL");
+    await exitWithin(first, 10_000);
+    const second = tracedWorkflowConsumer(db.url, receiver, "second");
+    await using _second = second;
+    await waitFor("the redelivered steps job to finish", async () => {
+      if (second.output().includes("shoal: ")) throw new Error(second.output());
+      const [row] = await db.sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
+      return row!.n === 0;
+    }, 30_000);
+    second.kill("SIGTERM");
+    const { code, output } = await exitWithin(second, 20_000);
+    assertEquals(code, 0, output);
+    assertEquals(receiver.refused, []);
+
+    const effects = await db.sql<{ job_id: string; effect: string }[]>`
+      select job_id::text, effect from test_effects order by id`;
+    assertEquals(
+      effects.filter((e) => e.job_id === steps).map((e) => e.effect),
+      ["one", `two after ${first.child.pid}`],
+      "step one ran once: the second run replayed it",
+    );
+    assertEquals(
+      effects.filter((e) => e.job_id === sleepy).map((e) => e.effect),
+      ["charge", "ship"],
+    );
+
+    const spans = receiver.spans;
+    const of = (id: string, name: string) =>
+      spans.filter((s) => s.attributes["shoal.job.id"] === id && s.name === name);
+
+    // test.steps: step one ran (attempt 1, first process, whose run span never ended: killed),
+    // then the redelivered run (attempt 2) replayed it and ran step two, both its children.
+    const ones = of(steps, "step one");
+    assertEquals(
+      ones.map((
+        s,
+      ) => [s.service, s.attributes["shoal.job.attempt"], s.attributes["shoal.step.outcome"]]),
+      [["first", 1, "recorded"], ["second", 2, "replayed"]],
+    );
+    const [run2] = of(steps, "run test.steps");
+    assertEquals(of(steps, "run test.steps").length, 1, "only the second run's span ended");
+    assertEquals(run2!.attributes["shoal.job.outcome"], "completed");
+    const twos = of(steps, "step two");
+    assertEquals(twos.length, 1);
+    for (const step of [ones[1]!, twos[0]!]) {
+      assertEquals(step.parentSpanId, run2!.spanId);
+      assertEquals(step.traceId, run2!.traceId);
+    }
+    const two = twos[0]!;
+    assertEquals(Object.keys(two.attributes).sort(), STEP_KEYS);
+    assertEquals(two.attributes["shoal.step.name"], "two");
+    assertEquals(two.attributes["shoal.step.outcome"], "recorded");
+    assertEquals(two.attributes["shoal.task"], "test.steps");
+    assertEquals(two.attributes["messaging.destination.name"], "default");
+    assertEquals(two.attributes["shoal.job.attempt"], 2);
+    assertEquals(two.status.code ?? 0, 0);
+    assertEquals(Object.keys(ones[0]!.attributes).sort(), STEP_KEYS);
+
+    // test.sleepy: the first run recorded "charge" and slept (an event; outcome suspended);
+    // the run after the wake replayed "charge", woke, and recorded "ship". Both attempt 1.
+    const runs = of(sleepy, "run test.sleepy");
+    assertEquals(runs.map((r) => r.attributes["shoal.job.outcome"]), ["suspended", "completed"]);
+    assertEquals(runs.map((r) => r.attributes["shoal.job.attempt"]), [1, 1]);
+    const [asleep, awake] = runs as [ReceivedSpan, ReceivedSpan];
+    const sleeps = runs.map((r) => r.events.filter((e) => e.name === "shoal.sleep"));
+    assertEquals(sleeps.map((e) => e.length), [1, 1]);
+    const [slept, woke] = [sleeps[0]![0]!, sleeps[1]![0]!];
+    assertEquals(slept.attributes["shoal.step.name"], "cool-off");
+    assertEquals(slept.attributes["shoal.sleep.outcome"], "suspended");
+    assertEquals(woke.attributes["shoal.sleep.outcome"], "woke");
+    const wakeAt = Date.parse(String(slept.attributes["shoal.sleep.wake_at"]));
+    assert(Number.isFinite(wakeAt), `wake_at ${slept.attributes["shoal.sleep.wake_at"]}`);
+    assertEquals(woke.attributes["shoal.sleep.wake_at"], slept.attributes["shoal.sleep.wake_at"]);
+    const charges = of(sleepy, "step charge");
+    assertEquals(
+      charges.map((s) => [s.parentSpanId, s.attributes["shoal.step.outcome"]]),
+      [[asleep.spanId, "recorded"], [awake.spanId, "replayed"]],
+    );
+    assertEquals(
+      of(sleepy, "step ship").map((s) => [s.parentSpanId, s.attributes["shoal.step.outcome"]]),
+      [[awake.spanId, "recorded"]],
+    );
+  },
+});
+
+Deno.test({
+  name:
+    "ctx.transaction and ctx.step spans end as committed, recorded, lost to a newer token, or failed with ERROR",
+  // startTracing() loads the exporter, whose keep-alive socket outlives stopTracing().
+  sanitizeResources: false,
+  async fn() {
+    await using db = await testDb();
+    await using receiver = new OtlpReceiver();
+    /** Another run took the job meanwhile: its token moved on (on another connection). */
+    const stale = (id: string) =>
+      db.sql`update shoal.jobs set token = token + 1 where id = ${id}::bigint`;
+    const tasks = new TaskRegistry([
+      defineTask({
+        name: "trace.tx",
+        handler: (_p, ctx) =>
+          ctx.transaction(async (tx) => {
+            await tx`select 1`;
+            trace.getTracer("handler").startSpan("inside the transaction").end();
+            return { secret: MARKER };
+          }),
+      }),
+      defineTask({
+        name: "trace.tx_stale",
+        handler: (_p, ctx) =>
+          ctx.transaction(async () => {
+            await stale(ctx.job.id);
+          }),
+      }),
+      defineTask({
+        name: "trace.tx_throws",
+        handler: (_p, ctx) =>
+          ctx.transaction(() => {
+            throw new Error("the transfer was refused");
+          }),
+      }),
+      defineTask({
+        name: "trace.step_stale",
+        handler: (_p, ctx) => ctx.step("charge", () => stale(ctx.job.id)),
+      }),
+      defineTask({
+        name: "trace.step_throws",
+        handler: (_p, ctx) =>
+          ctx.step("charge", () => {
+            throw new Error("the card was declined");
+          }),
+      }),
+    ]);
+    await startTracing({ tracesUrl: `${receiver.base}/v1/traces`, serviceName: "tx" });
+    const ids: Record<string, string> = {};
+    const states: Record<string, string> = {};
+    try {
+      for (const task of tasks.names()) {
+        ids[task] = await enqueue(db.sql, task, {}, { maxAttempts: 1 });
+      }
+      const { jobs } = await claim(db.sql, {
+        queues: ["default"],
+        limit: 10,
+        workerId: "w",
+        visibilityMs: 60_000,
+      });
+      assertEquals(jobs.length, 5);
+      const completer = new Completer(db.sql);
+      for (const job of jobs) {
+        const run = new JobRun(job, {
+          sql: db.sql,
+          tasks,
+          log: logger("consumer"),
+          taskTimeoutMs: 10_000,
+        });
+        await run.settled;
+        states[job.task] = run.state;
+        await completer.record(run);
+      }
+      await completer.drain();
+    } finally {
+      await stopTracing();
+    }
+    assertEquals(states, {
+      "trace.tx": "committed",
+      "trace.tx_stale": "lost",
+      "trace.tx_throws": "failed",
+      "trace.step_stale": "lost",
+      "trace.step_throws": "failed",
+    });
+    const spans = receiver.spans;
+    const one = (task: string, name: string) => {
+      const found = spans.filter((s) =>
+        s.attributes["shoal.job.id"] === ids[task] && s.name === name
+      );
+      assertEquals(found.length, 1, `${name} of ${task}: ${found.length} spans`);
+      return found[0]!;
+    };
+    const outcome = (task: string, name: string, key: string) => {
+      const span = one(task, name);
+      assertEquals(span.parentSpanId, one(task, `run ${task}`).spanId, `${name} of ${task}`);
+      return [span.attributes[key], span.status.code ?? 0, span.status.message ?? ""];
+    };
+    const TX = "shoal.transaction.outcome";
+    assertEquals(outcome("trace.tx", "transaction trace.tx", TX), ["committed", 0, ""]);
+    assertEquals(outcome("trace.tx_stale", "transaction trace.tx_stale", TX), ["lost", 0, ""]);
+    const [thrown, code, message] = outcome("trace.tx_throws", "transaction trace.tx_throws", TX);
+    assertEquals([thrown, code], ["failed", 2]);
+    assert(String(message).includes("the transfer was refused"), String(message));
+    assert(
+      one("trace.tx_throws", "transaction trace.tx_throws").events.some((e) =>
+        e.name === "exception"
+      ),
+    );
+    const STEP = "shoal.step.outcome";
+    assertEquals(outcome("trace.step_stale", "step charge", STEP), ["lost", 0, ""]);
+    const stepFailed = outcome("trace.step_throws", "step charge", STEP);
+    assertEquals(stepFailed.slice(0, 2), ["failed", 2]);
+    assert(String(stepFailed[2]).includes("the card was declined"), String(stepFailed[2]));
+    // The run spans say how each run ended.
+    assertEquals(one("trace.tx", "run trace.tx").attributes["shoal.job.outcome"], "completed");
+    assertEquals(
+      one("trace.tx_stale", "run trace.tx_stale").attributes["shoal.job.outcome"],
+      "lost",
+    );
+    // The handler's own spans inside the transaction are its children.
+    const inside = spans.find((s) => s.name === "inside the transaction");
+    assertEquals(inside?.parentSpanId, one("trace.tx", "transaction trace.tx").spanId);
+    // The transaction's attributes: the job's, never its result.
+    assertEquals(
+      Object.keys(one("trace.tx", "transaction trace.tx").attributes).sort(),
+      STEP_KEYS.filter((k) => !k.startsWith("shoal.step.")).concat(TX).sort(),
+    );
+    for (const body of receiver.bodies) assert(!body.includes(MARKER), "a result was exported");
+  },
+});
