@@ -72,16 +72,20 @@ Deno.test("saveProgress() writes nothing for a claim that moved on; checkProgres
   const stale = { id: job.id, token: String(BigInt(job.token) + 1n), progress };
   assertEquals(await saveProgress(db.sql, [stale]), 0);
   assertEquals(await saveProgress(db.sql, [{ id: job.id, token: job.token, progress }]), 1);
-  // Refused at the call (assertRejects wraps the throw in a promise).
+  // Refused at the call (a throw, checked through a promise).
   await assertRejects(
-    async () => checkProgress(-1, 10, undefined),
+    () => Promise.resolve().then(() => checkProgress(-1, 10, undefined)),
     TypeError,
     "Invalid done for ctx.progress(): expected a finite number of at least 0, got -1",
   );
   await assertRejects(
-    async () => checkProgress(1, Infinity, undefined),
+    () => Promise.resolve().then(() => checkProgress(1, Infinity, undefined)),
     TypeError,
     "Invalid total",
   );
-  await assertRejects(async () => checkProgress(1, 2, 5), TypeError, "Invalid message");
+  await assertRejects(
+    () => Promise.resolve().then(() => checkProgress(1, 2, 5)),
+    TypeError,
+    "Invalid message",
+  );
 });
