@@ -57,7 +57,15 @@ export interface StepTotals {
   jobs: number;
   /** Jobs handed back by a sleep whose wake time has not come. */
   sleeping: number;
+  /** False when there were more than {@link STEP_TOTALS_CAP} records: the figures count those read. */
+  exact: boolean;
 }
+
+/**
+ * Most step records stepTotals() reads (the count rule in sql/functions/counts.sql: status
+ * never scans a table that can grow without bound); past it, the figures are lower bounds.
+ */
+export const STEP_TOTALS_CAP = 10_000;
 
 /** Throw unless `name` is a step or sleep name (the rule of queue and task names). */
 export function checkStepName(fn: string, name: unknown): string {
@@ -191,16 +199,21 @@ export async function listSteps(db: Db, jobId: string): Promise<StepRow[]> {
 
 /** Counts of step records for `shoal status`. */
 export async function stepTotals(db: Db): Promise<StepTotals> {
-  const [row] = await db<StepTotals[]>`
-    select count(*)::integer as records,
+  const [row] = await db<(Omit<StepTotals, "exact"> & { read: number })[]>`
+    select count(*)::integer as read, least(count(*), ${STEP_TOTALS_CAP}::integer)::integer as records,
       count(distinct s.job_id) filter (
         where exists (select 1 from shoal.jobs j where j.id = s.job_id))::integer as jobs,
       count(*) filter (
         where s.kind = 'sleep' and s.wake_at > now()
           and exists (select 1 from shoal.jobs j where j.id = s.job_id and j.locked_by is null
                       and j.run_at = s.wake_at))::integer as sleeping
-    from shoal.job_steps s`;
-  return { records: row!.records, jobs: row!.jobs, sleeping: row!.sleeping };
+    from (select * from shoal.job_steps limit ${STEP_TOTALS_CAP + 1}::integer) s`;
+  return {
+    records: row!.records,
+    jobs: row!.jobs,
+    sleeping: row!.sleeping,
+    exact: row!.read <= STEP_TOTALS_CAP,
+  };
 }
 
 /** Whether any records of gone jobs are past their retention (the reaper's cheap check). */

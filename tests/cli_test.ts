@@ -373,8 +373,12 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     "schedules",
     "unserved",
     "flow",
+    "steps",
+    "progress",
   ]);
   assertEquals(status.flow, { paused: [], limits: [], rate_limits: [], holds: [], weights: [] });
+  assertEquals(status.steps, { records: 0, jobs: 0, sleeping: 0, exact: true });
+  assertEquals(status.progress, []);
   const keys = [
     "queue",
     "ready",

@@ -10,7 +10,7 @@ import { logger } from "../lib/log.ts";
 import { claim, enqueue, fail, type Job, release } from "../lib/queue.ts";
 import { type AnyTask, defineTask, TaskRegistry } from "../lib/tasks.ts";
 import { ClaimLostError, JobRun, type RunEnv, SuspendedError } from "../lib/run_job.ts";
-import { listSteps, pruneSteps } from "../lib/steps.ts";
+import { listSteps, pruneSteps, STEP_TOTALS_CAP, stepTotals } from "../lib/steps.ts";
 import { status } from "../lib/status.ts";
 
 function env(sql: Sql, tasks: AnyTask[]): RunEnv {
@@ -152,7 +152,7 @@ Deno.test("pruneSteps() removes the records of gone jobs only; status() counts r
   await new JobRun(kept, env(db.sql, [task])).settled;
   // The first job is then acked (gone); the second stays, failed and waiting for its retry.
   await db.sql`delete from shoal.jobs where id = ${done.id}::bigint`;
-  assertEquals((await status(db.sql)).steps, { records: 2, jobs: 1, sleeping: 0 });
+  assertEquals((await status(db.sql)).steps, { records: 2, jobs: 1, sleeping: 0, exact: true });
   assertEquals(await pruneSteps(db.sql, { limit: 100 }), 0, "within the hour's retention");
   assertEquals(await pruneSteps(db.sql, { olderThanMs: 0, limit: 100 }), 1);
   assertEquals((await listSteps(db.sql, kept.id)).map((s) => s.name), ["one"]);
@@ -222,7 +222,7 @@ Deno.test("ctx.sleep() hands the job back until its wake time without counting a
     [],
     "not claimable before its wake time",
   );
-  assertEquals((await status(db.sql)).steps, { records: 2, jobs: 1, sleeping: 1 });
+  assertEquals((await status(db.sql)).steps, { records: 2, jobs: 1, sleeping: 1, exact: true });
 
   const second = await waitForClaim(db.sql);
   assertEquals(second.attempts, 1, "the woken run is the first counted attempt");
@@ -311,3 +311,25 @@ async function waitForClaim(sql: Sql): Promise<Job> {
   }
   throw new Error("No job became claimable within 10 s");
 }
+
+Deno.test("stepTotals() reads at most STEP_TOTALS_CAP records and then says its figures are not exact", async () => {
+  await using db = await testDb();
+  await db.sql`
+    insert into shoal.job_steps (job_id, name, kind, result)
+    select i, 'one', 'step', 'null'::jsonb from generate_series(1, ${STEP_TOTALS_CAP}::integer) i`;
+  assertEquals(await stepTotals(db.sql), {
+    records: STEP_TOTALS_CAP,
+    jobs: 0,
+    sleeping: 0,
+    exact: true,
+  });
+  await db.sql`
+    insert into shoal.job_steps (job_id, name, kind, result)
+    values (${STEP_TOTALS_CAP + 1}, 'one', 'step', 'null'::jsonb)`;
+  assertEquals(await stepTotals(db.sql), {
+    records: STEP_TOTALS_CAP,
+    jobs: 0,
+    sleeping: 0,
+    exact: false,
+  });
+});
