@@ -189,6 +189,38 @@ export async function listSteps(db: Db, jobId: string): Promise<StepRow[]> {
   ];
 }
 
+/** The most jobs {@link stepCounts} takes in one call. */
+export const MAX_STEP_COUNT_JOBS = 1000;
+
+/** How many steps and sleeps each job has recorded, for a page of jobs (the dashboard's). */
+export interface JobStepCount {
+  steps: number;
+  sleeps: number;
+}
+
+/**
+ * The step and sleep counts of up to {@link MAX_STEP_COUNT_JOBS} jobs, by job id (jobs without
+ * a record are absent): one statement along the primary key (job_id, name).
+ */
+export async function stepCounts(
+  db: Db,
+  jobIds: readonly string[],
+): Promise<Map<string, JobStepCount>> {
+  checkDb("stepCounts", db);
+  if (jobIds.length > MAX_STEP_COUNT_JOBS) {
+    throw refusal("jobIds for stepCounts()", `at most ${MAX_STEP_COUNT_JOBS} ids`, jobIds.length);
+  }
+  jobIds.forEach((id, i) => checkId("stepCounts", `jobIds[${i}]`, id));
+  if (jobIds.length === 0) return new Map();
+  const rows = await db<({ job_id: string } & JobStepCount)[]>`
+    select s.job_id::text as job_id,
+      count(*) filter (where s.kind = 'step')::integer as steps,
+      count(*) filter (where s.kind = 'sleep')::integer as sleeps
+    from shoal.job_steps s where s.job_id = any(${jobIds as string[]}::bigint[])
+    group by s.job_id`;
+  return new Map(rows.map((r) => [r.job_id, { steps: r.steps, sleeps: r.sleeps }]));
+}
+
 /** Counts of step records for `shoal status`. */
 export async function stepTotals(db: Db): Promise<StepTotals> {
   const [row] = await db<StepTotals[]>`
