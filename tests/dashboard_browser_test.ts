@@ -164,7 +164,7 @@ async function pagesAndActions(
   );
   await visit(`/jobs/${seeded.dead[2]}`, "SMTP said 550");
   // A job with recorded steps, a sleep and a progress.
-  await visit(`/jobs/${seeded.withSteps}`, "cool-off", "job-steps");
+  await visit(`/jobs/${seeded.withSteps}`, "cool-off");
   assertEquals(await page.locator("#job-steps tbody tr").count(), 3);
   await page.locator("#job-steps td", { hasText: "wakes at 2030-01-02T03:04:05Z" }).waitFor();
   assert((await page.locator("#job-steps").textContent())!.includes("<b>bold</b>"), "as text");
