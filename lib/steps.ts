@@ -177,15 +177,25 @@ export function wakeOf(until: unknown): Wake {
   );
 }
 
-/** A job's recorded steps and sleeps, in the order they were recorded (the dashboard's view). */
-export async function listSteps(db: Db, jobId: string): Promise<StepRow[]> {
+/**
+ * A job's recorded steps and sleeps, in the order they were recorded (the dashboard's view),
+ * the first `options.limit` of them when given (the dashboard reads a bounded page).
+ */
+export async function listSteps(
+  db: Db,
+  jobId: string,
+  options: { limit?: number } = {},
+): Promise<StepRow[]> {
   checkDb("listSteps", db);
   checkId("listSteps", "jobId", jobId);
+  const limit = options.limit ?? null;
+  if (limit !== null) checkInteger("listSteps", "options.limit", limit, { min: 1, max: MAX_INT4 });
   return [
     ...await db<StepRow[]>`
       select s.name, s.kind, s.result, s.wake_at, s.recorded_at
       from shoal.job_steps s where s.job_id = ${jobId}::bigint
-      order by s.recorded_at, s.name`,
+      order by s.recorded_at, s.name
+      limit ${limit}::integer`,
   ];
 }
 

@@ -529,6 +529,17 @@ Deno.test("dashboard job page shows its steps (escaped, redacted), sleep and pro
   assert(plain.body.includes("No recorded step or sleep."));
   assert(!plain.body.includes('id="job-progress"'));
 
+  // A job with more records than a page shows: the first 200, and a note.
+  await db.sql`
+    insert into shoal.job_steps (job_id, name, kind, result, recorded_at)
+    select ${seeded.ready}::bigint, 's' || i, 'step', to_jsonb(i), now() + i * interval '1 ms'
+    from generate_series(1, 205) i`;
+  const many = await call(dashboard, `/jobs/${seeded.ready}`);
+  const shown = many.body.slice(many.body.indexOf('id="job-steps"'));
+  assertEquals(shown.match(/<tr>/g)?.length, 1 + 200, "the header and 200 rows");
+  assert(shown.includes(">s200<") && !shown.includes(">s201<"), "the first 200, in order");
+  assert(shown.includes("The first 200 records, in the order recorded; it has more."));
+
   const execution = await call(dashboard, `/executions/${seeded.execution}`);
   assertEquals(execution.status, 200);
   assert(execution.body.includes(`href="/jobs/${seeded.withSteps}"`));

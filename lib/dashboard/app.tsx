@@ -453,7 +453,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     }
     const row = (job ?? dead)!;
     // Its steps (a dead job keeps them: a retry does not repeat them), and its progress.
-    const steps = await listSteps(db, id);
+    const steps = await listSteps(db, id, { limit: MAX_SHOWN_STEPS + 1 });
     const progress = job ? (await progressOf(db, [id])).get(id) ?? null : null;
     return c.html(
       <Layout title={`Job ${id}`} current="/jobs" readOnly={readOnly}>
@@ -530,7 +530,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
           />
           {steps.length > MAX_SHOWN_STEPS && (
             <p class="muted">
-              {`The first ${MAX_SHOWN_STEPS} of ${steps.length} records, in the order recorded.`}
+              {`The first ${MAX_SHOWN_STEPS} records, in the order recorded; it has more.`}
             </p>
           )}
         </div>
