@@ -544,7 +544,7 @@ Deno.test("dashboard job page shows its steps (escaped, redacted), sleep and pro
   assertEquals(execution.status, 200);
   assert(execution.body.includes(`href="/jobs/${seeded.withSteps}"`));
   assert(execution.body.includes('<progress value="30" max="120">'));
-  assert(execution.body.includes("2 steps, 1 sleeps"), execution.body);
+  assert(execution.body.includes("2 steps, 1 sleep"), execution.body);
   assertEquals(SEEDED_PROGRESS.done, 30);
 });
 

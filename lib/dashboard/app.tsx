@@ -764,7 +764,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
                 j.state,
                 `${j.attempts}/${j.max_attempts}`,
                 p ? <JobProgressBar progress={p} /> : "-",
-                s ? `${s.steps} steps, ${s.sleeps} sleeps` : "-",
+                s ? `${plural(s.steps, "step")}, ${plural(s.sleeps, "sleep")}` : "-",
                 when(j.run_at),
               ];
             })}
@@ -1149,6 +1149,11 @@ export function createDashboard(options: DashboardOptions): Dashboard {
   );
 
   return { fetch: async (request: Request) => await app.fetch(request) };
+}
+
+/** "1 step", "2 steps". */
+function plural(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
 }
 
 /** A text field of a posted form (a file or a repeated field is not one). */
