@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { checkDb, checkInteger, MAX_INT4 } from "./args.ts";
+import { checkDb, checkId, checkInteger, MAX_INT4, refusal } from "./args.ts";
 import type { Db } from "./db.ts";
 import type { JobRef } from "./queue.ts";
 
@@ -113,4 +113,37 @@ export async function listProgress(db: Db, limit = 20): Promise<JobProgress[]> {
     order by j.id
     limit ${limit}::integer`;
   return [...rows];
+}
+
+/** The most jobs {@link progressOf} takes in one call. */
+export const MAX_PROGRESS_JOBS = 1000;
+
+/** A job's last written progress, as {@link progressOf} reads it. */
+export interface WrittenProgress extends Progress {
+  /** When the heartbeat wrote it (the database's clock). */
+  at: Date;
+}
+
+/**
+ * The last written progress of up to {@link MAX_PROGRESS_JOBS} jobs, by job id (jobs without
+ * one, or gone, are absent): one statement along the primary key. The dashboard's job and
+ * execution pages read it; a job keeps its progress while it waits for a retry.
+ */
+export async function progressOf(
+  db: Db,
+  jobIds: readonly string[],
+): Promise<Map<string, WrittenProgress>> {
+  checkDb("progressOf", db);
+  if (jobIds.length > MAX_PROGRESS_JOBS) {
+    throw refusal("jobIds for progressOf()", `at most ${MAX_PROGRESS_JOBS} ids`, jobIds.length);
+  }
+  jobIds.forEach((id, i) => checkId("progressOf", `jobIds[${i}]`, id));
+  if (jobIds.length === 0) return new Map();
+  const rows = await db<({ job_id: string } & WrittenProgress)[]>`
+    select j.id::text as job_id,
+      (j.progress->>'done')::float8 as done, (j.progress->>'total')::float8 as total,
+      j.progress->>'message' as message, (j.progress->>'at')::timestamptz as at
+    from shoal.jobs j
+    where j.id = any(${jobIds as string[]}::bigint[]) and j.progress is not null`;
+  return new Map(rows.map(({ job_id, ...p }) => [job_id, p]));
 }

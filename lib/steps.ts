@@ -185,16 +185,58 @@ export function wakeOf(until: unknown): Wake {
   );
 }
 
-/** A job's recorded steps and sleeps, in the order they were recorded (the dashboard's view). */
-export async function listSteps(db: Db, jobId: string): Promise<StepRow[]> {
+/**
+ * A job's recorded steps and sleeps, in the order they were recorded (the dashboard's view),
+ * the first `options.limit` of them when given (the dashboard reads a bounded page).
+ */
+export async function listSteps(
+  db: Db,
+  jobId: string,
+  options: { limit?: number } = {},
+): Promise<StepRow[]> {
   checkDb("listSteps", db);
   checkId("listSteps", "jobId", jobId);
+  const limit = options.limit ?? null;
+  if (limit !== null) checkInteger("listSteps", "options.limit", limit, { min: 1, max: MAX_INT4 });
   return [
     ...await db<StepRow[]>`
       select s.name, s.kind, s.result, s.wake_at, s.recorded_at
       from shoal.job_steps s where s.job_id = ${jobId}::bigint
-      order by s.recorded_at, s.name`,
+      order by s.recorded_at, s.name
+      limit ${limit}::integer`,
   ];
+}
+
+/** The most jobs {@link stepCounts} takes in one call. */
+export const MAX_STEP_COUNT_JOBS = 1000;
+
+/** How many steps and sleeps each job has recorded, for a page of jobs (the dashboard's). */
+export interface JobStepCount {
+  steps: number;
+  sleeps: number;
+}
+
+/**
+ * The step and sleep counts of up to {@link MAX_STEP_COUNT_JOBS} jobs, by job id (jobs without
+ * a record are absent): one statement along the primary key (job_id, name).
+ */
+export async function stepCounts(
+  db: Db,
+  jobIds: readonly string[],
+): Promise<Map<string, JobStepCount>> {
+  checkDb("stepCounts", db);
+  if (jobIds.length > MAX_STEP_COUNT_JOBS) {
+    throw refusal("jobIds for stepCounts()", `at most ${MAX_STEP_COUNT_JOBS} ids`, jobIds.length);
+  }
+  jobIds.forEach((id, i) => checkId("stepCounts", `jobIds[${i}]`, id));
+  if (jobIds.length === 0) return new Map();
+  const rows = await db<({ job_id: string } & JobStepCount)[]>`
+    select s.job_id::text as job_id,
+      count(*) filter (where s.kind = 'step')::integer as steps,
+      count(*) filter (where s.kind = 'sleep')::integer as sleeps
+    from shoal.job_steps s where s.job_id = any(${jobIds as string[]}::bigint[])
+    group by s.job_id`;
+  return new Map(rows.map((r) => [r.job_id, { steps: r.steps, sleeps: r.sleeps }]));
 }
 
 /** Counts of step records for `shoal status`. */

@@ -163,6 +163,14 @@ async function pagesAndActions(
     (await page.locator("#payload").textContent())!.includes("<script>alert('x')</script>"),
   );
   await visit(`/jobs/${seeded.dead[2]}`, "SMTP said 550");
+  // A job with recorded steps, a sleep and a progress.
+  await visit(`/jobs/${seeded.withSteps}`, "cool-off");
+  assertEquals(await page.locator("#job-steps tbody tr").count(), 3);
+  await page.locator("#job-steps td", { hasText: "wakes at 2030-01-02T03:04:05Z" }).waitFor();
+  assert((await page.locator("#job-steps").textContent())!.includes("<b>bold</b>"), "as text");
+  assertEquals(await page.locator("#job-steps b").count(), 0, "never markup");
+  assertEquals(await page.locator("#job-progress progress").getAttribute("value"), "30");
+  assert((await page.locator("#job-progress").textContent())!.includes("30/120 copying <rows>"));
   await visit("/leases", "host-a:1", "leases");
   await visit("/queues", "Concurrency limits", "queues");
   await visit("/schedules", "nightly-report", "schedules");
@@ -216,6 +224,49 @@ async function pagesAndActions(
   await page.locator('form[action="/queues/reports/resume"] button').click();
   await page.getByText("Resumed").waitFor();
   assertEquals((await flowStatus(sql)).paused, []);
+
+  // Limits: set a key's concurrency limit and a task's own, clear them; hold and release.
+  const limitRows = async () =>
+    (await flowStatus(sql)).limits.map((l) => [l.queue, l.task, l.key, l.max_running]);
+  await visit("/queues", "Concurrency limits");
+  const concurrency = page.locator('form[action="/queues/limits/concurrency/set"]');
+  await concurrency.locator('input[name="queue"]').fill("mail");
+  await concurrency.locator('input[name="key"]').fill("tenant-7");
+  await concurrency.locator('input[name="max_running"]').fill("3");
+  await concurrency.getByRole("button", { name: "Set concurrency limit" }).click();
+  await page.getByText("Concurrency limit set").waitFor();
+  assertEquals(await limitRows(), [["bill", null, null, 2], ["mail", null, "tenant-7", 3]]);
+  // Afresh, without the notice, so the next notice is the next action's.
+  await visit("/queues", "Concurrency limits");
+  await concurrency.locator('input[name="queue"]').fill("mail");
+  await concurrency.locator('input[name="task"]').fill("mail.send");
+  await concurrency.locator('input[name="max_running"]').fill("0");
+  await concurrency.getByRole("button", { name: "Set concurrency limit" }).click();
+  await page.getByText("Concurrency limit set").waitFor();
+  assertEquals(await limitRows(), [
+    ["bill", null, null, 2],
+    ["mail", null, "tenant-7", 3],
+    ["mail", "mail.send", null, 0],
+  ]);
+  await page.locator("tr", { hasText: '"tenant-7"' })
+    .locator('form[action="/queues/limits/concurrency/clear"] button').click();
+  await page.getByText("Concurrency limit cleared").waitFor();
+  await visit("/queues", "Concurrency limits");
+  await page.locator("tr", { hasText: "mail.send" })
+    .locator('form[action="/queues/limits/concurrency/clear"] button').click();
+  await page.getByText("Concurrency limit cleared").waitFor();
+  assertEquals(await limitRows(), [["bill", null, null, 2]]);
+  const hold = page.locator('form[action="/queues/holds/hold"]');
+  await hold.locator('input[name="queue"]').fill("mail");
+  await hold.locator('input[name="key"]').fill("tenant-7");
+  await hold.locator('input[name="for"]').fill("10m");
+  await hold.getByRole("button", { name: "Hold key" }).click();
+  await page.getByText("Key held").waitFor();
+  assertEquals((await flowStatus(sql)).holds.map((h) => [h.queue, h.key]), [["mail", "tenant-7"]]);
+  await page.locator("tr", { hasText: '"tenant-7"' }).getByRole("button", { name: "Release" })
+    .click();
+  await page.getByText("Hold lifted").waitFor();
+  assertEquals((await flowStatus(sql)).holds, []);
 
   // Schedules: pause, resume, run now.
   const enabled = async () => (await listSchedules(sql))[0]!.enabled;

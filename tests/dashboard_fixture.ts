@@ -1,7 +1,8 @@
 /**
  * A database with something on every dashboard page: live jobs in each state (ready,
  * scheduled, running, prefetched), dead jobs, a running execution with an open fan-out, a
- * schedule, a lease, a paused queue and a limit. The rows a consumer would leave (a claim, a
+ * schedule, a lease, a paused queue and a limit, and a running job of that execution with two
+ * recorded steps, a durable sleep and a reported progress. The rows a consumer would leave (a claim, a
  * dead letter, a barrier) are written here directly, so the states hold still while a test
  * looks at them: no consumer runs.
  */
@@ -11,6 +12,8 @@ import { startExecution } from "../lib/execution.ts";
 import { upsertSchedule } from "../lib/schedule.ts";
 import { acquire } from "../lib/lease.ts";
 import { pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
+import { recordStep } from "../lib/steps.ts";
+import { saveProgress } from "../lib/progress.ts";
 
 export interface Seeded {
   ready: string;
@@ -25,7 +28,15 @@ export interface Seeded {
   pendingExecution: string;
   schedule: string;
   pausedQueue: string;
+  /** A running job of `execution` (queue "etl") with steps "extract", "load", sleep "cool-off". */
+  withSteps: string;
 }
+
+/** The step result recorded for "extract": markup to escape and a credential to redact. */
+export const STEP_RESULT = { rows: 1200, note: "<b>bold</b>", token: "step-secret-not-for-eyes" };
+
+/** The progress reported for the job with steps. */
+export const SEEDED_PROGRESS = { done: 30, total: 120, message: "copying <rows>" };
 
 /** A payload carrying a credential the dashboard must not show, and markup it must escape. */
 export const SECRET_PAYLOAD = {
@@ -76,6 +87,22 @@ export async function seedDashboard(sql: Sql): Promise<Seeded> {
     insert into shoal.barriers (execution_id, total, remaining, callback, expires_at)
     values (${execution}::bigint, 4, 3, '{"task": "flow.done"}'::jsonb,
             now() + interval '1 hour')`;
+  // A running job of the execution with steps, a sleep and a progress, written by the
+  // functions a run uses (recordStep, saveProgress) under its claim's token.
+  const withSteps = await enqueue(sql, "etl.run", { table: "orders" }, { queue: "etl" });
+  const [claim] = await sql<{ token: string }[]>`
+    update shoal.jobs
+    set locked_by = 'host-a:1', locked_at = now(), run_at = now() + interval '1 hour',
+        attempts = 1, token = token + 1, started_at = now(), execution_id = ${execution}::bigint
+    where id = ${withSteps}::bigint
+    returning token::text`;
+  const job = { id: withSteps, token: claim!.token };
+  await recordStep(sql, job, "extract", STEP_RESULT);
+  await recordStep(sql, job, "load", 1200);
+  await sql`
+    insert into shoal.job_steps (job_id, name, kind, wake_at)
+    values (${withSteps}::bigint, 'cool-off', 'sleep', '2030-01-02T03:04:05Z')`;
+  await saveProgress(sql, [{ ...job, progress: SEEDED_PROGRESS }]);
   const pendingExecution = await startExecution(sql, { task: "flow.start", queue: "flow" });
   await upsertSchedule(sql, {
     name: "nightly-report",
@@ -97,5 +124,6 @@ export async function seedDashboard(sql: Sql): Promise<Seeded> {
     pendingExecution,
     schedule: "nightly-report",
     pausedQueue: "reports",
+    withSteps,
   };
 }

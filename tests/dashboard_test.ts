@@ -16,7 +16,7 @@ import {
   testDb,
   waitFor,
 } from "./helpers.ts";
-import { seedDashboard } from "./dashboard_fixture.ts";
+import { seedDashboard, SEEDED_PROGRESS, STEP_RESULT } from "./dashboard_fixture.ts";
 import { createDashboard, type Dashboard } from "../lib/dashboard/app.tsx";
 import {
   accessFromEnv,
@@ -333,6 +333,12 @@ Deno.test("dashboard in read-only mode shows no action and refuses every POST", 
       "/queues/mail/pause",
       `/dead/${seeded.dead[0]}/retry`,
       `/executions/${seeded.execution}/cancel`,
+      "/queues/limits/concurrency/set",
+      "/queues/limits/concurrency/clear",
+      "/queues/limits/rate/set",
+      "/queues/limits/rate/clear",
+      "/queues/holds/hold",
+      "/queues/holds/release",
     ]
   ) {
     const refused = await call(dashboard, path, post());
@@ -340,6 +346,206 @@ Deno.test("dashboard in read-only mode shows no action and refuses every POST", 
   }
   assertEquals((await listDeadPage(db.sql)).rows.length, 3, "nothing retried");
   assertEquals((await flowStatus(db.sql)).paused.map((p) => p.queue), ["reports"]);
+  // The limit forms too, with valid fields: refused before anything is read.
+  const valid = { queue: "bill", max_running: "5", key: "k" };
+  const refused = await call(dashboard, "/queues/limits/concurrency/set", post(valid));
+  assertEquals(refused.status, 403);
+  const queues = await call(dashboard, "/queues");
+  assert(!queues.body.includes("Set concurrency limit"), "the limit form is hidden");
+  assert(!queues.body.includes(">Clear<"), "no Clear button");
+  const flow = await flowStatus(db.sql);
+  assertEquals(flow.limits.map((l) => [l.queue, l.key, l.max_running]), [["bill", null, 2]]);
+});
+
+Deno.test("dashboard limit forms answer 400 naming the field for every bad one, and change nothing", async () => {
+  await using db = await testDb();
+  await seedDashboard(db.sql);
+  const dashboard = open(db.sql);
+  const before = await flowStatus(db.sql);
+  const bad: [string, Record<string, string>, string][] = [
+    ["/queues/limits/concurrency/set", { max_running: "1" }, "Missing queue"],
+    ["/queues/limits/concurrency/set", { queue: "bad name", max_running: "1" }, "Invalid queue"],
+    [
+      "/queues/limits/concurrency/set",
+      { queue: "q", task: "<x>", max_running: "1" },
+      "Invalid task",
+    ],
+    [
+      "/queues/limits/concurrency/set",
+      { queue: "q", key: "k".repeat(257), max_running: "1" },
+      "Invalid key: expected at most 256 characters",
+    ],
+    ["/queues/limits/concurrency/set", { queue: "q" }, "Missing max_running"],
+    [
+      "/queues/limits/concurrency/set",
+      { queue: "q", max_running: "-1" },
+      'Invalid max_running "-1": expected a whole number from 0 to 1,000,000',
+    ],
+    ["/queues/limits/concurrency/set", { queue: "q", max_running: "1.5" }, "Invalid max_running"],
+    [
+      "/queues/limits/concurrency/set",
+      { queue: "q", max_running: "1000001" },
+      "Invalid max_running",
+    ],
+    ["/queues/limits/concurrency/clear", { queue: "q", task: "a b" }, "Invalid task"],
+    ["/queues/limits/rate/set", { queue: "q", max_starts: "0", per: "1s" }, "Invalid max_starts"],
+    [
+      "/queues/limits/rate/set",
+      { queue: "q", max_starts: "5", per: "10" },
+      'Invalid per "10": expected a number and a unit',
+    ],
+    [
+      "/queues/limits/rate/set",
+      { queue: "q", max_starts: "5", per: "2d" },
+      'Invalid per "2d": expected from 1 ms to 86,400,000 ms',
+    ],
+    ["/queues/limits/rate/set", { queue: "q", max_starts: "5" }, "Missing per"],
+    ["/queues/holds/hold", { queue: "q", key: "k" }, "Missing for"],
+    ["/queues/holds/hold", { queue: "q", key: "k", for: "0ms" }, 'Invalid for "0ms"'],
+    ["/queues/holds/release", { key: "k" }, "Missing queue"],
+  ];
+  for (const [path, fields, message] of bad) {
+    const answer = await call(dashboard, path, post(fields));
+    const what = `${path} ${JSON.stringify(fields).slice(0, 80)}`;
+    assertEquals(answer.status, 400, `${what}: ${answer.body.slice(0, 300)}`);
+    assert(answer.body.includes(message.replaceAll('"', "&quot;")), `${what}: ${answer.body}`);
+  }
+  assertEquals(await flowStatus(db.sql), before);
+});
+
+Deno.test("dashboard limit forms set and clear concurrency and rate limits (default, key, task) and hold and release a key", async () => {
+  await using db = await testDb();
+  await seedDashboard(db.sql);
+  const dashboard = open(db.sql);
+  const act = async (path: string, fields: Record<string, string>, notice: string) => {
+    const answer = await call(dashboard, path, post(fields));
+    assertEquals(answer.status, 303, `${path}: ${answer.body}`);
+    assertEquals(answer.headers.get("location"), `/queues?notice=${notice}`, path);
+  };
+  const limits = async () =>
+    (await flowStatus(db.sql)).limits.map((l) => [l.queue, l.task, l.key, l.max_running]);
+  await act("/queues/limits/concurrency/set", { queue: "mail", max_running: "4" }, "limit_set");
+  await act(
+    "/queues/limits/concurrency/set",
+    { queue: "mail", key: "tenant-7", max_running: "1" },
+    "limit_set",
+  );
+  await act(
+    "/queues/limits/concurrency/set",
+    { queue: "mail", task: "mail.send", key: "", max_running: "0" },
+    "limit_set",
+  );
+  assertEquals(await limits(), [
+    ["bill", null, null, 2],
+    ["mail", null, null, 4],
+    ["mail", null, "tenant-7", 1],
+    ["mail", "mail.send", null, 0],
+  ]);
+  // The page lists them with a Clear button carrying the exact row.
+  const page = await call(dashboard, "/queues");
+  assert(page.body.includes('name="key_exact" value="1"'), "the keyed row's Clear sends its key");
+  await act(
+    "/queues/limits/concurrency/clear",
+    { queue: "mail", key: "tenant-7", key_exact: "1" },
+    "limit_cleared",
+  );
+  await act(
+    "/queues/limits/concurrency/clear",
+    { queue: "mail", task: "mail.send" },
+    "limit_cleared",
+  );
+  await act("/queues/limits/concurrency/clear", { queue: "mail", key: "nobody" }, "no_limit");
+  assertEquals(await limits(), [["bill", null, null, 2], ["mail", null, null, 4]]);
+
+  await act("/queues/limits/rate/set", { queue: "mail", max_starts: "10", per: "1m" }, "rate_set");
+  assertEquals(
+    (await flowStatus(db.sql)).rate_limits.map((r) => [r.queue, r.key, r.max_starts, r.period_ms]),
+    [["mail", null, 10, 60_000]],
+  );
+  await act("/queues/limits/rate/clear", { queue: "mail" }, "rate_cleared");
+  assertEquals((await flowStatus(db.sql)).rate_limits, []);
+
+  // A hold names a key, the empty one too (jobs without a key).
+  await act("/queues/holds/hold", { queue: "mail", key: "", for: "10m" }, "held");
+  const [hold] = (await flowStatus(db.sql)).holds;
+  assertEquals([hold?.queue, hold?.key], ["mail", ""]);
+  const left = hold!.held_until.getTime() - Date.now();
+  assert(left > 500_000 && left <= 600_000 + 5_000, `held for ${left} ms`);
+  await act("/queues/holds/release", { queue: "mail", key: "", key_exact: "1" }, "released");
+  assertEquals((await flowStatus(db.sql)).holds, []);
+});
+
+Deno.test("dashboard limit form answers a flow function's error (the rules lock timing out) in one line, 503", async () => {
+  await using db = await testDb();
+  const dashboard = open(db.sql);
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  let locked!: () => void;
+  const isLocked = new Promise<void>((resolve) => (locked = resolve));
+  // A claim of queue "mail" holds its rules lock shared (sql/functions/flow.sql); a limit
+  // change waits for it 5 s at most.
+  const holder = db.sql.begin(async (tx) => {
+    await tx`select pg_advisory_xact_lock_shared(1936224621, hashtext('mail'))`;
+    locked();
+    await released;
+  });
+  try {
+    await isLocked;
+    const answer = await call(
+      dashboard,
+      "/queues/limits/concurrency/set",
+      post({ queue: "mail", max_running: "3" }),
+    );
+    assertEquals(answer.status, 503, answer.body);
+    const line = /<p id="flow-error">([^<]*)<\/p>/.exec(answer.body)?.[1] ?? answer.body;
+    assert(line.startsWith("Could not set the concurrency limit of queue mail: "), line);
+    assert(line.includes("a claim of it stayed in flight for 5 s"), line);
+    assert(line.endsWith("(55P03)"), line);
+    assert(!line.includes("\n"), "one line");
+  } finally {
+    release();
+    await holder;
+  }
+  assertEquals((await flowStatus(db.sql)).limits, []);
+});
+
+Deno.test("dashboard job page shows its steps (escaped, redacted), sleep and progress; the execution page its jobs' progress and step counts", async () => {
+  await using db = await testDb();
+  const seeded = await seedDashboard(db.sql);
+  const dashboard = open(db.sql);
+  const job = await call(dashboard, `/jobs/${seeded.withSteps}`);
+  assertEquals(job.status, 200, job.body);
+  const steps = job.body.slice(job.body.indexOf('id="job-steps"'));
+  for (const name of ["extract", "load", "cool-off"]) assert(steps.includes(name), name);
+  assert(steps.includes("wakes at 2030-01-02T03:04:05Z"), "the sleep's wake time");
+  assert(steps.includes("&lt;b&gt;bold&lt;/b&gt;"), "the result escaped");
+  assert(!job.body.includes("<b>bold</b>"), "never raw");
+  assert(!job.body.includes(STEP_RESULT.token), "the result's token redacted");
+  assert(steps.includes("[redacted]"));
+  assert(job.body.includes('<progress value="30" max="120">'), "the progress bar");
+  assert(job.body.includes("30/120 copying &lt;rows&gt;"), "the progress figures and message");
+  // A job without steps or progress says so, and shows no bar.
+  const plain = await call(dashboard, `/jobs/${seeded.ready}`);
+  assert(plain.body.includes("No recorded step or sleep."));
+  assert(!plain.body.includes('id="job-progress"'));
+
+  // A job with more records than a page shows: the first 200, and a note.
+  await db.sql`
+    insert into shoal.job_steps (job_id, name, kind, result, recorded_at)
+    select ${seeded.ready}::bigint, 's' || i, 'step', to_jsonb(i), now() + i * interval '1 ms'
+    from generate_series(1, 205) i`;
+  const many = await call(dashboard, `/jobs/${seeded.ready}`);
+  const shown = many.body.slice(many.body.indexOf('id="job-steps"'));
+  assertEquals(shown.match(/<tr>/g)?.length, 1 + 200, "the header and 200 rows");
+  assert(shown.includes(">s200<") && !shown.includes(">s201<"), "the first 200, in order");
+  assert(shown.includes("The first 200 records, in the order recorded; it has more."));
+
+  const execution = await call(dashboard, `/executions/${seeded.execution}`);
+  assertEquals(execution.status, 200);
+  assert(execution.body.includes(`href="/jobs/${seeded.withSteps}"`));
+  assert(execution.body.includes('<progress value="30" max="120">'));
+  assert(execution.body.includes("2 steps, 1 sleep"), execution.body);
+  assertEquals(SEEDED_PROGRESS.done, 30);
 });
 
 Deno.test("dashboard answers 400 naming the parameter for every bad one", async () => {

@@ -24,7 +24,22 @@ import type { PropsWithChildren } from "hono/jsx";
 import type { Db } from "../db.ts";
 import { describeError, logger } from "../log.ts";
 import { queueStatus } from "../status.ts";
-import { flowStatus, pauseQueue, resumeQueue } from "../flow.ts";
+import {
+  clearConcurrencyLimit,
+  clearRateLimit,
+  flowStatus,
+  holdKey,
+  MAX_RATE_PERIOD_MS,
+  MAX_RATE_STARTS,
+  MAX_RUNNING_LIMIT,
+  pauseQueue,
+  resumeQueue,
+  setConcurrencyLimit,
+  setRateLimit,
+} from "../flow.ts";
+import { MAX_HOLD_MS } from "../queue.ts";
+import { listSteps, stepCounts } from "../steps.ts";
+import { progressOf } from "../progress.ts";
 import { getJob, listJobs, LIVE_JOB_STATES, type LiveJobState } from "../queue.ts";
 import {
   countDeadMatching,
@@ -51,8 +66,11 @@ import { authenticate, crossSiteRefusal, type DashboardAccess, hostRefusal } fro
 import {
   BadRequest,
   choiceParam,
+  durationParam,
   fairnessKeyParam,
+  flowKeyParam,
   idParam,
+  intParam,
   keyParam,
   nameParam,
   onlyParams,
@@ -65,6 +83,7 @@ import {
   Action,
   age,
   count,
+  JobProgressBar,
   Layout,
   Notice,
   OlderLink,
@@ -90,6 +109,19 @@ export interface Dashboard {
 
 /** The overview's "dead, last 5 min" column: recent failures per queue. */
 const RECENT_DEAD_MS = 5 * 60_000;
+
+/** What a flow-control action does, for its error line. */
+const FLOW_DOING: Record<string, string> = {
+  "limit.set": "set the concurrency limit",
+  "limit.clear": "clear the concurrency limit",
+  "rate_limit.set": "set the rate limit",
+  "rate_limit.clear": "clear the rate limit",
+  "key.hold": "hold the key",
+  "key.release": "release the key",
+};
+
+/** The most step records a job's page shows. */
+const MAX_SHOWN_STEPS = 200;
 
 /** How often the live parts reload themselves (the issue asks for at most 2 s). */
 export const LIVE_EVERY = "every 2s";
@@ -130,6 +162,13 @@ const NOTICES: Record<string, string> = {
   ran: "Enqueued a run now",
   purged: "Purged",
   retried_set: "Retried the matching dead jobs",
+  limit_set: "Concurrency limit set",
+  limit_cleared: "Concurrency limit cleared",
+  rate_set: "Rate limit set",
+  rate_cleared: "Rate limit cleared",
+  no_limit: "Nothing cleared: there was no such limit",
+  held: "Key held",
+  released: "Hold lifted",
   retried_some: `Retried the first ${
     MAX_RETRY_TOTAL.toLocaleString("en-US")
   } matching dead jobs: retry again for the rest`,
@@ -413,6 +452,9 @@ export function createDashboard(options: DashboardOptions): Dashboard {
       );
     }
     const row = (job ?? dead)!;
+    // Its steps (a dead job keeps them: a retry does not repeat them), and its progress.
+    const steps = await listSteps(db, id, { limit: MAX_SHOWN_STEPS + 1 });
+    const progress = job ? (await progressOf(db, [id])).get(id) ?? null : null;
     return c.html(
       <Layout title={`Job ${id}`} current="/jobs" readOnly={readOnly}>
         <Notice text={notice(c)} />
@@ -461,8 +503,37 @@ export function createDashboard(options: DashboardOptions): Dashboard {
           )}
         </dl>
         {dead && !readOnly && <Action action={`/dead/${id}/retry`} label="Retry" />}
+        {progress && (
+          <>
+            <h2>Progress</h2>
+            <p id="job-progress">
+              <JobProgressBar progress={progress} />{" "}
+              <span class="muted">
+                (reported {when(progress.at)})
+              </span>
+            </p>
+          </>
+        )}
         <h2>Payload</h2>
         <pre id="payload">{shownJson(row.payload)}</pre>
+        <h2>Steps</h2>
+        <div id="job-steps">
+          <Table
+            head={["step", "kind", "recorded at", "result or wake time"]}
+            empty="No recorded step or sleep."
+            rows={steps.slice(0, MAX_SHOWN_STEPS).map((s) => [
+              s.name,
+              s.kind,
+              when(s.recorded_at),
+              s.kind === "sleep" ? `wakes at ${when(s.wake_at)}` : <pre>{shownJson(s.result)}</pre>,
+            ])}
+          />
+          {steps.length > MAX_SHOWN_STEPS && (
+            <p class="muted">
+              {`The first ${MAX_SHOWN_STEPS} records, in the order recorded; it has more.`}
+            </p>
+          )}
+        </div>
         <h2>Errors</h2>
         <Table
           head={["attempt", "at", "error"]}
@@ -651,6 +722,8 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const open = execution.status === "pending" || execution.status === "running";
     const barriers = await executionBarriers(db, id);
     const jobs = await listJobs(db, { executionId: id, limit: 50 });
+    const ids = jobs.rows.map((j) => j.id);
+    const [progress, steps] = [await progressOf(db, ids), await stepCounts(db, ids)];
     return {
       open,
       body: (
@@ -680,15 +753,21 @@ export function createDashboard(options: DashboardOptions): Dashboard {
           <pre>{execution.result === null ? "-" : shownJson(execution.result)}</pre>
           <h2>Live jobs</h2>
           <Table
-            head={["id", "task", "state", "attempts", "run at"]}
+            head={["id", "task", "state", "attempts", "progress", "steps", "run at"]}
             empty="No live jobs."
-            rows={jobs.rows.map((j) => [
-              <a href={`/jobs/${j.id}`}>{j.id}</a>,
-              j.task,
-              j.state,
-              `${j.attempts}/${j.max_attempts}`,
-              when(j.run_at),
-            ])}
+            rows={jobs.rows.map((j) => {
+              const p = progress.get(j.id);
+              const s = steps.get(j.id);
+              return [
+                <a href={`/jobs/${j.id}`}>{j.id}</a>,
+                j.task,
+                j.state,
+                `${j.attempts}/${j.max_attempts}`,
+                p ? <JobProgressBar progress={p} /> : "-",
+                s ? `${plural(s.steps, "step")}, ${plural(s.sleeps, "sleep")}` : "-",
+                when(j.run_at),
+              ];
+            })}
           />
           <p>
             <a href={`/jobs?execution=${id}&state=dead`}>Its dead jobs</a>
@@ -819,28 +898,90 @@ export function createDashboard(options: DashboardOptions): Dashboard {
         />
         <h2>Concurrency limits</h2>
         <Table
-          head={["queue", "task", "key", "max running", "slots held"]}
+          head={["queue", "task", "key", "max running", "slots held", ...(readOnly ? [] : [""])]}
           numeric={[3, 4]}
           empty="No concurrency limits."
-          rows={flow.limits.map((
-            l,
-          ) => [l.queue, l.task ?? "-", keyOf(l.key), l.max_running, l.slots_held])}
+          rows={flow.limits.map((l) => [
+            l.queue,
+            l.task ?? "-",
+            keyOf(l.key),
+            l.max_running,
+            l.slots_held,
+            ...(readOnly ? [] : [
+              <Action
+                action="/queues/limits/concurrency/clear"
+                label="Clear"
+                fields={limitFields(l)}
+              />,
+            ]),
+          ])}
         />
+        {!readOnly && (
+          <LimitForm action="/queues/limits/concurrency/set" label="Set concurrency limit">
+            <label>
+              max running<input
+                type="number"
+                name="max_running"
+                min="0"
+                max={MAX_RUNNING_LIMIT}
+                required
+              />
+            </label>
+          </LimitForm>
+        )}
         <h2>Rate limits</h2>
         <Table
-          head={["queue", "task", "key", "max starts", "per (ms)"]}
+          head={["queue", "task", "key", "max starts", "per (ms)", ...(readOnly ? [] : [""])]}
           numeric={[3, 4]}
           empty="No rate limits."
-          rows={flow.rate_limits.map((
-            r,
-          ) => [r.queue, r.task ?? "-", keyOf(r.key), r.max_starts, r.period_ms])}
+          rows={flow.rate_limits.map((r) => [
+            r.queue,
+            r.task ?? "-",
+            keyOf(r.key),
+            r.max_starts,
+            r.period_ms,
+            ...(readOnly ? [] : [
+              <Action action="/queues/limits/rate/clear" label="Clear" fields={limitFields(r)} />,
+            ]),
+          ])}
         />
+        {!readOnly && (
+          <LimitForm action="/queues/limits/rate/set" label="Set rate limit">
+            <label>
+              max starts<input
+                type="number"
+                name="max_starts"
+                min="1"
+                max={MAX_RATE_STARTS}
+                required
+              />
+            </label>
+            <label>
+              per<input type="text" name="per" placeholder="1s" required />
+            </label>
+          </LimitForm>
+        )}
         <h2>Held keys</h2>
         <Table
-          head={["queue", "task", "key", "held until"]}
+          head={["queue", "task", "key", "held until", ...(readOnly ? [] : [""])]}
           empty="No held keys."
-          rows={flow.holds.map((h) => [h.queue, h.task ?? "-", keyOf(h.key), when(h.held_until)])}
+          rows={flow.holds.map((h) => [
+            h.queue,
+            h.task ?? "-",
+            keyOf(h.key),
+            when(h.held_until),
+            ...(readOnly ? [] : [
+              <Action action="/queues/holds/release" label="Release" fields={limitFields(h)} />,
+            ]),
+          ])}
         />
+        {!readOnly && (
+          <LimitForm action="/queues/holds/hold" label="Hold key" keyRequired>
+            <label>
+              for<input type="text" name="for" placeholder="10m" required />
+            </label>
+          </LimitForm>
+        )}
         <h2>Fairness weights</h2>
         <Table
           head={["queue", "key", "weight"]}
@@ -848,7 +989,12 @@ export function createDashboard(options: DashboardOptions): Dashboard {
           empty="No fairness weights."
           rows={flow.weights.map((w) => [w.queue, keyOf(w.key), w.weight])}
         />
-        <p class="muted">Limits are changed with `shoal limit` (see `shoal --help`).</p>
+        <p class="muted">
+          {readOnly
+            ? "Read-only: limits are changed with `shoal limit` (see `shoal --help`)."
+            : "An empty key sets or clears the queue's (or the task's) default for every key. " +
+              "Durations as on the command line: 500ms, 10s, 5m, 2h, 1d (a day at most)."}
+        </p>
       </Layout>,
     );
   });
@@ -862,6 +1008,111 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const outcome = changed ? (action === "pause" ? "paused" : "resumed") : "unchanged";
     acted(`queue.${action}`, queue, outcome);
     return done(c, back, outcome);
+  });
+
+  /**
+   * Run a flow-control change; an error from it (the rules lock timing out, say) is answered
+   * with one line naming what failed and why, and logged.
+   */
+  const flowChange = async (
+    c: Context,
+    action: string,
+    target: string,
+    change: () => Promise<string>,
+  ): Promise<Response> => {
+    let outcome: string;
+    try {
+      outcome = await change();
+    } catch (error) {
+      const line = describeError(error);
+      log.warn("Dashboard action {action} on {target} failed: {error}", {
+        action,
+        target,
+        error: line,
+      });
+      const status = error instanceof TypeError || error instanceof RangeError ? 400 : 503;
+      return c.html(
+        <Layout title="Not changed" current="/queues" readOnly={readOnly}>
+          <p id="flow-error">
+            {`Could not ${FLOW_DOING[action] ?? action} of queue ${target}: ${line}`}
+          </p>
+          <p>
+            <a href="/queues">Back to Queues &amp; limits</a>
+          </p>
+        </Layout>,
+        status,
+      );
+    }
+    acted(action, target, outcome);
+    return done(c, "/queues", outcome);
+  };
+
+  /** The queue, task and key a limit or hold form names, validated. */
+  const limitTarget = (form: Record<string, unknown>, keyRequired: boolean) => {
+    const queue = requiredName("queue", formText(form, "queue"));
+    const task = nameParam("task", formText(form, "task")) ?? null;
+    const exact = keyRequired || formText(form, "key_exact") === "1";
+    const key = flowKeyParam("key", formText(form, "key"), exact);
+    return { queue, task, key };
+  };
+
+  app.post("/queues/limits/:kind{concurrency|rate}/:action{set|clear}", async (c) => {
+    const form = await c.req.parseBody();
+    const { queue, task, key } = limitTarget(form, false);
+    const kind = c.req.param("kind");
+    const action = c.req.param("action");
+    if (kind === "concurrency") {
+      if (action === "set") {
+        const maxRunning = intParam("max_running", formText(form, "max_running"), {
+          min: 0,
+          max: MAX_RUNNING_LIMIT,
+        });
+        return await flowChange(c, "limit.set", queue, async () => {
+          await setConcurrencyLimit(db, { queue, task, key, maxRunning });
+          return "limit_set";
+        });
+      }
+      return await flowChange(
+        c,
+        "limit.clear",
+        queue,
+        async () =>
+          (await clearConcurrencyLimit(db, { queue, task, key })) ? "limit_cleared" : "no_limit",
+      );
+    }
+    if (action === "set") {
+      const maxStarts = intParam("max_starts", formText(form, "max_starts"), {
+        min: 1,
+        max: MAX_RATE_STARTS,
+      });
+      const periodMs = durationParam("per", formText(form, "per"), {
+        min: 1,
+        max: MAX_RATE_PERIOD_MS,
+      });
+      return await flowChange(c, "rate_limit.set", queue, async () => {
+        await setRateLimit(db, { queue, task, key, maxStarts, periodMs });
+        return "rate_set";
+      });
+    }
+    return await flowChange(
+      c,
+      "rate_limit.clear",
+      queue,
+      async () => (await clearRateLimit(db, { queue, task, key })) ? "rate_cleared" : "no_limit",
+    );
+  });
+
+  app.post("/queues/holds/:action{hold|release}", async (c) => {
+    const form = await c.req.parseBody();
+    const { queue, task, key } = limitTarget(form, true);
+    const release = c.req.param("action") === "release";
+    const forMs = release
+      ? 0
+      : durationParam("for", formText(form, "for"), { min: 1, max: MAX_HOLD_MS });
+    return await flowChange(c, release ? "key.release" : "key.hold", queue, async () => {
+      await holdKey(db, { queue, task, key: key!, forMs });
+      return release ? "released" : "held";
+    });
   });
 
   // ---- Leases --------------------------------------------------------------------------
@@ -900,6 +1151,11 @@ export function createDashboard(options: DashboardOptions): Dashboard {
   return { fetch: async (request: Request) => await app.fetch(request) };
 }
 
+/** "1 step", "2 steps". */
+function plural(n: number, noun: string): string {
+  return `${n} ${noun}${n === 1 ? "" : "s"}`;
+}
+
 /** A text field of a posted form (a file or a repeated field is not one). */
 function formText(form: Record<string, unknown>, name: string): string | undefined {
   const value = form[name];
@@ -922,6 +1178,42 @@ function PauseButton(props: { queue: string; paused: boolean; back: string }): V
       label={props.paused ? "Resume" : "Pause"}
       fields={{ back: props.back }}
     />
+  );
+}
+
+/** The hidden fields a row's Clear or Release button sends: its queue, task and exact key. */
+function limitFields(
+  row: { queue: string; task: string | null; key: string | null },
+): Record<string, string | undefined> {
+  return {
+    queue: row.queue,
+    task: row.task ?? undefined,
+    ...(row.key === null ? {} : { key: row.key, key_exact: "1" }),
+  };
+}
+
+/** A form that sets a limit (or holds a key) on a queue, for a task and a key when given. */
+function LimitForm(
+  props: PropsWithChildren<{ action: string; label: string; keyRequired?: boolean }>,
+): View {
+  return (
+    <form class="filters limit-form" method="post" action={props.action}>
+      <label>
+        queue<input type="text" name="queue" required />
+      </label>
+      <label>
+        task<input type="text" name="task" placeholder="(any)" />
+      </label>
+      <label>
+        key<input
+          type="text"
+          name="key"
+          placeholder={props.keyRequired ? "(empty: no key)" : "(empty: every key)"}
+        />
+      </label>
+      {props.children}
+      <button type="submit">{props.label}</button>
+    </form>
   );
 }
 

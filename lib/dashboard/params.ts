@@ -7,6 +7,7 @@
  * @module
  */
 import { isBigintFrom } from "../args.ts";
+import { parseDuration } from "../duration.ts";
 import { MAX_FAIRNESS_KEY_LENGTH, MAX_KEY_LENGTH, NAME_PATTERN, NAME_RULE } from "../names.ts";
 
 /** A parameter the dashboard cannot use: answered with 400 and this message. */
@@ -93,6 +94,77 @@ export function fairnessKeyParam(
     );
   }
   return v;
+}
+
+/** A whole number from `min` to `max` that must be there (a form's limit, say). */
+export function intParam(
+  param: string,
+  value: string | undefined | null,
+  range: { min: number; max: number },
+): number {
+  const v = given(value);
+  if (v === undefined) throw new BadRequest(`Missing ${param}`);
+  const n = /^\d{1,16}$/.test(v) ? Number(v) : NaN;
+  if (!Number.isSafeInteger(n) || n < range.min || n > range.max) {
+    throw new BadRequest(
+      `Invalid ${param} ${shown(v)}: expected a whole number from ${
+        range.min.toLocaleString("en-US")
+      } to ${range.max.toLocaleString("en-US")}`,
+    );
+  }
+  return n;
+}
+
+/**
+ * A duration as the command line writes it (`500ms`, `10s`, `5m`, `2h`, `1d`; lib/duration.ts)
+ * from `min` to `max` milliseconds, that must be there; returned in milliseconds.
+ */
+export function durationParam(
+  param: string,
+  value: string | undefined | null,
+  range: { min: number; max: number },
+): number {
+  const v = given(value);
+  if (v === undefined) throw new BadRequest(`Missing ${param}`);
+  let ms: number;
+  try {
+    ms = parseDuration(v);
+  } catch (cause) {
+    throw new BadRequest(
+      `Invalid ${param} ${
+        shown(v)
+      }: expected a number and a unit (ms, s, m, h, d), like 500ms or 10s`,
+      { cause },
+    );
+  }
+  if (ms < range.min || ms > range.max) {
+    throw new BadRequest(
+      `Invalid ${param} ${shown(v)}: expected from ${range.min} ms to ${
+        range.max.toLocaleString("en-US")
+      } ms`,
+    );
+  }
+  return ms;
+}
+
+/**
+ * A flow key as a limit or hold form sends it: `key` (at most 256 characters; the empty key is
+ * that of jobs enqueued with neither a concurrency nor a fairness key). Empty means the
+ * queue's default (null) unless `exact` says the field is meant as it is, empty too (a row's
+ * Clear button for the empty key, or a hold, which always names a key).
+ */
+export function flowKeyParam(
+  param: string,
+  value: string | undefined | null,
+  exact: boolean,
+): string | null {
+  const v = value ?? "";
+  if (v.length > MAX_FAIRNESS_KEY_LENGTH || v.includes("\0")) {
+    throw new BadRequest(
+      `Invalid ${param}: expected at most ${MAX_FAIRNESS_KEY_LENGTH} characters`,
+    );
+  }
+  return v === "" && !exact ? null : v;
 }
 
 /** Refuse parameters the page does not take: a misspelt filter must not be silently ignored. */

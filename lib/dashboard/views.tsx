@@ -134,6 +134,20 @@ export function Progress(props: { barriers: { total: number; arrived: number }[]
   );
 }
 
+/** A job's reported progress (`ctx.progress`) as a bar, the figures and its message. */
+export function JobProgressBar(
+  props: { progress: { done: number; total: number; message: string | null } },
+): View {
+  const { done, total, message } = props.progress;
+  return (
+    <span class="job-progress">
+      <progress value={Math.min(done, total)} max={total > 0 ? total : 1}></progress>{" "}
+      {`${done}/${total}`}
+      {message !== null && message !== "" ? ` ${shownString(message)}` : ""}
+    </span>
+  );
+}
+
 /** Keys whose values (of any type, nested ones too) are not shown: they may hold credentials. */
 const SENSITIVE_KEY =
   /authori[sz]ation|^auth$|cookie|secret|token|passw(or)?d|^pwd$|api[-_ ]?key|access[-_ ]?key|private[-_ ]?key|credential|signature|session/i;
