@@ -51,6 +51,7 @@ import {
   type JobRef,
   jobTraceparents,
   release,
+  saveProgress,
 } from "./queue.ts";
 import { type Tracer, tracer } from "./tracing.ts";
 import type { TaskRegistry } from "./tasks.ts";
@@ -71,7 +72,7 @@ import { HEAD_SCAN_TIMEOUT_MS, HeadScans } from "./head_scan.ts";
 import { HOLD_MAX_MS, PrefetchBuffer, type Rank, ranksBy } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
-import { type ProgressReport, saveProgress } from "./progress.ts";
+import type { ProgressReport } from "./progress.ts";
 
 /** SQLSTATE of a statement cancelled by statement_timeout (or a cancel request). */
 const QUERY_CANCELED = "57014";

@@ -5,10 +5,12 @@
  * A handler may report a thousand times a second; the database sees at most one write per job
  * per heartbeat (a third of the visibility timeout). Read by `shoal status --json`.
  *
+ * This module holds the report's shape and check; the statements that write and read the
+ * `progress` column live with the rest of `shoal.jobs`'s in lib/queue.ts (saveProgress,
+ * listProgress, progressOf).
+ *
  * @module
  */
-import { checkDb, checkId, checkInteger, MAX_INT4, refusal } from "./args.ts";
-import type { Db } from "./db.ts";
 import type { JobRef } from "./queue.ts";
 
 /** The longest progress message kept, in characters (longer ones are cut, ending "…"). */
@@ -67,83 +69,11 @@ export function checkProgress(done: unknown, total: unknown, message: unknown): 
   };
 }
 
-/**
- * Write the reports of jobs still ours (id and token match), locked in id order as every batch
- * that locks jobs does (lib/queue.ts lockOurs: no deadlock with a cancel taking them in that
- * order). Returns how many were written.
- */
-export async function saveProgress(db: Db, reports: readonly ProgressReport[]): Promise<number> {
-  if (reports.length === 0) return 0;
-  const ids = reports.map((r) => r.id);
-  const tokens = reports.map((r) => r.token);
-  const values = JSON.stringify(reports.map((r) => r.progress));
-  const [row] = await db<{ n: number }[]>`
-    with input as (
-      select u.id, u.token, v.value as progress
-      from unnest(${ids}::bigint[], ${tokens}::bigint[]) with ordinality as u(id, token, ord)
-      join jsonb_array_elements(${values}::text::jsonb) with ordinality as v(value, ord)
-        on v.ord = u.ord
-      order by u.id
-    ),
-    locked as (
-      select x.id, i.progress from input i
-      cross join lateral (
-        select j.id from shoal.jobs j where j.id = i.id and j.token = i.token for update of j
-      ) x
-    ),
-    written as (
-      update shoal.jobs j set progress = l.progress || jsonb_build_object('at', now())
-      from locked l where j.id = l.id
-      returning 1
-    )
-    select count(*)::integer as n from written`;
-  return row!.n;
-}
-
-/** The claimed jobs with a reported progress, by id, at most `limit`. */
-export async function listProgress(db: Db, limit = 20): Promise<JobProgress[]> {
-  checkDb("listProgress", db);
-  checkInteger("listProgress", "limit", limit, { min: 1, max: MAX_INT4 });
-  const rows = await db<JobProgress[]>`
-    select j.id::text as job_id, j.queue, j.task,
-      (j.progress->>'done')::float8 as done, (j.progress->>'total')::float8 as total,
-      j.progress->>'message' as message, (j.progress->>'at')::timestamptz as at
-    from shoal.jobs j
-    where j.progress is not null and j.locked_by is not null
-    order by j.id
-    limit ${limit}::integer`;
-  return [...rows];
-}
-
-/** The most jobs {@link progressOf} takes in one call. */
+/** The most jobs progressOf() (lib/queue.ts) takes in one call. */
 export const MAX_PROGRESS_JOBS = 1000;
 
-/** A job's last written progress, as {@link progressOf} reads it. */
+/** A job's last written progress, as progressOf() (lib/queue.ts) reads it. */
 export interface WrittenProgress extends Progress {
   /** When the heartbeat wrote it (the database's clock). */
   at: Date;
-}
-
-/**
- * The last written progress of up to {@link MAX_PROGRESS_JOBS} jobs, by job id (jobs without
- * one, or gone, are absent): one statement along the primary key. The dashboard's job and
- * execution pages read it; a job keeps its progress while it waits for a retry.
- */
-export async function progressOf(
-  db: Db,
-  jobIds: readonly string[],
-): Promise<Map<string, WrittenProgress>> {
-  checkDb("progressOf", db);
-  if (jobIds.length > MAX_PROGRESS_JOBS) {
-    throw refusal("jobIds for progressOf()", `at most ${MAX_PROGRESS_JOBS} ids`, jobIds.length);
-  }
-  jobIds.forEach((id, i) => checkId("progressOf", `jobIds[${i}]`, id));
-  if (jobIds.length === 0) return new Map();
-  const rows = await db<({ job_id: string } & WrittenProgress)[]>`
-    select j.id::text as job_id,
-      (j.progress->>'done')::float8 as done, (j.progress->>'total')::float8 as total,
-      j.progress->>'message' as message, (j.progress->>'at')::timestamptz as at
-    from shoal.jobs j
-    where j.id = any(${jobIds as string[]}::bigint[]) and j.progress is not null`;
-  return new Map(rows.map(({ job_id, ...p }) => [job_id, p]));
 }

@@ -49,6 +49,12 @@ import {
   MAX_FAIRNESS_KEY_LENGTH,
   MAX_KEY_LENGTH,
 } from "./names.ts";
+import {
+  type JobProgress,
+  MAX_PROGRESS_JOBS,
+  type ProgressReport,
+  type WrittenProgress,
+} from "./progress.ts";
 import { type AnyTask, type TaskDefinition, taskSettings } from "./tasks.ts";
 import { isTraceparent, TRACEPARENT_EXPECTED, tracer } from "./tracing.ts";
 
@@ -1395,4 +1401,76 @@ export async function getJob(db: Db, id: string): Promise<JobDetail | null> {
       shoal.job_state(j.run_at, j.locked_by, j.started_at) as state
     from shoal.jobs j where j.id = ${id}::bigint`;
   return row ?? null;
+}
+
+/**
+ * Write the reports of jobs still ours (id and token match), locked in id order as every batch
+ * that locks jobs does (lockOurs above: no deadlock with a cancel taking them in that
+ * order). Returns how many were written.
+ */
+export async function saveProgress(db: Db, reports: readonly ProgressReport[]): Promise<number> {
+  if (reports.length === 0) return 0;
+  const ids = reports.map((r) => r.id);
+  const tokens = reports.map((r) => r.token);
+  const values = JSON.stringify(reports.map((r) => r.progress));
+  const [row] = await db<{ n: number }[]>`
+    with input as (
+      select u.id, u.token, v.value as progress
+      from unnest(${ids}::bigint[], ${tokens}::bigint[]) with ordinality as u(id, token, ord)
+      join jsonb_array_elements(${values}::text::jsonb) with ordinality as v(value, ord)
+        on v.ord = u.ord
+      order by u.id
+    ),
+    locked as (
+      select x.id, i.progress from input i
+      cross join lateral (
+        select j.id from shoal.jobs j where j.id = i.id and j.token = i.token for update of j
+      ) x
+    ),
+    written as (
+      update shoal.jobs j set progress = l.progress || jsonb_build_object('at', now())
+      from locked l where j.id = l.id
+      returning 1
+    )
+    select count(*)::integer as n from written`;
+  return row!.n;
+}
+
+/** The claimed jobs with a reported progress, by id, at most `limit`. */
+export async function listProgress(db: Db, limit = 20): Promise<JobProgress[]> {
+  checkDb("listProgress", db);
+  checkInteger("listProgress", "limit", limit, { min: 1, max: MAX_INT4 });
+  const rows = await db<JobProgress[]>`
+    select j.id::text as job_id, j.queue, j.task,
+      (j.progress->>'done')::float8 as done, (j.progress->>'total')::float8 as total,
+      j.progress->>'message' as message, (j.progress->>'at')::timestamptz as at
+    from shoal.jobs j
+    where j.progress is not null and j.locked_by is not null
+    order by j.id
+    limit ${limit}::integer`;
+  return [...rows];
+}
+
+/**
+ * The last written progress of up to {@link MAX_PROGRESS_JOBS} jobs, by job id (jobs without
+ * one, or gone, are absent): one statement along the primary key. The dashboard's job and
+ * execution pages read it; a job keeps its progress while it waits for a retry.
+ */
+export async function progressOf(
+  db: Db,
+  jobIds: readonly string[],
+): Promise<Map<string, WrittenProgress>> {
+  checkDb("progressOf", db);
+  if (jobIds.length > MAX_PROGRESS_JOBS) {
+    throw refusal("jobIds for progressOf()", `at most ${MAX_PROGRESS_JOBS} ids`, jobIds.length);
+  }
+  jobIds.forEach((id, i) => checkId("progressOf", `jobIds[${i}]`, id));
+  if (jobIds.length === 0) return new Map();
+  const rows = await db<({ job_id: string } & WrittenProgress)[]>`
+    select j.id::text as job_id,
+      (j.progress->>'done')::float8 as done, (j.progress->>'total')::float8 as total,
+      j.progress->>'message' as message, (j.progress->>'at')::timestamptz as at
+    from shoal.jobs j
+    where j.id = any(${jobIds as string[]}::bigint[]) and j.progress is not null`;
+  return new Map(rows.map(({ job_id, ...p }) => [job_id, p]));
 }

@@ -20,7 +20,7 @@ import { formatDuration } from "./duration.ts";
 import { listExecutions } from "./execution.ts";
 import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
-import { countJobs, type JobTotals, jobTotals, type QueueCounts } from "./queue.ts";
+import { countJobs, type JobTotals, jobTotals, listProgress, type QueueCounts } from "./queue.ts";
 import { type ConsumerRow, listLiveConsumers } from "./catalog.ts";
 import {
   type ConcurrencyLimit,
@@ -32,7 +32,7 @@ import {
   type RateLimit,
 } from "./flow.ts";
 import { type StepTotals, stepTotals } from "./steps.ts";
-import { type JobProgress, listProgress } from "./progress.ts";
+import type { JobProgress } from "./progress.ts";
 
 /**
  * A queue's row in `shoal status`: its counts with the dead letters, the age in ms, and

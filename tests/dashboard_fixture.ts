@@ -7,13 +7,12 @@
  * looks at them: no consumer runs.
  */
 import type { Sql } from "../lib/db.ts";
-import { enqueue } from "../lib/queue.ts";
+import { enqueue, saveProgress } from "../lib/queue.ts";
 import { startExecution } from "../lib/execution.ts";
 import { upsertSchedule } from "../lib/schedule.ts";
 import { acquire } from "../lib/lease.ts";
 import { pauseQueue, setConcurrencyLimit } from "../lib/flow.ts";
 import { recordStep } from "../lib/steps.ts";
-import { saveProgress } from "../lib/progress.ts";
 
 export interface Seeded {
   ready: string;

@@ -6,9 +6,9 @@
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { startConsumer, testDb, waitFor } from "./helpers.ts";
-import { claim, enqueue } from "../lib/queue.ts";
+import { claim, enqueue, saveProgress } from "../lib/queue.ts";
 import { defineTask } from "../lib/tasks.ts";
-import { checkProgress, saveProgress } from "../lib/progress.ts";
+import { checkProgress } from "../lib/progress.ts";
 import { status } from "../lib/status.ts";
 
 Deno.test("ctx.progress() called 1,000 times is written once, by the next heartbeat, and status() shows the last report", async () => {

@@ -39,8 +39,8 @@ import {
 } from "../flow.ts";
 import { MAX_HOLD_MS } from "../queue.ts";
 import { listSteps, stepCounts } from "../steps.ts";
-import { progressOf } from "../progress.ts";
-import { getJob, listJobs, LIVE_JOB_STATES, type LiveJobState } from "../queue.ts";
+
+import { getJob, listJobs, LIVE_JOB_STATES, type LiveJobState, progressOf } from "../queue.ts";
 import {
   countDeadMatching,
   deadByQueueWithin,
