@@ -5,6 +5,7 @@
  */
 import { assert, assertEquals } from "./assert.ts";
 import { testDb } from "./helpers.ts";
+import { EMBEDDED_FUNCTIONS } from "../lib/migrate.ts";
 import type { Sql } from "../lib/db.ts";
 import {
   ack,
@@ -176,6 +177,59 @@ Deno.test("a limit that cannot bind costs one slot row per claim and key and a r
   assertEquals(await bound().then((b) => b!.rows), 1);
   assertEquals((await claimJobs(db.sql, 10)).length, 10);
   assertEquals(await bound(), { bound: 20, counted: 10, rows: 2 });
+});
+
+Deno.test("a queue's rules row follows every change of its limits, and a claim honours the change at once", async () => {
+  await using db = await testDb();
+  const rules = async () =>
+    (await db.sql<{ simple_max: number | null }[]>`
+      select simple_max from shoal.flow_rules where queue = ${Q}`).map((r) => r.simple_max);
+  assertEquals(await rules(), []);
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 100)`;
+  assertEquals(await rules(), [100]);
+  await enqueueKeys(db.sql, { a: 40 });
+  // The first claim counts the key; the second takes the short check (simple rules).
+  assertEquals((await claimJobs(db.sql, 10)).length, 10);
+  assertEquals((await claimJobs(db.sql, 10)).length, 10);
+  // A key's own limit below what runs: the rules are no longer simple, and the next claim
+  // takes none of the key's jobs.
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 15, 'a')`;
+  assertEquals(await rules(), [null]);
+  assertEquals(await claimJobs(db.sql, 10), []);
+  await db.sql`select shoal.clear_concurrency_limit(${Q}, 'a')`;
+  assertEquals(await rules(), [100]);
+  await db.sql`select shoal.set_rate_limit(${Q}, 5, 60000)`;
+  assertEquals(await rules(), [null]);
+  await db.sql`select shoal.clear_rate_limit(${Q})`;
+  assertEquals(await rules(), [100]);
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 1, null, 'other')`;
+  assertEquals(await rules(), [null]);
+  await db.sql`select shoal.clear_concurrency_limit(${Q}, null, 'other')`;
+  assertEquals(await rules(), [100]);
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 25)`;
+  assertEquals(await rules(), [25]);
+  assertEquals((await claimJobs(db.sql, 10)).length, 5);
+  await db.sql`select shoal.clear_concurrency_limit(${Q})`;
+  assertEquals(await rules(), []);
+  // A rate limit alone is not simple either.
+  await db.sql`select shoal.set_rate_limit(${Q}, 5, 60000)`;
+  assertEquals(await rules(), [null]);
+});
+
+Deno.test("a limited queue with no rules row (written by no function yet) takes the full check and keeps its limit", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 25)`;
+  await db.sql`delete from shoal.flow_rules where queue = ${Q}`;
+  await enqueueKeys(db.sql, { a: 40 });
+  let claimed = 0;
+  for (let i = 0; i < 5; i++) claimed += (await claimJobs(db.sql, 10)).length;
+  assertEquals(claimed, 25);
+  // Applying the function files writes the row again.
+  await db.sql.unsafe(EMBEDDED_FUNCTIONS["flow.sql"]!);
+  assertEquals(
+    (await db.sql`select simple_max from shoal.flow_rules where queue = ${Q}`)[0]?.simple_max,
+    25,
+  );
 });
 
 Deno.test("a rate limit caps each key's claims per period, and refills", async () => {

@@ -174,6 +174,11 @@ declare
   slot_tags text[] := '{}';
   -- Whether the usual walk's picks stood with no more than their keys' bounds read.
   fast boolean := false;
+  -- The claimed queues under flow control, and whether each had simple rules (THE SIMPLE
+  -- RULES in flow.sql) by the first statement: the check then reads shoal.flow_rules, which
+  -- it reads again to be sure (that statement's snapshot may be older than the rules lock).
+  ruled text[];
+  simple boolean;
   -- The keys whose count is due (their bound grew by 10,000 since the last: THE BOUND), in
   -- claim order of the arrays: counted after this claim's slot rows are written, under the
   -- locks the claim holds, so the count is not the long way's.
@@ -211,8 +216,13 @@ begin
          coalesce(bool_or(q.rated), false),
          coalesce(bool_or((q.limited or q.rated)
                           and exists (select 1 from shoal.flow_keys k
-                                      where k.queue = q.name and k.waiting)), false)
-  into _queues, limited, rated, windowed
+                                      where k.queue = q.name and k.waiting)), false),
+         coalesce(array_agg(q.name) filter (where q.limited or q.rated), '{}'),
+         -- (Read for the limited queues only: a FILTER skips its aggregate's argument.)
+         coalesce(bool_and(exists (select 1 from shoal.flow_rules r
+                                   where r.queue = q.name and r.simple_max is not null))
+                    filter (where q.limited or q.rated), false)
+  into _queues, limited, rated, windowed, ruled, simple
   from (
     select q.name,
            exists (select 1 from shoal.concurrency_limits l where l.queue = q.name)
@@ -431,78 +441,144 @@ begin
       end if;
       meet_queues := picked_queues;
       meet_keys := picked_keys;
-      -- A limit that cannot bind: every key of the picks is under no flow control, or only
-      -- under a concurrency limit whose bound leaves room for two batches (THE BOUND in
-      -- flow.sql), with no count due. Then the picks stand, and each such key's bound is
-      -- raised by its picks under its lock (a key another claim holds, or a bound that grew
-      -- meanwhile, sends the claim the long way: a raise already made only overstates the
-      -- bound). One statement, where the long way takes a dozen.
-      with sc as (
-        select coalesce(array_agg(t.tag), '{}') as tags
-        from shoal.scoped_task_tags t where t.queue = any(_queues)
-      ),
-      k as (
-        select b.queue, b.key, b.task, count(*)::integer as n
-        from (select u.queue, u.key, shoal.bucket_task(u.queue, u.task, sc.tags) as task
-              from unnest(picked_queues, picked_keys, picked_tasks) as u(queue, key, task), sc) b
-        group by b.queue, b.key, b.task
-      ),
-      c as (
-        select k.queue, k.key, k.task, k.n,
-               coalesce(lk.max_running, ld.max_running) as max_running,
-               -- (`rated`: only where some claimed queue has a rate limit.)
-               rated and exists (select 1 from shoal.rate_limits r
-                                 where r.queue = k.queue and r.task = k.task
-                                   and (r.key = k.key or r.key is null))
-                 as rated,
-               f.slots_bound, f.slots_counted, f.held_until
-        from k
-        left join shoal.concurrency_limits lk
-          on lk.queue = k.queue and lk.task = k.task and lk.key = k.key
-        left join shoal.concurrency_limits ld
-          on ld.queue = k.queue and ld.task = k.task and ld.key is null
-        left join shoal.flow_keys f on f.queue = k.queue and f.key = k.key and f.task = k.task
-      ),
-      ok as (
-        select coalesce(bool_and(
-                 not c.rated and (c.held_until is null or c.held_until <= now())
-                 and (c.max_running is null
-                      or (c.slots_bound is not null
-                          and c.slots_bound + 2 * _limit <= c.max_running))), true) as all_ok,
-               count(*) filter (where c.max_running is not null) as limited_keys
-        from c
-      ),
-      -- The keys under a concurrency limit, locked (a CTE that calls a volatile function is
-      -- run as written: only these keys are locked, whatever the plan of the update).
-      locked as (
-        select c.queue, c.key, c.task, c.n, c.max_running,
-               c.slots_bound - c.slots_counted >= 10000 as due
-        from c, ok
-        where ok.all_ok and c.max_running is not null
-          and shoal.flow_lock(c.queue, c.key, c.task)
-      ),
-      raised as (
-        update shoal.flow_keys f set slots_bound = f.slots_bound + l.n
-        from locked l
-        where f.queue = l.queue and f.key = l.key and f.task = l.task
-          and f.slots_bound + 2 * _limit <= l.max_running
-        returning f.queue, f.key, f.task, l.due, l.max_running
-      ),
-      -- Everything read back in one aggregate (each scalar subquery is a plan node of its
-      -- own, started on every claim).
-      r as (
-        select count(*) as n,
-               coalesce(array_agg(r.queue || E'\n' || r.task || E'\n' || r.key), '{}') as tags,
-               array_agg(r.queue) filter (where r.due) as due_queues,
-               array_agg(r.key) filter (where r.due) as due_keys,
-               array_agg(r.task) filter (where r.due) as due_tasks,
-               array_agg(r.max_running) filter (where r.due) as due_limits
-        from raised r
-      )
-      select ok.all_ok and r.n = ok.limited_keys, r.tags, sc.tags,
-             r.due_queues, r.due_keys, r.due_tasks, r.due_limits
-      into fast, slot_tags, scoped_tasks, due_queues, due_keys, due_tasks, due_limits
-      from ok, r, sc;
+      if simple then
+        -- THE SIMPLE RULES: the same check, with the queues' rules read from one row each
+        -- (a job's bucket is (queue, key, ''), its limit the queue's default). Rules that
+        -- are no longer simple (changed after the first statement read them) send the claim
+        -- the long way, which reads the limits themselves.
+        with fr as (
+          select coalesce(array_agg(r.queue), '{}') as queues,
+                 coalesce(array_agg(r.simple_max), '{}') as maxes,
+                 count(r.simple_max) = cardinality(ruled) as simple
+          from shoal.flow_rules r where r.queue = any(ruled)
+        ),
+        k as (
+          select u.queue, u.key, count(*)::integer as n
+          from unnest(picked_queues, picked_keys) as u(queue, key)
+          group by u.queue, u.key
+        ),
+        -- (Each key's limit found in the rules' arrays: a join would add a plan node or
+        -- two, started on every claim.)
+        c as (
+          select k.queue, k.key, k.n, fr.simple,
+                 fr.maxes[array_position(fr.queues, k.queue)] as max_running,
+                 f.slots_bound, f.slots_counted, f.held_until
+          from k
+          cross join fr
+          left join shoal.flow_keys f on f.queue = k.queue and f.key = k.key and f.task = ''
+        ),
+        ok as (
+          select coalesce(bool_and(
+                   c.simple
+                   and (c.held_until is null or c.held_until <= now())
+                   and (c.max_running is null
+                        or (c.slots_bound is not null
+                            and c.slots_bound + 2 * _limit <= c.max_running))), true) as all_ok,
+                 count(*) filter (where c.max_running is not null) as limited_keys
+          from c
+        ),
+        locked as (
+          select c.queue, c.key, c.n, c.max_running,
+                 c.slots_bound - c.slots_counted >= 10000 as due
+          from c, ok
+          where ok.all_ok and c.max_running is not null
+            and shoal.flow_lock(c.queue, c.key, '')
+        ),
+        raised as (
+          update shoal.flow_keys f set slots_bound = f.slots_bound + l.n
+          from locked l
+          where f.queue = l.queue and f.key = l.key and f.task = ''
+            and f.slots_bound + 2 * _limit <= l.max_running
+          returning f.queue, f.key, l.due, l.max_running
+        ),
+        r as (
+          select count(*) as n,
+                 coalesce(array_agg(r.queue || E'\n\n' || r.key), '{}') as tags,
+                 array_agg(r.queue) filter (where r.due) as due_queues,
+                 array_agg(r.key) filter (where r.due) as due_keys,
+                 array_agg(''::text) filter (where r.due) as due_tasks,
+                 array_agg(r.max_running) filter (where r.due) as due_limits
+          from raised r
+        )
+        select ok.all_ok and r.n = ok.limited_keys, r.tags,
+               case when ok.all_ok then '{}'::text[] end,
+               r.due_queues, r.due_keys, r.due_tasks, r.due_limits
+        into fast, slot_tags, scoped_tasks, due_queues, due_keys, due_tasks, due_limits
+        from ok, r;
+      else
+        -- A limit that cannot bind: every key of the picks is under no flow control, or only
+        -- under a concurrency limit whose bound leaves room for two batches (THE BOUND in
+        -- flow.sql), with no count due. Then the picks stand, and each such key's bound is
+        -- raised by its picks under its lock (a key another claim holds, or a bound that grew
+        -- meanwhile, sends the claim the long way: a raise already made only overstates the
+        -- bound). One statement, where the long way takes a dozen.
+        with sc as (
+          select coalesce(array_agg(t.tag), '{}') as tags
+          from shoal.scoped_task_tags t where t.queue = any(_queues)
+        ),
+        k as (
+          select b.queue, b.key, b.task, count(*)::integer as n
+          from (select u.queue, u.key, shoal.bucket_task(u.queue, u.task, sc.tags) as task
+                from unnest(picked_queues, picked_keys, picked_tasks) as u(queue, key, task), sc) b
+          group by b.queue, b.key, b.task
+        ),
+        c as (
+          select k.queue, k.key, k.task, k.n,
+                 coalesce(lk.max_running, ld.max_running) as max_running,
+                 -- (`rated`: only where some claimed queue has a rate limit.)
+                 rated and exists (select 1 from shoal.rate_limits r
+                                   where r.queue = k.queue and r.task = k.task
+                                     and (r.key = k.key or r.key is null))
+                   as rated,
+                 f.slots_bound, f.slots_counted, f.held_until
+          from k
+          left join shoal.concurrency_limits lk
+            on lk.queue = k.queue and lk.task = k.task and lk.key = k.key
+          left join shoal.concurrency_limits ld
+            on ld.queue = k.queue and ld.task = k.task and ld.key is null
+          left join shoal.flow_keys f on f.queue = k.queue and f.key = k.key and f.task = k.task
+        ),
+        ok as (
+          select coalesce(bool_and(
+                   not c.rated and (c.held_until is null or c.held_until <= now())
+                   and (c.max_running is null
+                        or (c.slots_bound is not null
+                            and c.slots_bound + 2 * _limit <= c.max_running))), true) as all_ok,
+                 count(*) filter (where c.max_running is not null) as limited_keys
+          from c
+        ),
+        -- The keys under a concurrency limit, locked (a CTE that calls a volatile function is
+        -- run as written: only these keys are locked, whatever the plan of the update).
+        locked as (
+          select c.queue, c.key, c.task, c.n, c.max_running,
+                 c.slots_bound - c.slots_counted >= 10000 as due
+          from c, ok
+          where ok.all_ok and c.max_running is not null
+            and shoal.flow_lock(c.queue, c.key, c.task)
+        ),
+        raised as (
+          update shoal.flow_keys f set slots_bound = f.slots_bound + l.n
+          from locked l
+          where f.queue = l.queue and f.key = l.key and f.task = l.task
+            and f.slots_bound + 2 * _limit <= l.max_running
+          returning f.queue, f.key, f.task, l.due, l.max_running
+        ),
+        -- Everything read back in one aggregate (each scalar subquery is a plan node of its
+        -- own, started on every claim).
+        r as (
+          select count(*) as n,
+                 coalesce(array_agg(r.queue || E'\n' || r.task || E'\n' || r.key), '{}') as tags,
+                 array_agg(r.queue) filter (where r.due) as due_queues,
+                 array_agg(r.key) filter (where r.due) as due_keys,
+                 array_agg(r.task) filter (where r.due) as due_tasks,
+                 array_agg(r.max_running) filter (where r.due) as due_limits
+          from raised r
+        )
+        select ok.all_ok and r.n = ok.limited_keys, r.tags, sc.tags,
+               r.due_queues, r.due_keys, r.due_tasks, r.due_limits
+        into fast, slot_tags, scoped_tasks, due_queues, due_keys, due_tasks, due_limits
+        from ok, r, sc;
+      end if;
     end if;
     if not fast then
       -- The long way counts what it must itself (shoal.flow_allow).

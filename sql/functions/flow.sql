@@ -17,6 +17,7 @@
 --   shoal.flow_claimed                             what a claim took and held back
 --   shoal.flow_lock, shoal.flow_lock_id            the claim's lock on a key
 --   shoal.flow_rules_lock, shoal.flow_rules_shared a queue's rules: changed, or claimed by
+--   shoal.flow_rules_refresh                       a queue's rules in one row (THE SIMPLE RULES)
 --   shoal.scoped_tasks                             the tasks with limits of their own
 --   shoal.held_slots (a view), shoal.slots_held,   the slot rule (below); a key's slots
 --   shoal.default_slots_held                       held; those of keys under a default
@@ -42,6 +43,14 @@
 -- in flight to commit. Then no claim runs while the rules change, and what changes them
 -- sees every job claimed under the old ones (shoal.flow_adopt). (A queue's first limit is
 -- the exception: a claim that found the queue unlimited took no lock.)
+--
+-- THE SIMPLE RULES. A queue whose only limit is its default concurrency limit (task '', key
+-- null: no key's own, no task's own, no rate limit) has simple rules: every job of it counts
+-- in (queue, key, '') under that limit. shoal.flow_rules holds a row per queue with any
+-- limit, naming the limit when the rules are simple (simple_max), written by every function
+-- that sets or clears a limit, under the rules lock exclusive (shoal.flow_rules_refresh). A
+-- claim's check of its picks reads that row, in a statement after it took the rules lock
+-- shared (so the row is the rules it claims under), instead of the limits themselves.
 --
 -- THE SLOT RULE. A key's running jobs are the entries of its shoal.concurrency_slots rows
 -- (one row per claim that took jobs of it) whose job still carries the token it was
@@ -143,19 +152,21 @@ $$;
 -- 'queue\ntask' (a task named by several limits appears as often). A view, so a claim's
 -- statement reads it in its own plan (a function call is a statement of its own: 11 µs a
 -- call in a server-side loop). Each branch matches one partial index (a claim plans with
--- sequential scans off: a scan the indexes cannot serve would cost it a parallel plan).
+-- sequential scans off: a scan the indexes cannot serve would cost it a parallel plan), and
+-- says `task > ''` (the same rows: '' sorts first) so that the index's range starts past the
+-- rows naming no task: a queue's thousands of keys' own limits are not read on every claim.
 create or replace view shoal.scoped_task_tags as
   select l.queue::text as queue, l.queue || E'\n' || l.task as tag
-  from shoal.concurrency_limits l where l.key is null and l.task <> ''
+  from shoal.concurrency_limits l where l.key is null and l.task > ''
   union all
   select l.queue::text, l.queue || E'\n' || l.task
-  from shoal.concurrency_limits l where l.key is not null and l.task <> ''
+  from shoal.concurrency_limits l where l.key is not null and l.task > ''
   union all
   select l.queue::text, l.queue || E'\n' || l.task
-  from shoal.rate_limits l where l.key is null and l.task <> ''
+  from shoal.rate_limits l where l.key is null and l.task > ''
   union all
   select l.queue::text, l.queue || E'\n' || l.task
-  from shoal.rate_limits l where l.key is not null and l.task <> '';
+  from shoal.rate_limits l where l.key is not null and l.task > '';
 
 -- The tasks with limits of their own on these queues, 'queue\ntask' each (read by a claim
 -- holding the queues' rules locks). PL/pgSQL, whose plan is kept for the session: as a SQL
@@ -250,6 +261,29 @@ begin
 end
 $$;
 
+-- A queue's row of shoal.flow_rules (THE SIMPLE RULES), from its limits as they stand: none
+-- when it has no limit. Its caller holds the queue's rules lock exclusive.
+create or replace function shoal.flow_rules_refresh(queue text) returns void
+language sql volatile as $$
+  with rules as (
+    select exists (select 1 from shoal.concurrency_limits l where l.queue = $1)
+           or exists (select 1 from shoal.rate_limits r where r.queue = $1) as limited,
+           case when not exists (select 1 from shoal.rate_limits r where r.queue = $1)
+                 and not exists (select 1 from shoal.concurrency_limits l
+                                 where l.queue = $1 and (l.key is not null or l.task <> ''))
+                then (select l.max_running from shoal.concurrency_limits l
+                      where l.queue = $1 and l.task = '' and l.key is null)
+           end as simple_max
+  ),
+  gone as (
+    delete from shoal.flow_rules f
+    where f.queue = $1 and not (select r.limited from rules r)
+  )
+  insert into shoal.flow_rules as f (queue, simple_max)
+  select $1, r.simple_max from rules r where r.limited
+  on conflict (queue) do update set simple_max = excluded.simple_max, updated_at = now()
+$$;
+
 -- At most max_running jobs of the queue run at once per key: with a null key, for every key
 -- of the queue (its default); with a key, for that key alone (over the default); with a task,
 -- for that task's jobs, counted apart (THE TASK RULE). Takes effect at the next claim; a
@@ -289,6 +323,7 @@ begin
     on conflict (queue, task, key) where key is not null
     do update set max_running = excluded.max_running, updated_at = now();
   end if;
+  perform shoal.flow_rules_refresh(set_concurrency_limit.queue);
   -- A task's first limit moves its jobs to buckets of their own: all of the queue's keys.
   perform shoal.flow_adopt(set_concurrency_limit.queue,
                            case when t = '' or was_scoped then set_concurrency_limit.key end);
@@ -315,6 +350,7 @@ begin
   if not found then
     return false;
   end if;
+  perform shoal.flow_rules_refresh(clear_concurrency_limit.queue);
   if t <> '' and shoal.flow_scope(clear_concurrency_limit.queue, t) = '' then
     perform shoal.flow_forget_task(clear_concurrency_limit.queue, t);
   end if;
@@ -433,6 +469,7 @@ begin
     do update set max_starts = excluded.max_starts, period_ms = excluded.period_ms,
                   updated_at = now();
   end if;
+  perform shoal.flow_rules_refresh(set_rate_limit.queue);
   if t <> '' and not scoped then
     -- The task's first limit: its running jobs leave the queue's buckets.
     perform shoal.flow_adopt(set_rate_limit.queue, null);
@@ -459,6 +496,7 @@ begin
   if not found then
     return false;
   end if;
+  perform shoal.flow_rules_refresh(clear_rate_limit.queue);
   if t <> '' and shoal.flow_scope(clear_rate_limit.queue, t) = '' then
     perform shoal.flow_forget_task(clear_rate_limit.queue, t);
   end if;
@@ -885,5 +923,21 @@ begin
   delete from shoal.fairness_weights w
   where w.queue = clear_fairness_weight.queue and w.key = clear_fairness_weight.key;
   return found;
+end
+$$;
+
+-- THE SIMPLE RULES as this file states them, for every queue with limits (the rows of an
+-- earlier revision, or none, written again), each under its queue's rules lock.
+do $$
+declare
+  q text;
+begin
+  for q in select l.queue from shoal.concurrency_limits l
+           union select r.queue from shoal.rate_limits r
+           union select f.queue from shoal.flow_rules f
+  loop
+    perform shoal.flow_rules_lock(q);
+    perform shoal.flow_rules_refresh(q);
+  end loop;
 end
 $$;
