@@ -600,7 +600,7 @@ function checkTiming(role: "reaper" | "scheduler", opts: Options<"lease" | "inte
 }
 
 function reaperRole(
-  opts: Options<"lease" | "interval" | "dead-retention">,
+  opts: Options<"lease" | "interval" | "dead-retention" | "execution-key-retention">,
   holder: string,
 ): ReaperOptions {
   checkTiming("reaper", opts);
@@ -609,6 +609,7 @@ function reaperRole(
     leaseMs: opts.lease,
     intervalMs: opts.interval,
     deadRetentionMs: opts["dead-retention"],
+    executionKeyRetentionMs: opts["execution-key-retention"],
   };
 }
 
@@ -738,7 +739,7 @@ const ROLES: Record<Role, RoleCommand> = {
   ),
   reaper: roleCommand(
     "reaper",
-    ["lease", "interval", "dead-retention"],
+    ["lease", "interval", "dead-retention", "execution-key-retention"],
     (opts) => ({ reaper: reaperRole(opts, defaultWorkerId()) }),
   ),
   scheduler: roleCommand(
