@@ -223,7 +223,8 @@ export const OPTIONS = {
   key: {
     kind: "string",
     env: null,
-    help: "enqueue: dedupe key; limit: the key a limit, hold or weight is for",
+    help: "enqueue: dedupe key; execution start: the execution's key (a start with a key " +
+      "held returns its execution); limit: the key a limit, hold or weight is for",
   },
   per: {
     kind: "duration",

@@ -116,7 +116,7 @@ export async function startExecution<T extends JobSpec | TaskJobSpec>(
   });
   const key = options.key === undefined
     ? null
-    : checkExecutionKey("startExecution", "options.key", options.key);
+    : checkExecutionKey("options.key for startExecution()", options.key);
   if (job.key !== undefined) {
     throw new TypeError(
       "Invalid job.key for startExecution(): an execution's first job cannot take a dedupe key" +

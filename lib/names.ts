@@ -23,21 +23,22 @@ export const EXECUTION_KEY_RULE =
 const CONTROL_CHARACTER = /\p{Cc}/u;
 
 /**
- * Throw unless `key` is a valid execution key: one line naming `arg` of `fn` (a TypeError,
- * a RangeError when it is only too long).
+ * Throw unless `key` is a valid execution key: one line naming it as `what` says
+ * (`options.key for startExecution()`, `--key`): a TypeError, a RangeError when it is only
+ * too long.
  */
-export function checkExecutionKey(fn: string, arg: string, key: unknown): string {
+export function checkExecutionKey(what: string, key: unknown): string {
   if (typeof key === "string" && key.length > 0 && key.length <= MAX_EXECUTION_KEY_LENGTH) {
     if (!CONTROL_CHARACTER.test(key)) return key;
     throw new TypeError(
-      `Invalid ${arg} for ${fn}(): contains a control character; use ${EXECUTION_KEY_RULE}`,
+      `Invalid ${what}: contains a control character; use ${EXECUTION_KEY_RULE}`,
     );
   }
   const shown = typeof key === "string" ? `a string of ${key.length} characters` : typeof key;
   const Kind = typeof key === "string" && key.length > MAX_EXECUTION_KEY_LENGTH
     ? RangeError
     : TypeError;
-  throw new Kind(`Invalid ${arg} for ${fn}(): expected ${EXECUTION_KEY_RULE}, not ${shown}`);
+  throw new Kind(`Invalid ${what}: expected ${EXECUTION_KEY_RULE}, not ${shown}`);
 }
 /** The longest fairness key, in characters. */
 export const MAX_FAIRNESS_KEY_LENGTH = 256;
