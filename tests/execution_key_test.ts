@@ -251,3 +251,24 @@ Deno.test("shoal.start_execution(key => ...) in SQL returns the holder's id; sta
   );
   assertEquals(await holders(db.sql, "sql-3"), { executions: 0, jobs: 0 });
 });
+
+Deno.test("startExecution() with a key in a repeatable read transaction that cannot see the holder fails with 40001, never a second execution", async () => {
+  await using db = await testDb();
+  const other = connect(db.url, { max: 1 });
+  try {
+    const error = await other.begin("isolation level repeatable read", async (tx) => {
+      await tx`select 1`; // the snapshot is taken here, before the holder commits
+      await startExecution(db.sql, { task: "ship", queue: Q }, { key: "rr-1" });
+      try {
+        await startExecution(tx, { task: "ship", queue: Q }, { key: "rr-1" });
+        return null;
+      } catch (e) {
+        return e as { code?: string };
+      }
+    }).catch((e) => e as { code?: string });
+    assertEquals(error?.code, "40001");
+    assertEquals(await holders(db.sql, "rr-1"), { executions: 1, jobs: 1 });
+  } finally {
+    await other.end({ timeout: 5 });
+  }
+});

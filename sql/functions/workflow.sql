@@ -167,38 +167,44 @@ begin
     raise exception 'Cannot start execution: key must be 1 to 512 printable characters'
       using errcode = '22023';
   end if;
-  -- Idempotent start. The unique index executions_key (022) lets one insert of a key in:
-  -- a concurrent start of the same key waits for the inserting transaction, then finds the
-  -- conflict (it committed) or inserts (it rolled back). Who lost reads the holder. The only
-  -- way that read finds nothing is the reaper releasing the key in between (a tombstone past
-  -- its window): then the key is free and the insert is tried again. No key: no conflict.
-  for attempt in 1..10 loop
-    insert into shoal.executions as x (label, key)
-    values (start_execution_result.task, start_execution_result.key)
-    on conflict (key) where key is not null do nothing
-    returning x.id into execution;
-    if execution is not null then
-      -- No dedupe key on the job: a key already held would leave the execution without it.
-      perform shoal.enqueue_jobs(jsonb_build_array(
-        jsonb_strip_nulls(jsonb_build_object(
-          'queue', start_execution_result.queue, 'task', start_execution_result.task,
-          'priority', start_execution_result.priority,
-          'fairness_key', start_execution_result.fairness_key,
-          'max_attempts', start_execution_result.max_attempts,
-          'run_at', start_execution_result.run_at, 'execution_id', execution,
-          'traceparent', start_execution_result.traceparent))
-        || jsonb_build_object('payload', start_execution_result.payload)));
-      return query select execution, true;
-      return;
+  if start_execution_result.key is null then
+    -- No key, no conflict to look for: the plain insert every start made before keys.
+    insert into shoal.executions (label) values (start_execution_result.task)
+    returning id into execution;
+  else
+    -- Idempotent start. The unique index executions_key (022) lets one insert of a key in:
+    -- a concurrent start of the same key waits for the inserting transaction, then finds the
+    -- conflict (it committed) or inserts (it rolled back). Who lost reads the holder. The only
+    -- way that read finds nothing is the reaper releasing the key in between (a tombstone past
+    -- its window): then the key is free and the insert is tried again.
+    for attempt in 1..10 loop
+      insert into shoal.executions as x (label, key)
+      values (start_execution_result.task, start_execution_result.key)
+      on conflict (key) where key is not null do nothing
+      returning x.id into execution;
+      exit when execution is not null;
+      select x.id into execution from shoal.executions x where x.key = start_execution_result.key;
+      if found then
+        return query select execution, false;
+        return;
+      end if;
+    end loop;
+    if execution is null then
+      raise exception 'Cannot start execution: key % was taken and released 10 times in a row',
+        start_execution_result.key using errcode = '40001';
     end if;
-    select x.id into execution from shoal.executions x where x.key = start_execution_result.key;
-    if found then
-      return query select execution, false;
-      return;
-    end if;
-  end loop;
-  raise exception 'Cannot start execution: key % was taken and released 10 times in a row',
-    start_execution_result.key using errcode = '40001';
+  end if;
+  -- No dedupe key on the job: a key already held would leave the execution without it.
+  perform shoal.enqueue_jobs(jsonb_build_array(
+    jsonb_strip_nulls(jsonb_build_object(
+      'queue', start_execution_result.queue, 'task', start_execution_result.task,
+      'priority', start_execution_result.priority,
+      'fairness_key', start_execution_result.fairness_key,
+      'max_attempts', start_execution_result.max_attempts,
+      'run_at', start_execution_result.run_at, 'execution_id', execution,
+      'traceparent', start_execution_result.traceparent))
+    || jsonb_build_object('payload', start_execution_result.payload)));
+  return query select execution, true;
 end
 $$;
 
