@@ -7,6 +7,10 @@
  * shoal.start_execution, shoal.cancel_execution and shoal.fail_execution, are in
  * sql/functions/workflow.sql.
  *
+ * An execution may carry a key (idempotent start, migration 022): startExecution() with a key
+ * already held returns the holder, running or ended; releaseExecutionKeys() (the reaper's
+ * execution-keys sweep) frees the keys of executions ended longer than the retention ago.
+ *
  * An execution also fails without any call from here: when one of its jobs is
  * dead-lettered (attempts spent, a permanent failure, or a poison job at claim), the
  * trigger function shoal.on_job_dead in sql/functions/workflow.sql (trigger
