@@ -23,7 +23,8 @@ import {
 } from "./config.ts";
 import { type ConsumerOptions, defaultWorkerId } from "./consumer.ts";
 import { checkLeaderTiming } from "./leader.ts";
-import { cancelExecution, getExecution } from "./execution.ts";
+import { cancelExecution, getExecution, startExecution } from "./execution.ts";
+import { formatExecutionView, viewExecution } from "./execution_view.ts";
 import type { ReaperOptions } from "./reaper.ts";
 import {
   checkSchedule,
@@ -74,7 +75,7 @@ import {
   setFairnessWeight,
   setRateLimit,
 } from "./flow.ts";
-import { checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
+import { checkExecutionKey, checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
 import {
   DASHBOARD_POOL_MAX,
   type Role,
@@ -119,6 +120,8 @@ Usage:
   shoal migrate
   shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
   shoal status [--json] [--exact] [--watch [--interval 2s]]
+  shoal execution start --task T [--key K] [--queue Q] [--payload JSON] [--run-at ISO] [--json]
+  shoal execution show ID [--json]
   shoal cancel EXECUTION
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D] | purge --all
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
@@ -235,6 +238,8 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       return await queueCommand(parsed, rest);
     case "limit":
       return await limitCommand(parsed, rest);
+    case "execution":
+      return await executionCommand(parsed, rest, tasks);
     case "cancel": {
       if (rest.length !== 1 || !/^\d+$/.test(rest[0]!)) {
         throw new UsageError("shoal cancel takes one execution id");
@@ -464,6 +469,123 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
   });
 }
 
+/** `shoal execution start` and `shoal execution show`. */
+async function executionCommand(
+  parsed: ParsedArgs,
+  rest: string[],
+  tasks: TaskRegistry,
+): Promise<number> {
+  const [sub, ...args] = rest;
+  switch (sub) {
+    case "start":
+      noExtra("execution start", args);
+      return await executionStartCommand(parsed, tasks);
+    case "show": {
+      if (args.length !== 1 || !/^\d+$/.test(args[0]!)) {
+        throw new UsageError("shoal execution show takes one execution id");
+      }
+      const id = args[0]!;
+      return await withDb(
+        parsed,
+        { name: "execution show", flags: ["json"], needs: "current schema" },
+        async (sql, opts) => {
+          const view = await viewExecution(sql, id);
+          if (view === null) {
+            err(`shoal: No execution ${id}\n`);
+            return 1;
+          }
+          out(opts.json ? JSON.stringify(view, null, 2) + "\n" : formatExecutionView(view));
+          return 0;
+        },
+      );
+    }
+    default:
+      throw new UsageError(
+        sub === undefined
+          ? "shoal execution needs a subcommand: start or show"
+          : `Unknown command "execution ${sub}" (shoal --help lists them)`,
+      );
+  }
+}
+
+/**
+ * `shoal execution start`: start an execution with its first job, as startExecution() does.
+ * With --key, a start with a key already held prints the holder's id (exit 0) and says on
+ * stderr that nothing was started: a script may retry it safely. The job's queue and max
+ * attempts follow the rule of `shoal enqueue`.
+ */
+async function executionStartCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
+  let spec: JobSpec | TaskJobSpec | null = null;
+  let key: string | undefined;
+  return await withDb(parsed, {
+    name: "execution start",
+    flags: [
+      "task",
+      "queue",
+      "payload",
+      "run-at",
+      "priority",
+      "key",
+      "fairness-key",
+      "max-attempts",
+      "max-payload",
+      "json",
+    ],
+    needs: "current schema",
+    check: (opts) => {
+      if (opts.task === undefined) throw new UsageError("shoal execution start needs --task");
+      const payload = parsePayloadFlag(opts.payload);
+      let runAt: Date | undefined;
+      if (opts["run-at"] !== undefined) {
+        runAt = new Date(opts["run-at"]);
+        if (Number.isNaN(runAt.getTime())) {
+          throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
+        }
+      }
+      try {
+        key = opts.key === undefined ? undefined : checkExecutionKey("--key", opts.key);
+      } catch (error) {
+        throw new UsageError(messageOf(error));
+      }
+      const definition = tasks.get(opts.task);
+      const options = {
+        queue: opts.queue,
+        runAt,
+        priority: opts.priority,
+        fairnessKey: opts["fairness-key"],
+        maxAttempts: opts["max-attempts"],
+      };
+      spec = definition === undefined
+        ? { task: opts.task, payload, ...options }
+        : { task: definition, payload, ...options };
+      try {
+        checkJobSpec(spec, opts["max-payload"], CLI_ENQUEUE);
+      } catch (error) {
+        throw new UsageError(messageOf(error));
+      }
+    },
+  }, async (sql, opts) => {
+    const maxPayloadBytes = opts["max-payload"];
+    const started = key === undefined
+      ? { id: await startExecution(sql, spec!, { maxPayloadBytes }), created: true }
+      : await startExecution(sql, spec!, { maxPayloadBytes, key });
+    if (opts.json) {
+      out(JSON.stringify(started) + "\n");
+    } else {
+      if (!started.created) {
+        const status = (await getExecution(sql, started.id))?.status ?? "gone";
+        err(
+          `Execution ${started.id} holds key ${
+            JSON.stringify(key)
+          } (${status}): not started again\n`,
+        );
+      }
+      out(`${started.id}\n`);
+    }
+    return 0;
+  });
+}
+
 async function deadCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
   const [sub, ...args] = rest;
   switch (sub) {
@@ -600,7 +722,7 @@ function checkTiming(role: "reaper" | "scheduler", opts: Options<"lease" | "inte
 }
 
 function reaperRole(
-  opts: Options<"lease" | "interval" | "dead-retention">,
+  opts: Options<"lease" | "interval" | "dead-retention" | "execution-key-retention">,
   holder: string,
 ): ReaperOptions {
   checkTiming("reaper", opts);
@@ -609,6 +731,7 @@ function reaperRole(
     leaseMs: opts.lease,
     intervalMs: opts.interval,
     deadRetentionMs: opts["dead-retention"],
+    executionKeyRetentionMs: opts["execution-key-retention"],
   };
 }
 
@@ -738,7 +861,7 @@ const ROLES: Record<Role, RoleCommand> = {
   ),
   reaper: roleCommand(
     "reaper",
-    ["lease", "interval", "dead-retention"],
+    ["lease", "interval", "dead-retention", "execution-key-retention"],
     (opts) => ({ reaper: reaperRole(opts, defaultWorkerId()) }),
   ),
   scheduler: roleCommand(

@@ -140,6 +140,13 @@ export const OPTIONS = {
     min: 1000,
     help: "the reaper purges dead jobs older than this",
   },
+  "execution-key-retention": {
+    kind: "duration",
+    default: "24h",
+    min: 1000,
+    help: "an ended execution keeps its key (idempotent start) this long, then the reaper " +
+      "releases it",
+  },
   schedules: {
     kind: "string",
     help: "JSON file of schedules the scheduler syncs at start (adds, updates, removes)",
@@ -216,7 +223,8 @@ export const OPTIONS = {
   key: {
     kind: "string",
     env: null,
-    help: "enqueue: dedupe key; limit: the key a limit, hold or weight is for",
+    help: "enqueue: dedupe key; execution start: the execution's key (a start with a key " +
+      "held returns its execution); limit: the key a limit, hold or weight is for",
   },
   per: {
     kind: "duration",
@@ -530,4 +538,10 @@ export const CONSUMER = [
   "sql-schemas",
 ] as const;
 /** The flags of the leader-elected roles (reaper and scheduler). */
-export const LEADER = ["lease", "interval", "dead-retention", "schedules"] as const;
+export const LEADER = [
+  "lease",
+  "interval",
+  "dead-retention",
+  "execution-key-retention",
+  "schedules",
+] as const;

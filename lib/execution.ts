@@ -7,6 +7,10 @@
  * shoal.start_execution, shoal.cancel_execution and shoal.fail_execution, are in
  * sql/functions/workflow.sql.
  *
+ * An execution may carry a key (idempotent start, migration 022): startExecution() with a key
+ * already held returns the holder, running or ended; releaseExecutionKeys() (the reaper's
+ * execution-keys sweep) frees the keys of executions ended longer than the retention ago.
+ *
  * An execution also fails without any call from here: when one of its jobs is
  * dead-lettered (attempts spent, a permanent failure, or a poison job at claim), the
  * trigger function shoal.on_job_dead in sql/functions/workflow.sql (trigger
@@ -27,7 +31,7 @@ import {
 } from "./args.ts";
 import { type Db, keysetPage } from "./db.ts";
 import { type CheckedJob, checkJobSpec, JobArgs, type JobSpec, type TaskJobSpec } from "./queue.ts";
-import { DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
+import { checkExecutionKey, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
 /** How startExecution()'s messages name its job's fields (`job.payload`). */
 const START = new JobArgs("startExecution");
@@ -38,6 +42,8 @@ export interface Execution {
   id: string;
   status: ExecutionStatus;
   label: string | null;
+  /** Its key (idempotent start), or null: none given, or released past its retention. */
+  key: string | null;
   error: string | null;
   result: unknown;
   created_at: Date;
@@ -58,49 +64,90 @@ export interface ExecutionSummary {
   barriers: { total: number; arrived: number }[];
 }
 
+/** startExecution()'s options. */
+export interface StartExecutionOptions {
+  /** Payload size limit in bytes (default 1 MiB). */
+  maxPayloadBytes?: number;
+  /**
+   * The execution's key (idempotent start, `order-42`): while an execution with this key is
+   * pending or running, and after it ended until the reaper releases the key (the
+   * execution-key retention, 24 h by default), a start with it returns that execution
+   * instead of starting another. 1 to 512 printable characters.
+   */
+  key?: string;
+}
+
+/** What a start with a key returns: the execution, and whether this call started it. */
+export interface StartedExecution {
+  id: string;
+  /** False when the key was held: `id` is the execution that holds it. */
+  created: boolean;
+}
+
 /**
- * Start an execution with its first job; returns the execution id. The job names its task
- * or carries its definition, as enqueueMany's do, and takes every enqueue option but a
- * dedupe key (a key already held would leave the execution without its job): that is a
- * TypeError. A queue or max attempts not given is the definition's, else the task's in the
- * catalog, as for enqueue().
+ * Start an execution with its first job. The job names its task or carries its definition,
+ * as enqueueMany's do, and takes every enqueue option but a dedupe key (a key already held
+ * would leave the execution without its job): that is a TypeError. A queue or max attempts
+ * not given is the definition's, else the task's in the catalog, as for enqueue().
+ *
+ * Without `options.key` it returns the new execution's id. With one it returns
+ * `{ id, created }`: the execution holding the key (`created: false`) or the one started
+ * now. Concurrent starts of one key from any number of connections start one execution;
+ * the others wait for its transaction and get its id.
  */
 export async function startExecution<T extends JobSpec | TaskJobSpec>(
   db: Db,
   job: CheckedJob<T>,
-  options: { maxPayloadBytes?: number } = {},
-): Promise<string> {
+  options: StartExecutionOptions & { key: string },
+): Promise<StartedExecution>;
+export async function startExecution<T extends JobSpec | TaskJobSpec>(
+  db: Db,
+  job: CheckedJob<T>,
+  options?: StartExecutionOptions & { key?: undefined },
+): Promise<string>;
+export async function startExecution<T extends JobSpec | TaskJobSpec>(
+  db: Db,
+  job: CheckedJob<T>,
+  options: StartExecutionOptions = {},
+): Promise<string | StartedExecution> {
   checkDb("startExecution", db);
   checkObject("startExecution", "job", job, { what: "a job ({ task, payload?, ... })" });
-  checkOptions("startExecution", options);
+  checkOptions("startExecution", options, "options", ["maxPayloadBytes", "key"]);
   checkInteger("startExecution", "options.maxPayloadBytes", options.maxPayloadBytes, {
     min: 1,
     max: MAX_INT4,
     optional: true,
   });
+  const key = options.key === undefined
+    ? null
+    : checkExecutionKey("options.key for startExecution()", options.key);
   if (job.key !== undefined) {
     throw new TypeError(
-      "Invalid job.key for startExecution(): an execution's first job cannot take a dedupe key",
+      "Invalid job.key for startExecution(): an execution's first job cannot take a dedupe key" +
+        " (to start an execution once per key, pass options.key)",
     );
   }
   const row = checkJobSpec(job, options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES, START);
-  const [result] = await db<{ id: string }[]>`
-    select shoal.start_execution(
+  const [result] = await db<{ id: string; created: boolean }[]>`
+    select r.id, r.created from shoal.start_execution_result(
       ${(row.queue as string | undefined) ?? null}::text, ${row.task as string}::text,
       ${JSON.stringify(row.payload)}::text::jsonb,
       priority => ${(row.priority as number | undefined) ?? 0}::integer,
       fairness_key => ${(row.fairness_key as string | undefined) ?? null}::text,
       max_attempts => ${(row.max_attempts as number | undefined) ?? null}::integer,
       run_at => ${(row.run_at as string | undefined) ?? null}::timestamptz,
-      traceparent => ${(row.traceparent as string | undefined) ?? null}::text) as id`;
-  return result!.id;
+      traceparent => ${(row.traceparent as string | undefined) ?? null}::text,
+      key => ${key}::text) r`;
+  if (key === null) return result!.id;
+  return { id: result!.id, created: result!.created };
 }
 
 export async function getExecution(db: Db, id: string): Promise<Execution | null> {
   checkDb("getExecution", db);
   checkId("getExecution", "id", id);
   const [row] = await db<Execution[]>`
-    select id, status, label, error, result, created_at, updated_at, started_at, finished_at
+    select id, status, label, key, error, result, created_at, updated_at, started_at,
+      finished_at
     from shoal.executions where id = ${id}::bigint`;
   return row ?? null;
 }
@@ -205,4 +252,40 @@ export async function executionBarriers(
   return await db<{ total: number; arrived: number }[]>`
     select b.total, b.total - b.remaining as arrived
     from shoal.barriers b where b.execution_id = ${id}::bigint order by b.id`;
+}
+
+/** How long an ended execution keeps its key by default (the tombstone's window). */
+export const DEFAULT_EXECUTION_KEY_RETENTION_MS = 24 * 3_600_000;
+
+/** Whether any ended execution holds its key past `olderThanMs` (the reaper's cheap check). */
+export async function hasExpiredExecutionKeys(db: Db, olderThanMs: number): Promise<boolean> {
+  const [row] = await db<{ found: boolean }[]>`
+    select exists (
+      select 1 from shoal.executions
+      where key is not null and finished_at is not null
+        and finished_at < now() - ${olderThanMs}::bigint * interval '1 millisecond'
+    ) as found`;
+  return row!.found;
+}
+
+/**
+ * Release the keys of executions that ended more than `olderThanMs` ago, oldest end first, at
+ * most `limit`: a start with such a key then starts a new execution. The execution stays, without
+ * its key. Reads along the partial index executions_key_ended (022). Returns how many.
+ */
+export async function releaseExecutionKeys(
+  db: Db,
+  options: { olderThanMs: number; limit: number },
+): Promise<number> {
+  const rows = await db`
+    update shoal.executions x set key = null
+    where x.id in (
+      select e.id from shoal.executions e
+      where e.key is not null and e.finished_at is not null
+        and e.finished_at < now() - ${options.olderThanMs}::bigint * interval '1 millisecond'
+      order by e.finished_at
+      limit ${options.limit}::integer
+      for update skip locked)
+    returning x.id`;
+  return rows.length;
 }

@@ -80,7 +80,9 @@ export {
   type ExecutionStatus,
   getExecution,
   listExecutions,
+  type StartedExecution,
   startExecution,
+  type StartExecutionOptions,
 } from "./execution.ts";
 export { acquire, holdLease, type LeaseTerm, releaseLease, renew } from "./lease.ts";
 export { reapOnce, runReaper } from "./reaper.ts";

@@ -13,6 +13,33 @@ export const NAME_RULE = "1 to 128 letters, digits or _.:- starting with a lette
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576;
 /** The longest dedupe key, in characters. */
 export const MAX_KEY_LENGTH = 512;
+/** The longest execution key (idempotent start), in characters. */
+export const MAX_EXECUTION_KEY_LENGTH = 512;
+/** The execution key's rule in words, for messages (shoal.start_execution_result checks it too). */
+export const EXECUTION_KEY_RULE =
+  `1 to ${MAX_EXECUTION_KEY_LENGTH} printable characters (no control characters)`;
+/** C0 controls (NUL included), DEL and C1 controls: what would break a key's one-line display. */
+// Unicode category Cc: exactly U+0000-U+001F and U+007F-U+009F.
+const CONTROL_CHARACTER = /\p{Cc}/u;
+
+/**
+ * Throw unless `key` is a valid execution key: one line naming it as `what` says
+ * (`options.key for startExecution()`, `--key`): a TypeError, a RangeError when it is only
+ * too long.
+ */
+export function checkExecutionKey(what: string, key: unknown): string {
+  if (typeof key === "string" && key.length > 0 && key.length <= MAX_EXECUTION_KEY_LENGTH) {
+    if (!CONTROL_CHARACTER.test(key)) return key;
+    throw new TypeError(
+      `Invalid ${what}: contains a control character; use ${EXECUTION_KEY_RULE}`,
+    );
+  }
+  const shown = typeof key === "string" ? `a string of ${key.length} characters` : typeof key;
+  const Kind = typeof key === "string" && key.length > MAX_EXECUTION_KEY_LENGTH
+    ? RangeError
+    : TypeError;
+  throw new Kind(`Invalid ${what}: expected ${EXECUTION_KEY_RULE}, not ${shown}`);
+}
 /** The longest fairness key, in characters. */
 export const MAX_FAIRNESS_KEY_LENGTH = 256;
 /**

@@ -10,7 +10,7 @@
  * tick (its lease renewal and one check).
  *
  * The sweeps hold no SQL of their own: each calls the module that owns its table
- * (barrier.ts, dead.ts, queue.ts, catalog.ts, flow.ts).
+ * (barrier.ts, dead.ts, queue.ts, catalog.ts, flow.ts, steps.ts, execution.ts).
  *
  * @module
  */
@@ -34,6 +34,11 @@ import { checkTerm, holdLease, LeaseLostError, type LeaseTerm } from "./lease.ts
 import { runLeaderLoop } from "./leader.ts";
 import { describeError, logger } from "./log.ts";
 import { listStuckJobs } from "./queue.ts";
+import {
+  DEFAULT_EXECUTION_KEY_RETENTION_MS,
+  hasExpiredExecutionKeys,
+  releaseExecutionKeys,
+} from "./execution.ts";
 import { hasStaleConsumers, pruneConsumers, STALE_CONSUMER_MS } from "./catalog.ts";
 import { hasStaleSlots, pruneSlots } from "./flow.ts";
 import { hasStaleSteps, pruneSteps } from "./steps.ts";
@@ -50,6 +55,11 @@ export interface ReaperOptions {
   intervalMs: number;
   /** Dead jobs older than this are purged. */
   deadRetentionMs: number;
+  /**
+   * An ended execution keeps its key (idempotent start) this long, then the key is released
+   * (default DEFAULT_EXECUTION_KEY_RETENTION_MS, 24 h).
+   */
+  executionKeyRetentionMs?: number;
   /** A claimed job this many attempts in with an expired deadline is reported as stuck. */
   stuckAttempts?: number;
   /** Called on every turn of the loop (the liveness check, lib/liveness.ts). */
@@ -90,6 +100,23 @@ export const deadRetentionSweep: Sweep = {
   pending: (db, options) => hasDeadOlderThan(db, options.deadRetentionMs),
   run: (tx, options, limit) => purgeDead(tx, { olderThanMs: options.deadRetentionMs, limit }),
 };
+
+/**
+ * Release the keys of executions that ended longer than the execution-key retention ago
+ * (the tombstones of idempotent start): a start with such a key starts a new execution.
+ */
+export const executionKeySweep: Sweep = {
+  name: "execution-keys",
+  kind: "housekeeping",
+  everyTicks: HOUSEKEEPING_TICKS,
+  pending: (db, options) => hasExpiredExecutionKeys(db, executionKeyRetention(options)),
+  run: (tx, options, limit) =>
+    releaseExecutionKeys(tx, { olderThanMs: executionKeyRetention(options), limit }),
+};
+
+function executionKeyRetention(options: ReaperOptions): number {
+  return options.executionKeyRetentionMs ?? DEFAULT_EXECUTION_KEY_RETENTION_MS;
+}
 
 /**
  * Remove the catalog rows of consumers not seen for a day: they died without a graceful
@@ -166,6 +193,7 @@ export function defaultSweeps(): Sweep[] {
     stuckReportSweep,
     deadRetentionSweep,
     stepRetentionSweep,
+    executionKeySweep,
     staleConsumerSweep,
     slotPruneSweep,
   ];
@@ -189,6 +217,11 @@ function checkReaperOptions(fn: string, options: ReaperOptions, loop: boolean): 
   checkInteger(fn, "options.deadRetentionMs", options.deadRetentionMs, {
     min: 0,
     max: MAX_SPAN_MS,
+  });
+  checkInteger(fn, "options.executionKeyRetentionMs", options.executionKeyRetentionMs, {
+    min: 0,
+    max: MAX_SPAN_MS,
+    optional: true,
   });
   checkInteger(fn, "options.stuckAttempts", options.stuckAttempts, {
     min: 1,

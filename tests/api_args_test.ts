@@ -183,6 +183,21 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: ({ sql }) => shoal.startExecution(sql, { task: "t", runAt: x(1700000000000) }),
     error: TypeError,
     message: `Invalid job.runAt for startExecution(): expected a valid Date, not 1700000000000`,
+  }, {
+    call: ({ sql }) => shoal.startExecution(sql, { task: "t" }, { key: x(42) }),
+    error: TypeError,
+    message:
+      "Invalid options.key for startExecution(): expected 1 to 512 printable characters (no control characters), not number",
+  }, {
+    call: ({ sql }) => shoal.startExecution(sql, { task: "t" }, { key: "a\tb" }),
+    error: TypeError,
+    message:
+      "Invalid options.key for startExecution(): contains a control character; use 1 to 512 printable characters (no control characters)",
+  }, {
+    call: ({ sql }) => shoal.startExecution(sql, { task: "t" }, x({ keys: "k" })),
+    error: TypeError,
+    message:
+      'Invalid options for startExecution(): unknown option "keys" (known: maxPayloadBytes, key)',
   }],
   listSteps: [{
     call: ({ sql }) => shoal.listSteps(sql, "abc"),

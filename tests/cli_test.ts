@@ -112,6 +112,8 @@ Deno.test("an unreachable database is one clear line naming it, without the pass
     ["status", "--json"],
     ["status", "--watch"],
     ["enqueue", "--task", "shoal.noop"],
+    ["execution", "start", "--task", "shoal.noop", "--key", "k"],
+    ["execution", "show", "1"],
     ["cancel", "1"],
     ["dead", "list"],
     ["dead", "retry", "1"],
@@ -287,6 +289,8 @@ Deno.test("every admin command that needs the schema refuses an unmigrated datab
   // Each command declares what it needs of the database (lib/cli.ts DbCommand.needs).
   const needSchema = [
     ["enqueue", "--task", "t"],
+    ["execution", "start", "--task", "t"],
+    ["execution", "show", "1"],
     ["cancel", "1"],
     ["dead", "list"],
     ["dead", "retry", "1"],

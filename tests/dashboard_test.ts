@@ -32,6 +32,7 @@ import { HttpServer } from "../lib/http_server.ts";
 import { loadPromClient, Metrics } from "../lib/metrics.ts";
 import { dashboardFor } from "../lib/dashboard/server.ts";
 import { enqueue, listJobs, listJobsStatement } from "../lib/queue.ts";
+import { startExecution } from "../lib/execution.ts";
 import { flowStatus } from "../lib/flow.ts";
 import { deadByQueueWithin, listDeadPage, purgeDead, retryDeadMatching } from "../lib/dead.ts";
 import { connect, type Db } from "../lib/db.ts";
@@ -546,6 +547,16 @@ Deno.test("dashboard job page shows its steps (escaped, redacted), sleep and pro
   assert(execution.body.includes('<progress value="30" max="120">'));
   assert(execution.body.includes("2 steps, 1 sleep"), execution.body);
   assertEquals(SEEDED_PROGRESS.done, 30);
+});
+
+Deno.test("dashboard: an execution's page shows its key (idempotent start), escaped", async () => {
+  await using db = await testDb();
+  const dashboard = open(db.sql);
+  const { id } = await startExecution(db.sql, { task: "order.ship" }, { key: "order-<42>" });
+  const page = await call(dashboard, `/executions/${id}`);
+  assertEquals(page.status, 200);
+  assert(page.body.includes("order-&lt;42&gt;"), page.body);
+  assert(!page.body.includes("order-<42>"), "the key is escaped");
 });
 
 Deno.test("dashboard answers 400 naming the parameter for every bad one", async () => {

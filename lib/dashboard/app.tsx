@@ -733,6 +733,8 @@ export function createDashboard(options: DashboardOptions): Dashboard {
             <dd id="execution-status" class={`status-${execution.status}`}>{execution.status}</dd>
             <dt>label</dt>
             <dd>{execution.label ?? "-"}</dd>
+            <dt>key</dt>
+            <dd>{execution.key ?? "-"}</dd>
             <dt>fan-out</dt>
             <dd>
               <Progress barriers={barriers} />

@@ -128,15 +128,86 @@ $$;
 
 -- Start an execution with its first job: the entry point for any language. A null queue or
 -- max_attempts (the defaults) follows the catalog rule (queue.sql); as in shoal.enqueue,
--- queue and task default to null only so that task may be named alone.
+-- queue and task default to null only so that task may be named alone. Returns the
+-- execution's id; shoal.start_execution_result says whether it was started by this call.
 --   select shoal.start_execution('default', 'shoal.chord', '{"children": [...], ...}');
 --   select shoal.start_execution(task => 'app.report', payload => '{"day": "2024-05-01"}');
+--   select shoal.start_execution(task => 'app.ship', payload => '{"order": 42}', key => 'order-42');
 -- traceparent (issue 16): the W3C trace context of the producer's span, stored with the
 -- first job (checked as shoal.enqueue_jobs checks it), which a traced consumer links the
 -- job's run to. Revision 7 added it: the signature before it goes, so that calls naming
 -- fewer arguments are not ambiguous between the two.
+-- key (issue 17, idempotent start): see shoal.start_execution_result. Added after
+-- traceparent, so the signature without it goes too.
 drop function if exists shoal.start_execution(text, text, jsonb, integer, text, integer,
                                               timestamptz);
+drop function if exists shoal.start_execution(text, text, jsonb, integer, text, integer,
+                                              timestamptz, text);
+create or replace function shoal.start_execution_result(
+  queue text default null,
+  task text default null,
+  payload jsonb default '{}',
+  priority integer default 0,
+  fairness_key text default null,
+  max_attempts integer default null,
+  run_at timestamptz default null,
+  traceparent text default null,
+  key text default null
+) returns table (id bigint, created boolean)
+language plpgsql volatile as $$
+#variable_conflict use_column
+declare
+  execution bigint;
+begin
+  -- The key's rule, as lib/names.ts checkExecutionKey states it: 1 to 512 characters, none
+  -- of them a control character (C0, DEL or C1), so that it prints on one line.
+  if start_execution_result.key is not null
+     and (length(start_execution_result.key) not between 1 and 512
+          or start_execution_result.key ~ '[\u0001-\u001f\u007f-\u009f]') then
+    raise exception 'Cannot start execution: key must be 1 to 512 printable characters'
+      using errcode = '22023';
+  end if;
+  if start_execution_result.key is null then
+    -- No key, no conflict to look for: the plain insert every start made before keys.
+    insert into shoal.executions (label) values (start_execution_result.task)
+    returning id into execution;
+  else
+    -- Idempotent start. The unique index executions_key (022) lets one insert of a key in:
+    -- a concurrent start of the same key waits for the inserting transaction, then finds the
+    -- conflict (it committed) or inserts (it rolled back). Who lost reads the holder. The only
+    -- way that read finds nothing is the reaper releasing the key in between (a tombstone past
+    -- its window): then the key is free and the insert is tried again.
+    for attempt in 1..10 loop
+      insert into shoal.executions as x (label, key)
+      values (start_execution_result.task, start_execution_result.key)
+      on conflict (key) where key is not null do nothing
+      returning x.id into execution;
+      exit when execution is not null;
+      select x.id into execution from shoal.executions x where x.key = start_execution_result.key;
+      if found then
+        return query select execution, false;
+        return;
+      end if;
+    end loop;
+    if execution is null then
+      raise exception 'Cannot start execution: key % was taken and released 10 times in a row',
+        start_execution_result.key using errcode = '40001';
+    end if;
+  end if;
+  -- No dedupe key on the job: a key already held would leave the execution without it.
+  perform shoal.enqueue_jobs(jsonb_build_array(
+    jsonb_strip_nulls(jsonb_build_object(
+      'queue', start_execution_result.queue, 'task', start_execution_result.task,
+      'priority', start_execution_result.priority,
+      'fairness_key', start_execution_result.fairness_key,
+      'max_attempts', start_execution_result.max_attempts,
+      'run_at', start_execution_result.run_at, 'execution_id', execution,
+      'traceparent', start_execution_result.traceparent))
+    || jsonb_build_object('payload', start_execution_result.payload)));
+  return query select execution, true;
+end
+$$;
+
 create or replace function shoal.start_execution(
   queue text default null,
   task text default null,
@@ -145,22 +216,12 @@ create or replace function shoal.start_execution(
   fairness_key text default null,
   max_attempts integer default null,
   run_at timestamptz default null,
-  traceparent text default null
+  traceparent text default null,
+  key text default null
 ) returns bigint
-language plpgsql volatile as $$
-declare
-  execution bigint;
-begin
-  insert into shoal.executions (label) values (task) returning id into execution;
-  -- No dedupe key: a key already held would leave the new execution without its job.
-  perform shoal.enqueue_jobs(jsonb_build_array(
-    jsonb_strip_nulls(jsonb_build_object(
-      'queue', queue, 'task', task, 'priority', priority, 'fairness_key', fairness_key,
-      'max_attempts', max_attempts, 'run_at', run_at, 'execution_id', execution,
-      'traceparent', traceparent))
-    || jsonb_build_object('payload', payload)));
-  return execution;
-end
+language sql volatile as $$
+  select r.id from shoal.start_execution_result(queue, task, payload, priority, fairness_key,
+                                                max_attempts, run_at, traceparent, key) r
 $$;
 
 -- The callback or error callback of a fan-out as the barrier stores it, checked now: a
