@@ -67,6 +67,7 @@ import sql018 from "../sql/018_traceparent.sql" with { type: "text" };
 import sql019 from "../sql/019_consumer_totals.sql" with { type: "text" };
 import sql020 from "../sql/020_steps.sql" with { type: "text" };
 import sql021 from "../sql/021_progress.sql" with { type: "text" };
+import sql022 from "../sql/022_dependencies.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -100,6 +101,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "019_consumer_totals.sql": sql019,
   "020_steps.sql": sql020,
   "021_progress.sql": sql021,
+  "022_dependencies.sql": sql022,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */

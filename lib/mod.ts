@@ -81,6 +81,9 @@ export {
   getExecution,
   listExecutions,
   startExecution,
+  startWorkflow,
+  type WorkflowSpec,
+  type WorkflowStep,
 } from "./execution.ts";
 export { acquire, holdLease, type LeaseTerm, releaseLease, renew } from "./lease.ts";
 export { reapOnce, runReaper } from "./reaper.ts";
@@ -97,6 +100,7 @@ export {
   ack,
   type CheckedJobs,
   claim,
+  type DependencyOptions,
   enqueue,
   type Enqueued,
   enqueueMany,
