@@ -6,7 +6,7 @@
  * claimable at each point and what is left behind at the end.
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
-import { testDb } from "./helpers.ts";
+import { testDb, waitFor } from "./helpers.ts";
 import type { Db } from "../lib/db.ts";
 import { completeJobs, fanOut } from "../lib/barrier.ts";
 import {
@@ -363,10 +363,12 @@ Deno.test("two dependencies completing at the same moment release their dependan
     await completeJobs(tx, [{ id: b!.id, token: b!.token, result: "b" }]);
     second = completeJobs(sql, [{ id: c!.id, token: c!.token, result: "c" }]);
     // The second is blocked on the execution's row until this commits.
-    const [waiting] = await tx<{ n: number }[]>`
-      select count(*)::int as n from pg_stat_activity
-      where wait_event_type = 'Lock' and datname = current_database()`;
-    assertEquals(waiting!.n <= 1, true);
+    await waitFor("the second completion to wait for a lock", async () => {
+      const [row] = await sql<{ n: number }[]>`
+        select count(*)::int as n from pg_stat_activity
+        where wait_event_type = 'Lock' and datname = current_database()`;
+      return row!.n === 1;
+    });
   });
   assertEquals(await second, [c!.id]);
   const ds = await claimAll(sql);
