@@ -14,6 +14,13 @@
  * shoal.fail_execution with the job's reason, in the same transaction as the dead-letter
  * move.
  *
+ * Workflows (startWorkflow(), `shoal.start_workflow`) and jobs enqueued `after` others
+ * (lib/queue.ts, `shoal.enqueue_after`) are executions whose jobs wait for others of them:
+ * the tables `shoal.held_jobs`, `shoal.job_dependencies` and `shoal.job_results`
+ * (sql/022_dependencies.sql) are written only by the SQL functions of
+ * sql/functions/workflow.sql ("Dependencies"), on enqueue, completion, dead-lettering and
+ * the execution's end; no TypeScript statement touches them.
+ *
  * @module
  */
 import {

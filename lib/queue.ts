@@ -302,9 +302,6 @@ function checkColumns(
   args: JobArgs,
   active: string | null,
 ): JobColumns {
-  // A definition's settings apply where the job does not set its own. Not given at all:
-  // null, so the insert takes the task's catalog queue and attempts (the catalog rule). A
-  // null from plain JavaScript counts as not given, as it always has.
   // Dependencies are enqueue()'s alone (enqueueAfter() takes them off first): anywhere else
   // they would be dropped without a word.
   const deps = spec as DependencyOptions;
@@ -315,6 +312,9 @@ function checkColumns(
       }: only enqueue() and ctx.enqueue() take dependencies (or startWorkflow()'s steps)`,
     );
   }
+  // A definition's settings apply where the job does not set its own. Not given at all:
+  // null, so the insert takes the task's catalog queue and attempts (the catalog rule). A
+  // null from plain JavaScript counts as not given, as it always has.
   const settings = taskSettings(spec.task, args.task);
   const byTask = typeof spec.task !== "string";
   const ownQueue = spec.queue !== undefined && spec.queue !== null;
