@@ -7,7 +7,7 @@
  * shoal.start_execution, shoal.cancel_execution and shoal.fail_execution, are in
  * sql/functions/workflow.sql.
  *
- * An execution may carry a key (idempotent start, migration 022): startExecution() with a key
+ * An execution may carry a key (idempotent start, migration 023): startExecution() with a key
  * already held returns the holder, running or ended; releaseExecutionKeys() (the reaper's
  * execution-keys sweep) frees the keys of executions ended longer than the retention ago.
  *
@@ -18,6 +18,13 @@
  * shoal.fail_execution with the job's reason, in the same transaction as the dead-letter
  * move.
  *
+ * Workflows (startWorkflow(), `shoal.start_workflow`) and jobs enqueued `after` others
+ * (lib/queue.ts, `shoal.enqueue_after`) are executions whose jobs wait for others of them:
+ * the tables `shoal.held_jobs`, `shoal.job_dependencies` and `shoal.job_results`
+ * (sql/024_dependencies.sql) are written only by the SQL functions of
+ * sql/functions/workflow.sql ("Dependencies"), on enqueue, completion, dead-lettering and
+ * the execution's end; no TypeScript statement touches them.
+ *
  * @module
  */
 import {
@@ -27,10 +34,19 @@ import {
   checkObject,
   checkOneOf,
   checkOptions,
+  isName,
   MAX_INT4,
+  refusal,
 } from "./args.ts";
 import { type Db, keysetPage } from "./db.ts";
-import { type CheckedJob, checkJobSpec, JobArgs, type JobSpec, type TaskJobSpec } from "./queue.ts";
+import {
+  type CheckedJob,
+  checkJobSpec,
+  JobArgs,
+  type JobSpec,
+  MAX_DEPENDENCIES,
+  type TaskJobSpec,
+} from "./queue.ts";
 import { checkExecutionKey, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 
 /** How startExecution()'s messages name its job's fields (`job.payload`). */
@@ -140,6 +156,117 @@ export async function startExecution<T extends JobSpec | TaskJobSpec>(
       key => ${key}::text) r`;
   if (key === null) return result!.id;
   return { id: result!.id, created: result!.created };
+}
+
+/** One step of a workflow: a job (as startExecution() takes it) with a name and dependencies. */
+export type WorkflowStep = (JobSpec | TaskJobSpec) & {
+  /** The step's name in the workflow: 1 to 128 letters, digits or `_.:-`. */
+  id: string;
+  /** Names of the steps that must complete before this one runs; none: it runs at once. */
+  after?: readonly string[];
+  /**
+   * When a step it depends on fails for good: `"fail"` (the default) fails the execution;
+   * `"run"` runs this step anyway, the failure in `payload.dependency_errors`.
+   */
+  onDependencyFailure?: "fail" | "run";
+};
+
+export interface WorkflowSpec {
+  /** 1 to 1,000 steps; each receives the results of its `after` steps in `payload.dependencies`. */
+  steps: readonly WorkflowStep[];
+  /** Shown for the execution in `shoal status` (default: the first step's task). */
+  label?: string;
+}
+
+/** The most steps one workflow may declare (`shoal.start_workflow` checks the same). */
+export const MAX_WORKFLOW_STEPS = 1000;
+
+/** How startWorkflow()'s messages name a step's fields (`steps[2].payload`). */
+const WORKFLOW = new JobArgs("startWorkflow");
+
+/**
+ * Start a workflow: an execution of steps that each run once the steps named in their
+ * `after` have completed, receiving those steps' results in `payload.dependencies` (keyed by
+ * step name). Steps without `after` are enqueued at once; the others are not claimable until
+ * their last dependency completes. Returns the execution id. The whole workflow is refused
+ * with one line when a step is invalid, two steps share an id, a step names an unknown step,
+ * or the steps form a cycle (`shoal.start_workflow`, sql/functions/workflow.sql). A step takes
+ * every enqueue option but a dedupe key and `runAt`.
+ *
+ * ```ts
+ * await startWorkflow(db, { steps: [
+ *   { id: "fetch", task: "report.fetch", payload: { day } },
+ *   { id: "sum", task: "report.sum", after: ["fetch"] }, // payload.dependencies.fetch
+ * ] });
+ * ```
+ */
+export async function startWorkflow(
+  db: Db,
+  spec: WorkflowSpec,
+  options: { maxPayloadBytes?: number } = {},
+): Promise<string> {
+  const fn = "startWorkflow";
+  checkDb(fn, db);
+  checkObject(fn, "spec", spec, { what: "a workflow ({ steps: [...] })" });
+  checkOptions(fn, options);
+  checkInteger(fn, "options.maxPayloadBytes", options.maxPayloadBytes, {
+    min: 1,
+    max: MAX_INT4,
+    optional: true,
+  });
+  const { steps, label } = spec;
+  if (!Array.isArray(steps) || steps.length === 0 || steps.length > MAX_WORKFLOW_STEPS) {
+    throw refusal(`spec.steps for ${fn}()`, `an array of 1 to ${MAX_WORKFLOW_STEPS} steps`, steps);
+  }
+  if (label !== undefined && (typeof label !== "string" || label.length > 200)) {
+    throw refusal(`spec.label for ${fn}()`, "a string of at most 200 characters", label);
+  }
+  const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  const rows = steps.map((step, i) => checkStep(step, i, maxBytes));
+  const [row] = await db<{ id: string }[]>`
+    select shoal.start_workflow(${JSON.stringify(rows)}::text::jsonb,
+                                ${label ?? null}::text) as id`;
+  return row!.id;
+}
+
+/** One step of startWorkflow() checked, as `shoal.start_workflow` takes it. */
+function checkStep(step: WorkflowStep, i: number, maxBytes: number): Record<string, unknown> {
+  const at = `spec.steps[${i}]`;
+  checkObject("startWorkflow", at, step, { what: "a step ({ id, task, payload?, after?, ... })" });
+  const { id, after, onDependencyFailure, ...job } = step;
+  if (typeof id !== "string" || !isName(id)) {
+    throw refusal(`${at}.id for startWorkflow()`, "a name of 1 to 128 letters, digits or _.:-", id);
+  }
+  if (
+    after !== undefined &&
+    (!Array.isArray(after) || after.length > MAX_DEPENDENCIES ||
+      !after.every((ref) => typeof ref === "string"))
+  ) {
+    throw refusal(`${at}.after for startWorkflow()`, "an array of step ids", after);
+  }
+  if (
+    onDependencyFailure !== undefined && onDependencyFailure !== "fail" &&
+    onDependencyFailure !== "run"
+  ) {
+    throw refusal(
+      `${at}.onDependencyFailure for startWorkflow()`,
+      '"fail" or "run"',
+      onDependencyFailure,
+    );
+  }
+  for (const field of ["key", "runAt"] as const) {
+    if (job[field] !== undefined) {
+      throw new TypeError(
+        `Invalid ${at}.${field} for startWorkflow(): a workflow step takes no ${field}`,
+      );
+    }
+  }
+  WORKFLOW.index = i;
+  const row = checkJobSpec(job as JobSpec, maxBytes, WORKFLOW);
+  row.id = id;
+  if (after !== undefined && after.length > 0) row.after = after;
+  if (onDependencyFailure !== undefined) row.on_dependency_failure = onDependencyFailure;
+  return row;
 }
 
 export async function getExecution(db: Db, id: string): Promise<Execution | null> {
@@ -271,7 +398,7 @@ export async function hasExpiredExecutionKeys(db: Db, olderThanMs: number): Prom
 /**
  * Release the keys of executions that ended more than `olderThanMs` ago, oldest end first, at
  * most `limit`: a start with such a key then starts a new execution. The execution stays, without
- * its key. Reads along the partial index executions_key_ended (022). Returns how many.
+ * its key. Reads along the partial index executions_key_ended (023). Returns how many.
  */
 export async function releaseExecutionKeys(
   db: Db,

@@ -69,6 +69,7 @@ import sql020 from "../sql/020_steps.sql" with { type: "text" };
 import sql021 from "../sql/021_progress.sql" with { type: "text" };
 import sql022 from "../sql/022_flow_rules.sql" with { type: "text" };
 import sql023 from "../sql/023_execution_keys.sql" with { type: "text" };
+import sql024 from "../sql/024_dependencies.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
@@ -104,6 +105,7 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "021_progress.sql": sql021,
   "022_flow_rules.sql": sql022,
   "023_execution_keys.sql": sql023,
+  "024_dependencies.sql": sql024,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */

@@ -83,6 +83,9 @@ export {
   type StartedExecution,
   startExecution,
   type StartExecutionOptions,
+  startWorkflow,
+  type WorkflowSpec,
+  type WorkflowStep,
 } from "./execution.ts";
 export { acquire, holdLease, type LeaseTerm, releaseLease, renew } from "./lease.ts";
 export { reapOnce, runReaper } from "./reaper.ts";
@@ -99,6 +102,7 @@ export {
   ack,
   type CheckedJobs,
   claim,
+  type DependencyOptions,
   enqueue,
   type Enqueued,
   enqueueMany,

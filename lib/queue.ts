@@ -120,6 +120,31 @@ export interface EnqueueOptions {
   traceparent?: string;
 }
 
+/**
+ * What enqueue() and ctx.enqueue() take besides EnqueueOptions: the jobs this one runs after
+ * (docs/workflows.md, "Dependencies"; `shoal.enqueue_after` in sql/functions/workflow.sql).
+ */
+export interface DependencyOptions {
+  /**
+   * Ids of jobs of one running execution (pending, running, sleeping, waiting, or completed)
+   * that must complete before this job runs. The job joins their execution, is not
+   * claimable until the last of them completes, and then receives their results in
+   * `payload.dependencies`, keyed by job id. Takes no `key` and no `runAt`.
+   */
+  after?: readonly string[];
+  /**
+   * When a dependency fails for good: `"fail"` (the default) fails the execution, which
+   * removes this job; `"run"` runs it anyway, the failure in `payload.dependency_errors`.
+   */
+  onDependencyFailure?: "fail" | "run";
+}
+
+/** The greatest job id (a bigint). */
+const MAX_INT8 = 9223372036854775807n;
+
+/** The most jobs one job may wait for (`shoal.enqueue_after` checks the same). */
+export const MAX_DEPENDENCIES = 1000;
+
 /** One job to enqueue by task name: its payload is not type-checked. */
 export interface JobSpec extends EnqueueOptions {
   task: string;
@@ -198,7 +223,13 @@ interface JobColumns {
 }
 
 /** The calls a job is checked for, as messages name them. */
-type JobCall = "enqueue" | "ctx.enqueue" | "enqueueMany" | "startExecution" | "shoal enqueue";
+type JobCall =
+  | "enqueue"
+  | "ctx.enqueue"
+  | "enqueueMany"
+  | "startExecution"
+  | "startWorkflow"
+  | "shoal enqueue";
 
 /**
  * How messages name a job's fields, by the call the job came through: `options.runAt for
@@ -226,6 +257,8 @@ export class JobArgs {
         return `jobs[${this.index}].${path} for enqueueMany()`;
       case "startExecution":
         return `job.${path} for startExecution()`;
+      case "startWorkflow":
+        return `spec.steps[${this.index}].${path} for startWorkflow()`;
       default: // enqueue(db, task, payload, options) and ctx.enqueue(task, payload, options)
         return `${
           fromTask || field === "task" || field === "payload" ? path : `options.${path}`
@@ -269,6 +302,16 @@ function checkColumns(
   args: JobArgs,
   active: string | null,
 ): JobColumns {
+  // Dependencies are enqueue()'s alone (enqueueAfter() takes them off first): anywhere else
+  // they would be dropped without a word.
+  const deps = spec as DependencyOptions;
+  if (deps.after !== undefined || deps.onDependencyFailure !== undefined) {
+    throw new TypeError(
+      `Invalid ${
+        args.name(deps.after !== undefined ? "after" : "onDependencyFailure")
+      }: only enqueue() and ctx.enqueue() take dependencies (or startWorkflow()'s steps)`,
+    );
+  }
   // A definition's settings apply where the job does not set its own. Not given at all:
   // null, so the insert takes the task's catalog queue and attempts (the catalog rule). A
   // null from plain JavaScript counts as not given, as it always has.
@@ -339,6 +382,58 @@ function checkColumns(
     key,
     traceparent,
   };
+}
+
+/**
+ * enqueueOne() for a job with dependencies: checked here, held by `shoal.enqueue_after` until
+ * they complete. Its wake, if any, is the release's (at the last dependency's ack).
+ */
+async function enqueueAfter(
+  db: Db,
+  task: string | AnyTask,
+  payload: unknown,
+  options: EnqueueOptions & EnqueueManyOptions & DependencyOptions,
+  maxBytes: number,
+  args: JobArgs,
+): Promise<string> {
+  const { after, onDependencyFailure, ...rest } = options;
+  if (!Array.isArray(after) || after.length === 0 || after.length > MAX_DEPENDENCIES) {
+    throw refusal(args.name("after"), `an array of 1 to ${MAX_DEPENDENCIES} job ids`, after);
+  }
+  for (const id of after) {
+    if (typeof id !== "string" || !/^[1-9][0-9]{0,18}$/.test(id) || BigInt(id) > MAX_INT8) {
+      throw refusal(args.name("after"), "job ids (strings of digits)", id);
+    }
+  }
+  if (
+    onDependencyFailure !== undefined && onDependencyFailure !== "fail" &&
+    onDependencyFailure !== "run"
+  ) {
+    throw refusal(args.name("onDependencyFailure"), '"fail" or "run"', onDependencyFailure);
+  }
+  for (const field of ["key", "runAt"] as const) {
+    if (rest[field] !== undefined) {
+      throw new TypeError(
+        `Invalid ${
+          args.name(field)
+        }: a job with dependencies takes no ${field} (it runs when they complete)`,
+      );
+    }
+  }
+  const job = checkColumns(
+    { ...rest, task, payload } as AnyJobSpec,
+    maxBytes,
+    args,
+    activeTraceparent(),
+  );
+  const [row] = await db<{ id: string }[]>`
+    select shoal.enqueue_after(
+      ${after as string[]}::bigint[], ${job.task}::text, ${job.payload}::text::jsonb,
+      queue => ${job.queue}::text, priority => ${job.priority ?? 0}::integer,
+      fairness_key => ${job.fairnessKey}::text, max_attempts => ${job.maxAttempts}::integer,
+      concurrency_key => ${job.concurrencyKey}::text, traceparent => ${job.traceparent}::text,
+      on_dependency_failure => ${onDependencyFailure ?? "fail"}::text) as id`;
+  return row!.id;
 }
 
 /**
@@ -626,7 +721,7 @@ export function enqueue<P, I>(
   db: Db,
   task: TaskDefinition<P, I>,
   payload: NoInfer<I>,
-  options?: EnqueueOptions & EnqueueManyOptions,
+  options?: EnqueueOptions & EnqueueManyOptions & DependencyOptions,
 ): Promise<string>;
 /**
  * Enqueue one job by task name, for producers that do not import the task's code: the
@@ -637,13 +732,13 @@ export function enqueue(
   db: Db,
   task: string,
   payload?: Record<string, unknown>,
-  options?: EnqueueOptions & EnqueueManyOptions,
+  options?: EnqueueOptions & EnqueueManyOptions & DependencyOptions,
 ): Promise<string>;
 export async function enqueue(
   db: Db,
   task: string | AnyTask,
   payload: unknown = {},
-  options: EnqueueOptions & EnqueueManyOptions = {},
+  options: EnqueueOptions & EnqueueManyOptions & DependencyOptions = {},
 ): Promise<string> {
   checkDb("enqueue", db);
   return await enqueueOne(db, task, payload, options, ENQUEUE);
@@ -657,12 +752,15 @@ export async function enqueueOne(
   db: Db,
   task: string | AnyTask,
   payload: unknown,
-  options: EnqueueOptions & EnqueueManyOptions,
+  options: EnqueueOptions & EnqueueManyOptions & DependencyOptions,
   args: JobArgs,
 ): Promise<string> {
   checkBatchOptions(args.fn, options);
-  const spec = { ...options, task, payload } as AnyJobSpec;
   const maxBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  if (options.after !== undefined || options.onDependencyFailure !== undefined) {
+    return await enqueueAfter(db, task, payload, options, maxBytes, args);
+  }
+  const spec = { ...options, task, payload } as AnyJobSpec;
   const [result] = await insertChecked(
     db,
     [checkColumns(spec, maxBytes, args, activeTraceparent())],

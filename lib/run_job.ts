@@ -16,7 +16,14 @@ import type { Db, Sql } from "./db.ts";
 import { formatDuration } from "./duration.ts";
 import { describeError, type Logger } from "./log.ts";
 import { checkOptions } from "./args.ts";
-import { backoffMs, CTX_ENQUEUE, enqueueOne, type EnqueueOptions, type Job } from "./queue.ts";
+import {
+  backoffMs,
+  CTX_ENQUEUE,
+  type DependencyOptions,
+  enqueueOne,
+  type EnqueueOptions,
+  type Job,
+} from "./queue.ts";
 import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
 import { checkProgress, type Progress } from "./progress.ts";
@@ -550,7 +557,7 @@ class RunContext implements TaskContext {
     return this.#enqueue ??= async (
       task: string | AnyTask,
       payload: unknown = {},
-      opts?: EnqueueOptions,
+      opts?: EnqueueOptions & DependencyOptions,
     ) => {
       // Checked before the spread: a string's characters would spread into options.
       checkOptions("ctx.enqueue", opts);

@@ -20,7 +20,7 @@ import type { Db } from "./db.ts";
 import { MAX_TIMER_MS } from "./duration.ts";
 import type { Tx } from "./job_transaction.ts";
 import type { Logger } from "./log.ts";
-import type { EnqueueOptions, Job } from "./queue.ts";
+import type { DependencyOptions, EnqueueOptions, Job } from "./queue.ts";
 
 /** What a handler gets besides its payload. */
 export interface TaskContext {
@@ -37,7 +37,7 @@ export interface TaskContext {
   enqueue<P, I>(
     task: TaskDefinition<P, I>,
     payload: NoInfer<I>,
-    options?: EnqueueOptions,
+    options?: EnqueueOptions & DependencyOptions,
   ): Promise<string>;
   /**
    * Enqueue another job by task name; a queue or max attempts not given is the definition's
@@ -46,7 +46,7 @@ export interface TaskContext {
   enqueue(
     task: string,
     payload?: Record<string, unknown>,
-    options?: EnqueueOptions,
+    options?: EnqueueOptions & DependencyOptions,
   ): Promise<string>;
   /** The pool, for handlers that do their own database work. */
   db: Db;

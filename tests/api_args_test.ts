@@ -199,6 +199,39 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     message:
       'Invalid options for startExecution(): unknown option "keys" (known: maxPayloadBytes, key)',
   }],
+  startWorkflow: [{
+    call: () => shoal.startWorkflow(x(null), { steps: [{ id: "a", task: "t" }] }),
+    error: TypeError,
+    message: `Invalid db for startWorkflow(): expected ${DB}, not null`,
+  }, {
+    call: ({ sql }) => shoal.startWorkflow(sql, x([{ id: "a", task: "t" }])),
+    error: TypeError,
+    message:
+      "Invalid spec for startWorkflow(): expected a workflow ({ steps: [...] }), not an array",
+  }, {
+    call: ({ sql }) => shoal.startWorkflow(sql, { steps: [] }),
+    error: TypeError,
+    message:
+      "Invalid spec.steps for startWorkflow(): expected an array of 1 to 1000 steps, not an array",
+  }, {
+    call: ({ sql }) => shoal.startWorkflow(sql, { steps: [{ id: "a", task: "t", after: x("b") }] }),
+    error: TypeError,
+    message:
+      'Invalid spec.steps[0].after for startWorkflow(): expected an array of step ids, not "b"',
+  }, {
+    call: ({ sql }) =>
+      shoal.startWorkflow(sql, {
+        steps: [{ id: "a", task: "t" }, { id: "b", task: "t", payload: x([1]) }],
+      }),
+    error: TypeError,
+    message: "Invalid spec.steps[1].payload for startWorkflow(): expected a JSON object, got array",
+  }, {
+    call: ({ sql }) =>
+      shoal.startWorkflow(sql, { steps: [{ id: "a", task: "t", onDependencyFailure: x("skip") }] }),
+    error: TypeError,
+    message:
+      'Invalid spec.steps[0].onDependencyFailure for startWorkflow(): expected "fail" or "run", not "skip"',
+  }],
   listSteps: [{
     call: ({ sql }) => shoal.listSteps(sql, "abc"),
     error: TypeError,
@@ -667,6 +700,16 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     call: () => shoal.enqueue(x(undefined), "t"),
     error: TypeError,
     message: `Invalid db for enqueue(): expected ${DB}, not undefined`,
+  }, {
+    call: ({ sql }) => shoal.enqueue(sql, "t", {}, { after: x(["1", 2]) }),
+    error: TypeError,
+    message: "Invalid options.after for enqueue(): expected job ids (strings of digits), not 2",
+  }, {
+    call: ({ sql }) =>
+      shoal.enqueue(sql, "t", {}, { after: ["1"], onDependencyFailure: x("skip") }),
+    error: TypeError,
+    message:
+      'Invalid options.onDependencyFailure for enqueue(): expected "fail" or "run", not "skip"',
   }, {
     call: ({ sql }) => shoal.enqueue(sql, x(5)),
     error: TypeError,

@@ -88,6 +88,7 @@ begin
         null, null, null);
     end if;
   end loop;
+  perform shoal.end_dependencies(execution);
   update shoal.executions
   set status = 'failed', error = reason, finished_at = now(), updated_at = now()
   where id = execution and status in ('pending', 'running');
@@ -98,9 +99,15 @@ $$;
 -- A job of an execution that is dead-lettered (failed out, permanent, or poison) fails
 -- its execution with the job's reason, in the same transaction (the trigger
 -- dead_jobs_fail_execution on shoal.dead_jobs).
+-- Unless every job waiting for it runs anyway (on_dependency_failure 'run', "Dependencies"
+-- below): then the failure is recorded for them and the execution goes on.
 create or replace function shoal.on_job_dead() returns trigger
 language plpgsql as $$
 begin
+  if new.execution_id is not null
+     and shoal.dependency_failed(new.execution_id, new.id, new.task, new.reason) then
+    return null;
+  end if;
   perform shoal.fail_execution(new.execution_id,
     format('Job %s (%s) failed: %s', new.id, new.task, new.reason));
   return null;
@@ -119,6 +126,7 @@ begin
   delete from shoal.jobs where id in (
     select j.id from shoal.jobs j where j.execution_id = execution order by j.id for update);
   delete from shoal.barriers where execution_id = execution;
+  perform shoal.end_dependencies(execution);
   update shoal.executions
   set status = 'cancelled', finished_at = now(), updated_at = now()
   where id = execution and status in ('pending', 'running');
@@ -364,6 +372,13 @@ begin
     raise exception using errcode = problem[1], message = problem[2];
   end if;
 
+  -- A job others depend on completes with a result; a fan-out would end it without one
+  -- and leave its dependants waiting ("Dependencies" below).
+  if exists (select 1 from shoal.job_dependencies d where d.dependency_id = parent_id) then
+    raise exception 'Cannot fan out from job %: other jobs depend on it (fan out from a job before it instead)', parent_id
+      using errcode = '22023';
+  end if;
+
   delete from shoal.jobs where id = parent_id and token = parent_token returning * into parent;
   if not found then
     return null;
@@ -522,6 +537,10 @@ begin
   -- enqueued the callback (a job of the same execution), or the barrier was torn down with
   -- the execution. Locked first, then checked by a new statement, so two last jobs
   -- finishing at once cannot both miss the completion.
+  --
+  -- Under the same lock, each step's result is recorded and the jobs waiting for it are
+  -- counted down (released at zero: "Dependencies" below); the lock serialises two
+  -- dependencies of one job completing at once, so it is released exactly once.
   if steps is not null then
     for e in
       select x.id from shoal.executions x
@@ -530,13 +549,21 @@ begin
       order by x.id
       for update
     loop
+      perform shoal.dependencies_done(e.id, array(
+        select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
+        array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
+        null);
       update shoal.executions x
       set status = 'completed', finished_at = now(), updated_at = now(),
           result = (select c.result from unnest(steps) c
                     where c.execution_id = e.id order by c.ord desc limit 1)
       where x.id = e.id
         and not exists (select 1 from shoal.jobs j where j.execution_id = e.id)
-        and not exists (select 1 from shoal.barriers y where y.execution_id = e.id);
+        and not exists (select 1 from shoal.barriers y where y.execution_id = e.id)
+        and not exists (select 1 from shoal.held_jobs h where h.execution_id = e.id);
+      if found then
+        perform shoal.end_dependencies(e.id);
+      end if;
     end loop;
   end if;
 
@@ -597,5 +624,474 @@ language plpgsql as $$
 begin
   delete from shoal.arrivals a using gone g where a.barrier_id = g.id;
   return null;
+end
+$$;
+
+-- DEPENDENCIES (sql/022_dependencies.sql; docs/workflows.md, "Dependencies"). A job of an
+-- execution may wait for others of the same execution: declared all at once as a workflow
+-- (shoal.start_workflow) or one at a time (shoal.enqueue_after). A job that waits is held in
+-- shoal.held_jobs, not in shoal.jobs, so no claim ever sees it or pays for it. Completing a
+-- step of an execution (shoal.complete_jobs, under the execution's lock) records its result
+-- in shoal.job_results and counts down the jobs waiting for it (shoal.dependencies_done);
+-- one that reaches zero is released (shoal.release_held) with its dependencies' results in
+-- payload.dependencies, keyed by the names its edges give them. A dependency that fails for
+-- good fails the execution (which removes every held job), unless each job waiting for it
+-- runs anyway (on_dependency_failure 'run': shoal.dependency_failed). Whatever ends an
+-- execution empties its held jobs, edges and results (shoal.end_dependencies). A fan-out
+-- child cannot be a dependency (its result goes to its callback), and a job others depend
+-- on cannot fan out (shoal.fan_out refuses it).
+--
+-- Locks: the execution's row is the lock of its dependencies. complete_jobs and
+-- dependency_failed take it after the job (the lock order: jobs, then executions);
+-- enqueue_after takes it before reading any job and locks none, and each check after it is a
+-- new statement, so a dependency completing meanwhile either committed (its result is read)
+-- or waits for the lock and then sees the new edge.
+
+-- Remove an ending execution's held jobs, their edges and its recorded results.
+create or replace function shoal.end_dependencies(execution bigint) returns void
+language plpgsql volatile as $$
+begin
+  -- Every edge leads to a held job: a released job's edges go with its release.
+  with gone as (
+    delete from shoal.held_jobs h where h.execution_id = execution returning h.id
+  )
+  delete from shoal.job_dependencies d using gone g where d.dependant_id = g.id;
+  delete from shoal.job_results r where r.execution_id = execution;
+end
+$$;
+
+-- Record that jobs of a running execution finished (the caller holds the execution's lock):
+-- with a result (errors[i] null) or failed for good (errors[i], the reason). A job already
+-- recorded (a dead-lettered job retried and completed after its dependants ran) counts
+-- nothing, so no dependant is counted down twice for one dependency. Releases the jobs whose
+-- last dependency this was.
+create or replace function shoal.dependencies_done(
+  execution bigint, ids bigint[], results jsonb[], errors text[]
+) returns void
+language plpgsql volatile as $$
+declare
+  recorded bigint[];
+  ready bigint[];
+begin
+  with rec as (
+    insert into shoal.job_results as r (job_id, execution_id, result, error)
+    select u.id, execution, u.result, u.error
+    from unnest(ids, results, coalesce(errors, array_fill(null::text, array[cardinality(ids)])))
+      as u(id, result, error)
+    on conflict do nothing
+    returning r.job_id
+  )
+  select array_agg(rec.job_id) into recorded from rec;
+  if recorded is null then
+    return;
+  end if;
+  with edges as (
+    select d.dependant_id as id, count(*)::integer as n
+    from shoal.job_dependencies d where d.dependency_id = any(recorded)
+    group by d.dependant_id
+  ),
+  counted as (
+    update shoal.held_jobs h set waiting = h.waiting - e.n
+    from edges e where h.id = e.id
+    returning h.id, h.waiting
+  )
+  select array_agg(c.id order by c.id) into ready from counted c where c.waiting = 0;
+  if ready is not null then
+    perform shoal.release_held(ready);
+  end if;
+end
+$$;
+
+-- Move held jobs whose dependencies have all finished into shoal.jobs, under the id they were
+-- given when held, with payload.dependencies ({name: result}) and, when some failed,
+-- payload.dependency_errors ({name: reason}). Stamped level with the head of their queue and
+-- woken as a callback is (shoal.insert_callback): the work before them was admitted already.
+-- Their payload may grow past the payload limit: the results come from shoal.
+create or replace function shoal.release_held(ids bigint[]) returns void
+language plpgsql volatile as $$
+declare
+  h record;
+  deps jsonb;
+  errs jsonb;
+  q text;
+  p integer;
+  new_seq bigint;
+begin
+  for h in
+    select x.* from shoal.held_jobs x where x.id = any(ids) order by x.id for update
+  loop
+    select jsonb_object_agg(d.name, coalesce(r.result, 'null'::jsonb)),
+           jsonb_object_agg(d.name, r.error) filter (where r.error is not null)
+    into deps, errs
+    from shoal.job_dependencies d join shoal.job_results r on r.job_id = d.dependency_id
+    where d.dependant_id = h.id;
+    q := h.job->>'queue';
+    p := coalesce((h.job->>'priority')::integer, 0);
+    insert into shoal.jobs as j (id, queue, task, payload, priority, fairness_key, fair_seq,
+                                 max_attempts, execution_id, concurrency_key, traceparent)
+    values (h.id, q, h.job->>'task',
+            coalesce(h.job->'payload', '{}'::jsonb)
+              || jsonb_build_object('dependencies', coalesce(deps, '{}'::jsonb))
+              || case when errs is null then '{}'::jsonb
+                      else jsonb_build_object('dependency_errors', errs) end,
+            p, coalesce(h.job->>'fairness_key', ''), coalesce(shoal.level_head(q, p), 1),
+            (h.job->>'max_attempts')::integer, h.execution_id, h.job->>'concurrency_key',
+            h.job->>'traceparent')
+    returning j.fair_seq into new_seq;
+    perform shoal.notify_jobs(array[q], null, array[p], array[new_seq]);
+    delete from shoal.job_dependencies d where d.dependant_id = h.id;
+    delete from shoal.held_jobs x where x.id = h.id;
+  end loop;
+end
+$$;
+
+-- A job of an execution was dead-lettered (shoal.on_job_dead). When jobs wait for it and
+-- every one of them runs anyway (on_dependency_failure 'run'), its failure is recorded for
+-- them, those it was the last dependency of are released, and the execution goes on: true.
+-- Otherwise false, and the caller fails the execution.
+create or replace function shoal.dependency_failed(
+  execution bigint, failed_job bigint, task text, reason text
+) returns boolean
+language plpgsql volatile as $$
+begin
+  -- Cheap first: most jobs have no dependants.
+  if not exists (select 1 from shoal.job_dependencies d where d.dependency_id = failed_job) then
+    return false;
+  end if;
+  -- Locked before the dependants are read: no one adds a dependant meanwhile.
+  perform 1 from shoal.executions x
+  where x.id = execution and x.status in ('pending', 'running')
+  for update;
+  if not found
+     or exists (select 1 from shoal.job_dependencies d
+                join shoal.held_jobs h on h.id = d.dependant_id
+                where d.dependency_id = failed_job and h.on_dependency_failure = 'fail') then
+    return false;
+  end if;
+  perform shoal.dependencies_done(execution, array[failed_job], array[null::jsonb],
+    array[format('Job %s (%s) failed: %s', failed_job, task, reason)]);
+  return true;
+end
+$$;
+
+-- Enqueue a job that runs after others complete: the entry point for any language, and what
+-- enqueue(..., { after }) calls. `after` names jobs of one running execution (pending,
+-- running, sleeping or held ones, or ones that completed); the new job joins that execution,
+-- is held until they have all completed, and then receives their results in
+-- payload.dependencies keyed by job id (as text). Returns its id. The job takes no dedupe key
+-- and no run_at. A dependency that failed already refuses the job unless
+-- on_dependency_failure is 'run'.
+--   select shoal.enqueue_after(array[41, 42], 'report.merge', '{"day": "2024-05-01"}');
+create or replace function shoal.enqueue_after(
+  after bigint[],
+  task text,
+  payload jsonb default '{}',
+  queue text default null,
+  priority integer default 0,
+  fairness_key text default null,
+  max_attempts integer default null,
+  concurrency_key text default null,
+  traceparent text default null,
+  on_dependency_failure text default 'fail'
+) returns bigint
+language plpgsql volatile as $$
+#variable_conflict use_variable
+declare
+  deps bigint[];
+  execution bigint;
+  problem text[];
+  bad record;
+  waiting integer;
+  q text;
+  m integer;
+  new_id bigint;
+begin
+  if coalesce(cardinality(after), 0) = 0 or array_position(after, null) is not null then
+    raise exception 'Cannot enqueue: after must name at least one job id' using errcode = '22023';
+  end if;
+  if cardinality(after) > 1000 then
+    raise exception 'Cannot enqueue: after names % jobs, over the limit of 1000', cardinality(after)
+      using errcode = '54000';
+  end if;
+  if on_dependency_failure is null or on_dependency_failure not in ('fail', 'run') then
+    raise exception 'Cannot enqueue: on_dependency_failure must be ''fail'' or ''run'''
+      using errcode = '22023';
+  end if;
+  problem := shoal.job_error(1, queue, task, payload, priority, fairness_key, max_attempts, null,
+                             concurrency_key);
+  if problem is null then
+    problem := shoal.traceparent_error('Cannot enqueue job 1', traceparent);
+  end if;
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
+  end if;
+  deps := array(select distinct u from unnest(after) u order by u);
+
+  -- The execution is the first dependency's, as the caller named them.
+  execution := coalesce(
+    (select j.execution_id from shoal.jobs j where j.id = after[1]),
+    (select h.execution_id from shoal.held_jobs h where h.id = after[1]),
+    (select r.execution_id from shoal.job_results r where r.job_id = after[1]));
+  perform 1 from shoal.executions x
+  where x.id = execution and x.status in ('pending', 'running')
+  for update;
+  if not found then
+    raise exception 'Cannot enqueue: job % is not a job of a running execution (after takes jobs of one running execution)', after[1]
+      using errcode = '22023';
+  end if;
+
+  -- Each dependency as it stands now that the lock is held.
+  select u.id, s.state into bad
+  from unnest(deps) u(id)
+  cross join lateral (select case
+    when exists (select 1 from shoal.jobs j
+                 where j.id = u.id and j.execution_id = execution and j.barrier_id is null)
+      then 'waiting'
+    when exists (select 1 from shoal.held_jobs h where h.id = u.id and h.execution_id = execution)
+      then 'waiting'
+    when exists (select 1 from shoal.job_results r
+                 where r.job_id = u.id and r.execution_id = execution and r.error is null)
+      then 'done'
+    when exists (select 1 from shoal.job_results r
+                 where r.job_id = u.id and r.execution_id = execution)
+      then 'failed'
+    when exists (select 1 from shoal.jobs j where j.id = u.id and j.execution_id = execution)
+      then 'child'
+    else 'unknown' end as state) s
+  where s.state in ('unknown', 'child')
+     or (s.state = 'failed' and on_dependency_failure = 'fail')
+  order by u.id
+  limit 1;
+  if found then
+    raise exception '%', case bad.state
+      when 'child' then format('Cannot enqueue: job %s is a fan-out child, which cannot be a dependency', bad.id)
+      when 'failed' then format('Cannot enqueue: job %s failed (on_dependency_failure ''run'' runs a job after a failed one)', bad.id)
+      else format('Cannot enqueue: job %s is not a job of execution %s (the execution of the first job after names)', bad.id, execution) end
+      using errcode = '22023';
+  end if;
+  waiting := (select count(*)::integer from unnest(deps) u(id)
+              where exists (select 1 from shoal.jobs j where j.id = u.id and j.execution_id = execution)
+                 or exists (select 1 from shoal.held_jobs h where h.id = u.id));
+
+  select s.queue, s.max_attempts into q, m
+  from shoal.task_settings(task, queue, max_attempts) s;
+  new_id := nextval(pg_get_serial_sequence('shoal.jobs', 'id')::regclass);
+  insert into shoal.held_jobs (id, execution_id, job, waiting, on_dependency_failure)
+  values (new_id, execution,
+          jsonb_strip_nulls(jsonb_build_object(
+            'queue', q, 'task', task, 'priority', priority, 'fairness_key', fairness_key,
+            'max_attempts', m, 'concurrency_key', concurrency_key, 'traceparent', traceparent))
+          || jsonb_build_object('payload', coalesce(payload, '{}'::jsonb)),
+          waiting, on_dependency_failure);
+  insert into shoal.job_dependencies (dependency_id, dependant_id, name)
+  select u, new_id, u::text from unnest(deps) u;
+  if waiting = 0 then
+    perform shoal.release_held(array[new_id]);
+  end if;
+  return new_id;
+end
+$$;
+
+-- Start a workflow: an execution whose steps are declared at once, each running after the
+-- steps it names in `after`. The entry point for any language, and what startWorkflow()
+-- calls. Returns the execution id. Refused whole, with one line, when a step is invalid,
+-- two share an id, a step names an unknown one, or the steps form a cycle. Steps without
+-- `after` are enqueued now (as enqueue_jobs would, in step order); the others are held.
+-- A step receives the results of the steps it names in payload.dependencies, keyed by
+-- their ids.
+--   steps: [{"id", "task", "payload"?, "queue"?, "priority"?, "max_attempts"?,
+--            "fairness_key"?, "concurrency_key"?, "traceparent"?, "after"?: [ids],
+--            "on_dependency_failure"?: "fail" | "run"}, ...]   (1 to 1000)
+--   select shoal.start_workflow('[{"id": "a", "task": "t.fetch"},
+--                                 {"id": "b", "task": "t.sum", "after": ["a"]}]');
+create or replace function shoal.start_workflow(steps jsonb, label text default null)
+returns bigint
+language plpgsql volatile as $$
+declare
+  name_pattern constant text := '^[A-Za-z0-9][A-Za-z0-9_.:-]*$';
+  n integer;
+  bad record;
+  problem text[];
+  graph jsonb;
+  done text[] := '{}';
+  more text[];
+  cur text;
+  nxt text;
+  path text[];
+  execution bigint;
+  roots record;
+  ids jsonb := '{}';
+  r record;
+begin
+  if jsonb_typeof(steps) is distinct from 'array' or jsonb_array_length(steps) = 0 then
+    raise exception 'Cannot start workflow: steps must be a JSON array of 1 to 1000 steps'
+      using errcode = '22023';
+  end if;
+  n := jsonb_array_length(steps);
+  if n > 1000 then
+    raise exception 'Cannot start workflow: % steps, over the limit of 1000', n
+      using errcode = '54000';
+  end if;
+  if label is not null and length(label) > 200 then
+    raise exception 'Cannot start workflow: label must be at most 200 characters'
+      using errcode = '22023';
+  end if;
+
+  -- The shape of each step, in order; the first problem names its step.
+  select s.ord, s.step into bad
+  from jsonb_array_elements(steps) with ordinality s(step, ord)
+  where jsonb_typeof(s.step) is distinct from 'object'
+     or jsonb_typeof(s.step->'id') is distinct from 'string'
+     or not (s.step->>'id' ~ name_pattern and length(s.step->>'id') <= 128)
+  order by s.ord limit 1;
+  if found then
+    raise exception 'Cannot start workflow: step % must be an object with an id of 1 to 128 letters, digits or _.:- (starting with a letter or digit)', bad.ord
+      using errcode = '22023';
+  end if;
+  select s.step->>'id' as id into bad
+  from jsonb_array_elements(steps) with ordinality s(step, ord)
+  where coalesce(jsonb_typeof(s.step->'after'), 'array') <> 'array'
+     or exists (select 1 from jsonb_array_elements(coalesce(s.step->'after', '[]')) a
+                where jsonb_typeof(a) <> 'string')
+     or coalesce(s.step->>'on_dependency_failure', 'fail') not in ('fail', 'run')
+     or coalesce(jsonb_typeof(s.step->'on_dependency_failure'), 'string') <> 'string'
+     or coalesce(jsonb_typeof(s.step->'task'), 'null') <> 'string'
+     or coalesce(jsonb_typeof(s.step->'priority'), 'number') <> 'number'
+     or coalesce(jsonb_typeof(s.step->'max_attempts'), 'number') <> 'number'
+     or coalesce(jsonb_typeof(s.step->'queue'), 'string') <> 'string'
+     or coalesce(jsonb_typeof(s.step->'fairness_key'), 'string') <> 'string'
+     or coalesce(jsonb_typeof(s.step->'concurrency_key'), 'string') <> 'string'
+     or coalesce(jsonb_typeof(s.step->'traceparent'), 'string') <> 'string'
+  order by s.ord limit 1;
+  if found then
+    raise exception 'Cannot start workflow: step "%" must have a task name, after as an array of step ids, on_dependency_failure ''fail'' or ''run'', numbers for priority and max_attempts and strings for queue and keys', bad.id
+      using errcode = '22023';
+  end if;
+  select s.step->>'id' as id into bad
+  from jsonb_array_elements(steps) s(step)
+  group by s.step->>'id' having count(*) > 1
+  limit 1;
+  if found then
+    raise exception 'Cannot start workflow: two steps have the id "%"', bad.id
+      using errcode = '22023';
+  end if;
+  select x.problem into problem
+  from (select shoal.job_error(s.ord, s.step->>'queue', s.step->>'task', s.step->'payload',
+                               (s.step->>'priority')::numeric, s.step->>'fairness_key',
+                               (s.step->>'max_attempts')::numeric, null,
+                               s.step->>'concurrency_key')
+               as problem
+        from jsonb_array_elements(steps) with ordinality s(step, ord)) x
+  where x.problem is not null
+  limit 1;
+  if problem is null then
+    select x.problem into problem
+    from (select shoal.traceparent_error(format('Cannot enqueue job %s', s.ord),
+                                         s.step->>'traceparent') as problem
+          from jsonb_array_elements(steps) with ordinality s(step, ord)
+          where s.step ? 'traceparent') x
+    where x.problem is not null
+    limit 1;
+  end if;
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
+  end if;
+
+  -- References, then cycles.
+  graph := (select jsonb_object_agg(s.step->>'id', coalesce(s.step->'after', '[]'::jsonb))
+            from jsonb_array_elements(steps) s(step));
+  select g.key as id, a.ref into bad
+  from jsonb_each(graph) g
+  cross join jsonb_array_elements_text(g.value) a(ref)
+  where not graph ? a.ref
+  limit 1;
+  if found then
+    raise exception 'Cannot start workflow: step "%" depends on unknown step "%"', bad.id, bad.ref
+      using errcode = '22023';
+  end if;
+  -- Peel off, round by round, the steps whose dependencies are all peeled off; what is
+  -- left lies on a cycle or after one.
+  loop
+    more := array(select g.key from jsonb_each(graph) g
+                  where not g.key = any(done)
+                    and not exists (select 1 from jsonb_array_elements_text(g.value) a(ref)
+                                    where not a.ref = any(done)));
+    exit when cardinality(more) = 0;
+    done := done || more;
+  end loop;
+  if cardinality(done) < n then
+    -- Every step left has a dependency left: follow them from the first such step (in step
+    -- order) until one comes round again. That one's loop is the cycle to name.
+    cur := (select s.step->>'id' from jsonb_array_elements(steps) with ordinality s(step, ord)
+            where not (s.step->>'id') = any(done) order by s.ord limit 1);
+    path := array[cur];
+    loop
+      nxt := (select a.ref from jsonb_array_elements_text(graph->cur) with ordinality a(ref, o)
+              where not a.ref = any(done) order by a.o limit 1);
+      if nxt = any(path) then
+        path := path[array_position(path, nxt):] || nxt;
+        raise exception 'Cannot start workflow: step "%" depends on itself through %', nxt,
+          (select string_agg(format('"%s"', p.v), ' -> ' order by p.o)
+           from unnest(path[2:]) with ordinality p(v, o))
+          using errcode = '22023';
+      end if;
+      path := path || nxt;
+      cur := nxt;
+    end loop;
+  end if;
+
+  insert into shoal.executions (label) values (coalesce(label, steps->0->>'task'))
+  returning id into execution;
+
+  -- Roots: enqueued now, in step order.
+  select array_agg(s.step->>'id' order by s.ord) as names,
+         array_agg(s.step->>'queue' order by s.ord) as queues,
+         array_agg(s.step->>'task' order by s.ord) as tasks,
+         array_agg(coalesce(s.step->'payload', '{}'::jsonb) order by s.ord) as payloads,
+         array_agg((s.step->>'priority')::integer order by s.ord) as priorities,
+         array_agg(s.step->>'fairness_key' order by s.ord) as fairness_keys,
+         array_agg((s.step->>'max_attempts')::integer order by s.ord) as max_attempts,
+         array_agg(s.step->>'concurrency_key' order by s.ord) as concurrency_keys,
+         array_agg(s.step->>'traceparent' order by s.ord) as traceparents
+  into roots
+  from jsonb_array_elements(steps) with ordinality s(step, ord)
+  where jsonb_array_length(coalesce(s.step->'after', '[]'::jsonb)) = 0;
+  for r in
+    select i.ord, i.id from shoal.insert_jobs(
+      roots.queues, roots.tasks, roots.payloads, null, roots.priorities, roots.fairness_keys,
+      roots.max_attempts, null, true, array_fill(execution, array[cardinality(roots.names)]),
+      null, null, roots.concurrency_keys, roots.traceparents) i
+  loop
+    ids := ids || jsonb_build_object(roots.names[r.ord], r.id);
+  end loop;
+
+  -- The others: held, each waiting for its distinct dependencies.
+  with held as (
+    insert into shoal.held_jobs (id, execution_id, job, waiting, on_dependency_failure)
+    select nextval(pg_get_serial_sequence('shoal.jobs', 'id')::regclass), execution,
+           jsonb_strip_nulls(jsonb_build_object(
+             'step', s.step->>'id', 'queue', t.queue, 'task', s.step->>'task',
+             'priority', (s.step->>'priority')::integer,
+             'fairness_key', s.step->>'fairness_key', 'max_attempts', t.max_attempts,
+             'concurrency_key', s.step->>'concurrency_key',
+             'traceparent', s.step->>'traceparent'))
+           || jsonb_build_object('payload', coalesce(s.step->'payload', '{}'::jsonb)),
+           (select count(distinct a.ref)::integer
+            from jsonb_array_elements_text(s.step->'after') a(ref)),
+           coalesce(s.step->>'on_dependency_failure', 'fail')
+    from jsonb_array_elements(steps) with ordinality s(step, ord)
+    cross join lateral shoal.task_settings(s.step->>'task', s.step->>'queue',
+                                           (s.step->>'max_attempts')::integer) t
+    where jsonb_array_length(coalesce(s.step->'after', '[]'::jsonb)) > 0
+    order by s.ord
+    returning id, job->>'step' as step
+  )
+  select ids || jsonb_object_agg(held.step, held.id) into ids from held;
+
+  insert into shoal.job_dependencies (dependency_id, dependant_id, name)
+  select distinct (ids->>a.ref)::bigint, (ids->>(s.step->>'id'))::bigint, a.ref
+  from jsonb_array_elements(steps) s(step)
+  cross join jsonb_array_elements_text(coalesce(s.step->'after', '[]'::jsonb)) a(ref);
+  return execution;
 end
 $$;
