@@ -180,7 +180,7 @@ begin
     insert into shoal.executions (label) values (start_execution_result.task)
     returning id into execution;
   else
-    -- Idempotent start. The unique index executions_key (022) lets one insert of a key in:
+    -- Idempotent start. The unique index executions_key (023) lets one insert of a key in:
     -- a concurrent start of the same key waits for the inserting transaction, then finds the
     -- conflict (it committed) or inserts (it rolled back). Who lost reads the holder. The only
     -- way that read finds nothing is the reaper releasing the key in between (a tombstone past
@@ -627,7 +627,7 @@ begin
 end
 $$;
 
--- DEPENDENCIES (sql/022_dependencies.sql; docs/workflows.md, "Dependencies"). A job of an
+-- DEPENDENCIES (sql/024_dependencies.sql; docs/workflows.md, "Dependencies"). A job of an
 -- execution may wait for others of the same execution: declared all at once as a workflow
 -- (shoal.start_workflow) or one at a time (shoal.enqueue_after). A job that waits is held in
 -- shoal.held_jobs, not in shoal.jobs, so no claim ever sees it or pays for it. Completing a
