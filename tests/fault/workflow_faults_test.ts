@@ -203,6 +203,22 @@ class WorkflowRun {
     });
   }
 
+  /** What a consumer still holds (jobs, sessions, locks): why its jobs were not taken over. */
+  async holdings(consumer: Consumer): Promise<string> {
+    const jobs = await this.#sql`
+      select id, token, locked_by, run_at - now() as due_in from shoal.jobs
+      where locked_by = ${`${Deno.hostname()}:${consumer.proc.child.pid}`}::text`;
+    const sessions = await this.#sql`
+      select pid, state, left(query, 300) as query, now() - xact_start as open_for
+      from pg_stat_activity where application_name = ${`shoal ${consumer.name}`}::text`;
+    const locks = await this.#sql`
+      select l.pid, l.locktype, l.relation::regclass::text as rel, l.mode, l.granted
+      from pg_locks l join pg_stat_activity a using (pid)
+      where a.application_name like 'shoal %'
+        and l.locktype in ('relation', 'tuple', 'transactionid')`;
+    return JSON.stringify({ jobs, sessions, locks }, null, 1);
+  }
+
   /** The jobs left and what the live consumers said last: why the run did not end. */
   async #whatIsLeft(): Promise<string> {
     const jobs = await this.#sql<Record<string, unknown>[]>`
@@ -330,7 +346,10 @@ Deno.test("workflows: a consumer SIGSTOPped inside a step past its deadline, the
   await run.start(2);
   const [victim] = run.consumers;
   // Freeze it while one of its step transactions is open: its effect written, its record not
-  // yet (the step's pause; its last statement was the effect's insert).
+  // yet (the step's pause; its last statement was the effect's insert). Frozen later, after the
+  // record locked the job row and before the commit, that one job would wait for Postgres to end
+  // the idle transaction (the task's 15 s timeout, docs/workflows.md) before another consumer
+  // could take it: a documented bound, not what this test is about.
   await waitFor(
     "the victim inside a step's transaction",
     async () => {
@@ -355,19 +374,7 @@ Deno.test("workflows: a consumer SIGSTOPped inside a step past its deadline, the
       15_000,
       100,
     ).catch(async (error) => {
-      const jobs = await db.sql`
-        select id, token, locked_by, run_at - now() as due_in from shoal.jobs
-        where locked_by = ${`${Deno.hostname()}:${victim!.proc.child.pid}`}::text`;
-      const sessions = await db.sql`
-        select pid, state, left(query, 300) as query, now() - xact_start as open_for
-        from pg_stat_activity where application_name = ${`shoal ${victim!.name}`}::text`;
-      const locks = await db.sql`
-        select l.pid, l.locktype, l.relation::regclass::text as rel, l.mode, l.granted
-        from pg_locks l join pg_stat_activity a using (pid)
-        where a.application_name like 'shoal %' and l.locktype in ('relation', 'tuple', 'transactionid')`;
-      throw new Error(
-        `${error.message}: ${JSON.stringify({ jobs, sessions, locks }, null, 1)}`,
-      );
+      throw new Error(`${error.message}: ${await run.holdings(victim!)}`, { cause: error });
     });
   } finally {
     victim!.proc.kill("SIGCONT");
