@@ -53,7 +53,10 @@ interface Figures {
   runs: number;
   /** Runs beyond the three a job needs (one per sleep, plus the first). */
   extraRuns: number;
-  /** Step transactions that rolled back because the claim had moved on (consumer logs). */
+  /**
+   * Steps (rolled back) and sleeps (refused) of a claim that had moved on: the consumers' "lost
+   * its claim" lines.
+   */
   lostClaims: number;
   faults: number;
 }
@@ -306,7 +309,7 @@ function report(scenario: string, f: Figures, started: number): void {
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
   const line = `[fault] workflows, ${scenario}: ${f.jobs} jobs of 3 steps and 2 sleeps, ` +
     `${f.runs} runs (${f.extraRuns} beyond the 3 each needs), ${f.lostClaims} stale steps ` +
-    `rolled back, ${f.faults} faults injected, 0 effects twice, ${seconds} s`;
+    `or sleeps refused, ${f.faults} faults injected, 0 effects twice, ${seconds} s`;
   Deno.stdout.writeSync(new TextEncoder().encode(line + "\n"));
 }
 
