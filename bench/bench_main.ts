@@ -1,7 +1,8 @@
 /**
- * The benchmark's own shoal binary: the stock `main` plus two tasks, `bench.stamp`, which
- * records when it started, and `bench.hold`, which runs for a while and records when it
- * started and finished (W14). Same code path as a team's own entry file.
+ * The benchmark's own shoal binary: the stock `main` plus three tasks, `bench.stamp`, which
+ * records when it started, `bench.hold`, which runs for a while and records when it
+ * started and finished (W14), and `bench.steps`, no-op durable steps (W15/steps). Same code
+ * path as a team's own entry file.
  *
  * `bench.stamp` `{t}`: `t` is the enqueuer's clock (epoch ms) just before it called
  * enqueue. The handler takes its own clock first thing, then writes both to the
@@ -53,6 +54,23 @@ export const holdTask: AnyTask = defineTask<{ ms: number }>({
   },
 });
 
+/**
+ * `bench.steps` `{steps}`: runs `steps` durable steps with no-op bodies, `s0`, `s1`, ... (each
+ * a transaction recording its null result, fenced by the token): W15/steps times them.
+ */
+export const stepsTask: AnyTask = defineTask<{ steps: number }>({
+  name: "bench.steps",
+  parse(payload) {
+    if (!Number.isInteger(payload.steps) || !((payload.steps as number) >= 1)) {
+      throw new TypeError("steps must be an integer of at least 1");
+    }
+    return { steps: payload.steps as number };
+  },
+  async handler({ steps }, ctx) {
+    for (let i = 0; i < steps; i++) await ctx.step(`s${i}`, () => null);
+  },
+});
+
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args, { tasks: [stampTask, holdTask] }));
+  Deno.exit(await main(Deno.args, { tasks: [stampTask, holdTask, stepsTask] }));
 }

@@ -52,6 +52,8 @@
  *   W12 1,000 per-second schedules for 20 s and 10,000 due at once, 1 scheduler process
  *   W13 status --json and one /metrics scrape with 10,000,000 jobs (1,000,000 with --quick),
  *       once per bench run unless --runs is given (loading the table takes minutes)
+ *   W15/steps 1,000 executions (100 with --quick) of 5 no-op durable steps, 1 consumer
+ *       process; time per step set beside W2/shoal's time per job (issue 17: ≤ 2×)
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
@@ -111,6 +113,7 @@ import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
 import { FLEET, idleFleet } from "./idle.ts";
 import { SCHEDULE_SIZES, schedulesAtScale } from "./schedules.ts";
 import { countsAtScale } from "./counts.ts";
+import { STEPS_TARGET, W15_STEPS, workflowSteps } from "./workflow_steps.ts";
 import {
   type BenchContext,
   type Benchmark,
@@ -140,6 +143,7 @@ const FULL: Sizes = {
   claimWarmup: 200,
   claimBatch: DEFAULT_CLAIM_BATCH,
   countsJobs: 10_000_000,
+  stepExecutions: 1_000,
 };
 const QUICK: Sizes = {
   jobs: 2_000,
@@ -158,6 +162,7 @@ const QUICK: Sizes = {
   claimWarmup: 20,
   claimBatch: DEFAULT_CLAIM_BATCH,
   countsJobs: 1_000_000,
+  stepExecutions: 100,
 };
 /** The soaks: W8 for `--soak`, W9's three phases (issue 5: a minute with the snapshot held). */
 const SOAK_FULL: SoakSizes = {
@@ -240,6 +245,8 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     // Right after W2/shoal (and the other commit's W2), so the figure it is set beside ran
     // in similar conditions.
     fanOutDrain(shoal),
+    // Also set beside W2/shoal of the same run (issue 17: time per step ≤ 2× W2's per job).
+    workflowSteps(),
     ...shoalAndBeside((s) => drain(s, { concurrency: HIGH_CONCURRENCY })),
     drain(floor),
     drain(floorAck),
@@ -391,6 +398,19 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
       floorLabel: "W2 drain, same run: shoal's plain jobs/s",
       settings: `${defaults}, same as W2 · ratio ≥ ${(1 / FAN_OUT_TARGET).toFixed(2)}× meets ` +
         "the target",
+    },
+    {
+      label: `W15 ${
+        sizes.stepExecutions.toLocaleString("en-US")
+      } executions of ${W15_STEPS} no-op steps, 1 consumer process: time per step`,
+      subject: "W15/steps",
+      metric: "ms_per_step",
+      metricInLabel: false,
+      floor: "W2/shoal",
+      floorMetric: "ms_per_job",
+      floorLabel: "W2 drain, same run: shoal's time per plain job",
+      settings: `${defaults}, same as W2, but the bench entry (bench.steps) · issue 17 goal: ` +
+        `≤ ${STEPS_TARGET.toFixed(2)}× W2's time per job`,
     },
     ...(["p50", "p95", "p99"] as const).map((metric) => ({
       label: w3,

@@ -75,6 +75,8 @@ export interface Sizes {
   idleFleetMs: number;
   /** W13: jobs in the table that status and /metrics count. */
   countsJobs: number;
+  /** W15/steps: executions of 5 no-op steps each, drained by one consumer. */
+  stepExecutions: number;
 }
 
 /** The soak workloads' timing (W8, W9). */
@@ -141,7 +143,8 @@ export interface Benchmark {
     | "W11"
     | "W12"
     | "W13"
-    | "W14";
+    | "W14"
+    | "W15";
   /** Which system (or floor) this measures. */
   system: string;
   /** What it measures, in a few words. */

@@ -14,6 +14,8 @@
  * It is loaded only by a process that serves /metrics ({@link enableMetrics}): it holds
  * about 10 MB of memory, a sixth of an idle consumer. Without it the roles report to a
  * {@link ProcessMetrics} that does nothing.
+ * Progress reports (`ctx.progress`) are summed up per queue at scrape time, in the same read:
+ * how many running jobs report, their mean done/total, and the age of the stalest report.
  * Labels are bounded by what the operator configures (queues, tasks, leases, schedules,
  * limits and weights) and by the keys held at once, never by job ids or payloads.
  *
@@ -23,7 +25,13 @@ import type { Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Db } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { delay } from "./sleep.ts";
-import { countJobs, type QueueCounts } from "./queue.ts";
+import {
+  countJobs,
+  PROGRESS_TOTALS_CAP,
+  progressTotals,
+  type QueueCounts,
+  type QueueProgress,
+} from "./queue.ts";
 import { type FlowStatus, flowStatus } from "./flow.ts";
 
 type PromClient = typeof import("prom-client");
@@ -123,6 +131,9 @@ export class Metrics {
   readonly #rateLimit: Gauge<"queue" | "key" | "task">;
   readonly #keyHeld: Gauge<"queue" | "key" | "task">;
   readonly #weight: Gauge<"queue" | "key">;
+  readonly #progressJobs: Gauge<"queue">;
+  readonly #progressRatio: Gauge<"queue">;
+  readonly #progressAge: Gauge<"queue">;
   readonly #leader: Gauge<"lease">;
   readonly #fires: Counter<"schedule">;
   readonly #lag: Histogram<"schedule">;
@@ -216,6 +227,21 @@ export class Metrics {
       labelNames: ["queue", "key"] as const,
       registers,
     });
+    this.#progressJobs = queueGauge(
+      "shoal_progress_jobs",
+      "Claimed jobs whose handler reported progress (ctx.progress); at most " +
+        `${PROGRESS_TOTALS_CAP} are read`,
+    );
+    this.#progressRatio = queueGauge(
+      "shoal_progress_ratio",
+      "Mean of done/total (each capped at 1) over the claimed jobs reporting a total above 0; " +
+        "absent when none does",
+    );
+    this.#progressAge = queueGauge(
+      "shoal_progress_stalest_age_seconds",
+      "Seconds since the oldest last report of a claimed job was written: a handler that " +
+        "stopped reporting while it still holds its job shows here",
+    );
     this.#leader = new Gauge({
       name: "shoal_leader",
       help: "1 while this process holds the lease, else 0",
@@ -305,7 +331,7 @@ export class Metrics {
   }
 
   /**
-   * Read the queue and flow-control gauges from the database (two statements), unless
+   * Read the queue, flow-control and progress gauges from the database (three statements), unless
    * they were read less than {@link QUEUE_CACHE_MS} ago; concurrent scrapes share one read. A
    * failed read keeps the last values of its gauges (the health check reports the database)
    * and is logged; the next scrape reads again.
@@ -318,11 +344,14 @@ export class Metrics {
         // Live jobs only: the dead-letter table is not read.
         const counts = await settled(countJobs(db, { exact: this.#exactCounts }));
         const flow = await settled(flowStatus(db));
+        const progress = await settled(progressTotals(db));
         if (counts.status === "fulfilled") this.#setQueueGauges(counts.value);
         else warnUnread("queue depths", counts.reason);
         if (flow.status === "fulfilled") this.#setFlowGauges(flow.value);
         else warnUnread("flow control", flow.reason);
-        if (counts.status === "fulfilled" && flow.status === "fulfilled") {
+        if (progress.status === "fulfilled") this.#setProgressGauges(progress.value);
+        else warnUnread("progress", progress.reason);
+        if ([counts, flow, progress].every((r) => r.status === "fulfilled")) {
           this.#queuesReadAt = now;
         }
       } finally {
@@ -372,6 +401,18 @@ export class Metrics {
       this.#keyHeld.set({ queue: h.queue, key: h.key, task: h.task ?? "" }, 1);
     }
     for (const w of flow.weights) this.#weight.set({ queue: w.queue, key: w.key }, w.weight);
+  }
+
+  #setProgressGauges(rows: QueueProgress[]): void {
+    // A queue whose reporting jobs ended disappears instead of freezing.
+    for (const gauge of [this.#progressJobs, this.#progressRatio, this.#progressAge]) {
+      gauge.reset();
+    }
+    for (const r of rows) {
+      this.#progressJobs.set({ queue: r.queue }, r.jobs);
+      if (r.ratio !== null) this.#progressRatio.set({ queue: r.queue }, r.ratio);
+      this.#progressAge.set({ queue: r.queue }, r.stalest_s);
+    }
   }
 
   /**

@@ -1572,3 +1572,41 @@ export async function progressOf(
     where j.id = any(${jobIds as string[]}::bigint[]) and j.progress is not null`;
   return new Map(rows.map(({ job_id, ...p }) => [job_id, p]));
 }
+
+/** Most reporting jobs progressTotals() reads: /metrics never scans a table without bound. */
+export const PROGRESS_TOTALS_CAP = 10_000;
+
+/** One queue's running jobs with a progress report, as progressTotals() sums them up. */
+export interface QueueProgress {
+  queue: string;
+  /** Claimed jobs whose handler reported progress. */
+  jobs: number;
+  /** Mean of done / total (capped at 1) over those with a total above 0; null when none has. */
+  ratio: number | null;
+  /** Seconds since the oldest of their last reports was written (a stalled handler shows here). */
+  stalest_s: number;
+}
+
+/**
+ * Claimed jobs with a progress report, summed up per queue for /metrics (never one figure per
+ * job: a job id is no label). Reads at most {@link PROGRESS_TOTALS_CAP} of them, by id, through
+ * the partial index that holds only jobs that ever reported (sql/021_progress.sql).
+ */
+export async function progressTotals(db: Db): Promise<QueueProgress[]> {
+  checkDb("progressTotals", db);
+  const rows = await db<QueueProgress[]>`
+    select p.queue, count(*)::integer as jobs,
+      avg(least(p.done, p.total) / nullif(p.total, 0)) as ratio, -- least() would skip a null
+      greatest(extract(epoch from now() - min(p.at)), 0)::float8 as stalest_s
+    from (
+      select j.queue, (j.progress->>'done')::float8 as done,
+        (j.progress->>'total')::float8 as total, (j.progress->>'at')::timestamptz as at
+      from shoal.jobs j
+      where j.progress is not null and j.locked_by is not null
+      order by j.id
+      limit ${PROGRESS_TOTALS_CAP}::integer
+    ) p
+    group by p.queue
+    order by p.queue`;
+  return [...rows];
+}

@@ -29,6 +29,7 @@ const SIZES: Sizes = {
   claimWarmup: 20,
   claimBatch: 510,
   countsJobs: 1_000_000,
+  stepExecutions: 100,
 };
 const SOAK: SoakSizes = {
   soakMs: 30_000,

@@ -5,7 +5,7 @@
  */
 import { assert, assertEquals } from "./assert.ts";
 import { enqueueLargeTable, testDb } from "./helpers.ts";
-import { claim, enqueue, enqueueMany } from "../lib/queue.ts";
+import { claim, enqueue, enqueueMany, saveProgress } from "../lib/queue.ts";
 import { enableMetrics, loadPromClient, Metrics, metrics, QUEUE_CACHE_MS } from "../lib/metrics.ts";
 import { runLeaderLoop } from "../lib/leader.ts";
 import { logger } from "../lib/log.ts";
@@ -22,6 +22,7 @@ import {
   setRateLimit,
 } from "../lib/flow.ts";
 import { tickOnce } from "../lib/scheduler.ts";
+import { checkProgress } from "../lib/progress.ts";
 
 // prom-client loads on demand (only a process serving /metrics needs it).
 await loadPromClient();
@@ -253,6 +254,57 @@ Deno.test("Metrics.refreshQueues() keeps the last flow gauges when only the flow
   // A failed read is not cached: the next scrape, however soon, reads again.
   await m.refreshQueues(db.sql, 5_001);
   assertEquals(sample(await m.render(), `shoal_queue_paused{queue="a"}`), undefined);
+});
+
+Deno.test("Metrics.refreshQueues() sums progress reports up per queue: jobs reporting, mean ratio, stalest report; no series per job", async () => {
+  await using db = await testDb();
+  const m = new Metrics();
+  // Queue a: three claimed jobs reporting 1/4, 3/4 and 5/4 (capped at 1), and one reporting a
+  // total of 0 (counted, left out of the ratio). Queue b: one claimed job reporting 0 of 0.
+  // Queue c: a job that reported, then went back to wait for a retry (not claimed: left out).
+  await enqueueMany(db.sql, [
+    ...Array.from({ length: 4 }, () => ({ task: "t", queue: "a" })),
+    { task: "t", queue: "b" },
+    { task: "t", queue: "c" },
+  ]);
+  const claimed = async (queue: string, limit: number) =>
+    (await claim(db.sql, { queues: [queue], limit, workerId: "test:1", visibilityMs: 60_000 }))
+      .jobs;
+  const a = await claimed("a", 4);
+  const [b] = await claimed("b", 1);
+  const [c] = await claimed("c", 1);
+  const reports = [[1, 4], [3, 4], [5, 4], [7, 0]].map(([done, total], i) => ({
+    id: a[i]!.id,
+    token: a[i]!.token,
+    progress: checkProgress(done, total, `job ${i}`),
+  }));
+  reports.push({ id: b!.id, token: b!.token, progress: checkProgress(0, 0, null) });
+  reports.push({ id: c!.id, token: c!.token, progress: checkProgress(1, 2, null) });
+  assertEquals(await saveProgress(db.sql, reports), 6);
+  await db.sql`update shoal.jobs set locked_by = null where id = ${c!.id}::bigint`;
+  // a's first job last reported 90 s ago: its handler stopped reporting.
+  await db.sql`
+    update shoal.jobs
+    set progress = progress || jsonb_build_object('at', now() - interval '90 s')
+    where id = ${a[0]!.id}::bigint`;
+  await m.refreshQueues(db.sql, 0);
+  const text = await m.render();
+  assertEquals(sample(text, `shoal_progress_jobs{queue="a"}`), 4);
+  assertEquals(sample(text, `shoal_progress_ratio{queue="a"}`), (0.25 + 0.75 + 1) / 3);
+  const age = sample(text, `shoal_progress_stalest_age_seconds{queue="a"}`)!;
+  assert(age >= 90 && age < 120, `stalest report age ${age}`);
+  assertEquals(sample(text, `shoal_progress_jobs{queue="b"}`), 1);
+  assertEquals(sample(text, `shoal_progress_ratio{queue="b"}`), undefined, "no total above 0");
+  assertEquals(sample(text, `shoal_progress_jobs{queue="c"}`), undefined, "c's job is not claimed");
+  // Bounded: one series per queue, never one per job (no job id, task or message label).
+  const series = text.split("\n").filter((l) => l.startsWith("shoal_progress_"));
+  assertEquals(series.length, 5, series.join("\n"));
+  for (const line of series) assert(/^shoal_progress_[a-z_]+\{queue="[a-z]"\} /.test(line), line);
+  // Jobs that ended take their queue's series with them.
+  await db.sql`delete from shoal.jobs`;
+  await m.refreshQueues(db.sql, 10_000);
+  const after = await m.render();
+  assertEquals(after.split("\n").filter((l) => l.startsWith("shoal_progress_")), []);
 });
 
 Deno.test("Metrics.render() still answers when the queue read fails", async () => {
