@@ -67,10 +67,12 @@ import sql018 from "../sql/018_traceparent.sql" with { type: "text" };
 import sql019 from "../sql/019_consumer_totals.sql" with { type: "text" };
 import sql020 from "../sql/020_steps.sql" with { type: "text" };
 import sql021 from "../sql/021_progress.sql" with { type: "text" };
+import sql022 from "../sql/022_events.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
 import fnCounts from "../sql/functions/counts.sql" with { type: "text" };
+import fnEvents from "../sql/functions/events.sql" with { type: "text" };
 import fnFlow from "../sql/functions/flow.sql" with { type: "text" };
 import fnQueue from "../sql/functions/queue.sql" with { type: "text" };
 import fnSqlTask from "../sql/functions/sql_task.sql" with { type: "text" };
@@ -100,12 +102,14 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "019_consumer_totals.sql": sql019,
   "020_steps.sql": sql020,
   "021_progress.sql": sql021,
+  "022_events.sql": sql022,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */
 export const EMBEDDED_FUNCTIONS: Readonly<Record<string, string>> = {
   "claim.sql": fnClaim,
   "counts.sql": fnCounts,
+  "events.sql": fnEvents,
   "flow.sql": fnFlow,
   "queue.sql": fnQueue,
   "sql_task.sql": fnSqlTask,

@@ -377,7 +377,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     "progress",
   ]);
   assertEquals(status.flow, { paused: [], limits: [], rate_limits: [], holds: [], weights: [] });
-  assertEquals(status.steps, { records: 0, jobs: 0, sleeping: 0, exact: true });
+  assertEquals(status.steps, { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true });
   assertEquals(status.progress, []);
   const keys = [
     "queue",
