@@ -199,6 +199,40 @@ Deno.test("emitEvent() racing the wait's start: every job gets its event exactly
   assertEquals([...resumed.values()].every((count) => count === 1), true, "each resumed once");
 });
 
+Deno.test("a wait that starts while an emit of its event is uncommitted waits for it and takes it (no lost wake-up)", async () => {
+  await using db = await testDb();
+  const seen: EventResult[] = [];
+  const task = approvalTask(seen);
+  await enqueue(db.sql, "t.approval", { key: "held" });
+  const job = await claimOne(db.sql);
+  let commit: () => void;
+  const gate = new Promise<void>((resolve) => (commit = resolve));
+  let emitted: () => void;
+  const inserted = new Promise<void>((resolve) => (emitted = resolve));
+  // The emit stores its event and looks for waits (none yet), then holds its transaction open.
+  const emitting = db.sql.begin(async (tx) => {
+    assertEquals(await emitEvent(tx, "approved", "held", { by: "held" }), 0);
+    emitted();
+    await gate;
+  });
+  await inserted;
+  const r = new JobRun(job, env(db.sql, [task]));
+  // The wait's transaction queues behind the emit's event lock (or, without the lock, would
+  // record its wait and hand the job back, never to be woken: the emit already looked).
+  await waitFor("the wait to block on the event lock or end", async () => {
+    if (r.state !== "running") return true;
+    const [row] = await db.sql<{ n: number }[]>`
+      select count(*)::integer as n from pg_stat_activity
+      where datname = current_database() and wait_event_type = 'Lock'`;
+    return row!.n > 0;
+  });
+  commit!();
+  await emitting;
+  await r.settled;
+  assertEquals(r.state, "completed", "the wait took the event once it committed");
+  assertEquals(seen, [{ timedOut: false, payload: { by: "held" } }]);
+});
+
 Deno.test("a redelivered or retried run gets the recorded payload back, not a later event", async () => {
   await using db = await testDb();
   const seen: EventResult[] = [];
