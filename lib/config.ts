@@ -216,7 +216,8 @@ export const OPTIONS = {
   key: {
     kind: "string",
     env: null,
-    help: "enqueue: dedupe key; limit: the key a limit, hold or weight is for",
+    help:
+      "enqueue: dedupe key; limit: the key a limit, hold or weight is for; event emit: the event's key",
   },
   per: {
     kind: "duration",

@@ -128,7 +128,7 @@ export {
 export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
 export type { Tx } from "./job_transaction.ts";
 export { listSteps, type StepRow, type StepTotals } from "./steps.ts";
-export { EVENT_RETENTION_MS, emitEvent, type EventResult } from "./events.ts";
+export { emitEvent, EVENT_RETENTION_MS, type EventResult } from "./events.ts";
 export { ClaimLostError, SuspendedError } from "./run_job.ts";
 export {
   type AnyTask,
@@ -139,6 +139,6 @@ export {
   type TaskContext,
   type TaskDefinition,
   type TaskInput,
-  type WaitOptions,
   TaskRegistry,
+  type WaitOptions,
 } from "./tasks.ts";
