@@ -15,7 +15,15 @@
  *
  * @module
  */
-import { checkDb, checkInteger, isName, MAX_INT4, MAX_SPAN_MS, refusal } from "./args.ts";
+import {
+  checkDb,
+  checkInteger,
+  checkOptions,
+  isName,
+  MAX_INT4,
+  MAX_SPAN_MS,
+  refusal,
+} from "./args.ts";
 import type { Db, Sql } from "./db.ts";
 import { checkPayload, DEFAULT_MAX_PAYLOAD_BYTES, MAX_KEY_LENGTH, NAME_RULE } from "./names.ts";
 import { type JobRef, suspendClaim } from "./queue.ts";
@@ -75,6 +83,7 @@ export async function emitEvent(
   checkDb("emitEvent", db);
   checkEventName("emitEvent", name);
   checkEventKey("emitEvent", key);
+  checkOptions("emitEvent", options, "options", ["maxPayloadBytes"]);
   const max = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
   checkInteger("emitEvent", "options.maxPayloadBytes", max, { min: 1, max: MAX_INT4 });
   const json = checkPayload(payload, max, () => "payload for emitEvent()");
