@@ -307,6 +307,7 @@ Deno.test("every admin command that needs the schema refuses an unmigrated datab
     ["limit", "weight", "q", "2", "--key", "k"],
     ["limit", "unweight", "q", "--key", "k"],
     ["limit", "list"],
+    ["event", "emit", "e", "--key", "k"],
   ];
   for (const args of needSchema) {
     const { code, stdout, stderr } = await runShoal(args, { url: db.url });

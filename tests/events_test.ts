@@ -14,6 +14,14 @@ import { JobRun, type RunEnv, SuspendedError } from "../lib/run_job.ts";
 import { listSteps, pruneSteps, stepTotals } from "../lib/steps.ts";
 import { emitEvent, type EventResult, hasStaleEvents, pruneEvents } from "../lib/events.ts";
 import { cancelExecution, startExecution } from "../lib/execution.ts";
+import { defaultSweeps, eventRetentionSweep, type ReaperOptions } from "../lib/reaper.ts";
+
+const REAPER: ReaperOptions = {
+  holder: "h",
+  leaseMs: 30_000,
+  intervalMs: 5000,
+  deadRetentionMs: 86_400_000,
+};
 
 function env(sql: Sql, tasks: AnyTask[]): RunEnv {
   return { sql, tasks: new TaskRegistry(tasks), log: logger("consumer"), taskTimeoutMs: 10_000 };
@@ -409,7 +417,11 @@ Deno.test("pruneEvents() removes events past their retention, oldest first; a re
     update shoal.events set emitted_at = now() - interval '2 days' where key in ('p', 'q')`;
   assertEquals(await hasStaleEvents(db.sql), true);
   assertEquals(await pruneEvents(db.sql, { limit: 1 }), 1);
-  assertEquals(await pruneEvents(db.sql, { limit: 10 }), 1);
+  // The reaper's sweep is the same call (its leader runs it every housekeeping tick).
+  assert(defaultSweeps().includes(eventRetentionSweep));
+  assertEquals(await eventRetentionSweep.pending!(db.sql, REAPER), true);
+  assertEquals(await eventRetentionSweep.run(db.sql, REAPER, 10), 1);
+  assertEquals(await eventRetentionSweep.pending!(db.sql, REAPER), false);
   assertEquals(await pruneEvents(db.sql, { limit: 10 }), 0);
   const keys = await db.sql<{ key: string }[]>`select key from shoal.events`;
   assertEquals(keys.map((k) => k.key), ["r"]);
