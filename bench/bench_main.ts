@@ -1,8 +1,9 @@
 /**
  * The benchmark's own shoal binary: the stock `main` plus three tasks, `bench.stamp`, which
  * records when it started, `bench.hold`, which runs for a while and records when it
- * started and finished (W14), and `bench.steps`, no-op durable steps (W15/steps). Same code
- * path as a team's own entry file.
+ * started and finished (W14), `bench.steps`, no-op durable steps (W15/steps), and `bench.await`,
+ * which waits for an event and records when its resumed run started (W15/emit). Same code path
+ * as a team's own entry file.
  *
  * `bench.stamp` `{t}`: `t` is the enqueuer's clock (epoch ms) just before it called
  * enqueue. The handler takes its own clock first thing, then writes both to the
@@ -71,6 +72,29 @@ export const stepsTask: AnyTask = defineTask<{ steps: number }>({
   },
 });
 
+/**
+ * `bench.await` `{key}`: waits for the event `bench.go` with `key` (bench/events.ts, W15). The
+ * run that finds it received takes its own clock first thing and records it in `bench.starts`
+ * with the event payload's `t` (the emitter's clock just before emit_event); the first run
+ * only hands the job back.
+ */
+export const awaitTask: AnyTask = defineTask<{ key: string }>({
+  name: "bench.await",
+  parse(payload) {
+    if (typeof payload.key !== "string") throw new TypeError("key must be a string");
+    return { key: payload.key };
+  },
+  async handler({ key }, ctx) {
+    const startedAt = performance.timeOrigin + performance.now();
+    const event = await ctx.waitForEvent<{ t: number }>("bench.go", { key });
+    if (event.timedOut) throw new Error("bench.await has no timeout");
+    await ctx.db`
+      insert into bench.starts (job_id, fairness_key, enqueued_at, started_at)
+      values (${ctx.job.id}::text, ${key}::text, ${event.payload.t}::float8,
+              ${startedAt}::float8)`;
+  },
+});
+
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args, { tasks: [stampTask, holdTask, stepsTask] }));
+  Deno.exit(await main(Deno.args, { tasks: [stampTask, holdTask, stepsTask, awaitTask] }));
 }

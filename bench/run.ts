@@ -54,6 +54,9 @@
  *       once per bench run unless --runs is given (loading the table takes minutes)
  *   W15/steps 1,000 executions (100 with --quick) of 5 no-op durable steps, 1 consumer
  *       process; time per step set beside W2/shoal's time per job (issue 17: ≤ 2×)
+ *   W15 emit_event to the resumed handler's start (W15/shoal/emit, p50 and p99): 200 jobs
+ *       (20 with --quick) each waiting on its own key, 1 consumer process, events emitted one
+ *       at a time at 40/s (issue 17 calls it W13; W13 and W14 were taken)
  *
  * Uses DATABASE_URL when set; otherwise starts a throwaway cluster with Postgres's
  * defaults (fsync on) and stops it at the end. Writes bench/results/latest.md and
@@ -114,6 +117,7 @@ import { FLEET, idleFleet } from "./idle.ts";
 import { SCHEDULE_SIZES, schedulesAtScale } from "./schedules.ts";
 import { countsAtScale } from "./counts.ts";
 import { STEPS_TARGET, W15_STEPS, workflowSteps } from "./workflow_steps.ts";
+import { eventLatency } from "./events.ts";
 import {
   type BenchContext,
   type Benchmark,
@@ -274,6 +278,8 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     }),
     // This tree only: it times this tree's status().
     countsAtScale(shoal, sizes.countsJobs),
+    // This tree only (ctx.waitForEvent, emit_event): a tenth of W3's jobs, each waiting.
+    eventLatency(shoal, sizes.latencyJobs / 10),
     // The soaks after every shorter shoal figure: W8 takes its rate from W2's.
     soak(shoal),
     heldSnapshot(shoal),
@@ -709,7 +715,7 @@ function parse(argv: string[]): Args {
     print(
       "Usage: deno task bench [--runs N] [--quick] [--only W1a,W2,W5/shoal/a1M,...] " +
         "[--soak 10m] [--soak-rate JOBS_PER_S] [--profile] [--beside GIT_REF]\n" +
-        "Workloads: W1a W1b W2 W3 W4 W5 W6 W7 W8 W9 W10 W11 W12 (see bench/run.ts); " +
+        "Workloads: W1a W1b W2 W3 W4 W5 W6 W7 W8 W9 W10 W11 W12 W13 W14 W15 (see bench/run.ts); " +
         "W5 runs 5 times and W8, W9, W11 once unless --runs is given\n",
     );
     Deno.exit(0);

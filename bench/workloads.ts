@@ -13,13 +13,14 @@
  *       way a user would before the consumer is up, drained by one real consumer process
  *       from the moment it starts working until the workflow is completed (systems with
  *       a `fanOut` driver only);
- * - W5..W13 live beside this file: fairness.ts (W5 noisy neighbour at three backlogs, and a
+ * - W5..W15 live beside this file: fairness.ts (W5 noisy neighbour at three backlogs, and a
  *   higher-priority job behind a full prefetch buffer), memory.ts (W6 consumer RSS),
  *   scaling.ts (W7 1, 2 and 4 consumer processes), soak.ts (W8 steady-rate soak, W9 the
  *   same with a transaction held open), idle.ts (W10 statements sent by an idle fleet),
  *   claim_size.ts (W11 claim time at 10k, 1M and 10M ready jobs), schedules.ts (W12 1,000
  *   per-second schedules and the scheduler's ceiling), counts.ts (W13 status and a /metrics
- *   scrape with 10,000,000 jobs).
+ *   scrape with 10,000,000 jobs), flow.ts (W14 a binding concurrency limit per key) and
+ *   events.ts (W15 emit_event to the resumed handler's start, jobs each waiting on a key).
  *
  * Every run gets a fresh database with the system's schema installed from empty.
  *

@@ -75,7 +75,8 @@ import {
   setFairnessWeight,
   setRateLimit,
 } from "./flow.ts";
-import { checkExecutionKey, checkName, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
+import { checkExecutionKey, checkName, checkPayload, MAX_FAIRNESS_KEY_LENGTH } from "./names.ts";
+import { checkEventKey, checkEventName, emitEvent } from "./events.ts";
 import {
   DASHBOARD_POOL_MAX,
   type Role,
@@ -123,6 +124,7 @@ Usage:
   shoal execution start --task T [--key K] [--queue Q] [--payload JSON] [--run-at ISO] [--json]
   shoal execution show ID [--json]
   shoal cancel EXECUTION
+  shoal event emit NAME [--key K] [--payload JSON]   deliver an event to the jobs waiting for it
   shoal dead list [--queue Q] [--limit N] [--json] | retry ID | purge [--queue Q] [--older-than D] | purge --all
   shoal schedule add NAME --cron EXPR --task T [--queue Q] [--payload JSON] [--tz ZONE] [--priority N]
         [--backfill N]
@@ -240,6 +242,8 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       return await limitCommand(parsed, rest);
     case "execution":
       return await executionCommand(parsed, rest, tasks);
+    case "event":
+      return await eventCommand(parsed, rest);
     case "cancel": {
       if (rest.length !== 1 || !/^\d+$/.test(rest[0]!)) {
         throw new UsageError("shoal cancel takes one execution id");
@@ -1020,6 +1024,41 @@ async function queueCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
     default:
       throw new UsageError("shoal queue takes pause QUEUE, resume QUEUE or list");
   }
+}
+
+/**
+ * `shoal event emit NAME [--key K] [--payload JSON]`: store the event and deliver it to every
+ * job waiting on (NAME, K) (lib/events.ts); says how many waits received it.
+ */
+async function eventCommand(parsed: ParsedArgs, rest: string[]): Promise<number> {
+  const [sub, ...args] = rest;
+  if (sub !== "emit") throw new UsageError("shoal event takes emit NAME");
+  if (args.length !== 1) throw new UsageError("shoal event emit takes one event name");
+  const name = args[0]!;
+  let key = "";
+  let payload: Record<string, unknown> = {};
+  return await withDb(parsed, {
+    name: "event emit",
+    flags: ["key", "payload", "max-payload"],
+    needs: "current schema",
+    check: (opts) => {
+      payload = parsePayloadFlag(opts.payload);
+      key = opts.key ?? "";
+      try {
+        checkEventName("shoal event emit", name);
+        checkEventKey("shoal event emit", key);
+        checkPayload(payload, opts["max-payload"], () => "--payload");
+      } catch (error) {
+        throw new UsageError(messageOf(error));
+      }
+    },
+  }, async (sql, opts) => {
+    const received = await emitEvent(sql, name, key, payload, {
+      maxPayloadBytes: opts["max-payload"],
+    });
+    out(`Event ${name} emitted: ${received} waiting job${received === 1 ? "" : "s"} received it\n`);
+    return 0;
+  });
 }
 
 /** `--key` of `shoal limit`: a flow or fairness key, at most 256 characters. */

@@ -151,7 +151,7 @@ export class Completer {
       case "failed":
         return this.#tracked(() => this.#fail(run, run.error, ms));
       // running (not settled: a caller's bug), lost or released: nothing to record; suspended
-      // (ctx.sleep): recorded already, by the sleep itself
+      // (ctx.sleep, ctx.waitForEvent): recorded already, by the sleep or the wait itself
       default:
         run.span?.end(run.state);
         return undefined;

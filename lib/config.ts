@@ -224,7 +224,8 @@ export const OPTIONS = {
     kind: "string",
     env: null,
     help: "enqueue: dedupe key; execution start: the execution's key (a start with a key " +
-      "held returns its execution); limit: the key a limit, hold or weight is for",
+      "held returns its execution); limit: the key a limit, hold or weight is for; " +
+      "event emit: the event's key",
   },
   per: {
     kind: "duration",

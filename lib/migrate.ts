@@ -70,10 +70,12 @@ import sql021 from "../sql/021_progress.sql" with { type: "text" };
 import sql022 from "../sql/022_flow_rules.sql" with { type: "text" };
 import sql023 from "../sql/023_execution_keys.sql" with { type: "text" };
 import sql024 from "../sql/024_dependencies.sql" with { type: "text" };
+import sql025 from "../sql/025_events.sql" with { type: "text" };
 // The function files and their lock, embedded for the same reason.
 import functionsLock from "../sql/functions.lock" with { type: "text" };
 import fnClaim from "../sql/functions/claim.sql" with { type: "text" };
 import fnCounts from "../sql/functions/counts.sql" with { type: "text" };
+import fnEvents from "../sql/functions/events.sql" with { type: "text" };
 import fnFlow from "../sql/functions/flow.sql" with { type: "text" };
 import fnQueue from "../sql/functions/queue.sql" with { type: "text" };
 import fnSqlTask from "../sql/functions/sql_task.sql" with { type: "text" };
@@ -106,12 +108,14 @@ export const EMBEDDED_MIGRATIONS: Readonly<Record<string, string>> = {
   "022_flow_rules.sql": sql022,
   "023_execution_keys.sql": sql023,
   "024_dependencies.sql": sql024,
+  "025_events.sql": sql025,
 };
 
 /** The text of every function file, by file name (in `sql/functions/`), as shipped. */
 export const EMBEDDED_FUNCTIONS: Readonly<Record<string, string>> = {
   "claim.sql": fnClaim,
   "counts.sql": fnCounts,
+  "events.sql": fnEvents,
   "flow.sql": fnFlow,
   "queue.sql": fnQueue,
   "sql_task.sql": fnSqlTask,

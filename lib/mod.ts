@@ -134,6 +134,7 @@ export {
 export { type BuiltinSettings, builtinTasks } from "./builtin_tasks.ts";
 export type { Tx } from "./job_transaction.ts";
 export { listSteps, type StepRow, type StepTotals } from "./steps.ts";
+export { emitEvent, EVENT_RETENTION_MS, type EventResult } from "./events.ts";
 export { ClaimLostError, SuspendedError } from "./run_job.ts";
 export {
   type AnyTask,
@@ -145,4 +146,5 @@ export {
   type TaskDefinition,
   type TaskInput,
   TaskRegistry,
+  type WaitOptions,
 } from "./tasks.ts";

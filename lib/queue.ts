@@ -1021,6 +1021,36 @@ export async function extend(
 }
 
 /**
+ * Hand a claimed job back until `runAt` (text of a timestamptz, as Postgres wrote it, sent as
+ * text: a JS Date, or postgres.js's timestamptz serializer, would drop its microseconds) because its handler suspended it (a durable sleep or a wait
+ * for an event, lib/steps.ts): unlocked, the token moved on (the run that suspended cannot
+ * write again), the claim's attempt given back (a suspension is not a failed run), visible at
+ * `runAt`, with the wake announced (sql/functions/wake.sql) and its concurrency slot freed.
+ * Fenced by the token. Returns the job's new run_at, or null when the claim was no longer ours
+ * (nothing changed). Run it in the transaction that recorded the suspension, after it.
+ */
+export async function suspendClaim(db: Db, job: JobRef, runAt: string): Promise<Date | null> {
+  const [row] = await db<{ run_at: Date | null }[]>`
+    with suspended as (
+      update shoal.jobs j
+      set locked_by = null, locked_at = null, started_at = null, token = j.token + 1,
+          attempts = greatest(j.attempts - 1, 0), run_at = ${runAt}::text::timestamptz
+      where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
+      returning j.queue, j.run_at, coalesce(j.concurrency_key, j.fairness_key) as flow_key
+    ),
+    woken as (
+      select shoal.notify_jobs(array_agg(x.queue), array_agg(x.run_at)) from suspended x
+    ),
+    freed as (
+      select shoal.slots_freed(array_agg(x.queue), array_agg(x.flow_key)) from suspended x
+    )
+    -- (the joins make the notify and the slot release run: a WITH select runs when referenced)
+    select (select x.run_at from suspended x) as run_at,
+      (select count(*) from woken) as woken, (select count(*) from freed) as freed`;
+  return row!.run_at;
+}
+
+/**
  * Hand jobs back without burning an attempt (graceful shutdown): visible now, ownership
  * revoked (token bumped). Returns the ids that were still ours.
  */

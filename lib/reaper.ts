@@ -42,6 +42,7 @@ import {
 import { hasStaleConsumers, pruneConsumers, STALE_CONSUMER_MS } from "./catalog.ts";
 import { hasStaleSlots, pruneSlots } from "./flow.ts";
 import { hasStaleSteps, pruneSteps } from "./steps.ts";
+import { hasStaleEvents, pruneEvents } from "./events.ts";
 
 export const REAPER_LEASE = "reaper";
 /** Most rows one sweep touches per tick. */
@@ -90,6 +91,18 @@ export const stepRetentionSweep: Sweep = {
   everyTicks: HOUSEKEEPING_TICKS,
   pending: (db) => hasStaleSteps(db),
   run: (tx, _options, limit) => pruneSteps(tx, { limit }),
+};
+
+/**
+ * Remove emitted events (lib/events.ts) a day after they were emitted: a wait that starts later
+ * no longer finds them. A wait that received one keeps its payload in its own record.
+ */
+export const eventRetentionSweep: Sweep = {
+  name: "event-retention",
+  kind: "housekeeping",
+  everyTicks: HOUSEKEEPING_TICKS,
+  pending: (db) => hasStaleEvents(db),
+  run: (tx, _options, limit) => pruneEvents(tx, { limit }),
 };
 
 /** Purge dead-letter rows past their retention, oldest first. */
@@ -194,6 +207,7 @@ export function defaultSweeps(): Sweep[] {
     deadRetentionSweep,
     stepRetentionSweep,
     executionKeySweep,
+    eventRetentionSweep,
     staleConsumerSweep,
     slotPruneSweep,
   ];

@@ -8,7 +8,8 @@
  * (the claim moved on: the outcome is discarded), "released" (handed back at shutdown:
  * discarded too), "committed" (the handler's `ctx.transaction` already acked the job in
  * its own transaction, lib/job_transaction.ts: nothing left to write) and "suspended" (its
- * `ctx.sleep` handed the job back until its wake time, lib/steps.ts: nothing left either).
+ * `ctx.sleep` or `ctx.waitForEvent` handed the job back until its wake time or its event,
+ * lib/steps.ts and lib/events.ts: nothing left either).
  *
  * @module
  */
@@ -29,6 +30,13 @@ import { type RunSpan, tracer } from "./tracing.ts";
 import { checkProgress, type Progress } from "./progress.ts";
 import { finishJob, openJobTransaction, type Tx } from "./job_transaction.ts";
 import {
+  checkEventKey,
+  checkEventName,
+  type EventResult,
+  waitForEvent,
+  type WaitSpec,
+} from "./events.ts";
+import {
   checkStepName,
   loadSteps,
   type RecordedStep,
@@ -43,6 +51,7 @@ import {
   RetryLaterError,
   type TaskContext,
   type TaskRegistry,
+  type WaitOptions,
 } from "./tasks.ts";
 
 export class TimeoutError extends Error {
@@ -55,7 +64,8 @@ export class ClaimLostError extends Error {
   override name = "ClaimLostError";
 }
 /**
- * Thrown by `ctx.sleep` once the job is handed back until its wake time: the run ends there.
+ * Thrown by `ctx.sleep` once the job is handed back until its wake time, and by
+ * `ctx.waitForEvent` once it is handed back until its event or timeout: the run ends there.
  * Let it propagate (rethrow it from a catch-all); whatever the handler does after it is
  * discarded.
  */
@@ -296,7 +306,7 @@ export class JobRun {
     if (done !== undefined) {
       if (done.kind !== "step") {
         throw new PermanentError(
-          `Cannot run step "${name}" of job ${this.job.id}: a sleep of that name was recorded`,
+          `Cannot run step "${name}" of job ${this.job.id}: a ${done.kind} of that name was recorded`,
         );
       }
       // Traced: a short span saying the step was replayed, its function not run.
@@ -326,7 +336,15 @@ export class JobRun {
       throw error;
     }
     span?.end("recorded");
-    recorded.set(name, { kind: "step", result, wake_at: null, due: false });
+    recorded.set(name, {
+      kind: "step",
+      result,
+      wake_at: null,
+      due: false,
+      wait_state: null,
+      event_name: null,
+      event_key: null,
+    });
     return result as T;
   }
 
@@ -348,7 +366,7 @@ export class JobRun {
     if (done !== undefined) {
       if (done.kind !== "sleep") {
         throw new PermanentError(
-          `Cannot sleep "${name}" in job ${this.job.id}: a step of that name was recorded`,
+          `Cannot sleep "${name}" in job ${this.job.id}: a ${done.kind} of that name was recorded`,
         );
       }
       if (done.due) {
@@ -385,6 +403,65 @@ export class JobRun {
     });
     throw new SuspendedError(
       `Job ${job.id} sleeps until ${until.toISOString()} ("${name}"): this run ends here`,
+    );
+  }
+
+  /**
+   * The context's waitForEvent(): a wait recorded by an earlier run as received or timed out
+   * returns that at once; otherwise, under the event's lock and fenced by the token
+   * (lib/events.ts waitForEvent), a kept event is taken (the run goes on), or the wait is
+   * recorded and the job handed back until its event or its timeout, without counting an
+   * attempt: the run then ends ("suspended") and this throws a SuspendedError.
+   */
+  async waitForEvent<T>(wait: WaitSpec): Promise<EventResult<T>> {
+    this.#checkOpen("wait for an event");
+    const job = this.job;
+    const what = `Cannot wait for event "${wait.event}" in job ${job.id} (as "${wait.name}")`;
+    if (this.fanOut) {
+      // The fan-out opens with the job's ack, which a wait never sends: it would be lost.
+      throw new Error(`${what}: it asked for a fan-out`);
+    }
+    const recorded = await this.#steps();
+    const done = recorded.get(wait.name);
+    if (done !== undefined && done.kind === "wait" && done.wait_state !== "waiting") {
+      return done.wait_state === "received"
+        ? { timedOut: false, payload: done.result as T }
+        : { timedOut: true, payload: null };
+    }
+    this.#checkOpen("wait for an event");
+    // Not retried on a lost connection: had the first try committed, the second would find the
+    // token moved on. An error fails the run instead, and the retry waits again.
+    const outcome = await waitForEvent(this.#env.sql, job, wait);
+    switch (outcome.state) {
+      case "received":
+        return { timedOut: false, payload: outcome.payload as T };
+      case "timed_out":
+        return { timedOut: true, payload: null };
+      case "other":
+        throw new PermanentError(
+          outcome.event === undefined
+            ? `${what}: a ${outcome.kind} of that name was recorded`
+            : `${what} with key "${wait.key}": it was recorded waiting for event "${outcome.event.name}" with key "${outcome.event.key}"`,
+        );
+      case "lost": {
+        const lost = lostClaim(job.id);
+        this.#lostIf(lost);
+        throw lost;
+      }
+    }
+    if (this.state === "running") {
+      this.state = "suspended";
+      this.#settle(null, false);
+    }
+    const until = outcome.until;
+    this.#env.log.info("Job {job_id} ({task}) waits for event {event} ({step})", {
+      job_id: job.id,
+      task: job.task,
+      event: wait.event,
+      step: wait.name,
+    });
+    throw new SuspendedError(
+      `Job ${job.id} waits for event "${wait.event}" until it comes or ${until.toISOString()} ("${wait.name}"): this run ends here`,
     );
   }
 
@@ -609,6 +686,20 @@ class RunContext implements TaskContext {
     };
   }
 
+  get waitForEvent(): TaskContext["waitForEvent"] {
+    const run = this.#run;
+    // deno-lint-ignore no-explicit-any
+    return <T = any>(name: string, options: WaitOptions = {}): Promise<EventResult<T>> => {
+      let wait: WaitSpec;
+      try {
+        wait = waitSpecOf(name, options);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      return run.waitForEvent<T>(wait);
+    };
+  }
+
   get progress(): TaskContext["progress"] {
     const run = this.#run;
     return (done: number, total: number, message?: string): void =>
@@ -644,6 +735,17 @@ export function failureOf(error: unknown, attempts: number, retryBaseMs?: number
     retryInMs: later ? later.delayMs : backoffMs(attempts, retryBaseMs),
     ...(later?.holdKey ? { holdKeyMs: later.delayMs } : {}),
   };
+}
+
+/** The wait ctx.waitForEvent(name, options) asks for, checked; else a TypeError. */
+function waitSpecOf(name: unknown, options: unknown): WaitSpec {
+  const event = checkEventName("ctx.waitForEvent", name);
+  checkOptions("ctx.waitForEvent", options, "options", ["key", "timeout", "step"]);
+  const { key = "", timeout, step = event } = (options ?? {}) as WaitOptions;
+  checkEventKey("ctx.waitForEvent", key);
+  checkStepName("ctx.waitForEvent", step);
+  const wake = timeout === undefined ? null : wakeOf(timeout, "timeout for ctx.waitForEvent()");
+  return { name: step, event, key, timeout: wake };
 }
 
 /** A handler's return value as plain JSON (undefined becomes null). */

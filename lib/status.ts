@@ -96,7 +96,7 @@ export interface Status {
    * yet ended and fairness weights (lib/flow.ts).
    */
   flow: FlowStatus;
-  /** Durable-workflow records (lib/steps.ts): steps and sleeps kept, jobs with any, sleeping jobs. */
+  /** Durable-workflow records (lib/steps.ts): steps, sleeps and waits kept, jobs with any, sleeping and waiting jobs. */
   steps: StepTotals;
   /** Claimed jobs that reported progress (ctx.progress), by id, at most 20 (lib/progress.ts). */
   progress: JobProgress[];

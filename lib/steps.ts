@@ -11,6 +11,10 @@
  *   attempt. The run ends there; the job is claimed again once the time has come, and the same
  *   sleep then returns at once (the database's clock decides).
  *
+ * - A wait for an event (`ctx.waitForEvent(name, { key, timeout })`, lib/events.ts) is a record
+ *   of kind `wait`: `waiting` while the job is handed back, then once `received` (with the
+ *   event's payload) or `timed_out`. Its statements are here; lib/events.ts runs them in order.
+ *
  * Records are keyed by job id, which a job keeps through retries, redeliveries, sleeps and a
  * dead-letter retry. Nothing here runs on the ack path of a job without steps: records of jobs
  * that are gone are removed by the reaper (pruneSteps()).
@@ -18,9 +22,9 @@
  * @module
  */
 import { checkDb, checkId, checkInteger, isName, MAX_INT4, MAX_SPAN_MS, refusal } from "./args.ts";
-import type { Db } from "./db.ts";
+import type { Db, Sql } from "./db.ts";
 import { parseDuration } from "./duration.ts";
-import type { JobRef } from "./queue.ts";
+import { type JobRef, suspendClaim } from "./queue.ts";
 import { NAME_RULE } from "./names.ts";
 
 /** Step records of a job that is gone are kept this long after their last record (then pruned). */
@@ -29,24 +33,38 @@ export const STEP_RETENTION_MS = 3_600_000;
 /** Longest sleep: ten years, well inside what a timestamptz holds. */
 export const MAX_SLEEP_MS = 10 * 365 * 86_400_000;
 
-/** One recorded step or sleep of a job, as a run reads them. */
+/** The kinds of record: a step, a durable sleep, a wait for an event. */
+export type StepKind = "step" | "sleep" | "wait";
+
+/** Where a wait for an event is: handed back, or done once (received or timed out). */
+export type WaitState = "waiting" | "received" | "timed_out";
+
+/** One recorded step, sleep or wait of a job, as a run reads them. */
 export interface RecordedStep {
-  kind: "step" | "sleep";
-  /** A step's result (JSON); null for a sleep. */
+  kind: StepKind;
+  /** A step's result (JSON); a received wait's event payload; else null. */
   result: unknown;
-  /** A sleep's wake time; null for a step. */
+  /** A sleep's wake time, a wait's timeout (null: none); null for a step. */
   wake_at: Date | null;
-  /** A sleep whose wake time has come, by the database's clock; false for a step. */
+  /** A sleep or wait whose wake time has come, by the database's clock; false for a step. */
   due: boolean;
+  /** A wait's state, event name and key; null for a step or sleep. */
+  wait_state: WaitState | null;
+  event_name: string | null;
+  event_key: string | null;
 }
 
 /** One row of listSteps(). */
 export interface StepRow {
   name: string;
-  kind: "step" | "sleep";
+  kind: StepKind;
   result: unknown;
   wake_at: Date | null;
   recorded_at: Date;
+  /** A wait's state, event name and key; null for a step or sleep. */
+  wait_state: WaitState | null;
+  event_name: string | null;
+  event_key: string | null;
 }
 
 /** Counts for `shoal status`. */
@@ -57,6 +75,8 @@ export interface StepTotals {
   jobs: number;
   /** Jobs handed back by a sleep whose wake time has not come. */
   sleeping: number;
+  /** Jobs handed back by a wait for an event that has neither come nor timed out. */
+  waiting: number;
   /** False when there were more than {@link STEP_TOTALS_CAP} records: the figures count those read. */
   exact: boolean;
 }
@@ -76,7 +96,8 @@ export function checkStepName(fn: string, name: unknown): string {
 /** The job's records by name; a run reads them once, on its first step or sleep. */
 export async function loadSteps(db: Db, jobId: string): Promise<Map<string, RecordedStep>> {
   const rows = await db<({ name: string } & RecordedStep)[]>`
-    select s.name, s.kind, s.result, s.wake_at, coalesce(s.wake_at <= now(), false) as due
+    select s.name, s.kind, s.result, s.wake_at, coalesce(s.wake_at <= now(), false) as due,
+      s.wait_state, s.event_name, s.event_key
     from shoal.job_steps s where s.job_id = ${jobId}::bigint`;
   return new Map(rows.map(({ name, ...step }) => [name, step]));
 }
@@ -115,58 +136,141 @@ export async function recordStep(
 export type Wake = { at: Date } | { ms: number };
 
 /**
- * Record a sleep (or keep the wake time it already has) and hand the job back until then, in
- * one statement fenced by the token: unlocked, the token moved on (so the run that slept cannot
- * write again), the claim's attempt given back (a sleep is not a failed run), visible at the
- * wake time, with the wake announced (sql/functions/wake.sql) and its concurrency slot freed.
+ * Record a sleep (or keep the wake time it already has) and hand the job back until then
+ * (lib/queue.ts suspendClaim()), in one transaction fenced by the token: the record's insert
+ * locks the job row where id and token match, so a claim that moved on records nothing.
  * Returns the wake time, or null when the claim was no longer ours (nothing changed).
  */
 export async function suspendJob(
-  db: Db,
+  sql: Sql,
   job: JobRef,
   name: string,
   wake: Wake,
 ): Promise<Date | null> {
   const at = "at" in wake ? wake.at : null;
   const ms = "ms" in wake ? Math.round(wake.ms) : null;
-  const [row] = await db<{ wake_at: Date | null }[]>`
-    with ours as (
-      select j.id from shoal.jobs j
-      where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
-      for update
-    ),
-    slept as (
+  return await sql.begin(async (tx) => {
+    // The wake time as Postgres's text: a JS Date would drop its microseconds, and the job's
+    // run_at must equal the record's wake_at (stepTotals() counts sleeping jobs by it).
+    const [row] = await tx<{ wake_at: string }[]>`
+      with ours as (
+        select j.id from shoal.jobs j
+        where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
+        for update
+      )
       insert into shoal.job_steps as s (job_id, name, kind, wake_at)
       select o.id, ${name}::text, 'sleep',
         coalesce(${at}::timestamptz, now() + ${ms}::bigint * interval '1 ms')
       from ours o
       on conflict (job_id, name) do update set wake_at = s.wake_at
-      returning s.job_id, s.wake_at
-    ),
-    suspended as (
-      update shoal.jobs j
-      set locked_by = null, locked_at = null, started_at = null, token = j.token + 1,
-          attempts = greatest(j.attempts - 1, 0), run_at = s.wake_at
-      from slept s where j.id = s.job_id
-      returning j.queue, j.run_at, coalesce(j.concurrency_key, j.fairness_key) as flow_key
-    ),
-    woken as (
-      select shoal.notify_jobs(array_agg(x.queue), array_agg(x.run_at)) from suspended x
-    ),
-    freed as (
-      select shoal.slots_freed(array_agg(x.queue), array_agg(x.flow_key)) from suspended x
-    )
-    -- (the joins make the notify and the slot release run: a WITH select runs when referenced)
-    select (select x.run_at from suspended x) as wake_at,
-      (select count(*) from woken) as woken, (select count(*) from freed) as freed`;
-  return row!.wake_at;
+      returning s.wake_at::text as wake_at`;
+    if (row === undefined) return null;
+    return await suspendClaim(tx, job, row.wake_at);
+  }) as Date | null;
 }
 
-/** When a sleep given as a duration ("2d"), milliseconds or an instant ends; else a TypeError. */
-export function wakeOf(until: unknown): Wake {
+/** The longest a job waiting without a timeout stays handed back before it looks again. */
+const WAIT_PARK = "10 years";
+
+/** A wait record as the run that holds the job's claim reads it (readWait()). */
+export interface WaitRecord {
+  state: WaitState;
+  payload: unknown;
+  event_name: string;
+  event_key: string;
+  /** Its timeout has come (by the database's clock); never for a wait without one. */
+  due: boolean;
+  /** Until when a waiting job is handed back (its timeout, or ten years out), as Postgres's text. */
+  until: string;
+}
+
+/**
+ * Lock the job's row where id and token match, then read its record `name`: `ours` false when
+ * the claim moved on; `record` undefined when there is none; `kind` the record's kind. Call it
+ * with the event lock held (lib/events.ts): the snapshot is then taken after every emit of the
+ * wait's event that could change the record committed.
+ */
+export async function readWait(
+  tx: Db,
+  job: JobRef,
+  name: string,
+): Promise<{ ours: boolean; kind: StepKind | null; record: WaitRecord | undefined }> {
+  const [row] = await tx<
+    ({ ours: number; kind: StepKind | null; state: WaitState | null } & Omit<WaitRecord, "state">)[]
+  >`
+    with ours as (
+      select j.id from shoal.jobs j
+      where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
+      for update
+    )
+    select (select count(*) from ours)::integer as ours, s.kind, s.wait_state as state,
+      s.result as payload, s.event_name, s.event_key, coalesce(s.wake_at <= now(), false) as due,
+      coalesce(s.wake_at, now() + ${WAIT_PARK}::interval)::text as until
+    from (select 1) x
+    left join shoal.job_steps s on s.job_id = ${job.id}::bigint and s.name = ${name}::text`;
+  const { ours, kind, state, ...rest } = row!;
+  return {
+    ours: ours === 1,
+    kind,
+    record: kind === "wait" ? { state: state!, ...rest } : undefined,
+  };
+}
+
+/**
+ * Close a waiting record of the job whose claim the caller holds (locked by readWait()): it
+ * received the event `received` (id and payload), or (null) it timed out. Once only: a record
+ * that is no longer waiting is left as it is. Returns whether it changed.
+ */
+export async function closeWait(
+  tx: Db,
+  jobId: string,
+  name: string,
+  received: { id: string; payload: unknown } | null,
+): Promise<boolean> {
+  const rows = await tx`
+    update shoal.job_steps s
+    set wait_state = ${received === null ? "timed_out" : "received"}::text,
+      result = ${received === null ? null : JSON.stringify(received.payload)}::text::jsonb,
+      event_id = ${received?.id ?? null}::bigint
+    where s.job_id = ${jobId}::bigint and s.name = ${name}::text and s.wait_state = 'waiting'
+    returning 1`;
+  return rows.length === 1;
+}
+
+/**
+ * Record a new wait of the job whose claim the caller holds: received at once (`received`, a
+ * kept event), or waiting until `timeout` (null: none). Returns, for a waiting record, when the
+ * job is handed back until (Postgres's text of its timeout, or ten years out without one).
+ */
+export async function recordWait(
+  tx: Db,
+  jobId: string,
+  wait: { name: string; event: string; key: string; timeout: Wake | null },
+  received: { id: string; payload: unknown } | null,
+): Promise<string> {
+  const at = wait.timeout !== null && "at" in wait.timeout ? wait.timeout.at : null;
+  const ms = wait.timeout !== null && "ms" in wait.timeout ? Math.round(wait.timeout.ms) : null;
+  const [row] = await tx<{ run_at: string }[]>`
+    insert into shoal.job_steps as s
+      (job_id, name, kind, wake_at, event_name, event_key, wait_state, result, event_id)
+    values (${jobId}::bigint, ${wait.name}::text, 'wait',
+      coalesce(${at}::timestamptz, now() + ${ms}::bigint * interval '1 ms'),
+      ${wait.event}::text, ${wait.key}::text,
+      ${received === null ? "waiting" : "received"}::text,
+      ${received === null ? null : JSON.stringify(received.payload)}::text::jsonb,
+      ${received?.id ?? null}::bigint)
+    returning coalesce(s.wake_at, now() + ${WAIT_PARK}::interval)::text as run_at`;
+  return row!.run_at;
+}
+
+/**
+ * When a sleep given as a duration ("2d"), milliseconds or an instant ends; else a TypeError
+ * naming `subject` (ctx.waitForEvent's timeout takes the same forms).
+ */
+export function wakeOf(until: unknown, subject = "until for ctx.sleep()"): Wake {
   if (until instanceof Date) {
     if (Number.isNaN(until.getTime())) {
-      throw new TypeError("Invalid until for ctx.sleep(): an invalid Date");
+      throw new TypeError(`Invalid ${subject}: an invalid Date`);
     }
     return { at: until };
   }
@@ -174,12 +278,12 @@ export function wakeOf(until: unknown): Wake {
     try {
       return { ms: parseDuration(until) };
     } catch (cause) {
-      throw new TypeError(`Invalid until for ctx.sleep(): ${(cause as Error).message}`, { cause });
+      throw new TypeError(`Invalid ${subject}: ${(cause as Error).message}`, { cause });
     }
   }
   if (typeof until === "number" && until >= 0 && until <= MAX_SLEEP_MS) return { ms: until };
   throw new TypeError(
-    `Invalid until for ctx.sleep(): expected a duration ("2d"), milliseconds from 0 to ${MAX_SLEEP_MS} or a Date, got ${
+    `Invalid ${subject}: expected a duration ("2d"), milliseconds from 0 to ${MAX_SLEEP_MS} or a Date, got ${
       typeof until === "number" ? until : typeof until
     }`,
   );
@@ -200,7 +304,8 @@ export async function listSteps(
   if (limit !== null) checkInteger("listSteps", "options.limit", limit, { min: 1, max: MAX_INT4 });
   return [
     ...await db<StepRow[]>`
-      select s.name, s.kind, s.result, s.wake_at, s.recorded_at
+      select s.name, s.kind, s.result, s.wake_at, s.recorded_at, s.wait_state, s.event_name,
+        s.event_key
       from shoal.job_steps s where s.job_id = ${jobId}::bigint
       order by s.recorded_at, s.name
       limit ${limit}::integer`,
@@ -214,6 +319,7 @@ export const MAX_STEP_COUNT_JOBS = 1000;
 export interface JobStepCount {
   steps: number;
   sleeps: number;
+  waits: number;
 }
 
 /**
@@ -233,10 +339,11 @@ export async function stepCounts(
   const rows = await db<({ job_id: string } & JobStepCount)[]>`
     select s.job_id::text as job_id,
       count(*) filter (where s.kind = 'step')::integer as steps,
-      count(*) filter (where s.kind = 'sleep')::integer as sleeps
+      count(*) filter (where s.kind = 'sleep')::integer as sleeps,
+      count(*) filter (where s.kind = 'wait')::integer as waits
     from shoal.job_steps s where s.job_id = any(${jobIds as string[]}::bigint[])
     group by s.job_id`;
-  return new Map(rows.map((r) => [r.job_id, { steps: r.steps, sleeps: r.sleeps }]));
+  return new Map(rows.map((r) => [r.job_id, { steps: r.steps, sleeps: r.sleeps, waits: r.waits }]));
 }
 
 /** Counts of step records for `shoal status`. */
@@ -248,12 +355,17 @@ export async function stepTotals(db: Db): Promise<StepTotals> {
       count(*) filter (
         where s.kind = 'sleep' and s.wake_at > now()
           and exists (select 1 from shoal.jobs j where j.id = s.job_id and j.locked_by is null
-                      and j.run_at = s.wake_at))::integer as sleeping
+                      and j.run_at = s.wake_at))::integer as sleeping,
+      count(*) filter (
+        where s.wait_state = 'waiting' and coalesce(s.wake_at > now(), true)
+          and exists (select 1 from shoal.jobs j where j.id = s.job_id and j.locked_by is null))::integer
+        as waiting
     from (select * from shoal.job_steps limit ${STEP_TOTALS_CAP + 1}::integer) s`;
   return {
     records: row!.records,
     jobs: row!.jobs,
     sleeping: row!.sleeping,
+    waiting: row!.waiting,
     exact: row!.read <= STEP_TOTALS_CAP,
   };
 }

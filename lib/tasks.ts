@@ -17,6 +17,7 @@ import {
 } from "./args.ts";
 import type { FanOutSpec } from "./barrier.ts";
 import type { Db } from "./db.ts";
+import type { EventResult } from "./events.ts";
 import { MAX_TIMER_MS } from "./duration.ts";
 import type { Tx } from "./job_transaction.ts";
 import type { Logger } from "./log.ts";
@@ -84,12 +85,35 @@ export interface TaskContext {
    */
   sleep(name: string, until: string | number | Date): Promise<void>;
   /**
+   * Wait for the event `name` with `options.key` (docs/workflows.md "Events"): returns
+   * `{ timedOut: false, payload }` once it is emitted (`emitEvent()`, `shoal.emit_event`,
+   * `shoal event emit`), or `{ timedOut: true, payload: null }` once `options.timeout` (a
+   * duration, milliseconds or an instant; default none) came first. An event emitted before
+   * the wait started (kept a day) is taken at once. Otherwise the job is handed back like a
+   * sleep, holding nothing and counting no attempt, and this run ends here (this throws a
+   * SuspendedError: let it propagate); the job runs again when the event comes or the timeout
+   * does, and this same call then returns the result, as on every later run. The wait is a
+   * recorded step named `options.step` (default the event's name).
+   */
+  // deno-lint-ignore no-explicit-any
+  waitForEvent<T = any>(name: string, options?: WaitOptions): Promise<EventResult<T>>;
+  /**
    * Report progress (`done` of `total`, an optional message of up to 200 characters). Cheap to
    * call often: kept in memory and written by the consumer's next heartbeat (one statement for
    * all its jobs that reported since), shown by `shoal status --json`. Throws a TypeError on a
    * negative or non-finite number.
    */
   progress(done: number, total: number, message?: string): void;
+}
+
+/** The options of `ctx.waitForEvent`. */
+export interface WaitOptions {
+  /** The event's key (at most 512 characters; default "": an event without a key). */
+  key?: string;
+  /** Give up after a duration ("2d"), milliseconds, or at an instant; default: never. */
+  timeout?: string | number | Date;
+  /** The wait's record name (the step name rule; default the event's name). */
+  step?: string;
 }
 
 /**

@@ -238,6 +238,38 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
     message:
       'Invalid jobId for listSteps(): expected a positive integer id as a string or number, not "abc"',
   }],
+  emitEvent: [{
+    call: () => shoal.emitEvent(x(undefined), "e", "k", {}),
+    error: TypeError,
+    message: `Invalid db for emitEvent(): expected ${DB}, not undefined`,
+  }, {
+    call: ({ sql }) => shoal.emitEvent(sql, "no spaces", "k", {}),
+    error: TypeError,
+    message: `Invalid name for emitEvent(): expected an event name (${NAME}), not "no spaces"`,
+  }, {
+    call: ({ sql }) => shoal.emitEvent(sql, "e", x(42), {}),
+    error: TypeError,
+    message:
+      'Invalid key for emitEvent(): expected a string of at most 512 characters ("" for none), not 42',
+  }, {
+    call: ({ sql }) => shoal.emitEvent(sql, "e", "k".repeat(513), {}),
+    error: RangeError,
+    message: "Invalid key for emitEvent(): expected at most 512 characters, not 513",
+  }, {
+    call: ({ sql }) => shoal.emitEvent(sql, "e", "k", x([1])),
+    error: TypeError,
+    message: "Invalid payload for emitEvent(): expected a JSON object, got array",
+  }, {
+    call: ({ sql }) => shoal.emitEvent(sql, "e", "k", {}, { maxPayloadBytes: NaN }),
+    error: RangeError,
+    message:
+      "Invalid options.maxPayloadBytes for emitEvent(): expected an integer from 1 to 2147483647, not NaN",
+  }, {
+    call: ({ sql }) => shoal.emitEvent(sql, "e", "k", {}, x({ maxPayload: 5 })),
+    error: TypeError,
+    message:
+      'Invalid options for emitEvent(): unknown option "maxPayload" (known: maxPayloadBytes)',
+  }],
   getExecution: [{
     call: ({ sql }) => shoal.getExecution(sql, "abc"),
     error: TypeError,

@@ -311,6 +311,7 @@ Deno.test("every admin command that needs the schema refuses an unmigrated datab
     ["limit", "weight", "q", "2", "--key", "k"],
     ["limit", "unweight", "q", "--key", "k"],
     ["limit", "list"],
+    ["event", "emit", "e", "--key", "k"],
   ];
   for (const args of needSchema) {
     const { code, stdout, stderr } = await runShoal(args, { url: db.url });
@@ -381,7 +382,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     "progress",
   ]);
   assertEquals(status.flow, { paused: [], limits: [], rate_limits: [], holds: [], weights: [] });
-  assertEquals(status.steps, { records: 0, jobs: 0, sleeping: 0, exact: true });
+  assertEquals(status.steps, { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true });
   assertEquals(status.progress, []);
   const keys = [
     "queue",
@@ -661,4 +662,58 @@ Deno.test("a bad --log-level or --log-format exits 2 naming the choices", async 
     2,
     'shoal: Invalid SHOAL_LOG_LEVEL: "loud" is not one of trace, debug, info, warning, error, fatal\n',
   ]);
+});
+
+Deno.test("shoal event emit stores the event and says how many waits received it; a bad name, key or payload exits 2 with one line", async () => {
+  await using db = await testDb();
+  const ok = await runShoal(
+    ["event", "emit", "order.approved", "--key", "order-42", "--payload", '{"by":"ana"}'],
+    { url: db.url },
+  );
+  assertEquals([ok.code, ok.stderr], [0, ""]);
+  assertEquals(ok.stdout, "Event order.approved emitted: 0 waiting jobs received it\n");
+  const rows = await db.sql<{ name: string; key: string; payload: unknown }[]>`
+    select name, key, payload from shoal.events`;
+  assertEquals([...rows], [{ name: "order.approved", key: "order-42", payload: { by: "ana" } }]);
+  const noKey = await runShoal(["event", "emit", "deploy.done"], { url: db.url });
+  assertEquals([noKey.code, noKey.stdout], [
+    0,
+    "Event deploy.done emitted: 0 waiting jobs received it\n",
+  ]);
+
+  const cases: { args: string[]; says: string }[] = [
+    { args: ["event"], says: "shoal event takes emit NAME" },
+    { args: ["event", "emit"], says: "shoal event emit takes one event name" },
+    { args: ["event", "emit", "a", "b"], says: "shoal event emit takes one event name" },
+    { args: ["event", "emit", "bad name"], says: "expected an event name" },
+    {
+      args: ["event", "emit", "e", "--key", "k".repeat(513)],
+      says: "Invalid key for shoal event emit(): expected at most 512 characters, not 513",
+    },
+    { args: ["event", "emit", "e", "--payload", "{nope"], says: "Invalid --payload: not JSON" },
+    { args: ["event", "emit", "e", "--payload", "[1]"], says: "expected a JSON object, got array" },
+    {
+      args: [
+        "event",
+        "emit",
+        "e",
+        "--payload",
+        `{"x":"${"y".repeat(2000)}"}`,
+        "--max-payload",
+        "1024",
+      ],
+      says: "over the limit of 1024 bytes",
+    },
+    {
+      args: ["event", "emit", "e", "--task", "t"],
+      says: "Invalid flag --task: shoal event emit does not take it",
+    },
+  ];
+  for (const { args, says } of cases) {
+    const { code, stdout, stderr } = await runShoal(args, { url: db.url });
+    assertEquals([code, stdout], [2, ""], `${args.join(" ")}: ${stderr}`);
+    assertOneLine(stderr, says);
+  }
+  const [count] = await db.sql<{ n: number }[]>`select count(*)::integer as n from shoal.events`;
+  assertEquals(count!.n, 2, "nothing refused was stored");
 });

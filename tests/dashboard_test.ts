@@ -527,8 +527,22 @@ Deno.test("dashboard job page shows its steps (escaped, redacted), sleep and pro
   assert(job.body.includes("30/120 copying &lt;rows&gt;"), "the progress figures and message");
   // A job without steps or progress says so, and shows no bar.
   const plain = await call(dashboard, `/jobs/${seeded.ready}`);
-  assert(plain.body.includes("No recorded step or sleep."));
+  assert(plain.body.includes("No recorded step, sleep or wait."));
   assert(!plain.body.includes('id="job-progress"'));
+
+  // Waits for events: one received (its payload escaped), one still waiting with a timeout.
+  await db.sql`
+    insert into shoal.job_steps
+      (job_id, name, kind, result, wake_at, event_name, event_key, wait_state, event_id)
+    values
+      (${seeded.withSteps}::bigint, 'approval', 'wait', '{"by": "<i>ana</i>"}', null,
+       'approved', 'order-42', 'received', 1),
+      (${seeded.withSteps}::bigint, 'review', 'wait', null, '2030-02-03T04:05:06Z',
+       'reviewed', '', 'waiting', null)`;
+  const waits = (await call(dashboard, `/jobs/${seeded.withSteps}`)).body;
+  assert(waits.includes("received event approved (key order-42)"), waits);
+  assert(waits.includes("&lt;i&gt;ana&lt;/i&gt;") && !waits.includes("<i>ana</i>"), "escaped");
+  assert(waits.includes("waits for event reviewed, times out at 2030-02-03T04:05:06Z"), waits);
 
   // A job with more records than a page shows: the first 200, and a note.
   await db.sql`
@@ -545,7 +559,7 @@ Deno.test("dashboard job page shows its steps (escaped, redacted), sleep and pro
   assertEquals(execution.status, 200);
   assert(execution.body.includes(`href="/jobs/${seeded.withSteps}"`));
   assert(execution.body.includes('<progress value="30" max="120">'));
-  assert(execution.body.includes("2 steps, 1 sleep"), execution.body);
+  assert(execution.body.includes("2 steps, 1 sleep, 2 waits"), execution.body);
   assertEquals(SEEDED_PROGRESS.done, 30);
 });
 

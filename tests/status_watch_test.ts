@@ -24,7 +24,7 @@ const EMPTY: Status = {
   schedules: [],
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
-  steps: { records: 0, jobs: 0, sleeping: 0, exact: true },
+  steps: { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true },
   progress: [],
 };
 
@@ -85,7 +85,7 @@ const BUSY: Status = {
   schedules: [],
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
-  steps: { records: 0, jobs: 0, sleeping: 0, exact: true },
+  steps: { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true },
   progress: [],
 };
 

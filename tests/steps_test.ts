@@ -152,7 +152,13 @@ Deno.test("pruneSteps() removes the records of gone jobs only; status() counts r
   await new JobRun(kept, env(db.sql, [task])).settled;
   // The first job is then acked (gone); the second stays, failed and waiting for its retry.
   await db.sql`delete from shoal.jobs where id = ${done.id}::bigint`;
-  assertEquals((await status(db.sql)).steps, { records: 2, jobs: 1, sleeping: 0, exact: true });
+  assertEquals((await status(db.sql)).steps, {
+    records: 2,
+    jobs: 1,
+    sleeping: 0,
+    waiting: 0,
+    exact: true,
+  });
   assertEquals(await pruneSteps(db.sql, { limit: 100 }), 0, "within the hour's retention");
   assertEquals(await pruneSteps(db.sql, { olderThanMs: 0, limit: 100 }), 1);
   assertEquals((await listSteps(db.sql, kept.id)).map((s) => s.name), ["one"]);
@@ -222,7 +228,13 @@ Deno.test("ctx.sleep() hands the job back until its wake time without counting a
     [],
     "not claimable before its wake time",
   );
-  assertEquals((await status(db.sql)).steps, { records: 2, jobs: 1, sleeping: 1, exact: true });
+  assertEquals((await status(db.sql)).steps, {
+    records: 2,
+    jobs: 1,
+    sleeping: 1,
+    waiting: 0,
+    exact: true,
+  });
 
   const second = await waitForClaim(db.sql);
   assertEquals(second.attempts, 1, "the woken run is the first counted attempt");
@@ -321,6 +333,7 @@ Deno.test("stepTotals() reads at most STEP_TOTALS_CAP records and then says its 
     records: STEP_TOTALS_CAP,
     jobs: 0,
     sleeping: 0,
+    waiting: 0,
     exact: true,
   });
   await db.sql`
@@ -330,6 +343,7 @@ Deno.test("stepTotals() reads at most STEP_TOTALS_CAP records and then says its 
     records: STEP_TOTALS_CAP,
     jobs: 0,
     sleeping: 0,
+    waiting: 0,
     exact: false,
   });
 });

@@ -38,7 +38,7 @@ import {
   setRateLimit,
 } from "../flow.ts";
 import { MAX_HOLD_MS } from "../queue.ts";
-import { listSteps, stepCounts } from "../steps.ts";
+import { listSteps, stepCounts, type StepRow } from "../steps.ts";
 
 import { getJob, listJobs, LIVE_JOB_STATES, type LiveJobState, progressOf } from "../queue.ts";
 import {
@@ -519,13 +519,17 @@ export function createDashboard(options: DashboardOptions): Dashboard {
         <h2>Steps</h2>
         <div id="job-steps">
           <Table
-            head={["step", "kind", "recorded at", "result or wake time"]}
-            empty="No recorded step or sleep."
+            head={["step", "kind", "recorded at", "result, wake time or event"]}
+            empty="No recorded step, sleep or wait."
             rows={steps.slice(0, MAX_SHOWN_STEPS).map((s) => [
               s.name,
               s.kind,
               when(s.recorded_at),
-              s.kind === "sleep" ? `wakes at ${when(s.wake_at)}` : <pre>{shownJson(s.result)}</pre>,
+              s.kind === "sleep"
+                ? `wakes at ${when(s.wake_at)}`
+                : s.kind === "wait"
+                ? <WaitCell step={s} />
+                : <pre>{shownJson(s.result)}</pre>,
             ])}
           />
           {steps.length > MAX_SHOWN_STEPS && (
@@ -766,7 +770,11 @@ export function createDashboard(options: DashboardOptions): Dashboard {
                 j.state,
                 `${j.attempts}/${j.max_attempts}`,
                 p ? <JobProgressBar progress={p} /> : "-",
-                s ? `${plural(s.steps, "step")}, ${plural(s.sleeps, "sleep")}` : "-",
+                s
+                  ? `${plural(s.steps, "step")}, ${plural(s.sleeps, "sleep")}${
+                    s.waits > 0 ? `, ${plural(s.waits, "wait")}` : ""
+                  }`
+                  : "-",
                 when(j.run_at),
               ];
             })}
@@ -1151,6 +1159,28 @@ export function createDashboard(options: DashboardOptions): Dashboard {
   );
 
   return { fetch: async (request: Request) => await app.fetch(request) };
+}
+
+/**
+ * A wait's record on the job page: the event it waits for, then what came of it (the
+ * payload it received, shown as a step's result is, or its timeout).
+ */
+function WaitCell({ step }: { step: StepRow }) {
+  const what = `event ${step.event_name}${step.event_key ? ` (key ${step.event_key})` : ""}`;
+  if (step.wait_state === "received") {
+    return (
+      <>
+        {`received ${what}`}
+        <pre>{shownJson(step.result)}</pre>
+      </>
+    );
+  }
+  if (step.wait_state === "timed_out") return <>{`timed out waiting for ${what}`}</>;
+  return (
+    <>
+      {`waits for ${what}${step.wake_at ? `, times out at ${when(step.wake_at)}` : ""}`}
+    </>
+  );
 }
 
 /** "1 step", "2 steps". */
