@@ -216,6 +216,25 @@ Deno.test("a queue's rules row follows every change of its limits, and a claim h
   assertEquals(await rules(), [null]);
 });
 
+Deno.test("a key met for the first time is counted by the short check; one whose slot rows outlived its flow_keys row takes the long way", async () => {
+  await using db = await testDb();
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 100)`;
+  await enqueueKeys(db.sql, { a: 40 });
+  assertEquals((await claimJobs(db.sql, 10)).length, 10);
+  assertEquals(await boundOfA(db.sql), { bound: 10, counted: 0, rows: 1 });
+  // Its row forgotten while its 10 jobs still run: the next claim must count their slots.
+  await db.sql`delete from shoal.flow_keys where queue = ${Q} and key = 'a'`;
+  assertEquals((await claimJobs(db.sql, 10)).length, 10);
+  assertEquals(await boundOfA(db.sql), { bound: 20, counted: 10, rows: 2 });
+  // A first claim that could reach the limit takes only what fits (the long way counts).
+  await db.sql`select shoal.set_concurrency_limit(${Q}, 15)`;
+  await enqueueKeys(db.sql, { b: 30 });
+  const b = () => claimJobs(db.sql, 10).then((jobs) => byKey(jobs).b ?? 0);
+  assertEquals(await b(), 10);
+  assertEquals(await b(), 5);
+  assertEquals(await b(), 0);
+});
+
 Deno.test("a limited queue with no rules row (written by no function yet) takes the full check and keeps its limit", async () => {
   await using db = await testDb();
   await db.sql`select shoal.set_concurrency_limit(${Q}, 25)`;

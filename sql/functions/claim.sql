@@ -179,6 +179,10 @@ declare
   -- it reads again to be sure (that statement's snapshot may be older than the rules lock).
   ruled text[];
   simple boolean;
+  -- The keys of the picks with no flow_keys row (the short check counts them) and their picks.
+  fresh_queues text[];
+  fresh_keys text[];
+  fresh_counts integer[];
   -- The keys whose count is due (their bound grew by 10,000 since the last: THE BOUND), in
   -- claim order of the arrays: counted after this claim's slot rows are written, under the
   -- locks the claim holds, so the count is not the long way's.
@@ -445,7 +449,8 @@ begin
         -- THE SIMPLE RULES: the same check, with the queues' rules read from one row each
         -- (a job's bucket is (queue, key, ''), its limit the queue's default). Rules that
         -- are no longer simple (changed after the first statement read them) send the claim
-        -- the long way, which reads the limits themselves.
+        -- the long way, which reads the limits themselves. A key with no flow_keys row yet
+        -- (met for the first time, or forgotten) is locked here and counted below.
         with fr as (
           select coalesce(array_agg(r.queue), '{}') as queues,
                  coalesce(array_agg(r.simple_max), '{}') as maxes,
@@ -462,7 +467,7 @@ begin
         c as (
           select k.queue, k.key, k.n, fr.simple,
                  fr.maxes[array_position(fr.queues, k.queue)] as max_running,
-                 f.slots_bound, f.slots_counted, f.held_until
+                 f.queue is null as fresh, f.slots_bound, f.slots_counted, f.held_until
           from k
           cross join fr
           left join shoal.flow_keys f on f.queue = k.queue and f.key = k.key and f.task = ''
@@ -472,13 +477,13 @@ begin
                    c.simple
                    and (c.held_until is null or c.held_until <= now())
                    and (c.max_running is null
-                        or (c.slots_bound is not null
-                            and c.slots_bound + 2 * _limit <= c.max_running))), true) as all_ok,
+                        or (coalesce(c.slots_bound, case when c.fresh then 0 end)
+                            + 2 * _limit <= c.max_running))), true) as all_ok,
                  count(*) filter (where c.max_running is not null) as limited_keys
           from c
         ),
         locked as (
-          select c.queue, c.key, c.n, c.max_running,
+          select c.queue, c.key, c.n, c.max_running, c.fresh,
                  c.slots_bound - c.slots_counted >= 10000 as due
           from c, ok
           where ok.all_ok and c.max_running is not null
@@ -499,12 +504,39 @@ begin
                  array_agg(''::text) filter (where r.due) as due_tasks,
                  array_agg(r.max_running) filter (where r.due) as due_limits
           from raised r
+        ),
+        n as (
+          select count(*) as n, array_agg(l.queue) as queues, array_agg(l.key) as keys,
+                 array_agg(l.n) as counts
+          from locked l where l.fresh
         )
-        select ok.all_ok and r.n = ok.limited_keys, r.tags,
+        select ok.all_ok and r.n + n.n = ok.limited_keys, r.tags,
                case when ok.all_ok then '{}'::text[] end,
-               r.due_queues, r.due_keys, r.due_tasks, r.due_limits
-        into fast, slot_tags, scoped_tasks, due_queues, due_keys, due_tasks, due_limits
-        from ok, r;
+               r.due_queues, r.due_keys, r.due_tasks, r.due_limits,
+               n.queues, n.keys, n.counts
+        into fast, slot_tags, scoped_tasks, due_queues, due_keys, due_tasks, due_limits,
+             fresh_queues, fresh_keys, fresh_counts
+        from ok, r, n;
+        if fast and fresh_queues is not null then
+          -- The keys met for the first time, locked above: counted now (THE BOUND), by a
+          -- statement whose snapshot sees every claim committed before their locks were
+          -- free. A key with no slot row holds nothing: its bound is what this claim takes.
+          -- One with rows (its flow_keys row was removed), or whose row another statement
+          -- wrote meanwhile (a hold), goes the long way.
+          with counted as (
+            insert into shoal.flow_keys as f (queue, key, task, slots_bound, slots_counted)
+            select u.queue, u.key, '', u.n, 0
+            from unnest(fresh_queues, fresh_keys, fresh_counts) as u(queue, key, n)
+            where not exists (select 1 from shoal.concurrency_slots s
+                              where s.queue = u.queue and s.key = u.key and s.task = '')
+            on conflict (queue, key, task) do nothing
+            returning f.queue, f.key
+          )
+          select count(*) = cardinality(fresh_queues),
+                 slot_tags || coalesce(array_agg(c.queue || E'\n\n' || c.key), '{}')
+          into fast, slot_tags
+          from counted c;
+        end if;
       else
         -- A limit that cannot bind: every key of the picks is under no flow control, or only
         -- under a concurrency limit whose bound leaves room for two batches (THE BOUND in
