@@ -5,49 +5,15 @@
  * reaches the steps after it.
  */
 import { assertEquals } from "./assert.ts";
-import {
-  exitWithin,
-  type ShoalProcess,
-  spawnShoal,
-  testDb,
-  waitFor,
-  waitForOutput,
-} from "./helpers.ts";
+import { exitWithin, type ShoalProcess, testDb, waitFor, waitForOutput } from "./helpers.ts";
 import { getExecution, startWorkflow } from "../lib/execution.ts";
-
-const WORKFLOW_MAIN = new URL("fixtures/workflow_main.ts", import.meta.url).pathname;
-
-function consumer(url: string): ShoalProcess {
-  return spawnShoal([
-    "--role",
-    "consumer",
-    "--queues",
-    "default",
-    "--concurrency",
-    "4",
-    "--poll-interval",
-    "100ms",
-    "--visibility-timeout",
-    "2s",
-    "--shutdown-grace",
-    "1s",
-    "--log-format",
-    "json",
-  ], { url, mainModule: WORKFLOW_MAIN });
-}
+import { createWorkflowTables, workflowConsumer } from "./workflow_processes.ts";
 
 Deno.test("a workflow a -> (b, c) -> d -> e runs to completion across a SIGKILL mid-DAG, each step committing once", async () => {
   await using db = await testDb();
   const sql = db.sql;
-  await sql`
-    create table test_effects (
-      id bigint generated always as identity primary key,
-      job_id bigint not null, attempt integer not null, pid integer not null, effect text not null)`;
-  await sql`
-    create table test_marks (
-      id bigint generated always as identity primary key,
-      job_id bigint not null, attempt integer not null, pid integer not null, mark text not null)`;
-  const first = consumer(db.url);
+  await createWorkflowTables(sql);
+  const first = workflowConsumer(db.url);
   let second: ShoalProcess | null = null;
   try {
     await waitForOutput(first, "started on");
@@ -66,7 +32,7 @@ Deno.test("a workflow a -> (b, c) -> d -> e runs to completion across a SIGKILL 
     });
     first.kill("SIGKILL");
     assertEquals((await first.exited()).signal, "SIGKILL");
-    second = consumer(db.url);
+    second = workflowConsumer(db.url);
     const done = await waitFor(
       "the execution to complete",
       async () => {

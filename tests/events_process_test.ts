@@ -9,58 +9,17 @@ import {
   exitWithin,
   runShoal,
   type ShoalProcess,
-  spawnShoal,
   testDb,
   waitFor,
   waitForOutput,
 } from "./helpers.ts";
-import type { Sql } from "../lib/db.ts";
 import { enqueue } from "../lib/queue.ts";
-
-const WORKFLOW_MAIN = new URL("fixtures/workflow_main.ts", import.meta.url).pathname;
-const STARTED = "started on";
-
-function consumer(url: string): ShoalProcess {
-  return spawnShoal([
-    "--role",
-    "consumer",
-    "--queues",
-    "default",
-    "--concurrency",
-    "4",
-    "--poll-interval",
-    "100ms",
-    "--visibility-timeout",
-    "2s",
-    "--shutdown-grace",
-    "1s",
-    "--log-format",
-    "json",
-  ], { url, mainModule: WORKFLOW_MAIN });
-}
-
-async function prepare(sql: Sql): Promise<void> {
-  await sql`
-    create table test_effects (
-      id bigint generated always as identity primary key,
-      job_id bigint not null, attempt integer not null, pid integer not null, effect text not null,
-      at timestamptz not null default clock_timestamp())`;
-  await sql`
-    create table test_marks (
-      id bigint generated always as identity primary key,
-      job_id bigint not null, attempt integer not null, pid integer not null, mark text not null,
-      at timestamptz not null default clock_timestamp())`;
-}
-
-async function jobCount(sql: Sql): Promise<number> {
-  const [row] = await sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
-  return row!.n;
-}
+import { createWorkflowTables, jobCount, STARTED, workflowConsumer } from "./workflow_processes.ts";
 
 Deno.test("ctx.waitForEvent: the consumer SIGKILLed while its job waits, another started; shoal event emit resumes the job once and it finishes once", async () => {
   await using db = await testDb();
-  await prepare(db.sql);
-  const first = consumer(db.url);
+  await createWorkflowTables(db.sql);
+  const first = workflowConsumer(db.url);
   let second: ShoalProcess | null = null;
   try {
     await waitForOutput(first, STARTED);
@@ -73,7 +32,7 @@ Deno.test("ctx.waitForEvent: the consumer SIGKILLed while its job waits, another
         .then((rows) => rows.length === 1));
     first.kill("SIGKILL");
     await first.exited();
-    second = consumer(db.url);
+    second = workflowConsumer(db.url);
     await waitForOutput(second, STARTED);
     assertEquals(await jobCount(db.sql), 1, "still waiting after the restart");
 

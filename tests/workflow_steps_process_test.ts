@@ -5,52 +5,10 @@
  * tasks write inside their transactions, counted by the database.
  */
 import { assert, assertEquals } from "./assert.ts";
-import {
-  exitWithin,
-  type ShoalProcess,
-  sleep,
-  spawnShoal,
-  testDb,
-  waitFor,
-  waitForOutput,
-} from "./helpers.ts";
+import { exitWithin, type ShoalProcess, sleep, testDb, waitFor, waitForOutput } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { enqueue } from "../lib/queue.ts";
-
-const WORKFLOW_MAIN = new URL("fixtures/workflow_main.ts", import.meta.url).pathname;
-const STARTED = "started on";
-
-function consumer(url: string): ShoalProcess {
-  return spawnShoal([
-    "--role",
-    "consumer",
-    "--queues",
-    "default",
-    "--concurrency",
-    "4",
-    "--poll-interval",
-    "100ms",
-    "--visibility-timeout",
-    "2s",
-    "--shutdown-grace",
-    "1s",
-    "--log-format",
-    "json",
-  ], { url, mainModule: WORKFLOW_MAIN });
-}
-
-async function prepare(sql: Sql): Promise<void> {
-  await sql`
-    create table test_effects (
-      id bigint generated always as identity primary key,
-      job_id bigint not null, attempt integer not null, pid integer not null, effect text not null,
-      at timestamptz not null default clock_timestamp())`;
-  await sql`
-    create table test_marks (
-      id bigint generated always as identity primary key,
-      job_id bigint not null, attempt integer not null, pid integer not null, mark text not null,
-      at timestamptz not null default clock_timestamp())`;
-}
+import { createWorkflowTables, jobCount, STARTED, workflowConsumer } from "./workflow_processes.ts";
 
 interface Row {
   attempt: number;
@@ -69,11 +27,6 @@ async function marks(sql: Sql): Promise<Row[]> {
   return [...await sql<Row[]>`select attempt, pid, mark as what from test_marks order by id`];
 }
 
-async function jobCount(sql: Sql): Promise<number> {
-  const [row] = await sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
-  return row!.n;
-}
-
 async function stop(proc: ShoalProcess): Promise<void> {
   proc.kill("SIGTERM");
   const exit = await exitWithin(proc, 20_000);
@@ -82,8 +35,8 @@ async function stop(proc: ShoalProcess): Promise<void> {
 
 Deno.test("ctx.transaction: a worker SIGSTOPped inside it past its deadline, redelivered and completed elsewhere, rolls back on SIGCONT: the effect commits once", async () => {
   await using db = await testDb();
-  await prepare(db.sql);
-  const first = consumer(db.url);
+  await createWorkflowTables(db.sql);
+  const first = workflowConsumer(db.url);
   let second: ShoalProcess | null = null;
   try {
     await waitForOutput(first, STARTED);
@@ -106,7 +59,7 @@ Deno.test("ctx.transaction: a worker SIGSTOPped inside it past its deadline, red
       10_000,
       100,
     );
-    second = consumer(db.url);
+    second = workflowConsumer(db.url);
     await waitFor(
       "the job completed by the second worker",
       async () => await jobCount(db.sql) === 0,
@@ -146,8 +99,8 @@ Deno.test("ctx.transaction: a worker SIGSTOPped inside it past its deadline, red
 
 Deno.test("ctx.step: a consumer SIGKILLed after step one committed; on redelivery step one does not rerun and step two runs once", async () => {
   await using db = await testDb();
-  await prepare(db.sql);
-  const first = consumer(db.url);
+  await createWorkflowTables(db.sql);
+  const first = workflowConsumer(db.url);
   let second: ShoalProcess | null = null;
   try {
     await waitForOutput(first, STARTED);
@@ -158,7 +111,7 @@ Deno.test("ctx.step: a consumer SIGKILLed after step one committed; on redeliver
     );
     first.kill("SIGKILL");
     assertEquals((await first.exited()).signal, "SIGKILL");
-    second = consumer(db.url);
+    second = workflowConsumer(db.url);
     await waitFor(
       "the job finished on the second consumer",
       async () => await jobCount(db.sql) === 0,
@@ -183,8 +136,8 @@ Deno.test("ctx.step: a consumer SIGKILLed after step one committed; on redeliver
 
 Deno.test("ctx.sleep: the consumer restarted (SIGTERM, a new process) while its job sleeps; the job resumes after the time with its steps intact and finishes once", async () => {
   await using db = await testDb();
-  await prepare(db.sql);
-  const first = consumer(db.url);
+  await createWorkflowTables(db.sql);
+  const first = workflowConsumer(db.url);
   let second: ShoalProcess | null = null;
   try {
     await waitForOutput(first, STARTED);
@@ -196,7 +149,7 @@ Deno.test("ctx.sleep: the consumer restarted (SIGTERM, a new process) while its 
         .then((rows) => rows.length === 1 ? rows : null));
     // Asleep, the job holds no slot of the consumer: it stops at once.
     await stop(first);
-    second = consumer(db.url);
+    second = workflowConsumer(db.url);
     await waitForOutput(second, STARTED);
     assertEquals(await jobCount(db.sql), 1, "still asleep after the restart");
     await waitFor(
@@ -230,11 +183,11 @@ Deno.test("ctx.sleep: the consumer restarted (SIGTERM, a new process) while its 
 
 Deno.test("ctx.transaction: a frozen worker's open transaction is ended by Postgres after its task's timeout, so a redelivered run writing the same unique row is not blocked for good", async () => {
   await using db = await testDb();
-  await prepare(db.sql);
+  await createWorkflowTables(db.sql);
   await db.sql`
     create table test_unique_effects (
       job_id bigint primary key, attempt integer not null, pid integer not null)`;
-  const first = consumer(db.url);
+  const first = workflowConsumer(db.url);
   let second: ShoalProcess | null = null;
   try {
     await waitForOutput(first, STARTED);
@@ -244,7 +197,7 @@ Deno.test("ctx.transaction: a frozen worker's open transaction is ended by Postg
       async () => (await marks(db.sql)).length === 1,
     );
     first.kill("SIGSTOP");
-    second = consumer(db.url);
+    second = workflowConsumer(db.url);
     // Redelivered after the 2 s deadline, its insert waits on the frozen transaction's row until
     // Postgres ends that transaction (idle for the task's 3 s timeout).
     await waitFor(
