@@ -428,35 +428,11 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
     ],
     needs: "current schema",
     check: (opts) => {
-      if (opts.task === undefined) throw new UsageError("shoal enqueue needs --task");
-      name = opts.task;
-      const payload = parsePayloadFlag(opts.payload);
-      let runAt: Date | undefined;
-      if (opts["run-at"] !== undefined) {
-        runAt = new Date(opts["run-at"]);
-        if (Number.isNaN(runAt.getTime())) {
-          throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
-        }
-      }
-      const definition = tasks.get(name);
-      const options = {
-        queue: opts.queue,
-        runAt,
-        priority: opts.priority,
+      spec = jobFromFlags("enqueue", opts, tasks, {
         key: opts.key,
-        fairnessKey: opts["fairness-key"],
         concurrencyKey: opts["concurrency-key"],
-        maxAttempts: opts["max-attempts"],
-      };
-      const job: JobSpec | TaskJobSpec = definition === undefined
-        ? { task: name, payload, ...options }
-        : { task: definition, payload, ...options };
-      spec = job;
-      try {
-        checkJobSpec(job, opts["max-payload"], CLI_ENQUEUE);
-      } catch (error) {
-        throw new UsageError(messageOf(error));
-      }
+      });
+      name = opts.task!;
     },
   }, async (sql, opts) => {
     const known = tasks.get(name) !== undefined || await isRegistered(sql, name);
@@ -471,6 +447,56 @@ async function enqueueCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<
     out(`${result!.id}\n`);
     return 0;
   });
+}
+
+/** The flags `shoal enqueue` and `shoal execution start` both describe a job with. */
+type JobFlag =
+  | "task"
+  | "queue"
+  | "payload"
+  | "run-at"
+  | "priority"
+  | "fairness-key"
+  | "max-attempts"
+  | "max-payload";
+
+/**
+ * The job a command's flags describe (`extra`: the options only that command has), checked
+ * as enqueue() checks it; a refusal is a usage error.
+ */
+function jobFromFlags(
+  command: string,
+  opts: Options<CommonFlag | JobFlag>,
+  tasks: TaskRegistry,
+  extra: { key?: string; concurrencyKey?: string },
+): JobSpec | TaskJobSpec {
+  if (opts.task === undefined) throw new UsageError(`shoal ${command} needs --task`);
+  const payload = parsePayloadFlag(opts.payload);
+  let runAt: Date | undefined;
+  if (opts["run-at"] !== undefined) {
+    runAt = new Date(opts["run-at"]);
+    if (Number.isNaN(runAt.getTime())) {
+      throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
+    }
+  }
+  const definition = tasks.get(opts.task);
+  const options = {
+    queue: opts.queue,
+    runAt,
+    priority: opts.priority,
+    fairnessKey: opts["fairness-key"],
+    maxAttempts: opts["max-attempts"],
+    ...extra,
+  };
+  const job: JobSpec | TaskJobSpec = definition === undefined
+    ? { task: opts.task, payload, ...options }
+    : { task: definition, payload, ...options };
+  try {
+    checkJobSpec(job, opts["max-payload"], CLI_ENQUEUE);
+  } catch (error) {
+    throw new UsageError(messageOf(error));
+  }
+  return job;
 }
 
 /** `shoal execution start` and `shoal execution show`. */
@@ -537,33 +563,9 @@ async function executionStartCommand(parsed: ParsedArgs, tasks: TaskRegistry): P
     ],
     needs: "current schema",
     check: (opts) => {
-      if (opts.task === undefined) throw new UsageError("shoal execution start needs --task");
-      const payload = parsePayloadFlag(opts.payload);
-      let runAt: Date | undefined;
-      if (opts["run-at"] !== undefined) {
-        runAt = new Date(opts["run-at"]);
-        if (Number.isNaN(runAt.getTime())) {
-          throw new UsageError(`Invalid --run-at: "${opts["run-at"]}" is not an ISO 8601 instant`);
-        }
-      }
+      spec = jobFromFlags("execution start", opts, tasks, {});
       try {
         key = opts.key === undefined ? undefined : checkExecutionKey("--key", opts.key);
-      } catch (error) {
-        throw new UsageError(messageOf(error));
-      }
-      const definition = tasks.get(opts.task);
-      const options = {
-        queue: opts.queue,
-        runAt,
-        priority: opts.priority,
-        fairnessKey: opts["fairness-key"],
-        maxAttempts: opts["max-attempts"],
-      };
-      spec = definition === undefined
-        ? { task: opts.task, payload, ...options }
-        : { task: definition, payload, ...options };
-      try {
-        checkJobSpec(spec, opts["max-payload"], CLI_ENQUEUE);
       } catch (error) {
         throw new UsageError(messageOf(error));
       }
