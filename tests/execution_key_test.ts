@@ -250,6 +250,18 @@ Deno.test("shoal.start_execution(key => ...) in SQL returns the holder's id; sta
     Error,
   );
   assertEquals(await holders(db.sql, "sql-3"), { executions: 0, jobs: 0 });
+  // A bad job is refused whether or not its key is held: a retried start is checked as the
+  // first one was, not answered with the holder.
+  await assertRejects(
+    () => db.sql`select shoal.start_execution(task => 'bad name!', key => 'sql-1')`,
+    Error,
+    "queue and task must be names",
+  );
+  await assertRejects(
+    () => db.sql`select shoal.start_execution(task => 'ship', payload => '[1]', key => 'sql-1')`,
+    Error,
+    "payload must be a JSON object",
+  );
 });
 
 Deno.test("startExecution() with a key in a repeatable read transaction that cannot see the holder fails with 40001, never a second execution", async () => {

@@ -166,6 +166,7 @@ language plpgsql volatile as $$
 #variable_conflict use_column
 declare
   execution bigint;
+  problem text[];
 begin
   -- The key's rule, as lib/names.ts checkExecutionKey states it: 1 to 512 characters, none
   -- of them a control character (C0, DEL or C1), so that it prints on one line.
@@ -174,6 +175,17 @@ begin
           or start_execution_result.key ~ '[\u0001-\u001f\u007f-\u009f]') then
     raise exception 'Cannot start execution: key must be 1 to 512 printable characters'
       using errcode = '22023';
+  end if;
+  -- The job is checked first, as enqueue_jobs checks it below: a retried start whose key is
+  -- held must be refused for a bad job as the first start was, not answered with the holder.
+  problem := coalesce(
+    shoal.job_error(1, start_execution_result.queue, start_execution_result.task,
+                    start_execution_result.payload, start_execution_result.priority,
+                    start_execution_result.fairness_key, start_execution_result.max_attempts,
+                    null),
+    shoal.traceparent_error('Cannot enqueue job 1', start_execution_result.traceparent));
+  if problem is not null then
+    raise exception using errcode = problem[1], message = problem[2];
   end if;
   if start_execution_result.key is null then
     -- No key, no conflict to look for: the plain insert every start made before keys.
