@@ -333,6 +333,37 @@ Deno.test("a job others depend on cannot fan out; a fan-out child cannot be a de
   );
 });
 
+Deno.test("a fan-out racing an uncommitted enqueue after its job waits for it and is refused; the dependant is not stranded", async () => {
+  await using db = await testDb();
+  const sql = db.sql;
+  await startExecution(sql, { task: "t.a", queue: Q });
+  const [a] = await claimAll(sql);
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => release = resolve);
+  let enqueued!: () => void;
+  const added = new Promise<void>((resolve) => enqueued = resolve);
+  // T2 adds a dependant of a and holds its transaction open.
+  const t2 = sql.begin(async (tx) => {
+    await enqueue(tx, "t.h", {}, { after: [a!.id], queue: Q });
+    enqueued();
+    await gate;
+  });
+  await added;
+  // T1's fan-out from a cannot see that dependant yet: it must wait for T2, then refuse.
+  const t1 = fanOut(sql, a!, {
+    children: [{ task: "t.kid", queue: Q }],
+    callback: { task: "t.cb" },
+  });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  release();
+  await t2;
+  await assertRejects(() => t1, Error, `Cannot fan out from job ${a!.id}: other jobs depend on it`);
+  // a is still there (the fan-out rolled back): completing it releases the dependant.
+  await complete(sql, a!, "a");
+  const [h] = await claimAll(sql);
+  assertEquals(h!.task, "t.h");
+});
+
 Deno.test("two dependencies completing at the same moment release their dependant exactly once", async () => {
   await using db = await testDb();
   const sql = db.sql;

@@ -395,6 +395,18 @@ begin
   if not found then
     return null;
   end if;
+  if parent.execution_id is not null then
+    -- The check above cannot see a dependant enqueue_after has not committed yet (it holds
+    -- the execution's lock while it adds one): take that lock (jobs, then executions: THE
+    -- LOCK ORDER) and look again, in a statement that sees what it committed. Either it
+    -- committed first and the fan-out is refused, or it waits for this one and then finds
+    -- the parent gone (it refuses a dependency that is no job of the execution).
+    perform 1 from shoal.executions e where e.id = parent.execution_id for update;
+    if exists (select 1 from shoal.job_dependencies d where d.dependency_id = parent_id) then
+      raise exception 'Cannot fan out from job %: other jobs depend on it (fan out from a job before it instead)', parent_id
+        using errcode = '22023';
+    end if;
+  end if;
   perform shoal.slots_freed(array[parent.queue::text],
                            array[coalesce(parent.concurrency_key, parent.fairness_key)]);
 
