@@ -938,7 +938,18 @@ declare
   problem text[];
   graph jsonb;
   done text[] := '{}';
-  more text[];
+  -- Kahn's algorithm over the steps' ordinals (1..n, in step order): the edges sorted by
+  -- dependency (edge_from, edge_to), where each step's edges start and how many there are,
+  -- each step's dependencies not yet placed, and the steps placed, in order.
+  edge_from integer[];
+  edge_to integer[];
+  first_edge integer[];
+  edge_count integer[];
+  unplaced integer[];
+  placed integer[];
+  head integer := 1;
+  v integer;
+  w integer;
   cur text;
   nxt text;
   path text[];
@@ -977,6 +988,7 @@ begin
   where coalesce(jsonb_typeof(s.step->'after'), 'array') <> 'array'
      or exists (select 1 from jsonb_array_elements(coalesce(s.step->'after', '[]')) a
                 where jsonb_typeof(a) <> 'string')
+     or jsonb_array_length(coalesce(s.step->'after', '[]')) > 1000
      or coalesce(s.step->>'on_dependency_failure', 'fail') not in ('fail', 'run')
      or coalesce(jsonb_typeof(s.step->'on_dependency_failure'), 'string') <> 'string'
      or coalesce(jsonb_typeof(s.step->'task'), 'null') <> 'string'
@@ -1033,16 +1045,47 @@ begin
     raise exception 'Cannot start workflow: step "%" depends on unknown step "%"', bad.id, bad.ref
       using errcode = '22023';
   end if;
-  -- Peel off, round by round, the steps whose dependencies are all peeled off; what is
-  -- left lies on a cycle or after one.
-  loop
-    more := array(select g.key from jsonb_each(graph) g
-                  where not g.key = any(done)
-                    and not exists (select 1 from jsonb_array_elements_text(g.value) a(ref)
-                                    where not a.ref = any(done)));
-    exit when cardinality(more) = 0;
-    done := done || more;
+  -- Place the steps whose dependencies are all placed, one at a time (Kahn's algorithm);
+  -- what is never placed lies on a cycle or after one. Linear in steps and edges: peeling
+  -- them off round by round took 15 s for a chain of 1,000 steps.
+  with m as (
+    select s.step->>'id' as id, s.ord::integer as ord, s.step
+    from jsonb_array_elements(steps) with ordinality s(step, ord)
+  ),
+  e as (
+    select distinct d.ord as d, m.ord as s
+    from m
+    cross join jsonb_array_elements_text(coalesce(m.step->'after', '[]')) a(ref)
+    join m d on d.id = a.ref
+  )
+  select coalesce(array_agg(e.d order by e.d, e.s), '{}'),
+         coalesce(array_agg(e.s order by e.d, e.s), '{}')
+  into edge_from, edge_to
+  from e;
+  select array_agg(coalesce(x.first, 0) order by g.i), array_agg(coalesce(x.n, 0) order by g.i),
+         array_agg(coalesce(y.n, 0) order by g.i)
+  into first_edge, edge_count, unplaced
+  from generate_series(1, n) g(i)
+  left join (select u.d, min(u.k)::integer as first, count(*)::integer as n
+             from unnest(edge_from) with ordinality u(d, k) group by u.d) x on x.d = g.i
+  left join (select u.s, count(*)::integer as n
+             from unnest(edge_to) u(s) group by u.s) y on y.s = g.i;
+  placed := array(select u.i from unnest(unplaced) with ordinality u(n, i)
+                  where u.n = 0 order by u.i);
+  while head <= cardinality(placed) loop
+    v := placed[head];
+    head := head + 1;
+    for k in first_edge[v] .. first_edge[v] + edge_count[v] - 1 loop
+      w := edge_to[k];
+      unplaced[w] := unplaced[w] - 1;
+      if unplaced[w] = 0 then
+        placed := placed || w;
+      end if;
+    end loop;
   end loop;
+  done := array(select s.step->>'id'
+                from jsonb_array_elements(steps) with ordinality s(step, ord)
+                where s.ord = any(placed));
   if cardinality(done) < n then
     -- Every step left has a dependency left: follow them from the first such step (in step
     -- order) until one comes round again. That one's loop is the cycle to name.
