@@ -1022,11 +1022,11 @@ export async function extend(
 
 /**
  * Hand a claimed job back until `runAt` (text of a timestamptz, as Postgres wrote it, sent as
- * text: a JS Date, or postgres.js's timestamptz serializer, would drop its microseconds) because its handler suspended it (a durable sleep or a wait
- * for an event, lib/steps.ts): unlocked, the token moved on (the run that suspended cannot
+ * text: a JS Date, or postgres.js's timestamptz serializer, would drop its microseconds) because
+ * its handler suspended it (a durable sleep or a wait for an event, lib/steps.ts): unlocked, the token moved on (the run that suspended cannot
  * write again), the claim's attempt given back (a suspension is not a failed run), visible at
- * `runAt`, with the wake announced (sql/functions/wake.sql) and its concurrency slot freed.
- * Fenced by the token. Returns the job's new run_at, or null when the claim was no longer ours
+ * `runAt`, with the wake announced (sql/functions/wake.sql) and its concurrency slot freed,
+ * and its progress report cleared (the run it described is over). Fenced by the token. Returns the job's new run_at, or null when the claim was no longer ours
  * (nothing changed). Run it in the transaction that recorded the suspension, after it.
  */
 export async function suspendClaim(db: Db, job: JobRef, runAt: string): Promise<Date | null> {
@@ -1034,7 +1034,8 @@ export async function suspendClaim(db: Db, job: JobRef, runAt: string): Promise<
     with suspended as (
       update shoal.jobs j
       set locked_by = null, locked_at = null, started_at = null, token = j.token + 1,
-          attempts = greatest(j.attempts - 1, 0), run_at = ${runAt}::text::timestamptz
+          attempts = greatest(j.attempts - 1, 0), run_at = ${runAt}::text::timestamptz,
+          progress = null
       where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
       returning j.queue, j.run_at, coalesce(j.concurrency_key, j.fairness_key) as flow_key
     ),

@@ -6,7 +6,7 @@
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { startConsumer, testDb, waitFor } from "./helpers.ts";
-import { claim, enqueue, saveProgress } from "../lib/queue.ts";
+import { claim, enqueue, saveProgress, suspendClaim } from "../lib/queue.ts";
 import { defineTask } from "../lib/tasks.ts";
 import { checkProgress } from "../lib/progress.ts";
 import { status } from "../lib/status.ts";
@@ -88,4 +88,22 @@ Deno.test("saveProgress() writes nothing for a claim that moved on; checkProgres
     TypeError,
     "Invalid message",
   );
+});
+
+Deno.test("a durable sleep hands its job back with no progress report: parked jobs are not read by a scrape", async () => {
+  await using db = await testDb();
+  await enqueue(db.sql, "t.any", {});
+  const { jobs } = await claim(db.sql, {
+    queues: ["default"],
+    limit: 1,
+    workerId: "w",
+    visibilityMs: 60_000,
+  });
+  const job = jobs[0]!;
+  assertEquals(await saveProgress(db.sql, [{ ...job, progress: checkProgress(1, 2, "half") }]), 1);
+  const [wake] = await db.sql<{ at: string }[]>`select (now() + interval '1 day')::text as at`;
+  assert(await suspendClaim(db.sql, job, wake!.at) !== null);
+  const [row] = await db.sql<{ progress: unknown }[]>`
+    select progress from shoal.jobs where id = ${job.id}::bigint`;
+  assertEquals(row!.progress, null);
 });
