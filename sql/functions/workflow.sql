@@ -13,6 +13,14 @@
 -- that locks many jobs of one execution takes them in id order, and failing an execution
 -- never waits for a job: its caller may already hold one (a child failing for good) while
 -- another caller holds the rest (a sibling failing at the same moment).
+--
+-- Two takers come before that order, and one outside it. An event's lock (shoal.lock_event,
+-- events.sql) is taken before the rows of the jobs waiting for it. enqueue_after (below)
+-- locks the execution and no job: called inside a handler's ctx.transaction, whose ack then
+-- locks the handler's own job, it takes an execution before a job. A cancel or an expiry
+-- locking that job at the same moment then deadlocks with it, and Postgres ends one of the
+-- two: the handler's transaction (its run fails and is retried) or the cancel (its caller
+-- gets the deadlock error, 40P01, and cancels again).
 
 -- Refuse illegal transitions, whoever writes: terminal states are final (the trigger
 -- executions_transition).
