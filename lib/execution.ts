@@ -369,7 +369,13 @@ export const EXECUTION_STATUSES: readonly ExecutionStatus[] = [
   "cancelled",
 ];
 
-/** An execution's open barriers (fan-outs still waiting): children and arrivals, in order. */
+/** The most open barriers executionBarriers() reads of one execution. */
+export const MAX_LISTED_BARRIERS = 100;
+
+/**
+ * An execution's open barriers (fan-outs still waiting): children and arrivals, in order, the
+ * first {@link MAX_LISTED_BARRIERS} (an execution whose jobs each fan out may hold thousands).
+ */
 export async function executionBarriers(
   db: Db,
   id: string,
@@ -378,7 +384,8 @@ export async function executionBarriers(
   checkId("executionBarriers", "id", id);
   return await db<{ total: number; arrived: number }[]>`
     select b.total, b.total - b.remaining as arrived
-    from shoal.barriers b where b.execution_id = ${id}::bigint order by b.id`;
+    from shoal.barriers b where b.execution_id = ${id}::bigint order by b.id
+    limit ${MAX_LISTED_BARRIERS}`;
 }
 
 /** How long an ended execution keeps its key by default (the tombstone's window). */
