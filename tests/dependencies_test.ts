@@ -17,6 +17,7 @@ import {
   type WorkflowStep,
 } from "../lib/execution.ts";
 import { claim, enqueue, enqueueMany, fail, type Job } from "../lib/queue.ts";
+import { retryDead } from "../lib/dead.ts";
 
 const Q = "deps";
 
@@ -278,6 +279,32 @@ Deno.test("onDependencyFailure run: the dependant runs with the failure recorded
   // The dead job stays in the dead-letter table, as any.
   const [dead] = await sql<{ n: number }[]>`select count(*)::int as n from shoal.dead_jobs`;
   assertEquals(dead!.n, 1);
+});
+
+Deno.test("a dependency that failed for good and was retried from the dead letters counts as failed for a job enqueued after it, never as waiting", async () => {
+  await using db = await testDb();
+  const sql = db.sql;
+  const execution = await startWorkflow(sql, {
+    steps: [
+      { id: "a", task: "t.a", queue: Q, maxAttempts: 1 },
+      { id: "b", task: "t.b", queue: Q, after: ["a"], onDependencyFailure: "run" },
+    ],
+  });
+  const [a] = await claimAll(sql);
+  assertEquals(await fail(sql, a!, { error: "boom", retryInMs: 0 }), "dead");
+  const [b] = await claimAll(sql);
+  assertEquals(b!.task, "t.b");
+  assertEquals(await retryDead(sql, a!.id), "retried");
+  // The default policy refuses a failed dependency; "run" runs at once: a is not waited for.
+  await assertRejects(
+    () => enqueue(sql, "t.h", {}, { after: [a!.id], queue: Q }),
+    Error,
+    `Cannot enqueue: job ${a!.id} failed`,
+  );
+  await enqueue(sql, "t.h", {}, { after: [a!.id], queue: Q, onDependencyFailure: "run" });
+  const claimed = byTask(await claimAll(sql));
+  assert(claimed["t.h"] !== undefined, "the job after the failed dependency runs at once");
+  assertEquals((await getExecution(sql, execution))!.status, "running");
 });
 
 Deno.test("one dependant with the default policy fails the execution even when another would run", async () => {

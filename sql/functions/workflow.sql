@@ -875,18 +875,21 @@ begin
   -- Each dependency as it stands now that the lock is held.
   select u.id, s.state into bad
   from unnest(deps) u(id)
+  -- A recorded outcome comes first: a job that failed for good and was then retried from the
+  -- dead-letter table is back in shoal.jobs, but its completion records nothing new (its
+  -- outcome is recorded once), so a job waiting for it would wait for good.
   cross join lateral (select case
-    when exists (select 1 from shoal.jobs j
-                 where j.id = u.id and j.execution_id = execution and j.barrier_id is null)
-      then 'waiting'
-    when exists (select 1 from shoal.held_jobs h where h.id = u.id and h.execution_id = execution)
-      then 'waiting'
     when exists (select 1 from shoal.job_results r
                  where r.job_id = u.id and r.execution_id = execution and r.error is null)
       then 'done'
     when exists (select 1 from shoal.job_results r
                  where r.job_id = u.id and r.execution_id = execution)
       then 'failed'
+    when exists (select 1 from shoal.jobs j
+                 where j.id = u.id and j.execution_id = execution and j.barrier_id is null)
+      then 'waiting'
+    when exists (select 1 from shoal.held_jobs h where h.id = u.id and h.execution_id = execution)
+      then 'waiting'
     when exists (select 1 from shoal.jobs j where j.id = u.id and j.execution_id = execution)
       then 'child'
     else 'unknown' end as state) s
@@ -902,8 +905,10 @@ begin
       using errcode = '22023';
   end if;
   waiting := (select count(*)::integer from unnest(deps) u(id)
-              where exists (select 1 from shoal.jobs j where j.id = u.id and j.execution_id = execution)
-                 or exists (select 1 from shoal.held_jobs h where h.id = u.id));
+              where not exists (select 1 from shoal.job_results r where r.job_id = u.id)
+                and (exists (select 1 from shoal.jobs j
+                             where j.id = u.id and j.execution_id = execution)
+                     or exists (select 1 from shoal.held_jobs h where h.id = u.id)));
 
   select s.queue, s.max_attempts into q, m
   from shoal.task_settings(task, queue, max_attempts) s;
