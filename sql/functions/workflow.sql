@@ -538,9 +538,13 @@ begin
   -- the execution. Locked first, then checked by a new statement, so two last jobs
   -- finishing at once cannot both miss the completion.
   --
-  -- Under the same lock, each step's result is recorded and the jobs waiting for it are
-  -- counted down (released at zero: "Dependencies" below); the lock serialises two
-  -- dependencies of one job completing at once, so it is released exactly once.
+  -- Under the same lock, an execution that did not end has each step's result recorded and
+  -- the jobs waiting for it counted down (released at zero: "Dependencies" below); the lock
+  -- serialises two dependencies of one job completing at once, so it is released exactly
+  -- once. An execution that ends here has no held job (its completion requires none), so
+  -- recording its last results would only insert rows that end_dependencies deletes at once:
+  -- it completes first, and records nothing (an execution of one job, or whose last job
+  -- finished, pays two statements fewer).
   if steps is not null then
     for e in
       select x.id from shoal.executions x
@@ -549,10 +553,6 @@ begin
       order by x.id
       for update
     loop
-      perform shoal.dependencies_done(e.id, array(
-        select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
-        array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
-        null);
       update shoal.executions x
       set status = 'completed', finished_at = now(), updated_at = now(),
           result = (select c.result from unnest(steps) c
@@ -563,6 +563,11 @@ begin
         and not exists (select 1 from shoal.held_jobs h where h.execution_id = e.id);
       if found then
         perform shoal.end_dependencies(e.id);
+      else
+        perform shoal.dependencies_done(e.id, array(
+          select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
+          array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
+          null);
       end if;
     end loop;
   end if;
