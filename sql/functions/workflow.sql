@@ -636,8 +636,8 @@ $$;
 -- execution may wait for others of the same execution: declared all at once as a workflow
 -- (shoal.start_workflow) or one at a time (shoal.enqueue_after). A job that waits is held in
 -- shoal.held_jobs, not in shoal.jobs, so no claim ever sees it or pays for it. Completing a
--- step of an execution (shoal.complete_jobs, under the execution's lock) records its result
--- in shoal.job_results and counts down the jobs waiting for it (shoal.dependencies_done);
+-- step of an execution (shoal.complete_jobs, under the execution's lock) that does not end it
+-- records its result in shoal.job_results and counts down the jobs waiting for it (shoal.dependencies_done);
 -- one that reaches zero is released (shoal.release_held) with its dependencies' results in
 -- payload.dependencies, keyed by the names its edges give them. A dependency that fails for
 -- good fails the execution (which removes every held job), unless each job waiting for it
