@@ -17,6 +17,7 @@
 import type { Sql } from "../lib/db.ts";
 import { startExecution } from "../lib/execution.ts";
 import { cpuSeconds, pollUntil, withFreshDb } from "./harness.ts";
+import { profileRead, profileReset, type StatementProfile } from "./profile.ts";
 import { shoal } from "./systems.ts";
 import { type Benchmark, type Metric, stallGuard } from "./workloads.ts";
 
@@ -67,11 +68,13 @@ export function workflowSteps(): Benchmark {
             });
           }
         });
+        if (ctx.profile) await profileReset(db.sql);
         // The bench entry (stamp: true) is the one that knows bench.steps.
         const consumer = shoal.spawnConsumer(db.url, { stamp: true });
         let startedAt: number;
         let endedAt: number;
         let consumerCpu: number | null = null;
+        let profile: StatementProfile | undefined;
         try {
           startedAt = await consumer.started;
           const cpuAtStart = await cpuSeconds(consumer.pid);
@@ -87,6 +90,8 @@ export function workflowSteps(): Benchmark {
           );
           const cpuAtEnd = await cpuSeconds(consumer.pid);
           if (cpuAtStart !== null && cpuAtEnd !== null) consumerCpu = cpuAtEnd - cpuAtStart;
+          // Per step (the profile's "per job" is per unit of work): its statements and time.
+          if (ctx.profile) profile = await profileRead(db.sql, steps);
         } finally {
           await consumer.stop();
         }
@@ -107,7 +112,7 @@ export function workflowSteps(): Benchmark {
             rate: steps / seconds,
             ms_per_job: (seconds * 1000) / executions,
           },
-          details: { seconds, executions, steps, consumer_cpu_s: consumerCpu },
+          details: { seconds, executions, steps, consumer_cpu_s: consumerCpu, profile },
         };
       }),
   };

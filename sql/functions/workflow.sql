@@ -570,9 +570,13 @@ begin
   -- the execution. Locked first, then checked by a new statement, so two last jobs
   -- finishing at once cannot both miss the completion.
   --
-  -- Under the same lock, each step's result is recorded and the jobs waiting for it are
-  -- counted down (released at zero: "Dependencies" below); the lock serialises two
-  -- dependencies of one job completing at once, so it is released exactly once.
+  -- Under the same lock, an execution that did not end has each step's result recorded and
+  -- the jobs waiting for it counted down (released at zero: "Dependencies" below); the lock
+  -- serialises two dependencies of one job completing at once, so it is released exactly
+  -- once. An execution that ends here has no held job (its completion requires none), so
+  -- recording its last results would only insert rows that end_dependencies deletes at once:
+  -- it completes first, and records nothing (an execution of one job, or whose last job
+  -- finished, pays two statements fewer).
   if steps is not null then
     for e in
       select x.id from shoal.executions x
@@ -581,10 +585,6 @@ begin
       order by x.id
       for update
     loop
-      perform shoal.dependencies_done(e.id, array(
-        select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
-        array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
-        null);
       update shoal.executions x
       set status = 'completed', finished_at = now(), updated_at = now(),
           result = (select c.result from unnest(steps) c
@@ -595,6 +595,11 @@ begin
         and not exists (select 1 from shoal.held_jobs h where h.execution_id = e.id);
       if found then
         perform shoal.end_dependencies(e.id);
+      else
+        perform shoal.dependencies_done(e.id, array(
+          select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
+          array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
+          null);
       end if;
     end loop;
   end if;
@@ -663,8 +668,8 @@ $$;
 -- execution may wait for others of the same execution: declared all at once as a workflow
 -- (shoal.start_workflow) or one at a time (shoal.enqueue_after). A job that waits is held in
 -- shoal.held_jobs, not in shoal.jobs, so no claim ever sees it or pays for it. Completing a
--- step of an execution (shoal.complete_jobs, under the execution's lock) records its result
--- in shoal.job_results and counts down the jobs waiting for it (shoal.dependencies_done);
+-- step of an execution (shoal.complete_jobs, under the execution's lock) that does not end it
+-- records its result in shoal.job_results and counts down the jobs waiting for it (shoal.dependencies_done);
 -- one that reaches zero is released (shoal.release_held) with its dependencies' results in
 -- payload.dependencies, keyed by the names its edges give them. A dependency that fails for
 -- good fails the execution (which removes every held job), unless each job waiting for it
