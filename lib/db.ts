@@ -174,7 +174,8 @@ export function formatDatabaseUrl(parts: DatabaseUrl): string {
   const text = parts.url.toString();
   if (parts.hosts.length < 2) return text;
   const { protocol, username, password, host } = parts.url;
-  const prefix = `${protocol}//${username}${password ? `:${password}` : ""}${username ? "@" : ""}`;
+  const userinfo = `${username}${password ? `:${password}` : ""}`;
+  const prefix = `${protocol}//${userinfo}${userinfo ? "@" : ""}`;
   // `URL` may normalise the first host (case): find it where it printed it.
   return prefix + parts.hosts.join(",") + text.slice(prefix.length + host.length);
 }

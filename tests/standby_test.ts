@@ -80,6 +80,7 @@ Deno.test("redactUrl() hides the password of a multi-host URL and keeps every ho
     redactUrl("postgres://app@h1,h2/jobs?password=s3cret"),
     "postgres://app@h1,h2/jobs?password=***",
   );
+  assertEquals(redactUrl("postgres://:s3cret@h1,h2/db"), "postgres://:***@h1,h2/db");
   assertEquals(redactUrl("postgres://u:p@h1:5432,:x/db"), "(unparseable URL)");
 });
 
@@ -148,14 +149,14 @@ Deno.test("a standby by mistake is one line: at a role's start, for a write, for
 
   // A real role process: one line on stderr, a non-zero exit, and no waiting.
   const role = await runShoal(["--role", "reaper", "--log-format", "json"], { url: replica.url });
-  assert(role.code !== 0, `the reaper exited ${role.code}`);
+  assertEquals(role.code, 1, role.stderr);
   assert(
     role.stderr.trim().split("\n").some((line) => STANDBY.test(line.replace(/^shoal: /, ""))),
     `no standby line:\n${role.stderr}`,
   );
   // A command that writes: the same line.
   const command = await runShoal(["enqueue", "--task", "t", "--queue", "q"], { url: replica.url });
-  assert(command.code !== 0, `enqueue exited ${command.code}`);
+  assertEquals(command.code, 1, command.stderr);
   assertMatch(command.stderr.trim().replace(/^shoal: /, ""), STANDBY); // one line, alone
 
   // Both hosts listed, the standby first: target_session_attrs=read-write keeps the primary

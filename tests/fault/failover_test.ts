@@ -110,9 +110,23 @@ Deno.test("a failover to a synchronous replica mid-run loses nothing acknowledge
 
     // The crash: the primary gone at once, mid-run; the replica promoted a moment later.
     const ackedBefore = stream.acked.length;
-    await crashLocalPg(primary);
-    run.faults++;
-    await sleep(1000);
+    // Sessions the standby opened while it was one: the roles' reconnect attempts meanwhile.
+    const onReplica = connect(database(replica.url, "shoal"), { max: 1 });
+    const standbySessions = async () => {
+      const [row] = await onReplica<{ n: number }[]>`
+        select sessions::int as n from pg_stat_database where datname = 'shoal'`;
+      return row!.n;
+    };
+    let attempts: number;
+    try {
+      const before = await standbySessions();
+      await crashLocalPg(primary);
+      run.faults++;
+      await sleep(1000);
+      attempts = await standbySessions() - before;
+    } finally {
+      await onReplica.end();
+    }
     // The servers share this machine's clock: the database's timestamps compare with it.
     const promotedAt = new Date();
     await replica.promote();
@@ -178,7 +192,8 @@ Deno.test("a failover to a synchronous replica mid-run loses nothing acknowledge
     const seconds = (firstRunMs / 1000).toFixed(1);
     report(
       `failover (${ackedBefore} acknowledged before the crash, ${stream.acked.length} in all, ` +
-        `${stream.refused()} refused during it; first run ${seconds} s after the promotion)`,
+        `${stream.refused()} refused during it; ${attempts} sessions opened on the standby ` +
+        `before its promotion; first run ${seconds} s after the promotion)`,
       figures,
       started,
     );
