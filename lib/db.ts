@@ -86,6 +86,7 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     optional: true,
   });
   return postgres(url, {
+    ...sessionAttrs(url),
     max: options.max ?? 10,
     prepare: options.prepare ?? true,
     connect_timeout: options.connectTimeout ?? 10,
@@ -100,11 +101,42 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
   }) as unknown as Sql;
 }
 
-/** Validate a database URL at the boundary, without echoing its password. */
-export function checkDatabaseUrl(url: string): void {
+/**
+ * A database URL taken apart: `hosts` is its comma-separated host list (`h1:5432,h2:5433`,
+ * each `host[:port]`, as libpq and postgres.js take it), `url` the same URL with the first
+ * host alone, which `URL` can parse (it refuses a host list).
+ */
+export interface DatabaseUrl {
+  hosts: string[];
+  url: URL;
+}
+
+/** The `target_session_attrs` values postgres.js knows (it throws on any other). */
+const TARGET_SESSION_ATTRS = ["read-write", "read-only", "primary", "standby", "prefer-standby"];
+
+/**
+ * Take a database URL apart (see {@link DatabaseUrl}); throws one line, without echoing the
+ * password, when it is not a postgres URL or a host of its list is empty or malformed.
+ */
+export function parseDatabaseUrl(url: string): DatabaseUrl {
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(url);
+  if (!scheme) {
+    throw new Error(
+      "Cannot parse the database URL: expected postgres://user:password@host:port/db",
+    );
+  }
+  const rest = url.slice(scheme[0].length);
+  const authorityEnd = rest.search(/[/?#]/);
+  const authority = authorityEnd === -1 ? rest : rest.slice(0, authorityEnd);
+  const at = authority.lastIndexOf("@");
+  const hostList = authority.slice(at + 1);
+  const hosts = hostList.split(",");
   let parsed: URL;
   try {
-    parsed = new URL(url);
+    parsed = new URL(
+      scheme[0] + authority.slice(0, at + 1) + hosts[0] +
+        (authorityEnd === -1 ? "" : rest.slice(authorityEnd)),
+    );
   } catch {
     throw new Error(
       "Cannot parse the database URL: expected postgres://user:password@host:port/db",
@@ -117,18 +149,82 @@ export function checkDatabaseUrl(url: string): void {
       }" is not postgres or postgresql`,
     );
   }
+  if (hosts.length > 1) {
+    for (const host of hosts) {
+      // Each host alone must be what a one-host URL may hold: a name or address, a port.
+      let one: URL | null = null;
+      try {
+        one = new URL(`postgres://${host}`);
+      } catch { /* reported below */ }
+      if (
+        host === "" || one === null || one.hostname === "" ||
+        (one.host !== host && one.host !== host.toLowerCase())
+      ) {
+        throw new Error(
+          `Cannot use the database URL: host "${host}" of its host list is not host or host:port`,
+        );
+      }
+    }
+  }
+  return { hosts, url: parsed };
 }
 
-/** The URL with its password replaced, for messages. */
+/** Put a {@link DatabaseUrl} back together, its host list in place of the first host. */
+export function formatDatabaseUrl(parts: DatabaseUrl): string {
+  const text = parts.url.toString();
+  if (parts.hosts.length < 2) return text;
+  const { protocol, username, password, host } = parts.url;
+  const userinfo = `${username}${password ? `:${password}` : ""}`;
+  const prefix = `${protocol}//${userinfo}${userinfo ? "@" : ""}`;
+  // `URL` may normalise the first host (case): find it where it printed it.
+  return prefix + parts.hosts.join(",") + text.slice(prefix.length + host.length);
+}
+
+/**
+ * The driver's `target_session_attrs` for `url`. postgres.js 3.4.9 judges `read-write` by
+ * the `default_transaction_read_only` the server reports at login, which a hot standby of
+ * Postgres 14 or later reports as `off` (its sessions are read-only by recovery, not by
+ * that setting): it keeps a standby as if it were the primary (pg_auto_failover#970,
+ * tested in tests/standby_test.ts). `primary` is judged by `in_hot_standby`, so shoal
+ * asks for it instead: a session that must write wants the server out of recovery.
+ */
+function sessionAttrs(url: string): { target_session_attrs?: "primary" } {
+  try {
+    const attrs = parseDatabaseUrl(url).url.searchParams.get("target_session_attrs");
+    return attrs === "read-write" ? { target_session_attrs: "primary" } : {};
+  } catch {
+    return {}; // not checked by the caller: the driver reports it as it would
+  }
+}
+
+/**
+ * Validate a database URL at the boundary, without echoing its password. A list of hosts
+ * (`postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write`) is accepted: the
+ * driver tries them in turn, and with `target_session_attrs=read-write` keeps the primary.
+ */
+export function checkDatabaseUrl(url: string): void {
+  const { url: parsed } = parseDatabaseUrl(url);
+  const attrs = parsed.searchParams.get("target_session_attrs");
+  if (attrs !== null && !TARGET_SESSION_ATTRS.includes(attrs)) {
+    throw new Error(
+      `Cannot use the database URL: target_session_attrs "${attrs}" is not one of ${
+        TARGET_SESSION_ATTRS.join(", ")
+      }`,
+    );
+  }
+}
+
+/** The URL with its password replaced, for messages; a host list is kept whole. */
 export function redactUrl(url: string): string {
   try {
-    const parsed = new URL(url);
+    const parts = parseDatabaseUrl(url);
+    const parsed = parts.url;
     if (parsed.password) parsed.password = "***";
     // libpq-style URLs may carry the password as a query parameter too.
     for (const key of [...parsed.searchParams.keys()]) {
       if (/pass/i.test(key)) parsed.searchParams.set(key, "***");
     }
-    return parsed.toString();
+    return formatDatabaseUrl(parts);
   } catch {
     return "(unparseable URL)";
   }
@@ -182,6 +278,7 @@ function isLoginRefused(error: unknown): boolean {
  * messages, bugs) is returned as it is.
  */
 export function namingDatabase(error: unknown, url: string, hint?: string): unknown {
+  if (isReadOnlyStandby(error)) return standbyError(url, error);
   let what: string;
   if (isConnectionError(error)) what = "Cannot reach the database at";
   else if (isLoginRefused(error)) what = "Cannot log in to the database at";
@@ -189,6 +286,28 @@ export function namingDatabase(error: unknown, url: string, hint?: string): unkn
   else return error;
   const message = `${what} ${redactUrl(url)}: ${describeError(error)}`;
   return new Error(hint ? `${message}; ${hint}` : message, { cause: error });
+}
+
+/**
+ * A write refused because the session is read-only (SQLSTATE 25006
+ * read_only_sql_transaction): what a standby says to every statement that writes.
+ */
+export function isReadOnlyStandby(error: unknown): boolean {
+  return (error as { code?: unknown } | null)?.code === "25006";
+}
+
+/** What to do about a standby: the one line a role or a command ends with. */
+const STANDBY_ADVICE =
+  "point the URL at the primary, or list every host with target_session_attrs=read-write";
+
+/** The one line for a database at `url` that is a read-only standby (`cause`: what said so). */
+export function standbyError(url: string, cause?: unknown): Error {
+  return new Error(
+    `Cannot use the database at ${
+      redactUrl(url)
+    }: it is a read-only standby (in recovery); ${STANDBY_ADVICE}`,
+    { cause },
+  );
 }
 
 /** Postgres gave up on the transaction to break a deadlock or a serialization conflict. */
@@ -347,7 +466,8 @@ export interface StartupWaitOptions {
  * Wait until the database answers, for a long-running role started before its database
  * (a deploy that brings both up at once, a database restarting). One warn line per failed
  * attempt says where, why and when the next attempt is; after `maxWaitMs` the role gives up
- * with one error naming the database and the last failure. Resolves true once the database
+ * with one error naming the database and the last failure. A database that answers as a
+ * read-only standby (in recovery) is refused at once with one line saying so. Resolves true once the database
  * answered, false when `stop` aborted first. Errors that are not about reaching the
  * database (a bad password, a missing database) are not waited on: they are thrown at once.
  */
@@ -356,7 +476,14 @@ export async function waitForDatabase(sql: Sql, options: StartupWaitOptions): Pr
   const where = redactUrl(options.url);
   for (let attempt = 1; !options.stop.aborted; attempt++) {
     try {
-      await settleWithin("startup check", sql`select 1`, STATEMENT_DEADLINE_MS);
+      const [row] = await settleWithin(
+        "startup check",
+        sql<{ standby: boolean }[]>`select pg_is_in_recovery() as standby`,
+        STATEMENT_DEADLINE_MS,
+      );
+      // A role on a standby would fail statement by statement: say so once, and stop (like
+      // a refused password, it is the URL to fix, not a database to wait for).
+      if (row!.standby) throw standbyError(options.url);
       if (attempt > 1) {
         logger("db").info("Reached the database at {url} after {attempts} attempts", {
           url: where,

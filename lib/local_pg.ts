@@ -422,13 +422,7 @@ export async function startLocalPg(options: LocalPgOptions = {}): Promise<LocalP
     throw error;
   }
 
-  let stopped = false;
-  const stop = async () => {
-    if (stopped) return;
-    stopped = true;
-    await run(`${bin}/pg_ctl`, ["-D", data, "-m", "fast", "-w", "-t", "60", "stop"], user);
-    if (temp && !envFlag("SHOAL_PG_KEEP")) await Deno.remove(dir, { recursive: true });
-  };
+  const stop = stopper(bin, dir, user, temp);
   return {
     url: localPgUrl(port),
     port,
@@ -438,4 +432,82 @@ export async function startLocalPg(options: LocalPgOptions = {}): Promise<LocalP
     stop,
     [Symbol.asyncDispose]: stop,
   };
+}
+
+/**
+ * The `stop` of a cluster in `dir`: a fast shutdown when its server still runs (a test may
+ * have stopped or crashed it already), then its directory removed when it was temporary.
+ */
+function stopper(bin: string, dir: string, user: string | null, temp: boolean) {
+  const data = `${dir}/data`;
+  let stopped = false;
+  return async () => {
+    if (stopped) return;
+    stopped = true;
+    if (await runningPort(bin, data, user) !== null) {
+      await run(`${bin}/pg_ctl`, ["-D", data, "-m", "fast", "-w", "-t", "60", "stop"], user);
+    }
+    if (temp && !envFlag("SHOAL_PG_KEEP")) await Deno.remove(dir, { recursive: true });
+  };
+}
+
+/** A streaming replica of a local cluster (see {@link startLocalReplica}). */
+export interface LocalReplica extends LocalPg {
+  /** `pg_ctl promote`: the replica leaves recovery and accepts writes; resolves once it does. */
+  promote(): Promise<void>;
+}
+
+/**
+ * A streaming replica of `primary` in a temporary directory, for tests of failover and of
+ * reads from a standby: `pg_basebackup -R` from the primary (whose default pg_hba allows
+ * replication over loopback), started as a hot standby on a free port. Its `stop` stops it
+ * and removes its directory.
+ */
+export async function startLocalReplica(
+  primary: LocalPg,
+  options: Pick<LocalPgOptions, "settings"> = {},
+): Promise<LocalReplica> {
+  const dir = await Deno.makeTempDir({ prefix: "shoal-pg-replica-" });
+  const bin = primary.binDir;
+  let user: string | null = null;
+  try {
+    user = await serverUser(`${primary.dir}/data`);
+    if (user) await prepareDirFor(dir, user);
+    // PATH may link initdb and pg_ctl alone: pg_basebackup sits beside pg_ctl's real file.
+    const tools = dirname(await Deno.realPath(`${bin}/pg_ctl`));
+    await run(`${tools}/pg_basebackup`, [
+      ...["-D", `${dir}/data`, "-h", "127.0.0.1", "-p", String(primary.port), "-U", "postgres"],
+      ...["-R", "-X", "stream", "-c", "fast", "--no-sync"],
+    ], user);
+    const port = await startServer(bin, dir, user, options);
+    const stop = stopper(bin, dir, user, true);
+    return {
+      url: localPgUrl(port),
+      port,
+      dir,
+      binDir: bin,
+      stop,
+      [Symbol.asyncDispose]: stop,
+      promote: async () => {
+        await run(`${bin}/pg_ctl`, ["-D", `${dir}/data`, "-w", "-t", "60", "promote"], user);
+      },
+    };
+  } catch (error) {
+    // Nothing else knows of this directory: leave no half-made replica behind.
+    if (await runningPort(bin, `${dir}/data`, user) !== null) {
+      await run(`${bin}/pg_ctl`, ["-D", `${dir}/data`, "-m", "immediate", "stop"], user);
+    }
+    await Deno.remove(dir, { recursive: true });
+    throw error;
+  }
+}
+
+/**
+ * Stop a local cluster's server the way a crash would (`pg_ctl stop -m immediate`: no
+ * checkpoint, clients cut off at once); its `stop` later only removes what is left.
+ */
+export async function crashLocalPg(pg: LocalPg): Promise<void> {
+  const data = `${pg.dir}/data`;
+  const user = await serverUser(data);
+  await run(`${pg.binDir}/pg_ctl`, ["-D", data, "-m", "immediate", "-w", "-t", "60", "stop"], user);
 }

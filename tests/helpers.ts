@@ -4,7 +4,7 @@
  * A missing DATABASE_URL fails the test: nothing here ever skips.
  */
 import postgres from "postgres";
-import { connect, type Sql } from "../lib/db.ts";
+import { connect, formatDatabaseUrl, parseDatabaseUrl, type Sql } from "../lib/db.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
 import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
 import { type AnyTask, TaskRegistry } from "../lib/tasks.ts";
@@ -338,9 +338,9 @@ export function freePort(): number {
  * process ran a statement: triggers read `current_setting('application_name')`.
  */
 export function withApplicationName(url: string, name: string): string {
-  const u = new URL(url);
-  u.searchParams.set("application_name", name);
-  return u.toString();
+  const parts = parseDatabaseUrl(url); // a host list too (`h1:p1,h2:p2`)
+  parts.url.searchParams.set("application_name", name);
+  return formatDatabaseUrl(parts);
 }
 
 /** The lease holder id a shoal process uses (`hostname:pid`, see defaultWorkerId). */

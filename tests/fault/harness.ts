@@ -385,6 +385,7 @@ export class MixedRun {
         and not case j.task
           when 'test.record' then exists (
             select 1 from test_runs r where r.job_id = j.id and r.finished_at is not null)
+          when 'test.record_once' then exists (select 1 from test_runs r where r.job_id = j.id)
           when 'test.child' then exists (
             select 1 from fault_arrivals a
             where a.barrier_id = j.barrier_id and a.child_index = j.child_index)
