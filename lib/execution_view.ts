@@ -1,7 +1,8 @@
 /**
  * One execution as `shoal execution show ID` prints it: its status and key, its live jobs
  * (task, state, attempts), and for each job its recorded steps and sleeps and its last
- * progress report. Every read is bounded: at most {@link MAX_SHOWN_JOBS} jobs and
+ * progress report, then its jobs waiting on dependencies (held, not yet live) with the ids
+ * they wait for. Every read is bounded: at most {@link MAX_SHOWN_JOBS} jobs (of each kind) and
  * {@link MAX_SHOWN_STEPS} records per job, each read one more than it shows to say when there
  * are more. The statements are the owning modules' (execution.ts, queue.ts, steps.ts).
  *
@@ -9,7 +10,13 @@
  */
 import { checkDb, checkId } from "./args.ts";
 import type { Db } from "./db.ts";
-import { type Execution, executionBarriers, getExecution } from "./execution.ts";
+import {
+  type Execution,
+  executionBarriers,
+  getExecution,
+  type HeldJob,
+  listHeldJobs,
+} from "./execution.ts";
 import type { WrittenProgress } from "./progress.ts";
 import { type JobListRow, listJobs, progressOf } from "./queue.ts";
 import { listSteps, type StepRow } from "./steps.ts";
@@ -46,6 +53,13 @@ export interface ExecutionView {
   jobs: ExecutionJobView[];
   /** True when it has more live jobs than `jobs` lists. */
   jobs_capped: boolean;
+  /**
+   * Its jobs waiting on dependencies (not live yet: released when the last one completes),
+   * oldest first, at most {@link MAX_SHOWN_JOBS}, each with the ids it still waits for.
+   */
+  held: HeldJob[];
+  /** True when it has more held jobs than `held` lists. */
+  held_capped: boolean;
 }
 
 /** The execution `id` with its live jobs, their records and progress; null when there is none. */
@@ -76,7 +90,15 @@ export async function viewExecution(db: Db, id: string): Promise<ExecutionView |
       progress: progress.get(j.id) ?? null,
     });
   }
-  return { execution, barriers, jobs, jobs_capped: page.rows.length > MAX_SHOWN_JOBS };
+  const held = await listHeldJobs(db, id, MAX_SHOWN_JOBS + 1);
+  return {
+    execution,
+    barriers,
+    jobs,
+    jobs_capped: page.rows.length > MAX_SHOWN_JOBS,
+    held: held.slice(0, MAX_SHOWN_JOBS),
+    held_capped: held.length > MAX_SHOWN_JOBS,
+  };
 }
 
 /** A value on one line, cut to `max` characters. */
@@ -125,6 +147,17 @@ export function formatExecutionView(view: ExecutionView): string {
       );
     }
     if (j.steps_capped) lines.push(`    (the first ${MAX_SHOWN_STEPS} records; it has more)`);
+  }
+  if (view.held.length > 0) {
+    lines.push(
+      view.held_capped
+        ? `Waiting on dependencies (the oldest ${MAX_SHOWN_JOBS}; it has more):`
+        : `Waiting on dependencies (${view.held.length}):`,
+    );
+  }
+  for (const h of view.held) {
+    const on = h.waiting_on.length === 0 ? "-" : h.waiting_on.map((d) => `job ${d}`).join(", ");
+    lines.push(`  job ${h.id}  ${h.task}  on ${h.queue}  waiting on ${on}`);
   }
   return lines.join("\n") + "\n";
 }

@@ -25,6 +25,7 @@ const EMPTY: Status = {
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
   steps: { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true },
+  held: { queues: [], exact: true },
   progress: [],
 };
 
@@ -86,6 +87,7 @@ const BUSY: Status = {
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
   steps: { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true },
+  held: { queues: [], exact: true },
   progress: [],
 };
 
