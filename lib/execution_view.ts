@@ -107,6 +107,17 @@ function oneLine(value: unknown, max = 80): string {
   return text.length > max ? `${text.slice(0, max - 3)}...` : text;
 }
 
+/** A step, sleep or wait record on one line. */
+function recordLine(s: StepRow): string {
+  if (s.kind === "step") return `step ${s.name}: ${oneLine(s.result)}`;
+  if (s.kind === "sleep") return `sleep ${s.name}: until ${s.wake_at?.toISOString() ?? "-"}`;
+  const event = `event ${s.event_name}${s.event_key === "" ? "" : ` (key ${s.event_key})`}`;
+  if (s.wait_state === "received") return `wait ${s.name}: received ${event}: ${oneLine(s.result)}`;
+  if (s.wait_state === "timed_out") return `wait ${s.name}: timed out waiting for ${event}`;
+  const until = s.wake_at === null ? "no timeout" : `times out at ${s.wake_at.toISOString()}`;
+  return `wait ${s.name}: waiting for ${event}, ${until}`;
+}
+
 /** The view as text, one fact per line. */
 export function formatExecutionView(view: ExecutionView): string {
   const e = view.execution;
@@ -139,13 +150,7 @@ export function formatExecutionView(view: ExecutionView): string {
       lines.push(`    progress ${j.progress.done}/${j.progress.total}${message}`);
     }
     if (j.last_error !== null) lines.push(`    last error: ${j.last_error}`);
-    for (const s of j.steps) {
-      lines.push(
-        s.kind === "step"
-          ? `    step ${s.name}: ${oneLine(s.result)}`
-          : `    sleep ${s.name}: until ${s.wake_at?.toISOString() ?? "-"}`,
-      );
-    }
+    for (const s of j.steps) lines.push(`    ${recordLine(s)}`);
     if (j.steps_capped) lines.push(`    (the first ${MAX_SHOWN_STEPS} records; it has more)`);
   }
   if (view.held.length > 0) {

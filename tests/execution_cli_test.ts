@@ -103,6 +103,15 @@ Deno.test("shoal execution show prints status, key, jobs with their steps, sleep
   const wake = await suspendJob(db.sql, job, "cool-off", { at: new Date("2030-01-02T03:04:05Z") });
   assertEquals(wake?.toISOString(), "2030-01-02T03:04:05.000Z");
 
+  // Waits for events, as ctx.waitForEvent records them: one received, one still waiting.
+  await db.sql`
+    insert into shoal.job_steps
+      (job_id, name, kind, result, wake_at, event_name, event_key, wait_state, event_id)
+    values
+      (${job.id}::bigint, 'approval', 'wait', '{"by": "ana"}', null, 'approved', 'order-42',
+       'received', 1),
+      (${job.id}::bigint, 'review', 'wait', null, '2030-02-03T04:05:06Z', 'reviewed', '',
+       'waiting', null)`;
   const text = await runShoal(["execution", "show", id], { url: db.url });
   assertEquals([text.code, text.stderr], [0, ""]);
   const lines = text.stdout.split("\n");
@@ -117,6 +126,16 @@ Deno.test("shoal execution show prints status, key, jobs with their steps, sleep
   assert(lines.includes("    progress 3/10 packing"), text.stdout);
   assert(lines.includes('    step charge: {"charge":"ch_1"}'), text.stdout);
   assert(lines.includes("    sleep cool-off: until 2030-01-02T03:04:05.000Z"), text.stdout);
+  assert(
+    lines.includes('    wait approval: received event approved (key order-42): {"by":"ana"}'),
+    text.stdout,
+  );
+  assert(
+    lines.includes(
+      "    wait review: waiting for event reviewed, times out at 2030-02-03T04:05:06.000Z",
+    ),
+    text.stdout,
+  );
 
   const json = await runShoal(["execution", "show", id, "--json"], { url: db.url });
   assertEquals(json.code, 0, json.stderr);
@@ -140,12 +159,12 @@ Deno.test("shoal execution show prints status, key, jobs with their steps, sleep
       s.result,
       s.wake_at,
     ]),
-    [["charge", "step", { charge: "ch_1" }, null], [
-      "cool-off",
-      "sleep",
-      null,
-      "2030-01-02T03:04:05.000Z",
-    ]],
+    [
+      ["charge", "step", { charge: "ch_1" }, null],
+      ["cool-off", "sleep", null, "2030-01-02T03:04:05.000Z"],
+      ["approval", "wait", { by: "ana" }, null],
+      ["review", "wait", null, "2030-02-03T04:05:06.000Z"],
+    ],
   );
   assertEquals([shown.progress.done, shown.progress.total, shown.progress.message], [
     3,
