@@ -129,6 +129,7 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
     "unserved",
     "flow",
     "steps",
+    "held",
     "progress",
   ]);
   assertEquals(parsed.at, "2026-01-01T00:00:06.000Z");
