@@ -325,9 +325,12 @@ class WorkflowRun {
     const jobs = await this.#sql`
       select id, token, locked_by, run_at - now() as due_in from shoal.jobs
       where locked_by = ${`${Deno.hostname()}:${consumer.proc.child.pid}`}::text`;
+    // Every shoal session (the other consumers' and the emitter's too): who waits for whom.
     const sessions = await this.#sql`
-      select pid, state, left(query, 300) as query, now() - xact_start as open_for
-      from pg_stat_activity where application_name = ${`shoal ${consumer.name}`}::text`;
+      select application_name as app, pid, state, left(query, 300) as query,
+        now() - xact_start as open_for, pg_blocking_pids(pid) as blocked_by
+      from pg_stat_activity where application_name like 'shoal %'
+      order by application_name = ${`shoal ${consumer.name}`}::text desc, pid`;
     const locks = await this.#sql`
       select l.pid, l.locktype, l.relation::regclass::text as rel, l.mode, l.granted
       from pg_locks l join pg_stat_activity a using (pid)
