@@ -534,7 +534,11 @@ Deno.test("workflows: a consumer SIGSTOPped inside a step past its deadline, the
       15_000,
       100,
     ).catch(async (error) => {
-      throw new Error(`${error.message}: ${await run.holdings(victim!)}`, { cause: error });
+      const others = run.live().filter((c) => c !== victim)
+        .map((c) => `${c.name} said:\n${tail(c.proc.output(), 30)}`).join("\n");
+      throw new Error(`${error.message}: ${await run.holdings(victim!)}\n${others}`, {
+        cause: error,
+      });
     });
   } finally {
     victim!.proc.kill("SIGCONT");
