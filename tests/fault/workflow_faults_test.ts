@@ -36,7 +36,7 @@ import {
   withApplicationName,
 } from "../helpers.ts";
 import type { Sql } from "../../lib/db.ts";
-import { connect, isConnectionError } from "../../lib/db.ts";
+import { connect, isConnectionError, settleWithin } from "../../lib/db.ts";
 import { startExecution } from "../../lib/execution.ts";
 import { ownCluster, persist, tail, terminateLoop } from "./harness.ts";
 
@@ -51,6 +51,8 @@ const SLEEPS = ["nap-1", "nap-2"];
 const EVENT = "go";
 /** Jobs whose event is emitted before any consumer starts (before their job waits). */
 const EARLY = 10;
+/** How long the emitter waits for a statement before it gives it up as stalled and retries. */
+const STALL_MS = 5000;
 /** Every DUPLICATE-th key is emitted twice on purpose. */
 const DUPLICATE = 5;
 /** What each job does: a 50 ms pause inside each step's transaction, a 500 ms sleep between. */
@@ -155,8 +157,14 @@ class WorkflowRun {
     for (let t = 0; t < times; t++) {
       await persist(`emit ${EVENT}/${k}`, async () => {
         const emit = ++this.#emits;
-        await db`select shoal.emit_event(${EVENT}::text, ${k}::text,
-          ${JSON.stringify({ key: k, emit })}::text::jsonb)`;
+        // A statement postgres.js leaves unsettled on a killed connection is given up after
+        // STALL_MS and retried (as shoal's roles do): it may still commit, a duplicate again.
+        await settleWithin(
+          "emit",
+          db`select shoal.emit_event(${EVENT}::text, ${k}::text,
+            ${JSON.stringify({ key: k, emit })}::text::jsonb)`.execute(),
+          STALL_MS,
+        );
       });
     }
     this.#emitted.add(k);
@@ -168,7 +176,8 @@ class WorkflowRun {
    * until every job's event is out.
    */
   #startEmitter(): void {
-    const db = connect(withApplicationName(this.#url, "shoal emitter"), { max: 1 });
+    // A few connections: a retry need not queue behind a statement stalled on a killed one.
+    const db = connect(withApplicationName(this.#url, "shoal emitter"), { max: 4 });
     // postgres.js can reject a promise no caller holds when Postgres ends the emitter's
     // session (as a consumer's: lib/cli.ts main): a lost connection there is a fault this
     // test inflicts, counted for the figures; any other stray rejection still fails the test.
@@ -177,9 +186,13 @@ class WorkflowRun {
       try {
         while (this.#emitting && this.#emitted.size < JOBS) {
           const waiting = await persist("read the waiting jobs", () =>
-            db<{ key: string }[]>`
-              select event_key as key from shoal.job_steps
-              where kind = 'wait' and wait_state = 'waiting' order by job_id`);
+            settleWithin(
+              "read the waiting jobs",
+              db<{ key: string }[]>`
+                select event_key as key from shoal.job_steps
+                where kind = 'wait' and wait_state = 'waiting' order by job_id`.execute(),
+              STALL_MS,
+            ));
           for (const { key: k } of waiting) {
             if (!this.#emitted.has(k)) await this.#emit(db, k);
           }
