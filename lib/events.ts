@@ -27,7 +27,14 @@ import {
 import type { Db, Sql } from "./db.ts";
 import { checkPayload, DEFAULT_MAX_PAYLOAD_BYTES, MAX_KEY_LENGTH, NAME_RULE } from "./names.ts";
 import { type JobRef, suspendClaim } from "./queue.ts";
-import { closeWait, readWait, recordWait, type StepKind, type Wake } from "./steps.ts";
+import {
+  closeWait,
+  readWait,
+  recordWait,
+  type StepKind,
+  SUSPEND_IDLE_MS,
+  type Wake,
+} from "./steps.ts";
 
 /** Emitted events are kept this long (a wait that starts later still finds them), then pruned. */
 export const EVENT_RETENTION_MS = 86_400_000;
@@ -155,9 +162,15 @@ export async function waitForEvent(sql: Sql, job: JobRef, wait: WaitSpec): Promi
   }) as WaitOutcome;
 }
 
-/** Take the event lock of (name, key) for the rest of the transaction (sql/functions/events.sql). */
+/**
+ * Take the event lock of (name, key) for the rest of the transaction (sql/functions/events.sql),
+ * and bound how long the transaction may sit idle holding it (lib/steps.ts SUSPEND_IDLE_MS).
+ */
 async function lockEvent(tx: Db, name: string, key: string): Promise<void> {
-  await tx`select shoal.lock_event(${name}::text, ${key}::text)`;
+  await tx`
+    select set_config('idle_in_transaction_session_timeout', ${String(SUSPEND_IDLE_MS)}::text,
+                      true),
+      shoal.lock_event(${name}::text, ${key}::text)`;
 }
 
 /** The oldest event of (name, key) still kept that job `jobId` has not received; else null. */

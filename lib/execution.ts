@@ -369,6 +369,62 @@ export const EXECUTION_STATUSES: readonly ExecutionStatus[] = [
   "cancelled",
 ];
 
+/** A job held until its dependencies complete (`shoal.held_jobs`), as views show it. */
+export interface HeldJob {
+  id: string;
+  task: string;
+  queue: string;
+  /** The ids of its dependencies that have not finished yet, in id order. */
+  waiting_on: string[];
+}
+
+/**
+ * The jobs of execution `id` held on their dependencies, oldest first, at most `limit`
+ * (along held_jobs_execution_idx and the edges' dependant index).
+ */
+export async function listHeldJobs(db: Db, id: string, limit: number): Promise<HeldJob[]> {
+  checkDb("listHeldJobs", db);
+  checkId("listHeldJobs", "id", id);
+  checkInteger("listHeldJobs", "limit", limit, { min: 1, max: 1000 });
+  return [
+    ...await db<HeldJob[]>`
+      select h.id::text as id, h.job->>'task' as task, h.job->>'queue' as queue,
+        coalesce((select array_agg(d.dependency_id::text order by d.dependency_id)
+                  from shoal.job_dependencies d
+                  where d.dependant_id = h.id
+                    and not exists (select 1 from shoal.job_results r
+                                    where r.job_id = d.dependency_id)), '{}') as waiting_on
+      from shoal.held_jobs h
+      where h.execution_id = ${id}::bigint
+      order by h.id
+      limit ${limit}::integer`,
+  ];
+}
+
+/** Jobs waiting on dependencies, by queue, for `shoal status`. */
+export interface HeldTotals {
+  queues: { queue: string; jobs: number }[];
+  /** False when there were more than {@link HELD_TOTALS_CAP} held jobs: the counts are of those read. */
+  exact: boolean;
+}
+
+/**
+ * Most held jobs heldTotals() reads (the count rule of sql/functions/counts.sql: status never
+ * scans a table that can grow without bound); past it, the counts are lower bounds.
+ */
+export const HELD_TOTALS_CAP = 10_000;
+
+/** Jobs held on their dependencies, by queue, counting at most {@link HELD_TOTALS_CAP}. */
+export async function heldTotals(db: Db): Promise<HeldTotals> {
+  checkDb("heldTotals", db);
+  const rows = await db<{ queue: string; jobs: number }[]>`
+    select h.job->>'queue' as queue, count(*)::integer as jobs
+    from (select job from shoal.held_jobs limit ${HELD_TOTALS_CAP + 1}::integer) h
+    group by 1 order by 1`;
+  const read = rows.reduce((n, r) => n + r.jobs, 0);
+  return { queues: [...rows], exact: read <= HELD_TOTALS_CAP };
+}
+
 /** The most open barriers executionBarriers() reads of one execution. */
 export const MAX_LISTED_BARRIERS = 100;
 

@@ -1,7 +1,8 @@
 /**
  * One execution as `shoal execution show ID` prints it: its status and key, its live jobs
  * (task, state, attempts), and for each job its recorded steps and sleeps and its last
- * progress report. Every read is bounded: at most {@link MAX_SHOWN_JOBS} jobs and
+ * progress report, then its jobs waiting on dependencies (held, not yet live) with the ids
+ * they wait for. Every read is bounded: at most {@link MAX_SHOWN_JOBS} jobs (of each kind) and
  * {@link MAX_SHOWN_STEPS} records per job, each read one more than it shows to say when there
  * are more. The statements are the owning modules' (execution.ts, queue.ts, steps.ts).
  *
@@ -9,7 +10,13 @@
  */
 import { checkDb, checkId } from "./args.ts";
 import type { Db } from "./db.ts";
-import { type Execution, executionBarriers, getExecution } from "./execution.ts";
+import {
+  type Execution,
+  executionBarriers,
+  getExecution,
+  type HeldJob,
+  listHeldJobs,
+} from "./execution.ts";
 import type { WrittenProgress } from "./progress.ts";
 import { type JobListRow, listJobs, progressOf } from "./queue.ts";
 import { listSteps, type StepRow } from "./steps.ts";
@@ -46,6 +53,13 @@ export interface ExecutionView {
   jobs: ExecutionJobView[];
   /** True when it has more live jobs than `jobs` lists. */
   jobs_capped: boolean;
+  /**
+   * Its jobs waiting on dependencies (not live yet: released when the last one completes),
+   * oldest first, at most {@link MAX_SHOWN_JOBS}, each with the ids it still waits for.
+   */
+  held: HeldJob[];
+  /** True when it has more held jobs than `held` lists. */
+  held_capped: boolean;
 }
 
 /** The execution `id` with its live jobs, their records and progress; null when there is none. */
@@ -76,13 +90,32 @@ export async function viewExecution(db: Db, id: string): Promise<ExecutionView |
       progress: progress.get(j.id) ?? null,
     });
   }
-  return { execution, barriers, jobs, jobs_capped: page.rows.length > MAX_SHOWN_JOBS };
+  const held = await listHeldJobs(db, id, MAX_SHOWN_JOBS + 1);
+  return {
+    execution,
+    barriers,
+    jobs,
+    jobs_capped: page.rows.length > MAX_SHOWN_JOBS,
+    held: held.slice(0, MAX_SHOWN_JOBS),
+    held_capped: held.length > MAX_SHOWN_JOBS,
+  };
 }
 
 /** A value on one line, cut to `max` characters. */
 function oneLine(value: unknown, max = 80): string {
   const text = JSON.stringify(value) ?? "null";
   return text.length > max ? `${text.slice(0, max - 3)}...` : text;
+}
+
+/** A step, sleep or wait record on one line. */
+function recordLine(s: StepRow): string {
+  if (s.kind === "step") return `step ${s.name}: ${oneLine(s.result)}`;
+  if (s.kind === "sleep") return `sleep ${s.name}: until ${s.wake_at?.toISOString() ?? "-"}`;
+  const event = `event ${s.event_name}${s.event_key === "" ? "" : ` (key ${s.event_key})`}`;
+  if (s.wait_state === "received") return `wait ${s.name}: received ${event}: ${oneLine(s.result)}`;
+  if (s.wait_state === "timed_out") return `wait ${s.name}: timed out waiting for ${event}`;
+  const until = s.wake_at === null ? "no timeout" : `times out at ${s.wake_at.toISOString()}`;
+  return `wait ${s.name}: waiting for ${event}, ${until}`;
 }
 
 /** The view as text, one fact per line. */
@@ -117,14 +150,19 @@ export function formatExecutionView(view: ExecutionView): string {
       lines.push(`    progress ${j.progress.done}/${j.progress.total}${message}`);
     }
     if (j.last_error !== null) lines.push(`    last error: ${j.last_error}`);
-    for (const s of j.steps) {
-      lines.push(
-        s.kind === "step"
-          ? `    step ${s.name}: ${oneLine(s.result)}`
-          : `    sleep ${s.name}: until ${s.wake_at?.toISOString() ?? "-"}`,
-      );
-    }
+    for (const s of j.steps) lines.push(`    ${recordLine(s)}`);
     if (j.steps_capped) lines.push(`    (the first ${MAX_SHOWN_STEPS} records; it has more)`);
+  }
+  if (view.held.length > 0) {
+    lines.push(
+      view.held_capped
+        ? `Waiting on dependencies (the oldest ${MAX_SHOWN_JOBS}; it has more):`
+        : `Waiting on dependencies (${view.held.length}):`,
+    );
+  }
+  for (const h of view.held) {
+    const on = h.waiting_on.length === 0 ? "-" : h.waiting_on.map((d) => `job ${d}`).join(", ");
+    lines.push(`  job ${h.id}  ${h.task}  on ${h.queue}  waiting on ${on}`);
   }
   return lines.join("\n") + "\n";
 }

@@ -17,7 +17,7 @@ import type { Db } from "./db.ts";
 import { delay } from "./sleep.ts";
 import { describeError } from "./log.ts";
 import { formatDuration } from "./duration.ts";
-import { listExecutions } from "./execution.ts";
+import { type HeldTotals, heldTotals, listExecutions } from "./execution.ts";
 import { listLeases } from "./lease.ts";
 import { listSchedules, type ScheduleRow } from "./schedule.ts";
 import { countJobs, type JobTotals, jobTotals, listProgress, type QueueCounts } from "./queue.ts";
@@ -98,6 +98,11 @@ export interface Status {
   flow: FlowStatus;
   /** Durable-workflow records (lib/steps.ts): steps, sleeps and waits kept, jobs with any, sleeping and waiting jobs. */
   steps: StepTotals;
+  /**
+   * Jobs waiting on dependencies (held in shoal.held_jobs, not yet jobs of their queue), by
+   * queue; bounded like the step totals (lib/execution.ts heldTotals()).
+   */
+  held: HeldTotals;
   /** Claimed jobs that reported progress (ctx.progress), by id, at most 20 (lib/progress.ts). */
   progress: JobProgress[];
 }
@@ -195,6 +200,7 @@ export async function status(db: Db, options: StatusOptions = {}): Promise<Statu
   const unserved = unservedJobs(counts, await listLiveConsumers(db));
   const flow = await flowStatus(db);
   const steps = await stepTotals(db);
+  const held = await heldTotals(db);
   const progress = await listProgress(db);
   return {
     queues: counts.map(toQueueStatus),
@@ -204,6 +210,7 @@ export async function status(db: Db, options: StatusOptions = {}): Promise<Statu
     unserved,
     flow,
     steps,
+    held,
     progress,
   };
 }
@@ -268,7 +275,7 @@ function formatLeases(rows: LeaseStatus[]): string {
 /** The human-readable form of `shoal status` (fan-outs as bars with `bars`). */
 export function formatStatus(s: Status, options: { bars?: boolean } = {}): string {
   return [
-    formatQueues(s) + formatUnserved(s.unserved) +
+    formatQueues(s) + formatHeld(s.held) + formatUnserved(s.unserved) +
     flowSections(s.flow).map((section) => `\n${section}`).join(""),
     formatExecutions(s.executions, options.bars ?? false),
     formatLeases(s.leases),
@@ -278,6 +285,20 @@ export function formatStatus(s: Status, options: { bars?: boolean } = {}): strin
 
 /** What marks an estimated figure in the text form. */
 const ABOUT = "~";
+
+/** The heading of the held jobs' counts in the text form. */
+export const HELD_HEADING = "Waiting on dependencies";
+
+/**
+ * Jobs waiting on dependencies, per queue, under the queues (nothing when there are none):
+ * they are not in any queue's counts until their last dependency completes.
+ */
+function formatHeld(held: HeldTotals): string {
+  if (held.queues.length === 0) return "";
+  const mark = held.exact ? "" : ">="; // past the cap: a lower bound
+  const counts = held.queues.map((q) => `${q.queue} ${mark}${q.jobs}`).join(", ");
+  return `\n${HELD_HEADING}: ${counts}\n`;
+}
 
 /** What the text form says under the queues when some of their figures are estimates. */
 export const ESTIMATES_NOTE = `${ABOUT} marks estimates: too many jobs to count on every call, ` +

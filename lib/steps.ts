@@ -153,7 +153,12 @@ export async function suspendJob(
     // The wake time as Postgres's text: a JS Date would drop its microseconds, and the job's
     // run_at must equal the record's wake_at (stepTotals() counts sleeping jobs by it).
     const [row] = await tx<{ wake_at: string }[]>`
-      with ours as (
+      with idle as (
+        -- Referenced below, so that it runs (SUSPEND_IDLE_MS): one row, always.
+        select set_config('idle_in_transaction_session_timeout', ${String(SUSPEND_IDLE_MS)}::text,
+                          true) as bound
+      ),
+      ours as (
         select j.id from shoal.jobs j
         where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
         for update
@@ -161,13 +166,24 @@ export async function suspendJob(
       insert into shoal.job_steps as s (job_id, name, kind, wake_at)
       select o.id, ${name}::text, 'sleep',
         coalesce(${at}::timestamptz, now() + ${ms}::bigint * interval '1 ms')
-      from ours o
+      from ours o cross join idle
       on conflict (job_id, name) do update set wake_at = s.wake_at
       returning s.wake_at::text as wake_at`;
     if (row === undefined) return null;
     return await suspendClaim(tx, job, row.wake_at);
   }) as Date | null;
 }
+
+/**
+ * How long the short transaction of a sleep or a wait (suspendJob(), lib/events.ts
+ * waitForEvent()) may sit idle before Postgres ends it. It holds its job's row (and a wait its
+ * event's lock) from its first statement to its commit: a worker frozen in between (SIGSTOP, a
+ * paused VM) would keep the job from being redelivered, and every emit of the event waiting,
+ * for as long as it stays frozen. Its statements follow each other at once, so only a frozen
+ * or dead worker is idle this long; set for the transaction only (`set_config(..., true)`), as
+ * lib/job_transaction.ts bounds a handler's own transaction.
+ */
+export const SUSPEND_IDLE_MS = 5000;
 
 /** The longest a job waiting without a timeout stays handed back before it looks again. */
 const WAIT_PARK = "10 years";

@@ -379,6 +379,7 @@ Deno.test("shoal status --json keeps its contract keys", async () => {
     "unserved",
     "flow",
     "steps",
+    "held",
     "progress",
   ]);
   assertEquals(status.flow, { paused: [], limits: [], rate_limits: [], holds: [], weights: [] });

@@ -32,7 +32,7 @@ import { HttpServer } from "../lib/http_server.ts";
 import { loadPromClient, Metrics } from "../lib/metrics.ts";
 import { dashboardFor } from "../lib/dashboard/server.ts";
 import { enqueue, listJobs, listJobsStatement } from "../lib/queue.ts";
-import { startExecution } from "../lib/execution.ts";
+import { startExecution, startWorkflow } from "../lib/execution.ts";
 import { flowStatus } from "../lib/flow.ts";
 import { deadByQueueWithin, listDeadPage, purgeDead, retryDeadMatching } from "../lib/dead.ts";
 import { connect, type Db } from "../lib/db.ts";
@@ -571,6 +571,45 @@ Deno.test("dashboard: an execution's page shows its key (idempotent start), esca
   assertEquals(page.status, 200);
   assert(page.body.includes("order-&lt;42&gt;"), page.body);
   assert(!page.body.includes("order-<42>"), "the key is escaped");
+});
+
+Deno.test("dashboard: an execution's page lists its jobs waiting on dependencies with the ids they wait on", async () => {
+  await using db = await testDb();
+  const dashboard = open(db.sql);
+  const id = await startWorkflow(db.sql, {
+    steps: [
+      { id: "a", task: "wf.a" },
+      { id: "b", task: "wf.b", after: ["a"] },
+      { id: "c", task: "wf.c", after: ["a", "b"] },
+    ],
+  });
+  const rows = await db.sql<{ task: string; id: string }[]>`
+    select task, id::text from shoal.jobs where execution_id = ${id}::bigint
+    union all
+    select job->>'task', id::text from shoal.held_jobs where execution_id = ${id}::bigint`;
+  const ids = Object.fromEntries(rows.map((r) => [r.task, r.id]));
+  const page = await call(dashboard, `/executions/${id}`);
+  assertEquals(page.status, 200);
+  const held = page.body.slice(page.body.indexOf("<h2>Waiting on dependencies</h2>"));
+  assert(
+    held.includes(
+      `<td >${ids["wf.b"]}</td><td >wf.b</td><td >default</td><td >${ids["wf.a"]}</td>`,
+    ),
+    held,
+  );
+  assert(
+    held.includes(
+      `<td >${ids["wf.c"]}</td><td >wf.c</td><td >default</td><td >${ids["wf.a"]}, ${
+        ids["wf.b"]
+      }</td>`,
+    ),
+    held,
+  );
+  // An execution without any says so.
+  const { id: plain } = await startExecution(db.sql, { task: "order.ship" }, { key: "k" });
+  assert(
+    (await call(dashboard, `/executions/${plain}`)).body.includes("No job waits on a dependency."),
+  );
 });
 
 Deno.test("dashboard answers 400 naming the parameter for every bad one", async () => {

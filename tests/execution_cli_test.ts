@@ -1,5 +1,6 @@
 /**
- * `shoal execution start` and `shoal execution show` end to end: real `main.ts` processes
+ * `shoal execution start` and `shoal execution show` end to end (and the held jobs `shoal status`
+ * counts): real `main.ts` processes
  * against a real database, with the state they show written by the functions a run uses
  * (claim, recordStep, suspendJob, saveProgress).
  */
@@ -9,6 +10,8 @@ import type { Sql } from "../lib/db.ts";
 import { claim, saveProgress } from "../lib/queue.ts";
 import { recordStep, suspendJob } from "../lib/steps.ts";
 import { MAX_SHOWN_JOBS, MAX_SHOWN_STEPS } from "../lib/execution_view.ts";
+import { HELD_TOTALS_CAP, heldTotals, startWorkflow } from "../lib/execution.ts";
+import { completeJobs } from "../lib/barrier.ts";
 
 const Q = "orders";
 
@@ -100,6 +103,15 @@ Deno.test("shoal execution show prints status, key, jobs with their steps, sleep
   const wake = await suspendJob(db.sql, job, "cool-off", { at: new Date("2030-01-02T03:04:05Z") });
   assertEquals(wake?.toISOString(), "2030-01-02T03:04:05.000Z");
 
+  // Waits for events, as ctx.waitForEvent records them: one received, one still waiting.
+  await db.sql`
+    insert into shoal.job_steps
+      (job_id, name, kind, result, wake_at, event_name, event_key, wait_state, event_id)
+    values
+      (${job.id}::bigint, 'approval', 'wait', '{"by": "ana"}', null, 'approved', 'order-42',
+       'received', 1),
+      (${job.id}::bigint, 'review', 'wait', null, '2030-02-03T04:05:06Z', 'reviewed', '',
+       'waiting', null)`;
   const text = await runShoal(["execution", "show", id], { url: db.url });
   assertEquals([text.code, text.stderr], [0, ""]);
   const lines = text.stdout.split("\n");
@@ -114,6 +126,16 @@ Deno.test("shoal execution show prints status, key, jobs with their steps, sleep
   assert(lines.includes("    progress 3/10 packing"), text.stdout);
   assert(lines.includes('    step charge: {"charge":"ch_1"}'), text.stdout);
   assert(lines.includes("    sleep cool-off: until 2030-01-02T03:04:05.000Z"), text.stdout);
+  assert(
+    lines.includes('    wait approval: received event approved (key order-42): {"by":"ana"}'),
+    text.stdout,
+  );
+  assert(
+    lines.includes(
+      "    wait review: waiting for event reviewed, times out at 2030-02-03T04:05:06.000Z",
+    ),
+    text.stdout,
+  );
 
   const json = await runShoal(["execution", "show", id, "--json"], { url: db.url });
   assertEquals(json.code, 0, json.stderr);
@@ -137,12 +159,12 @@ Deno.test("shoal execution show prints status, key, jobs with their steps, sleep
       s.result,
       s.wake_at,
     ]),
-    [["charge", "step", { charge: "ch_1" }, null], [
-      "cool-off",
-      "sleep",
-      null,
-      "2030-01-02T03:04:05.000Z",
-    ]],
+    [
+      ["charge", "step", { charge: "ch_1" }, null],
+      ["cool-off", "sleep", null, "2030-01-02T03:04:05.000Z"],
+      ["approval", "wait", { by: "ana" }, null],
+      ["review", "wait", null, "2030-02-03T04:05:06.000Z"],
+    ],
   );
   assertEquals([shown.progress.done, shown.progress.total, shown.progress.message], [
     3,
@@ -217,4 +239,91 @@ Deno.test("shoal execution show: no such execution exits 1, a bad id or subcomma
     assertEquals([r.code, r.stdout], [2, ""], r.stderr);
     assert(r.stderr.includes(says), r.stderr);
   }
+});
+
+Deno.test("shoal execution show lists the jobs waiting on dependencies with the ids they wait on; shoal status counts them per queue", async () => {
+  await using db = await testDb();
+  // a, then b and c after a, then d after b and c: a is live, b, c and d are held.
+  const id = await startWorkflow(db.sql, {
+    steps: [
+      { id: "a", task: "app.a", queue: Q },
+      { id: "b", task: "app.b", queue: Q, after: ["a"] },
+      { id: "c", task: "app.c", queue: "other", after: ["a"] },
+      { id: "d", task: "app.d", queue: Q, after: ["b", "c"] },
+    ],
+  });
+  const rows = await db.sql<{ task: string; id: string }[]>`
+    select task, id::text from shoal.jobs where execution_id = ${id}::bigint
+    union all
+    select job->>'task', id::text from shoal.held_jobs where execution_id = ${id}::bigint`;
+  const ids = Object.fromEntries(rows.map((r) => [r.task, r.id]));
+
+  const text = await runShoal(["execution", "show", id], { url: db.url });
+  assertEquals([text.code, text.stderr], [0, ""]);
+  const lines = text.stdout.split("\n");
+  assert(lines.includes("Live jobs (1):"), text.stdout);
+  assert(lines.includes("Waiting on dependencies (3):"), text.stdout);
+  assert(lines.includes(`  job ${ids["app.b"]}  app.b  on ${Q}  waiting on job ${ids["app.a"]}`));
+  assert(
+    lines.includes(`  job ${ids["app.c"]}  app.c  on other  waiting on job ${ids["app.a"]}`),
+    text.stdout,
+  );
+  assert(
+    lines.includes(
+      `  job ${ids["app.d"]}  app.d  on ${Q}  waiting on job ${ids["app.b"]}, job ${ids["app.c"]}`,
+    ),
+    text.stdout,
+  );
+  const json = await runShoal(["execution", "show", id, "--json"], { url: db.url });
+  const view = JSON.parse(json.stdout);
+  assertEquals([view.held, view.held_capped], [
+    [
+      { id: ids["app.b"], task: "app.b", queue: Q, waiting_on: [ids["app.a"]] },
+      { id: ids["app.c"], task: "app.c", queue: "other", waiting_on: [ids["app.a"]] },
+      { id: ids["app.d"], task: "app.d", queue: Q, waiting_on: [ids["app.b"], ids["app.c"]] },
+    ],
+    false,
+  ]);
+
+  const status = await runShoal(["status"], { url: db.url });
+  assertEquals(status.code, 0, status.stderr);
+  assert(
+    status.stdout.includes(`Waiting on dependencies: ${Q} 2, other 1\n`),
+    status.stdout,
+  );
+  const statusJson = await runShoal(["status", "--json"], { url: db.url });
+  assertEquals(JSON.parse(statusJson.stdout).held, {
+    queues: [{ queue: Q, jobs: 2 }, { queue: "other", jobs: 1 }],
+    exact: true,
+  });
+
+  // Once a completes, b and c are live, d waits on them alone.
+  const a = await claimJobOf(db.sql, id);
+  await completeJobs(db.sql, [{ ...a, result: "A" }]);
+  const after = JSON.parse(
+    (await runShoal(["execution", "show", id, "--json"], { url: db.url }))
+      .stdout,
+  );
+  assertEquals(after.held.map((h: { id: string; waiting_on: string[] }) => [h.id, h.waiting_on]), [
+    [ids["app.d"], [ids["app.b"], ids["app.c"]]],
+  ]);
+});
+
+Deno.test("heldTotals() reads at most HELD_TOTALS_CAP held jobs and then says its counts are not exact", async () => {
+  await using db = await testDb();
+  // Rows as shoal.start_workflow holds them (no edges needed for counting).
+  const hold = (from: number, to: number) =>
+    db.sql`
+      insert into shoal.held_jobs (id, execution_id, job, waiting)
+      select i, 1, jsonb_build_object('queue', ${Q}::text, 'task', 'app.x'), 1
+      from generate_series(${from}::integer, ${to}::integer) i`;
+  await hold(1, HELD_TOTALS_CAP);
+  assertEquals(await heldTotals(db.sql), {
+    queues: [{ queue: Q, jobs: HELD_TOTALS_CAP }],
+    exact: true,
+  });
+  await hold(HELD_TOTALS_CAP + 1, HELD_TOTALS_CAP + 2);
+  const capped = await heldTotals(db.sql);
+  assertEquals(capped.exact, false);
+  assert(capped.queues[0]!.jobs <= HELD_TOTALS_CAP + 1, "read past the cap");
 });

@@ -25,6 +25,7 @@ const EMPTY: Status = {
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
   steps: { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true },
+  held: { queues: [], exact: true },
   progress: [],
 };
 
@@ -86,6 +87,7 @@ const BUSY: Status = {
   unserved: [],
   flow: { paused: [], limits: [], rate_limits: [], holds: [], weights: [] },
   steps: { records: 0, jobs: 0, sleeping: 0, waiting: 0, exact: true },
+  held: { queues: [], exact: true },
   progress: [],
 };
 
@@ -127,6 +129,7 @@ Deno.test("formatWatchJson() is one line holding the status keys plus at and rat
     "unserved",
     "flow",
     "steps",
+    "held",
     "progress",
   ]);
   assertEquals(parsed.at, "2026-01-01T00:00:06.000Z");

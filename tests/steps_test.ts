@@ -12,6 +12,7 @@ import { type AnyTask, defineTask, TaskRegistry } from "../lib/tasks.ts";
 import { ClaimLostError, JobRun, type RunEnv, SuspendedError } from "../lib/run_job.ts";
 import { listSteps, pruneSteps, STEP_TOTALS_CAP, stepTotals } from "../lib/steps.ts";
 import { status } from "../lib/status.ts";
+import { cancelExecution, startExecution } from "../lib/execution.ts";
 
 function env(sql: Sql, tasks: AnyTask[]): RunEnv {
   return { sql, tasks: new TaskRegistry(tasks), log: logger("consumer"), taskTimeoutMs: 10_000 };
@@ -346,4 +347,44 @@ Deno.test("stepTotals() reads at most STEP_TOTALS_CAP records and then says its 
     waiting: 0,
     exact: false,
   });
+});
+
+Deno.test("cancelling the execution of a sleeping job leaves nothing behind: the job goes at once, its wake time passes with nothing to claim, its records are pruned", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  const runs: number[] = [];
+  const task = defineTask({
+    name: "t.nap",
+    async handler(_p, ctx) {
+      runs.push(ctx.job.attempts);
+      await ctx.step("charge", async (tx) => {
+        await tx`insert into test_effects values (${ctx.job.id}::bigint, 'charge')`;
+      });
+      await ctx.sleep("cool-off", 300);
+      await ctx.step("ship", async (tx) => {
+        await tx`insert into test_effects values (${ctx.job.id}::bigint, 'ship')`;
+      });
+    },
+  });
+  const execution = await startExecution(db.sql, { task: "t.nap" });
+  const job = await claimOne(db.sql);
+  const r = new JobRun(job, env(db.sql, [task]));
+  await r.settled;
+  assertEquals(r.state, "suspended");
+  assertEquals((await stepTotals(db.sql)).sleeping, 1);
+  assertEquals(await cancelExecution(db.sql, execution), true);
+  const [left] = await db.sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
+  assertEquals(left!.n, 0, "the sleeping job is gone at once, not at its wake time");
+  assertEquals((await stepTotals(db.sql)).sleeping, 0);
+  await new Promise((resolve) => setTimeout(resolve, 400)); // past its wake time
+  assertEquals(
+    (await claim(db.sql, { queues: ["default"], limit: 10, workerId: "w", visibilityMs: 60_000 }))
+      .jobs,
+    [],
+    "nothing wakes to be run (or acked unrun)",
+  );
+  assertEquals(runs.length, 1, "one run, before the cancel");
+  assertEquals(await effects(db.sql), ["charge"]);
+  assertEquals(await pruneSteps(db.sql, { olderThanMs: 0, limit: 10 }), 2);
+  assertEquals(await listSteps(db.sql, job.id), []);
 });

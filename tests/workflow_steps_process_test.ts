@@ -1,14 +1,32 @@
 /**
  * Durable workflows with real `shoal --role consumer` processes (tests/fixtures/workflow_main.ts)
  * and real signals: a worker SIGSTOPped inside ctx.transaction past its deadline, a worker
- * SIGKILLed between steps, a consumer restarted while its job sleeps. Effects are rows the
+ * SIGKILLed between steps, a consumer restarted while its job sleeps, `shoal cancel` of
+ * executions whose jobs sleep, wait for an event or wait on a dependency. Effects are rows the
  * tasks write inside their transactions, counted by the database.
  */
 import { assert, assertEquals } from "./assert.ts";
-import { exitWithin, type ShoalProcess, sleep, testDb, waitFor, waitForOutput } from "./helpers.ts";
+import {
+  exitWithin,
+  runShoal,
+  type ShoalProcess,
+  sleep,
+  testDb,
+  waitFor,
+  waitForOutput,
+} from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { enqueue } from "../lib/queue.ts";
-import { createWorkflowTables, jobCount, STARTED, workflowConsumer } from "./workflow_processes.ts";
+import {
+  createWorkflowTables,
+  jobCount,
+  STARTED,
+  WORKFLOW_MAIN,
+  workflowConsumer,
+} from "./workflow_processes.ts";
+import { startExecution, startWorkflow } from "../lib/execution.ts";
+import { emitEvent } from "../lib/events.ts";
+import { pruneSteps } from "../lib/steps.ts";
 
 interface Row {
   attempt: number;
@@ -218,5 +236,81 @@ Deno.test("ctx.transaction: a frozen worker's open transaction is ended by Postg
     second?.kill("SIGKILL");
     await first.exited();
     await second?.exited();
+  }
+});
+
+Deno.test("shoal cancel of executions whose jobs sleep, wait for an event or wait on a dependency: each job is gone at once, none wakes to run, an emit reaches nothing, the records are pruned", async () => {
+  await using db = await testDb();
+  await createWorkflowTables(db.sql);
+  const proc = workflowConsumer(db.url);
+  try {
+    await waitForOutput(proc, STARTED);
+    const sleeping = await startExecution(db.sql, {
+      task: "test.sleepy",
+      payload: { sleep: "2s" },
+    });
+    const waiting = await startExecution(db.sql, {
+      task: "test.approval",
+      payload: { key: "cancel-me" },
+    });
+    // Its first step sleeps; its second is held until the first completes.
+    const workflow = await startWorkflow(db.sql, {
+      steps: [
+        { id: "a", task: "test.sleepy", payload: { sleep: "2s" } },
+        { id: "b", task: "test.dag", payload: { step: "b" }, after: ["a"] },
+      ],
+    });
+    const executions = [sleeping, waiting, workflow];
+    // Every job handed back by its sleep or wait (no consumer holds it), the held one held.
+    await waitFor(
+      "two jobs asleep, one waiting, one held",
+      async () => {
+        const [row] = await db.sql<{ asleep: number; waits: number; held: number }[]>`
+        select
+          (select count(*)::int from shoal.jobs j join shoal.job_steps s on s.job_id = j.id
+           where s.kind = 'sleep' and j.locked_by is null) as asleep,
+          (select count(*)::int from shoal.jobs j join shoal.job_steps s on s.job_id = j.id
+           where s.wait_state = 'waiting' and j.locked_by is null) as waits,
+          (select count(*)::int from shoal.held_jobs) as held`;
+        return row!.asleep === 2 && row!.waits === 1 && row!.held === 1;
+      },
+      20_000,
+      100,
+    );
+    for (const id of executions) {
+      const cancel = await runShoal(["cancel", id], { url: db.url, mainModule: WORKFLOW_MAIN });
+      assertEquals([cancel.code, cancel.stdout], [0, `Cancelled execution ${id}\n`], cancel.stderr);
+    }
+    // Gone at once: nothing of theirs is left to wake, be claimed, or be released.
+    const [left] = await db.sql<{ jobs: number; held: number; edges: number; statuses: string }[]>`
+      select (select count(*)::int from shoal.jobs) as jobs,
+        (select count(*)::int from shoal.held_jobs) as held,
+        (select count(*)::int from shoal.job_dependencies) as edges,
+        (select string_agg(status, ',' order by id) from shoal.executions
+         where id = any(${executions}::bigint[])) as statuses`;
+    assertEquals(left, { jobs: 0, held: 0, edges: 0, statuses: "cancelled,cancelled,cancelled" });
+    assertEquals(await emitEvent(db.sql, "approved", "cancel-me", { by: "late" }), 0);
+    // Past the sleeps' wake time, with the consumer polling: no run started after the cancel,
+    // no step after a sleep or the wait committed, nothing reappeared.
+    await sleep(3000);
+    assertEquals(
+      (await marks(db.sql)).map((m) => m.what),
+      ["run", "run", "run"],
+      "one run of each job before the cancel, none after",
+    );
+    assertEquals(
+      (await effects(db.sql)).map((e) => e.what).sort(),
+      ["charge", "charge", "charge"],
+      "only the steps before the sleeps and the wait",
+    );
+    assertEquals(await jobCount(db.sql), 0);
+    // Their sleep and wait records (and steps) go with the reaper's step retention.
+    assertEquals(await pruneSteps(db.sql, { olderThanMs: 0, limit: 100 }), 6);
+    const [records] = await db.sql<{ n: number }[]>`select count(*)::int as n from shoal.job_steps`;
+    assertEquals(records!.n, 0);
+    await stop(proc);
+  } finally {
+    proc.kill("SIGKILL");
+    await proc.exited();
   }
 });

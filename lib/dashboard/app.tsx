@@ -57,6 +57,7 @@ import {
   executionBarriers,
   getExecution,
   listExecutionsPage,
+  listHeldJobs,
 } from "../execution.ts";
 import { listSchedules, runScheduleNow, setScheduleEnabled } from "../schedule.ts";
 import { listLeases } from "../lease.ts";
@@ -728,6 +729,8 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const jobs = await listJobs(db, { executionId: id, limit: 50 });
     const ids = jobs.rows.map((j) => j.id);
     const [progress, steps] = [await progressOf(db, ids), await stepCounts(db, ids)];
+    // Jobs waiting on dependencies are not live jobs yet: listed apart, with what they wait on.
+    const held = await listHeldJobs(db, id, 50);
     return {
       open,
       body: (
@@ -778,6 +781,18 @@ export function createDashboard(options: DashboardOptions): Dashboard {
                 when(j.run_at),
               ];
             })}
+          />
+          <h2>Waiting on dependencies</h2>
+          <Table
+            head={["id", "task", "queue", "waiting on"]}
+            empty="No job waits on a dependency."
+            rows={held.map((h) => [
+              h.id,
+              h.task,
+              h.queue,
+              // Plain ids: a dependency may itself be held, with no job page yet.
+              h.waiting_on.length === 0 ? "-" : h.waiting_on.join(", "),
+            ])}
           />
           <p>
             <a href={`/jobs?execution=${id}&state=dead`}>Its dead jobs</a>

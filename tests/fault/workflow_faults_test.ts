@@ -1,16 +1,28 @@
 /**
  * Fault 4: durable workflows under the fault suite's faults (issue 17). Real consumer processes
  * (tests/fixtures/workflow_fault_main.ts) run 50 executions, each one job of three steps with a
- * durable sleep between each two, while a scenario SIGKILLs consumers again and again, SIGSTOPs
- * one inside a step past its deadline and resumes it, terminates every shoal session every
- * 200 ms, or restarts Postgres. The same check ends every scenario, from rows the database wrote:
+ * durable sleep between each two, then a wait for an event of its own key ("go", `k-<n>`) and a
+ * fourth step that records the payload it received, while a scenario SIGKILLs consumers again
+ * and again, SIGSTOPs one inside a step past its deadline and resumes it, terminates every shoal
+ * session every 200 ms, or restarts Postgres. An emitter emits each job's event: ten of them
+ * before any consumer starts (so before their jobs wait: the wait finds the kept event), the
+ * rest once their job's wait is recorded, on a session of its own that the faults hit too; an
+ * emit that fails on a lost connection is retried. Every fifth key is emitted twice on purpose,
+ * and a retried emit may have committed before its connection went: shoal.emit_event stores
+ * each emit as an event of its own and a wait record leaves 'waiting' once, so a job's wait
+ * receives exactly one of them and the others stay unreceived until the event retention
+ * removes them. The same check ends every scenario, from rows the database wrote:
  *
  * - every execution completed, once (its status changes are audited by a trigger: exactly
  *   pending > running > completed), and nothing is left in shoal.jobs or the dead letters;
  * - every (job, step) effect exists exactly once: `wf_effects` has no unique key, so a step
  *   that committed twice would show as two rows;
  * - no sleep resumed a job twice or early: the step after each sleep committed once, after the
- *   sleep's recorded wake time, and each job holds exactly its three steps and two sleeps.
+ *   sleep's recorded wake time, and each job holds exactly its four steps, two sleeps and wait;
+ * - exactly one delivery per waiting job, and no event resumed a job twice: each job's wait
+ *   record received exactly one event, of its own key; the step after the wait committed once,
+ *   holding that event's payload (a second delivery would have to change the record, or show
+ *   as a second effect); no event was received by two waits.
  */
 import { assert, assertEquals } from "../assert.ts";
 import {
@@ -24,7 +36,7 @@ import {
   withApplicationName,
 } from "../helpers.ts";
 import type { Sql } from "../../lib/db.ts";
-import { connect } from "../../lib/db.ts";
+import { connect, isConnectionError, settleWithin } from "../../lib/db.ts";
 import { startExecution } from "../../lib/execution.ts";
 import { ownCluster, persist, tail, terminateLoop } from "./harness.ts";
 
@@ -33,12 +45,25 @@ const QUEUE = "wf-fault";
 const TASK = "test.wf_steps";
 /** Executions of each scenario. */
 const JOBS = 50;
-const STEPS = ["one", "two", "three"];
+const STEPS = ["one", "two", "three", "four"];
 const SLEEPS = ["nap-1", "nap-2"];
+/** The event each job waits for (of key `k-<n>`), and its wait record's name. */
+const EVENT = "go";
+/** Jobs whose event is emitted before any consumer starts (before their job waits). */
+const EARLY = 10;
+/** How long the emitter waits for a statement before it gives it up as stalled and retries. */
+const STALL_MS = 5000;
+/** Every DUPLICATE-th key is emitted twice on purpose. */
+const DUPLICATE = 5;
 /** What each job does: a 50 ms pause inside each step's transaction, a 500 ms sleep between. */
 const PAYLOAD = { ms: 50, sleep: "500ms" };
 type Payload = typeof PAYLOAD;
 const STARTED = "started on";
+
+/** The event key of the job of execution `i`. */
+function key(i: number): string {
+  return `k-${i}`;
+}
 
 interface Consumer {
   name: string;
@@ -51,8 +76,15 @@ interface Consumer {
 interface Figures {
   jobs: number;
   runs: number;
-  /** Runs beyond the three a job needs (one per sleep, plus the first). */
+  /**
+   * Runs beyond those a job needs: the first, one per sleep, and one after its wait when it
+   * waited (its event not emitted early).
+   */
   extraRuns: number;
+  /** Emits made, duplicates among them (on purpose, or retried after a lost connection). */
+  emits: number;
+  duplicateEmits: number;
+  strayRejections: number;
   /**
    * Steps (rolled back) and sleeps (refused) of a claim that had moved on: the consumers' "lost
    * its claim" lines.
@@ -67,6 +99,19 @@ class WorkflowRun {
   faults = 0;
   #url: string;
   #sql: Sql;
+  /** The emitter's loop, started by start(); settles with its failure, or null. */
+  #emitter: Promise<Error | null> | null = null;
+  #emitting = true;
+  /** Keys emitted (once or more), and the emit calls made (attempts included). */
+  readonly #emitted = new Set<string>();
+  #emits = 0;
+  /** Lost-connection rejections postgres.js raised on the emitter's session with no caller. */
+  strayRejections = 0;
+  readonly #strayRejection = (event: PromiseRejectionEvent): void => {
+    if (!isConnectionError(event.reason)) return;
+    event.preventDefault();
+    this.strayRejections++;
+  };
 
   private constructor(url: string, sql: Sql) {
     this.#url = url;
@@ -80,7 +125,7 @@ class WorkflowRun {
       create table wf_effects (
         id bigint generated always as identity primary key,
         job_id bigint not null, step text not null, token bigint not null,
-        attempt integer not null, pid integer not null,
+        attempt integer not null, pid integer not null, received jsonb,
         at timestamptz not null default clock_timestamp())`;
     await sql`
       create table wf_runs (
@@ -90,10 +135,80 @@ class WorkflowRun {
     await auditTransitions(sql); // test_transitions
     for (let i = 0; i < JOBS; i++) {
       run.executions.push(
-        await startExecution(sql, { task: TASK, queue: QUEUE, payload }),
+        await startExecution(sql, {
+          task: TASK,
+          queue: QUEUE,
+          payload: { ...payload, key: key(i) },
+        }),
       );
     }
+    // Before any consumer runs: these jobs find their event kept when they come to wait.
+    for (let i = 0; i < EARLY; i++) await run.#emit(sql, key(i));
     return run;
+  }
+
+  /**
+   * Emit the job event of `k` (twice for every DUPLICATE-th key), retrying an emit that failed
+   * on a lost connection (one that committed before its connection went is emitted again: the
+   * check shows that costs nothing).
+   */
+  async #emit(db: Sql, k: string): Promise<void> {
+    const times = Number(k.slice(2)) % DUPLICATE === DUPLICATE - 1 ? 2 : 1;
+    for (let t = 0; t < times; t++) {
+      await persist(`emit ${EVENT}/${k}`, async () => {
+        const emit = ++this.#emits;
+        // A statement postgres.js leaves unsettled on a killed connection is given up after
+        // STALL_MS and retried (as shoal's roles do): it may still commit, a duplicate again.
+        await settleWithin(
+          "emit",
+          db`select shoal.emit_event(${EVENT}::text, ${k}::text,
+            ${JSON.stringify({ key: k, emit })}::text::jsonb)`.execute(),
+          STALL_MS,
+        );
+      });
+    }
+    this.#emitted.add(k);
+  }
+
+  /**
+   * The emitter: on a session of its own (`shoal emitter`, which the termination loop ends
+   * too), every 50 ms, emit the event of each job whose wait is recorded and not yet emitted,
+   * until every job's event is out.
+   */
+  #startEmitter(): void {
+    // A few connections: a retry need not queue behind a statement stalled on a killed one.
+    const db = connect(withApplicationName(this.#url, "shoal emitter"), { max: 4 });
+    // postgres.js can reject a promise no caller holds when Postgres ends the emitter's
+    // session (as a consumer's: lib/cli.ts main): a lost connection there is a fault this
+    // test inflicts, counted for the figures; any other stray rejection still fails the test.
+    addEventListener("unhandledrejection", this.#strayRejection);
+    this.#emitter = (async () => {
+      try {
+        while (this.#emitting && this.#emitted.size < JOBS) {
+          const waiting = await persist("read the waiting jobs", () =>
+            settleWithin(
+              "read the waiting jobs",
+              db<{ key: string }[]>`
+                select event_key as key from shoal.job_steps
+                where kind = 'wait' and wait_state = 'waiting' order by job_id`.execute(),
+              STALL_MS,
+            ));
+          for (const { key: k } of waiting) {
+            if (!this.#emitted.has(k)) await this.#emit(db, k);
+          }
+          await sleep(50);
+        }
+      } finally {
+        await db.end({ timeout: 5 });
+      }
+      return null;
+    })().catch((error: Error) => error); // kept for finish() to throw: never unhandled
+  }
+
+  /** Throw the emitter's failure, if it failed. */
+  async #emitterFailed(): Promise<void> {
+    const error = await this.#emitter;
+    if (error) throw new Error("The emitter failed", { cause: error });
   }
 
   /** Spawn consumer `consumer-<n>` (its sessions named `shoal consumer-<n>`). */
@@ -120,9 +235,10 @@ class WorkflowRun {
     return consumer;
   }
 
-  /** Spawn `n` consumers and wait until each one's loop runs. */
+  /** Spawn `n` consumers and the emitter, and wait until each consumer's loop runs. */
   async start(n: number): Promise<void> {
     const spawned = Array.from({ length: n }, () => this.spawn());
+    this.#startEmitter();
     await Promise.all(spawned.map((c) => this.started(c)));
   }
 
@@ -186,6 +302,17 @@ class WorkflowRun {
   async finish(timeoutMs = 40_000): Promise<void> {
     try {
       await waitFor(
+        "every job's event emitted",
+        async () => {
+          // The emitter failing (not on a lost connection) fails the test here.
+          await Promise.race([this.#emitterFailed(), sleep(0)]);
+          return this.#emitted.size === JOBS;
+        },
+        timeoutMs,
+        100,
+      );
+      await this.#emitterFailed();
+      await waitFor(
         "every execution to end",
         async () => await persist("count executions", () => this.unfinished()) === 0,
         timeoutMs,
@@ -211,9 +338,12 @@ class WorkflowRun {
     const jobs = await this.#sql`
       select id, token, locked_by, run_at - now() as due_in from shoal.jobs
       where locked_by = ${`${Deno.hostname()}:${consumer.proc.child.pid}`}::text`;
+    // Every shoal session (the other consumers' and the emitter's too): who waits for whom.
     const sessions = await this.#sql`
-      select pid, state, left(query, 300) as query, now() - xact_start as open_for
-      from pg_stat_activity where application_name = ${`shoal ${consumer.name}`}::text`;
+      select application_name as app, pid, state, left(query, 300) as query,
+        now() - xact_start as open_for, pg_blocking_pids(pid) as blocked_by
+      from pg_stat_activity where application_name like 'shoal %'
+      order by application_name = ${`shoal ${consumer.name}`}::text desc, pid`;
     const locks = await this.#sql`
       select l.pid, l.locktype, l.relation::regclass::text as rel, l.mode, l.granted
       from pg_locks l join pg_stat_activity a using (pid)
@@ -236,6 +366,9 @@ class WorkflowRun {
 
   /** Kill whatever still runs (a failed test must not leave processes behind). */
   async [Symbol.asyncDispose](): Promise<void> {
+    this.#emitting = false;
+    await this.#emitterFailed(); // a failure finish() did not see yet is reported here
+    removeEventListener("unhandledrejection", this.#strayRejection);
     for (const c of this.consumers) c.proc.kill("SIGCONT");
     await Promise.all(this.consumers.map((c) => c.proc[Symbol.asyncDispose]()));
   }
@@ -270,12 +403,15 @@ class WorkflowRun {
       assertEquals(steps.sort(), [...STEPS].sort(), `job ${job}'s effects`);
     }
 
-    // Each job's records: its three steps and two sleeps, nothing else.
+    // Each job's records: its four steps, two sleeps and one wait, nothing else.
     const records = await sql<{ job_id: string; names: string }[]>`
-      select job_id::text, string_agg(kind || ':' || name, ' ' order by name) as names
+      select job_id::text, string_agg(kind || ':' || name, ' ' order by name collate "C") as names
       from shoal.job_steps group by job_id`;
-    const expected = [...SLEEPS.map((s) => `sleep:${s}`), ...STEPS.map((s) => `step:${s}`)]
-      .sort((a, b) => a.split(":")[1]!.localeCompare(b.split(":")[1]!)).join(" ");
+    const expected = [
+      ...SLEEPS.map((s) => `sleep:${s}`),
+      ...STEPS.map((s) => `step:${s}`),
+      `wait:${EVENT}`,
+    ].sort((a, b) => a.split(":")[1]! < b.split(":")[1]! ? -1 : 1).join(" ");
     assertEquals(records.length, JOBS);
     for (const r of records) assertEquals(r.names, expected, `job ${r.job_id}'s step records`);
 
@@ -289,8 +425,37 @@ class WorkflowRun {
       where s.kind = 'sleep' and e.at < s.wake_at`;
     assertEquals([...early], [], "a step after a sleep ran before the sleep's wake time");
 
+    // Exactly one delivery per waiting job: its wait received one event (the record holds one
+    // event id), of its own key; the step after it committed once (above) with that event's
+    // payload; no event went to two waits.
+    const waits = await sql<
+      { job_id: string; key: string; state: string; event_key: string | null; same: boolean }[]
+    >`
+      select s.job_id::text, s.event_key as key, s.wait_state as state, e.key as event_key,
+        (f.received is not distinct from e.payload and s.result = e.payload) as same
+      from shoal.job_steps s
+      left join shoal.events e on e.id = s.event_id
+      left join wf_effects f on f.job_id = s.job_id and f.step = 'four'
+      where s.kind = 'wait'`;
+    assertEquals(waits.length, JOBS);
+    const wrong = waits.filter((w) => w.state !== "received" || w.event_key !== w.key || !w.same);
+    assertEquals(wrong, [], "a wait that did not receive exactly its own one event");
+    const keys = new Set(waits.map((w) => w.key));
+    assertEquals(keys.size, JOBS, "two jobs waited on one key");
+    const [events] = await sql<{ emitted: number; keys: number; shared: number }[]>`
+      select count(*)::int as emitted, count(distinct key)::int as keys,
+        (select count(*)::int from (select event_id from shoal.job_steps
+           where event_id is not null group by 1 having count(*) > 1) t) as shared
+      from shoal.events where name = ${EVENT}::text`;
+    assertEquals([events!.keys, events!.shared], [JOBS, 0], "events of every key; none shared");
+    const duplicates = events!.emitted - JOBS;
+    assert(duplicates >= JOBS / DUPLICATE, `only ${duplicates} duplicate emits were stored`);
+
+    // The runs a job needs: its first, one per sleep, one after its wait unless its event was
+    // out before it waited.
+    const needed = JOBS * 3 + (JOBS - EARLY);
     const [figures] = await sql<{ runs: number; extra: number }[]>`
-      select count(*)::int as runs, (count(*) - ${JOBS * 3}::int)::int as extra from wf_runs`;
+      select count(*)::int as runs, (count(*) - ${needed}::int)::int as extra from wf_runs`;
     const lostClaims = this.consumers
       .map((c) => c.proc.output().split("\n").filter((l) => l.includes("lost its claim")).length)
       .reduce((a, b) => a + b, 0);
@@ -300,6 +465,9 @@ class WorkflowRun {
       extraRuns: figures!.extra,
       lostClaims,
       faults: this.faults,
+      emits: this.#emits,
+      strayRejections: this.strayRejections,
+      duplicateEmits: duplicates,
     };
   }
 }
@@ -307,9 +475,11 @@ class WorkflowRun {
 /** Print a scenario's figures where `deno test` shows them. */
 function report(scenario: string, f: Figures, started: number): void {
   const seconds = ((Date.now() - started) / 1000).toFixed(1);
-  const line = `[fault] workflows, ${scenario}: ${f.jobs} jobs of 3 steps and 2 sleeps, ` +
-    `${f.runs} runs (${f.extraRuns} beyond the 3 each needs), ${f.lostClaims} stale steps ` +
-    `or sleeps refused, ${f.faults} faults injected, 0 effects twice, ${seconds} s`;
+  const line = `[fault] workflows, ${scenario}: ${f.jobs} jobs of 4 steps, 2 sleeps and a ` +
+    `wait, ${f.runs} runs (${f.extraRuns} beyond those needed), ${f.lostClaims} stale steps ` +
+    `or sleeps refused, ${f.emits} emits (${f.duplicateEmits} events duplicated, ` +
+    `${f.strayRejections} stray driver rejections on the emitter), ` +
+    `${f.faults} faults injected, 0 effects twice, 0 events received twice, ${seconds} s`;
   Deno.stdout.writeSync(new TextEncoder().encode(line + "\n"));
 }
 
@@ -320,9 +490,9 @@ Deno.test("workflows: consumers SIGKILLed again and again: every step's effect o
   await using run = await WorkflowRun.prepare(db.url, db.sql, { ms: 50, sleep: "1500ms" });
   await run.start(3);
   await run.waitForSteps(10);
-  // Four times, 700 ms apart: SIGKILL a consumer holding jobs (in a step, or between), and start
-  // a fresh one in its place.
-  for (let kill = 0; kill < 4 && await run.unfinished() > 0; kill++) {
+  // Six times, 700 ms apart: SIGKILL a consumer holding jobs (in a step, or between), and start
+  // a fresh one in its place. The last kills come while jobs wait and their events go out.
+  for (let kill = 0; kill < 6 && await run.unfinished() > 0; kill++) {
     const victim = await waitFor(
       "a consumer holding jobs",
       async () => {
@@ -377,7 +547,11 @@ Deno.test("workflows: a consumer SIGSTOPped inside a step past its deadline, the
       15_000,
       100,
     ).catch(async (error) => {
-      throw new Error(`${error.message}: ${await run.holdings(victim!)}`, { cause: error });
+      const others = run.live().filter((c) => c !== victim)
+        .map((c) => `${c.name} said:\n${tail(c.proc.output(), 30)}`).join("\n");
+      throw new Error(`${error.message}: ${await run.holdings(victim!)}\n${others}`, {
+        cause: error,
+      });
     });
   } finally {
     victim!.proc.kill("SIGCONT");
