@@ -102,6 +102,12 @@ Deno.test("shoal execution show prints status, key, jobs with their steps, sleep
   );
   const wake = await suspendJob(db.sql, job, "cool-off", { at: new Date("2030-01-02T03:04:05Z") });
   assertEquals(wake?.toISOString(), "2030-01-02T03:04:05.000Z");
+  // A suspension hands the job back with no report (its run ended): a report as a later run's
+  // heartbeat would write it.
+  await db.sql`
+    update shoal.jobs set progress = '{"done": 3, "total": 10, "message": "packing"}'::jsonb
+      || jsonb_build_object('at', now())
+    where id = ${job.id}::bigint`;
 
   // Waits for events, as ctx.waitForEvent records them: one received, one still waiting.
   await db.sql`
