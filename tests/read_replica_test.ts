@@ -119,6 +119,29 @@ Deno.test("--read-database-url: status, /metrics and dashboard pages read the re
     assertEquals(readyOn(behind, "reports"), 3);
     assert((behind.read_replica?.lag_s ?? 0) > 0, JSON.stringify(behind.read_replica));
 
+    // `--watch` too: its status from the replica (its rates from the primary's statistics).
+    {
+      await using watch = spawnShoal([
+        "status",
+        "--watch",
+        "--json",
+        "--interval",
+        "200ms",
+        "--read-database-url",
+        replica.url,
+      ], { url: primary.url });
+      const line = await waitFor("a --watch line", () => {
+        const first = watch.output().split("\n").find((l) => l.startsWith('{"at"'));
+        if (!first && watch.output().includes("shoal: ")) throw new Error(watch.output());
+        return first;
+      });
+      const sample = JSON.parse(line) as Status;
+      assertEquals(readyOn(sample, "reports"), 3, line);
+      assertEquals(sample.read_replica?.replica, true, line);
+      watch.kill("SIGTERM");
+      assertEquals((await watch.exited()).code, 0);
+    }
+
     // A role with --http: its gauges come from the replica, its claims from the primary.
     await using role = spawnShoal([
       "--role",
@@ -166,6 +189,8 @@ Deno.test("--read-database-url: status, /metrics and dashboard pages read the re
     }
     const jobs = await httpGet(base, "/jobs?queue=reports");
     assertEquals(jobs.body.match(/never\.served/g)?.length ?? 0, 3, "the replica's 3 jobs");
+    const [first] = await onReplica<{ id: string }[]>`select min(id)::text as id from shoal.jobs`;
+    assertEquals((await httpGet(base, `/jobs/${first!.id}`)).status, 200);
     // Its actions write to the primary.
     const paused = await fetch(base + "/queues/reports/pause", {
       method: "POST",
@@ -177,11 +202,40 @@ Deno.test("--read-database-url: status, /metrics and dashboard pages read the re
       select exists (select from shoal.queue_pauses where queue = 'reports') as paused`;
     assertEquals(row!.paused, true);
 
-    // Replay resumed: the replica catches up with the jobs and the pause.
+    // `shoal dashboard` alone: the same split.
+    {
+      await using dashboard = spawnShoal([
+        "dashboard",
+        "--http",
+        "127.0.0.1:0",
+        "--read-database-url",
+        replica.url,
+        "--log-format",
+        "json",
+      ], { url: primary.url });
+      const at = await servedAt(dashboard);
+      const page = await httpGet(at, "/jobs?queue=reports");
+      assertEquals(page.body.match(/never\.served/g)?.length ?? 0, 3, "the replica's 3 jobs");
+      const action = await fetch(at + "/queues/other/pause", {
+        method: "POST",
+        redirect: "manual",
+      });
+      await action.body?.cancel();
+      assertEquals(action.status, 303);
+      const [other] = await onPrimary<{ paused: boolean }[]>`
+        select exists (select from shoal.queue_pauses where queue = 'other') as paused`;
+      assertEquals(other!.paused, true);
+      dashboard.kill("SIGTERM");
+      const stopped = await dashboard.exited();
+      assertEquals(stopped.code, 0, stopped.output);
+    }
+
+    // Replay resumed: the replica catches up with the jobs and both pauses.
     await onReplica`select pg_wal_replay_resume()`;
     await waitFor("the replica to catch up", async () => {
       const s = await statusJson(primary.url, replica.url);
-      return readyOn(s, "reports") === 5 && s.flow.paused.some((p) => p.queue === "reports");
+      const paused = s.flow.paused.map((p) => p.queue).sort();
+      return readyOn(s, "reports") === 5 && paused.join() === "other,reports";
     });
     role.kill("SIGTERM");
     const exit = await role.exited();
