@@ -11,7 +11,15 @@
  */
 import postgres from "postgres";
 import { assert, assertEquals } from "./assert.ts";
-import { httpGet, logLines, runShoal, servedAt, spawnShoal, waitFor } from "./helpers.ts";
+import {
+  enqueueLargeTable,
+  httpGet,
+  logLines,
+  runShoal,
+  servedAt,
+  spawnShoal,
+  waitFor,
+} from "./helpers.ts";
 import { connect, type Sql } from "../lib/db.ts";
 import { type LocalPg, startLocalPg, startLocalReplica } from "../lib/local_pg.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
@@ -241,6 +249,43 @@ Deno.test("--read-database-url: status, /metrics and dashboard pages read the re
     const exit = await role.exited();
     assertEquals(exit.code, 0, exit.output);
     assert(!logLines(exit.output).some((l) => l.level === "error"), exit.output);
+    // Every gauge was read on the standby: none failed (a failed read is only a warning).
+    assert(!exit.output.includes("for /metrics"), exit.output);
+  } finally {
+    await onPrimary.end();
+    await (onReplica as unknown as postgres.Sql).end();
+  }
+});
+
+Deno.test("--read-database-url: a large table is estimated on the replica without its statistics", async () => {
+  await using pair = await primaryAndReplica();
+  const { primary, replica } = pair;
+  const onPrimary = connect(primary.url, { max: 2 });
+  const onReplica = postgres(replica.url, { max: 1, onnotice: () => {} }) as unknown as Sql;
+  try {
+    await enqueueLargeTable(onPrimary);
+    await waitFor(
+      "the replica to replay the jobs",
+      async () => await jobsOn(onReplica, "bulk") === 12_000,
+    );
+    // A standby's pg_stat_user_tables does not count replayed rows: shoal.job_tallies finds
+    // Postgres's count stale and scales its sample to the pages instead.
+    const [stats] = await onReplica<{ live: number }[]>`
+      select coalesce((select n_live_tup::int from pg_stat_user_tables
+        where schemaname = 'shoal' and relname = 'jobs'), 0) as live`;
+    assert(stats!.live < 12_000, `the replica counts ${stats!.live} live jobs`);
+    const s = await statusJson(primary.url, replica.url);
+    const bulk = s.queues.find((q) => q.queue === "bulk")!;
+    const tiny = s.queues.find((q) => q.queue === "tiny")!;
+    assertEquals([tiny.ready, tiny.exact], [1, true]);
+    assertEquals(bulk.exact, false);
+    assert(bulk.ready > 6_000 && bulk.ready < 24_000, `bulk estimated at ${bulk.ready}`);
+    const exact = await runShoal(
+      ["status", "--json", "--exact", "--read-database-url", replica.url],
+      { url: primary.url },
+    );
+    assertEquals(exact.code, 0, exact.stderr);
+    assertEquals(readyOn(JSON.parse(exact.stdout) as Status, "bulk"), 12_000);
   } finally {
     await onPrimary.end();
     await (onReplica as unknown as postgres.Sql).end();
