@@ -791,8 +791,13 @@ type RoleFlag = (typeof ROLE_FLAGS)[number];
 
 type RoleCommand = (parsed: ParsedArgs, tasks: TaskRegistry) => Promise<number>;
 
-/** The flags of a role's `--http` server. */
-const HTTP_FLAGS = ["http", "metrics-exact", "read-only", "read-database-url"] as const;
+/** The flags of `shoal dev`'s `--http` server (its one database is the one it reads). */
+const SERVE_FLAGS = ["http", "metrics-exact", "read-only"] as const;
+/**
+ * The flags of a role's `--http` server: `shoal dev`'s, and the read replica its reads may
+ * use (ignored without --http: SHOAL_READ_DATABASE_URL may be set for every process).
+ */
+const HTTP_FLAGS = [...SERVE_FLAGS, "read-database-url"] as const;
 type HttpFlag = typeof HTTP_FLAGS[number];
 
 /**
@@ -1316,7 +1321,7 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
 
 /** `shoal dev`: a local Postgres (unless one is given), every role and a demo, until a signal. */
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, ...HTTP_FLAGS]);
+  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, ...SERVE_FLAGS]);
   configureBuiltins(tasks, opts);
   // Traced as the roles are (OTEL_*): the demo's jobs show up in a local collector too.
   const tracing = otelSettings();

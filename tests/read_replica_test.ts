@@ -24,6 +24,25 @@ import { connect, type Sql } from "../lib/db.ts";
 import { type LocalPg, startLocalPg, startLocalReplica } from "../lib/local_pg.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
 import type { Status } from "../lib/status.ts";
+import { resolveOptions, UsageError } from "../lib/config.ts";
+
+Deno.test("--read-database-url comes from SHOAL_READ_DATABASE_URL, checked as --database-url is", () => {
+  const from = (value: string) =>
+    resolveOptions("status", { positionals: [], flags: {} }, ["read-database-url"], {
+      get: (name) => name === "SHOAL_READ_DATABASE_URL" ? value : undefined,
+    })["read-database-url"];
+  const replicas = "postgres://app:pw@r1:5432,r2:5432/shop";
+  assertEquals(from(replicas), replicas); // a host list too
+  let said = "";
+  try {
+    from("postgres://app:pw@r1:5432,:x/shop");
+  } catch (error) {
+    assert(error instanceof UsageError);
+    said = (error as UsageError).message;
+  }
+  assert(/host ":x" of its host list .* \(--read-database-url\)$/.test(said), said);
+  assert(!said.includes(":pw@"), said);
+});
 
 /** A migrated primary and a streaming replica of it, for one test. */
 async function primaryAndReplica(): Promise<
