@@ -39,6 +39,7 @@ import type { SchedulerOptions } from "./scheduler.ts";
 import {
   closePool,
   connect,
+  connectReadPool,
   isConnectionError,
   namingDatabase,
   type Sql,
@@ -120,7 +121,7 @@ Usage:
         [--http [HOST:PORT]] ...
   shoal migrate
   shoal enqueue --task T [--queue Q] [--payload JSON] [--run-at ISO] [--priority N] [--key K]
-  shoal status [--json] [--exact] [--watch [--interval 2s]]
+  shoal status [--json] [--exact] [--watch [--interval 2s]] [--read-database-url URL]
   shoal execution start --task T [--key K] [--queue Q] [--payload JSON] [--run-at ISO] [--json]
   shoal execution show ID [--json]
   shoal cancel EXECUTION
@@ -134,7 +135,7 @@ Usage:
   shoal limit rate QUEUE N --per D [--key K] [--task T] | unrate QUEUE [--key K] [--task T]
   shoal limit hold QUEUE --key K --for D [--task T] | weight QUEUE W --key K | unweight QUEUE --key K
   shoal dev [--dir .shoal] [--http [HOST:PORT]] [--read-only]
-  shoal dashboard [--http HOST:PORT] [--read-only]   (credentials: SHOAL_DASHBOARD_TOKEN, or
+  shoal dashboard [--http HOST:PORT] [--read-only] [--read-database-url URL]   (credentials: SHOAL_DASHBOARD_TOKEN, or
         SHOAL_DASHBOARD_USER and SHOAL_DASHBOARD_PASSWORD; required beyond 127.0.0.1)
 
 Options (flags win over SHOAL_<NAME> environment variables, which win over defaults):
@@ -221,17 +222,21 @@ async function dispatch(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number
       noExtra(command, rest);
       return await withDb(parsed, {
         name: "status",
-        flags: ["json", "exact", "watch", "interval"],
+        flags: ["json", "exact", "watch", "interval", "read-database-url"],
         needs: "current schema",
-      }, async (sql, opts) => {
-        if (opts.watch) return await watchCommand(sql, parsed, opts);
-        if (parsed.flags.interval !== undefined) {
-          throw new UsageError("Invalid --interval: shoal status takes it only with --watch");
-        }
-        const s = await status(sql, { exact: opts.exact });
-        out(opts.json ? JSON.stringify(s, null, 2) + "\n" : formatStatus(s));
-        return 0;
-      });
+      }, async (sql, opts) =>
+        await withReadPool(opts, "shoal status", async (readSql) => {
+          if (opts.watch) return await watchCommand(sql, parsed, opts, readSql);
+          if (parsed.flags.interval !== undefined) {
+            throw new UsageError("Invalid --interval: shoal status takes it only with --watch");
+          }
+          const s = await status(readSql ?? sql, {
+            exact: opts.exact,
+            readReplica: readSql !== undefined,
+          });
+          out(opts.json ? JSON.stringify(s, null, 2) + "\n" : formatStatus(s));
+          return 0;
+        }));
     case "dead":
       return await deadCommand(parsed, rest);
     case "schedule":
@@ -367,6 +372,30 @@ async function withDb<N extends OptionName>(
   }
 }
 
+/**
+ * Run `body` with the read pool of `--read-database-url` (lib/db.ts connectReadPool), or
+ * with none when the flag is not given: then everything reads the primary, as before. A
+ * failure of the read pool names its URL (redacted), not the primary's.
+ */
+async function withReadPool<T>(
+  opts: Options<"read-database-url" | "prepare">,
+  applicationName: string,
+  body: (readSql: Sql | undefined) => Promise<T>,
+): Promise<T> {
+  const url = opts["read-database-url"];
+  if (url === undefined) return await body(undefined);
+  const readSql = connectReadPool(url, { applicationName, prepare: opts.prepare });
+  try {
+    // Reached before the command starts: a wrong read URL is one line about it.
+    await readSql`select 1`.catch((error) => {
+      throw namingDatabase(error, url);
+    });
+    return await body(readSql);
+  } finally {
+    await closePool(readSql);
+  }
+}
+
 /** Where `shoal dev` keeps its database (SHOAL_DIR, else the default), for hints. */
 function devDir(): string {
   return resolveOptions("dev", { positionals: [], flags: {} }, ["dir"]).dir;
@@ -380,6 +409,7 @@ async function watchCommand(
   sql: Sql,
   parsed: ParsedArgs,
   opts: Options<"interval" | "json" | "exact">,
+  readSql?: Sql,
 ): Promise<number> {
   // Only the flag counts: SHOAL_INTERVAL is the reaper's tick, not a redraw rate.
   const intervalMs = parsed.flags.interval === undefined ? WATCH_INTERVAL_MS : opts.interval;
@@ -388,7 +418,7 @@ async function watchCommand(
   try {
     await watchStatus(
       sql,
-      { intervalMs, json: opts.json, exact: opts.exact, write: out },
+      { intervalMs, json: opts.json, exact: opts.exact, readDb: readSql, write: out },
       stop.signal,
     );
   } finally {
@@ -761,8 +791,13 @@ type RoleFlag = (typeof ROLE_FLAGS)[number];
 
 type RoleCommand = (parsed: ParsedArgs, tasks: TaskRegistry) => Promise<number>;
 
-/** The flags of a role's `--http` server. */
-const HTTP_FLAGS = ["http", "metrics-exact", "read-only"] as const;
+/** The flags of `shoal dev`'s `--http` server (its one database is the one it reads). */
+const SERVE_FLAGS = ["http", "metrics-exact", "read-only"] as const;
+/**
+ * The flags of a role's `--http` server: `shoal dev`'s, and the read replica its reads may
+ * use (ignored without --http: SHOAL_READ_DATABASE_URL may be set for every process).
+ */
+const HTTP_FLAGS = [...SERVE_FLAGS, "read-database-url"] as const;
 type HttpFlag = typeof HTTP_FLAGS[number];
 
 /**
@@ -802,38 +837,49 @@ function roleCommand<N extends OptionName>(
       if (tracing !== null) await startTracing(tracing);
       try {
         await untilStopped(async (stop) => {
-          // Up before migrations, so /readyz says "starting" while they run.
-          const http = await startHttp(sql, opts.http, roles, {
-            exactCounts: opts["metrics-exact"],
-            readOnly: opts["read-only"],
-            dashboardPool: () =>
-              connect(opts["database-url"], {
-                applicationName: `shoal ${role} dashboard`,
-                prepare: opts.prepare,
-                max: DASHBOARD_POOL_MAX,
-              }),
+          // Only with --http: nothing else of a role reads what a replica could serve.
+          const readUrl = opts.http === undefined ? undefined : opts["read-database-url"];
+          const readPool = readUrl === undefined ? undefined : connectReadPool(readUrl, {
+            applicationName: `shoal ${role}`,
+            prepare: opts.prepare,
           });
           try {
-            await runRoles(sql, roles, {
-              stop,
-              http,
-              prepare: async () => {
-                // Started before its database: wait for it (--startup-wait); a SIGTERM
-                // meanwhile exits 0.
-                const ready = await waitForDatabase(sql, {
-                  url: opts["database-url"],
-                  maxWaitMs: opts["startup-wait"],
-                  stop: stop.signal,
-                });
-                if (!ready) return false;
-                const migrations = await loadMigrations();
-                if (opts.migrate) await migrate(sql, migrations);
-                await checkSchema(sql, migrations, { migrateFlag: true });
-                return true;
-              },
+            // Up before migrations, so /readyz says "starting" while they run.
+            const http = await startHttp(sql, opts.http, roles, {
+              exactCounts: opts["metrics-exact"],
+              readOnly: opts["read-only"],
+              readPool,
+              dashboardPool: () =>
+                connect(opts["database-url"], {
+                  applicationName: `shoal ${role} dashboard`,
+                  prepare: opts.prepare,
+                  max: DASHBOARD_POOL_MAX,
+                }),
             });
+            try {
+              await runRoles(sql, roles, {
+                stop,
+                http,
+                prepare: async () => {
+                  // Started before its database: wait for it (--startup-wait); a SIGTERM
+                  // meanwhile exits 0.
+                  const ready = await waitForDatabase(sql, {
+                    url: opts["database-url"],
+                    maxWaitMs: opts["startup-wait"],
+                    stop: stop.signal,
+                  });
+                  if (!ready) return false;
+                  const migrations = await loadMigrations();
+                  if (opts.migrate) await migrate(sql, migrations);
+                  await checkSchema(sql, migrations, { migrateFlag: true });
+                  return true;
+                },
+              });
+            } finally {
+              await http?.close();
+            }
           } finally {
-            await http?.close();
+            if (readPool) await closePool(readPool);
           }
         });
       } finally {
@@ -1275,7 +1321,7 @@ async function limitCommand(parsed: ParsedArgs, rest: string[]): Promise<number>
 
 /** `shoal dev`: a local Postgres (unless one is given), every role and a demo, until a signal. */
 async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<number> {
-  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, ...HTTP_FLAGS]);
+  const opts = await setup("dev", parsed, ["dir", ...CONSUMER, ...SERVE_FLAGS]);
   configureBuiltins(tasks, opts);
   // Traced as the roles are (OTEL_*): the demo's jobs show up in a local collector too.
   const tracing = otelSettings();
@@ -1307,36 +1353,50 @@ async function devCommand(parsed: ParsedArgs, tasks: TaskRegistry): Promise<numb
  */
 async function dashboardCommand(parsed: ParsedArgs): Promise<number> {
   let address: ListenAddress | null = null;
-  return await withDb(parsed, {
-    name: "dashboard",
-    flags: ["http", "read-only"],
-    needs: "current schema",
-    check: (opts) => {
-      address = parseListenAddress(opts.http ?? DEFAULT_HTTP);
-      // Refused before the database is touched: the credentials come from the environment.
-      let refusal: string | null;
-      try {
-        refusal = bindRefusal(address.hostname, accessFromEnv());
-      } catch (error) {
-        throw new UsageError(messageOf(error));
-      }
-      if (refusal !== null) throw new UsageError(refusal);
+  return await withDb(
+    parsed,
+    {
+      name: "dashboard",
+      flags: ["http", "read-only", "read-database-url"],
+      needs: "current schema",
+      check: (opts) => {
+        address = parseListenAddress(opts.http ?? DEFAULT_HTTP);
+        // Refused before the database is touched: the credentials come from the environment.
+        let refusal: string | null;
+        try {
+          refusal = bindRefusal(address.hostname, accessFromEnv());
+        } catch (error) {
+          throw new UsageError(messageOf(error));
+        }
+        if (refusal !== null) throw new UsageError(refusal);
+      },
     },
-  }, async (sql, opts) =>
-    await untilStopped(async (stop) => {
-      // On demand, as in roles.ts startHttp: other commands never load Hono and the assets.
-      const { DashboardServer } = await import(
-        "./dashboard/server" + ".ts"
-      ) as typeof import("./dashboard/server.ts");
-      const server = new DashboardServer(sql, address!, { readOnly: opts["read-only"] });
-      try {
-        await new Promise<void>((resolve) => {
-          if (stop.signal.aborted) resolve();
-          else stop.signal.addEventListener("abort", () => resolve(), { once: true });
-        });
-      } finally {
-        await server.close();
-      }
-      return 0;
-    }));
+    async (sql, opts) =>
+      await withReadPool(
+        opts,
+        "shoal dashboard",
+        async (readSql) =>
+          await untilStopped(async (stop) => {
+            // On demand, as in roles.ts startHttp: other commands never load Hono and the assets.
+            const { DashboardServer } = await import(
+              "./dashboard/server" + ".ts"
+            ) as typeof import("./dashboard/server.ts");
+            // Pages read `readSql` when given (a replica); the actions write through `sql`.
+            const server = new DashboardServer(sql, address!, {
+              readOnly: opts["read-only"],
+              readDb: readSql,
+            });
+            try {
+              await new Promise<void>((resolve) => {
+                if (stop.signal.aborted) {
+                  resolve();
+                } else stop.signal.addEventListener("abort", () => resolve(), { once: true });
+              });
+            } finally {
+              await server.close();
+            }
+            return 0;
+          }),
+      ),
+  );
 }

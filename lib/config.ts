@@ -36,6 +36,11 @@ export const DEFAULT_HTTP = "127.0.0.1:9464";
 
 export const OPTIONS = {
   "database-url": { kind: "string", env: "DATABASE_URL", help: "postgres:// URL of the database" },
+  "read-database-url": {
+    kind: "string",
+    help:
+      "postgres:// URL of a replica the monitoring reads (status, /metrics gauges, dashboard pages)",
+  },
   role: {
     kind: "string",
     choices: ["consumer", "reaper", "scheduler", "all"],
@@ -508,12 +513,15 @@ export function resolveOptions<N extends OptionName>(
       result[name] = convert(name, spec.default, `default of --${name}`);
     } else result[name] = undefined;
   }
-  const url = result["database-url"];
-  if (typeof url === "string") {
+  for (const name of ["database-url", "read-database-url"] as const) {
+    const url = result[name];
+    if (typeof url !== "string") continue;
     try {
       checkDatabaseUrl(url);
     } catch (error) {
-      throw new UsageError((error as Error).message);
+      // Which of the two URLs: the message never echoes it (it may hold a password).
+      const which = name === "read-database-url" ? " (--read-database-url)" : "";
+      throw new UsageError(`${(error as Error).message}${which}`);
     }
   }
   // The one place values meet their types: convert() returns each kind's type, and the

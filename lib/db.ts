@@ -331,6 +331,53 @@ export async function databaseNow(db: Db): Promise<Date> {
   return row!.now;
 }
 
+/**
+ * Most connections of a read pool (`--read-database-url`): monitoring reads one statement
+ * after another, so two are plenty, and a replica serving several processes stays light.
+ */
+export const READ_POOL_MAX = 2;
+
+/**
+ * The pool monitoring reads from when `--read-database-url` names one (a replica, usually):
+ * `shoal status`, the gauges of /metrics and the dashboard's pages. Nothing writes through
+ * it: claims, acks and every action stay on the process's pool of the primary.
+ */
+export function connectReadPool(
+  url: string,
+  options: { applicationName: string; prepare?: boolean },
+): Sql {
+  return connect(url, {
+    applicationName: `${options.applicationName} read`,
+    prepare: options.prepare,
+    max: READ_POOL_MAX,
+  });
+}
+
+/**
+ * How far a read pool's server is behind its primary. `replica`: it is a standby (in
+ * recovery); false when the read URL names a primary, which is allowed (its lag is 0).
+ * `lag_s`: 0 when it has replayed all the WAL it received (an idle primary sends none, so
+ * the age of the last replayed transaction would grow while nothing is missing); else the
+ * age of the last transaction it replayed; null when it has replayed none since it started
+ * and has not caught up.
+ */
+export interface ReplicaLag {
+  replica: boolean;
+  lag_s: number | null;
+}
+
+/** Read {@link ReplicaLag} from the server behind `db`. */
+export async function replicaLag(db: Db): Promise<ReplicaLag> {
+  const [row] = await db<{ replica: boolean; lag_s: number | null }[]>`
+    select pg_is_in_recovery() as replica,
+      case
+        when not pg_is_in_recovery() then 0
+        when pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() then 0
+        else greatest(0, extract(epoch from now() - pg_last_xact_replay_timestamp()))
+      end::float8 as lag_s`;
+  return { replica: row!.replica, lag_s: row!.lag_s === null ? null : Number(row!.lag_s) };
+}
+
 /** How long shoal's own statements may take before their connection is presumed dead. */
 export const STATEMENT_DEADLINE_MS = 10_000;
 

@@ -10,7 +10,8 @@
  *   the database answered a `select 1` within the database window (a background probe runs
  *   every third of it); 503 with a one-line reason before that, while the database is
  *   silent, and while shutting down.
- * - `GET /metrics`: Prometheus text (lib/metrics.ts).
+ * - `GET /metrics`: Prometheus text (lib/metrics.ts); its gauges are read from the read
+ *   pool when one is given (`--read-database-url`), else from the role's pool.
  * - Every other path, when a dashboard is given: the web dashboard (lib/dashboard/app.tsx),
  *   with its own credentials, read-only mode and cross-site checks. The three paths above
  *   stay as they are, without credentials: orchestrators and Prometheus use them.
@@ -41,6 +42,8 @@ export const READINESS_PATH = "/readyz";
 
 export interface HttpServerOptions {
   sql: Sql;
+  /** Where /metrics reads its gauges (`--read-database-url`); `sql` when none. */
+  readSql?: Sql;
   metrics: Metrics;
   /** 503 from /readyz once the database has not answered for this long. */
   dbWindowMs: number;
@@ -179,9 +182,12 @@ export class HttpServer {
       case READINESS_PATH:
         return this.#readiness();
       case "/metrics":
-        return new Response(await this.options.metrics.render(this.options.sql), {
-          headers: { "content-type": CONTENT_TYPE },
-        });
+        return new Response(
+          await this.options.metrics.render(this.options.readSql ?? this.options.sql),
+          {
+            headers: { "content-type": CONTENT_TYPE },
+          },
+        );
       default:
         return text(404, "not found: try /healthz, /readyz or /metrics");
     }

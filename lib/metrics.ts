@@ -22,7 +22,7 @@
  * @module
  */
 import type { Counter, Gauge, Histogram, Registry } from "prom-client";
-import type { Db } from "./db.ts";
+import { type Db, replicaLag } from "./db.ts";
 import { describeError, logger } from "./log.ts";
 import { delay } from "./sleep.ts";
 import {
@@ -101,6 +101,11 @@ export interface MetricsOptions {
    * table (`--metrics-exact`). A read slower than QUEUE_WAIT_MS answers with the last values.
    */
   exactCounts?: boolean;
+  /**
+   * The gauges are read from `--read-database-url`: export its lag as
+   * `shoal_read_replica_lag_seconds` (lib/db.ts replicaLag(); 0 when it names a primary).
+   */
+  readReplica?: boolean;
 }
 
 interface PerTask {
@@ -137,6 +142,8 @@ export class Metrics {
   readonly #leader: Gauge<"lease">;
   readonly #fires: Counter<"schedule">;
   readonly #lag: Histogram<"schedule">;
+  /** Only with a read replica: how far behind the primary the gauges' reads are. */
+  readonly #replicaLag: Gauge<string> | null;
   #queuesReadAt = -Infinity;
   #queuesReading: Promise<void> | null = null;
 
@@ -146,6 +153,14 @@ export class Metrics {
     const { Counter, Gauge, Histogram, Registry } = prom;
     this.registry = new Registry();
     const registers = [this.registry];
+    this.#replicaLag = options.readReplica
+      ? new Gauge({
+        name: "shoal_read_replica_lag_seconds",
+        help: "How far behind the primary the replica the gauges are read from is " +
+          "(--read-database-url; 0 when caught up, or when it is a primary)",
+        registers,
+      })
+      : null;
     const jobCounter = (name: string, help: string) =>
       new Counter({ name, help, labelNames: ["queue", "task"] as const, registers });
     const queueGauge = (name: string, help: string) =>
@@ -331,7 +346,7 @@ export class Metrics {
   }
 
   /**
-   * Read the queue, flow-control and progress gauges from the database (three statements), unless
+   * Read the queue, flow-control and progress gauges from the database (three statements, and the lag of a read replica), unless
    * they were read less than {@link QUEUE_CACHE_MS} ago; concurrent scrapes share one read. A
    * failed read keeps the last values of its gauges (the health check reports the database)
    * and is logged; the next scrape reads again.
@@ -345,13 +360,19 @@ export class Metrics {
         const counts = await settled(countJobs(db, { exact: this.#exactCounts }));
         const flow = await settled(flowStatus(db));
         const progress = await settled(progressTotals(db));
+        const lag = this.#replicaLag ? await settled(replicaLag(db)) : null;
         if (counts.status === "fulfilled") this.#setQueueGauges(counts.value);
         else warnUnread("queue depths", counts.reason);
         if (flow.status === "fulfilled") this.#setFlowGauges(flow.value);
         else warnUnread("flow control", flow.reason);
         if (progress.status === "fulfilled") this.#setProgressGauges(progress.value);
         else warnUnread("progress", progress.reason);
-        if ([counts, flow, progress].every((r) => r.status === "fulfilled")) {
+        if (lag?.status === "fulfilled") {
+          // Unknown (nothing replayed since the replica started): no sample, not a made-up 0.
+          if (lag.value.lag_s === null) this.#replicaLag!.reset();
+          else this.#replicaLag!.set(lag.value.lag_s);
+        } else if (lag) warnUnread("the read replica's lag", lag.reason);
+        if ([counts, flow, progress, lag ?? counts].every((r) => r.status === "fulfilled")) {
           this.#queuesReadAt = now;
         }
       } finally {

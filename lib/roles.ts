@@ -123,6 +123,12 @@ export interface HttpOptions extends MetricsOptions {
    * dashboardFor); without it the dashboard shares `sql`.
    */
   dashboardPool?: () => Sql;
+  /**
+   * The read pool of `--read-database-url` (lib/db.ts connectReadPool): /metrics' gauges and
+   * the dashboard's pages read from it; the dashboard's actions still use its own pool (or
+   * `sql`). Its owner closes it after the server.
+   */
+  readPool?: Sql;
 }
 
 /**
@@ -148,10 +154,15 @@ export async function startHttp(
   ) as typeof import("./dashboard/server.ts");
   const dashboard = dashboardFor(options.dashboardPool ?? sql, listen.hostname, {
     readOnly: options.readOnly ?? false,
+    readDb: options.readPool,
   });
   return new HttpServer(listen, {
     sql,
-    metrics: await enableMetrics({ exactCounts: options.exactCounts }),
+    readSql: options.readPool,
+    metrics: await enableMetrics({
+      exactCounts: options.exactCounts,
+      readReplica: options.readPool !== undefined,
+    }),
     dbWindowMs: dbWindowMs(roles),
     dashboard,
   });

@@ -10,10 +10,14 @@
  * consumers that tell which ready jobs no consumer runs, flow.ts for flow control: paused
  * queues, concurrency and rate limits, holds and fairness weights).
  *
+ * With `--read-database-url` it reads a replica instead of the primary, and says how far
+ * behind it is (lib/db.ts replicaLag()); `--watch`'s rates still come from the primary's
+ * statistics (a standby's pg_stat_user_tables does not count the rows its replay deletes).
+ *
  * @module
  */
 import { checkBoolean, checkDb, checkOptions } from "./args.ts";
-import type { Db } from "./db.ts";
+import { type Db, type ReplicaLag, replicaLag } from "./db.ts";
 import { delay } from "./sleep.ts";
 import { describeError } from "./log.ts";
 import { formatDuration } from "./duration.ts";
@@ -105,6 +109,11 @@ export interface Status {
   held: HeldTotals;
   /** Claimed jobs that reported progress (ctx.progress), by id, at most 20 (lib/progress.ts). */
   progress: JobProgress[];
+  /**
+   * Only when read from `--read-database-url`: whether that server is a replica and how far
+   * behind the primary it is (lib/db.ts ReplicaLag); the figures above are that old.
+   */
+  read_replica?: ReplicaLag;
 }
 
 /** How `shoal status` counts. */
@@ -114,6 +123,8 @@ export interface StatusOptions {
    * counts of a large table (`shoal status --exact`).
    */
   exact?: boolean;
+  /** Read from `--read-database-url`: report its lag as `read_replica`. */
+  readReplica?: boolean;
 }
 
 /**
@@ -167,8 +178,11 @@ function roundToMs(seconds: number): number {
 
 export async function status(db: Db, options: StatusOptions = {}): Promise<Status> {
   checkDb("status", db);
-  checkOptions("status", options, "options", ["exact"]);
+  checkOptions("status", options, "options", ["exact", "readReplica"]);
   checkBoolean("status", "options.exact", options.exact, { optional: true });
+  checkBoolean("status", "options.readReplica", options.readReplica, { optional: true });
+  // Read first: every figure below is at least this old.
+  const lag = options.readReplica ? await replicaLag(db) : undefined;
   const leases = (await listLeases(db)).map((l) => ({
     name: l.name,
     holder: l.holder,
@@ -212,6 +226,7 @@ export async function status(db: Db, options: StatusOptions = {}): Promise<Statu
     steps,
     held,
     progress,
+    ...(lag === undefined ? {} : { read_replica: lag }),
   };
 }
 
@@ -274,13 +289,25 @@ function formatLeases(rows: LeaseStatus[]): string {
 
 /** The human-readable form of `shoal status` (fan-outs as bars with `bars`). */
 export function formatStatus(s: Status, options: { bars?: boolean } = {}): string {
-  return [
+  return formatReadReplica(s.read_replica) + [
     formatQueues(s) + formatHeld(s.held) + formatUnserved(s.unserved) +
     flowSections(s.flow).map((section) => `\n${section}`).join(""),
     formatExecutions(s.executions, options.bars ?? false),
     formatLeases(s.leases),
     formatSchedules(s.schedules),
   ].join("\n");
+}
+
+/**
+ * The line above the queues when read from a replica: how old its figures may be. Nothing
+ * when the read URL names a primary (allowed: its figures are current).
+ */
+export function formatReadReplica(lag: ReplicaLag | undefined): string {
+  if (!lag?.replica) return "";
+  const behind = lag.lag_s === null
+    ? "its lag unknown (it has replayed no transaction since it started)"
+    : `${lag.lag_s.toFixed(1)}s behind the primary`;
+  return `Read from a replica, ${behind}\n\n`;
 }
 
 /** What marks an estimated figure in the text form. */
@@ -471,10 +498,18 @@ export interface Rates {
   dead_per_s: number | null;
 }
 
-/** Take one `--watch` sample. */
-export async function watchSample(db: Db, options: StatusOptions = {}): Promise<WatchSample> {
+/**
+ * Take one `--watch` sample: the status from `readDb` when given (a replica), the totals
+ * the rates come from always from `db` (the primary: a standby's statistics do not count
+ * what its replay deletes).
+ */
+export async function watchSample(
+  db: Db,
+  options: StatusOptions & { readDb?: Db } = {},
+): Promise<WatchSample> {
+  const { readDb, ...statusOptions } = options;
   const { at, totals } = await jobTotals(db);
-  return { at, status: await status(db, options), totals };
+  return { at, status: await status(readDb ?? db, statusOptions), totals };
 }
 
 /**
@@ -535,6 +570,8 @@ export interface WatchOptions {
   json: boolean;
   /** Count every job on every redraw (`--exact`). */
   exact?: boolean;
+  /** Read the status from this pool (`--read-database-url`), the rates' totals from `db`. */
+  readDb?: Db;
   write(text: string): void;
 }
 
@@ -546,7 +583,10 @@ export async function watchStatus(db: Db, options: WatchOptions, stop: AbortSign
   let previous: WatchSample | null = null;
   while (!stop.aborted) {
     try {
-      const sample = await watchSample(db, { exact: options.exact });
+      const sample = await watchSample(db, {
+        exact: options.exact,
+        ...(options.readDb ? { readDb: options.readDb, readReplica: true } : {}),
+      });
       const r = rates(previous, sample);
       previous = sample;
       options.write(

@@ -96,7 +96,13 @@ import {
 } from "./views.tsx";
 
 export interface DashboardOptions {
+  /** The actions' pool: every POST writes through it (the primary). */
   db: Db;
+  /**
+   * Where the pages read (`--read-database-url`: a replica, whose figures may lag); `db`
+   * when none. A page shown after an action may not show it yet, by that lag.
+   */
+  readDb?: Db;
   /** Hide the actions and refuse every POST. */
   readOnly: boolean;
   /** The credentials asked for (none: the bind is loopback, see guard.ts). */
@@ -176,7 +182,9 @@ const NOTICES: Record<string, string> = {
 };
 
 export function createDashboard(options: DashboardOptions): Dashboard {
-  const { db, readOnly, access } = options;
+  const { db: primary, readOnly, access } = options;
+  /** Every page reads here; only the actions (app.post) write through `primary`. */
+  const db = options.readDb ?? primary;
   const log = logger("dashboard");
   const history = new ThroughputHistory();
   const app = new Hono();
@@ -603,7 +611,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
 
   app.post("/dead/:id/retry", async (c) => {
     const id = requiredId("dead job id", c.req.param("id"));
-    const outcome = await retryDead(db, id);
+    const outcome = await retryDead(primary, id);
     acted("dead.retry", id, outcome);
     return done(c, outcome === "retried" ? `/jobs/${id}` : "/dead", outcome);
   });
@@ -613,7 +621,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const queue = nameParam("queue", formText(form, "queue"));
     const task = nameParam("task", formText(form, "task"));
     const throughId = requiredId("through", formText(form, "through"));
-    const counts = await retryDeadMatching(db, { queue, task, throughId });
+    const counts = await retryDeadMatching(primary, { queue, task, throughId });
     acted("dead.retry_matching", queue ?? "*", `${counts.retried} retried`);
     const back = new URLSearchParams({ ...(queue ? { queue } : {}), ...(task ? { task } : {}) });
     return done(c, `/dead?${back}`, counts.more ? "retried_some" : "retried_set");
@@ -667,7 +675,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const queue = nameParam("queue", formText(form, "queue"));
     const task = nameParam("task", formText(form, "task"));
     const throughId = requiredId("through", formText(form, "through"));
-    const purged = await purgeDead(db, {
+    const purged = await purgeDead(primary, {
       ...(queue ? { queue } : {}),
       ...(task ? { task } : {}),
       throughId,
@@ -836,7 +844,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
 
   app.post("/executions/:id/cancel", async (c) => {
     const id = requiredId("execution id", c.req.param("id"));
-    const cancelled = await cancelExecution(db, id);
+    const cancelled = await cancelExecution(primary, id);
     acted("execution.cancel", id, cancelled ? "cancelled" : "not cancelled");
     return done(c, `/executions/${id}`, cancelled ? "cancelled" : "not_cancelled");
   });
@@ -891,9 +899,10 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const name = requiredName("schedule", c.req.param("name"));
     const action = c.req.param("action");
     let outcome: string;
-    if (action === "run") outcome = (await runScheduleNow(db, name)) === null ? "not_found" : "ran";
-    else {
-      const found = await setScheduleEnabled(db, name, action === "resume");
+    if (action === "run") {
+      outcome = (await runScheduleNow(primary, name)) === null ? "not_found" : "ran";
+    } else {
+      const found = await setScheduleEnabled(primary, name, action === "resume");
       outcome = found ? (action === "resume" ? "resumed" : "paused") : "not_found";
     }
     acted(`schedule.${action}`, name, outcome);
@@ -1029,7 +1038,9 @@ export function createDashboard(options: DashboardOptions): Dashboard {
     const action = c.req.param("action");
     const form = await c.req.parseBody();
     const back = formText(form, "back") === "/queues" ? "/queues" : "/";
-    const changed = action === "pause" ? await pauseQueue(db, queue) : await resumeQueue(db, queue);
+    const changed = action === "pause"
+      ? await pauseQueue(primary, queue)
+      : await resumeQueue(primary, queue);
     const outcome = changed ? (action === "pause" ? "paused" : "resumed") : "unchanged";
     acted(`queue.${action}`, queue, outcome);
     return done(c, back, outcome);
@@ -1093,7 +1104,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
           max: MAX_RUNNING_LIMIT,
         });
         return await flowChange(c, "limit.set", queue, async () => {
-          await setConcurrencyLimit(db, { queue, task, key, maxRunning });
+          await setConcurrencyLimit(primary, { queue, task, key, maxRunning });
           return "limit_set";
         });
       }
@@ -1102,7 +1113,9 @@ export function createDashboard(options: DashboardOptions): Dashboard {
         "limit.clear",
         queue,
         async () =>
-          (await clearConcurrencyLimit(db, { queue, task, key })) ? "limit_cleared" : "no_limit",
+          (await clearConcurrencyLimit(primary, { queue, task, key }))
+            ? "limit_cleared"
+            : "no_limit",
       );
     }
     if (action === "set") {
@@ -1115,7 +1128,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
         max: MAX_RATE_PERIOD_MS,
       });
       return await flowChange(c, "rate_limit.set", queue, async () => {
-        await setRateLimit(db, { queue, task, key, maxStarts, periodMs });
+        await setRateLimit(primary, { queue, task, key, maxStarts, periodMs });
         return "rate_set";
       });
     }
@@ -1123,7 +1136,8 @@ export function createDashboard(options: DashboardOptions): Dashboard {
       c,
       "rate_limit.clear",
       queue,
-      async () => (await clearRateLimit(db, { queue, task, key })) ? "rate_cleared" : "no_limit",
+      async () =>
+        (await clearRateLimit(primary, { queue, task, key })) ? "rate_cleared" : "no_limit",
     );
   });
 
@@ -1135,7 +1149,7 @@ export function createDashboard(options: DashboardOptions): Dashboard {
       ? 0
       : durationParam("for", formText(form, "for"), { min: 1, max: MAX_HOLD_MS });
     return await flowChange(c, release ? "key.release" : "key.hold", queue, async () => {
-      await holdKey(db, { queue, task, key: key!, forMs });
+      await holdKey(primary, { queue, task, key: key!, forMs });
       return release ? "released" : "held";
     });
   });

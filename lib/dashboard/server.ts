@@ -13,6 +13,11 @@ import { accessFromEnv, bindRefusal } from "./guard.ts";
 export interface DashboardServeOptions {
   /** Refuse every action (`--read-only`). */
   readOnly: boolean;
+  /**
+   * Where the pages read (`--read-database-url`: a replica); the actions still write through
+   * the dashboard's own pool. Its owner closes it.
+   */
+  readDb?: Db;
   /** Where credentials are read (Deno.env by default; tests pass their own). */
   env?: { get(name: string): string | undefined };
 }
@@ -46,7 +51,12 @@ export function dashboardFor(
     return null;
   }
   if (!isPoolFactory(pool)) {
-    const dashboard = createDashboard({ db: pool, readOnly: options.readOnly, access });
+    const dashboard = createDashboard({
+      db: pool,
+      readDb: options.readDb,
+      readOnly: options.readOnly,
+      access,
+    });
     return { fetch: (request) => dashboard.fetch(request), close: async () => {} };
   }
   let opened: { sql: Sql; dashboard: Dashboard } | null = null;
@@ -58,7 +68,12 @@ export function dashboardFor(
         const sql = pool();
         opened = {
           sql,
-          dashboard: createDashboard({ db: sql, readOnly: options.readOnly, access }),
+          dashboard: createDashboard({
+            db: sql,
+            readDb: options.readDb,
+            readOnly: options.readOnly,
+            access,
+          }),
         };
       }
       return await opened.dashboard.fetch(request);
@@ -89,7 +104,12 @@ export class DashboardServer {
     const access = accessFromEnv(options.env);
     const refusal = bindRefusal(address.hostname, access);
     if (refusal !== null) throw new Error(refusal);
-    const dashboard = createDashboard({ db, readOnly: options.readOnly, access });
+    const dashboard = createDashboard({
+      db,
+      readDb: options.readDb,
+      readOnly: options.readOnly,
+      access,
+    });
     try {
       this.#server = Deno.serve({
         hostname: address.hostname,
