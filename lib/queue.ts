@@ -926,7 +926,7 @@ function isRef(ref: unknown): boolean {
  * grows while a slow one runs feeds on itself. Callers reach the locked rows again with
  * `j.id = any(array(select id from locked))`, a primary-key lookup too, not a join.
  */
-export function lockOurs(db: Db, ids: readonly string[], tokens: readonly string[]) {
+export function lockOurs(db: Db, ids: readonly string[], tokens: readonly string[]): Fragment {
   return db`
     select x.id, x.token
     from (select u.id, u.token from unnest(${ids}::bigint[], ${tokens}::bigint[]) as u(id, token)
