@@ -6,8 +6,8 @@
  * goes on. Like the completer's acks (lib/completer.ts), records that come in while one
  * statement is in flight wait and go together in the next, at most CHECKPOINT_BATCH_CAP per
  * statement (lib/steps.ts recordCheckpoints(), one insert for many jobs, each fenced by its own
- * token). A batch starts a macrotask after its first record, so handlers resumed by the same
- * commit (their previous step's) join it rather than go one by one.
+ * token). A batch starts a macrotask after its first record (setImmediate), so handlers resumed
+ * by the same commit (their previous step's) join it rather than go one by one.
  *
  * Errors: a record whose token moved on resolves "lost" (the run ends as lost); a statement
  * that fails rejects every step of its batch (the handlers fail and are retried, like any step
@@ -16,6 +16,7 @@
  *
  * @module
  */
+import { setImmediate } from "node:timers";
 import type { Db } from "./db.ts";
 import { isDataError } from "./db.ts";
 import { describeError, logger } from "./log.ts";
@@ -75,8 +76,10 @@ export class CheckpointBatcher {
   async #flush(): Promise<void> {
     try {
       while (this.#waiting.length > 0) {
-        // One macrotask for the handlers resumed by the last commit to hand in their next step.
-        if (this.#waiting.length < this.#cap) await new Promise((r) => setTimeout(r, 0));
+        // One macrotask for the handlers resumed by the last commit to hand in their next step
+        // (setImmediate runs once every microtask has; setTimeout(0) waits 1 to 4 ms, which
+        // made a step of 10 concurrent handlers half again as slow).
+        if (this.#waiting.length < this.#cap) await new Promise((r) => setImmediate(r));
         const [batch] = takeBatches(this.#waiting, this.#cap, 1);
         await this.#send(batch!);
       }
