@@ -105,7 +105,8 @@ export interface RunEnv {
   onSettled?: (run: JobRun) => void;
   /**
    * Records checkpoint steps (`ctx.step(name, fn, { transaction: false })`) in batches across
-   * the consumer's runs (lib/checkpoints.ts). Without one, each run makes its own on first use.
+   * the consumer's runs (lib/checkpoints.ts). Without one, the first checkpoint step makes one
+   * here, shared by every run of this env from then on.
    */
   checkpoints?: CheckpointBatcher;
 }
