@@ -56,19 +56,26 @@ export const holdTask: AnyTask = defineTask<{ ms: number }>({
 });
 
 /**
- * `bench.steps` `{steps}`: runs `steps` durable steps with no-op bodies, `s0`, `s1`, ... (each
- * a transaction recording its null result, fenced by the token): W15/steps times them.
+ * `bench.steps` `{steps, checkpoint?}`: runs `steps` durable steps with no-op bodies, `s0`, `s1`,
+ * ... (each a transaction recording its null result, fenced by the token; with `checkpoint:
+ * true`, checkpoint steps, `{ transaction: false }`, whose records go in batches across the
+ * consumer's runs): W15/steps and W15/steps/checkpoint time them.
  */
-export const stepsTask: AnyTask = defineTask<{ steps: number }>({
+export const stepsTask: AnyTask = defineTask<{ steps: number; checkpoint: boolean }>({
   name: "bench.steps",
   parse(payload) {
     if (!Number.isInteger(payload.steps) || !((payload.steps as number) >= 1)) {
       throw new TypeError("steps must be an integer of at least 1");
     }
-    return { steps: payload.steps as number };
+    const checkpoint = payload.checkpoint ?? false;
+    if (typeof checkpoint !== "boolean") throw new TypeError("checkpoint must be true or false");
+    return { steps: payload.steps as number, checkpoint };
   },
-  async handler({ steps }, ctx) {
-    for (let i = 0; i < steps; i++) await ctx.step(`s${i}`, () => null);
+  async handler({ steps, checkpoint }, ctx) {
+    for (let i = 0; i < steps; i++) {
+      if (checkpoint) await ctx.step(`s${i}`, () => null, { transaction: false });
+      else await ctx.step(`s${i}`, () => null);
+    }
   },
 });
 

@@ -54,6 +54,8 @@
  *       once per bench run unless --runs is given (loading the table takes minutes)
  *   W15/steps 1,000 executions (100 with --quick) of 5 no-op durable steps, 1 consumer
  *       process; time per step set beside W2/shoal's time per job (issue 17: ≤ 2×)
+ *   W15/steps/checkpoint the same with checkpoint steps ({ transaction: false }), recorded in
+ *       batches across the consumer's running handlers
  *   W15 emit_event to the resumed handler's start (W15/shoal/emit, p50 and p99): 200 jobs
  *       (20 with --quick) each waiting on its own key, 1 consumer process, events emitted one
  *       at a time at 40/s (issue 17 calls it W13; W13 and W14 were taken)
@@ -116,7 +118,7 @@ import { FLAT_GROWTH, heldSnapshot, soak } from "./soak.ts";
 import { FLEET, idleFleet } from "./idle.ts";
 import { SCHEDULE_SIZES, schedulesAtScale } from "./schedules.ts";
 import { countsAtScale } from "./counts.ts";
-import { STEPS_TARGET, W15_STEPS, workflowSteps } from "./workflow_steps.ts";
+import { STEP_FORM_IDS, STEPS_TARGET, W15_STEPS, workflowSteps } from "./workflow_steps.ts";
 import { eventLatency } from "./events.ts";
 import {
   type BenchContext,
@@ -251,6 +253,7 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     fanOutDrain(shoal),
     // Also set beside W2/shoal of the same run (issue 17: time per step ≤ 2× W2's per job).
     workflowSteps(),
+    workflowSteps("checkpoint"),
     ...shoalAndBeside((s) => drain(s, { concurrency: HIGH_CONCURRENCY })),
     drain(floor),
     drain(floorAck),
@@ -405,19 +408,22 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
       settings: `${defaults}, same as W2 · ratio ≥ ${(1 / FAN_OUT_TARGET).toFixed(2)}× meets ` +
         "the target",
     },
-    {
+    ...(["transaction", "checkpoint"] as const).map((form) => ({
       label: `W15 ${
         sizes.stepExecutions.toLocaleString("en-US")
-      } executions of ${W15_STEPS} no-op steps, 1 consumer process: time per step`,
-      subject: "W15/steps",
+      } executions of ${W15_STEPS} no-op ${
+        form === "checkpoint" ? "checkpoint steps ({ transaction: false })" : "steps"
+      }, 1 consumer process: time per step`,
+      subject: STEP_FORM_IDS[form],
       metric: "ms_per_step",
       metricInLabel: false,
       floor: "W2/shoal",
       floorMetric: "ms_per_job",
       floorLabel: "W2 drain, same run: shoal's time per plain job",
-      settings: `${defaults}, same as W2, but the bench entry (bench.steps) · issue 17 goal: ` +
-        `≤ ${STEPS_TARGET.toFixed(2)}× W2's time per job`,
-    },
+      settings: `${defaults}, same as W2, but the bench entry (bench.steps${
+        form === "checkpoint" ? " {checkpoint: true}" : ""
+      }) · issue 17 goal: ≤ ${STEPS_TARGET.toFixed(2)}× W2's time per job`,
+    })),
     ...(["p50", "p95", "p99"] as const).map((metric) => ({
       label: w3,
       subject: "W3/shoal",

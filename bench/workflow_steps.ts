@@ -8,6 +8,10 @@
  *   them. Figures: time per step (the drain's time ÷ steps), steps/s and time per job.
  *   Issue 17's goal: time per step ≤ 2× W2's time per job (a plain no-op job drained by the
  *   same consumer defaults), set beside W2/shoal of the same run.
+ * - W15/steps/checkpoint (`workflowSteps("checkpoint")`): the same with checkpoint steps
+ *   (`ctx.step(name, () => null, { transaction: false })`: no transaction; records of the
+ *   consumer's running handlers go together in one statement, lib/checkpoints.ts). Set beside
+ *   the same W2/shoal; compare the two forms within one run.
  *
  * The issue names this workload W13; the bench's W13 and W14 were taken (counts at scale,
  * flow limits), so it is W15 (W15/emit, the event wake-up, is its sibling).
@@ -42,15 +46,30 @@ async function tally(sql: Sql): Promise<{ open: number; failed: number }> {
   return row!;
 }
 
+/** How W15's steps run: a transaction each (ctx.step's default), or checkpoints in batches. */
+export type StepForm = "transaction" | "checkpoint";
+
+/** The benchmark id of each form. */
+export const STEP_FORM_IDS: Record<StepForm, string> = {
+  transaction: "W15/steps",
+  checkpoint: "W15/steps/checkpoint",
+};
+
 /** W15/steps: executions of 5 no-op steps each, drained by one consumer process. */
-export function workflowSteps(): Benchmark {
+export function workflowSteps(form: StepForm = "transaction"): Benchmark {
+  const id = STEP_FORM_IDS[form];
+  const call = form === "checkpoint"
+    ? "ctx.step(name, fn, { transaction: false }) (a checkpoint step, recorded in batches)"
+    : "ctx.step() (a transaction per step)";
   return {
-    id: "W15/steps",
+    id,
     workload: "W15",
     system: shoal.name,
-    title: `executions of ${W15_STEPS} no-op steps each, 1 consumer process, default settings`,
+    title: `executions of ${W15_STEPS} no-op ${
+      form === "checkpoint" ? "checkpoint " : ""
+    }steps each, 1 consumer process, default settings`,
     settings: `${shoal.defaultSettings}; bench/bench_main.ts (the stock main plus bench.steps); ` +
-      `each execution one job running ctx.step() ${W15_STEPS} times with a no-op body, started ` +
+      `each execution one job running ${call} ${W15_STEPS} times with a no-op body, started ` +
       `with startExecution() before the consumer starts · issue 17 goal: time per step ≤ ` +
       `${STEPS_TARGET}× W2's time per job`,
     metrics: METRICS,
@@ -64,7 +83,7 @@ export function workflowSteps(): Benchmark {
             await startExecution(tx, {
               task: "bench.steps",
               queue: QUEUE,
-              payload: { steps: W15_STEPS },
+              payload: { steps: W15_STEPS, checkpoint: form === "checkpoint" },
             });
           }
         });
@@ -101,7 +120,7 @@ export function workflowSteps(): Benchmark {
           select count(*)::integer as n from shoal.job_steps where kind = 'step'`;
         if (open !== 0 || failed !== 0 || recorded!.n !== steps) {
           throw new Error(
-            `W15/steps ended with ${open} executions open, ${failed} failed and ` +
+            `${id} ended with ${open} executions open, ${failed} failed and ` +
               `${recorded!.n} of ${steps} steps recorded`,
           );
         }

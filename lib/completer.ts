@@ -366,7 +366,7 @@ export class Completer {
 }
 
 /** Up to `count` batches of at most `cap` items, taken from the front of `queue`. */
-function takeBatches<T>(queue: T[], cap: number, count: number): T[][] {
+export function takeBatches<T>(queue: T[], cap: number, count: number): T[][] {
   const batches: T[][] = [];
   while (queue.length > 0 && batches.length < count) {
     batches.push(queue.length <= cap ? queue.splice(0) : queue.splice(0, cap));

@@ -72,6 +72,7 @@ import { HEAD_SCAN_TIMEOUT_MS, HeadScans } from "./head_scan.ts";
 import { HOLD_MAX_MS, PrefetchBuffer, type Rank, ranksBy } from "./prefetch.ts";
 import { JobRun, type RunEnv, TimeoutSweep } from "./run_job.ts";
 import { Completer } from "./completer.ts";
+import { CheckpointBatcher } from "./checkpoints.ts";
 import type { ProgressReport } from "./progress.ts";
 
 /** SQLSTATE of a statement cancelled by statement_timeout (or a cancel request). */
@@ -771,6 +772,8 @@ export async function runConsumer(
     maxPayloadBytes: options.maxPayloadBytes,
     maxFanOut: options.maxFanOut,
     onSettled: settled,
+    // Checkpoint steps' records, batched across this consumer's runs (lib/checkpoints.ts).
+    checkpoints: new CheckpointBatcher(sql),
   };
   /** Task timeouts: one sweep over running jobs, not a timer per job. */
   const timeouts = new TimeoutSweep(() => {
@@ -1185,6 +1188,8 @@ export async function runConsumer(
     await idle();
     timeouts.stop();
     await Promise.all(handingBack);
+    // Checkpoint records of released runs still in flight are sent before the pool closes.
+    await env.checkpoints!.drain();
     await completer.drain();
     await beating;
     await presence.stop();

@@ -142,6 +142,7 @@ export {
   MAX_RETRY_LATER_MS,
   PermanentError,
   RetryLaterError,
+  type StepOptions,
   type TaskContext,
   type TaskDefinition,
   type TaskInput,

@@ -914,7 +914,7 @@ function isRef(ref: unknown): boolean {
 
 /**
  * Lock the jobs that are still ours (id and token match) in id order: a fragment for a
- * `with` clause yielding `id`. Cancelling or expiring an execution takes its jobs in id
+ * `with` clause yielding `id` and `token` (lib/steps.ts fences checkpoint records with it). Cancelling or expiring an execution takes its jobs in id
  * order too: two statements that each take many jobs of one execution in their own order
  * deadlock. A token that moved on while we waited for the lock drops the row (the lock
  * re-checks the join against the newest version).
@@ -926,13 +926,13 @@ function isRef(ref: unknown): boolean {
  * grows while a slow one runs feeds on itself. Callers reach the locked rows again with
  * `j.id = any(array(select id from locked))`, a primary-key lookup too, not a join.
  */
-function lockOurs(db: Db, ids: readonly string[], tokens: readonly string[]) {
+export function lockOurs(db: Db, ids: readonly string[], tokens: readonly string[]): Fragment {
   return db`
-    select x.id
+    select x.id, x.token
     from (select u.id, u.token from unnest(${ids}::bigint[], ${tokens}::bigint[]) as u(id, token)
           order by u.id) a
     cross join lateral (
-      select j.id from shoal.jobs j where j.id = a.id and j.token = a.token for update of j
+      select j.id, j.token from shoal.jobs j where j.id = a.id and j.token = a.token for update of j
     ) x`;
 }
 

@@ -29,6 +29,7 @@ import { type CheckedFanOut, checkFanOut, type FanOutSpec } from "./barrier.ts";
 import { type RunSpan, tracer } from "./tracing.ts";
 import { checkProgress, type Progress } from "./progress.ts";
 import { finishJob, openJobTransaction, type Tx } from "./job_transaction.ts";
+import { CheckpointBatcher } from "./checkpoints.ts";
 import {
   checkEventKey,
   checkEventName,
@@ -49,6 +50,7 @@ import {
   type AnyTask,
   PermanentError,
   RetryLaterError,
+  type StepOptions,
   type TaskContext,
   type TaskRegistry,
   type WaitOptions,
@@ -101,6 +103,12 @@ export interface RunEnv {
    * abortIfOverdue(), lose() or release() (a microtask later for those).
    */
   onSettled?: (run: JobRun) => void;
+  /**
+   * Records checkpoint steps (`ctx.step(name, fn, { transaction: false })`) in batches across
+   * the consumer's runs (lib/checkpoints.ts). Without one, the first checkpoint step makes one
+   * here, shared by every run of this env from then on.
+   */
+  checkpoints?: CheckpointBatcher;
 }
 
 /**
@@ -169,6 +177,8 @@ export class JobRun {
   #progress: Progress | undefined = undefined;
   /** The job's recorded steps and sleeps (lib/steps.ts), read on this run's first use. */
   #recorded: Promise<Map<string, RecordedStep>> | undefined = undefined;
+  /** Names of checkpoint steps whose record is in flight (a second call of one is refused). */
+  #checkpointing: Set<string> | undefined = undefined;
 
   constructor(job: Job, env: RunEnv) {
     this.job = job;
@@ -299,7 +309,11 @@ export class JobRun {
    * by the token (lib/steps.ts). Returns the result as JSON gives it back, on the first run as
    * on a replay. A claim found gone rolls the step back and the run ends as lost.
    */
-  async step<T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T> {
+  async step<T>(
+    name: string,
+    fn: (tx: Tx) => T | Promise<T>,
+    transaction = true,
+  ): Promise<T> {
     this.#checkOpen("run a step");
     const recorded = await this.#steps();
     const done = recorded.get(name);
@@ -314,6 +328,7 @@ export class JobRun {
       return done.result as T;
     }
     this.#checkOpen("run a step");
+    if (!transaction) return await this.#checkpoint(name, fn as () => T | Promise<T>, recorded);
     const job = this.job;
     const span = this.span?.step(name);
     let result: unknown = null;
@@ -325,9 +340,7 @@ export class JobRun {
         const outcome = await recordStep(tx, job, name, result);
         if (outcome === "lost") throw lostClaim(job.id);
         if (outcome === "duplicate") {
-          throw new Error(
-            `Cannot record step "${name}" of job ${job.id}: it was recorded meanwhile by this run (await each step before starting the next)`,
-          );
+          throw duplicateStep(name, job.id);
         }
       });
     } catch (error) {
@@ -336,15 +349,44 @@ export class JobRun {
       throw error;
     }
     span?.end("recorded");
-    recorded.set(name, {
-      kind: "step",
-      result,
-      wake_at: null,
-      due: false,
-      wait_state: null,
-      event_name: null,
-      event_key: null,
-    });
+    recorded.set(name, stepRecord(result));
+    return result as T;
+  }
+
+  /**
+   * A checkpoint step (`{ transaction: false }`): run `fn` with no transaction, then hand its
+   * JSON result to the consumer's batcher (lib/checkpoints.ts), which records it fenced by the
+   * token; return once its batch committed. A claim found gone records nothing and the run
+   * ends as lost. `fn` runs again if this process dies before the batch commits.
+   */
+  async #checkpoint<T>(
+    name: string,
+    fn: () => T | Promise<T>,
+    recorded: Map<string, RecordedStep>,
+  ): Promise<T> {
+    const job = this.job;
+    const inFlight = this.#checkpointing ??= new Set();
+    if (inFlight.has(name)) throw duplicateStep(name, job.id);
+    inFlight.add(name);
+    const span = this.span?.step(name);
+    let result: unknown;
+    try {
+      const out = await (span === undefined ? fn() : span.within(() => fn()));
+      result = toJson(out, `${job.task} (step "${name}")`);
+      this.#checkOpen("record a step");
+      const batcher = this.#env.checkpoints ??= new CheckpointBatcher(this.#env.sql);
+      const outcome = await batcher.record({ job, name, result });
+      if (outcome === "lost") throw lostClaim(job.id);
+      if (outcome === "duplicate") throw duplicateStep(name, job.id);
+    } catch (error) {
+      span?.end(...spanFailure(error));
+      this.#lostIf(error);
+      throw error;
+    } finally {
+      inFlight.delete(name);
+    }
+    span?.end("recorded");
+    recorded.set(name, stepRecord(result));
     return result as T;
   }
 
@@ -587,6 +629,26 @@ function spanFailure(error: unknown): [string, string?] {
   return error instanceof ClaimLostError ? ["lost"] : ["failed", describeError(error)];
 }
 
+/** A step's record as this run keeps it once recorded. */
+function stepRecord(result: unknown): RecordedStep {
+  return {
+    kind: "step",
+    result,
+    wake_at: null,
+    due: false,
+    wait_state: null,
+    event_name: null,
+    event_key: null,
+  };
+}
+
+/** Two calls of one step at once in a run: the second finds the first's record. */
+function duplicateStep(name: string, id: string): Error {
+  return new Error(
+    `Cannot record step "${name}" of job ${id}: it was recorded meanwhile by this run (await each step before starting the next)`,
+  );
+}
+
 /** The error a handler's transaction or step rolls back with when its claim moved on. */
 function lostClaim(id: string): ClaimLostError {
   return new ClaimLostError(
@@ -659,17 +721,23 @@ class RunContext implements TaskContext {
 
   get step(): TaskContext["step"] {
     const run = this.#run;
-    return <T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T> => {
+    return (<T>(
+      name: string,
+      fn: (tx: Tx) => T | Promise<T>,
+      options?: StepOptions,
+    ): Promise<T> => {
+      let transaction: boolean;
       try {
         checkStepName("ctx.step", name);
         if (typeof fn !== "function") {
           throw new TypeError(`Invalid fn for ctx.step(): expected a function, got ${typeof fn}`);
         }
+        transaction = stepTransaction(options);
       } catch (error) {
         return Promise.reject(error);
       }
-      return run.step(name, fn);
-    };
+      return run.step(name, fn, transaction);
+    }) as TaskContext["step"];
   }
 
   get sleep(): TaskContext["sleep"] {
@@ -735,6 +803,19 @@ export function failureOf(error: unknown, attempts: number, retryBaseMs?: number
     retryInMs: later ? later.delayMs : backoffMs(attempts, retryBaseMs),
     ...(later?.holdKey ? { holdKeyMs: later.delayMs } : {}),
   };
+}
+
+/** Whether ctx.step's options ask for a transaction (the default) or a checkpoint; else a TypeError. */
+function stepTransaction(options: unknown): boolean {
+  checkOptions("ctx.step", options, "options", ["transaction"]);
+  const transaction = (options as StepOptions | undefined)?.transaction;
+  if (transaction === undefined) return true;
+  if (typeof transaction !== "boolean") {
+    throw new TypeError(
+      `Invalid options.transaction for ctx.step(): expected true or false, got ${typeof transaction}`,
+    );
+  }
+  return transaction;
 }
 
 /** The wait ctx.waitForEvent(name, options) asks for, checked; else a TypeError. */

@@ -24,7 +24,7 @@
 import { checkDb, checkId, checkInteger, isName, MAX_INT4, MAX_SPAN_MS, refusal } from "./args.ts";
 import type { Db, Sql } from "./db.ts";
 import { parseDuration } from "./duration.ts";
-import { type JobRef, suspendClaim } from "./queue.ts";
+import { type JobRef, lockOurs, suspendClaim } from "./queue.ts";
 import { NAME_RULE } from "./names.ts";
 
 /** Step records of a job that is gone are kept this long after their last record (then pruned). */
@@ -130,6 +130,56 @@ export async function recordStep(
            (select count(*) from recorded)::integer as recorded`;
   if (row!.ours === 0) return "lost";
   return row!.recorded === 1 ? "recorded" : "duplicate";
+}
+
+/** One checkpoint step's record (ctx.step with `{ transaction: false }`), as the batcher sends it. */
+export interface CheckpointRecord {
+  job: JobRef;
+  name: string;
+  /** The step's result, as JSON already (the run checked it). */
+  result: unknown;
+}
+
+/**
+ * Record many jobs' checkpoint steps in one statement (lib/checkpoints.ts batches them): each
+ * record is written only where its job's id and token still match (the job rows locked
+ * `for update` in id order by lib/queue.ts lockOurs(), as the completer's acks are). Returns one outcome per record, in
+ * order, with recordStep()'s meaning: "recorded", "lost" (the token moved on: nothing written)
+ * or "duplicate" (a record of that name existed already).
+ */
+export async function recordCheckpoints(
+  sql: Db,
+  records: readonly CheckpointRecord[],
+): Promise<("recorded" | "lost" | "duplicate")[]> {
+  if (records.length === 0) return [];
+  // Each claim once (two steps of one run may share a batch), a pair per token: a lost run's
+  // record and its job's new run's may share one too, and only the current token is ours.
+  const claims = new Map<string, JobRef>();
+  for (const r of records) claims.set(`${r.job.id}:${r.job.token}`, r.job);
+  const refs = [...claims.values()];
+  const rows = await sql<{ ours: boolean; recorded: boolean }[]>`
+    with input as (
+      select r.job_id, r.token, r.name, r.result, r.i
+      from unnest(${records.map((r) => r.job.id)}::bigint[],
+                  ${records.map((r) => r.job.token)}::bigint[],
+                  ${records.map((r) => r.name)}::text[],
+                  ${records.map((r) => JSON.stringify(r.result ?? null))}::text[])
+        with ordinality as r(job_id, token, name, result, i)
+    ),
+    ours as (${lockOurs(sql, refs.map((j) => j.id), refs.map((j) => j.token))}),
+    recorded as (
+      insert into shoal.job_steps (job_id, name, kind, result)
+      select x.job_id, x.name, 'step', x.result::jsonb
+      from input x join ours o on o.id = x.job_id and o.token = x.token
+      order by x.i
+      on conflict (job_id, name) do nothing
+      returning job_id, name
+    )
+    select exists (select 1 from ours o where o.id = x.job_id and o.token = x.token) as ours,
+      exists (select 1 from recorded d where d.job_id = x.job_id and d.name = x.name) as recorded
+    from input x
+    order by x.i`;
+  return rows.map((row) => (!row.ours ? "lost" : row.recorded ? "recorded" : "duplicate"));
 }
 
 /** When a sleep ends: at an instant, or a duration after the database's now. */

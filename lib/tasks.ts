@@ -74,8 +74,22 @@ export interface TaskContext {
    * commit together. A later run of the job (a retry, a redelivery, a wake from a sleep) gets
    * the recorded result back without running `fn`. Names follow the task name rule; await each
    * step before the next.
+   *
+   * With `{ transaction: false }` (a checkpoint step) `fn` runs with no transaction and only its
+   * result is recorded, fenced the same way, in one statement with other handlers' steps: far
+   * cheaper, but `fn` runs again if the process dies before its record commits, so keep it to
+   * work outside the database, idempotent by the job's id and the step's name.
    */
-  step<T>(name: string, fn: (tx: Tx) => T | Promise<T>): Promise<T>;
+  step<T>(
+    name: string,
+    fn: (tx: Tx) => T | Promise<T>,
+    options?: StepOptions & { transaction?: true },
+  ): Promise<T>;
+  step<T>(
+    name: string,
+    fn: () => T | Promise<T>,
+    options: StepOptions & { transaction: false },
+  ): Promise<T>;
   /**
    * A durable sleep (docs/workflows.md): hand the job back until `until` (a duration such as
    * "2d", milliseconds, or an instant) without holding a slot or a connection, and without
@@ -104,6 +118,15 @@ export interface TaskContext {
    * negative or non-finite number.
    */
   progress(done: number, total: number, message?: string): void;
+}
+
+/** Options of `ctx.step` (docs/workflows.md, "Steps"). */
+export interface StepOptions {
+  /**
+   * true (the default): `fn(tx)` runs in a transaction that commits with the step's record.
+   * false: a checkpoint step: `fn()` runs with no transaction, its result recorded in a batch.
+   */
+  transaction?: boolean;
 }
 
 /** The options of `ctx.waitForEvent`. */
