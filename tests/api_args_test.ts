@@ -659,7 +659,7 @@ const CASES: Record<string, Refusal[] | { exempt: string }> = {
   }, {
     call: ({ sql }) => shoal.status(sql, x({ exactly: true })),
     error: TypeError,
-    message: 'Invalid options for status(): unknown option "exactly" (known: exact)',
+    message: 'Invalid options for status(): unknown option "exactly" (known: exact, readReplica)',
   }],
   builtinTasks: [{
     call: () => shoal.builtinTasks(x({ http: "example.com" })),

@@ -391,6 +391,32 @@ Deno.test("a fan-out racing an uncommitted enqueue after its job waits for it an
   assertEquals(h!.task, "t.h");
 });
 
+Deno.test("a cancel racing an uncommitted enqueue after a job of its execution leaves nothing behind", async () => {
+  await using db = await testDb();
+  const sql = db.sql;
+  const execution = await startExecution(sql, { task: "t.a", queue: Q });
+  const [a] = await claimAll(sql);
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => release = resolve);
+  let enqueued!: () => void;
+  const added = new Promise<void>((resolve) => enqueued = resolve);
+  // T2 adds a dependant of a, holding the execution's lock, and does not commit yet.
+  const t2 = sql.begin(async (tx) => {
+    await enqueue(tx, "t.h", {}, { after: [a!.id], queue: Q });
+    enqueued();
+    await gate;
+  });
+  await added;
+  // T1's cancel waits for T2 on the execution, then removes the dependant T2 committed.
+  const t1 = cancelExecution(sql, execution);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  release();
+  await t2;
+  assert(await t1);
+  assertEquals((await getExecution(sql, execution))!.status, "cancelled");
+  assertEquals(await leftovers(sql), NOTHING);
+});
+
 Deno.test("two dependencies completing at the same moment release their dependant exactly once", async () => {
   await using db = await testDb();
   const sql = db.sql;

@@ -638,7 +638,7 @@ Deno.test("shoal --help names the queue and limit commands", async () => {
     ]
   ) assert(stdout.includes(`\n  ${line}\n`), line);
   assert(
-    /--key\s+enqueue: dedupe key; limit: the key a limit, hold or weight is for/.test(stdout),
+    /--key\s+enqueue: dedupe key; .*limit: the key a limit, hold or weight is for/.test(stdout),
     stdout,
   );
   assert(

@@ -96,11 +96,17 @@ begin
         null, null, null);
     end if;
   end loop;
-  perform shoal.end_dependencies(execution);
   update shoal.executions
   set status = 'failed', error = reason, finished_at = now(), updated_at = now()
   where id = execution and status in ('pending', 'running');
-  return found;
+  if not found then
+    return false;
+  end if;
+  -- Its held jobs go after the update, in a statement of their own: an enqueue_after that
+  -- held the execution's lock with a dependant not yet committed has committed by now (the
+  -- update waited for it), and this statement sees that dependant (THE LOCK ORDER).
+  perform shoal.end_dependencies(execution);
+  return true;
 end
 $$;
 
@@ -134,11 +140,15 @@ begin
   delete from shoal.jobs where id in (
     select j.id from shoal.jobs j where j.execution_id = execution order by j.id for update);
   delete from shoal.barriers where execution_id = execution;
-  perform shoal.end_dependencies(execution);
   update shoal.executions
   set status = 'cancelled', finished_at = now(), updated_at = now()
   where id = execution and status in ('pending', 'running');
-  return found;
+  if not found then
+    return false;
+  end if;
+  -- After the update, as in fail_execution: a dependant enqueued meanwhile goes too.
+  perform shoal.end_dependencies(execution);
+  return true;
 end
 $$;
 
