@@ -7,7 +7,7 @@
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { testDb, waitFor } from "./helpers.ts";
-import type { Db } from "../lib/db.ts";
+import type { Db, Sql } from "../lib/db.ts";
 import { completeJobs, fanOut } from "../lib/barrier.ts";
 import {
   cancelExecution,
@@ -57,6 +57,32 @@ async function leftovers(sql: Db): Promise<Leftovers> {
 }
 
 const NOTHING: Leftovers = { jobs: 0, held: 0, edges: 0, results: 0 };
+
+/**
+ * Enqueue a job "t.h" after `dependency` in a transaction left open (holding the execution's
+ * lock, its dependant not committed) until commit() is called; resolves once it is in.
+ */
+async function enqueueAfterHeldOpen(
+  sql: Sql,
+  dependency: string,
+): Promise<{ commit(): Promise<void> }> {
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => release = resolve);
+  let enqueued!: () => void;
+  const added = new Promise<void>((resolve) => enqueued = resolve);
+  const done = sql.begin(async (tx) => {
+    await enqueue(tx, "t.h", {}, { after: [dependency], queue: Q });
+    enqueued();
+    await gate;
+  });
+  await Promise.race([added, done]);
+  return {
+    async commit() {
+      release();
+      await done;
+    },
+  };
+}
 
 /** a -> (b, c) -> d */
 function diamond(extra: Partial<Record<string, Partial<WorkflowStep>>> = {}): WorkflowStep[] {
@@ -365,25 +391,15 @@ Deno.test("a fan-out racing an uncommitted enqueue after its job waits for it an
   const sql = db.sql;
   await startExecution(sql, { task: "t.a", queue: Q });
   const [a] = await claimAll(sql);
-  let release!: () => void;
-  const gate = new Promise<void>((resolve) => release = resolve);
-  let enqueued!: () => void;
-  const added = new Promise<void>((resolve) => enqueued = resolve);
   // T2 adds a dependant of a and holds its transaction open.
-  const t2 = sql.begin(async (tx) => {
-    await enqueue(tx, "t.h", {}, { after: [a!.id], queue: Q });
-    enqueued();
-    await gate;
-  });
-  await added;
+  const t2 = await enqueueAfterHeldOpen(sql, a!.id);
   // T1's fan-out from a cannot see that dependant yet: it must wait for T2, then refuse.
   const t1 = fanOut(sql, a!, {
     children: [{ task: "t.kid", queue: Q }],
     callback: { task: "t.cb" },
   });
   await new Promise((resolve) => setTimeout(resolve, 300));
-  release();
-  await t2;
+  await t2.commit();
   await assertRejects(() => t1, Error, `Cannot fan out from job ${a!.id}: other jobs depend on it`);
   // a is still there (the fan-out rolled back): completing it releases the dependant.
   await complete(sql, a!, "a");
@@ -396,22 +412,12 @@ Deno.test("a cancel racing an uncommitted enqueue after a job of its execution l
   const sql = db.sql;
   const execution = await startExecution(sql, { task: "t.a", queue: Q });
   const [a] = await claimAll(sql);
-  let release!: () => void;
-  const gate = new Promise<void>((resolve) => release = resolve);
-  let enqueued!: () => void;
-  const added = new Promise<void>((resolve) => enqueued = resolve);
   // T2 adds a dependant of a, holding the execution's lock, and does not commit yet.
-  const t2 = sql.begin(async (tx) => {
-    await enqueue(tx, "t.h", {}, { after: [a!.id], queue: Q });
-    enqueued();
-    await gate;
-  });
-  await added;
+  const t2 = await enqueueAfterHeldOpen(sql, a!.id);
   // T1's cancel waits for T2 on the execution, then removes the dependant T2 committed.
   const t1 = cancelExecution(sql, execution);
   await new Promise((resolve) => setTimeout(resolve, 300));
-  release();
-  await t2;
+  await t2.commit();
   assert(await t1);
   assertEquals((await getExecution(sql, execution))!.status, "cancelled");
   assertEquals(await leftovers(sql), NOTHING);

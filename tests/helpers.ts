@@ -6,6 +6,7 @@
 import postgres from "postgres";
 import { connect, formatDatabaseUrl, parseDatabaseUrl, type Sql } from "../lib/db.ts";
 import { loadMigrations, migrate } from "../lib/migrate.ts";
+import { type LocalPg, startLocalPg, startLocalReplica } from "../lib/local_pg.ts";
 import { type ConsumerOptions, runConsumer } from "../lib/consumer.ts";
 import { type AnyTask, TaskRegistry } from "../lib/tasks.ts";
 import { registerConsumer, type TaskRegistration } from "../lib/catalog.ts";
@@ -647,4 +648,34 @@ export async function enqueueLargeTable(sql: Sql): Promise<void> {
     20_000,
     100,
   );
+}
+
+/** A migrated primary and a streaming replica of it, for one test. */
+export async function primaryAndReplica(): Promise<
+  { primary: LocalPg; replica: LocalPg; [Symbol.asyncDispose](): Promise<void> }
+> {
+  const primary = await startLocalPg({ fast: true });
+  try {
+    const setup = connect(primary.url, { max: 1 });
+    try {
+      await migrate(setup, await loadMigrations());
+    } finally {
+      await setup.end();
+    }
+    const replica = await startLocalReplica(primary, { settings: { fsync: "off" } });
+    return {
+      primary,
+      replica,
+      async [Symbol.asyncDispose]() {
+        try {
+          await replica.stop();
+        } finally {
+          await primary.stop();
+        }
+      },
+    };
+  } catch (error) {
+    await primary.stop();
+    throw error;
+  }
 }

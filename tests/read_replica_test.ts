@@ -15,14 +15,13 @@ import {
   enqueueLargeTable,
   httpGet,
   logLines,
+  primaryAndReplica,
   runShoal,
   servedAt,
   spawnShoal,
   waitFor,
 } from "./helpers.ts";
 import { connect, type Sql } from "../lib/db.ts";
-import { type LocalPg, startLocalPg, startLocalReplica } from "../lib/local_pg.ts";
-import { loadMigrations, migrate } from "../lib/migrate.ts";
 import type { Status } from "../lib/status.ts";
 import { resolveOptions, UsageError } from "../lib/config.ts";
 
@@ -43,36 +42,6 @@ Deno.test("--read-database-url comes from SHOAL_READ_DATABASE_URL, checked as --
   assert(/host ":x" of its host list .* \(--read-database-url\)$/.test(said), said);
   assert(!said.includes(":pw@"), said);
 });
-
-/** A migrated primary and a streaming replica of it, for one test. */
-async function primaryAndReplica(): Promise<
-  { primary: LocalPg; replica: LocalPg; [Symbol.asyncDispose](): Promise<void> }
-> {
-  const primary = await startLocalPg({ fast: true });
-  try {
-    const setup = connect(primary.url, { max: 1 });
-    try {
-      await migrate(setup, await loadMigrations());
-    } finally {
-      await setup.end();
-    }
-    const replica = await startLocalReplica(primary, { settings: { fsync: "off" } });
-    return {
-      primary,
-      replica,
-      async [Symbol.asyncDispose]() {
-        try {
-          await replica.stop();
-        } finally {
-          await primary.stop();
-        }
-      },
-    };
-  } catch (error) {
-    await primary.stop();
-    throw error;
-  }
-}
 
 /** Jobs on queue `queue` as the server behind `sql` sees them. */
 async function jobsOn(sql: Sql, queue: string): Promise<number> {

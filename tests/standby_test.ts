@@ -5,7 +5,7 @@
  */
 import postgres from "postgres";
 import { assert, assertEquals } from "./assert.ts";
-import { runShoal, withApplicationName } from "./helpers.ts";
+import { primaryAndReplica, runShoal, withApplicationName } from "./helpers.ts";
 import {
   checkDatabaseUrl,
   connect,
@@ -15,8 +15,6 @@ import {
   redactUrl,
   waitForDatabase,
 } from "../lib/db.ts";
-import { type LocalPg, startLocalPg, startLocalReplica } from "../lib/local_pg.ts";
-import { loadMigrations, migrate } from "../lib/migrate.ts";
 
 function assertMatch(actual: string, pattern: RegExp): void {
   assert(pattern.test(actual), `${JSON.stringify(actual)} does not match ${pattern}`);
@@ -90,36 +88,6 @@ Deno.test("withApplicationName() keeps the host list", () => {
     "postgres://u@h1:1,h2:2/db?application_name=shoal+x",
   );
 });
-
-/** A migrated primary and a streaming replica of it, for one test. */
-async function primaryAndReplica(): Promise<
-  { primary: LocalPg; replica: LocalPg; [Symbol.asyncDispose](): Promise<void> }
-> {
-  const primary = await startLocalPg({ fast: true });
-  try {
-    const setup = connect(primary.url, { max: 1 });
-    try {
-      await migrate(setup, await loadMigrations());
-    } finally {
-      await setup.end();
-    }
-    const replica = await startLocalReplica(primary, { settings: { fsync: "off" } });
-    return {
-      primary,
-      replica,
-      async [Symbol.asyncDispose]() {
-        try {
-          await replica.stop();
-        } finally {
-          await primary.stop();
-        }
-      },
-    };
-  } catch (error) {
-    await primary.stop();
-    throw error;
-  }
-}
 
 const STANDBY =
   /^Cannot use the database at postgres:\/\/postgres@127\.0\.0\.1:\d+\/postgres: it is a read-only standby \(in recovery\); point the URL at the primary, or list every host with target_session_attrs=read-write$/;
