@@ -689,7 +689,8 @@ Deno.test("a leader whose connections were cut just before SIGTERM releases its 
   // A pooler, a firewall or an operator ends the leader's idle connections; then the
   // orchestrator stops it. The release's first try meets a dead connection.
   const pids = await db.sql<{ pid: number }[]>`
-    select pid from pg_stat_activity where application_name = ${leaderTag}`;
+    select pid from pg_stat_activity
+    where application_name = ${leaderTag} and datname = current_database()`;
   assert(pids.length > 0, "the leader had no connection to cut");
   for (const { pid } of pids) await db.sql`select pg_terminate_backend(${pid}::integer)`;
   leader.kill("SIGTERM");

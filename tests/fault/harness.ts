@@ -501,6 +501,7 @@ export function terminateLoop(url: string, everyMs: number): { stop(): Promise<n
           select count(*)::int as n from (
             select pg_terminate_backend(pid) from pg_stat_activity
             where application_name like 'shoal %' and application_name <> 'shoal test'
+              and datname = current_database() -- test files run in parallel on one server
               and pid <> pg_backend_pid()) t`;
         killed += row!.n;
       } catch (error) {

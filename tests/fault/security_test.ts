@@ -144,7 +144,8 @@ Deno.test("no database password reaches a log line, an error message, shoal stat
     }, 20_000);
     await sql`
       select pg_terminate_backend(pid) from pg_stat_activity
-      where application_name like 'shoal %' and application_name <> 'shoal security test'`;
+      where application_name like 'shoal %' and application_name <> 'shoal security test'
+        and datname = current_database()`;
     await enqueue(sql, "shoal.noop");
     await waitFor("a job after the reconnect to run", async () => {
       const [row] = await sql<{ n: number }[]>`select count(*)::int as n from shoal.jobs`;
