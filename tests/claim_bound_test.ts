@@ -123,8 +123,20 @@ Deno.test("a claim from near the head takes new jobs ranking ahead: a priority n
   assertEquals(rest[rest.length - 1]!.id, low[0]!.id);
 });
 
-/** Buffers (shared hit + read) one call of shoal.claim_jobs reads, by EXPLAIN. */
+/**
+ * Buffers (shared hit + read) a call of shoal.claim_jobs reads, by EXPLAIN: the least of
+ * three calls. The count includes planning's catalog reads, and another database's large
+ * DDL transaction on the same server (a test file migrating, run in parallel) resets every
+ * backend's catalog caches: the next call then read 2,509 buffers where it reads 434 (a
+ * transaction creating 2,000 tables, measured). The least of three is the claim's own walk.
+ */
 async function claimBuffers(sql: Db, fromHead: boolean): Promise<number> {
+  const counts = [];
+  for (let i = 0; i < 3; i++) counts.push(await oneClaimBuffers(sql, fromHead));
+  return Math.min(...counts);
+}
+
+async function oneClaimBuffers(sql: Db, fromHead: boolean): Promise<number> {
   const rows = await sql<{ "QUERY PLAN": unknown }[]>`
     explain (analyze, buffers, format json)
     select * from shoal.claim_jobs(${[Q]}::text[], 10, 'test:1', 60000, null, null, null,
