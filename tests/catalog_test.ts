@@ -282,8 +282,9 @@ Deno.test("enqueue() by name on a busy pool wakes the consumers of the task's ca
   try {
     await waitFor("the key to be held", async () => {
       const [row] = await db.sql<{ n: number }[]>`
-        select count(*)::integer as n from pg_locks where locktype = 'transactionid'
-          and pid <> pg_backend_pid() and granted`;
+        select count(*)::integer as n from pg_locks l join pg_stat_activity a using (pid)
+        where l.locktype = 'transactionid' and a.datname = current_database()
+          and l.pid <> pg_backend_pid() and l.granted`;
       return row!.n > 0;
     });
     const blocked = enqueue(db.sql, "blocker", {}, { queue: "blockq", key: "k" });

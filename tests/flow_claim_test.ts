@@ -588,7 +588,8 @@ Deno.test("a change of a queue's limits waits for the claims in flight, and clai
   const waiting = async () => {
     const [row] = await db.sql<[{ n: number }]>`
       select count(*)::integer as n from pg_locks
-      where locktype = 'advisory' and classid = 1936224621 and not granted`;
+      where locktype = 'advisory' and classid = 1936224621 and not granted
+        and database = (select oid from pg_database where datname = current_database())`;
     return row.n;
   };
   // A claim in flight: the change waits for its commit, then sees its jobs (their bucket

@@ -576,7 +576,8 @@ Deno.test({
       await waitFor(
         "the claim to wait at the gate",
         async () =>
-          (await db.sql`select 1 from pg_locks where locktype = 'advisory' and not granted`)
+          (await db.sql`select 1 from pg_locks where locktype = 'advisory' and not granted
+            and database = (select oid from pg_database where datname = current_database())`)
             .length > 0,
       );
       blocking = db.sql.begin(async (tx) => {
@@ -588,7 +589,9 @@ Deno.test({
         "the table lock to queue behind the claim",
         async () =>
           (await db.sql`select 1 from pg_locks
-          where relation = 'shoal.jobs'::regclass and mode = 'AccessExclusiveLock'`).length > 0,
+          where relation = 'shoal.jobs'::regclass and mode = 'AccessExclusiveLock'
+            and database = (select oid from pg_database where datname = current_database())`)
+            .length > 0,
       );
       await gate`select pg_advisory_unlock(4343)`;
       await isLocked; // the claim committed; the read now waits on the table lock

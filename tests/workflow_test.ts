@@ -1242,7 +1242,8 @@ async function together<T>(
       await waitFor("every worker to queue on the gate", async () => {
         const [row] = await gate<{ n: number }[]>`
           select count(*)::int as n from pg_locks
-          where locktype = 'advisory' and objid = 4242 and not granted`;
+          where locktype = 'advisory' and objid = 4242 and not granted
+            and database = (select oid from pg_database where datname = current_database())`;
         return row!.n === n;
       });
       await gate`select pg_advisory_unlock(4242)`;

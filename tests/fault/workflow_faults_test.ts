@@ -342,12 +342,12 @@ class WorkflowRun {
     const sessions = await this.#sql`
       select application_name as app, pid, state, left(query, 300) as query,
         now() - xact_start as open_for, pg_blocking_pids(pid) as blocked_by
-      from pg_stat_activity where application_name like 'shoal %'
+      from pg_stat_activity where application_name like 'shoal %' and datname = current_database()
       order by application_name = ${`shoal ${consumer.name}`}::text desc, pid`;
     const locks = await this.#sql`
       select l.pid, l.locktype, l.relation::regclass::text as rel, l.mode, l.granted
       from pg_locks l join pg_stat_activity a using (pid)
-      where a.application_name like 'shoal %'
+      where a.application_name like 'shoal %' and a.datname = current_database()
         and l.locktype in ('relation', 'tuple', 'transactionid')`;
     return JSON.stringify({ jobs, sessions, locks }, null, 1);
   }
@@ -528,7 +528,7 @@ Deno.test("workflows: a consumer SIGSTOPped inside a step past its deadline, the
     async () => {
       const [row] = await db.sql<{ n: number }[]>`
       select count(*)::int as n from pg_stat_activity
-      where application_name = ${`shoal ${victim!.name}`}::text
+      where application_name = ${`shoal ${victim!.name}`}::text and datname = current_database()
         and state = 'idle in transaction' and query like '%insert into wf_effects%'`;
       if (row!.n === 0) return false;
       victim!.proc.kill("SIGSTOP");
