@@ -157,12 +157,17 @@ export async function startServer(options: ServerOptions): Promise<BenchServer> 
     };
   }
   const pg = await startLocalPg({
-    settings: options.profile
-      ? {
-        shared_preload_libraries: "pg_stat_statements",
-        "pg_stat_statements.track": options.track ?? "all",
-      }
-      : {},
+    settings: {
+      // W7 with 8 processes: BullMQ's pool of 25 and its LISTEN connection per process
+      // (208) did not fit startLocalPg's 200 ("sorry, too many clients already").
+      max_connections: "300",
+      ...(options.profile
+        ? {
+          shared_preload_libraries: "pg_stat_statements",
+          "pg_stat_statements.track": options.track ?? "all",
+        }
+        : {}),
+    },
   });
   try {
     const { version, settings } = await readSettings(pg.url);

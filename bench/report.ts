@@ -811,7 +811,7 @@ export function markdownReport(input: ReportInput): string {
     "while it drains W2's jobs (a fresh database and process for each phase). Peak = the " +
     "largest sample in the phase, steady = their median; VmHWM (boot included) is in the " +
     "details. Peers: their worker process, the same way.",
-    `- W7 (consumer processes): 1, 2 and 4 consumer processes (defaults each) started on an ` +
+    `- W7 (consumer processes): 1, 2, 4 and 8 consumer processes (defaults each) started on an ` +
     `empty queue; once all have logged their start, ${
       s.scalingJobs.toLocaleString("en-US")
     } jobs are enqueued in one call (one commit, NOTIFY on); throughput from that call's ` +

@@ -42,7 +42,7 @@
  *   W4  fan-out of 10,000 children           W6  consumer RSS idle and under W2
  *   W5  noisy neighbour: key A holding 1,000, 50,000 and 1,000,000 ready jobs (W5/shoal/a1k,
  *       a50k, a1M), and a priority-1 job behind a full prefetch buffer (W5/shoal/priority)
- *   W7  1, 2 and 4 consumer processes on one queue
+ *   W7  1, 2, 4 and 8 consumer processes on one queue
  *   W8  soak at 70% of W2's rate (--soak)    W9  the same with a snapshot held open for 60 s
  *   W10 statements/s of an idle fleet (4 consumers, 2 reapers, 2 schedulers), on a second
  *       throwaway cluster with pg_stat_statements preloaded
@@ -600,10 +600,10 @@ function targets(soakSizes: SoakSizes, system: System): Target[] {
         const one = figure(`W7/${s}/p1`, "rate");
         const two = figure(`W7/${s}/p2`, "rate");
         const four = figure(`W7/${s}/p4`, "rate");
+        const eight = figure(`W7/${s}/p8`, "rate");
         return {
-          measured: `1: ${fmt(one)}, 2: ${fmt(two)}, 4: ${fmt(four)} jobs/s (4 ÷ 1 = ${
-            fmt(four / one, 2)
-          }×)`,
+          measured: `1: ${fmt(one)}, 2: ${fmt(two)}, 4: ${fmt(four)}, 8: ${fmt(eight)} jobs/s ` +
+            `(4 ÷ 1 = ${fmt(four / one, 2)}×, 8 ÷ 1 = ${fmt(eight / one, 2)}×)`,
           met: judge([one, four], () => four >= one),
         };
       },

@@ -1,5 +1,5 @@
 /**
- * W7, consumer processes side by side: 1, 2 or 4 consumer processes of a system (default
+ * W7, consumer processes side by side: 1, 2, 4 or 8 consumer processes of a system (default
  * settings each) drain one queue. So that no process gets a head start while the others
  * boot, they all start on an empty queue; once every one has logged its start, the
  * producer enqueues every job in ONE call (NOTIFY on), which commits them all at once.
@@ -9,12 +9,13 @@
  * @module
  */
 import { cpuSeconds, pollUntil, sleep, withFreshDb } from "./harness.ts";
+import { profileRead, profileReset, type StatementProfile } from "./profile.ts";
 import type { ConsumerProcess, System } from "./systems.ts";
 import { type Benchmark, checkCount, type Metric, stallGuard } from "./workloads.ts";
 
 const METRICS: Metric[] = [{ key: "rate", unit: "jobs/s", better: "higher" }];
 /** The consumer counts W7 measures. */
-export const PROCESS_COUNTS = [1, 2, 4] as const;
+export const PROCESS_COUNTS = [1, 2, 4, 8] as const;
 /** After the last start line: let every consumer settle into its idle wait. */
 const SETTLE_MS = 500;
 
@@ -46,6 +47,9 @@ export function processScaling(system: System, processes: number): Benchmark {
         const consumers: ConsumerProcess[] = [];
         let seconds: number;
         let cpu: number | null = 0;
+        // --profile: the server's time per job as the processes grow (issue 18's scale-out
+        // question: does a consumer on another host cost the primary more per job?).
+        let profile: StatementProfile | undefined;
         try {
           await producer.warm(1);
           for (let i = 0; i < processes; i++) {
@@ -54,6 +58,7 @@ export function processScaling(system: System, processes: number): Benchmark {
           await Promise.all(consumers.map((c) => c.started));
           await sleep(SETTLE_MS);
           const cpuBefore = await Promise.all(consumers.map((c) => cpuSeconds(c.pid)));
+          if (ctx.profile) await profileReset(db.sql);
           const jobs = Array.from({ length: total }, () => ({ kind: "noop" as const }));
           await producer.enqueueBatch(jobs, { notify: true });
           const t0 = performance.now();
@@ -68,6 +73,7 @@ export function processScaling(system: System, processes: number): Benchmark {
             { everyMs: 10, timeoutMs: 600_000 },
           );
           seconds = (performance.now() - t0) / 1000;
+          if (ctx.profile) profile = await profileRead(db.sql, total);
           const cpuAfter = await Promise.all(consumers.map((c) => cpuSeconds(c.pid)));
           for (let i = 0; i < processes; i++) {
             const before = cpuBefore[i];
@@ -81,7 +87,7 @@ export function processScaling(system: System, processes: number): Benchmark {
         await checkCount(system, db.sql, 0);
         return {
           values: { rate: total / seconds },
-          details: { seconds, jobs: total, processes, consumers_cpu_s: cpu },
+          details: { seconds, jobs: total, processes, consumers_cpu_s: cpu, profile },
         };
       }),
   };

@@ -15,7 +15,7 @@
  *       a `fanOut` driver only);
  * - W5..W15 live beside this file: fairness.ts (W5 noisy neighbour at three backlogs, and a
  *   higher-priority job behind a full prefetch buffer), memory.ts (W6 consumer RSS),
- *   scaling.ts (W7 1, 2 and 4 consumer processes), soak.ts (W8 steady-rate soak, W9 the
+ *   scaling.ts (W7 1, 2, 4 and 8 consumer processes), soak.ts (W8 steady-rate soak, W9 the
  *   same with a transaction held open), idle.ts (W10 statements sent by an idle fleet),
  *   claim_size.ts (W11 claim time at 10k, 1M and 10M ready jobs), schedules.ts (W12 1,000
  *   per-second schedules and the scheduler's ceiling), counts.ts (W13 status and a /metrics
@@ -70,7 +70,7 @@ export interface Sizes {
   claimBatch: number;
   /** W6: how long the idle consumer is sampled, ms. */
   idleRssMs: number;
-  /** W7: jobs drained by 1, 2 and 4 consumer processes. */
+  /** W7: jobs drained by 1, 2, 4 and 8 consumer processes. */
   scalingJobs: number;
   /** W10: how long the idle fleet is counted, ms. */
   idleFleetMs: number;
