@@ -37,7 +37,13 @@ import {
   shown,
 } from "./args.ts";
 import type { Db, Sql } from "./db.ts";
-import { backoffWithJitter, retryOnce, settleWithin, STATEMENT_DEADLINE_MS } from "./db.ts";
+import {
+  backoffWithJitter,
+  isReadOnlyStandby,
+  retryOnce,
+  settleWithin,
+  STATEMENT_DEADLINE_MS,
+} from "./db.ts";
 import { formatDuration, MAX_TIMER_MS } from "./duration.ts";
 import { Sleeper } from "./sleep.ts";
 import { describeError, type Logger, logger } from "./log.ts";
@@ -1108,6 +1114,8 @@ export async function runConsumer(
   );
 
   let errorStreak = 0;
+  /** A claim refused as on a read-only standby: the loop stops, and the role fails. */
+  let standby: unknown = null;
   while (!stop.aborted) {
     options.onTurn?.();
     headScanSoon();
@@ -1138,6 +1146,10 @@ export async function runConsumer(
         if (lastClaimFull && !stop.aborted && buffer.wantsClaim(running.size)) continue;
       } catch (error) {
         probes.claimed();
+        if (isReadOnlyStandby(error)) {
+          standby = error;
+          break;
+        }
         errorStreak++;
         const wait = backoffWithJitter(errorStreak, 1000, CLAIM_BACKOFF_CAP_MS);
         log.error("Cannot claim jobs, retrying in {wait}: {error}", {
@@ -1154,6 +1166,11 @@ export async function runConsumer(
   }
 
   await shutdown();
+  // The pool reconnected to a standby (the URL's one host was demoted, or resolves to a
+  // replica now): every claim would fail the same way. Running handlers were given their
+  // grace above (their outcomes cannot be recorded there: they run again elsewhere after
+  // their deadlines); the process ends with lib/db.ts standbyError's one line.
+  if (standby !== null) throw standby;
 
   /**
    * Stop claiming; hand the buffer back at once; give running handlers the grace period,

@@ -9,6 +9,7 @@
 import {
   backoffWithJitter,
   formatWait,
+  isReadOnlyStandby,
   retryOnce,
   settleWithin,
   type Sql,
@@ -89,10 +90,16 @@ export async function runLeaderLoop(
   /** Whether "standing by" was logged since this process last led (once per stretch). */
   let standingBy = false;
   const outage = new Outage(options);
+  /** A statement refused as on a read-only standby: the loop stops, and the role fails. */
+  let standby: unknown = null;
   while (!stop.aborted) {
     options.onTurn?.();
     const step = await holdOrTake(sql, options, term);
     term = step.term;
+    if (step.failed && isReadOnlyStandby(step.error)) {
+      standby = step.error;
+      break;
+    }
     if (term) standingBy = false;
     else if (!step.failed && !standingBy) {
       standingBy = true;
@@ -114,6 +121,10 @@ export async function runLeaderLoop(
         );
         if (typeof wanted === "number") sleepMs = Math.min(sleepMs, Math.max(0, wanted));
       } catch (error) {
+        if (isReadOnlyStandby(error)) {
+          standby = error;
+          break;
+        }
         log.error("Leader work of {lease} failed: {error}", {
           lease: options.lease,
           error: describeError(error),
@@ -124,7 +135,7 @@ export async function runLeaderLoop(
   }
   metrics.leaderStatus(options.lease, false); // stopping: leader work has ended either way
   const held = term;
-  if (held) {
+  if (held && standby === null) {
     try {
       // Retried once like every idempotent statement: a pooler, a firewall or an operator
       // may have cut the pool's connections just before the stop, and a release that fails
@@ -144,6 +155,11 @@ export async function runLeaderLoop(
       });
     }
   }
+  // The database the pool reconnected to is a standby (the URL's one host was demoted or
+  // now resolves to a replica): every statement would fail the same way. The role fails
+  // with it, and the process ends with the one line of lib/db.ts standbyError (as when it
+  // starts on a standby), for its supervisor to restart it once the URL leads to a primary.
+  if (standby !== null) throw standby;
 }
 
 /** What one election step found: the term held now, and the error if the database failed it. */

@@ -511,3 +511,23 @@ export async function crashLocalPg(pg: LocalPg): Promise<void> {
   const user = await serverUser(data);
   await run(`${pg.binDir}/pg_ctl`, ["-D", data, "-m", "immediate", "-w", "-t", "60", "stop"], user);
 }
+
+/**
+ * Stop a local cluster's server (a fast shutdown) and start it again on the same port as a
+ * hot standby of nothing (`standby.signal`, no primary_conninfo): it answers reads and
+ * refuses every write with SQLSTATE 25006, as a demoted primary does while its clients'
+ * URL still names it. Its `stop` stops it as before.
+ */
+export async function demoteLocalPg(
+  pg: LocalPg,
+  options: Pick<LocalPgOptions, "settings" | "fast"> = {},
+): Promise<void> {
+  const data = `${pg.dir}/data`;
+  const user = await serverUser(data);
+  await run(`${pg.binDir}/pg_ctl`, ["-D", data, "-m", "fast", "-w", "-t", "60", "stop"], user);
+  await Deno.writeTextFile(`${data}/standby.signal`, "");
+  const port = await startServer(pg.binDir, pg.dir, user, { ...options, port: pg.port });
+  if (port !== pg.port) {
+    throw new Error(`Cannot restart Postgres in ${pg.dir} on port ${pg.port}: it was taken`);
+  }
+}

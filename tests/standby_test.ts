@@ -5,7 +5,16 @@
  */
 import postgres from "postgres";
 import { assert, assertEquals } from "./assert.ts";
-import { primaryAndReplica, runShoal, withApplicationName } from "./helpers.ts";
+import {
+  exitWithin,
+  primaryAndReplica,
+  runShoal,
+  spawnShoal,
+  waitForOutput,
+  withApplicationName,
+} from "./helpers.ts";
+import { demoteLocalPg, startLocalPg } from "../lib/local_pg.ts";
+import { loadMigrations, migrate } from "../lib/migrate.ts";
 import {
   checkDatabaseUrl,
   connect,
@@ -148,4 +157,49 @@ Deno.test("a standby by mistake is one line: at a role's start, for a write, for
   } finally {
     await direct.end();
   }
+});
+
+/**
+ * Start `role` on a primary named by a one-host URL, restart that server as a standby, and
+ * check that the role stops with the one line: each role's loop meets the refusal on its
+ * own first write (the consumer's claim, a leader's lease), so each is tested alone.
+ */
+async function standbyMidRun(role: "consumer" | "reaper", started: string): Promise<void> {
+  await using pg = await startLocalPg({ fast: true });
+  const setup = connect(pg.url, { max: 1 });
+  try {
+    await migrate(setup, await loadMigrations());
+  } finally {
+    await setup.end();
+  }
+  const flags = role === "consumer" ? ["--poll-interval", "500ms"] : ["--interval", "1s"];
+  await using proc = spawnShoal(["--role", role, ...flags, "--log-format", "json"], {
+    url: pg.url,
+  });
+  await waitForOutput(proc, started);
+  // The URL's one host restarts as a standby: the pool reconnects to it, and every write is
+  // refused (SQLSTATE 25006).
+  await demoteLocalPg(pg, { fast: true });
+  const { code, output } = await exitWithin(proc, 60_000);
+  assertEquals(code, 1, output);
+  const lines = output.trim().split("\n");
+  const last = lines[lines.length - 1]!.replace(/^shoal: /, "");
+  assertMatch(last, STANDBY);
+  // Said once, at the end. Before it only the stopping role's own last writes (its lease
+  // released, the consumer's catalog entry removed) fail, once each: nothing was retried.
+  const refusals = lines.slice(0, -1).filter((line) => line.includes("read-only"));
+  for (const line of refusals) {
+    assert(!/retrying|next attempt|trying again/.test(line), `retried on a standby: ${line}`);
+  }
+  const messages = refusals.map((line) => String(JSON.parse(line).message));
+  assertEquals(new Set(messages).size, messages.length, output);
+  assert(messages.length <= 2, output);
+}
+
+Deno.test("a consumer whose database becomes a standby mid-run stops with the one line, not claim by claim", async () => {
+  await standbyMidRun("consumer", "Consumer");
+});
+
+Deno.test("a reaper whose database becomes a standby mid-run stops with the one line, not lease by lease", async () => {
+  await standbyMidRun("reaper", "Leading reaper");
 });
