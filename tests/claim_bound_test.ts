@@ -76,6 +76,35 @@ Deno.test("a claim records where claiming has got to per priority, rewriting it 
   assertEquals(await head(db.sql), [BigInt(later[9]!.fair_seq), BigInt(first[9]!.fair_seq)]);
 });
 
+Deno.test("a claim does not wait for the recorded head another claim is rewriting: it leaves it to that claim", async () => {
+  await using db = await testDb();
+  await enqueueMany(db.sql, Array.from({ length: 100 }, () => ({ task: "t", queue: Q })));
+  await claimIds(db.sql, 10, false);
+  const before = (await head(db.sql))!;
+  await sleep(110);
+  // Another claim's transaction holds the row (as while it commits its rewrite).
+  const holder = await db.sql.reserve();
+  try {
+    await holder`begin`;
+    await holder`select 1 from shoal.queue_heads where queue = ${Q} for update`;
+    // Held until after the claim returns: a claim that waited for the row would never return.
+    let guard: ReturnType<typeof setTimeout> | undefined;
+    const claimed = await Promise.race([
+      claimIds(db.sql, 10, false),
+      new Promise<null>((resolve) => (guard = setTimeout(() => resolve(null), 10_000))),
+    ]).finally(() => clearTimeout(guard));
+    assert(claimed !== null, "the claim waited for the locked head row");
+    assertEquals(claimed!.length, 10);
+  } finally {
+    await holder`rollback`;
+    holder.release();
+  }
+  assertEquals(await head(db.sql), before, "the locked row was left as it was");
+  // Unlocked, the next claim rewrites it as usual.
+  const next = await claimIds(db.sql, 10, false);
+  assertEquals((await head(db.sql))![0], BigInt(next[9]!.fair_seq));
+});
+
 Deno.test("a claim from near the head skips a retry ranking before it; a claim from the head takes it", async () => {
   await using db = await testDb();
   await enqueueMany(db.sql, Array.from({ length: 5_000 }, () => ({ task: "t", queue: Q })));

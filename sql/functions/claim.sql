@@ -949,7 +949,11 @@ begin
   -- stamp picked per queue and priority, written when the row is 100 ms old or missing (a
   -- new row's previous is the least stamp picked: jobs stamped from the index's head
   -- before it existed lie above that, less fair_burst()). Skipped when it would change
-  -- nothing (heads_known, above); a claim from the head always runs it.
+  -- nothing (heads_known, above); a claim from the head always runs it. A row another
+  -- claim is rewriting (locked until that claim commits) is skipped, not waited for: once
+  -- it commits the row is under 100 ms old and this claim would not rewrite it anyway.
+  -- Waiting had every consumer of a queue queue up on its row: with 8 consumer processes
+  -- (W7 --profile) the rewrite took 5.3 ms a call, 1.2 ms with 2 processes.
   if from_gap or heads_oldest is null or heads_oldest <= now() - interval '100 ms'
      or heads_known < cardinality(levels) * cardinality(_queues) then
     with top as (
@@ -957,11 +961,16 @@ begin
       from unnest(picked_queues, picked_priorities, picked_seqs) as u(queue, priority, seq)
       group by 1, 2
     ),
+    due as (
+      select h.queue, h.priority, t.seq from shoal.queue_heads h
+      join top t on h.queue = t.queue and h.priority = t.priority
+      where h.fair_seq < t.seq and h.updated_at <= now() - interval '100 ms'
+      for update of h skip locked
+    ),
     moved as (
-      update shoal.queue_heads h set previous = h.fair_seq, fair_seq = t.seq, updated_at = now()
-      from top t
-      where h.queue = t.queue and h.priority = t.priority and h.fair_seq < t.seq
-        and h.updated_at <= now() - interval '100 ms'
+      update shoal.queue_heads h set previous = h.fair_seq, fair_seq = d.seq, updated_at = now()
+      from due d
+      where h.queue = d.queue and h.priority = d.priority
     )
     insert into shoal.queue_heads (queue, priority, fair_seq, previous)
     select t.queue, t.priority, t.seq, t.first from top t
