@@ -190,7 +190,8 @@ export type Wake = { at: Date } | { ms: number };
 /**
  * Record a sleep (or keep the wake time it already has) and hand the job back until then
  * (lib/queue.ts suspendClaim()), in one transaction fenced by the token: the record's insert
- * locks the job row where id and token match, so a claim that moved on records nothing.
+ * locks the job row where id and token match (lib/queue.ts lockOurs()), so a claim that moved
+ * on records nothing.
  * Returns the wake time, or null when the claim was no longer ours (nothing changed).
  */
 export async function suspendJob(
@@ -210,11 +211,7 @@ export async function suspendJob(
         select set_config('idle_in_transaction_session_timeout', ${String(SUSPEND_IDLE_MS)}::text,
                           true) as bound
       ),
-      ours as (
-        select j.id from shoal.jobs j
-        where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
-        for update
-      )
+      ours as (${lockOurs(tx, [job.id], [job.token])})
       insert into shoal.job_steps as s (job_id, name, kind, wake_at)
       select o.id, ${name}::text, 'sleep',
         coalesce(${at}::timestamptz, now() + ${ms}::bigint * interval '1 ms')
@@ -253,7 +250,8 @@ export interface WaitRecord {
 }
 
 /**
- * Lock the job's row where id and token match, then read its record `name`: `ours` false when
+ * Lock the job's row where id and token match (lib/queue.ts lockOurs(), as every fenced write
+ * locks its jobs), then read its record `name`: `ours` false when
  * the claim moved on; `record` undefined when there is none; `kind` the record's kind. Call it
  * with the event lock held (lib/events.ts): the snapshot is then taken after every emit of the
  * wait's event that could change the record committed.
@@ -266,11 +264,7 @@ export async function readWait(
   const [row] = await tx<
     ({ ours: number; kind: StepKind | null; state: WaitState | null } & Omit<WaitRecord, "state">)[]
   >`
-    with ours as (
-      select j.id from shoal.jobs j
-      where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
-      for update
-    )
+    with ours as (${lockOurs(tx, [job.id], [job.token])})
     select (select count(*) from ours)::integer as ours, s.kind, s.wait_state as state,
       s.result as payload, s.event_name, s.event_key, coalesce(s.wake_at <= now(), false) as due,
       coalesce(s.wake_at, now() + ${WAIT_PARK}::interval)::text as until
