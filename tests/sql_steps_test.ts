@@ -229,40 +229,84 @@ Deno.test("shoal.record_step(): two sessions recording one step at once: one res
   assertEquals((await listSteps(db.sql, job.id)).map((s) => s.result), [{ by: "a" }]);
 });
 
+/**
+ * One try of step "charge" of `job`, as a worker writes it: read; if not recorded, the effect
+ * `who` and the record. `hold` delays the record; `read` is called once the read returned.
+ */
+function attempt(
+  sql: Sql,
+  job: JobRef,
+  who: string,
+  options: { hold?: Promise<void>; read?: () => void; isolation?: string } = {},
+): Promise<unknown> {
+  return sql.begin(options.isolation ?? "", async (tx) => {
+    const done = await stepResult(tx, job, "charge");
+    options.read?.();
+    if (done !== null) return done.result;
+    await tx`insert into test_effects values (${job.id}::bigint, ${who})`;
+    await options.hold;
+    const [row] = await tx<{ r: unknown }[]>`
+      select shoal.record_step(${job.id}::bigint, ${job.token}::bigint, 'charge',
+                               ${JSON.stringify({ by: who })}::text::jsonb) as r`;
+    return row!.r;
+  });
+}
+
+/** Start try "a" and hold it after its read; start try "b"; release "a" once "b" waits. */
+async function race(
+  sql: Sql,
+  job: JobRef,
+  isolationOfB?: string,
+): Promise<[PromiseSettledResult<unknown>, PromiseSettledResult<unknown>]> {
+  const finish = gate();
+  const read = gate();
+  const a = attempt(sql, job, "a", { hold: finish.opened, read: read.open });
+  await read.opened;
+  const b = attempt(sql, job, "b", { isolation: isolationOfB });
+  try {
+    await waitFor(
+      "the second session to wait for the job's row",
+      async () => await lockWaiters(sql) === 1,
+    );
+  } finally {
+    finish.open(); // also when the wait failed: no transaction is left hanging
+  }
+  return await Promise.allSettled([a, b]) as [
+    PromiseSettledResult<unknown>,
+    PromiseSettledResult<unknown>,
+  ];
+}
+
 Deno.test("shoal.step_result() locks the job: a second session of the claim waits, then reads the record and skips the effect", async () => {
   await using db = await testDb();
   await prepare(db.sql);
   await enqueue(db.sql, "t.sql", {});
   const job = await claimSql(db.sql);
-
-  /** One try of the step, as a worker writes it: read, else effect and record. */
-  const attempt = (who: string, hold?: Promise<void>, read?: () => void) =>
-    db.sql.begin(async (tx) => {
-      const done = await stepResult(tx, job, "charge");
-      read?.();
-      if (done !== null) return done.result;
-      await tx`insert into test_effects values (${job.id}::bigint, ${who})`;
-      await hold;
-      const [row] = await tx<{ r: unknown }[]>`
-        select shoal.record_step(${job.id}::bigint, ${job.token}::bigint, 'charge',
-                                 ${JSON.stringify({ by: who })}::text::jsonb) as r`;
-      return row!.r;
-    });
-  const finish = gate();
-  const read = gate();
-  const a = attempt("a", finish.opened, read.open);
-  await read.opened;
-  const b = attempt("b");
-  try {
-    await waitFor(
-      "the second session to wait for the job's row",
-      async () => await lockWaiters(db.sql) === 1,
-    );
-  } finally {
-    finish.open(); // also when the wait failed: no transaction is left hanging
-  }
-  assertEquals(await Promise.all([a, b]), [{ by: "a" }, { by: "a" }]);
+  const [a, b] = await race(db.sql, job);
+  assertEquals([a, b], [
+    { status: "fulfilled", value: { by: "a" } },
+    { status: "fulfilled", value: { by: "a" } },
+  ]);
   assertEquals(await effects(db.sql), ["a"], "the effect ran once");
+});
+
+Deno.test("shoal.step_result() under repeatable read: the session that waited gets 40001 at its record and its effect rolls back", async () => {
+  await using db = await testDb();
+  await prepare(db.sql);
+  await enqueue(db.sql, "t.sql", {});
+  const job = await claimSql(db.sql);
+  const [a, b] = await race(db.sql, job, "isolation level repeatable read");
+  assertEquals(a, { status: "fulfilled", value: { by: "a" } });
+  assertEquals(b.status, "rejected");
+  const code = ((b as PromiseRejectedResult).reason as { code?: unknown }).code;
+  assertEquals(code, "40001", String((b as PromiseRejectedResult).reason));
+  assertEquals(await effects(db.sql), ["a"], "the effect ran once");
+  // Retried, it reads the record.
+  assertEquals(
+    await attempt(db.sql, job, "b", { isolation: "isolation level repeatable read" }),
+    { by: "a" },
+  );
+  assertEquals(await effects(db.sql), ["a"]);
 });
 
 Deno.test("shoal.step_result() on a redelivered run returns the recorded result; ctx.step replays a step recorded from SQL and SQL reads ctx.step's", async () => {
