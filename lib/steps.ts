@@ -191,8 +191,8 @@ export type Wake = { at: Date } | { ms: number };
  * Record a sleep (or keep the wake time it already has) and hand the job back until then
  * (lib/queue.ts suspendClaim()), in one transaction fenced by the token: the record's insert
  * locks the job row where id and token match (lib/queue.ts lockOurs()), so a claim that moved
- * on records nothing.
- * Returns the wake time, or null when the claim was no longer ours (nothing changed).
+ * on records nothing. Returns the wake time, or null when the claim was no longer ours
+ * (nothing changed).
  */
 export async function suspendJob(
   sql: Sql,
@@ -251,10 +251,10 @@ export interface WaitRecord {
 
 /**
  * Lock the job's row where id and token match (lib/queue.ts lockOurs(), as every fenced write
- * locks its jobs), then read its record `name`: `ours` false when
- * the claim moved on; `record` undefined when there is none; `kind` the record's kind. Call it
- * with the event lock held (lib/events.ts): the snapshot is then taken after every emit of the
- * wait's event that could change the record committed.
+ * locks its jobs), then read its record `name`: `ours` false when the claim moved on; `record`
+ * undefined when there is none; `kind` the record's kind. Call it with the event lock held
+ * (lib/events.ts): the snapshot is then taken after every emit of the wait's event that could
+ * change the record committed.
  */
 export async function readWait(
   tx: Db,
