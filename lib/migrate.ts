@@ -79,6 +79,7 @@ import fnEvents from "../sql/functions/events.sql" with { type: "text" };
 import fnFlow from "../sql/functions/flow.sql" with { type: "text" };
 import fnQueue from "../sql/functions/queue.sql" with { type: "text" };
 import fnSqlTask from "../sql/functions/sql_task.sql" with { type: "text" };
+import fnSteps from "../sql/functions/steps.sql" with { type: "text" };
 import fnWake from "../sql/functions/wake.sql" with { type: "text" };
 import fnWorkflow from "../sql/functions/workflow.sql" with { type: "text" };
 
@@ -119,6 +120,7 @@ export const EMBEDDED_FUNCTIONS: Readonly<Record<string, string>> = {
   "flow.sql": fnFlow,
   "queue.sql": fnQueue,
   "sql_task.sql": fnSqlTask,
+  "steps.sql": fnSteps,
   "wake.sql": fnWake,
   "workflow.sql": fnWorkflow,
 };

@@ -914,10 +914,11 @@ function isRef(ref: unknown): boolean {
 
 /**
  * Lock the jobs that are still ours (id and token match) in id order: a fragment for a
- * `with` clause yielding `id` and `token` (lib/steps.ts fences checkpoint records with it). Cancelling or expiring an execution takes its jobs in id
- * order too: two statements that each take many jobs of one execution in their own order
- * deadlock. A token that moved on while we waited for the lock drops the row (the lock
- * re-checks the join against the newest version).
+ * `with` clause yielding `id` and `token` (lib/steps.ts fences checkpoint records, a sleep's
+ * record and a wait's read with it; one job is a list of one). Cancelling or expiring an
+ * execution takes its jobs in id order too: two statements that each take many jobs of one
+ * execution in their own order deadlock. A token that moved on while we waited for the lock
+ * drops the row (the lock re-checks the join against the newest version).
  *
  * Each row is reached through the primary key, one lookup per id, whatever the planner
  * believes: a locking subquery is never flattened into a join, so no plan can turn into a

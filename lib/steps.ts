@@ -5,7 +5,9 @@
  *   JSON result, fenced by the claim's token (the job row locked `for update` where id and token
  *   match): the step's writes and its record commit together or not at all. A later run of the
  *   same job (a retry, a redelivery, a wake from sleep) finds the record and returns its result
- *   without running `fn`.
+ *   without running `fn`. The record's statement is `shoal.record_step_result`
+ *   (sql/functions/steps.sql), which workers in other languages call too, with
+ *   `shoal.step_result` to read a step (docs/workflows.md "From SQL (any language)").
  * - A sleep (`ctx.sleep(name, duration | Date)`) records its wake time and hands the job back
  *   with `run_at` at that time in one statement, fenced the same way, without counting an
  *   attempt. The run ends there; the job is claimed again once the time has come, and the same
@@ -103,9 +105,17 @@ export async function loadSteps(db: Db, jobId: string): Promise<Map<string, Reco
 }
 
 /**
- * Record a step's result inside the step's transaction, where the job is still ours. Returns
- * "recorded", "lost" (the token moved on: roll back) or "duplicate" (this run recorded the
- * name already: two calls of one step at once).
+ * The SQLSTATE of a step read or record whose claim is no longer current
+ * (sql/functions/steps.sql): the job's token moved on, or the job is gone.
+ */
+export const LOST_CLAIM_SQLSTATE = "SH003";
+
+/**
+ * Record a step's result inside the step's transaction, where the job is still ours, through
+ * `shoal.record_step_result` (sql/functions/steps.sql: the one home of the statement, shared
+ * with workers in other languages). Returns "recorded", "lost" (the token moved on: roll back;
+ * the transaction is aborted by then) or "duplicate" (the name was recorded already: two calls
+ * of one step at once).
  */
 export async function recordStep(
   tx: Db,
@@ -113,23 +123,15 @@ export async function recordStep(
   name: string,
   result: unknown,
 ): Promise<"recorded" | "lost" | "duplicate"> {
-  const [row] = await tx<{ ours: number; recorded: number }[]>`
-    with ours as (
-      select j.id from shoal.jobs j
-      where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
-      for update
-    ),
-    recorded as (
-      insert into shoal.job_steps (job_id, name, kind, result)
-      select o.id, ${name}::text, 'step', ${JSON.stringify(result ?? null)}::text::jsonb
-      from ours o
-      on conflict (job_id, name) do nothing
-      returning 1
-    )
-    select (select count(*) from ours)::integer as ours,
-           (select count(*) from recorded)::integer as recorded`;
-  if (row!.ours === 0) return "lost";
-  return row!.recorded === 1 ? "recorded" : "duplicate";
+  try {
+    const [row] = await tx<{ created: boolean }[]>`
+      select r.created from shoal.record_step_result(${job.id}::bigint, ${job.token}::bigint,
+        ${name}::text, ${JSON.stringify(result ?? null)}::text::jsonb) r`;
+    return row!.created ? "recorded" : "duplicate";
+  } catch (error) {
+    if ((error as { code?: unknown }).code === LOST_CLAIM_SQLSTATE) return "lost";
+    throw error;
+  }
 }
 
 /** One checkpoint step's record (ctx.step with `{ transaction: false }`), as the batcher sends it. */
@@ -188,8 +190,9 @@ export type Wake = { at: Date } | { ms: number };
 /**
  * Record a sleep (or keep the wake time it already has) and hand the job back until then
  * (lib/queue.ts suspendClaim()), in one transaction fenced by the token: the record's insert
- * locks the job row where id and token match, so a claim that moved on records nothing.
- * Returns the wake time, or null when the claim was no longer ours (nothing changed).
+ * locks the job row where id and token match (lib/queue.ts lockOurs()), so a claim that moved
+ * on records nothing. Returns the wake time, or null when the claim was no longer ours
+ * (nothing changed).
  */
 export async function suspendJob(
   sql: Sql,
@@ -208,11 +211,7 @@ export async function suspendJob(
         select set_config('idle_in_transaction_session_timeout', ${String(SUSPEND_IDLE_MS)}::text,
                           true) as bound
       ),
-      ours as (
-        select j.id from shoal.jobs j
-        where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
-        for update
-      )
+      ours as (${lockOurs(tx, [job.id], [job.token])})
       insert into shoal.job_steps as s (job_id, name, kind, wake_at)
       select o.id, ${name}::text, 'sleep',
         coalesce(${at}::timestamptz, now() + ${ms}::bigint * interval '1 ms')
@@ -251,10 +250,11 @@ export interface WaitRecord {
 }
 
 /**
- * Lock the job's row where id and token match, then read its record `name`: `ours` false when
- * the claim moved on; `record` undefined when there is none; `kind` the record's kind. Call it
- * with the event lock held (lib/events.ts): the snapshot is then taken after every emit of the
- * wait's event that could change the record committed.
+ * Lock the job's row where id and token match (lib/queue.ts lockOurs(), as every fenced write
+ * locks its jobs), then read its record `name`: `ours` false when the claim moved on; `record`
+ * undefined when there is none; `kind` the record's kind. Call it with the event lock held
+ * (lib/events.ts): the snapshot is then taken after every emit of the wait's event that could
+ * change the record committed.
  */
 export async function readWait(
   tx: Db,
@@ -264,11 +264,7 @@ export async function readWait(
   const [row] = await tx<
     ({ ours: number; kind: StepKind | null; state: WaitState | null } & Omit<WaitRecord, "state">)[]
   >`
-    with ours as (
-      select j.id from shoal.jobs j
-      where j.id = ${job.id}::bigint and j.token = ${job.token}::bigint
-      for update
-    )
+    with ours as (${lockOurs(tx, [job.id], [job.token])})
     select (select count(*) from ours)::integer as ours, s.kind, s.wait_state as state,
       s.result as payload, s.event_name, s.event_key, coalesce(s.wake_at <= now(), false) as due,
       coalesce(s.wake_at, now() + ${WAIT_PARK}::interval)::text as until
