@@ -397,3 +397,36 @@ Deno.test("completions riding a round whose statement fails are sent on their ow
   await completer.drain();
   assertEquals(completer.backlog, 0);
 });
+
+Deno.test("a round whose connection is terminated rejects its records and hands its completions back: the completer sends them", async () => {
+  await using db = await testDb();
+  const { completer, batcher } = riding(db.sql);
+  const execution = await startExecution(db.sql, { task: "t.exec" });
+  await enqueue(db.sql, "t.any", {});
+  const jobs = await claimJobs(db.sql, 2);
+  const plain = jobs.find((j) => j.execution_id === null)!;
+  const holder = await db.sql.reserve();
+  try {
+    // The round's lock of the plain job waits behind this one: the statement is in flight.
+    await holder`begin`;
+    await holder`select 1 from shoal.jobs where id = ${plain.id}::bigint for update`;
+    const round = batcher.record({ job: plain, name: "s", result: 1 });
+    await finishExecutions(db.sql, completer, jobs.filter((j) => j.execution_id !== null));
+    const [{ pid }] = await waitFor("the round to wait for the lock", async () => {
+      const rows = await db.sql<{ pid: number }[]>`
+        select pid from pg_stat_activity
+        where datname = current_database() and wait_event_type = 'Lock'
+          and query like '%shoal.complete_jobs%'`;
+      return rows.length === 1 ? rows as unknown as [{ pid: number }] : undefined;
+    });
+    await db.sql`select pg_terminate_backend(${pid}::integer)`;
+    await assertRejects(() => round);
+  } finally {
+    await holder`rollback`;
+    holder.release();
+  }
+  await completer.drain();
+  assertEquals((await getExecution(db.sql, execution))!.status, "completed");
+  assertEquals(completer.backlog, 0);
+  assertEquals((await listSteps(db.sql, plain.id)).length, 0);
+});
