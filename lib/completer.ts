@@ -130,9 +130,9 @@ export class Completer implements CompletionSource {
   }
 
   /**
-   * Let completions of executions ride with the checkpoint rounds of `batcher` (its
-   * `busy`): handed to it as its CompletionSource (lib/checkpoints.ts), they wait for its next
-   * statement while a round is due.
+   * Let completions of executions ride with a checkpoint batcher's rounds (lib/checkpoints.ts,
+   * whose CompletionSource this is): while `roundDue()` (the batcher's `busy`) says a round is
+   * due, they wait for its next statement instead of going in one of their own.
    */
   ridesWith(roundDue: () => boolean): void {
     this.#roundDue = roundDue;
