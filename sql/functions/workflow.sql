@@ -628,17 +628,20 @@ begin
       delete from shoal.job_results r where r.execution_id = any(ended_ids);
     end if;
 
-    -- The executions that go on, in id order (the order they were locked in).
-    for e in
-      select u.id from unnest(live) as u(id)
-      where ended_ids is null or u.id <> all(ended_ids)
-      order by u.id
-    loop
-      perform shoal.dependencies_done(e.id, array(
-        select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
-        array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
-        null);
-    end loop;
+    -- The executions that go on, in id order (the order they were locked in). When every one
+    -- ended (the common case) not even the query runs.
+    if ended_ids is null or cardinality(ended_ids) < cardinality(live) then
+      for e in
+        select u.id from unnest(live) as u(id)
+        where ended_ids is null or u.id <> all(ended_ids)
+        order by u.id
+      loop
+        perform shoal.dependencies_done(e.id, array(
+          select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
+          array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
+          null);
+      end loop;
+    end if;
   end if;
 
   return query select f.id from unnest(finished) as f(id);
