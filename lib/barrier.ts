@@ -9,7 +9,7 @@
  * @module
  */
 import { checkDb, checkInteger, checkOptions, MAX_INT4 } from "./args.ts";
-import type { Db } from "./db.ts";
+import type { Db, Fragment } from "./db.ts";
 import { checkName, checkPayload, DEFAULT_MAX_PAYLOAD_BYTES } from "./names.ts";
 import { checkRef, checkRefs, type JobRef } from "./queue.ts";
 import { type AnyTask, taskSettings } from "./tasks.ts";
@@ -183,6 +183,25 @@ export async function completeJobs(db: Db, done: Completion[]): Promise<string[]
       ${done.map((d) => d.id)}::bigint[], ${done.map((d) => d.token)}::bigint[],
       ${JSON.stringify(done.map((d) => d.result ?? null))}::text::jsonb)`;
   return rows.map((r) => r.id);
+}
+
+/**
+ * completeJobs()'s call as a fragment yielding the `id`s still ours, for a statement that
+ * completes jobs beside other work in one commit (lib/steps.ts recordCheckpoints(): a round of
+ * checkpoint records carries the completions handed in meanwhile). `after` is evaluated before
+ * the call (an argument depends on it): the caller's lock of every job of its statement, in id
+ * order, so the call's own lock of its jobs finds them held and the lock order holds.
+ */
+export function completeJobsFragment(
+  db: Db,
+  done: readonly Completion[],
+  after: Fragment,
+): Fragment {
+  return db`
+    select c.id from shoal.complete_jobs(
+      case when (${after}) is not null then ${done.map((d) => d.id)}::bigint[] end,
+      ${done.map((d) => d.token)}::bigint[],
+      ${JSON.stringify(done.map((d) => d.result ?? null))}::text::jsonb) c`;
 }
 
 /** The reaper's sweep: fail executions whose fan-out expired; returns how many. */

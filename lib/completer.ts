@@ -11,6 +11,9 @@
  * - Backpressure: once the backlog (outcomes handed in, not yet recorded) reaches
  *   BACKLOG_LIMIT, `full` is true and the consumer stops claiming; `onRoom` fires when
  *   the backlog falls below it again.
+ * - While the consumer's checkpoint batcher has a round due (lib/checkpoints.ts), completions
+ *   of jobs of executions wait for it and go in its statement (one commit for both): the
+ *   completer is the batcher's CompletionSource. They go on their own once no round is due.
  * - Until their statement is done, batched jobs are still claimed and must not reach
  *   their deadline: `unsent()` lists them for the consumer's one heartbeat statement.
  *
@@ -22,6 +25,7 @@ import { describeError, logger } from "./log.ts";
 import { metrics } from "./metrics.ts";
 import { ackClaimed, fail, type JobRef } from "./queue.ts";
 import { type CheckedFanOut, completeJobs, type Completion, fanOut } from "./barrier.ts";
+import type { CompletionSource } from "./checkpoints.ts";
 import { PermanentError } from "./tasks.ts";
 import { failureOf, type JobRun } from "./run_job.ts";
 import type { ConsumerTotals } from "./catalog.ts";
@@ -80,7 +84,7 @@ interface AckBatch {
 }
 
 /** Records finished runs; see the module comment. */
-export class Completer {
+export class Completer implements CompletionSource {
   readonly #sql: Sql;
   readonly #cap: number;
   readonly #limit: number;
@@ -102,6 +106,10 @@ export class Completer {
   #flushing: Promise<void> | null = null;
   /** Whether the backlog reached the limit and onRoom has not fired since. */
   #wasFull = false;
+  /** Whether a checkpoint round is due, to carry completions (ridesWith()); none: never. */
+  #roundDue: (() => boolean) | undefined = undefined;
+  /** Completions taken by a checkpoint round, until its statement is done. */
+  #riding: Completion[] = [];
 
   constructor(sql: Sql, options: CompleterOptions = {}) {
     this.#sql = sql;
@@ -117,7 +125,50 @@ export class Completer {
 
   /** Outcomes handed in and not recorded yet. */
   get backlog(): number {
-    return this.#acks.ids.length + this.#completions.length + this.#sending + this.#recording;
+    return this.#acks.ids.length + this.#completions.length + this.#sending + this.#recording +
+      this.#riding.length;
+  }
+
+  /**
+   * Let completions of executions ride with a checkpoint batcher's rounds (lib/checkpoints.ts,
+   * whose CompletionSource this is): while `roundDue()` (the batcher's `busy`) says a round is
+   * due, they wait for its next statement instead of going in one of their own.
+   */
+  ridesWith(roundDue: () => boolean): void {
+    this.#roundDue = roundDue;
+  }
+
+  /** CompletionSource: the completions waiting, for the round's statement (at most the cap). */
+  take(): Completion[] {
+    if (this.#completions.length === 0) return [];
+    const taken = this.#completions.length <= this.#cap
+      ? this.#completions.splice(0)
+      : this.#completions.splice(0, this.#cap);
+    for (const c of taken) this.#riding.push(c);
+    return taken;
+  }
+
+  /** CompletionSource: the round's statement committed them. */
+  sent(batch: readonly Completion[]): void {
+    this.#unride(batch);
+    this.#roomCheck();
+  }
+
+  /** CompletionSource: the round's statement failed: send them on their own. */
+  failed(batch: readonly Completion[]): void {
+    this.#unride(batch);
+    this.#completions.unshift(...batch);
+    this.#flushing ??= this.#flush();
+  }
+
+  /** CompletionSource: no round is due any more: send what waited for one. */
+  idle(): void {
+    if (this.#completions.length > 0) this.#flushing ??= this.#flush();
+  }
+
+  #unride(batch: readonly Completion[]): void {
+    const gone = new Set(batch);
+    this.#riding = this.#riding.filter((c) => !gone.has(c));
   }
 
   /** Whether the backlog is at its limit: the consumer claims nothing until it falls. */
@@ -170,6 +221,7 @@ export class Completer {
     for (const batch of this.#sendingCompletions) {
       for (const c of batch) refs.push({ id: c.id, token: c.token });
     }
+    for (const c of this.#riding) refs.push({ id: c.id, token: c.token });
     return refs;
   }
 
@@ -179,6 +231,8 @@ export class Completer {
    */
   async drain(): Promise<void> {
     this.#draining = true;
+    // Completions left waiting for a round that did not come (the batcher drains first).
+    if (this.#completions.length > 0) this.#flushing ??= this.#flush();
     try {
       while (this.#flushing) await this.#flushing;
     } finally {
@@ -190,8 +244,11 @@ export class Completer {
     const job = run.job;
     // Until its ack is sent, the job is still heartbeated (unsent()): a slow ack must not
     // let its deadline pass and the job run a second time elsewhere.
+    let rides = false;
     if (job.execution_id !== null) {
       this.#completions.push({ id: job.id, token: job.token, result: run.result });
+      // A checkpoint round is due: its statement takes it (take()), or idle() sends it.
+      rides = this.#roundDue?.() ?? false;
     } else {
       // The ref alone, not the job: a backlog of thousands must not keep their payloads.
       this.#acks.ids.push(job.id);
@@ -200,7 +257,7 @@ export class Completer {
     metrics.jobFinished(job, "completed", ms);
     this.#options.totals?.add(job.queue, "completed");
     this.#noteGrowth();
-    this.#flushing ??= this.#flush();
+    if (!rides) this.#flushing ??= this.#flush();
   }
 
   async #flush(): Promise<void> {

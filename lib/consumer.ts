@@ -770,6 +770,10 @@ export async function runConsumer(
     maxFanOut: options.maxFanOut,
     onRoom: () => waker.wake(),
   });
+  // Checkpoint steps' records, batched across this consumer's runs (lib/checkpoints.ts); the
+  // completions of jobs of executions finishing meanwhile ride in their rounds' statements.
+  const checkpoints = new CheckpointBatcher(sql, { completions: completer });
+  completer.ridesWith(() => checkpoints.busy);
   const env: RunEnv = {
     sql,
     tasks,
@@ -778,8 +782,7 @@ export async function runConsumer(
     maxPayloadBytes: options.maxPayloadBytes,
     maxFanOut: options.maxFanOut,
     onSettled: settled,
-    // Checkpoint steps' records, batched across this consumer's runs (lib/checkpoints.ts).
-    checkpoints: new CheckpointBatcher(sql),
+    checkpoints,
   };
   /** Task timeouts: one sweep over running jobs, not a timer per job. */
   const timeouts = new TimeoutSweep(() => {

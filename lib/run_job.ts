@@ -519,8 +519,17 @@ export class JobRun {
     return progress;
   }
 
-  /** The job's records, read once per run (read again after a failed read). */
+  /**
+   * The job's records, read once per run (read again after a failed read). A job's first
+   * claim has nothing to read: records are written only under a claim's token (lib/steps.ts),
+   * tokens only grow (each claim adds one; a dead-lettered job comes back with its token), so a
+   * run holding token 1 is the job's first and no record of it can exist yet. That is the
+   * common case, and saves it a round trip before its first step.
+   */
   #steps(): Promise<Map<string, RecordedStep>> {
+    if (this.#recorded === undefined && this.job.token === FIRST_TOKEN) {
+      this.#recorded = Promise.resolve(new Map());
+    }
     if (this.#recorded === undefined) {
       const reading = loadSteps(this.#env.sql, this.job.id);
       this.#recorded = reading;
@@ -628,6 +637,9 @@ export class JobRun {
 function spanFailure(error: unknown): [string, string?] {
   return error instanceof ClaimLostError ? ["lost"] : ["failed", describeError(error)];
 }
+
+/** The token of a job's first claim (a new job's is 0; every claim adds one). */
+const FIRST_TOKEN = "1";
 
 /** A step's record as this run keeps it once recorded. */
 function stepRecord(result: unknown): RecordedStep {

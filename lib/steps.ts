@@ -27,6 +27,7 @@ import { checkDb, checkId, checkInteger, isName, MAX_INT4, MAX_SPAN_MS, refusal 
 import type { Db, Sql } from "./db.ts";
 import { parseDuration } from "./duration.ts";
 import { type JobRef, lockOurs, suspendClaim } from "./queue.ts";
+import { completeJobsFragment, type Completion } from "./barrier.ts";
 import { NAME_RULE } from "./names.ts";
 
 /** Step records of a job that is gone are kept this long after their last record (then pruned). */
@@ -145,21 +146,31 @@ export interface CheckpointRecord {
 /**
  * Record many jobs' checkpoint steps in one statement (lib/checkpoints.ts batches them): each
  * record is written only where its job's id and token still match (the job rows locked
- * `for update` in id order by lib/queue.ts lockOurs(), as the completer's acks are). Returns one outcome per record, in
- * order, with recordStep()'s meaning: "recorded", "lost" (the token moved on: nothing written)
- * or "duplicate" (a record of that name existed already).
+ * `for update` in id order by lib/queue.ts lockOurs(), as the completer's acks are). Returns one
+ * outcome per record, in order, with recordStep()'s meaning: "recorded", "lost" (the token moved
+ * on: nothing written) or "duplicate" (a record of that name existed already).
+ *
+ * `completions` (jobs of executions that finished, from the completer) complete in the same
+ * statement, so in the same commit (lib/barrier.ts completeJobsFragment(): the jobs of both
+ * kinds are locked together in id order first); `completed` lists the ids still ours.
  */
 export async function recordCheckpoints(
   sql: Db,
   records: readonly CheckpointRecord[],
-): Promise<("recorded" | "lost" | "duplicate")[]> {
-  if (records.length === 0) return [];
+  completions: readonly Completion[] = [],
+): Promise<{ outcomes: ("recorded" | "lost" | "duplicate")[]; completed: string[] }> {
+  if (records.length === 0) return { outcomes: [], completed: [] };
   // Each claim once (two steps of one run may share a batch), a pair per token: a lost run's
   // record and its job's new run's may share one too, and only the current token is ours.
   const claims = new Map<string, JobRef>();
   for (const r of records) claims.set(`${r.job.id}:${r.job.token}`, r.job);
+  for (const c of completions) claims.set(`${c.id}:${c.token}`, c);
   const refs = [...claims.values()];
-  const rows = await sql<{ ours: boolean; recorded: boolean }[]>`
+  const ours = lockOurs(sql, refs.map((j) => j.id), refs.map((j) => j.token));
+  const completing = completions.length === 0 ? sql`select null::bigint as id where false` : (
+    completeJobsFragment(sql, completions, sql`select count(*) from ours`)
+  );
+  const rows = await sql<{ ours: boolean; recorded: boolean; completed: string[] | null }[]>`
     with input as (
       select r.job_id, r.token, r.name, r.result, r.i
       from unnest(${records.map((r) => r.job.id)}::bigint[],
@@ -168,7 +179,7 @@ export async function recordCheckpoints(
                   ${records.map((r) => JSON.stringify(r.result ?? null))}::text[])
         with ordinality as r(job_id, token, name, result, i)
     ),
-    ours as (${lockOurs(sql, refs.map((j) => j.id), refs.map((j) => j.token))}),
+    ours as (${ours}),
     recorded as (
       insert into shoal.job_steps (job_id, name, kind, result)
       select x.job_id, x.name, 'step', x.result::jsonb
@@ -176,12 +187,17 @@ export async function recordCheckpoints(
       order by x.i
       on conflict (job_id, name) do nothing
       returning job_id, name
-    )
+    ),
+    completed as materialized (${completing})
     select exists (select 1 from ours o where o.id = x.job_id and o.token = x.token) as ours,
-      exists (select 1 from recorded d where d.job_id = x.job_id and d.name = x.name) as recorded
+      exists (select 1 from recorded d where d.job_id = x.job_id and d.name = x.name) as recorded,
+      (select array_agg(c.id::text) from completed c) as completed
     from input x
     order by x.i`;
-  return rows.map((row) => (!row.ours ? "lost" : row.recorded ? "recorded" : "duplicate"));
+  return {
+    outcomes: rows.map((row) => (!row.ours ? "lost" : row.recorded ? "recorded" : "duplicate")),
+    completed: rows[0]?.completed ?? [],
+  };
 }
 
 /** When a sleep ends: at an instant, or a duration after the database's now. */

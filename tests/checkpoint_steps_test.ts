@@ -5,7 +5,7 @@
  * releases against a real Postgres; statements counted by a statement-level trigger.
  */
 import { assert, assertEquals, assertRejects } from "./assert.ts";
-import { testDb } from "./helpers.ts";
+import { testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { logger } from "../lib/log.ts";
 import { claim, enqueue, fail, type Job, release } from "../lib/queue.ts";
@@ -13,6 +13,8 @@ import { type AnyTask, defineTask, TaskRegistry } from "../lib/tasks.ts";
 import { ClaimLostError, JobRun, type RunEnv } from "../lib/run_job.ts";
 import { listSteps } from "../lib/steps.ts";
 import { CheckpointBatcher } from "../lib/checkpoints.ts";
+import { Completer } from "../lib/completer.ts";
+import { getExecution, startExecution } from "../lib/execution.ts";
 
 function env(sql: Sql, tasks: AnyTask[]): RunEnv {
   return {
@@ -300,4 +302,131 @@ Deno.test("in one batch, a lost run's checkpoint and its job's new run's are tol
   ]);
   assertEquals(outcomes, ["lost", "recorded", "recorded"]);
   assertEquals((await listSteps(db.sql, old!.id)).map((s) => s.name).sort(), ["b", "c"]);
+});
+
+/** A consumer's completer and checkpoint batcher, wired as runConsumer() wires them. */
+function riding(sql: Sql): { completer: Completer; batcher: CheckpointBatcher } {
+  const completer = new Completer(sql);
+  const batcher = new CheckpointBatcher(sql, { completions: completer });
+  completer.ridesWith(() => batcher.busy);
+  return { completer, batcher };
+}
+
+/** The transaction of each statement recording a checkpoint, and of each execution completed. */
+async function auditCommits(sql: Sql): Promise<void> {
+  await sql`create table test_commits (what text not null, tx bigint not null)`;
+  await sql`
+    create function test_commit() returns trigger language plpgsql as $$
+    begin
+      insert into test_commits values (tg_argv[0], txid_current());
+      return null;
+    end $$`;
+  await sql`
+    create trigger test_record after insert on shoal.job_steps
+    for each statement execute function test_commit('record')`;
+  await sql`
+    create trigger test_complete after update of status on shoal.executions
+    for each row when (new.status = 'completed') execute function test_commit('complete')`;
+}
+
+/** Runs of jobs of executions whose handler returns `done`, their outcomes to `completer`. */
+async function finishExecutions(sql: Sql, completer: Completer, jobs: Job[]): Promise<void> {
+  const task = defineTask({ name: "t.exec", handler: () => "done" });
+  const runs = jobs.map((job) =>
+    new JobRun(job, { ...env(sql, [task]), onSettled: (run) => completer.record(run) })
+  );
+  await Promise.all(runs.map((run) => run.settled));
+}
+
+Deno.test("completions of executions handed in while a checkpoint round is due commit in the round's statement", async () => {
+  await using db = await testDb();
+  await auditCommits(db.sql);
+  const { completer, batcher } = riding(db.sql);
+  const executions: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    executions.push(await startExecution(db.sql, { task: "t.exec", payload: { i } }));
+  }
+  await enqueue(db.sql, "t.any", {});
+  const jobs = await claimJobs(db.sql, 4);
+  const plain = jobs.find((j) => j.execution_id === null)!;
+  const recording = batcher.record({ job: plain, name: "s", result: 1 });
+  assert(batcher.busy);
+  await finishExecutions(db.sql, completer, jobs.filter((j) => j.execution_id !== null));
+  // Waiting for the round, not sent on their own.
+  assertEquals(completer.backlog, 3);
+  assertEquals(await recording, "recorded");
+  assertEquals(completer.backlog, 0);
+  for (const id of executions) {
+    assertEquals((await getExecution(db.sql, id))!.status, "completed");
+  }
+  const commits = await db.sql<{ what: string; tx: string }[]>`
+    select what, tx::text from test_commits order by what`;
+  assertEquals(commits.map((c) => c.what), ["complete", "complete", "complete", "record"]);
+  assertEquals(new Set(commits.map((c) => c.tx)).size, 1, "one transaction for all four");
+  await completer.drain();
+});
+
+Deno.test("completions riding a round whose statement fails are sent on their own; a round that does not come leaves none behind", async () => {
+  await using db = await testDb();
+  const { completer, batcher } = riding(db.sql);
+  const first = await startExecution(db.sql, { task: "t.exec" });
+  await enqueue(db.sql, "t.any", {});
+  const jobs = await claimJobs(db.sql, 2);
+  const plain = jobs.find((j) => j.execution_id === null)!;
+  // A NUL character: jsonb refuses it, so the round's statement fails.
+  const refused = batcher.record({ job: plain, name: "bad", result: "bad\0" });
+  await finishExecutions(db.sql, completer, jobs.filter((j) => j.execution_id !== null));
+  await assertRejects(() => refused);
+  await waitFor(
+    "the completion sent on its own",
+    async () => (await getExecution(db.sql, first))!.status === "completed",
+  );
+  assertEquals(completer.backlog, 0);
+
+  // A round in flight when the completion comes, and no round after it: idle() sends it.
+  const second = await startExecution(db.sql, { task: "t.exec" });
+  const [job] = await claimJobs(db.sql, 1);
+  assertEquals(job!.execution_id, second);
+  const recorded = batcher.record({ job: plain, name: "ok", result: 1 });
+  await finishExecutions(db.sql, completer, [job!]);
+  assertEquals(await recorded, "recorded");
+  await waitFor(
+    "the completion sent once no round was due",
+    async () => (await getExecution(db.sql, second))!.status === "completed",
+  );
+  await completer.drain();
+  assertEquals(completer.backlog, 0);
+});
+
+Deno.test("a round whose connection is terminated rejects its records and hands its completions back: the completer sends them", async () => {
+  await using db = await testDb();
+  const { completer, batcher } = riding(db.sql);
+  const execution = await startExecution(db.sql, { task: "t.exec" });
+  await enqueue(db.sql, "t.any", {});
+  const jobs = await claimJobs(db.sql, 2);
+  const plain = jobs.find((j) => j.execution_id === null)!;
+  const holder = await db.sql.reserve();
+  try {
+    // The round's lock of the plain job waits behind this one: the statement is in flight.
+    await holder`begin`;
+    await holder`select 1 from shoal.jobs where id = ${plain.id}::bigint for update`;
+    const round = batcher.record({ job: plain, name: "s", result: 1 });
+    await finishExecutions(db.sql, completer, jobs.filter((j) => j.execution_id !== null));
+    const [{ pid }] = await waitFor("the round to wait for the lock", async () => {
+      const rows = await db.sql<{ pid: number }[]>`
+        select pid from pg_stat_activity
+        where datname = current_database() and wait_event_type = 'Lock'
+          and query like '%shoal.complete_jobs%'`;
+      return rows.length === 1 ? rows as unknown as [{ pid: number }] : undefined;
+    });
+    await db.sql`select pg_terminate_backend(${pid}::integer)`;
+    await assertRejects(() => round);
+  } finally {
+    await holder`rollback`;
+    holder.release();
+  }
+  await completer.drain();
+  assertEquals((await getExecution(db.sql, execution))!.status, "completed");
+  assertEquals(completer.backlog, 0);
+  assertEquals((await listSteps(db.sql, plain.id)).length, 0);
 });

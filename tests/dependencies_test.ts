@@ -203,6 +203,40 @@ Deno.test("enqueue() with after refuses jobs outside a running execution, and ot
   assertEquals(await leftovers(sql), { jobs: 2, held: 0, edges: 0, results: 0 });
 });
 
+Deno.test("completeJobs() of one batch spanning workflows and single jobs: those that go on release their dependants, those that end leave nothing", async () => {
+  await using db = await testDb();
+  const sql = db.sql;
+  const first = await startWorkflow(sql, { steps: diamond() });
+  const second = await startWorkflow(sql, { steps: diamond() });
+  const singles: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    singles.push(await startExecution(sql, { task: "t.one", queue: Q, payload: { i } }));
+  }
+  const roots = await claimAll(sql);
+  assertEquals(roots.length, 5);
+  // One call: two roots whose executions go on (b and c released), three that end.
+  const done = await completeJobs(sql, roots.map((j) => ({ ...j, result: j.payload })));
+  assertEquals(done.sort(), roots.map((j) => j.id).sort());
+  for (const [i, id] of singles.entries()) {
+    const e = (await getExecution(sql, id))!;
+    assertEquals([e.status, e.result], ["completed", { i }]);
+  }
+  const next = await claimAll(sql);
+  assertEquals(next.map((j) => j.task).sort(), ["t.b", "t.b", "t.c", "t.c"]);
+  for (const j of next) assertEquals(j.payload, { dependencies: { a: { n: 1 } } });
+  assertEquals(await leftovers(sql), { jobs: 4, held: 2, edges: 4, results: 2 });
+  await completeJobs(sql, next.map((j) => ({ ...j, result: j.task })));
+  const last = await claimAll(sql);
+  assertEquals(last.map((j) => j.task), ["t.d", "t.d"]);
+  assertEquals(last[0]!.payload, { keep: true, dependencies: { b: "t.b", c: "t.c" } });
+  await completeJobs(sql, last.map((j) => ({ ...j, result: j.execution_id })));
+  for (const id of [first, second]) {
+    const e = (await getExecution(sql, id))!;
+    assertEquals([e.status, e.result], ["completed", id]);
+  }
+  assertEquals(await leftovers(sql), NOTHING);
+});
+
 Deno.test("startWorkflow() refuses cycles, unknown and duplicate steps with one line, writing nothing", async () => {
   await using db = await testDb();
   const sql = db.sql;

@@ -3,7 +3,7 @@
  * writes committed together under the claim's token; later runs of the job get the result back.
  * Real claims, real retries (fail()) and real releases against a real Postgres.
  */
-import { assertEquals, assertRejects } from "./assert.ts";
+import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { testDb, waitFor } from "./helpers.ts";
 import type { Sql } from "../lib/db.ts";
 import { logger } from "../lib/log.ts";
@@ -13,6 +13,7 @@ import { ClaimLostError, JobRun, type RunEnv, SuspendedError } from "../lib/run_
 import { listSteps, pruneSteps, STEP_TOTALS_CAP, stepTotals } from "../lib/steps.ts";
 import { status } from "../lib/status.ts";
 import { cancelExecution, startExecution } from "../lib/execution.ts";
+import { retryDead } from "../lib/dead.ts";
 
 function env(sql: Sql, tasks: AnyTask[]): RunEnv {
   return { sql, tasks: new TaskRegistry(tasks), log: logger("consumer"), taskTimeoutMs: 10_000 };
@@ -79,6 +80,74 @@ Deno.test("ctx.step() runs once per job: a retry gets the recorded result back a
     ["charge", "step", asJson],
     ["ship", "step", null],
   ]);
+});
+
+Deno.test("a job's first run reads no records (none can exist under its first token); a later claim reads them", async () => {
+  await using db = await testDb();
+  const calls: number[] = [];
+  const seen: unknown[] = [];
+  const task = defineTask({
+    name: "t.first",
+    async handler(_p, ctx) {
+      seen.push(
+        await ctx.step("charge", () => {
+          calls.push(ctx.job.attempts);
+          return "ran";
+        }, { transaction: false }),
+      );
+    },
+  });
+  const id = await enqueue(db.sql, "t.first", {});
+  // A record no run could have written (the job was never claimed): the first run, holding
+  // token 1, does not read it and runs the step; its own record then meets this one.
+  await db.sql`
+    insert into shoal.job_steps (job_id, name, kind, result)
+    values (${id}::bigint, 'charge', 'step', '"planted"'::jsonb)`;
+  const first = await claimOne(db.sql);
+  assertEquals(first.token, "1");
+  const run1 = new JobRun(first, env(db.sql, [task]));
+  await run1.settled;
+  assertEquals([run1.state, calls], ["failed", [1]]);
+  assertEquals(await fail(db.sql, first, { error: "duplicate", retryInMs: 0 }), "retried");
+  // The next claim (a later token) reads the records and replays the step.
+  const second = await claimOne(db.sql);
+  assert(BigInt(second.token) > 1n, `token ${second.token} after a retry`);
+  const run2 = new JobRun(second, env(db.sql, [task]));
+  await run2.settled;
+  assertEquals([run2.state, calls, seen], ["completed", [1], ["planted"]]);
+});
+
+Deno.test("a step recorded before a job was dead-lettered is replayed when it is retried from the dead-letter table", async () => {
+  await using db = await testDb();
+  const calls: number[] = [];
+  const seen: unknown[] = [];
+  let runs = 0;
+  const task = defineTask({
+    name: "t.dead",
+    async handler(_p, ctx) {
+      runs++;
+      const charged = await ctx.step("charge", () => {
+        calls.push(ctx.job.attempts);
+        return "charged";
+      }, { transaction: false });
+      if (runs === 1) throw new Error("out of attempts after the step");
+      seen.push(charged);
+    },
+  });
+  const id = await enqueue(db.sql, "t.dead", {}, { maxAttempts: 1 });
+  const first = await claimOne(db.sql);
+  const run1 = new JobRun(first, env(db.sql, [task]));
+  await run1.settled;
+  assertEquals(run1.state, "failed");
+  assertEquals(await fail(db.sql, first, { error: "out of attempts", retryInMs: 0 }), "dead");
+  assertEquals(await retryDead(db.sql, id), "retried");
+  // Back with its token: the claim's is not the first, so the run reads the record.
+  const second = await claimOne(db.sql);
+  assertEquals(second.id, id);
+  assert(BigInt(second.token) > 1n, `token ${second.token} after a dead-letter retry`);
+  const run2 = new JobRun(second, env(db.sql, [task]));
+  await run2.settled;
+  assertEquals([run2.state, calls, seen], ["completed", [1], ["charged"]]);
 });
 
 Deno.test("ctx.step() of a claim that moved on rolls its writes back and records nothing: the run is lost", async () => {

@@ -1337,6 +1337,97 @@ Deno.test("cancelExecution() racing 20 completing batches leaves a cancelled exe
   }
 });
 
+Deno.test("completeJobs() of 40 executions in one call completes each once with its own last job's result; one with a job left goes on", async () => {
+  await using db = await testDb();
+  await auditTransitions(db.sql);
+  const executions: string[] = [];
+  for (let i = 0; i < 40; i++) {
+    executions.push(await startExecution(db.sql, { task: "step", queue: Q, payload: { i } }));
+  }
+  // Execution 5 ends with two jobs of one batch (the later one's result is its result);
+  // execution 9 has a second job the batch leaves running.
+  await insertJob(db.sql, {
+    queue: Q,
+    task: "step",
+    execution_id: executions[5],
+    payload: { i: 5 },
+  });
+  await insertJob(db.sql, { queue: Q, task: "other", execution_id: executions[9] });
+  const jobs = await claimAll(db.sql);
+  assertEquals(jobs.length, 42);
+  const done = shuffle(jobs.filter((j) => j.task === "step"));
+  const results = done.map((j, position) => ({ ...j, result: { i: j.payload.i, position } }));
+  assertEquals((await completeJobs(db.sql, results)).sort(), done.map((j) => j.id).sort());
+  for (let i = 0; i < 40; i++) {
+    const { status, result } = await state(db.sql, executions[i]!);
+    if (i === 9) {
+      assertEquals(status, "running");
+      assertEquals(await transitions(db.sql, executions[i]!), ["pending>running"]);
+      continue;
+    }
+    const last = Math.max(
+      ...results.filter((r) => r.payload.i === i).map((r) => r.result.position),
+    );
+    assertEquals([status, result], ["completed", { i, position: last }]);
+    assertEquals(await transitions(db.sql, executions[i]!), [
+      "pending>running",
+      "running>completed",
+    ]);
+  }
+  const [other] = jobs.filter((j) => j.task === "other");
+  await completeJobs(db.sql, [{ ...other!, result: "other" }]);
+  assertEquals(await state(db.sql, executions[9]!), {
+    status: "completed",
+    error: null,
+    result: "other",
+  });
+  assertEquals(await leftovers(db.sql), NOTHING);
+});
+
+Deno.test("completeJobs() batches spanning many executions racing cancels of some: each execution ends once, completed or cancelled", async () => {
+  for (let trial = 0; trial < 4; trial++) {
+    await using db = await testDb();
+    await auditTransitions(db.sql);
+    const executions: string[] = [];
+    for (let i = 0; i < 60; i++) {
+      executions.push(await startExecution(db.sql, { task: "step", queue: Q, payload: { i } }));
+    }
+    const jobs = shuffle(await claimAll(db.sql));
+    assertEquals(jobs.length, 60);
+    const cancelled = shuffle([...executions]).slice(0, 6);
+    // 6 batches of 10 executions each (shuffled: each spans the id range), 6 cancels.
+    const results = await together<unknown>(
+      db.url,
+      12,
+      (tx, i) =>
+        i < 6
+          ? completeJobs(
+            tx,
+            jobs.slice(i * 10, i * 10 + 10).map((j) => ({ ...j, result: j.payload.i })),
+          )
+          : cancelExecution(tx, cancelled[i - 6]!),
+    );
+    assertEquals(rejected(results), []);
+    const cancels = results.slice(6).map((r) => (r as PromiseFulfilledResult<unknown>).value);
+    for (let i = 0; i < 60; i++) {
+      const id = executions[i]!;
+      const { status, result } = await state(db.sql, id);
+      const k = cancelled.indexOf(id);
+      if (status === "cancelled") {
+        // Only a cancel that said so cancelled it, and it won: no completion before it.
+        assert(k >= 0 && cancels[k] === true, `execution ${i} cancelled by no cancel`);
+        assertEquals(await transitions(db.sql, id), ["pending>running", "running>cancelled"]);
+      } else {
+        assertEquals([status, result], ["completed", i]);
+        if (k >= 0) assertEquals(cancels[k], false);
+        assertEquals(await transitions(db.sql, id), ["pending>running", "running>completed"]);
+      }
+    }
+    assertEquals(await claimAll(db.sql), []);
+    assertEquals(await leftovers(db.sql), NOTHING);
+  }
+});
+
 /** Sessions of this database waiting for a lock right now. */
 async function lockWaiters(sql: Sql): Promise<number> {
   const [row] = await sql<{ n: number }[]>`

@@ -508,6 +508,8 @@ declare
   finished_keys text[];
   steps shoal.completed[];
   filled bigint[];
+  live bigint[];
+  ended_ids bigint[];
   b record;
   e record;
   ordered jsonb;
@@ -577,41 +579,69 @@ begin
   -- Executions whose last job may just have finished: a callback or a plain step. A
   -- barrier child never ends its execution: its barrier is still open, or its arrival just
   -- enqueued the callback (a job of the same execution), or the barrier was torn down with
-  -- the execution. Locked first, then checked by a new statement, so two last jobs
-  -- finishing at once cannot both miss the completion.
+  -- the execution. Locked first (all of the batch's, in id order, in one statement), then
+  -- checked by a new statement, so two last jobs finishing at once cannot both miss the
+  -- completion. A batch's executions complete together: one statement locks them, one
+  -- completes every one left with no job, barrier or held job, one removes their recorded
+  -- results (the common case, an execution of one job, pays these three and nothing per
+  -- execution).
   --
   -- Under the same lock, an execution that did not end has each step's result recorded and
   -- the jobs waiting for it counted down (released at zero: "Dependencies" below); the lock
   -- serialises two dependencies of one job completing at once, so it is released exactly
-  -- once. An execution that ends here has no held job (its completion requires none), so
-  -- recording its last results would only insert rows that end_dependencies deletes at once:
-  -- it completes first, and records nothing (an execution of one job, or whose last job
-  -- finished, pays two statements fewer).
+  -- once. An execution that ends here has no held job (its completion requires none, and a
+  -- job is held only under its execution's lock or as the execution starts), hence no edge
+  -- (every edge leads to a held job): of what end_dependencies removes, only its recorded
+  -- results are left. Recording its last results would only insert rows deleted at once:
+  -- it completes first, and records nothing.
   if steps is not null then
-    for e in
+    select array_agg(l.id order by l.id) into live
+    from (
       select x.id from shoal.executions x
-      where x.id in (select c.execution_id from unnest(steps) c)
+      where x.id = any(array(select distinct c.execution_id from unnest(steps) c))
         and x.status in ('pending', 'running')
       order by x.id
       for update
-    loop
+    ) l;
+  end if;
+
+  if live is not null then
+    with last as (
+      select distinct on (c.execution_id) c.execution_id, c.result
+      from unnest(steps) c
+      where c.execution_id = any(live)
+      order by c.execution_id, c.ord desc
+    ),
+    ended as (
       update shoal.executions x
-      set status = 'completed', finished_at = now(), updated_at = now(),
-          result = (select c.result from unnest(steps) c
-                    where c.execution_id = e.id order by c.ord desc limit 1)
-      where x.id = e.id
-        and not exists (select 1 from shoal.jobs j where j.execution_id = e.id)
-        and not exists (select 1 from shoal.barriers y where y.execution_id = e.id)
-        and not exists (select 1 from shoal.held_jobs h where h.execution_id = e.id);
-      if found then
-        perform shoal.end_dependencies(e.id);
-      else
+      set status = 'completed', finished_at = now(), updated_at = now(), result = l.result
+      from last l
+      where x.id = l.execution_id
+        and not exists (select 1 from shoal.jobs j where j.execution_id = x.id)
+        and not exists (select 1 from shoal.barriers y where y.execution_id = x.id)
+        and not exists (select 1 from shoal.held_jobs h where h.execution_id = x.id)
+      returning x.id
+    )
+    select array_agg(n.id) into ended_ids from ended n;
+
+    if ended_ids is not null then
+      delete from shoal.job_results r where r.execution_id = any(ended_ids);
+    end if;
+
+    -- The executions that go on, in id order (the order they were locked in). When every one
+    -- ended (the common case) not even the query runs.
+    if ended_ids is null or cardinality(ended_ids) < cardinality(live) then
+      for e in
+        select u.id from unnest(live) as u(id)
+        where ended_ids is null or u.id <> all(ended_ids)
+        order by u.id
+      loop
         perform shoal.dependencies_done(e.id, array(
           select c.id from unnest(steps) c where c.execution_id = e.id order by c.id),
           array(select c.result from unnest(steps) c where c.execution_id = e.id order by c.id),
           null);
-      end if;
-    end loop;
+      end loop;
+    end if;
   end if;
 
   return query select f.id from unnest(finished) as f(id);
