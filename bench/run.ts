@@ -255,6 +255,9 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
     workflowSteps(),
     workflowSteps("checkpoint"),
     ...shoalAndBeside((s) => drain(s, { concurrency: HIGH_CONCURRENCY })),
+    // Right after W2/shoal/c100, which they are set beside.
+    workflowSteps("transaction", HIGH_CONCURRENCY),
+    workflowSteps("checkpoint", HIGH_CONCURRENCY),
     drain(floor),
     drain(floorAck),
     drain(floorAck10),
@@ -408,22 +411,32 @@ function plan(sizes: Sizes, soakSizes: SoakSizes, beside: System | null): Plan {
       settings: `${defaults}, same as W2 · ratio ≥ ${(1 / FAN_OUT_TARGET).toFixed(2)}× meets ` +
         "the target",
     },
-    ...(["transaction", "checkpoint"] as const).map((form) => ({
-      label: `W15 ${
-        sizes.stepExecutions.toLocaleString("en-US")
-      } executions of ${W15_STEPS} no-op ${
-        form === "checkpoint" ? "checkpoint steps ({ transaction: false })" : "steps"
-      }, 1 consumer process: time per step`,
-      subject: STEP_FORM_IDS[form],
-      metric: "ms_per_step",
-      metricInLabel: false,
-      floor: "W2/shoal",
-      floorMetric: "ms_per_job",
-      floorLabel: "W2 drain, same run: shoal's time per plain job",
-      settings: `${defaults}, same as W2, but the bench entry (bench.steps${
-        form === "checkpoint" ? " {checkpoint: true}" : ""
-      }) · issue 17 goal: ≤ ${STEPS_TARGET.toFixed(2)}× W2's time per job`,
-    })),
+    ...[undefined, HIGH_CONCURRENCY].flatMap((concurrency) =>
+      (["transaction", "checkpoint"] as const).map((form) => ({
+        label: `W15 ${
+          sizes.stepExecutions.toLocaleString("en-US")
+        } executions of ${W15_STEPS} no-op ${
+          form === "checkpoint" ? "checkpoint steps ({ transaction: false })" : "steps"
+        }, 1 consumer process${
+          concurrency === undefined ? "" : ` of concurrency ${concurrency}`
+        }: time per step`,
+        subject: concurrency === undefined
+          ? STEP_FORM_IDS[form]
+          : `${STEP_FORM_IDS[form]}/c${concurrency}`,
+        metric: "ms_per_step",
+        metricInLabel: false,
+        floor: concurrency === undefined ? "W2/shoal" : `W2/shoal/c${concurrency}`,
+        floorMetric: "ms_per_job",
+        floorLabel: concurrency === undefined
+          ? "W2 drain, same run: shoal's time per plain job"
+          : `W2 drain at concurrency ${concurrency}, same run: shoal's time per plain job`,
+        settings: `${defaults}, same as W2${
+          concurrency === undefined ? "" : ` but --concurrency ${concurrency}`
+        }, and the bench entry (bench.steps${
+          form === "checkpoint" ? " {checkpoint: true}" : ""
+        }) · issue 17 goal: ≤ ${STEPS_TARGET.toFixed(2)}× W2's time per job`,
+      }))
+    ),
     ...(["p50", "p95", "p99"] as const).map((metric) => ({
       label: w3,
       subject: "W3/shoal",

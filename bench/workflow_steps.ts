@@ -55,9 +55,19 @@ export const STEP_FORM_IDS: Record<StepForm, string> = {
   checkpoint: "W15/steps/checkpoint",
 };
 
-/** W15/steps: executions of 5 no-op steps each, drained by one consumer process. */
-export function workflowSteps(form: StepForm = "transaction"): Benchmark {
-  const id = STEP_FORM_IDS[form];
+/**
+ * W15/steps: executions of 5 no-op steps each, drained by one consumer process: with its
+ * default concurrency (10), or with `concurrency` (`/c100`, set beside W2/shoal/c100). The
+ * checkpoint form's floor is a WAL flush per round of records, and a round carries one record
+ * per running handler: more handlers, fewer flushes per step.
+ */
+export function workflowSteps(
+  form: StepForm = "transaction",
+  concurrency?: number,
+): Benchmark {
+  const id = concurrency === undefined
+    ? STEP_FORM_IDS[form]
+    : `${STEP_FORM_IDS[form]}/c${concurrency}`;
   const call = form === "checkpoint"
     ? "ctx.step(name, fn, { transaction: false }) (a checkpoint step, recorded in batches)"
     : "ctx.step() (a transaction per step)";
@@ -67,8 +77,13 @@ export function workflowSteps(form: StepForm = "transaction"): Benchmark {
     system: shoal.name,
     title: `executions of ${W15_STEPS} no-op ${
       form === "checkpoint" ? "checkpoint " : ""
-    }steps each, 1 consumer process, default settings`,
-    settings: `${shoal.defaultSettings}; bench/bench_main.ts (the stock main plus bench.steps); ` +
+    }steps each, 1 consumer process, ${
+      concurrency === undefined ? "default settings" : `concurrency ${concurrency}`
+    }`,
+    settings:
+      `${shoal.defaultSettings}${
+        concurrency === undefined ? "" : `; but --concurrency ${concurrency}`
+      }; bench/bench_main.ts (the stock main plus bench.steps); ` +
       `each execution one job running ${call} ${W15_STEPS} times with a no-op body, started ` +
       `with startExecution() before the consumer starts · issue 17 goal: time per step ≤ ` +
       `${STEPS_TARGET}× W2's time per job`,
@@ -89,7 +104,7 @@ export function workflowSteps(form: StepForm = "transaction"): Benchmark {
         });
         if (ctx.profile) await profileReset(db.sql);
         // The bench entry (stamp: true) is the one that knows bench.steps.
-        const consumer = shoal.spawnConsumer(db.url, { stamp: true });
+        const consumer = shoal.spawnConsumer(db.url, { stamp: true, concurrency });
         let startedAt: number;
         let endedAt: number;
         let consumerCpu: number | null = null;
