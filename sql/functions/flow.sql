@@ -702,6 +702,15 @@ begin
     into held, bounds
     from unnest(bounds) with ordinality as x(bound, n)
     left join shoal.flow_count(qs, ks, ts, counts, limits, bounds, want) c on c.n = x.n;
+    -- The holds again, by a statement after the count: a failure told to hold its key (a
+    -- 429) frees its slot and holds the key in one commit (lib/queue.ts fail()), which
+    -- takes no key lock. Committed after the holds were read above and before the count,
+    -- the count saw the slot free and the holds did not see the hold: a job of the held key
+    -- was claimed (tests/flow_process_test.ts, the 429 test, 1 run in 6 under load).
+    select array_agg(coalesce(k.held_until > now(), false) order by x.n)
+    into holds
+    from unnest(qs, ks, ts) with ordinality as x(queue, key, task, n)
+    left join shoal.flow_keys k on k.queue = x.queue and k.key = x.key and k.task = x.task;
   end if;
   return query
     select x.queue, x.key, x.task,
