@@ -59,6 +59,39 @@ const DUPLICATE = 5;
 const PAYLOAD = { ms: 50, sleep: "500ms" };
 type Payload = typeof PAYLOAD;
 
+/**
+ * The emitter's pool (it stands in for a producer). A statement that stalls (postgres.js
+ * 3.4.9 can leave a connection that lost a write at a session kill unable to send again:
+ * docs/guarantees.md, Known gaps) is given up after STALL_MS and the pool is replaced, so
+ * that the emitter itself cannot stall the run for good; the old pool is ended without
+ * waiting. The consumers under test get no such help: their pools are shoal's.
+ */
+class EmitterPool {
+  #url: string;
+  #db: Sql;
+  constructor(url: string) {
+    this.#url = url;
+    this.#db = connect(url, { max: 4 });
+  }
+
+  async settle<T>(what: string, run: (db: Sql) => Promise<T>): Promise<T> {
+    try {
+      return await settleWithin(what, run(this.#db), STALL_MS);
+    } catch (error) {
+      if ((error as { code?: string }).code === "STATEMENT_STALLED") {
+        const stalled = this.#db;
+        this.#db = connect(this.#url, { max: 4 });
+        stalled.end({ timeout: 0 }).catch(() => {}); // its connections are dead or stuck
+      }
+      throw error;
+    }
+  }
+
+  async end(): Promise<void> {
+    await this.#db.end({ timeout: 5 });
+  }
+}
+
 /** Ends a probe's transaction by rolling it back, with what it counted. */
 class ProbeDone extends Error {
   constructor(readonly count: number) {
@@ -150,7 +183,12 @@ class WorkflowRun {
       );
     }
     // Before any consumer runs: these jobs find their event kept when they come to wait.
-    for (let i = 0; i < EARLY; i++) await run.#emit(sql, key(i));
+    // Before any fault: the test's own pool.
+    const early = {
+      settle: <T>(what: string, fn: (db: Sql) => Promise<T>) =>
+        settleWithin(what, fn(sql), STALL_MS),
+    };
+    for (let i = 0; i < EARLY; i++) await run.#emit(early, key(i));
     return run;
   }
 
@@ -159,18 +197,18 @@ class WorkflowRun {
    * on a lost connection (one that committed before its connection went is emitted again: the
    * check shows that costs nothing).
    */
-  async #emit(db: Sql, k: string): Promise<void> {
+  async #emit(pool: Pick<EmitterPool, "settle">, k: string): Promise<void> {
     const times = Number(k.slice(2)) % DUPLICATE === DUPLICATE - 1 ? 2 : 1;
     for (let t = 0; t < times; t++) {
       await persist(`emit ${EVENT}/${k}`, async () => {
         const emit = ++this.#emits;
         // A statement postgres.js leaves unsettled on a killed connection is given up after
         // STALL_MS and retried (as shoal's roles do): it may still commit, a duplicate again.
-        await settleWithin(
+        await pool.settle(
           "emit",
-          db`select shoal.emit_event(${EVENT}::text, ${k}::text,
-            ${JSON.stringify({ key: k, emit })}::text::jsonb)`.execute(),
-          STALL_MS,
+          (db) =>
+            db`select shoal.emit_event(${EVENT}::text, ${k}::text,
+              ${JSON.stringify({ key: k, emit })}::text::jsonb)`.execute(),
         );
       });
     }
@@ -184,7 +222,7 @@ class WorkflowRun {
    */
   #startEmitter(): void {
     // A few connections: a retry need not queue behind a statement stalled on a killed one.
-    const db = connect(withApplicationName(this.#url, "shoal emitter"), { max: 4 });
+    const pool = new EmitterPool(withApplicationName(this.#url, "shoal emitter"));
     // postgres.js can reject a promise no caller holds when Postgres ends the emitter's
     // session (as a consumer's: lib/cli.ts main): a lost connection there is a fault this
     // test inflicts, counted for the figures; any other stray rejection still fails the test.
@@ -193,20 +231,20 @@ class WorkflowRun {
       try {
         while (this.#emitting && this.#emitted.size < JOBS) {
           const waiting = await persist("read the waiting jobs", () =>
-            settleWithin(
+            pool.settle(
               "read the waiting jobs",
-              db<{ key: string }[]>`
+              (db) =>
+                db<{ key: string }[]>`
                 select event_key as key from shoal.job_steps
                 where kind = 'wait' and wait_state = 'waiting' order by job_id`.execute(),
-              STALL_MS,
             ));
           for (const { key: k } of waiting) {
-            if (!this.#emitted.has(k)) await this.#emit(db, k);
+            if (!this.#emitted.has(k)) await this.#emit(pool, k);
           }
           await sleep(50);
         }
       } finally {
-        await db.end({ timeout: 5 });
+        await pool.end();
       }
       return null;
     })().catch((error: Error) => error); // kept for finish() to throw: never unhandled
@@ -612,7 +650,11 @@ Deno.test("workflows: every shoal session terminated every 200 ms: every step's 
   }
   run.faults += killed;
   assert(killed >= 40, `only ${killed} sessions were terminated`);
-  await run.finish(45_000);
+  // Slow to finish, not stuck: after this many kills some of the consumers' connections are
+  // left unable to send (postgres.js 3.4.9, docs/guarantees.md Known gaps), and each statement
+  // routed to one stalls 10 s before it is given up and retried. Runs that passed took 43 to
+  // 76 s in all on a quiet machine; 45 s for this part alone failed 3 runs in 6.
+  await run.finish(150_000);
   const tolerated = run.consumers
     .map((c) => c.proc.output().split("\n").filter((l) => l.includes("porsager/postgres#1154")))
     .reduce((n, lines) => n + lines.length, 0);
