@@ -127,11 +127,11 @@ export class CheckpointBatcher {
   async #send(batch: Pending[], completions: readonly Completion[] = []): Promise<void> {
     let outcomes: CheckpointOutcome[];
     try {
-      ({ outcomes } = await recordCheckpoints(
+      outcomes = await recordCheckpoints(
         this.#sql,
         batch.map((p) => p.record),
         completions,
-      ));
+      );
     } catch (error) {
       // The completer sends them itself (and retries once), as it would have without a round.
       if (completions.length > 0) this.#completions!.failed(completions);

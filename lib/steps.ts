@@ -152,14 +152,14 @@ export interface CheckpointRecord {
  *
  * `completions` (jobs of executions that finished, from the completer) complete in the same
  * statement, so in the same commit (lib/barrier.ts completeJobsFragment(): the jobs of both
- * kinds are locked together in id order first); `completed` lists the ids still ours.
+ * kinds are locked together in id order first).
  */
 export async function recordCheckpoints(
   sql: Db,
   records: readonly CheckpointRecord[],
   completions: readonly Completion[] = [],
-): Promise<{ outcomes: ("recorded" | "lost" | "duplicate")[]; completed: string[] }> {
-  if (records.length === 0) return { outcomes: [], completed: [] };
+): Promise<("recorded" | "lost" | "duplicate")[]> {
+  if (records.length === 0) return [];
   // Each claim once (two steps of one run may share a batch), a pair per token: a lost run's
   // record and its job's new run's may share one too, and only the current token is ours.
   const claims = new Map<string, JobRef>();
@@ -170,7 +170,7 @@ export async function recordCheckpoints(
   const completing = completions.length === 0 ? sql`select null::bigint as id where false` : (
     completeJobsFragment(sql, completions, sql`select count(*) from ours`)
   );
-  const rows = await sql<{ ours: boolean; recorded: boolean; completed: string[] | null }[]>`
+  const rows = await sql<{ ours: boolean; recorded: boolean }[]>`
     with input as (
       select r.job_id, r.token, r.name, r.result, r.i
       from unnest(${records.map((r) => r.job.id)}::bigint[],
@@ -191,13 +191,10 @@ export async function recordCheckpoints(
     completed as materialized (${completing})
     select exists (select 1 from ours o where o.id = x.job_id and o.token = x.token) as ours,
       exists (select 1 from recorded d where d.job_id = x.job_id and d.name = x.name) as recorded,
-      (select array_agg(c.id::text) from completed c) as completed
+      (select count(*) from completed) as completions -- referenced, so the completions run
     from input x
     order by x.i`;
-  return {
-    outcomes: rows.map((row) => (!row.ours ? "lost" : row.recorded ? "recorded" : "duplicate")),
-    completed: rows[0]?.completed ?? [],
-  };
+  return rows.map((row) => (!row.ours ? "lost" : row.recorded ? "recorded" : "duplicate"));
 }
 
 /** When a sleep ends: at an instant, or a duration after the database's now. */
